@@ -1,0 +1,29 @@
+//! # medfed-protocol
+//!
+//! The pure logic of medfed, shared by hospital nodes and the aggregator: no I/O, no clock,
+//! no async. Everything here is deterministic, so thousands of simulated parties can run in
+//! one test.
+//!
+//! ```text
+//!   node                                   aggregator
+//!   ----                                   ----------
+//!   rows ─▶ stats::FeatureStats ──────────▶ merge ─▶ stats::Standardization
+//!   rows ─▶ model::train_local  ─ update ─▶ model::federated_average ─▶ GlobalModel
+//!   rows ─▶ metrics::Evaluation ──────────▶ merge ─▶ metrics::Metrics
+//!            all carried by messages::Message, framed by codec
+//! ```
+//!
+//! - [`messages`]: the versioned wire messages.
+//! - [`codec`]: length-prefixed framing with a size limit checked before allocation.
+//! - [`model`]: logistic and linear regression, local mini-batch training, FedAvg.
+//! - [`stats`]: combinable feature statistics for standardization.
+//! - [`metrics`]: exact metrics and the combinable per-site evaluation summary.
+
+pub mod codec;
+pub mod messages;
+pub mod metrics;
+pub mod model;
+pub mod stats;
+
+pub use codec::{DEFAULT_MAX_FRAME_BYTES, FrameError, PROTOCOL_VERSION};
+pub use messages::{ErrorCode, Message};

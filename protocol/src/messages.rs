@@ -1,0 +1,261 @@
+//! Wire messages exchanged between a hospital node and the aggregator.
+//!
+//! Every message travels in one frame (see [`crate::codec`]). The conversation is a set of
+//! request/response exchanges, each on its own QUIC bidirectional stream:
+//!
+//! | opened by  | request               | response                |
+//! |------------|-----------------------|-------------------------|
+//! | node       | [`Hello`]             | [`Welcome`] or [`ErrorMessage`] |
+//! | aggregator | [`StudyAnnouncement`] | [`StudyDecision`]       |
+//! | aggregator | [`RoundOpen`]         | [`ModelUpdate`] or [`ErrorMessage`] |
+//! | aggregator | [`EvaluateRequest`]   | [`EvaluationReport`]    |
+//! | aggregator | [`RoundResult`]       | (none: one-way)         |
+//!
+//! Nothing in here carries a patient record: only model parameters, counts and sums.
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Evaluation;
+use crate::model::{GlobalModel, TrainParams};
+use crate::stats::FeatureStats;
+
+/// One protocol message. The enum tag is part of the wire format: append new variants at
+/// the end, never reorder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Message {
+    Hello(Hello),
+    Welcome(Welcome),
+    StudyAnnouncement(StudyAnnouncement),
+    StudyDecision(StudyDecision),
+    RoundOpen(RoundOpen),
+    ModelUpdate(ModelUpdate),
+    EvaluateRequest(EvaluateRequest),
+    EvaluationReport(EvaluationReport),
+    RoundResult(RoundResult),
+    Error(ErrorMessage),
+}
+
+impl Message {
+    /// The message's name as used in logs and error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello(_) => "hello",
+            Message::Welcome(_) => "welcome",
+            Message::StudyAnnouncement(_) => "study announcement",
+            Message::StudyDecision(_) => "study decision",
+            Message::RoundOpen(_) => "round open",
+            Message::ModelUpdate(_) => "model update",
+            Message::EvaluateRequest(_) => "evaluate request",
+            Message::EvaluationReport(_) => "evaluation report",
+            Message::RoundResult(_) => "round result",
+            Message::Error(_) => "error",
+        }
+    }
+}
+
+/// A dataset a node can serve: its name and column names (never its values).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetInfo {
+    pub name: String,
+    pub columns: Vec<String>,
+}
+
+/// First message of a connection, node → aggregator. The site name must match the name in
+/// the node's TLS client certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    pub site: String,
+    /// The node's software version, for the operator's status page.
+    pub software: String,
+    pub datasets: Vec<DatasetInfo>,
+}
+
+/// The aggregator accepted the node's hello.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub aggregator: String,
+    pub software: String,
+}
+
+/// What a study asks of a node: which dataset, which columns, what model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyAnnouncement {
+    pub study_id: String,
+    pub description: String,
+    pub dataset: String,
+    pub features: Vec<String>,
+    pub target: String,
+    pub model: crate::model::ModelKind,
+    /// For classification: the target value that counts as the positive class.
+    pub positive_class: Option<String>,
+    /// Share of the node's rows it keeps aside for validation, in (0, 1).
+    pub validation_fraction: f64,
+    pub rounds: u32,
+}
+
+/// The node's answer to a study announcement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StudyDecision {
+    /// The node takes part; its feature statistics (counts, sums, sums of squares over its
+    /// training rows) let the aggregator standardize features without seeing any value.
+    Accept {
+        study_id: String,
+        training_rows: u64,
+        validation_rows: u64,
+        feature_stats: FeatureStats,
+    },
+    Refuse {
+        study_id: String,
+        reason: String,
+    },
+}
+
+/// The aggregator opens a training round: train from this model, send back an update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundOpen {
+    pub study_id: String,
+    pub round: u32,
+    pub model: GlobalModel,
+    pub params: TrainParams,
+    /// Milliseconds the node has to answer before the round goes on without it.
+    pub deadline_ms: u64,
+}
+
+/// A node's local update for one round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelUpdate {
+    pub study_id: String,
+    pub round: u32,
+    /// The locally trained parameters (same layout as [`GlobalModel::weights`]).
+    pub weights: Vec<f64>,
+    /// Training rows the update was computed from: the FedAvg weight.
+    pub num_samples: u64,
+    /// Mean training loss after local training.
+    pub train_loss: f64,
+    /// Evaluation of the round's *incoming* global model on the node's validation rows.
+    pub evaluation: Evaluation,
+}
+
+/// Evaluate a model on the node's validation rows (used after the last round).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvaluateRequest {
+    pub study_id: String,
+    pub round: u32,
+    pub model: GlobalModel,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvaluationReport {
+    pub study_id: String,
+    pub round: u32,
+    pub evaluation: Evaluation,
+}
+
+/// The aggregator's announcement of a finished round.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundResult {
+    pub study_id: String,
+    pub round: u32,
+    pub participants: Vec<String>,
+    pub train_loss: f64,
+    /// True when this was the study's last round.
+    pub study_complete: bool,
+}
+
+/// A refusal or failure, sent instead of the expected response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrorMessage {
+    pub code: ErrorCode,
+    pub reason: String,
+}
+
+/// Error codes, shared by [`ErrorMessage`] and QUIC connection close codes. The numeric
+/// values are part of the protocol: never renumber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// The peer speaks a protocol version we do not.
+    UnsupportedVersion,
+    /// A frame or message could not be decoded.
+    Malformed,
+    /// A frame was larger than the receiver's limit.
+    FrameTooLarge,
+    /// The site is not on the aggregator's allow-list, or its hello names another site than
+    /// its certificate.
+    SiteNotAllowed,
+    /// A message arrived that the receiver did not expect at this point.
+    UnexpectedMessage,
+    /// The message was well-formed but its content is invalid (e.g. wrong number of weights).
+    InvalidContent,
+    /// The node cannot serve the request (missing dataset or column).
+    CannotServe,
+    /// The sender is shutting down; all its studies are complete.
+    StudiesComplete,
+    /// Anything else; the reason says what.
+    Internal,
+    /// The aggregator is shutting down before its studies completed.
+    ShuttingDown,
+}
+
+impl ErrorCode {
+    /// The QUIC application close code for this error (one mapping, used by both parties).
+    pub fn to_close_code(self) -> u32 {
+        match self {
+            ErrorCode::StudiesComplete => 0,
+            ErrorCode::UnsupportedVersion => 1,
+            ErrorCode::Malformed => 2,
+            ErrorCode::FrameTooLarge => 3,
+            ErrorCode::SiteNotAllowed => 4,
+            ErrorCode::UnexpectedMessage => 5,
+            ErrorCode::InvalidContent => 6,
+            ErrorCode::CannotServe => 7,
+            ErrorCode::Internal => 8,
+            ErrorCode::ShuttingDown => 9,
+        }
+    }
+
+    /// The inverse of [`ErrorCode::to_close_code`]; unknown codes map to `Internal`.
+    pub fn from_close_code(code: u64) -> ErrorCode {
+        match code {
+            0 => ErrorCode::StudiesComplete,
+            1 => ErrorCode::UnsupportedVersion,
+            2 => ErrorCode::Malformed,
+            3 => ErrorCode::FrameTooLarge,
+            4 => ErrorCode::SiteNotAllowed,
+            5 => ErrorCode::UnexpectedMessage,
+            6 => ErrorCode::InvalidContent,
+            7 => ErrorCode::CannotServe,
+            9 => ErrorCode::ShuttingDown,
+            _ => ErrorCode::Internal,
+        }
+    }
+
+    /// Whether a node should give up (true) or reconnect later (false) after the aggregator
+    /// closed its connection with this code.
+    pub fn is_permanent(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::StudiesComplete
+                | ErrorCode::UnsupportedVersion
+                | ErrorCode::SiteNotAllowed
+        )
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = match self {
+            ErrorCode::UnsupportedVersion => "unsupported protocol version",
+            ErrorCode::Malformed => "malformed message",
+            ErrorCode::FrameTooLarge => "frame too large",
+            ErrorCode::SiteNotAllowed => "site not allowed",
+            ErrorCode::UnexpectedMessage => "unexpected message",
+            ErrorCode::InvalidContent => "invalid content",
+            ErrorCode::CannotServe => "cannot serve the request",
+            ErrorCode::StudiesComplete => "all studies complete",
+            ErrorCode::Internal => "internal error",
+            ErrorCode::ShuttingDown => "shutting down",
+        };
+        f.write_str(s)
+    }
+}

@@ -1,0 +1,481 @@
+//! Model metrics: exact ones on rows held in one place ([`classification_metrics`],
+//! [`regression_metrics`]) and a combinable [`Evaluation`] summary that each site computes on
+//! its validation rows and the aggregator merges.
+//!
+//! A combined classification summary holds confusion counts at 0.5 and histograms of the
+//! predicted probabilities of positives and negatives in [`SCORE_BINS`] equal bins; the
+//! federated ROC AUC is computed from the histograms (pairs within one bin count one half),
+//! so it differs from the exact AUC by at most the share of positive/negative pairs that
+//! share a bin.
+
+use serde::{Deserialize, Serialize};
+
+/// Bins of the score histograms in a classification [`Evaluation`].
+pub const SCORE_BINS: usize = 100;
+
+const EPS: f64 = 1e-15;
+
+/// One row's log loss for probability `p` and label `y` in {0, 1}.
+pub fn log_loss_term(p: f64, y: f64) -> f64 {
+    let p = p.clamp(EPS, 1.0 - EPS);
+    -(y * p.ln() + (1.0 - y) * (1.0 - p).ln())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct ClassificationMetrics {
+    pub rows: u64,
+    pub log_loss: f64,
+    pub accuracy: f64,
+    pub roc_auc: f64,
+    pub sensitivity: f64,
+    pub specificity: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct RegressionMetrics {
+    pub rows: u64,
+    pub rmse: f64,
+    pub r2: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "task", rename_all = "snake_case")]
+pub enum Metrics {
+    Classification(ClassificationMetrics),
+    Regression(RegressionMetrics),
+}
+
+impl Metrics {
+    pub fn rows(&self) -> u64 {
+        match self {
+            Metrics::Classification(m) => m.rows,
+            Metrics::Regression(m) => m.rows,
+        }
+    }
+
+    /// The headline figure: ROC AUC for classification, R² for regression.
+    pub fn headline(&self) -> (&'static str, f64) {
+        match self {
+            Metrics::Classification(m) => ("AUC", m.roc_auc),
+            Metrics::Regression(m) => ("R2", m.r2),
+        }
+    }
+}
+
+fn ratio(num: u64, den: u64) -> f64 {
+    if den == 0 { f64::NAN } else { num as f64 / den as f64 }
+}
+
+/// Exact ROC AUC (Mann–Whitney U, ties count one half). NaN if a class is absent.
+pub fn roc_auc(scores: &[f64], labels: &[f64]) -> f64 {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let (mut rank_sum_pos, mut n_pos) = (0.0, 0u64);
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
+            j += 1;
+        }
+        let avg_rank = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &idx[i..=j] {
+            if labels[k] > 0.5 {
+                rank_sum_pos += avg_rank;
+                n_pos += 1;
+            }
+        }
+        i = j + 1;
+    }
+    let n_neg = scores.len() as u64 - n_pos;
+    if n_pos == 0 || n_neg == 0 {
+        return f64::NAN;
+    }
+    let np = n_pos as f64;
+    (rank_sum_pos - np * (np + 1.0) / 2.0) / (np * n_neg as f64)
+}
+
+/// Exact classification metrics for probabilities `p` and labels `y` in {0, 1}.
+pub fn classification_metrics(p: &[f64], y: &[f64]) -> ClassificationMetrics {
+    let (mut tp, mut tn, mut fp, mut fn_) = (0u64, 0u64, 0u64, 0u64);
+    let mut loss = 0.0;
+    for (p, y) in p.iter().zip(y) {
+        loss += log_loss_term(*p, *y);
+        match (*p >= 0.5, *y > 0.5) {
+            (true, true) => tp += 1,
+            (false, false) => tn += 1,
+            (true, false) => fp += 1,
+            (false, true) => fn_ += 1,
+        }
+    }
+    let n = p.len() as u64;
+    ClassificationMetrics {
+        rows: n,
+        log_loss: if n == 0 { f64::NAN } else { loss / n as f64 },
+        accuracy: ratio(tp + tn, n),
+        roc_auc: roc_auc(p, y),
+        sensitivity: ratio(tp, tp + fn_),
+        specificity: ratio(tn, tn + fp),
+    }
+}
+
+/// Exact regression metrics for predictions `p` and targets `y`.
+pub fn regression_metrics(p: &[f64], y: &[f64]) -> RegressionMetrics {
+    let mut e = Evaluation::empty(crate::model::ModelKind::Linear);
+    e.add_rows(p, y);
+    match e.metrics() {
+        Metrics::Regression(m) => m,
+        Metrics::Classification(_) => unreachable!("a linear evaluation yields regression metrics"),
+    }
+}
+
+/// A site's evaluation of one model on its validation rows, in a form that sums across sites.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Evaluation {
+    Classification {
+        rows: u64,
+        log_loss_sum: f64,
+        tp: u64,
+        tn: u64,
+        fp: u64,
+        fn_: u64,
+        /// Histogram of predicted probabilities of positive rows ([`SCORE_BINS`] bins).
+        positive_scores: Vec<u64>,
+        negative_scores: Vec<u64>,
+    },
+    Regression {
+        rows: u64,
+        sum_sq_error: f64,
+        sum_y: f64,
+        sum_y_sq: f64,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EvaluationError {
+    #[error("cannot combine a classification evaluation with a regression one")]
+    KindMismatch,
+    #[error("score histogram has {got} bins, expected {SCORE_BINS}")]
+    WrongBins { got: usize },
+    #[error("evaluation holds a non-finite value")]
+    NotFinite,
+    #[error("evaluation counts do not add up to its row count")]
+    Inconsistent,
+}
+
+fn bin(p: f64) -> usize {
+    ((p.clamp(0.0, 1.0) * SCORE_BINS as f64) as usize).min(SCORE_BINS - 1)
+}
+
+impl Evaluation {
+    pub fn empty(kind: crate::model::ModelKind) -> Evaluation {
+        match kind {
+            crate::model::ModelKind::Logistic => Evaluation::Classification {
+                rows: 0,
+                log_loss_sum: 0.0,
+                tp: 0,
+                tn: 0,
+                fp: 0,
+                fn_: 0,
+                positive_scores: vec![0; SCORE_BINS],
+                negative_scores: vec![0; SCORE_BINS],
+            },
+            crate::model::ModelKind::Linear => Evaluation::Regression {
+                rows: 0,
+                sum_sq_error: 0.0,
+                sum_y: 0.0,
+                sum_y_sq: 0.0,
+            },
+        }
+    }
+
+    /// Adds rows with predictions `p` and targets `y`.
+    pub fn add_rows(&mut self, p: &[f64], y: &[f64]) {
+        match self {
+            Evaluation::Classification {
+                rows,
+                log_loss_sum,
+                tp,
+                tn,
+                fp,
+                fn_,
+                positive_scores,
+                negative_scores,
+            } => {
+                for (p, y) in p.iter().zip(y) {
+                    *rows += 1;
+                    *log_loss_sum += log_loss_term(*p, *y);
+                    let positive = *y > 0.5;
+                    match (*p >= 0.5, positive) {
+                        (true, true) => *tp += 1,
+                        (false, false) => *tn += 1,
+                        (true, false) => *fp += 1,
+                        (false, true) => *fn_ += 1,
+                    }
+                    let hist = if positive { &mut *positive_scores } else { &mut *negative_scores };
+                    hist[bin(*p)] += 1;
+                }
+            }
+            Evaluation::Regression {
+                rows,
+                sum_sq_error,
+                sum_y,
+                sum_y_sq,
+            } => {
+                for (p, y) in p.iter().zip(y) {
+                    *rows += 1;
+                    *sum_sq_error += (p - y).powi(2);
+                    *sum_y += y;
+                    *sum_y_sq += y * y;
+                }
+            }
+        }
+    }
+
+    /// Checks a peer's evaluation before it is merged.
+    pub fn validate(&self) -> Result<(), EvaluationError> {
+        match self {
+            Evaluation::Classification {
+                rows,
+                log_loss_sum,
+                tp,
+                tn,
+                fp,
+                fn_,
+                positive_scores,
+                negative_scores,
+            } => {
+                for h in [positive_scores, negative_scores] {
+                    if h.len() != SCORE_BINS {
+                        return Err(EvaluationError::WrongBins { got: h.len() });
+                    }
+                }
+                if !log_loss_sum.is_finite() {
+                    return Err(EvaluationError::NotFinite);
+                }
+                let confusion = [tp, tn, fp, fn_].iter().try_fold(0u64, |a, b| a.checked_add(**b));
+                let hist = positive_scores
+                    .iter()
+                    .chain(negative_scores)
+                    .try_fold(0u64, |a, b| a.checked_add(*b));
+                if confusion != Some(*rows) || hist != Some(*rows) {
+                    return Err(EvaluationError::Inconsistent);
+                }
+                Ok(())
+            }
+            Evaluation::Regression {
+                sum_sq_error,
+                sum_y,
+                sum_y_sq,
+                ..
+            } => {
+                if [sum_sq_error, sum_y, sum_y_sq].iter().all(|v| v.is_finite()) {
+                    Ok(())
+                } else {
+                    Err(EvaluationError::NotFinite)
+                }
+            }
+        }
+    }
+
+    /// Adds another site's evaluation of the same model.
+    pub fn merge(&mut self, other: &Evaluation) -> Result<(), EvaluationError> {
+        other.validate()?;
+        match (self, other) {
+            (
+                Evaluation::Classification {
+                    rows,
+                    log_loss_sum,
+                    tp,
+                    tn,
+                    fp,
+                    fn_,
+                    positive_scores,
+                    negative_scores,
+                },
+                Evaluation::Classification {
+                    rows: r2,
+                    log_loss_sum: l2,
+                    tp: tp2,
+                    tn: tn2,
+                    fp: fp2,
+                    fn_: fn2,
+                    positive_scores: ps2,
+                    negative_scores: ns2,
+                },
+            ) => {
+                *rows = rows.saturating_add(*r2);
+                *log_loss_sum += l2;
+                *tp = tp.saturating_add(*tp2);
+                *tn = tn.saturating_add(*tn2);
+                *fp = fp.saturating_add(*fp2);
+                *fn_ = fn_.saturating_add(*fn2);
+                for (a, b) in positive_scores.iter_mut().zip(ps2) {
+                    *a = a.saturating_add(*b);
+                }
+                for (a, b) in negative_scores.iter_mut().zip(ns2) {
+                    *a = a.saturating_add(*b);
+                }
+                Ok(())
+            }
+            (
+                Evaluation::Regression {
+                    rows,
+                    sum_sq_error,
+                    sum_y,
+                    sum_y_sq,
+                },
+                Evaluation::Regression {
+                    rows: r2,
+                    sum_sq_error: e2,
+                    sum_y: y2,
+                    sum_y_sq: q2,
+                },
+            ) => {
+                *rows = rows.saturating_add(*r2);
+                *sum_sq_error += e2;
+                *sum_y += y2;
+                *sum_y_sq += q2;
+                Ok(())
+            }
+            _ => Err(EvaluationError::KindMismatch),
+        }
+    }
+
+    pub fn rows(&self) -> u64 {
+        match self {
+            Evaluation::Classification { rows, .. } | Evaluation::Regression { rows, .. } => *rows,
+        }
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        match self {
+            Evaluation::Classification {
+                rows,
+                log_loss_sum,
+                tp,
+                tn,
+                fp,
+                fn_,
+                positive_scores,
+                negative_scores,
+            } => {
+                // AUC from histograms: P(score_pos > score_neg) + 0.5 P(same bin).
+                let (n_pos, n_neg) = (
+                    positive_scores.iter().sum::<u64>(),
+                    negative_scores.iter().sum::<u64>(),
+                );
+                let mut neg_below = 0u64;
+                let mut wins = 0.0;
+                for (p, n) in positive_scores.iter().zip(negative_scores) {
+                    wins += *p as f64 * (neg_below as f64 + 0.5 * *n as f64);
+                    neg_below += n;
+                }
+                let auc = if n_pos == 0 || n_neg == 0 {
+                    f64::NAN
+                } else {
+                    wins / (n_pos as f64 * n_neg as f64)
+                };
+                Metrics::Classification(ClassificationMetrics {
+                    rows: *rows,
+                    log_loss: if *rows == 0 { f64::NAN } else { log_loss_sum / *rows as f64 },
+                    accuracy: ratio(tp + tn, *rows),
+                    roc_auc: auc,
+                    sensitivity: ratio(*tp, tp + fn_),
+                    specificity: ratio(*tn, tn + fp),
+                })
+            }
+            Evaluation::Regression {
+                rows,
+                sum_sq_error,
+                sum_y,
+                sum_y_sq,
+            } => {
+                let n = *rows as f64;
+                let (rmse, r2) = if *rows == 0 {
+                    (f64::NAN, f64::NAN)
+                } else {
+                    let total = sum_y_sq - sum_y * sum_y / n;
+                    (
+                        (sum_sq_error / n).sqrt(),
+                        if total > 0.0 { 1.0 - sum_sq_error / total } else { f64::NAN },
+                    )
+                };
+                Metrics::Regression(RegressionMetrics { rows: *rows, rmse, r2 })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ModelKind;
+
+    #[test]
+    fn exact_auc_matches_hand_computation() {
+        // Pairs (pos, neg): (0.9 > 0.3), (0.9 > 0.5), (0.4 > 0.3), (0.4 < 0.5) → 3/4.
+        assert_eq!(roc_auc(&[0.9, 0.4, 0.3, 0.5], &[1.0, 1.0, 0.0, 0.0]), 0.75);
+        // A tie counts one half.
+        assert_eq!(roc_auc(&[0.5, 0.5], &[1.0, 0.0]), 0.5);
+        assert!(roc_auc(&[0.5, 0.6], &[1.0, 1.0]).is_nan());
+    }
+
+    #[test]
+    fn classification_metrics_by_hand() {
+        let p = [0.9, 0.2, 0.6, 0.1];
+        let y = [1.0, 1.0, 0.0, 0.0];
+        let m = classification_metrics(&p, &y);
+        assert_eq!(m.accuracy, 0.5);
+        assert_eq!(m.sensitivity, 0.5);
+        assert_eq!(m.specificity, 0.5);
+        assert_eq!(m.roc_auc, 0.75);
+        let want = -(0.9f64.ln() + 0.2f64.ln() + 0.4f64.ln() + 0.9f64.ln()) / 4.0;
+        assert!((m.log_loss - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn merged_site_evaluations_match_pooled_metrics() {
+        let p = [0.91, 0.22, 0.63, 0.14, 0.75, 0.48, 0.33, 0.86];
+        let y = [1.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0];
+        let mut a = Evaluation::empty(ModelKind::Logistic);
+        a.add_rows(&p[..3], &y[..3]);
+        let mut b = Evaluation::empty(ModelKind::Logistic);
+        b.add_rows(&p[3..], &y[3..]);
+        a.merge(&b).unwrap();
+        let (Metrics::Classification(fed), exact) = (a.metrics(), classification_metrics(&p, &y))
+        else {
+            panic!("classification expected")
+        };
+        assert_eq!(fed.accuracy, exact.accuracy);
+        assert!((fed.log_loss - exact.log_loss).abs() < 1e-12);
+        // Scores are in distinct bins here, so the histogram AUC is exact.
+        assert!((fed.roc_auc - exact.roc_auc).abs() < 1e-12);
+    }
+
+    #[test]
+    fn regression_metrics_by_hand() {
+        let m = regression_metrics(&[1.0, 2.0, 3.0], &[1.0, 2.0, 4.0]);
+        assert!((m.rmse - (1.0f64 / 3.0).sqrt()).abs() < 1e-12);
+        // total SS of y = 14/3 ... r2 = 1 - 1 / (4.6667)
+        assert!((m.r2 - (1.0 - 1.0 / (14.0 / 3.0))).abs() < 1e-12);
+    }
+
+    #[test]
+    fn hostile_evaluations_are_refused() {
+        let mut a = Evaluation::empty(ModelKind::Logistic);
+        let mut wrong_bins = Evaluation::empty(ModelKind::Logistic);
+        if let Evaluation::Classification { positive_scores, .. } = &mut wrong_bins {
+            positive_scores.push(0);
+        }
+        assert_eq!(a.merge(&wrong_bins), Err(EvaluationError::WrongBins { got: SCORE_BINS + 1 }));
+        let mut liar = Evaluation::empty(ModelKind::Logistic);
+        if let Evaluation::Classification { rows, .. } = &mut liar {
+            *rows = 5;
+        }
+        assert_eq!(a.merge(&liar), Err(EvaluationError::Inconsistent));
+        assert_eq!(
+            a.merge(&Evaluation::empty(ModelKind::Linear)),
+            Err(EvaluationError::KindMismatch)
+        );
+    }
+}
