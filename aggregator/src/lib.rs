@@ -1,1 +1,178 @@
-//! placeholder
+//! # medfed-aggregator
+//!
+//! The consortium's coordinating service. It listens for hospital nodes over QUIC with
+//! mutual TLS, lets in only allow-listed sites, runs the configured studies round by round
+//! (FedAvg weighted by sample counts, with a quorum and per-round deadlines), and exports
+//! each round's global model as JSON.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use medfed_aggregator::{Aggregator, config::AggregatorConfig};
+//! let config = AggregatorConfig::load("aggregator.toml".as_ref())?;
+//! let aggregator = Aggregator::bind(config)?;
+//! println!("listening on {}", aggregator.local_addr()?);
+//! let outcomes = aggregator.run(None).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+mod server;
+mod study;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use medfed_infra::transport::{self, Identity, TransportError};
+use medfed_protocol::ErrorCode;
+use medfed_protocol::metrics::Metrics;
+use tokio::sync::mpsc;
+
+use crate::config::AggregatorConfig;
+use crate::server::{Registry, Server};
+pub use crate::study::{StudyError, StudyOutcome};
+
+/// The software version reported to peers.
+pub const SOFTWARE: &str = concat!("medfed-aggregator ", env!("CARGO_PKG_VERSION"));
+
+/// One finished round, as shown to the operator.
+#[derive(Debug, Clone)]
+pub struct RoundSummary {
+    pub study_id: String,
+    pub round: u32,
+    /// Sites whose updates were averaged.
+    pub sites: Vec<String>,
+    pub training_rows: u64,
+    /// Sample-weighted mean of the sites' training losses.
+    pub train_loss: f64,
+    /// Federated validation metrics of this round's model.
+    pub validation: Option<Metrics>,
+    /// Where the round's model was exported.
+    pub model_path: PathBuf,
+}
+
+/// What the aggregator reports as it works (for progress displays; everything is also
+/// logged through `tracing`).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum AggregatorEvent {
+    SiteConnected { site: String },
+    SiteDisconnected { site: String, reason: String },
+    SiteRefused { remote: SocketAddr, site: Option<String>, reason: String },
+    StudyStarted { study_id: String, sites: Vec<String>, rounds: u32 },
+    StudyRefused { study_id: String, site: String, reason: String },
+    RoundCompleted(RoundSummary),
+    RoundFailed { study_id: String, round: u32, reason: String },
+    StudyCompleted(StudyOutcome),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AggregatorError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error(transparent)]
+    Study(#[from] StudyError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A bound aggregator, ready to [`run`](Aggregator::run).
+pub struct Aggregator {
+    config: AggregatorConfig,
+    endpoint: quinn::Endpoint,
+    registry: Arc<Registry>,
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+/// Stops a running aggregator from another task (e.g. on SIGTERM).
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    endpoint: quinn::Endpoint,
+    registry: Arc<Registry>,
+    stop: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl ShutdownHandle {
+    /// Tells every node why, then closes the endpoint; [`Aggregator::run`] returns.
+    pub fn shutdown(&self, reason: &str) {
+        self.stop.send_replace(true);
+        self.registry.close_all(ErrorCode::ShuttingDown, reason);
+        self.endpoint.close(quinn::VarInt::from_u32(ErrorCode::ShuttingDown.to_close_code()), reason.as_bytes());
+    }
+}
+
+impl Aggregator {
+    /// Loads the TLS identity and binds the QUIC endpoint.
+    pub fn bind(config: AggregatorConfig) -> Result<Aggregator, AggregatorError> {
+        let identity = Identity::load(&config.tls.cert, &config.tls.key)?;
+        let endpoint = transport::server_endpoint(config.listen, &config.tls.ca, identity)?;
+        Ok(Aggregator { config, endpoint, registry: Arc::default(), stop: Arc::new(tokio::sync::watch::channel(false).0) })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle { endpoint: self.endpoint.clone(), registry: self.registry.clone(), stop: self.stop.clone() }
+    }
+
+    /// Names of the sites connected right now.
+    pub fn connected_sites(&self) -> BTreeSet<String> {
+        self.registry.names()
+    }
+
+    /// Serves nodes and runs every configured study in turn; when all are complete, tells
+    /// the nodes so and returns. With no study configured it serves until shut down.
+    pub async fn run(self, events: Option<mpsc::UnboundedSender<AggregatorEvent>>) -> Result<Vec<StudyOutcome>, AggregatorError> {
+        let allow: Arc<BTreeSet<String>> = Arc::new(self.config.sites.allow.iter().cloned().collect());
+        let server = Arc::new(Server {
+            endpoint: self.endpoint.clone(),
+            registry: self.registry.clone(),
+            allow: allow.clone(),
+            name: self.config.name.clone(),
+            max_frame: self.config.max_frame_bytes,
+            events: events.clone(),
+        });
+        let accept = tokio::spawn(server.accept_loop());
+        let mut stopped = self.stop.subscribe();
+        if self.config.studies.is_empty() {
+            let _ = accept.await;
+            return Ok(Vec::new());
+        }
+        let mut outcomes = Vec::new();
+        for cfg in &self.config.studies {
+            let runner = study::StudyRunner {
+                cfg: cfg.clone(),
+                registry: self.registry.clone(),
+                out_dir: self.config.out_dir.clone(),
+                max_frame: self.config.max_frame_bytes,
+                events: events.clone(),
+            };
+            let run = runner.run(allow.len());
+            let outcome = tokio::select! {
+                r = run => r,
+                // The endpoint was closed (shutdown) while the study ran.
+                _ = stopped.wait_for(|stop| *stop) => return Ok(outcomes),
+            };
+            let outcome = match outcome {
+                Ok(o) => o,
+                Err(e) => {
+                    self.shutdown_handle().shutdown(&format!("study failed: {e}"));
+                    return Err(e.into());
+                }
+            };
+            if let Some(tx) = &events {
+                let _ = tx.send(AggregatorEvent::StudyCompleted(outcome.clone()));
+            }
+            outcomes.push(outcome);
+        }
+        self.registry.close_all(ErrorCode::StudiesComplete, "all studies complete");
+        self.endpoint.close(quinn::VarInt::from_u32(ErrorCode::StudiesComplete.to_close_code()), b"all studies complete");
+        self.endpoint.wait_idle().await;
+        accept.abort();
+        Ok(outcomes)
+    }
+}

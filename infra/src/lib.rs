@@ -1,1 +1,14 @@
-//! placeholder
+//! # medfed-infra
+//!
+//! The I/O that both hospital nodes and the aggregator run, written once:
+//!
+//! - [`pki`]: the consortium CA and per-party certificates (rcgen).
+//! - [`transport`]: QUIC endpoints with mutual TLS 1.3 (quinn + rustls/ring) and framed
+//!   messages over QUIC streams.
+//! - [`files`]: atomic file writes for exported artefacts.
+//! - [`config`]: TOML config loading with errors that name the file and key.
+
+pub mod config;
+pub mod files;
+pub mod pki;
+pub mod transport;

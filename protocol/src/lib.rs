@@ -18,8 +18,10 @@
 //! - [`model`]: logistic and linear regression, local mini-batch training, FedAvg.
 //! - [`stats`]: combinable feature statistics for standardization.
 //! - [`metrics`]: exact metrics and the combinable per-site evaluation summary.
+//! - [`export`]: the JSON layout of an exported global model.
 
 pub mod codec;
+pub mod export;
 pub mod messages;
 pub mod metrics;
 pub mod model;

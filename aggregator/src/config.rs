@@ -1,0 +1,219 @@
+//! `aggregator.toml`: what the aggregator listens on, whom it lets in, which studies it runs.
+//!
+//! Every key is documented in `docs/samples/aggregator.toml`, which a test parses.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use medfed_infra::config::{ConfigError, TlsFiles, load_toml, resolve};
+use medfed_protocol::model::{ModelKind, TrainParams};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorConfig {
+    /// A name for this aggregator, shown to nodes and in exported models.
+    #[serde(default = "default_name")]
+    pub name: String,
+    /// UDP address to listen on for QUIC.
+    pub listen: SocketAddr,
+    /// Where exported models go (relative to this file).
+    #[serde(default = "default_out_dir")]
+    pub out_dir: PathBuf,
+    /// Largest frame accepted or sent, in bytes.
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: u32,
+    pub tls: TlsFiles,
+    pub sites: Sites,
+    #[serde(default, rename = "study")]
+    pub studies: Vec<StudyConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sites {
+    /// Site names (certificate common names) allowed to connect.
+    pub allow: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudyConfig {
+    pub id: String,
+    #[serde(default)]
+    pub description: String,
+    /// The dataset name nodes serve it from.
+    pub dataset: String,
+    pub model: ModelKind,
+    pub features: Vec<String>,
+    pub target: String,
+    /// For logistic models: the target value counted as positive.
+    #[serde(default)]
+    pub positive_class: Option<String>,
+    #[serde(default = "default_validation_fraction")]
+    pub validation_fraction: f64,
+    pub rounds: u32,
+    /// Quorum: fewest site updates a round needs.
+    #[serde(default = "default_min_sites")]
+    pub min_sites: usize,
+    /// How long to wait for all allowed sites before starting with at least `min_sites`.
+    #[serde(default = "default_wait_for_sites_secs")]
+    pub wait_for_sites_secs: u64,
+    /// Deadline for each node's answer within a round.
+    #[serde(default = "default_round_timeout_secs")]
+    pub round_timeout_secs: u64,
+    /// Times a round is tried before the study is abandoned for lack of quorum.
+    #[serde(default = "default_round_attempts")]
+    pub round_attempts: u32,
+    #[serde(default)]
+    pub training: TrainingConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    #[serde(default = "default_local_epochs")]
+    pub local_epochs: u32,
+    #[serde(default = "default_batch_size")]
+    pub batch_size: u32,
+    #[serde(default = "default_learning_rate")]
+    pub learning_rate: f64,
+    #[serde(default = "default_l2")]
+    pub l2: f64,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig {
+            local_epochs: default_local_epochs(),
+            batch_size: default_batch_size(),
+            learning_rate: default_learning_rate(),
+            l2: default_l2(),
+            seed: 0,
+        }
+    }
+}
+
+impl TrainingConfig {
+    pub fn params(&self) -> TrainParams {
+        TrainParams {
+            local_epochs: self.local_epochs,
+            batch_size: self.batch_size,
+            learning_rate: self.learning_rate,
+            l2: self.l2,
+            seed: self.seed,
+        }
+    }
+}
+
+fn default_name() -> String {
+    "medfed-aggregator".into()
+}
+fn default_out_dir() -> PathBuf {
+    "aggregator-out".into()
+}
+fn default_max_frame() -> u32 {
+    medfed_protocol::DEFAULT_MAX_FRAME_BYTES
+}
+fn default_validation_fraction() -> f64 {
+    0.25
+}
+fn default_min_sites() -> usize {
+    2
+}
+fn default_wait_for_sites_secs() -> u64 {
+    120
+}
+fn default_round_timeout_secs() -> u64 {
+    120
+}
+fn default_round_attempts() -> u32 {
+    3
+}
+fn default_local_epochs() -> u32 {
+    TrainParams::default().local_epochs
+}
+fn default_batch_size() -> u32 {
+    TrainParams::default().batch_size
+}
+fn default_learning_rate() -> f64 {
+    TrainParams::default().learning_rate
+}
+fn default_l2() -> f64 {
+    TrainParams::default().l2
+}
+
+impl AggregatorConfig {
+    /// Reads, resolves and validates a config file.
+    pub fn load(path: &Path) -> Result<AggregatorConfig, ConfigError> {
+        let mut cfg: AggregatorConfig = load_toml(path)?;
+        cfg.tls.resolve(path)?;
+        cfg.out_dir = resolve(path, &cfg.out_dir);
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key: String, why: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            why,
+        };
+        if self.max_frame_bytes < 1024 {
+            return Err(invalid("max_frame_bytes".into(), "must be at least 1024".into()));
+        }
+        if self.sites.allow.is_empty() {
+            return Err(invalid("sites.allow".into(), "lists no site: no node could connect".into()));
+        }
+        for site in &self.sites.allow {
+            medfed_infra::pki::validate_site_name(site)
+                .map_err(|e| invalid("sites.allow".into(), e.to_string()))?;
+        }
+        let mut ids = BTreeSet::new();
+        for (i, s) in self.studies.iter().enumerate() {
+            let key = |k: &str| format!("study[{i}].{k}");
+            if s.id.is_empty() || !ids.insert(s.id.as_str()) {
+                return Err(invalid(key("id"), format!("{:?} is empty or used twice", s.id)));
+            }
+            if s.features.is_empty() {
+                return Err(invalid(key("features"), "lists no feature".into()));
+            }
+            let unique: BTreeSet<_> = s.features.iter().collect();
+            if unique.len() != s.features.len() {
+                return Err(invalid(key("features"), "names a feature twice".into()));
+            }
+            if s.features.contains(&s.target) {
+                return Err(invalid(key("target"), "is also listed as a feature".into()));
+            }
+            if s.model == ModelKind::Logistic && s.positive_class.is_none() {
+                return Err(invalid(
+                    key("positive_class"),
+                    "is required for a logistic model (the target value counted as positive)".into(),
+                ));
+            }
+            if !(s.validation_fraction > 0.0 && s.validation_fraction < 1.0) {
+                return Err(invalid(key("validation_fraction"), "must be between 0 and 1".into()));
+            }
+            if s.rounds == 0 {
+                return Err(invalid(key("rounds"), "must be at least 1".into()));
+            }
+            if s.min_sites == 0 || s.min_sites > self.sites.allow.len() {
+                return Err(invalid(
+                    key("min_sites"),
+                    format!("must be between 1 and the {} allowed sites", self.sites.allow.len()),
+                ));
+            }
+            if s.round_timeout_secs == 0 || s.round_attempts == 0 {
+                return Err(invalid(key("round_timeout_secs"), "and round_attempts must be at least 1".into()));
+            }
+            s.training
+                .params()
+                .validate()
+                .map_err(|e| invalid(key("training"), e.to_string()))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,221 @@
+//! The QUIC server: accepts node connections, checks each site against the allow-list,
+//! takes its hello, and keeps a registry of connected sites that the study runner uses.
+//! A misbehaving connection is answered with an error and closed; it never affects others.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use medfed_infra::transport::{self, TransportError};
+use medfed_protocol::messages::{ErrorMessage, Hello, Welcome};
+use medfed_protocol::{ErrorCode, Message};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::AggregatorEvent;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connected, welcomed site.
+#[derive(Debug, Clone)]
+pub struct ConnectedSite {
+    pub hello: Hello,
+    pub conn: quinn::Connection,
+}
+
+/// Sites currently connected, by name. One connection per site: a newer one replaces an
+/// older one.
+#[derive(Debug, Default)]
+pub struct Registry {
+    sites: Mutex<HashMap<String, ConnectedSite>>,
+}
+
+impl Registry {
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, ConnectedSite>> {
+        // A poisoned lock means a panic elsewhere; the map itself is still consistent
+        // (every mutation is a single insert or remove).
+        self.sites.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, site: &str) -> Option<ConnectedSite> {
+        self.lock().get(site).cloned()
+    }
+
+    pub fn names(&self) -> BTreeSet<String> {
+        self.lock().keys().cloned().collect()
+    }
+
+    fn insert(&self, site: ConnectedSite) -> Option<ConnectedSite> {
+        self.lock().insert(site.hello.site.clone(), site)
+    }
+
+    /// Removes `site` only if its registered connection is `conn` (not a newer one).
+    fn remove_if(&self, site: &str, conn: &quinn::Connection) -> bool {
+        let mut map = self.lock();
+        if map.get(site).is_some_and(|s| s.conn.stable_id() == conn.stable_id()) {
+            map.remove(site);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn close_all(&self, code: ErrorCode, reason: &str) {
+        for site in self.lock().values() {
+            transport::close(&site.conn, code, reason);
+        }
+    }
+}
+
+pub(crate) struct Server {
+    pub endpoint: quinn::Endpoint,
+    pub registry: Arc<Registry>,
+    pub allow: Arc<BTreeSet<String>>,
+    pub name: String,
+    pub max_frame: u32,
+    pub events: Option<mpsc::UnboundedSender<AggregatorEvent>>,
+}
+
+impl Server {
+    /// Accepts connections until the endpoint is closed.
+    pub async fn accept_loop(self: Arc<Self>) {
+        while let Some(incoming) = self.endpoint.accept().await {
+            let server = self.clone();
+            tokio::spawn(async move { server.handle(incoming).await });
+        }
+    }
+
+    fn emit(&self, e: AggregatorEvent) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(e);
+        }
+    }
+
+    fn refuse(&self, conn: &quinn::Connection, site: Option<&str>, code: ErrorCode, reason: String) {
+        warn!(remote = %conn.remote_address(), site, %code, "refused connection: {reason}");
+        self.emit(AggregatorEvent::SiteRefused {
+            remote: conn.remote_address(),
+            site: site.map(str::to_string),
+            reason: reason.clone(),
+        });
+        transport::close(conn, code, &reason);
+    }
+
+    async fn handle(&self, incoming: quinn::Incoming) {
+        let remote = incoming.remote_address();
+        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                // Most often: a certificate from another CA, or no certificate at all.
+                warn!(%remote, "TLS handshake failed: {e}");
+                self.emit(AggregatorEvent::SiteRefused { remote, site: None, reason: format!("TLS handshake failed: {e}") });
+                return;
+            }
+            Err(_) => {
+                warn!(%remote, "TLS handshake timed out");
+                return;
+            }
+        };
+        let site = match transport::peer_site(&conn) {
+            Ok(site) => site,
+            Err(e) => return self.refuse(&conn, None, ErrorCode::SiteNotAllowed, e.to_string()),
+        };
+        if !self.allow.contains(&site) {
+            let reason = format!("site '{site}' is not on this aggregator's allow-list");
+            return self.refuse(&conn, Some(&site), ErrorCode::SiteNotAllowed, reason);
+        }
+        let hello = match self.receive_hello(&conn, &site).await {
+            Some(hello) => hello,
+            None => return,
+        };
+        info!(%site, %remote, software = %hello.software, "site connected");
+        let entry = ConnectedSite { hello, conn: conn.clone() };
+        if let Some(old) = self.registry.insert(entry) {
+            transport::close(&old.conn, ErrorCode::Internal, "replaced by a newer connection from the same site");
+        }
+        self.emit(AggregatorEvent::SiteConnected { site: site.clone() });
+
+        // Nodes only answer requests; a stream a node opens after its hello gets an error.
+        let reason = loop {
+            match conn.accept_bi().await {
+                Ok((send, recv)) => {
+                    let max = self.max_frame;
+                    let conn = conn.clone();
+                    tokio::spawn(async move {
+                        answer_unexpected_stream(&conn, send, recv, max).await;
+                    });
+                }
+                Err(e) => break e.to_string(),
+            }
+        };
+        if self.registry.remove_if(&site, &conn) {
+            info!(%site, "site disconnected: {reason}");
+            self.emit(AggregatorEvent::SiteDisconnected { site, reason });
+        }
+    }
+
+    /// Reads and checks the first message; on failure answers with an error, closes the
+    /// connection and returns `None`.
+    async fn receive_hello(&self, conn: &quinn::Connection, site: &str) -> Option<Hello> {
+        let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+            Ok(Ok(streams)) => streams,
+            Ok(Err(e)) => {
+                warn!(%site, "connection lost before hello: {e}");
+                return None;
+            }
+            Err(_) => {
+                self.refuse(conn, Some(site), ErrorCode::UnexpectedMessage, "no hello within 10 s".into());
+                return None;
+            }
+        };
+        let msg = tokio::time::timeout(HELLO_TIMEOUT, transport::read_message(&mut recv, self.max_frame)).await;
+        let (code, reason) = match msg {
+            Ok(Ok(Message::Hello(hello))) if hello.site == site => {
+                let welcome = Message::Welcome(Welcome {
+                    aggregator: self.name.clone(),
+                    software: crate::SOFTWARE.to_string(),
+                });
+                return match transport::write_message(&mut send, &welcome, self.max_frame).await {
+                    Ok(()) => Some(hello),
+                    Err(e) => {
+                        warn!(%site, "could not send welcome: {e}");
+                        None
+                    }
+                };
+            }
+            Ok(Ok(Message::Hello(hello))) => (
+                ErrorCode::SiteNotAllowed,
+                format!("hello names site '{}' but the certificate is for '{site}'", hello.site),
+            ),
+            Ok(Ok(other)) => (ErrorCode::UnexpectedMessage, format!("expected a hello, got a {}", other.kind())),
+            Ok(Err(TransportError::Frame(e))) => (e.code(), e.to_string()),
+            Ok(Err(e)) => (ErrorCode::Malformed, format!("reading hello: {e}")),
+            Err(_) => (ErrorCode::UnexpectedMessage, "no complete hello within 10 s".into()),
+        };
+        reply_error(&mut send, code, &reason, self.max_frame).await;
+        self.refuse(conn, Some(site), code, reason);
+        None
+    }
+}
+
+async fn reply_error(send: &mut quinn::SendStream, code: ErrorCode, reason: &str, max: u32) {
+    let msg = Message::Error(ErrorMessage { code, reason: reason.to_string() });
+    if transport::write_message(send, &msg, max).await.is_ok() {
+        // Give the error a moment to reach the peer before the connection is closed.
+        let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
+    }
+}
+
+async fn answer_unexpected_stream(conn: &quinn::Connection, mut send: quinn::SendStream, mut recv: quinn::RecvStream, max: u32) {
+    let (code, reason) = match transport::read_message(&mut recv, max).await {
+        Ok(msg) => (ErrorCode::UnexpectedMessage, format!("the aggregator does not accept a {} here", msg.kind())),
+        Err(TransportError::Frame(e)) => (e.code(), e.to_string()),
+        Err(e) => (ErrorCode::Malformed, e.to_string()),
+    };
+    reply_error(&mut send, code, &reason, max).await;
+    if code != ErrorCode::UnexpectedMessage {
+        // A broken frame leaves the peer in an unknown state: end the connection.
+        transport::close(conn, code, &reason);
+    }
+}

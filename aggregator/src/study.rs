@@ -1,0 +1,398 @@
+//! Running one study: announce it, standardize from combined statistics, run the rounds
+//! (FedAvg over the updates that arrive before the deadline, given a quorum), evaluate the
+//! final model, and export each round's model.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use medfed_infra::transport::{self, TransportError};
+use medfed_protocol::Message;
+use medfed_protocol::export::{ExportedModel, MODEL_FORMAT};
+use medfed_protocol::messages::{EvaluateRequest, ModelUpdate, RoundOpen, RoundResult, StudyAnnouncement, StudyDecision};
+use medfed_protocol::metrics::{Evaluation, Metrics};
+use medfed_protocol::model::{GlobalModel, federated_average};
+use medfed_protocol::stats::FeatureStats;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::config::StudyConfig;
+use crate::server::Registry;
+use crate::{AggregatorEvent, RoundSummary};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StudyError {
+    #[error("study '{study}': only {got} of the {need} sites needed took part ({detail})")]
+    NoQuorum { study: String, got: usize, need: usize, detail: String },
+    #[error("study '{study}': {detail}")]
+    Failed { study: String, detail: String },
+    #[error("study '{study}': writing {path}: {source}")]
+    Export { study: String, path: PathBuf, source: std::io::Error },
+}
+
+/// What a finished study leaves behind.
+#[derive(Debug, Clone)]
+pub struct StudyOutcome {
+    pub study_id: String,
+    pub final_model: PathBuf,
+    pub validation: Option<Metrics>,
+    pub rounds: u32,
+}
+
+pub(crate) struct StudyRunner {
+    pub cfg: StudyConfig,
+    pub registry: Arc<Registry>,
+    pub out_dir: PathBuf,
+    pub max_frame: u32,
+    pub events: Option<tokio::sync::mpsc::UnboundedSender<AggregatorEvent>>,
+}
+
+/// A participant's standing in the study.
+struct Participant {
+    training_rows: u64,
+    /// The connection the study was announced on; a reconnected site is announced again.
+    announced_on: usize,
+}
+
+/// A round's model waiting for its validation figures (they arrive in the next round).
+struct Pending {
+    summary: RoundSummary,
+    model: GlobalModel,
+}
+
+impl StudyRunner {
+    fn emit(&self, e: AggregatorEvent) {
+        if let Some(tx) = &self.events {
+            let _ = tx.send(e);
+        }
+    }
+
+    fn announcement(&self) -> StudyAnnouncement {
+        StudyAnnouncement {
+            study_id: self.cfg.id.clone(),
+            description: self.cfg.description.clone(),
+            dataset: self.cfg.dataset.clone(),
+            features: self.cfg.features.clone(),
+            target: self.cfg.target.clone(),
+            model: self.cfg.model,
+            positive_class: self.cfg.positive_class.clone(),
+            validation_fraction: self.cfg.validation_fraction,
+            rounds: self.cfg.rounds,
+        }
+    }
+
+    fn failed(&self, detail: impl Into<String>) -> StudyError {
+        StudyError::Failed { study: self.cfg.id.clone(), detail: detail.into() }
+    }
+
+    /// Waits until every allowed site is connected, or until the wait is over and at least
+    /// `min_sites` are.
+    async fn wait_for_sites(&self, allowed: usize) -> Result<(), StudyError> {
+        let deadline = Instant::now() + Duration::from_secs(self.cfg.wait_for_sites_secs);
+        loop {
+            let n = self.registry.names().len();
+            if n >= allowed || (Instant::now() >= deadline && n >= self.cfg.min_sites) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(StudyError::NoQuorum {
+                    study: self.cfg.id.clone(),
+                    got: n,
+                    need: self.cfg.min_sites,
+                    detail: format!("waited {} s for sites to connect", self.cfg.wait_for_sites_secs),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn announce(&self, site: &str) -> Result<(usize, StudyDecision), TransportError> {
+        let conn = self.registry.get(site).ok_or(TransportError::StreamClosed)?.conn;
+        let msg = Message::StudyAnnouncement(self.announcement());
+        let timeout = Duration::from_secs(self.cfg.round_timeout_secs);
+        match transport::request(&conn, &msg, self.max_frame, timeout).await? {
+            Message::StudyDecision(d) => Ok((conn.stable_id(), d)),
+            other => Err(TransportError::Peer {
+                code: medfed_protocol::ErrorCode::UnexpectedMessage,
+                reason: format!("expected a study decision, got a {}", other.kind()),
+            }),
+        }
+    }
+
+    pub async fn run(&self, allowed: usize) -> Result<StudyOutcome, StudyError> {
+        let cfg = &self.cfg;
+        self.wait_for_sites(allowed).await?;
+        let d = cfg.features.len();
+
+        // Announce; combine the accepting sites' feature statistics.
+        let mut participants: BTreeMap<String, Participant> = BTreeMap::new();
+        let mut stats = FeatureStats::empty(d);
+        for site in self.registry.names() {
+            match self.announce(&site).await {
+                Ok((conn_id, StudyDecision::Accept { study_id, training_rows, feature_stats, .. })) if study_id == cfg.id => {
+                    if training_rows != feature_stats.count || training_rows == 0 {
+                        warn!(%site, "inconsistent row counts in study decision; site left out");
+                        continue;
+                    }
+                    if let Err(e) = stats.merge(&feature_stats) {
+                        warn!(%site, "feature statistics refused: {e}; site left out");
+                        continue;
+                    }
+                    info!(study = %cfg.id, %site, training_rows, "site accepted the study");
+                    participants.insert(site, Participant { training_rows, announced_on: conn_id });
+                }
+                Ok((_, StudyDecision::Refuse { reason, .. })) => {
+                    warn!(study = %cfg.id, %site, "site refused the study: {reason}");
+                    self.emit(AggregatorEvent::StudyRefused { study_id: cfg.id.clone(), site, reason });
+                }
+                Ok(_) => warn!(%site, "study decision for another study; site left out"),
+                Err(e) => warn!(study = %cfg.id, %site, "no study decision: {e}"),
+            }
+        }
+        if participants.len() < cfg.min_sites {
+            return Err(StudyError::NoQuorum {
+                study: cfg.id.clone(),
+                got: participants.len(),
+                need: cfg.min_sites,
+                detail: "too few sites accepted the study".into(),
+            });
+        }
+        let standardization = stats.standardization().map_err(|e| self.failed(e.to_string()))?;
+        let mut model = GlobalModel::zeros(cfg.model, cfg.features.clone(), standardization);
+        self.emit(AggregatorEvent::StudyStarted {
+            study_id: cfg.id.clone(),
+            sites: participants.keys().cloned().collect(),
+            rounds: cfg.rounds,
+        });
+
+        let mut pending: Option<Pending> = None;
+        for round in 1..=cfg.rounds {
+            let mut attempt = 0;
+            let (updates, evaluation) = loop {
+                attempt += 1;
+                self.reannounce(&mut participants).await;
+                let (updates, evaluation) = self.collect_round(round, &model, &participants).await;
+                if updates.len() >= cfg.min_sites {
+                    break (updates, evaluation);
+                }
+                let why = format!("{} of {} updates arrived (attempt {attempt} of {})", updates.len(), cfg.min_sites, cfg.round_attempts);
+                warn!(study = %cfg.id, round, "round without quorum: {why}");
+                self.emit(AggregatorEvent::RoundFailed { study_id: cfg.id.clone(), round, reason: why.clone() });
+                if attempt >= cfg.round_attempts {
+                    return Err(StudyError::NoQuorum { study: cfg.id.clone(), got: updates.len(), need: cfg.min_sites, detail: why });
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            };
+            // The updates' evaluations are of the incoming model: the previous round's.
+            if let Some(p) = pending.take() {
+                self.complete(p, Some(evaluation.metrics()))?;
+            }
+            let weights = federated_average(updates.values().map(|u| (u.weights.as_slice(), u.num_samples)))
+                .ok_or_else(|| self.failed("no training rows in the round's updates"))?;
+            let rows: u64 = updates.values().map(|u| u.num_samples).sum();
+            let train_loss = updates.values().map(|u| u.train_loss * u.num_samples as f64).sum::<f64>() / rows as f64;
+            model.weights = weights;
+            let sites: Vec<String> = updates.keys().cloned().collect();
+            info!(study = %cfg.id, round, sites = sites.len(), train_loss, "round aggregated");
+            self.broadcast_result(round, &sites, train_loss);
+            pending = Some(Pending {
+                summary: RoundSummary { study_id: cfg.id.clone(), round, sites, training_rows: rows, train_loss, validation: None, model_path: PathBuf::new() },
+                model: model.clone(),
+            });
+        }
+
+        // Evaluate the last model.
+        let evaluation = self.collect_evaluation(cfg.rounds, &model, &participants).await;
+        let metrics = (evaluation.rows() > 0).then(|| evaluation.metrics());
+        let last = pending.ok_or_else(|| self.failed("no round completed"))?;
+        let path = self.complete(last, metrics)?;
+        let final_path = self.out_dir.join("models").join(&cfg.id).join("final.json");
+        std::fs::copy(&path, &final_path).map_err(|source| StudyError::Export { study: cfg.id.clone(), path: final_path.clone(), source })?;
+        Ok(StudyOutcome { study_id: cfg.id.clone(), final_model: final_path, validation: metrics, rounds: cfg.rounds })
+    }
+
+    /// Announces the study again to participants that reconnected since.
+    async fn reannounce(&self, participants: &mut BTreeMap<String, Participant>) {
+        for (site, p) in participants.iter_mut() {
+            let Some(current) = self.registry.get(site) else { continue };
+            if current.conn.stable_id() == p.announced_on {
+                continue;
+            }
+            match self.announce(site).await {
+                Ok((conn_id, StudyDecision::Accept { .. })) => p.announced_on = conn_id,
+                Ok((_, StudyDecision::Refuse { reason, .. })) => warn!(%site, "reconnected site refused the study: {reason}"),
+                Err(e) => warn!(%site, "reconnected site did not answer the announcement: {e}"),
+            }
+        }
+    }
+
+    async fn collect_round(&self, round: u32, model: &GlobalModel, participants: &BTreeMap<String, Participant>) -> (BTreeMap<String, ModelUpdate>, Evaluation) {
+        let cfg = &self.cfg;
+        let timeout = Duration::from_secs(cfg.round_timeout_secs);
+        let mut params = cfg.training.params();
+        params.seed = params.seed.wrapping_add(u64::from(round));
+        let msg = Arc::new(Message::RoundOpen(RoundOpen {
+            study_id: cfg.id.clone(),
+            round,
+            model: model.clone(),
+            params,
+            deadline_ms: timeout.as_millis() as u64,
+        }));
+        let mut tasks = JoinSet::new();
+        for site in participants.keys() {
+            let Some(s) = self.registry.get(site) else { continue };
+            let (msg, site, max) = (msg.clone(), site.clone(), self.max_frame);
+            tasks.spawn(async move { (site, transport::request(&s.conn, &msg, max, timeout).await) });
+        }
+        let mut updates = BTreeMap::new();
+        let mut evaluation = Evaluation::empty(cfg.model);
+        while let Some(joined) = tasks.join_next().await {
+            let Ok((site, result)) = joined else { continue };
+            let update = match result {
+                Ok(Message::ModelUpdate(u)) => u,
+                Ok(other) => {
+                    warn!(%site, round, "expected a model update, got a {}", other.kind());
+                    continue;
+                }
+                Err(e) => {
+                    warn!(%site, round, "no update: {e}");
+                    continue;
+                }
+            };
+            let declared = participants.get(&site).map_or(0, |p| p.training_rows);
+            if let Err(why) = check_update(&update, &cfg.id, round, model.weights.len(), declared) {
+                warn!(%site, round, "update refused: {why}");
+                continue;
+            }
+            if let Err(e) = evaluation.merge(&update.evaluation) {
+                warn!(%site, round, "update refused: evaluation: {e}");
+                continue;
+            }
+            updates.insert(site, update);
+        }
+        (updates, evaluation)
+    }
+
+    async fn collect_evaluation(&self, round: u32, model: &GlobalModel, participants: &BTreeMap<String, Participant>) -> Evaluation {
+        let timeout = Duration::from_secs(self.cfg.round_timeout_secs);
+        let msg = Arc::new(Message::EvaluateRequest(EvaluateRequest { study_id: self.cfg.id.clone(), round, model: model.clone() }));
+        let mut tasks = JoinSet::new();
+        for site in participants.keys() {
+            let Some(s) = self.registry.get(site) else { continue };
+            let (msg, site, max) = (msg.clone(), site.clone(), self.max_frame);
+            tasks.spawn(async move { (site, transport::request(&s.conn, &msg, max, timeout).await) });
+        }
+        let mut total = Evaluation::empty(self.cfg.model);
+        while let Some(joined) = tasks.join_next().await {
+            let Ok((site, result)) = joined else { continue };
+            match result {
+                Ok(Message::EvaluationReport(r)) if r.study_id == self.cfg.id && r.round == round => {
+                    if let Err(e) = total.merge(&r.evaluation) {
+                        warn!(%site, "evaluation refused: {e}");
+                    }
+                }
+                Ok(other) => warn!(%site, "expected an evaluation report, got a {}", other.kind()),
+                Err(e) => warn!(%site, "no evaluation: {e}"),
+            }
+        }
+        total
+    }
+
+    fn broadcast_result(&self, round: u32, sites: &[String], train_loss: f64) {
+        let msg = Message::RoundResult(RoundResult {
+            study_id: self.cfg.id.clone(),
+            round,
+            participants: sites.to_vec(),
+            train_loss,
+            study_complete: round == self.cfg.rounds,
+        });
+        let Ok(frame) = medfed_protocol::codec::encode_frame(&msg, self.max_frame) else { return };
+        for site in sites {
+            if let Some(s) = self.registry.get(site) {
+                let frame = frame.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut send) = s.conn.open_uni().await {
+                        let _ = send.write_all(&frame).await;
+                        let _ = send.finish();
+                    }
+                });
+            }
+        }
+    }
+
+    /// Writes a round's model with its validation figures and reports the round.
+    fn complete(&self, p: Pending, validation: Option<Metrics>) -> Result<PathBuf, StudyError> {
+        let Pending { mut summary, model } = p;
+        let export = ExportedModel {
+            format: MODEL_FORMAT.to_string(),
+            study_id: summary.study_id.clone(),
+            round: summary.round,
+            target: self.cfg.target.clone(),
+            positive_class: self.cfg.positive_class.clone(),
+            model,
+            sites: summary.sites.clone(),
+            training_rows: summary.training_rows,
+            train_loss: summary.train_loss,
+            validation,
+            created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        };
+        let path = self.out_dir.join("models").join(&summary.study_id).join(format!("round-{:04}.json", summary.round));
+        let json = serde_json::to_vec_pretty(&export).map_err(|e| self.failed(format!("encoding the model: {e}")))?;
+        medfed_infra::files::write_atomic(&path, &json)
+            .map_err(|source| StudyError::Export { study: summary.study_id.clone(), path: path.clone(), source })?;
+        summary.validation = validation;
+        summary.model_path = path.clone();
+        self.emit(AggregatorEvent::RoundCompleted(summary));
+        Ok(path)
+    }
+}
+
+/// Checks a node's update before it can enter the average.
+fn check_update(u: &ModelUpdate, study: &str, round: u32, width: usize, declared_rows: u64) -> Result<(), String> {
+    if u.study_id != study || u.round != round {
+        return Err(format!("it is for study '{}' round {}, not '{study}' round {round}", u.study_id, u.round));
+    }
+    if u.weights.len() != width {
+        return Err(format!("{} weights, expected {width}", u.weights.len()));
+    }
+    if u.weights.iter().any(|w| !w.is_finite()) || !u.train_loss.is_finite() {
+        return Err("non-finite weight or loss".into());
+    }
+    if u.num_samples == 0 || u.num_samples > declared_rows {
+        return Err(format!("claims {} training rows; the site declared {declared_rows}", u.num_samples));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medfed_protocol::model::ModelKind;
+
+    fn update() -> ModelUpdate {
+        ModelUpdate {
+            study_id: "s".into(),
+            round: 2,
+            weights: vec![0.1, 0.2, 0.3],
+            num_samples: 10,
+            train_loss: 0.5,
+            evaluation: Evaluation::empty(ModelKind::Logistic),
+        }
+    }
+
+    #[test]
+    fn hostile_updates_are_refused() {
+        assert!(check_update(&update(), "s", 2, 3, 10).is_ok());
+        assert!(check_update(&update(), "s", 3, 3, 10).unwrap_err().contains("round 2"));
+        assert!(check_update(&update(), "s", 2, 4, 10).unwrap_err().contains("expected 4"));
+        let mut nan = update();
+        nan.weights[1] = f64::NAN;
+        assert!(check_update(&nan, "s", 2, 3, 10).is_err());
+        // A site may not inflate its FedAvg weight beyond the rows it declared.
+        assert!(check_update(&update(), "s", 2, 3, 9).unwrap_err().contains("declared 9"));
+        let mut zero = update();
+        zero.num_samples = 0;
+        assert!(check_update(&zero, "s", 2, 3, 10).is_err());
+    }
+}

@@ -1,0 +1,81 @@
+//! Loading TOML configuration files with errors that name the file and the key.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config file {path}: `{key}` {why}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        why: String,
+    },
+}
+
+/// Reads and parses a TOML file. Unknown keys are errors when the target type says
+/// `#[serde(deny_unknown_fields)]`; toml's message names the key, line and column.
+pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().to_string(),
+    })
+}
+
+/// Resolves a path from a config file relative to the file's directory.
+pub fn resolve(config_path: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        config_path.parent().unwrap_or(Path::new(".")).join(p)
+    }
+}
+
+/// Checks that a file named by config key `key` exists, naming both on failure.
+pub fn require_file(config_path: &Path, key: &str, p: &Path) -> Result<(), ConfigError> {
+    if p.is_file() {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid {
+            path: config_path.to_path_buf(),
+            key: key.to_string(),
+            why: format!("names {}, which does not exist or is not a file", p.display()),
+        })
+    }
+}
+
+/// The TLS files of one party, as every config spells them.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The consortium CA certificate (PEM).
+    pub ca: PathBuf,
+    /// This party's certificate (PEM).
+    pub cert: PathBuf,
+    /// This party's private key (PEM, mode 0600).
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Resolves the paths against the config file and checks that they exist.
+    pub fn resolve(&mut self, config_path: &Path) -> Result<(), ConfigError> {
+        for (key, p) in [("tls.ca", &mut self.ca), ("tls.cert", &mut self.cert), ("tls.key", &mut self.key)] {
+            *p = resolve(config_path, p);
+            require_file(config_path, key, p)?;
+        }
+        Ok(())
+    }
+}

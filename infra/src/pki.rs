@@ -1,0 +1,275 @@
+//! The consortium's small PKI: one CA, a client certificate per hospital site, a server
+//! certificate per aggregator host (rcgen, ECDSA P-256).
+//!
+//! Layout of a PKI directory (each party gets its own folder, ready to copy to its machine):
+//!
+//! ```text
+//! DIR/ca/ca.pem, ca.key                       the consortium CA (keep ca.key offline)
+//! DIR/sites/<site>/cert.pem, key.pem, ca.pem  a hospital node's identity
+//! DIR/aggregator/<host>/cert.pem, key.pem, ca.pem
+//! ```
+//!
+//! Private keys are written with mode 0600. Issuing a certificate never touches the CA.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PkiError {
+    #[error("a consortium CA already exists at {0}; refusing to replace it (every certificate it issued would stop working)")]
+    CaExists(PathBuf),
+    #[error("no consortium CA at {0}: run `medfed pki init --dir {1}` first")]
+    NoCa(PathBuf, String),
+    #[error("invalid name {name:?}: {why}")]
+    InvalidName { name: String, why: &'static str },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("certificate generation failed: {0}")]
+    Rcgen(#[from] rcgen::Error),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
+    move |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Files of one issued identity.
+#[derive(Debug, Clone)]
+pub struct IssuedFiles {
+    pub dir: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+pub fn ca_cert_path(dir: &Path) -> PathBuf {
+    dir.join("ca").join("ca.pem")
+}
+
+fn ca_key_path(dir: &Path) -> PathBuf {
+    dir.join("ca").join("ca.key")
+}
+
+/// Site names become certificate common names, file names and log fields: keep them to a
+/// DNS label (lowercase letters, digits, '-', 1..=63 characters, no leading/trailing '-').
+pub fn validate_site_name(name: &str) -> Result<(), PkiError> {
+    let bad = |why| {
+        Err(PkiError::InvalidName {
+            name: name.to_string(),
+            why,
+        })
+    };
+    if name.is_empty() || name.len() > 63 {
+        return bad("must be 1 to 63 characters");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return bad("may contain only lowercase letters, digits and '-'");
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return bad("may not start or end with '-'");
+    }
+    Ok(())
+}
+
+fn validate_host(host: &str) -> Result<(), PkiError> {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if host.is_empty()
+        || host.len() > 253
+        || host.split('.').any(|label| validate_site_name(label).is_err())
+    {
+        return Err(PkiError::InvalidName {
+            name: host.to_string(),
+            why: "must be an IP address or a lowercase DNS name",
+        });
+    }
+    Ok(())
+}
+
+/// Writes `contents` to `path` atomically (temporary file + rename) with the given mode.
+fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
+    let parent = path.parent().unwrap_or(Path::new("."));
+    fs::create_dir_all(parent).map_err(io_err(parent))?;
+    let tmp = path.with_extension("tmp");
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut f = opts.open(&tmp).map_err(io_err(&tmp))?;
+    // An existing temporary file keeps its old mode: set it explicitly.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(fs::Permissions::from_mode(mode))
+            .map_err(io_err(&tmp))?;
+    }
+    f.write_all(contents).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    fs::rename(&tmp, path).map_err(io_err(path))?;
+    Ok(())
+}
+
+fn validity(days: i64) -> (OffsetDateTime, OffsetDateTime) {
+    let now = OffsetDateTime::now_utc();
+    // Back-date an hour so that small clock differences between sites do not matter.
+    (now - Duration::hours(1), now + Duration::days(days))
+}
+
+/// Creates the consortium CA in `dir/ca/`. Refuses if one exists.
+pub fn init_ca(dir: &Path, consortium: &str, days: i64) -> Result<PathBuf, PkiError> {
+    let cert_path = ca_cert_path(dir);
+    if cert_path.exists() || ca_key_path(dir).exists() {
+        return Err(PkiError::CaExists(cert_path));
+    }
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, consortium);
+    dn.push(DnType::CommonName, format!("{consortium} medfed CA"));
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    (params.not_before, params.not_after) = validity(days);
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    write_file(&ca_key_path(dir), key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
+    Ok(cert_path)
+}
+
+/// What an issued certificate is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// A hospital node: a TLS client certificate whose common name is the site name.
+    Site(String),
+    /// The aggregator: a TLS server certificate for this host name or IP address.
+    Aggregator(String),
+}
+
+/// Issues a certificate signed by the CA in `dir`, replacing an earlier one for the same
+/// site or host (with a new key). The CA itself is read, never rewritten.
+pub fn issue(dir: &Path, role: &Role, days: i64) -> Result<IssuedFiles, PkiError> {
+    let ca_cert = ca_cert_path(dir);
+    let ca_key = ca_key_path(dir);
+    if !ca_cert.exists() || !ca_key.exists() {
+        return Err(PkiError::NoCa(
+            dir.join("ca"),
+            dir.display().to_string(),
+        ));
+    }
+    let ca_pem = fs::read_to_string(&ca_cert).map_err(io_err(&ca_cert))?;
+    let ca_key_pem = fs::read_to_string(&ca_key).map_err(io_err(&ca_key))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, KeyPair::from_pem(&ca_key_pem)?)?;
+
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    let out_dir = match role {
+        Role::Site(site) => {
+            validate_site_name(site)?;
+            dn.push(DnType::CommonName, site.as_str());
+            params.subject_alt_names = vec![SanType::DnsName(site.clone().try_into()?)];
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+            dir.join("sites").join(site)
+        }
+        Role::Aggregator(host) => {
+            validate_host(host)?;
+            dn.push(DnType::CommonName, host.as_str());
+            params.subject_alt_names = vec![match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(host.clone().try_into()?),
+            }];
+            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+            dir.join("aggregator").join(host)
+        }
+    };
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.use_authority_key_identifier_extension = true;
+    (params.not_before, params.not_after) = validity(days);
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &issuer)?;
+
+    let files = IssuedFiles {
+        cert: out_dir.join("cert.pem"),
+        key: out_dir.join("key.pem"),
+        ca: out_dir.join("ca.pem"),
+        dir: out_dir,
+    };
+    write_file(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(&files.cert, cert.pem().as_bytes(), 0o644)?;
+    write_file(&files.ca, ca_pem.as_bytes(), 0o644)?;
+    Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn site_names_are_dns_labels() {
+        assert!(validate_site_name("st-marys-1").is_ok());
+        for bad in ["", "St-Marys", "a b", "-x", "x-", "a/../b", &"a".repeat(64)] {
+            assert!(validate_site_name(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_host("127.0.0.1").is_ok());
+        assert!(validate_host("agg.example.org").is_ok());
+        assert!(validate_host("agg..org").is_err());
+    }
+
+    #[test]
+    fn reissuing_never_touches_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), "Test", 30).unwrap();
+        let before = fs::read(ca_cert_path(dir.path())).unwrap();
+        let key_before = fs::read(ca_key_path(dir.path())).unwrap();
+        let a = issue(dir.path(), &Role::Site("alpha".into()), 30).unwrap();
+        let cert_a = fs::read(&a.cert).unwrap();
+        let again = issue(dir.path(), &Role::Site("alpha".into()), 30).unwrap();
+        assert_ne!(cert_a, fs::read(&again.cert).unwrap(), "a re-issue makes a new certificate");
+        assert_eq!(before, fs::read(ca_cert_path(dir.path())).unwrap());
+        assert_eq!(key_before, fs::read(ca_key_path(dir.path())).unwrap());
+        assert_eq!(before, fs::read(&again.ca).unwrap());
+        assert!(matches!(init_ca(dir.path(), "Test", 30), Err(PkiError::CaExists(_))));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn private_keys_are_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), "Test", 30).unwrap();
+        let files = issue(dir.path(), &Role::Aggregator("localhost".into()), 30).unwrap();
+        for key in [ca_key_path(dir.path()), files.key] {
+            let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{}", key.display());
+        }
+    }
+
+    #[test]
+    fn issuing_without_a_ca_says_what_to_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = issue(dir.path(), &Role::Site("alpha".into()), 30).unwrap_err();
+        assert!(err.to_string().contains("medfed pki init"), "{err}");
+    }
+}

@@ -1,0 +1,283 @@
+//! QUIC endpoints with mutual TLS, and framed messages over QUIC streams.
+//!
+//! - TLS 1.3 only, rustls with the ring provider, ALPN [`ALPN`].
+//! - The aggregator's endpoint requires a client certificate that chains to the consortium
+//!   CA; the site name is the certificate's common name ([`peer_site`]). Whether that site
+//!   may take part is the aggregator's decision (its allow-list), made right after the
+//!   handshake.
+//! - Nodes only dial out: [`client_endpoint`] binds an ephemeral port and accepts no
+//!   connections.
+//! - Each request/response exchange uses its own bidirectional stream and one frame each way
+//!   ([`read_message`], [`write_message`]); the frame length is checked before the body is
+//!   read or allocated.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use medfed_protocol::codec::{self, FrameError, HEADER_BYTES};
+use medfed_protocol::{ErrorCode, Message};
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Our ALPN protocol identifier; a peer that does not offer it fails the handshake.
+pub const ALPN: &[u8] = b"medfed/1";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    #[error("{path}: {detail}")]
+    Pem { path: PathBuf, detail: String },
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot connect: {0}")]
+    Connect(#[from] quinn::ConnectError),
+    #[error("connection: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("reading from the peer: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("writing to the peer: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("the stream was closed before the message was sent")]
+    StreamClosed,
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("the peer answered with an error ({code}): {reason}")]
+    Peer { code: ErrorCode, reason: String },
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout { what: &'static str, after: Duration },
+    #[error("peer certificate: {0}")]
+    PeerCertificate(String),
+}
+
+impl TransportError {
+    /// If the peer closed the connection on purpose, its error code and reason.
+    pub fn closed_by_peer(&self) -> Option<(ErrorCode, String)> {
+        let conn = match self {
+            TransportError::Connection(e) => e,
+            TransportError::Read(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e)))
+            | TransportError::Write(quinn::WriteError::ConnectionLost(e)) => e,
+            _ => return None,
+        };
+        match conn {
+            quinn::ConnectionError::ApplicationClosed(close) => Some((
+                ErrorCode::from_close_code(close.error_code.into_inner()),
+                String::from_utf8_lossy(&close.reason).into_owned(),
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// A party's certificate chain and private key, loaded from PEM files.
+pub struct Identity {
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("certificates", &self.cert_chain.len())
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+fn pem_err(path: &Path, detail: impl std::fmt::Display) -> TransportError {
+    TransportError::Pem {
+        path: path.to_path_buf(),
+        detail: detail.to_string(),
+    }
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_err(path, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| pem_err(path, e))?;
+    if certs.is_empty() {
+        return Err(pem_err(path, "no certificate in this file"));
+    }
+    Ok(certs)
+}
+
+impl Identity {
+    pub fn load(cert: &Path, key: &Path) -> Result<Identity, TransportError> {
+        Ok(Identity {
+            cert_chain: load_certs(cert)?,
+            key: PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, e))?,
+        })
+    }
+}
+
+/// The consortium CA as a root store.
+pub fn load_roots(ca: &Path) -> Result<Arc<rustls::RootCertStore>, TransportError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(ca)? {
+        roots.add(cert).map_err(|e| pem_err(ca, e))?;
+    }
+    Ok(Arc::new(roots))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Flow-control windows large enough that one model update of tens of MB is not throttled
+/// by the receiver, and a keep-alive so that idle node connections survive NAT timeouts.
+fn transport_config() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.stream_receive_window(quinn::VarInt::from_u32(32 << 20))
+        .receive_window(quinn::VarInt::from_u32(64 << 20))
+        .send_window(64 << 20)
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .max_idle_timeout(Some(quinn::VarInt::from_u32(30_000).into()));
+    t
+}
+
+/// The aggregator's endpoint: listens on `addr`, demands a client certificate from `ca`.
+pub fn server_endpoint(
+    addr: SocketAddr,
+    ca: &Path,
+    identity: Identity,
+) -> Result<quinn::Endpoint, TransportError> {
+    let roots = load_roots(ca)?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+            .build()
+            .map_err(|e| pem_err(ca, e))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.cert_chain, identity.key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.max_early_data_size = 0;
+    let crypto = QuicServerConfig::try_from(tls)
+        .map_err(|e| TransportError::Tls(rustls::Error::General(e.to_string())))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config()));
+    quinn::Endpoint::server(config, addr).map_err(|source| TransportError::Bind { addr, source })
+}
+
+/// A node's endpoint: dials out only, trusts only the consortium CA, presents the site's
+/// certificate.
+pub fn client_endpoint(
+    server: SocketAddr,
+    ca: &Path,
+    identity: Identity,
+) -> Result<quinn::Endpoint, TransportError> {
+    let roots = load_roots(ca)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(identity.cert_chain, identity.key)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = QuicClientConfig::try_from(tls)
+        .map_err(|e| TransportError::Tls(rustls::Error::General(e.to_string())))?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(Arc::new(transport_config()));
+    let bind: SocketAddr = if server.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
+    let mut endpoint =
+        quinn::Endpoint::client(bind).map_err(|source| TransportError::Bind { addr: bind, source })?;
+    endpoint.set_default_client_config(config);
+    Ok(endpoint)
+}
+
+/// The site name (certificate common name) of a connected peer. The TLS layer has already
+/// verified the certificate against the consortium CA.
+pub fn peer_site(conn: &quinn::Connection) -> Result<String, TransportError> {
+    let chain = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+        .ok_or_else(|| TransportError::PeerCertificate("no client certificate".into()))?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| TransportError::PeerCertificate("empty certificate chain".into()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| TransportError::PeerCertificate(e.to_string()))?;
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .ok_or_else(|| TransportError::PeerCertificate("no common name".into()))?;
+    Ok(cn.to_string())
+}
+
+/// Closes `conn` with `code` and a human-readable reason that the peer will see.
+pub fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
+    // QUIC close reasons must fit in one packet; keep them short.
+    let reason = &reason.as_bytes()[..reason.len().min(512)];
+    conn.close(quinn::VarInt::from_u32(code.to_close_code()), reason);
+}
+
+/// Reads one framed message. The length is checked against `max` before the body is read or
+/// allocated.
+pub async fn read_message(recv: &mut quinn::RecvStream, max: u32) -> Result<Message, TransportError> {
+    let mut header = [0u8; HEADER_BYTES];
+    recv.read_exact(&mut header).await?;
+    let len = codec::check_frame_length(header, max)?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload).await?;
+    Ok(codec::decode_payload(&payload)?)
+}
+
+/// Writes one framed message and finishes the stream.
+pub async fn write_message(
+    send: &mut quinn::SendStream,
+    msg: &Message,
+    max: u32,
+) -> Result<(), TransportError> {
+    let frame = codec::encode_frame(msg, max)?;
+    send.write_all(&frame).await?;
+    send.finish().map_err(|_| TransportError::StreamClosed)?;
+    Ok(())
+}
+
+/// One request/response exchange on a new bidirectional stream, bounded by `timeout`.
+/// An [`Message::Error`] answer becomes [`TransportError::Peer`].
+pub async fn request(
+    conn: &quinn::Connection,
+    msg: &Message,
+    max: u32,
+    timeout: Duration,
+) -> Result<Message, TransportError> {
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_message(&mut send, msg, max).await?;
+        read_message(&mut recv, max).await
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Err(_) => Err(TransportError::Timeout {
+            what: msg_response_name(msg),
+            after: timeout,
+        }),
+        Ok(Ok(Message::Error(e))) => Err(TransportError::Peer {
+            code: e.code,
+            reason: e.reason,
+        }),
+        Ok(other) => other,
+    }
+}
+
+fn msg_response_name(msg: &Message) -> &'static str {
+    match msg {
+        Message::Hello(_) => "the aggregator's welcome",
+        Message::StudyAnnouncement(_) => "the node's study decision",
+        Message::RoundOpen(_) => "the node's model update",
+        Message::EvaluateRequest(_) => "the node's evaluation report",
+        _ => "a response",
+    }
+}

@@ -1,0 +1,321 @@
+//! The node's connection to the aggregator: dial out, say hello, answer the aggregator's
+//! requests, and reconnect with exponential backoff when the connection is lost.
+//!
+//! Egress: the only things this module sends are protocol messages built from aggregates
+//! (feature statistics, model parameters, evaluation summaries). No row is ever sent.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use medfed_infra::transport::{self, Identity, TransportError};
+use medfed_protocol::messages::{
+    DatasetInfo, ErrorMessage, EvaluateRequest, EvaluationReport, Hello, ModelUpdate, RoundOpen, StudyAnnouncement,
+    StudyDecision,
+};
+use medfed_protocol::metrics::Evaluation;
+use medfed_protocol::model::{GlobalModel, mean_loss, predict, train_local};
+use medfed_protocol::{ErrorCode, Message};
+use ndarray::Array2;
+use tracing::{debug, info, warn};
+
+use crate::config::NodeConfig;
+use crate::data::{StudyData, Table};
+
+pub const SOFTWARE: &str = concat!("medfed-node ", env!("CARGO_PKG_VERSION"));
+
+const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    #[error(transparent)]
+    Data(#[from] crate::data::DataError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("cannot resolve aggregator address {address:?}: {detail}")]
+    Resolve { address: String, detail: String },
+    #[error("the aggregator refused this node ({code}): {reason}")]
+    Refused { code: ErrorCode, reason: String },
+}
+
+/// Why [`Node::run`] returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeExit {
+    /// The aggregator finished all its studies and closed the connection.
+    StudiesComplete,
+    /// [`Node::run`]'s stop signal fired.
+    Stopped,
+}
+
+/// A hospital node: its datasets, its studies' prepared rows, its QUIC endpoint.
+pub struct Node {
+    config: NodeConfig,
+    tables: HashMap<String, Arc<Table>>,
+    studies: Mutex<HashMap<String, Arc<StudyData>>>,
+}
+
+impl Node {
+    /// Loads the configured datasets (so a bad file is reported before connecting).
+    pub fn new(config: NodeConfig) -> Result<Node, NodeError> {
+        let mut tables = HashMap::new();
+        for d in &config.datasets {
+            let table = Table::load(&d.path)?;
+            info!(dataset = %d.name, rows = table.len(), path = %d.path.display(), "dataset loaded");
+            tables.insert(d.name.clone(), Arc::new(table));
+        }
+        Ok(Node { config, tables, studies: Mutex::default() })
+    }
+
+    fn hello(&self) -> Hello {
+        let mut datasets: Vec<DatasetInfo> = self
+            .tables
+            .iter()
+            .map(|(name, t)| DatasetInfo { name: name.clone(), columns: t.columns.clone() })
+            .collect();
+        datasets.sort_by(|a, b| a.name.cmp(&b.name));
+        Hello { site: self.config.site.clone(), software: SOFTWARE.to_string(), datasets }
+    }
+
+    async fn resolve(&self) -> Result<SocketAddr, NodeError> {
+        let address = &self.config.aggregator.address;
+        let resolve_err = |detail: String| NodeError::Resolve { address: address.clone(), detail };
+        tokio::net::lookup_host(address)
+            .await
+            .map_err(|e| resolve_err(e.to_string()))?
+            .next()
+            .ok_or_else(|| resolve_err("no address found".into()))
+    }
+
+    /// Connects and serves until the aggregator is done, a permanent refusal, or `stop`.
+    /// Transient failures (aggregator down, network lost) are retried with backoff.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<NodeExit, NodeError> {
+        let node = Arc::new(self);
+        let addr = node.resolve().await?;
+        let identity = Identity::load(&node.config.tls.cert, &node.config.tls.key)?;
+        let endpoint = transport::client_endpoint(addr, &node.config.tls.ca, identity)?;
+        let reconnect = &node.config.reconnect;
+        let mut backoff = Duration::from_millis(reconnect.initial_backoff_ms);
+        let max_backoff = Duration::from_millis(reconnect.max_backoff_ms);
+        tokio::pin!(stop);
+        let result = loop {
+            let session = node.clone().session(&endpoint, addr);
+            let outcome = tokio::select! {
+                r = session => r,
+                () = &mut stop => break Ok(NodeExit::Stopped),
+            };
+            let err = match outcome {
+                Ok(exit) => break Ok(exit),
+                Err(SessionEnd { welcomed, error }) => {
+                    if welcomed {
+                        backoff = Duration::from_millis(reconnect.initial_backoff_ms);
+                    }
+                    error
+                }
+            };
+            if let NodeError::Refused { code, .. } = &err
+                && code.is_permanent()
+            {
+                break Err(err);
+            }
+            // Jitter (up to a quarter of the wait) keeps many nodes from reconnecting in step.
+            let jitter = backoff.mul_f64(rand::random::<f64>() * 0.25);
+            warn!(site = %node.config.site, "{err}; reconnecting in {:.1} s", (backoff + jitter).as_secs_f64());
+            tokio::select! {
+                () = tokio::time::sleep(backoff + jitter) => {}
+                () = &mut stop => break Ok(NodeExit::Stopped),
+            }
+            backoff = (backoff * 2).min(max_backoff);
+        };
+        endpoint.close(quinn::VarInt::from_u32(ErrorCode::ShuttingDown.to_close_code()), b"node stopping");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        result
+    }
+
+    /// One connection's life.
+    async fn session(self: Arc<Self>, endpoint: &quinn::Endpoint, addr: SocketAddr) -> Result<NodeExit, SessionEnd> {
+        let fail = |welcomed: bool| move |e: NodeError| SessionEnd { welcomed, error: e };
+        let max = self.config.max_frame_bytes;
+        let conn = async {
+            let connecting = endpoint.connect(addr, self.config.aggregator.server_name()).map_err(TransportError::from)?;
+            Ok::<_, NodeError>(connecting.await.map_err(TransportError::from)?)
+        }
+        .await
+        .map_err(fail(false))?;
+        match transport::request(&conn, &Message::Hello(self.hello()), max, HELLO_TIMEOUT).await {
+            Ok(Message::Welcome(w)) => {
+                info!(site = %self.config.site, aggregator = %w.aggregator, software = %w.software, "connected to the aggregator")
+            }
+            Ok(other) => {
+                let reason = format!("expected a welcome, got a {}", other.kind());
+                transport::close(&conn, ErrorCode::UnexpectedMessage, &reason);
+                return Err(fail(false)(NodeError::Refused { code: ErrorCode::UnexpectedMessage, reason }));
+            }
+            Err(TransportError::Peer { code, reason }) => return Err(fail(false)(NodeError::Refused { code, reason })),
+            Err(e) => return Err(fail(false)(classify(e))),
+        }
+        loop {
+            tokio::select! {
+                bi = conn.accept_bi() => match bi {
+                    Ok((send, recv)) => {
+                        let (node, conn) = (self.clone(), conn.clone());
+                        tokio::spawn(async move { node.answer(&conn, send, recv).await });
+                    }
+                    Err(e) => return closed(e),
+                },
+                uni = conn.accept_uni() => match uni {
+                    Ok(mut recv) => match transport::read_message(&mut recv, max).await {
+                        Ok(Message::RoundResult(r)) => info!(
+                            study = %r.study_id, round = r.round, sites = r.participants.len(),
+                            train_loss = r.train_loss, complete = r.study_complete, "round result"
+                        ),
+                        Ok(other) => debug!("ignored one-way {}", other.kind()),
+                        Err(e) => warn!("unreadable one-way message: {e}"),
+                    },
+                    Err(e) => return closed(e),
+                },
+            }
+        }
+    }
+
+    /// Answers one request stream from the aggregator.
+    async fn answer(&self, conn: &quinn::Connection, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let max = self.config.max_frame_bytes;
+        let reply = match transport::read_message(&mut recv, max).await {
+            Ok(msg) => self.respond(msg).await,
+            Err(TransportError::Frame(e)) => {
+                warn!("unreadable request from the aggregator: {e}");
+                transport::close(conn, e.code(), &e.to_string());
+                return;
+            }
+            Err(e) => {
+                debug!("request stream failed: {e}");
+                return;
+            }
+        };
+        if let Err(e) = transport::write_message(&mut send, &reply, max).await {
+            warn!("could not send the {}: {e}", reply.kind());
+        }
+    }
+
+    async fn respond(&self, msg: Message) -> Message {
+        let result = match msg {
+            Message::StudyAnnouncement(a) => Ok(self.decide(&a)),
+            Message::RoundOpen(r) => self.train(r).await,
+            Message::EvaluateRequest(r) => self.evaluate(r),
+            other => Err((ErrorCode::UnexpectedMessage, format!("a node does not answer a {}", other.kind()))),
+        };
+        result.unwrap_or_else(|(code, reason)| {
+            warn!(%code, "refused a request: {reason}");
+            Message::Error(ErrorMessage { code, reason })
+        })
+    }
+
+    fn decide(&self, a: &StudyAnnouncement) -> Message {
+        let refuse = |reason: String| {
+            warn!(study = %a.study_id, "refusing study: {reason}");
+            Message::StudyDecision(StudyDecision::Refuse { study_id: a.study_id.clone(), reason })
+        };
+        let Some(table) = self.tables.get(&a.dataset) else {
+            return refuse(format!("this site serves no dataset named '{}'", a.dataset));
+        };
+        let data = match StudyData::prepare(table, a) {
+            Ok(d) => d,
+            Err(e) => return refuse(e.to_string()),
+        };
+        info!(study = %a.study_id, training_rows = data.x_train.nrows(), validation_rows = data.x_val.nrows(), "accepted study");
+        let decision = StudyDecision::Accept {
+            study_id: a.study_id.clone(),
+            training_rows: data.x_train.nrows() as u64,
+            validation_rows: data.x_val.nrows() as u64,
+            feature_stats: data.feature_stats(),
+        };
+        self.studies_lock().insert(a.study_id.clone(), Arc::new(data));
+        Message::StudyDecision(decision)
+    }
+
+    fn studies_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<StudyData>>> {
+        // Every mutation is a single insert: a poisoned map is still consistent.
+        self.studies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn study(&self, id: &str, model: &GlobalModel) -> Result<Arc<StudyData>, (ErrorCode, String)> {
+        let data = self
+            .studies_lock()
+            .get(id)
+            .cloned()
+            .ok_or_else(|| (ErrorCode::CannotServe, format!("study '{id}' was not announced to this node")))?;
+        model.validate().map_err(|e| (ErrorCode::InvalidContent, format!("global model: {e}")))?;
+        if model.features != data.features || model.kind != data.kind {
+            return Err((ErrorCode::InvalidContent, "the global model does not match the announced study".into()));
+        }
+        Ok(data)
+    }
+
+    async fn train(&self, r: RoundOpen) -> Result<Message, (ErrorCode, String)> {
+        let data = self.study(&r.study_id, &r.model)?;
+        let site = self.config.site.clone();
+        // Training is CPU work: keep it off the threads that drive the connection.
+        tokio::task::spawn_blocking(move || {
+            let (x_train, x_val) = standardized(&data, &r.model);
+            let evaluation = evaluate(&data, &r.model, &x_val)?;
+            let weights = train_local(data.kind, &r.model.weights, x_train.view(), data.y_train.view(), &r.params)
+                .map_err(|e| (ErrorCode::InvalidContent, e.to_string()))?;
+            let train_loss = mean_loss(data.kind, &weights, x_train.view(), data.y_train.view())
+                .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
+            info!(%site, study = %r.study_id, round = r.round, train_loss, "local update ready");
+            Ok(Message::ModelUpdate(ModelUpdate {
+                study_id: r.study_id,
+                round: r.round,
+                weights,
+                num_samples: data.x_train.nrows() as u64,
+                train_loss,
+                evaluation,
+            }))
+        })
+        .await
+        .map_err(|e| (ErrorCode::Internal, format!("training task failed: {e}")))?
+    }
+
+    fn evaluate(&self, r: EvaluateRequest) -> Result<Message, (ErrorCode, String)> {
+        let data = self.study(&r.study_id, &r.model)?;
+        let (_, x_val) = standardized(&data, &r.model);
+        let evaluation = evaluate(&data, &r.model, &x_val)?;
+        Ok(Message::EvaluationReport(EvaluationReport { study_id: r.study_id, round: r.round, evaluation }))
+    }
+}
+
+fn standardized(data: &StudyData, model: &GlobalModel) -> (Array2<f64>, Array2<f64>) {
+    let (mut x_train, mut x_val) = (data.x_train.clone(), data.x_val.clone());
+    model.standardization.apply(&mut x_train);
+    model.standardization.apply(&mut x_val);
+    (x_train, x_val)
+}
+
+fn evaluate(data: &StudyData, model: &GlobalModel, x_val: &Array2<f64>) -> Result<Evaluation, (ErrorCode, String)> {
+    let p = predict(data.kind, &model.weights, x_val.view()).map_err(|e| (ErrorCode::InvalidContent, e.to_string()))?;
+    let mut evaluation = Evaluation::empty(data.kind);
+    evaluation.add_rows(p.as_slice().unwrap_or(&[]), data.y_val.as_slice().unwrap_or(&[]));
+    Ok(evaluation)
+}
+
+struct SessionEnd {
+    welcomed: bool,
+    error: NodeError,
+}
+
+fn classify(e: TransportError) -> NodeError {
+    match e.closed_by_peer() {
+        Some((code, reason)) => NodeError::Refused { code, reason },
+        None => NodeError::Transport(e),
+    }
+}
+
+/// Maps the end of a welcomed connection to the node's next step.
+fn closed(e: quinn::ConnectionError) -> Result<NodeExit, SessionEnd> {
+    match classify(TransportError::Connection(e)) {
+        NodeError::Refused { code: ErrorCode::StudiesComplete, .. } => Ok(NodeExit::StudiesComplete),
+        error => Err(SessionEnd { welcomed: true, error }),
+    }
+}

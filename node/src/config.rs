@@ -1,0 +1,109 @@
+//! `node.toml`: who this site is, where the aggregator is, which local datasets it serves.
+//!
+//! Every key is documented in `docs/samples/node.toml`, which a test parses.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use medfed_infra::config::{ConfigError, TlsFiles, load_toml, require_file, resolve};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This hospital's site name; must equal the common name of its certificate.
+    pub site: String,
+    pub aggregator: AggregatorAddress,
+    pub tls: TlsFiles,
+    #[serde(rename = "dataset")]
+    pub datasets: Vec<DatasetConfig>,
+    #[serde(default)]
+    pub reconnect: Reconnect,
+    /// Largest frame accepted or sent, in bytes.
+    #[serde(default = "default_max_frame")]
+    pub max_frame_bytes: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorAddress {
+    /// `host:port` of the aggregator's QUIC endpoint (the node dials out; it opens no port).
+    pub address: String,
+    /// The name on the aggregator's certificate (defaults to the host part of `address`).
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    /// The name studies refer to.
+    pub name: String,
+    /// A CSV file with a header row (relative to this file).
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reconnect {
+    /// First wait after a lost connection; doubles up to `max_backoff_ms`.
+    #[serde(default = "default_initial_backoff_ms")]
+    pub initial_backoff_ms: u64,
+    #[serde(default = "default_max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect { initial_backoff_ms: default_initial_backoff_ms(), max_backoff_ms: default_max_backoff_ms() }
+    }
+}
+
+fn default_max_frame() -> u32 {
+    medfed_protocol::DEFAULT_MAX_FRAME_BYTES
+}
+fn default_initial_backoff_ms() -> u64 {
+    500
+}
+fn default_max_backoff_ms() -> u64 {
+    30_000
+}
+
+impl AggregatorAddress {
+    pub fn server_name(&self) -> &str {
+        self.server_name.as_deref().unwrap_or_else(|| match self.address.rsplit_once(':') {
+            Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
+            None => &self.address,
+        })
+    }
+}
+
+impl NodeConfig {
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let mut cfg: NodeConfig = load_toml(path)?;
+        cfg.tls.resolve(path)?;
+        let invalid = |key: String, why: String| ConfigError::Invalid { path: path.to_path_buf(), key, why };
+        medfed_infra::pki::validate_site_name(&cfg.site).map_err(|e| invalid("site".into(), e.to_string()))?;
+        if !cfg.aggregator.address.contains(':') {
+            return Err(invalid("aggregator.address".into(), format!("{:?} needs a port, as in host:4433", cfg.aggregator.address)));
+        }
+        if cfg.datasets.is_empty() {
+            return Err(invalid("dataset".into(), "no dataset configured: add a [[dataset]] with name and path".into()));
+        }
+        let mut names = BTreeSet::new();
+        for (i, d) in cfg.datasets.iter_mut().enumerate() {
+            if !names.insert(d.name.clone()) {
+                return Err(invalid(format!("dataset[{i}].name"), format!("{:?} is used twice", d.name)));
+            }
+            d.path = resolve(path, &d.path);
+            require_file(path, &format!("dataset[{i}].path"), &d.path)?;
+        }
+        if cfg.reconnect.initial_backoff_ms == 0 || cfg.reconnect.max_backoff_ms < cfg.reconnect.initial_backoff_ms {
+            return Err(invalid("reconnect".into(), "needs 0 < initial_backoff_ms <= max_backoff_ms".into()));
+        }
+        if cfg.max_frame_bytes < 1024 {
+            return Err(invalid("max_frame_bytes".into(), "must be at least 1024".into()));
+        }
+        Ok(cfg)
+    }
+}

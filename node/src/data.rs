@@ -1,0 +1,239 @@
+//! The node's local data: CSV tables, and the numeric training/validation rows a study
+//! asks for. Nothing in here leaves the node; only [`FeatureStats`], model updates and
+//! evaluation summaries computed from it do.
+
+use std::path::{Path, PathBuf};
+
+use medfed_protocol::messages::StudyAnnouncement;
+use medfed_protocol::model::ModelKind;
+use medfed_protocol::stats::FeatureStats;
+use ndarray::{Array1, Array2};
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Csv { path: PathBuf, source: csv::Error },
+    #[error("{path}: no column named '{column}' (columns: {available})")]
+    MissingColumn { path: PathBuf, column: String, available: String },
+    #[error("{path}, line {line}, column '{column}': {why} (value {value:?})")]
+    BadValue { path: PathBuf, line: u64, column: String, value: String, why: &'static str },
+    #[error("{path}: {rows} rows; a study needs at least 2 (one to train, one to validate)")]
+    TooFewRows { path: PathBuf, rows: usize },
+    #[error("{path}: {why}")]
+    Invalid { path: PathBuf, why: String },
+}
+
+/// A CSV table held in memory: header and raw string records.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub path: PathBuf,
+    pub columns: Vec<String>,
+    rows: Vec<csv::StringRecord>,
+}
+
+impl Table {
+    pub fn load(path: &Path) -> Result<Table, DataError> {
+        let file = std::fs::File::open(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+        Table::from_reader(path, file)
+    }
+
+    /// Parses CSV from `reader`; `path` names the source in errors.
+    pub fn from_reader(path: &Path, reader: impl std::io::Read) -> Result<Table, DataError> {
+        let csv_err = |source| DataError::Csv { path: path.to_path_buf(), source };
+        let mut r = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(reader);
+        let columns = r.headers().map_err(csv_err)?.iter().map(str::to_string).collect();
+        let rows = r.records().collect::<Result<Vec<_>, _>>().map_err(csv_err)?;
+        Ok(Table { path: path.to_path_buf(), columns, rows })
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    pub fn column(&self, name: &str) -> Result<usize, DataError> {
+        self.columns.iter().position(|c| c == name).ok_or_else(|| DataError::MissingColumn {
+            path: self.path.clone(),
+            column: name.to_string(),
+            available: self.columns.join(", "),
+        })
+    }
+
+    fn line(&self, row: usize) -> u64 {
+        self.rows[row].position().map_or(row as u64 + 2, |p| p.line())
+    }
+
+    fn bad(&self, row: usize, column: &str, value: &str, why: &'static str) -> DataError {
+        DataError::BadValue { path: self.path.clone(), line: self.line(row), column: column.to_string(), value: value.to_string(), why }
+    }
+
+    /// The numeric matrix of `features` (rows × features).
+    pub fn features(&self, features: &[String]) -> Result<Array2<f64>, DataError> {
+        let idx = features.iter().map(|f| self.column(f)).collect::<Result<Vec<_>, _>>()?;
+        let mut x = Array2::zeros((self.rows.len(), features.len()));
+        for (i, rec) in self.rows.iter().enumerate() {
+            for (j, (&c, name)) in idx.iter().zip(features).enumerate() {
+                let raw = rec.get(c).unwrap_or("");
+                let v: f64 = raw.parse().map_err(|_| self.bad(i, name, raw, "not a number"))?;
+                if !v.is_finite() {
+                    return Err(self.bad(i, name, raw, "not a finite number"));
+                }
+                x[[i, j]] = v;
+            }
+        }
+        Ok(x)
+    }
+
+    /// The target vector: 1/0 for `positive_class` (classification), or numeric values.
+    pub fn target(&self, column: &str, kind: ModelKind, positive_class: Option<&str>) -> Result<Array1<f64>, DataError> {
+        let c = self.column(column)?;
+        self.rows
+            .iter()
+            .enumerate()
+            .map(|(i, rec)| {
+                let raw = rec.get(c).unwrap_or("");
+                match kind {
+                    ModelKind::Logistic => {
+                        if raw.is_empty() || raw.eq_ignore_ascii_case("na") {
+                            Err(self.bad(i, column, raw, "missing class label"))
+                        } else {
+                            Ok(if Some(raw) == positive_class { 1.0 } else { 0.0 })
+                        }
+                    }
+                    ModelKind::Linear => raw
+                        .parse::<f64>()
+                        .ok()
+                        .filter(|v| v.is_finite())
+                        .ok_or_else(|| self.bad(i, column, raw, "not a finite number")),
+                }
+            })
+            .collect()
+    }
+}
+
+/// Splits `n` rows into training and validation rows, deterministically for a study (every
+/// run and every party that knows the study id gets the same split). At least one row goes
+/// each way when `n >= 2`.
+pub fn split_rows(n: usize, validation_fraction: f64, study_id: &str) -> (Vec<usize>, Vec<usize>) {
+    // FNV-1a: a stable, dependency-free seed; nothing secret depends on it.
+    let seed = study_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    let n_val = ((n as f64 * validation_fraction).round() as usize).clamp(usize::from(n >= 2), n.saturating_sub(1));
+    let (val, train) = order.split_at(n_val);
+    let (mut train, mut val) = (train.to_vec(), val.to_vec());
+    train.sort_unstable();
+    val.sort_unstable();
+    (train, val)
+}
+
+/// A study's rows at this node, raw (unstandardized).
+#[derive(Debug, Clone)]
+pub struct StudyData {
+    pub kind: ModelKind,
+    pub features: Vec<String>,
+    pub x_train: Array2<f64>,
+    pub y_train: Array1<f64>,
+    pub x_val: Array2<f64>,
+    pub y_val: Array1<f64>,
+}
+
+impl StudyData {
+    pub fn prepare(table: &Table, study: &StudyAnnouncement) -> Result<StudyData, DataError> {
+        if table.len() < 2 {
+            return Err(DataError::TooFewRows { path: table.path.clone(), rows: table.len() });
+        }
+        if study.model == ModelKind::Logistic && study.positive_class.is_none() {
+            return Err(DataError::Invalid { path: table.path.clone(), why: "a logistic study must name its positive class".into() });
+        }
+        let x = table.features(&study.features)?;
+        let y = table.target(&study.target, study.model, study.positive_class.as_deref())?;
+        let (train, val) = split_rows(table.len(), study.validation_fraction, &study.study_id);
+        let axis = ndarray::Axis(0);
+        Ok(StudyData {
+            kind: study.model,
+            features: study.features.clone(),
+            x_train: x.select(axis, &train),
+            y_train: y.select(axis, &train),
+            x_val: x.select(axis, &val),
+            y_val: y.select(axis, &val),
+        })
+    }
+
+    pub fn feature_stats(&self) -> FeatureStats {
+        FeatureStats::from_rows(self.x_train.view())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(text: &str) -> Table {
+        Table::from_reader(Path::new("site.csv"), text.as_bytes()).unwrap()
+    }
+
+    fn study() -> StudyAnnouncement {
+        StudyAnnouncement {
+            study_id: "s1".into(),
+            description: String::new(),
+            dataset: "d".into(),
+            features: vec!["a".into(), "b".into()],
+            target: "y".into(),
+            model: ModelKind::Logistic,
+            positive_class: Some("Yes".into()),
+            validation_fraction: 0.25,
+            rounds: 1,
+        }
+    }
+
+    #[test]
+    fn split_is_deterministic_disjoint_and_complete() {
+        let (t1, v1) = split_rows(68, 0.25, "pima");
+        let (t2, v2) = split_rows(68, 0.25, "pima");
+        assert_eq!((t1.clone(), v1.clone()), (t2, v2));
+        assert_eq!(v1.len(), 17);
+        let mut all: Vec<_> = t1.iter().chain(&v1).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (0..68).collect::<Vec<_>>());
+        assert_ne!(split_rows(68, 0.25, "other").1, v1);
+        assert_eq!(split_rows(2, 0.01, "x").1.len(), 1);
+        assert_eq!(split_rows(2, 0.99, "x").0.len(), 1);
+    }
+
+    #[test]
+    fn prepares_rows_and_labels() {
+        let t = table("a,b,y\n1,2,Yes\n3,4,No\n5,6,Yes\n7,8,No\n");
+        let d = StudyData::prepare(&t, &study()).unwrap();
+        assert_eq!(d.x_train.nrows() + d.x_val.nrows(), 4);
+        assert_eq!(d.y_train.sum() + d.y_val.sum(), 2.0);
+        assert_eq!(d.feature_stats().count, d.x_train.nrows() as u64);
+    }
+
+    #[test]
+    fn bad_data_names_file_line_and_column() {
+        let t = table("a,b,y\n1,2,Yes\n3,NA,No\n");
+        let err = StudyData::prepare(&t, &study()).unwrap_err().to_string();
+        assert!(err.contains("site.csv, line 3, column 'b'"), "{err}");
+        let t = table("a,c,y\n1,2,Yes\n3,4,No\n");
+        let err = StudyData::prepare(&t, &study()).unwrap_err().to_string();
+        assert!(err.contains("no column named 'b'"), "{err}");
+        let t = table("a,b,y\n1,2,Yes\n3,4,\n");
+        let err = StudyData::prepare(&t, &study()).unwrap_err().to_string();
+        assert!(err.contains("missing class label"), "{err}");
+        let t = table("a,b,y\n1,2,Yes\n");
+        assert!(matches!(StudyData::prepare(&t, &study()), Err(DataError::TooFewRows { .. })));
+        assert!(matches!(
+            Table::from_reader(Path::new("x.csv"), "a,b\n1,2,3\n".as_bytes()),
+            Err(DataError::Csv { .. })
+        ));
+    }
+}

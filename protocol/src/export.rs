@@ -1,0 +1,49 @@
+//! The exported global model: the file the aggregator writes after each round and that
+//! `medfed model evaluate` reads. JSON; `format` names the version of this layout.
+
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::Metrics;
+use crate::model::GlobalModel;
+
+/// The value of [`ExportedModel::format`] this build writes and reads.
+pub const MODEL_FORMAT: &str = "medfed-model/1";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportedModel {
+    pub format: String,
+    pub study_id: String,
+    /// The round that produced this model.
+    pub round: u32,
+    pub target: String,
+    /// For classification: the target value predicted as probability 1.
+    pub positive_class: Option<String>,
+    /// Kind, feature names, the federation's standardization, and the weights
+    /// (`weights[i]` multiplies standardized `features[i]`; the last weight is the bias).
+    pub model: GlobalModel,
+    /// Sites whose updates were averaged into this model.
+    pub sites: Vec<String>,
+    /// Training rows behind the average.
+    pub training_rows: u64,
+    /// Sample-weighted mean training loss reported by the sites.
+    pub train_loss: f64,
+    /// Federated evaluation of this model on the sites' validation rows, when known.
+    pub validation: Option<Metrics>,
+    /// Seconds since the Unix epoch when the model was written.
+    pub created_unix: u64,
+}
+
+impl ExportedModel {
+    /// Checks that a model read from a file is one this build understands and is
+    /// self-consistent.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.format != MODEL_FORMAT {
+            return Err(format!(
+                "model format {:?} is not supported (this build reads {MODEL_FORMAT:?})",
+                self.format
+            ));
+        }
+        self.model.validate()
+    }
+}
