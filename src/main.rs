@@ -1,1 +1,229 @@
-fn main() {}
+//! `medfed`: the one command every medfed user runs.
+//!
+//! - hospital IT: `medfed node run --config node.toml`
+//! - aggregator operator: `medfed pki ...`, `medfed aggregator run --config aggregator.toml`
+//! - anyone: `medfed demo`, `medfed model evaluate`, `medfed bench transport`
+
+mod bench;
+mod demo;
+mod evaluate;
+mod logging;
+mod report;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "medfed", version, about = "Privacy-preserving federated analytics across hospitals")]
+struct Cli {
+    /// Log format on stderr: text, json, or auto (text on a terminal, JSON otherwise).
+    #[arg(long, global = true, default_value = "auto", value_parser = ["auto", "text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run an aggregator and three hospital nodes on loopback with real certificates, on the
+    /// Pima diabetes data split by age band, and compare with a centralized model.
+    Demo(demo::DemoArgs),
+    /// Make the consortium CA and the certificates of sites and aggregators.
+    #[command(subcommand)]
+    Pki(PkiCommand),
+    /// Run the aggregator.
+    #[command(subcommand)]
+    Aggregator(RunCommand),
+    /// Run a hospital node.
+    #[command(subcommand)]
+    Node(RunCommand),
+    /// Work with exported models.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Measure performance.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create the consortium CA in DIR/ca (refuses to replace an existing one).
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The consortium's name, written into the CA certificate.
+        #[arg(long, default_value = "medfed consortium")]
+        consortium: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 3650)]
+        days: i64,
+    },
+    /// Issue a site's client certificate or an aggregator's server certificate, signed by
+    /// the CA in DIR (the CA is never regenerated).
+    Issue(IssueArgs),
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false, id = "role")]
+struct IssueRole {
+    /// A hospital site name (lowercase letters, digits, '-').
+    #[arg(long)]
+    site: Option<String>,
+    /// The aggregator's host name or IP address, as nodes will dial it.
+    #[arg(long)]
+    aggregator: Option<String>,
+}
+
+#[derive(Args)]
+struct IssueArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    #[command(flatten)]
+    role: IssueRole,
+    /// Validity in days.
+    #[arg(long, default_value_t = 397)]
+    days: i64,
+}
+
+#[derive(Subcommand)]
+enum RunCommand {
+    /// Run with a TOML config file.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Evaluate an exported global model on a CSV file with the model's feature columns.
+    Evaluate(evaluate::EvaluateArgs),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Throughput of sending a model update over loopback QUIC (mutual TLS) beside plain
+    /// TCP, measured in the same run.
+    Transport(bench::TransportArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Demo(args) => demo::run(args),
+        Command::Pki(cmd) => pki(cmd),
+        Command::Aggregator(RunCommand::Run { config }) => {
+            logging::init_stderr(&cli.log_format);
+            run_aggregator(config)
+        }
+        Command::Node(RunCommand::Run { config }) => {
+            logging::init_stderr(&cli.log_format);
+            run_node(config)
+        }
+        Command::Model(ModelCommand::Evaluate(args)) => evaluate::run(args),
+        Command::Bench(BenchCommand::Transport(args)) => bench::transport(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pki(cmd: PkiCommand) -> anyhow::Result<()> {
+    use medfed_infra::pki;
+    match cmd {
+        PkiCommand::Init { dir, consortium, days } => {
+            let ca = pki::init_ca(&dir, &consortium, days)?;
+            println!("consortium CA created: {}", ca.display());
+            println!("keep {} offline; give only ca.pem to the parties", dir.join("ca").join("ca.key").display());
+        }
+        PkiCommand::Issue(args) => {
+            let role = match (args.role.site, args.role.aggregator) {
+                (Some(site), None) => pki::Role::Site(site),
+                (None, Some(host)) => pki::Role::Aggregator(host),
+                _ => anyhow::bail!("give exactly one of --site NAME or --aggregator HOST"),
+            };
+            let files = pki::issue(&args.dir, &role, args.days)?;
+            println!("issued {}: {}", match role {
+                pki::Role::Site(s) => format!("site certificate for '{s}'"),
+                pki::Role::Aggregator(h) => format!("aggregator certificate for '{h}'"),
+            }, files.dir.display());
+            println!("  cert {}\n  key  {} (mode 0600)\n  ca   {}", files.cert.display(), files.key.display(), files.ca.display());
+        }
+    }
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn run_aggregator(config: PathBuf) -> anyhow::Result<()> {
+    let cfg = medfed_aggregator::config::AggregatorConfig::load(&config)?;
+    runtime()?.block_on(async move {
+        let aggregator = medfed_aggregator::Aggregator::bind(cfg)?;
+        tracing::info!(addr = %aggregator.local_addr()?, "aggregator listening");
+        let handle = aggregator.shutdown_handle();
+        tokio::spawn(async move {
+            stop_signal().await;
+            tracing::info!("stop signal received; shutting down");
+            handle.shutdown("the aggregator is shutting down");
+        });
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let printer = tokio::spawn(async move {
+            let mut table = report::RoundTable::new();
+            while let Some(event) = rx.recv().await {
+                if let Some(line) = table.line_for(&event) {
+                    println!("{line}");
+                }
+            }
+        });
+        let outcomes = aggregator.run(Some(tx)).await?;
+        let _ = printer.await;
+        for o in outcomes {
+            println!("study '{}' complete after {} rounds; final model: {}", o.study_id, o.rounds, o.final_model.display());
+        }
+        Ok(())
+    })
+}
+
+fn run_node(config: PathBuf) -> anyhow::Result<()> {
+    let cfg = medfed_node::config::NodeConfig::load(&config)?;
+    let site = cfg.site.clone();
+    let node = medfed_node::Node::new(cfg)?;
+    let exit = runtime()?.block_on(node.run(stop_signal()))?;
+    match exit {
+        medfed_node::NodeExit::StudiesComplete => println!("site '{site}': the aggregator completed all studies"),
+        medfed_node::NodeExit::Stopped => println!("site '{site}': stopped"),
+    }
+    Ok(())
+}

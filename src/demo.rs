@@ -1,0 +1,324 @@
+//! `medfed demo`: a whole federation on one machine, from a fresh clone.
+//!
+//! Makes a throwaway PKI, splits the Pima diabetes rows across three hospitals by age band
+//! (a non-IID split), writes real config files, starts the aggregator and three nodes on
+//! loopback (QUIC, mutual TLS), runs the rounds, and compares the federated model with a
+//! centralized model trained on the union of the same training rows.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use medfed_aggregator::AggregatorEvent;
+use medfed_aggregator::config::AggregatorConfig;
+use medfed_infra::pki;
+use medfed_node::config::NodeConfig;
+use medfed_node::data::{Table, split_rows};
+use medfed_protocol::metrics::{Metrics, classification_metrics};
+use medfed_protocol::model::{ModelKind, TrainParams, predict, train_local};
+use medfed_protocol::stats::FeatureStats;
+use ndarray::{Array1, Array2, Axis, concatenate};
+
+use crate::report::{RoundTable, metrics_table, num};
+
+/// The Pima training rows (MASS `Pima.tr`), embedded so the demo runs from any directory.
+const PIMA_CSV: &str = include_str!("../examples/data/pima_tr.csv");
+const STUDY_ID: &str = "pima-diabetes";
+const FEATURES: [&str; 7] = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age"];
+
+/// The three simulated hospitals and the age band each one's patients fall in.
+const SITES: [(&str, &str, u32, u32); 3] = [
+    ("riverside", "age 21-24", 0, 25),
+    ("st-marys", "age 25-34", 25, 35),
+    ("northgate", "age 35+", 35, u32::MAX),
+];
+
+#[derive(clap::Args)]
+pub struct DemoArgs {
+    /// Keep everything the run makes (PKI, configs, data splits, models, logs) in DIR; it
+    /// must be empty or not exist. Without it, a temporary directory is used and removed.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Federated rounds to run.
+    #[arg(long, default_value_t = 20)]
+    rounds: u32,
+}
+
+pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+    if args.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
+    let (dir, _temp) = match &args.out {
+        Some(d) => {
+            if d.exists() && std::fs::read_dir(d).with_context(|| format!("cannot read {}", d.display()))?.next().is_some() {
+                bail!("{} is not empty; give --out a new or empty directory", d.display());
+            }
+            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+            (d.canonicalize()?, None)
+        }
+        None => {
+            let t = tempfile::Builder::new().prefix("medfed-demo-").tempdir().context("cannot create a temporary directory")?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    let log = dir.join("logs").join("medfed.log");
+    crate::logging::init_file(&log).with_context(|| format!("cannot create log file {}", log.display()))?;
+    println!("medfed demo: 1 aggregator + 3 hospital nodes on loopback (QUIC, mutual TLS 1.3)");
+    println!("working directory: {}{}", dir.display(), if args.out.is_none() { " (temporary; --out DIR keeps it)" } else { "" });
+
+    let sites = write_site_data(&dir)?;
+    make_pki(&dir)?;
+    let (agg_config_path, node_config_paths) = write_configs(&dir, args.rounds)?;
+    println!("\nhospital  {:<11}  {:>5}  {:>9}", "patients", "rows", "diabetic");
+    for s in &sites {
+        println!("{:<9} {:<11}  {:>5}  {:>9}", s.name, s.band, s.rows, s.positives);
+    }
+    println!();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let final_model = runtime.block_on(federate(&agg_config_path, &node_config_paths, args.rounds))?;
+
+    // Compare with a centralized model on the union of the same rows.
+    let (central, federated, val_path) = compare(&dir, &final_model)?;
+    println!("\nvalidation rows of all three hospitals, exact metrics:");
+    print!("{}", metrics_table(&[("federated", &federated), ("centralized", &central)]));
+    if let (Metrics::Classification(f), Metrics::Classification(c)) = (&federated, &central) {
+        println!("AUC difference (federated - centralized): {}", num(f.roc_auc - c.roc_auc, 4));
+    }
+    println!("\nfinal global model: {}", final_model.display());
+    println!(
+        "evaluate it:        medfed model evaluate --model {} --data {} --target type",
+        final_model.display(),
+        val_path.display()
+    );
+    println!("logs:               {}", log.display());
+    Ok(())
+}
+
+struct SiteData {
+    name: &'static str,
+    band: &'static str,
+    rows: usize,
+    positives: usize,
+}
+
+/// Splits the embedded Pima rows by age band into `dir/data/<site>.csv`.
+fn write_site_data(dir: &Path) -> anyhow::Result<Vec<SiteData>> {
+    let mut reader = csv::Reader::from_reader(PIMA_CSV.as_bytes());
+    let header = reader.headers()?.clone();
+    let age = header.iter().position(|h| h == "age").context("embedded data has no age column")?;
+    let target = header.iter().position(|h| h == "type").context("embedded data has no type column")?;
+    let data_dir = dir.join("data");
+    std::fs::create_dir_all(&data_dir)?;
+    let mut writers = SITES
+        .iter()
+        .map(|(name, ..)| {
+            let mut w = csv::Writer::from_path(data_dir.join(format!("{name}.csv")))?;
+            w.write_record(&header)?;
+            Ok(w)
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut counts = vec![(0usize, 0usize); SITES.len()];
+    for rec in reader.records() {
+        let rec = rec?;
+        let a: u32 = rec[age].parse().context("embedded data: bad age")?;
+        let i = SITES.iter().position(|(_, _, lo, hi)| (*lo..*hi).contains(&a)).context("age outside every band")?;
+        writers[i].write_record(&rec)?;
+        counts[i].0 += 1;
+        counts[i].1 += usize::from(&rec[target] == "Yes");
+    }
+    for w in &mut writers {
+        w.flush()?;
+    }
+    Ok(SITES
+        .iter()
+        .zip(counts)
+        .map(|((name, band, ..), (rows, positives))| SiteData { name, band, rows, positives })
+        .collect())
+}
+
+fn make_pki(dir: &Path) -> anyhow::Result<()> {
+    let pki_dir = dir.join("pki");
+    pki::init_ca(&pki_dir, "medfed demo consortium", 7)?;
+    pki::issue(&pki_dir, &pki::Role::Aggregator("localhost".into()), 7)?;
+    for (name, ..) in SITES {
+        pki::issue(&pki_dir, &pki::Role::Site(name.into()), 7)?;
+    }
+    Ok(())
+}
+
+/// Writes `aggregator.toml` and `nodes/<site>.toml` as a user would, on a free loopback
+/// port.
+fn write_configs(dir: &Path, rounds: u32) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    let allow = SITES.iter().map(|(n, ..)| format!("{n:?}")).collect::<Vec<_>>().join(", ");
+    let features = FEATURES.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(", ");
+    let aggregator = format!(
+        r#"# medfed aggregator: written by `medfed demo`
+name = "demo-coordinating-centre"
+listen = "127.0.0.1:{port}"
+out_dir = "aggregator"
+
+[tls]
+ca = "pki/aggregator/localhost/ca.pem"
+cert = "pki/aggregator/localhost/cert.pem"
+key = "pki/aggregator/localhost/key.pem"
+
+[sites]
+allow = [{allow}]
+
+[[study]]
+id = "{STUDY_ID}"
+description = "Type 2 diabetes risk (WHO criteria) from routine measurements"
+dataset = "pima"
+model = "logistic"
+features = [{features}]
+target = "type"
+positive_class = "Yes"
+validation_fraction = 0.25
+rounds = {rounds}
+min_sites = 3
+wait_for_sites_secs = 30
+round_timeout_secs = 30
+
+[study.training]
+local_epochs = 2
+batch_size = 64
+learning_rate = 1.0
+l2 = 0.01
+seed = 7
+"#
+    );
+    let agg_path = dir.join("aggregator.toml");
+    std::fs::write(&agg_path, aggregator)?;
+    let mut node_paths = Vec::new();
+    for (name, ..) in SITES {
+        let node = format!(
+            r#"# medfed node of site '{name}': written by `medfed demo`
+site = "{name}"
+
+[aggregator]
+address = "127.0.0.1:{port}"
+server_name = "localhost"
+
+[tls]
+ca = "../pki/sites/{name}/ca.pem"
+cert = "../pki/sites/{name}/cert.pem"
+key = "../pki/sites/{name}/key.pem"
+
+[[dataset]]
+name = "pima"
+path = "../data/{name}.csv"
+
+[reconnect]
+initial_backoff_ms = 200
+max_backoff_ms = 2000
+"#
+        );
+        let p = dir.join("nodes").join(format!("{name}.toml"));
+        std::fs::create_dir_all(dir.join("nodes"))?;
+        std::fs::write(&p, node)?;
+        node_paths.push(p);
+    }
+    Ok((agg_path, node_paths))
+}
+
+/// Runs the aggregator and the nodes until the study completes; returns the final model.
+async fn federate(agg_config: &Path, node_configs: &[PathBuf], rounds: u32) -> anyhow::Result<PathBuf> {
+    let config = AggregatorConfig::load(agg_config)?;
+    let aggregator = medfed_aggregator::Aggregator::bind(config)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut nodes = tokio::task::JoinSet::new();
+    for path in node_configs {
+        let node = medfed_node::Node::new(NodeConfig::load(path)?)?;
+        let mut stop = stop_rx.clone();
+        nodes.spawn(node.run(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }));
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let agg = tokio::spawn(aggregator.run(Some(tx)));
+
+    let bar = indicatif::ProgressBar::new(u64::from(rounds));
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} round {pos}/{len} [{bar:30}] {elapsed} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar.set_message("waiting for the hospitals to connect");
+    let mut table = RoundTable::new();
+    let mut connected = 0;
+    while let Some(event) = rx.recv().await {
+        match &event {
+            AggregatorEvent::SiteConnected { .. } => {
+                connected += 1;
+                bar.set_message(format!("{connected}/3 hospitals connected"));
+            }
+            AggregatorEvent::StudyStarted { .. } => bar.set_message("training"),
+            AggregatorEvent::RoundCompleted(s) => bar.set_position(u64::from(s.round)),
+            _ => {}
+        }
+        if let Some(line) = table.line_for(&event) {
+            bar.suspend(|| println!("{line}"));
+        }
+    }
+    bar.finish_and_clear();
+    let outcomes = agg.await.context("the aggregator task failed")??;
+    let _ = stop_tx.send(true);
+    while let Some(joined) = tokio::time::timeout(Duration::from_secs(10), nodes.join_next()).await.ok().flatten() {
+        joined.context("a node task failed")??;
+    }
+    let outcome = outcomes.into_iter().next().context("the aggregator ran no study")?;
+    Ok(outcome.final_model)
+}
+
+/// The exact metrics of the centralized and the federated model on the pooled validation
+/// rows, and the path of a CSV of those rows.
+fn compare(dir: &Path, final_model: &Path) -> anyhow::Result<(Metrics, Metrics, PathBuf)> {
+    let features: Vec<String> = FEATURES.iter().map(|f| f.to_string()).collect();
+    let (mut xt, mut yt, mut xv, mut yv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut val_rows = csv::Writer::from_path(dir.join("data").join("validation.csv"))?;
+    let mut header_written = false;
+    for (name, ..) in SITES {
+        let path = dir.join("data").join(format!("{name}.csv"));
+        let table = Table::load(&path)?;
+        let x = table.features(&features)?;
+        let y = table.target("type", ModelKind::Logistic, Some("Yes"))?;
+        // The same split each node made for the study.
+        let (train, val) = split_rows(table.len(), 0.25, STUDY_ID);
+        xt.push(x.select(Axis(0), &train));
+        yt.push(y.select(Axis(0), &train));
+        xv.push(x.select(Axis(0), &val));
+        yv.push(y.select(Axis(0), &val));
+        let mut r = csv::Reader::from_path(&path)?;
+        if !header_written {
+            val_rows.write_record(r.headers()?)?;
+            header_written = true;
+        }
+        for (i, rec) in r.records().enumerate() {
+            if val.binary_search(&i).is_ok() {
+                val_rows.write_record(&rec?)?;
+            }
+        }
+    }
+    val_rows.flush()?;
+    let cat2 = |v: &[Array2<f64>]| concatenate(Axis(0), &v.iter().map(|a| a.view()).collect::<Vec<_>>());
+    let cat1 = |v: &[Array1<f64>]| concatenate(Axis(0), &v.iter().map(|a| a.view()).collect::<Vec<_>>());
+    let (x_train, y_train, x_val, y_val) = (cat2(&xt)?, cat1(&yt)?, cat2(&xv)?, cat1(&yv)?);
+
+    // Centralized: same standardization rule, same objective, full-batch gradient descent
+    // run to convergence.
+    let standardization = FeatureStats::from_rows(x_train.view()).standardization()?;
+    let (mut zt, mut zv) = (x_train.clone(), x_val.clone());
+    standardization.apply(&mut zt);
+    standardization.apply(&mut zv);
+    let params = TrainParams { local_epochs: 3000, batch_size: zt.nrows() as u32, learning_rate: 0.5, l2: 0.01, seed: 7 };
+    let w = train_local(ModelKind::Logistic, &vec![0.0; features.len() + 1], zt.view(), y_train.view(), &params)?;
+    let p_central = predict(ModelKind::Logistic, &w, zv.view())?;
+    let central = Metrics::Classification(classification_metrics(&p_central.to_vec(), &y_val.to_vec()));
+
+    let model = crate::evaluate::load_model(final_model)?;
+    let p_fed = model.model.predict_raw(x_val.view())?;
+    let federated = Metrics::Classification(classification_metrics(&p_fed.to_vec(), &y_val.to_vec()));
+    Ok((central, federated, dir.join("data").join("validation.csv")))
+}

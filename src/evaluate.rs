@@ -1,0 +1,73 @@
+//! `medfed model evaluate`: exact metrics of an exported global model on a CSV file.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use medfed_node::data::Table;
+use medfed_protocol::export::ExportedModel;
+use medfed_protocol::metrics::{Metrics, classification_metrics, regression_metrics};
+use medfed_protocol::model::ModelKind;
+
+#[derive(clap::Args)]
+pub struct EvaluateArgs {
+    /// An exported model (JSON), e.g. models/<study>/final.json in the aggregator's out_dir.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A CSV file with a header row holding the model's feature columns and the target.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The target column.
+    #[arg(long)]
+    pub target: String,
+    /// The target value counted as positive (default: the model's).
+    #[arg(long)]
+    pub positive_class: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn load_model(path: &Path) -> anyhow::Result<ExportedModel> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read model file {}", path.display()))?;
+    let model: ExportedModel =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a medfed model file", path.display()))?;
+    model.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok(model)
+}
+
+/// Exact metrics of `model` on every row of `table`.
+pub fn evaluate(model: &ExportedModel, table: &Table, target: &str, positive_class: Option<&str>) -> anyhow::Result<Metrics> {
+    let kind = model.model.kind;
+    let positive = positive_class.or(model.positive_class.as_deref());
+    if kind == ModelKind::Logistic && positive.is_none() {
+        anyhow::bail!("the model does not name its positive class: pass --positive-class");
+    }
+    let x = table.features(&model.model.features)?;
+    let y = table.target(target, kind, positive)?;
+    let p = model.model.predict_raw(x.view())?;
+    let (p, y) = (p.to_vec(), y.to_vec());
+    Ok(match kind {
+        ModelKind::Logistic => Metrics::Classification(classification_metrics(&p, &y)),
+        ModelKind::Linear => Metrics::Regression(regression_metrics(&p, &y)),
+    })
+}
+
+pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
+    let model = load_model(&args.model)?;
+    let table = Table::load(&args.data)?;
+    let metrics = evaluate(&model, &table, &args.target, args.positive_class.as_deref())?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&metrics)?);
+    } else {
+        println!(
+            "model {} (study '{}', round {}, {} sites) on {}:",
+            args.model.display(),
+            model.study_id,
+            model.round,
+            model.sites.len(),
+            args.data.display()
+        );
+        print!("{}", crate::report::metrics_table(&[("global", &metrics)]));
+    }
+    Ok(())
+}
