@@ -181,6 +181,8 @@ min_sites = 3
 wait_for_sites_secs = 30
 round_timeout_secs = 30
 
+# Two full-batch local epochs per round: the sites differ a lot (split by age), and more
+# local work per round pulls each site towards its own optimum (client drift).
 [study.training]
 local_epochs = 2
 batch_size = 64

@@ -192,7 +192,7 @@ fn run_aggregator(config: PathBuf) -> anyhow::Result<()> {
     runtime()?.block_on(async move {
         let aggregator = medfed_aggregator::Aggregator::bind(cfg)?;
         tracing::info!(addr = %aggregator.local_addr()?, "aggregator listening");
-        let handle = aggregator.shutdown_handle();
+        let handle = aggregator.handle();
         tokio::spawn(async move {
             stop_signal().await;
             tracing::info!("stop signal received; shutting down");

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use medfed_infra::transport::{self, Identity, TransportError};
 use medfed_protocol::ErrorCode;
 use medfed_protocol::metrics::Metrics;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::config::AggregatorConfig;
 use crate::server::{Registry, Server};
@@ -83,23 +83,26 @@ pub struct Aggregator {
     config: AggregatorConfig,
     endpoint: quinn::Endpoint,
     registry: Arc<Registry>,
-    stop: Arc<tokio::sync::watch::Sender<bool>>,
+    stop: Arc<watch::Sender<Option<String>>>,
 }
 
-/// Stops a running aggregator from another task (e.g. on SIGTERM).
+/// Watches and stops a running aggregator from another task (e.g. on SIGTERM). It holds no
+/// socket: once [`Aggregator::run`] has returned, the port is free again.
 #[derive(Clone)]
-pub struct ShutdownHandle {
-    endpoint: quinn::Endpoint,
+pub struct AggregatorHandle {
     registry: Arc<Registry>,
-    stop: Arc<tokio::sync::watch::Sender<bool>>,
+    stop: Arc<watch::Sender<Option<String>>>,
 }
 
-impl ShutdownHandle {
-    /// Tells every node why, then closes the endpoint; [`Aggregator::run`] returns.
+impl AggregatorHandle {
+    /// Names of the sites connected right now.
+    pub fn connected_sites(&self) -> BTreeSet<String> {
+        self.registry.names()
+    }
+
+    /// Asks [`Aggregator::run`] to tell every node `reason`, close the endpoint and return.
     pub fn shutdown(&self, reason: &str) {
-        self.stop.send_replace(true);
-        self.registry.close_all(ErrorCode::ShuttingDown, reason);
-        self.endpoint.close(quinn::VarInt::from_u32(ErrorCode::ShuttingDown.to_close_code()), reason.as_bytes());
+        self.stop.send_replace(Some(reason.to_string()));
     }
 }
 
@@ -108,20 +111,15 @@ impl Aggregator {
     pub fn bind(config: AggregatorConfig) -> Result<Aggregator, AggregatorError> {
         let identity = Identity::load(&config.tls.cert, &config.tls.key)?;
         let endpoint = transport::server_endpoint(config.listen, &config.tls.ca, identity)?;
-        Ok(Aggregator { config, endpoint, registry: Arc::default(), stop: Arc::new(tokio::sync::watch::channel(false).0) })
+        Ok(Aggregator { config, endpoint, registry: Arc::default(), stop: Arc::new(watch::channel(None).0) })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
     }
 
-    pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle { endpoint: self.endpoint.clone(), registry: self.registry.clone(), stop: self.stop.clone() }
-    }
-
-    /// Names of the sites connected right now.
-    pub fn connected_sites(&self) -> BTreeSet<String> {
-        self.registry.names()
+    pub fn handle(&self) -> AggregatorHandle {
+        AggregatorHandle { registry: self.registry.clone(), stop: self.stop.clone() }
     }
 
     /// Serves nodes and runs every configured study in turn; when all are complete, tells
@@ -137,12 +135,9 @@ impl Aggregator {
             events: events.clone(),
         });
         let accept = tokio::spawn(server.accept_loop());
-        let mut stopped = self.stop.subscribe();
-        if self.config.studies.is_empty() {
-            let _ = accept.await;
-            return Ok(Vec::new());
-        }
+        let mut stop = self.stop.subscribe();
         let mut outcomes = Vec::new();
+        let mut result = Ok(());
         for cfg in &self.config.studies {
             let runner = study::StudyRunner {
                 cfg: cfg.clone(),
@@ -151,28 +146,36 @@ impl Aggregator {
                 max_frame: self.config.max_frame_bytes,
                 events: events.clone(),
             };
-            let run = runner.run(allow.len());
             let outcome = tokio::select! {
-                r = run => r,
-                // The endpoint was closed (shutdown) while the study ran.
-                _ = stopped.wait_for(|stop| *stop) => return Ok(outcomes),
+                r = runner.run(allow.len()) => r,
+                _ = stop.wait_for(Option::is_some) => break,
             };
-            let outcome = match outcome {
-                Ok(o) => o,
-                Err(e) => {
-                    self.shutdown_handle().shutdown(&format!("study failed: {e}"));
-                    return Err(e.into());
+            match outcome {
+                Ok(o) => {
+                    if let Some(tx) = &events {
+                        let _ = tx.send(AggregatorEvent::StudyCompleted(o.clone()));
+                    }
+                    outcomes.push(o);
                 }
-            };
-            if let Some(tx) = &events {
-                let _ = tx.send(AggregatorEvent::StudyCompleted(outcome.clone()));
+                Err(e) => {
+                    self.stop.send_replace(Some(format!("study failed: {e}")));
+                    result = Err(e);
+                    break;
+                }
             }
-            outcomes.push(outcome);
         }
-        self.registry.close_all(ErrorCode::StudiesComplete, "all studies complete");
-        self.endpoint.close(quinn::VarInt::from_u32(ErrorCode::StudiesComplete.to_close_code()), b"all studies complete");
-        self.endpoint.wait_idle().await;
+        let (code, reason) = if outcomes.len() == self.config.studies.len() && !self.config.studies.is_empty() {
+            (ErrorCode::StudiesComplete, "all studies complete".to_string())
+        } else {
+            // Serving without studies, or stopped early: wait for the stop signal.
+            let reason = stop.wait_for(Option::is_some).await.map(|r| r.clone().unwrap_or_default()).unwrap_or_default();
+            (ErrorCode::ShuttingDown, reason)
+        };
+        self.registry.close_all(code, &reason);
+        self.endpoint.close(quinn::VarInt::from_u32(code.to_close_code()), reason.as_bytes());
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.endpoint.wait_idle()).await;
         accept.abort();
+        result?;
         Ok(outcomes)
     }
 }

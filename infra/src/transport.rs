@@ -60,12 +60,7 @@ pub enum TransportError {
 impl TransportError {
     /// If the peer closed the connection on purpose, its error code and reason.
     pub fn closed_by_peer(&self) -> Option<(ErrorCode, String)> {
-        let conn = match self {
-            TransportError::Connection(e) => e,
-            TransportError::Read(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(e)))
-            | TransportError::Write(quinn::WriteError::ConnectionLost(e)) => e,
-            _ => return None,
-        };
+        let TransportError::Connection(conn) = self else { return None };
         match conn {
             quinn::ConnectionError::ApplicationClosed(close) => Some((
                 ErrorCode::from_close_code(close.error_code.into_inner()),
@@ -227,11 +222,27 @@ pub fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
 /// allocated.
 pub async fn read_message(recv: &mut quinn::RecvStream, max: u32) -> Result<Message, TransportError> {
     let mut header = [0u8; HEADER_BYTES];
-    recv.read_exact(&mut header).await?;
+    recv.read_exact(&mut header).await.map_err(read_err)?;
     let len = codec::check_frame_length(header, max)?;
     let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload).await?;
+    recv.read_exact(&mut payload).await.map_err(read_err)?;
     Ok(codec::decode_payload(&payload)?)
+}
+
+/// A lost connection is reported as such, with quinn's reason (e.g. a TLS alert), rather
+/// than as a bare "connection lost" on a stream.
+fn read_err(e: quinn::ReadExactError) -> TransportError {
+    match e {
+        quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => TransportError::Connection(c),
+        e => TransportError::Read(e),
+    }
+}
+
+fn write_err(e: quinn::WriteError) -> TransportError {
+    match e {
+        quinn::WriteError::ConnectionLost(c) => TransportError::Connection(c),
+        e => TransportError::Write(e),
+    }
 }
 
 /// Writes one framed message and finishes the stream.
@@ -241,7 +252,7 @@ pub async fn write_message(
     max: u32,
 ) -> Result<(), TransportError> {
     let frame = codec::encode_frame(msg, max)?;
-    send.write_all(&frame).await?;
+    send.write_all(&frame).await.map_err(write_err)?;
     send.finish().map_err(|_| TransportError::StreamClosed)?;
     Ok(())
 }

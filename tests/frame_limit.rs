@@ -1,0 +1,86 @@
+//! A frame over the limit is refused before its body is read or allocated. This test binary
+//! counts the largest single allocation the process makes, with a global allocator, while a
+//! client announces a 4 GiB frame to a real aggregator over QUIC.
+
+mod common;
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::*;
+use medfed_infra::transport;
+use medfed_protocol::{DEFAULT_MAX_FRAME_BYTES, ErrorCode, Message};
+
+struct PeakAllocation;
+
+static LARGEST: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only records sizes.
+unsafe impl GlobalAlloc for PeakAllocation {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: PeakAllocation = PeakAllocation;
+
+/// Well above the few-MB buffers the runtime allocates for itself, far below the announced sizes.
+const LIMIT: u32 = 16 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_frames_are_refused_without_allocating_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (agg_files, sites) = make_pki(dir.path(), &["alpha", "beta"]);
+    let config = serving_config(dir.path(), &agg_files, &["alpha", "beta"], LIMIT);
+    let agg = start_aggregator(&config);
+    let (good, _) = connect_and_hello(agg.addr, &sites[0], "alpha").await.expect("alpha connects");
+
+    for announced in [LIMIT + 1, u32::MAX] {
+        let endpoint = client(agg.addr, &sites[1]);
+        let conn = endpoint.connect(agg.addr, "localhost").unwrap().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        // The header announces `announced` bytes; a few body bytes follow, never the rest.
+        send.write_all(&announced.to_be_bytes()).await.unwrap();
+        send.write_all(&[0, 1, 0, 0]).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), transport::read_message(&mut recv, DEFAULT_MAX_FRAME_BYTES))
+            .await
+            .expect("an answer in time")
+            .expect("an error message");
+        match answer {
+            Message::Error(e) => {
+                assert_eq!(e.code, ErrorCode::FrameTooLarge);
+                assert_eq!(e.reason, format!("frame of {announced} bytes exceeds the limit of {LIMIT} bytes"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("connection closed");
+        let (code, _) = transport::TransportError::Connection(closed).closed_by_peer().expect("closed by the aggregator");
+        assert_eq!(code, ErrorCode::FrameTooLarge);
+    }
+
+    // Nothing near the announced sizes was ever allocated (quinn's own buffers are far
+    // smaller than the limit).
+    let largest = LARGEST.load(Ordering::Relaxed);
+    assert!(largest < LIMIT as usize, "largest single allocation was {largest} bytes");
+
+    // The well-behaved site is still served, and a frame right at the limit still passes
+    // the length check (it is then refused as not-a-hello, not as too large).
+    let answer = transport::request(&good, &hello("alpha"), DEFAULT_MAX_FRAME_BYTES, Duration::from_secs(5)).await;
+    assert!(matches!(answer, Err(transport::TransportError::Peer { code: ErrorCode::UnexpectedMessage, .. })), "{answer:?}");
+    agg.handle.shutdown("test over");
+    agg.task.await.unwrap();
+}
