@@ -56,13 +56,21 @@ struct Stats {
 fn stats(bytes: usize, mut times: Vec<Duration>) -> Stats {
     times.sort();
     let mbps = |d: Duration| bytes as f64 / 1e6 / d.as_secs_f64();
-    Stats { median_mbps: mbps(times[times.len() / 2]), best_mbps: mbps(times[0]) }
+    Stats {
+        median_mbps: mbps(times[times.len() / 2]),
+        best_mbps: mbps(times[0]),
+    }
 }
 
 pub fn transport(args: TransportArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(args.size_mb >= 1 && args.size_mb <= 60, "--size-mb must be between 1 and 60 (the frame limit is 64 MiB)");
+    anyhow::ensure!(
+        args.size_mb >= 1 && args.size_mb <= 60,
+        "--size-mb must be between 1 and 60 (the frame limit is 64 MiB)"
+    );
     anyhow::ensure!(args.iterations >= 1, "--iterations must be at least 1");
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async {
         let msg = update(args.size_mb);
         let frame = codec::encode_frame(&msg, DEFAULT_MAX_FRAME_BYTES)?;
@@ -74,22 +82,52 @@ pub fn transport(args: TransportArgs) -> anyhow::Result<()> {
         );
         let pki_dir = tempfile::tempdir()?;
         pki::init_ca(pki_dir.path(), "bench", 1)?;
-        let server_files = pki::issue(pki_dir.path(), &pki::Role::Aggregator("localhost".into()), 1)?;
+        let server_files = pki::issue(
+            pki_dir.path(),
+            &pki::Role::Aggregator("localhost".into()),
+            1,
+        )?;
         let client_files = pki::issue(pki_dir.path(), &pki::Role::Site("bench-site".into()), 1)?;
 
         let mut rows = Vec::new();
         for mode in [Mode::Message, Mode::Raw] {
-            let quic = quic_times(&server_files, &client_files, &msg, &frame, mode, args.iterations).await?;
+            let quic = quic_times(
+                &server_files,
+                &client_files,
+                &msg,
+                &frame,
+                mode,
+                args.iterations,
+            )
+            .await?;
             let tcp = tcp_times(&msg, &frame, mode, args.iterations).await?;
             rows.push((mode, stats(frame.len(), quic), stats(frame.len(), tcp)));
         }
-        println!("\n{:<8}  {:<17}  {:>11}  {:>9}", "mode", "transport", "median MB/s", "best MB/s");
+        println!(
+            "\n{:<8}  {:<17}  {:>11}  {:>9}",
+            "mode", "transport", "median MB/s", "best MB/s"
+        );
         println!("{}", "-".repeat(8 + 2 + 17 + 2 + 11 + 2 + 9));
         for (mode, quic, tcp) in &rows {
-            let name = if *mode == Mode::Message { "message" } else { "raw" };
-            println!("{:<8}  {:<17}  {:>11.0}  {:>9.0}", name, "QUIC (mTLS 1.3)", quic.median_mbps, quic.best_mbps);
-            println!("{:<8}  {:<17}  {:>11.0}  {:>9.0}", name, "TCP (plain)", tcp.median_mbps, tcp.best_mbps);
-            println!("{:<8}  {:<17}  {:>11.2}", name, "QUIC / TCP", quic.median_mbps / tcp.median_mbps);
+            let name = if *mode == Mode::Message {
+                "message"
+            } else {
+                "raw"
+            };
+            println!(
+                "{:<8}  {:<17}  {:>11.0}  {:>9.0}",
+                name, "QUIC (mTLS 1.3)", quic.median_mbps, quic.best_mbps
+            );
+            println!(
+                "{:<8}  {:<17}  {:>11.0}  {:>9.0}",
+                name, "TCP (plain)", tcp.median_mbps, tcp.best_mbps
+            );
+            println!(
+                "{:<8}  {:<17}  {:>11.2}",
+                name,
+                "QUIC / TCP",
+                quic.median_mbps / tcp.median_mbps
+            );
         }
         Ok(())
     })
@@ -135,7 +173,9 @@ async fn quic_times(
         let start = Instant::now();
         let (mut send, mut recv) = conn.open_bi().await?;
         match mode {
-            Mode::Message => transport::write_message(&mut send, msg, DEFAULT_MAX_FRAME_BYTES).await?,
+            Mode::Message => {
+                transport::write_message(&mut send, msg, DEFAULT_MAX_FRAME_BYTES).await?
+            }
             Mode::Raw => {
                 send.write_all(frame).await?;
                 send.finish()?;
@@ -154,7 +194,12 @@ async fn quic_times(
     Ok(times)
 }
 
-async fn tcp_times(msg: &Message, frame: &[u8], mode: Mode, iterations: u32) -> anyhow::Result<Vec<Duration>> {
+async fn tcp_times(
+    msg: &Message,
+    frame: &[u8],
+    mode: Mode,
+    iterations: u32,
+) -> anyhow::Result<Vec<Duration>> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr: SocketAddr = listener.local_addr()?;
     let server_task = tokio::spawn(async move {
@@ -181,7 +226,10 @@ async fn tcp_times(msg: &Message, frame: &[u8], mode: Mode, iterations: u32) -> 
     for i in 0..iterations + 2 {
         let start = Instant::now();
         match mode {
-            Mode::Message => sock.write_all(&codec::encode_frame(msg, DEFAULT_MAX_FRAME_BYTES)?).await?,
+            Mode::Message => {
+                sock.write_all(&codec::encode_frame(msg, DEFAULT_MAX_FRAME_BYTES)?)
+                    .await?
+            }
             Mode::Raw => sock.write_all(&frame).await?,
         }
         let mut ack = [0u8; 1];

@@ -50,40 +50,75 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     let (dir, _temp) = match &args.out {
         Some(d) => {
-            if d.exists() && std::fs::read_dir(d).with_context(|| format!("cannot read {}", d.display()))?.next().is_some() {
-                bail!("{} is not empty; give --out a new or empty directory", d.display());
+            if d.exists()
+                && std::fs::read_dir(d)
+                    .with_context(|| format!("cannot read {}", d.display()))?
+                    .next()
+                    .is_some()
+            {
+                bail!(
+                    "{} is not empty; give --out a new or empty directory",
+                    d.display()
+                );
             }
             std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
             (d.canonicalize()?, None)
         }
         None => {
-            let t = tempfile::Builder::new().prefix("medfed-demo-").tempdir().context("cannot create a temporary directory")?;
+            let t = tempfile::Builder::new()
+                .prefix("medfed-demo-")
+                .tempdir()
+                .context("cannot create a temporary directory")?;
             (t.path().to_path_buf(), Some(t))
         }
     };
     let log = dir.join("logs").join("medfed.log");
-    crate::logging::init_file(&log).with_context(|| format!("cannot create log file {}", log.display()))?;
+    crate::logging::init_file(&log)
+        .with_context(|| format!("cannot create log file {}", log.display()))?;
     println!("medfed demo: 1 aggregator + 3 hospital nodes on loopback (QUIC, mutual TLS 1.3)");
-    println!("working directory: {}{}", dir.display(), if args.out.is_none() { " (temporary; --out DIR keeps it)" } else { "" });
+    println!(
+        "working directory: {}{}",
+        dir.display(),
+        if args.out.is_none() {
+            " (temporary; --out DIR keeps it)"
+        } else {
+            ""
+        }
+    );
 
     let sites = write_site_data(&dir)?;
     make_pki(&dir)?;
     let (agg_config_path, node_config_paths) = write_configs(&dir, args.rounds)?;
-    println!("\nhospital  {:<11}  {:>5}  {:>9}", "patients", "rows", "diabetic");
+    println!(
+        "\nhospital  {:<11}  {:>5}  {:>9}",
+        "patients", "rows", "diabetic"
+    );
     for s in &sites {
-        println!("{:<9} {:<11}  {:>5}  {:>9}", s.name, s.band, s.rows, s.positives);
+        println!(
+            "{:<9} {:<11}  {:>5}  {:>9}",
+            s.name, s.band, s.rows, s.positives
+        );
     }
     println!();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let final_model = runtime.block_on(federate(&agg_config_path, &node_config_paths, args.rounds))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let final_model =
+        runtime.block_on(federate(&agg_config_path, &node_config_paths, args.rounds))?;
 
     // Compare with a centralized model on the union of the same rows.
     let (central, federated, val_path) = compare(&dir, &final_model)?;
     println!("\nvalidation rows of all three hospitals, exact metrics:");
-    print!("{}", metrics_table(&[("federated", &federated), ("centralized", &central)]));
+    print!(
+        "{}",
+        metrics_table(&[("federated", &federated), ("centralized", &central)])
+    );
     if let (Metrics::Classification(f), Metrics::Classification(c)) = (&federated, &central) {
-        println!("AUC difference (federated - centralized): {}", num(f.roc_auc - c.roc_auc, 4));
+        println!(
+            "AUC difference (federated - centralized): {}",
+            num(f.roc_auc - c.roc_auc, 4)
+        );
     }
     println!("\nfinal global model: {}", final_model.display());
     println!(
@@ -106,8 +141,14 @@ struct SiteData {
 fn write_site_data(dir: &Path) -> anyhow::Result<Vec<SiteData>> {
     let mut reader = csv::Reader::from_reader(PIMA_CSV.as_bytes());
     let header = reader.headers()?.clone();
-    let age = header.iter().position(|h| h == "age").context("embedded data has no age column")?;
-    let target = header.iter().position(|h| h == "type").context("embedded data has no type column")?;
+    let age = header
+        .iter()
+        .position(|h| h == "age")
+        .context("embedded data has no age column")?;
+    let target = header
+        .iter()
+        .position(|h| h == "type")
+        .context("embedded data has no type column")?;
     let data_dir = dir.join("data");
     std::fs::create_dir_all(&data_dir)?;
     let mut writers = SITES
@@ -122,7 +163,10 @@ fn write_site_data(dir: &Path) -> anyhow::Result<Vec<SiteData>> {
     for rec in reader.records() {
         let rec = rec?;
         let a: u32 = rec[age].parse().context("embedded data: bad age")?;
-        let i = SITES.iter().position(|(_, _, lo, hi)| (*lo..*hi).contains(&a)).context("age outside every band")?;
+        let i = SITES
+            .iter()
+            .position(|(_, _, lo, hi)| (*lo..*hi).contains(&a))
+            .context("age outside every band")?;
         writers[i].write_record(&rec)?;
         counts[i].0 += 1;
         counts[i].1 += usize::from(&rec[target] == "Yes");
@@ -133,7 +177,12 @@ fn write_site_data(dir: &Path) -> anyhow::Result<Vec<SiteData>> {
     Ok(SITES
         .iter()
         .zip(counts)
-        .map(|((name, band, ..), (rows, positives))| SiteData { name, band, rows, positives })
+        .map(|((name, band, ..), (rows, positives))| SiteData {
+            name,
+            band,
+            rows,
+            positives,
+        })
         .collect())
 }
 
@@ -150,9 +199,19 @@ fn make_pki(dir: &Path) -> anyhow::Result<()> {
 /// Writes `aggregator.toml` and `nodes/<site>.toml` as a user would, on a free loopback
 /// port.
 fn write_configs(dir: &Path, rounds: u32) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
-    let allow = SITES.iter().map(|(n, ..)| format!("{n:?}")).collect::<Vec<_>>().join(", ");
-    let features = FEATURES.iter().map(|f| format!("{f:?}")).collect::<Vec<_>>().join(", ");
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let allow = SITES
+        .iter()
+        .map(|(n, ..)| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let features = FEATURES
+        .iter()
+        .map(|f| format!("{f:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let aggregator = format!(
         r#"# medfed aggregator: written by `medfed demo`
 name = "demo-coordinating-centre"
@@ -226,7 +285,11 @@ max_backoff_ms = 2000
 }
 
 /// Runs the aggregator and the nodes until the study completes; returns the final model.
-async fn federate(agg_config: &Path, node_configs: &[PathBuf], rounds: u32) -> anyhow::Result<PathBuf> {
+async fn federate(
+    agg_config: &Path,
+    node_configs: &[PathBuf],
+    rounds: u32,
+) -> anyhow::Result<PathBuf> {
     let config = AggregatorConfig::load(agg_config)?;
     let aggregator = medfed_aggregator::Aggregator::bind(config)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -243,8 +306,10 @@ async fn federate(agg_config: &Path, node_configs: &[PathBuf], rounds: u32) -> a
 
     let bar = indicatif::ProgressBar::new(u64::from(rounds));
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} round {pos}/{len} [{bar:30}] {elapsed} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{spinner} round {pos}/{len} [{bar:30}] {elapsed} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.enable_steady_tick(Duration::from_millis(120));
     bar.set_message("waiting for the hospitals to connect");
@@ -267,10 +332,17 @@ async fn federate(agg_config: &Path, node_configs: &[PathBuf], rounds: u32) -> a
     bar.finish_and_clear();
     let outcomes = agg.await.context("the aggregator task failed")??;
     let _ = stop_tx.send(true);
-    while let Some(joined) = tokio::time::timeout(Duration::from_secs(10), nodes.join_next()).await.ok().flatten() {
+    while let Some(joined) = tokio::time::timeout(Duration::from_secs(10), nodes.join_next())
+        .await
+        .ok()
+        .flatten()
+    {
         joined.context("a node task failed")??;
     }
-    let outcome = outcomes.into_iter().next().context("the aggregator ran no study")?;
+    let outcome = outcomes
+        .into_iter()
+        .next()
+        .context("the aggregator ran no study")?;
     Ok(outcome.final_model)
 }
 
@@ -304,8 +376,10 @@ fn compare(dir: &Path, final_model: &Path) -> anyhow::Result<(Metrics, Metrics, 
         }
     }
     val_rows.flush()?;
-    let cat2 = |v: &[Array2<f64>]| concatenate(Axis(0), &v.iter().map(|a| a.view()).collect::<Vec<_>>());
-    let cat1 = |v: &[Array1<f64>]| concatenate(Axis(0), &v.iter().map(|a| a.view()).collect::<Vec<_>>());
+    let cat2 =
+        |v: &[Array2<f64>]| concatenate(Axis(0), &v.iter().map(|a| a.view()).collect::<Vec<_>>());
+    let cat1 =
+        |v: &[Array1<f64>]| concatenate(Axis(0), &v.iter().map(|a| a.view()).collect::<Vec<_>>());
     let (x_train, y_train, x_val, y_val) = (cat2(&xt)?, cat1(&yt)?, cat2(&xv)?, cat1(&yv)?);
 
     // Centralized: same standardization rule, same objective, full-batch gradient descent
@@ -314,13 +388,27 @@ fn compare(dir: &Path, final_model: &Path) -> anyhow::Result<(Metrics, Metrics, 
     let (mut zt, mut zv) = (x_train.clone(), x_val.clone());
     standardization.apply(&mut zt);
     standardization.apply(&mut zv);
-    let params = TrainParams { local_epochs: 3000, batch_size: zt.nrows() as u32, learning_rate: 0.5, l2: 0.01, seed: 7 };
-    let w = train_local(ModelKind::Logistic, &vec![0.0; features.len() + 1], zt.view(), y_train.view(), &params)?;
+    let params = TrainParams {
+        local_epochs: 3000,
+        batch_size: zt.nrows() as u32,
+        learning_rate: 0.5,
+        l2: 0.01,
+        seed: 7,
+    };
+    let w = train_local(
+        ModelKind::Logistic,
+        &vec![0.0; features.len() + 1],
+        zt.view(),
+        y_train.view(),
+        &params,
+    )?;
     let p_central = predict(ModelKind::Logistic, &w, zv.view())?;
-    let central = Metrics::Classification(classification_metrics(&p_central.to_vec(), &y_val.to_vec()));
+    let central =
+        Metrics::Classification(classification_metrics(&p_central.to_vec(), &y_val.to_vec()));
 
     let model = crate::evaluate::load_model(final_model)?;
     let p_fed = model.model.predict_raw(x_val.view())?;
-    let federated = Metrics::Classification(classification_metrics(&p_fed.to_vec(), &y_val.to_vec()));
+    let federated =
+        Metrics::Classification(classification_metrics(&p_fed.to_vec(), &y_val.to_vec()));
     Ok((central, federated, dir.join("data").join("validation.csv")))
 }

@@ -28,15 +28,23 @@ pub struct EvaluateArgs {
 }
 
 pub fn load_model(path: &Path) -> anyhow::Result<ExportedModel> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read model file {}", path.display()))?;
-    let model: ExportedModel =
-        serde_json::from_str(&text).with_context(|| format!("{} is not a medfed model file", path.display()))?;
-    model.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read model file {}", path.display()))?;
+    let model: ExportedModel = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a medfed model file", path.display()))?;
+    model
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(model)
 }
 
 /// Exact metrics of `model` on every row of `table`.
-pub fn evaluate(model: &ExportedModel, table: &Table, target: &str, positive_class: Option<&str>) -> anyhow::Result<Metrics> {
+pub fn evaluate(
+    model: &ExportedModel,
+    table: &Table,
+    target: &str,
+    positive_class: Option<&str>,
+) -> anyhow::Result<Metrics> {
     let kind = model.model.kind;
     let positive = positive_class.or(model.positive_class.as_deref());
     if kind == ModelKind::Logistic && positive.is_none() {

@@ -17,7 +17,9 @@ pub fn init_stderr(format: &str) {
         "text" => false,
         _ => !std::io::stderr().is_terminal(),
     };
-    let builder = tracing_subscriber::fmt().with_env_filter(filter("info")).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter("info"))
+        .with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {

@@ -17,7 +17,11 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "medfed", version, about = "Privacy-preserving federated analytics across hospitals")]
+#[command(
+    name = "medfed",
+    version,
+    about = "Privacy-preserving federated analytics across hospitals"
+)]
 struct Cli {
     /// Log format on stderr: text, json, or auto (text on a terminal, JSON otherwise).
     #[arg(long, global = true, default_value = "auto", value_parser = ["auto", "text", "json"])]
@@ -138,10 +142,17 @@ fn main() -> ExitCode {
 fn pki(cmd: PkiCommand) -> anyhow::Result<()> {
     use medfed_infra::pki;
     match cmd {
-        PkiCommand::Init { dir, consortium, days } => {
+        PkiCommand::Init {
+            dir,
+            consortium,
+            days,
+        } => {
             let ca = pki::init_ca(&dir, &consortium, days)?;
             println!("consortium CA created: {}", ca.display());
-            println!("keep {} offline; give only ca.pem to the parties", dir.join("ca").join("ca.key").display());
+            println!(
+                "keep {} offline; give only ca.pem to the parties",
+                dir.join("ca").join("ca.key").display()
+            );
         }
         PkiCommand::Issue(args) => {
             let role = match (args.role.site, args.role.aggregator) {
@@ -150,18 +161,30 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<()> {
                 _ => anyhow::bail!("give exactly one of --site NAME or --aggregator HOST"),
             };
             let files = pki::issue(&args.dir, &role, args.days)?;
-            println!("issued {}: {}", match role {
-                pki::Role::Site(s) => format!("site certificate for '{s}'"),
-                pki::Role::Aggregator(h) => format!("aggregator certificate for '{h}'"),
-            }, files.dir.display());
-            println!("  cert {}\n  key  {} (mode 0600)\n  ca   {}", files.cert.display(), files.key.display(), files.ca.display());
+            println!(
+                "issued {}: {}",
+                match role {
+                    pki::Role::Site(s) => format!("site certificate for '{s}'"),
+                    pki::Role::Aggregator(h) => format!("aggregator certificate for '{h}'"),
+                },
+                files.dir.display()
+            );
+            println!(
+                "  cert {}\n  key  {} (mode 0600)\n  ca   {}",
+                files.cert.display(),
+                files.key.display(),
+                files.ca.display()
+            );
         }
     }
     Ok(())
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -210,7 +233,12 @@ fn run_aggregator(config: PathBuf) -> anyhow::Result<()> {
         let outcomes = aggregator.run(Some(tx)).await?;
         let _ = printer.await;
         for o in outcomes {
-            println!("study '{}' complete after {} rounds; final model: {}", o.study_id, o.rounds, o.final_model.display());
+            println!(
+                "study '{}' complete after {} rounds; final model: {}",
+                o.study_id,
+                o.rounds,
+                o.final_model.display()
+            );
         }
         Ok(())
     })
@@ -222,7 +250,9 @@ fn run_node(config: PathBuf) -> anyhow::Result<()> {
     let node = medfed_node::Node::new(cfg)?;
     let exit = runtime()?.block_on(node.run(stop_signal()))?;
     match exit {
-        medfed_node::NodeExit::StudiesComplete => println!("site '{site}': the aggregator completed all studies"),
+        medfed_node::NodeExit::StudiesComplete => {
+            println!("site '{site}': the aggregator completed all studies")
+        }
         medfed_node::NodeExit::Stopped => println!("site '{site}': stopped"),
     }
     Ok(())

@@ -21,12 +21,19 @@ impl Drop for Processes {
 }
 
 fn medfed(args: &[&str]) -> Output {
-    Command::new(MEDFED).args(args).output().expect("run medfed")
+    Command::new(MEDFED)
+        .args(args)
+        .output()
+        .expect("run medfed")
 }
 
 fn ok(args: &[&str]) -> String {
     let out = medfed(args);
-    assert!(out.status.success(), "medfed {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "medfed {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -54,7 +61,10 @@ fn wait(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus>
 
 /// Splits the Pima rows into three files of consecutive rows.
 fn split_data(dir: &Path) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv")).unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
+    )
+    .unwrap();
     let mut lines = text.lines();
     let header = lines.next().unwrap();
     let rows: Vec<&str> = lines.collect();
@@ -80,7 +90,11 @@ fn aggregator_and_three_nodes_as_processes_train_and_export_a_model() {
         ok(&["pki", "issue", "--dir", pki_s, "--site", site]);
     }
     let data = split_data(d);
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     std::fs::write(
         d.join("aggregator.toml"),
         format!(
@@ -135,36 +149,78 @@ max_backoff_ms = 1000
     let mut procs = Processes(Vec::new());
     for site in SITES {
         let cfg = d.join(format!("{site}.toml"));
-        procs.0.push(spawn(d, site, &["node", "run", "--config", cfg.to_str().unwrap()]));
+        procs.0.push(spawn(
+            d,
+            site,
+            &["node", "run", "--config", cfg.to_str().unwrap()],
+        ));
     }
     let agg_cfg = d.join("aggregator.toml");
-    procs.0.push(spawn(d, "aggregator", &["aggregator", "run", "--config", agg_cfg.to_str().unwrap()]));
+    procs.0.push(spawn(
+        d,
+        "aggregator",
+        &["aggregator", "run", "--config", agg_cfg.to_str().unwrap()],
+    ));
 
     for (name, child) in &mut procs.0 {
         let status = wait(child, Duration::from_secs(120));
         let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap_or_default();
-        assert!(status.is_some_and(|s| s.success()), "{name} did not finish cleanly ({status:?}):\n{log}");
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{name} did not finish cleanly ({status:?}):\n{log}"
+        );
     }
     let agg_log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
-    assert!(agg_log.contains("study 'pima' complete after 5 rounds"), "{agg_log}");
+    assert!(
+        agg_log.contains("study 'pima' complete after 5 rounds"),
+        "{agg_log}"
+    );
     let node_log = std::fs::read_to_string(d.join("hospital-a.log")).unwrap();
-    assert!(node_log.contains("the aggregator completed all studies"), "{node_log}");
+    assert!(
+        node_log.contains("the aggregator completed all studies"),
+        "{node_log}"
+    );
 
     // Every round's model is exported, and the final one evaluates on the full data.
     let models = d.join("out/models/pima");
     for round in 1..=5 {
-        assert!(models.join(format!("round-{round:04}.json")).is_file(), "round {round} not exported");
+        assert!(
+            models.join(format!("round-{round:04}.json")).is_file(),
+            "round {round} not exported"
+        );
     }
     let final_model = models.join("final.json");
     let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv");
-    let json = ok(&["model", "evaluate", "--model", final_model.to_str().unwrap(), "--data", all.to_str().unwrap(), "--target", "type", "--json"]);
+    let json = ok(&[
+        "model",
+        "evaluate",
+        "--model",
+        final_model.to_str().unwrap(),
+        "--data",
+        all.to_str().unwrap(),
+        "--target",
+        "type",
+        "--json",
+    ]);
     let metrics: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(metrics["task"], "classification");
     assert_eq!(metrics["rows"], 200);
     let auc = metrics["roc_auc"].as_f64().unwrap();
     assert!(auc > 0.8, "AUC {auc}");
-    let table = ok(&["model", "evaluate", "--model", final_model.to_str().unwrap(), "--data", all.to_str().unwrap(), "--target", "type"]);
-    assert!(table.contains("AUC") && table.contains("sensitivity"), "{table}");
+    let table = ok(&[
+        "model",
+        "evaluate",
+        "--model",
+        final_model.to_str().unwrap(),
+        "--data",
+        all.to_str().unwrap(),
+        "--target",
+        "type",
+    ]);
+    assert!(
+        table.contains("AUC") && table.contains("sensitivity"),
+        "{table}"
+    );
 }
 
 #[test]
@@ -173,10 +229,22 @@ fn demo_runs_and_keeps_its_files() {
     let out = dir.path().join("run");
     let stdout = ok(&["demo", "--out", out.to_str().unwrap(), "--rounds", "4"]);
     assert!(stdout.contains("round  sites  train loss"), "{stdout}");
-    assert!(stdout.contains("federated") && stdout.contains("centralized"), "{stdout}");
+    assert!(
+        stdout.contains("federated") && stdout.contains("centralized"),
+        "{stdout}"
+    );
     let final_model = out.join("aggregator/models/pima-diabetes/final.json");
-    assert!(stdout.contains(&format!("final global model: {}", final_model.display())), "{stdout}");
-    for kept in ["pki/ca/ca.pem", "aggregator.toml", "nodes/riverside.toml", "data/validation.csv", "logs/medfed.log"] {
+    assert!(
+        stdout.contains(&format!("final global model: {}", final_model.display())),
+        "{stdout}"
+    );
+    for kept in [
+        "pki/ca/ca.pem",
+        "aggregator.toml",
+        "nodes/riverside.toml",
+        "data/validation.csv",
+        "logs/medfed.log",
+    ] {
         assert!(out.join(kept).is_file(), "{kept} not kept");
     }
     // A second run into the same directory refuses rather than mixing runs.

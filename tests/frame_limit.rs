@@ -47,40 +47,74 @@ async fn oversized_frames_are_refused_without_allocating_them() {
     let (agg_files, sites) = make_pki(dir.path(), &["alpha", "beta"]);
     let config = serving_config(dir.path(), &agg_files, &["alpha", "beta"], LIMIT);
     let agg = start_aggregator(&config);
-    let (good, _) = connect_and_hello(agg.addr, &sites[0], "alpha").await.expect("alpha connects");
+    let (good, _) = connect_and_hello(agg.addr, &sites[0], "alpha")
+        .await
+        .expect("alpha connects");
 
     for announced in [LIMIT + 1, u32::MAX] {
         let endpoint = client(agg.addr, &sites[1]);
-        let conn = endpoint.connect(agg.addr, "localhost").unwrap().await.unwrap();
+        let conn = endpoint
+            .connect(agg.addr, "localhost")
+            .unwrap()
+            .await
+            .unwrap();
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
         // The header announces `announced` bytes; a few body bytes follow, never the rest.
         send.write_all(&announced.to_be_bytes()).await.unwrap();
         send.write_all(&[0, 1, 0, 0]).await.unwrap();
-        let answer = tokio::time::timeout(Duration::from_secs(10), transport::read_message(&mut recv, DEFAULT_MAX_FRAME_BYTES))
-            .await
-            .expect("an answer in time")
-            .expect("an error message");
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            transport::read_message(&mut recv, DEFAULT_MAX_FRAME_BYTES),
+        )
+        .await
+        .expect("an answer in time")
+        .expect("an error message");
         match answer {
             Message::Error(e) => {
                 assert_eq!(e.code, ErrorCode::FrameTooLarge);
-                assert_eq!(e.reason, format!("frame of {announced} bytes exceeds the limit of {LIMIT} bytes"));
+                assert_eq!(
+                    e.reason,
+                    format!("frame of {announced} bytes exceeds the limit of {LIMIT} bytes")
+                );
             }
             other => panic!("{other:?}"),
         }
-        let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await.expect("connection closed");
-        let (code, _) = transport::TransportError::Connection(closed).closed_by_peer().expect("closed by the aggregator");
+        let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .expect("connection closed");
+        let (code, _) = transport::TransportError::Connection(closed)
+            .closed_by_peer()
+            .expect("closed by the aggregator");
         assert_eq!(code, ErrorCode::FrameTooLarge);
     }
 
     // Nothing near the announced sizes was ever allocated (quinn's own buffers are far
     // smaller than the limit).
     let largest = LARGEST.load(Ordering::Relaxed);
-    assert!(largest < LIMIT as usize, "largest single allocation was {largest} bytes");
+    assert!(
+        largest < LIMIT as usize,
+        "largest single allocation was {largest} bytes"
+    );
 
     // The well-behaved site is still served, and a frame right at the limit still passes
     // the length check (it is then refused as not-a-hello, not as too large).
-    let answer = transport::request(&good, &hello("alpha"), DEFAULT_MAX_FRAME_BYTES, Duration::from_secs(5)).await;
-    assert!(matches!(answer, Err(transport::TransportError::Peer { code: ErrorCode::UnexpectedMessage, .. })), "{answer:?}");
+    let answer = transport::request(
+        &good,
+        &hello("alpha"),
+        DEFAULT_MAX_FRAME_BYTES,
+        Duration::from_secs(5),
+    )
+    .await;
+    assert!(
+        matches!(
+            answer,
+            Err(transport::TransportError::Peer {
+                code: ErrorCode::UnexpectedMessage,
+                ..
+            })
+        ),
+        "{answer:?}"
+    );
     agg.handle.shutdown("test over");
     agg.task.await.unwrap();
 }

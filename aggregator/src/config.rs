@@ -163,10 +163,16 @@ impl AggregatorConfig {
             why,
         };
         if self.max_frame_bytes < 1024 {
-            return Err(invalid("max_frame_bytes".into(), "must be at least 1024".into()));
+            return Err(invalid(
+                "max_frame_bytes".into(),
+                "must be at least 1024".into(),
+            ));
         }
         if self.sites.allow.is_empty() {
-            return Err(invalid("sites.allow".into(), "lists no site: no node could connect".into()));
+            return Err(invalid(
+                "sites.allow".into(),
+                "lists no site: no node could connect".into(),
+            ));
         }
         for site in &self.sites.allow {
             medfed_infra::pki::validate_site_name(site)
@@ -176,7 +182,10 @@ impl AggregatorConfig {
         for (i, s) in self.studies.iter().enumerate() {
             let key = |k: &str| format!("study[{i}].{k}");
             if s.id.is_empty() || !ids.insert(s.id.as_str()) {
-                return Err(invalid(key("id"), format!("{:?} is empty or used twice", s.id)));
+                return Err(invalid(
+                    key("id"),
+                    format!("{:?} is empty or used twice", s.id),
+                ));
             }
             if s.features.is_empty() {
                 return Err(invalid(key("features"), "lists no feature".into()));
@@ -191,11 +200,15 @@ impl AggregatorConfig {
             if s.model == ModelKind::Logistic && s.positive_class.is_none() {
                 return Err(invalid(
                     key("positive_class"),
-                    "is required for a logistic model (the target value counted as positive)".into(),
+                    "is required for a logistic model (the target value counted as positive)"
+                        .into(),
                 ));
             }
             if !(s.validation_fraction > 0.0 && s.validation_fraction < 1.0) {
-                return Err(invalid(key("validation_fraction"), "must be between 0 and 1".into()));
+                return Err(invalid(
+                    key("validation_fraction"),
+                    "must be between 0 and 1".into(),
+                ));
             }
             if s.rounds == 0 {
                 return Err(invalid(key("rounds"), "must be at least 1".into()));
@@ -203,11 +216,17 @@ impl AggregatorConfig {
             if s.min_sites == 0 || s.min_sites > self.sites.allow.len() {
                 return Err(invalid(
                     key("min_sites"),
-                    format!("must be between 1 and the {} allowed sites", self.sites.allow.len()),
+                    format!(
+                        "must be between 1 and the {} allowed sites",
+                        self.sites.allow.len()
+                    ),
                 ));
             }
             if s.round_timeout_secs == 0 || s.round_attempts == 0 {
-                return Err(invalid(key("round_timeout_secs"), "and round_attempts must be at least 1".into()));
+                return Err(invalid(
+                    key("round_timeout_secs"),
+                    "and round_attempts must be at least 1".into(),
+                ));
             }
             s.training
                 .params()

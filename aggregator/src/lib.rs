@@ -57,13 +57,34 @@ pub struct RoundSummary {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum AggregatorEvent {
-    SiteConnected { site: String },
-    SiteDisconnected { site: String, reason: String },
-    SiteRefused { remote: SocketAddr, site: Option<String>, reason: String },
-    StudyStarted { study_id: String, sites: Vec<String>, rounds: u32 },
-    StudyRefused { study_id: String, site: String, reason: String },
+    SiteConnected {
+        site: String,
+    },
+    SiteDisconnected {
+        site: String,
+        reason: String,
+    },
+    SiteRefused {
+        remote: SocketAddr,
+        site: Option<String>,
+        reason: String,
+    },
+    StudyStarted {
+        study_id: String,
+        sites: Vec<String>,
+        rounds: u32,
+    },
+    StudyRefused {
+        study_id: String,
+        site: String,
+        reason: String,
+    },
     RoundCompleted(RoundSummary),
-    RoundFailed { study_id: String, round: u32, reason: String },
+    RoundFailed {
+        study_id: String,
+        round: u32,
+        reason: String,
+    },
     StudyCompleted(StudyOutcome),
 }
 
@@ -111,7 +132,12 @@ impl Aggregator {
     pub fn bind(config: AggregatorConfig) -> Result<Aggregator, AggregatorError> {
         let identity = Identity::load(&config.tls.cert, &config.tls.key)?;
         let endpoint = transport::server_endpoint(config.listen, &config.tls.ca, identity)?;
-        Ok(Aggregator { config, endpoint, registry: Arc::default(), stop: Arc::new(watch::channel(None).0) })
+        Ok(Aggregator {
+            config,
+            endpoint,
+            registry: Arc::default(),
+            stop: Arc::new(watch::channel(None).0),
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -119,13 +145,20 @@ impl Aggregator {
     }
 
     pub fn handle(&self) -> AggregatorHandle {
-        AggregatorHandle { registry: self.registry.clone(), stop: self.stop.clone() }
+        AggregatorHandle {
+            registry: self.registry.clone(),
+            stop: self.stop.clone(),
+        }
     }
 
     /// Serves nodes and runs every configured study in turn; when all are complete, tells
     /// the nodes so and returns. With no study configured it serves until shut down.
-    pub async fn run(self, events: Option<mpsc::UnboundedSender<AggregatorEvent>>) -> Result<Vec<StudyOutcome>, AggregatorError> {
-        let allow: Arc<BTreeSet<String>> = Arc::new(self.config.sites.allow.iter().cloned().collect());
+    pub async fn run(
+        self,
+        events: Option<mpsc::UnboundedSender<AggregatorEvent>>,
+    ) -> Result<Vec<StudyOutcome>, AggregatorError> {
+        let allow: Arc<BTreeSet<String>> =
+            Arc::new(self.config.sites.allow.iter().cloned().collect());
         let server = Arc::new(Server {
             endpoint: self.endpoint.clone(),
             registry: self.registry.clone(),
@@ -164,16 +197,28 @@ impl Aggregator {
                 }
             }
         }
-        let (code, reason) = if outcomes.len() == self.config.studies.len() && !self.config.studies.is_empty() {
-            (ErrorCode::StudiesComplete, "all studies complete".to_string())
-        } else {
-            // Serving without studies, or stopped early: wait for the stop signal.
-            let reason = stop.wait_for(Option::is_some).await.map(|r| r.clone().unwrap_or_default()).unwrap_or_default();
-            (ErrorCode::ShuttingDown, reason)
-        };
+        let (code, reason) =
+            if outcomes.len() == self.config.studies.len() && !self.config.studies.is_empty() {
+                (
+                    ErrorCode::StudiesComplete,
+                    "all studies complete".to_string(),
+                )
+            } else {
+                // Serving without studies, or stopped early: wait for the stop signal.
+                let reason = stop
+                    .wait_for(Option::is_some)
+                    .await
+                    .map(|r| r.clone().unwrap_or_default())
+                    .unwrap_or_default();
+                (ErrorCode::ShuttingDown, reason)
+            };
         self.registry.close_all(code, &reason);
-        self.endpoint.close(quinn::VarInt::from_u32(code.to_close_code()), reason.as_bytes());
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.endpoint.wait_idle()).await;
+        self.endpoint.close(
+            quinn::VarInt::from_u32(code.to_close_code()),
+            reason.as_bytes(),
+        );
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.endpoint.wait_idle())
+            .await;
         accept.abort();
         result?;
         Ok(outcomes)

@@ -53,7 +53,10 @@ impl Registry {
     /// Removes `site` only if its registered connection is `conn` (not a newer one).
     fn remove_if(&self, site: &str, conn: &quinn::Connection) -> bool {
         let mut map = self.lock();
-        if map.get(site).is_some_and(|s| s.conn.stable_id() == conn.stable_id()) {
+        if map
+            .get(site)
+            .is_some_and(|s| s.conn.stable_id() == conn.stable_id())
+        {
             map.remove(site);
             true
         } else {
@@ -92,7 +95,13 @@ impl Server {
         }
     }
 
-    fn refuse(&self, conn: &quinn::Connection, site: Option<&str>, code: ErrorCode, reason: String) {
+    fn refuse(
+        &self,
+        conn: &quinn::Connection,
+        site: Option<&str>,
+        code: ErrorCode,
+        reason: String,
+    ) {
         warn!(remote = %conn.remote_address(), site, %code, "refused connection: {reason}");
         self.emit(AggregatorEvent::SiteRefused {
             remote: conn.remote_address(),
@@ -109,7 +118,11 @@ impl Server {
             Ok(Err(e)) => {
                 // Most often: a certificate from another CA, or no certificate at all.
                 warn!(%remote, "TLS handshake failed: {e}");
-                self.emit(AggregatorEvent::SiteRefused { remote, site: None, reason: format!("TLS handshake failed: {e}") });
+                self.emit(AggregatorEvent::SiteRefused {
+                    remote,
+                    site: None,
+                    reason: format!("TLS handshake failed: {e}"),
+                });
                 return;
             }
             Err(_) => {
@@ -130,9 +143,16 @@ impl Server {
             None => return,
         };
         info!(%site, %remote, software = %hello.software, "site connected");
-        let entry = ConnectedSite { hello, conn: conn.clone() };
+        let entry = ConnectedSite {
+            hello,
+            conn: conn.clone(),
+        };
         if let Some(old) = self.registry.insert(entry) {
-            transport::close(&old.conn, ErrorCode::Internal, "replaced by a newer connection from the same site");
+            transport::close(
+                &old.conn,
+                ErrorCode::Internal,
+                "replaced by a newer connection from the same site",
+            );
         }
         self.emit(AggregatorEvent::SiteConnected { site: site.clone() });
 
@@ -158,18 +178,28 @@ impl Server {
     /// Reads and checks the first message; on failure answers with an error, closes the
     /// connection and returns `None`.
     async fn receive_hello(&self, conn: &quinn::Connection, site: &str) -> Option<Hello> {
-        let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        let (mut send, mut recv) = match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await
+        {
             Ok(Ok(streams)) => streams,
             Ok(Err(e)) => {
                 warn!(%site, "connection lost before hello: {e}");
                 return None;
             }
             Err(_) => {
-                self.refuse(conn, Some(site), ErrorCode::UnexpectedMessage, "no hello within 10 s".into());
+                self.refuse(
+                    conn,
+                    Some(site),
+                    ErrorCode::UnexpectedMessage,
+                    "no hello within 10 s".into(),
+                );
                 return None;
             }
         };
-        let msg = tokio::time::timeout(HELLO_TIMEOUT, transport::read_message(&mut recv, self.max_frame)).await;
+        let msg = tokio::time::timeout(
+            HELLO_TIMEOUT,
+            transport::read_message(&mut recv, self.max_frame),
+        )
+        .await;
         let (code, reason) = match msg {
             Ok(Ok(Message::Hello(hello))) if hello.site == site => {
                 let welcome = Message::Welcome(Welcome {
@@ -186,12 +216,21 @@ impl Server {
             }
             Ok(Ok(Message::Hello(hello))) => (
                 ErrorCode::SiteNotAllowed,
-                format!("hello names site '{}' but the certificate is for '{site}'", hello.site),
+                format!(
+                    "hello names site '{}' but the certificate is for '{site}'",
+                    hello.site
+                ),
             ),
-            Ok(Ok(other)) => (ErrorCode::UnexpectedMessage, format!("expected a hello, got a {}", other.kind())),
+            Ok(Ok(other)) => (
+                ErrorCode::UnexpectedMessage,
+                format!("expected a hello, got a {}", other.kind()),
+            ),
             Ok(Err(TransportError::Frame(e))) => (e.code(), e.to_string()),
             Ok(Err(e)) => (ErrorCode::Malformed, format!("reading hello: {e}")),
-            Err(_) => (ErrorCode::UnexpectedMessage, "no complete hello within 10 s".into()),
+            Err(_) => (
+                ErrorCode::UnexpectedMessage,
+                "no complete hello within 10 s".into(),
+            ),
         };
         reply_error(&mut send, code, &reason, self.max_frame).await;
         self.refuse(conn, Some(site), code, reason);
@@ -200,16 +239,27 @@ impl Server {
 }
 
 async fn reply_error(send: &mut quinn::SendStream, code: ErrorCode, reason: &str, max: u32) {
-    let msg = Message::Error(ErrorMessage { code, reason: reason.to_string() });
+    let msg = Message::Error(ErrorMessage {
+        code,
+        reason: reason.to_string(),
+    });
     if transport::write_message(send, &msg, max).await.is_ok() {
         // Give the error a moment to reach the peer before the connection is closed.
         let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
     }
 }
 
-async fn answer_unexpected_stream(conn: &quinn::Connection, mut send: quinn::SendStream, mut recv: quinn::RecvStream, max: u32) {
+async fn answer_unexpected_stream(
+    conn: &quinn::Connection,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    max: u32,
+) {
     let (code, reason) = match transport::read_message(&mut recv, max).await {
-        Ok(msg) => (ErrorCode::UnexpectedMessage, format!("the aggregator does not accept a {} here", msg.kind())),
+        Ok(msg) => (
+            ErrorCode::UnexpectedMessage,
+            format!("the aggregator does not accept a {} here", msg.kind()),
+        ),
         Err(TransportError::Frame(e)) => (e.code(), e.to_string()),
         Err(e) => (ErrorCode::Malformed, e.to_string()),
     };

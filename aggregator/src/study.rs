@@ -10,7 +10,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use medfed_infra::transport::{self, TransportError};
 use medfed_protocol::Message;
 use medfed_protocol::export::{ExportedModel, MODEL_FORMAT};
-use medfed_protocol::messages::{EvaluateRequest, ModelUpdate, RoundOpen, RoundResult, StudyAnnouncement, StudyDecision};
+use medfed_protocol::messages::{
+    EvaluateRequest, ModelUpdate, RoundOpen, RoundResult, StudyAnnouncement, StudyDecision,
+};
 use medfed_protocol::metrics::{Evaluation, Metrics};
 use medfed_protocol::model::{GlobalModel, federated_average};
 use medfed_protocol::stats::FeatureStats;
@@ -24,11 +26,20 @@ use crate::{AggregatorEvent, RoundSummary};
 #[derive(Debug, thiserror::Error)]
 pub enum StudyError {
     #[error("study '{study}': only {got} of the {need} sites needed took part ({detail})")]
-    NoQuorum { study: String, got: usize, need: usize, detail: String },
+    NoQuorum {
+        study: String,
+        got: usize,
+        need: usize,
+        detail: String,
+    },
     #[error("study '{study}': {detail}")]
     Failed { study: String, detail: String },
     #[error("study '{study}': writing {path}: {source}")]
-    Export { study: String, path: PathBuf, source: std::io::Error },
+    Export {
+        study: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// What a finished study leaves behind.
@@ -83,7 +94,10 @@ impl StudyRunner {
     }
 
     fn failed(&self, detail: impl Into<String>) -> StudyError {
-        StudyError::Failed { study: self.cfg.id.clone(), detail: detail.into() }
+        StudyError::Failed {
+            study: self.cfg.id.clone(),
+            detail: detail.into(),
+        }
     }
 
     /// Waits until every allowed site is connected, or until the wait is over and at least
@@ -100,7 +114,10 @@ impl StudyRunner {
                     study: self.cfg.id.clone(),
                     got: n,
                     need: self.cfg.min_sites,
-                    detail: format!("waited {} s for sites to connect", self.cfg.wait_for_sites_secs),
+                    detail: format!(
+                        "waited {} s for sites to connect",
+                        self.cfg.wait_for_sites_secs
+                    ),
                 });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -108,7 +125,11 @@ impl StudyRunner {
     }
 
     async fn announce(&self, site: &str) -> Result<(usize, StudyDecision), TransportError> {
-        let conn = self.registry.get(site).ok_or(TransportError::StreamClosed)?.conn;
+        let conn = self
+            .registry
+            .get(site)
+            .ok_or(TransportError::StreamClosed)?
+            .conn;
         let msg = Message::StudyAnnouncement(self.announcement());
         let timeout = Duration::from_secs(self.cfg.round_timeout_secs);
         match transport::request(&conn, &msg, self.max_frame, timeout).await? {
@@ -130,7 +151,15 @@ impl StudyRunner {
         let mut stats = FeatureStats::empty(d);
         for site in self.registry.names() {
             match self.announce(&site).await {
-                Ok((conn_id, StudyDecision::Accept { study_id, training_rows, feature_stats, .. })) if study_id == cfg.id => {
+                Ok((
+                    conn_id,
+                    StudyDecision::Accept {
+                        study_id,
+                        training_rows,
+                        feature_stats,
+                        ..
+                    },
+                )) if study_id == cfg.id => {
                     if training_rows != feature_stats.count || training_rows == 0 {
                         warn!(%site, "inconsistent row counts in study decision; site left out");
                         continue;
@@ -140,11 +169,21 @@ impl StudyRunner {
                         continue;
                     }
                     info!(study = %cfg.id, %site, training_rows, "site accepted the study");
-                    participants.insert(site, Participant { training_rows, announced_on: conn_id });
+                    participants.insert(
+                        site,
+                        Participant {
+                            training_rows,
+                            announced_on: conn_id,
+                        },
+                    );
                 }
                 Ok((_, StudyDecision::Refuse { reason, .. })) => {
                     warn!(study = %cfg.id, %site, "site refused the study: {reason}");
-                    self.emit(AggregatorEvent::StudyRefused { study_id: cfg.id.clone(), site, reason });
+                    self.emit(AggregatorEvent::StudyRefused {
+                        study_id: cfg.id.clone(),
+                        site,
+                        reason,
+                    });
                 }
                 Ok(_) => warn!(%site, "study decision for another study; site left out"),
                 Err(e) => warn!(study = %cfg.id, %site, "no study decision: {e}"),
@@ -158,7 +197,9 @@ impl StudyRunner {
                 detail: "too few sites accepted the study".into(),
             });
         }
-        let standardization = stats.standardization().map_err(|e| self.failed(e.to_string()))?;
+        let standardization = stats
+            .standardization()
+            .map_err(|e| self.failed(e.to_string()))?;
         let mut model = GlobalModel::zeros(cfg.model, cfg.features.clone(), standardization);
         self.emit(AggregatorEvent::StudyStarted {
             study_id: cfg.id.clone(),
@@ -176,11 +217,25 @@ impl StudyRunner {
                 if updates.len() >= cfg.min_sites {
                     break (updates, evaluation);
                 }
-                let why = format!("{} of {} updates arrived (attempt {attempt} of {})", updates.len(), cfg.min_sites, cfg.round_attempts);
+                let why = format!(
+                    "{} of {} updates arrived (attempt {attempt} of {})",
+                    updates.len(),
+                    cfg.min_sites,
+                    cfg.round_attempts
+                );
                 warn!(study = %cfg.id, round, "round without quorum: {why}");
-                self.emit(AggregatorEvent::RoundFailed { study_id: cfg.id.clone(), round, reason: why.clone() });
+                self.emit(AggregatorEvent::RoundFailed {
+                    study_id: cfg.id.clone(),
+                    round,
+                    reason: why.clone(),
+                });
                 if attempt >= cfg.round_attempts {
-                    return Err(StudyError::NoQuorum { study: cfg.id.clone(), got: updates.len(), need: cfg.min_sites, detail: why });
+                    return Err(StudyError::NoQuorum {
+                        study: cfg.id.clone(),
+                        got: updates.len(),
+                        need: cfg.min_sites,
+                        detail: why,
+                    });
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             };
@@ -188,46 +243,82 @@ impl StudyRunner {
             if let Some(p) = pending.take() {
                 self.complete(p, Some(evaluation.metrics()))?;
             }
-            let weights = federated_average(updates.values().map(|u| (u.weights.as_slice(), u.num_samples)))
-                .ok_or_else(|| self.failed("no training rows in the round's updates"))?;
+            let weights = federated_average(
+                updates
+                    .values()
+                    .map(|u| (u.weights.as_slice(), u.num_samples)),
+            )
+            .ok_or_else(|| self.failed("no training rows in the round's updates"))?;
             let rows: u64 = updates.values().map(|u| u.num_samples).sum();
-            let train_loss = updates.values().map(|u| u.train_loss * u.num_samples as f64).sum::<f64>() / rows as f64;
+            let train_loss = updates
+                .values()
+                .map(|u| u.train_loss * u.num_samples as f64)
+                .sum::<f64>()
+                / rows as f64;
             model.weights = weights;
             let sites: Vec<String> = updates.keys().cloned().collect();
             info!(study = %cfg.id, round, sites = sites.len(), train_loss, "round aggregated");
             self.broadcast_result(round, &sites, train_loss);
             pending = Some(Pending {
-                summary: RoundSummary { study_id: cfg.id.clone(), round, sites, training_rows: rows, train_loss, validation: None, model_path: PathBuf::new() },
+                summary: RoundSummary {
+                    study_id: cfg.id.clone(),
+                    round,
+                    sites,
+                    training_rows: rows,
+                    train_loss,
+                    validation: None,
+                    model_path: PathBuf::new(),
+                },
                 model: model.clone(),
             });
         }
 
         // Evaluate the last model.
-        let evaluation = self.collect_evaluation(cfg.rounds, &model, &participants).await;
+        let evaluation = self
+            .collect_evaluation(cfg.rounds, &model, &participants)
+            .await;
         let metrics = (evaluation.rows() > 0).then(|| evaluation.metrics());
         let last = pending.ok_or_else(|| self.failed("no round completed"))?;
         let path = self.complete(last, metrics)?;
         let final_path = self.out_dir.join("models").join(&cfg.id).join("final.json");
-        std::fs::copy(&path, &final_path).map_err(|source| StudyError::Export { study: cfg.id.clone(), path: final_path.clone(), source })?;
-        Ok(StudyOutcome { study_id: cfg.id.clone(), final_model: final_path, validation: metrics, rounds: cfg.rounds })
+        std::fs::copy(&path, &final_path).map_err(|source| StudyError::Export {
+            study: cfg.id.clone(),
+            path: final_path.clone(),
+            source,
+        })?;
+        Ok(StudyOutcome {
+            study_id: cfg.id.clone(),
+            final_model: final_path,
+            validation: metrics,
+            rounds: cfg.rounds,
+        })
     }
 
     /// Announces the study again to participants that reconnected since.
     async fn reannounce(&self, participants: &mut BTreeMap<String, Participant>) {
         for (site, p) in participants.iter_mut() {
-            let Some(current) = self.registry.get(site) else { continue };
+            let Some(current) = self.registry.get(site) else {
+                continue;
+            };
             if current.conn.stable_id() == p.announced_on {
                 continue;
             }
             match self.announce(site).await {
                 Ok((conn_id, StudyDecision::Accept { .. })) => p.announced_on = conn_id,
-                Ok((_, StudyDecision::Refuse { reason, .. })) => warn!(%site, "reconnected site refused the study: {reason}"),
+                Ok((_, StudyDecision::Refuse { reason, .. })) => {
+                    warn!(%site, "reconnected site refused the study: {reason}")
+                }
                 Err(e) => warn!(%site, "reconnected site did not answer the announcement: {e}"),
             }
         }
     }
 
-    async fn collect_round(&self, round: u32, model: &GlobalModel, participants: &BTreeMap<String, Participant>) -> (BTreeMap<String, ModelUpdate>, Evaluation) {
+    async fn collect_round(
+        &self,
+        round: u32,
+        model: &GlobalModel,
+        participants: &BTreeMap<String, Participant>,
+    ) -> (BTreeMap<String, ModelUpdate>, Evaluation) {
         let cfg = &self.cfg;
         let timeout = Duration::from_secs(cfg.round_timeout_secs);
         let mut params = cfg.training.params();
@@ -241,9 +332,13 @@ impl StudyRunner {
         }));
         let mut tasks = JoinSet::new();
         for site in participants.keys() {
-            let Some(s) = self.registry.get(site) else { continue };
+            let Some(s) = self.registry.get(site) else {
+                continue;
+            };
             let (msg, site, max) = (msg.clone(), site.clone(), self.max_frame);
-            tasks.spawn(async move { (site, transport::request(&s.conn, &msg, max, timeout).await) });
+            tasks.spawn(
+                async move { (site, transport::request(&s.conn, &msg, max, timeout).await) },
+            );
         }
         let mut updates = BTreeMap::new();
         let mut evaluation = Evaluation::empty(cfg.model);
@@ -274,20 +369,35 @@ impl StudyRunner {
         (updates, evaluation)
     }
 
-    async fn collect_evaluation(&self, round: u32, model: &GlobalModel, participants: &BTreeMap<String, Participant>) -> Evaluation {
+    async fn collect_evaluation(
+        &self,
+        round: u32,
+        model: &GlobalModel,
+        participants: &BTreeMap<String, Participant>,
+    ) -> Evaluation {
         let timeout = Duration::from_secs(self.cfg.round_timeout_secs);
-        let msg = Arc::new(Message::EvaluateRequest(EvaluateRequest { study_id: self.cfg.id.clone(), round, model: model.clone() }));
+        let msg = Arc::new(Message::EvaluateRequest(EvaluateRequest {
+            study_id: self.cfg.id.clone(),
+            round,
+            model: model.clone(),
+        }));
         let mut tasks = JoinSet::new();
         for site in participants.keys() {
-            let Some(s) = self.registry.get(site) else { continue };
+            let Some(s) = self.registry.get(site) else {
+                continue;
+            };
             let (msg, site, max) = (msg.clone(), site.clone(), self.max_frame);
-            tasks.spawn(async move { (site, transport::request(&s.conn, &msg, max, timeout).await) });
+            tasks.spawn(
+                async move { (site, transport::request(&s.conn, &msg, max, timeout).await) },
+            );
         }
         let mut total = Evaluation::empty(self.cfg.model);
         while let Some(joined) = tasks.join_next().await {
             let Ok((site, result)) = joined else { continue };
             match result {
-                Ok(Message::EvaluationReport(r)) if r.study_id == self.cfg.id && r.round == round => {
+                Ok(Message::EvaluationReport(r))
+                    if r.study_id == self.cfg.id && r.round == round =>
+                {
                     if let Err(e) = total.merge(&r.evaluation) {
                         warn!(%site, "evaluation refused: {e}");
                     }
@@ -307,7 +417,9 @@ impl StudyRunner {
             train_loss,
             study_complete: round == self.cfg.rounds,
         });
-        let Ok(frame) = medfed_protocol::codec::encode_frame(&msg, self.max_frame) else { return };
+        let Ok(frame) = medfed_protocol::codec::encode_frame(&msg, self.max_frame) else {
+            return;
+        };
         for site in sites {
             if let Some(s) = self.registry.get(site) {
                 let frame = frame.clone();
@@ -335,12 +447,22 @@ impl StudyRunner {
             training_rows: summary.training_rows,
             train_loss: summary.train_loss,
             validation,
-            created_unix: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
         };
-        let path = self.out_dir.join("models").join(&summary.study_id).join(format!("round-{:04}.json", summary.round));
-        let json = serde_json::to_vec_pretty(&export).map_err(|e| self.failed(format!("encoding the model: {e}")))?;
-        medfed_infra::files::write_atomic(&path, &json)
-            .map_err(|source| StudyError::Export { study: summary.study_id.clone(), path: path.clone(), source })?;
+        let path = self
+            .out_dir
+            .join("models")
+            .join(&summary.study_id)
+            .join(format!("round-{:04}.json", summary.round));
+        let json = serde_json::to_vec_pretty(&export)
+            .map_err(|e| self.failed(format!("encoding the model: {e}")))?;
+        medfed_infra::files::write_atomic(&path, &json).map_err(|source| StudyError::Export {
+            study: summary.study_id.clone(),
+            path: path.clone(),
+            source,
+        })?;
         summary.validation = validation;
         summary.model_path = path.clone();
         self.emit(AggregatorEvent::RoundCompleted(summary));
@@ -349,9 +471,18 @@ impl StudyRunner {
 }
 
 /// Checks a node's update before it can enter the average.
-fn check_update(u: &ModelUpdate, study: &str, round: u32, width: usize, declared_rows: u64) -> Result<(), String> {
+fn check_update(
+    u: &ModelUpdate,
+    study: &str,
+    round: u32,
+    width: usize,
+    declared_rows: u64,
+) -> Result<(), String> {
     if u.study_id != study || u.round != round {
-        return Err(format!("it is for study '{}' round {}, not '{study}' round {round}", u.study_id, u.round));
+        return Err(format!(
+            "it is for study '{}' round {}, not '{study}' round {round}",
+            u.study_id, u.round
+        ));
     }
     if u.weights.len() != width {
         return Err(format!("{} weights, expected {width}", u.weights.len()));
@@ -360,7 +491,10 @@ fn check_update(u: &ModelUpdate, study: &str, round: u32, width: usize, declared
         return Err("non-finite weight or loss".into());
     }
     if u.num_samples == 0 || u.num_samples > declared_rows {
-        return Err(format!("claims {} training rows; the site declared {declared_rows}", u.num_samples));
+        return Err(format!(
+            "claims {} training rows; the site declared {declared_rows}",
+            u.num_samples
+        ));
     }
     Ok(())
 }
@@ -384,13 +518,25 @@ mod tests {
     #[test]
     fn hostile_updates_are_refused() {
         assert!(check_update(&update(), "s", 2, 3, 10).is_ok());
-        assert!(check_update(&update(), "s", 3, 3, 10).unwrap_err().contains("round 2"));
-        assert!(check_update(&update(), "s", 2, 4, 10).unwrap_err().contains("expected 4"));
+        assert!(
+            check_update(&update(), "s", 3, 3, 10)
+                .unwrap_err()
+                .contains("round 2")
+        );
+        assert!(
+            check_update(&update(), "s", 2, 4, 10)
+                .unwrap_err()
+                .contains("expected 4")
+        );
         let mut nan = update();
         nan.weights[1] = f64::NAN;
         assert!(check_update(&nan, "s", 2, 3, 10).is_err());
         // A site may not inflate its FedAvg weight beyond the rows it declared.
-        assert!(check_update(&update(), "s", 2, 3, 9).unwrap_err().contains("declared 9"));
+        assert!(
+            check_update(&update(), "s", 2, 3, 9)
+                .unwrap_err()
+                .contains("declared 9")
+        );
         let mut zero = update();
         zero.num_samples = 0;
         assert!(check_update(&zero, "s", 2, 3, 10).is_err());

@@ -52,7 +52,10 @@ pub fn require_file(config_path: &Path, key: &str, p: &Path) -> Result<(), Confi
         Err(ConfigError::Invalid {
             path: config_path.to_path_buf(),
             key: key.to_string(),
-            why: format!("names {}, which does not exist or is not a file", p.display()),
+            why: format!(
+                "names {}, which does not exist or is not a file",
+                p.display()
+            ),
         })
     }
 }
@@ -72,7 +75,11 @@ pub struct TlsFiles {
 impl TlsFiles {
     /// Resolves the paths against the config file and checks that they exist.
     pub fn resolve(&mut self, config_path: &Path) -> Result<(), ConfigError> {
-        for (key, p) in [("tls.ca", &mut self.ca), ("tls.cert", &mut self.cert), ("tls.key", &mut self.key)] {
+        for (key, p) in [
+            ("tls.ca", &mut self.ca),
+            ("tls.cert", &mut self.cert),
+            ("tls.key", &mut self.key),
+        ] {
             *p = resolve(config_path, p);
             require_file(config_path, key, p)?;
         }

@@ -16,15 +16,17 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PkiError {
-    #[error("a consortium CA already exists at {0}; refusing to replace it (every certificate it issued would stop working)")]
+    #[error(
+        "a consortium CA already exists at {0}; refusing to replace it (every certificate it issued would stop working)"
+    )]
     CaExists(PathBuf),
     #[error("no consortium CA at {0}: run `medfed pki init --dir {1}` first")]
     NoCa(PathBuf, String),
@@ -93,7 +95,9 @@ fn validate_host(host: &str) -> Result<(), PkiError> {
     }
     if host.is_empty()
         || host.len() > 253
-        || host.split('.').any(|label| validate_site_name(label).is_err())
+        || host
+            .split('.')
+            .any(|label| validate_site_name(label).is_err())
     {
         return Err(PkiError::InvalidName {
             name: host.to_string(),
@@ -173,10 +177,7 @@ pub fn issue(dir: &Path, role: &Role, days: i64) -> Result<IssuedFiles, PkiError
     let ca_cert = ca_cert_path(dir);
     let ca_key = ca_key_path(dir);
     if !ca_cert.exists() || !ca_key.exists() {
-        return Err(PkiError::NoCa(
-            dir.join("ca"),
-            dir.display().to_string(),
-        ));
+        return Err(PkiError::NoCa(dir.join("ca"), dir.display().to_string()));
     }
     let ca_pem = fs::read_to_string(&ca_cert).map_err(io_err(&ca_cert))?;
     let ca_key_pem = fs::read_to_string(&ca_key).map_err(io_err(&ca_key))?;
@@ -246,11 +247,18 @@ mod tests {
         let a = issue(dir.path(), &Role::Site("alpha".into()), 30).unwrap();
         let cert_a = fs::read(&a.cert).unwrap();
         let again = issue(dir.path(), &Role::Site("alpha".into()), 30).unwrap();
-        assert_ne!(cert_a, fs::read(&again.cert).unwrap(), "a re-issue makes a new certificate");
+        assert_ne!(
+            cert_a,
+            fs::read(&again.cert).unwrap(),
+            "a re-issue makes a new certificate"
+        );
         assert_eq!(before, fs::read(ca_cert_path(dir.path())).unwrap());
         assert_eq!(key_before, fs::read(ca_key_path(dir.path())).unwrap());
         assert_eq!(before, fs::read(&again.ca).unwrap());
-        assert!(matches!(init_ca(dir.path(), "Test", 30), Err(PkiError::CaExists(_))));
+        assert!(matches!(
+            init_ca(dir.path(), "Test", 30),
+            Err(PkiError::CaExists(_))
+        ));
     }
 
     #[cfg(unix)]

@@ -60,7 +60,9 @@ pub enum TransportError {
 impl TransportError {
     /// If the peer closed the connection on purpose, its error code and reason.
     pub fn closed_by_peer(&self) -> Option<(ErrorCode, String)> {
-        let TransportError::Connection(conn) = self else { return None };
+        let TransportError::Connection(conn) = self else {
+            return None;
+        };
         match conn {
             quinn::ConnectionError::ApplicationClosed(close) => Some((
                 ErrorCode::from_close_code(close.error_code.into_inner()),
@@ -145,10 +147,9 @@ pub fn server_endpoint(
     identity: Identity,
 ) -> Result<quinn::Endpoint, TransportError> {
     let roots = load_roots(ca)?;
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
-            .build()
-            .map_err(|e| pem_err(ca, e))?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
+        .build()
+        .map_err(|e| pem_err(ca, e))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -184,8 +185,8 @@ pub fn client_endpoint(
     } else {
         ([0u16; 8], 0).into()
     };
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|source| TransportError::Bind { addr: bind, source })?;
+    let mut endpoint = quinn::Endpoint::client(bind)
+        .map_err(|source| TransportError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }
@@ -220,7 +221,10 @@ pub fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
 
 /// Reads one framed message. The length is checked against `max` before the body is read or
 /// allocated.
-pub async fn read_message(recv: &mut quinn::RecvStream, max: u32) -> Result<Message, TransportError> {
+pub async fn read_message(
+    recv: &mut quinn::RecvStream,
+    max: u32,
+) -> Result<Message, TransportError> {
     let mut header = [0u8; HEADER_BYTES];
     recv.read_exact(&mut header).await.map_err(read_err)?;
     let len = codec::check_frame_length(header, max)?;
@@ -233,7 +237,9 @@ pub async fn read_message(recv: &mut quinn::RecvStream, max: u32) -> Result<Mess
 /// than as a bare "connection lost" on a stream.
 fn read_err(e: quinn::ReadExactError) -> TransportError {
     match e {
-        quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => TransportError::Connection(c),
+        quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => {
+            TransportError::Connection(c)
+        }
         e => TransportError::Read(e),
     }
 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use medfed_infra::transport::{self, Identity, TransportError};
 use medfed_protocol::messages::{
-    DatasetInfo, ErrorMessage, EvaluateRequest, EvaluationReport, Hello, ModelUpdate, RoundOpen, StudyAnnouncement,
-    StudyDecision,
+    DatasetInfo, ErrorMessage, EvaluateRequest, EvaluationReport, Hello, ModelUpdate, RoundOpen,
+    StudyAnnouncement, StudyDecision,
 };
 use medfed_protocol::metrics::Evaluation;
 use medfed_protocol::model::{GlobalModel, mean_loss, predict, train_local};
@@ -65,22 +65,36 @@ impl Node {
             info!(dataset = %d.name, rows = table.len(), path = %d.path.display(), "dataset loaded");
             tables.insert(d.name.clone(), Arc::new(table));
         }
-        Ok(Node { config, tables, studies: Mutex::default() })
+        Ok(Node {
+            config,
+            tables,
+            studies: Mutex::default(),
+        })
     }
 
     fn hello(&self) -> Hello {
         let mut datasets: Vec<DatasetInfo> = self
             .tables
             .iter()
-            .map(|(name, t)| DatasetInfo { name: name.clone(), columns: t.columns.clone() })
+            .map(|(name, t)| DatasetInfo {
+                name: name.clone(),
+                columns: t.columns.clone(),
+            })
             .collect();
         datasets.sort_by(|a, b| a.name.cmp(&b.name));
-        Hello { site: self.config.site.clone(), software: SOFTWARE.to_string(), datasets }
+        Hello {
+            site: self.config.site.clone(),
+            software: SOFTWARE.to_string(),
+            datasets,
+        }
     }
 
     async fn resolve(&self) -> Result<SocketAddr, NodeError> {
         let address = &self.config.aggregator.address;
-        let resolve_err = |detail: String| NodeError::Resolve { address: address.clone(), detail };
+        let resolve_err = |detail: String| NodeError::Resolve {
+            address: address.clone(),
+            detail,
+        };
         tokio::net::lookup_host(address)
             .await
             .map_err(|e| resolve_err(e.to_string()))?
@@ -90,7 +104,10 @@ impl Node {
 
     /// Connects and serves until the aggregator is done, a permanent refusal, or `stop`.
     /// Transient failures (aggregator down, network lost) are retried with backoff.
-    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> Result<NodeExit, NodeError> {
+    pub async fn run(
+        self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<NodeExit, NodeError> {
         let node = Arc::new(self);
         let addr = node.resolve().await?;
         let identity = Identity::load(&node.config.tls.cert, &node.config.tls.key)?;
@@ -128,17 +145,26 @@ impl Node {
             }
             backoff = (backoff * 2).min(max_backoff);
         };
-        endpoint.close(quinn::VarInt::from_u32(ErrorCode::ShuttingDown.to_close_code()), b"node stopping");
+        endpoint.close(
+            quinn::VarInt::from_u32(ErrorCode::ShuttingDown.to_close_code()),
+            b"node stopping",
+        );
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
         result
     }
 
     /// One connection's life.
-    async fn session(self: Arc<Self>, endpoint: &quinn::Endpoint, addr: SocketAddr) -> Result<NodeExit, SessionEnd> {
+    async fn session(
+        self: Arc<Self>,
+        endpoint: &quinn::Endpoint,
+        addr: SocketAddr,
+    ) -> Result<NodeExit, SessionEnd> {
         let fail = |welcomed: bool| move |e: NodeError| SessionEnd { welcomed, error: e };
         let max = self.config.max_frame_bytes;
         let conn = async {
-            let connecting = endpoint.connect(addr, self.config.aggregator.server_name()).map_err(TransportError::from)?;
+            let connecting = endpoint
+                .connect(addr, self.config.aggregator.server_name())
+                .map_err(TransportError::from)?;
             Ok::<_, NodeError>(connecting.await.map_err(TransportError::from)?)
         }
         .await
@@ -150,9 +176,14 @@ impl Node {
             Ok(other) => {
                 let reason = format!("expected a welcome, got a {}", other.kind());
                 transport::close(&conn, ErrorCode::UnexpectedMessage, &reason);
-                return Err(fail(false)(NodeError::Refused { code: ErrorCode::UnexpectedMessage, reason }));
+                return Err(fail(false)(NodeError::Refused {
+                    code: ErrorCode::UnexpectedMessage,
+                    reason,
+                }));
             }
-            Err(TransportError::Peer { code, reason }) => return Err(fail(false)(NodeError::Refused { code, reason })),
+            Err(TransportError::Peer { code, reason }) => {
+                return Err(fail(false)(NodeError::Refused { code, reason }));
+            }
             Err(e) => return Err(fail(false)(classify(e))),
         }
         loop {
@@ -180,7 +211,12 @@ impl Node {
     }
 
     /// Answers one request stream from the aggregator.
-    async fn answer(&self, conn: &quinn::Connection, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    async fn answer(
+        &self,
+        conn: &quinn::Connection,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
         let max = self.config.max_frame_bytes;
         let reply = match transport::read_message(&mut recv, max).await {
             Ok(msg) => self.respond(msg).await,
@@ -204,7 +240,10 @@ impl Node {
             Message::StudyAnnouncement(a) => Ok(self.decide(&a)),
             Message::RoundOpen(r) => self.train(r).await,
             Message::EvaluateRequest(r) => self.evaluate(r),
-            other => Err((ErrorCode::UnexpectedMessage, format!("a node does not answer a {}", other.kind()))),
+            other => Err((
+                ErrorCode::UnexpectedMessage,
+                format!("a node does not answer a {}", other.kind()),
+            )),
         };
         result.unwrap_or_else(|(code, reason)| {
             warn!(%code, "refused a request: {reason}");
@@ -215,7 +254,10 @@ impl Node {
     fn decide(&self, a: &StudyAnnouncement) -> Message {
         let refuse = |reason: String| {
             warn!(study = %a.study_id, "refusing study: {reason}");
-            Message::StudyDecision(StudyDecision::Refuse { study_id: a.study_id.clone(), reason })
+            Message::StudyDecision(StudyDecision::Refuse {
+                study_id: a.study_id.clone(),
+                reason,
+            })
         };
         let Some(table) = self.tables.get(&a.dataset) else {
             return refuse(format!("this site serves no dataset named '{}'", a.dataset));
@@ -231,7 +273,8 @@ impl Node {
             validation_rows: data.x_val.nrows() as u64,
             feature_stats: data.feature_stats(),
         };
-        self.studies_lock().insert(a.study_id.clone(), Arc::new(data));
+        self.studies_lock()
+            .insert(a.study_id.clone(), Arc::new(data));
         Message::StudyDecision(decision)
     }
 
@@ -241,14 +284,20 @@ impl Node {
     }
 
     fn study(&self, id: &str, model: &GlobalModel) -> Result<Arc<StudyData>, (ErrorCode, String)> {
-        let data = self
-            .studies_lock()
-            .get(id)
-            .cloned()
-            .ok_or_else(|| (ErrorCode::CannotServe, format!("study '{id}' was not announced to this node")))?;
-        model.validate().map_err(|e| (ErrorCode::InvalidContent, format!("global model: {e}")))?;
+        let data = self.studies_lock().get(id).cloned().ok_or_else(|| {
+            (
+                ErrorCode::CannotServe,
+                format!("study '{id}' was not announced to this node"),
+            )
+        })?;
+        model
+            .validate()
+            .map_err(|e| (ErrorCode::InvalidContent, format!("global model: {e}")))?;
         if model.features != data.features || model.kind != data.kind {
-            return Err((ErrorCode::InvalidContent, "the global model does not match the announced study".into()));
+            return Err((
+                ErrorCode::InvalidContent,
+                "the global model does not match the announced study".into(),
+            ));
         }
         Ok(data)
     }
@@ -260,8 +309,14 @@ impl Node {
         tokio::task::spawn_blocking(move || {
             let (x_train, x_val) = standardized(&data, &r.model);
             let evaluation = evaluate(&data, &r.model, &x_val)?;
-            let weights = train_local(data.kind, &r.model.weights, x_train.view(), data.y_train.view(), &r.params)
-                .map_err(|e| (ErrorCode::InvalidContent, e.to_string()))?;
+            let weights = train_local(
+                data.kind,
+                &r.model.weights,
+                x_train.view(),
+                data.y_train.view(),
+                &r.params,
+            )
+            .map_err(|e| (ErrorCode::InvalidContent, e.to_string()))?;
             let train_loss = mean_loss(data.kind, &weights, x_train.view(), data.y_train.view())
                 .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
             info!(%site, study = %r.study_id, round = r.round, train_loss, "local update ready");
@@ -282,7 +337,11 @@ impl Node {
         let data = self.study(&r.study_id, &r.model)?;
         let (_, x_val) = standardized(&data, &r.model);
         let evaluation = evaluate(&data, &r.model, &x_val)?;
-        Ok(Message::EvaluationReport(EvaluationReport { study_id: r.study_id, round: r.round, evaluation }))
+        Ok(Message::EvaluationReport(EvaluationReport {
+            study_id: r.study_id,
+            round: r.round,
+            evaluation,
+        }))
     }
 }
 
@@ -293,10 +352,18 @@ fn standardized(data: &StudyData, model: &GlobalModel) -> (Array2<f64>, Array2<f
     (x_train, x_val)
 }
 
-fn evaluate(data: &StudyData, model: &GlobalModel, x_val: &Array2<f64>) -> Result<Evaluation, (ErrorCode, String)> {
-    let p = predict(data.kind, &model.weights, x_val.view()).map_err(|e| (ErrorCode::InvalidContent, e.to_string()))?;
+fn evaluate(
+    data: &StudyData,
+    model: &GlobalModel,
+    x_val: &Array2<f64>,
+) -> Result<Evaluation, (ErrorCode, String)> {
+    let p = predict(data.kind, &model.weights, x_val.view())
+        .map_err(|e| (ErrorCode::InvalidContent, e.to_string()))?;
     let mut evaluation = Evaluation::empty(data.kind);
-    evaluation.add_rows(p.as_slice().unwrap_or(&[]), data.y_val.as_slice().unwrap_or(&[]));
+    evaluation.add_rows(
+        p.as_slice().unwrap_or(&[]),
+        data.y_val.as_slice().unwrap_or(&[]),
+    );
     Ok(evaluation)
 }
 
@@ -315,7 +382,13 @@ fn classify(e: TransportError) -> NodeError {
 /// Maps the end of a welcomed connection to the node's next step.
 fn closed(e: quinn::ConnectionError) -> Result<NodeExit, SessionEnd> {
     match classify(TransportError::Connection(e)) {
-        NodeError::Refused { code: ErrorCode::StudiesComplete, .. } => Ok(NodeExit::StudiesComplete),
-        error => Err(SessionEnd { welcomed: true, error }),
+        NodeError::Refused {
+            code: ErrorCode::StudiesComplete,
+            ..
+        } => Ok(NodeExit::StudiesComplete),
+        error => Err(SessionEnd {
+            welcomed: true,
+            error,
+        }),
     }
 }

@@ -55,7 +55,10 @@ pub struct Reconnect {
 
 impl Default for Reconnect {
     fn default() -> Self {
-        Reconnect { initial_backoff_ms: default_initial_backoff_ms(), max_backoff_ms: default_max_backoff_ms() }
+        Reconnect {
+            initial_backoff_ms: default_initial_backoff_ms(),
+            max_backoff_ms: default_max_backoff_ms(),
+        }
     }
 }
 
@@ -71,10 +74,12 @@ fn default_max_backoff_ms() -> u64 {
 
 impl AggregatorAddress {
     pub fn server_name(&self) -> &str {
-        self.server_name.as_deref().unwrap_or_else(|| match self.address.rsplit_once(':') {
-            Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
-            None => &self.address,
-        })
+        self.server_name
+            .as_deref()
+            .unwrap_or_else(|| match self.address.rsplit_once(':') {
+                Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
+                None => &self.address,
+            })
     }
 }
 
@@ -82,27 +87,49 @@ impl NodeConfig {
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
         let mut cfg: NodeConfig = load_toml(path)?;
         cfg.tls.resolve(path)?;
-        let invalid = |key: String, why: String| ConfigError::Invalid { path: path.to_path_buf(), key, why };
-        medfed_infra::pki::validate_site_name(&cfg.site).map_err(|e| invalid("site".into(), e.to_string()))?;
+        let invalid = |key: String, why: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            why,
+        };
+        medfed_infra::pki::validate_site_name(&cfg.site)
+            .map_err(|e| invalid("site".into(), e.to_string()))?;
         if !cfg.aggregator.address.contains(':') {
-            return Err(invalid("aggregator.address".into(), format!("{:?} needs a port, as in host:4433", cfg.aggregator.address)));
+            return Err(invalid(
+                "aggregator.address".into(),
+                format!("{:?} needs a port, as in host:4433", cfg.aggregator.address),
+            ));
         }
         if cfg.datasets.is_empty() {
-            return Err(invalid("dataset".into(), "no dataset configured: add a [[dataset]] with name and path".into()));
+            return Err(invalid(
+                "dataset".into(),
+                "no dataset configured: add a [[dataset]] with name and path".into(),
+            ));
         }
         let mut names = BTreeSet::new();
         for (i, d) in cfg.datasets.iter_mut().enumerate() {
             if !names.insert(d.name.clone()) {
-                return Err(invalid(format!("dataset[{i}].name"), format!("{:?} is used twice", d.name)));
+                return Err(invalid(
+                    format!("dataset[{i}].name"),
+                    format!("{:?} is used twice", d.name),
+                ));
             }
             d.path = resolve(path, &d.path);
             require_file(path, &format!("dataset[{i}].path"), &d.path)?;
         }
-        if cfg.reconnect.initial_backoff_ms == 0 || cfg.reconnect.max_backoff_ms < cfg.reconnect.initial_backoff_ms {
-            return Err(invalid("reconnect".into(), "needs 0 < initial_backoff_ms <= max_backoff_ms".into()));
+        if cfg.reconnect.initial_backoff_ms == 0
+            || cfg.reconnect.max_backoff_ms < cfg.reconnect.initial_backoff_ms
+        {
+            return Err(invalid(
+                "reconnect".into(),
+                "needs 0 < initial_backoff_ms <= max_backoff_ms".into(),
+            ));
         }
         if cfg.max_frame_bytes < 1024 {
-            return Err(invalid("max_frame_bytes".into(), "must be at least 1024".into()));
+            return Err(invalid(
+                "max_frame_bytes".into(),
+                "must be at least 1024".into(),
+            ));
         }
         Ok(cfg)
     }

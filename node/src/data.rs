@@ -15,13 +15,26 @@ use rand::seq::SliceRandom;
 #[non_exhaustive]
 pub enum DataError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: {source}")]
     Csv { path: PathBuf, source: csv::Error },
     #[error("{path}: no column named '{column}' (columns: {available})")]
-    MissingColumn { path: PathBuf, column: String, available: String },
+    MissingColumn {
+        path: PathBuf,
+        column: String,
+        available: String,
+    },
     #[error("{path}, line {line}, column '{column}': {why} (value {value:?})")]
-    BadValue { path: PathBuf, line: u64, column: String, value: String, why: &'static str },
+    BadValue {
+        path: PathBuf,
+        line: u64,
+        column: String,
+        value: String,
+        why: &'static str,
+    },
     #[error("{path}: {rows} rows; a study needs at least 2 (one to train, one to validate)")]
     TooFewRows { path: PathBuf, rows: usize },
     #[error("{path}: {why}")]
@@ -38,17 +51,37 @@ pub struct Table {
 
 impl Table {
     pub fn load(path: &Path) -> Result<Table, DataError> {
-        let file = std::fs::File::open(path).map_err(|source| DataError::Io { path: path.to_path_buf(), source })?;
+        let file = std::fs::File::open(path).map_err(|source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
         Table::from_reader(path, file)
     }
 
     /// Parses CSV from `reader`; `path` names the source in errors.
     pub fn from_reader(path: &Path, reader: impl std::io::Read) -> Result<Table, DataError> {
-        let csv_err = |source| DataError::Csv { path: path.to_path_buf(), source };
-        let mut r = csv::ReaderBuilder::new().trim(csv::Trim::All).from_reader(reader);
-        let columns = r.headers().map_err(csv_err)?.iter().map(str::to_string).collect();
-        let rows = r.records().collect::<Result<Vec<_>, _>>().map_err(csv_err)?;
-        Ok(Table { path: path.to_path_buf(), columns, rows })
+        let csv_err = |source| DataError::Csv {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut r = csv::ReaderBuilder::new()
+            .trim(csv::Trim::All)
+            .from_reader(reader);
+        let columns = r
+            .headers()
+            .map_err(csv_err)?
+            .iter()
+            .map(str::to_string)
+            .collect();
+        let rows = r
+            .records()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(csv_err)?;
+        Ok(Table {
+            path: path.to_path_buf(),
+            columns,
+            rows,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -60,29 +93,45 @@ impl Table {
     }
 
     pub fn column(&self, name: &str) -> Result<usize, DataError> {
-        self.columns.iter().position(|c| c == name).ok_or_else(|| DataError::MissingColumn {
-            path: self.path.clone(),
-            column: name.to_string(),
-            available: self.columns.join(", "),
-        })
+        self.columns
+            .iter()
+            .position(|c| c == name)
+            .ok_or_else(|| DataError::MissingColumn {
+                path: self.path.clone(),
+                column: name.to_string(),
+                available: self.columns.join(", "),
+            })
     }
 
     fn line(&self, row: usize) -> u64 {
-        self.rows[row].position().map_or(row as u64 + 2, |p| p.line())
+        self.rows[row]
+            .position()
+            .map_or(row as u64 + 2, |p| p.line())
     }
 
     fn bad(&self, row: usize, column: &str, value: &str, why: &'static str) -> DataError {
-        DataError::BadValue { path: self.path.clone(), line: self.line(row), column: column.to_string(), value: value.to_string(), why }
+        DataError::BadValue {
+            path: self.path.clone(),
+            line: self.line(row),
+            column: column.to_string(),
+            value: value.to_string(),
+            why,
+        }
     }
 
     /// The numeric matrix of `features` (rows × features).
     pub fn features(&self, features: &[String]) -> Result<Array2<f64>, DataError> {
-        let idx = features.iter().map(|f| self.column(f)).collect::<Result<Vec<_>, _>>()?;
+        let idx = features
+            .iter()
+            .map(|f| self.column(f))
+            .collect::<Result<Vec<_>, _>>()?;
         let mut x = Array2::zeros((self.rows.len(), features.len()));
         for (i, rec) in self.rows.iter().enumerate() {
             for (j, (&c, name)) in idx.iter().zip(features).enumerate() {
                 let raw = rec.get(c).unwrap_or("");
-                let v: f64 = raw.parse().map_err(|_| self.bad(i, name, raw, "not a number"))?;
+                let v: f64 = raw
+                    .parse()
+                    .map_err(|_| self.bad(i, name, raw, "not a number"))?;
                 if !v.is_finite() {
                     return Err(self.bad(i, name, raw, "not a finite number"));
                 }
@@ -93,7 +142,12 @@ impl Table {
     }
 
     /// The target vector: 1/0 for `positive_class` (classification), or numeric values.
-    pub fn target(&self, column: &str, kind: ModelKind, positive_class: Option<&str>) -> Result<Array1<f64>, DataError> {
+    pub fn target(
+        &self,
+        column: &str,
+        kind: ModelKind,
+        positive_class: Option<&str>,
+    ) -> Result<Array1<f64>, DataError> {
         let c = self.column(column)?;
         self.rows
             .iter()
@@ -105,7 +159,11 @@ impl Table {
                         if raw.is_empty() || raw.eq_ignore_ascii_case("na") {
                             Err(self.bad(i, column, raw, "missing class label"))
                         } else {
-                            Ok(if Some(raw) == positive_class { 1.0 } else { 0.0 })
+                            Ok(if Some(raw) == positive_class {
+                                1.0
+                            } else {
+                                0.0
+                            })
                         }
                     }
                     ModelKind::Linear => raw
@@ -124,10 +182,13 @@ impl Table {
 /// each way when `n >= 2`.
 pub fn split_rows(n: usize, validation_fraction: f64, study_id: &str) -> (Vec<usize>, Vec<usize>) {
     // FNV-1a: a stable, dependency-free seed; nothing secret depends on it.
-    let seed = study_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let seed = study_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
-    let n_val = ((n as f64 * validation_fraction).round() as usize).clamp(usize::from(n >= 2), n.saturating_sub(1));
+    let n_val = ((n as f64 * validation_fraction).round() as usize)
+        .clamp(usize::from(n >= 2), n.saturating_sub(1));
     let (val, train) = order.split_at(n_val);
     let (mut train, mut val) = (train.to_vec(), val.to_vec());
     train.sort_unstable();
@@ -149,10 +210,16 @@ pub struct StudyData {
 impl StudyData {
     pub fn prepare(table: &Table, study: &StudyAnnouncement) -> Result<StudyData, DataError> {
         if table.len() < 2 {
-            return Err(DataError::TooFewRows { path: table.path.clone(), rows: table.len() });
+            return Err(DataError::TooFewRows {
+                path: table.path.clone(),
+                rows: table.len(),
+            });
         }
         if study.model == ModelKind::Logistic && study.positive_class.is_none() {
-            return Err(DataError::Invalid { path: table.path.clone(), why: "a logistic study must name its positive class".into() });
+            return Err(DataError::Invalid {
+                path: table.path.clone(),
+                why: "a logistic study must name its positive class".into(),
+            });
         }
         let x = table.features(&study.features)?;
         let y = table.target(&study.target, study.model, study.positive_class.as_deref())?;
@@ -230,7 +297,10 @@ mod tests {
         let err = StudyData::prepare(&t, &study()).unwrap_err().to_string();
         assert!(err.contains("missing class label"), "{err}");
         let t = table("a,b,y\n1,2,Yes\n");
-        assert!(matches!(StudyData::prepare(&t, &study()), Err(DataError::TooFewRows { .. })));
+        assert!(matches!(
+            StudyData::prepare(&t, &study()),
+            Err(DataError::TooFewRows { .. })
+        ));
         assert!(matches!(
             Table::from_reader(Path::new("x.csv"), "a,b\n1,2,3\n".as_bytes()),
             Err(DataError::Csv { .. })

@@ -102,11 +102,12 @@ pub fn check_frame_length(header: [u8; HEADER_BYTES], max: u32) -> Result<usize,
 
 /// Decodes the part of a frame after the header: version, then body.
 pub fn decode_payload(payload: &[u8]) -> Result<Message, FrameError> {
-    let (version, body) = payload
-        .split_first_chunk::<VERSION_BYTES>()
-        .ok_or(FrameError::TooShort {
-            len: payload.len() as u32,
-        })?;
+    let (version, body) =
+        payload
+            .split_first_chunk::<VERSION_BYTES>()
+            .ok_or(FrameError::TooShort {
+                len: payload.len() as u32,
+            })?;
     let version = u16::from_be_bytes(*version);
     if version != PROTOCOL_VERSION {
         return Err(FrameError::UnsupportedVersion {
@@ -130,19 +131,17 @@ pub fn decode_payload(payload: &[u8]) -> Result<Message, FrameError> {
 
 /// Decodes one complete frame (header included) held in memory.
 pub fn decode_frame(frame: &[u8], max: u32) -> Result<Message, FrameError> {
-    let (header, payload) = frame
-        .split_first_chunk::<HEADER_BYTES>()
-        .ok_or(FrameError::TooShort {
-            len: frame.len() as u32,
-        })?;
+    let (header, payload) =
+        frame
+            .split_first_chunk::<HEADER_BYTES>()
+            .ok_or(FrameError::TooShort {
+                len: frame.len() as u32,
+            })?;
     let len = check_frame_length(*header, max)?;
     if payload.len() != len {
         return Err(FrameError::Malformed {
             context: "frame",
-            detail: format!(
-                "header announces {len} bytes but {} follow",
-                payload.len()
-            ),
+            detail: format!("header announces {len} bytes but {} follow", payload.len()),
         });
     }
     decode_payload(payload)

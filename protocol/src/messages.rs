@@ -235,9 +235,7 @@ impl ErrorCode {
     pub fn is_permanent(self) -> bool {
         matches!(
             self,
-            ErrorCode::StudiesComplete
-                | ErrorCode::UnsupportedVersion
-                | ErrorCode::SiteNotAllowed
+            ErrorCode::StudiesComplete | ErrorCode::UnsupportedVersion | ErrorCode::SiteNotAllowed
         )
     }
 }

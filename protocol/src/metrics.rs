@@ -63,7 +63,11 @@ impl Metrics {
 }
 
 fn ratio(num: u64, den: u64) -> f64 {
-    if den == 0 { f64::NAN } else { num as f64 / den as f64 }
+    if den == 0 {
+        f64::NAN
+    } else {
+        num as f64 / den as f64
+    }
 }
 
 /// Exact ROC AUC (Mann–Whitney U, ties count one half). NaN if a class is absent.
@@ -211,7 +215,11 @@ impl Evaluation {
                         (true, false) => *fp += 1,
                         (false, true) => *fn_ += 1,
                     }
-                    let hist = if positive { &mut *positive_scores } else { &mut *negative_scores };
+                    let hist = if positive {
+                        &mut *positive_scores
+                    } else {
+                        &mut *negative_scores
+                    };
                     hist[bin(*p)] += 1;
                 }
             }
@@ -252,7 +260,9 @@ impl Evaluation {
                 if !log_loss_sum.is_finite() {
                     return Err(EvaluationError::NotFinite);
                 }
-                let confusion = [tp, tn, fp, fn_].iter().try_fold(0u64, |a, b| a.checked_add(**b));
+                let confusion = [tp, tn, fp, fn_]
+                    .iter()
+                    .try_fold(0u64, |a, b| a.checked_add(**b));
                 let hist = positive_scores
                     .iter()
                     .chain(negative_scores)
@@ -268,7 +278,10 @@ impl Evaluation {
                 sum_y_sq,
                 ..
             } => {
-                if [sum_sq_error, sum_y, sum_y_sq].iter().all(|v| v.is_finite()) {
+                if [sum_sq_error, sum_y, sum_y_sq]
+                    .iter()
+                    .all(|v| v.is_finite())
+                {
                     Ok(())
                 } else {
                     Err(EvaluationError::NotFinite)
@@ -377,7 +390,11 @@ impl Evaluation {
                 };
                 Metrics::Classification(ClassificationMetrics {
                     rows: *rows,
-                    log_loss: if *rows == 0 { f64::NAN } else { log_loss_sum / *rows as f64 },
+                    log_loss: if *rows == 0 {
+                        f64::NAN
+                    } else {
+                        log_loss_sum / *rows as f64
+                    },
                     accuracy: ratio(tp + tn, *rows),
                     roc_auc: auc,
                     sensitivity: ratio(*tp, tp + fn_),
@@ -397,10 +414,18 @@ impl Evaluation {
                     let total = sum_y_sq - sum_y * sum_y / n;
                     (
                         (sum_sq_error / n).sqrt(),
-                        if total > 0.0 { 1.0 - sum_sq_error / total } else { f64::NAN },
+                        if total > 0.0 {
+                            1.0 - sum_sq_error / total
+                        } else {
+                            f64::NAN
+                        },
                     )
                 };
-                Metrics::Regression(RegressionMetrics { rows: *rows, rmse, r2 })
+                Metrics::Regression(RegressionMetrics {
+                    rows: *rows,
+                    rmse,
+                    r2,
+                })
             }
         }
     }
@@ -464,10 +489,18 @@ mod tests {
     fn hostile_evaluations_are_refused() {
         let mut a = Evaluation::empty(ModelKind::Logistic);
         let mut wrong_bins = Evaluation::empty(ModelKind::Logistic);
-        if let Evaluation::Classification { positive_scores, .. } = &mut wrong_bins {
+        if let Evaluation::Classification {
+            positive_scores, ..
+        } = &mut wrong_bins
+        {
             positive_scores.push(0);
         }
-        assert_eq!(a.merge(&wrong_bins), Err(EvaluationError::WrongBins { got: SCORE_BINS + 1 }));
+        assert_eq!(
+            a.merge(&wrong_bins),
+            Err(EvaluationError::WrongBins {
+                got: SCORE_BINS + 1
+            })
+        );
         let mut liar = Evaluation::empty(ModelKind::Logistic);
         if let Evaluation::Classification { rows, .. } = &mut liar {
             *rows = 5;

@@ -134,7 +134,11 @@ impl GlobalModel {
         if self.weights.iter().any(|w| !w.is_finite()) {
             return Err("non-finite weight".into());
         }
-        if self.standardization.std.iter().any(|s| !(s.is_finite() && *s > 0.0))
+        if self
+            .standardization
+            .std
+            .iter()
+            .any(|s| !(s.is_finite() && *s > 0.0))
             || self.standardization.mean.iter().any(|m| !m.is_finite())
         {
             return Err("standardization has a non-positive or non-finite value".into());
@@ -296,7 +300,14 @@ mod tests {
     use ndarray::{Array2, array};
 
     fn separable() -> (Array2<f64>, Array1<f64>) {
-        let x = array![[-2.0, 0.1], [-1.5, -0.3], [-1.0, 0.2], [1.0, -0.1], [1.5, 0.4], [2.0, 0.0]];
+        let x = array![
+            [-2.0, 0.1],
+            [-1.5, -0.3],
+            [-1.0, 0.2],
+            [1.0, -0.1],
+            [1.5, 0.4],
+            [2.0, 0.0]
+        ];
         let y = array![0.0, 0.0, 0.0, 1.0, 1.0, 1.0];
         (x, y)
     }
@@ -306,7 +317,11 @@ mod tests {
         let (x, y) = separable();
         let start = vec![0.0; 3];
         let before = mean_loss(ModelKind::Logistic, &start, x.view(), y.view()).unwrap();
-        let params = TrainParams { local_epochs: 50, batch_size: 2, ..Default::default() };
+        let params = TrainParams {
+            local_epochs: 50,
+            batch_size: 2,
+            ..Default::default()
+        };
         let w = train_local(ModelKind::Logistic, &start, x.view(), y.view(), &params).unwrap();
         let after = mean_loss(ModelKind::Logistic, &w, x.view(), y.view()).unwrap();
         assert!(after < before * 0.5, "{after} vs {before}");
@@ -319,8 +334,19 @@ mod tests {
     #[test]
     fn linear_training_recovers_coefficients() {
         // y = 3 x1 - 2 x2 + 1, no noise; with l2 = 0 gradient descent converges to it.
-        let x = array![[0.0, 1.0], [1.0, 0.0], [1.0, 1.0], [-1.0, 0.5], [0.5, -1.0], [2.0, 2.0]];
-        let y = x.rows().into_iter().map(|r| 3.0 * r[0] - 2.0 * r[1] + 1.0).collect::<Array1<_>>();
+        let x = array![
+            [0.0, 1.0],
+            [1.0, 0.0],
+            [1.0, 1.0],
+            [-1.0, 0.5],
+            [0.5, -1.0],
+            [2.0, 2.0]
+        ];
+        let y = x
+            .rows()
+            .into_iter()
+            .map(|r| 3.0 * r[0] - 2.0 * r[1] + 1.0)
+            .collect::<Array1<_>>();
         let params = TrainParams {
             local_epochs: 2000,
             batch_size: 6,
@@ -337,7 +363,10 @@ mod tests {
     #[test]
     fn training_is_deterministic_per_seed() {
         let (x, y) = separable();
-        let p = TrainParams { batch_size: 2, ..Default::default() };
+        let p = TrainParams {
+            batch_size: 2,
+            ..Default::default()
+        };
         let a = train_local(ModelKind::Logistic, &[0.0; 3], x.view(), y.view(), &p).unwrap();
         let b = train_local(ModelKind::Logistic, &[0.0; 3], x.view(), y.view(), &p).unwrap();
         assert_eq!(a, b);
@@ -352,15 +381,31 @@ mod tests {
             Err(TrainError::WidthMismatch { .. })
         ));
         assert!(matches!(
-            train_local(ModelKind::Logistic, &[0.0; 3], x.view(), y.slice(s![..3]), &p),
+            train_local(
+                ModelKind::Logistic,
+                &[0.0; 3],
+                x.view(),
+                y.slice(s![..3]),
+                &p
+            ),
             Err(TrainError::LengthMismatch { .. })
         ));
-        let zero_lr = TrainParams { learning_rate: 0.0, ..p.clone() };
+        let zero_lr = TrainParams {
+            learning_rate: 0.0,
+            ..p.clone()
+        };
         assert!(matches!(
             train_local(ModelKind::Logistic, &[0.0; 3], x.view(), y.view(), &zero_lr),
-            Err(TrainError::InvalidParam { name: "learning_rate", .. })
+            Err(TrainError::InvalidParam {
+                name: "learning_rate",
+                ..
+            })
         ));
-        let huge = TrainParams { learning_rate: 1e300, local_epochs: 3, ..p };
+        let huge = TrainParams {
+            learning_rate: 1e300,
+            local_epochs: 3,
+            ..p
+        };
         let big_x = x.mapv(|v| v * 1e10);
         assert_eq!(
             train_local(ModelKind::Linear, &[0.0; 3], big_x.view(), y.view(), &huge),

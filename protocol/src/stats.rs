@@ -143,7 +143,10 @@ mod tests {
     fn hostile_stats_are_refused() {
         let mut s = FeatureStats::empty(2);
         let wrong = FeatureStats::empty(3);
-        assert!(matches!(s.merge(&wrong), Err(StatsError::WrongWidth { .. })));
+        assert!(matches!(
+            s.merge(&wrong),
+            Err(StatsError::WrongWidth { .. })
+        ));
         let mut nan = FeatureStats::empty(2);
         nan.sum[1] = f64::NAN;
         assert_eq!(s.merge(&nan), Err(StatsError::NotFinite));

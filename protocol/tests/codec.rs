@@ -24,7 +24,11 @@ fn model() -> impl Strategy<Value = GlobalModel> {
             prop::collection::vec(finite(), d + 1),
         )
             .prop_map(move |(features, mean, std, weights)| GlobalModel {
-                kind: if logistic { ModelKind::Logistic } else { ModelKind::Linear },
+                kind: if logistic {
+                    ModelKind::Logistic
+                } else {
+                    ModelKind::Linear
+                },
                 features,
                 standardization: Standardization { mean, std },
                 weights,
@@ -34,68 +38,132 @@ fn model() -> impl Strategy<Value = GlobalModel> {
 
 fn evaluation() -> impl Strategy<Value = Evaluation> {
     prop_oneof![
-        (prop::collection::vec(0u64..50, SCORE_BINS), prop::collection::vec(0u64..50, SCORE_BINS))
-            .prop_map(|(positive_scores, negative_scores)| Evaluation::Classification {
-                rows: 3,
-                log_loss_sum: 1.5,
-                tp: 1,
-                tn: 1,
-                fp: 1,
-                fn_: 0,
-                positive_scores,
-                negative_scores,
-            }),
+        (
+            prop::collection::vec(0u64..50, SCORE_BINS),
+            prop::collection::vec(0u64..50, SCORE_BINS)
+        )
+            .prop_map(
+                |(positive_scores, negative_scores)| Evaluation::Classification {
+                    rows: 3,
+                    log_loss_sum: 1.5,
+                    tp: 1,
+                    tn: 1,
+                    fp: 1,
+                    fn_: 0,
+                    positive_scores,
+                    negative_scores,
+                }
+            ),
         (0u64..1000, finite(), finite(), finite()).prop_map(|(rows, a, b, c)| {
-            Evaluation::Regression { rows, sum_sq_error: a.abs(), sum_y: b, sum_y_sq: c.abs() }
+            Evaluation::Regression {
+                rows,
+                sum_sq_error: a.abs(),
+                sum_y: b,
+                sum_y_sq: c.abs(),
+            }
         }),
     ]
 }
 
 fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
-        ("[a-z-]{1,20}", prop::collection::vec(("[a-z]{1,10}", prop::collection::vec("[a-z]{1,6}", 0..5)), 0..3))
+        (
+            "[a-z-]{1,20}",
+            prop::collection::vec(
+                ("[a-z]{1,10}", prop::collection::vec("[a-z]{1,6}", 0..5)),
+                0..3
+            )
+        )
             .prop_map(|(site, ds)| Message::Hello(Hello {
                 site,
                 software: "medfed 0.1.0".into(),
-                datasets: ds.into_iter().map(|(name, columns)| DatasetInfo { name, columns }).collect(),
+                datasets: ds
+                    .into_iter()
+                    .map(|(name, columns)| DatasetInfo { name, columns })
+                    .collect(),
             })),
-        "[a-z]{0,10}".prop_map(|a| Message::Welcome(Welcome { aggregator: a, software: "x".into() })),
-        (model(), 1u32..100).prop_map(|(m, rounds)| Message::StudyAnnouncement(StudyAnnouncement {
-            study_id: "s".into(),
-            description: "d".into(),
-            dataset: "pima".into(),
-            features: m.features,
-            target: "type".into(),
-            model: m.kind,
-            positive_class: Some("Yes".into()),
-            validation_fraction: 0.25,
-            rounds,
+        "[a-z]{0,10}".prop_map(|a| Message::Welcome(Welcome {
+            aggregator: a,
+            software: "x".into()
         })),
+        (model(), 1u32..100).prop_map(|(m, rounds)| Message::StudyAnnouncement(
+            StudyAnnouncement {
+                study_id: "s".into(),
+                description: "d".into(),
+                dataset: "pima".into(),
+                features: m.features,
+                target: "type".into(),
+                model: m.kind,
+                positive_class: Some("Yes".into()),
+                validation_fraction: 0.25,
+                rounds,
+            }
+        )),
         (0u64..1000, prop::collection::vec(finite(), 0..8)).prop_map(|(n, v)| {
             Message::StudyDecision(StudyDecision::Accept {
                 study_id: "s".into(),
                 training_rows: n,
                 validation_rows: n / 3,
-                feature_stats: FeatureStats { count: n, sum: v.clone(), sum_sq: v },
+                feature_stats: FeatureStats {
+                    count: n,
+                    sum: v.clone(),
+                    sum_sq: v,
+                },
             })
         }),
-        "[ -~]{0,40}".prop_map(|reason| Message::StudyDecision(StudyDecision::Refuse { study_id: "s".into(), reason })),
-        (model(), any::<u32>(), any::<u64>()).prop_map(|(model, round, deadline_ms)| Message::RoundOpen(RoundOpen {
+        "[ -~]{0,40}".prop_map(|reason| Message::StudyDecision(StudyDecision::Refuse {
             study_id: "s".into(),
-            round,
-            model,
-            params: TrainParams::default(),
-            deadline_ms,
+            reason
         })),
-        (prop::collection::vec(finite(), 0..64), any::<u64>(), evaluation()).prop_map(|(weights, num_samples, evaluation)| {
-            Message::ModelUpdate(ModelUpdate { study_id: "s".into(), round: 3, weights, num_samples, train_loss: 0.5, evaluation })
+        (model(), any::<u32>(), any::<u64>()).prop_map(|(model, round, deadline_ms)| {
+            Message::RoundOpen(RoundOpen {
+                study_id: "s".into(),
+                round,
+                model,
+                params: TrainParams::default(),
+                deadline_ms,
+            })
         }),
-        model().prop_map(|model| Message::EvaluateRequest(EvaluateRequest { study_id: "s".into(), round: 20, model })),
-        evaluation().prop_map(|evaluation| Message::EvaluationReport(EvaluationReport { study_id: "s".into(), round: 1, evaluation })),
-        (prop::collection::vec("[a-z]{1,8}", 0..5), any::<bool>()).prop_map(|(participants, study_complete)| {
-            Message::RoundResult(RoundResult { study_id: "s".into(), round: 2, participants, train_loss: 0.4, study_complete })
-        }),
-        "[ -~]{0,80}".prop_map(|reason| Message::Error(ErrorMessage { code: ErrorCode::InvalidContent, reason })),
+        (
+            prop::collection::vec(finite(), 0..64),
+            any::<u64>(),
+            evaluation()
+        )
+            .prop_map(|(weights, num_samples, evaluation)| {
+                Message::ModelUpdate(ModelUpdate {
+                    study_id: "s".into(),
+                    round: 3,
+                    weights,
+                    num_samples,
+                    train_loss: 0.5,
+                    evaluation,
+                })
+            }),
+        model().prop_map(|model| Message::EvaluateRequest(EvaluateRequest {
+            study_id: "s".into(),
+            round: 20,
+            model
+        })),
+        evaluation().prop_map(|evaluation| Message::EvaluationReport(EvaluationReport {
+            study_id: "s".into(),
+            round: 1,
+            evaluation
+        })),
+        (prop::collection::vec("[a-z]{1,8}", 0..5), any::<bool>()).prop_map(
+            |(participants, study_complete)| {
+                Message::RoundResult(RoundResult {
+                    study_id: "s".into(),
+                    round: 2,
+                    participants,
+                    train_loss: 0.4,
+                    study_complete,
+                })
+            }
+        ),
+        "[ -~]{0,80}".prop_map(|reason| Message::Error(ErrorMessage {
+            code: ErrorCode::InvalidContent,
+            reason
+        })),
     ]
 }
 
@@ -146,31 +214,60 @@ fn oversized_header_is_refused_before_the_body() {
     let header = (DEFAULT_MAX_FRAME_BYTES + 1).to_be_bytes();
     assert_eq!(
         check_frame_length(header, DEFAULT_MAX_FRAME_BYTES),
-        Err(FrameError::TooLarge { len: u64::from(DEFAULT_MAX_FRAME_BYTES) + 1, max: DEFAULT_MAX_FRAME_BYTES })
+        Err(FrameError::TooLarge {
+            len: u64::from(DEFAULT_MAX_FRAME_BYTES) + 1,
+            max: DEFAULT_MAX_FRAME_BYTES
+        })
     );
-    assert_eq!(check_frame_length(u32::MAX.to_be_bytes(), 1024).unwrap_err().code(), ErrorCode::FrameTooLarge);
-    assert_eq!(check_frame_length(1u32.to_be_bytes(), 1024), Err(FrameError::TooShort { len: 1 }));
+    assert_eq!(
+        check_frame_length(u32::MAX.to_be_bytes(), 1024)
+            .unwrap_err()
+            .code(),
+        ErrorCode::FrameTooLarge
+    );
+    assert_eq!(
+        check_frame_length(1u32.to_be_bytes(), 1024),
+        Err(FrameError::TooShort { len: 1 })
+    );
 }
 
 #[test]
 fn encoder_refuses_messages_over_the_limit() {
-    let msg = Message::Error(ErrorMessage { code: ErrorCode::Internal, reason: "x".repeat(100) });
-    assert!(matches!(encode_frame(&msg, 50), Err(FrameError::TooLarge { .. })));
+    let msg = Message::Error(ErrorMessage {
+        code: ErrorCode::Internal,
+        reason: "x".repeat(100),
+    });
+    assert!(matches!(
+        encode_frame(&msg, 50),
+        Err(FrameError::TooLarge { .. })
+    ));
 }
 
 #[test]
 fn another_version_is_a_typed_error() {
-    let msg = Message::Welcome(Welcome { aggregator: "a".into(), software: "b".into() });
+    let msg = Message::Welcome(Welcome {
+        aggregator: "a".into(),
+        software: "b".into(),
+    });
     let frame = encode_frame_with_version(&msg, 9, DEFAULT_MAX_FRAME_BYTES).unwrap();
     let err = decode_frame(&frame, DEFAULT_MAX_FRAME_BYTES).unwrap_err();
-    assert_eq!(err, FrameError::UnsupportedVersion { got: 9, supported: PROTOCOL_VERSION });
+    assert_eq!(
+        err,
+        FrameError::UnsupportedVersion {
+            got: 9,
+            supported: PROTOCOL_VERSION
+        }
+    );
     assert!(err.to_string().contains("version 9"));
 }
 
 /// The frame layout is a compatibility promise: pin it byte for byte.
 #[test]
 fn frame_layout_vector() {
-    let msg = Message::Error(ErrorMessage { code: ErrorCode::Malformed, reason: "ab".into() });
+    let msg = Message::Error(ErrorMessage {
+        code: ErrorCode::Malformed,
+        reason: "ab".into(),
+    });
     let frame = encode_frame(&msg, DEFAULT_MAX_FRAME_BYTES).unwrap();
     assert_eq!(
         frame,

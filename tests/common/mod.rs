@@ -18,13 +18,20 @@ use medfed_protocol::messages::Hello;
 pub fn make_pki(dir: &Path, sites: &[&str]) -> (IssuedFiles, Vec<IssuedFiles>) {
     pki::init_ca(dir, "Test consortium", 2).expect("CA");
     let agg = pki::issue(dir, &Role::Aggregator("localhost".into()), 2).expect("aggregator cert");
-    let sites = sites.iter().map(|s| pki::issue(dir, &Role::Site(s.to_string()), 2).expect("site cert")).collect();
+    let sites = sites
+        .iter()
+        .map(|s| pki::issue(dir, &Role::Site(s.to_string()), 2).expect("site cert"))
+        .collect();
     (agg, sites)
 }
 
 /// Writes an aggregator config with no study (it serves until shut down).
 pub fn serving_config(dir: &Path, agg: &IssuedFiles, allow: &[&str], max_frame: u32) -> PathBuf {
-    let allow = allow.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>().join(", ");
+    let allow = allow
+        .iter()
+        .map(|s| format!("{s:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let text = format!(
         "listen = \"127.0.0.1:0\"\nmax_frame_bytes = {max_frame}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[sites]\nallow = [{allow}]\n",
         agg.ca, agg.cert, agg.key
@@ -59,14 +66,28 @@ pub fn client(addr: SocketAddr, files: &IssuedFiles) -> quinn::Endpoint {
 }
 
 pub fn hello(site: &str) -> Message {
-    Message::Hello(Hello { site: site.into(), software: "test".into(), datasets: vec![] })
+    Message::Hello(Hello {
+        site: site.into(),
+        software: "test".into(),
+        datasets: vec![],
+    })
 }
 
 /// Connects and says hello; returns the connection and the answer.
-pub async fn connect_and_hello(addr: SocketAddr, files: &IssuedFiles, site: &str) -> Result<(quinn::Connection, Message), TransportError> {
+pub async fn connect_and_hello(
+    addr: SocketAddr,
+    files: &IssuedFiles,
+    site: &str,
+) -> Result<(quinn::Connection, Message), TransportError> {
     let endpoint = client(addr, files);
     let conn = endpoint.connect(addr, "localhost")?.await?;
-    let answer = transport::request(&conn, &hello(site), medfed_protocol::DEFAULT_MAX_FRAME_BYTES, Duration::from_secs(10)).await?;
+    let answer = transport::request(
+        &conn,
+        &hello(site),
+        medfed_protocol::DEFAULT_MAX_FRAME_BYTES,
+        Duration::from_secs(10),
+    )
+    .await?;
     Ok((conn, answer))
 }
 
