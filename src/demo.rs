@@ -121,6 +121,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         );
     }
     println!("\nfinal global model: {}", final_model.display());
+    if args.out.is_none() {
+        println!(
+            "                    (removed on exit with the rest of the run: --out DIR keeps it)"
+        );
+    }
     println!(
         "evaluate it:        medfed model evaluate --model {} --data {} --target type",
         final_model.display(),
