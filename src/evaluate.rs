@@ -10,7 +10,7 @@ use medfed_protocol::model::ModelKind;
 
 #[derive(clap::Args)]
 pub struct EvaluateArgs {
-    /// An exported model (JSON), e.g. models/<study>/final.json in the aggregator's out_dir.
+    /// An exported model (JSON), e.g. models/STUDY/final.json in the aggregator's out_dir.
     #[arg(long)]
     pub model: PathBuf,
     /// A CSV file with a header row holding the model's feature columns and the target.
