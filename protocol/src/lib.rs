@@ -17,6 +17,8 @@
 //! - [`codec`]: length-prefixed framing with a size limit checked before allocation.
 //! - [`model`]: logistic and linear regression, local mini-batch training, FedAvg.
 //! - [`stats`]: combinable feature statistics for standardization.
+//! - [`quant`]: fixed-point encoding into Z_2^32 / Z_2^64 with overflow checks.
+//! - [`secagg`]: secure aggregation (SecAgg / SecAgg+) client and server state machines.
 //! - [`metrics`]: exact metrics and the combinable per-site evaluation summary.
 //! - [`export`]: the JSON layout of an exported global model.
 
@@ -25,6 +27,8 @@ pub mod export;
 pub mod messages;
 pub mod metrics;
 pub mod model;
+pub mod quant;
+pub mod secagg;
 pub mod stats;
 
 pub use codec::{DEFAULT_MAX_FRAME_BYTES, FrameError, PROTOCOL_VERSION};

@@ -1,0 +1,297 @@
+//! Fixed-point encoding of real vectors into Z_2^32 or Z_2^64 for secure aggregation.
+//!
+//! Each coordinate is clipped to `[-clip, clip]`, multiplied by `2^scale_bits`, and rounded
+//! stochastically (up with probability equal to the fractional part, so the encoding is
+//! unbiased), then stored in two's complement modulo `2^modulus_bits`. Sums are taken modulo
+//! the same power of two and decoded by sign extension.
+//!
+//! A sum of `n` encodings cannot wrap around when `n * (clip * 2^scale_bits + 1) < 2^(bits-1)`;
+//! [`QuantParams::for_parties`] picks 32 bits when that holds, else 64, and refuses
+//! parameters for which neither does. The decoded sum differs from the sum of the clipped
+//! inputs by less than `n / 2^scale_bits` per coordinate ([`QuantParams::max_sum_error`]).
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct QuantParams {
+    pub clip: f64,
+    pub scale_bits: u8,
+    /// 32 or 64.
+    pub modulus_bits: u8,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum QuantError {
+    #[error("clip must be a positive finite number, got {0}")]
+    BadClip(f64),
+    #[error("scale_bits must be at most 52, got {0}")]
+    BadScale(u8),
+    #[error("modulus_bits must be 32 or 64, got {0}")]
+    BadModulus(u8),
+    #[error(
+        "a sum of {parties} inputs clipped to ±{clip} at 2^{scale_bits} could overflow \
+         {modulus_bits}-bit arithmetic: lower clip or scale_bits"
+    )]
+    Overflow {
+        parties: usize,
+        clip: f64,
+        scale_bits: u8,
+        modulus_bits: u8,
+    },
+}
+
+impl QuantParams {
+    fn fits(parties: usize, clip: f64, scale_bits: u8, bits: u8) -> bool {
+        let per_party = clip * 2f64.powi(i32::from(scale_bits)) + 1.0;
+        // Compare in f64 with margin: 2^(bits-1) is exactly representable.
+        (parties as f64) * per_party < 2f64.powi(i32::from(bits) - 1) * (1.0 - 1e-9)
+    }
+
+    /// The narrowest modulus in which a sum of `parties` inputs cannot overflow.
+    pub fn for_parties(
+        parties: usize,
+        clip: f64,
+        scale_bits: u8,
+    ) -> Result<QuantParams, QuantError> {
+        if !(clip.is_finite() && clip > 0.0) {
+            return Err(QuantError::BadClip(clip));
+        }
+        if scale_bits > 52 {
+            return Err(QuantError::BadScale(scale_bits));
+        }
+        for bits in [32, 64] {
+            if Self::fits(parties, clip, scale_bits, bits) {
+                return Ok(QuantParams {
+                    clip,
+                    scale_bits,
+                    modulus_bits: bits,
+                });
+            }
+        }
+        Err(QuantError::Overflow {
+            parties,
+            clip,
+            scale_bits,
+            modulus_bits: 64,
+        })
+    }
+
+    /// Checks parameters received from a peer against the number of parties.
+    pub fn check(&self, parties: usize) -> Result<(), QuantError> {
+        if !(self.clip.is_finite() && self.clip > 0.0) {
+            return Err(QuantError::BadClip(self.clip));
+        }
+        if self.scale_bits > 52 {
+            return Err(QuantError::BadScale(self.scale_bits));
+        }
+        if self.modulus_bits != 32 && self.modulus_bits != 64 {
+            return Err(QuantError::BadModulus(self.modulus_bits));
+        }
+        if !Self::fits(parties, self.clip, self.scale_bits, self.modulus_bits) {
+            return Err(QuantError::Overflow {
+                parties,
+                clip: self.clip,
+                scale_bits: self.scale_bits,
+                modulus_bits: self.modulus_bits,
+            });
+        }
+        Ok(())
+    }
+
+    fn scale(&self) -> f64 {
+        2f64.powi(i32::from(self.scale_bits))
+    }
+
+    pub fn mask(&self) -> u64 {
+        if self.modulus_bits == 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.modulus_bits) - 1
+        }
+    }
+
+    /// Encodes `x` (NaN encodes as 0).
+    pub fn encode(&self, x: &[f64], rng: &mut impl Rng) -> Vec<u64> {
+        let scale = self.scale();
+        let mask = self.mask();
+        x.iter()
+            .map(|v| {
+                let v = if v.is_nan() {
+                    0.0
+                } else {
+                    v.clamp(-self.clip, self.clip)
+                } * scale;
+                let floor = v.floor();
+                let up = rng.random::<f64>() < v - floor;
+                // |v| <= clip * 2^scale_bits < 2^63 (checked by `check`), so the cast is exact.
+                let q = floor as i64 + i64::from(up);
+                (q as u64) & mask
+            })
+            .collect()
+    }
+
+    /// Decodes a sum (or a single encoding) modulo 2^bits.
+    pub fn decode(&self, sum: &[u64]) -> Vec<f64> {
+        let scale = self.scale();
+        let shift = 64 - u32::from(self.modulus_bits);
+        sum.iter()
+            .map(|&w| {
+                // Sign-extend from `modulus_bits`.
+                let signed = ((w << shift) as i64) >> shift;
+                signed as f64 / scale
+            })
+            .collect()
+    }
+
+    /// Bound on |decoded sum - sum of clipped inputs| per coordinate, for `parties` inputs.
+    pub fn max_sum_error(&self, parties: usize) -> f64 {
+        parties as f64 / self.scale()
+    }
+
+    /// Wire size of one encoded coordinate.
+    pub fn word_bytes(&self) -> usize {
+        usize::from(self.modulus_bits / 8)
+    }
+}
+
+/// Packs words into little-endian bytes of `bits / 8` each.
+pub fn pack(words: &[u64], bits: u8) -> Vec<u8> {
+    match bits {
+        32 => words
+            .iter()
+            .flat_map(|w| (*w as u32).to_le_bytes())
+            .collect(),
+        _ => words.iter().flat_map(|w| w.to_le_bytes()).collect(),
+    }
+}
+
+/// The inverse of [`pack`]; `None` if the length is not a whole number of words.
+pub fn unpack(bytes: &[u8], bits: u8) -> Option<Vec<u64>> {
+    match bits {
+        32 if bytes.len() % 4 == 0 => Some(
+            bytes
+                .chunks_exact(4)
+                .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                .collect(),
+        ),
+        64 if bytes.len() % 8 == 0 => Some(
+            bytes
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn picks_the_narrowest_safe_modulus() {
+        assert_eq!(
+            QuantParams::for_parties(3, 100.0, 20).unwrap().modulus_bits,
+            32
+        );
+        assert_eq!(
+            QuantParams::for_parties(100, 100.0, 20)
+                .unwrap()
+                .modulus_bits,
+            64
+        );
+        assert!(matches!(
+            QuantParams::for_parties(1 << 20, 1e6, 40),
+            Err(QuantError::Overflow { .. })
+        ));
+        let p = QuantParams {
+            clip: 100.0,
+            scale_bits: 20,
+            modulus_bits: 32,
+        };
+        assert!(p.check(3).is_ok());
+        assert!(matches!(p.check(100), Err(QuantError::Overflow { .. })));
+        assert!(matches!(
+            QuantParams {
+                modulus_bits: 16,
+                ..p
+            }
+            .check(1),
+            Err(QuantError::BadModulus(16))
+        ));
+    }
+
+    #[test]
+    fn sums_decode_within_the_stated_error_at_the_extremes() {
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+        for parties in [1usize, 3, 1000] {
+            let p = QuantParams::for_parties(parties, 4.0, 16).unwrap();
+            let inputs: Vec<Vec<f64>> = (0..parties)
+                .map(|i| {
+                    vec![
+                        4.0,
+                        -4.0,
+                        1e9,
+                        -1e9,
+                        f64::NAN,
+                        0.3 * i as f64 - 1.0,
+                        -3.999_99,
+                    ]
+                })
+                .collect();
+            let mut sum = vec![0u64; 7];
+            for x in &inputs {
+                for (s, w) in sum.iter_mut().zip(p.encode(x, &mut rng)) {
+                    *s = s.wrapping_add(w) & p.mask();
+                }
+            }
+            let decoded = p.decode(&sum);
+            for j in 0..7 {
+                let want: f64 = inputs
+                    .iter()
+                    .map(|x| {
+                        if x[j].is_nan() {
+                            0.0
+                        } else {
+                            x[j].clamp(-4.0, 4.0)
+                        }
+                    })
+                    .sum();
+                assert!(
+                    (decoded[j] - want).abs() <= p.max_sum_error(parties),
+                    "coordinate {j}: {} vs {want}",
+                    decoded[j]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn stochastic_rounding_is_unbiased() {
+        let p = QuantParams {
+            clip: 1.0,
+            scale_bits: 2,
+            modulus_bits: 32,
+        };
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(2);
+        let n = 20_000;
+        let mean: f64 = (0..n)
+            .map(|_| p.decode(&p.encode(&[0.1], &mut rng))[0])
+            .sum::<f64>()
+            / n as f64;
+        // 0.1 lies between grid points 0 and 0.25; the mean must be 0.1, not 0 or 0.25.
+        assert!((mean - 0.1).abs() < 0.01, "{mean}");
+    }
+
+    #[test]
+    fn packing_round_trips_and_refuses_ragged_input() {
+        let words = vec![0, 1, 0xffff_ffff, 42];
+        assert_eq!(unpack(&pack(&words, 32), 32).unwrap(), words);
+        let words = vec![0, u64::MAX, 1 << 40];
+        assert_eq!(unpack(&pack(&words, 64), 64).unwrap(), words);
+        assert_eq!(unpack(&[1, 2, 3], 32), None);
+        assert_eq!(unpack(&[1, 2, 3, 4], 16), None);
+    }
+}

@@ -1,0 +1,158 @@
+//! The neighbour graph. With `k = n - 1` every pair of parties masks (Bonawitz et al.);
+//! with smaller even `k` the graph is a Harary graph H(k, n) laid over a public random
+//! permutation of the parties, as in SecAgg+ (Bell et al. 2020): each party masks with and
+//! shares its secrets among `k` neighbours instead of everyone.
+
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use rand_chacha::ChaCha20Rng;
+
+use super::PartyId;
+
+#[derive(Debug, Clone)]
+pub struct Graph {
+    neighbours: Vec<Vec<PartyId>>,
+}
+
+impl Graph {
+    /// The graph for `n` parties with `k` neighbours each; `seed` fixes the permutation.
+    /// The caller has validated `k` (see `Setup::validate`).
+    pub fn new(n: usize, k: usize, seed: u64) -> Graph {
+        let k = k.min(n.saturating_sub(1));
+        if k + 1 >= n {
+            let neighbours = (0..n as PartyId)
+                .map(|u| (0..n as PartyId).filter(|&v| v != u).collect())
+                .collect();
+            return Graph { neighbours };
+        }
+        let mut order: Vec<PartyId> = (0..n as PartyId).collect();
+        order.shuffle(&mut ChaCha20Rng::seed_from_u64(seed));
+        let mut neighbours = vec![Vec::with_capacity(k); n];
+        for (pos, &u) in order.iter().enumerate() {
+            for j in 1..=k / 2 {
+                neighbours[u as usize].push(order[(pos + j) % n]);
+                neighbours[u as usize].push(order[(pos + n - j) % n]);
+            }
+        }
+        for list in &mut neighbours {
+            list.sort_unstable();
+            list.dedup();
+        }
+        Graph { neighbours }
+    }
+
+    /// `u`'s neighbours, in increasing order.
+    pub fn neighbours(&self, u: PartyId) -> &[PartyId] {
+        self.neighbours.get(u as usize).map_or(&[], Vec::as_slice)
+    }
+
+    pub fn are_neighbours(&self, u: PartyId, v: PartyId) -> bool {
+        self.neighbours(u).binary_search(&v).is_ok()
+    }
+
+    /// The Shamir x-coordinate of the share of `owner`'s secrets held by `holder`.
+    pub fn share_index(&self, owner: PartyId, holder: PartyId) -> Option<u8> {
+        let i = self.neighbours(owner).binary_search(&holder).ok()?;
+        u8::try_from(i + 1).ok()
+    }
+}
+
+fn ln_choose(n: usize, k: usize) -> f64 {
+    (1..=k)
+        .map(|i| ((n - k + i) as f64).ln() - (i as f64).ln())
+        .sum()
+}
+
+/// P[X >= at_least] for X ~ Binomial(n, p).
+fn binomial_tail(n: usize, p: f64, at_least: usize) -> f64 {
+    if p <= 0.0 {
+        return if at_least == 0 { 1.0 } else { 0.0 };
+    }
+    if p >= 1.0 {
+        return if at_least <= n { 1.0 } else { 0.0 };
+    }
+    (at_least..=n)
+        .map(|i| (ln_choose(n, i) + i as f64 * p.ln() + (n - i) as f64 * (1.0 - p).ln()).exp())
+        .sum()
+}
+
+/// Chooses neighbours `k` and threshold `t` for `n` parties so that, when each party drops
+/// out independently with probability `dropout` and is corrupt (colludes with the server)
+/// independently with probability `corrupt`:
+/// - P[some party's secrets cannot be rebuilt (fewer than t of its k neighbours survive)]
+///   <= n * P[Bin(k, dropout) > k - t] <= 2^-`correctness_bits`, and
+/// - P[some neighbourhood holds t or more corrupt parties, who could rebuild a party's
+///   secrets] <= n * P[Bin(k, corrupt) >= t] <= 2^-`privacy_bits`.
+///
+/// Returns the smallest even `k` that meets both (with the smallest such `t`), or the
+/// complete graph (`k = n - 1`, `t` a majority) when no smaller graph does.
+pub fn choose_neighbours(
+    n: usize,
+    dropout: f64,
+    corrupt: f64,
+    correctness_bits: u32,
+    privacy_bits: u32,
+) -> (u32, u32) {
+    let complete = ((n - 1) as u32, ((n - 1) / 2 + 1).max(2) as u32);
+    if n < 4 {
+        return complete;
+    }
+    let correct_target = 2f64.powi(-(correctness_bits as i32)) / n as f64;
+    let private_target = 2f64.powi(-(privacy_bits as i32)) / n as f64;
+    let mut k = 2;
+    while k < n - 1 && k <= 254 {
+        for t in (k / 2 + 1).max(2)..=k {
+            let unrecoverable = binomial_tail(k, dropout, k - t + 1);
+            let exposed = binomial_tail(k, corrupt, t);
+            if unrecoverable <= correct_target && exposed <= private_target {
+                return (k as u32, t as u32);
+            }
+        }
+        k += 2;
+    }
+    complete
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn harary_graph_is_symmetric_and_regular() {
+        for (n, k) in [(10, 4), (101, 10), (1000, 30)] {
+            let g = Graph::new(n, k, 7);
+            for u in 0..n as PartyId {
+                assert_eq!(g.neighbours(u).len(), k, "party {u}");
+                assert!(!g.are_neighbours(u, u));
+                for &v in g.neighbours(u) {
+                    assert!(g.are_neighbours(v, u), "{u} -> {v} not symmetric");
+                }
+            }
+        }
+        let complete = Graph::new(5, 4, 0);
+        assert_eq!(complete.neighbours(2), &[0, 1, 3, 4]);
+        assert_eq!(complete.share_index(2, 3), Some(3));
+        assert_eq!(complete.share_index(2, 2), None);
+    }
+
+    #[test]
+    fn binomial_tails_by_hand() {
+        assert!((binomial_tail(2, 0.5, 1) - 0.75).abs() < 1e-12);
+        assert!((binomial_tail(3, 0.1, 3) - 0.001).abs() < 1e-12);
+        assert!((binomial_tail(10, 0.3, 0) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn neighbourhoods_grow_like_log_n() {
+        let (k100, t100) = choose_neighbours(100, 0.1, 0.05, 20, 30);
+        let (k1000, _) = choose_neighbours(1000, 0.1, 0.05, 20, 30);
+        let (k10000, _) = choose_neighbours(10_000, 0.1, 0.05, 20, 30);
+        assert!(k100 < 99 && t100 > k100 / 2, "{k100} {t100}");
+        assert!(k1000 < 100 && k10000 < 120, "{k1000} {k10000}");
+        assert!(
+            k10000 - k1000 <= k1000 - k100 + 6,
+            "{k100} {k1000} {k10000}: not logarithmic"
+        );
+        assert_eq!(choose_neighbours(3, 0.1, 0.05, 20, 30), (2, 2));
+    }
+}

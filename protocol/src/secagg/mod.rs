@@ -1,0 +1,308 @@
+//! Secure aggregation (Bonawitz et al., CCS 2017), with the SecAgg+ neighbour graph of
+//! Bell et al. (CCS 2020) for large numbers of parties: the aggregator learns the sum of
+//! the parties' vectors and nothing else about any one of them, even when parties drop out.
+//!
+//! Sans-I/O: [`Client`] and [`Server`] are state machines; the node and the aggregator move
+//! their messages over QUIC, and tests move them in memory with virtual time.
+//!
+//! ```text
+//!  phase           client → server                server → client
+//!  advertise keys  AdvertiseKeys (signed c_pk,s_pk) KeyDirectory (neighbours' keys)
+//!  share keys      ShareKeys (encrypted shares)   EncryptedShares (shares held for others)
+//!  masked input    MaskedInput (y = x + masks)    UnmaskRequest (who sent input)
+//!  unmasking       UnmaskShares (b or s_sk shares) —  the server decodes the sum
+//! ```
+
+mod client;
+pub mod crypto;
+mod graph;
+mod server;
+
+use serde::{Deserialize, Serialize};
+
+pub use client::Client;
+pub use graph::{Graph, choose_neighbours};
+pub use server::{Phase, Server};
+
+use crate::quant::QuantParams;
+
+/// A party's index in [`Setup::parties`].
+pub type PartyId = u32;
+
+/// Everything all parties must agree on for one aggregation, fixed by the server before it
+/// starts and bound into every key, signature and ciphertext via [`Setup::context`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Setup {
+    /// A unique label of this aggregation (e.g. "study/round/attempt").
+    pub label: String,
+    /// The parties' names (site names), indexed by [`PartyId`].
+    pub parties: Vec<String>,
+    /// Shamir threshold within each neighbourhood; also the fewest parties whose input the
+    /// server may decode.
+    pub threshold: u32,
+    /// Neighbours per party (SecAgg+); `parties - 1` means every pair is masked.
+    pub neighbours: u32,
+    /// Seed of the neighbour graph's permutation (public).
+    pub graph_seed: u64,
+    /// Length of the input vectors.
+    pub dimension: u32,
+    pub quant: QuantParams,
+}
+
+impl Setup {
+    /// A hash binding every field: keys, signatures and ciphertexts of one aggregation are
+    /// useless in another.
+    pub fn context(&self) -> [u8; 32] {
+        let bytes = postcard::to_allocvec(self).unwrap_or_default();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest.as_ref());
+        out
+    }
+
+    /// Checks a setup received from the server.
+    pub fn validate(&self) -> Result<(), SecAggError> {
+        let n = self.parties.len();
+        let bad = |why: String| Err(SecAggError::BadSetup(why));
+        if n < 2 {
+            return bad(format!("{n} parties; secure aggregation needs at least 2"));
+        }
+        if u32::try_from(n).is_err() {
+            return bad("too many parties".into());
+        }
+        let k = self.neighbours as usize;
+        if k == 0 || k > n - 1 || k > 254 {
+            return bad(format!(
+                "{k} neighbours for {n} parties (must be 1..={} and at most 254)",
+                n - 1
+            ));
+        }
+        if k < n - 1 && k % 2 == 1 {
+            return bad(format!(
+                "{k} neighbours: a partial graph needs an even number"
+            ));
+        }
+        let t = self.threshold as usize;
+        // t > k/2 keeps a server that lies about dropouts from collecting both kinds of
+        // shares of one party from honest neighbours; t <= k leaves room for dropouts.
+        if t <= k / 2 || t > k || t < 2 {
+            return bad(format!(
+                "threshold {t} for {k} neighbours (must be more than {} and at most {k}, and at least 2)",
+                k / 2
+            ));
+        }
+        let mut names: Vec<&String> = self.parties.iter().collect();
+        names.sort();
+        names.dedup();
+        if names.len() != n {
+            return bad("a party is listed twice".into());
+        }
+        if self.dimension == 0 {
+            return bad("dimension 0".into());
+        }
+        self.quant
+            .check(n)
+            .map_err(|e| SecAggError::BadSetup(e.to_string()))
+    }
+
+    pub fn graph(&self) -> Graph {
+        Graph::new(
+            self.parties.len(),
+            self.neighbours as usize,
+            self.graph_seed,
+        )
+    }
+}
+
+/// Signs a party's advertised keys with its long-term identity (a site's certificate key).
+pub trait Signer {
+    fn sign(&self, message: &[u8]) -> Vec<u8>;
+}
+
+/// Checks that `signature` over `message` was made by party `site`'s identity key.
+pub trait Verifier {
+    fn verify(&self, site: &str, message: &[u8], signature: &[u8]) -> bool;
+}
+
+/// The bytes a party signs: its name and both public keys, bound to the setup.
+pub fn key_signing_message(
+    context: &[u8; 32],
+    site: &str,
+    c_pk: &[u8; 32],
+    s_pk: &[u8; 32],
+) -> Vec<u8> {
+    let mut m = b"medfed-secagg-v1 advertise".to_vec();
+    m.extend_from_slice(context);
+    m.extend_from_slice(&(site.len() as u32).to_be_bytes());
+    m.extend_from_slice(site.as_bytes());
+    m.extend_from_slice(c_pk);
+    m.extend_from_slice(s_pk);
+    m
+}
+
+/// A party's signed public keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdvertisedKeys {
+    pub party: PartyId,
+    /// Key agreement for encrypting shares.
+    pub c_pk: [u8; 32],
+    /// Key agreement for pairwise masks.
+    pub s_pk: [u8; 32],
+    pub signature: Vec<u8>,
+}
+
+/// An encrypted share from one party to another, relayed by the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SealedShare {
+    pub from: PartyId,
+    pub to: PartyId,
+    pub ciphertext: Vec<u8>,
+}
+
+/// A revealed share of `owner`'s secret (its self-mask seed or its mask key).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RevealedShare {
+    pub owner: PartyId,
+    /// Shamir share: x-coordinate byte, then the share bytes.
+    pub share: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ClientMessage {
+    AdvertiseKeys(AdvertisedKeys),
+    ShareKeys(Vec<SealedShare>),
+    /// The masked input, packed little-endian words of `quant.modulus_bits`.
+    MaskedInput(Vec<u8>),
+    UnmaskShares {
+        self_mask: Vec<RevealedShare>,
+        mask_key: Vec<RevealedShare>,
+    },
+}
+
+impl ClientMessage {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientMessage::AdvertiseKeys(_) => "advertise-keys",
+            ClientMessage::ShareKeys(_) => "share-keys",
+            ClientMessage::MaskedInput(_) => "masked-input",
+            ClientMessage::UnmaskShares { .. } => "unmask-shares",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ServerMessage {
+    /// The advertised keys of the receiver's neighbours that took part.
+    KeyDirectory(Vec<AdvertisedKeys>),
+    /// The shares other parties sealed for the receiver.
+    EncryptedShares(Vec<SealedShare>),
+    /// The parties whose masked input the server holds.
+    UnmaskRequest { survivors: Vec<PartyId> },
+}
+
+impl ServerMessage {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerMessage::KeyDirectory(_) => "key-directory",
+            ServerMessage::EncryptedShares(_) => "encrypted-shares",
+            ServerMessage::UnmaskRequest { .. } => "unmask-request",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecAggError {
+    #[error("invalid secure-aggregation setup: {0}")]
+    BadSetup(String),
+    #[error("a peer offered a small-order public key")]
+    WeakPublicKey,
+    #[error("a share failed to decrypt (wrong key, context or tampering)")]
+    Decryption,
+    #[error("secret sharing: {0}")]
+    Sharing(String),
+    #[error("the signature on party {party}'s keys does not verify")]
+    ForgedSignature { party: PartyId },
+    #[error("unknown party {0}")]
+    UnknownParty(PartyId),
+    #[error("party {from} sent a {kind} message during the {phase} phase")]
+    WrongPhase {
+        from: PartyId,
+        kind: &'static str,
+        phase: &'static str,
+    },
+    #[error("party {0} already sent this phase's message")]
+    Duplicate(PartyId),
+    #[error("party {from}: {what} has {got} entries, expected {expected}")]
+    WrongLength {
+        from: PartyId,
+        what: &'static str,
+        got: usize,
+        expected: usize,
+    },
+    #[error("party {from}: {why}")]
+    Invalid { from: PartyId, why: String },
+    #[error("the server asked for shares inconsistent with the protocol: {0}")]
+    Inconsistent(String),
+    #[error("only {got} parties remain in the {phase} phase; at least {need} are needed")]
+    TooFewSurvivors {
+        phase: &'static str,
+        got: usize,
+        need: usize,
+    },
+    #[error("party {owner}'s secret cannot be rebuilt: {got} of {need} shares arrived")]
+    Unrecoverable {
+        owner: PartyId,
+        got: usize,
+        need: usize,
+    },
+    #[error("the aggregation was aborted: {0}")]
+    Aborted(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup(n: usize, k: u32, t: u32) -> Setup {
+        Setup {
+            label: "s/1".into(),
+            parties: (0..n).map(|i| format!("site-{i}")).collect(),
+            threshold: t,
+            neighbours: k,
+            graph_seed: 1,
+            dimension: 4,
+            quant: QuantParams::for_parties(n, 1.0, 16).unwrap(),
+        }
+    }
+
+    #[test]
+    fn setups_are_checked() {
+        assert!(setup(3, 2, 2).validate().is_ok());
+        assert!(setup(1, 1, 1).validate().is_err());
+        assert!(setup(10, 3, 2).validate().is_err(), "odd partial degree");
+        assert!(
+            setup(10, 4, 2).validate().is_err(),
+            "threshold not above k/2"
+        );
+        assert!(setup(10, 4, 5).validate().is_err(), "threshold above k");
+        let mut dup = setup(3, 2, 2);
+        dup.parties[1] = dup.parties[0].clone();
+        assert!(dup.validate().is_err());
+        let mut overflow = setup(3, 2, 2);
+        overflow.quant.modulus_bits = 32;
+        overflow.quant.scale_bits = 40;
+        assert!(overflow.validate().is_err());
+    }
+
+    #[test]
+    fn the_context_binds_every_field() {
+        let a = setup(3, 2, 2);
+        let mut b = a.clone();
+        b.dimension += 1;
+        assert_ne!(a.context(), b.context());
+        let mut c = a.clone();
+        c.label = "s/2".into();
+        assert_ne!(a.context(), c.context());
+    }
+}

@@ -1,0 +1,454 @@
+//! The aggregator's side of secure aggregation. It keeps one running sum of masked inputs
+//! (never one vector per party: memory O(d + n·k)), relays keys and sealed shares, and in
+//! the end removes the masks: self masks of parties whose input it holds, pairwise masks of
+//! parties that dropped after sharing their keys.
+//!
+//! Time is virtual: callers pass `now_ms` and call [`Server::handle_timeout`] when
+//! [`Server::poll_timeout`] says; a phase also ends as soon as every expected message is in.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use super::client::{mask_sign, pair_seed, self_mask_seed};
+use super::crypto::{self, KeyPair};
+use super::{
+    AdvertisedKeys, ClientMessage, Graph, PartyId, RevealedShare, SealedShare, SecAggError,
+    ServerMessage, Setup, Verifier, key_signing_message,
+};
+use crate::quant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    AdvertiseKeys,
+    ShareKeys,
+    MaskedInput,
+    Unmasking,
+    Done,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::AdvertiseKeys => "advertise keys",
+            Phase::ShareKeys => "share keys",
+            Phase::MaskedInput => "masked input",
+            Phase::Unmasking => "unmasking",
+            Phase::Done => "done",
+        }
+    }
+}
+
+/// Largest sealed share accepted (a share plaintext is about 80 bytes).
+const MAX_SEALED_SHARE: usize = 512;
+
+pub struct Server {
+    setup: Setup,
+    context: [u8; 32],
+    graph: Graph,
+    phase: Phase,
+    phase_timeout_ms: u64,
+    deadline_ms: u64,
+    /// U1: parties that advertised keys.
+    keys: BTreeMap<PartyId, AdvertisedKeys>,
+    /// U2: parties that shared keys, with their sealed shares.
+    shares: BTreeMap<PartyId, Vec<SealedShare>>,
+    /// U3: parties whose masked input is in `sum`.
+    inputs: BTreeSet<PartyId>,
+    sum: Vec<u64>,
+    /// U5: revealed shares, by revealer.
+    reveals: BTreeMap<PartyId, (Vec<RevealedShare>, Vec<RevealedShare>)>,
+    outbox: VecDeque<(PartyId, ServerMessage)>,
+    outcome: Option<Result<Vec<u64>, SecAggError>>,
+}
+
+impl Server {
+    pub fn new(setup: Setup, now_ms: u64, phase_timeout_ms: u64) -> Result<Server, SecAggError> {
+        setup.validate()?;
+        Ok(Server {
+            context: setup.context(),
+            graph: setup.graph(),
+            setup,
+            phase: Phase::AdvertiseKeys,
+            phase_timeout_ms,
+            deadline_ms: now_ms.saturating_add(phase_timeout_ms),
+            keys: BTreeMap::new(),
+            shares: BTreeMap::new(),
+            inputs: BTreeSet::new(),
+            sum: Vec::new(),
+            reveals: BTreeMap::new(),
+            outbox: VecDeque::new(),
+            outcome: None,
+        })
+    }
+
+    pub fn setup(&self) -> &Setup {
+        &self.setup
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// When the current phase ends if not every expected message arrives.
+    pub fn poll_timeout(&self) -> Option<u64> {
+        (self.phase != Phase::Done).then_some(self.deadline_ms)
+    }
+
+    /// The next message to deliver.
+    pub fn poll_transmit(&mut self) -> Option<(PartyId, ServerMessage)> {
+        self.outbox.pop_front()
+    }
+
+    /// The decoded-modulo sum (words mod 2^bits) once the aggregation has ended, or why it
+    /// failed.
+    pub fn outcome(&self) -> Option<&Result<Vec<u64>, SecAggError>> {
+        self.outcome.as_ref()
+    }
+
+    /// Parties whose input is in the sum (U3).
+    pub fn contributors(&self) -> &BTreeSet<PartyId> {
+        &self.inputs
+    }
+
+    fn expected(&self) -> usize {
+        match self.phase {
+            Phase::AdvertiseKeys => self.setup.parties.len(),
+            Phase::ShareKeys => self.keys.len(),
+            Phase::MaskedInput => self.shares.len(),
+            Phase::Unmasking => self.inputs.len(),
+            Phase::Done => 0,
+        }
+    }
+
+    fn received(&self) -> usize {
+        match self.phase {
+            Phase::AdvertiseKeys => self.keys.len(),
+            Phase::ShareKeys => self.shares.len(),
+            Phase::MaskedInput => self.inputs.len(),
+            Phase::Unmasking => self.reveals.len(),
+            Phase::Done => 0,
+        }
+    }
+
+    /// Takes one party's message. A rejected message leaves the aggregation as it was: the
+    /// party is simply counted as having sent nothing in this phase.
+    pub fn handle(
+        &mut self,
+        now_ms: u64,
+        from: PartyId,
+        msg: ClientMessage,
+        verifier: &dyn Verifier,
+    ) -> Result<(), SecAggError> {
+        if from as usize >= self.setup.parties.len() {
+            return Err(SecAggError::UnknownParty(from));
+        }
+        let wrong_phase = SecAggError::WrongPhase {
+            from,
+            kind: msg.kind(),
+            phase: self.phase.name(),
+        };
+        match (self.phase, msg) {
+            (Phase::AdvertiseKeys, ClientMessage::AdvertiseKeys(keys)) => {
+                self.take_keys(from, keys, verifier)?
+            }
+            (Phase::ShareKeys, ClientMessage::ShareKeys(sealed)) => {
+                self.take_shares(from, sealed)?
+            }
+            (Phase::MaskedInput, ClientMessage::MaskedInput(bytes)) => {
+                self.take_input(from, &bytes)?
+            }
+            (
+                Phase::Unmasking,
+                ClientMessage::UnmaskShares {
+                    self_mask,
+                    mask_key,
+                },
+            ) => self.take_reveals(from, self_mask, mask_key)?,
+            _ => return Err(wrong_phase),
+        }
+        if self.received() >= self.expected() {
+            self.advance(now_ms);
+        }
+        Ok(())
+    }
+
+    /// Ends the current phase if its deadline has passed.
+    pub fn handle_timeout(&mut self, now_ms: u64) {
+        if self.phase != Phase::Done && now_ms >= self.deadline_ms {
+            self.advance(now_ms);
+        }
+    }
+
+    /// Aborts the aggregation (e.g. the study was cancelled).
+    pub fn abort(&mut self, reason: &str) {
+        self.finish(Err(SecAggError::Aborted(reason.to_string())));
+    }
+
+    fn take_keys(
+        &mut self,
+        from: PartyId,
+        keys: AdvertisedKeys,
+        verifier: &dyn Verifier,
+    ) -> Result<(), SecAggError> {
+        if keys.party != from {
+            return Err(SecAggError::Invalid {
+                from,
+                why: format!("keys claim to be party {}'s", keys.party),
+            });
+        }
+        if self.keys.contains_key(&from) {
+            return Err(SecAggError::Duplicate(from));
+        }
+        let name = &self.setup.parties[from as usize];
+        if keys.c_pk == keys.s_pk
+            || !verifier.verify(
+                name,
+                &key_signing_message(&self.context, name, &keys.c_pk, &keys.s_pk),
+                &keys.signature,
+            )
+        {
+            return Err(SecAggError::ForgedSignature { party: from });
+        }
+        self.keys.insert(from, keys);
+        Ok(())
+    }
+
+    fn take_shares(&mut self, from: PartyId, sealed: Vec<SealedShare>) -> Result<(), SecAggError> {
+        if !self.keys.contains_key(&from) {
+            return Err(SecAggError::Invalid {
+                from,
+                why: "shared keys without advertising any".into(),
+            });
+        }
+        if self.shares.contains_key(&from) {
+            return Err(SecAggError::Duplicate(from));
+        }
+        let expected: BTreeSet<PartyId> = self
+            .graph
+            .neighbours(from)
+            .iter()
+            .copied()
+            .filter(|v| self.keys.contains_key(v))
+            .collect();
+        if sealed.len() != expected.len() {
+            return Err(SecAggError::WrongLength {
+                from,
+                what: "shares",
+                got: sealed.len(),
+                expected: expected.len(),
+            });
+        }
+        let mut seen = BTreeSet::new();
+        for s in &sealed {
+            if s.from != from
+                || !expected.contains(&s.to)
+                || !seen.insert(s.to)
+                || s.ciphertext.len() > MAX_SEALED_SHARE
+            {
+                return Err(SecAggError::Invalid {
+                    from,
+                    why: format!("bad share for party {}", s.to),
+                });
+            }
+        }
+        self.shares.insert(from, sealed);
+        Ok(())
+    }
+
+    fn take_input(&mut self, from: PartyId, bytes: &[u8]) -> Result<(), SecAggError> {
+        if !self.shares.contains_key(&from) {
+            return Err(SecAggError::Invalid {
+                from,
+                why: "sent input without sharing its keys".into(),
+            });
+        }
+        if self.inputs.contains(&from) {
+            return Err(SecAggError::Duplicate(from));
+        }
+        let d = self.setup.dimension as usize;
+        let bits = self.setup.quant.modulus_bits;
+        let got = bytes.len() / self.setup.quant.word_bytes();
+        let words = quant::unpack(bytes, bits).filter(|w| w.len() == d).ok_or(
+            SecAggError::WrongLength {
+                from,
+                what: "masked input",
+                got,
+                expected: d,
+            },
+        )?;
+        for (acc, w) in self.sum.iter_mut().zip(words) {
+            *acc = acc.wrapping_add(w);
+        }
+        self.inputs.insert(from);
+        Ok(())
+    }
+
+    fn take_reveals(
+        &mut self,
+        from: PartyId,
+        self_mask: Vec<RevealedShare>,
+        mask_key: Vec<RevealedShare>,
+    ) -> Result<(), SecAggError> {
+        if !self.inputs.contains(&from) {
+            return Err(SecAggError::Invalid {
+                from,
+                why: "revealed shares without having sent input".into(),
+            });
+        }
+        if self.reveals.contains_key(&from) {
+            return Err(SecAggError::Duplicate(from));
+        }
+        let mut owners = BTreeSet::new();
+        for (list, want_survivor) in [(&self_mask, true), (&mask_key, false)] {
+            for r in list {
+                let ok = self.shares.contains_key(&r.owner)
+                    && self.inputs.contains(&r.owner) == want_survivor
+                    && self
+                        .graph
+                        .share_index(r.owner, from)
+                        .is_some_and(|x| r.share.first() == Some(&x))
+                    && r.share.len() == 33
+                    && owners.insert(r.owner);
+                if !ok {
+                    return Err(SecAggError::Invalid {
+                        from,
+                        why: format!("unexpected share of party {}", r.owner),
+                    });
+                }
+            }
+        }
+        self.reveals.insert(from, (self_mask, mask_key));
+        Ok(())
+    }
+
+    fn finish(&mut self, outcome: Result<Vec<u64>, SecAggError>) {
+        self.phase = Phase::Done;
+        self.outbox.clear();
+        self.outcome = Some(outcome);
+    }
+
+    fn advance(&mut self, now_ms: u64) {
+        let need = self.setup.threshold as usize;
+        let got = self.received();
+        if got < need {
+            let phase = self.phase.name();
+            return self.finish(Err(SecAggError::TooFewSurvivors { phase, got, need }));
+        }
+        self.deadline_ms = now_ms.saturating_add(self.phase_timeout_ms);
+        match self.phase {
+            Phase::AdvertiseKeys => {
+                for &u in self.keys.keys() {
+                    let dir = self
+                        .graph
+                        .neighbours(u)
+                        .iter()
+                        .filter_map(|v| self.keys.get(v).cloned())
+                        .collect();
+                    self.outbox.push_back((u, ServerMessage::KeyDirectory(dir)));
+                }
+                self.phase = Phase::ShareKeys;
+            }
+            Phase::ShareKeys => {
+                let mut inbox: BTreeMap<PartyId, Vec<SealedShare>> =
+                    self.shares.keys().map(|&v| (v, Vec::new())).collect();
+                for s in self.shares.values().flatten() {
+                    if let Some(list) = inbox.get_mut(&s.to) {
+                        list.push(s.clone());
+                    }
+                }
+                for (v, list) in inbox {
+                    self.outbox
+                        .push_back((v, ServerMessage::EncryptedShares(list)));
+                }
+                self.sum = vec![0; self.setup.dimension as usize];
+                self.phase = Phase::MaskedInput;
+            }
+            Phase::MaskedInput => {
+                let survivors: Vec<PartyId> = self.inputs.iter().copied().collect();
+                for &v in &survivors {
+                    self.outbox.push_back((
+                        v,
+                        ServerMessage::UnmaskRequest {
+                            survivors: survivors.clone(),
+                        },
+                    ));
+                }
+                self.phase = Phase::Unmasking;
+            }
+            Phase::Unmasking => {
+                let result = self.unmask();
+                self.finish(result);
+            }
+            Phase::Done => {}
+        }
+    }
+
+    /// Rebuilds the secrets the survivors revealed and removes every mask from the sum.
+    fn unmask(&mut self) -> Result<Vec<u64>, SecAggError> {
+        let t = self.setup.threshold as usize;
+        let bits = self.setup.quant.modulus_bits;
+        let mut self_mask: BTreeMap<PartyId, Vec<Vec<u8>>> = BTreeMap::new();
+        let mut mask_key: BTreeMap<PartyId, Vec<Vec<u8>>> = BTreeMap::new();
+        for (sm, mk) in self.reveals.values() {
+            for r in sm {
+                self_mask.entry(r.owner).or_default().push(r.share.clone());
+            }
+            for r in mk {
+                mask_key.entry(r.owner).or_default().push(r.share.clone());
+            }
+        }
+        let mut sum = std::mem::take(&mut self.sum);
+        for &u in &self.inputs {
+            let shares = self_mask.get(&u).map_or(&[][..], Vec::as_slice);
+            if shares.len() < t {
+                return Err(SecAggError::Unrecoverable {
+                    owner: u,
+                    got: shares.len(),
+                    need: t,
+                });
+            }
+            let seed = crypto::shamir_combine(&shares[..t])?;
+            crypto::apply_mask(&mut sum, &self_mask_seed(&seed, &self.context), bits, -1);
+        }
+        let dropped: Vec<PartyId> = self
+            .shares
+            .keys()
+            .copied()
+            .filter(|u| !self.inputs.contains(u))
+            .collect();
+        for u in dropped {
+            let shares = mask_key.get(&u).map_or(&[][..], Vec::as_slice);
+            if shares.len() < t {
+                return Err(SecAggError::Unrecoverable {
+                    owner: u,
+                    got: shares.len(),
+                    need: t,
+                });
+            }
+            let secret: [u8; 32] = crypto::shamir_combine(&shares[..t])?
+                .try_into()
+                .map_err(|_| SecAggError::Sharing("a mask key of the wrong length".into()))?;
+            let pair = KeyPair::from_secret(secret);
+            if pair.public != self.keys[&u].s_pk {
+                return Err(SecAggError::Invalid {
+                    from: u,
+                    why: "revealed shares rebuild a key that is not the advertised one".into(),
+                });
+            }
+            for &v in self.graph.neighbours(u) {
+                if self.inputs.contains(&v) {
+                    let shared = crypto::agree(&pair.secret, &self.keys[&v].s_pk)?;
+                    // v applied mask_sign(v, u) times this mask; take it back out.
+                    crypto::apply_mask(
+                        &mut sum,
+                        &pair_seed(&shared, &self.context, u, v),
+                        bits,
+                        -mask_sign(v, u),
+                    );
+                }
+            }
+        }
+        let mask = self.setup.quant.mask();
+        sum.iter_mut().for_each(|w| *w &= mask);
+        Ok(sum)
+    }
+}
