@@ -47,6 +47,8 @@ pub struct Client {
     self_seed: [u8; 32],
     input: Vec<u64>,
     rng: ChaCha20Rng,
+    /// This party's own shares of its secrets (it is one of their holders).
+    own_shares: Option<(Vec<u8>, Vec<u8>)>,
     state: State,
 }
 
@@ -134,6 +136,7 @@ impl Client {
             self_seed,
             input,
             rng,
+            own_shares: None,
             state: State::Advertised,
         };
         Ok((client, ClientMessage::AdvertiseKeys(advert)))
@@ -210,18 +213,17 @@ impl Client {
                 need,
             });
         }
-        let neighbours = self.graph.neighbours(self.me).to_vec();
+        let holders = self.graph.holders(self.me);
         let t = self.setup.threshold as usize;
-        let key_shares = crypto::shamir_split(
-            &self.s.secret.to_bytes(),
-            t,
-            neighbours.len(),
-            &mut self.rng,
-        )?;
-        let seed_shares =
-            crypto::shamir_split(&self.self_seed, t, neighbours.len(), &mut self.rng)?;
+        let key_shares =
+            crypto::shamir_split(&self.s.secret.to_bytes(), t, holders.len(), &mut self.rng)?;
+        let seed_shares = crypto::shamir_split(&self.self_seed, t, holders.len(), &mut self.rng)?;
         let mut sealed = Vec::with_capacity(keys.len());
-        for (i, &v) in neighbours.iter().enumerate() {
+        for (i, &v) in holders.iter().enumerate() {
+            if v == self.me {
+                self.own_shares = Some((key_shares[i].clone(), seed_shares[i].clone()));
+                continue;
+            }
             let Some(peer) = keys.get(&v) else { continue };
             let plain = SharePlaintext {
                 from: self.me,
@@ -317,6 +319,9 @@ impl Client {
                 bits,
                 mask_sign(self.me, v),
             );
+        }
+        if let Some(own) = self.own_shares.take() {
+            held.insert(self.me, own);
         }
         self.state = State::SentInput { held };
         Ok(ClientMessage::MaskedInput(quant::pack(&y, bits)))

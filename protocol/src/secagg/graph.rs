@@ -50,10 +50,24 @@ impl Graph {
         self.neighbours(u).binary_search(&v).is_ok()
     }
 
-    /// The Shamir x-coordinate of the share of `owner`'s secrets held by `holder`.
+    /// The holders of `owner`'s shares: its neighbours and itself, in increasing order.
+    pub fn holders(&self, owner: PartyId) -> Vec<PartyId> {
+        let mut h = self.neighbours(owner).to_vec();
+        if let Err(i) = h.binary_search(&owner) {
+            h.insert(i, owner);
+        }
+        h
+    }
+
+    /// The Shamir x-coordinate of the share of `owner`'s secrets held by `holder` (its
+    /// position among [`Graph::holders`], from 1).
     pub fn share_index(&self, owner: PartyId, holder: PartyId) -> Option<u8> {
-        let i = self.neighbours(owner).binary_search(&holder).ok()?;
-        u8::try_from(i + 1).ok()
+        if owner != holder && !self.are_neighbours(owner, holder) {
+            return None;
+        }
+        let before = self.neighbours(owner).partition_point(|&v| v < holder);
+        let own = usize::from(owner < holder);
+        u8::try_from(before + own + 1).ok()
     }
 }
 
@@ -79,7 +93,8 @@ fn binomial_tail(n: usize, p: f64, at_least: usize) -> f64 {
 /// Chooses neighbours `k` and threshold `t` for `n` parties so that, when each party drops
 /// out independently with probability `dropout` and is corrupt (colludes with the server)
 /// independently with probability `corrupt`:
-/// - P[some party's secrets cannot be rebuilt (fewer than t of its k neighbours survive)]
+/// - P[some party's secrets cannot be rebuilt (fewer than t of its k neighbours survive;
+///   its own share counts only if it survives itself)]
 ///   <= n * P[Bin(k, dropout) > k - t] <= 2^-`correctness_bits`, and
 /// - P[some neighbourhood holds t or more corrupt parties, who could rebuild a party's
 ///   secrets] <= n * P[Bin(k, corrupt) >= t] <= 2^-`privacy_bits`.
@@ -93,7 +108,7 @@ pub fn choose_neighbours(
     correctness_bits: u32,
     privacy_bits: u32,
 ) -> (u32, u32) {
-    let complete = ((n - 1) as u32, ((n - 1) / 2 + 1).max(2) as u32);
+    let complete = ((n - 1) as u32, (n / 2 + 1).min(n) as u32);
     if n < 4 {
         return complete;
     }
@@ -101,7 +116,7 @@ pub fn choose_neighbours(
     let private_target = 2f64.powi(-(privacy_bits as i32)) / n as f64;
     let mut k = 2;
     while k < n - 1 && k <= 254 {
-        for t in (k / 2 + 1).max(2)..=k {
+        for t in ((k + 1) / 2 + 1)..=k {
             let unrecoverable = binomial_tail(k, dropout, k - t + 1);
             let exposed = binomial_tail(k, corrupt, t);
             if unrecoverable <= correct_target && exposed <= private_target {
@@ -131,8 +146,19 @@ mod tests {
         }
         let complete = Graph::new(5, 4, 0);
         assert_eq!(complete.neighbours(2), &[0, 1, 3, 4]);
-        assert_eq!(complete.share_index(2, 3), Some(3));
-        assert_eq!(complete.share_index(2, 2), None);
+        assert_eq!(complete.holders(2), vec![0, 1, 2, 3, 4]);
+        assert_eq!(complete.share_index(2, 3), Some(4));
+        assert_eq!(complete.share_index(2, 2), Some(3));
+        let g = Graph::new(101, 10, 7);
+        for u in [0, 50, 100] {
+            for (i, h) in g.holders(u).into_iter().enumerate() {
+                assert_eq!(g.share_index(u, h), Some(i as u8 + 1));
+            }
+            let stranger = (0..101)
+                .find(|v| *v != u && !g.are_neighbours(u, *v))
+                .unwrap();
+            assert_eq!(g.share_index(u, stranger), None);
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ mod client;
 pub mod crypto;
 mod graph;
 mod server;
+pub mod sim;
 
 use serde::{Deserialize, Serialize};
 
@@ -37,8 +38,8 @@ pub struct Setup {
     pub label: String,
     /// The parties' names (site names), indexed by [`PartyId`].
     pub parties: Vec<String>,
-    /// Shamir threshold within each neighbourhood; also the fewest parties whose input the
-    /// server may decode.
+    /// Shamir threshold: shares of a party's secrets (held by its neighbours and itself)
+    /// needed to rebuild them; also the fewest parties whose input the server may decode.
     pub threshold: u32,
     /// Neighbours per party (SecAgg+); `parties - 1` means every pair is masked.
     pub neighbours: u32,
@@ -82,13 +83,14 @@ impl Setup {
                 "{k} neighbours: a partial graph needs an even number"
             ));
         }
-        let t = self.threshold as usize;
-        // t > k/2 keeps a server that lies about dropouts from collecting both kinds of
-        // shares of one party from honest neighbours; t <= k leaves room for dropouts.
-        if t <= k / 2 || t > k || t < 2 {
+        // Each party's secrets are shared among its k neighbours and itself. A threshold of
+        // more than half the holders keeps a server that lies about dropouts from collecting
+        // both kinds of shares of one party from honest holders.
+        let (t, holders) = (self.threshold as usize, k + 1);
+        if 2 * t <= holders || t > holders {
             return bad(format!(
-                "threshold {t} for {k} neighbours (must be more than {} and at most {k}, and at least 2)",
-                k / 2
+                "threshold {t} for {holders} share holders (must be more than {} and at most {holders})",
+                holders / 2
             ));
         }
         let mut names: Vec<&String> = self.parties.iter().collect();
@@ -283,9 +285,14 @@ mod tests {
         assert!(setup(10, 3, 2).validate().is_err(), "odd partial degree");
         assert!(
             setup(10, 4, 2).validate().is_err(),
-            "threshold not above k/2"
+            "threshold not above half the holders"
         );
-        assert!(setup(10, 4, 5).validate().is_err(), "threshold above k");
+        assert!(
+            setup(10, 4, 6).validate().is_err(),
+            "threshold above the holders"
+        );
+        assert!(setup(10, 4, 5).validate().is_ok());
+        assert!(setup(2, 1, 2).validate().is_ok());
         let mut dup = setup(3, 2, 2);
         dup.parties[1] = dup.parties[0].clone();
         assert!(dup.validate().is_err());

@@ -1,0 +1,434 @@
+//! Secure aggregation in memory with virtual time: the sum is exact, dropouts up to n - t
+//! are survived at every phase, and each attack in the threat model fails.
+
+use std::collections::BTreeMap;
+
+use medfed_protocol::quant::{QuantParams, unpack};
+use medfed_protocol::secagg::sim::{DropBefore, Identities, NoClock, run};
+use medfed_protocol::secagg::{ClientMessage, PartyId, SecAggError, Setup, choose_neighbours};
+
+const SCALE_BITS: u8 = 16;
+
+fn setup(n: usize, k: u32, t: u32, d: usize) -> Setup {
+    Setup {
+        label: format!("test/{n}/{k}/{t}"),
+        parties: (0..n).map(|i| format!("site-{i:04}")).collect(),
+        threshold: t,
+        neighbours: k,
+        graph_seed: 42,
+        dimension: d as u32,
+        quant: QuantParams::for_parties(n, 8.0, SCALE_BITS).unwrap(),
+    }
+}
+
+/// Inputs on the fixed-point grid, so quantization is exact and sums can be compared exactly.
+fn inputs(n: usize, d: usize) -> Vec<Vec<f64>> {
+    (0..n)
+        .map(|i| {
+            (0..d)
+                .map(|j| (((i * 31 + j * 17) % 2001) as f64 - 1000.0) / 256.0)
+                .collect()
+        })
+        .collect()
+}
+
+fn expected_sum(setup: &Setup, xs: &[Vec<f64>], who: impl Iterator<Item = PartyId>) -> Vec<f64> {
+    let mut sum = vec![0.0; setup.dimension as usize];
+    for u in who {
+        for (s, x) in sum.iter_mut().zip(&xs[u as usize]) {
+            *s += x;
+        }
+    }
+    sum
+}
+
+fn check_exact(setup: &Setup, xs: &[Vec<f64>], drops: &BTreeMap<PartyId, DropBefore>) -> usize {
+    let ids = Identities::new(&setup.parties);
+    let out = run(setup, xs, drops, &ids, &mut NoClock, |_, m| m);
+    let sum = out
+        .result
+        .unwrap_or_else(|e| panic!("aggregation failed: {e} (drops {drops:?})"));
+    let decoded = setup.quant.decode(&sum);
+    assert_eq!(
+        decoded,
+        expected_sum(setup, xs, out.contributors.iter().copied())
+    );
+    // Exactly the parties that did not drop before sending input contributed.
+    for u in 0..setup.parties.len() as PartyId {
+        let sent_input = drops.get(&u).is_none_or(|d| *d > DropBefore::MaskedInput);
+        assert_eq!(out.contributors.contains(&u), sent_input, "party {u}");
+    }
+    out.contributors.len()
+}
+
+#[test]
+fn the_sum_is_exact_without_dropouts() {
+    for (n, k, t) in [(2, 1, 2), (3, 2, 2), (10, 9, 6), (40, 10, 7)] {
+        let s = setup(n, k, t, 50);
+        assert_eq!(check_exact(&s, &inputs(n, 50), &BTreeMap::new()), n);
+    }
+}
+
+#[test]
+fn dropouts_up_to_n_minus_t_at_every_phase_are_survived() {
+    let (n, k, t) = (12usize, 11, 7usize);
+    let s = setup(n, k, t as u32, 20);
+    let xs = inputs(n, 20);
+    for phase in [
+        DropBefore::AdvertiseKeys,
+        DropBefore::ShareKeys,
+        DropBefore::MaskedInput,
+        DropBefore::Unmasking,
+    ] {
+        let drops = (0..(n - t) as PartyId)
+            .map(|u| (u * 2 % n as PartyId, phase))
+            .collect();
+        check_exact(&s, &xs, &drops);
+    }
+    // Mixed: one party lost in each phase.
+    let drops = BTreeMap::from([
+        (1, DropBefore::AdvertiseKeys),
+        (4, DropBefore::ShareKeys),
+        (7, DropBefore::MaskedInput),
+        (10, DropBefore::Unmasking),
+    ]);
+    check_exact(&s, &xs, &drops);
+}
+
+#[test]
+fn more_dropouts_abort_cleanly_and_reveal_nothing() {
+    let (n, k, t) = (8usize, 7, 5usize);
+    let s = setup(n, k, t as u32, 10);
+    let xs = inputs(n, 10);
+    let ids = Identities::new(&s.parties);
+    for phase in [
+        DropBefore::AdvertiseKeys,
+        DropBefore::ShareKeys,
+        DropBefore::MaskedInput,
+    ] {
+        let drops = (0..(n - t + 1) as PartyId).map(|u| (u, phase)).collect();
+        let out = run(&s, &xs, &drops, &ids, &mut NoClock, |_, m| m);
+        assert!(
+            matches!(out.result, Err(SecAggError::TooFewSurvivors { .. })),
+            "{phase:?}: {:?}",
+            out.result
+        );
+        let revealed = out
+            .sent
+            .values()
+            .flatten()
+            .any(|m| matches!(m, ClientMessage::UnmaskShares { .. }));
+        assert!(
+            !revealed,
+            "{phase:?}: shares were revealed in an aborted round"
+        );
+    }
+    // Too few left to unmask: the server cannot rebuild the masks and says so.
+    let drops = (0..(n - t + 1) as PartyId)
+        .map(|u| (u, DropBefore::Unmasking))
+        .collect();
+    let out = run(&s, &xs, &drops, &ids, &mut NoClock, |_, m| m);
+    assert!(
+        matches!(
+            out.result,
+            Err(SecAggError::TooFewSurvivors {
+                phase: "unmasking",
+                ..
+            })
+        ),
+        "{:?}",
+        out.result
+    );
+}
+
+#[test]
+fn a_thousand_parties_with_secagg_plus_and_dropouts_in_every_phase() {
+    let n = 1000;
+    let (k, t) = choose_neighbours(n, 0.1, 0.05, 20, 30);
+    assert!(k < 100, "k = {k}");
+    let s = setup(n, k, t, 16);
+    let xs = inputs(n, 16);
+    // 2% of the parties lost in each phase: 8% in all.
+    let phases = [
+        DropBefore::AdvertiseKeys,
+        DropBefore::ShareKeys,
+        DropBefore::MaskedInput,
+        DropBefore::Unmasking,
+    ];
+    let drops = (0..80u32)
+        .map(|i| (i * 12 + 5, phases[(i % 4) as usize]))
+        .collect();
+    let contributors = check_exact(&s, &xs, &drops);
+    assert_eq!(contributors, n - 60);
+}
+
+#[test]
+fn one_masked_input_looks_uniform_to_the_server() {
+    let (n, d) = (5, 50_000);
+    let s = setup(n, 4, 3, d);
+    // A very non-uniform input: every coordinate the same small value.
+    let xs = vec![vec![1.0; d]; n];
+    let ids = Identities::new(&s.parties);
+    let out = run(&s, &xs, &BTreeMap::new(), &ids, &mut NoClock, |_, m| m);
+    assert!(out.result.is_ok());
+    let masked = out.sent[&0].iter().find_map(|m| match m {
+        ClientMessage::MaskedInput(bytes) => unpack(bytes, s.quant.modulus_bits),
+        _ => None,
+    });
+    let words = masked.expect("party 0 sent a masked input");
+    // Chi-square of the top and bottom bytes of each word against uniform.
+    for shift in [0, s.quant.modulus_bits as u32 - 8] {
+        let mut hist = [0f64; 256];
+        for w in &words {
+            hist[((w >> shift) & 0xff) as usize] += 1.0;
+        }
+        let e = d as f64 / 256.0;
+        let chi2: f64 = hist.iter().map(|o| (o - e).powi(2) / e).sum();
+        // 255 degrees of freedom: the 99.9% quantile is about 330.
+        assert!(chi2 < 330.0, "byte at bit {shift}: chi2 = {chi2}");
+    }
+    // The same test tells the unmasked encoding apart at once.
+    let plain = s.quant.encode(&xs[0], &mut rand::rng());
+    let mut hist = [0f64; 256];
+    plain.iter().for_each(|w| hist[(w & 0xff) as usize] += 1.0);
+    assert!(hist.iter().filter(|&&c| c > 0.0).count() < 4);
+}
+
+#[test]
+fn a_late_input_is_refused_and_never_both_unmasked_and_key_revealed() {
+    let (n, t) = (6, 4);
+    let s = setup(n, 5, t, 8);
+    let xs = inputs(n, 8);
+    let ids = Identities::new(&s.parties);
+    // Party 2 goes silent before the masked-input phase: the server times out, asks the
+    // others to unmask; then party 2's input arrives late.
+    let drops = BTreeMap::from([(2, DropBefore::MaskedInput)]);
+    let out = run(&s, &xs, &drops, &ids, &mut NoClock, |_, m| m);
+    let sum = out.result.expect("the round completes without party 2");
+    assert!(!out.contributors.contains(&2));
+    assert_eq!(
+        s.quant.decode(&sum),
+        expected_sum(&s, &xs, out.contributors.iter().copied())
+    );
+    // Survivors revealed party 2's mask key and no survivor revealed its self-mask seed.
+    for msgs in out.sent.values() {
+        for m in msgs {
+            if let ClientMessage::UnmaskShares {
+                self_mask,
+                mask_key,
+            } = m
+            {
+                assert!(self_mask.iter().all(|r| r.owner != 2));
+                assert!(mask_key.iter().any(|r| r.owner == 2));
+            }
+        }
+    }
+    // A server in the unmasking phase refuses input, late or not.
+    let mut server = medfed_protocol::secagg::Server::new(s.clone(), 0, 10).unwrap();
+    for u in 0..n as PartyId {
+        let _ = server.handle(0, u, ClientMessage::MaskedInput(vec![0; 64]), &ids);
+    }
+    assert!(matches!(
+        server.handle(0, 0, ClientMessage::MaskedInput(vec![0; 64]), &ids),
+        Err(SecAggError::WrongPhase {
+            kind: "masked-input",
+            phase: "advertise keys",
+            ..
+        })
+    ));
+}
+
+#[test]
+fn hostile_messages_are_rejected_and_the_round_goes_on() {
+    let (n, t) = (7, 4);
+    let s = setup(n, 6, t, 8);
+    let xs = inputs(n, 8);
+    let ids = Identities::new(&s.parties);
+    let mut first_keys = None;
+    let out = run(
+        &s,
+        &xs,
+        &BTreeMap::new(),
+        &ids,
+        &mut NoClock,
+        |u, m| match (u, m) {
+            // Party 1 forges its signature.
+            (1, ClientMessage::AdvertiseKeys(mut k)) => {
+                k.signature[0] ^= 1;
+                ClientMessage::AdvertiseKeys(k)
+            }
+            // Party 3 sends a masked input one word short.
+            (3, ClientMessage::MaskedInput(mut b)) => {
+                b.truncate(b.len() - s.quant.word_bytes());
+                ClientMessage::MaskedInput(b)
+            }
+            (u, m) => {
+                if u == 5
+                    && let ClientMessage::AdvertiseKeys(k) = &m
+                {
+                    first_keys = Some(k.clone());
+                }
+                m
+            }
+        },
+    );
+    let rejected: Vec<_> = out.rejected.iter().map(|(u, e)| (*u, e.clone())).collect();
+    assert!(
+        rejected.contains(&(1, SecAggError::ForgedSignature { party: 1 })),
+        "{rejected:?}"
+    );
+    assert!(
+        rejected.iter().any(|(u, e)| *u == 3
+            && matches!(
+                e,
+                SecAggError::WrongLength {
+                    what: "masked input",
+                    ..
+                }
+            )),
+        "{rejected:?}"
+    );
+    let sum = out.result.expect("the others' round completes");
+    assert_eq!(
+        out.contributors.iter().copied().collect::<Vec<_>>(),
+        vec![0, 2, 4, 5, 6]
+    );
+    assert_eq!(
+        s.quant.decode(&sum),
+        expected_sum(&s, &xs, out.contributors.iter().copied())
+    );
+
+    // Replays: the same keys again are a duplicate; keys from another aggregation do not
+    // verify under this one's context.
+    let mut server = medfed_protocol::secagg::Server::new(s.clone(), 0, 10).unwrap();
+    let keys = first_keys.expect("party 5 advertised keys");
+    server
+        .handle(0, 5, ClientMessage::AdvertiseKeys(keys.clone()), &ids)
+        .unwrap();
+    assert_eq!(
+        server.handle(0, 5, ClientMessage::AdvertiseKeys(keys.clone()), &ids),
+        Err(SecAggError::Duplicate(5))
+    );
+    let mut other = s.clone();
+    other.label = "another round".into();
+    let mut server = medfed_protocol::secagg::Server::new(other, 0, 10).unwrap();
+    assert_eq!(
+        server.handle(0, 5, ClientMessage::AdvertiseKeys(keys.clone()), &ids),
+        Err(SecAggError::ForgedSignature { party: 5 })
+    );
+    // Keys sent in another party's name are refused.
+    assert!(matches!(
+        server.handle(0, 4, ClientMessage::AdvertiseKeys(keys), &ids),
+        Err(SecAggError::Invalid { from: 4, .. })
+    ));
+    assert_eq!(
+        server.handle(0, 99, ClientMessage::MaskedInput(vec![]), &ids),
+        Err(SecAggError::UnknownParty(99))
+    );
+}
+
+#[test]
+fn a_server_that_substitutes_keys_is_caught_by_the_clients() {
+    use medfed_protocol::secagg::{Client, ServerMessage};
+    let s = setup(3, 2, 2, 4);
+    let ids = Identities::new(&s.parties);
+    let xs = inputs(3, 4);
+    let (mut c0, _) = Client::new(s.clone(), 0, &xs[0], &ids.signer(0), [1; 32]).unwrap();
+    let (_, ClientMessage::AdvertiseKeys(mut k1)) =
+        Client::new(s.clone(), 1, &xs[1], &ids.signer(1), [2; 32]).unwrap()
+    else {
+        panic!()
+    };
+    let (_, ClientMessage::AdvertiseKeys(k2)) =
+        Client::new(s.clone(), 2, &xs[2], &ids.signer(2), [3; 32]).unwrap()
+    else {
+        panic!()
+    };
+    // The server swaps in its own mask key for party 1 (to learn party 0's pairwise mask).
+    k1.s_pk = k2.s_pk;
+    let err = c0
+        .handle(ServerMessage::KeyDirectory(vec![k1, k2]), &ids)
+        .unwrap_err();
+    assert_eq!(err, SecAggError::ForgedSignature { party: 1 });
+}
+
+#[test]
+fn a_client_listed_as_dropped_reveals_nothing_and_answers_only_once() {
+    use medfed_protocol::secagg::{Client, ServerMessage};
+    let s = setup(4, 3, 3, 4);
+    let xs = inputs(4, 4);
+    let ids = Identities::new(&s.parties);
+    // Four honest clients, driven by hand up to the unmask request.
+    let (mut clients, mut keys) = (Vec::new(), Vec::new());
+    for u in 0..4u32 {
+        let (c, m) = Client::new(
+            s.clone(),
+            u,
+            &xs[u as usize],
+            &ids.signer(u),
+            [u as u8 + 1; 32],
+        )
+        .unwrap();
+        let ClientMessage::AdvertiseKeys(k) = m else {
+            unreachable!()
+        };
+        clients.push(c);
+        keys.push(k);
+    }
+    let mut sealed = Vec::new();
+    for c in &mut clients {
+        let ClientMessage::ShareKeys(sh) = c
+            .handle(ServerMessage::KeyDirectory(keys.clone()), &ids)
+            .unwrap()
+        else {
+            unreachable!()
+        };
+        sealed.extend(sh);
+    }
+    for (u, c) in clients.iter_mut().enumerate() {
+        let mine = sealed
+            .iter()
+            .filter(|x| x.to == u as PartyId)
+            .cloned()
+            .collect();
+        assert!(matches!(
+            c.handle(ServerMessage::EncryptedShares(mine), &ids)
+                .unwrap(),
+            ClientMessage::MaskedInput(_)
+        ));
+    }
+    // The server claims party 0 dropped (to collect its mask key) yet asks party 0 to unmask.
+    let err = clients[0]
+        .handle(
+            ServerMessage::UnmaskRequest {
+                survivors: vec![1, 2, 3],
+            },
+            &ids,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, SecAggError::Inconsistent(ref why) if why.contains("dropped")),
+        "{err:?}"
+    );
+    // A client answers one unmask request only: asking again with party 0 now "dropped"
+    // (to get its mask key on top of its self-mask seed) gets nothing.
+    let first = clients[1]
+        .handle(
+            ServerMessage::UnmaskRequest {
+                survivors: vec![0, 1, 2, 3],
+            },
+            &ids,
+        )
+        .unwrap();
+    assert!(matches!(first, ClientMessage::UnmaskShares { .. }));
+    assert!(
+        clients[1]
+            .handle(
+                ServerMessage::UnmaskRequest {
+                    survivors: vec![1, 2, 3]
+                },
+                &ids
+            )
+            .is_err()
+    );
+}
