@@ -123,7 +123,9 @@ impl QuantParams {
                     v.clamp(-self.clip, self.clip)
                 } * scale;
                 let floor = v.floor();
-                let up = rng.random::<f64>() < v - floor;
+                // 32 random bits per coordinate: rounding probabilities to 2^-32, half the
+                // keystream of a 53-bit float.
+                let up = f64::from(rng.next_u32()) * (1.0 / 4_294_967_296.0) < v - floor;
                 // |v| <= clip * 2^scale_bits < 2^63 (checked by `check`), so the cast is exact.
                 let q = floor as i64 + i64::from(up);
                 (q as u64) & mask
@@ -182,6 +184,31 @@ pub fn unpack(bytes: &[u8], bits: u8) -> Option<Vec<u64>> {
                 .collect(),
         ),
         _ => None,
+    }
+}
+
+/// Adds packed words to `acc` (wrapping); false if `bytes` is not `acc.len()` words.
+pub fn add_packed(acc: &mut [u64], bytes: &[u8], bits: u8) -> bool {
+    match bits {
+        32 if bytes.len() == acc.len() * 4 => {
+            acc.iter_mut()
+                .zip(bytes.chunks_exact(4))
+                .for_each(|(a, c)| {
+                    *a = a.wrapping_add(u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                });
+            true
+        }
+        64 if bytes.len() == acc.len() * 8 => {
+            acc.iter_mut()
+                .zip(bytes.chunks_exact(8))
+                .for_each(|(a, c)| {
+                    *a = a.wrapping_add(u64::from_le_bytes([
+                        c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+                    ]))
+                });
+            true
+        }
+        _ => false,
     }
 }
 
@@ -292,6 +319,10 @@ mod tests {
         let words = vec![0, u64::MAX, 1 << 40];
         assert_eq!(unpack(&pack(&words, 64), 64).unwrap(), words);
         assert_eq!(unpack(&[1, 2, 3], 32), None);
+        let mut acc = vec![1u64, 2];
+        assert!(add_packed(&mut acc, &pack(&[10, 20], 64), 64));
+        assert_eq!(acc, vec![11, 22]);
+        assert!(!add_packed(&mut acc, &pack(&[1], 32), 32));
         assert_eq!(unpack(&[1, 2, 3, 4], 16), None);
     }
 }

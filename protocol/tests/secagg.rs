@@ -44,7 +44,16 @@ fn expected_sum(setup: &Setup, xs: &[Vec<f64>], who: impl Iterator<Item = PartyI
 
 fn check_exact(setup: &Setup, xs: &[Vec<f64>], drops: &BTreeMap<PartyId, DropBefore>) -> usize {
     let ids = Identities::new(&setup.parties);
-    let out = run(setup, xs, drops, &ids, &mut NoClock, |_, m| m);
+    let out = run(
+        setup,
+        &|u| xs[u as usize].clone(),
+        drops,
+        &ids,
+        &mut NoClock,
+        2,
+        true,
+        None,
+    );
     let sum = out
         .result
         .unwrap_or_else(|e| panic!("aggregation failed: {e} (drops {drops:?})"));
@@ -107,7 +116,16 @@ fn more_dropouts_abort_cleanly_and_reveal_nothing() {
         DropBefore::MaskedInput,
     ] {
         let drops = (0..(n - t + 1) as PartyId).map(|u| (u, phase)).collect();
-        let out = run(&s, &xs, &drops, &ids, &mut NoClock, |_, m| m);
+        let out = run(
+            &s,
+            &|u| xs[u as usize].clone(),
+            &drops,
+            &ids,
+            &mut NoClock,
+            2,
+            true,
+            None,
+        );
         assert!(
             matches!(out.result, Err(SecAggError::TooFewSurvivors { .. })),
             "{phase:?}: {:?}",
@@ -127,7 +145,16 @@ fn more_dropouts_abort_cleanly_and_reveal_nothing() {
     let drops = (0..(n - t + 1) as PartyId)
         .map(|u| (u, DropBefore::Unmasking))
         .collect();
-    let out = run(&s, &xs, &drops, &ids, &mut NoClock, |_, m| m);
+    let out = run(
+        &s,
+        &|u| xs[u as usize].clone(),
+        &drops,
+        &ids,
+        &mut NoClock,
+        2,
+        true,
+        None,
+    );
     assert!(
         matches!(
             out.result,
@@ -169,7 +196,16 @@ fn one_masked_input_looks_uniform_to_the_server() {
     // A very non-uniform input: every coordinate the same small value.
     let xs = vec![vec![1.0; d]; n];
     let ids = Identities::new(&s.parties);
-    let out = run(&s, &xs, &BTreeMap::new(), &ids, &mut NoClock, |_, m| m);
+    let out = run(
+        &s,
+        &|u| xs[u as usize].clone(),
+        &BTreeMap::new(),
+        &ids,
+        &mut NoClock,
+        2,
+        true,
+        None,
+    );
     assert!(out.result.is_ok());
     let masked = out.sent[&0].iter().find_map(|m| match m {
         ClientMessage::MaskedInput(bytes) => unpack(bytes, s.quant.modulus_bits),
@@ -203,7 +239,16 @@ fn a_late_input_is_refused_and_never_both_unmasked_and_key_revealed() {
     // Party 2 goes silent before the masked-input phase: the server times out, asks the
     // others to unmask; then party 2's input arrives late.
     let drops = BTreeMap::from([(2, DropBefore::MaskedInput)]);
-    let out = run(&s, &xs, &drops, &ids, &mut NoClock, |_, m| m);
+    let out = run(
+        &s,
+        &|u| xs[u as usize].clone(),
+        &drops,
+        &ids,
+        &mut NoClock,
+        2,
+        true,
+        None,
+    );
     let sum = out.result.expect("the round completes without party 2");
     assert!(!out.contributors.contains(&2));
     assert_eq!(
@@ -247,11 +292,13 @@ fn hostile_messages_are_rejected_and_the_round_goes_on() {
     let mut first_keys = None;
     let out = run(
         &s,
-        &xs,
+        &|u| xs[u as usize].clone(),
         &BTreeMap::new(),
         &ids,
         &mut NoClock,
-        |u, m| match (u, m) {
+        2,
+        true,
+        Some(&mut |u, m| match (u, m) {
             // Party 1 forges its signature.
             (1, ClientMessage::AdvertiseKeys(mut k)) => {
                 k.signature[0] ^= 1;
@@ -270,7 +317,7 @@ fn hostile_messages_are_rejected_and_the_round_goes_on() {
                 }
                 m
             }
-        },
+        }),
     );
     let rejected: Vec<_> = out.rejected.iter().map(|(u, e)| (*u, e.clone())).collect();
     assert!(

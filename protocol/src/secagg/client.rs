@@ -28,6 +28,8 @@ enum State {
     /// Shares sent; waiting for the shares held for us.
     Shared {
         keys: BTreeMap<PartyId, AdvertisedKeys>,
+        /// X25519 agreements on the c keys, reused to open the shares sent to us.
+        c_shared: BTreeMap<PartyId, [u8; 32]>,
     },
     /// Masked input sent; waiting for the unmask request.
     SentInput {
@@ -161,8 +163,8 @@ impl Client {
             (State::Advertised, ServerMessage::KeyDirectory(entries)) => {
                 self.share_keys(entries, verifier)
             }
-            (State::Shared { keys }, ServerMessage::EncryptedShares(shares)) => {
-                self.masked_input(&keys, shares)
+            (State::Shared { keys, c_shared }, ServerMessage::EncryptedShares(shares)) => {
+                self.masked_input(&keys, &c_shared, shares)
             }
             (State::SentInput { held }, ServerMessage::UnmaskRequest { survivors }) => {
                 self.unmask(&held, &survivors)
@@ -219,6 +221,7 @@ impl Client {
             crypto::shamir_split(&self.s.secret.to_bytes(), t, holders.len(), &mut self.rng)?;
         let seed_shares = crypto::shamir_split(&self.self_seed, t, holders.len(), &mut self.rng)?;
         let mut sealed = Vec::with_capacity(keys.len());
+        let mut c_shared = BTreeMap::new();
         for (i, &v) in holders.iter().enumerate() {
             if v == self.me {
                 self.own_shares = Some((key_shares[i].clone(), seed_shares[i].clone()));
@@ -233,25 +236,23 @@ impl Client {
             };
             let bytes =
                 postcard::to_allocvec(&plain).map_err(|e| SecAggError::Sharing(e.to_string()))?;
-            let key = share_key(
-                &crypto::agree(&self.c.secret, &peer.c_pk)?,
-                &self.context,
-                self.me,
-                v,
-            );
+            let shared = crypto::agree(&self.c.secret, &peer.c_pk)?;
+            c_shared.insert(v, shared);
+            let key = share_key(&shared, &self.context, self.me, v);
             sealed.push(SealedShare {
                 from: self.me,
                 to: v,
                 ciphertext: crypto::seal_once(&key, &share_aad(&self.context, self.me, v), &bytes),
             });
         }
-        self.state = State::Shared { keys };
+        self.state = State::Shared { keys, c_shared };
         Ok(ClientMessage::ShareKeys(sealed))
     }
 
     fn masked_input(
         &mut self,
         keys: &BTreeMap<PartyId, AdvertisedKeys>,
+        c_shared: &BTreeMap<PartyId, [u8; 32]>,
         shares: Vec<SealedShare>,
     ) -> Result<ClientMessage, SecAggError> {
         let mut held = BTreeMap::new();
@@ -265,12 +266,12 @@ impl Client {
             if sh.to != self.me {
                 return Err(self.inconsistent(format!("a share addressed to party {}", sh.to)));
             }
-            let key = share_key(
-                &crypto::agree(&self.c.secret, &peer.c_pk)?,
-                &self.context,
-                sh.from,
-                self.me,
-            );
+            // The agreement made when sealing our shares for this peer, or a fresh one.
+            let shared = match c_shared.get(&sh.from) {
+                Some(s) => *s,
+                None => crypto::agree(&self.c.secret, &peer.c_pk)?,
+            };
+            let key = share_key(&shared, &self.context, sh.from, self.me);
             let plain = crypto::open_once(
                 &key,
                 &share_aad(&self.context, sh.from, self.me),

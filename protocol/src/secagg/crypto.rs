@@ -101,19 +101,43 @@ pub fn open_once(key: &[u8; 32], aad: &[u8], ciphertext: &[u8]) -> Result<Vec<u8
 /// ChaCha20 keystream keyed by `seed` (nonce 0).
 pub fn apply_mask(acc: &mut [u64], seed: &[u8; 32], bits: u8, sign: i8) {
     let mut rng = ChaCha20Rng::from_seed(*seed);
-    match (bits, sign >= 0) {
-        (32, true) => acc
-            .iter_mut()
-            .for_each(|a| *a = a.wrapping_add(u64::from(rng.next_u32()))),
-        (32, false) => acc
-            .iter_mut()
-            .for_each(|a| *a = a.wrapping_sub(u64::from(rng.next_u32()))),
-        (_, true) => acc
-            .iter_mut()
-            .for_each(|a| *a = a.wrapping_add(rng.next_u64())),
-        (_, false) => acc
-            .iter_mut()
-            .for_each(|a| *a = a.wrapping_sub(rng.next_u64())),
+    // Keystream in blocks of 4 KiB: far fewer calls into the generator than a word at a
+    // time, and the conversion loop vectorizes.
+    let mut block = [0u8; 4096];
+    let word = usize::from(bits / 8).max(4);
+    for chunk in acc.chunks_mut(block.len() / word) {
+        let bytes = &mut block[..chunk.len() * word];
+        rng.fill_bytes(bytes);
+        match (word, sign >= 0) {
+            (4, true) => chunk
+                .iter_mut()
+                .zip(bytes.chunks_exact(4))
+                .for_each(|(a, b)| {
+                    *a = a.wrapping_add(u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                }),
+            (4, false) => chunk
+                .iter_mut()
+                .zip(bytes.chunks_exact(4))
+                .for_each(|(a, b)| {
+                    *a = a.wrapping_sub(u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                }),
+            (_, true) => chunk
+                .iter_mut()
+                .zip(bytes.chunks_exact(8))
+                .for_each(|(a, b)| {
+                    *a = a.wrapping_add(u64::from_le_bytes([
+                        b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+                    ]))
+                }),
+            (_, false) => chunk
+                .iter_mut()
+                .zip(bytes.chunks_exact(8))
+                .for_each(|(a, b)| {
+                    *a = a.wrapping_sub(u64::from_le_bytes([
+                        b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
+                    ]))
+                }),
+        }
     }
 }
 

@@ -174,7 +174,7 @@ pub enum ClientMessage {
     AdvertiseKeys(AdvertisedKeys),
     ShareKeys(Vec<SealedShare>),
     /// The masked input, packed little-endian words of `quant.modulus_bits`.
-    MaskedInput(Vec<u8>),
+    MaskedInput(#[serde(with = "serde_bytes")] Vec<u8>),
     UnmaskShares {
         self_mask: Vec<RevealedShare>,
         mask_key: Vec<RevealedShare>,

@@ -267,16 +267,16 @@ impl Server {
         let d = self.setup.dimension as usize;
         let bits = self.setup.quant.modulus_bits;
         let got = bytes.len() / self.setup.quant.word_bytes();
-        let words = quant::unpack(bytes, bits).filter(|w| w.len() == d).ok_or(
-            SecAggError::WrongLength {
+        // Added straight from the received bytes: no per-party vector is ever held.
+        if bytes.len() != d * self.setup.quant.word_bytes()
+            || !quant::add_packed(&mut self.sum, bytes, bits)
+        {
+            return Err(SecAggError::WrongLength {
                 from,
                 what: "masked input",
                 got,
                 expected: d,
-            },
-        )?;
-        for (acc, w) in self.sum.iter_mut().zip(words) {
-            *acc = acc.wrapping_add(w);
+            });
         }
         self.inputs.insert(from);
         Ok(())

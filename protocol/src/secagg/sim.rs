@@ -72,9 +72,12 @@ pub enum Actor {
     Server,
 }
 
-/// Times the parties' work; tests use [`NoClock`].
-pub trait Stopwatch {
+/// Times the parties' work; tests use [`NoClock`]. Client work may run on several threads:
+/// each gets a [`Stopwatch::fork`], merged back with [`Stopwatch::join`].
+pub trait Stopwatch: Send {
     fn time<R>(&mut self, actor: Actor, f: impl FnOnce() -> R) -> R;
+    fn fork(&self) -> Self;
+    fn join(&mut self, other: Self);
 }
 
 pub struct NoClock;
@@ -83,6 +86,10 @@ impl Stopwatch for NoClock {
     fn time<R>(&mut self, _: Actor, f: impl FnOnce() -> R) -> R {
         f()
     }
+    fn fork(&self) -> Self {
+        NoClock
+    }
+    fn join(&mut self, _: Self) {}
 }
 
 /// What a simulated aggregation produced.
@@ -98,16 +105,133 @@ pub struct SimOutcome {
     pub rejected: Vec<(PartyId, SecAggError)>,
 }
 
-/// Runs one aggregation of `inputs` (one per party) under `setup`, with `drops` deciding
-/// who stops answering before which phase, and `tamper` a hook that may rewrite a client's
-/// message before the server sees it (for attacks).
+/// One unit of client work: create the client, or answer a server message.
+enum Work {
+    Start(PartyId),
+    Answer(PartyId, Vec<u8>),
+}
+
+/// Does `work` on up to `threads` threads; returns each party's answer (or error) in order.
+#[allow(clippy::type_complexity)]
+fn client_batch<W: Stopwatch>(
+    work: Vec<Work>,
+    clients: &mut BTreeMap<PartyId, Client>,
+    setup: &Setup,
+    inputs: &(dyn Fn(PartyId) -> Vec<f64> + Sync),
+    ids: &Identities,
+    clock: &mut W,
+    threads: usize,
+) -> Vec<(PartyId, Result<(ClientMessage, Vec<u8>), SecAggError>)> {
+    // Each item carries its client out of the map and back, so threads own disjoint clients.
+    let items: Vec<(Work, Option<Client>)> = work
+        .into_iter()
+        .map(|w| {
+            let c = match &w {
+                Work::Start(_) => None,
+                Work::Answer(v, _) => clients.remove(v),
+            };
+            (w, c)
+        })
+        .collect();
+    let chunk = items.len().div_ceil(threads.max(1)).max(1);
+    let mut chunks: Vec<Vec<(Work, Option<Client>)>> = Vec::new();
+    let mut items = items.into_iter().peekable();
+    while items.peek().is_some() {
+        chunks.push(items.by_ref().take(chunk).collect());
+    }
+    let do_one = |clock: &mut W,
+                  (w, c): (Work, Option<Client>)|
+     -> (
+        PartyId,
+        Option<Client>,
+        Result<(ClientMessage, Vec<u8>), SecAggError>,
+    ) {
+        match w {
+            Work::Start(u) => {
+                let x = inputs(u);
+                let mut seed = [0u8; 32];
+                seed[..4].copy_from_slice(&u.to_be_bytes());
+                seed[4..12].copy_from_slice(&setup.graph_seed.to_be_bytes());
+                let r = clock.time(Actor::Client(u), || {
+                    let (client, msg) = Client::new(setup.clone(), u, &x, &ids.signer(u), seed)?;
+                    let bytes = postcard::to_allocvec(&msg).unwrap_or_default();
+                    Ok((client, msg, bytes))
+                });
+                match r {
+                    Ok((client, msg, bytes)) => (u, Some(client), Ok((msg, bytes))),
+                    Err(e) => (u, None, Err(e)),
+                }
+            }
+            Work::Answer(v, bytes) => {
+                let Some(mut client) = c else {
+                    return (v, None, Err(SecAggError::UnknownParty(v)));
+                };
+                let r = clock.time(Actor::Client(v), || {
+                    let msg: ServerMessage = postcard::from_bytes(&bytes)
+                        .map_err(|e| SecAggError::Inconsistent(e.to_string()))?;
+                    let answer = client.handle(msg, ids)?;
+                    let bytes = postcard::to_allocvec(&answer).unwrap_or_default();
+                    Ok((answer, bytes))
+                });
+                (v, Some(client), r)
+            }
+        }
+    };
+    let results: Vec<Vec<_>> = if chunks.len() <= 1 {
+        chunks
+            .into_iter()
+            .map(|c| c.into_iter().map(|item| do_one(clock, item)).collect())
+            .collect()
+    } else {
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks
+                .into_iter()
+                .map(|c| {
+                    let mut local = clock.fork();
+                    let do_one = &do_one;
+                    scope.spawn(move || {
+                        let r: Vec<_> =
+                            c.into_iter().map(|item| do_one(&mut local, item)).collect();
+                        (r, local)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .filter_map(|h| h.join().ok())
+                .map(|(r, local)| {
+                    clock.join(local);
+                    r
+                })
+                .collect()
+        })
+    };
+    results
+        .into_iter()
+        .flatten()
+        .map(|(u, client, r)| {
+            if let Some(c) = client {
+                clients.insert(u, c);
+            }
+            (u, r)
+        })
+        .collect()
+}
+
+/// Runs one aggregation under `setup` of `inputs(party)` for each party, with `drops`
+/// deciding who stops answering before which phase, and `tamper` a hook that may rewrite a
+/// client's message before the server sees it (for attacks). With `record`, every client
+/// message is kept in [`SimOutcome::sent`].
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     setup: &Setup,
-    inputs: &[Vec<f64>],
+    inputs: &(dyn Fn(PartyId) -> Vec<f64> + Sync),
     drops: &BTreeMap<PartyId, DropBefore>,
     ids: &Identities,
     clock: &mut impl Stopwatch,
-    mut tamper: impl FnMut(PartyId, ClientMessage) -> ClientMessage,
+    threads: usize,
+    record: bool,
+    mut tamper: Option<&mut dyn FnMut(PartyId, ClientMessage) -> ClientMessage>,
 ) -> SimOutcome {
     const PHASE_MS: u64 = 1_000;
     let mut now = 0u64;
@@ -127,62 +251,79 @@ pub fn run(
         }
     };
     let alive = |party: PartyId, phase: DropBefore| drops.get(&party).is_none_or(|d| *d > phase);
-    let mut clients: BTreeMap<PartyId, Client> = BTreeMap::new();
-    let mut pending: Vec<(PartyId, ClientMessage)> = Vec::new();
-    for (i, x) in inputs.iter().enumerate() {
-        let u = i as PartyId;
-        if !alive(u, DropBefore::AdvertiseKeys) {
-            continue;
-        }
-        let mut seed = [0u8; 32];
-        seed[..4].copy_from_slice(&u.to_be_bytes());
-        seed[4..12].copy_from_slice(&setup.graph_seed.to_be_bytes());
-        match clock.time(Actor::Client(u), || {
-            Client::new(setup.clone(), u, x, &ids.signer(u), seed)
-        }) {
-            Ok((client, msg)) => {
-                clients.insert(u, client);
-                pending.push((u, msg));
-            }
-            Err(e) => out.rejected.push((u, e)),
-        }
-    }
     let phase_of = |m: &ServerMessage| match m {
         ServerMessage::KeyDirectory(_) => DropBefore::ShareKeys,
         ServerMessage::EncryptedShares(_) => DropBefore::MaskedInput,
         ServerMessage::UnmaskRequest { .. } => DropBefore::Unmasking,
     };
+    let mut clients: BTreeMap<PartyId, Client> = BTreeMap::new();
+    let mut work: Vec<Work> = (0..setup.parties.len() as PartyId)
+        .filter(|&u| alive(u, DropBefore::AdvertiseKeys))
+        .map(Work::Start)
+        .collect();
     loop {
-        for (u, msg) in pending.drain(..) {
-            let msg = tamper(u, msg);
-            *out.bytes_sent.entry(u).or_default() +=
-                postcard::to_allocvec(&msg).map_or(0, |b| b.len());
-            out.sent.entry(u).or_default().push(msg.clone());
-            if let Err(e) = clock.time(Actor::Server, || server.handle(now, u, msg, ids)) {
+        // Clients work (in parallel); their answers cross to the server as bytes.
+        let answers = client_batch(
+            std::mem::take(&mut work),
+            &mut clients,
+            setup,
+            inputs,
+            ids,
+            clock,
+            threads,
+        );
+        for (u, answer) in answers {
+            let (msg, bytes) = match answer {
+                Ok(a) => a,
+                Err(e) => {
+                    out.rejected.push((u, e));
+                    continue;
+                }
+            };
+            // An attack rewrites the message as it crosses the network.
+            let (msg, bytes) = match tamper.as_mut() {
+                Some(tamper) => {
+                    let m = tamper(u, msg);
+                    let b = postcard::to_allocvec(&m).unwrap_or_default();
+                    (m, b)
+                }
+                None => (msg, bytes),
+            };
+            if record {
+                out.sent.entry(u).or_default().push(msg);
+            }
+            *out.bytes_sent.entry(u).or_default() += bytes.len();
+            let handled = clock.time(Actor::Server, || {
+                let msg: ClientMessage =
+                    postcard::from_bytes(&bytes).map_err(|e| SecAggError::Invalid {
+                        from: u,
+                        why: e.to_string(),
+                    })?;
+                server.handle(now, u, msg, ids)
+            });
+            if let Err(e) = handled {
                 out.rejected.push((u, e));
             }
         }
         if server.outcome().is_some() {
             break;
         }
-        // Deliver what the server sent; clients that dropped stay silent.
-        let mut delivered = false;
-        while let Some((v, msg)) = server.poll_transmit() {
-            delivered = true;
-            if !alive(v, phase_of(&msg)) {
-                continue;
-            }
-            *out.bytes_received.entry(v).or_default() +=
-                postcard::to_allocvec(&msg).map_or(0, |b| b.len());
-            let Some(client) = clients.get_mut(&v) else {
-                continue;
-            };
-            match clock.time(Actor::Client(v), || client.handle(msg, ids)) {
-                Ok(answer) => pending.push((v, answer)),
-                Err(e) => out.rejected.push((v, e)),
+        // The server's messages; parties that dropped stay silent.
+        while let Some((v, phase, bytes)) = clock.time(Actor::Server, || {
+            server.poll_transmit().map(|(v, m)| {
+                (
+                    v,
+                    phase_of(&m),
+                    postcard::to_allocvec(&m).unwrap_or_default(),
+                )
+            })
+        }) {
+            if alive(v, phase) && clients.contains_key(&v) {
+                *out.bytes_received.entry(v).or_default() += bytes.len();
+                work.push(Work::Answer(v, bytes));
             }
         }
-        if pending.is_empty() && !delivered {
+        if work.is_empty() {
             // Nobody has anything left to say: let the phase deadline pass.
             now = server.poll_timeout().unwrap_or(now).max(now);
             clock.time(Actor::Server, || server.handle_timeout(now));
