@@ -171,13 +171,13 @@ pub fn pack(words: &[u64], bits: u8) -> Vec<u8> {
 /// The inverse of [`pack`]; `None` if the length is not a whole number of words.
 pub fn unpack(bytes: &[u8], bits: u8) -> Option<Vec<u64>> {
     match bits {
-        32 if bytes.len() % 4 == 0 => Some(
+        32 if bytes.len().is_multiple_of(4) => Some(
             bytes
                 .chunks_exact(4)
                 .map(|c| u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
                 .collect(),
         ),
-        64 if bytes.len() % 8 == 0 => Some(
+        64 if bytes.len().is_multiple_of(8) => Some(
             bytes
                 .chunks_exact(8)
                 .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))

@@ -116,7 +116,8 @@ pub fn choose_neighbours(
     let private_target = 2f64.powi(-(privacy_bits as i32)) / n as f64;
     let mut k = 2;
     while k < n - 1 && k <= 254 {
-        for t in ((k + 1) / 2 + 1)..=k {
+        // More than half of the k + 1 holders.
+        for t in (k.div_ceil(2) + 1)..=k {
             let unrecoverable = binomial_tail(k, dropout, k - t + 1);
             let exposed = binomial_tail(k, corrupt, t);
             if unrecoverable <= correct_target && exposed <= private_target {
