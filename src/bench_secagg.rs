@@ -86,7 +86,7 @@ fn measure(
     let (k, t) = match neighbours {
         Some(k) => {
             let k = k.min(n as u32 - 1);
-            (k, (k + 1) / 2 + 1)
+            (k, k.div_ceil(2) + 1)
         }
         None => choose_neighbours(n, 0.1, 0.05, 20, 30),
     };
