@@ -68,6 +68,58 @@ pub struct StudyConfig {
     pub round_attempts: u32,
     #[serde(default)]
     pub training: TrainingConfig,
+    #[serde(default)]
+    pub secure_aggregation: SecureAggregationConfig,
+}
+
+/// Secure aggregation of the training rounds (on by default).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureAggregationConfig {
+    /// Off only for debugging: the aggregator then sees every site's update.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Range bound of every entry of a site's (scaled) update vector.
+    #[serde(default = "default_clip")]
+    pub clip: f64,
+    /// Fixed-point precision: entries are rounded to multiples of 2^-scale_bits.
+    #[serde(default = "default_scale_bits")]
+    pub scale_bits: u8,
+    /// Share of sites expected to drop out of a round; sizes SecAgg+ neighbourhoods (above
+    /// 32 sites).
+    #[serde(default = "default_expected_dropout")]
+    pub expected_dropout: f64,
+    /// Share of sites assumed to collude with the aggregator; sizes SecAgg+ neighbourhoods.
+    #[serde(default = "default_expected_corrupt")]
+    pub expected_corrupt: f64,
+}
+
+impl Default for SecureAggregationConfig {
+    fn default() -> Self {
+        SecureAggregationConfig {
+            enabled: true,
+            clip: default_clip(),
+            scale_bits: default_scale_bits(),
+            expected_dropout: default_expected_dropout(),
+            expected_corrupt: default_expected_corrupt(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_clip() -> f64 {
+    1e6
+}
+fn default_scale_bits() -> u8 {
+    24
+}
+fn default_expected_dropout() -> f64 {
+    0.1
+}
+fn default_expected_corrupt() -> f64 {
+    0.05
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -227,6 +279,24 @@ impl AggregatorConfig {
                     key("round_timeout_secs"),
                     "and round_attempts must be at least 1".into(),
                 ));
+            }
+            let sa = &s.secure_aggregation;
+            medfed_protocol::quant::QuantParams::for_parties(
+                self.sites.allow.len(),
+                sa.clip,
+                sa.scale_bits,
+            )
+            .map_err(|e| invalid(key("secure_aggregation"), e.to_string()))?;
+            for (name, v) in [
+                ("expected_dropout", sa.expected_dropout),
+                ("expected_corrupt", sa.expected_corrupt),
+            ] {
+                if !(0.0..0.5).contains(&v) {
+                    return Err(invalid(
+                        key(&format!("secure_aggregation.{name}")),
+                        "must be at least 0 and below 0.5".into(),
+                    ));
+                }
             }
             s.training
                 .params()

@@ -16,6 +16,7 @@
 //! ```
 
 pub mod config;
+mod secure_round;
 mod server;
 mod study;
 
@@ -169,6 +170,7 @@ impl Aggregator {
         });
         let accept = tokio::spawn(server.accept_loop());
         let mut stop = self.stop.subscribe();
+        let roots = transport::load_roots(&self.config.tls.ca)?;
         let mut outcomes = Vec::new();
         let mut result = Ok(());
         for cfg in &self.config.studies {
@@ -178,6 +180,7 @@ impl Aggregator {
                 out_dir: self.config.out_dir.clone(),
                 max_frame: self.config.max_frame_bytes,
                 events: events.clone(),
+                roots: roots.clone(),
             };
             let outcome = tokio::select! {
                 r = runner.run(allow.len()) => r,

@@ -57,13 +57,26 @@ pub(crate) struct StudyRunner {
     pub out_dir: PathBuf,
     pub max_frame: u32,
     pub events: Option<tokio::sync::mpsc::UnboundedSender<AggregatorEvent>>,
+    /// The consortium CA, to check the site certificates behind secure-aggregation keys.
+    pub roots: Arc<medfed_infra::transport::RootCertStore>,
 }
 
 /// A participant's standing in the study.
-struct Participant {
-    training_rows: u64,
+pub(crate) struct Participant {
+    pub training_rows: u64,
     /// The connection the study was announced on; a reconnected site is announced again.
     announced_on: usize,
+}
+
+/// What one round produced, however it was aggregated.
+pub(crate) struct RoundAggregate {
+    /// Sites whose updates are in the average.
+    pub sites: Vec<String>,
+    pub weights: Vec<f64>,
+    pub train_loss: f64,
+    pub rows: u64,
+    /// The merged evaluation of the round's incoming model.
+    pub evaluation: Evaluation,
 }
 
 /// A round's model waiting for its validation figures (they arrive in the next round).
@@ -210,53 +223,54 @@ impl StudyRunner {
         let mut pending: Option<Pending> = None;
         for round in 1..=cfg.rounds {
             let mut attempt = 0;
-            let (updates, evaluation) = loop {
+            let aggregate = loop {
                 attempt += 1;
                 self.reannounce(&mut participants).await;
-                let (updates, evaluation) = self.collect_round(round, &model, &participants).await;
-                if updates.len() >= cfg.min_sites {
-                    break (updates, evaluation);
-                }
-                let why = format!(
-                    "{} of {} updates arrived (attempt {attempt} of {})",
-                    updates.len(),
-                    cfg.min_sites,
-                    cfg.round_attempts
-                );
-                warn!(study = %cfg.id, round, "round without quorum: {why}");
+                let result = if cfg.secure_aggregation.enabled {
+                    self.secure_round(round, attempt, &model, &participants)
+                        .await
+                } else {
+                    self.plain_round(round, &model, &participants).await
+                };
+                let why = match result {
+                    Ok(a) if a.sites.len() >= cfg.min_sites => break a,
+                    Ok(a) => format!(
+                        "{} of the {} sites needed contributed",
+                        a.sites.len(),
+                        cfg.min_sites
+                    ),
+                    Err(why) => why,
+                };
+                let why = format!("{why} (attempt {attempt} of {})", cfg.round_attempts);
+                warn!(study = %cfg.id, round, "round failed: {why}");
                 self.emit(AggregatorEvent::RoundFailed {
                     study_id: cfg.id.clone(),
                     round,
                     reason: why.clone(),
                 });
                 if attempt >= cfg.round_attempts {
+                    let got = self.registry.names().len();
                     return Err(StudyError::NoQuorum {
                         study: cfg.id.clone(),
-                        got: updates.len(),
+                        got,
                         need: cfg.min_sites,
                         detail: why,
                     });
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
             };
-            // The updates' evaluations are of the incoming model: the previous round's.
+            // The round's evaluation is of the incoming model: the previous round's.
             if let Some(p) = pending.take() {
-                self.complete(p, Some(evaluation.metrics()))?;
+                self.complete(p, Some(aggregate.evaluation.metrics()))?;
             }
-            let weights = federated_average(
-                updates
-                    .values()
-                    .map(|u| (u.weights.as_slice(), u.num_samples)),
-            )
-            .ok_or_else(|| self.failed("no training rows in the round's updates"))?;
-            let rows: u64 = updates.values().map(|u| u.num_samples).sum();
-            let train_loss = updates
-                .values()
-                .map(|u| u.train_loss * u.num_samples as f64)
-                .sum::<f64>()
-                / rows as f64;
+            let RoundAggregate {
+                sites,
+                weights,
+                train_loss,
+                rows,
+                ..
+            } = aggregate;
             model.weights = weights;
-            let sites: Vec<String> = updates.keys().cloned().collect();
             info!(study = %cfg.id, round, sites = sites.len(), train_loss, "round aggregated");
             self.broadcast_result(round, &sites, train_loss);
             pending = Some(Pending {
@@ -313,12 +327,13 @@ impl StudyRunner {
         }
     }
 
-    async fn collect_round(
+    /// A round without secure aggregation: each node's update is seen by the aggregator.
+    async fn plain_round(
         &self,
         round: u32,
         model: &GlobalModel,
         participants: &BTreeMap<String, Participant>,
-    ) -> (BTreeMap<String, ModelUpdate>, Evaluation) {
+    ) -> Result<RoundAggregate, String> {
         let cfg = &self.cfg;
         let timeout = Duration::from_secs(cfg.round_timeout_secs);
         let mut params = cfg.training.params();
@@ -329,6 +344,7 @@ impl StudyRunner {
             model: model.clone(),
             params,
             deadline_ms: timeout.as_millis() as u64,
+            secure: None,
         }));
         let mut tasks = JoinSet::new();
         for site in participants.keys() {
@@ -366,7 +382,31 @@ impl StudyRunner {
             }
             updates.insert(site, update);
         }
-        (updates, evaluation)
+        let weights = federated_average(
+            updates
+                .values()
+                .map(|u| (u.weights.as_slice(), u.num_samples)),
+        )
+        .ok_or_else(|| {
+            format!(
+                "{} of the {} sites needed sent an update",
+                updates.len(),
+                cfg.min_sites
+            )
+        })?;
+        let rows: u64 = updates.values().map(|u| u.num_samples).sum();
+        let train_loss = updates
+            .values()
+            .map(|u| u.train_loss * u.num_samples as f64)
+            .sum::<f64>()
+            / rows as f64;
+        Ok(RoundAggregate {
+            sites: updates.into_keys().collect(),
+            weights,
+            train_loss,
+            rows,
+            evaluation,
+        })
     }
 
     async fn collect_evaluation(

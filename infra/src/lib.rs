@@ -6,9 +6,11 @@
 //! - [`transport`]: QUIC endpoints with mutual TLS 1.3 (quinn + rustls/ring) and framed
 //!   messages over QUIC streams.
 //! - [`files`]: atomic file writes for exported artefacts.
+//! - [`identity`]: signing and verifying secure-aggregation keys with site certificates.
 //! - [`config`]: TOML config loading with errors that name the file and key.
 
 pub mod config;
 pub mod files;
+pub mod identity;
 pub mod pki;
 pub mod transport;

@@ -19,6 +19,7 @@ use std::time::Duration;
 use medfed_protocol::codec::{self, FrameError, HEADER_BYTES};
 use medfed_protocol::{ErrorCode, Message};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+pub use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 

@@ -9,7 +9,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use medfed_infra::transport::{self, Identity, TransportError};
+use medfed_infra::identity::SiteSigner;
+use medfed_infra::transport::{self, Identity, RootCertStore, TransportError};
 use medfed_protocol::messages::{
     DatasetInfo, ErrorMessage, EvaluateRequest, EvaluationReport, Hello, ModelUpdate, RoundOpen,
     StudyAnnouncement, StudyDecision,
@@ -51,9 +52,24 @@ pub enum NodeExit {
 
 /// A hospital node: its datasets, its studies' prepared rows, its QUIC endpoint.
 pub struct Node {
-    config: NodeConfig,
+    pub(crate) config: NodeConfig,
     tables: HashMap<String, Arc<Table>>,
     studies: Mutex<HashMap<String, Arc<StudyData>>>,
+    /// Signs secure-aggregation keys with the site certificate's key.
+    pub(crate) signer: SiteSigner,
+    /// The consortium CA, to check other sites' certificates.
+    pub(crate) roots: Arc<RootCertStore>,
+    /// Secure aggregations in progress, by study and round.
+    pub(crate) secure: Mutex<HashMap<(String, u32), crate::secure::Party>>,
+}
+
+/// The result of local training in one round.
+pub(crate) struct LocalUpdate {
+    pub kind: medfed_protocol::model::ModelKind,
+    pub weights: Vec<f64>,
+    pub train_loss: f64,
+    pub evaluation: Evaluation,
+    pub rows: u64,
 }
 
 impl Node {
@@ -65,10 +81,15 @@ impl Node {
             info!(dataset = %d.name, rows = table.len(), path = %d.path.display(), "dataset loaded");
             tables.insert(d.name.clone(), Arc::new(table));
         }
+        let signer = SiteSigner::load(&config.tls.key)?;
+        let roots = transport::load_roots(&config.tls.ca)?;
         Ok(Node {
             config,
             tables,
             studies: Mutex::default(),
+            signer,
+            roots,
+            secure: Mutex::default(),
         })
     }
 
@@ -238,7 +259,9 @@ impl Node {
     async fn respond(&self, msg: Message) -> Message {
         let result = match msg {
             Message::StudyAnnouncement(a) => Ok(self.decide(&a)),
+            Message::RoundOpen(r) if r.secure.is_some() => self.train_secure(r).await,
             Message::RoundOpen(r) => self.train(r).await,
+            Message::SecAggToNode(m) => self.secure_step(m),
             Message::EvaluateRequest(r) => self.evaluate(r),
             other => Err((
                 ErrorCode::UnexpectedMessage,
@@ -283,7 +306,11 @@ impl Node {
         self.studies.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn study(&self, id: &str, model: &GlobalModel) -> Result<Arc<StudyData>, (ErrorCode, String)> {
+    pub(crate) fn study(
+        &self,
+        id: &str,
+        model: &GlobalModel,
+    ) -> Result<Arc<StudyData>, (ErrorCode, String)> {
         let data = self.studies_lock().get(id).cloned().ok_or_else(|| {
             (
                 ErrorCode::CannotServe,
@@ -302,35 +329,57 @@ impl Node {
         Ok(data)
     }
 
-    async fn train(&self, r: RoundOpen) -> Result<Message, (ErrorCode, String)> {
+    /// Trains locally from the round's model: the new weights, the training loss, the
+    /// evaluation of the incoming model on the validation rows, and the training rows.
+    pub(crate) async fn local_update(
+        &self,
+        r: &RoundOpen,
+    ) -> Result<LocalUpdate, (ErrorCode, String)> {
         let data = self.study(&r.study_id, &r.model)?;
         let site = self.config.site.clone();
+        let (model, params, study, round) = (
+            r.model.clone(),
+            r.params.clone(),
+            r.study_id.clone(),
+            r.round,
+        );
         // Training is CPU work: keep it off the threads that drive the connection.
         tokio::task::spawn_blocking(move || {
-            let (x_train, x_val) = standardized(&data, &r.model);
-            let evaluation = evaluate(&data, &r.model, &x_val)?;
+            let (x_train, x_val) = standardized(&data, &model);
+            let evaluation = evaluate(&data, &model, &x_val)?;
             let weights = train_local(
                 data.kind,
-                &r.model.weights,
+                &model.weights,
                 x_train.view(),
                 data.y_train.view(),
-                &r.params,
+                &params,
             )
             .map_err(|e| (ErrorCode::InvalidContent, e.to_string()))?;
             let train_loss = mean_loss(data.kind, &weights, x_train.view(), data.y_train.view())
                 .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
-            info!(%site, study = %r.study_id, round = r.round, train_loss, "local update ready");
-            Ok(Message::ModelUpdate(ModelUpdate {
-                study_id: r.study_id,
-                round: r.round,
+            info!(%site, %study, round, train_loss, "local update ready");
+            Ok(LocalUpdate {
+                kind: data.kind,
                 weights,
-                num_samples: data.x_train.nrows() as u64,
                 train_loss,
                 evaluation,
-            }))
+                rows: data.x_train.nrows() as u64,
+            })
         })
         .await
         .map_err(|e| (ErrorCode::Internal, format!("training task failed: {e}")))?
+    }
+
+    async fn train(&self, r: RoundOpen) -> Result<Message, (ErrorCode, String)> {
+        let u = self.local_update(&r).await?;
+        Ok(Message::ModelUpdate(ModelUpdate {
+            study_id: r.study_id,
+            round: r.round,
+            weights: u.weights,
+            num_samples: u.rows,
+            train_loss: u.train_loss,
+            evaluation: u.evaluation,
+        }))
     }
 
     fn evaluate(&self, r: EvaluateRequest) -> Result<Message, (ErrorCode, String)> {

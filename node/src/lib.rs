@@ -17,5 +17,6 @@
 pub mod client;
 pub mod config;
 pub mod data;
+mod secure;
 
 pub use client::{Node, NodeError, NodeExit};

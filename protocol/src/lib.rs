@@ -19,6 +19,7 @@
 //! - [`stats`]: combinable feature statistics for standardization.
 //! - [`quant`]: fixed-point encoding into Z_2^32 / Z_2^64 with overflow checks.
 //! - [`secagg`]: secure aggregation (SecAgg / SecAgg+) client and server state machines.
+//! - [`update_vector`]: what a node feeds into secure aggregation in a training round.
 //! - [`metrics`]: exact metrics and the combinable per-site evaluation summary.
 //! - [`export`]: the JSON layout of an exported global model.
 
@@ -30,6 +31,7 @@ pub mod model;
 pub mod quant;
 pub mod secagg;
 pub mod stats;
+pub mod update_vector;
 
 pub use codec::{DEFAULT_MAX_FRAME_BYTES, FrameError, PROTOCOL_VERSION};
 pub use messages::{ErrorCode, Message};

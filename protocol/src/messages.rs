@@ -10,6 +10,10 @@
 //! | aggregator | [`RoundOpen`]         | [`ModelUpdate`] or [`ErrorMessage`] |
 //! | aggregator | [`EvaluateRequest`]   | [`EvaluationReport`]    |
 //! | aggregator | [`RoundResult`]       | (none: one-way)         |
+//! | aggregator | [`SecAggToNode`]      | [`SecAggFromNode`]      |
+//!
+//! With secure aggregation a [`RoundOpen`] is answered with a [`SecAggFromNode`] (the
+//! node's signed keys), and three more exchanges follow (see [`crate::secagg`]).
 //!
 //! Nothing in here carries a patient record: only model parameters, counts and sums.
 
@@ -33,6 +37,8 @@ pub enum Message {
     EvaluationReport(EvaluationReport),
     RoundResult(RoundResult),
     Error(ErrorMessage),
+    SecAggToNode(SecAggToNode),
+    SecAggFromNode(SecAggFromNode),
 }
 
 impl Message {
@@ -49,6 +55,8 @@ impl Message {
             Message::EvaluationReport(_) => "evaluation report",
             Message::RoundResult(_) => "round result",
             Message::Error(_) => "error",
+            Message::SecAggToNode(m) => m.message.kind(),
+            Message::SecAggFromNode(m) => m.message.kind(),
         }
     }
 }
@@ -119,6 +127,36 @@ pub struct RoundOpen {
     pub params: TrainParams,
     /// Milliseconds the node has to answer before the round goes on without it.
     pub deadline_ms: u64,
+    /// When set, the node answers with the first message of secure aggregation instead of a
+    /// [`ModelUpdate`], and its update is only ever seen summed with the others'.
+    pub secure: Option<SecureRound>,
+}
+
+/// The secure-aggregation part of a [`RoundOpen`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecureRound {
+    pub setup: crate::secagg::Setup,
+    /// Each party's site certificate (DER), indexed like `setup.parties`, so that nodes can
+    /// check each other's key signatures against the consortium CA.
+    pub certificates: Vec<Vec<u8>>,
+    /// `1 / S`, S being the training rows of all parties (see [`crate::update_vector`]).
+    pub scale: f64,
+}
+
+/// A secure-aggregation message from the aggregator to a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecAggToNode {
+    pub study_id: String,
+    pub round: u32,
+    pub message: crate::secagg::ServerMessage,
+}
+
+/// A node's secure-aggregation message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecAggFromNode {
+    pub study_id: String,
+    pub round: u32,
+    pub message: crate::secagg::ClientMessage,
 }
 
 /// A node's local update for one round.

@@ -122,6 +122,21 @@ fn message() -> impl Strategy<Value = Message> {
                 model,
                 params: TrainParams::default(),
                 deadline_ms,
+                secure: None,
+            })
+        }),
+        (prop::collection::vec(any::<u8>(), 0..64), any::<u32>()).prop_map(|(bytes, round)| {
+            Message::SecAggFromNode(SecAggFromNode {
+                study_id: "s".into(),
+                round,
+                message: medfed_protocol::secagg::ClientMessage::MaskedInput(bytes),
+            })
+        }),
+        prop::collection::vec(any::<u32>(), 0..16).prop_map(|survivors| {
+            Message::SecAggToNode(SecAggToNode {
+                study_id: "s".into(),
+                round: 1,
+                message: medfed_protocol::secagg::ServerMessage::UnmaskRequest { survivors },
             })
         }),
         (

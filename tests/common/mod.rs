@@ -50,7 +50,20 @@ pub struct RunningAggregator {
 /// Binds and runs an aggregator from `config`.
 pub fn start_aggregator(config: &Path) -> RunningAggregator {
     let cfg = AggregatorConfig::load(config).expect("config loads");
-    let aggregator = Aggregator::bind(cfg).expect("bind");
+    // A port just released by a stopped aggregator in this process can stay busy while its
+    // last tasks wind down: retry for a moment.
+    let mut tries = 0;
+    let aggregator = loop {
+        match Aggregator::bind(cfg.clone()) {
+            Ok(a) => break a,
+            Err(e) if tries < 50 => {
+                tries += 1;
+                eprintln!("bind failed ({e}); retrying");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(e) => panic!("bind: {e}"),
+        }
+    };
     let addr = aggregator.local_addr().expect("addr");
     let handle = aggregator.handle();
     let task = tokio::spawn(async move {

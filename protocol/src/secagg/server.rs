@@ -178,6 +178,14 @@ impl Server {
         }
     }
 
+    /// Ends the current phase now: the driver knows no further message can arrive in it
+    /// (every party has answered or its connection is gone).
+    pub fn close_phase(&mut self, now_ms: u64) {
+        if self.phase != Phase::Done {
+            self.advance(now_ms);
+        }
+    }
+
     /// Aborts the aggregation (e.g. the study was cancelled).
     pub fn abort(&mut self, reason: &str) {
         self.finish(Err(SecAggError::Aborted(reason.to_string())));

@@ -1,0 +1,171 @@
+//! Site identities for secure aggregation: a node signs its round keys with the private key
+//! of its site certificate; every party checks those signatures against certificates that
+//! chain to the consortium CA and name the signing site. So an aggregator that relays keys
+//! cannot substitute its own.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use medfed_protocol::secagg::{Signer, Verifier};
+use ring::rand::SystemRandom;
+use ring::signature::{
+    ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, UnparsedPublicKey,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, UnixTime};
+
+use crate::transport::TransportError;
+
+/// Signs with a site's certificate key (ECDSA P-256, as `medfed pki issue` makes).
+pub struct SiteSigner {
+    key: EcdsaKeyPair,
+    rng: SystemRandom,
+}
+
+impl SiteSigner {
+    pub fn load(key_path: &Path) -> Result<SiteSigner, TransportError> {
+        let pem_err = |detail: String| TransportError::Pem {
+            path: key_path.to_path_buf(),
+            detail,
+        };
+        let der =
+            PrivatePkcs8KeyDer::from_pem_file(key_path).map_err(|e| pem_err(e.to_string()))?;
+        let rng = SystemRandom::new();
+        let key = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_ASN1_SIGNING,
+            der.secret_pkcs8_der(),
+            &rng,
+        )
+        .map_err(|e| {
+            pem_err(format!(
+                "not an ECDSA P-256 key ({e}); reissue it with `medfed pki issue`"
+            ))
+        })?;
+        Ok(SiteSigner { key, rng })
+    }
+}
+
+impl Signer for SiteSigner {
+    fn sign(&self, message: &[u8]) -> Vec<u8> {
+        // Signing only fails if the system's random generator does; an empty signature then
+        // fails verification at every peer, which drops this party from the round.
+        self.key
+            .sign(&self.rng, message)
+            .map(|s| s.as_ref().to_vec())
+            .unwrap_or_default()
+    }
+}
+
+/// Verifies sites' signatures with their certificates, each checked against the consortium
+/// CA and the site's name before use.
+pub struct CertificateVerifier {
+    keys: BTreeMap<String, Vec<u8>>,
+}
+
+impl CertificateVerifier {
+    /// Checks each `(site, certificate DER)`; a certificate that does not chain to the CA in
+    /// `roots`, or names another site, is an error naming the site.
+    pub fn new(
+        roots: Arc<rustls::RootCertStore>,
+        certificates: &[(String, Vec<u8>)],
+    ) -> Result<CertificateVerifier, TransportError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
+            .build()
+            .map_err(|e| TransportError::PeerCertificate(e.to_string()))?;
+        let mut keys = BTreeMap::new();
+        for (site, der) in certificates {
+            let cert = CertificateDer::from(der.as_slice());
+            verifier
+                .verify_client_cert(&cert, &[], UnixTime::now())
+                .map_err(|e| TransportError::PeerCertificate(format!("site '{site}': {e}")))?;
+            let (_, parsed) = x509_parser::parse_x509_certificate(der)
+                .map_err(|e| TransportError::PeerCertificate(format!("site '{site}': {e}")))?;
+            let cn = parsed
+                .subject()
+                .iter_common_name()
+                .next()
+                .and_then(|cn| cn.as_str().ok());
+            if cn != Some(site.as_str()) {
+                return Err(TransportError::PeerCertificate(format!(
+                    "the certificate given for site '{site}' is for {cn:?}"
+                )));
+            }
+            keys.insert(
+                site.clone(),
+                parsed.public_key().subject_public_key.data.to_vec(),
+            );
+        }
+        Ok(CertificateVerifier { keys })
+    }
+}
+
+impl Verifier for CertificateVerifier {
+    fn verify(&self, site: &str, message: &[u8], signature: &[u8]) -> bool {
+        self.keys.get(site).is_some_and(|pk| {
+            UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, pk)
+                .verify(message, signature)
+                .is_ok()
+        })
+    }
+}
+
+/// The DER of a connected peer's certificate.
+pub fn peer_certificate(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    let chain = conn
+        .peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?;
+    chain.first().map(|c| c.as_ref().to_vec())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pki;
+
+    #[test]
+    fn signatures_verify_only_for_the_right_site_and_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        pki::init_ca(dir.path(), "T", 2).unwrap();
+        let a = pki::issue(dir.path(), &pki::Role::Site("alpha".into()), 2).unwrap();
+        let b = pki::issue(dir.path(), &pki::Role::Site("beta".into()), 2).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        pki::init_ca(other.path(), "Other", 2).unwrap();
+        let foreign = pki::issue(other.path(), &pki::Role::Site("alpha".into()), 2).unwrap();
+        let der = |p: &Path| {
+            crate::transport::load_certs(p).unwrap()[0]
+                .as_ref()
+                .to_vec()
+        };
+        let roots = crate::transport::load_roots(&a.ca).unwrap();
+
+        let v = CertificateVerifier::new(
+            roots.clone(),
+            &[
+                ("alpha".into(), der(&a.cert)),
+                ("beta".into(), der(&b.cert)),
+            ],
+        )
+        .unwrap();
+        let sig = SiteSigner::load(&a.key).unwrap().sign(b"keys");
+        assert!(v.verify("alpha", b"keys", &sig));
+        assert!(!v.verify("alpha", b"other keys", &sig));
+        assert!(
+            !v.verify("beta", b"keys", &sig),
+            "alpha's signature passed as beta's"
+        );
+        assert!(!v.verify("gamma", b"keys", &sig));
+
+        // A certificate from another CA, or given under another site's name, is refused.
+        let err = CertificateVerifier::new(roots.clone(), &[("alpha".into(), der(&foreign.cert))])
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("site 'alpha'"), "{err}");
+        let err = CertificateVerifier::new(roots, &[("beta".into(), der(&a.cert))])
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("is for Some(\"alpha\")"), "{err}");
+    }
+}

@@ -1,0 +1,164 @@
+//! The vector a node feeds into secure aggregation in a training round, and how the
+//! aggregator reads the sum back.
+//!
+//! With `s = 1 / S` (S: training rows of all the round's participants, public), node i
+//! contributes
+//!
+//! ```text
+//! [ s·n_i·w_i (width entries) | s·n_i·loss_i | s·n_i | s·(evaluation counts and sums) ]
+//! ```
+//!
+//! so the sum gives FedAvg directly (`Σ s·n_i·w_i / Σ s·n_i`), the sample-weighted training
+//! loss, the rows behind it, and the merged evaluation — and no single site's figures.
+//! Scaling by `s` keeps every entry near the range of a weight whatever the sites' sizes.
+
+use crate::metrics::{Evaluation, SCORE_BINS};
+use crate::model::ModelKind;
+
+/// Entries of the evaluation part for a model kind.
+fn evaluation_len(kind: ModelKind) -> usize {
+    match kind {
+        ModelKind::Logistic => 6 + 2 * SCORE_BINS,
+        ModelKind::Linear => 4,
+    }
+}
+
+/// Length of the vector for a model with `width` parameters.
+pub fn dimension(kind: ModelKind, width: usize) -> usize {
+    width + 2 + evaluation_len(kind)
+}
+
+/// Builds node i's vector.
+pub fn encode(
+    weights: &[f64],
+    train_loss: f64,
+    rows: u64,
+    evaluation: &Evaluation,
+    scale: f64,
+) -> Vec<f64> {
+    let w = rows as f64 * scale;
+    let mut v: Vec<f64> = weights.iter().map(|x| x * w).collect();
+    v.push(train_loss * w);
+    v.push(w);
+    match evaluation {
+        Evaluation::Classification {
+            rows,
+            log_loss_sum,
+            tp,
+            tn,
+            fp,
+            fn_,
+            positive_scores,
+            negative_scores,
+        } => {
+            v.extend(
+                [
+                    *rows as f64,
+                    *log_loss_sum,
+                    *tp as f64,
+                    *tn as f64,
+                    *fp as f64,
+                    *fn_ as f64,
+                ]
+                .map(|x| x * scale),
+            );
+            v.extend(
+                positive_scores
+                    .iter()
+                    .chain(negative_scores)
+                    .map(|c| *c as f64 * scale),
+            );
+        }
+        Evaluation::Regression {
+            rows,
+            sum_sq_error,
+            sum_y,
+            sum_y_sq,
+        } => {
+            v.extend([*rows as f64, *sum_sq_error, *sum_y, *sum_y_sq].map(|x| x * scale));
+        }
+    }
+    v
+}
+
+/// What the aggregator learns from a round's sum.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decoded {
+    /// The FedAvg average of the contributors' weights.
+    pub weights: Vec<f64>,
+    pub train_loss: f64,
+    pub rows: u64,
+    pub evaluation: Evaluation,
+}
+
+/// Reads a summed vector; `scale` is the round's `1 / S`.
+pub fn decode(sum: &[f64], kind: ModelKind, width: usize, scale: f64) -> Result<Decoded, String> {
+    if sum.len() != dimension(kind, width) {
+        return Err(format!(
+            "sum has {} entries, expected {}",
+            sum.len(),
+            dimension(kind, width)
+        ));
+    }
+    let total = sum[width + 1];
+    if !(total.is_finite() && total > 0.0) {
+        return Err("no training rows behind the sum".into());
+    }
+    let count = |x: f64| (x / scale).round().max(0.0) as u64;
+    let e = &sum[width + 2..];
+    let evaluation = match kind {
+        ModelKind::Logistic => Evaluation::Classification {
+            rows: count(e[0]),
+            log_loss_sum: e[1] / scale,
+            tp: count(e[2]),
+            tn: count(e[3]),
+            fp: count(e[4]),
+            fn_: count(e[5]),
+            positive_scores: e[6..6 + SCORE_BINS].iter().map(|x| count(*x)).collect(),
+            negative_scores: e[6 + SCORE_BINS..].iter().map(|x| count(*x)).collect(),
+        },
+        ModelKind::Linear => Evaluation::Regression {
+            rows: count(e[0]),
+            sum_sq_error: e[1] / scale,
+            sum_y: e[2] / scale,
+            sum_y_sq: e[3] / scale,
+        },
+    };
+    Ok(Decoded {
+        weights: sum[..width].iter().map(|x| x / total).collect(),
+        train_loss: sum[width] / total,
+        rows: count(total),
+        evaluation,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::federated_average;
+
+    #[test]
+    fn the_sum_decodes_to_fedavg_and_the_merged_evaluation() {
+        let mut e1 = Evaluation::empty(ModelKind::Logistic);
+        e1.add_rows(&[0.9, 0.2, 0.6], &[1.0, 0.0, 0.0]);
+        let mut e2 = Evaluation::empty(ModelKind::Logistic);
+        e2.add_rows(&[0.1, 0.8], &[0.0, 1.0]);
+        let (w1, w2) = ([1.0, -2.0, 0.5], [3.0, 0.0, -0.5]);
+        let scale = 1.0 / 40.0;
+        let v1 = encode(&w1, 0.4, 10, &e1, scale);
+        let v2 = encode(&w2, 0.6, 30, &e2, scale);
+        assert_eq!(v1.len(), dimension(ModelKind::Logistic, 3));
+        let sum: Vec<f64> = v1.iter().zip(&v2).map(|(a, b)| a + b).collect();
+        let d = decode(&sum, ModelKind::Logistic, 3, scale).unwrap();
+        let want = federated_average([(&w1[..], 10), (&w2[..], 30)]).unwrap();
+        for (a, b) in d.weights.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-12);
+        }
+        assert!((d.train_loss - 0.55).abs() < 1e-12);
+        assert_eq!(d.rows, 40);
+        let mut merged = e1.clone();
+        merged.merge(&e2).unwrap();
+        assert_eq!(d.evaluation.metrics(), merged.metrics());
+        assert!(decode(&sum[1..], ModelKind::Logistic, 3, scale).is_err());
+    }
+}
