@@ -252,3 +252,152 @@ fn demo_runs_and_keeps_its_files() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("is not empty"));
 }
+
+/// Secure aggregation survives a hospital dying mid-round: four nodes as processes, one
+/// killed with SIGKILL while a round is in progress; that round and the rest of the study
+/// complete with the other three, and the aggregator never needs the dead node's update.
+#[cfg(unix)]
+#[test]
+fn a_node_killed_mid_round_does_not_stop_secure_aggregation() {
+    const SITES4: [&str; 4] = ["site-a", "site-b", "site-c", "site-d"];
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki_s = d.join("pki");
+    let pki_s = pki_s.to_str().unwrap();
+    ok(&["pki", "init", "--dir", pki_s]);
+    ok(&["pki", "issue", "--dir", pki_s, "--aggregator", "localhost"]);
+    for site in SITES4 {
+        ok(&["pki", "issue", "--dir", pki_s, "--site", site]);
+    }
+    // Larger extracts (each Pima row repeated) so that local training takes a moment and the
+    // kill lands inside a round.
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
+    )
+    .unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let rows: Vec<&str> = lines.collect();
+    for (i, site) in SITES4.iter().enumerate() {
+        let mut out = format!("{header}\n");
+        for _ in 0..100 {
+            for row in rows.iter().skip(i).step_by(4) {
+                out.push_str(row);
+                out.push('\n');
+            }
+        }
+        std::fs::write(d.join(format!("{site}.csv")), out).unwrap();
+    }
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        d.join("aggregator.toml"),
+        format!(
+            r#"listen = "127.0.0.1:{port}"
+out_dir = "out"
+[tls]
+ca = "pki/aggregator/localhost/ca.pem"
+cert = "pki/aggregator/localhost/cert.pem"
+key = "pki/aggregator/localhost/key.pem"
+[sites]
+allow = ["site-a", "site-b", "site-c", "site-d"]
+[[study]]
+id = "pima"
+dataset = "pima"
+model = "logistic"
+features = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]
+target = "type"
+positive_class = "Yes"
+rounds = 6
+min_sites = 3
+wait_for_sites_secs = 60
+round_timeout_secs = 5
+[study.training]
+local_epochs = 3
+batch_size = 16
+"#
+        ),
+    )
+    .unwrap();
+    let mut procs = Processes(Vec::new());
+    for site in SITES4 {
+        let cfg = d.join(format!("{site}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "site = \"{site}\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n[tls]\nca = \"pki/sites/{site}/ca.pem\"\ncert = \"pki/sites/{site}/cert.pem\"\nkey = \"pki/sites/{site}/key.pem\"\n[[dataset]]\nname = \"pima\"\npath = \"{site}.csv\"\n[reconnect]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n"
+            ),
+        )
+        .unwrap();
+        procs.0.push(spawn(
+            d,
+            site,
+            &["node", "run", "--config", cfg.to_str().unwrap()],
+        ));
+    }
+    let agg_cfg = d.join("aggregator.toml");
+    procs.0.push(spawn(
+        d,
+        "aggregator",
+        &[
+            "--log-format",
+            "json",
+            "aggregator",
+            "run",
+            "--config",
+            agg_cfg.to_str().unwrap(),
+        ],
+    ));
+
+    // Wait until round 2's secure aggregation has started, then kill site-d at once.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let log = std::fs::read_to_string(d.join("aggregator.log")).unwrap_or_default();
+        if log
+            .lines()
+            .any(|l| l.contains("secure aggregation starts") && l.contains("\"round\":2"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "round 2 never started:\n{log}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let victim = &mut procs.0[3].1;
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+
+    let (name, agg) = procs.0.last_mut().unwrap();
+    let status = wait(agg, Duration::from_secs(180));
+    let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "aggregator: {status:?}\n{log}"
+    );
+    assert!(
+        log.contains("study 'pima' complete after 6 rounds"),
+        "{log}"
+    );
+    // Round 2 went on without the dead site: its model averages the other three.
+    let round2: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("out/models/pima/round-0002.json")).unwrap(),
+    )
+    .unwrap();
+    let sites: Vec<&str> = round2["sites"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.as_str())
+        .collect();
+    assert_eq!(sites, ["site-a", "site-b", "site-c"], "{log}");
+    assert!(
+        !log.contains("round failed"),
+        "round 2 had to be retried:\n{log}"
+    );
+    for (name, child) in procs.0.iter_mut().take(3) {
+        let status = wait(child, Duration::from_secs(30));
+        assert!(status.is_some_and(|s| s.success()), "{name}: {status:?}");
+    }
+}
