@@ -42,6 +42,9 @@ pub struct DemoArgs {
     /// Federated rounds to run.
     #[arg(long, default_value_t = 20)]
     rounds: u32,
+    /// Turn secure aggregation off (for debugging: the aggregator then sees every update).
+    #[arg(long)]
+    no_secure_aggregation: bool,
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -75,7 +78,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let log = dir.join("logs").join("medfed.log");
     crate::logging::init_file(&log)
         .with_context(|| format!("cannot create log file {}", log.display()))?;
-    println!("medfed demo: 1 aggregator + 3 hospital nodes on loopback (QUIC, mutual TLS 1.3)");
+    println!(
+        "medfed demo: 1 aggregator + 3 hospital nodes on loopback (QUIC, mutual TLS 1.3, secure aggregation {})",
+        if args.no_secure_aggregation {
+            "OFF"
+        } else {
+            "on"
+        }
+    );
     println!(
         "working directory: {}{}",
         dir.display(),
@@ -88,7 +98,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let sites = write_site_data(&dir)?;
     make_pki(&dir)?;
-    let (agg_config_path, node_config_paths) = write_configs(&dir, args.rounds)?;
+    let (agg_config_path, node_config_paths) =
+        write_configs(&dir, args.rounds, !args.no_secure_aggregation)?;
     println!(
         "\nhospital  {:<11}  {:>5}  {:>9}",
         "patients", "rows", "diabetic"
@@ -203,7 +214,7 @@ fn make_pki(dir: &Path) -> anyhow::Result<()> {
 
 /// Writes `aggregator.toml` and `nodes/<site>.toml` as a user would, on a free loopback
 /// port.
-fn write_configs(dir: &Path, rounds: u32) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+fn write_configs(dir: &Path, rounds: u32, secure: bool) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -253,6 +264,10 @@ batch_size = 64
 learning_rate = 1.0
 l2 = 0.01
 seed = 7
+
+# Each hospital's update is masked: the aggregator only learns their sum.
+[study.secure_aggregation]
+enabled = {secure}
 "#
     );
     let agg_path = dir.join("aggregator.toml");

@@ -401,3 +401,44 @@ batch_size = 16
         assert!(status.is_some_and(|s| s.success()), "{name}: {status:?}");
     }
 }
+
+/// Secure aggregation changes nothing but the rounding: the demo's model with it is the
+/// model without it, to within the fixed-point error.
+#[test]
+fn secure_aggregation_reaches_the_same_model_as_plain_fedavg() {
+    let dir = tempfile::tempdir().unwrap();
+    let (secure, plain) = (dir.path().join("secure"), dir.path().join("plain"));
+    let out = ok(&["demo", "--out", secure.to_str().unwrap(), "--rounds", "5"]);
+    assert!(out.contains("secure aggregation on"), "{out}");
+    let out = ok(&[
+        "demo",
+        "--out",
+        plain.to_str().unwrap(),
+        "--rounds",
+        "5",
+        "--no-secure-aggregation",
+    ]);
+    assert!(out.contains("secure aggregation OFF"), "{out}");
+    let weights = |d: &Path| -> Vec<f64> {
+        let m: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(d.join("aggregator/models/pima-diabetes/final.json")).unwrap(),
+        )
+        .unwrap();
+        m["model"]["weights"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|w| w.as_f64().unwrap())
+            .collect()
+    };
+    let (a, b) = (weights(&secure), weights(&plain));
+    assert_eq!(a.len(), 8);
+    for (x, y) in a.iter().zip(&b) {
+        // 3 sites at 2^-24 per entry, compounded over 5 rounds: far below 1e-5.
+        assert!((x - y).abs() < 1e-5, "{a:?} vs {b:?}");
+    }
+    assert_ne!(
+        a, b,
+        "identical to the last bit: was secure aggregation really used?"
+    );
+}
