@@ -60,6 +60,12 @@ pub fn metered<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// Counts `bytes` allocated under the meter as handed over to code outside it (which will
+/// free them unmetered).
+pub fn release(bytes: usize) {
+    LIVE.fetch_sub(bytes as isize, Ordering::Relaxed);
+}
+
 /// Starts a new measurement.
 pub fn reset() {
     LIVE.store(0, Ordering::Relaxed);

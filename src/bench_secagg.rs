@@ -45,6 +45,13 @@ impl Stopwatch for Clock {
         self.clients += other.clients;
         self.server += other.server;
     }
+    fn sent(&mut self, actor: Actor, bytes: usize) {
+        // A message the aggregator serialized has left it: its buffer is freed later by the
+        // receiving party, outside the meter.
+        if let Actor::Server = actor {
+            alloc_meter::release(bytes);
+        }
+    }
     fn time<R>(&mut self, actor: Actor, f: impl FnOnce() -> R) -> R {
         let start = Instant::now();
         let r = match actor {

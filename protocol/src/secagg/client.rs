@@ -339,10 +339,16 @@ impl Client {
             // unmask our input.
             return Err(self.inconsistent("the server lists this party as dropped"));
         }
-        if survivors.len() < self.setup.threshold as usize {
+        // The survivors among the holders of our shares: with fewer than t of them, our
+        // self mask cannot be rebuilt, and the round cannot succeed anyway.
+        let local = survivors
+            .iter()
+            .filter(|&&v| v == self.me || self.graph.are_neighbours(self.me, v))
+            .count();
+        if local < self.setup.threshold as usize {
             return Err(SecAggError::TooFewSurvivors {
                 phase: "masked input",
-                got: survivors.len(),
+                got: local,
                 need: self.setup.threshold as usize,
             });
         }

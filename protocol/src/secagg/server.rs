@@ -49,14 +49,18 @@ pub struct Server {
     deadline_ms: u64,
     /// U1: parties that advertised keys.
     keys: BTreeMap<PartyId, AdvertisedKeys>,
-    /// U2: parties that shared keys, with their sealed shares.
+    /// U2: parties that shared keys, with their sealed shares (emptied once relayed).
     shares: BTreeMap<PartyId, Vec<SealedShare>>,
+    /// For each party in U2, where the shares addressed to it are: (sender, index).
+    inbox: BTreeMap<PartyId, Vec<(PartyId, usize)>>,
     /// U3: parties whose masked input is in `sum`.
     inputs: BTreeSet<PartyId>,
     sum: Vec<u64>,
     /// U5: revealed shares, by revealer.
     reveals: BTreeMap<PartyId, (Vec<RevealedShare>, Vec<RevealedShare>)>,
-    outbox: VecDeque<(PartyId, ServerMessage)>,
+    /// Recipients of the current phase's messages, built one at a time when polled so that
+    /// the server never holds all of them at once.
+    outbox: VecDeque<PartyId>,
     outcome: Option<Result<Vec<u64>, SecAggError>>,
 }
 
@@ -72,6 +76,7 @@ impl Server {
             deadline_ms: now_ms.saturating_add(phase_timeout_ms),
             keys: BTreeMap::new(),
             shares: BTreeMap::new(),
+            inbox: BTreeMap::new(),
             inputs: BTreeSet::new(),
             sum: Vec::new(),
             reveals: BTreeMap::new(),
@@ -95,7 +100,41 @@ impl Server {
 
     /// The next message to deliver.
     pub fn poll_transmit(&mut self) -> Option<(PartyId, ServerMessage)> {
-        self.outbox.pop_front()
+        let v = self.outbox.pop_front()?;
+        let msg = match self.phase {
+            Phase::ShareKeys => ServerMessage::KeyDirectory(
+                self.graph
+                    .neighbours(v)
+                    .iter()
+                    .filter_map(|u| self.keys.get(u).cloned())
+                    .collect(),
+            ),
+            Phase::MaskedInput => {
+                let list = self.inbox.remove(&v).unwrap_or_default();
+                let shares = list
+                    .iter()
+                    .filter_map(|(from, i)| self.shares.get(from).and_then(|s| s.get(*i)).cloned())
+                    .collect();
+                if self.outbox.is_empty() {
+                    // Every share has been relayed: the ciphertexts are of no further use.
+                    self.shares.values_mut().for_each(|s| *s = Vec::new());
+                    self.inbox.clear();
+                }
+                ServerMessage::EncryptedShares(shares)
+            }
+            Phase::Unmasking => {
+                // Only the survivors among the parties whose shares v holds (and v itself).
+                let survivors = self
+                    .graph
+                    .holders(v)
+                    .into_iter()
+                    .filter(|u| self.inputs.contains(u))
+                    .collect();
+                ServerMessage::UnmaskRequest { survivors }
+            }
+            Phase::AdvertiseKeys | Phase::Done => return None,
+        };
+        Some((v, msg))
     }
 
     /// The decoded-modulo sum (words mod 2^bits) once the aggregation has ended, or why it
@@ -344,42 +383,26 @@ impl Server {
         self.deadline_ms = now_ms.saturating_add(self.phase_timeout_ms);
         match self.phase {
             Phase::AdvertiseKeys => {
-                for &u in self.keys.keys() {
-                    let dir = self
-                        .graph
-                        .neighbours(u)
-                        .iter()
-                        .filter_map(|v| self.keys.get(v).cloned())
-                        .collect();
-                    self.outbox.push_back((u, ServerMessage::KeyDirectory(dir)));
-                }
+                self.outbox = self.keys.keys().copied().collect();
                 self.phase = Phase::ShareKeys;
             }
             Phase::ShareKeys => {
-                let mut inbox: BTreeMap<PartyId, Vec<SealedShare>> =
+                let mut inbox: BTreeMap<PartyId, Vec<(PartyId, usize)>> =
                     self.shares.keys().map(|&v| (v, Vec::new())).collect();
-                for s in self.shares.values().flatten() {
-                    if let Some(list) = inbox.get_mut(&s.to) {
-                        list.push(s.clone());
+                for (&from, list) in &self.shares {
+                    for (i, s) in list.iter().enumerate() {
+                        if let Some(slot) = inbox.get_mut(&s.to) {
+                            slot.push((from, i));
+                        }
                     }
                 }
-                for (v, list) in inbox {
-                    self.outbox
-                        .push_back((v, ServerMessage::EncryptedShares(list)));
-                }
+                self.outbox = inbox.keys().copied().collect();
+                self.inbox = inbox;
                 self.sum = vec![0; self.setup.dimension as usize];
                 self.phase = Phase::MaskedInput;
             }
             Phase::MaskedInput => {
-                let survivors: Vec<PartyId> = self.inputs.iter().copied().collect();
-                for &v in &survivors {
-                    self.outbox.push_back((
-                        v,
-                        ServerMessage::UnmaskRequest {
-                            survivors: survivors.clone(),
-                        },
-                    ));
-                }
+                self.outbox = self.inputs.iter().copied().collect();
                 self.phase = Phase::Unmasking;
             }
             Phase::Unmasking => {

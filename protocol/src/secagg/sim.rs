@@ -76,6 +76,8 @@ pub enum Actor {
 /// each gets a [`Stopwatch::fork`], merged back with [`Stopwatch::join`].
 pub trait Stopwatch: Send {
     fn time<R>(&mut self, actor: Actor, f: impl FnOnce() -> R) -> R;
+    /// `bytes` made by `actor` left it over the network (for memory accounting).
+    fn sent(&mut self, _actor: Actor, _bytes: usize) {}
     fn fork(&self) -> Self;
     fn join(&mut self, other: Self);
 }
@@ -318,6 +320,7 @@ pub fn run(
                 )
             })
         }) {
+            clock.sent(Actor::Server, bytes.capacity());
             if alive(v, phase) && clients.contains_key(&v) {
                 *out.bytes_received.entry(v).or_default() += bytes.len();
                 work.push(Work::Answer(v, bytes));
