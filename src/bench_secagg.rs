@@ -26,6 +26,9 @@ pub struct SecAggArgs {
     /// (failure below 2^-20, exposure below 2^-30).
     #[arg(long)]
     neighbours: Option<u32>,
+    /// Skip the round comparable with Flower's published SecAgg+ figure.
+    #[arg(long)]
+    no_flower: bool,
     /// Threads the simulated parties run on (the aggregator has one).
     #[arg(long, default_value_t = 2)]
     threads: usize,
@@ -180,7 +183,6 @@ pub fn secagg(args: SecAggArgs) -> anyhow::Result<()> {
         "target MB"
     );
     println!("{}", "-".repeat(132));
-    let mut flower_row = None;
     for &d in &args.dims {
         for &n in &args.parties {
             for &drop_pct in &args.dropouts {
@@ -203,9 +205,6 @@ pub fn secagg(args: SecAggArgs) -> anyhow::Result<()> {
                     r.server_mb,
                     r.memory_target_mb
                 );
-                if r.n == 100 && r.d == 100_000 && r.drop_pct == 0 {
-                    flower_row = Some(r.round_ms);
-                }
             }
         }
     }
@@ -214,12 +213,20 @@ pub fn secagg(args: SecAggArgs) -> anyhow::Result<()> {
          ratio: client / masks (target <= 3); aggr.: the aggregator's work and peak memory (target: 4*8*d bytes + 1 MB per 100 parties);\n\
          round ms: wall time of the whole round with every party on this machine; x: bytes sent / the plain d-word vector."
     );
-    if let Some(ms) = flower_row {
-        // Flower 1.41 SecAgg+, n = 100, d = 10^5, 11 shares, measured on this kind of machine
-        // (see docs/performance.md): 8.8 s per round.
+    if !args.no_flower {
+        // Flower 1.41's SecAgg+ with n = 100, d = 10^5 and 11 shares (each client and its 10
+        // neighbours), measured on this kind of machine: 5.9 s per round in the project's
+        // reference notes, 8.8 s in the issue that set the target (docs/performance.md).
+        // The same n, d and neighbours here, median of three rounds:
+        let mut rounds: Vec<f64> = (0..3)
+            .map(|_| measure(100, 100_000, 0, Some(10), args.threads).map(|r| r.round_ms))
+            .collect::<anyhow::Result<_>>()?;
+        rounds.sort_by(f64::total_cmp);
+        let ms = rounds[1];
         println!(
-            "\nn = 100, d = 10^5: {:.0} ms per round; Flower SecAgg+ takes about 8,800 ms here: {:.0}x faster (target 20x: under 440 ms)",
-            ms,
+            "\nas Flower's SecAgg+ benchmark (n = 100, d = 10^5, 10 neighbours, no dropout): {ms:.0} ms per round (median of 3);\n\
+             Flower 1.41 takes 5,900 to 8,800 ms on this kind of machine (two recorded measurements): {:.1}x to {:.1}x faster (target 20x)",
+            5900.0 / ms,
             8800.0 / ms
         );
     }

@@ -115,22 +115,25 @@ impl QuantParams {
     pub fn encode(&self, x: &[f64], rng: &mut impl Rng) -> Vec<u64> {
         let scale = self.scale();
         let mask = self.mask();
-        x.iter()
-            .map(|v| {
-                let v = if v.is_nan() {
-                    0.0
-                } else {
-                    v.clamp(-self.clip, self.clip)
-                } * scale;
-                let floor = v.floor();
-                // 32 random bits per coordinate: rounding probabilities to 2^-32, half the
-                // keystream of a 53-bit float.
-                let up = f64::from(rng.next_u32()) * (1.0 / 4_294_967_296.0) < v - floor;
-                // |v| <= clip * 2^scale_bits < 2^63 (checked by `check`), so the cast is exact.
-                let q = floor as i64 + i64::from(up);
+        let mut out = Vec::with_capacity(x.len());
+        // 32 random bits per coordinate (rounding probabilities to 2^-32), drawn a block at a
+        // time.
+        let mut random = [0u8; 4096];
+        for chunk in x.chunks(random.len() / 4) {
+            let bytes = &mut random[..chunk.len() * 4];
+            rng.fill_bytes(bytes);
+            out.extend(chunk.iter().zip(bytes.chunks_exact(4)).map(|(v, r)| {
+                let v = if v.is_nan() { 0.0 } else { v.clamp(-self.clip, self.clip) } * scale;
+                // |v| <= clip * 2^scale_bits < 2^63 (checked by `check`), so the casts are
+                // exact; truncation toward zero, corrected to the floor for negatives.
+                let t = v as i64;
+                let floor = t - i64::from((t as f64) > v);
+                let u = f64::from(u32::from_le_bytes([r[0], r[1], r[2], r[3]])) * (1.0 / 4_294_967_296.0);
+                let q = floor + i64::from(u < v - floor as f64);
                 (q as u64) & mask
-            })
-            .collect()
+            }));
+        }
+        out
     }
 
     /// Decodes a sum (or a single encoding) modulo 2^bits.
