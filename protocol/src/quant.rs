@@ -123,12 +123,17 @@ impl QuantParams {
             let bytes = &mut random[..chunk.len() * 4];
             rng.fill_bytes(bytes);
             out.extend(chunk.iter().zip(bytes.chunks_exact(4)).map(|(v, r)| {
-                let v = if v.is_nan() { 0.0 } else { v.clamp(-self.clip, self.clip) } * scale;
+                let v = if v.is_nan() {
+                    0.0
+                } else {
+                    v.clamp(-self.clip, self.clip)
+                } * scale;
                 // |v| <= clip * 2^scale_bits < 2^63 (checked by `check`), so the casts are
                 // exact; truncation toward zero, corrected to the floor for negatives.
                 let t = v as i64;
                 let floor = t - i64::from((t as f64) > v);
-                let u = f64::from(u32::from_le_bytes([r[0], r[1], r[2], r[3]])) * (1.0 / 4_294_967_296.0);
+                let u = f64::from(u32::from_le_bytes([r[0], r[1], r[2], r[3]]))
+                    * (1.0 / 4_294_967_296.0);
                 let q = floor + i64::from(u < v - floor as f64);
                 (q as u64) & mask
             }));

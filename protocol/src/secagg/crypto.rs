@@ -100,7 +100,14 @@ pub fn open_once(key: &[u8; 32], aad: &[u8], ciphertext: &[u8]) -> Result<Vec<u8
 /// 2^`bits`: word i of the mask is the i-th `u32` (bits = 32) or `u64` (bits = 64) of the
 /// ChaCha20 keystream keyed by `seed` (nonce 0).
 pub fn apply_mask(acc: &mut [u64], seed: &[u8; 32], bits: u8, sign: i8) {
+    apply_mask_from(acc, 0, seed, bits, sign);
+}
+
+/// As [`apply_mask`] for the coordinates `first..first + acc.len()` of the mask.
+fn apply_mask_from(acc: &mut [u64], first: usize, seed: &[u8; 32], bits: u8, sign: i8) {
     let mut rng = ChaCha20Rng::from_seed(*seed);
+    // The keystream position of coordinate `first`, in 32-bit words.
+    rng.set_word_pos((first * usize::from(bits / 32).max(1)) as u128);
     // Keystream in blocks of 4 KiB: far fewer calls into the generator than a word at a
     // time, and the conversion loop vectorizes.
     let mut block = [0u8; 4096];
@@ -139,6 +146,30 @@ pub fn apply_mask(acc: &mut [u64], seed: &[u8; 32], bits: u8, sign: i8) {
                 }),
         }
     }
+}
+
+/// Applies every `(seed, sign)` mask to `acc`, splitting the coordinates among the
+/// machine's cores (each thread seeks the keystreams to its range, so no extra memory).
+pub fn apply_masks_parallel(acc: &mut [u64], masks: &[([u8; 32], i8)], bits: u8) {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(8);
+    let chunk = acc.len().div_ceil(threads).max(4096);
+    if threads == 1 || acc.len() <= chunk || masks.is_empty() {
+        for (seed, sign) in masks {
+            apply_mask(acc, seed, bits, *sign);
+        }
+        return;
+    }
+    std::thread::scope(|scope| {
+        for (i, part) in acc.chunks_mut(chunk).enumerate() {
+            scope.spawn(move || {
+                for (seed, sign) in masks {
+                    apply_mask_from(part, i * chunk, seed, bits, *sign);
+                }
+            });
+        }
+    });
 }
 
 /// Adapts our ChaCha20 generator to the rand_core 0.10 traits vsss-rs takes.
@@ -194,6 +225,22 @@ mod tests {
         assert_eq!(acc, [0x903d_f1a0_ade0_b876]);
         apply_mask(&mut acc, &[0; 32], 64, -1);
         assert_eq!(acc, [0]);
+    }
+
+    #[test]
+    fn parallel_masking_equals_sequential_masking() {
+        for bits in [32, 64] {
+            let masks: Vec<([u8; 32], i8)> = (0..5)
+                .map(|i| ([i as u8; 32], if i % 2 == 0 { 1 } else { -1 }))
+                .collect();
+            let mut seq = vec![7u64; 50_001];
+            for (seed, sign) in &masks {
+                apply_mask(&mut seq, seed, bits, *sign);
+            }
+            let mut par = vec![7u64; 50_001];
+            apply_masks_parallel(&mut par, &masks, bits);
+            assert_eq!(seq, par, "{bits} bits");
+        }
     }
 
     #[test]

@@ -428,6 +428,8 @@ impl Server {
             }
         }
         let mut sum = std::mem::take(&mut self.sum);
+        // Every mask to take out, as (seed, sign); applied at the end, in parallel.
+        let mut masks: Vec<([u8; 32], i8)> = Vec::new();
         for &u in &self.inputs {
             let shares = self_mask.get(&u).map_or(&[][..], Vec::as_slice);
             if shares.len() < t {
@@ -438,7 +440,7 @@ impl Server {
                 });
             }
             let seed = crypto::shamir_combine(&shares[..t])?;
-            crypto::apply_mask(&mut sum, &self_mask_seed(&seed, &self.context), bits, -1);
+            masks.push((self_mask_seed(&seed, &self.context), -1));
         }
         let dropped: Vec<PartyId> = self
             .shares
@@ -469,15 +471,11 @@ impl Server {
                 if self.inputs.contains(&v) {
                     let shared = crypto::agree(&pair.secret, &self.keys[&v].s_pk)?;
                     // v applied mask_sign(v, u) times this mask; take it back out.
-                    crypto::apply_mask(
-                        &mut sum,
-                        &pair_seed(&shared, &self.context, u, v),
-                        bits,
-                        -mask_sign(v, u),
-                    );
+                    masks.push((pair_seed(&shared, &self.context, u, v), -mask_sign(v, u)));
                 }
             }
         }
+        crypto::apply_masks_parallel(&mut sum, &masks, bits);
         let mask = self.setup.quant.mask();
         sum.iter_mut().for_each(|w| *w &= mask);
         Ok(sum)
