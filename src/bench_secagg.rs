@@ -161,7 +161,7 @@ fn measure(
 
 pub fn secagg(args: SecAggArgs) -> anyhow::Result<()> {
     println!(
-        "secure aggregation, every party simulated in this process (clients on {} threads, the aggregator on one), one run per row",
+        "secure aggregation, every party simulated in this process (clients on {} threads; the aggregator on one, all cores when unmasking), one run per row",
         args.threads
     );
     println!(
