@@ -1,5 +1,6 @@
-//! Driving one training round with secure aggregation: the protocol's [`Server`] state
-//! machine decides; this code only moves its messages over QUIC and tells it the time.
+//! Driving secure aggregation over QUIC: the protocol's [`Server`] state machine decides;
+//! this code only moves its messages and tells it the time. Used for every training round
+//! and for a study's feature statistics.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -8,10 +9,13 @@ use std::time::{Duration, Instant};
 use medfed_infra::identity::{CertificateVerifier, peer_certificate};
 use medfed_infra::transport::{self, TransportError};
 use medfed_protocol::Message;
-use medfed_protocol::messages::{RoundOpen, SecAggFromNode, SecAggToNode, SecureRound};
+use medfed_protocol::messages::{
+    RoundOpen, SecAggFromNode, SecAggToNode, SecureRound, StatisticsOpen,
+};
 use medfed_protocol::model::GlobalModel;
 use medfed_protocol::quant::QuantParams;
 use medfed_protocol::secagg::{PartyId, Server, Setup, choose_neighbours};
+use medfed_protocol::stats::FeatureStats;
 use medfed_protocol::update_vector;
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
@@ -22,17 +26,35 @@ use crate::study::{Participant, RoundAggregate, StudyRunner};
 /// Up to this many parties every pair masks; above it, SecAgg+ neighbourhoods.
 const COMPLETE_GRAPH_UP_TO: usize = 32;
 
+/// The secure-aggregation exchanges of the statistics step use round 0 (training rounds
+/// start at 1).
+const STATISTICS_ROUND: u32 = 0;
+
+/// Range bound of a statistics entry: `s·n_i·E[x²]` stays below the largest squared feature
+/// value, so features up to about 30,000 in magnitude fit.
+const STATISTICS_CLIP: f64 = 1e9;
+
 type Answer = (PartyId, Result<Message, TransportError>);
 
+/// A securely computed sum and who is in it.
+struct SecureSum {
+    /// The decoded sum of the contributors' vectors.
+    sum: Vec<f64>,
+    /// Sites whose vectors are in the sum.
+    sites: Vec<String>,
+    /// `1 / S`, S being the training rows of all the parties asked.
+    scale: f64,
+}
+
 impl StudyRunner {
-    /// The round's parameters for `n` parties.
+    /// The parameters for `sites` computing a sum of `dimension` entries.
     fn secure_setup(
         &self,
-        round: u32,
-        attempt: u32,
+        label: String,
         sites: Vec<String>,
-        width: usize,
-    ) -> Result<Setup, String> {
+        dimension: usize,
+        quant: QuantParams,
+    ) -> Setup {
         let sa = &self.cfg.secure_aggregation;
         let n = sites.len();
         let (k, t) = if n <= COMPLETE_GRAPH_UP_TO {
@@ -42,27 +64,28 @@ impl StudyRunner {
         };
         // Never decode fewer inputs than the study's quorum.
         let t = t.max(self.cfg.min_sites as u32).min(k + 1);
-        Ok(Setup {
-            label: format!("{}/{round}/{attempt}", self.cfg.id),
+        Setup {
+            label,
             parties: sites,
             threshold: t,
             neighbours: k,
             graph_seed: rand::random(),
-            dimension: update_vector::dimension(self.cfg.model, width) as u32,
-            quant: QuantParams::for_parties(n, sa.clip, sa.scale_bits)
-                .map_err(|e| e.to_string())?,
-        })
+            dimension: dimension as u32,
+            quant,
+        }
     }
 
-    /// One round with secure aggregation. The aggregator learns the FedAvg of the sites that
-    /// completed it, their merged evaluation, and nothing about any single site's update.
-    pub(crate) async fn secure_round(
+    /// Runs one secure aggregation among the connected `participants`; `open` builds the
+    /// request that starts it at each node.
+    async fn secure_sum(
         &self,
         round: u32,
         attempt: u32,
-        model: &GlobalModel,
         participants: &BTreeMap<String, Participant>,
-    ) -> Result<RoundAggregate, String> {
+        dimension: usize,
+        quant: impl FnOnce(usize) -> Result<QuantParams, String>,
+        open: impl FnOnce(SecureRound) -> Message,
+    ) -> Result<SecureSum, String> {
         let cfg = &self.cfg;
         let connected: Vec<(String, ConnectedSite, u64)> = participants
             .iter()
@@ -72,11 +95,11 @@ impl StudyRunner {
                     .map(|c| (site.clone(), c, p.training_rows))
             })
             .collect();
-        if connected.len() < cfg.min_sites.max(2) {
+        let need = cfg.min_sites.max(2);
+        if connected.len() < need {
             return Err(format!(
-                "{} of the {} sites needed are connected",
-                connected.len(),
-                cfg.min_sites.max(2)
+                "{} of the {need} sites needed are connected",
+                connected.len()
             ));
         }
         let certificates: Vec<(String, Vec<u8>)> = connected
@@ -89,13 +112,14 @@ impl StudyRunner {
             .collect::<Result<_, _>>()?;
         let verifier = CertificateVerifier::new(self.roots.clone(), &certificates)
             .map_err(|e| e.to_string())?;
-        let total_rows: u64 = connected.iter().map(|(_, _, rows)| rows).sum();
+        let scale = 1.0 / connected.iter().map(|(_, _, rows)| rows).sum::<u64>() as f64;
+        let sites: Vec<String> = connected.iter().map(|(s, ..)| s.clone()).collect();
         let setup = self.secure_setup(
-            round,
-            attempt,
-            connected.iter().map(|(s, ..)| s.clone()).collect(),
-            model.weights.len(),
-        )?;
+            format!("{}/{round}/{attempt}", cfg.id),
+            sites,
+            dimension,
+            quant(connected.len())?,
+        );
         let timeout = Duration::from_secs(cfg.round_timeout_secs);
         let start = Instant::now();
         let now_ms = || start.elapsed().as_millis() as u64;
@@ -103,25 +127,16 @@ impl StudyRunner {
             .map_err(|e| e.to_string())?;
         info!(study = %cfg.id, round, parties = setup.parties.len(), neighbours = setup.neighbours, threshold = setup.threshold, "secure aggregation starts");
 
-        let mut params = cfg.training.params();
-        params.seed = params.seed.wrapping_add(u64::from(round));
-        let open = Arc::new(Message::RoundOpen(RoundOpen {
-            study_id: cfg.id.clone(),
-            round,
-            model: model.clone(),
-            params,
-            deadline_ms: timeout.as_millis() as u64,
-            secure: Some(SecureRound {
-                setup: setup.clone(),
-                certificates: certificates.into_iter().map(|(_, der)| der).collect(),
-                scale: 1.0 / total_rows as f64,
-            }),
+        let first = Arc::new(open(SecureRound {
+            setup: setup.clone(),
+            certificates: certificates.into_iter().map(|(_, der)| der).collect(),
+            scale,
         }));
         let conns: Vec<quinn::Connection> =
             connected.iter().map(|(_, c, _)| c.conn.clone()).collect();
         let mut tasks: JoinSet<Answer> = JoinSet::new();
         for (party, conn) in conns.iter().enumerate() {
-            let (conn, msg, max) = (conn.clone(), open.clone(), self.max_frame);
+            let (conn, msg, max) = (conn.clone(), first.clone(), self.max_frame);
             tasks.spawn(async move {
                 (
                     party as PartyId,
@@ -157,10 +172,9 @@ impl StudyRunner {
                     match answer {
                         Ok(Message::SecAggFromNode(SecAggFromNode { study_id, round: r, message })) if study_id == cfg.id && r == round => {
                             let kind = message.kind();
-                            if let Err(e) = server.handle(now_ms(), v, message, &verifier) {
-                                warn!(%site, round, "secure aggregation: {kind} refused: {e}");
-                            } else {
-                                debug!(%site, round, "secure aggregation: {kind}");
+                            match server.handle(now_ms(), v, message, &verifier) {
+                                Ok(()) => debug!(%site, round, "secure aggregation: {kind}"),
+                                Err(e) => warn!(%site, round, "secure aggregation: {kind} refused: {e}"),
                             }
                         }
                         Ok(other) => warn!(%site, round, "secure aggregation: unexpected {}", other.kind()),
@@ -172,30 +186,115 @@ impl StudyRunner {
         }
         tasks.abort_all();
         let sum = match server.outcome() {
-            Some(Ok(sum)) => sum.clone(),
+            Some(Ok(sum)) => setup.quant.decode(sum),
             Some(Err(e)) => return Err(format!("secure aggregation failed: {e}")),
             None => return Err("secure aggregation ended without an outcome".into()),
         };
-        let decoded = update_vector::decode(
-            &setup.quant.decode(&sum),
-            cfg.model,
-            model.weights.len(),
-            1.0 / total_rows as f64,
-        )?;
-        let sites: Vec<String> = server
+        let sites = server
             .contributors()
             .iter()
             .map(|&v| setup.parties[v as usize].clone())
             .collect();
+        Ok(SecureSum { sum, sites, scale })
+    }
+
+    /// One training round with secure aggregation. The aggregator learns the FedAvg of the
+    /// sites that completed it, their merged evaluation, and nothing about any single site's
+    /// update.
+    pub(crate) async fn secure_round(
+        &self,
+        round: u32,
+        attempt: u32,
+        model: &GlobalModel,
+        participants: &BTreeMap<String, Participant>,
+    ) -> Result<RoundAggregate, String> {
+        let cfg = &self.cfg;
+        let width = model.weights.len();
+        let sa = &cfg.secure_aggregation;
+        let mut params = cfg.training.params();
+        params.seed = params.seed.wrapping_add(u64::from(round));
+        let timeout_ms = cfg.round_timeout_secs * 1000;
+        let secure = self
+            .secure_sum(
+                round,
+                attempt,
+                participants,
+                update_vector::dimension(cfg.model, width),
+                |n| QuantParams::for_parties(n, sa.clip, sa.scale_bits).map_err(|e| e.to_string()),
+                |secure| {
+                    Message::RoundOpen(RoundOpen {
+                        study_id: cfg.id.clone(),
+                        round,
+                        model: model.clone(),
+                        params,
+                        deadline_ms: timeout_ms,
+                        secure: Some(secure),
+                    })
+                },
+            )
+            .await?;
+        let decoded = update_vector::decode(&secure.sum, cfg.model, width, secure.scale)?;
         if decoded.weights.iter().any(|w| !w.is_finite()) {
             return Err("the decoded average is not finite".into());
         }
         Ok(RoundAggregate {
-            sites,
+            sites: secure.sites,
             weights: decoded.weights,
             train_loss: decoded.train_loss,
             rows: decoded.rows,
             evaluation: decoded.evaluation,
         })
+    }
+
+    /// The participants' pooled feature statistics, summed with secure aggregation.
+    pub(crate) async fn secure_statistics(
+        &self,
+        participants: &BTreeMap<String, Participant>,
+    ) -> Result<(FeatureStats, Vec<String>), String> {
+        let cfg = &self.cfg;
+        let d = cfg.features.len();
+        let mut last = String::new();
+        for attempt in 1..=cfg.round_attempts {
+            let result = self
+                .secure_sum(
+                    STATISTICS_ROUND,
+                    attempt,
+                    participants,
+                    update_vector::statistics_dimension(d),
+                    // The finest fixed point that cannot overflow 64 bits for n parties.
+                    |n| {
+                        let room = (2f64.powi(62) / (n as f64 * STATISTICS_CLIP))
+                            .log2()
+                            .floor();
+                        let bits = room.clamp(0.0, 24.0) as u8;
+                        QuantParams::for_parties(n, STATISTICS_CLIP, bits)
+                            .map_err(|e| e.to_string())
+                    },
+                    |secure| {
+                        Message::StatisticsOpen(StatisticsOpen {
+                            study_id: cfg.id.clone(),
+                            secure,
+                        })
+                    },
+                )
+                .await;
+            match result.and_then(|s| {
+                if s.sites.len() < cfg.min_sites {
+                    return Err(format!(
+                        "{} of the {} sites needed contributed",
+                        s.sites.len(),
+                        cfg.min_sites
+                    ));
+                }
+                update_vector::decode_statistics(&s.sum, d, s.scale).map(|stats| (stats, s.sites))
+            }) {
+                Ok(r) => return Ok(r),
+                Err(e) => {
+                    warn!(study = %cfg.id, attempt, "secure feature statistics failed: {e}");
+                    last = e;
+                }
+            }
+        }
+        Err(last)
     }
 }

@@ -103,6 +103,7 @@ impl StudyRunner {
             positive_class: self.cfg.positive_class.clone(),
             validation_fraction: self.cfg.validation_fraction,
             rounds: self.cfg.rounds,
+            secure_aggregation: self.cfg.secure_aggregation.enabled,
         }
     }
 
@@ -173,13 +174,23 @@ impl StudyRunner {
                         ..
                     },
                 )) if study_id == cfg.id => {
-                    if training_rows != feature_stats.count || training_rows == 0 {
-                        warn!(%site, "inconsistent row counts in study decision; site left out");
+                    if training_rows == 0 {
+                        warn!(%site, "accepted with no training rows; site left out");
                         continue;
                     }
-                    if let Err(e) = stats.merge(&feature_stats) {
-                        warn!(%site, "feature statistics refused: {e}; site left out");
-                        continue;
+                    if !cfg.secure_aggregation.enabled {
+                        let Some(feature_stats) = feature_stats else {
+                            warn!(%site, "accepted without feature statistics; site left out");
+                            continue;
+                        };
+                        if training_rows != feature_stats.count {
+                            warn!(%site, "inconsistent row counts in study decision; site left out");
+                            continue;
+                        }
+                        if let Err(e) = stats.merge(&feature_stats) {
+                            warn!(%site, "feature statistics refused: {e}; site left out");
+                            continue;
+                        }
                     }
                     info!(study = %cfg.id, %site, training_rows, "site accepted the study");
                     participants.insert(
@@ -209,6 +220,15 @@ impl StudyRunner {
                 need: cfg.min_sites,
                 detail: "too few sites accepted the study".into(),
             });
+        }
+        if cfg.secure_aggregation.enabled {
+            // The sites' statistics are only ever seen summed.
+            let (secure, sites) = self
+                .secure_statistics(&participants)
+                .await
+                .map_err(|e| self.failed(format!("feature statistics: {e}")))?;
+            info!(study = %cfg.id, sites = sites.len(), rows = secure.count, "feature statistics summed securely");
+            stats = secure;
         }
         let standardization = stats
             .standardization()

@@ -65,7 +65,6 @@ pub struct Node {
 
 /// The result of local training in one round.
 pub(crate) struct LocalUpdate {
-    pub kind: medfed_protocol::model::ModelKind,
     pub weights: Vec<f64>,
     pub train_loss: f64,
     pub evaluation: Evaluation,
@@ -262,6 +261,7 @@ impl Node {
             Message::RoundOpen(r) if r.secure.is_some() => self.train_secure(r).await,
             Message::RoundOpen(r) => self.train(r).await,
             Message::SecAggToNode(m) => self.secure_step(m),
+            Message::StatisticsOpen(s) => self.statistics_secure(s),
             Message::EvaluateRequest(r) => self.evaluate(r),
             other => Err((
                 ErrorCode::UnexpectedMessage,
@@ -294,7 +294,8 @@ impl Node {
             study_id: a.study_id.clone(),
             training_rows: data.x_train.nrows() as u64,
             validation_rows: data.x_val.nrows() as u64,
-            feature_stats: data.feature_stats(),
+            // Under secure aggregation the statistics are only sent masked, when asked.
+            feature_stats: (!a.secure_aggregation).then(|| data.feature_stats()),
         };
         self.studies_lock()
             .insert(a.study_id.clone(), Arc::new(data));
@@ -306,17 +307,22 @@ impl Node {
         self.studies.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The rows prepared for an announced study.
+    pub(crate) fn study_data(&self, id: &str) -> Result<Arc<StudyData>, (ErrorCode, String)> {
+        self.studies_lock().get(id).cloned().ok_or_else(|| {
+            (
+                ErrorCode::CannotServe,
+                format!("study '{id}' was not announced to this node"),
+            )
+        })
+    }
+
     pub(crate) fn study(
         &self,
         id: &str,
         model: &GlobalModel,
     ) -> Result<Arc<StudyData>, (ErrorCode, String)> {
-        let data = self.studies_lock().get(id).cloned().ok_or_else(|| {
-            (
-                ErrorCode::CannotServe,
-                format!("study '{id}' was not announced to this node"),
-            )
-        })?;
+        let data = self.study_data(id)?;
         model
             .validate()
             .map_err(|e| (ErrorCode::InvalidContent, format!("global model: {e}")))?;
@@ -359,7 +365,6 @@ impl Node {
                 .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
             info!(%site, %study, round, train_loss, "local update ready");
             Ok(LocalUpdate {
-                kind: data.kind,
                 weights,
                 train_loss,
                 evaluation,

@@ -259,6 +259,7 @@ mod tests {
             positive_class: Some("Yes".into()),
             validation_fraction: 0.25,
             rounds: 1,
+            secure_aggregation: true,
         }
     }
 

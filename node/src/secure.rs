@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::sync::MutexGuard;
 
 use medfed_infra::identity::CertificateVerifier;
-use medfed_protocol::messages::{RoundOpen, SecAggFromNode, SecAggToNode};
+use medfed_protocol::messages::{
+    RoundOpen, SecAggFromNode, SecAggToNode, SecureRound, StatisticsOpen,
+};
 use medfed_protocol::secagg::{Client, ClientMessage};
 use medfed_protocol::{ErrorCode, Message, update_vector};
 use ring::rand::SecureRandom;
@@ -28,12 +30,16 @@ impl Node {
         self.secure.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A training round under secure aggregation: answers with this site's signed keys.
-    pub(crate) async fn train_secure(&self, r: RoundOpen) -> Reply {
+    /// Joins a secure aggregation of `vector` (a training round, or round 0 for the
+    /// study's feature statistics) and answers with this site's signed keys.
+    fn join_secure(
+        &self,
+        study_id: String,
+        round: u32,
+        sr: SecureRound,
+        vector: Vec<f64>,
+    ) -> Reply {
         let invalid = |why: String| (ErrorCode::InvalidContent, why);
-        let Some(sr) = r.secure.clone() else {
-            return Err(invalid("not a secure round".into()));
-        };
         let parties = sr.setup.parties.clone();
         let me = parties
             .iter()
@@ -54,31 +60,16 @@ impl Node {
                 parties.len()
             )));
         }
-        let certs: Vec<(String, Vec<u8>)> = parties
-            .iter()
-            .cloned()
-            .zip(sr.certificates.iter().cloned())
-            .collect();
+        if sr.setup.dimension as usize != vector.len() {
+            return Err(invalid(format!(
+                "the round's vectors have {} entries; this site's has {}",
+                sr.setup.dimension,
+                vector.len()
+            )));
+        }
+        let certs: Vec<(String, Vec<u8>)> = parties.iter().cloned().zip(sr.certificates).collect();
         let verifier = CertificateVerifier::new(self.roots.clone(), &certs)
             .map_err(|e| invalid(e.to_string()))?;
-        let u = self.local_update(&r).await?;
-        let width = u.weights.len();
-        if sr.setup.dimension as usize != update_vector::dimension(u.kind, width) {
-            return Err(invalid(format!(
-                "the round's vectors have {} entries; this model needs {}",
-                sr.setup.dimension,
-                update_vector::dimension(u.kind, width)
-            )));
-        }
-        // The scale is 1 / (all parties' training rows): ours alone cannot exceed the total.
-        if !(sr.scale.is_finite() && sr.scale > 0.0 && sr.scale * u.rows as f64 <= 1.0 + 1e-9) {
-            return Err(invalid(format!(
-                "scale {} does not fit this site's {} training rows",
-                sr.scale, u.rows
-            )));
-        }
-        let vector =
-            update_vector::encode(&u.weights, u.train_loss, u.rows, &u.evaluation, sr.scale);
         let mut seed = [0u8; 32];
         ring::rand::SystemRandom::new()
             .fill(&mut seed)
@@ -90,16 +81,50 @@ impl Node {
             })?;
         let (client, first) = Client::new(sr.setup, me as u32, &vector, &self.signer, seed)
             .map_err(|e| invalid(e.to_string()))?;
-        info!(study = %r.study_id, round = r.round, parties = parties.len(), "secure aggregation: keys advertised");
+        info!(study = %study_id, round, parties = parties.len(), "secure aggregation: keys advertised");
         let mut secure = self.secure_lock();
         // A new round (or a retry of this one) replaces what an abandoned one left behind.
-        secure.retain(|(study, round), _| *study != r.study_id || *round > r.round);
-        secure.insert((r.study_id.clone(), r.round), Party { client, verifier });
+        secure.retain(|(study, r), _| *study != study_id || *r > round);
+        secure.insert((study_id.clone(), round), Party { client, verifier });
         Ok(Message::SecAggFromNode(SecAggFromNode {
-            study_id: r.study_id,
-            round: r.round,
+            study_id,
+            round,
             message: first,
         }))
+    }
+
+    /// Checks the round's scale `1 / S` against this site's `rows` (ours alone cannot exceed
+    /// the total).
+    fn check_scale(scale: f64, rows: u64) -> Result<(), (ErrorCode, String)> {
+        if scale.is_finite() && scale > 0.0 && scale * rows as f64 <= 1.0 + 1e-9 {
+            Ok(())
+        } else {
+            Err((
+                ErrorCode::InvalidContent,
+                format!("scale {scale} does not fit this site's {rows} training rows"),
+            ))
+        }
+    }
+
+    /// A training round under secure aggregation.
+    pub(crate) async fn train_secure(&self, r: RoundOpen) -> Reply {
+        let Some(sr) = r.secure.clone() else {
+            return Err((ErrorCode::InvalidContent, "not a secure round".into()));
+        };
+        let u = self.local_update(&r).await?;
+        Self::check_scale(sr.scale, u.rows)?;
+        let vector =
+            update_vector::encode(&u.weights, u.train_loss, u.rows, &u.evaluation, sr.scale);
+        self.join_secure(r.study_id, r.round, sr, vector)
+    }
+
+    /// The study's feature statistics under secure aggregation.
+    pub(crate) fn statistics_secure(&self, s: StatisticsOpen) -> Reply {
+        let data = self.study_data(&s.study_id)?;
+        let stats = data.feature_stats();
+        Self::check_scale(s.secure.scale, stats.count)?;
+        let vector = update_vector::encode_statistics(&stats, s.secure.scale);
+        self.join_secure(s.study_id, 0, s.secure, vector)
     }
 
     /// The next step of a secure aggregation in progress.

@@ -10,6 +10,7 @@
 //! | aggregator | [`RoundOpen`]         | [`ModelUpdate`] or [`ErrorMessage`] |
 //! | aggregator | [`EvaluateRequest`]   | [`EvaluationReport`]    |
 //! | aggregator | [`RoundResult`]       | (none: one-way)         |
+//! | aggregator | [`StatisticsOpen`]    | [`SecAggFromNode`]      |
 //! | aggregator | [`SecAggToNode`]      | [`SecAggFromNode`]      |
 //!
 //! With secure aggregation a [`RoundOpen`] is answered with a [`SecAggFromNode`] (the
@@ -39,6 +40,7 @@ pub enum Message {
     Error(ErrorMessage),
     SecAggToNode(SecAggToNode),
     SecAggFromNode(SecAggFromNode),
+    StatisticsOpen(StatisticsOpen),
 }
 
 impl Message {
@@ -57,6 +59,7 @@ impl Message {
             Message::Error(_) => "error",
             Message::SecAggToNode(m) => m.message.kind(),
             Message::SecAggFromNode(m) => m.message.kind(),
+            Message::StatisticsOpen(_) => "statistics open",
         }
     }
 }
@@ -99,18 +102,22 @@ pub struct StudyAnnouncement {
     /// Share of the node's rows it keeps aside for validation, in (0, 1).
     pub validation_fraction: f64,
     pub rounds: u32,
+    /// With secure aggregation the feature statistics are summed securely in a
+    /// [`StatisticsOpen`] exchange instead of being sent with the decision.
+    pub secure_aggregation: bool,
 }
 
 /// The node's answer to a study announcement.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StudyDecision {
-    /// The node takes part; its feature statistics (counts, sums, sums of squares over its
-    /// training rows) let the aggregator standardize features without seeing any value.
+    /// The node takes part. Its feature statistics (counts, sums, sums of squares over its
+    /// training rows) let the aggregator standardize features without seeing any value; they
+    /// are absent when the study sums them with secure aggregation instead.
     Accept {
         study_id: String,
         training_rows: u64,
         validation_rows: u64,
-        feature_stats: FeatureStats,
+        feature_stats: Option<FeatureStats>,
     },
     Refuse {
         study_id: String,
@@ -141,6 +148,16 @@ pub struct SecureRound {
     pub certificates: Vec<Vec<u8>>,
     /// `1 / S`, S being the training rows of all parties (see [`crate::update_vector`]).
     pub scale: f64,
+}
+
+/// The aggregator asks for a study's feature statistics under secure aggregation (round 0
+/// of the study's secure-aggregation exchanges). The node answers like a secure
+/// [`RoundOpen`], with its signed keys; its vector is described in
+/// [`crate::update_vector::encode_statistics`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatisticsOpen {
+    pub study_id: String,
+    pub secure: SecureRound,
 }
 
 /// A secure-aggregation message from the aggregator to a node.

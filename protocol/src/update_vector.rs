@@ -132,6 +132,44 @@ pub fn decode(sum: &[f64], kind: ModelKind, width: usize, scale: f64) -> Result<
     })
 }
 
+/// Length of a statistics vector over `features` features.
+pub fn statistics_dimension(features: usize) -> usize {
+    1 + 2 * features
+}
+
+/// A node's contribution to the secure sum of feature statistics:
+/// `[s·count | s·sum_j | s·sum_sq_j]`, `s = 1 / S` as for training rounds.
+pub fn encode_statistics(stats: &crate::stats::FeatureStats, scale: f64) -> Vec<f64> {
+    let mut v = vec![stats.count as f64 * scale];
+    v.extend(stats.sum.iter().map(|x| x * scale));
+    v.extend(stats.sum_sq.iter().map(|x| x * scale));
+    v
+}
+
+/// The federation's feature statistics from a summed statistics vector.
+pub fn decode_statistics(
+    sum: &[f64],
+    features: usize,
+    scale: f64,
+) -> Result<crate::stats::FeatureStats, String> {
+    if sum.len() != statistics_dimension(features) {
+        return Err(format!(
+            "sum has {} entries, expected {}",
+            sum.len(),
+            statistics_dimension(features)
+        ));
+    }
+    let count = (sum[0] / scale).round();
+    if !(count.is_finite() && count >= 1.0) {
+        return Err("no rows behind the statistics".into());
+    }
+    Ok(crate::stats::FeatureStats {
+        count: count as u64,
+        sum: sum[1..=features].iter().map(|x| x / scale).collect(),
+        sum_sq: sum[1 + features..].iter().map(|x| x / scale).collect(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,5 +198,30 @@ mod tests {
         merged.merge(&e2).unwrap();
         assert_eq!(d.evaluation.metrics(), merged.metrics());
         assert!(decode(&sum[1..], ModelKind::Logistic, 3, scale).is_err());
+    }
+
+    #[test]
+    fn summed_statistics_decode_to_the_pooled_ones() {
+        use crate::stats::FeatureStats;
+        let a = FeatureStats {
+            count: 3,
+            sum: vec![6.0, 300.0],
+            sum_sq: vec![14.0, 30_500.0],
+        };
+        let b = FeatureStats {
+            count: 5,
+            sum: vec![1.0, 500.0],
+            sum_sq: vec![3.0, 50_100.0],
+        };
+        let scale = 1.0 / 8.0;
+        let sum: Vec<f64> = encode_statistics(&a, scale)
+            .iter()
+            .zip(encode_statistics(&b, scale))
+            .map(|(x, y)| x + y)
+            .collect();
+        let mut pooled = a.clone();
+        pooled.merge(&b).unwrap();
+        assert_eq!(decode_statistics(&sum, 2, scale).unwrap(), pooled);
+        assert!(decode_statistics(&sum[1..], 2, scale).is_err());
     }
 }

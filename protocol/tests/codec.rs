@@ -97,6 +97,7 @@ fn message() -> impl Strategy<Value = Message> {
                 positive_class: Some("Yes".into()),
                 validation_fraction: 0.25,
                 rounds,
+                secure_aggregation: true,
             }
         )),
         (0u64..1000, prop::collection::vec(finite(), 0..8)).prop_map(|(n, v)| {
@@ -104,11 +105,11 @@ fn message() -> impl Strategy<Value = Message> {
                 study_id: "s".into(),
                 training_rows: n,
                 validation_rows: n / 3,
-                feature_stats: FeatureStats {
+                feature_stats: Some(FeatureStats {
                     count: n,
                     sum: v.clone(),
                     sum_sq: v,
-                },
+                }),
             })
         }),
         "[ -~]{0,40}".prop_map(|reason| Message::StudyDecision(StudyDecision::Refuse {
