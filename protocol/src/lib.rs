@@ -14,6 +14,7 @@
 //! ```
 //!
 //! - [`messages`]: the versioned wire messages.
+//! - [`audit`]: the compliance log format, RFC 6962 Merkle tree, verification.
 //! - [`codec`]: length-prefixed framing with a size limit checked before allocation.
 //! - [`model`]: logistic and linear regression, local mini-batch training, FedAvg.
 //! - [`stats`]: combinable feature statistics for standardization.
@@ -23,6 +24,7 @@
 //! - [`metrics`]: exact metrics and the combinable per-site evaluation summary.
 //! - [`export`]: the JSON layout of an exported global model.
 
+pub mod audit;
 pub mod codec;
 pub mod export;
 pub mod messages;

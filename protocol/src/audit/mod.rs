@@ -1,0 +1,297 @@
+//! The compliance log's format and its verification (pure: the file I/O is in
+//! `medfed_infra::auditlog`).
+//!
+//! A log is a sequence of lines, one JSON [`Record`] each. Every record carries its sequence
+//! number and the SHA-256 of the previous line (a hash chain), and the lines are the leaves
+//! of an RFC 6962 Merkle tree: a [`Event::TreeHead`] record signs (Ed25519) the root of the
+//! tree of every line before it. [`verify`] checks all of it and names the first bad line.
+
+pub mod merkle;
+
+use ring::signature::{ED25519, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+
+/// Hex of the "previous hash" of the first record.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One log record, one line of the file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Record {
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// SHA-256 (hex) of the previous line's bytes; [`GENESIS`] for the first.
+    pub prev: String,
+    pub event: Event,
+}
+
+/// What happened. New kinds are appended; existing ones never change meaning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Event {
+    /// The party started: who it is, its software, and the SHA-256 of its config file.
+    Start { party: String, role: String, software: String, config_sha256: String },
+    /// The log was reopened after an unclean stop (e.g. a crash); `dropped_bytes` of an
+    /// incomplete last line were cut.
+    Recovered { dropped_bytes: u64 },
+    /// A protocol message left this party.
+    Sent(MessageEntry),
+    /// A protocol message arrived.
+    Received(MessageEntry),
+    /// A study was accepted or refused, and why.
+    StudyDecision { study: String, accepted: bool, reason: String },
+    /// A model or statistic was released (aggregator).
+    Released { study: String, round: u32, sites: Vec<String>, sha256: String },
+    /// Something went wrong that an auditor should see.
+    Error { what: String },
+    /// The party stopped cleanly.
+    Stop { reason: String },
+    /// Signed root of the Merkle tree over every line before this one.
+    TreeHead { size: u64, root: String, signature: String },
+}
+
+/// A message that crossed the party's boundary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MessageEntry {
+    /// The other party (site name, or the aggregator's name).
+    pub peer: String,
+    /// The message kind (e.g. "round open", "masked-input").
+    pub message: String,
+    pub study: Option<String>,
+    pub round: Option<u32>,
+    /// Bytes of the frame on the wire.
+    pub bytes: u64,
+    /// SHA-256 (hex) of the frame.
+    pub sha256: String,
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+}
+
+/// The bytes a party signs for a tree head: its name, the tree's size and root, and the
+/// head record's own time (the rest of that record is fixed by the chain).
+pub fn tree_head_message(party: &str, size: u64, root: &merkle::Hash, time_ms: u64) -> Vec<u8> {
+    let mut m = b"medfed-audit-v1 tree head\0".to_vec();
+    m.extend_from_slice(party.as_bytes());
+    m.push(0);
+    m.extend_from_slice(&size.to_be_bytes());
+    m.extend_from_slice(root);
+    m.extend_from_slice(&time_ms.to_be_bytes());
+    m
+}
+
+/// Why a log failed verification, and where.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("line {line}: {why}")]
+pub struct AuditError {
+    /// 1-based line number of the first bad record.
+    pub line: usize,
+    pub why: String,
+}
+
+/// What a verified log holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Verified {
+    pub party: String,
+    pub records: Vec<Record>,
+    /// Records covered by the last signed tree head.
+    pub signed: usize,
+    /// The last signed head: (size, root).
+    pub head: Option<(u64, merkle::Hash)>,
+}
+
+impl Verified {
+    /// Records after the last signed tree head (written before a crash, or tampered with
+    /// after it: either way not covered by a signature).
+    pub fn unsigned_tail(&self) -> usize {
+        self.records.len() - self.signed
+    }
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    let v: Option<Vec<u8>> = (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect();
+    v?.try_into().ok()
+}
+
+/// Checks a whole log: record syntax, sequence numbers, the hash chain, and every tree head
+/// (its size, its Merkle root, its Ed25519 signature by `public_key`). Stops at the first
+/// bad line.
+pub fn verify(lines: &[&str], public_key: &[u8]) -> Result<Verified, AuditError> {
+    let key = UnparsedPublicKey::new(&ED25519, public_key);
+    let mut records = Vec::with_capacity(lines.len());
+    let mut tree = merkle::Frontier::default();
+    let mut prev = GENESIS.to_string();
+    let mut party = None;
+    let (mut signed, mut head) = (0, None);
+    for (i, line) in lines.iter().enumerate() {
+        let bad = |why: String| AuditError { line: i + 1, why };
+        let record: Record = serde_json::from_str(line).map_err(|e| bad(format!("not a log record ({e})")))?;
+        if record.seq != i as u64 {
+            return Err(bad(format!("sequence number {} where {i} was expected (a record was removed, added or moved)", record.seq)));
+        }
+        if record.prev != prev {
+            return Err(bad("the previous-record hash does not match line before it (a record was altered, removed or moved)".into()));
+        }
+        match &record.event {
+            Event::Start { party: p, .. } => match &party {
+                None => party = Some(p.clone()),
+                Some(first) if first != p => return Err(bad(format!("a start record for party '{p}' in the log of '{first}'"))),
+                Some(_) => {}
+            },
+            Event::TreeHead { size, root, signature } => {
+                let name = party.as_deref().ok_or_else(|| bad("a tree head before any start record".into()))?;
+                if *size != i as u64 {
+                    return Err(bad(format!("the tree head covers {size} records but {i} precede it")));
+                }
+                let computed = tree.root();
+                if unhex32(root) != Some(computed) {
+                    return Err(bad("the signed tree root does not match the records before it".into()));
+                }
+                let sig: Option<Vec<u8>> =
+                    (0..signature.len()).step_by(2).map(|j| signature.get(j..j + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect();
+                let ok = sig.is_some_and(|sig| key.verify(&tree_head_message(name, *size, &computed, record.time_ms), &sig).is_ok());
+                if !ok {
+                    return Err(bad("the tree head's signature does not verify with this public key".into()));
+                }
+                signed = i + 1;
+                head = Some((*size, computed));
+            }
+            _ => {}
+        }
+        if i == 0 && party.is_none() {
+            return Err(bad("the log does not begin with a start record".into()));
+        }
+        tree.push(merkle::leaf_hash(line.as_bytes()));
+        prev = sha256_hex(line.as_bytes());
+        records.push(record);
+    }
+    let party = party.ok_or(AuditError { line: 1, why: "the log is empty".into() })?;
+    Ok(Verified { party, records, signed, head })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ring::signature::{Ed25519KeyPair, KeyPair};
+
+    /// Builds a log in memory the way the writer does.
+    fn log(events: Vec<Event>, key: &Ed25519KeyPair) -> Vec<String> {
+        let mut lines: Vec<String> = Vec::new();
+        let mut leaves = Vec::new();
+        for event in events {
+            let event = match event {
+                Event::TreeHead { .. } => {
+                    let root = merkle::root(&leaves);
+                    let size = lines.len() as u64;
+                    let sig = key.sign(&tree_head_message("st-marys", size, &root, 1_000 + size));
+                    Event::TreeHead { size, root: hex(&root), signature: hex(sig.as_ref()) }
+                }
+                e => e,
+            };
+            let prev = lines.last().map_or(GENESIS.to_string(), |l| sha256_hex(l.as_bytes()));
+            let r = Record { seq: lines.len() as u64, time_ms: 1_000 + lines.len() as u64, prev, event };
+            let line = serde_json::to_string(&r).unwrap();
+            leaves.push(merkle::leaf_hash(line.as_bytes()));
+            lines.push(line);
+        }
+        lines
+    }
+
+    fn sample(key: &Ed25519KeyPair) -> Vec<String> {
+        let sent = |round| {
+            Event::Sent(MessageEntry {
+                peer: "aggregator".into(),
+                message: "model update".into(),
+                study: Some("pima".into()),
+                round: Some(round),
+                bytes: 1234,
+                sha256: sha256_hex(&[round as u8]),
+            })
+        };
+        let head = || Event::TreeHead { size: 0, root: String::new(), signature: String::new() };
+        log(
+            vec![
+                Event::Start { party: "st-marys".into(), role: "node".into(), software: "medfed".into(), config_sha256: sha256_hex(b"cfg") },
+                Event::StudyDecision { study: "pima".into(), accepted: true, reason: "approved".into() },
+                sent(1),
+                sent(2),
+                head(),
+                sent(3),
+                Event::Stop { reason: "signal".into() },
+                head(),
+            ],
+            key,
+        )
+    }
+
+    fn key(seed: u8) -> Ed25519KeyPair {
+        Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap()
+    }
+
+    fn check(lines: &[String], public: &[u8]) -> Result<Verified, AuditError> {
+        verify(&lines.iter().map(String::as_str).collect::<Vec<_>>(), public)
+    }
+
+    #[test]
+    fn an_intact_log_verifies() {
+        let k = key(1);
+        let v = check(&sample(&k), k.public_key().as_ref()).unwrap();
+        assert_eq!(v.party, "st-marys");
+        assert_eq!(v.records.len(), 8);
+        assert_eq!(v.unsigned_tail(), 0);
+    }
+
+    #[test]
+    fn every_single_byte_flip_is_detected_at_or_before_its_line() {
+        let k = key(1);
+        let lines = sample(&k);
+        for (i, line) in lines.iter().enumerate() {
+            for pos in 0..line.len() {
+                let mut bytes = line.clone().into_bytes();
+                bytes[pos] ^= 0x01;
+                let Ok(text) = String::from_utf8(bytes) else { continue };
+                let mut tampered = lines.clone();
+                tampered[i] = text;
+                let err = check(&tampered, k.public_key().as_ref()).expect_err(&format!("flip at line {} byte {pos} undetected", i + 1));
+                // The change is caught at its own line or at the next one (whose hash chain
+                // or tree head covers it).
+                assert!(err.line == i + 1 || err.line == i + 2, "flip in line {} reported at {}", i + 1, err.line);
+            }
+        }
+    }
+
+    #[test]
+    fn deletion_reordering_duplication_and_another_key_are_detected() {
+        let k = key(1);
+        let lines = sample(&k);
+        let public = k.public_key();
+        let mut deleted = lines.clone();
+        deleted.remove(2);
+        assert_eq!(check(&deleted, public.as_ref()).unwrap_err().line, 3);
+        let mut swapped = lines.clone();
+        swapped.swap(2, 3);
+        assert_eq!(check(&swapped, public.as_ref()).unwrap_err().line, 3);
+        let mut duplicated = lines.clone();
+        duplicated.insert(3, lines[2].clone());
+        assert_eq!(check(&duplicated, public.as_ref()).unwrap_err().line, 4);
+        let other = key(2);
+        let err = check(&lines, other.public_key().as_ref()).unwrap_err();
+        assert_eq!(err.line, 5);
+        assert!(err.why.contains("signature"), "{err}");
+        // Truncation to a clean prefix ending at a signed head still verifies, but what was
+        // cut is visible against the last head seen before (its size).
+        let truncated = &lines[..5];
+        let v = check(truncated, public.as_ref()).unwrap();
+        assert_eq!(v.head.map(|h| h.0), Some(4));
+        // Truncation inside the unsigned tail shows as records no signature covers.
+        let v = check(&lines[..7], public.as_ref()).unwrap();
+        assert_eq!(v.unsigned_tail(), 2);
+    }
+}
