@@ -3,12 +3,14 @@
 //! The I/O that both hospital nodes and the aggregator run, written once:
 //!
 //! - [`pki`]: the consortium CA and per-party certificates (rcgen).
+//! - [`auditlog`]: the append-only, signed compliance log.
 //! - [`transport`]: QUIC endpoints with mutual TLS 1.3 (quinn + rustls/ring) and framed
 //!   messages over QUIC streams.
 //! - [`files`]: atomic file writes for exported artefacts.
 //! - [`identity`]: signing and verifying secure-aggregation keys with site certificates.
 //! - [`config`]: TOML config loading with errors that name the file and key.
 
+pub mod auditlog;
 pub mod config;
 pub mod files;
 pub mod identity;

@@ -75,7 +75,9 @@ impl Frontier {
 
     pub fn root(&self) -> Hash {
         let mut iter = self.subtrees.iter().rev();
-        let Some(&(_, mut acc)) = iter.next() else { return sha256(&[]) };
+        let Some(&(_, mut acc)) = iter.next() else {
+            return sha256(&[]);
+        };
         for (_, h) in iter {
             acc = node_hash(h, &acc);
         }
@@ -109,7 +111,11 @@ pub fn verify_inclusion(leaf: &Hash, m: usize, n: usize, proof: &[Hash], root_ha
         }
         let (last, rest) = proof.split_last()?;
         let k = split(n);
-        if m < k { Some(node_hash(&walk(leaf, m, k, rest)?, last)) } else { Some(node_hash(last, &walk(leaf, m - k, n - k, rest)?)) }
+        if m < k {
+            Some(node_hash(&walk(leaf, m, k, rest)?, last))
+        } else {
+            Some(node_hash(last, &walk(leaf, m - k, n - k, rest)?))
+        }
     }
     m < n && walk(leaf, m, n, proof).is_some_and(|r| r == *root_hash)
 }
@@ -119,7 +125,11 @@ pub fn consistency_proof(leaves: &[Hash], m: usize) -> Vec<Hash> {
     fn subproof(leaves: &[Hash], m: usize, complete: bool) -> Vec<Hash> {
         let n = leaves.len();
         if m == n {
-            return if complete { Vec::new() } else { vec![root(leaves)] };
+            return if complete {
+                Vec::new()
+            } else {
+                vec![root(leaves)]
+            };
         }
         let k = split(n);
         if m <= k {
@@ -151,7 +161,9 @@ pub fn verify_consistency(m: usize, n: usize, proof: &[Hash], old: &Hash, new: &
     if m.is_power_of_two() {
         proof.insert(0, *old);
     }
-    let Some((first, rest)) = proof.split_first() else { return false };
+    let Some((first, rest)) = proof.split_first() else {
+        return false;
+    };
     let (mut fnode, mut snode) = (m - 1, n - 1);
     while fnode & 1 == 1 {
         fnode >>= 1;
@@ -199,7 +211,10 @@ mod tests {
             &[0x30, 0x31],
             &[0x40, 0x41, 0x42, 0x43],
             &[0x50, 0x51, 0x52, 0x53, 0x54, 0x55, 0x56, 0x57],
-            &[0x60, 0x61, 0x62, 0x63, 0x64, 0x65, 0x66, 0x67, 0x68, 0x69, 0x6a, 0x6b, 0x6c, 0x6d, 0x6e, 0x6f],
+            &[
+                0x60, 0x61, 0x62, 0x63, 0x64, 0x65, 0x66, 0x67, 0x68, 0x69, 0x6a, 0x6b, 0x6c, 0x6d,
+                0x6e, 0x6f,
+            ],
         ];
         let roots = [
             "6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
@@ -217,7 +232,10 @@ mod tests {
     #[test]
     fn roots_match_the_rfc_6962_vectors() {
         let (leaves, roots) = vectors();
-        assert_eq!(hex(&root(&[])), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(
+            hex(&root(&[])),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
         for (n, want) in roots.iter().enumerate() {
             assert_eq!(hex(&root(&leaves[..=n])), *want, "tree of {} leaves", n + 1);
         }
@@ -241,8 +259,14 @@ mod tests {
             let r = root(&leaves[..n]);
             for m in 0..n {
                 let p = inclusion_proof(&leaves[..n], m);
-                assert!(verify_inclusion(&leaves[m], m, n, &p, &r), "leaf {m} of {n}");
-                assert!(!verify_inclusion(&leaves[(m + 1) % 8], m, n, &p, &r) || n == 1 && m == 0 && leaves[1] == leaves[0]);
+                assert!(
+                    verify_inclusion(&leaves[m], m, n, &p, &r),
+                    "leaf {m} of {n}"
+                );
+                assert!(
+                    !verify_inclusion(&leaves[(m + 1) % 8], m, n, &p, &r)
+                        || n == 1 && m == 0 && leaves[1] == leaves[0]
+                );
             }
         }
     }
@@ -253,13 +277,22 @@ mod tests {
         for n in 1..=8 {
             for m in 1..=n {
                 let p = consistency_proof(&leaves[..n], m);
-                assert!(verify_consistency(m, n, &p, &root(&leaves[..m]), &root(&leaves[..n])), "{m} -> {n}");
+                assert!(
+                    verify_consistency(m, n, &p, &root(&leaves[..m]), &root(&leaves[..n])),
+                    "{m} -> {n}"
+                );
             }
         }
         // A history rewritten before the old head is not consistent with it.
         let mut forked = leaves.clone();
         forked[1] = leaf_hash(b"rewritten");
         let p = consistency_proof(&forked, 3);
-        assert!(!verify_consistency(3, 8, &p, &root(&leaves[..3]), &root(&forked)));
+        assert!(!verify_consistency(
+            3,
+            8,
+            &p,
+            &root(&leaves[..3]),
+            &root(&forked)
+        ));
     }
 }

@@ -31,7 +31,12 @@ pub struct Record {
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Event {
     /// The party started: who it is, its software, and the SHA-256 of its config file.
-    Start { party: String, role: String, software: String, config_sha256: String },
+    Start {
+        party: String,
+        role: String,
+        software: String,
+        config_sha256: String,
+    },
     /// The log was reopened after an unclean stop (e.g. a crash); `dropped_bytes` of an
     /// incomplete last line were cut.
     Recovered { dropped_bytes: u64 },
@@ -40,15 +45,28 @@ pub enum Event {
     /// A protocol message arrived.
     Received(MessageEntry),
     /// A study was accepted or refused, and why.
-    StudyDecision { study: String, accepted: bool, reason: String },
+    StudyDecision {
+        study: String,
+        accepted: bool,
+        reason: String,
+    },
     /// A model or statistic was released (aggregator).
-    Released { study: String, round: u32, sites: Vec<String>, sha256: String },
+    Released {
+        study: String,
+        round: u32,
+        sites: Vec<String>,
+        sha256: String,
+    },
     /// Something went wrong that an auditor should see.
     Error { what: String },
     /// The party stopped cleanly.
     Stop { reason: String },
     /// Signed root of the Merkle tree over every line before this one.
-    TreeHead { size: u64, root: String, signature: String },
+    TreeHead {
+        size: u64,
+        root: String,
+        signature: String,
+    },
 }
 
 /// A message that crossed the party's boundary.
@@ -116,7 +134,10 @@ impl Verified {
 }
 
 fn unhex32(s: &str) -> Option<[u8; 32]> {
-    let v: Option<Vec<u8>> = (0..s.len()).step_by(2).map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect();
+    let v: Option<Vec<u8>> = (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
+        .collect();
     v?.try_into().ok()
 }
 
@@ -132,33 +153,71 @@ pub fn verify(lines: &[&str], public_key: &[u8]) -> Result<Verified, AuditError>
     let (mut signed, mut head) = (0, None);
     for (i, line) in lines.iter().enumerate() {
         let bad = |why: String| AuditError { line: i + 1, why };
-        let record: Record = serde_json::from_str(line).map_err(|e| bad(format!("not a log record ({e})")))?;
+        let record: Record =
+            serde_json::from_str(line).map_err(|e| bad(format!("not a log record ({e})")))?;
         if record.seq != i as u64 {
-            return Err(bad(format!("sequence number {} where {i} was expected (a record was removed, added or moved)", record.seq)));
+            return Err(bad(format!(
+                "sequence number {} where {i} was expected (a record was removed, added or moved)",
+                record.seq
+            )));
         }
         if record.prev != prev {
-            return Err(bad("the previous-record hash does not match line before it (a record was altered, removed or moved)".into()));
+            return Err(bad(if i == 0 {
+                "the first record does not start the chain (records before it were removed)".into()
+            } else {
+                format!(
+                    "the hash of line {i} recorded here does not match it: line {i} was altered, or records were removed or moved"
+                )
+            }));
         }
         match &record.event {
             Event::Start { party: p, .. } => match &party {
                 None => party = Some(p.clone()),
-                Some(first) if first != p => return Err(bad(format!("a start record for party '{p}' in the log of '{first}'"))),
+                Some(first) if first != p => {
+                    return Err(bad(format!(
+                        "a start record for party '{p}' in the log of '{first}'"
+                    )));
+                }
                 Some(_) => {}
             },
-            Event::TreeHead { size, root, signature } => {
-                let name = party.as_deref().ok_or_else(|| bad("a tree head before any start record".into()))?;
+            Event::TreeHead {
+                size,
+                root,
+                signature,
+            } => {
+                let name = party
+                    .as_deref()
+                    .ok_or_else(|| bad("a tree head before any start record".into()))?;
                 if *size != i as u64 {
-                    return Err(bad(format!("the tree head covers {size} records but {i} precede it")));
+                    return Err(bad(format!(
+                        "the tree head covers {size} records but {i} precede it"
+                    )));
                 }
                 let computed = tree.root();
                 if unhex32(root) != Some(computed) {
-                    return Err(bad("the signed tree root does not match the records before it".into()));
+                    return Err(bad(
+                        "the signed tree root does not match the records before it".into(),
+                    ));
                 }
-                let sig: Option<Vec<u8>> =
-                    (0..signature.len()).step_by(2).map(|j| signature.get(j..j + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect();
-                let ok = sig.is_some_and(|sig| key.verify(&tree_head_message(name, *size, &computed, record.time_ms), &sig).is_ok());
+                let sig: Option<Vec<u8>> = (0..signature.len())
+                    .step_by(2)
+                    .map(|j| {
+                        signature
+                            .get(j..j + 2)
+                            .and_then(|b| u8::from_str_radix(b, 16).ok())
+                    })
+                    .collect();
+                let ok = sig.is_some_and(|sig| {
+                    key.verify(
+                        &tree_head_message(name, *size, &computed, record.time_ms),
+                        &sig,
+                    )
+                    .is_ok()
+                });
                 if !ok {
-                    return Err(bad("the tree head's signature does not verify with this public key".into()));
+                    return Err(bad(
+                        "the tree head's signature does not verify with this public key".into(),
+                    ));
                 }
                 signed = i + 1;
                 head = Some((*size, computed));
@@ -172,8 +231,16 @@ pub fn verify(lines: &[&str], public_key: &[u8]) -> Result<Verified, AuditError>
         prev = sha256_hex(line.as_bytes());
         records.push(record);
     }
-    let party = party.ok_or(AuditError { line: 1, why: "the log is empty".into() })?;
-    Ok(Verified { party, records, signed, head })
+    let party = party.ok_or(AuditError {
+        line: 1,
+        why: "the log is empty".into(),
+    })?;
+    Ok(Verified {
+        party,
+        records,
+        signed,
+        head,
+    })
 }
 
 #[cfg(test)]
@@ -191,12 +258,23 @@ mod tests {
                     let root = merkle::root(&leaves);
                     let size = lines.len() as u64;
                     let sig = key.sign(&tree_head_message("st-marys", size, &root, 1_000 + size));
-                    Event::TreeHead { size, root: hex(&root), signature: hex(sig.as_ref()) }
+                    Event::TreeHead {
+                        size,
+                        root: hex(&root),
+                        signature: hex(sig.as_ref()),
+                    }
                 }
                 e => e,
             };
-            let prev = lines.last().map_or(GENESIS.to_string(), |l| sha256_hex(l.as_bytes()));
-            let r = Record { seq: lines.len() as u64, time_ms: 1_000 + lines.len() as u64, prev, event };
+            let prev = lines
+                .last()
+                .map_or(GENESIS.to_string(), |l| sha256_hex(l.as_bytes()));
+            let r = Record {
+                seq: lines.len() as u64,
+                time_ms: 1_000 + lines.len() as u64,
+                prev,
+                event,
+            };
             let line = serde_json::to_string(&r).unwrap();
             leaves.push(merkle::leaf_hash(line.as_bytes()));
             lines.push(line);
@@ -215,16 +293,31 @@ mod tests {
                 sha256: sha256_hex(&[round as u8]),
             })
         };
-        let head = || Event::TreeHead { size: 0, root: String::new(), signature: String::new() };
+        let head = || Event::TreeHead {
+            size: 0,
+            root: String::new(),
+            signature: String::new(),
+        };
         log(
             vec![
-                Event::Start { party: "st-marys".into(), role: "node".into(), software: "medfed".into(), config_sha256: sha256_hex(b"cfg") },
-                Event::StudyDecision { study: "pima".into(), accepted: true, reason: "approved".into() },
+                Event::Start {
+                    party: "st-marys".into(),
+                    role: "node".into(),
+                    software: "medfed".into(),
+                    config_sha256: sha256_hex(b"cfg"),
+                },
+                Event::StudyDecision {
+                    study: "pima".into(),
+                    accepted: true,
+                    reason: "approved".into(),
+                },
                 sent(1),
                 sent(2),
                 head(),
                 sent(3),
-                Event::Stop { reason: "signal".into() },
+                Event::Stop {
+                    reason: "signal".into(),
+                },
                 head(),
             ],
             key,
@@ -236,7 +329,10 @@ mod tests {
     }
 
     fn check(lines: &[String], public: &[u8]) -> Result<Verified, AuditError> {
-        verify(&lines.iter().map(String::as_str).collect::<Vec<_>>(), public)
+        verify(
+            &lines.iter().map(String::as_str).collect::<Vec<_>>(),
+            public,
+        )
     }
 
     #[test]
@@ -256,13 +352,21 @@ mod tests {
             for pos in 0..line.len() {
                 let mut bytes = line.clone().into_bytes();
                 bytes[pos] ^= 0x01;
-                let Ok(text) = String::from_utf8(bytes) else { continue };
+                let Ok(text) = String::from_utf8(bytes) else {
+                    continue;
+                };
                 let mut tampered = lines.clone();
                 tampered[i] = text;
-                let err = check(&tampered, k.public_key().as_ref()).expect_err(&format!("flip at line {} byte {pos} undetected", i + 1));
+                let err = check(&tampered, k.public_key().as_ref())
+                    .expect_err(&format!("flip at line {} byte {pos} undetected", i + 1));
                 // The change is caught at its own line or at the next one (whose hash chain
                 // or tree head covers it).
-                assert!(err.line == i + 1 || err.line == i + 2, "flip in line {} reported at {}", i + 1, err.line);
+                assert!(
+                    err.line == i + 1 || err.line == i + 2,
+                    "flip in line {} reported at {}",
+                    i + 1,
+                    err.line
+                );
             }
         }
     }

@@ -1,0 +1,381 @@
+//! The compliance-log writer: one append-only file per party (format in
+//! `medfed_protocol::audit`). Records are appended as they happen; every
+//! [`BATCH`] records, at [`AuditLog::checkpoint`] and at [`AuditLog::close`] the party signs
+//! the Merkle tree head (Ed25519) and the file is fsynced.
+//!
+//! Reopening a log after a crash cuts an incomplete last line, checks the rest verifies
+//! under the party's key (refusing to append to a log that does not), and records the
+//! recovery before carrying on.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use medfed_protocol::audit::{self, Event, GENESIS, Record, merkle};
+use ring::signature::{Ed25519KeyPair, KeyPair};
+
+/// Records between two signed tree heads.
+pub const BATCH: u64 = 256;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuditLogError {
+    #[error("compliance log {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("compliance-log signing key {path}: {why}")]
+    Key { path: PathBuf, why: String },
+    #[error(
+        "compliance log {path} does not verify ({source}); it is kept as it is: move it aside to start a new log"
+    )]
+    Corrupt {
+        path: PathBuf,
+        source: audit::AuditError,
+    },
+}
+
+struct Inner {
+    file: File,
+    seq: u64,
+    prev: String,
+    tree: merkle::Frontier,
+    since_head: u64,
+}
+
+/// A party's compliance log, open for appending.
+pub struct AuditLog {
+    path: PathBuf,
+    party: String,
+    key: Ed25519KeyPair,
+    inner: Mutex<Inner>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Loads the party's Ed25519 signing key (PKCS#8), making one (mode 0600) on first use; also
+/// writes the public key, hex, beside it as `<key>.pub` for auditors.
+pub fn load_or_create_key(path: &Path) -> Result<Ed25519KeyPair, AuditLogError> {
+    let key_err = |why: String| AuditLogError::Key {
+        path: path.to_path_buf(),
+        why,
+    };
+    let pkcs8 = if path.exists() {
+        std::fs::read(path).map_err(|e| key_err(e.to_string()))?
+    } else {
+        let rng = ring::rand::SystemRandom::new();
+        let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| key_err(e.to_string()))?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| key_err(e.to_string()))?;
+        }
+        let mut opts = OpenOptions::new();
+        opts.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        let mut f = opts.open(path).map_err(|e| key_err(e.to_string()))?;
+        f.write_all(doc.as_ref())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| key_err(e.to_string()))?;
+        doc.as_ref().to_vec()
+    };
+    let key = Ed25519KeyPair::from_pkcs8(&pkcs8)
+        .map_err(|e| key_err(format!("not an Ed25519 PKCS#8 key ({e})")))?;
+    let public = audit::hex(key.public_key().as_ref());
+    std::fs::write(public_key_path(path), format!("{public}\n"))
+        .map_err(|e| key_err(e.to_string()))?;
+    Ok(key)
+}
+
+/// Where the public key of the signing key at `key` is written.
+pub fn public_key_path(key: &Path) -> PathBuf {
+    let mut name = key.file_name().unwrap_or_default().to_os_string();
+    name.push(".pub");
+    key.with_file_name(name)
+}
+
+impl AuditLog {
+    /// Opens (or creates) the log at `path` and records the start. `role` is "node" or
+    /// "aggregator"; `config` is the config file's content (only its hash is logged).
+    pub fn open(
+        path: &Path,
+        key_path: &Path,
+        party: &str,
+        role: &str,
+        software: &str,
+        config: &[u8],
+    ) -> Result<AuditLog, AuditLogError> {
+        let io = |source| AuditLogError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let key = load_or_create_key(key_path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)
+            .map_err(io)?;
+        let mut text = Vec::new();
+        file.read_to_end(&mut text).map_err(io)?;
+        // A crash can leave a last line without its newline: cut it.
+        let complete = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        let dropped = (text.len() - complete) as u64;
+        if dropped > 0 {
+            file.set_len(complete as u64).map_err(io)?;
+            file.seek(SeekFrom::End(0)).map_err(io)?;
+        }
+        let text = String::from_utf8_lossy(&text[..complete]).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        let mut inner = Inner {
+            file,
+            seq: 0,
+            prev: GENESIS.to_string(),
+            tree: merkle::Frontier::default(),
+            since_head: 0,
+        };
+        let mut clean = true;
+        if !lines.is_empty() {
+            let verified = audit::verify(&lines, key.public_key().as_ref()).map_err(|source| {
+                AuditLogError::Corrupt {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
+            for line in &lines {
+                inner.tree.push(merkle::leaf_hash(line.as_bytes()));
+            }
+            inner.seq = lines.len() as u64;
+            inner.prev = audit::sha256_hex(lines[lines.len() - 1].as_bytes());
+            inner.since_head = verified.unsigned_tail() as u64;
+            clean = verified.unsigned_tail() == 0;
+        }
+        let log = AuditLog {
+            path: path.to_path_buf(),
+            party: party.to_string(),
+            key,
+            inner: Mutex::new(inner),
+        };
+        log.record(Event::Start {
+            party: party.to_string(),
+            role: role.to_string(),
+            software: software.to_string(),
+            config_sha256: audit::sha256_hex(config),
+        })
+        .map_err(io)?;
+        if dropped > 0 || !clean {
+            log.record(Event::Recovered {
+                dropped_bytes: dropped,
+            })
+            .map_err(io)?;
+        }
+        log.checkpoint().map_err(io)?;
+        Ok(log)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A poisoned lock means a panic mid-append; the file is still a valid prefix (a torn
+        // line is cut on the next open), so keep going.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn append(&self, inner: &mut Inner, event: Event) -> std::io::Result<()> {
+        let record = Record {
+            seq: inner.seq,
+            time_ms: now_ms(),
+            prev: std::mem::take(&mut inner.prev),
+            event,
+        };
+        let line = serde_json::to_string(&record).map_err(std::io::Error::other)?;
+        let mut bytes = line.clone().into_bytes();
+        bytes.push(b'\n');
+        inner.file.write_all(&bytes)?;
+        inner.tree.push(merkle::leaf_hash(line.as_bytes()));
+        inner.prev = audit::sha256_hex(line.as_bytes());
+        inner.seq += 1;
+        Ok(())
+    }
+
+    fn sign_head(&self, inner: &mut Inner) -> std::io::Result<()> {
+        let root = inner.tree.root();
+        let size = inner.seq;
+        let time_ms = now_ms();
+        let signature = self
+            .key
+            .sign(&audit::tree_head_message(&self.party, size, &root, time_ms));
+        let record = Record {
+            seq: size,
+            time_ms,
+            prev: std::mem::take(&mut inner.prev),
+            event: Event::TreeHead {
+                size,
+                root: audit::hex(&root),
+                signature: audit::hex(signature.as_ref()),
+            },
+        };
+        let line = serde_json::to_string(&record).map_err(std::io::Error::other)?;
+        inner.file.write_all(format!("{line}\n").as_bytes())?;
+        inner.tree.push(merkle::leaf_hash(line.as_bytes()));
+        inner.prev = audit::sha256_hex(line.as_bytes());
+        inner.seq += 1;
+        inner.since_head = 0;
+        inner.file.sync_data()
+    }
+
+    /// Appends one record; signs a tree head every [`BATCH`] records.
+    pub fn record(&self, event: Event) -> std::io::Result<()> {
+        let mut inner = self.lock();
+        self.append(&mut inner, event)?;
+        inner.since_head += 1;
+        if inner.since_head >= BATCH {
+            self.sign_head(&mut inner)?;
+        }
+        Ok(())
+    }
+
+    /// Signs a tree head over everything so far and syncs the file (at round boundaries).
+    pub fn checkpoint(&self) -> std::io::Result<()> {
+        let mut inner = self.lock();
+        if inner.since_head > 0 || inner.seq == 0 {
+            self.sign_head(&mut inner)?;
+        }
+        Ok(())
+    }
+
+    /// Records a clean stop and signs the final tree head.
+    pub fn close(&self, reason: &str) -> std::io::Result<()> {
+        let mut inner = self.lock();
+        self.append(
+            &mut inner,
+            Event::Stop {
+                reason: reason.to_string(),
+            },
+        )?;
+        self.sign_head(&mut inner)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use medfed_protocol::audit::MessageEntry;
+
+    fn sent(i: u64) -> Event {
+        Event::Sent(MessageEntry {
+            peer: "aggregator".into(),
+            message: "model update".into(),
+            study: Some("s".into()),
+            round: Some(i as u32),
+            bytes: i,
+            sha256: audit::sha256_hex(&i.to_be_bytes()),
+        })
+    }
+
+    fn read(path: &Path, key: &Path) -> Result<audit::Verified, audit::AuditError> {
+        let text = std::fs::read_to_string(path).unwrap();
+        let public = std::fs::read_to_string(public_key_path(key)).unwrap();
+        let public: Vec<u8> = (0..64)
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&public[i..i + 2], 16).unwrap())
+            .collect();
+        audit::verify(&text.lines().collect::<Vec<_>>(), &public)
+    }
+
+    #[test]
+    fn a_log_verifies_across_batches_and_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, key) = (
+            dir.path().join("log/compliance.log"),
+            dir.path().join("keys/audit.key"),
+        );
+        let log = AuditLog::open(&path, &key, "st-marys", "node", "test", b"cfg").unwrap();
+        for i in 0..(BATCH + 10) {
+            log.record(sent(i)).unwrap();
+        }
+        log.close("done").unwrap();
+        drop(log);
+        let v = read(&path, &key).unwrap();
+        assert_eq!(v.unsigned_tail(), 0);
+        // Reopening continues the same log with the same key.
+        let log = AuditLog::open(&path, &key, "st-marys", "node", "test", b"cfg").unwrap();
+        log.record(sent(1)).unwrap();
+        log.close("done").unwrap();
+        let v = read(&path, &key).unwrap();
+        assert!(v.records.len() as u64 > BATCH + 15);
+        assert!(
+            !v.records
+                .iter()
+                .any(|r| matches!(r.event, Event::Recovered { .. }))
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(
+                std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
+        }
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_and_the_recovery_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, key) = (dir.path().join("c.log"), dir.path().join("a.key"));
+        let log = AuditLog::open(&path, &key, "st-marys", "node", "test", b"cfg").unwrap();
+        log.record(sent(1)).unwrap();
+        log.record(sent(2)).unwrap();
+        drop(log); // no close: as if killed
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":99,\"time_ms\":1,\"pre").unwrap();
+        drop(f);
+        let log = AuditLog::open(&path, &key, "st-marys", "node", "test", b"cfg").unwrap();
+        log.close("done").unwrap();
+        let v = read(&path, &key).unwrap();
+        let dropped = v.records.iter().find_map(|r| match r.event {
+            Event::Recovered { dropped_bytes } => Some(dropped_bytes),
+            _ => None,
+        });
+        assert_eq!(dropped, Some(26));
+        assert_eq!(v.unsigned_tail(), 0);
+    }
+
+    #[test]
+    fn a_tampered_log_is_not_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, key) = (dir.path().join("c.log"), dir.path().join("a.key"));
+        let log = AuditLog::open(&path, &key, "st-marys", "node", "test", b"cfg").unwrap();
+        log.record(sent(1)).unwrap();
+        log.close("done").unwrap();
+        drop(log);
+        let text =
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .replacen("\"bytes\":1", "\"bytes\":2", 1);
+        std::fs::write(&path, text).unwrap();
+        let err = AuditLog::open(&path, &key, "st-marys", "node", "test", b"cfg")
+            .err()
+            .unwrap();
+        assert!(matches!(err, AuditLogError::Corrupt { .. }), "{err}");
+        // The chain breaks at line 4, which names line 3 as altered.
+        assert!(
+            err.to_string().contains("line 4: the hash of line 3"),
+            "{err}"
+        );
+    }
+}
