@@ -174,7 +174,7 @@ async fn quic_times(
         let (mut send, mut recv) = conn.open_bi().await?;
         match mode {
             Mode::Message => {
-                transport::write_message(&mut send, msg, DEFAULT_MAX_FRAME_BYTES).await?
+                transport::write_message(&mut send, msg, DEFAULT_MAX_FRAME_BYTES).await?;
             }
             Mode::Raw => {
                 send.write_all(frame).await?;

@@ -239,6 +239,10 @@ ca = "pki/aggregator/localhost/ca.pem"
 cert = "pki/aggregator/localhost/cert.pem"
 key = "pki/aggregator/localhost/key.pem"
 
+[audit]
+log = "audit/aggregator.log"
+key = "audit/aggregator.key"
+
 [sites]
 allow = [{allow}]
 
@@ -286,6 +290,10 @@ server_name = "localhost"
 ca = "../pki/sites/{name}/ca.pem"
 cert = "../pki/sites/{name}/cert.pem"
 key = "../pki/sites/{name}/key.pem"
+
+[audit]
+log = "../audit/{name}.log"
+key = "../audit/{name}.key"
 
 [[dataset]]
 name = "pima"

@@ -5,6 +5,7 @@
 //! - anyone: `medfed demo`, `medfed model evaluate`, `medfed bench transport`
 
 mod alloc_meter;
+mod audit;
 mod bench;
 mod bench_secagg;
 mod demo;
@@ -55,6 +56,18 @@ enum Command {
     /// Measure performance.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Check and summarise a party's compliance log (for auditors; works offline).
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Verify a log end to end (records, hash chain, signed Merkle tree heads); names the
+    /// first bad record.
+    Verify(audit::VerifyArgs),
+    /// Summarise what left the party and what was asked of it, per study.
+    Report(audit::ReportArgs),
 }
 
 #[derive(Subcommand)]
@@ -138,6 +151,8 @@ fn main() -> ExitCode {
         Command::Model(ModelCommand::Evaluate(args)) => evaluate::run(args),
         Command::Bench(BenchCommand::Transport(args)) => bench::transport(args),
         Command::Bench(BenchCommand::Secagg(args)) => bench_secagg::secagg(args),
+        Command::Audit(AuditCommand::Verify(args)) => audit::verify(args),
+        Command::Audit(AuditCommand::Report(args)) => audit::report(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use medfed_infra::config::{ConfigError, TlsFiles, load_toml, resolve};
+use medfed_infra::config::{AuditFiles, ConfigError, TlsFiles, file_sha256, load_toml, resolve};
 use medfed_protocol::model::{ModelKind, TrainParams};
 use serde::{Deserialize, Serialize};
 
@@ -25,9 +25,15 @@ pub struct AggregatorConfig {
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: u32,
     pub tls: TlsFiles,
+    /// The compliance log (default: `audit/compliance.log`, key `audit/signing.key`).
+    #[serde(default)]
+    pub audit: AuditFiles,
     pub sites: Sites,
     #[serde(default, rename = "study")]
     pub studies: Vec<StudyConfig>,
+    /// SHA-256 of the file this was loaded from (for the compliance log).
+    #[serde(skip)]
+    pub config_sha256: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -203,6 +209,8 @@ impl AggregatorConfig {
     pub fn load(path: &Path) -> Result<AggregatorConfig, ConfigError> {
         let mut cfg: AggregatorConfig = load_toml(path)?;
         cfg.tls.resolve(path)?;
+        cfg.audit.resolve(path);
+        cfg.config_sha256 = file_sha256(path);
         cfg.out_dir = resolve(path, &cfg.out_dir);
         cfg.validate(path)?;
         Ok(cfg)

@@ -25,6 +25,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use medfed_infra::auditlog::AuditLog;
 use medfed_infra::transport::{self, Identity, TransportError};
 use medfed_protocol::ErrorCode;
 use medfed_protocol::metrics::Metrics;
@@ -93,6 +94,8 @@ pub enum AggregatorEvent {
 #[non_exhaustive]
 pub enum AggregatorError {
     #[error(transparent)]
+    Audit(#[from] medfed_infra::auditlog::AuditLogError),
+    #[error(transparent)]
     Transport(#[from] TransportError),
     #[error(transparent)]
     Study(#[from] StudyError),
@@ -103,6 +106,7 @@ pub enum AggregatorError {
 /// A bound aggregator, ready to [`run`](Aggregator::run).
 pub struct Aggregator {
     config: AggregatorConfig,
+    audit: Arc<AuditLog>,
     endpoint: quinn::Endpoint,
     registry: Arc<Registry>,
     stop: Arc<watch::Sender<Option<String>>>,
@@ -132,9 +136,18 @@ impl Aggregator {
     /// Loads the TLS identity and binds the QUIC endpoint.
     pub fn bind(config: AggregatorConfig) -> Result<Aggregator, AggregatorError> {
         let identity = Identity::load(&config.tls.cert, &config.tls.key)?;
+        let audit = Arc::new(AuditLog::open(
+            &config.audit.log,
+            &config.audit.key,
+            &config.name,
+            "aggregator",
+            SOFTWARE,
+            &config.config_sha256,
+        )?);
         let endpoint = transport::server_endpoint(config.listen, &config.tls.ca, identity)?;
         Ok(Aggregator {
             config,
+            audit,
             endpoint,
             registry: Arc::default(),
             stop: Arc::new(watch::channel(None).0),
@@ -167,6 +180,7 @@ impl Aggregator {
             name: self.config.name.clone(),
             max_frame: self.config.max_frame_bytes,
             events: events.clone(),
+            audit: self.audit.clone(),
         });
         let accept = tokio::spawn(server.accept_loop());
         let mut stop = self.stop.subscribe();
@@ -181,6 +195,7 @@ impl Aggregator {
                 max_frame: self.config.max_frame_bytes,
                 events: events.clone(),
                 roots: roots.clone(),
+                audit: self.audit.clone(),
             };
             let outcome = tokio::select! {
                 r = runner.run(allow.len()) => r,
@@ -223,6 +238,9 @@ impl Aggregator {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.endpoint.wait_idle())
             .await;
         accept.abort();
+        self.audit
+            .close(&reason)
+            .map_err(|source| AggregatorError::Io(source))?;
         result?;
         Ok(outcomes)
     }

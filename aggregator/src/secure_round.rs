@@ -136,12 +136,18 @@ impl StudyRunner {
             connected.iter().map(|(_, c, _)| c.conn.clone()).collect();
         let mut tasks: JoinSet<Answer> = JoinSet::new();
         for (party, conn) in conns.iter().enumerate() {
-            let (conn, msg, max) = (conn.clone(), first.clone(), self.max_frame);
+            let (conn, msg, max, audit, site) = (
+                conn.clone(),
+                first.clone(),
+                self.max_frame,
+                self.audit.clone(),
+                setup.parties[party].clone(),
+            );
             tasks.spawn(async move {
-                (
-                    party as PartyId,
-                    transport::request(&conn, &msg, max, timeout).await,
-                )
+                let answer =
+                    transport::request_logged(&conn, &msg, max, timeout, Some((&*audit, &site)))
+                        .await;
+                (party as PartyId, answer)
             });
         }
         loop {
@@ -151,9 +157,25 @@ impl StudyRunner {
                     round,
                     message,
                 });
-                let (conn, max) = (conns[v as usize].clone(), self.max_frame);
-                tasks
-                    .spawn(async move { (v, transport::request(&conn, &msg, max, timeout).await) });
+                let (conn, max, audit, site) = (
+                    conns[v as usize].clone(),
+                    self.max_frame,
+                    self.audit.clone(),
+                    setup.parties[v as usize].clone(),
+                );
+                tasks.spawn(async move {
+                    (
+                        v,
+                        transport::request_logged(
+                            &conn,
+                            &msg,
+                            max,
+                            timeout,
+                            Some((&*audit, &site)),
+                        )
+                        .await,
+                    )
+                });
             }
             if server.outcome().is_some() {
                 break;

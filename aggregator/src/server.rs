@@ -78,6 +78,7 @@ pub(crate) struct Server {
     pub name: String,
     pub max_frame: u32,
     pub events: Option<mpsc::UnboundedSender<AggregatorEvent>>,
+    pub audit: Arc<medfed_infra::auditlog::AuditLog>,
 }
 
 impl Server {
@@ -103,6 +104,17 @@ impl Server {
         reason: String,
     ) {
         warn!(remote = %conn.remote_address(), site, %code, "refused connection: {reason}");
+        let what = format!(
+            "refused {} ({}): {reason}",
+            site.unwrap_or("a peer"),
+            conn.remote_address()
+        );
+        if let Err(e) = self
+            .audit
+            .record(medfed_protocol::audit::Event::Error { what })
+        {
+            warn!("cannot write the compliance log: {e}");
+        }
         self.emit(AggregatorEvent::SiteRefused {
             remote: conn.remote_address(),
             site: site.map(str::to_string),
@@ -197,9 +209,13 @@ impl Server {
         };
         let msg = tokio::time::timeout(
             HELLO_TIMEOUT,
-            transport::read_message(&mut recv, self.max_frame),
+            transport::read_message_info(&mut recv, self.max_frame),
         )
         .await;
+        if let Ok(Ok((m, info))) = &msg {
+            transport::Egress::received(&*self.audit, site, m, info);
+        }
+        let msg = msg.map(|r| r.map(|(m, _)| m));
         let (code, reason) = match msg {
             Ok(Ok(Message::Hello(hello))) if hello.site == site => {
                 let welcome = Message::Welcome(Welcome {
@@ -207,7 +223,10 @@ impl Server {
                     software: crate::SOFTWARE.to_string(),
                 });
                 return match transport::write_message(&mut send, &welcome, self.max_frame).await {
-                    Ok(()) => Some(hello),
+                    Ok(info) => {
+                        transport::Egress::sent(&*self.audit, site, &welcome, &info);
+                        Some(hello)
+                    }
                     Err(e) => {
                         warn!(%site, "could not send welcome: {e}");
                         None

@@ -59,6 +59,8 @@ pub(crate) struct StudyRunner {
     pub events: Option<tokio::sync::mpsc::UnboundedSender<AggregatorEvent>>,
     /// The consortium CA, to check the site certificates behind secure-aggregation keys.
     pub roots: Arc<medfed_infra::transport::RootCertStore>,
+    /// The aggregator's compliance log.
+    pub audit: Arc<medfed_infra::auditlog::AuditLog>,
 }
 
 /// A participant's standing in the study.
@@ -146,7 +148,15 @@ impl StudyRunner {
             .conn;
         let msg = Message::StudyAnnouncement(self.announcement());
         let timeout = Duration::from_secs(self.cfg.round_timeout_secs);
-        match transport::request(&conn, &msg, self.max_frame, timeout).await? {
+        match transport::request_logged(
+            &conn,
+            &msg,
+            self.max_frame,
+            timeout,
+            Some((&*self.audit, site)),
+        )
+        .await?
+        {
             Message::StudyDecision(d) => Ok((conn.stable_id(), d)),
             other => Err(TransportError::Peer {
                 code: medfed_protocol::ErrorCode::UnexpectedMessage,
@@ -371,10 +381,18 @@ impl StudyRunner {
             let Some(s) = self.registry.get(site) else {
                 continue;
             };
-            let (msg, site, max) = (msg.clone(), site.clone(), self.max_frame);
-            tasks.spawn(
-                async move { (site, transport::request(&s.conn, &msg, max, timeout).await) },
+            let (msg, site, max, audit) = (
+                msg.clone(),
+                site.clone(),
+                self.max_frame,
+                self.audit.clone(),
             );
+            tasks.spawn(async move {
+                let answer =
+                    transport::request_logged(&s.conn, &msg, max, timeout, Some((&*audit, &site)))
+                        .await;
+                (site, answer)
+            });
         }
         let mut updates = BTreeMap::new();
         let mut evaluation = Evaluation::empty(cfg.model);
@@ -446,10 +464,18 @@ impl StudyRunner {
             let Some(s) = self.registry.get(site) else {
                 continue;
             };
-            let (msg, site, max) = (msg.clone(), site.clone(), self.max_frame);
-            tasks.spawn(
-                async move { (site, transport::request(&s.conn, &msg, max, timeout).await) },
+            let (msg, site, max, audit) = (
+                msg.clone(),
+                site.clone(),
+                self.max_frame,
+                self.audit.clone(),
             );
+            tasks.spawn(async move {
+                let answer =
+                    transport::request_logged(&s.conn, &msg, max, timeout, Some((&*audit, &site)))
+                        .await;
+                (site, answer)
+            });
         }
         let mut total = Evaluation::empty(self.cfg.model);
         while let Some(joined) = tasks.join_next().await {
@@ -480,8 +506,10 @@ impl StudyRunner {
         let Ok(frame) = medfed_protocol::codec::encode_frame(&msg, self.max_frame) else {
             return;
         };
+        let info = transport::FrameInfo::of_frame(&frame);
         for site in sites {
             if let Some(s) = self.registry.get(site) {
+                transport::Egress::sent(&*self.audit, site, &msg, &info);
                 let frame = frame.clone();
                 tokio::spawn(async move {
                     if let Ok(mut send) = s.conn.open_uni().await {
@@ -525,6 +553,19 @@ impl StudyRunner {
         })?;
         summary.validation = validation;
         summary.model_path = path.clone();
+        let released = medfed_protocol::audit::Event::Released {
+            study: summary.study_id.clone(),
+            round: summary.round,
+            sites: summary.sites.clone(),
+            sha256: medfed_protocol::audit::sha256_hex(&json),
+        };
+        if let Err(e) = self
+            .audit
+            .record(released)
+            .and_then(|()| self.audit.checkpoint())
+        {
+            warn!("cannot write the compliance log: {e}");
+        }
         self.emit(AggregatorEvent::RoundCompleted(summary));
         Ok(path)
     }

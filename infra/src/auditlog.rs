@@ -30,11 +30,11 @@ pub enum AuditLogError {
     #[error("compliance-log signing key {path}: {why}")]
     Key { path: PathBuf, why: String },
     #[error(
-        "compliance log {path} does not verify ({source}); it is kept as it is: move it aside to start a new log"
+        "compliance log {path} does not verify ({problem}); it is kept as it is: move it aside to start a new log"
     )]
     Corrupt {
         path: PathBuf,
-        source: audit::AuditError,
+        problem: audit::AuditError,
     },
 }
 
@@ -105,14 +105,14 @@ pub fn public_key_path(key: &Path) -> PathBuf {
 
 impl AuditLog {
     /// Opens (or creates) the log at `path` and records the start. `role` is "node" or
-    /// "aggregator"; `config` is the config file's content (only its hash is logged).
+    /// "aggregator"; `config_sha256` identifies the configuration the party runs with.
     pub fn open(
         path: &Path,
         key_path: &Path,
         party: &str,
         role: &str,
         software: &str,
-        config: &[u8],
+        config_sha256: &str,
     ) -> Result<AuditLog, AuditLogError> {
         let io = |source| AuditLogError::Io {
             path: path.to_path_buf(),
@@ -148,10 +148,10 @@ impl AuditLog {
         };
         let mut clean = true;
         if !lines.is_empty() {
-            let verified = audit::verify(&lines, key.public_key().as_ref()).map_err(|source| {
+            let verified = audit::verify(&lines, key.public_key().as_ref()).map_err(|problem| {
                 AuditLogError::Corrupt {
                     path: path.to_path_buf(),
-                    source,
+                    problem,
                 }
             })?;
             for line in &lines {
@@ -172,7 +172,7 @@ impl AuditLog {
             party: party.to_string(),
             role: role.to_string(),
             software: software.to_string(),
-            config_sha256: audit::sha256_hex(config),
+            config_sha256: config_sha256.to_string(),
         })
         .map_err(io)?;
         if dropped > 0 || !clean {
@@ -271,6 +271,45 @@ impl AuditLog {
     }
 }
 
+fn entry(
+    peer: &str,
+    msg: &medfed_protocol::Message,
+    frame: &crate::transport::FrameInfo,
+) -> audit::MessageEntry {
+    let (study, round) = msg.study_round();
+    audit::MessageEntry {
+        peer: peer.to_string(),
+        message: msg.kind().to_string(),
+        study: study.map(str::to_string),
+        round,
+        bytes: frame.bytes,
+        sha256: frame.sha256.clone(),
+    }
+}
+
+impl crate::transport::Egress for AuditLog {
+    fn sent(
+        &self,
+        peer: &str,
+        msg: &medfed_protocol::Message,
+        frame: &crate::transport::FrameInfo,
+    ) {
+        if let Err(e) = self.record(Event::Sent(entry(peer, msg, frame))) {
+            tracing::error!(log = %self.path.display(), "cannot write the compliance log: {e}");
+        }
+    }
+    fn received(
+        &self,
+        peer: &str,
+        msg: &medfed_protocol::Message,
+        frame: &crate::transport::FrameInfo,
+    ) {
+        if let Err(e) = self.record(Event::Received(entry(peer, msg, frame))) {
+            tracing::error!(log = %self.path.display(), "cannot write the compliance log: {e}");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,7 +343,7 @@ mod tests {
             dir.path().join("log/compliance.log"),
             dir.path().join("keys/audit.key"),
         );
-        let log = AuditLog::open(&path, &key, "st-marys", "node", "test", b"cfg").unwrap();
+        let log = AuditLog::open(&path, &key, "st-marys", "node", "test", "cfg").unwrap();
         for i in 0..(BATCH + 10) {
             log.record(sent(i)).unwrap();
         }
@@ -313,7 +352,7 @@ mod tests {
         let v = read(&path, &key).unwrap();
         assert_eq!(v.unsigned_tail(), 0);
         // Reopening continues the same log with the same key.
-        let log = AuditLog::open(&path, &key, "st-marys", "node", "test", b"cfg").unwrap();
+        let log = AuditLog::open(&path, &key, "st-marys", "node", "test", "cfg").unwrap();
         log.record(sent(1)).unwrap();
         log.close("done").unwrap();
         let v = read(&path, &key).unwrap();
@@ -337,14 +376,14 @@ mod tests {
     fn a_torn_last_line_is_cut_and_the_recovery_recorded() {
         let dir = tempfile::tempdir().unwrap();
         let (path, key) = (dir.path().join("c.log"), dir.path().join("a.key"));
-        let log = AuditLog::open(&path, &key, "st-marys", "node", "test", b"cfg").unwrap();
+        let log = AuditLog::open(&path, &key, "st-marys", "node", "test", "cfg").unwrap();
         log.record(sent(1)).unwrap();
         log.record(sent(2)).unwrap();
         drop(log); // no close: as if killed
         let mut f = OpenOptions::new().append(true).open(&path).unwrap();
         f.write_all(b"{\"seq\":99,\"time_ms\":1,\"pre").unwrap();
         drop(f);
-        let log = AuditLog::open(&path, &key, "st-marys", "node", "test", b"cfg").unwrap();
+        let log = AuditLog::open(&path, &key, "st-marys", "node", "test", "cfg").unwrap();
         log.close("done").unwrap();
         let v = read(&path, &key).unwrap();
         let dropped = v.records.iter().find_map(|r| match r.event {
@@ -359,7 +398,7 @@ mod tests {
     fn a_tampered_log_is_not_appended_to() {
         let dir = tempfile::tempdir().unwrap();
         let (path, key) = (dir.path().join("c.log"), dir.path().join("a.key"));
-        let log = AuditLog::open(&path, &key, "st-marys", "node", "test", b"cfg").unwrap();
+        let log = AuditLog::open(&path, &key, "st-marys", "node", "test", "cfg").unwrap();
         log.record(sent(1)).unwrap();
         log.close("done").unwrap();
         drop(log);
@@ -368,7 +407,7 @@ mod tests {
                 .unwrap()
                 .replacen("\"bytes\":1", "\"bytes\":2", 1);
         std::fs::write(&path, text).unwrap();
-        let err = AuditLog::open(&path, &key, "st-marys", "node", "test", b"cfg")
+        let err = AuditLog::open(&path, &key, "st-marys", "node", "test", "cfg")
             .err()
             .unwrap();
         assert!(matches!(err, AuditLogError::Corrupt { .. }), "{err}");

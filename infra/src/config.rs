@@ -60,6 +60,50 @@ pub fn require_file(config_path: &Path, key: &str, p: &Path) -> Result<(), Confi
     }
 }
 
+/// Where a party keeps its compliance log and the key that signs it.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditFiles {
+    /// The append-only log (created if missing).
+    #[serde(default = "default_audit_log")]
+    pub log: PathBuf,
+    /// Its Ed25519 signing key (made on first start, mode 0600; the public key is written
+    /// beside it as `<key>.pub` for auditors).
+    #[serde(default = "default_audit_key")]
+    pub key: PathBuf,
+}
+
+fn default_audit_log() -> PathBuf {
+    "audit/compliance.log".into()
+}
+
+fn default_audit_key() -> PathBuf {
+    "audit/signing.key".into()
+}
+
+impl Default for AuditFiles {
+    fn default() -> Self {
+        AuditFiles {
+            log: default_audit_log(),
+            key: default_audit_key(),
+        }
+    }
+}
+
+impl AuditFiles {
+    pub fn resolve(&mut self, config_path: &Path) {
+        self.log = resolve(config_path, &self.log);
+        self.key = resolve(config_path, &self.key);
+    }
+}
+
+/// SHA-256 (hex) of a config file's bytes, for the compliance log.
+pub fn file_sha256(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| medfed_protocol::audit::sha256_hex(&b))
+        .unwrap_or_default()
+}
+
 /// The TLS files of one party, as every config spells them.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]

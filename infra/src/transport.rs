@@ -221,18 +221,57 @@ pub fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
     conn.close(quinn::VarInt::from_u32(code.to_close_code()), reason);
 }
 
+/// Size and SHA-256 of a frame that crossed the wire (what the compliance log records).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameInfo {
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+impl FrameInfo {
+    /// Of a whole encoded frame.
+    pub fn of_frame(frame: &[u8]) -> FrameInfo {
+        FrameInfo::of(frame, &[])
+    }
+
+    fn of(header: &[u8], payload: &[u8]) -> FrameInfo {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(header);
+        ctx.update(payload);
+        FrameInfo {
+            bytes: (header.len() + payload.len()) as u64,
+            sha256: medfed_protocol::audit::hex(ctx.finish().as_ref()),
+        }
+    }
+}
+
+/// Records what crosses a party's boundary (the compliance log implements it).
+pub trait Egress: Send + Sync {
+    fn sent(&self, peer: &str, msg: &Message, frame: &FrameInfo);
+    fn received(&self, peer: &str, msg: &Message, frame: &FrameInfo);
+}
+
 /// Reads one framed message. The length is checked against `max` before the body is read or
 /// allocated.
 pub async fn read_message(
     recv: &mut quinn::RecvStream,
     max: u32,
 ) -> Result<Message, TransportError> {
+    Ok(read_message_info(recv, max).await?.0)
+}
+
+/// As [`read_message`], also returning the frame's size and hash.
+pub async fn read_message_info(
+    recv: &mut quinn::RecvStream,
+    max: u32,
+) -> Result<(Message, FrameInfo), TransportError> {
     let mut header = [0u8; HEADER_BYTES];
     recv.read_exact(&mut header).await.map_err(read_err)?;
     let len = codec::check_frame_length(header, max)?;
     let mut payload = vec![0u8; len];
     recv.read_exact(&mut payload).await.map_err(read_err)?;
-    Ok(codec::decode_payload(&payload)?)
+    let info = FrameInfo::of(&header, &payload);
+    Ok((codec::decode_payload(&payload)?, info))
 }
 
 /// A lost connection is reported as such, with quinn's reason (e.g. a TLS alert), rather
@@ -258,11 +297,12 @@ pub async fn write_message(
     send: &mut quinn::SendStream,
     msg: &Message,
     max: u32,
-) -> Result<(), TransportError> {
+) -> Result<FrameInfo, TransportError> {
     let frame = codec::encode_frame(msg, max)?;
+    let info = FrameInfo::of(&frame[..HEADER_BYTES], &frame[HEADER_BYTES..]);
     send.write_all(&frame).await.map_err(write_err)?;
     send.finish().map_err(|_| TransportError::StreamClosed)?;
-    Ok(())
+    Ok(info)
 }
 
 /// One request/response exchange on a new bidirectional stream, bounded by `timeout`.
@@ -273,10 +313,28 @@ pub async fn request(
     max: u32,
     timeout: Duration,
 ) -> Result<Message, TransportError> {
+    request_logged(conn, msg, max, timeout, None).await
+}
+
+/// As [`request`], recording both frames with `log` under the peer's name `peer`.
+pub async fn request_logged(
+    conn: &quinn::Connection,
+    msg: &Message,
+    max: u32,
+    timeout: Duration,
+    log: Option<(&dyn Egress, &str)>,
+) -> Result<Message, TransportError> {
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await?;
-        write_message(&mut send, msg, max).await?;
-        read_message(&mut recv, max).await
+        let sent = write_message(&mut send, msg, max).await?;
+        if let Some((log, peer)) = log {
+            log.sent(peer, msg, &sent);
+        }
+        let (answer, received) = read_message_info(&mut recv, max).await?;
+        if let Some((log, peer)) = log {
+            log.received(peer, &answer, &received);
+        }
+        Ok(answer)
     };
     match tokio::time::timeout(timeout, exchange).await {
         Err(_) => Err(TransportError::Timeout {

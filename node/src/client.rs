@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use medfed_infra::auditlog::AuditLog;
 use medfed_infra::identity::SiteSigner;
 use medfed_infra::transport::{self, Identity, RootCertStore, TransportError};
 use medfed_protocol::messages::{
@@ -26,6 +27,9 @@ use crate::data::{StudyData, Table};
 
 pub const SOFTWARE: &str = concat!("medfed-node ", env!("CARGO_PKG_VERSION"));
 
+/// The peer name compliance-log records use for the aggregator.
+const AGGREGATOR: &str = "aggregator";
+
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +41,8 @@ pub enum NodeError {
     Transport(#[from] TransportError),
     #[error("cannot resolve aggregator address {address:?}: {detail}")]
     Resolve { address: String, detail: String },
+    #[error(transparent)]
+    Audit(#[from] medfed_infra::auditlog::AuditLogError),
     #[error("the aggregator refused this node ({code}): {reason}")]
     Refused { code: ErrorCode, reason: String },
 }
@@ -61,6 +67,8 @@ pub struct Node {
     pub(crate) roots: Arc<RootCertStore>,
     /// Secure aggregations in progress, by study and round.
     pub(crate) secure: Mutex<HashMap<(String, u32), crate::secure::Party>>,
+    /// The site's compliance log: every message in and out, every study decision.
+    pub(crate) audit: Arc<AuditLog>,
 }
 
 /// The result of local training in one round.
@@ -81,6 +89,14 @@ impl Node {
             tables.insert(d.name.clone(), Arc::new(table));
         }
         let signer = SiteSigner::load(&config.tls.key)?;
+        let audit = Arc::new(AuditLog::open(
+            &config.audit.log,
+            &config.audit.key,
+            &config.site,
+            "node",
+            SOFTWARE,
+            &config.config_sha256,
+        )?);
         let roots = transport::load_roots(&config.tls.ca)?;
         Ok(Node {
             config,
@@ -89,6 +105,7 @@ impl Node {
             signer,
             roots,
             secure: Mutex::default(),
+            audit,
         })
     }
 
@@ -170,6 +187,14 @@ impl Node {
             b"node stopping",
         );
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        let reason = match &result {
+            Ok(NodeExit::StudiesComplete) => "the aggregator completed all studies".to_string(),
+            Ok(NodeExit::Stopped) => "stopped by the operator".to_string(),
+            Err(e) => format!("stopped on an error: {e}"),
+        };
+        if let Err(e) = node.audit.close(&reason) {
+            warn!("cannot close the compliance log: {e}");
+        }
         result
     }
 
@@ -189,7 +214,16 @@ impl Node {
         }
         .await
         .map_err(fail(false))?;
-        match transport::request(&conn, &Message::Hello(self.hello()), max, HELLO_TIMEOUT).await {
+        let hello = Message::Hello(self.hello());
+        match transport::request_logged(
+            &conn,
+            &hello,
+            max,
+            HELLO_TIMEOUT,
+            Some((&*self.audit, AGGREGATOR)),
+        )
+        .await
+        {
             Ok(Message::Welcome(w)) => {
                 info!(site = %self.config.site, aggregator = %w.aggregator, software = %w.software, "connected to the aggregator")
             }
@@ -216,17 +250,26 @@ impl Node {
                     Err(e) => return closed(e),
                 },
                 uni = conn.accept_uni() => match uni {
-                    Ok(mut recv) => match transport::read_message(&mut recv, max).await {
-                        Ok(Message::RoundResult(r)) => info!(
-                            study = %r.study_id, round = r.round, sites = r.participants.len(),
-                            train_loss = r.train_loss, complete = r.study_complete, "round result"
-                        ),
-                        Ok(other) => debug!("ignored one-way {}", other.kind()),
+                    Ok(mut recv) => match transport::read_message_info(&mut recv, max).await {
+                        Ok((msg, frame)) => {
+                            transport::Egress::received(&*self.audit, AGGREGATOR, &msg, &frame);
+                            self.one_way(msg);
+                        }
                         Err(e) => warn!("unreadable one-way message: {e}"),
                     },
                     Err(e) => return closed(e),
                 },
             }
+        }
+    }
+
+    fn one_way(&self, msg: Message) {
+        match msg {
+            Message::RoundResult(r) => info!(
+                study = %r.study_id, round = r.round, sites = r.participants.len(),
+                train_loss = r.train_loss, complete = r.study_complete, "round result"
+            ),
+            other => debug!("ignored one-way {}", other.kind()),
         }
     }
 
@@ -238,8 +281,11 @@ impl Node {
         mut recv: quinn::RecvStream,
     ) {
         let max = self.config.max_frame_bytes;
-        let reply = match transport::read_message(&mut recv, max).await {
-            Ok(msg) => self.respond(msg).await,
+        let reply = match transport::read_message_info(&mut recv, max).await {
+            Ok((msg, frame)) => {
+                transport::Egress::received(&*self.audit, AGGREGATOR, &msg, &frame);
+                self.respond(msg).await
+            }
             Err(TransportError::Frame(e)) => {
                 warn!("unreadable request from the aggregator: {e}");
                 transport::close(conn, e.code(), &e.to_string());
@@ -250,8 +296,9 @@ impl Node {
                 return;
             }
         };
-        if let Err(e) = transport::write_message(&mut send, &reply, max).await {
-            warn!("could not send the {}: {e}", reply.kind());
+        match transport::write_message(&mut send, &reply, max).await {
+            Ok(frame) => transport::Egress::sent(&*self.audit, AGGREGATOR, &reply, &frame),
+            Err(e) => warn!("could not send the {}: {e}", reply.kind()),
         }
     }
 
@@ -277,6 +324,7 @@ impl Node {
     fn decide(&self, a: &StudyAnnouncement) -> Message {
         let refuse = |reason: String| {
             warn!(study = %a.study_id, "refusing study: {reason}");
+            self.log_decision(&a.study_id, false, &reason);
             Message::StudyDecision(StudyDecision::Refuse {
                 study_id: a.study_id.clone(),
                 reason,
@@ -290,6 +338,11 @@ impl Node {
             Err(e) => return refuse(e.to_string()),
         };
         info!(study = %a.study_id, training_rows = data.x_train.nrows(), validation_rows = data.x_val.nrows(), "accepted study");
+        self.log_decision(
+            &a.study_id,
+            true,
+            "the site serves the dataset and every column the study names",
+        );
         let decision = StudyDecision::Accept {
             study_id: a.study_id.clone(),
             training_rows: data.x_train.nrows() as u64,
@@ -300,6 +353,17 @@ impl Node {
         self.studies_lock()
             .insert(a.study_id.clone(), Arc::new(data));
         Message::StudyDecision(decision)
+    }
+
+    fn log_decision(&self, study: &str, accepted: bool, reason: &str) {
+        let event = medfed_protocol::audit::Event::StudyDecision {
+            study: study.to_string(),
+            accepted,
+            reason: reason.to_string(),
+        };
+        if let Err(e) = self.audit.record(event) {
+            warn!("cannot write the compliance log: {e}");
+        }
     }
 
     fn studies_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<StudyData>>> {

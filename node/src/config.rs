@@ -5,7 +5,9 @@
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use medfed_infra::config::{ConfigError, TlsFiles, load_toml, require_file, resolve};
+use medfed_infra::config::{
+    AuditFiles, ConfigError, TlsFiles, file_sha256, load_toml, require_file, resolve,
+};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -15,6 +17,9 @@ pub struct NodeConfig {
     pub site: String,
     pub aggregator: AggregatorAddress,
     pub tls: TlsFiles,
+    /// The compliance log (default: `audit/compliance.log`, key `audit/signing.key`).
+    #[serde(default)]
+    pub audit: AuditFiles,
     #[serde(rename = "dataset")]
     pub datasets: Vec<DatasetConfig>,
     #[serde(default)]
@@ -22,6 +27,9 @@ pub struct NodeConfig {
     /// Largest frame accepted or sent, in bytes.
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: u32,
+    /// SHA-256 of the file this was loaded from (for the compliance log).
+    #[serde(skip)]
+    pub config_sha256: String,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -87,6 +95,8 @@ impl NodeConfig {
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
         let mut cfg: NodeConfig = load_toml(path)?;
         cfg.tls.resolve(path)?;
+        cfg.audit.resolve(path);
+        cfg.config_sha256 = file_sha256(path);
         let invalid = |key: String, why: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             key,

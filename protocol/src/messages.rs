@@ -44,6 +44,25 @@ pub enum Message {
 }
 
 impl Message {
+    /// The study and round a message belongs to, where it has them.
+    pub fn study_round(&self) -> (Option<&str>, Option<u32>) {
+        match self {
+            Message::StudyAnnouncement(m) => (Some(&m.study_id), None),
+            Message::StudyDecision(
+                StudyDecision::Accept { study_id, .. } | StudyDecision::Refuse { study_id, .. },
+            ) => (Some(study_id), None),
+            Message::RoundOpen(m) => (Some(&m.study_id), Some(m.round)),
+            Message::ModelUpdate(m) => (Some(&m.study_id), Some(m.round)),
+            Message::EvaluateRequest(m) => (Some(&m.study_id), Some(m.round)),
+            Message::EvaluationReport(m) => (Some(&m.study_id), Some(m.round)),
+            Message::RoundResult(m) => (Some(&m.study_id), Some(m.round)),
+            Message::SecAggToNode(m) => (Some(&m.study_id), Some(m.round)),
+            Message::SecAggFromNode(m) => (Some(&m.study_id), Some(m.round)),
+            Message::StatisticsOpen(m) => (Some(&m.study_id), Some(0)),
+            Message::Hello(_) | Message::Welcome(_) | Message::Error(_) => (None, None),
+        }
+    }
+
     /// The message's name as used in logs and error messages.
     pub fn kind(&self) -> &'static str {
         match self {

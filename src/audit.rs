@@ -1,0 +1,303 @@
+//! `medfed audit`: the compliance auditor's commands. They read a party's log and its public
+//! key, offline, and trust nothing else.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use medfed_protocol::audit::{self, Event, Record, Verified};
+use serde::Serialize;
+
+#[derive(clap::Args)]
+pub struct VerifyArgs {
+    /// The party's compliance log.
+    #[arg(long)]
+    log: PathBuf,
+    /// The party's public key: the `.pub` file beside its signing key, or its hex.
+    #[arg(long)]
+    key: String,
+}
+
+#[derive(clap::Args)]
+pub struct ReportArgs {
+    /// The party's compliance log.
+    #[arg(long)]
+    log: PathBuf,
+    /// The party's public key (the log is verified before anything is reported).
+    #[arg(long)]
+    key: String,
+    /// table, json, or fhir (a FHIR R4 Bundle of AuditEvent resources).
+    #[arg(long, default_value = "table", value_parser = ["table", "json", "fhir"])]
+    format: String,
+}
+
+fn public_key(key: &str) -> anyhow::Result<Vec<u8>> {
+    let text = if Path::new(key).is_file() {
+        std::fs::read_to_string(key)
+            .with_context(|| format!("cannot read public key file {key}"))?
+    } else {
+        key.to_string()
+    };
+    let text = text.trim();
+    let bytes: Option<Vec<u8>> = (0..text.len())
+        .step_by(2)
+        .map(|i| {
+            text.get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+        })
+        .collect();
+    match bytes {
+        Some(b) if b.len() == 32 => Ok(b),
+        _ => bail!("{key} is neither a public key file nor 64 hex digits (an Ed25519 public key)"),
+    }
+}
+
+fn load(log: &Path, key: &str) -> anyhow::Result<Verified> {
+    let key = public_key(key)?;
+    let text = std::fs::read_to_string(log)
+        .with_context(|| format!("cannot read compliance log {}", log.display()))?;
+    let lines: Vec<&str> = text.lines().collect();
+    audit::verify(&lines, &key).map_err(|e| anyhow::anyhow!("{}: FAILED at {e}", log.display()))
+}
+
+pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
+    let v = load(&args.log, &args.key)?;
+    println!("{}: OK", args.log.display());
+    println!("  party:   {}", v.party);
+    println!(
+        "  records: {} (hash chain and sequence intact)",
+        v.records.len()
+    );
+    match v.head {
+        Some((size, root)) => println!(
+            "  signed:  tree head over {size} records, root {}",
+            audit::hex(&root)
+        ),
+        None => println!("  signed:  no tree head yet"),
+    }
+    if v.unsigned_tail() > 0 {
+        println!(
+            "  note:    the last {} records are after the last signed tree head: the party stopped without\n           \
+             closing its log (a crash), or records were cut after it. Compare with a tree head seen earlier.",
+            v.unsigned_tail()
+        );
+    }
+    Ok(())
+}
+
+#[derive(Default, Serialize)]
+struct StudySummary {
+    messages_sent: u64,
+    bytes_sent: u64,
+    messages_received: u64,
+    bytes_received: u64,
+    rounds: std::collections::BTreeSet<u32>,
+    decisions: Vec<String>,
+    released: u64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    party: String,
+    records: usize,
+    unsigned_tail: usize,
+    starts: u64,
+    recoveries: u64,
+    errors: Vec<String>,
+    studies: BTreeMap<String, StudySummary>,
+}
+
+fn summarise(v: &Verified) -> Report {
+    let mut r = Report {
+        party: v.party.clone(),
+        records: v.records.len(),
+        unsigned_tail: v.unsigned_tail(),
+        starts: 0,
+        recoveries: 0,
+        errors: Vec::new(),
+        studies: BTreeMap::new(),
+    };
+    for rec in &v.records {
+        match &rec.event {
+            Event::Start { .. } => r.starts += 1,
+            Event::Recovered { .. } => r.recoveries += 1,
+            Event::Error { what } => r.errors.push(what.clone()),
+            Event::Sent(m) | Event::Received(m) => {
+                let s = r
+                    .studies
+                    .entry(m.study.clone().unwrap_or_else(|| "(connection)".into()))
+                    .or_default();
+                if let Some(round) = m.round.filter(|r| *r > 0) {
+                    s.rounds.insert(round);
+                }
+                if matches!(rec.event, Event::Sent(_)) {
+                    s.messages_sent += 1;
+                    s.bytes_sent += m.bytes;
+                } else {
+                    s.messages_received += 1;
+                    s.bytes_received += m.bytes;
+                }
+            }
+            Event::StudyDecision {
+                study,
+                accepted,
+                reason,
+            } => {
+                let s = r.studies.entry(study.clone()).or_default();
+                s.decisions.push(format!(
+                    "{}: {reason}",
+                    if *accepted { "accepted" } else { "refused" }
+                ));
+            }
+            Event::Released { study, .. } => {
+                r.studies.entry(study.clone()).or_default().released += 1
+            }
+            Event::Stop { .. } | Event::TreeHead { .. } => {}
+        }
+    }
+    r
+}
+
+fn iso_time(ms: u64) -> String {
+    // Civil-from-days (H. Hinnant), UTC.
+    let secs = ms / 1000;
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// A FHIR R4 AuditEvent for a record that an auditor cares about, if it is one.
+fn audit_event(party: &str, rec: &Record) -> Option<serde_json::Value> {
+    use serde_json::json;
+    let dcm = "http://dicom.nema.org/resources/ontology/DCM";
+    let (code, display, entity, other) = match &rec.event {
+        Event::Sent(m) => ("110106", "Export", m, &m.peer),
+        Event::Received(m) => ("110107", "Import", m, &m.peer),
+        Event::StudyDecision {
+            study,
+            accepted,
+            reason,
+        } => {
+            return Some(json!({
+                "resourceType": "AuditEvent",
+                "type": {"system": dcm, "code": "110112", "display": "Query"},
+                "action": "E",
+                "recorded": iso_time(rec.time_ms),
+                "outcome": if *accepted { "0" } else { "4" },
+                "outcomeDesc": reason,
+                "agent": [{"who": {"display": party}, "requestor": false}],
+                "source": {"observer": {"display": party}},
+                "entity": [{"what": {"display": format!("study {study}")}, "name": study}],
+            }));
+        }
+        _ => return None,
+    };
+    let mut detail = vec![json!({"type": "bytes", "valueString": entity.bytes.to_string()})];
+    if let Some(s) = &entity.study {
+        detail.push(json!({"type": "study", "valueString": s}));
+    }
+    if let Some(r) = entity.round {
+        detail.push(json!({"type": "round", "valueString": r.to_string()}));
+    }
+    Some(json!({
+        "resourceType": "AuditEvent",
+        "type": {"system": dcm, "code": code, "display": display},
+        "action": "E",
+        "recorded": iso_time(rec.time_ms),
+        "outcome": "0",
+        "agent": [
+            {"who": {"display": party}, "requestor": code == "110106"},
+            {"who": {"display": other}, "requestor": code == "110107"}
+        ],
+        "source": {"observer": {"display": party}},
+        "entity": [{
+            "what": {"identifier": {"system": "urn:medfed:sha256", "value": entity.sha256}},
+            "name": entity.message,
+            "detail": detail
+        }]
+    }))
+}
+
+pub fn report(args: ReportArgs) -> anyhow::Result<()> {
+    let v = load(&args.log, &args.key)?;
+    match args.format.as_str() {
+        "json" => println!("{}", serde_json::to_string_pretty(&summarise(&v))?),
+        "fhir" => {
+            let entries: Vec<_> = v
+                .records
+                .iter()
+                .filter_map(|r| audit_event(&v.party, r))
+                .map(|e| serde_json::json!({"resource": e}))
+                .collect();
+            let bundle = serde_json::json!({"resourceType": "Bundle", "type": "collection", "entry": entries});
+            println!("{}", serde_json::to_string_pretty(&bundle)?);
+        }
+        _ => {
+            let r = summarise(&v);
+            println!(
+                "compliance log of '{}': {} records, verified",
+                r.party, r.records
+            );
+            println!(
+                "starts {}, recoveries after a crash {}, errors {}",
+                r.starts,
+                r.recoveries,
+                r.errors.len()
+            );
+            if r.unsigned_tail > 0 {
+                println!(
+                    "note: the last {} records are not covered by a signed tree head",
+                    r.unsigned_tail
+                );
+            }
+            println!(
+                "\n{:<20} {:>6} {:>9} {:>12} {:>9} {:>12} {:>8}  decisions",
+                "study", "rounds", "msgs out", "bytes out", "msgs in", "bytes in", "released"
+            );
+            println!("{}", "-".repeat(100));
+            for (study, s) in &r.studies {
+                println!(
+                    "{:<20} {:>6} {:>9} {:>12} {:>9} {:>12} {:>8}  {}",
+                    study,
+                    s.rounds.len(),
+                    s.messages_sent,
+                    s.bytes_sent,
+                    s.messages_received,
+                    s.bytes_received,
+                    s.released,
+                    s.decisions.join("; ")
+                );
+            }
+            for e in &r.errors {
+                println!("error: {e}");
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_times() {
+        assert_eq!(iso_time(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(iso_time(1_795_495_418_558), "2026-11-24T04:43:38.558Z");
+        assert_eq!(iso_time(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+}
