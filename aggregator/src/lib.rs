@@ -238,9 +238,7 @@ impl Aggregator {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.endpoint.wait_idle())
             .await;
         accept.abort();
-        self.audit
-            .close(&reason)
-            .map_err(|source| AggregatorError::Io(source))?;
+        self.audit.close(&reason).map_err(AggregatorError::Io)?;
         result?;
         Ok(outcomes)
     }
