@@ -133,6 +133,9 @@ server_name = "localhost"
 ca = "pki/sites/{site}/ca.pem"
 cert = "pki/sites/{site}/cert.pem"
 key = "pki/sites/{site}/key.pem"
+[audit]
+log = "{site}-audit.log"
+key = "{site}-audit.key"
 [[dataset]]
 name = "pima"
 path = {csv:?}
@@ -328,7 +331,7 @@ batch_size = 16
         std::fs::write(
             &cfg,
             format!(
-                "site = \"{site}\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n[tls]\nca = \"pki/sites/{site}/ca.pem\"\ncert = \"pki/sites/{site}/cert.pem\"\nkey = \"pki/sites/{site}/key.pem\"\n[[dataset]]\nname = \"pima\"\npath = \"{site}.csv\"\n[reconnect]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n"
+                "site = \"{site}\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n[tls]\nca = \"pki/sites/{site}/ca.pem\"\ncert = \"pki/sites/{site}/cert.pem\"\nkey = \"pki/sites/{site}/key.pem\"\n[audit]\nlog = \"{site}-audit.log\"\nkey = \"{site}-audit.key\"\n[[dataset]]\nname = \"pima\"\npath = \"{site}.csv\"\n[reconnect]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n"
             ),
         )
         .unwrap();
@@ -400,6 +403,61 @@ batch_size = 16
         let status = wait(child, Duration::from_secs(30));
         assert!(status.is_some_and(|s| s.success()), "{name}: {status:?}");
     }
+
+    // The killed node's compliance log verifies up to its last complete record...
+    let log = d.join("site-d-audit.log");
+    let key = d.join("site-d-audit.key.pub");
+    let verify = || {
+        medfed(&[
+            "audit",
+            "verify",
+            "--log",
+            log.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ])
+    };
+    let out = verify();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // ...and a restarted node carries on with the same log, recording the recovery.
+    let cfg = d.join("site-d.toml");
+    let (_, mut again) = spawn(
+        d,
+        "site-d-again",
+        &["node", "run", "--config", cfg.to_str().unwrap()],
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let term = Command::new("kill")
+        .args(["-TERM", &again.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = wait(&mut again, Duration::from_secs(20));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "restarted node: {status:?}"
+    );
+    let out = verify();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && !text.contains("note:"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let content = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(
+        content.matches("\"kind\":\"start\"").count(),
+        2,
+        "one log, two starts"
+    );
+    assert!(
+        content.contains("\"kind\":\"recovered\""),
+        "the crash is recorded"
+    );
 }
 
 /// Secure aggregation changes nothing but the rounding: the demo's model with it is the

@@ -202,7 +202,7 @@ async fn a_node_reconnects_after_the_aggregator_restarts() {
     std::fs::write(
         &node_cfg,
         format!(
-            "site = \"alpha\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[[dataset]]\nname = \"d\"\npath = \"alpha.csv\"\n[reconnect]\ninitial_backoff_ms = 50\nmax_backoff_ms = 400\n",
+            "site = \"alpha\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n[audit]\nlog = \"alpha-audit.log\"\nkey = \"alpha-audit.key\"\n[[dataset]]\nname = \"d\"\npath = \"alpha.csv\"\n[reconnect]\ninitial_backoff_ms = 50\nmax_backoff_ms = 400\n",
             sites[0].ca, sites[0].cert, sites[0].key
         ),
     )

@@ -33,7 +33,7 @@ pub fn serving_config(dir: &Path, agg: &IssuedFiles, allow: &[&str], max_frame: 
         .collect::<Vec<_>>()
         .join(", ");
     let text = format!(
-        "listen = \"127.0.0.1:0\"\nmax_frame_bytes = {max_frame}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[sites]\nallow = [{allow}]\n",
+        "listen = \"127.0.0.1:0\"\nmax_frame_bytes = {max_frame}\n\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n\n[audit]\nlog = \"aggregator-audit.log\"\nkey = \"aggregator-audit.key\"\n\n[sites]\nallow = [{allow}]\n",
         agg.ca, agg.cert, agg.key
     );
     let path = dir.join("aggregator.toml");
