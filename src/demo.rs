@@ -277,6 +277,13 @@ enabled = {secure}
     let agg_path = dir.join("aggregator.toml");
     std::fs::write(&agg_path, aggregator)?;
     let mut node_paths = Vec::new();
+    let columns = FEATURES
+        .iter()
+        .chain(&["type"])
+        .map(|f| format!("{f:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let plain = !secure;
     for (name, ..) in SITES {
         let node = format!(
             r#"# medfed node of site '{name}': written by `medfed demo`
@@ -294,6 +301,15 @@ key = "../pki/sites/{name}/key.pem"
 [audit]
 log = "../audit/{name}.log"
 key = "../audit/{name}.key"
+
+# The hospital serves only studies its operator approved; the demo approves by rule.
+[policy.rules]
+datasets = ["pima"]
+models = ["logistic"]
+columns = [{columns}]
+max_rounds = 1000
+min_training_rows = 11
+allow_without_secure_aggregation = {plain}
 
 [[dataset]]
 name = "pima"

@@ -47,9 +47,9 @@ enum Command {
     /// Run the aggregator.
     #[command(subcommand)]
     Aggregator(RunCommand),
-    /// Run a hospital node.
+    /// Run a hospital node, or approve a study for it.
     #[command(subcommand)]
-    Node(RunCommand),
+    Node(NodeCommand),
     /// Work with exported models.
     #[command(subcommand)]
     Model(ModelCommand),
@@ -120,6 +120,23 @@ enum RunCommand {
 }
 
 #[derive(Subcommand)]
+enum NodeCommand {
+    /// Run with a TOML config file.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Approve a study for this site, by the hash in its refusal (or in the node's log).
+    Approve {
+        #[arg(long)]
+        config: PathBuf,
+        /// The study's hash (64 hex digits).
+        #[arg(long)]
+        study: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum ModelCommand {
     /// Evaluate an exported global model on a CSV file with the model's feature columns.
     Evaluate(evaluate::EvaluateArgs),
@@ -144,10 +161,11 @@ fn main() -> ExitCode {
             logging::init_stderr(&cli.log_format);
             run_aggregator(config)
         }
-        Command::Node(RunCommand::Run { config }) => {
+        Command::Node(NodeCommand::Run { config }) => {
             logging::init_stderr(&cli.log_format);
             run_node(config)
         }
+        Command::Node(NodeCommand::Approve { config, study }) => approve_study(config, &study),
         Command::Model(ModelCommand::Evaluate(args)) => evaluate::run(args),
         Command::Bench(BenchCommand::Transport(args)) => bench::transport(args),
         Command::Bench(BenchCommand::Secagg(args)) => bench_secagg::secagg(args),
@@ -266,6 +284,29 @@ fn run_aggregator(config: PathBuf) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+fn approve_study(config: PathBuf, study: &str) -> anyhow::Result<()> {
+    if study.len() != 64 || !study.bytes().all(|b| b.is_ascii_hexdigit()) {
+        anyhow::bail!(
+            "--study must be a study hash: 64 hex digits, as given in the study's refusal"
+        );
+    }
+    let cfg = medfed_node::config::NodeConfig::load(&config)?;
+    let path = cfg.policy.approvals.clone();
+    let added = medfed_node::policy::approve(&cfg.policy, study)
+        .with_context(|| format!("cannot write the approvals file {}", path.display()))?;
+    if added {
+        println!(
+            "study {study} approved for site '{}' (recorded in {})",
+            cfg.site,
+            path.display()
+        );
+        println!("the running node serves it from the next announcement on");
+    } else {
+        println!("study {study} was already approved for site '{}'", cfg.site);
+    }
+    Ok(())
 }
 
 fn run_node(config: PathBuf) -> anyhow::Result<()> {

@@ -156,3 +156,130 @@ fn the_fhir_export_has_the_required_audit_event_elements() {
         .count();
     assert!(exports > 0, "no Export events");
 }
+
+fn wait(child: &mut std::process::Child, secs: u64) -> Option<std::process::ExitStatus> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if let Some(s) = child.try_wait().unwrap() {
+            return Some(s);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    None
+}
+
+/// A site serves only studies its operator approved: an unapproved one is refused with a
+/// reason the aggregator receives, both logs record it, and after `medfed node approve` the
+/// same study runs.
+#[cfg(unix)]
+#[test]
+fn an_unapproved_study_is_refused_and_logged_on_both_sides_until_approved() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = d.join("pki");
+    let p = pki.to_str().unwrap();
+    stdout(&["pki", "init", "--dir", p]);
+    stdout(&["pki", "issue", "--dir", p, "--aggregator", "localhost"]);
+    stdout(&["pki", "issue", "--dir", p, "--site", "alpha"]);
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
+        d.join("pima.csv"),
+    )
+    .unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        d.join("aggregator.toml"),
+        format!(
+            "listen = \"127.0.0.1:{port}\"\n[tls]\nca = \"pki/aggregator/localhost/ca.pem\"\ncert = \"pki/aggregator/localhost/cert.pem\"\nkey = \"pki/aggregator/localhost/key.pem\"\n[audit]\nlog = \"agg.log\"\nkey = \"agg.key\"\n[sites]\nallow = [\"alpha\"]\n[[study]]\nid = \"pima\"\ndataset = \"pima\"\nmodel = \"logistic\"\nfeatures = [\"glu\", \"bmi\"]\ntarget = \"type\"\npositive_class = \"Yes\"\nrounds = 2\nmin_sites = 1\nround_attempts = 1\nwait_for_sites_secs = 30\n[study.secure_aggregation]\nenabled = false\n"
+        ),
+    )
+    .unwrap();
+    // No [policy]: nothing is approved.
+    std::fs::write(
+        d.join("node.toml"),
+        format!(
+            "site = \"alpha\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n[tls]\nca = \"pki/sites/alpha/ca.pem\"\ncert = \"pki/sites/alpha/cert.pem\"\nkey = \"pki/sites/alpha/key.pem\"\n[audit]\nlog = \"alpha.log\"\nkey = \"alpha.key\"\n[[dataset]]\nname = \"pima\"\npath = \"pima.csv\"\n[reconnect]\ninitial_backoff_ms = 100\nmax_backoff_ms = 500\n"
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(MEDFED)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn medfed")
+    };
+    let (node_cfg, agg_cfg) = (d.join("node.toml"), d.join("aggregator.toml"));
+    let mut node = run(&["node", "run", "--config", node_cfg.to_str().unwrap()]);
+    let mut agg = run(&["aggregator", "run", "--config", agg_cfg.to_str().unwrap()]);
+    let status = wait(&mut agg, 60).expect("the aggregator stops");
+    let agg_out = agg.wait_with_output().unwrap();
+    assert!(!status.success());
+    let agg_err = String::from_utf8_lossy(&agg_out.stderr);
+    assert!(
+        agg_err.contains("too few sites accepted the study"),
+        "{agg_err}"
+    );
+    let _ = Command::new("kill")
+        .args(["-TERM", &node.id().to_string()])
+        .status();
+    assert!(wait(&mut node, 20).is_some_and(|s| s.success()));
+
+    let (alog, akey) = (d.join("agg.log"), d.join("agg.key.pub"));
+    let (nlog, nkey) = (d.join("alpha.log"), d.join("alpha.key.pub"));
+    let report = |log: &Path, key: &Path| {
+        stdout(&[
+            "audit",
+            "report",
+            "--log",
+            log.to_str().unwrap(),
+            "--key",
+            key.to_str().unwrap(),
+        ])
+    };
+    let node_report = report(&nlog, &nkey);
+    assert!(
+        node_report.contains("refused: study 'pima' (hash ")
+            && node_report.contains("is not approved at this site"),
+        "{node_report}"
+    );
+    let agg_report = report(&alog, &akey);
+    assert!(
+        agg_report.contains("refused: site 'alpha' refused: study 'pima'"),
+        "{agg_report}"
+    );
+
+    // The operator approves the study by the hash the refusal gave.
+    let text = std::fs::read_to_string(&nlog).unwrap();
+    let at = text.find("(hash ").expect("hash in the refusal") + 6;
+    let hash = &text[at..at + 64];
+    let approved = stdout(&[
+        "node",
+        "approve",
+        "--config",
+        node_cfg.to_str().unwrap(),
+        "--study",
+        hash,
+    ]);
+    assert!(approved.contains("approved for site 'alpha'"), "{approved}");
+    let mut node = run(&["node", "run", "--config", node_cfg.to_str().unwrap()]);
+    let mut agg = run(&["aggregator", "run", "--config", agg_cfg.to_str().unwrap()]);
+    assert!(
+        wait(&mut agg, 60).is_some_and(|s| s.success()),
+        "{}",
+        String::from_utf8_lossy(&agg.wait_with_output().unwrap().stderr)
+    );
+    assert!(wait(&mut node, 20).is_some_and(|s| s.success()));
+    let node_report = report(&nlog, &nkey);
+    assert!(
+        node_report.contains("accepted: approved by the site's operator"),
+        "{node_report}"
+    );
+}

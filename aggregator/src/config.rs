@@ -289,6 +289,14 @@ impl AggregatorConfig {
                 ));
             }
             let sa = &s.secure_aggregation;
+            if sa.enabled && s.min_sites < 2 {
+                return Err(invalid(
+                    key("min_sites"),
+                    "must be at least 2 with secure aggregation (a sum of one site's update is that update); \
+                     raise it, or set secure_aggregation.enabled = false"
+                        .into(),
+                ));
+            }
             medfed_protocol::quant::QuantParams::for_parties(
                 self.sites.allow.len(),
                 sa.clip,

@@ -203,6 +203,15 @@ impl StudyRunner {
                         }
                     }
                     info!(study = %cfg.id, %site, training_rows, "site accepted the study");
+                    let _ = self
+                        .audit
+                        .record(medfed_protocol::audit::Event::StudyDecision {
+                            study: cfg.id.clone(),
+                            accepted: true,
+                            reason: format!(
+                                "site '{site}' accepted with {training_rows} training rows"
+                            ),
+                        });
                     participants.insert(
                         site,
                         Participant {
@@ -213,6 +222,13 @@ impl StudyRunner {
                 }
                 Ok((_, StudyDecision::Refuse { reason, .. })) => {
                     warn!(study = %cfg.id, %site, "site refused the study: {reason}");
+                    let _ = self
+                        .audit
+                        .record(medfed_protocol::audit::Event::StudyDecision {
+                            study: cfg.id.clone(),
+                            accepted: false,
+                            reason: format!("site '{site}' refused: {reason}"),
+                        });
                     self.emit(AggregatorEvent::StudyRefused {
                         study_id: cfg.id.clone(),
                         site,

@@ -330,6 +330,10 @@ impl Node {
                 reason,
             })
         };
+        let approval = match self.config.policy.decide(a) {
+            crate::policy::Verdict::Approved(why) => why,
+            crate::policy::Verdict::Refused(why) => return refuse(why),
+        };
         let Some(table) = self.tables.get(&a.dataset) else {
             return refuse(format!("this site serves no dataset named '{}'", a.dataset));
         };
@@ -337,12 +341,11 @@ impl Node {
             Ok(d) => d,
             Err(e) => return refuse(e.to_string()),
         };
+        if let Err(why) = self.config.policy.check_cohort(data.x_train.nrows() as u64) {
+            return refuse(why);
+        }
         info!(study = %a.study_id, training_rows = data.x_train.nrows(), validation_rows = data.x_val.nrows(), "accepted study");
-        self.log_decision(
-            &a.study_id,
-            true,
-            "the site serves the dataset and every column the study names",
-        );
+        self.log_decision(&a.study_id, true, &approval);
         let decision = StudyDecision::Accept {
             study_id: a.study_id.clone(),
             training_rows: data.x_train.nrows() as u64,

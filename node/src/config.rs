@@ -20,6 +20,9 @@ pub struct NodeConfig {
     /// The compliance log (default: `audit/compliance.log`, key `audit/signing.key`).
     #[serde(default)]
     pub audit: AuditFiles,
+    /// Which studies this site serves (none unless approved; see `policy`).
+    #[serde(default)]
+    pub policy: crate::policy::Policy,
     #[serde(rename = "dataset")]
     pub datasets: Vec<DatasetConfig>,
     #[serde(default)]
@@ -96,6 +99,7 @@ impl NodeConfig {
         let mut cfg: NodeConfig = load_toml(path)?;
         cfg.tls.resolve(path)?;
         cfg.audit.resolve(path);
+        cfg.policy.resolve(path);
         cfg.config_sha256 = file_sha256(path);
         let invalid = |key: String, why: String| ConfigError::Invalid {
             path: path.to_path_buf(),

@@ -17,6 +17,7 @@
 pub mod client;
 pub mod config;
 pub mod data;
+pub mod policy;
 mod secure;
 
 pub use client::{Node, NodeError, NodeExit};

@@ -1,0 +1,252 @@
+//! Which studies this site serves: only those its operator approved, one by one (by the
+//! study's hash, with `medfed node approve`) or by rules in the node's `[policy]`.
+//! Everything else is refused with the reason, which goes to the aggregator and into both
+//! parties' compliance logs.
+
+use std::path::{Path, PathBuf};
+
+use medfed_protocol::messages::StudyAnnouncement;
+use medfed_protocol::model::ModelKind;
+use serde::{Deserialize, Serialize};
+
+/// `[policy]` in `node.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// A file of approved study hashes, one per line (`medfed node approve` appends to it).
+    #[serde(default = "default_approvals")]
+    pub approvals: PathBuf,
+    /// Studies matching every rule here are approved without a per-study approval.
+    #[serde(default)]
+    pub rules: Option<Rules>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rules {
+    /// Datasets a study may use (all, if absent).
+    #[serde(default)]
+    pub datasets: Option<Vec<String>>,
+    /// Models a study may train (all, if absent).
+    #[serde(default)]
+    pub models: Option<Vec<ModelKind>>,
+    /// Columns a study may read as features or target (all, if absent).
+    #[serde(default)]
+    pub columns: Option<Vec<String>>,
+    /// Most training rounds a study may run.
+    #[serde(default)]
+    pub max_rounds: Option<u32>,
+    /// Fewest training rows this site must hold for the study (small cohorts are refused).
+    #[serde(default)]
+    pub min_training_rows: Option<u64>,
+    /// Whether studies without secure aggregation are served.
+    #[serde(default)]
+    pub allow_without_secure_aggregation: bool,
+}
+
+fn default_approvals() -> PathBuf {
+    "approved-studies.txt".into()
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy {
+            approvals: default_approvals(),
+            rules: None,
+        }
+    }
+}
+
+/// Records the operator's approval of a study (by hash) in the approvals file.
+pub fn approve(policy: &Policy, hash: &str) -> std::io::Result<bool> {
+    let hash = hash.trim().to_lowercase();
+    if policy.approved_hashes().contains(&hash) {
+        return Ok(false);
+    }
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&policy.approvals)?;
+    writeln!(f, "{hash}")?;
+    f.sync_all()?;
+    Ok(true)
+}
+
+/// A study's identity for approvals: SHA-256 (hex) of its announcement's canonical bytes.
+/// Any change to the study (features, rounds, model, ...) changes it.
+pub fn study_hash(a: &StudyAnnouncement) -> String {
+    medfed_protocol::audit::sha256_hex(&postcard::to_allocvec(a).unwrap_or_default())
+}
+
+/// The operator's decision on a study, with the reason for the logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Approved(String),
+    Refused(String),
+}
+
+impl Policy {
+    pub fn resolve(&mut self, config_path: &Path) {
+        self.approvals = medfed_infra::config::resolve(config_path, &self.approvals);
+    }
+
+    fn approved_hashes(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.approvals)
+            .map(|t| {
+                t.lines()
+                    .map(|l| l.trim().to_lowercase())
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Decides on a study before any data is read; `training_rows` is checked later by
+    /// [`Policy::check_cohort`].
+    pub fn decide(&self, a: &StudyAnnouncement) -> Verdict {
+        let hash = study_hash(a);
+        if self.approved_hashes().contains(&hash) {
+            return Verdict::Approved(format!(
+                "approved by the site's operator (study hash {hash})"
+            ));
+        }
+        let Some(rules) = &self.rules else {
+            return Verdict::Refused(format!(
+                "study '{}' (hash {hash}) is not approved at this site; its operator can approve it with \
+                 `medfed node approve --config node.toml --study {hash}`",
+                a.study_id
+            ));
+        };
+        match rules.violation(a) {
+            None => Verdict::Approved("matches the site's policy rules".into()),
+            Some(why) => Verdict::Refused(format!(
+                "study '{}' (hash {hash}) breaks the site's policy: {why}; its operator can still approve it with \
+                 `medfed node approve --config node.toml --study {hash}`",
+                a.study_id
+            )),
+        }
+    }
+
+    /// Refuses a study whose cohort at this site is below the policy's minimum.
+    pub fn check_cohort(&self, training_rows: u64) -> Result<(), String> {
+        match self.rules.as_ref().and_then(|r| r.min_training_rows) {
+            Some(min) if training_rows < min => Err(format!(
+                "the cohort here has {training_rows} training rows; the site's policy requires at least {min}"
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl Rules {
+    fn violation(&self, a: &StudyAnnouncement) -> Option<String> {
+        if let Some(ds) = &self.datasets
+            && !ds.contains(&a.dataset)
+        {
+            return Some(format!("dataset '{}' is not allowed", a.dataset));
+        }
+        if let Some(models) = &self.models
+            && !models.contains(&a.model)
+        {
+            return Some(format!("{} models are not allowed", a.model));
+        }
+        if let Some(cols) = &self.columns
+            && let Some(c) = a
+                .features
+                .iter()
+                .chain(std::iter::once(&a.target))
+                .find(|c| !cols.contains(c))
+        {
+            return Some(format!("column '{c}' is not allowed"));
+        }
+        if let Some(max) = self.max_rounds
+            && a.rounds > max
+        {
+            return Some(format!("{} rounds exceed the allowed {max}", a.rounds));
+        }
+        if !a.secure_aggregation && !self.allow_without_secure_aggregation {
+            return Some("the study does not use secure aggregation".into());
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn study() -> StudyAnnouncement {
+        StudyAnnouncement {
+            study_id: "pima".into(),
+            description: String::new(),
+            dataset: "pima".into(),
+            features: vec!["glu".into(), "bmi".into()],
+            target: "type".into(),
+            model: ModelKind::Logistic,
+            positive_class: Some("Yes".into()),
+            validation_fraction: 0.25,
+            rounds: 10,
+            secure_aggregation: true,
+        }
+    }
+
+    #[test]
+    fn nothing_is_served_without_an_approval_or_a_rule() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Policy {
+            approvals: dir.path().join("approved.txt"),
+            rules: None,
+        };
+        let Verdict::Refused(why) = p.decide(&study()) else {
+            panic!()
+        };
+        assert!(
+            why.contains("medfed node approve") && why.contains(&study_hash(&study())),
+            "{why}"
+        );
+        std::fs::write(
+            &p.approvals,
+            format!("# approved 2026-11-24\n{}\n", study_hash(&study())),
+        )
+        .unwrap();
+        assert!(matches!(p.decide(&study()), Verdict::Approved(_)));
+        // Any change to the study needs a new approval.
+        let mut longer = study();
+        longer.rounds = 11;
+        assert!(matches!(p.decide(&longer), Verdict::Refused(_)));
+        p.rules = Some(Rules {
+            max_rounds: Some(20),
+            ..Default::default()
+        });
+        assert!(matches!(p.decide(&longer), Verdict::Approved(_)));
+    }
+
+    #[test]
+    fn rules_name_what_they_refuse() {
+        let rules = Rules {
+            datasets: Some(vec!["pima".into()]),
+            models: Some(vec![ModelKind::Logistic]),
+            columns: Some(vec!["glu".into(), "bmi".into(), "type".into()]),
+            max_rounds: Some(20),
+            min_training_rows: Some(11),
+            allow_without_secure_aggregation: false,
+        };
+        let p = Policy {
+            approvals: "/nonexistent".into(),
+            rules: Some(rules),
+        };
+        assert!(matches!(p.decide(&study()), Verdict::Approved(_)));
+        let mut s = study();
+        s.features.push("age".into());
+        let Verdict::Refused(why) = p.decide(&s) else {
+            panic!()
+        };
+        assert!(why.contains("column 'age' is not allowed"), "{why}");
+        let mut s = study();
+        s.secure_aggregation = false;
+        assert!(matches!(p.decide(&s), Verdict::Refused(w) if w.contains("secure aggregation")));
+        assert!(p.check_cohort(10).unwrap_err().contains("at least 11"));
+        assert!(p.check_cohort(11).is_ok());
+    }
+}
