@@ -290,6 +290,153 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+#[derive(clap::Args)]
+pub struct ReconcileArgs {
+    /// A hospital node's compliance log.
+    #[arg(long)]
+    node_log: PathBuf,
+    /// The node's public key.
+    #[arg(long)]
+    node_key: String,
+    /// The aggregator's compliance log.
+    #[arg(long)]
+    aggregator_log: PathBuf,
+    /// The aggregator's public key.
+    #[arg(long)]
+    aggregator_key: String,
+}
+
+/// A message as one side recorded it: (line, kind, study, round, sha256).
+type Seen = (usize, String, Option<String>, Option<u32>, String);
+
+fn messages(v: &Verified, outgoing: bool, peer: &str) -> Vec<Seen> {
+    v.records
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match (&r.event, outgoing) {
+            (Event::Sent(m), true) | (Event::Received(m), false) if m.peer == peer => Some((
+                i + 1,
+                m.message.clone(),
+                m.study.clone(),
+                m.round,
+                m.sha256.clone(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Pairs two sides' records of the same messages by hash; returns what is left on each side.
+fn unmatched(a: &[Seen], b: &[Seen]) -> (Vec<Seen>, Vec<Seen>) {
+    let mut pool: BTreeMap<&str, Vec<&Seen>> = BTreeMap::new();
+    for s in b {
+        pool.entry(s.4.as_str()).or_default().push(s);
+    }
+    let mut left = Vec::new();
+    for s in a {
+        match pool.get_mut(s.4.as_str()).and_then(|v| v.pop()) {
+            Some(_) => {}
+            None => left.push(s.clone()),
+        }
+    }
+    let right = pool.into_values().flatten().cloned().collect();
+    (left, right)
+}
+
+fn describe(s: &Seen) -> String {
+    let study =
+        s.2.as_deref()
+            .map(|x| format!(" study '{x}'"))
+            .unwrap_or_default();
+    let round = s.3.map(|r| format!(" round {r}")).unwrap_or_default();
+    format!(
+        "line {}: {}{study}{round} (sha256 {})",
+        s.0,
+        s.1,
+        &s.4[..16]
+    )
+}
+
+/// Checks that every message one side logged as sent, the other logged as received, with the
+/// same hash.
+pub fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
+    let node = load(&args.node_log, &args.node_key)?;
+    let agg = load(&args.aggregator_log, &args.aggregator_key)?;
+    let site = node.party.clone();
+    let mut problems = Vec::new();
+    for (dir, from, to, sent, received) in [
+        (
+            "node to aggregator",
+            &args.node_log,
+            &args.aggregator_log,
+            messages(&node, true, "aggregator"),
+            messages(&agg, false, &site),
+        ),
+        (
+            "aggregator to node",
+            &args.aggregator_log,
+            &args.node_log,
+            messages(&agg, true, &site),
+            messages(&node, false, "aggregator"),
+        ),
+    ] {
+        let (only_sent, only_received) = unmatched(&sent, &received);
+        println!(
+            "{dir}: {} messages sent, {} received, {} matched by hash",
+            sent.len(),
+            received.len(),
+            sent.len() - only_sent.len()
+        );
+        for s in &only_sent {
+            let twin = only_received
+                .iter()
+                .find(|r| r.1 == s.1 && r.2 == s.2 && r.3 == s.3);
+            match twin {
+                Some(r) => problems.push(format!(
+                    "{dir}: hash mismatch: {} {} vs {} {}",
+                    from.display(),
+                    describe(s),
+                    to.display(),
+                    describe(r)
+                )),
+                None => problems.push(format!(
+                    "{dir}: sent but never received: {} {}",
+                    from.display(),
+                    describe(s)
+                )),
+            }
+        }
+        for r in &only_received {
+            if !only_sent
+                .iter()
+                .any(|s| r.1 == s.1 && r.2 == s.2 && r.3 == s.3)
+            {
+                problems.push(format!(
+                    "{dir}: received but never sent: {} {}",
+                    to.display(),
+                    describe(r)
+                ));
+            }
+        }
+    }
+    if problems.is_empty() {
+        println!(
+            "OK: the logs of '{site}' and '{}' agree on every message between them",
+            agg.party
+        );
+        Ok(())
+    } else {
+        for p in &problems {
+            println!("{p}");
+        }
+        anyhow::bail!(
+            "{} discrepancies between the logs of '{site}' and '{}'",
+            problems.len(),
+            agg.party
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@
 mod alloc_meter;
 mod audit;
 mod bench;
+mod bench_audit;
 mod bench_secagg;
 mod demo;
 mod evaluate;
@@ -68,6 +69,8 @@ enum AuditCommand {
     Verify(audit::VerifyArgs),
     /// Summarise what left the party and what was asked of it, per study.
     Report(audit::ReportArgs),
+    /// Check that a node's and the aggregator's logs agree on every message between them.
+    Reconcile(audit::ReconcileArgs),
 }
 
 #[derive(Subcommand)]
@@ -150,6 +153,8 @@ enum BenchCommand {
     /// Cost of one secure aggregation (all parties simulated here): client and aggregator
     /// time, bytes sent, aggregator memory.
     Secagg(bench_secagg::SecAggArgs),
+    /// What the compliance log costs per message (time and bytes).
+    Audit(bench_audit::AuditArgs),
 }
 
 fn main() -> ExitCode {
@@ -169,8 +174,10 @@ fn main() -> ExitCode {
         Command::Model(ModelCommand::Evaluate(args)) => evaluate::run(args),
         Command::Bench(BenchCommand::Transport(args)) => bench::transport(args),
         Command::Bench(BenchCommand::Secagg(args)) => bench_secagg::secagg(args),
+        Command::Bench(BenchCommand::Audit(args)) => bench_audit::audit(args),
         Command::Audit(AuditCommand::Verify(args)) => audit::verify(args),
         Command::Audit(AuditCommand::Report(args)) => audit::report(args),
+        Command::Audit(AuditCommand::Reconcile(args)) => audit::reconcile(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

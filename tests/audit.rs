@@ -283,3 +283,92 @@ fn an_unapproved_study_is_refused_and_logged_on_both_sides_until_approved() {
         "{node_report}"
     );
 }
+
+#[test]
+fn reconcile_agrees_on_a_real_run_and_catches_one_sided_and_altered_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    demo(dir.path());
+    let (nlog, nkey) = log_and_key(dir.path(), "st-marys");
+    let (alog, akey) = log_and_key(dir.path(), "aggregator");
+    let out = stdout(&[
+        "audit",
+        "reconcile",
+        "--node-log",
+        &nlog,
+        "--node-key",
+        &nkey,
+        "--aggregator-log",
+        &alog,
+        "--aggregator-key",
+        &akey,
+    ]);
+    assert!(out.contains("OK: the logs of 'st-marys'"), "{out}");
+
+    // Two correctly signed logs that disagree: the node logged a message the aggregator
+    // never received, and one whose bytes differ.
+    use medfed_infra::auditlog::AuditLog;
+    use medfed_protocol::audit::{Event, MessageEntry};
+    let d = dir.path();
+    let entry = |peer: &str, round: u32, sha: &str| MessageEntry {
+        peer: peer.into(),
+        message: "masked-input".into(),
+        study: Some("s".into()),
+        round: Some(round),
+        bytes: 10,
+        sha256: sha.repeat(64 / sha.len()),
+    };
+    let node = AuditLog::open(
+        &d.join("n.log"),
+        &d.join("n.key"),
+        "alpha",
+        "node",
+        "test",
+        "cfg",
+    )
+    .unwrap();
+    let agg = AuditLog::open(
+        &d.join("a.log"),
+        &d.join("a.key"),
+        "centre",
+        "aggregator",
+        "test",
+        "cfg",
+    )
+    .unwrap();
+    node.record(Event::Sent(entry("aggregator", 1, "aa")))
+        .unwrap();
+    agg.record(Event::Received(entry("alpha", 1, "aa")))
+        .unwrap();
+    node.record(Event::Sent(entry("aggregator", 2, "bb")))
+        .unwrap();
+    node.record(Event::Sent(entry("aggregator", 3, "cc")))
+        .unwrap();
+    agg.record(Event::Received(entry("alpha", 3, "dd")))
+        .unwrap();
+    node.close("done").unwrap();
+    agg.close("done").unwrap();
+    let p = |f: &str| d.join(f).to_string_lossy().into_owned();
+    let out = medfed(&[
+        "audit",
+        "reconcile",
+        "--node-log",
+        &p("n.log"),
+        "--node-key",
+        &p("n.key.pub"),
+        "--aggregator-log",
+        &p("a.log"),
+        "--aggregator-key",
+        &p("a.key.pub"),
+    ]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("sent but never received") && text.contains("round 2"),
+        "{text}"
+    );
+    assert!(
+        text.contains("hash mismatch") && text.contains("round 3"),
+        "{text}"
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 discrepancies"));
+}
