@@ -16,6 +16,10 @@ pub struct VerifyArgs {
     /// The party's public key: the `.pub` file beside its signing key, or its hex.
     #[arg(long)]
     key: String,
+    /// A tree head seen earlier, as SIZE:ROOT (from an earlier `verify`): the log must still
+    /// contain it, which catches records cut from the end since.
+    #[arg(long)]
+    known_head: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -62,6 +66,23 @@ fn load(log: &Path, key: &str) -> anyhow::Result<Verified> {
 
 pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let v = load(&args.log, &args.key)?;
+    if let Some(head) = &args.known_head {
+        let parsed = head.split_once(':').and_then(|(size, root)| {
+            let root: Option<Vec<u8>> = (0..root.len())
+                .step_by(2)
+                .map(|i| {
+                    root.get(i..i + 2)
+                        .and_then(|b| u8::from_str_radix(b, 16).ok())
+                })
+                .collect();
+            Some((size.parse::<u64>().ok()?, <[u8; 32]>::try_from(root?).ok()?))
+        });
+        let (size, root) = parsed.ok_or_else(|| {
+            anyhow::anyhow!("--known-head must be SIZE:ROOT, e.g. 45:dc67ef34... (64 hex digits)")
+        })?;
+        v.check_known_head(size, &root)
+            .map_err(|e| anyhow::anyhow!("{}: FAILED: {e}", args.log.display()))?;
+    }
     println!("{}: OK", args.log.display());
     println!("  party:   {}", v.party);
     println!(
@@ -70,7 +91,8 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     );
     match v.head {
         Some((size, root)) => println!(
-            "  signed:  tree head over {size} records, root {}",
+            "  signed:  tree head over {size} records, root {}\n           (keep {size}:{} to check later copies with --known-head)",
+            audit::hex(&root),
             audit::hex(&root)
         ),
         None => println!("  signed:  no tree head yet"),
@@ -152,6 +174,12 @@ fn summarise(v: &Verified) -> Report {
             Event::Released { study, .. } => {
                 r.studies.entry(study.clone()).or_default().released += 1
             }
+            Event::StudyStatus { study, status } => r
+                .studies
+                .entry(study.clone())
+                .or_default()
+                .decisions
+                .push(status.clone()),
             Event::Stop { .. } | Event::TreeHead { .. } => {}
         }
     }

@@ -372,3 +372,53 @@ fn reconcile_agrees_on_a_real_run_and_catches_one_sided_and_altered_messages() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 discrepancies"));
 }
+
+#[test]
+fn a_log_cut_after_a_known_tree_head_is_caught() {
+    let dir = tempfile::tempdir().unwrap();
+    demo(dir.path());
+    let (log, key) = log_and_key(dir.path(), "riverside");
+    let out = stdout(&["audit", "verify", "--log", &log, "--key", &key]);
+    // "keep SIZE:ROOT to check later copies"
+    let head = out
+        .split("keep ")
+        .nth(1)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    stdout(&[
+        "audit",
+        "verify",
+        "--log",
+        &log,
+        "--key",
+        &key,
+        "--known-head",
+        &head,
+    ]);
+    // Cut the log back to its first signed head: it still verifies on its own...
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let first_head = lines
+        .iter()
+        .position(|l| l.contains("\"kind\":\"tree_head\""))
+        .unwrap();
+    std::fs::write(&log, lines[..=first_head].join("\n") + "\n").unwrap();
+    stdout(&["audit", "verify", "--log", &log, "--key", &key]);
+    // ...but not against the head the auditor kept.
+    let out = medfed(&[
+        "audit",
+        "verify",
+        "--log",
+        &log,
+        "--key",
+        &key,
+        "--known-head",
+        &head,
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("records were cut after line"), "{err}");
+}

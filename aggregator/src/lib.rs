@@ -197,18 +197,29 @@ impl Aggregator {
                 roots: roots.clone(),
                 audit: self.audit.clone(),
             };
+            let status = |status: String| {
+                let _ = self
+                    .audit
+                    .record(medfed_protocol::audit::Event::StudyStatus {
+                        study: cfg.id.clone(),
+                        status,
+                    });
+            };
+            status("started".into());
             let outcome = tokio::select! {
                 r = runner.run(allow.len()) => r,
                 _ = stop.wait_for(Option::is_some) => break,
             };
             match outcome {
                 Ok(o) => {
+                    status(format!("completed after {} rounds", o.rounds));
                     if let Some(tx) = &events {
                         let _ = tx.send(AggregatorEvent::StudyCompleted(o.clone()));
                     }
                     outcomes.push(o);
                 }
                 Err(e) => {
+                    status(format!("failed: {e}"));
                     self.stop.send_replace(Some(format!("study failed: {e}")));
                     result = Err(e);
                     break;

@@ -50,6 +50,8 @@ pub enum Event {
         accepted: bool,
         reason: String,
     },
+    /// A study started, completed or failed (aggregator).
+    StudyStatus { study: String, status: String },
     /// A model or statistic was released (aggregator).
     Released {
         study: String,
@@ -126,6 +128,33 @@ pub struct Verified {
 }
 
 impl Verified {
+    /// Checks that this log contains a tree head an auditor saw earlier (its size and root):
+    /// a log cut short, or rewritten, since then does not.
+    pub fn check_known_head(&self, size: u64, root: &merkle::Hash) -> Result<(), String> {
+        let heads: Vec<(u64, Option<merkle::Hash>)> = self
+            .records
+            .iter()
+            .filter_map(|r| match &r.event {
+                Event::TreeHead { size, root, .. } => Some((*size, unhex32(root))),
+                _ => None,
+            })
+            .collect();
+        match heads.iter().find(|(s, _)| *s == size) {
+            Some((_, Some(r))) if r == root => Ok(()),
+            Some(_) => Err(format!(
+                "the tree head over {size} records has another root: the log was rewritten"
+            )),
+            None if (self.records.len() as u64) < size => Err(format!(
+                "the log has {} records but the known tree head covers {size}: records were cut after line {}",
+                self.records.len(),
+                self.records.len()
+            )),
+            None => Err(format!(
+                "no tree head over exactly {size} records in this log"
+            )),
+        }
+    }
+
     /// Records after the last signed tree head (written before a crash, or tampered with
     /// after it: either way not covered by a signature).
     pub fn unsigned_tail(&self) -> usize {
