@@ -26,6 +26,7 @@
 
 pub mod audit;
 pub mod codec;
+pub mod dp;
 pub mod export;
 pub mod messages;
 pub mod metrics;
