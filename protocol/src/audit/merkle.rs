@@ -33,7 +33,7 @@ fn split(n: usize) -> usize {
     k
 }
 
-/// MTH(D[n]) over leaf hashes.
+/// `MTH(D[n])` over leaf hashes.
 pub fn root(leaves: &[Hash]) -> Hash {
     match leaves.len() {
         0 => sha256(&[]),
@@ -85,7 +85,7 @@ impl Frontier {
     }
 }
 
-/// PATH(m, D[n]): the audit path of leaf `m`.
+/// `PATH(m, D[n])`: the audit path of leaf `m`.
 pub fn inclusion_proof(leaves: &[Hash], m: usize) -> Vec<Hash> {
     let n = leaves.len();
     if n <= 1 || m >= n {
@@ -120,7 +120,7 @@ pub fn verify_inclusion(leaf: &Hash, m: usize, n: usize, proof: &[Hash], root_ha
     m < n && walk(leaf, m, n, proof).is_some_and(|r| r == *root_hash)
 }
 
-/// PROOF(m, D[n]): the consistency proof between the first `m` leaves and all `n`.
+/// `PROOF(m, D[n])`: the consistency proof between the first `m` leaves and all `n`.
 pub fn consistency_proof(leaves: &[Hash], m: usize) -> Vec<Hash> {
     fn subproof(leaves: &[Hash], m: usize, complete: bool) -> Vec<Hash> {
         let n = leaves.len();
