@@ -14,7 +14,7 @@ use medfed_aggregator::config::AggregatorConfig;
 use medfed_infra::pki;
 use medfed_node::config::NodeConfig;
 use medfed_node::data::{Table, split_rows};
-use medfed_protocol::metrics::{Metrics, classification_metrics};
+use medfed_protocol::metrics::{Metrics, classification_metrics, roc_points};
 use medfed_protocol::model::{ModelKind, TrainParams, predict, train_local};
 use medfed_protocol::stats::FeatureStats;
 use ndarray::{Array1, Array2, Axis, concatenate};
@@ -115,11 +115,17 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let final_model =
+    let (final_model, rounds) =
         runtime.block_on(federate(&agg_config_path, &node_config_paths, args.rounds))?;
 
     // Compare with a centralized model on the union of the same rows.
-    let (central, federated, val_path) = compare(&dir, &final_model)?;
+    let Comparison {
+        central,
+        federated,
+        central_roc,
+        federated_roc,
+        validation_csv: val_path,
+    } = compare(&dir, &final_model)?;
     println!("\nvalidation rows of all three hospitals, exact metrics:");
     print!(
         "{}",
@@ -131,7 +137,26 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             num(f.roc_auc - c.roc_auc, 4)
         );
     }
-    println!("\nfinal global model: {}", final_model.display());
+    let plots = dir.join("plots");
+    std::fs::create_dir_all(&plots)?;
+    let (training_svg, roc_svg) = (plots.join("training.svg"), plots.join("roc.svg"));
+    let central_auc = match &central {
+        Metrics::Classification(c) => c.roc_auc,
+        Metrics::Regression(_) => f64::NAN,
+    };
+    crate::plots::training_curve(&training_svg, &rounds, central_auc)
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", training_svg.display()))?;
+    crate::plots::roc_curves(
+        &roc_svg,
+        &[("federated", federated_roc), ("centralized", central_roc)],
+    )
+    .map_err(|e| anyhow::anyhow!("writing {}: {e}", roc_svg.display()))?;
+    println!(
+        "\nplots:              {}\n                    {}",
+        training_svg.display(),
+        roc_svg.display()
+    );
+    println!("final global model: {}", final_model.display());
     if args.out.is_none() {
         println!(
             "                    (removed on exit with the rest of the run: --out DIR keeps it)"
@@ -333,7 +358,7 @@ async fn federate(
     agg_config: &Path,
     node_configs: &[PathBuf],
     rounds: u32,
-) -> anyhow::Result<PathBuf> {
+) -> anyhow::Result<(PathBuf, Vec<(u32, f64, f64)>)> {
     let config = AggregatorConfig::load(agg_config)?;
     let aggregator = medfed_aggregator::Aggregator::bind(config)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -358,6 +383,8 @@ async fn federate(
     bar.enable_steady_tick(Duration::from_millis(120));
     bar.set_message("waiting for the hospitals to connect");
     let mut table = RoundTable::new();
+    // (round, train loss, federated validation AUC) for the training curve.
+    let mut curve = Vec::new();
     let mut connected = 0;
     while let Some(event) = rx.recv().await {
         match &event {
@@ -366,7 +393,14 @@ async fn federate(
                 bar.set_message(format!("{connected}/3 hospitals connected"));
             }
             AggregatorEvent::StudyStarted { .. } => bar.set_message("training"),
-            AggregatorEvent::RoundCompleted(s) => bar.set_position(u64::from(s.round)),
+            AggregatorEvent::RoundCompleted(s) => {
+                bar.set_position(u64::from(s.round));
+                let auc = match &s.validation {
+                    Some(Metrics::Classification(m)) => m.roc_auc,
+                    _ => f64::NAN,
+                };
+                curve.push((s.round, s.train_loss, auc));
+            }
             _ => {}
         }
         if let Some(line) = table.line_for(&event) {
@@ -387,12 +421,22 @@ async fn federate(
         .into_iter()
         .next()
         .context("the aggregator ran no study")?;
-    Ok(outcome.final_model)
+    Ok((outcome.final_model, curve))
 }
 
 /// The exact metrics of the centralized and the federated model on the pooled validation
 /// rows, and the path of a CSV of those rows.
-fn compare(dir: &Path, final_model: &Path) -> anyhow::Result<(Metrics, Metrics, PathBuf)> {
+/// What the comparison of the two models produced.
+struct Comparison {
+    central: Metrics,
+    federated: Metrics,
+    /// ROC points of each model on the pooled validation rows.
+    central_roc: Vec<(f64, f64)>,
+    federated_roc: Vec<(f64, f64)>,
+    validation_csv: PathBuf,
+}
+
+fn compare(dir: &Path, final_model: &Path) -> anyhow::Result<Comparison> {
     let features: Vec<String> = FEATURES.iter().map(|f| f.to_string()).collect();
     let (mut xt, mut yt, mut xv, mut yv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut val_rows = csv::Writer::from_path(dir.join("data").join("validation.csv"))?;
@@ -454,5 +498,11 @@ fn compare(dir: &Path, final_model: &Path) -> anyhow::Result<(Metrics, Metrics, 
     let p_fed = model.model.predict_raw(x_val.view())?;
     let federated =
         Metrics::Classification(classification_metrics(&p_fed.to_vec(), &y_val.to_vec()));
-    Ok((central, federated, dir.join("data").join("validation.csv")))
+    Ok(Comparison {
+        central,
+        federated,
+        central_roc: roc_points(&p_central.to_vec(), &y_val.to_vec()),
+        federated_roc: roc_points(&p_fed.to_vec(), &y_val.to_vec()),
+        validation_csv: dir.join("data").join("validation.csv"),
+    })
 }

@@ -12,6 +12,7 @@ mod bench_secagg;
 mod demo;
 mod evaluate;
 mod logging;
+mod plots;
 mod report;
 
 use std::path::PathBuf;

@@ -98,6 +98,32 @@ pub fn roc_auc(scores: &[f64], labels: &[f64]) -> f64 {
     (rank_sum_pos - np * (np + 1.0) / 2.0) / (np * n_neg as f64)
 }
 
+/// The ROC curve's points (false positive rate, true positive rate), from (0, 0) to (1, 1),
+/// one step per distinct score.
+pub fn roc_points(scores: &[f64], labels: &[f64]) -> Vec<(f64, f64)> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
+    let pos = labels.iter().filter(|y| **y > 0.5).count() as f64;
+    let neg = labels.len() as f64 - pos;
+    if pos == 0.0 || neg == 0.0 {
+        return Vec::new();
+    }
+    let (mut tp, mut fp) = (0.0, 0.0);
+    let mut points = vec![(0.0, 0.0)];
+    for (k, &i) in idx.iter().enumerate() {
+        if labels[i] > 0.5 {
+            tp += 1.0
+        } else {
+            fp += 1.0
+        }
+        let last_of_tie = idx.get(k + 1).is_none_or(|&j| scores[j] != scores[i]);
+        if last_of_tie {
+            points.push((fp / neg, tp / pos));
+        }
+    }
+    points
+}
+
 /// Exact classification metrics for probabilities `p` and labels `y` in {0, 1}.
 pub fn classification_metrics(p: &[f64], y: &[f64]) -> ClassificationMetrics {
     let (mut tp, mut tn, mut fp, mut fn_) = (0u64, 0u64, 0u64, 0u64);
@@ -443,6 +469,21 @@ mod tests {
         // A tie counts one half.
         assert_eq!(roc_auc(&[0.5, 0.5], &[1.0, 0.0]), 0.5);
         assert!(roc_auc(&[0.5, 0.6], &[1.0, 1.0]).is_nan());
+    }
+
+    #[test]
+    fn roc_points_by_hand() {
+        let pts = roc_points(&[0.9, 0.4, 0.3, 0.5], &[1.0, 1.0, 0.0, 0.0]);
+        assert_eq!(
+            pts,
+            vec![(0.0, 0.0), (0.0, 0.5), (0.5, 0.5), (0.5, 1.0), (1.0, 1.0)]
+        );
+        // The area under the points is the AUC.
+        let area: f64 = pts
+            .windows(2)
+            .map(|w| (w[1].0 - w[0].0) * (w[1].1 + w[0].1) / 2.0)
+            .sum();
+        assert_eq!(area, roc_auc(&[0.9, 0.4, 0.3, 0.5], &[1.0, 1.0, 0.0, 0.0]));
     }
 
     #[test]

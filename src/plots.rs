@@ -1,0 +1,131 @@
+//! Pictures for people: the training curve and ROC curves the demo writes (SVG, plotters).
+
+use std::path::Path;
+
+use plotters::prelude::*;
+
+type PlotResult = Result<(), Box<dyn std::error::Error>>;
+
+/// Train loss and validation AUC per round, with the centralized model's AUC for reference.
+pub fn training_curve(path: &Path, rounds: &[(u32, f64, f64)], centralized_auc: f64) -> PlotResult {
+    let root = SVGBackend::new(path, (800, 640)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(320);
+    let last = rounds.iter().map(|r| r.0).max().unwrap_or(1).max(1);
+    let finite = |v: &f64| v.is_finite();
+    let loss: Vec<(u32, f64)> = rounds
+        .iter()
+        .map(|r| (r.0, r.1))
+        .filter(|p| finite(&p.1))
+        .collect();
+    let (lo, hi) = loss
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.1), b.max(p.1))
+        });
+    let (lo, hi) = if lo.is_finite() {
+        (lo * 0.98, hi * 1.02)
+    } else {
+        (0.0, 1.0)
+    };
+    let mut chart = ChartBuilder::on(&top)
+        .caption(
+            "Training loss per round (sample-weighted mean over hospitals)",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(1u32..last, lo..hi)?;
+    chart
+        .configure_mesh()
+        .x_desc("round")
+        .y_desc("log loss")
+        .draw()?;
+    chart
+        .draw_series(LineSeries::new(loss, &BLUE))?
+        .label("federated (train)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
+
+    let auc: Vec<(u32, f64)> = rounds
+        .iter()
+        .map(|r| (r.0, r.2))
+        .filter(|p| finite(&p.1))
+        .collect();
+    let lo = auc.iter().map(|p| p.1).fold(centralized_auc, f64::min) - 0.02;
+    let hi = (auc.iter().map(|p| p.1).fold(centralized_auc, f64::max) + 0.02).min(1.0);
+    let mut chart = ChartBuilder::on(&bottom)
+        .caption("Validation ROC AUC per round", ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(1u32..last, lo..hi)?;
+    chart
+        .configure_mesh()
+        .x_desc("round")
+        .y_desc("ROC AUC")
+        .draw()?;
+    chart
+        .draw_series(LineSeries::new(auc, &BLUE))?
+        .label("federated (validation rows of all hospitals)")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    chart
+        .draw_series(LineSeries::new(
+            vec![(1, centralized_auc), (last, centralized_auc)],
+            RED.stroke_width(1),
+        ))?
+        .label("centralized model")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// ROC curves of several models on the same rows.
+pub fn roc_curves(path: &Path, curves: &[(&str, Vec<(f64, f64)>)]) -> PlotResult {
+    let root = SVGBackend::new(path, (640, 600)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "ROC on the validation rows of all hospitals",
+            ("sans-serif", 18),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..1f64, 0f64..1f64)?;
+    chart
+        .configure_mesh()
+        .x_desc("false positive rate (1 - specificity)")
+        .y_desc("true positive rate (sensitivity)")
+        .draw()?;
+    chart.draw_series(LineSeries::new(
+        vec![(0.0, 0.0), (1.0, 1.0)],
+        BLACK.mix(0.3),
+    ))?;
+    for (i, (name, points)) in curves.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(*name)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
