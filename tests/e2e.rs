@@ -247,6 +247,9 @@ fn demo_runs_and_keeps_its_files() {
         "pki/ca/ca.pem",
         "aggregator.toml",
         "nodes/riverside.toml",
+        "plots/training.svg",
+        "plots/roc.svg",
+        "audit/riverside.log",
         "data/validation.csv",
         "logs/medfed.log",
     ] {
