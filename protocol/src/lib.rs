@@ -19,6 +19,7 @@
 //! - [`model`]: logistic and linear regression, local mini-batch training, FedAvg.
 //! - [`stats`]: combinable feature statistics for standardization.
 //! - [`quant`]: fixed-point encoding into Z_2^32 / Z_2^64 with overflow checks.
+//! - [`schedule`]: latency-aware choice of participants and deadlines for a round.
 //! - [`secagg`]: secure aggregation (SecAgg / SecAgg+) client and server state machines.
 //! - [`update_vector`]: what a node feeds into secure aggregation in a training round.
 //! - [`metrics`]: exact metrics and the combinable per-site evaluation summary.
@@ -32,6 +33,7 @@ pub mod messages;
 pub mod metrics;
 pub mod model;
 pub mod quant;
+pub mod schedule;
 pub mod secagg;
 pub mod stats;
 pub mod update_vector;
