@@ -9,6 +9,7 @@ mod audit;
 mod bench;
 mod bench_audit;
 mod bench_secagg;
+mod bench_store;
 mod demo;
 mod evaluate;
 mod logging;
@@ -156,6 +157,8 @@ enum BenchCommand {
     Secagg(bench_secagg::SecAggArgs),
     /// What the compliance log costs per message (time and bytes).
     Audit(bench_audit::AuditArgs),
+    /// The store backends side by side (checkpoint latency, batch throughput).
+    Store(bench_store::StoreArgs),
 }
 
 fn main() -> ExitCode {
@@ -176,6 +179,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Transport(args)) => bench::transport(args),
         Command::Bench(BenchCommand::Secagg(args)) => bench_secagg::secagg(args),
         Command::Bench(BenchCommand::Audit(args)) => bench_audit::audit(args),
+        Command::Bench(BenchCommand::Store(args)) => bench_store::store(args),
         Command::Audit(AuditCommand::Verify(args)) => audit::verify(args),
         Command::Audit(AuditCommand::Report(args)) => audit::report(args),
         Command::Audit(AuditCommand::Reconcile(args)) => audit::reconcile(args),

@@ -3,6 +3,7 @@
 //! The I/O that both hospital nodes and the aggregator run, written once:
 //!
 //! - [`pki`]: the consortium CA and per-party certificates (rcgen).
+//! - [`store`]: the durable key-value store with atomic checkpoints (sled and redb backends).
 //! - [`auditlog`]: the append-only, signed compliance log.
 //! - [`transport`]: QUIC endpoints with mutual TLS 1.3 (quinn + rustls/ring) and framed
 //!   messages over QUIC streams.
@@ -15,4 +16,5 @@ pub mod config;
 pub mod files;
 pub mod identity;
 pub mod pki;
+pub mod store;
 pub mod transport;

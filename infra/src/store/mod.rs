@@ -1,0 +1,173 @@
+//! The durable store both parties keep their state in: namespaced key-value data, and
+//! atomic checkpoints that write input offsets, state changes and metadata in ONE durable
+//! transaction, so that after a crash the state matches the offsets exactly.
+//!
+//! Two backends sit behind [`Store`]: [`sled`](https://docs.rs/sled) (named in the project's
+//! requirements; its last stable release is 0.34 and it calls itself beta) and
+//! [`redb`](https://docs.rs/redb). `docs/storage.md` compares them; [`Backend::DEFAULT`]
+//! is the one the measurements chose.
+
+mod redb_store;
+mod sled_store;
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    #[error("store {path} ({backend}): {detail}")]
+    Backend {
+        path: PathBuf,
+        backend: &'static str,
+        detail: String,
+    },
+    #[error("store namespace {0:?} may not contain a NUL byte")]
+    BadNamespace(String),
+}
+
+/// Which implementation holds the data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    Sled,
+    Redb,
+}
+
+impl Backend {
+    /// The default, chosen by the crash test and the benchmark (see `docs/storage.md`).
+    pub const DEFAULT: Backend = Backend::Redb;
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sled => "sled",
+            Backend::Redb => "redb",
+        }
+    }
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Backend, String> {
+        match s {
+            "sled" => Ok(Backend::Sled),
+            "redb" => Ok(Backend::Redb),
+            other => Err(format!("unknown store backend {other:?} (sled or redb)")),
+        }
+    }
+}
+
+/// Writes applied together: all of them survive a crash, or none.
+#[derive(Debug, Clone, Default)]
+pub struct Batch {
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// The stored key of `key` in namespace `ns`.
+fn full_key(ns: &str, key: &[u8]) -> Result<Vec<u8>, StoreError> {
+    if ns.as_bytes().contains(&0) {
+        return Err(StoreError::BadNamespace(ns.to_string()));
+    }
+    let mut k = Vec::with_capacity(ns.len() + 1 + key.len());
+    k.extend_from_slice(ns.as_bytes());
+    k.push(0);
+    k.extend_from_slice(key);
+    Ok(k)
+}
+
+impl Batch {
+    pub fn put(&mut self, ns: &str, key: &[u8], value: &[u8]) -> Result<&mut Batch, StoreError> {
+        self.ops.push((full_key(ns, key)?, Some(value.to_vec())));
+        Ok(self)
+    }
+
+    pub fn delete(&mut self, ns: &str, key: &[u8]) -> Result<&mut Batch, StoreError> {
+        self.ops.push((full_key(ns, key)?, None));
+        Ok(self)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// A party's durable state.
+pub trait Store: Send + Sync {
+    fn backend(&self) -> Backend;
+    /// The value of `key` in namespace `ns`.
+    fn get(&self, ns: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every (key, value) of namespace `ns`, in key order.
+    fn scan(&self, ns: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    /// Applies `batch` atomically and durably (fsynced before returning).
+    fn commit(&self, batch: Batch) -> Result<(), StoreError>;
+}
+
+/// Opens (creating if needed) the store at `path` with `backend`.
+pub fn open(backend: Backend, path: &Path) -> Result<Box<dyn Store>, StoreError> {
+    match backend {
+        Backend::Sled => Ok(Box::new(sled_store::SledStore::open(path)?)),
+        Backend::Redb => Ok(Box::new(redb_store::RedbStore::open(path)?)),
+    }
+}
+
+fn strip_ns(ns: &str, full: &[u8]) -> Vec<u8> {
+    full[ns.len() + 1..].to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exercise(backend: Backend) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        {
+            let s = open(backend, &path).unwrap();
+            assert_eq!(s.get("offsets", b"in-0").unwrap(), None);
+            let mut b = Batch::default();
+            b.put("offsets", b"in-0", &42u64.to_be_bytes()).unwrap();
+            b.put("task/a", b"x", b"1").unwrap();
+            b.put("task/a", b"y", b"2").unwrap();
+            b.put("task/ab", b"z", b"not in task/a").unwrap();
+            s.commit(b).unwrap();
+            let mut b = Batch::default();
+            b.delete("task/a", b"x").unwrap();
+            s.commit(b).unwrap();
+        }
+        let s = open(backend, &path).unwrap();
+        assert_eq!(
+            s.get("offsets", b"in-0").unwrap(),
+            Some(42u64.to_be_bytes().to_vec())
+        );
+        assert_eq!(
+            s.scan("task/a").unwrap(),
+            vec![(b"y".to_vec(), b"2".to_vec())]
+        );
+        assert_eq!(s.backend(), backend);
+        assert!(matches!(
+            Batch::default().put("bad\0ns", b"k", b"v"),
+            Err(StoreError::BadNamespace(_))
+        ));
+    }
+
+    #[test]
+    fn sled_keeps_committed_state_across_reopening() {
+        exercise(Backend::Sled);
+    }
+
+    #[test]
+    fn redb_keeps_committed_state_across_reopening() {
+        exercise(Backend::Redb);
+    }
+
+    #[test]
+    fn a_missing_directory_is_named() {
+        let err = open(Backend::Redb, Path::new("/nonexistent/dir/state"))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("/nonexistent/dir/state"), "{err}");
+    }
+}

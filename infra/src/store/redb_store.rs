@@ -1,0 +1,91 @@
+//! The redb backend: one table; a checkpoint is one write transaction, durable on commit
+//! (redb's default durability fsyncs before `commit` returns).
+
+use std::path::{Path, PathBuf};
+
+use redb::{ReadableDatabase, TableDefinition};
+
+use super::{Backend, Batch, Store, StoreError, full_key, strip_ns};
+
+const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
+
+pub struct RedbStore {
+    path: PathBuf,
+    db: redb::Database,
+}
+
+fn err(path: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend {
+        path: path.to_path_buf(),
+        backend: "redb",
+        detail: e.to_string(),
+    }
+}
+
+impl RedbStore {
+    pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        let db = redb::Database::create(path).map_err(|e| err(path, e))?;
+        // Make sure the table exists so that reads never fail on a new store.
+        let txn = db.begin_write().map_err(|e| err(path, e))?;
+        txn.open_table(KV).map_err(|e| err(path, e))?;
+        txn.commit().map_err(|e| err(path, e))?;
+        Ok(RedbStore {
+            path: path.to_path_buf(),
+            db,
+        })
+    }
+}
+
+impl Store for RedbStore {
+    fn backend(&self) -> Backend {
+        Backend::Redb
+    }
+
+    fn get(&self, ns: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let k = full_key(ns, key)?;
+        let txn = self.db.begin_read().map_err(|e| err(&self.path, e))?;
+        let table = txn.open_table(KV).map_err(|e| err(&self.path, e))?;
+        Ok(table
+            .get(k.as_slice())
+            .map_err(|e| err(&self.path, e))?
+            .map(|v| v.value().to_vec()))
+    }
+
+    fn scan(&self, ns: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let start = full_key(ns, b"")?;
+        // The namespace's keys are those between "ns\0" and "ns\x01".
+        let mut end = ns.as_bytes().to_vec();
+        end.push(1);
+        let txn = self.db.begin_read().map_err(|e| err(&self.path, e))?;
+        let table = txn.open_table(KV).map_err(|e| err(&self.path, e))?;
+        let range = table
+            .range(start.as_slice()..end.as_slice())
+            .map_err(|e| err(&self.path, e))?;
+        range
+            .map(|r| {
+                r.map(|(k, v)| (strip_ns(ns, k.value()), v.value().to_vec()))
+                    .map_err(|e| err(&self.path, e))
+            })
+            .collect()
+    }
+
+    fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| err(&self.path, e))?;
+        {
+            let mut table = txn.open_table(KV).map_err(|e| err(&self.path, e))?;
+            for (k, v) in &batch.ops {
+                match v {
+                    Some(v) => {
+                        table
+                            .insert(k.as_slice(), v.as_slice())
+                            .map_err(|e| err(&self.path, e))?;
+                    }
+                    None => {
+                        table.remove(k.as_slice()).map_err(|e| err(&self.path, e))?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(|e| err(&self.path, e))
+    }
+}

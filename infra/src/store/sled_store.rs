@@ -1,0 +1,67 @@
+//! The sled backend: one tree; a checkpoint is one sled transaction followed by a flush
+//! (sled's transactions are atomic but only durable once flushed).
+
+use std::path::{Path, PathBuf};
+
+use super::{Backend, Batch, Store, StoreError, full_key, strip_ns};
+
+pub struct SledStore {
+    path: PathBuf,
+    db: sled::Db,
+}
+
+impl SledStore {
+    pub fn open(path: &Path) -> Result<SledStore, StoreError> {
+        let db = sled::open(path).map_err(|e| err(path, e))?;
+        Ok(SledStore {
+            path: path.to_path_buf(),
+            db,
+        })
+    }
+}
+
+fn err(path: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Backend {
+        path: path.to_path_buf(),
+        backend: "sled",
+        detail: e.to_string(),
+    }
+}
+
+impl Store for SledStore {
+    fn backend(&self) -> Backend {
+        Backend::Sled
+    }
+
+    fn get(&self, ns: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .db
+            .get(full_key(ns, key)?)
+            .map_err(|e| err(&self.path, e))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn scan(&self, ns: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.db
+            .scan_prefix(full_key(ns, b"")?)
+            .map(|r| {
+                r.map(|(k, v)| (strip_ns(ns, &k), v.to_vec()))
+                    .map_err(|e| err(&self.path, e))
+            })
+            .collect()
+    }
+
+    fn commit(&self, batch: Batch) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for (k, v) in batch.ops {
+            match v {
+                Some(v) => b.insert(k, v),
+                None => b.remove(k),
+            }
+        }
+        // apply_batch is atomic; flush makes it durable.
+        self.db.apply_batch(b).map_err(|e| err(&self.path, e))?;
+        self.db.flush().map_err(|e| err(&self.path, e))?;
+        Ok(())
+    }
+}
