@@ -56,6 +56,9 @@ impl std::str::FromStr for Backend {
     }
 }
 
+/// A stored (key, value) pair.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// Writes applied together: all of them survive a crash, or none.
 #[derive(Debug, Clone, Default)]
 pub struct Batch {
@@ -100,7 +103,7 @@ pub trait Store: Send + Sync {
     /// The value of `key` in namespace `ns`.
     fn get(&self, ns: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every (key, value) of namespace `ns`, in key order.
-    fn scan(&self, ns: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan(&self, ns: &str) -> Result<Vec<Entry>, StoreError>;
     /// Applies `batch` atomically and durably (fsynced before returning).
     fn commit(&self, batch: Batch) -> Result<(), StoreError>;
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{ReadableDatabase, TableDefinition};
 
-use super::{Backend, Batch, Store, StoreError, full_key, strip_ns};
+use super::{Backend, Batch, Entry, Store, StoreError, full_key, strip_ns};
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 
@@ -51,7 +51,7 @@ impl Store for RedbStore {
             .map(|v| v.value().to_vec()))
     }
 
-    fn scan(&self, ns: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan(&self, ns: &str) -> Result<Vec<Entry>, StoreError> {
         let start = full_key(ns, b"")?;
         // The namespace's keys are those between "ns\0" and "ns\x01".
         let mut end = ns.as_bytes().to_vec();

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Backend, Batch, Store, StoreError, full_key, strip_ns};
+use super::{Backend, Batch, Entry, Store, StoreError, full_key, strip_ns};
 
 pub struct SledStore {
     path: PathBuf,
@@ -41,7 +41,7 @@ impl Store for SledStore {
             .map(|v| v.to_vec()))
     }
 
-    fn scan(&self, ns: &str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan(&self, ns: &str) -> Result<Vec<Entry>, StoreError> {
         self.db
             .scan_prefix(full_key(ns, b"")?)
             .map(|r| {
