@@ -18,6 +18,7 @@ pub mod client;
 pub mod config;
 pub mod data;
 pub mod policy;
+pub mod runtime;
 mod secure;
 
 pub use client::{Node, NodeError, NodeExit};

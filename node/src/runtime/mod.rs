@@ -1,0 +1,201 @@
+//! The StreamTask runtime, in the model of Apache Samza's low-level API.
+//!
+//! An input is a stream of partitions; each [`Envelope`] carries its stream, partition,
+//! offset, key and payload. One task instance runs per input partition (on its own tokio
+//! task, fed through a bounded channel, so a slow task pushes back on its reader) and sees
+//! the partition's envelopes in order. A task keeps its state in a [`KvState`]; every
+//! `commit_every` envelopes (or when it asks, through the [`TaskCoordinator`]) the runtime
+//! writes the partition's next offset and the state's changes in ONE durable store
+//! transaction, so a restarted node resumes exactly where its state says it was.
+//!
+//! Records a task cannot use go to the dead-letter stream through the [`MessageCollector`],
+//! with the reason; they are counted and never stop the partition.
+
+pub mod csv_source;
+mod runner;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+pub use runner::{PartitionReport, RunOptions, RuntimeError, restore, run_partition};
+pub use tasks::ColumnStats;
+
+mod tasks;
+
+/// One message of a partitioned stream.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    pub stream: Arc<str>,
+    pub partition: u32,
+    /// Position in the partition; the checkpoint stores the offset to resume from.
+    pub offset: u64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+}
+
+/// The dead-letter stream's name.
+pub const DEAD_LETTER: &str = "dead-letter";
+
+/// What a task sends on: records to named output streams (the next task, alerts, the
+/// dead-letter stream).
+#[derive(Debug, Default)]
+pub struct MessageCollector {
+    pub(crate) out: Vec<(String, Vec<u8>)>,
+    pub(crate) dead: Vec<DeadLetter>,
+}
+
+/// A record a task could not use, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub stream: Arc<str>,
+    pub partition: u32,
+    pub offset: u64,
+    pub reason: String,
+}
+
+impl MessageCollector {
+    /// Sends `payload` to output stream `stream`.
+    pub fn send(&mut self, stream: &str, payload: Vec<u8>) {
+        self.out.push((stream.to_string(), payload));
+    }
+
+    /// Quarantines `envelope` with `reason` (it goes to the dead-letter stream and is counted).
+    pub fn dead_letter(&mut self, envelope: &Envelope, reason: impl Into<String>) {
+        self.dead.push(DeadLetter {
+            stream: envelope.stream.clone(),
+            partition: envelope.partition,
+            offset: envelope.offset,
+            reason: reason.into(),
+        });
+    }
+}
+
+/// Samza's commit and shutdown scopes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    CurrentTask,
+    AllTasks,
+}
+
+/// What a task asks of the runtime.
+#[derive(Debug, Default)]
+pub struct TaskCoordinator {
+    pub(crate) commit: Option<Scope>,
+    pub(crate) shutdown: Option<Scope>,
+}
+
+impl TaskCoordinator {
+    /// Checkpoint now (after this envelope), rather than at the next interval.
+    pub fn commit(&mut self, scope: Scope) {
+        self.commit = Some(scope);
+    }
+
+    /// Stop after this envelope (checkpointing first).
+    pub fn shutdown(&mut self, scope: Scope) {
+        self.shutdown = Some(scope);
+    }
+}
+
+/// A task instance's key-value state: read and written in memory, checkpointed by the
+/// runtime with the partition's offset.
+#[derive(Debug, Default, Clone)]
+pub struct KvState {
+    map: BTreeMap<Vec<u8>, Vec<u8>>,
+    dirty: BTreeSet<Vec<u8>>,
+}
+
+impl KvState {
+    pub(crate) fn restore(entries: Vec<(Vec<u8>, Vec<u8>)>) -> KvState {
+        KvState {
+            map: entries.into_iter().collect(),
+            dirty: BTreeSet::new(),
+        }
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.map.get(key).map(Vec::as_slice)
+    }
+
+    pub fn put(&mut self, key: &[u8], value: Vec<u8>) {
+        self.dirty.insert(key.to_vec());
+        self.map.insert(key.to_vec(), value);
+    }
+
+    pub fn delete(&mut self, key: &[u8]) {
+        self.dirty.insert(key.to_vec());
+        self.map.remove(key);
+    }
+
+    /// A u64 counter (big-endian); 0 when absent.
+    pub fn get_u64(&self, key: &[u8]) -> u64 {
+        self.get(key)
+            .and_then(|v| v.try_into().ok())
+            .map_or(0, u64::from_be_bytes)
+    }
+
+    pub fn put_u64(&mut self, key: &[u8], value: u64) {
+        self.put(key, value.to_be_bytes().to_vec());
+    }
+
+    /// The changes since the last checkpoint, and forget them.
+    pub(crate) fn take_changes(&mut self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        std::mem::take(&mut self.dirty)
+            .into_iter()
+            .map(|k| {
+                let v = self.map.get(&k).cloned();
+                (k, v)
+            })
+            .collect()
+    }
+}
+
+/// An error that stops a task (not a bad record: those are dead-lettered).
+#[derive(Debug, thiserror::Error)]
+#[error("task {task}: {detail}")]
+pub struct TaskError {
+    pub task: String,
+    pub detail: String,
+}
+
+/// Samza's low-level task API. One instance per input partition.
+pub trait StreamTask: Send {
+    /// Called once before the first envelope, with the state restored from the last
+    /// checkpoint.
+    fn init(&mut self, _state: &mut KvState) -> Result<(), TaskError> {
+        Ok(())
+    }
+
+    /// Handles one envelope.
+    fn process(
+        &mut self,
+        envelope: &Envelope,
+        state: &mut KvState,
+        collector: &mut MessageCollector,
+        coordinator: &mut TaskCoordinator,
+    ) -> Result<(), TaskError>;
+
+    /// Called every window interval, never at the same time as `process`.
+    fn window(
+        &mut self,
+        _state: &mut KvState,
+        _collector: &mut MessageCollector,
+        _coordinator: &mut TaskCoordinator,
+    ) -> Result<(), TaskError> {
+        Ok(())
+    }
+
+    /// Called right before each checkpoint: write to `state` anything kept in fields (a task
+    /// may keep hot aggregates in fields and only store them here).
+    fn flush(&mut self, _state: &mut KvState) {}
+
+    /// Called when a bounded input has no more envelopes.
+    fn on_end_of_stream(
+        &mut self,
+        _state: &mut KvState,
+        _collector: &mut MessageCollector,
+    ) -> Result<(), TaskError> {
+        Ok(())
+    }
+
+    fn close(&mut self) {}
+}

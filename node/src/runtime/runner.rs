@@ -1,0 +1,187 @@
+//! Running one task instance over one input partition, with transactional checkpoints.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use medfed_infra::store::{Batch, Store, StoreError};
+
+use super::{Envelope, KvState, MessageCollector, Scope, StreamTask, TaskCoordinator, TaskError};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Task(#[from] TaskError),
+}
+
+/// How a partition's run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionReport {
+    /// The offset to resume from (all envelopes before it are in the state).
+    pub offset: u64,
+    pub processed: u64,
+    pub quarantined: u64,
+    pub checkpoints: u64,
+    /// True if a task asked to shut down before the input ended.
+    pub shut_down: bool,
+}
+
+/// Options of a partition's run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Checkpoint after this many envelopes.
+    pub commit_every: u64,
+    /// Call the task's `window` this often.
+    pub window: Option<Duration>,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            commit_every: 10_000,
+            window: None,
+        }
+    }
+}
+
+fn key(stream: &str, partition: u32) -> Vec<u8> {
+    format!("{stream}/{partition}").into_bytes()
+}
+
+/// The offset a partition resumes from, and its task state, as last checkpointed.
+pub fn restore(
+    store: &dyn Store,
+    stream: &str,
+    partition: u32,
+) -> Result<(u64, KvState, u64, u64), StoreError> {
+    let k = key(stream, partition);
+    let read = |ns: &str| -> Result<u64, StoreError> {
+        Ok(store
+            .get(ns, &k)?
+            .and_then(|v| v.try_into().ok())
+            .map_or(0, u64::from_be_bytes))
+    };
+    let state = KvState::restore(store.scan(&format!("state/{stream}/{partition}"))?);
+    Ok((
+        read("offsets")?,
+        state,
+        read("metrics/processed")?,
+        read("metrics/quarantined")?,
+    ))
+}
+
+/// Runs `task` over the envelopes of one partition, read from `input` (which the caller
+/// started at the offset [`restore`] returned), checkpointing into `store`.
+pub fn run_partition(
+    mut task: Box<dyn StreamTask>,
+    store: Arc<dyn Store>,
+    stream: &str,
+    partition: u32,
+    input: Receiver<Vec<Envelope>>,
+    opts: &RunOptions,
+) -> Result<PartitionReport, RuntimeError> {
+    let (mut offset, mut state, mut processed, mut quarantined) =
+        restore(&*store, stream, partition)?;
+    task.init(&mut state)?;
+    let state_ns = format!("state/{stream}/{partition}");
+    let k = key(stream, partition);
+    let mut report = PartitionReport {
+        offset,
+        processed,
+        quarantined,
+        checkpoints: 0,
+        shut_down: false,
+    };
+    let mut dead = Vec::new();
+    let mut since = 0u64;
+    let mut last_window = Instant::now();
+
+    let checkpoint = |offset: u64,
+                      processed: u64,
+                      quarantined: u64,
+                      state: &mut KvState,
+                      dead: &mut Vec<super::DeadLetter>|
+     -> Result<(), StoreError> {
+        let mut b = Batch::default();
+        b.put("offsets", &k, &offset.to_be_bytes())?;
+        b.put("metrics/processed", &k, &processed.to_be_bytes())?;
+        b.put("metrics/quarantined", &k, &quarantined.to_be_bytes())?;
+        for (key, value) in state.take_changes() {
+            match value {
+                Some(v) => b.put(&state_ns, &key, &v)?,
+                None => b.delete(&state_ns, &key)?,
+            };
+        }
+        for d in dead.drain(..) {
+            b.put(
+                &format!("dead-letter/{stream}/{partition}"),
+                &d.offset.to_be_bytes(),
+                d.reason.as_bytes(),
+            )?;
+        }
+        store.commit(b)
+    };
+
+    'outer: loop {
+        let batch = match opts.window {
+            Some(w) => match input.recv_timeout(w.saturating_sub(last_window.elapsed())) {
+                Ok(b) => Some(b),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            },
+            None => match input.recv() {
+                Ok(b) => Some(b),
+                Err(_) => break,
+            },
+        };
+        if let Some(w) = opts.window
+            && last_window.elapsed() >= w
+        {
+            let (mut out, mut coord) = (MessageCollector::default(), TaskCoordinator::default());
+            task.window(&mut state, &mut out, &mut coord)?;
+            last_window = Instant::now();
+        }
+        let Some(batch) = batch else { continue };
+        for env in batch {
+            if env.offset < offset {
+                continue; // already in the state (the source re-sent it)
+            }
+            let (mut out, mut coord) = (MessageCollector::default(), TaskCoordinator::default());
+            task.process(&env, &mut state, &mut out, &mut coord)?;
+            quarantined += out.dead.len() as u64;
+            dead.append(&mut out.dead);
+            processed += 1;
+            offset = env.offset + 1;
+            since += 1;
+            if since >= opts.commit_every || coord.commit.is_some() || coord.shutdown.is_some() {
+                task.flush(&mut state);
+                checkpoint(offset, processed, quarantined, &mut state, &mut dead)?;
+                report.checkpoints += 1;
+                since = 0;
+            }
+            if matches!(coord.shutdown, Some(Scope::CurrentTask | Scope::AllTasks)) {
+                report.shut_down = true;
+                break 'outer;
+            }
+        }
+    }
+    if !report.shut_down {
+        let mut out = MessageCollector::default();
+        task.on_end_of_stream(&mut state, &mut out)?;
+        quarantined += out.dead.len() as u64;
+        dead.append(&mut out.dead);
+    }
+    task.flush(&mut state);
+    checkpoint(offset, processed, quarantined, &mut state, &mut dead)?;
+    report.checkpoints += 1;
+    task.close();
+    Ok(PartitionReport {
+        offset,
+        processed,
+        quarantined,
+        ..report
+    })
+}

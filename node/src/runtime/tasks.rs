@@ -1,0 +1,204 @@
+//! Built-in tasks.
+
+use super::{Envelope, KvState, MessageCollector, StreamTask, TaskCoordinator, TaskError};
+
+/// Count, sum and sum of squares of chosen numeric columns of CSV rows: the statistics a
+/// study's standardization needs. A row with a missing or non-numeric value in a chosen
+/// column is quarantined with the column and the value.
+pub struct ColumnStats {
+    /// (index in the row, column name) of each chosen column.
+    columns: Vec<(usize, String)>,
+    count: u64,
+    sum: Vec<f64>,
+    sum_sq: Vec<f64>,
+    values: Vec<f64>,
+}
+
+impl ColumnStats {
+    /// Tracks `chosen` columns of rows with `header`; a chosen column missing from the
+    /// header is an error naming it.
+    pub fn new(header: &[String], chosen: &[&str]) -> Result<ColumnStats, TaskError> {
+        let columns = chosen
+            .iter()
+            .map(|c| {
+                header
+                    .iter()
+                    .position(|h| h == c)
+                    .map(|i| (i, c.to_string()))
+                    .ok_or_else(|| TaskError {
+                        task: "column-stats".into(),
+                        detail: format!("no column named '{c}' (columns: {})", header.join(", ")),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let n = columns.len();
+        Ok(ColumnStats {
+            columns,
+            count: 0,
+            sum: vec![0.0; n],
+            sum_sq: vec![0.0; n],
+            values: vec![0.0; n],
+        })
+    }
+
+    /// (count, sums, sums of squares) from a state.
+    pub fn read(state: &KvState, columns: usize) -> (u64, Vec<f64>, Vec<f64>) {
+        let f = |k: String| {
+            state
+                .get(k.as_bytes())
+                .and_then(|v| v.try_into().ok())
+                .map_or(0.0, f64::from_be_bytes)
+        };
+        let sums = (0..columns).map(|j| f(format!("sum/{j}"))).collect();
+        let squares = (0..columns).map(|j| f(format!("sum_sq/{j}"))).collect();
+        (state.get_u64(b"count"), sums, squares)
+    }
+}
+
+impl StreamTask for ColumnStats {
+    fn init(&mut self, state: &mut KvState) -> Result<(), TaskError> {
+        (self.count, self.sum, self.sum_sq) = ColumnStats::read(state, self.columns.len());
+        Ok(())
+    }
+
+    fn process(
+        &mut self,
+        env: &Envelope,
+        _state: &mut KvState,
+        out: &mut MessageCollector,
+        _coord: &mut TaskCoordinator,
+    ) -> Result<(), TaskError> {
+        let line = match std::str::from_utf8(&env.payload) {
+            Ok(l) => l,
+            Err(_) => {
+                out.dead_letter(env, "not UTF-8 text");
+                return Ok(());
+            }
+        };
+        let fields: Vec<&str> = line.split(',').collect();
+        for (slot, (i, name)) in self.columns.iter().enumerate() {
+            let raw = fields.get(*i).map_or("", |f| f.trim());
+            match raw.parse::<f64>() {
+                Ok(v) if v.is_finite() => self.values[slot] = v,
+                _ => {
+                    out.dead_letter(
+                        env,
+                        format!("column '{name}': not a number (value {raw:?})"),
+                    );
+                    return Ok(());
+                }
+            }
+        }
+        self.count += 1;
+        for (j, v) in self.values.iter().enumerate() {
+            self.sum[j] += v;
+            self.sum_sq[j] += v * v;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, state: &mut KvState) {
+        state.put_u64(b"count", self.count);
+        for j in 0..self.columns.len() {
+            state.put(
+                format!("sum/{j}").as_bytes(),
+                self.sum[j].to_be_bytes().to_vec(),
+            );
+            state.put(
+                format!("sum_sq/{j}").as_bytes(),
+                self.sum_sq[j].to_be_bytes().to_vec(),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use medfed_infra::store::{self, Backend};
+
+    use super::super::{RunOptions, csv_source, restore, run_partition};
+    use super::*;
+
+    fn csv(dir: &std::path::Path) -> std::path::PathBuf {
+        let p = dir.join("site.csv");
+        let mut text = String::from("glu,bmi,type\n");
+        for i in 0..1000 {
+            if i == 500 {
+                text.push_str("NA,30.1,No\n");
+            } else {
+                text.push_str(&format!("{},{}.5,Yes\n", 80 + i % 100, 20 + i % 15));
+            }
+        }
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn run(
+        store: Arc<dyn store::Store>,
+        path: &std::path::Path,
+        commit_every: u64,
+    ) -> super::super::PartitionReport {
+        let (offset, ..) = restore(&*store, "site", 0).unwrap();
+        let (header, rx) = csv_source::read(path, "site", 0, offset).unwrap();
+        let task = ColumnStats::new(&header, &["glu", "bmi"]).unwrap();
+        run_partition(
+            Box::new(task),
+            store,
+            "site",
+            0,
+            rx,
+            &RunOptions {
+                commit_every,
+                window: None,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn bad_rows_are_quarantined_with_the_reason_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = csv(dir.path());
+        let store: Arc<dyn store::Store> =
+            Arc::from(store::open(Backend::DEFAULT, &dir.path().join("state")).unwrap());
+        let report = run(store.clone(), &path, 100);
+        assert_eq!(
+            (report.offset, report.processed, report.quarantined),
+            (1000, 1000, 1)
+        );
+        let (.., state, _, _) = restore(&*store, "site", 0).unwrap();
+        let (count, sum, _) = ColumnStats::read(&state, 2);
+        assert_eq!(count, 999);
+        let want: f64 = (0..1000)
+            .filter(|i| *i != 500)
+            .map(|i| f64::from(80 + i % 100))
+            .sum();
+        assert_eq!(sum[0], want);
+        let dead = store.scan("dead-letter/site/0").unwrap();
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].0, 500u64.to_be_bytes().to_vec());
+        assert_eq!(
+            String::from_utf8_lossy(&dead[0].1),
+            "column 'glu': not a number (value \"NA\")"
+        );
+        // Running again reads nothing new and changes nothing.
+        let again = run(store.clone(), &path, 100);
+        assert_eq!((again.offset, again.processed), (1000, 1000));
+        let (.., state, _, _) = restore(&*store, "site", 0).unwrap();
+        assert_eq!(ColumnStats::read(&state, 2).0, 999);
+    }
+
+    #[test]
+    fn a_missing_column_is_named() {
+        let err = ColumnStats::new(&["a".into(), "b".into()], &["glu"])
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .contains("no column named 'glu' (columns: a, b)"),
+            "{err}"
+        );
+    }
+}
