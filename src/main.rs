@@ -8,6 +8,7 @@ mod alloc_meter;
 mod audit;
 mod bench;
 mod bench_audit;
+mod bench_ingest;
 mod bench_secagg;
 mod bench_store;
 mod demo;
@@ -159,6 +160,8 @@ enum BenchCommand {
     Audit(bench_audit::AuditArgs),
     /// The store backends side by side (checkpoint latency, batch throughput).
     Store(bench_store::StoreArgs),
+    /// Ingest throughput: CSV → parse → task → state, checkpointing every 10,000 records.
+    Ingest(bench_ingest::IngestArgs),
 }
 
 fn main() -> ExitCode {
@@ -180,6 +183,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Secagg(args)) => bench_secagg::secagg(args),
         Command::Bench(BenchCommand::Audit(args)) => bench_audit::audit(args),
         Command::Bench(BenchCommand::Store(args)) => bench_store::store(args),
+        Command::Bench(BenchCommand::Ingest(args)) => bench_ingest::ingest(args),
         Command::Audit(AuditCommand::Verify(args)) => audit::verify(args),
         Command::Audit(AuditCommand::Report(args)) => audit::report(args),
         Command::Audit(AuditCommand::Reconcile(args)) => audit::reconcile(args),
