@@ -12,6 +12,7 @@
 //! with the reason; they are counted and never stop the partition.
 
 pub mod csv_source;
+pub mod fhir_source;
 mod runner;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -1,0 +1,328 @@
+//! The FHIR R4 NDJSON connector (a Bulk Data export: `Patient.ndjson`,
+//! `Observation.ndjson`, `Condition.ndjson`). A mapping turns coded observations into
+//! feature columns (e.g. LOINC 2345-7 glucose → `glu`) and a condition into the target; each
+//! patient becomes one record, emitted as a CSV row with the mapping's columns, so the same
+//! tasks serve CSV and FHIR inputs. A patient's offset is its position in `Patient.ndjson`.
+//!
+//! Bulk exports are grouped by resource type, not by patient: the observations are joined in
+//! memory (one value per feature per patient), which suits site extracts of up to a few
+//! million observations.
+
+use std::collections::HashMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, sync_channel};
+
+use serde::{Deserialize, Serialize};
+
+use super::Envelope;
+
+/// How FHIR resources map to a record's columns.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FhirMapping {
+    /// Observation codes to feature columns, in column order.
+    pub features: Vec<CodedColumn>,
+    /// The target column: "Yes" when the patient has a Condition with this code, else "No".
+    pub target: Option<CodedColumn>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CodedColumn {
+    pub column: String,
+    pub system: String,
+    pub code: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FhirError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}, line {line}: {why}")]
+    Bad {
+        path: PathBuf,
+        line: usize,
+        why: String,
+    },
+}
+
+#[derive(Deserialize)]
+struct Coding {
+    system: Option<String>,
+    code: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CodeableConcept {
+    #[serde(default)]
+    coding: Vec<Coding>,
+}
+
+#[derive(Deserialize)]
+struct Reference {
+    reference: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Quantity {
+    value: Option<f64>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Resource {
+    resource_type: String,
+    id: Option<String>,
+    code: Option<CodeableConcept>,
+    subject: Option<Reference>,
+    value_quantity: Option<Quantity>,
+}
+
+fn lines(path: &Path) -> Result<Vec<(usize, Resource)>, FhirError> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => {
+            return Err(FhirError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
+    };
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(|source| FhirError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r: Resource = serde_json::from_str(&line).map_err(|e| FhirError::Bad {
+            path: path.to_path_buf(),
+            line: i + 1,
+            why: format!("not a FHIR resource: {e}"),
+        })?;
+        out.push((i + 1, r));
+    }
+    Ok(out)
+}
+
+fn matches(c: &Option<CodeableConcept>, col: &CodedColumn) -> bool {
+    c.as_ref().is_some_and(|c| {
+        c.coding.iter().any(|k| {
+            k.system.as_deref() == Some(&col.system) && k.code.as_deref() == Some(&col.code)
+        })
+    })
+}
+
+fn subject(r: &Resource) -> Option<&str> {
+    r.subject
+        .as_ref()?
+        .reference
+        .as_deref()?
+        .strip_prefix("Patient/")
+}
+
+/// The header of the records this mapping produces.
+pub fn header(mapping: &FhirMapping) -> Vec<String> {
+    mapping
+        .features
+        .iter()
+        .chain(&mapping.target)
+        .map(|c| c.column.clone())
+        .collect()
+}
+
+/// Joins the export in `dir` into records and streams those from patient `from` on. A
+/// feature a patient has no observation for is left empty (the task decides: quarantine or
+/// impute).
+pub fn read(
+    dir: &Path,
+    mapping: &FhirMapping,
+    stream: &str,
+    partition: u32,
+    from: u64,
+) -> Result<(Vec<String>, Receiver<Vec<Envelope>>), FhirError> {
+    let patients = lines(&dir.join("Patient.ndjson"))?;
+    let index: HashMap<String, usize> = patients
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, r))| r.resource_type == "Patient")
+        .filter_map(|(i, (_, r))| r.id.clone().map(|id| (id, i)))
+        .collect();
+    let width = mapping.features.len();
+    let mut values: Vec<Vec<Option<f64>>> = vec![vec![None; width]; patients.len()];
+    let mut target = vec![false; patients.len()];
+    let obs_path = dir.join("Observation.ndjson");
+    for (line, r) in lines(&obs_path)? {
+        if r.resource_type != "Observation" {
+            continue;
+        }
+        let Some(col) = mapping.features.iter().position(|c| matches(&r.code, c)) else {
+            continue;
+        };
+        let Some(&p) = subject(&r).and_then(|s| index.get(s)) else {
+            return Err(FhirError::Bad {
+                path: obs_path,
+                line,
+                why: "an observation of an unknown patient".into(),
+            });
+        };
+        let v = r
+            .value_quantity
+            .as_ref()
+            .and_then(|q| q.value)
+            .ok_or(FhirError::Bad {
+                path: obs_path.clone(),
+                line,
+                why: format!(
+                    "the '{}' observation has no valueQuantity.value",
+                    mapping.features[col].column
+                ),
+            })?;
+        values[p][col] = Some(v);
+    }
+    if let Some(t) = &mapping.target {
+        for (_, r) in lines(&dir.join("Condition.ndjson"))? {
+            if r.resource_type == "Condition"
+                && matches(&r.code, t)
+                && let Some(&p) = subject(&r).and_then(|s| index.get(s))
+            {
+                target[p] = true;
+            }
+        }
+    }
+    let (tx, rx) = sync_channel(16);
+    let stream: Arc<str> = stream.into();
+    let has_target = mapping.target.is_some();
+    std::thread::spawn(move || {
+        let mut batch = Vec::new();
+        for (i, (vals, t)) in values
+            .into_iter()
+            .zip(target)
+            .enumerate()
+            .skip(from as usize)
+        {
+            let mut row: Vec<String> = vals
+                .iter()
+                .map(|v| v.map_or(String::new(), |v| v.to_string()))
+                .collect();
+            if has_target {
+                row.push(if t { "Yes" } else { "No" }.to_string());
+            }
+            batch.push(Envelope {
+                stream: stream.clone(),
+                partition,
+                offset: i as u64,
+                key: None,
+                payload: row.join(",").into_bytes(),
+            });
+            if batch.len() == 1024 && tx.send(std::mem::take(&mut batch)).is_err() {
+                return;
+            }
+        }
+        if !batch.is_empty() {
+            let _ = tx.send(batch);
+        }
+    });
+    Ok((header(mapping), rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pima_mapping() -> FhirMapping {
+        let loinc = |column: &str, code: &str| CodedColumn {
+            column: column.into(),
+            system: "http://loinc.org".into(),
+            code: code.into(),
+        };
+        let local = |column: &str, code: &str| CodedColumn {
+            column: column.into(),
+            system: "urn:medfed:example".into(),
+            code: code.into(),
+        };
+        FhirMapping {
+            features: vec![
+                loinc("npreg", "11996-6"),
+                loinc("glu", "2345-7"),
+                loinc("bp", "8462-4"),
+                local("skin", "triceps-skinfold"),
+                loinc("bmi", "39156-5"),
+                local("ped", "diabetes-pedigree"),
+                loinc("age", "30525-0"),
+            ],
+            target: Some(CodedColumn {
+                column: "type".into(),
+                system: "http://snomed.info/sct".into(),
+                code: "44054006".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn the_fhir_example_gives_the_same_records_as_the_csv() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data");
+        let (fhir_header, rx) =
+            read(&root.join("pima_fhir"), &pima_mapping(), "fhir", 0, 0).unwrap();
+        let fhir: Vec<Envelope> = rx.iter().flatten().collect();
+        let (csv_header, rx) =
+            super::super::csv_source::read(&root.join("pima_tr.csv"), "csv", 0, 0).unwrap();
+        let csv: Vec<Envelope> = rx.iter().flatten().collect();
+        assert_eq!(fhir_header, csv_header);
+        assert_eq!(fhir.len(), 200);
+        assert_eq!(fhir.len(), csv.len());
+        let parse = |e: &Envelope| -> Vec<String> {
+            String::from_utf8_lossy(&e.payload)
+                .split(',')
+                .map(|f| f.parse::<f64>().map_or(f.to_string(), |v| v.to_string()))
+                .collect()
+        };
+        for (f, c) in fhir.iter().zip(&csv) {
+            assert_eq!(f.offset, c.offset);
+            assert_eq!(parse(f), parse(c), "patient {}", f.offset);
+        }
+        // Resuming from a patient offset.
+        let (_, rx) = read(&root.join("pima_fhir"), &pima_mapping(), "fhir", 0, 150).unwrap();
+        assert_eq!(
+            rx.iter().flatten().map(|e| e.offset).collect::<Vec<_>>(),
+            (150..200).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn bad_resources_are_named_by_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("Patient.ndjson"),
+            "{\"resourceType\":\"Patient\",\"id\":\"a\"}\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("Observation.ndjson"), "{\"resourceType\":\"Observation\",\"code\":{\"coding\":[{\"system\":\"http://loinc.org\",\"code\":\"2345-7\"}]},\"subject\":{\"reference\":\"Patient/zz\"},\"valueQuantity\":{\"value\":1}}\n").unwrap();
+        let err = read(dir.path(), &pima_mapping(), "f", 0, 0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("Observation.ndjson, line 1: an observation of an unknown patient"),
+            "{err}"
+        );
+        std::fs::write(dir.path().join("Observation.ndjson"), "not json\n").unwrap();
+        let err = read(dir.path(), &pima_mapping(), "f", 0, 0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("Observation.ndjson, line 1: not a FHIR resource"),
+            "{err}"
+        );
+    }
+}
