@@ -13,12 +13,15 @@
 
 pub mod csv_source;
 pub mod fhir_source;
+pub mod jetstream_source;
 mod runner;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-pub use runner::{PartitionReport, RunOptions, RuntimeError, restore, run_partition};
+pub use runner::{
+    PartitionReport, RunOptions, RuntimeError, restore, run_partition, run_partition_with,
+};
 pub use tasks::ColumnStats;
 
 mod tasks;

@@ -76,12 +76,26 @@ pub fn restore(
 /// Runs `task` over the envelopes of one partition, read from `input` (which the caller
 /// started at the offset [`restore`] returned), checkpointing into `store`.
 pub fn run_partition(
+    task: Box<dyn StreamTask>,
+    store: Arc<dyn Store>,
+    stream: &str,
+    partition: u32,
+    input: Receiver<Vec<Envelope>>,
+    opts: &RunOptions,
+) -> Result<PartitionReport, RuntimeError> {
+    run_partition_with(task, store, stream, partition, input, opts, &|_| {})
+}
+
+/// As [`run_partition`], calling `on_checkpoint(offset)` after each durable checkpoint (a
+/// source acknowledges its input from there).
+pub fn run_partition_with(
     mut task: Box<dyn StreamTask>,
     store: Arc<dyn Store>,
     stream: &str,
     partition: u32,
     input: Receiver<Vec<Envelope>>,
     opts: &RunOptions,
+    on_checkpoint: &dyn Fn(u64),
 ) -> Result<PartitionReport, RuntimeError> {
     let (mut offset, mut state, mut processed, mut quarantined) =
         restore(&*store, stream, partition)?;
@@ -149,6 +163,7 @@ pub fn run_partition(
             if env.offset < offset {
                 continue; // already in the state (the source re-sent it)
             }
+            // Offsets may skip (a JetStream partition's stream sequences do).
             let (mut out, mut coord) = (MessageCollector::default(), TaskCoordinator::default());
             task.process(&env, &mut state, &mut out, &mut coord)?;
             quarantined += out.dead.len() as u64;
@@ -159,6 +174,7 @@ pub fn run_partition(
             if since >= opts.commit_every || coord.commit.is_some() || coord.shutdown.is_some() {
                 task.flush(&mut state);
                 checkpoint(offset, processed, quarantined, &mut state, &mut dead)?;
+                on_checkpoint(offset);
                 report.checkpoints += 1;
                 since = 0;
             }
@@ -176,6 +192,7 @@ pub fn run_partition(
     }
     task.flush(&mut state);
     checkpoint(offset, processed, quarantined, &mut state, &mut dead)?;
+    on_checkpoint(offset);
     report.checkpoints += 1;
     task.close();
     Ok(PartitionReport {

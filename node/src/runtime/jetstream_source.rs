@@ -1,0 +1,172 @@
+//! The NATS JetStream connector: a durable pull consumer per partition.
+//!
+//! Partitions map to subjects: partition `p` of dataset `d` is subject `medfed.<d>.<p>` in
+//! one stream, and each partition has its own durable consumer (`<durable>-p<p>`) filtered to
+//! its subject. Several node worker processes share a stream by owning different partitions
+//! (worker `k` of `n` takes the partitions `p` with `p % n == k`).
+//!
+//! A message's offset is its stream sequence. A message is acknowledged only after the
+//! checkpoint that covers it is durable (acknowledging the last one acknowledges all before it:
+//! `AckPolicy::All`); a worker killed before that gets the messages again after `ack_wait`,
+//! and skips those its checkpoint already holds. So every message lands in the state exactly
+//! once.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, sync_channel};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull};
+use futures_util::StreamExt;
+
+use super::Envelope;
+
+/// Where one partition comes from.
+#[derive(Debug, Clone)]
+pub struct JetStreamPartition {
+    /// `nats://host:port`.
+    pub url: String,
+    pub stream: String,
+    /// The partition's subject, e.g. `medfed.pima.3`.
+    pub subject: String,
+    /// The durable consumer's name (one per partition).
+    pub durable: String,
+    /// How long the server waits for an acknowledgement before redelivering.
+    pub ack_wait: Duration,
+    /// Stop when no message arrived for this long (bounded ingestion); `None` runs forever.
+    pub idle_exit: Option<Duration>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("JetStream {what} ({url}): {detail}")]
+pub struct JetStreamError {
+    pub url: String,
+    pub what: &'static str,
+    pub detail: String,
+}
+
+/// Connects, binds the durable consumer and starts fetching. Returns the envelopes and the
+/// sender on which the runner reports each durable checkpoint's offset (so the source can
+/// acknowledge the messages it covers).
+pub async fn subscribe(
+    p: &JetStreamPartition,
+    stream_name: &str,
+    partition: u32,
+    resume_from: u64,
+) -> Result<
+    (
+        Receiver<Vec<Envelope>>,
+        tokio::sync::mpsc::UnboundedSender<u64>,
+    ),
+    JetStreamError,
+> {
+    let fail = |what: &'static str| {
+        let url = p.url.clone();
+        move |e: &dyn std::fmt::Display| JetStreamError {
+            url: url.clone(),
+            what,
+            detail: e.to_string(),
+        }
+    };
+    let client = async_nats::connect(&p.url)
+        .await
+        .map_err(|e| fail("connect")(&e))?;
+    let js = jetstream::new(client);
+    let stream = js
+        .get_stream(&p.stream)
+        .await
+        .map_err(|e| fail("stream")(&e))?;
+    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
+        .get_or_create_consumer(
+            &p.durable,
+            pull::Config {
+                durable_name: Some(p.durable.clone()),
+                filter_subject: p.subject.clone(),
+                ack_policy: AckPolicy::All,
+                ack_wait: p.ack_wait,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| fail("consumer")(&e))?;
+    let (tx, rx) = sync_channel::<Vec<Envelope>>(16);
+    let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    let name: Arc<str> = stream_name.into();
+    let idle_exit = p.idle_exit;
+    tokio::spawn(async move {
+        // Delivered, not yet acknowledged messages, by stream sequence.
+        let mut pending: BTreeMap<u64, jetstream::Message> = BTreeMap::new();
+        // Everything below this is in a durable checkpoint.
+        let mut durable = resume_from;
+        // The highest sequence handed to the runner; redeliveries at or below it are not
+        // handed over again.
+        let mut max_seen = resume_from.saturating_sub(1);
+        let mut last_new = Instant::now();
+        async fn ack_below(pending: &mut BTreeMap<u64, jetstream::Message>, offset: u64) {
+            let covered: Vec<u64> = pending.range(..offset).map(|(s, _)| *s).collect();
+            // With AckPolicy::All, acknowledging the last covered message covers the rest.
+            if let Some(last) = covered.last().and_then(|s| pending.get(s)) {
+                let _ = last.ack().await;
+            }
+            for s in covered {
+                pending.remove(&s);
+            }
+        }
+        loop {
+            while let Ok(offset) = ack_rx.try_recv() {
+                durable = durable.max(offset);
+                ack_below(&mut pending, durable).await;
+            }
+            let Ok(batch) = consumer
+                .fetch()
+                .max_messages(500)
+                .expires(Duration::from_millis(300))
+                .messages()
+                .await
+            else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let msgs: Vec<jetstream::Message> =
+                batch.filter_map(|m| async move { m.ok() }).collect().await;
+            let mut envs = Vec::with_capacity(msgs.len());
+            for m in msgs {
+                let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
+                    continue;
+                };
+                if seq > max_seen {
+                    envs.push(Envelope {
+                        stream: name.clone(),
+                        partition,
+                        offset: seq,
+                        key: None,
+                        payload: m.payload.to_vec(),
+                    });
+                    max_seen = seq;
+                    last_new = Instant::now();
+                }
+                // Kept (or refreshed, for a redelivery) until a checkpoint covers it.
+                pending.insert(seq, m);
+            }
+            // Redeliveries of what a checkpoint already holds are acknowledged at once.
+            ack_below(&mut pending, durable).await;
+            if envs.is_empty() {
+                if idle_exit.is_some_and(|d| last_new.elapsed() >= d) || ack_rx.is_closed() {
+                    break;
+                }
+                continue;
+            }
+            // The runner's channel is bounded: wait here (without stalling the runtime's
+            // other tasks) when it is full.
+            if tokio::task::block_in_place(|| tx.send(envs)).is_err() {
+                break;
+            }
+        }
+        // Final acknowledgements after the runner's last checkpoint.
+        drop(tx);
+        while let Some(offset) = ack_rx.recv().await {
+            ack_below(&mut pending, offset).await;
+        }
+    });
+    Ok((rx, ack_tx))
+}
