@@ -132,6 +132,20 @@ enum NodeCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run the node's ingestion pipelines (`[[ingest]]`) until their inputs end.
+    Ingest {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Where each ingestion partition stands: offset, lag, records processed and
+    /// quarantined, last checkpoint.
+    Status {
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Approve a study for this site, by the hash in its refusal (or in the node's log).
     Approve {
         #[arg(long)]
@@ -178,6 +192,11 @@ fn main() -> ExitCode {
             run_node(config)
         }
         Command::Node(NodeCommand::Approve { config, study }) => approve_study(config, &study),
+        Command::Node(NodeCommand::Ingest { config }) => {
+            logging::init_stderr(&cli.log_format);
+            node_ingest(config)
+        }
+        Command::Node(NodeCommand::Status { config, json }) => node_status(config, json),
         Command::Model(ModelCommand::Evaluate(args)) => evaluate::run(args),
         Command::Bench(BenchCommand::Transport(args)) => bench::transport(args),
         Command::Bench(BenchCommand::Secagg(args)) => bench_secagg::secagg(args),
@@ -300,6 +319,62 @@ fn run_aggregator(config: PathBuf) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+fn node_ingest(config: PathBuf) -> anyhow::Result<()> {
+    let cfg = medfed_node::config::NodeConfig::load(&config)?;
+    if cfg.ingests.is_empty() {
+        anyhow::bail!("{}: no [[ingest]] pipeline configured", config.display());
+    }
+    let store = medfed_node::ingest::open_store(&cfg.state)?;
+    runtime()?.block_on(async {
+        for ing in &cfg.ingests {
+            for (p, r) in medfed_node::ingest::run(ing, store.clone()).await? {
+                println!(
+                    "{} partition {p}: offset {}, processed {}, quarantined {}, checkpoints {}",
+                    ing.stream, r.offset, r.processed, r.quarantined, r.checkpoints
+                );
+            }
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn node_status(config: PathBuf, json: bool) -> anyhow::Result<()> {
+    let cfg = medfed_node::config::NodeConfig::load(&config)?;
+    let store = medfed_node::ingest::open_store(&cfg.state)?;
+    let rows = medfed_node::ingest::status(&cfg.ingests, &*store)?;
+    if json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({"stream": r.stream, "partition": r.partition, "offset": r.offset, "lag": r.lag,
+                    "processed": r.processed, "quarantined": r.quarantined, "last_checkpoint_ms": r.last_checkpoint_ms})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("site '{}', state in {}", cfg.site, cfg.state.dir.display());
+    println!(
+        "\n{:<16} {:>9} {:>10} {:>8} {:>11} {:>12}  {}",
+        "stream", "partition", "offset", "lag", "processed", "quarantined", "last checkpoint"
+    );
+    println!("{}", "-".repeat(96));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for r in rows {
+        let last = r.last_checkpoint_ms.map_or("never".to_string(), |t| {
+            format!("{:.0} s ago", now.saturating_sub(t) as f64 / 1000.0)
+        });
+        let lag = r.lag.map_or("-".to_string(), |l| l.to_string());
+        println!(
+            "{:<16} {:>9} {:>10} {:>8} {:>11} {:>12}  {last}",
+            r.stream, r.partition, r.offset, lag, r.processed, r.quarantined
+        );
+    }
+    Ok(())
 }
 
 fn approve_study(config: PathBuf, study: &str) -> anyhow::Result<()> {

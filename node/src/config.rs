@@ -25,6 +25,12 @@ pub struct NodeConfig {
     pub policy: crate::policy::Policy,
     #[serde(rename = "dataset")]
     pub datasets: Vec<DatasetConfig>,
+    /// The node's durable state (store directory and backend).
+    #[serde(default)]
+    pub state: crate::ingest::StateConfig,
+    /// Ingestion pipelines (`medfed node ingest`).
+    #[serde(default, rename = "ingest")]
+    pub ingests: Vec<crate::ingest::IngestConfig>,
     #[serde(default)]
     pub reconnect: Reconnect,
     /// Largest frame accepted or sent, in bytes.
@@ -100,6 +106,15 @@ impl NodeConfig {
         cfg.tls.resolve(path)?;
         cfg.audit.resolve(path);
         cfg.policy.resolve(path);
+        cfg.state.dir = resolve(path, &cfg.state.dir);
+        for (i, ing) in cfg.ingests.iter_mut().enumerate() {
+            ing.resolve(path);
+            ing.validate().map_err(|why| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: format!("ingest[{i}]"),
+                why,
+            })?;
+        }
         cfg.config_sha256 = file_sha256(path);
         let invalid = |key: String, why: String| ConfigError::Invalid {
             path: path.to_path_buf(),

@@ -123,6 +123,10 @@ pub fn run_partition_with(
         b.put("offsets", &k, &offset.to_be_bytes())?;
         b.put("metrics/processed", &k, &processed.to_be_bytes())?;
         b.put("metrics/quarantined", &k, &quarantined.to_be_bytes())?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        b.put("metrics/checkpoint_ms", &k, &now_ms.to_be_bytes())?;
         for (key, value) in state.take_changes() {
             match value {
                 Some(v) => b.put(&state_ns, &key, &v)?,
