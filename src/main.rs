@@ -357,8 +357,8 @@ fn node_status(config: PathBuf, json: bool) -> anyhow::Result<()> {
     }
     println!("site '{}', state in {}", cfg.site, cfg.state.dir.display());
     println!(
-        "\n{:<16} {:>9} {:>10} {:>8} {:>11} {:>12}  {}",
-        "stream", "partition", "offset", "lag", "processed", "quarantined", "last checkpoint"
+        "\n{:<16} {:>9} {:>10} {:>8} {:>11} {:>12}  last checkpoint",
+        "stream", "partition", "offset", "lag", "processed", "quarantined"
     );
     println!("{}", "-".repeat(96));
     let now = std::time::SystemTime::now()
