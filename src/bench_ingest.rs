@@ -97,6 +97,7 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             &RunOptions {
                 commit_every: 10_000,
                 window: None,
+                signals: None,
             },
         )?;
         let secs = t.elapsed().as_secs_f64();

@@ -403,8 +403,28 @@ fn approve_study(config: PathBuf, study: &str) -> anyhow::Result<()> {
 fn run_node(config: PathBuf) -> anyhow::Result<()> {
     let cfg = medfed_node::config::NodeConfig::load(&config)?;
     let site = cfg.site.clone();
+    let ingests = cfg.ingests.clone();
+    let state = cfg.state.clone();
     let node = medfed_node::Node::new(cfg)?;
-    let exit = runtime()?.block_on(node.run(stop_signal()))?;
+    let rt = runtime()?;
+    // The ingestion pipelines run beside the connection to the aggregator.
+    if !ingests.is_empty() {
+        let store = medfed_node::ingest::open_store(&state)?;
+        for ing in ingests {
+            let store = store.clone();
+            rt.spawn(async move {
+                match medfed_node::ingest::run(&ing, store).await {
+                    Ok(reports) => {
+                        for (p, r) in reports {
+                            tracing::info!(stream = %ing.stream, partition = p, offset = r.offset, processed = r.processed, quarantined = r.quarantined, "ingestion finished");
+                        }
+                    }
+                    Err(e) => tracing::error!("{e}"),
+                }
+            });
+        }
+    }
+    let exit = rt.block_on(node.run(stop_signal()))?;
     match exit {
         medfed_node::NodeExit::StudiesComplete => {
             println!("site '{site}': the aggregator completed all studies")

@@ -134,6 +134,7 @@ fn jetstream_worker() {
                     &RunOptions {
                         commit_every: 200,
                         window: None,
+                        signals: None,
                     },
                     &on_checkpoint,
                 )

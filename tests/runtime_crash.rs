@@ -51,6 +51,7 @@ fn runtime_crash_worker() {
         &RunOptions {
             commit_every: 1000,
             window: None,
+            signals: None,
         },
     )
     .unwrap();

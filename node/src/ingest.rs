@@ -229,6 +229,9 @@ pub async fn run(
         detail,
     };
     let columns: Vec<&str> = cfg.columns.iter().map(String::as_str).collect();
+    // One set of signals per pipeline: a task's AllTasks commit or shutdown reaches every
+    // partition.
+    let signals = Arc::new(crate::runtime::PipelineSignals::default());
     let mut runs = Vec::new();
     for (p, part) in parts(cfg).map_err(fail)? {
         let (offset, ..) = restore(&*store, &cfg.stream, p).map_err(|e| fail(e.to_string()))?;
@@ -258,6 +261,7 @@ pub async fn run(
             RunOptions {
                 commit_every: cfg.commit_every,
                 window: None,
+                signals: Some(signals.clone()),
             },
         );
         runs.push(tokio::task::spawn_blocking(move || {

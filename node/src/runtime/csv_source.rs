@@ -174,6 +174,10 @@ pub fn read_with(
                 return;
             }
             std::thread::sleep(Duration::from_millis(200));
+            // An empty batch finds out whether the task is still there.
+            if tx.send(Vec::new()).is_err() {
+                return;
+            }
         }
     });
     Ok((header, rx))

@@ -20,7 +20,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 pub use runner::{
-    PartitionReport, RunOptions, RuntimeError, restore, run_partition, run_partition_with,
+    PartitionReport, PipelineSignals, RunOptions, RuntimeError, restore, run_partition,
+    run_partition_with,
 };
 pub use tasks::ColumnStats;
 
@@ -159,6 +160,87 @@ impl KvState {
 pub struct TaskError {
     pub task: String,
     pub detail: String,
+}
+
+/// Tasks composed in order: what a task sends to the stream [`NEXT`] is the next task's
+/// input (same stream, partition and offset). The tasks share the partition's state: use
+/// distinct keys.
+pub struct Chain {
+    tasks: Vec<Box<dyn StreamTask>>,
+}
+
+/// The output stream that feeds the next task of a [`Chain`].
+pub const NEXT: &str = "next";
+
+impl Chain {
+    pub fn new(tasks: Vec<Box<dyn StreamTask>>) -> Chain {
+        Chain { tasks }
+    }
+}
+
+impl StreamTask for Chain {
+    fn init(&mut self, state: &mut KvState) -> Result<(), TaskError> {
+        self.tasks.iter_mut().try_for_each(|t| t.init(state))
+    }
+
+    fn process(
+        &mut self,
+        envelope: &Envelope,
+        state: &mut KvState,
+        collector: &mut MessageCollector,
+        coordinator: &mut TaskCoordinator,
+    ) -> Result<(), TaskError> {
+        let mut inputs = vec![envelope.clone()];
+        for task in &mut self.tasks {
+            let mut next = Vec::new();
+            for env in &inputs {
+                let mut out = MessageCollector::default();
+                task.process(env, state, &mut out, coordinator)?;
+                collector.dead.append(&mut out.dead);
+                for (stream, payload) in out.out {
+                    if stream == NEXT {
+                        next.push(Envelope {
+                            payload,
+                            ..env.clone()
+                        });
+                    } else {
+                        collector.out.push((stream, payload));
+                    }
+                }
+            }
+            inputs = next;
+        }
+        Ok(())
+    }
+
+    fn window(
+        &mut self,
+        state: &mut KvState,
+        collector: &mut MessageCollector,
+        coordinator: &mut TaskCoordinator,
+    ) -> Result<(), TaskError> {
+        self.tasks
+            .iter_mut()
+            .try_for_each(|t| t.window(state, collector, coordinator))
+    }
+
+    fn flush(&mut self, state: &mut KvState) {
+        self.tasks.iter_mut().for_each(|t| t.flush(state));
+    }
+
+    fn on_end_of_stream(
+        &mut self,
+        state: &mut KvState,
+        collector: &mut MessageCollector,
+    ) -> Result<(), TaskError> {
+        self.tasks
+            .iter_mut()
+            .try_for_each(|t| t.on_end_of_stream(state, collector))
+    }
+
+    fn close(&mut self) {
+        self.tasks.iter_mut().for_each(|t| t.close());
+    }
 }
 
 /// Samza's low-level task API. One instance per input partition.

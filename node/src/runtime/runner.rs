@@ -1,6 +1,7 @@
 //! Running one task instance over one input partition, with transactional checkpoints.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,8 @@ pub struct RunOptions {
     pub commit_every: u64,
     /// Call the task's `window` this often.
     pub window: Option<Duration>,
+    /// Shared by the partitions of one pipeline, for the `AllTasks` scope.
+    pub signals: Option<Arc<PipelineSignals>>,
 }
 
 impl Default for RunOptions {
@@ -43,8 +46,16 @@ impl Default for RunOptions {
         RunOptions {
             commit_every: 10_000,
             window: None,
+            signals: None,
         }
     }
+}
+
+/// What a task asks of all the tasks of its pipeline (Samza's `AllTasks` scope).
+#[derive(Debug, Default)]
+pub struct PipelineSignals {
+    shutdown: AtomicBool,
+    commits: AtomicU64,
 }
 
 fn key(stream: &str, partition: u32) -> Vec<u8> {
@@ -112,6 +123,10 @@ pub fn run_partition_with(
     let mut dead = Vec::new();
     let mut since = 0u64;
     let mut last_window = Instant::now();
+    let mut commits_seen = opts
+        .signals
+        .as_ref()
+        .map_or(0, |s| s.commits.load(Ordering::Relaxed));
 
     let checkpoint = |offset: u64,
                       processed: u64,
@@ -143,17 +158,17 @@ pub fn run_partition_with(
         store.commit(b)
     };
 
+    // How long to wait for input before looking at the window timer and the pipeline's
+    // signals again.
+    const POLL: Duration = Duration::from_millis(200);
     'outer: loop {
-        let batch = match opts.window {
-            Some(w) => match input.recv_timeout(w.saturating_sub(last_window.elapsed())) {
-                Ok(b) => Some(b),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
-            },
-            None => match input.recv() {
-                Ok(b) => Some(b),
-                Err(_) => break,
-            },
+        let wait = opts
+            .window
+            .map_or(POLL, |w| w.saturating_sub(last_window.elapsed()).min(POLL));
+        let batch = match input.recv_timeout(wait) {
+            Ok(b) => Some(b),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
         };
         if let Some(w) = opts.window
             && last_window.elapsed() >= w
@@ -162,14 +177,48 @@ pub fn run_partition_with(
             task.window(&mut state, &mut out, &mut coord)?;
             last_window = Instant::now();
         }
+        // A task elsewhere in the pipeline asked every task to stop.
+        if batch.is_none()
+            && opts
+                .signals
+                .as_ref()
+                .is_some_and(|s| s.shutdown.load(Ordering::Relaxed))
+        {
+            report.shut_down = true;
+            break;
+        }
         let Some(batch) = batch else { continue };
         for env in batch {
             if env.offset < offset {
                 continue; // already in the state (the source re-sent it)
             }
             // Offsets may skip (a JetStream partition's stream sequences do).
+            // Another task of the pipeline asked all tasks to commit or stop.
+            if let Some(sig) = &opts.signals {
+                let commits = sig.commits.load(Ordering::Relaxed);
+                if commits != commits_seen || sig.shutdown.load(Ordering::Relaxed) {
+                    commits_seen = commits;
+                    task.flush(&mut state);
+                    checkpoint(offset, processed, quarantined, &mut state, &mut dead)?;
+                    on_checkpoint(offset);
+                    report.checkpoints += 1;
+                    since = 0;
+                    if sig.shutdown.load(Ordering::Relaxed) {
+                        report.shut_down = true;
+                        break 'outer;
+                    }
+                }
+            }
             let (mut out, mut coord) = (MessageCollector::default(), TaskCoordinator::default());
             task.process(&env, &mut state, &mut out, &mut coord)?;
+            if let Some(sig) = &opts.signals {
+                if coord.commit == Some(Scope::AllTasks) {
+                    sig.commits.fetch_add(1, Ordering::Relaxed);
+                }
+                if coord.shutdown == Some(Scope::AllTasks) {
+                    sig.shutdown.store(true, Ordering::Relaxed);
+                }
+            }
             quarantined += out.dead.len() as u64;
             dead.append(&mut out.dead);
             processed += 1;

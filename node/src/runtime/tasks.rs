@@ -152,6 +152,7 @@ mod tests {
             &RunOptions {
                 commit_every,
                 window: None,
+                signals: None,
             },
         )
         .unwrap()
@@ -188,6 +189,126 @@ mod tests {
         assert_eq!((again.offset, again.processed), (1000, 1000));
         let (.., state, _, _) = restore(&*store, "site", 0).unwrap();
         assert_eq!(ColumnStats::read(&state, 2).0, 999);
+    }
+
+    /// Passes on rows whose first column is above 100.
+    struct HighFirst;
+
+    impl StreamTask for HighFirst {
+        fn process(
+            &mut self,
+            env: &Envelope,
+            _: &mut KvState,
+            out: &mut MessageCollector,
+            _: &mut TaskCoordinator,
+        ) -> Result<(), TaskError> {
+            let first = String::from_utf8_lossy(&env.payload)
+                .split(',')
+                .next()
+                .unwrap_or("")
+                .parse::<f64>();
+            if first.is_ok_and(|v| v > 100.0) {
+                out.send(super::super::NEXT, env.payload.clone());
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_chain_feeds_one_task_into_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = csv(dir.path());
+        let store: Arc<dyn store::Store> =
+            Arc::from(store::open(Backend::DEFAULT, &dir.path().join("state")).unwrap());
+        let (header, rx) = csv_source::read(&path, "site", 0, 0).unwrap();
+        let chain = super::super::Chain::new(vec![
+            Box::new(HighFirst),
+            Box::new(ColumnStats::new(&header, &["glu", "bmi"]).unwrap()),
+        ]);
+        let report = run_partition(
+            Box::new(chain),
+            store.clone(),
+            "site",
+            0,
+            rx,
+            &RunOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(report.processed, 1000);
+        let (.., state, _, _) = restore(&*store, "site", 0).unwrap();
+        let want = (0..1000)
+            .filter(|i| *i != 500 && 80 + i % 100 > 100)
+            .count() as u64;
+        assert_eq!(ColumnStats::read(&state, 2).0, want);
+    }
+
+    /// Asks every task of the pipeline to stop at its first envelope.
+    struct StopAll;
+
+    impl StreamTask for StopAll {
+        fn process(
+            &mut self,
+            _: &Envelope,
+            _: &mut KvState,
+            _: &mut MessageCollector,
+            c: &mut TaskCoordinator,
+        ) -> Result<(), TaskError> {
+            c.shutdown(super::super::Scope::AllTasks);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn an_all_tasks_shutdown_stops_every_partition() {
+        use super::super::csv_source::{CsvOptions, Partitioning, read_with};
+        let dir = tempfile::tempdir().unwrap();
+        let path = csv(dir.path());
+        let store: Arc<dyn store::Store> =
+            Arc::from(store::open(Backend::DEFAULT, &dir.path().join("state")).unwrap());
+        let signals = Arc::new(super::super::PipelineSignals::default());
+        let opts = RunOptions {
+            commit_every: 100,
+            window: None,
+            signals: Some(signals),
+        };
+        // Partitions 1 and 2 follow their file: without the signal they would never end.
+        let mut runs = Vec::new();
+        for p in 1..3u32 {
+            let (header, rx) = read_with(
+                &path,
+                "site",
+                p,
+                0,
+                &CsvOptions {
+                    partitioning: Partitioning::Whole,
+                    follow: true,
+                },
+            )
+            .unwrap();
+            let (store, opts) = (store.clone(), opts.clone());
+            let task = ColumnStats::new(&header, &["glu"]).unwrap();
+            runs.push(std::thread::spawn(move || {
+                run_partition(Box::new(task), store, "site", p, rx, &opts).unwrap()
+            }));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let (_, rx) = read_with(
+            &path,
+            "site",
+            0,
+            0,
+            &CsvOptions {
+                partitioning: Partitioning::Whole,
+                follow: true,
+            },
+        )
+        .unwrap();
+        let first = run_partition(Box::new(StopAll), store.clone(), "site", 0, rx, &opts).unwrap();
+        assert!(first.shut_down);
+        for r in runs {
+            let report = r.join().unwrap();
+            assert!(report.shut_down, "{report:?}");
+        }
     }
 
     #[test]
