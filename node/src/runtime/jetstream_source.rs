@@ -5,11 +5,12 @@
 //! its subject. Several node worker processes share a stream by owning different partitions
 //! (worker `k` of `n` takes the partitions `p` with `p % n == k`).
 //!
-//! A message's offset is its stream sequence. A message is acknowledged only after the
-//! checkpoint that covers it is durable (acknowledging the last one acknowledges all before it:
-//! `AckPolicy::All`); a worker killed before that gets the messages again after `ack_wait`,
-//! and skips those its checkpoint already holds. So every message lands in the state exactly
-//! once.
+//! A message's offset is its stream sequence. On start the partition's consumer is recreated
+//! to deliver from the first sequence the node's checkpoint does not hold, in order; a message
+//! is acknowledged only after the checkpoint that covers it is durable (acknowledging the last
+//! one acknowledges all before it, `AckPolicy::All`, which is safe because delivery is in
+//! order). A worker killed mid-stream resumes at its checkpoint: every message lands in the
+//! state exactly once.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -76,17 +77,27 @@ pub async fn subscribe(
         .get_stream(&p.stream)
         .await
         .map_err(|e| fail("stream")(&e))?;
+    // Our checkpoint, not the server's acknowledgement state, says where to resume: the
+    // consumer is recreated at each start to deliver, in order, from the first sequence the
+    // checkpoint does not hold. (Resuming from redeliveries instead would bring messages out
+    // of order, and acknowledging "all up to" a later one could drop earlier ones.)
+    let _ = stream.delete_consumer(&p.durable).await;
+    let deliver_policy = if resume_from <= 1 {
+        jetstream::consumer::DeliverPolicy::All
+    } else {
+        jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: resume_from,
+        }
+    };
     let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-        .get_or_create_consumer(
-            &p.durable,
-            pull::Config {
-                durable_name: Some(p.durable.clone()),
-                filter_subject: p.subject.clone(),
-                ack_policy: AckPolicy::All,
-                ack_wait: p.ack_wait,
-                ..Default::default()
-            },
-        )
+        .create_consumer(pull::Config {
+            durable_name: Some(p.durable.clone()),
+            filter_subject: p.subject.clone(),
+            ack_policy: AckPolicy::All,
+            ack_wait: p.ack_wait,
+            deliver_policy,
+            ..Default::default()
+        })
         .await
         .map_err(|e| fail("consumer")(&e))?;
     let (tx, rx) = sync_channel::<Vec<Envelope>>(16);
