@@ -99,9 +99,15 @@ fn kill_many_times(backend: Backend) {
     };
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
     let mut offsets = Vec::new();
-    for _ in 0..50 {
+    for kill in 0..50 {
         let mut child = worker().spawn().unwrap();
-        std::thread::sleep(Duration::from_millis(rng.random_range(10..80)));
+        // The first kills land early, while the store may still be being created.
+        let delay = if kill < 10 {
+            rng.random_range(1..15)
+        } else {
+            rng.random_range(10..80)
+        };
+        std::thread::sleep(Duration::from_millis(delay));
         let _ = child.kill();
         let _ = child.wait();
         offsets.push(check());

@@ -77,7 +77,7 @@ fn crash_many_times(backend: Backend) {
         offset
     };
     let mut offsets = Vec::new();
-    for _ in 0..50 {
+    for kill in 0..50 {
         let mut child = Command::new(&exe)
             .args([
                 "--exact",
@@ -94,7 +94,13 @@ fn crash_many_times(backend: Backend) {
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(rng.random_range(20..120)));
+        // The first kills land early, while the store file may still be being created.
+        let delay = if kill < 10 {
+            rng.random_range(1..15)
+        } else {
+            rng.random_range(20..120)
+        };
+        std::thread::sleep(Duration::from_millis(delay));
         let _ = child.kill(); // SIGKILL
         let _ = child.wait();
         offsets.push(check());

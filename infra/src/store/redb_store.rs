@@ -24,11 +24,29 @@ fn err(path: &Path, e: impl std::fmt::Display) -> StoreError {
 
 impl RedbStore {
     pub fn open(path: &Path) -> Result<RedbStore, StoreError> {
+        if !path.exists() {
+            // A crash while a new database file is being laid out leaves a file redb cannot
+            // open ("invalid data"): build it under a temporary name, with its table, and move
+            // it into place only when complete.
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(".creating");
+            let tmp = PathBuf::from(tmp);
+            let _ = std::fs::remove_file(&tmp);
+            {
+                let db = redb::Database::create(&tmp).map_err(|e| err(&tmp, e))?;
+                let txn = db.begin_write().map_err(|e| err(&tmp, e))?;
+                txn.open_table(KV).map_err(|e| err(&tmp, e))?;
+                txn.commit().map_err(|e| err(&tmp, e))?;
+            }
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| err(&tmp, e))?;
+            std::fs::rename(&tmp, path).map_err(|e| err(path, e))?;
+            if let Some(dir) = path.parent() {
+                let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+            }
+        }
         let db = redb::Database::create(path).map_err(|e| err(path, e))?;
-        // Make sure the table exists so that reads never fail on a new store.
-        let txn = db.begin_write().map_err(|e| err(path, e))?;
-        txn.open_table(KV).map_err(|e| err(path, e))?;
-        txn.commit().map_err(|e| err(path, e))?;
         Ok(RedbStore {
             path: path.to_path_buf(),
             db,
