@@ -121,6 +121,7 @@ pub fn run_partition_with(
         shut_down: false,
     };
     let mut dead = Vec::new();
+    let mut outputs: Vec<(String, u64, Vec<u8>)> = Vec::new();
     let mut since = 0u64;
     let mut last_window = Instant::now();
     let mut commits_seen = opts
@@ -132,7 +133,8 @@ pub fn run_partition_with(
                       processed: u64,
                       quarantined: u64,
                       state: &mut KvState,
-                      dead: &mut Vec<super::DeadLetter>|
+                      dead: &mut Vec<super::DeadLetter>,
+                      outputs: &mut Vec<(String, u64, Vec<u8>)>|
      -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.put("offsets", &k, &offset.to_be_bytes())?;
@@ -155,6 +157,17 @@ pub fn run_partition_with(
                 d.reason.as_bytes(),
             )?;
         }
+        // Records sent to named output streams (alerts, monitoring), durable with the
+        // checkpoint, keyed by input offset and position.
+        for (i, (name, at, payload)) in outputs.drain(..).enumerate() {
+            let mut key = at.to_be_bytes().to_vec();
+            key.extend_from_slice(&(i as u32).to_be_bytes());
+            b.put(
+                &format!("output/{name}/{stream}/{partition}"),
+                &key,
+                &payload,
+            )?;
+        }
         store.commit(b)
     };
 
@@ -175,6 +188,11 @@ pub fn run_partition_with(
         {
             let (mut out, mut coord) = (MessageCollector::default(), TaskCoordinator::default());
             task.window(&mut state, &mut out, &mut coord)?;
+            outputs.extend(
+                out.out
+                    .drain(..)
+                    .map(|(name, payload)| (name, offset, payload)),
+            );
             last_window = Instant::now();
         }
         // A task elsewhere in the pipeline asked every task to stop.
@@ -199,7 +217,14 @@ pub fn run_partition_with(
                 if commits != commits_seen || sig.shutdown.load(Ordering::Relaxed) {
                     commits_seen = commits;
                     task.flush(&mut state);
-                    checkpoint(offset, processed, quarantined, &mut state, &mut dead)?;
+                    checkpoint(
+                        offset,
+                        processed,
+                        quarantined,
+                        &mut state,
+                        &mut dead,
+                        &mut outputs,
+                    )?;
                     on_checkpoint(offset);
                     report.checkpoints += 1;
                     since = 0;
@@ -221,12 +246,22 @@ pub fn run_partition_with(
             }
             quarantined += out.dead.len() as u64;
             dead.append(&mut out.dead);
+            for (name, payload) in out.out.drain(..) {
+                outputs.push((name, env.offset, payload));
+            }
             processed += 1;
             offset = env.offset + 1;
             since += 1;
             if since >= opts.commit_every || coord.commit.is_some() || coord.shutdown.is_some() {
                 task.flush(&mut state);
-                checkpoint(offset, processed, quarantined, &mut state, &mut dead)?;
+                checkpoint(
+                    offset,
+                    processed,
+                    quarantined,
+                    &mut state,
+                    &mut dead,
+                    &mut outputs,
+                )?;
                 on_checkpoint(offset);
                 report.checkpoints += 1;
                 since = 0;
@@ -242,9 +277,21 @@ pub fn run_partition_with(
         task.on_end_of_stream(&mut state, &mut out)?;
         quarantined += out.dead.len() as u64;
         dead.append(&mut out.dead);
+        outputs.extend(
+            out.out
+                .drain(..)
+                .map(|(name, payload)| (name, offset, payload)),
+        );
     }
     task.flush(&mut state);
-    checkpoint(offset, processed, quarantined, &mut state, &mut dead)?;
+    checkpoint(
+        offset,
+        processed,
+        quarantined,
+        &mut state,
+        &mut dead,
+        &mut outputs,
+    )?;
     on_checkpoint(offset);
     report.checkpoints += 1;
     task.close();

@@ -242,6 +242,57 @@ mod tests {
         assert_eq!(ColumnStats::read(&state, 2).0, want);
     }
 
+    /// Sends an alert for every row whose first column is above 170.
+    struct Alerts;
+
+    impl StreamTask for Alerts {
+        fn process(
+            &mut self,
+            env: &Envelope,
+            _: &mut KvState,
+            out: &mut MessageCollector,
+            _: &mut TaskCoordinator,
+        ) -> Result<(), TaskError> {
+            let line = String::from_utf8_lossy(&env.payload).into_owned();
+            if line
+                .split(',')
+                .next()
+                .and_then(|v| v.parse::<f64>().ok())
+                .is_some_and(|v| v > 170.0)
+            {
+                out.send(
+                    "alerts",
+                    format!("glucose above 170 mg/dL: {line}").into_bytes(),
+                );
+            }
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn records_sent_to_an_output_stream_are_kept_with_the_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = csv(dir.path());
+        let store: Arc<dyn store::Store> =
+            Arc::from(store::open(Backend::DEFAULT, &dir.path().join("state")).unwrap());
+        let (_, rx) = csv_source::read(&path, "site", 0, 0).unwrap();
+        run_partition(
+            Box::new(Alerts),
+            store.clone(),
+            "site",
+            0,
+            rx,
+            &RunOptions::default(),
+        )
+        .unwrap();
+        let alerts = store.scan("output/alerts/site/0").unwrap();
+        let want = (0..1000)
+            .filter(|i| *i != 500 && 80 + i % 100 > 170)
+            .count();
+        assert_eq!(alerts.len(), want);
+        assert!(String::from_utf8_lossy(&alerts[0].1).starts_with("glucose above 170 mg/dL: 171,"));
+    }
+
     /// Asks every task of the pipeline to stop at its first envelope.
     struct StopAll;
 
