@@ -80,6 +80,7 @@ enum AuditCommand {
 enum PkiCommand {
     /// Create the consortium CA in DIR/ca (refuses to replace an existing one).
     Init {
+        /// The PKI directory (the CA goes to DIR/ca).
         #[arg(long)]
         dir: PathBuf,
         /// The consortium's name, written into the CA certificate.
@@ -107,6 +108,7 @@ struct IssueRole {
 
 #[derive(Args)]
 struct IssueArgs {
+    /// The PKI directory made by `medfed pki init`.
     #[arg(long)]
     dir: PathBuf,
     #[command(flatten)]
@@ -120,6 +122,7 @@ struct IssueArgs {
 enum RunCommand {
     /// Run with a TOML config file.
     Run {
+        /// The config file (see docs/samples/).
         #[arg(long)]
         config: PathBuf,
     },
@@ -129,17 +132,20 @@ enum RunCommand {
 enum NodeCommand {
     /// Run with a TOML config file.
     Run {
+        /// The node's config file (see docs/samples/node.toml).
         #[arg(long)]
         config: PathBuf,
     },
     /// Run the node's ingestion pipelines (`[[ingest]]`) until their inputs end.
     Ingest {
+        /// The node's config file, with its [[ingest]] pipelines.
         #[arg(long)]
         config: PathBuf,
     },
     /// Where each ingestion partition stands: offset, lag, records processed and
     /// quarantined, last checkpoint.
     Status {
+        /// The node's config file.
         #[arg(long)]
         config: PathBuf,
         /// Print JSON instead of a table.
@@ -148,6 +154,7 @@ enum NodeCommand {
     },
     /// Approve a study for this site, by the hash in its refusal (or in the node's log).
     Approve {
+        /// The node's config file (its [policy] names the approvals file).
         #[arg(long)]
         config: PathBuf,
         /// The study's hash (64 hex digits).
