@@ -138,7 +138,7 @@ enum NodeCommand {
     },
     /// Run the node's ingestion pipelines (`[[ingest]]`) until their inputs end.
     Ingest {
-        /// The node's config file, with its [[ingest]] pipelines.
+        /// The node's config file, with its ingest pipelines.
         #[arg(long)]
         config: PathBuf,
     },
@@ -154,7 +154,7 @@ enum NodeCommand {
     },
     /// Approve a study for this site, by the hash in its refusal (or in the node's log).
     Approve {
-        /// The node's config file (its [policy] names the approvals file).
+        /// The node's config file (its policy section names the approvals file).
         #[arg(long)]
         config: PathBuf,
         /// The study's hash (64 hex digits).
