@@ -482,6 +482,7 @@ fn compare(dir: &Path, final_model: &Path) -> anyhow::Result<Comparison> {
         learning_rate: 0.5,
         l2: 0.01,
         seed: 7,
+        prox_mu: 0.0,
     };
     let w = train_local(
         ModelKind::Logistic,

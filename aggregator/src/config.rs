@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use medfed_infra::config::{AuditFiles, ConfigError, TlsFiles, file_sha256, load_toml, resolve};
-use medfed_protocol::model::{ModelKind, TrainParams};
+use medfed_protocol::model::{ModelKind, ServerOptimizer, TrainParams};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -74,6 +74,10 @@ pub struct StudyConfig {
     pub round_attempts: u32,
     #[serde(default)]
     pub training: TrainingConfig,
+    /// How the round's average becomes the next model: `{ kind = "fed_avg" }` (default) or
+    /// `{ kind = "fed_adam", learning_rate, beta1, beta2, tau }`.
+    #[serde(default = "default_server_optimizer")]
+    pub server_optimizer: ServerOptimizer,
     #[serde(default)]
     pub secure_aggregation: SecureAggregationConfig,
 }
@@ -141,6 +145,9 @@ pub struct TrainingConfig {
     pub l2: f64,
     #[serde(default)]
     pub seed: u64,
+    /// FedProx: weight of the proximal term keeping local training near the global model.
+    #[serde(default)]
+    pub prox_mu: f64,
 }
 
 impl Default for TrainingConfig {
@@ -151,6 +158,7 @@ impl Default for TrainingConfig {
             learning_rate: default_learning_rate(),
             l2: default_l2(),
             seed: 0,
+            prox_mu: 0.0,
         }
     }
 }
@@ -163,8 +171,13 @@ impl TrainingConfig {
             learning_rate: self.learning_rate,
             l2: self.l2,
             seed: self.seed,
+            prox_mu: self.prox_mu,
         }
     }
+}
+
+fn default_server_optimizer() -> ServerOptimizer {
+    ServerOptimizer::FedAvg
 }
 
 fn default_name() -> String {

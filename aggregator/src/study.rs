@@ -267,6 +267,7 @@ impl StudyRunner {
         });
 
         let mut pending: Option<Pending> = None;
+        let mut server_state = medfed_protocol::model::ServerState::default();
         for round in 1..=cfg.rounds {
             let mut attempt = 0;
             let aggregate = loop {
@@ -316,7 +317,9 @@ impl StudyRunner {
                 rows,
                 ..
             } = aggregate;
-            model.weights = weights;
+            model.weights = cfg
+                .server_optimizer
+                .step(&mut server_state, &model.weights, &weights);
             info!(study = %cfg.id, round, sites = sites.len(), train_loss, "round aggregated");
             self.broadcast_result(round, &sites, train_loss);
             pending = Some(Pending {
