@@ -274,7 +274,12 @@ async fn answer_unexpected_stream(
     mut recv: quinn::RecvStream,
     max: u32,
 ) {
-    let (code, reason) = match transport::read_message(&mut recv, max).await {
+    let read = tokio::time::timeout(HELLO_TIMEOUT, transport::read_message(&mut recv, max)).await;
+    let read = read.unwrap_or(Err(TransportError::Timeout {
+        what: "a complete message",
+        after: HELLO_TIMEOUT,
+    }));
+    let (code, reason) = match read {
         Ok(msg) => (
             ErrorCode::UnexpectedMessage,
             format!("the aggregator does not accept a {} here", msg.kind()),

@@ -184,8 +184,8 @@ impl StudyRunner {
                         ..
                     },
                 )) if study_id == cfg.id => {
-                    if training_rows == 0 {
-                        warn!(%site, "accepted with no training rows; site left out");
+                    if training_rows == 0 || training_rows > MAX_ROWS {
+                        warn!(%site, training_rows, "accepted with an implausible number of training rows; site left out");
                         continue;
                     }
                     if !cfg.secure_aggregation.enabled {
@@ -451,7 +451,9 @@ impl StudyRunner {
                 cfg.min_sites
             )
         })?;
-        let rows: u64 = updates.values().map(|u| u.num_samples).sum();
+        let rows: u64 = updates
+            .values()
+            .fold(0u64, |a, u| a.saturating_add(u.num_samples));
         let train_loss = updates
             .values()
             .map(|u| u.train_loss * u.num_samples as f64)
@@ -590,6 +592,12 @@ impl StudyRunner {
     }
 }
 
+/// Largest weight an update may carry.
+const MAX_WEIGHT: f64 = 1e6;
+
+/// Most training rows a site may declare (a bound on its FedAvg weight and on every sum).
+pub(crate) const MAX_ROWS: u64 = 1_000_000_000;
+
 /// Checks a node's update before it can enter the average.
 fn check_update(
     u: &ModelUpdate,
@@ -609,6 +617,11 @@ fn check_update(
     }
     if u.weights.iter().any(|w| !w.is_finite()) || !u.train_loss.is_finite() {
         return Err("non-finite weight or loss".into());
+    }
+    // Standardized-feature models have weights of a few units; a huge one can only be an
+    // attempt to push the average to infinity.
+    if u.weights.iter().any(|w| w.abs() > MAX_WEIGHT) {
+        return Err(format!("a weight beyond ±{MAX_WEIGHT}"));
     }
     if u.num_samples == 0 || u.num_samples > declared_rows {
         return Err(format!(

@@ -161,7 +161,12 @@ pub fn server_endpoint(
     let crypto = QuicServerConfig::try_from(tls)
         .map_err(|e| TransportError::Tls(rustls::Error::General(e.to_string())))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config()));
+    // A node opens one stream (its hello) and answers the aggregator's; it may not open more
+    // at once, nor any one-way stream, so it cannot make the aggregator buffer for it.
+    let mut t = transport_config();
+    t.max_concurrent_bidi_streams(2u8.into())
+        .max_concurrent_uni_streams(0u8.into());
+    config.transport_config(Arc::new(t));
     quinn::Endpoint::server(config, addr).map_err(|source| TransportError::Bind { addr, source })
 }
 
@@ -268,8 +273,21 @@ pub async fn read_message_info(
     let mut header = [0u8; HEADER_BYTES];
     recv.read_exact(&mut header).await.map_err(read_err)?;
     let len = codec::check_frame_length(header, max)?;
-    let mut payload = vec![0u8; len];
-    recv.read_exact(&mut payload).await.map_err(read_err)?;
+    // The buffer grows as bytes arrive: a peer that announces a large frame and sends little
+    // costs little.
+    let mut payload = Vec::with_capacity(len.min(1 << 20));
+    while payload.len() < len {
+        match recv.read_chunk(len - payload.len(), true).await {
+            Ok(Some(chunk)) => payload.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(TransportError::Read(quinn::ReadExactError::FinishedEarly(
+                    payload.len(),
+                )));
+            }
+            Err(quinn::ReadError::ConnectionLost(c)) => return Err(TransportError::Connection(c)),
+            Err(e) => return Err(TransportError::Read(quinn::ReadExactError::ReadError(e))),
+        }
+    }
     let info = FrameInfo::of(&header, &payload);
     Ok((codec::decode_payload(&payload)?, info))
 }

@@ -21,20 +21,45 @@ pub fn log_loss_term(p: f64, y: f64) -> f64 {
     -(y * p.ln() + (1.0 - y) * (1.0 - p).ln())
 }
 
+/// Undefined metrics (NaN, e.g. a sensitivity without positive rows) are written as JSON
+/// `null` and read back as NaN.
+mod nan_as_null {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() {
+            s.serialize_f64(*v)
+        } else {
+            s.serialize_none()
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ClassificationMetrics {
     pub rows: u64,
+    #[serde(with = "nan_as_null")]
     pub log_loss: f64,
+    #[serde(with = "nan_as_null")]
     pub accuracy: f64,
+    #[serde(with = "nan_as_null")]
     pub roc_auc: f64,
+    #[serde(with = "nan_as_null")]
     pub sensitivity: f64,
+    #[serde(with = "nan_as_null")]
     pub specificity: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RegressionMetrics {
     pub rows: u64,
+    #[serde(with = "nan_as_null")]
     pub rmse: f64,
+    #[serde(with = "nan_as_null")]
     pub r2: f64,
 }
 
@@ -400,14 +425,18 @@ impl Evaluation {
             } => {
                 // AUC from histograms: P(score_pos > score_neg) + 0.5 P(same bin).
                 let (n_pos, n_neg) = (
-                    positive_scores.iter().sum::<u64>(),
-                    negative_scores.iter().sum::<u64>(),
+                    positive_scores
+                        .iter()
+                        .fold(0u64, |a, b| a.saturating_add(*b)),
+                    negative_scores
+                        .iter()
+                        .fold(0u64, |a, b| a.saturating_add(*b)),
                 );
                 let mut neg_below = 0u64;
                 let mut wins = 0.0;
                 for (p, n) in positive_scores.iter().zip(negative_scores) {
                     wins += *p as f64 * (neg_below as f64 + 0.5 * *n as f64);
-                    neg_below += n;
+                    neg_below = neg_below.saturating_add(*n);
                 }
                 let auc = if n_pos == 0 || n_neg == 0 {
                     f64::NAN
@@ -421,10 +450,10 @@ impl Evaluation {
                     } else {
                         log_loss_sum / *rows as f64
                     },
-                    accuracy: ratio(tp + tn, *rows),
+                    accuracy: ratio(tp.saturating_add(*tn), *rows),
                     roc_auc: auc,
-                    sensitivity: ratio(*tp, tp + fn_),
-                    specificity: ratio(*tn, tn + fp),
+                    sensitivity: ratio(*tp, tp.saturating_add(*fn_)),
+                    specificity: ratio(*tn, tn.saturating_add(*fp)),
                 })
             }
             Evaluation::Regression {
@@ -461,6 +490,18 @@ impl Evaluation {
 mod tests {
     use super::*;
     use crate::model::ModelKind;
+
+    #[test]
+    fn undefined_metrics_survive_a_json_round_trip() {
+        let m = Metrics::Classification(classification_metrics(&[0.2, 0.4], &[0.0, 0.0]));
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(json.contains("\"sensitivity\":null"), "{json}");
+        let Metrics::Classification(back) = serde_json::from_str::<Metrics>(&json).unwrap() else {
+            panic!()
+        };
+        assert!(back.sensitivity.is_nan() && back.roc_auc.is_nan());
+        assert_eq!(back.accuracy, 1.0);
+    }
 
     #[test]
     fn exact_auc_matches_hand_computation() {
