@@ -14,6 +14,7 @@ mod bench_store;
 mod demo;
 mod evaluate;
 mod logging;
+mod node_cmd;
 mod plots;
 mod report;
 
@@ -130,6 +131,8 @@ enum RunCommand {
 
 #[derive(Subcommand)]
 enum NodeCommand {
+    /// Set up a new node: a commented config and this site's pseudonym key.
+    Init(node_cmd::InitArgs),
     /// Run with a TOML config file.
     Run {
         /// The node's config file (see docs/samples/node.toml).
@@ -152,6 +155,15 @@ enum NodeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Make a new pseudonym key current (older versions are kept).
+    RotateKey {
+        /// The node's config file (`[state] keystore` names the keystore).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Re-identification risk of the de-identified records the node holds (k-anonymity
+    /// over the declared quasi-identifiers).
+    PrivacyReport(node_cmd::PrivacyReportArgs),
     /// Approve a study for this site, by the hash in its refusal (or in the node's log).
     Approve {
         /// The node's config file (its policy section names the approvals file).
@@ -183,6 +195,8 @@ enum BenchCommand {
     Store(bench_store::StoreArgs),
     /// Ingest throughput: CSV → parse → task → state, checkpointing every 10,000 records.
     Ingest(bench_ingest::IngestArgs),
+    /// Pseudonymization throughput beside the raw HMAC-SHA256 rate.
+    Pseudonymize(node_cmd::PseudonymizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -199,6 +213,9 @@ fn main() -> ExitCode {
             run_node(config)
         }
         Command::Node(NodeCommand::Approve { config, study }) => approve_study(config, &study),
+        Command::Node(NodeCommand::Init(args)) => node_cmd::init(args),
+        Command::Node(NodeCommand::RotateKey { config }) => node_cmd::rotate_key(config),
+        Command::Node(NodeCommand::PrivacyReport(args)) => node_cmd::privacy_report(args),
         Command::Node(NodeCommand::Ingest { config }) => {
             logging::init_stderr(&cli.log_format);
             node_ingest(config)
@@ -210,6 +227,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Audit(args)) => bench_audit::audit(args),
         Command::Bench(BenchCommand::Store(args)) => bench_store::store(args),
         Command::Bench(BenchCommand::Ingest(args)) => bench_ingest::ingest(args),
+        Command::Bench(BenchCommand::Pseudonymize(args)) => node_cmd::bench_pseudonymize(args),
         Command::Audit(AuditCommand::Verify(args)) => audit::verify(args),
         Command::Audit(AuditCommand::Report(args)) => audit::report(args),
         Command::Audit(AuditCommand::Reconcile(args)) => audit::reconcile(args),
@@ -336,7 +354,7 @@ fn node_ingest(config: PathBuf) -> anyhow::Result<()> {
     let store = medfed_node::ingest::open_store(&cfg.state)?;
     runtime()?.block_on(async {
         for ing in &cfg.ingests {
-            for (p, r) in medfed_node::ingest::run(ing, store.clone()).await? {
+            for (p, r) in medfed_node::ingest::run(ing, store.clone(), &cfg.state.keystore).await? {
                 println!(
                     "{} partition {p}: offset {}, processed {}, quarantined {}, checkpoints {}",
                     ing.stream, r.offset, r.processed, r.quarantined, r.checkpoints
@@ -418,9 +436,9 @@ fn run_node(config: PathBuf) -> anyhow::Result<()> {
     if !ingests.is_empty() {
         let store = medfed_node::ingest::open_store(&state)?;
         for ing in ingests {
-            let store = store.clone();
+            let (store, keystore) = (store.clone(), state.keystore.clone());
             rt.spawn(async move {
-                match medfed_node::ingest::run(&ing, store).await {
+                match medfed_node::ingest::run(&ing, store, &keystore).await {
                     Ok(reports) => {
                         for (p, r) in reports {
                             tracing::info!(stream = %ing.stream, partition = p, offset = r.offset, processed = r.processed, quarantined = r.quarantined, "ingestion finished");

@@ -10,7 +10,10 @@ const COMMANDS: &[&[&str]] = &[
     &["pki", "init"],
     &["pki", "issue"],
     &["aggregator", "run"],
+    &["node", "init"],
     &["node", "run"],
+    &["node", "rotate-key"],
+    &["node", "privacy-report"],
     &["node", "ingest"],
     &["node", "status"],
     &["node", "approve"],
@@ -23,6 +26,7 @@ const COMMANDS: &[&[&str]] = &[
     &["bench", "audit"],
     &["bench", "store"],
     &["bench", "ingest"],
+    &["bench", "pseudonymize"],
 ];
 
 #[test]

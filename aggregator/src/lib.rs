@@ -136,14 +136,18 @@ impl Aggregator {
     /// Loads the TLS identity and binds the QUIC endpoint.
     pub fn bind(config: AggregatorConfig) -> Result<Aggregator, AggregatorError> {
         let identity = Identity::load(&config.tls.cert, &config.tls.key)?;
-        let audit = Arc::new(AuditLog::open(
+        let mut audit = AuditLog::open(
             &config.audit.log,
             &config.audit.key,
             &config.name,
             "aggregator",
             SOFTWARE,
             &config.config_sha256,
-        )?);
+        )?;
+        if let Some(capture) = &config.audit.capture_sent {
+            audit = audit.capture_sent_frames(capture)?;
+        }
+        let audit = Arc::new(audit);
         let endpoint = transport::server_endpoint(config.listen, &config.tls.ca, identity)?;
         Ok(Aggregator {
             config,

@@ -52,6 +52,8 @@ pub struct AuditLog {
     party: String,
     key: Ed25519KeyPair,
     inner: Mutex<Inner>,
+    /// Where a copy of every frame sent goes (`[audit] capture_sent`).
+    capture: Option<Mutex<std::fs::File>>,
 }
 
 fn now_ms() -> u64 {
@@ -167,6 +169,7 @@ impl AuditLog {
             party: party.to_string(),
             key,
             inner: Mutex::new(inner),
+            capture: None,
         };
         log.record(Event::Start {
             party: party.to_string(),
@@ -287,6 +290,43 @@ fn entry(
     }
 }
 
+impl AuditLog {
+    /// Also appends a copy of every frame this party sends (its bytes as they go into the
+    /// encrypted connection) to `path`, for a privacy review that wants to read exactly what
+    /// left. The copy is re-encoded from the message and checked against the hash of the
+    /// frame that was sent, so it is byte for byte what the peer received.
+    pub fn capture_sent_frames(mut self, path: &Path) -> Result<AuditLog, AuditLogError> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| AuditLogError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
+        self.capture = Some(Mutex::new(file));
+        Ok(self)
+    }
+
+    fn capture(&self, msg: &medfed_protocol::Message, frame: &crate::transport::FrameInfo) {
+        use std::io::Write;
+        let Some(file) = &self.capture else {
+            return;
+        };
+        let bytes = match medfed_protocol::codec::encode_frame(msg, u32::MAX) {
+            Ok(b) if audit::sha256_hex(&b) == frame.sha256 => b,
+            _ => {
+                tracing::error!("a sent frame could not be reproduced for the capture file");
+                return;
+            }
+        };
+        let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = f.write_all(&bytes) {
+            tracing::error!("cannot write the capture of sent frames: {e}");
+        }
+    }
+}
+
 impl crate::transport::Egress for AuditLog {
     fn sent(
         &self,
@@ -294,6 +334,7 @@ impl crate::transport::Egress for AuditLog {
         msg: &medfed_protocol::Message,
         frame: &crate::transport::FrameInfo,
     ) {
+        self.capture(msg, frame);
         if let Err(e) = self.record(Event::Sent(entry(peer, msg, frame))) {
             tracing::error!(log = %self.path.display(), "cannot write the compliance log: {e}");
         }

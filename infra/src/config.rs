@@ -71,6 +71,10 @@ pub struct AuditFiles {
     /// beside it as `<key>.pub` for auditors).
     #[serde(default = "default_audit_key")]
     pub key: PathBuf,
+    /// Append a copy of every frame this party sends to this file (for privacy reviews:
+    /// the exact bytes that left, before encryption). Off by default.
+    #[serde(default)]
+    pub capture_sent: Option<PathBuf>,
 }
 
 fn default_audit_log() -> PathBuf {
@@ -86,6 +90,7 @@ impl Default for AuditFiles {
         AuditFiles {
             log: default_audit_log(),
             key: default_audit_key(),
+            capture_sent: None,
         }
     }
 }
@@ -94,6 +99,9 @@ impl AuditFiles {
     pub fn resolve(&mut self, config_path: &Path) {
         self.log = resolve(config_path, &self.log);
         self.key = resolve(config_path, &self.key);
+        if let Some(c) = &mut self.capture_sent {
+            *c = resolve(config_path, c);
+        }
     }
 }
 

@@ -89,14 +89,18 @@ impl Node {
             tables.insert(d.name.clone(), Arc::new(table));
         }
         let signer = SiteSigner::load(&config.tls.key)?;
-        let audit = Arc::new(AuditLog::open(
+        let mut audit = AuditLog::open(
             &config.audit.log,
             &config.audit.key,
             &config.site,
             "node",
             SOFTWARE,
             &config.config_sha256,
-        )?);
+        )?;
+        if let Some(capture) = &config.audit.capture_sent {
+            audit = audit.capture_sent_frames(capture)?;
+        }
+        let audit = Arc::new(audit);
         let roots = transport::load_roots(&config.tls.ca)?;
         Ok(Node {
             config,

@@ -107,6 +107,7 @@ impl NodeConfig {
         cfg.audit.resolve(path);
         cfg.policy.resolve(path);
         cfg.state.dir = resolve(path, &cfg.state.dir);
+        cfg.state.keystore = resolve(path, &cfg.state.keystore);
         for (i, ing) in cfg.ingests.iter_mut().enumerate() {
             ing.resolve(path);
             ing.validate().map_err(|why| ConfigError::Invalid {

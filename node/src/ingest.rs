@@ -4,6 +4,7 @@
 //! node's store (`[state]`). `medfed node ingest` runs them; `medfed node status` shows
 //! where each partition stands.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,10 +12,40 @@ use std::time::Duration;
 use medfed_infra::store::{self, Backend, Store};
 use serde::{Deserialize, Serialize};
 
+use crate::deid::pseudonym::{Keystore, Pseudonymizer};
+use crate::deid::safe_harbor::Date;
+use crate::deid::{
+    AlertRule, Alerts, Deidentify, DeidentifyConfig, DeriveSpec, Features, FieldClass, FieldSpec,
+    OneHotSpec, Standardization, ValidateClean, WindowSpec,
+};
 use crate::runtime::csv_source::{self, CsvOptions, Partitioning};
 use crate::runtime::fhir_source::{self, FhirMapping};
 use crate::runtime::jetstream_source::{self, JetStreamPartition};
-use crate::runtime::{ColumnStats, RunOptions, restore, run_partition_with};
+use crate::runtime::{
+    Chain, ColumnStats, Envelope, KvState, MessageCollector, NEXT, RunOptions, StreamTask,
+    TaskCoordinator, TaskError, restore, run_partition_with,
+};
+
+/// The output stream of de-identified records, kept in the node's store.
+pub const RECORDS_STREAM: &str = "records";
+
+/// Keeps each de-identified record in the node's store (output stream `records`) and
+/// passes it on.
+struct KeepRecords;
+
+impl StreamTask for KeepRecords {
+    fn process(
+        &mut self,
+        env: &Envelope,
+        _state: &mut KvState,
+        out: &mut MessageCollector,
+        _coord: &mut TaskCoordinator,
+    ) -> Result<(), TaskError> {
+        out.send(RECORDS_STREAM, env.payload.clone());
+        out.send(NEXT, env.payload.clone());
+        Ok(())
+    }
+}
 
 /// `[state]`: where the node keeps its durable state.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -24,10 +55,16 @@ pub struct StateConfig {
     pub dir: PathBuf,
     #[serde(default = "default_backend")]
     pub backend: Backend,
+    /// This site's pseudonym keys (`medfed node init` makes it; mode 0600; never sent).
+    #[serde(default = "default_keystore")]
+    pub keystore: PathBuf,
 }
 
 fn default_state_dir() -> PathBuf {
     "state".into()
+}
+fn default_keystore() -> PathBuf {
+    "keystore/pseudonym-keys.toml".into()
 }
 fn default_backend() -> Backend {
     Backend::DEFAULT
@@ -38,6 +75,7 @@ impl Default for StateConfig {
         StateConfig {
             dir: default_state_dir(),
             backend: default_backend(),
+            keystore: default_keystore(),
         }
     }
 }
@@ -68,8 +106,34 @@ pub struct IngestConfig {
     /// A NATS JetStream source.
     #[serde(default)]
     pub jetstream: Option<JetStreamConfig>,
-    /// The built-in task: count, sum and sum of squares of these numeric columns.
+    /// The built-in task: count, sum and sum of squares of these numeric columns (of the
+    /// de-identified records, when fields are declared).
     pub columns: Vec<String>,
+    /// The input's columns (`[[ingest.field]]`). When declared, every record is validated,
+    /// cleaned and de-identified first, only declared columns go on, and the de-identified
+    /// records are kept in the node's store (stream `records`).
+    #[serde(default, rename = "field")]
+    pub fields: Vec<FieldSpec>,
+    #[serde(default)]
+    pub deidentify: DeidentifyConfig,
+    /// Derived values (`[[ingest.derive]]`), e.g. BMI from weight and height.
+    #[serde(default)]
+    pub derive: Vec<DeriveSpec>,
+    /// One-hot encodings of categories (`[[ingest.one_hot]]`).
+    #[serde(default)]
+    pub one_hot: Vec<OneHotSpec>,
+    /// Standardization by federated statistics (`[ingest.standardize.COLUMN]`).
+    #[serde(default)]
+    pub standardize: BTreeMap<String, Standardization>,
+    /// Per-patient windowed aggregates (`[[ingest.window]]`), to the `features` stream.
+    #[serde(default, rename = "window")]
+    pub windows: Vec<WindowSpec>,
+    /// Alert rules (`[[ingest.alert]]`), to the `alerts` stream; alerts stay in the hospital.
+    #[serde(default, rename = "alert")]
+    pub alerts: Vec<AlertRule>,
+    /// Seconds between window emissions while following an unbounded input.
+    #[serde(default = "default_window_secs")]
+    pub window_secs: u64,
     #[serde(default = "default_commit_every")]
     pub commit_every: u64,
 }
@@ -101,6 +165,9 @@ fn one() -> u32 {
 fn default_commit_every() -> u64 {
     10_000
 }
+fn default_window_secs() -> u64 {
+    10
+}
 fn default_ack_wait() -> u64 {
     30
 }
@@ -114,7 +181,14 @@ pub struct IngestError {
 
 impl IngestConfig {
     pub fn resolve(&mut self, config_path: &Path) {
-        for p in [&mut self.csv, &mut self.fhir].into_iter().flatten() {
+        for p in [
+            &mut self.csv,
+            &mut self.fhir,
+            &mut self.deidentify.restricted_zip3,
+        ]
+        .into_iter()
+        .flatten()
+        {
             *p = medfed_infra::config::resolve(config_path, p);
         }
     }
@@ -135,8 +209,55 @@ impl IngestConfig {
         if self.fhir.is_some() && self.fhir_mapping.is_none() {
             return Err("a fhir source needs a fhir_mapping".into());
         }
-        if self.columns.is_empty() || self.commit_every == 0 || self.partitions == 0 {
-            return Err("needs columns, and commit_every and partitions of at least 1".into());
+        if (self.columns.is_empty() && self.fields.is_empty())
+            || self.commit_every == 0
+            || self.partitions == 0
+        {
+            return Err(
+                "needs columns (or declared fields), and commit_every and partitions of at least 1"
+                    .into(),
+            );
+        }
+        let has = |name: &str| self.fields.iter().any(|f| f.name == name);
+        if !self.fields.is_empty() {
+            let mut seen = std::collections::BTreeSet::new();
+            for f in &self.fields {
+                if !seen.insert(&f.name) {
+                    return Err(format!("field '{}' is declared twice", f.name));
+                }
+            }
+            for c in &self.columns {
+                let derived = self.derive.iter().any(|d| &d.name == c)
+                    || self
+                        .one_hot
+                        .iter()
+                        .any(|h| c.starts_with(&format!("{}_", h.column)));
+                if !has(c) && !derived && !c.ends_with("_missing") {
+                    return Err(format!(
+                        "column '{c}' is neither a declared field nor derived"
+                    ));
+                }
+                if let Some(f) = self.fields.iter().find(|f| &f.name == c)
+                    && matches!(f.class, FieldClass::PatientId | FieldClass::Identifier)
+                {
+                    return Err(format!(
+                        "column '{c}' is an identifier: it is removed, and cannot be counted"
+                    ));
+                }
+            }
+        } else if !(self.derive.is_empty()
+            && self.one_hot.is_empty()
+            && self.standardize.is_empty()
+            && self.windows.is_empty()
+            && self.alerts.is_empty())
+        {
+            return Err(
+                "derive, one_hot, standardize, window and alert need the input's fields declared ([[ingest.field]])"
+                    .into(),
+            );
+        }
+        if self.window_secs == 0 {
+            return Err("window_secs must be at least 1".into());
         }
         if let Some(js) = &self.jetstream
             && (js.workers == 0 || js.worker >= js.workers || js.partitions == 0)
@@ -223,12 +344,21 @@ fn parts(cfg: &IngestConfig) -> Result<Vec<(u32, Part)>, String> {
 pub async fn run(
     cfg: &IngestConfig,
     store: Arc<dyn Store>,
+    keystore: &Path,
 ) -> Result<Vec<(u32, crate::runtime::PartitionReport)>, IngestError> {
     let fail = |detail: String| IngestError {
         stream: cfg.stream.clone(),
         detail,
     };
-    let columns: Vec<&str> = cfg.columns.iter().map(String::as_str).collect();
+    let pseudonymizer = if cfg.fields.iter().any(|f| f.class == FieldClass::PatientId) {
+        Some(
+            Keystore::open(keystore)
+                .map_err(|e| fail(e.to_string()))?
+                .pseudonymizer(),
+        )
+    } else {
+        None
+    };
     // One set of signals per pipeline: a task's AllTasks commit or shutdown reaches every
     // partition.
     let signals = Arc::new(crate::runtime::PipelineSignals::default());
@@ -254,13 +384,14 @@ pub async fn run(
                 (cfg.columns.clone(), rx, Some(acks))
             }
         };
-        let task = ColumnStats::new(&header, &columns).map_err(|e| fail(e.to_string()))?;
+        let task =
+            build_task(cfg, &header, pseudonymizer.as_ref()).map_err(|e| fail(e.to_string()))?;
         let (store, stream, opts) = (
             store.clone(),
             cfg.stream.clone(),
             RunOptions {
                 commit_every: cfg.commit_every,
-                window: None,
+                window: (!cfg.windows.is_empty()).then(|| Duration::from_secs(cfg.window_secs)),
                 signals: Some(signals.clone()),
             },
         );
@@ -270,7 +401,7 @@ pub async fn run(
                     let _ = a.send(offset);
                 }
             };
-            run_partition_with(Box::new(task), store, &stream, p, rx, &opts, &ack).map(|r| (p, r))
+            run_partition_with(task, store, &stream, p, rx, &opts, &ack).map(|r| (p, r))
         }));
     }
     let mut reports = Vec::new();
@@ -282,6 +413,74 @@ pub async fn run(
         );
     }
     Ok(reports)
+}
+
+/// Today's date (UTC), for ages computed from birth dates.
+pub fn today() -> Date {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Date::from_days((secs / 86_400) as i64)
+}
+
+/// The task a pipeline runs on each partition: without declared fields, the column
+/// statistics of CSV rows; with them, validate and clean → de-identify → alerts →
+/// features → keep the records → column statistics.
+pub fn build_task(
+    cfg: &IngestConfig,
+    header: &[String],
+    pseudonymizer: Option<&Pseudonymizer>,
+) -> Result<Box<dyn StreamTask>, TaskError> {
+    let columns: Vec<&str> = cfg.columns.iter().map(String::as_str).collect();
+    if cfg.fields.is_empty() {
+        return Ok(Box::new(ColumnStats::new(header, &columns)?));
+    }
+    let mut tasks: Vec<Box<dyn StreamTask>> = vec![
+        Box::new(ValidateClean::new(header, &cfg.fields)?),
+        Box::new(Deidentify::new(
+            &cfg.fields,
+            &cfg.deidentify,
+            pseudonymizer.cloned(),
+            today(),
+        )?),
+    ];
+    if !cfg.alerts.is_empty() {
+        tasks.push(Box::new(Alerts::new(cfg.alerts.clone())?));
+    }
+    if !(cfg.derive.is_empty()
+        && cfg.one_hot.is_empty()
+        && cfg.standardize.is_empty()
+        && cfg.windows.is_empty())
+    {
+        tasks.push(Box::new(Features::new(
+            cfg.derive.clone(),
+            cfg.one_hot.clone(),
+            cfg.standardize.clone(),
+            cfg.windows.clone(),
+        )?));
+    }
+    tasks.push(Box::new(KeepRecords));
+    tasks.push(Box::new(ColumnStats::over_records(&columns)));
+    Ok(Box::new(Chain::new(tasks)))
+}
+
+/// The de-identified records a pipeline has kept, in input order.
+pub fn kept_records(
+    cfg: &IngestConfig,
+    store: &dyn Store,
+) -> Result<Vec<crate::deid::Record>, IngestError> {
+    let fail = |detail: String| IngestError {
+        stream: cfg.stream.clone(),
+        detail,
+    };
+    let mut out = Vec::new();
+    for (p, _) in parts(cfg).map_err(fail)? {
+        let ns = format!("output/{RECORDS_STREAM}/{}/{p}", cfg.stream);
+        for (_, v) in store.scan(&ns).map_err(|e| fail(e.to_string()))? {
+            out.push(crate::deid::Record::decode(&v).map_err(fail)?);
+        }
+    }
+    Ok(out)
 }
 
 /// One line of `medfed node status`.

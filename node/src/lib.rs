@@ -17,6 +17,7 @@
 pub mod client;
 pub mod config;
 pub mod data;
+pub mod deid;
 pub mod ingest;
 pub mod policy;
 pub mod runtime;

@@ -131,6 +131,17 @@ impl KvState {
         self.map.remove(key);
     }
 
+    /// The entries whose keys start with `prefix`, in key order.
+    pub fn scan_prefix<'a>(
+        &'a self,
+        prefix: &'a [u8],
+    ) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + 'a {
+        self.map
+            .range(prefix.to_vec()..)
+            .take_while(move |(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.as_slice(), v.as_slice()))
+    }
+
     /// A u64 counter (big-endian); 0 when absent.
     pub fn get_u64(&self, key: &[u8]) -> u64 {
         self.get(key)

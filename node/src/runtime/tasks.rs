@@ -12,6 +12,8 @@ pub struct ColumnStats {
     sum: Vec<f64>,
     sum_sq: Vec<f64>,
     values: Vec<f64>,
+    /// Reading de-identified records (`crate::deid::Record`) rather than CSV rows.
+    records: bool,
 }
 
 impl ColumnStats {
@@ -38,7 +40,27 @@ impl ColumnStats {
             sum: vec![0.0; n],
             sum_sq: vec![0.0; n],
             values: vec![0.0; n],
+            records: false,
         })
+    }
+
+    /// Tracks `chosen` fields of the records a de-identification pipeline produces. A
+    /// record without a number in a chosen field is left out of the statistics (it was
+    /// kept, as its missing-value policy said) and counted under `skipped`.
+    pub fn over_records(chosen: &[&str]) -> ColumnStats {
+        let n = chosen.len();
+        ColumnStats {
+            columns: chosen
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (i, c.to_string()))
+                .collect(),
+            count: 0,
+            sum: vec![0.0; n],
+            sum_sq: vec![0.0; n],
+            values: vec![0.0; n],
+            records: true,
+        }
     }
 
     /// (count, sums, sums of squares) from a state.
@@ -55,6 +77,16 @@ impl ColumnStats {
     }
 }
 
+impl ColumnStats {
+    fn add_values(&mut self) {
+        self.count += 1;
+        for (j, v) in self.values.iter().enumerate() {
+            self.sum[j] += v;
+            self.sum_sq[j] += v * v;
+        }
+    }
+}
+
 impl StreamTask for ColumnStats {
     fn init(&mut self, state: &mut KvState) -> Result<(), TaskError> {
         (self.count, self.sum, self.sum_sq) = ColumnStats::read(state, self.columns.len());
@@ -64,10 +96,31 @@ impl StreamTask for ColumnStats {
     fn process(
         &mut self,
         env: &Envelope,
-        _state: &mut KvState,
+        state: &mut KvState,
         out: &mut MessageCollector,
         _coord: &mut TaskCoordinator,
     ) -> Result<(), TaskError> {
+        if self.records {
+            let record = match crate::deid::Record::decode(&env.payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    out.dead_letter(env, e);
+                    return Ok(());
+                }
+            };
+            for (slot, (_, name)) in self.columns.iter().enumerate() {
+                match record.number(name) {
+                    Some(v) if v.is_finite() => self.values[slot] = v,
+                    _ => {
+                        let skipped = state.get_u64(b"skipped");
+                        state.put_u64(b"skipped", skipped + 1);
+                        return Ok(());
+                    }
+                }
+            }
+            self.add_values();
+            return Ok(());
+        }
         let line = match std::str::from_utf8(&env.payload) {
             Ok(l) => l,
             Err(_) => {
@@ -89,11 +142,7 @@ impl StreamTask for ColumnStats {
                 }
             }
         }
-        self.count += 1;
-        for (j, v) in self.values.iter().enumerate() {
-            self.sum[j] += v;
-            self.sum_sq[j] += v * v;
-        }
+        self.add_values();
         Ok(())
     }
 

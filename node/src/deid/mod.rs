@@ -1,0 +1,248 @@
+//! Making records safe to learn from, inside the hospital: cleaning ([`ValidateClean`]),
+//! pseudonymization and Safe Harbor generalisation ([`Deidentify`]), feature engineering
+//! ([`Features`]), real-time alerts ([`Alerts`]), and the re-identification risk report.
+//!
+//! Each is a [`StreamTask`](crate::runtime::StreamTask) declared per `[[ingest]]` pipeline in
+//! `node.toml` (`[[ingest.field]]`, `[[ingest.derive]]`, `[[ingest.window]]`,
+//! `[[ingest.alert]]`). Records travel between them as [`Record`]s; none of these ever
+//! leaves the node: a [`Record`] has no place in any protocol message, and the only
+//! outbound values are aggregates (see `docs/privacy.md`, "Egress").
+
+mod clean;
+mod features;
+pub mod pseudonym;
+pub mod report;
+pub mod safe_harbor;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use clean::{Deidentify, ValidateClean, convert_unit};
+pub use features::{
+    ALERTS_STREAM, AlertRule, Alerts, DeriveSpec, FEATURES_STREAM, Features, Formula, OneHotSpec,
+    Standardization, WindowSpec,
+};
+
+/// The field a [`Deidentify`] task puts a patient's pseudonym in.
+pub const PATIENT: &str = "patient";
+
+/// One value of a record.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    Number(f64),
+    Text(String),
+    Missing,
+}
+
+impl Value {
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Number(x) => Some(*x),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Text(s) => Some(s),
+            _ => None,
+        }
+    }
+}
+
+/// A patient record inside the node. Deliberately not `Serialize`: it cannot be put into a
+/// protocol message, and its only encoding ([`Record::encode`]) is the runtime's internal
+/// one, between tasks and into the node's own store.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Record(pub BTreeMap<String, Value>);
+
+impl Record {
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.0.get(name)
+    }
+
+    pub fn number(&self, name: &str) -> Option<f64> {
+        self.0.get(name).and_then(Value::as_f64)
+    }
+
+    pub fn set(&mut self, name: &str, value: Value) {
+        self.0.insert(name.to_string(), value);
+    }
+
+    pub fn remove(&mut self, name: &str) -> Option<Value> {
+        self.0.remove(name)
+    }
+
+    /// The runtime's encoding between tasks (a JSON object; missing values are null).
+    pub fn encode(&self) -> Vec<u8> {
+        let map: serde_json::Map<String, serde_json::Value> = self
+            .0
+            .iter()
+            .map(|(k, v)| {
+                let j = match v {
+                    Value::Number(x) => serde_json::Number::from_f64(*x)
+                        .map_or(serde_json::Value::Null, serde_json::Value::Number),
+                    Value::Text(s) => serde_json::Value::String(s.clone()),
+                    Value::Missing => serde_json::Value::Null,
+                };
+                (k.clone(), j)
+            })
+            .collect();
+        serde_json::to_vec(&map).expect("a JSON map serializes")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Record, String> {
+        let map: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a record: {e}"))?;
+        let mut r = Record::default();
+        for (k, v) in map {
+            let value = match v {
+                serde_json::Value::Null => Value::Missing,
+                serde_json::Value::Number(n) => Value::Number(n.as_f64().unwrap_or(f64::NAN)),
+                serde_json::Value::String(s) => Value::Text(s),
+                other => return Err(format!("field '{k}': unexpected {other}")),
+            };
+            r.0.insert(k, value);
+        }
+        Ok(r)
+    }
+}
+
+/// What a column is, for de-identification (HIPAA §164.514(b)(2); `docs/privacy.md` maps
+/// the 18 identifier kinds onto these).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FieldClass {
+    /// A clinical value: kept, after cleaning.
+    #[default]
+    Value,
+    /// The patient's identifier (medical record number): replaced by its keyed pseudonym in
+    /// the field `patient`, then removed.
+    PatientId,
+    /// Any other direct identifier (name, address, phone, fax, e-mail, SSN, plan, account
+    /// or licence number, vehicle or device identifier, URL, IP address, biometric, photo,
+    /// any other unique code): removed.
+    Identifier,
+    /// An age in years: ages over 89 become 90.
+    Age,
+    /// A birth date: only the year is kept; years implying an age over 89 are aggregated.
+    BirthDate,
+    /// Any other date about the patient: the year, or shifted by the patient's keyed offset
+    /// (`deidentify.dates`).
+    Date,
+    /// A US ZIP code: its first three digits; restricted areas become 000.
+    Zip,
+}
+
+/// How a value's type is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FieldType {
+    Number,
+    Text,
+}
+
+/// What to do with a missing value.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MissingPolicy {
+    /// Keep the record with the value missing.
+    #[default]
+    Keep,
+    /// Drop the record (it goes to the dead-letter stream with the column and reason).
+    Drop,
+    /// Fill in the mean of the values seen so far.
+    Mean,
+    /// Fill in the median of the values seen so far (to 0.01).
+    Median,
+    /// Fill in 0 and add a field `{name}_missing` that is 1 where the value was missing.
+    Indicator,
+}
+
+/// What to do with a value outside `min..=max`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RangePolicy {
+    /// Quarantine the record (dead-letter stream, with the column, value and range).
+    #[default]
+    Quarantine,
+    /// Replace the value with the nearest bound.
+    Clip,
+}
+
+/// `[[ingest.field]]`: one input column.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldSpec {
+    pub name: String,
+    #[serde(default)]
+    pub class: FieldClass,
+    /// Default: `number` for values and ages without `categories`, `text` for everything
+    /// else.
+    #[serde(default, rename = "type")]
+    pub kind: Option<FieldType>,
+    /// A record without this column's value is quarantined, whatever `missing` says.
+    #[serde(default)]
+    pub required: bool,
+    #[serde(default)]
+    pub missing: MissingPolicy,
+    #[serde(default)]
+    pub min: Option<f64>,
+    #[serde(default)]
+    pub max: Option<f64>,
+    #[serde(default)]
+    pub out_of_range: RangePolicy,
+    /// The unit the extract uses, converted to `to_unit` (e.g. glucose "mmol/L" → "mg/dL").
+    #[serde(default)]
+    pub unit: Option<String>,
+    #[serde(default)]
+    pub to_unit: Option<String>,
+    /// The analyte, where a conversion depends on it (mmol/L → mg/dL: "glucose",
+    /// "cholesterol", "triglycerides").
+    #[serde(default)]
+    pub analyte: Option<String>,
+    /// The allowed values of a text column; anything else is quarantined.
+    #[serde(default)]
+    pub categories: Option<Vec<String>>,
+    /// A quasi-identifier, counted by `medfed node privacy-report` (e.g. ZIP3, birth year,
+    /// sex).
+    #[serde(default)]
+    pub quasi_identifier: bool,
+}
+
+impl FieldSpec {
+    pub fn kind(&self) -> FieldType {
+        self.kind.unwrap_or(match self.class {
+            FieldClass::Value | FieldClass::Age if self.categories.is_none() => FieldType::Number,
+            _ => FieldType::Text,
+        })
+    }
+}
+
+/// How dates other than birth dates are generalised.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DatePolicy {
+    /// Keep the year only (Safe Harbor).
+    #[default]
+    Year,
+    /// Shift every date of a patient by the same keyed offset of up to a year, keeping
+    /// intervals (not Safe Harbor: a limited data set; see `docs/privacy.md`).
+    Shift,
+}
+
+/// `[ingest.deidentify]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeidentifyConfig {
+    #[serde(default)]
+    pub dates: DatePolicy,
+    /// The date ages are computed on for birth dates (default: today).
+    #[serde(default)]
+    pub reference_date: Option<String>,
+    /// A newer list of restricted three-digit ZIP areas (default: the one shipped, from the
+    /// 2000 Census).
+    #[serde(default)]
+    pub restricted_zip3: Option<std::path::PathBuf>,
+}
