@@ -343,7 +343,11 @@ impl Node {
         };
         let data = match StudyData::prepare(table, a) {
             Ok(d) => d,
-            Err(e) => return refuse(e.to_string()),
+            Err(e) => {
+                // The details (value, line, path) stay here; the aggregator gets the kind.
+                warn!(study = %a.study_id, "the study's data cannot be prepared: {e}");
+                return refuse(e.public_reason());
+            }
         };
         if let Err(why) = self.config.policy.check_cohort(data.x_train.nrows() as u64) {
             return refuse(why);

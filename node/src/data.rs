@@ -37,8 +37,31 @@ pub enum DataError {
     },
     #[error("{path}: {rows} rows; a study needs at least 2 (one to train, one to validate)")]
     TooFewRows { path: PathBuf, rows: usize },
+    /// `why` is sent to the aggregator: it never holds a data value.
     #[error("{path}: {why}")]
     Invalid { path: PathBuf, why: String },
+}
+
+impl DataError {
+    /// What the aggregator may be told: the kind of problem and the column, never a value,
+    /// a line number or a local path (those are in the site's own log).
+    pub fn public_reason(&self) -> String {
+        match self {
+            DataError::Io { .. } | DataError::Csv { .. } => {
+                "this site's dataset cannot be read (details in the site's log)".into()
+            }
+            DataError::MissingColumn { column, .. } => {
+                format!("this site's dataset has no column named '{column}'")
+            }
+            DataError::BadValue { column, why, .. } => format!(
+                "this site's dataset has a value in column '{column}' that is {why} (details in the site's log)"
+            ),
+            DataError::TooFewRows { .. } => {
+                "this site's dataset has too few rows for a study".into()
+            }
+            DataError::Invalid { why, .. } => why.clone(),
+        }
+    }
 }
 
 /// A CSV table held in memory: header and raw string records.

@@ -54,6 +54,14 @@ impl Value {
 /// A patient record inside the node. Deliberately not `Serialize`: it cannot be put into a
 /// protocol message, and its only encoding ([`Record::encode`]) is the runtime's internal
 /// one, between tasks and into the node's own store.
+///
+/// Every field of every protocol message is an aggregate, a name or a protocol value; no
+/// message has a field that could hold a record, and this does not compile:
+///
+/// ```compile_fail
+/// fn into_any_message<T: serde::Serialize>(_: &T) {}
+/// into_any_message(&medfed_node::deid::Record::default());
+/// ```
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Record(pub BTreeMap<String, Value>);
 
