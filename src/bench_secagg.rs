@@ -100,14 +100,16 @@ fn measure(
         }
         None => choose_neighbours(n, 0.1, 0.05, 20, 30),
     };
+    let label = format!("bench/{n}/{d}/{drop_pct}");
     let setup = Setup {
-        label: format!("bench/{n}/{d}/{drop_pct}"),
+        graph_seed: Setup::graph_seed_for(&label),
+        label,
         parties: (0..n).map(|i| format!("site-{i:04}")).collect(),
         threshold: t,
         neighbours: k,
-        graph_seed: 11,
         dimension: d as u32,
         quant: QuantParams::for_parties(n, 1.0, 16)?,
+        binding: [0; 32],
     };
     let ids = Identities::new(&setup.parties);
     let dropped = n * drop_pct as usize / 100;

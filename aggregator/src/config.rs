@@ -102,6 +102,11 @@ pub struct SecureAggregationConfig {
     /// Share of sites assumed to collude with the aggregator; sizes SecAgg+ neighbourhoods.
     #[serde(default = "default_expected_corrupt")]
     pub expected_corrupt: f64,
+    /// Sites that may collude with the aggregator without it unmasking any other site's
+    /// update: the threshold is set above (holders + this) / 2. Nodes check it against their
+    /// own policy. More tolerance means fewer dropouts survived.
+    #[serde(default = "default_tolerated_colluders")]
+    pub tolerated_colluders: u32,
 }
 
 impl Default for SecureAggregationConfig {
@@ -112,10 +117,14 @@ impl Default for SecureAggregationConfig {
             scale_bits: default_scale_bits(),
             expected_dropout: default_expected_dropout(),
             expected_corrupt: default_expected_corrupt(),
+            tolerated_colluders: default_tolerated_colluders(),
         }
     }
 }
 
+fn default_tolerated_colluders() -> u32 {
+    1
+}
 fn default_true() -> bool {
     true
 }

@@ -10,7 +10,8 @@ use medfed_infra::identity::{CertificateVerifier, peer_certificate};
 use medfed_infra::transport::{self, TransportError};
 use medfed_protocol::Message;
 use medfed_protocol::messages::{
-    RoundOpen, SecAggFromNode, SecAggToNode, SecureRound, StatisticsOpen,
+    RoundOpen, SecAggFromNode, SecAggToNode, SecureRound, StatisticsOpen, statistics_binding,
+    training_binding,
 };
 use medfed_protocol::model::GlobalModel;
 use medfed_protocol::quant::QuantParams;
@@ -54,25 +55,46 @@ impl StudyRunner {
         sites: Vec<String>,
         dimension: usize,
         quant: QuantParams,
-    ) -> Setup {
+        binding: [u8; 32],
+    ) -> Result<Setup, String> {
         let sa = &self.cfg.secure_aggregation;
         let n = sites.len();
-        let (k, t) = if n <= COMPLETE_GRAPH_UP_TO {
-            ((n - 1) as u32, (n / 2 + 1) as u32)
+        let (mut k, t) = if n <= COMPLETE_GRAPH_UP_TO {
+            ((n - 1) as u32, 0)
         } else {
             choose_neighbours(n, sa.expected_dropout, sa.expected_corrupt, 20, 30)
         };
-        // Never decode fewer inputs than the study's quorum.
-        let t = t.max(self.cfg.min_sites as u32).min(k + 1);
-        Setup {
+        // A decoded sum has at least t contributors, and t is at most the holders of one
+        // site's secrets (k + 1): widen the neighbourhoods until a sum below the quorum
+        // cannot be decoded at all, rather than decoding one and retrying (two sums over
+        // overlapping sites would reveal their difference).
+        let quorum = self.cfg.min_sites.max(2) as u32;
+        if k + 1 < quorum {
+            k = if quorum as usize > n - 1 {
+                (n - 1) as u32
+            } else {
+                let k = quorum - 1;
+                (k + k % 2).min((n - 1) as u32)
+            };
+        }
+        let c = sa.tolerated_colluders;
+        let t = t.max((k + 1 + c) / 2 + 1).max(quorum);
+        if t > k + 1 || k > 254 {
+            return Err(format!(
+                "{n} sites cannot run secure aggregation with a quorum of {quorum} that tolerates {c} colluding site(s): that needs a threshold of {t} among {} holders of each site's secrets (lower secure_aggregation.tolerated_colluders or min_sites)",
+                k + 1
+            ));
+        }
+        Ok(Setup {
+            graph_seed: Setup::graph_seed_for(&label),
             label,
             parties: sites,
             threshold: t,
             neighbours: k,
-            graph_seed: rand::random(),
             dimension: dimension as u32,
             quant,
-        }
+            binding,
+        })
     }
 
     /// Runs one secure aggregation among the connected `participants`; `open` builds the
@@ -83,7 +105,8 @@ impl StudyRunner {
         attempt: u32,
         participants: &BTreeMap<String, Participant>,
         dimension: usize,
-        quant: impl FnOnce(usize) -> Result<QuantParams, String>,
+        // The fixed-point parameters for n parties, and the setup's binding for a scale.
+        round_params: impl FnOnce(usize, f64) -> Result<(QuantParams, [u8; 32]), String>,
         open: impl FnOnce(SecureRound) -> Message,
     ) -> Result<SecureSum, String> {
         let cfg = &self.cfg;
@@ -114,12 +137,14 @@ impl StudyRunner {
             .map_err(|e| e.to_string())?;
         let scale = 1.0 / connected.iter().map(|(_, _, rows)| rows).sum::<u64>() as f64;
         let sites: Vec<String> = connected.iter().map(|(s, ..)| s.clone()).collect();
+        let (quant, binding) = round_params(connected.len(), scale)?;
         let setup = self.secure_setup(
             format!("{}/{round}/{attempt}", cfg.id),
             sites,
             dimension,
-            quant(connected.len())?,
-        );
+            quant,
+            binding,
+        )?;
         let timeout = Duration::from_secs(cfg.round_timeout_secs);
         let start = Instant::now();
         let now_ms = || start.elapsed().as_millis() as u64;
@@ -242,13 +267,20 @@ impl StudyRunner {
                 attempt,
                 participants,
                 update_vector::dimension(cfg.model, width),
-                |n| QuantParams::for_parties(n, sa.clip, sa.scale_bits).map_err(|e| e.to_string()),
+                |n, scale| {
+                    let quant = QuantParams::for_parties(n, sa.clip, sa.scale_bits)
+                        .map_err(|e| e.to_string())?;
+                    Ok((
+                        quant,
+                        training_binding(&cfg.id, round, scale, model, &params),
+                    ))
+                },
                 |secure| {
                     Message::RoundOpen(RoundOpen {
                         study_id: cfg.id.clone(),
                         round,
                         model: model.clone(),
-                        params,
+                        params: params.clone(),
                         deadline_ms: timeout_ms,
                         secure: Some(secure),
                     })
@@ -284,13 +316,14 @@ impl StudyRunner {
                     participants,
                     update_vector::statistics_dimension(d),
                     // The finest fixed point that cannot overflow 64 bits for n parties.
-                    |n| {
+                    |n, scale| {
                         let room = (2f64.powi(62) / (n as f64 * STATISTICS_CLIP))
                             .log2()
                             .floor();
                         let bits = room.clamp(0.0, 24.0) as u8;
-                        QuantParams::for_parties(n, STATISTICS_CLIP, bits)
-                            .map_err(|e| e.to_string())
+                        let quant = QuantParams::for_parties(n, STATISTICS_CLIP, bits)
+                            .map_err(|e| e.to_string())?;
+                        Ok((quant, statistics_binding(&cfg.id, scale)))
                     },
                     |secure| {
                         Message::StatisticsOpen(StatisticsOpen {

@@ -67,6 +67,8 @@ pub struct Node {
     pub(crate) roots: Arc<RootCertStore>,
     /// Secure aggregations in progress, by study and round.
     pub(crate) secure: Mutex<HashMap<(String, u32), crate::secure::Party>>,
+    /// The parties of each (study, round) this site revealed unmasking shares for.
+    pub(crate) revealed: Mutex<HashMap<(String, u32), Vec<String>>>,
     /// The site's compliance log: every message in and out, every study decision.
     pub(crate) audit: Arc<AuditLog>,
 }
@@ -109,6 +111,7 @@ impl Node {
             signer,
             roots,
             secure: Mutex::default(),
+            revealed: Mutex::default(),
             audit,
         })
     }

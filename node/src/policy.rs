@@ -19,6 +19,14 @@ pub struct Policy {
     /// Studies matching every rule here are approved without a per-study approval.
     #[serde(default)]
     pub rules: Option<Rules>,
+    /// Secure aggregation is joined only if this many sites colluding with the aggregator
+    /// cannot unmask this site's update (its threshold must be above (holders + this) / 2).
+    #[serde(default = "default_tolerated_colluders")]
+    pub tolerated_colluders: u32,
+}
+
+fn default_tolerated_colluders() -> u32 {
+    1
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -53,6 +61,7 @@ impl Default for Policy {
         Policy {
             approvals: default_approvals(),
             rules: None,
+            tolerated_colluders: default_tolerated_colluders(),
         }
     }
 }
@@ -197,6 +206,7 @@ mod tests {
         let mut p = Policy {
             approvals: dir.path().join("approved.txt"),
             rules: None,
+            tolerated_colluders: 1,
         };
         let Verdict::Refused(why) = p.decide(&study()) else {
             panic!()
@@ -235,6 +245,7 @@ mod tests {
         let p = Policy {
             approvals: "/nonexistent".into(),
             rules: Some(rules),
+            tolerated_colluders: 1,
         };
         assert!(matches!(p.decide(&study()), Verdict::Approved(_)));
         let mut s = study();

@@ -7,7 +7,8 @@ use std::sync::MutexGuard;
 
 use medfed_infra::identity::CertificateVerifier;
 use medfed_protocol::messages::{
-    RoundOpen, SecAggFromNode, SecAggToNode, SecureRound, StatisticsOpen,
+    RoundOpen, SecAggFromNode, SecAggToNode, SecureRound, StatisticsOpen, statistics_binding,
+    training_binding,
 };
 use medfed_protocol::secagg::{Client, ClientMessage};
 use medfed_protocol::{ErrorCode, Message, update_vector};
@@ -20,14 +21,81 @@ use crate::client::Node;
 pub(crate) struct Party {
     client: Client,
     verifier: CertificateVerifier,
+    parties: Vec<String>,
 }
 
 type Reply = Result<Message, (ErrorCode, String)>;
+
+/// The most attempts of one round a node joins (each attempt is a new neighbour graph).
+pub(crate) const MAX_ATTEMPTS: u32 = 16;
+
+/// The node's own checks of a secure aggregation before it joins (the protocol's
+/// `Setup::validate` checks the rest); returns the attempt number.
+///
+/// - The label names this study, round and an attempt of at most [`MAX_ATTEMPTS`]: the
+///   graph's seed is derived from it, so the aggregator has few graphs to choose from.
+/// - The setup's binding is the one computed from what this node was sent.
+/// - The threshold keeps `tolerated_colluders` sites and the aggregator from unmasking
+///   this site.
+/// - After revealing its shares for this round (`revealed`: with those parties), the node
+///   joins again only with the same parties: their sum is the same, so nothing new is
+///   learnt, while a sum over other parties would reveal the difference.
+fn admit(
+    study_id: &str,
+    round: u32,
+    setup: &medfed_protocol::secagg::Setup,
+    binding: &[u8; 32],
+    tolerated_colluders: u32,
+    revealed: Option<&Vec<String>>,
+) -> Result<u32, (ErrorCode, String)> {
+    let invalid = |why: String| (ErrorCode::InvalidContent, why);
+    let attempt = setup
+        .label
+        .strip_prefix(&format!("{study_id}/{round}/"))
+        .and_then(|a| a.parse::<u32>().ok())
+        .filter(|a| (1..=MAX_ATTEMPTS).contains(a))
+        .ok_or_else(|| {
+            invalid(format!(
+                "secure aggregation label {:?} is not '{study_id}/{round}/<attempt 1..={MAX_ATTEMPTS}>'",
+                setup.label
+            ))
+        })?;
+    if setup.binding != *binding {
+        return Err(invalid(
+            "the round's secure-aggregation setup does not match its model, parameters and scale"
+                .into(),
+        ));
+    }
+    setup
+        .check_collusion_margin(tolerated_colluders)
+        .map_err(|e| {
+            (
+                ErrorCode::CannotServe,
+                format!("{e} (this site's policy: tolerated_colluders = {tolerated_colluders})"),
+            )
+        })?;
+    if let Some(before) = revealed
+        && *before != setup.parties
+    {
+        return Err((
+            ErrorCode::CannotServe,
+            format!(
+                "this site already revealed its shares for study '{study_id}' round {round} with other sites; joining again with a different set would let the aggregator subtract two sums"
+            ),
+        ));
+    }
+    Ok(attempt)
+}
 
 impl Node {
     fn secure_lock(&self) -> MutexGuard<'_, HashMap<(String, u32), Party>> {
         // Every mutation is a single insert or remove: a poisoned map is still consistent.
         self.secure.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The parties of each (study, round) this site revealed unmasking shares for.
+    fn revealed_lock(&self) -> MutexGuard<'_, HashMap<(String, u32), Vec<String>>> {
+        self.revealed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Joins a secure aggregation of `vector` (a training round, or round 0 for the
@@ -38,8 +106,20 @@ impl Node {
         round: u32,
         sr: SecureRound,
         vector: Vec<f64>,
+        binding: [u8; 32],
     ) -> Reply {
         let invalid = |why: String| (ErrorCode::InvalidContent, why);
+        let attempt = {
+            let revealed = self.revealed_lock();
+            admit(
+                &study_id,
+                round,
+                &sr.setup,
+                &binding,
+                self.config.policy.tolerated_colluders,
+                revealed.get(&(study_id.clone(), round)),
+            )?
+        };
         let parties = sr.setup.parties.clone();
         let me = parties
             .iter()
@@ -81,11 +161,18 @@ impl Node {
             })?;
         let (client, first) = Client::new(sr.setup, me as u32, &vector, &self.signer, seed)
             .map_err(|e| invalid(e.to_string()))?;
-        info!(study = %study_id, round, parties = parties.len(), "secure aggregation: keys advertised");
+        info!(study = %study_id, round, attempt, parties = parties.len(), "secure aggregation: keys advertised");
         let mut secure = self.secure_lock();
         // A new round (or a retry of this one) replaces what an abandoned one left behind.
         secure.retain(|(study, r), _| *study != study_id || *r > round);
-        secure.insert((study_id.clone(), round), Party { client, verifier });
+        secure.insert(
+            (study_id.clone(), round),
+            Party {
+                client,
+                verifier,
+                parties,
+            },
+        );
         Ok(Message::SecAggFromNode(SecAggFromNode {
             study_id,
             round,
@@ -111,11 +198,12 @@ impl Node {
         let Some(sr) = r.secure.clone() else {
             return Err((ErrorCode::InvalidContent, "not a secure round".into()));
         };
+        let binding = training_binding(&r.study_id, r.round, sr.scale, &r.model, &r.params);
         let u = self.local_update(&r).await?;
         Self::check_scale(sr.scale, u.rows)?;
         let vector =
             update_vector::encode(&u.weights, u.train_loss, u.rows, &u.evaluation, sr.scale);
-        self.join_secure(r.study_id, r.round, sr, vector)
+        self.join_secure(r.study_id, r.round, sr, vector, binding)
     }
 
     /// The study's feature statistics under secure aggregation.
@@ -124,7 +212,8 @@ impl Node {
         let stats = data.feature_stats();
         Self::check_scale(s.secure.scale, stats.count)?;
         let vector = update_vector::encode_statistics(&stats, s.secure.scale);
-        self.join_secure(s.study_id, 0, s.secure, vector)
+        let binding = statistics_binding(&s.study_id, s.secure.scale);
+        self.join_secure(s.study_id, 0, s.secure, vector, binding)
     }
 
     /// The next step of a secure aggregation in progress.
@@ -143,7 +232,12 @@ impl Node {
         match party.client.handle(m.message, &party.verifier) {
             Ok(answer) => {
                 if matches!(answer, ClientMessage::UnmaskShares { .. }) {
-                    secure.remove(&key);
+                    if let Some(party) = secure.remove(&key) {
+                        let mut revealed = self.revealed_lock();
+                        // Only the recent rounds of each study matter for a retry.
+                        revealed.retain(|(s, r), _| *s != key.0 || r + 2 > key.1);
+                        revealed.insert(key.clone(), party.parties);
+                    }
                     info!(study = %m.study_id, round = m.round, "secure aggregation: shares revealed; done");
                 }
                 Ok(Message::SecAggFromNode(SecAggFromNode {
@@ -160,5 +254,51 @@ impl Node {
                 Err((ErrorCode::InvalidContent, e.to_string()))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use medfed_protocol::quant::QuantParams;
+    use medfed_protocol::secagg::Setup;
+
+    use super::*;
+
+    fn setup(label: &str, n: usize, t: u32, binding: [u8; 32]) -> Setup {
+        Setup {
+            label: label.into(),
+            parties: (0..n).map(|i| format!("site-{i}")).collect(),
+            threshold: t,
+            neighbours: (n - 1) as u32,
+            graph_seed: Setup::graph_seed_for(label),
+            dimension: 4,
+            quant: QuantParams::for_parties(n, 1.0, 16).unwrap(),
+            binding,
+        }
+    }
+
+    #[test]
+    fn a_node_refuses_rounds_that_would_expose_it() {
+        let b = [1u8; 32];
+        let ok = setup("pima/3/2", 3, 3, b);
+        assert_eq!(admit("pima", 3, &ok, &b, 1, None), Ok(2));
+        let why = |r: Result<u32, (ErrorCode, String)>| r.unwrap_err().1;
+        // Another round's model or scale.
+        assert!(why(admit("pima", 3, &ok, &[2; 32], 1, None)).contains("does not match"));
+        // A label of another study or round, or an attempt beyond the cap.
+        assert!(why(admit("other", 3, &ok, &b, 1, None)).contains("is not 'other/3/"));
+        assert!(why(admit("pima", 4, &ok, &b, 1, None)).contains("is not 'pima/4/"));
+        let many = setup("pima/3/17", 3, 3, b);
+        assert!(why(admit("pima", 3, &many, &b, 1, None)).contains("attempt 1..=16"));
+        // A threshold one colluding site could defeat.
+        let low = setup("pima/3/1", 3, 2, b);
+        let err = why(admit("pima", 3, &low, &b, 1, None));
+        assert!(err.contains("tolerated_colluders = 1"), "{err}");
+        assert!(admit("pima", 3, &low, &b, 0, None).is_ok());
+        // A second sum of this round over other sites.
+        let first: Vec<String> = ok.parties.clone();
+        assert_eq!(admit("pima", 3, &ok, &b, 1, Some(&first)), Ok(2));
+        let fewer = setup("pima/3/3", 2, 2, b);
+        assert!(why(admit("pima", 3, &fewer, &b, 1, Some(&first))).contains("already revealed"));
     }
 }

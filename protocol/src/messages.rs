@@ -158,6 +158,23 @@ pub struct RoundOpen {
     pub secure: Option<SecureRound>,
 }
 
+/// The [`crate::secagg::Setup::binding`] of a secure training round: the round's scale,
+/// global model and training parameters. The node recomputes it from what it was sent.
+pub fn training_binding(
+    study_id: &str,
+    round: u32,
+    scale: f64,
+    model: &GlobalModel,
+    params: &TrainParams,
+) -> [u8; 32] {
+    crate::secagg::input_binding(&("training", study_id, round, scale, model, params))
+}
+
+/// The [`crate::secagg::Setup::binding`] of a study's secure feature statistics.
+pub fn statistics_binding(study_id: &str, scale: f64) -> [u8; 32] {
+    crate::secagg::input_binding(&("statistics", study_id, scale))
+}
+
 /// The secure-aggregation part of a [`RoundOpen`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SecureRound {

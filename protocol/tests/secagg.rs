@@ -10,14 +10,16 @@ use medfed_protocol::secagg::{ClientMessage, PartyId, SecAggError, Setup, choose
 const SCALE_BITS: u8 = 16;
 
 fn setup(n: usize, k: u32, t: u32, d: usize) -> Setup {
+    let label = format!("test/{n}/{k}/{t}");
     Setup {
-        label: format!("test/{n}/{k}/{t}"),
+        graph_seed: Setup::graph_seed_for(&label),
+        label,
         parties: (0..n).map(|i| format!("site-{i:04}")).collect(),
         threshold: t,
         neighbours: k,
-        graph_seed: 42,
         dimension: d as u32,
         quant: QuantParams::for_parties(n, 8.0, SCALE_BITS).unwrap(),
+        binding: [7; 32],
     }
 }
 
@@ -358,6 +360,7 @@ fn hostile_messages_are_rejected_and_the_round_goes_on() {
     );
     let mut other = s.clone();
     other.label = "another round".into();
+    other.graph_seed = Setup::graph_seed_for(&other.label);
     let mut server = medfed_protocol::secagg::Server::new(other, 0, 10).unwrap();
     assert_eq!(
         server.handle(0, 5, ClientMessage::AdvertiseKeys(keys.clone()), &ids),
@@ -365,9 +368,24 @@ fn hostile_messages_are_rejected_and_the_round_goes_on() {
     );
     // Keys sent in another party's name are refused.
     assert!(matches!(
-        server.handle(0, 4, ClientMessage::AdvertiseKeys(keys), &ids),
+        server.handle(0, 4, ClientMessage::AdvertiseKeys(keys.clone()), &ids),
         Err(SecAggError::Invalid { from: 4, .. })
     ));
+    // A key of small order (here the point of order 1, u = 0, and u = 1) is refused before
+    // any neighbour sees it.
+    for weak in [[0u8; 32], {
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        one
+    }] {
+        let mut bad = keys.clone();
+        bad.party = 6;
+        bad.c_pk = weak;
+        let err = server
+            .handle(0, 6, ClientMessage::AdvertiseKeys(bad), &ids)
+            .unwrap_err();
+        assert!(err.to_string().contains("small order"), "{err}");
+    }
     assert_eq!(
         server.handle(0, 99, ClientMessage::MaskedInput(vec![]), &ids),
         Err(SecAggError::UnknownParty(99))

@@ -43,6 +43,14 @@ pub fn agree(secret: &StaticSecret, peer_public: &[u8; 32]) -> Result<[u8; 32], 
     Ok(shared.to_bytes())
 }
 
+/// Whether `public` is of small order: any agreement with it gives a secret everybody knows.
+pub fn is_weak_public_key(public: &[u8; 32]) -> bool {
+    // The result's contributoriness depends on the peer key only, not on the secret.
+    !StaticSecret::from([0x5a; 32])
+        .diffie_hellman(&PublicKey::from(*public))
+        .was_contributory()
+}
+
 struct Len32;
 
 impl hkdf::KeyType for Len32 {

@@ -96,11 +96,13 @@ fn binomial_tail(n: usize, p: f64, at_least: usize) -> f64 {
 /// - P[some party's secrets cannot be rebuilt (fewer than t of its k neighbours survive;
 ///   its own share counts only if it survives itself)]
 ///   <= n * P[Bin(k, dropout) > k - t] <= 2^-`correctness_bits`, and
-/// - P[some neighbourhood holds t or more corrupt parties, who could rebuild a party's
-///   secrets] <= n * P[Bin(k, corrupt) >= t] <= 2^-`privacy_bits`.
+/// - P[some neighbourhood holds enough corrupt parties to unmask a party with a server that
+///   lies about dropouts, 2t - (k + 1) or more] <= n * P[Bin(k, corrupt) >= 2t - k - 1]
+///   <= 2^-`privacy_bits`.
 ///
-/// Returns the smallest even `k` that meets both (with the smallest such `t`), or the
-/// complete graph (`k = n - 1`, `t` a majority) when no smaller graph does.
+/// Returns the smallest even `k` that meets both (with the smallest such `t`), or, when no
+/// smaller graph does, the widest allowed (`k = min(n - 1, 254)`) with a two-thirds
+/// threshold.
 pub fn choose_neighbours(
     n: usize,
     dropout: f64,
@@ -108,9 +110,15 @@ pub fn choose_neighbours(
     correctness_bits: u32,
     privacy_bits: u32,
 ) -> (u32, u32) {
-    let complete = ((n - 1) as u32, (n / 2 + 1).min(n) as u32);
+    // At most 254 neighbours (the share x-coordinates are bytes), and a complete graph for
+    // small n; without a fitting neighbourhood, the widest allowed with a two-thirds
+    // threshold.
+    let widest = |n: usize| {
+        let k = if n - 1 <= 254 { n - 1 } else { 254 };
+        (k as u32, ((2 * (k + 1)) / 3 + 1).min(k + 1) as u32)
+    };
     if n < 4 {
-        return complete;
+        return widest(n);
     }
     let correct_target = 2f64.powi(-(correctness_bits as i32)) / n as f64;
     let private_target = 2f64.powi(-(privacy_bits as i32)) / n as f64;
@@ -119,14 +127,16 @@ pub fn choose_neighbours(
         // More than half of the k + 1 holders.
         for t in (k.div_ceil(2) + 1)..=k {
             let unrecoverable = binomial_tail(k, dropout, k - t + 1);
-            let exposed = binomial_tail(k, corrupt, t);
+            // A server that lies about dropouts unmasks a party when its accomplices hold
+            // c >= 2t - (k + 1) of the party's shares (see `Setup::check_collusion_margin`).
+            let exposed = binomial_tail(k, corrupt, 2 * t - k - 1);
             if unrecoverable <= correct_target && exposed <= private_target {
                 return (k as u32, t as u32);
             }
         }
         k += 2;
     }
-    complete
+    widest(n)
 }
 
 #[cfg(test)]
@@ -180,6 +190,19 @@ mod tests {
             k10000 - k1000 <= k1000 - k100 + 6,
             "{k100} {k1000} {k10000}: not logarithmic"
         );
-        assert_eq!(choose_neighbours(3, 0.1, 0.05, 20, 30), (2, 2));
+        // Too few parties for a partial graph: complete, with a two-thirds threshold.
+        assert_eq!(choose_neighbours(3, 0.1, 0.05, 20, 30), (2, 3));
+        for n in [100, 1000, 10_000] {
+            let (k, t) = choose_neighbours(n, 0.1, 0.05, 20, 30);
+            eprintln!("n = {n}: k = {k}, t = {t}");
+        }
+    }
+
+    #[test]
+    fn never_more_than_254_neighbours() {
+        // Every party corrupt with probability 0.5: nothing fits; the widest graph allowed.
+        let (k, t) = choose_neighbours(1000, 0.1, 0.5, 20, 30);
+        assert_eq!((k, t), (254, 171));
+        assert_eq!(choose_neighbours(200, 0.1, 0.5, 20, 30), (199, 134));
     }
 }

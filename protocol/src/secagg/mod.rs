@@ -43,18 +43,36 @@ pub struct Setup {
     pub threshold: u32,
     /// Neighbours per party (SecAgg+); `parties - 1` means every pair is masked.
     pub neighbours: u32,
-    /// Seed of the neighbour graph's permutation (public).
+    /// Seed of the neighbour graph's permutation: [`Setup::graph_seed_for`] the label, so
+    /// the server cannot try seeds until its accomplices land around a victim.
     pub graph_seed: u64,
     /// Length of the input vectors.
     pub dimension: u32,
     pub quant: QuantParams,
+    /// A digest of everything else each party's input depends on (for a training round:
+    /// the scale, the global model and the training parameters; see
+    /// [`input_binding`]). Each party checks it against what it was sent, so a server that
+    /// sends one party a different round gives it a different [`Setup::context`], and its
+    /// keys no longer verify with anybody else's.
+    pub binding: [u8; 32],
+}
+
+/// The digest [`Setup::binding`] holds, over `parts` (e.g. `(scale, model, params)`).
+pub fn input_binding<T: Serialize>(parts: &T) -> [u8; 32] {
+    let bytes = postcard::to_allocvec(parts).expect("round parameters serialize");
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(b"medfed-secagg-v1 input binding\0");
+    ctx.update(&bytes);
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }
 
 impl Setup {
     /// A hash binding every field: keys, signatures and ciphertexts of one aggregation are
     /// useless in another.
     pub fn context(&self) -> [u8; 32] {
-        let bytes = postcard::to_allocvec(self).unwrap_or_default();
+        let bytes = postcard::to_allocvec(self).expect("a setup serializes");
         let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
         let mut out = [0u8; 32];
         out.copy_from_slice(digest.as_ref());
@@ -93,11 +111,20 @@ impl Setup {
                 holders / 2
             ));
         }
-        let mut names: Vec<&String> = self.parties.iter().collect();
-        names.sort();
-        names.dedup();
-        if names.len() != n {
-            return bad("a party is listed twice".into());
+        // One canonical order (sorted, no repeats): with the seed fixed by the label, the
+        // server cannot reorder the parties to place them in the graph either.
+        if let Some(w) = self.parties.windows(2).find(|w| w[0] >= w[1]) {
+            return bad(if w[0] == w[1] {
+                format!("party '{}' is listed twice", w[0])
+            } else {
+                format!(
+                    "parties are not in sorted order ('{}' before '{}')",
+                    w[0], w[1]
+                )
+            });
+        }
+        if self.graph_seed != Setup::graph_seed_for(&self.label) {
+            return bad("the graph seed is not the one derived from the label".into());
         }
         if self.dimension == 0 {
             return bad("dimension 0".into());
@@ -105,6 +132,32 @@ impl Setup {
         self.quant
             .check(n)
             .map_err(|e| SecAggError::BadSetup(e.to_string()))
+    }
+
+    /// The neighbour graph's seed for an aggregation labelled `label`: SHA-256 of the label,
+    /// so nobody chooses it.
+    pub fn graph_seed_for(label: &str) -> u64 {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(b"medfed-secagg-v1 graph seed\0");
+        ctx.update(label.as_bytes());
+        let d = ctx.finish();
+        u64::from_be_bytes(d.as_ref()[..8].try_into().expect("8 bytes"))
+    }
+
+    /// Checks that at most `colluders` parties colluding with the server cannot rebuild both
+    /// secrets of an honest party: a server that tells some of the party's share holders it
+    /// dropped and others that it survived collects at most `holders - t` honest shares of
+    /// one kind besides `t` of the other, so it needs `2t <= holders + colluders`.
+    pub fn check_collusion_margin(&self, colluders: u32) -> Result<(), SecAggError> {
+        let holders = u64::from(self.neighbours) + 1;
+        let t = u64::from(self.threshold);
+        if 2 * t <= holders + u64::from(colluders) {
+            return Err(SecAggError::BadSetup(format!(
+                "threshold {t} of {holders} share holders lets the aggregator and {colluders} colluding site(s) unmask a site (needs a threshold above {})",
+                (holders + u64::from(colluders)) / 2
+            )));
+        }
+        Ok(())
     }
 
     pub fn graph(&self) -> Graph {
@@ -272,9 +325,10 @@ mod tests {
             parties: (0..n).map(|i| format!("site-{i}")).collect(),
             threshold: t,
             neighbours: k,
-            graph_seed: 1,
+            graph_seed: Setup::graph_seed_for("s/1"),
             dimension: 4,
             quant: QuantParams::for_parties(n, 1.0, 16).unwrap(),
+            binding: [0; 32],
         }
     }
 
@@ -311,5 +365,49 @@ mod tests {
         let mut c = a.clone();
         c.label = "s/2".into();
         assert_ne!(a.context(), c.context());
+        let mut d = a.clone();
+        d.binding = input_binding(&(0.5f64, "another model"));
+        assert_ne!(a.context(), d.context());
+        assert_ne!(input_binding(&1.0f64), input_binding(&2.0f64));
+    }
+
+    #[test]
+    fn the_server_chooses_neither_the_graph_seed_nor_the_order() {
+        let mut seeded = setup(5, 4, 3);
+        seeded.graph_seed ^= 1;
+        let err = seeded.validate().unwrap_err().to_string();
+        assert!(err.contains("graph seed"), "{err}");
+        let mut shuffled = setup(5, 4, 3);
+        shuffled.parties.swap(1, 3);
+        let err = shuffled.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("not in sorted order ('site-3' before 'site-2')"),
+            "{err}"
+        );
+        assert_ne!(
+            Setup::graph_seed_for("s/1/1"),
+            Setup::graph_seed_for("s/1/2")
+        );
+    }
+
+    #[test]
+    fn the_collusion_margin() {
+        // 3 holders (complete graph of 3): t = 2 falls to one colluder, t = 3 does not.
+        assert!(setup(3, 2, 2).check_collusion_margin(0).is_ok());
+        let err = setup(3, 2, 2)
+            .check_collusion_margin(1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "threshold 2 of 3 share holders lets the aggregator and 1 colluding site(s)"
+            ),
+            "{err}"
+        );
+        assert!(setup(3, 2, 3).check_collusion_margin(1).is_ok());
+        // 101 holders, t = 51 tolerates no colluder; t = 68 tolerates 34.
+        assert!(setup(101, 100, 51).check_collusion_margin(1).is_err());
+        assert!(setup(101, 100, 68).check_collusion_margin(34).is_ok());
+        assert!(setup(101, 100, 68).check_collusion_margin(35).is_err());
     }
 }

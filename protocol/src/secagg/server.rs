@@ -245,6 +245,16 @@ impl Server {
         if self.keys.contains_key(&from) {
             return Err(SecAggError::Duplicate(from));
         }
+        // A key of small order would make every honest neighbour abort later; refuse it now
+        // so that the party is simply left out.
+        if super::crypto::is_weak_public_key(&keys.c_pk)
+            || super::crypto::is_weak_public_key(&keys.s_pk)
+        {
+            return Err(SecAggError::Invalid {
+                from,
+                why: "a public key of small order".into(),
+            });
+        }
         let name = &self.setup.parties[from as usize];
         if keys.c_pk == keys.s_pk
             || !verifier.verify(
