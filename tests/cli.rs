@@ -242,3 +242,38 @@ fn sample_configs_in_docs_parse() {
         .expect("aggregator sample");
     medfed_node::config::NodeConfig::load(&dir.path().join("node.toml")).expect("node sample");
 }
+
+#[test]
+fn node_init_sets_up_a_node_once_and_the_rest_names_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = dir.path().join("st-marys");
+    let n = node.to_str().unwrap();
+    let out = medfed(&["node", "init", "--dir", n, "--site", "st-marys"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("medfed pki issue --site st-marys"), "{stdout}");
+    let keystore = node.join("keystore/pseudonym-keys.toml");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&keystore).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let key_before = std::fs::read(&keystore).unwrap();
+    // A second init changes nothing.
+    fails_with(
+        &["node", "init", "--dir", n, "--site", "st-marys"],
+        &["node.toml already exists", "nothing was changed"],
+    );
+    assert_eq!(std::fs::read(&keystore).unwrap(), key_before);
+    fails_with(
+        &["node", "init", "--dir", n, "--site", "St Marys"],
+        &["St Marys"],
+    );
+    // The config it wrote parses up to the files the hospital has yet to provide.
+    let cfg = node.join("node.toml");
+    fails_with(
+        &["node", "run", "--config", cfg.to_str().unwrap()],
+        &["pki/ca.pem"],
+    );
+}
