@@ -180,6 +180,18 @@ fn summarise(v: &Verified) -> Report {
                 .or_default()
                 .decisions
                 .push(status.clone()),
+            Event::PrivacySpent {
+                study,
+                round,
+                epsilon,
+                total_epsilon,
+                delta,
+                refused,
+            } => r.studies.entry(study.clone()).or_default().decisions.push(if *refused {
+                format!("round {round}: refused for the privacy budget (would reach ε = {epsilon:.3}, all studies {total_epsilon:.3}, δ = {delta:e})")
+            } else {
+                format!("round {round}: DP release, ε spent {epsilon:.3} (all studies {total_epsilon:.3}, δ = {delta:e})")
+            }),
             Event::Stop { .. } | Event::TreeHead { .. } => {}
         }
     }

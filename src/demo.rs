@@ -45,7 +45,21 @@ pub struct DemoArgs {
     /// Turn secure aggregation off (for debugging: the aggregator then sees every update).
     #[arg(long)]
     no_secure_aggregation: bool,
+    /// Train with differential privacy (DP-FedAvg): the noise multiplier z (noise standard
+    /// deviation over the sensitivity 2 × clip norm). The demo's sites allow any ε; the ε
+    /// spent is printed at the end.
+    #[arg(long)]
+    noise_multiplier: Option<f64>,
+    /// With --noise-multiplier: the L2 bound of each site's model delta per round.
+    #[arg(long, default_value_t = 0.5)]
+    clip_norm: f64,
 }
+
+/// δ of the demo's differential-privacy guarantees.
+const DEMO_DELTA: f64 = 1e-6;
+
+/// Declared ranges of the Pima features (standardization under differential privacy).
+const PIMA_RANGES: &str = "[[0, 17], [40, 200], [20, 125], [5, 100], [15, 70], [0, 2.5], [21, 85]]";
 
 pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     if args.rounds == 0 {
@@ -98,8 +112,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     let sites = write_site_data(&dir)?;
     make_pki(&dir)?;
-    let (agg_config_path, node_config_paths) =
-        write_configs(&dir, args.rounds, !args.no_secure_aggregation)?;
+    let (agg_config_path, node_config_paths) = write_configs(
+        &dir,
+        args.rounds,
+        !args.no_secure_aggregation,
+        args.noise_multiplier.map(|z| (z, args.clip_norm)),
+    )?;
     println!(
         "\nhospital  {:<11}  {:>5}  {:>9}",
         "patients", "rows", "diabetic"
@@ -135,6 +153,18 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!(
             "AUC difference (federated - centralized): {}",
             num(f.roc_auc - c.roc_auc, 4)
+        );
+    }
+    if let Some(z) = args.noise_multiplier {
+        let ledger = medfed_node::privacy::load_ledger(&medfed_node::privacy::ledger_path(
+            &dir.join("nodes").join(format!("state-{}", SITES[0].0)),
+        ))
+        .map_err(anyhow::Error::msg)?;
+        println!(
+            "differential privacy: z = {z}, clip norm {}: each site spent ε = {:.2} (δ = {DEMO_DELTA:e}) over {} rounds",
+            args.clip_norm,
+            ledger.epsilon(Some(STUDY_ID), DEMO_DELTA),
+            ledger.releases(STUDY_ID)
         );
     }
     let plots = dir.join("plots");
@@ -239,7 +269,25 @@ fn make_pki(dir: &Path) -> anyhow::Result<()> {
 
 /// Writes `aggregator.toml` and `nodes/<site>.toml` as a user would, on a free loopback
 /// port.
-fn write_configs(dir: &Path, rounds: u32, secure: bool) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+fn write_configs(
+    dir: &Path,
+    rounds: u32,
+    secure: bool,
+    privacy: Option<(f64, f64)>,
+) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    let study_privacy = match privacy {
+        Some((z, c)) => format!(
+            "\n# DP-FedAvg: each round releases only the noisy sum of clipped model deltas.\n[study.privacy]\nclip_norm = {c}\nnoise_multiplier = {z}\nfeature_ranges = {PIMA_RANGES}\n"
+        ),
+        None => String::new(),
+    };
+    let node_privacy = if privacy.is_some() {
+        format!(
+            "\n# The demo's sites allow any ε (a real site sets its own limits).\n[policy.privacy]\nepsilon = 1e6\ntotal_epsilon = 1e6\ndelta = {DEMO_DELTA:e}\n"
+        )
+    } else {
+        String::new()
+    };
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -297,7 +345,7 @@ seed = 7
 # Each hospital's update is masked: the aggregator only learns their sum.
 [study.secure_aggregation]
 enabled = {secure}
-"#
+{study_privacy}"#
     );
     let agg_path = dir.join("aggregator.toml");
     std::fs::write(&agg_path, aggregator)?;
@@ -335,6 +383,9 @@ columns = [{columns}]
 max_rounds = 1000
 min_training_rows = 11
 allow_without_secure_aggregation = {plain}
+{node_privacy}
+[state]
+dir = "state-{name}"
 
 [[dataset]]
 name = "pima"

@@ -251,7 +251,10 @@ fn node_init_sets_up_a_node_once_and_the_rest_names_what_is_missing() {
     let out = medfed(&["node", "init", "--dir", n, "--site", "st-marys"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
-    assert!(stdout.contains("medfed pki issue --site st-marys"), "{stdout}");
+    assert!(
+        stdout.contains("medfed pki issue --site st-marys"),
+        "{stdout}"
+    );
     let keystore = node.join("keystore/pseudonym-keys.toml");
     #[cfg(unix)]
     {

@@ -99,7 +99,8 @@ features = [
     );
     let json: serde_json::Value =
         serde_json::from_str(&ok(&["node", "status", "--config", cfg, "--json"])).unwrap();
-    let rows = json.as_array().unwrap();
+    let rows = json["partitions"].as_array().unwrap();
+    assert_eq!(json["privacy"]["spent_total"], 0.0);
     assert_eq!(rows.len(), 3);
     assert_eq!(rows[1]["lag"], 0);
     assert_eq!(rows[1]["quarantined"], 98);

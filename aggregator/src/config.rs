@@ -80,6 +80,48 @@ pub struct StudyConfig {
     pub server_optimizer: ServerOptimizer,
     #[serde(default)]
     pub secure_aggregation: SecureAggregationConfig,
+    /// Differential privacy (DP-FedAvg): absent means none.
+    #[serde(default)]
+    pub privacy: Option<PrivacyConfig>,
+}
+
+/// `[study.privacy]`: DP-FedAvg (see `docs/privacy.md`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyConfig {
+    /// L2 bound of each site's model delta per round.
+    pub clip_norm: f64,
+    /// Noise standard deviation over the sensitivity 2 × clip_norm.
+    pub noise_multiplier: f64,
+    /// `[low, high]` of each feature, in the order of `features`. Features are standardized
+    /// from these declared ranges, so that nothing about the data is released besides the
+    /// noisy model.
+    pub feature_ranges: Vec<[f64; 2]>,
+}
+
+impl PrivacyConfig {
+    pub fn training(&self) -> medfed_protocol::dp::DpTraining {
+        medfed_protocol::dp::DpTraining {
+            clip_norm: self.clip_norm,
+            noise_multiplier: self.noise_multiplier,
+        }
+    }
+
+    /// The standardization the declared ranges give: centre and half-width.
+    pub fn standardization(&self) -> medfed_protocol::stats::Standardization {
+        medfed_protocol::stats::Standardization {
+            mean: self
+                .feature_ranges
+                .iter()
+                .map(|[lo, hi]| (lo + hi) / 2.0)
+                .collect(),
+            std: self
+                .feature_ranges
+                .iter()
+                .map(|[lo, hi]| (hi - lo) / 2.0)
+                .collect(),
+        }
+    }
 }
 
 /// Secure aggregation of the training rounds (on by default).
@@ -309,6 +351,32 @@ impl AggregatorConfig {
                     key("round_timeout_secs"),
                     "and round_attempts must be at least 1".into(),
                 ));
+            }
+            if let Some(p) = &s.privacy {
+                p.training()
+                    .validate()
+                    .map_err(|why| invalid(key("privacy"), why))?;
+                if p.feature_ranges.len() != s.features.len() {
+                    return Err(invalid(
+                        key("privacy.feature_ranges"),
+                        format!(
+                            "has {} ranges for {} features (one [low, high] per feature, in order)",
+                            p.feature_ranges.len(),
+                            s.features.len()
+                        ),
+                    ));
+                }
+                if let Some((j, _)) = p
+                    .feature_ranges
+                    .iter()
+                    .enumerate()
+                    .find(|(_, [lo, hi])| !(lo.is_finite() && hi.is_finite() && lo < hi))
+                {
+                    return Err(invalid(
+                        key("privacy.feature_ranges"),
+                        format!("the range of '{}' needs low < high", s.features[j]),
+                    ));
+                }
             }
             let sa = &s.secure_aggregation;
             if sa.enabled && s.min_sites < 2 {

@@ -266,7 +266,11 @@ impl StudyRunner {
                 round,
                 attempt,
                 participants,
-                update_vector::dimension(cfg.model, width),
+                match &cfg.privacy {
+                    // DP-FedAvg: each site's clipped delta plus its share of the noise.
+                    Some(_) => width,
+                    None => update_vector::dimension(cfg.model, width),
+                },
                 |n, scale| {
                     let quant = QuantParams::for_parties(n, sa.clip, sa.scale_bits)
                         .map_err(|e| e.to_string())?;
@@ -287,6 +291,32 @@ impl StudyRunner {
                 },
             )
             .await?;
+        if cfg.privacy.is_some() {
+            // The sum of the contributors' noisy clipped deltas: their average moves the
+            // model. Row counts are public (declared on acceptance); nothing else is known.
+            let m = secure.sites.len().max(1) as f64;
+            let weights: Vec<f64> = model
+                .weights
+                .iter()
+                .zip(&secure.sum)
+                .map(|(g, s)| g + s / m)
+                .collect();
+            if weights.iter().any(|w| !w.is_finite()) {
+                return Err("the decoded average is not finite".into());
+            }
+            let rows = secure
+                .sites
+                .iter()
+                .filter_map(|s| participants.get(s))
+                .fold(0u64, |a, p| a.saturating_add(p.training_rows));
+            return Ok(RoundAggregate {
+                sites: secure.sites,
+                weights,
+                train_loss: f64::NAN,
+                rows,
+                evaluation: medfed_protocol::metrics::Evaluation::empty(cfg.model),
+            });
+        }
         let decoded = update_vector::decode(&secure.sum, cfg.model, width, secure.scale)?;
         if decoded.weights.iter().any(|w| !w.is_finite()) {
             return Err("the decoded average is not finite".into());

@@ -106,6 +106,7 @@ impl StudyRunner {
             validation_fraction: self.cfg.validation_fraction,
             rounds: self.cfg.rounds,
             secure_aggregation: self.cfg.secure_aggregation.enabled,
+            privacy: self.cfg.privacy.as_ref().map(|p| p.training()),
         }
     }
 
@@ -188,7 +189,7 @@ impl StudyRunner {
                         warn!(%site, training_rows, "accepted with an implausible number of training rows; site left out");
                         continue;
                     }
-                    if !cfg.secure_aggregation.enabled {
+                    if !cfg.secure_aggregation.enabled && cfg.privacy.is_none() {
                         let Some(feature_stats) = feature_stats else {
                             warn!(%site, "accepted without feature statistics; site left out");
                             continue;
@@ -247,7 +248,10 @@ impl StudyRunner {
                 detail: "too few sites accepted the study".into(),
             });
         }
-        if cfg.secure_aggregation.enabled {
+        if cfg.privacy.is_some() {
+            // Under differential privacy nothing about the data is released but the noisy
+            // model: standardize from the declared feature ranges.
+        } else if cfg.secure_aggregation.enabled {
             // The sites' statistics are only ever seen summed.
             let (secure, sites) = self
                 .secure_statistics(&participants)
@@ -256,9 +260,12 @@ impl StudyRunner {
             info!(study = %cfg.id, sites = sites.len(), rows = secure.count, "feature statistics summed securely");
             stats = secure;
         }
-        let standardization = stats
-            .standardization()
-            .map_err(|e| self.failed(e.to_string()))?;
+        let standardization = match &cfg.privacy {
+            Some(p) => p.standardization(),
+            None => stats
+                .standardization()
+                .map_err(|e| self.failed(e.to_string()))?,
+        };
         let mut model = GlobalModel::zeros(cfg.model, cfg.features.clone(), standardization);
         self.emit(AggregatorEvent::StudyStarted {
             study_id: cfg.id.clone(),
@@ -308,7 +315,9 @@ impl StudyRunner {
             };
             // The round's evaluation is of the incoming model: the previous round's.
             if let Some(p) = pending.take() {
-                self.complete(p, Some(aggregate.evaluation.metrics()))?;
+                let metrics =
+                    (aggregate.evaluation.rows() > 0).then(|| aggregate.evaluation.metrics());
+                self.complete(p, metrics)?;
             }
             let RoundAggregate {
                 sites,
@@ -336,10 +345,14 @@ impl StudyRunner {
             });
         }
 
-        // Evaluate the last model.
-        let evaluation = self
-            .collect_evaluation(cfg.rounds, &model, &participants)
-            .await;
+        // Evaluate the last model (not under differential privacy: the sites' evaluations
+        // would be a release outside the budget).
+        let evaluation = if cfg.privacy.is_some() {
+            Evaluation::empty(cfg.model)
+        } else {
+            self.collect_evaluation(cfg.rounds, &model, &participants)
+                .await
+        };
         let metrics = (evaluation.rows() > 0).then(|| evaluation.metrics());
         let last = pending.ok_or_else(|| self.failed("no round completed"))?;
         let path = self.complete(last, metrics)?;
@@ -454,6 +467,29 @@ impl StudyRunner {
         let rows: u64 = updates
             .values()
             .fold(0u64, |a, u| a.saturating_add(u.num_samples));
+        if let Some(p) = &cfg.privacy {
+            // Central DP: the aggregator clips each delta (whatever the site did) and adds
+            // the noise itself; the sites trust it to.
+            let dp = p.training();
+            let deltas: Vec<Vec<f64>> = updates
+                .values()
+                .map(|u| {
+                    u.weights
+                        .iter()
+                        .zip(&model.weights)
+                        .map(|(w, g)| w - g)
+                        .collect()
+                })
+                .collect();
+            let weights = dp_average(&model.weights, deltas, &dp, &mut rand::rng());
+            return Ok(RoundAggregate {
+                sites: updates.into_keys().collect(),
+                weights,
+                train_loss: f64::NAN,
+                rows,
+                evaluation: Evaluation::empty(cfg.model),
+            });
+        }
         let train_loss = updates
             .values()
             .map(|u| u.train_loss * u.num_samples as f64)
@@ -632,10 +668,48 @@ fn check_update(
     Ok(())
 }
 
+/// DP-FedAvg with central noise: `global + (Σ clip(Δ_i, C) + N(0, σ²)) / m`.
+pub(crate) fn dp_average(
+    global: &[f64],
+    deltas: Vec<Vec<f64>>,
+    dp: &medfed_protocol::dp::DpTraining,
+    rng: &mut impl rand::Rng,
+) -> Vec<f64> {
+    let m = deltas.len().max(1) as f64;
+    let mut sum = vec![0.0; global.len()];
+    for mut d in deltas {
+        medfed_protocol::dp::clip_l2(&mut d, dp.clip_norm);
+        for (s, x) in sum.iter_mut().zip(&d) {
+            *s += x;
+        }
+    }
+    medfed_protocol::dp::add_gaussian(&mut sum, dp.sigma(), rng);
+    global.iter().zip(&sum).map(|(g, s)| g + s / m).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use medfed_protocol::model::ModelKind;
+
+    #[test]
+    fn central_dp_clips_every_delta_and_adds_the_stated_noise() {
+        use rand::SeedableRng;
+        let dp = medfed_protocol::dp::DpTraining {
+            clip_norm: 1.0,
+            noise_multiplier: 0.5,
+        };
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        // A hostile site's huge delta moves the average by at most C / m (plus noise).
+        let draws: Vec<f64> = (0..4000)
+            .map(|_| dp_average(&[0.0], vec![vec![1e6], vec![0.0]], &dp, &mut rng)[0])
+            .collect();
+        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
+        assert!((mean - 0.5).abs() < 0.05, "{mean}");
+        let sd = (draws.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 3999.0).sqrt();
+        // σ = z·2C = 1, divided by m = 2.
+        assert!((sd / 0.5 - 1.0).abs() < 0.05, "{sd}");
+    }
 
     fn update() -> ModelUpdate {
         ModelUpdate {

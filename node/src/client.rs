@@ -45,6 +45,8 @@ pub enum NodeError {
     Audit(#[from] medfed_infra::auditlog::AuditLogError),
     #[error("the aggregator refused this node ({code}): {reason}")]
     Refused { code: ErrorCode, reason: String },
+    #[error("{0}")]
+    Privacy(String),
 }
 
 /// Why [`Node::run`] returned.
@@ -71,6 +73,8 @@ pub struct Node {
     pub(crate) revealed: Mutex<HashMap<(String, u32), Vec<String>>>,
     /// The site's compliance log: every message in and out, every study decision.
     pub(crate) audit: Arc<AuditLog>,
+    /// The differential-privacy budget spent, per study.
+    pub(crate) ledger: crate::privacy::LedgerFile,
 }
 
 /// The result of local training in one round.
@@ -104,6 +108,9 @@ impl Node {
         }
         let audit = Arc::new(audit);
         let roots = transport::load_roots(&config.tls.ca)?;
+        let ledger =
+            crate::privacy::LedgerFile::open(crate::privacy::ledger_path(&config.state.dir))
+                .map_err(NodeError::Privacy)?;
         Ok(Node {
             config,
             tables,
@@ -113,6 +120,7 @@ impl Node {
             secure: Mutex::default(),
             revealed: Mutex::default(),
             audit,
+            ledger,
         })
     }
 
@@ -337,6 +345,17 @@ impl Node {
                 reason,
             })
         };
+        if let Some(dp) = &a.privacy
+            && let Err(why) = dp.validate()
+        {
+            return refuse(format!("differential privacy parameters: {why}"));
+        }
+        if a.privacy.is_none() && self.config.policy.privacy.require {
+            return refuse(
+                "this site serves only differentially private studies ([policy.privacy] require = true)"
+                    .into(),
+            );
+        }
         let approval = match self.config.policy.decide(a) {
             crate::policy::Verdict::Approved(why) => why,
             crate::policy::Verdict::Refused(why) => return refuse(why),
@@ -362,7 +381,9 @@ impl Node {
             training_rows: data.x_train.nrows() as u64,
             validation_rows: data.x_val.nrows() as u64,
             // Under secure aggregation the statistics are only sent masked, when asked.
-            feature_stats: (!a.secure_aggregation).then(|| data.feature_stats()),
+            // Under differential privacy nothing but the noisy model is released.
+            feature_stats: (!a.secure_aggregation && a.privacy.is_none())
+                .then(|| data.feature_stats()),
         };
         self.studies_lock()
             .insert(a.study_id.clone(), Arc::new(data));
@@ -454,6 +475,28 @@ impl Node {
     }
 
     async fn train(&self, r: RoundOpen) -> Result<Message, (ErrorCode, String)> {
+        let data = self.study(&r.study_id, &r.model)?;
+        if let Some(dp) = data.privacy {
+            // Central DP: the aggregator adds the noise; this site clips, sends nothing
+            // else, and charges its budget first.
+            self.spend_budget(&r.study_id, r.round, &dp)?;
+            let u = self.local_update(&r).await?;
+            let delta = Node::dp_contribution(&r.model.weights, &u.weights, &dp, 0.0)?;
+            return Ok(Message::ModelUpdate(ModelUpdate {
+                study_id: r.study_id,
+                round: r.round,
+                weights: r
+                    .model
+                    .weights
+                    .iter()
+                    .zip(&delta)
+                    .map(|(g, d)| g + d)
+                    .collect(),
+                num_samples: u.rows,
+                train_loss: 0.0,
+                evaluation: Evaluation::empty(data.kind),
+            }));
+        }
         let u = self.local_update(&r).await?;
         Ok(Message::ModelUpdate(ModelUpdate {
             study_id: r.study_id,
@@ -467,6 +510,12 @@ impl Node {
 
     fn evaluate(&self, r: EvaluateRequest) -> Result<Message, (ErrorCode, String)> {
         let data = self.study(&r.study_id, &r.model)?;
+        if data.privacy.is_some() {
+            return Err((
+                ErrorCode::CannotServe,
+                "the study is differentially private: this site releases no evaluation".into(),
+            ));
+        }
         let (_, x_val) = standardized(&data, &r.model);
         let evaluation = evaluate(&data, &r.model, &x_val)?;
         Ok(Message::EvaluationReport(EvaluationReport {

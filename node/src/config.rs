@@ -155,6 +155,10 @@ impl NodeConfig {
                 "needs 0 < initial_backoff_ms <= max_backoff_ms".into(),
             ));
         }
+        cfg.policy
+            .privacy
+            .validate()
+            .map_err(|why| invalid("policy.privacy".into(), why))?;
         if cfg.max_frame_bytes < 1024 {
             return Err(invalid(
                 "max_frame_bytes".into(),

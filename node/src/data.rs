@@ -228,6 +228,8 @@ pub struct StudyData {
     pub y_train: Array1<f64>,
     pub x_val: Array2<f64>,
     pub y_val: Array1<f64>,
+    /// The study's DP-FedAvg parameters, if it is differentially private.
+    pub privacy: Option<medfed_protocol::dp::DpTraining>,
 }
 
 impl StudyData {
@@ -255,6 +257,7 @@ impl StudyData {
             y_train: y.select(axis, &train),
             x_val: x.select(axis, &val),
             y_val: y.select(axis, &val),
+            privacy: study.privacy,
         })
     }
 
@@ -283,6 +286,7 @@ mod tests {
             validation_fraction: 0.25,
             rounds: 1,
             secure_aggregation: true,
+            privacy: None,
         }
     }
 

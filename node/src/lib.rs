@@ -20,6 +20,7 @@ pub mod data;
 pub mod deid;
 pub mod ingest;
 pub mod policy;
+pub mod privacy;
 pub mod runtime;
 mod secure;
 

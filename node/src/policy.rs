@@ -23,6 +23,69 @@ pub struct Policy {
     /// cannot unmask this site's update (its threshold must be above (holders + this) / 2).
     #[serde(default = "default_tolerated_colluders")]
     pub tolerated_colluders: u32,
+    /// This site's differential-privacy budget (`[policy.privacy]`).
+    #[serde(default)]
+    pub privacy: PrivacyPolicy,
+}
+
+/// `[policy.privacy]`: the most this site lets differentially private studies spend. The
+/// node refuses a round that would exceed it, and tells the aggregator why.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyPolicy {
+    /// Most ε one study may spend.
+    #[serde(default = "default_study_epsilon")]
+    pub epsilon: f64,
+    /// Most ε all studies together may spend.
+    #[serde(default = "default_total_epsilon")]
+    pub total_epsilon: f64,
+    /// δ of every guarantee (keep it below 1 / the number of patients).
+    #[serde(default = "default_delta")]
+    pub delta: f64,
+    /// Refuse studies without differential privacy.
+    #[serde(default)]
+    pub require: bool,
+}
+
+impl Default for PrivacyPolicy {
+    fn default() -> Self {
+        PrivacyPolicy {
+            epsilon: default_study_epsilon(),
+            total_epsilon: default_total_epsilon(),
+            delta: default_delta(),
+            require: false,
+        }
+    }
+}
+
+impl PrivacyPolicy {
+    pub fn budget(&self) -> medfed_protocol::dp::ledger::Budget {
+        medfed_protocol::dp::ledger::Budget {
+            study_epsilon: self.epsilon,
+            total_epsilon: self.total_epsilon,
+            delta: self.delta,
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.epsilon > 0.0 && self.total_epsilon >= self.epsilon) {
+            return Err("needs 0 < epsilon <= total_epsilon".into());
+        }
+        if !(self.delta > 0.0 && self.delta < 1e-3) {
+            return Err(format!("delta {} must be in (0, 0.001)", self.delta));
+        }
+        Ok(())
+    }
+}
+
+fn default_study_epsilon() -> f64 {
+    10.0
+}
+fn default_total_epsilon() -> f64 {
+    30.0
+}
+fn default_delta() -> f64 {
+    1e-6
 }
 
 fn default_tolerated_colluders() -> u32 {
@@ -62,6 +125,7 @@ impl Default for Policy {
             approvals: default_approvals(),
             rules: None,
             tolerated_colluders: default_tolerated_colluders(),
+            privacy: PrivacyPolicy::default(),
         }
     }
 }
@@ -197,6 +261,7 @@ mod tests {
             validation_fraction: 0.25,
             rounds: 10,
             secure_aggregation: true,
+            privacy: None,
         }
     }
 
@@ -207,6 +272,7 @@ mod tests {
             approvals: dir.path().join("approved.txt"),
             rules: None,
             tolerated_colluders: 1,
+            privacy: PrivacyPolicy::default(),
         };
         let Verdict::Refused(why) = p.decide(&study()) else {
             panic!()
@@ -246,6 +312,7 @@ mod tests {
             approvals: "/nonexistent".into(),
             rules: Some(rules),
             tolerated_colluders: 1,
+            privacy: PrivacyPolicy::default(),
         };
         assert!(matches!(p.decide(&study()), Verdict::Approved(_)));
         let mut s = study();

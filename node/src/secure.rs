@@ -199,6 +199,42 @@ impl Node {
             return Err((ErrorCode::InvalidContent, "not a secure round".into()));
         };
         let binding = training_binding(&r.study_id, r.round, sr.scale, &r.model, &r.params);
+        let data = self.study(&r.study_id, &r.model)?;
+        if let Some(dp) = data.privacy {
+            // Distributed DP: the noise of the fewest honest contributors a decoded sum can
+            // have (t - c) adds up to the study's σ.
+            let honest = sr
+                .setup
+                .threshold
+                .saturating_sub(self.config.policy.tolerated_colluders)
+                .max(1);
+            if sr.setup.dimension as usize != r.model.weights.len() {
+                return Err((
+                    ErrorCode::InvalidContent,
+                    "a differentially private round sums model deltas only".into(),
+                ));
+            }
+            // Checked before the budget is charged, so that bogus rounds cannot drain it.
+            {
+                let revealed = self.revealed_lock();
+                admit(
+                    &r.study_id,
+                    r.round,
+                    &sr.setup,
+                    &binding,
+                    self.config.policy.tolerated_colluders,
+                    revealed.get(&(r.study_id.clone(), r.round)),
+                )?;
+            }
+            sr.setup
+                .validate()
+                .map_err(|e| (ErrorCode::InvalidContent, e.to_string()))?;
+            self.spend_budget(&r.study_id, r.round, &dp)?;
+            let u = self.local_update(&r).await?;
+            let vector =
+                Node::dp_contribution(&r.model.weights, &u.weights, &dp, dp.share_sigma(honest))?;
+            return self.join_secure(r.study_id, r.round, sr, vector, binding);
+        }
         let u = self.local_update(&r).await?;
         Self::check_scale(sr.scale, u.rows)?;
         let vector =
@@ -209,6 +245,12 @@ impl Node {
     /// The study's feature statistics under secure aggregation.
     pub(crate) fn statistics_secure(&self, s: StatisticsOpen) -> Reply {
         let data = self.study_data(&s.study_id)?;
+        if data.privacy.is_some() {
+            return Err((
+                ErrorCode::CannotServe,
+                "the study is differentially private: this site releases no statistics".into(),
+            ));
+        }
         let stats = data.feature_stats();
         Self::check_scale(s.secure.scale, stats.count)?;
         let vector = update_vector::encode_statistics(&stats, s.secure.scale);

@@ -27,6 +27,8 @@ pub struct ExportedModel {
     /// Training rows behind the average.
     pub training_rows: u64,
     /// Sample-weighted mean training loss reported by the sites.
+    /// Not released under differential privacy: `null`.
+    #[serde(with = "crate::metrics::nan_as_null")]
     pub train_loss: f64,
     /// Federated evaluation of this model on the sites' validation rows, when known.
     pub validation: Option<Metrics>,

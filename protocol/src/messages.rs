@@ -124,6 +124,9 @@ pub struct StudyAnnouncement {
     /// With secure aggregation the feature statistics are summed securely in a
     /// [`StatisticsOpen`] exchange instead of being sent with the decision.
     pub secure_aggregation: bool,
+    /// DP-FedAvg: each round releases only the noisy sum of clipped model deltas; each site
+    /// charges it to its own budget. No statistics, losses or evaluations are released.
+    pub privacy: Option<crate::dp::DpTraining>,
 }
 
 /// The node's answer to a study announcement.

@@ -23,7 +23,7 @@ pub fn log_loss_term(p: f64, y: f64) -> f64 {
 
 /// Undefined metrics (NaN, e.g. a sensitivity without positive rows) are written as JSON
 /// `null` and read back as NaN.
-mod nan_as_null {
+pub(crate) mod nan_as_null {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {

@@ -98,6 +98,7 @@ fn message() -> impl Strategy<Value = Message> {
                 validation_fraction: 0.25,
                 rounds,
                 secure_aggregation: true,
+                privacy: None,
             }
         )),
         (0u64..1000, prop::collection::vec(finite(), 0..8)).prop_map(|(n, v)| {

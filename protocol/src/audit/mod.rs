@@ -59,6 +59,16 @@ pub enum Event {
         sites: Vec<String>,
         sha256: String,
     },
+    /// A site took part in a differentially private release (or refused to, for its
+    /// budget): ε of the study and of all studies after it, at `delta`.
+    PrivacySpent {
+        study: String,
+        round: u32,
+        epsilon: f64,
+        total_epsilon: f64,
+        delta: f64,
+        refused: bool,
+    },
     /// Something went wrong that an auditor should see.
     Error { what: String },
     /// The party stopped cleanly.

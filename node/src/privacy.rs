@@ -1,0 +1,181 @@
+//! The node's differential-privacy duties: its budget ledger (durable, in the state
+//! directory), the charge before each release, and the clipped, noised contribution.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use medfed_protocol::ErrorCode;
+use medfed_protocol::dp::ledger::Ledger;
+use medfed_protocol::dp::{DpTraining, add_gaussian, clip_l2};
+use rand::SeedableRng;
+use ring::rand::SecureRandom;
+use tracing::{info, warn};
+
+use crate::client::Node;
+
+/// The ledger file in the node's state directory.
+pub fn ledger_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("privacy-ledger.json")
+}
+
+/// Reads a ledger file; a missing file is an empty ledger.
+pub fn load_ledger(path: &Path) -> Result<Ledger, String> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes)
+            .map_err(|e| format!("privacy ledger {}: not a ledger: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Ledger::default()),
+        Err(e) => Err(format!("privacy ledger {}: {e}", path.display())),
+    }
+}
+
+/// The ledger, kept in memory and written through (atomically, synced) on every change.
+pub struct LedgerFile {
+    path: PathBuf,
+    ledger: Mutex<Ledger>,
+}
+
+impl LedgerFile {
+    pub fn open(path: PathBuf) -> Result<LedgerFile, String> {
+        let ledger = load_ledger(&path)?;
+        Ok(LedgerFile {
+            path,
+            ledger: Mutex::new(ledger),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Ledger> {
+        // Every change is written through: a poisoned ledger is the file's.
+        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self, ledger: &Ledger) -> Result<(), String> {
+        let bytes = serde_json::to_vec_pretty(ledger).expect("a ledger serializes");
+        medfed_infra::files::write_atomic(&self.path, &bytes).map_err(|e| {
+            format!(
+                "cannot write the privacy ledger {}: {e}",
+                self.path.display()
+            )
+        })
+    }
+}
+
+type Refusal = (ErrorCode, String);
+
+impl Node {
+    /// Charges one release of `study` round `round` to the budget, durably, before anything
+    /// is sent; or refuses, logs the refusal and says why.
+    pub(crate) fn spend_budget(
+        &self,
+        study: &str,
+        round: u32,
+        dp: &DpTraining,
+    ) -> Result<(), Refusal> {
+        let policy = &self.config.policy.privacy;
+        let budget = policy.budget();
+        let mut ledger = self.ledger.lock();
+        let checked = ledger.check(study, dp.noise_multiplier, &budget);
+        let (epsilon, total, refused) = match &checked {
+            Ok((s, t)) => (*s, *t, false),
+            Err(e) => (e.epsilon_after, ledger.epsilon(None, budget.delta), true),
+        };
+        if refused {
+            ledger.record_refusal(study);
+        } else {
+            ledger.record(study, dp.noise_multiplier);
+        }
+        self.ledger
+            .save(&ledger)
+            .map_err(|e| (ErrorCode::Internal, e))?;
+        let event = medfed_protocol::audit::Event::PrivacySpent {
+            study: study.to_string(),
+            round,
+            epsilon,
+            total_epsilon: total,
+            delta: budget.delta,
+            refused,
+        };
+        if let Err(e) = self.audit.record(event) {
+            warn!("cannot write the compliance log: {e}");
+        }
+        match checked {
+            Ok(_) => {
+                info!(%study, round, epsilon, total_epsilon = total, delta = budget.delta, "privacy budget charged");
+                Ok(())
+            }
+            Err(over) => {
+                let why = format!(
+                    "privacy budget: round {round} of study '{study}' refused: {over} (δ = {}); this site sends no more updates for it",
+                    budget.delta
+                );
+                warn!(%study, round, "{why}");
+                Err((ErrorCode::CannotServe, why))
+            }
+        }
+    }
+
+    /// The site's DP-FedAvg contribution: its model delta clipped to `C`, plus Gaussian
+    /// noise of standard deviation `noise_sigma` (its share under secure aggregation; 0 when
+    /// the aggregator adds the noise centrally).
+    pub(crate) fn dp_contribution(
+        global: &[f64],
+        local: &[f64],
+        dp: &DpTraining,
+        noise_sigma: f64,
+    ) -> Result<Vec<f64>, Refusal> {
+        let mut delta: Vec<f64> = local.iter().zip(global).map(|(w, g)| w - g).collect();
+        clip_l2(&mut delta, dp.clip_norm);
+        if noise_sigma > 0.0 {
+            let mut seed = [0u8; 32];
+            ring::rand::SystemRandom::new()
+                .fill(&mut seed)
+                .map_err(|_| {
+                    (
+                        ErrorCode::Internal,
+                        "the system's random generator failed".to_string(),
+                    )
+                })?;
+            let mut rng = rand_chacha::ChaCha20Rng::from_seed(seed);
+            add_gaussian(&mut delta, noise_sigma, &mut rng);
+        }
+        Ok(delta)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ledger_survives_a_restart_and_a_broken_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = ledger_path(dir.path());
+        let file = LedgerFile::open(path.clone()).unwrap();
+        {
+            let mut l = file.lock();
+            l.record("pima", 1.0);
+            file.save(&l).unwrap();
+        }
+        let again = LedgerFile::open(path.clone()).unwrap();
+        assert_eq!(again.lock().releases("pima"), 1);
+        std::fs::write(&path, b"{not json").unwrap();
+        let err = LedgerFile::open(path).err().unwrap();
+        assert!(
+            err.contains("privacy-ledger.json") && err.contains("not a ledger"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_contribution_is_clipped_and_noised() {
+        let dp = DpTraining {
+            clip_norm: 1.0,
+            noise_multiplier: 1.0,
+        };
+        let clipped = Node::dp_contribution(&[0.0, 0.0], &[30.0, 40.0], &dp, 0.0).unwrap();
+        assert!((clipped[0] - 0.6).abs() < 1e-12 && (clipped[1] - 0.8).abs() < 1e-12);
+        let noisy = Node::dp_contribution(&[0.0, 0.0], &[30.0, 40.0], &dp, 1.0).unwrap();
+        assert_ne!(noisy, clipped);
+        let again = Node::dp_contribution(&[0.0, 0.0], &[30.0, 40.0], &dp, 1.0).unwrap();
+        assert_ne!(noisy, again, "fresh noise every time");
+    }
+}

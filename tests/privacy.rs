@@ -1,0 +1,265 @@
+//! A site's privacy budget, enforced by the site, over real QUIC: a differentially private
+//! study of 4 rounds, where one of four hospitals allows only 2 rounds' worth of ε. That
+//! site's updates stop at round 3; the refusal shows at the aggregator, in `medfed node
+//! status`, in the site's log and in its compliance log; the study completes with the
+//! other three, and its rounds carry the noise of secure aggregation's honest minimum.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use medfed_protocol::dp::ledger::Ledger;
+
+const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
+const SITES: [&str; 4] = ["site-a", "site-b", "site-c", "site-d"];
+
+struct Processes(Vec<(String, Child)>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = Command::new(MEDFED).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "medfed {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn spawn(dir: &Path, name: &str, args: &[&str]) -> (String, Child) {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(MEDFED)
+        .args(args)
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    (name.to_string(), child)
+}
+
+fn wait(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+#[test]
+fn a_site_stops_at_its_privacy_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = d.join("pki");
+    let pki_s = pki.to_str().unwrap();
+    ok(&["pki", "init", "--dir", pki_s]);
+    ok(&["pki", "issue", "--dir", pki_s, "--aggregator", "localhost"]);
+    for site in SITES {
+        ok(&["pki", "issue", "--dir", pki_s, "--site", site]);
+    }
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
+    )
+    .unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let rows: Vec<&str> = lines.collect();
+    for (i, site) in SITES.iter().enumerate() {
+        let part: Vec<&str> = rows.iter().skip(i).step_by(4).copied().collect();
+        std::fs::write(
+            d.join(format!("{site}.csv")),
+            format!("{header}\n{}\n", part.join("\n")),
+        )
+        .unwrap();
+    }
+    // z = 2, δ = 1e-6: site-d's limit lies between the ε of 2 and of 3 rounds.
+    let (z, delta) = (2.0, 1e-6);
+    let eps = |k: usize| {
+        let mut l = Ledger::default();
+        (0..k).for_each(|_| l.record("s", z));
+        l.epsilon(Some("s"), delta)
+    };
+    let limit = (eps(2) + eps(3)) / 2.0;
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        d.join("aggregator.toml"),
+        format!(
+            r#"listen = "127.0.0.1:{port}"
+out_dir = "out"
+[tls]
+ca = "pki/aggregator/localhost/ca.pem"
+cert = "pki/aggregator/localhost/cert.pem"
+key = "pki/aggregator/localhost/key.pem"
+[sites]
+allow = ["site-a", "site-b", "site-c", "site-d"]
+[[study]]
+id = "pima-dp"
+dataset = "pima"
+model = "logistic"
+features = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]
+target = "type"
+positive_class = "Yes"
+rounds = 4
+min_sites = 3
+wait_for_sites_secs = 60
+round_timeout_secs = 30
+[study.privacy]
+clip_norm = 1.0
+noise_multiplier = {z}
+feature_ranges = [[0, 17], [0, 200], [0, 122], [0, 99], [0, 67], [0, 2.5], [21, 81]]
+"#
+        ),
+    )
+    .unwrap();
+    for site in SITES {
+        let budget = if site == "site-d" {
+            format!(
+                "[policy.privacy]\nepsilon = {limit}\ntotal_epsilon = {limit}\ndelta = {delta}\n"
+            )
+        } else {
+            format!("[policy.privacy]\ndelta = {delta}\n")
+        };
+        std::fs::write(
+            d.join(format!("{site}.toml")),
+            format!(
+                r#"site = "{site}"
+[aggregator]
+address = "127.0.0.1:{port}"
+server_name = "localhost"
+[tls]
+ca = "pki/sites/{site}/ca.pem"
+cert = "pki/sites/{site}/cert.pem"
+key = "pki/sites/{site}/key.pem"
+[audit]
+log = "{site}-audit.log"
+key = "{site}-audit.key"
+[state]
+dir = "{site}-state"
+[policy.rules]
+datasets = ["pima"]
+{budget}
+[[dataset]]
+name = "pima"
+path = "{site}.csv"
+[reconnect]
+initial_backoff_ms = 100
+max_backoff_ms = 1000
+"#
+            ),
+        )
+        .unwrap();
+    }
+    let mut procs = Processes(Vec::new());
+    for site in SITES {
+        let cfg = d.join(format!("{site}.toml"));
+        procs.0.push(spawn(
+            d,
+            site,
+            &["node", "run", "--config", cfg.to_str().unwrap()],
+        ));
+    }
+    let agg = d.join("aggregator.toml");
+    procs.0.push(spawn(
+        d,
+        "aggregator",
+        &["aggregator", "run", "--config", agg.to_str().unwrap()],
+    ));
+    for (name, child) in &mut procs.0 {
+        let status = wait(child, Duration::from_secs(120));
+        let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap_or_default();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{name} failed ({status:?}):\n{log}"
+        );
+    }
+    let agg_log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
+    assert!(
+        agg_log.contains("study 'pima-dp' complete after 4 rounds"),
+        "{agg_log}"
+    );
+    // The aggregator saw site-d refuse rounds 3 and 4, and why; never rounds 1 and 2.
+    let refusals: Vec<&str> = agg_log
+        .lines()
+        .filter(|l| l.contains("site-d") && l.contains("privacy budget"))
+        .collect();
+    assert!(refusals.iter().any(|l| l.contains("round 3")), "{agg_log}");
+    assert!(
+        !refusals
+            .iter()
+            .any(|l| l.contains("round 1 ") || l.contains("round 2 ")),
+        "{refusals:?}"
+    );
+    // The node's log and status say the same.
+    let node_log = std::fs::read_to_string(d.join("site-d.log")).unwrap();
+    assert!(
+        node_log.contains("privacy budget: round 3 of study 'pima-dp' refused"),
+        "{node_log}"
+    );
+    let cfg_d = d.join("site-d.toml");
+    let status: serde_json::Value = serde_json::from_str(&ok(&[
+        "node",
+        "status",
+        "--config",
+        cfg_d.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    let study = &status["privacy"]["studies"][0];
+    assert_eq!(study["study"], "pima-dp");
+    assert_eq!(study["releases"], 2, "{status}");
+    assert_eq!(study["refused"], 2, "{status}");
+    assert!(study["epsilon"].as_f64().unwrap() <= limit);
+    let table = ok(&["node", "status", "--config", cfg_d.to_str().unwrap()]);
+    assert!(
+        table.contains("privacy budget") && table.contains("pima-dp"),
+        "{table}"
+    );
+    // The others spent 4 rounds, within their default budget.
+    let cfg_a = d.join("site-a.toml");
+    let status: serde_json::Value = serde_json::from_str(&ok(&[
+        "node",
+        "status",
+        "--config",
+        cfg_a.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(status["privacy"]["studies"][0]["releases"], 4, "{status}");
+    // The compliance log records each charge and the refusals, for the auditor.
+    let report = ok(&[
+        "audit",
+        "report",
+        "--log",
+        d.join("site-d-audit.log").to_str().unwrap(),
+        "--key",
+        d.join("site-d-audit.key.pub").to_str().unwrap(),
+    ]);
+    assert!(
+        report.contains("refused for the privacy budget"),
+        "{report}"
+    );
+    // Rounds 3 and 4 were aggregated from the other three sites.
+    let round4: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("out/models/pima-dp/round-0004.json")).unwrap(),
+    )
+    .unwrap();
+    let sites = round4.to_string();
+    assert!(
+        sites.contains("site-a") && !sites.contains("site-d"),
+        "{sites}"
+    );
+}
