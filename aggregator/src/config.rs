@@ -31,9 +31,86 @@ pub struct AggregatorConfig {
     pub sites: Sites,
     #[serde(default, rename = "study")]
     pub studies: Vec<StudyConfig>,
+    /// Statistics studies (`[[statistics]]`): descriptive statistics of a cohort.
+    #[serde(default, rename = "statistics")]
+    pub statistics: Vec<StatisticsConfig>,
     /// SHA-256 of the file this was loaded from (for the compliance log).
     #[serde(skip)]
     pub config_sha256: String,
+}
+
+/// `[[statistics]]`: a statistics study, run after the training studies.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatisticsConfig {
+    pub id: String,
+    pub dataset: String,
+    /// Rows meeting every condition, e.g. `{ column = "age", op = ">=", value = 30 }` or
+    /// `{ column = "type", op = "==", text = "Yes" }`.
+    #[serde(default)]
+    pub cohort: Vec<medfed_protocol::fedstats::Condition>,
+    /// The columns, with bounds and histogram edges (`[[statistics.column]]`).
+    #[serde(rename = "column")]
+    pub columns: Vec<medfed_protocol::fedstats::StatColumn>,
+    /// Also the Pearson correlation of every pair of columns.
+    #[serde(default)]
+    pub correlations: bool,
+    /// Differential privacy: the Gaussian noise multiplier (absent: exact release).
+    #[serde(default)]
+    pub noise_multiplier: Option<f64>,
+    /// Cells (counts) below this are not released.
+    #[serde(default = "default_suppress_below")]
+    pub suppress_below: u64,
+    #[serde(default = "default_min_sites")]
+    pub min_sites: usize,
+    #[serde(default = "default_wait_for_sites_secs")]
+    pub wait_for_sites_secs: u64,
+    #[serde(default = "default_round_timeout_secs")]
+    pub timeout_secs: u64,
+    #[serde(default)]
+    pub secure_aggregation: SecureAggregationConfig,
+}
+
+fn default_suppress_below() -> u64 {
+    11
+}
+
+impl StatisticsConfig {
+    pub fn query(&self) -> medfed_protocol::fedstats::StatsQuery {
+        medfed_protocol::fedstats::StatsQuery {
+            query_id: self.id.clone(),
+            dataset: self.dataset.clone(),
+            cohort: self.cohort.clone(),
+            columns: self.columns.clone(),
+            correlations: self.correlations,
+            noise_multiplier: self.noise_multiplier,
+            suppress_below: self.suppress_below,
+        }
+    }
+
+    /// The parts of a study a statistics query shares with one (id, dataset, quorum,
+    /// timeouts, secure aggregation): the secure-aggregation driver is the studies'.
+    pub(crate) fn as_study(&self) -> StudyConfig {
+        StudyConfig {
+            id: self.id.clone(),
+            description: String::new(),
+            dataset: self.dataset.clone(),
+            model: ModelKind::Linear,
+            features: self.columns.iter().map(|c| c.name.clone()).collect(),
+            target: String::new(),
+            positive_class: None,
+            validation_fraction: default_validation_fraction(),
+            rounds: 1,
+            min_sites: self.min_sites,
+            wait_for_sites_secs: self.wait_for_sites_secs,
+            round_timeout_secs: self.timeout_secs,
+            round_attempts: 1,
+            training: TrainingConfig::default(),
+            server_optimizer: ServerOptimizer::FedAvg,
+            secure_aggregation: self.secure_aggregation.clone(),
+            privacy: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -303,6 +380,36 @@ impl AggregatorConfig {
                 .map_err(|e| invalid("sites.allow".into(), e.to_string()))?;
         }
         let mut ids = BTreeSet::new();
+        for (i, s) in self.statistics.iter().enumerate() {
+            let key = |k: &str| format!("statistics[{i}].{k}");
+            if s.id.is_empty() || !ids.insert(s.id.as_str()) {
+                return Err(invalid(
+                    key("id"),
+                    format!("{:?} is empty or used twice", s.id),
+                ));
+            }
+            s.query()
+                .validate()
+                .map_err(|why| invalid(key("column"), why))?;
+            if s.min_sites == 0 || s.min_sites > self.sites.allow.len() {
+                return Err(invalid(
+                    key("min_sites"),
+                    format!(
+                        "must be between 1 and the {} allowed sites",
+                        self.sites.allow.len()
+                    ),
+                ));
+            }
+            if s.secure_aggregation.enabled && s.min_sites < 2 {
+                return Err(invalid(
+                    key("min_sites"),
+                    "must be at least 2 with secure aggregation".into(),
+                ));
+            }
+            if s.timeout_secs == 0 {
+                return Err(invalid(key("timeout_secs"), "must be at least 1".into()));
+            }
+        }
         for (i, s) in self.studies.iter().enumerate() {
             let key = |k: &str| format!("study[{i}].{k}");
             if s.id.is_empty() || !ids.insert(s.id.as_str()) {

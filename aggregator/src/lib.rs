@@ -18,6 +18,7 @@
 pub mod config;
 mod secure_round;
 mod server;
+mod statistics;
 mod study;
 
 use std::collections::BTreeSet;
@@ -88,6 +89,11 @@ pub enum AggregatorEvent {
         reason: String,
     },
     StudyCompleted(StudyOutcome),
+    /// A statistics study released its results to `path`.
+    StatisticsReleased {
+        study_id: String,
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -230,21 +236,67 @@ impl Aggregator {
                 }
             }
         }
-        let (code, reason) =
-            if outcomes.len() == self.config.studies.len() && !self.config.studies.is_empty() {
-                (
-                    ErrorCode::StudiesComplete,
-                    "all studies complete".to_string(),
-                )
-            } else {
-                // Serving without studies, or stopped early: wait for the stop signal.
-                let reason = stop
-                    .wait_for(Option::is_some)
-                    .await
-                    .map(|r| r.clone().unwrap_or_default())
-                    .unwrap_or_default();
-                (ErrorCode::ShuttingDown, reason)
-            };
+        let mut released = 0;
+        if result.is_ok() && outcomes.len() == self.config.studies.len() {
+            for sc in &self.config.statistics {
+                let runner = study::StudyRunner {
+                    cfg: sc.as_study(),
+                    registry: self.registry.clone(),
+                    out_dir: self.config.out_dir.clone(),
+                    max_frame: self.config.max_frame_bytes,
+                    events: events.clone(),
+                    roots: roots.clone(),
+                    audit: self.audit.clone(),
+                };
+                let status = |status: String| {
+                    let _ = self
+                        .audit
+                        .record(medfed_protocol::audit::Event::StudyStatus {
+                            study: sc.id.clone(),
+                            status,
+                        });
+                };
+                status("started".into());
+                let query = sc.query();
+                let outcome = tokio::select! {
+                    r = runner.run_statistics(&query, allow.len()) => r,
+                    _ = stop.wait_for(Option::is_some) => break,
+                };
+                match outcome {
+                    Ok((_, path)) => {
+                        status(format!("statistics released: {}", path.display()));
+                        if let Some(tx) = &events {
+                            let _ = tx.send(AggregatorEvent::StatisticsReleased {
+                                study_id: sc.id.clone(),
+                                path,
+                            });
+                        }
+                        released += 1;
+                    }
+                    Err(e) => {
+                        status(format!("failed: {e}"));
+                        self.stop.send_replace(Some(format!("study failed: {e}")));
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+        }
+        let everything = self.config.studies.len() + self.config.statistics.len();
+        let (code, reason) = if outcomes.len() + released == everything && everything > 0 {
+            (
+                ErrorCode::StudiesComplete,
+                "all studies complete".to_string(),
+            )
+        } else {
+            // Serving without studies, or stopped early: wait for the stop signal.
+            let reason = stop
+                .wait_for(Option::is_some)
+                .await
+                .map(|r| r.clone().unwrap_or_default())
+                .unwrap_or_default();
+            (ErrorCode::ShuttingDown, reason)
+        };
         self.registry.close_all(code, &reason);
         self.endpoint.close(
             quinn::VarInt::from_u32(code.to_close_code()),

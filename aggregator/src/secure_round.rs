@@ -38,11 +38,11 @@ const STATISTICS_CLIP: f64 = 1e9;
 type Answer = (PartyId, Result<Message, TransportError>);
 
 /// A securely computed sum and who is in it.
-struct SecureSum {
+pub(crate) struct SecureSum {
     /// The decoded sum of the contributors' vectors.
-    sum: Vec<f64>,
+    pub sum: Vec<f64>,
     /// Sites whose vectors are in the sum.
-    sites: Vec<String>,
+    pub sites: Vec<String>,
     /// `1 / S`, S being the training rows of all the parties asked.
     scale: f64,
 }
@@ -99,7 +99,7 @@ impl StudyRunner {
 
     /// Runs one secure aggregation among the connected `participants`; `open` builds the
     /// request that starts it at each node.
-    async fn secure_sum(
+    pub(crate) async fn secure_sum(
         &self,
         round: u32,
         attempt: u32,

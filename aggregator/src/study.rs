@@ -70,6 +70,16 @@ pub(crate) struct Participant {
     announced_on: usize,
 }
 
+impl Participant {
+    /// A site asked a statistics query (no training rows are declared).
+    pub(crate) fn for_query(conn_id: usize) -> Participant {
+        Participant {
+            training_rows: 1,
+            announced_on: conn_id,
+        }
+    }
+}
+
 /// What one round produced, however it was aggregated.
 pub(crate) struct RoundAggregate {
     /// Sites whose updates are in the average.
@@ -110,7 +120,7 @@ impl StudyRunner {
         }
     }
 
-    fn failed(&self, detail: impl Into<String>) -> StudyError {
+    pub(crate) fn failed(&self, detail: impl Into<String>) -> StudyError {
         StudyError::Failed {
             study: self.cfg.id.clone(),
             detail: detail.into(),
@@ -119,7 +129,7 @@ impl StudyRunner {
 
     /// Waits until every allowed site is connected, or until the wait is over and at least
     /// `min_sites` are.
-    async fn wait_for_sites(&self, allowed: usize) -> Result<(), StudyError> {
+    pub(crate) async fn wait_for_sites(&self, allowed: usize) -> Result<(), StudyError> {
         let deadline = Instant::now() + Duration::from_secs(self.cfg.wait_for_sites_secs);
         loop {
             let n = self.registry.names().len();

@@ -75,6 +75,8 @@ pub struct Node {
     pub(crate) audit: Arc<AuditLog>,
     /// The differential-privacy budget spent, per study.
     pub(crate) ledger: crate::privacy::LedgerFile,
+    /// The cohorts of the statistics queries answered (differencing protection).
+    pub(crate) cohorts: crate::statistics::CohortMemory,
 }
 
 /// The result of local training in one round.
@@ -111,6 +113,10 @@ impl Node {
         let ledger =
             crate::privacy::LedgerFile::open(crate::privacy::ledger_path(&config.state.dir))
                 .map_err(NodeError::Privacy)?;
+        let cohorts = crate::statistics::CohortMemory::open(crate::statistics::CohortMemory::path(
+            &config.state.dir,
+        ))
+        .map_err(NodeError::Privacy)?;
         Ok(Node {
             config,
             tables,
@@ -121,6 +127,7 @@ impl Node {
             revealed: Mutex::default(),
             audit,
             ledger,
+            cohorts,
         })
     }
 
@@ -324,6 +331,7 @@ impl Node {
             Message::RoundOpen(r) => self.train(r).await,
             Message::SecAggToNode(m) => self.secure_step(m),
             Message::StatisticsOpen(s) => self.statistics_secure(s),
+            Message::StatisticsQuery(q) => self.answer_query(q),
             Message::EvaluateRequest(r) => self.evaluate(r),
             other => Err((
                 ErrorCode::UnexpectedMessage,
@@ -390,7 +398,7 @@ impl Node {
         Message::StudyDecision(decision)
     }
 
-    fn log_decision(&self, study: &str, accepted: bool, reason: &str) {
+    pub(crate) fn log_decision(&self, study: &str, accepted: bool, reason: &str) {
         let event = medfed_protocol::audit::Event::StudyDecision {
             study: study.to_string(),
             accepted,
@@ -404,6 +412,11 @@ impl Node {
     fn studies_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<StudyData>>> {
         // Every mutation is a single insert: a poisoned map is still consistent.
         self.studies.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A configured dataset, by name.
+    pub(crate) fn table(&self, name: &str) -> Option<Arc<Table>> {
+        self.tables.get(name).cloned()
     }
 
     /// The rows prepared for an announced study.
@@ -479,7 +492,7 @@ impl Node {
         if let Some(dp) = data.privacy {
             // Central DP: the aggregator adds the noise; this site clips, sends nothing
             // else, and charges its budget first.
-            self.spend_budget(&r.study_id, r.round, &dp)?;
+            self.spend_budget(&r.study_id, r.round, dp.noise_multiplier)?;
             let u = self.local_update(&r).await?;
             let delta = Node::dp_contribution(&r.model.weights, &u.weights, &dp, 0.0)?;
             return Ok(Message::ModelUpdate(ModelUpdate {

@@ -115,6 +115,11 @@ impl Table {
         self.rows.is_empty()
     }
 
+    /// The text of one cell ("" beyond the row's end).
+    pub fn cell(&self, row: usize, column: usize) -> &str {
+        self.rows[row].get(column).unwrap_or("")
+    }
+
     pub fn column(&self, name: &str) -> Result<usize, DataError> {
         self.columns
             .iter()

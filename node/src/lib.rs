@@ -23,5 +23,6 @@ pub mod policy;
 pub mod privacy;
 pub mod runtime;
 mod secure;
+pub mod statistics;
 
 pub use client::{Node, NodeError, NodeExit};

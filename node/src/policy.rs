@@ -26,6 +26,14 @@ pub struct Policy {
     /// This site's differential-privacy budget (`[policy.privacy]`).
     #[serde(default)]
     pub privacy: PrivacyPolicy,
+    /// The smallest cell (count of patients) a statistics query may release, and the
+    /// smallest difference between two cohorts this site answers for (CMS: 11).
+    #[serde(default = "default_min_cell")]
+    pub min_cell: u64,
+}
+
+fn default_min_cell() -> u64 {
+    11
 }
 
 /// `[policy.privacy]`: the most this site lets differentially private studies spend. The
@@ -126,6 +134,7 @@ impl Default for Policy {
             rules: None,
             tolerated_colluders: default_tolerated_colluders(),
             privacy: PrivacyPolicy::default(),
+            min_cell: default_min_cell(),
         }
     }
 }
@@ -150,6 +159,11 @@ pub fn approve(policy: &Policy, hash: &str) -> std::io::Result<bool> {
 /// Any change to the study (features, rounds, model, ...) changes it.
 pub fn study_hash(a: &StudyAnnouncement) -> String {
     medfed_protocol::audit::sha256_hex(&postcard::to_allocvec(a).unwrap_or_default())
+}
+
+/// The hash a statistics query is approved by.
+pub fn query_hash(q: &medfed_protocol::fedstats::StatsQuery) -> String {
+    medfed_protocol::audit::sha256_hex(&postcard::to_allocvec(q).unwrap_or_default())
 }
 
 /// The operator's decision on a study, with the reason for the logs.
@@ -197,6 +211,58 @@ impl Policy {
                 "study '{}' (hash {hash}) breaks the site's policy: {why}; its operator can still approve it with \
                  `medfed node approve --config node.toml --study {hash}`",
                 a.study_id
+            )),
+        }
+    }
+
+    /// Whether a statistics query is served: approved by hash, or within the rules'
+    /// datasets and columns (its columns and its cohort's), and with small cells suppressed
+    /// at least as strictly as this site's `min_cell`.
+    pub fn decide_query(&self, q: &medfed_protocol::fedstats::StatsQuery, secure: bool) -> Verdict {
+        if q.suppress_below < self.min_cell {
+            return Verdict::Refused(format!(
+                "query '{}' suppresses cells below {}; this site requires at least {} ([policy] min_cell)",
+                q.query_id, q.suppress_below, self.min_cell
+            ));
+        }
+        let hash = query_hash(q);
+        if self.approved_hashes().contains(&hash) {
+            return Verdict::Approved(format!(
+                "approved by the site's operator (query hash {hash})"
+            ));
+        }
+        let how = format!(
+            "its operator can approve it with `medfed node approve --config node.toml --study {hash}`"
+        );
+        let Some(rules) = &self.rules else {
+            return Verdict::Refused(format!(
+                "query '{}' (hash {hash}) is not approved at this site; {how}",
+                q.query_id
+            ));
+        };
+        let why = if let Some(ds) = &rules.datasets
+            && !ds.contains(&q.dataset)
+        {
+            Some(format!("dataset '{}' is not allowed", q.dataset))
+        } else if let Some(cols) = &rules.columns
+            && let Some(c) = q
+                .columns
+                .iter()
+                .map(|c| &c.name)
+                .chain(q.cohort.iter().map(|c| &c.column))
+                .find(|c| !cols.contains(c))
+        {
+            Some(format!("column '{c}' is not allowed"))
+        } else if !secure && !rules.allow_without_secure_aggregation {
+            Some("the query does not use secure aggregation".into())
+        } else {
+            None
+        };
+        match why {
+            None => Verdict::Approved("matches the site's policy rules".into()),
+            Some(why) => Verdict::Refused(format!(
+                "query '{}' (hash {hash}) breaks the site's policy: {why}; {how}",
+                q.query_id
             )),
         }
     }
@@ -273,6 +339,7 @@ mod tests {
             rules: None,
             tolerated_colluders: 1,
             privacy: PrivacyPolicy::default(),
+            min_cell: 11,
         };
         let Verdict::Refused(why) = p.decide(&study()) else {
             panic!()
@@ -313,6 +380,7 @@ mod tests {
             rules: Some(rules),
             tolerated_colluders: 1,
             privacy: PrivacyPolicy::default(),
+            min_cell: 11,
         };
         assert!(matches!(p.decide(&study()), Verdict::Approved(_)));
         let mut s = study();

@@ -64,16 +64,11 @@ type Refusal = (ErrorCode, String);
 impl Node {
     /// Charges one release of `study` round `round` to the budget, durably, before anything
     /// is sent; or refuses, logs the refusal and says why.
-    pub(crate) fn spend_budget(
-        &self,
-        study: &str,
-        round: u32,
-        dp: &DpTraining,
-    ) -> Result<(), Refusal> {
+    pub(crate) fn spend_budget(&self, study: &str, round: u32, z: f64) -> Result<(), Refusal> {
         let policy = &self.config.policy.privacy;
         let budget = policy.budget();
         let mut ledger = self.ledger.lock();
-        let checked = ledger.check(study, dp.noise_multiplier, &budget);
+        let checked = ledger.check(study, z, &budget);
         let (epsilon, total, refused) = match &checked {
             Ok((s, t)) => (*s, *t, false),
             Err(e) => (e.epsilon_after, ledger.epsilon(None, budget.delta), true),
@@ -81,7 +76,7 @@ impl Node {
         if refused {
             ledger.record_refusal(study);
         } else {
-            ledger.record(study, dp.noise_multiplier);
+            ledger.record(study, z);
         }
         self.ledger
             .save(&ledger)
@@ -111,6 +106,25 @@ impl Node {
                 Err((ErrorCode::CannotServe, why))
             }
         }
+    }
+
+    /// `v` plus independent `N(0, sigma²)` noise on every entry, from a generator seeded by
+    /// the system's.
+    pub(crate) fn add_noise(mut v: Vec<f64>, sigma: f64) -> Result<Vec<f64>, Refusal> {
+        if sigma > 0.0 {
+            let mut seed = [0u8; 32];
+            ring::rand::SystemRandom::new()
+                .fill(&mut seed)
+                .map_err(|_| {
+                    (
+                        ErrorCode::Internal,
+                        "the system's random generator failed".to_string(),
+                    )
+                })?;
+            let mut rng = rand_chacha::ChaCha20Rng::from_seed(seed);
+            add_gaussian(&mut v, sigma, &mut rng);
+        }
+        Ok(v)
     }
 
     /// The site's DP-FedAvg contribution: its model delta clipped to `C`, plus Gaussian

@@ -100,7 +100,7 @@ impl Node {
 
     /// Joins a secure aggregation of `vector` (a training round, or round 0 for the
     /// study's feature statistics) and answers with this site's signed keys.
-    fn join_secure(
+    pub(crate) fn join_secure(
         &self,
         study_id: String,
         round: u32,
@@ -229,7 +229,7 @@ impl Node {
             sr.setup
                 .validate()
                 .map_err(|e| (ErrorCode::InvalidContent, e.to_string()))?;
-            self.spend_budget(&r.study_id, r.round, &dp)?;
+            self.spend_budget(&r.study_id, r.round, dp.noise_multiplier)?;
             let u = self.local_update(&r).await?;
             let vector =
                 Node::dp_contribution(&r.model.weights, &u.weights, &dp, dp.share_sigma(honest))?;

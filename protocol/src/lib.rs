@@ -29,6 +29,7 @@ pub mod audit;
 pub mod codec;
 pub mod dp;
 pub mod export;
+pub mod fedstats;
 pub mod messages;
 pub mod metrics;
 pub mod model;

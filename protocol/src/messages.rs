@@ -41,6 +41,8 @@ pub enum Message {
     SecAggToNode(SecAggToNode),
     SecAggFromNode(SecAggFromNode),
     StatisticsOpen(StatisticsOpen),
+    StatisticsQuery(StatisticsQuery),
+    StatisticsReport(StatisticsReport),
 }
 
 impl Message {
@@ -59,6 +61,8 @@ impl Message {
             Message::SecAggToNode(m) => (Some(&m.study_id), Some(m.round)),
             Message::SecAggFromNode(m) => (Some(&m.study_id), Some(m.round)),
             Message::StatisticsOpen(m) => (Some(&m.study_id), Some(0)),
+            Message::StatisticsQuery(m) => (Some(&m.query.query_id), Some(0)),
+            Message::StatisticsReport(m) => (Some(&m.query_id), Some(0)),
             Message::Hello(_) | Message::Welcome(_) | Message::Error(_) => (None, None),
         }
     }
@@ -79,6 +83,8 @@ impl Message {
             Message::SecAggToNode(m) => m.message.kind(),
             Message::SecAggFromNode(m) => m.message.kind(),
             Message::StatisticsOpen(_) => "statistics open",
+            Message::StatisticsQuery(_) => "statistics query",
+            Message::StatisticsReport(_) => "statistics report",
         }
     }
 }
@@ -197,6 +203,28 @@ pub struct SecureRound {
 pub struct StatisticsOpen {
     pub study_id: String,
     pub secure: SecureRound,
+}
+
+/// The aggregator asks for descriptive statistics of a cohort (a statistics study). With
+/// `secure` the node answers like a secure [`RoundOpen`] (round 0 of the query), else with
+/// a [`StatisticsReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatisticsQuery {
+    pub query: crate::fedstats::StatsQuery,
+    pub secure: Option<SecureRound>,
+}
+
+/// A node's statistics vector (see [`crate::fedstats`]), sent in the clear (only for
+/// queries without secure aggregation).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatisticsReport {
+    pub query_id: String,
+    pub vector: Vec<f64>,
+}
+
+/// The [`crate::secagg::Setup::binding`] of a statistics query.
+pub fn query_binding(query: &crate::fedstats::StatsQuery, scale: f64) -> [u8; 32] {
+    crate::secagg::input_binding(&("query", query, scale))
 }
 
 /// A secure-aggregation message from the aggregator to a node.

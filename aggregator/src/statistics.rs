@@ -1,0 +1,186 @@
+//! Running a statistics study: send the query, sum the sites' vectors (securely by
+//! default), add central noise where the sites did not, and release the statistics with
+//! small cells suppressed.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use medfed_infra::transport;
+use medfed_protocol::Message;
+use medfed_protocol::fedstats::{StatsQuery, StatsRelease};
+use medfed_protocol::messages::{StatisticsQuery, query_binding};
+use medfed_protocol::quant::QuantParams;
+use serde::Serialize;
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+use crate::study::{Participant, StudyError, StudyRunner};
+
+/// Largest entry of one site's vector, in units (a count of patients).
+const MAX_SITE_ENTRY: f64 = 1e9;
+
+/// What `out/statistics/<id>.json` holds.
+#[derive(Debug, Serialize)]
+pub struct StatisticsFile<'a> {
+    pub format: &'static str,
+    pub query: &'a StatsQuery,
+    /// Sites whose cohorts are in the statistics.
+    pub sites: Vec<String>,
+    pub secure_aggregation: bool,
+    pub release: &'a StatsRelease,
+}
+
+impl StudyRunner {
+    /// Runs the statistics study `query` (this runner's config is its study-shaped view).
+    pub(crate) async fn run_statistics(
+        &self,
+        query: &StatsQuery,
+        allowed: usize,
+    ) -> Result<(StatsRelease, std::path::PathBuf), StudyError> {
+        let cfg = &self.cfg;
+        self.wait_for_sites(allowed).await?;
+        let participants: BTreeMap<String, Participant> = self
+            .registry
+            .names()
+            .into_iter()
+            .filter_map(|site| {
+                let conn = self.registry.get(&site)?.conn.stable_id();
+                Some((site, Participant::for_query(conn)))
+            })
+            .collect();
+        let sigma = query.sigma();
+        let bits_for = |n: usize| {
+            let room = (2f64.powi(62) / (n as f64 * MAX_SITE_ENTRY)).log2().floor();
+            room.clamp(0.0, 24.0) as u8
+        };
+        let (sum, sites) = if cfg.secure_aggregation.enabled {
+            let q = query.clone();
+            let secure = self
+                .secure_sum(
+                    0,
+                    1,
+                    &participants,
+                    query.dimension(),
+                    |n, scale| {
+                        // The finest fixed point that cannot overflow 64 bits for n sites.
+                        let quant = QuantParams::for_parties(n, MAX_SITE_ENTRY, bits_for(n))
+                            .map_err(|e| e.to_string())?;
+                        Ok((quant, query_binding(&q, scale)))
+                    },
+                    |secure| {
+                        Message::StatisticsQuery(StatisticsQuery {
+                            query: query.clone(),
+                            secure: Some(secure),
+                        })
+                    },
+                )
+                .await
+                .map_err(|e| self.failed(e))?;
+            (secure.sum, secure.sites)
+        } else {
+            let (mut sum, sites) = self.plain_statistics(query, &participants).await;
+            if let Some(s) = sigma {
+                // Central noise: the sites trust the aggregator to add it.
+                let mut rng = rand::rng();
+                medfed_protocol::dp::add_gaussian(&mut sum, s, &mut rng);
+            }
+            (sum, sites)
+        };
+        if sites.len() < cfg.min_sites {
+            return Err(StudyError::NoQuorum {
+                study: cfg.id.clone(),
+                got: sites.len(),
+                need: cfg.min_sites,
+                detail: "too few sites answered the statistics query".into(),
+            });
+        }
+        // Each site's entries are rounded to the fixed point (at most one step each).
+        let rounding = if cfg.secure_aggregation.enabled {
+            let n = participants.len();
+            n as f64 * 2f64.powi(-i32::from(bits_for(n)))
+        } else {
+            0.0
+        };
+        let release = query
+            .release(&sum, sigma, rounding)
+            .map_err(|e| self.failed(e))?;
+        let file = StatisticsFile {
+            format: "medfed-statistics/1",
+            query,
+            sites: sites.clone(),
+            secure_aggregation: cfg.secure_aggregation.enabled,
+            release: &release,
+        };
+        let json = serde_json::to_vec_pretty(&file).expect("statistics serialize");
+        let path = self
+            .out_dir
+            .join("statistics")
+            .join(format!("{}.json", cfg.id));
+        medfed_infra::files::write_atomic(&path, &json).map_err(|source| StudyError::Export {
+            study: cfg.id.clone(),
+            path: path.clone(),
+            source,
+        })?;
+        let _ = self.audit.record(medfed_protocol::audit::Event::Released {
+            study: cfg.id.clone(),
+            round: 0,
+            sites: sites.clone(),
+            sha256: medfed_protocol::audit::sha256_hex(&json),
+        });
+        info!(study = %cfg.id, sites = sites.len(), path = %path.display(), "statistics released");
+        Ok((release, path))
+    }
+
+    /// Without secure aggregation: each site's vector, summed here.
+    async fn plain_statistics(
+        &self,
+        query: &StatsQuery,
+        participants: &BTreeMap<String, Participant>,
+    ) -> (Vec<f64>, Vec<String>) {
+        let msg = Arc::new(Message::StatisticsQuery(StatisticsQuery {
+            query: query.clone(),
+            secure: None,
+        }));
+        let timeout = Duration::from_secs(self.cfg.round_timeout_secs);
+        let mut tasks = JoinSet::new();
+        for site in participants.keys() {
+            let Some(s) = self.registry.get(site) else {
+                continue;
+            };
+            let (msg, site, max, audit) = (
+                msg.clone(),
+                site.clone(),
+                self.max_frame,
+                self.audit.clone(),
+            );
+            tasks.spawn(async move {
+                let answer =
+                    transport::request_logged(&s.conn, &msg, max, timeout, Some((&*audit, &site)))
+                        .await;
+                (site, answer)
+            });
+        }
+        let mut sum = vec![0.0; query.dimension()];
+        let mut sites = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            let Ok((site, answer)) = joined else { continue };
+            match answer {
+                Ok(Message::StatisticsReport(r))
+                    if r.query_id == query.query_id
+                        && r.vector.len() == sum.len()
+                        && r.vector
+                            .iter()
+                            .all(|x| x.is_finite() && x.abs() <= MAX_SITE_ENTRY) =>
+                {
+                    sum.iter_mut().zip(&r.vector).for_each(|(s, x)| *s += x);
+                    sites.push(site);
+                }
+                Ok(other) => warn!(%site, "statistics query: unusable answer ({})", other.kind()),
+                Err(e) => warn!(%site, "statistics query: no answer: {e}"),
+            }
+        }
+        sites.sort();
+        (sum, sites)
+    }
+}

@@ -1,0 +1,287 @@
+//! Answering statistics queries: the site's policy, its smallest cell, differencing
+//! protection across queries, its privacy budget, and the (noised) vector, summed with the
+//! other sites' under secure aggregation.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use medfed_protocol::fedstats::StatsQuery;
+use medfed_protocol::messages::{StatisticsQuery, StatisticsReport, query_binding};
+use medfed_protocol::{ErrorCode, Message};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::client::Node;
+use crate::data::Table;
+use crate::policy::Verdict;
+
+type Reply = Result<Message, (ErrorCode, String)>;
+
+/// A cohort this site answered for: the rows of a dataset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AnsweredCohort {
+    pub query_id: String,
+    pub dataset: String,
+    pub rows: Vec<u32>,
+}
+
+/// The cohorts answered so far, kept in the state directory (written through).
+pub struct CohortMemory {
+    path: PathBuf,
+    answered: Mutex<Vec<AnsweredCohort>>,
+}
+
+impl CohortMemory {
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("answered-cohorts.json")
+    }
+
+    pub fn open(path: PathBuf) -> Result<CohortMemory, String> {
+        let answered = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| format!("{}: not a list of answered cohorts: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        Ok(CohortMemory {
+            path,
+            answered: Mutex::new(answered),
+        })
+    }
+
+    /// Records `cohort` unless it differs from an earlier cohort of the same dataset by
+    /// fewer than `min_difference` rows (but more than none: asking the same cohort again
+    /// is a new release, charged to the budget, not a difference).
+    pub fn admit(&self, cohort: AnsweredCohort, min_difference: u64) -> Result<(), String> {
+        let mut answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        let mine: BTreeSet<u32> = cohort.rows.iter().copied().collect();
+        for earlier in answered.iter().filter(|a| a.dataset == cohort.dataset) {
+            let theirs: BTreeSet<u32> = earlier.rows.iter().copied().collect();
+            let differ = mine.symmetric_difference(&theirs).count() as u64;
+            if differ > 0 && differ < min_difference {
+                return Err(format!(
+                    "its cohort differs from that of query '{}' by {differ} patient(s), fewer than {min_difference}: answering both would reveal them",
+                    earlier.query_id
+                ));
+            }
+        }
+        answered.push(cohort);
+        let bytes = serde_json::to_vec(&*answered).expect("cohorts serialize");
+        medfed_infra::files::write_atomic(&self.path, &bytes)
+            .map_err(|e| format!("cannot write {}: {e}", self.path.display()))
+    }
+}
+
+/// The query's cohort in `table`: rows meeting every condition with a number in every
+/// requested column; and those numbers.
+pub fn cohort(table: &Table, q: &StatsQuery) -> Result<(Vec<u32>, Vec<Vec<f64>>), String> {
+    let col = |name: &str| {
+        table
+            .column(name)
+            .map_err(|_| format!("dataset '{}' has no column '{name}'", q.dataset))
+    };
+    let conds = q
+        .cohort
+        .iter()
+        .map(|c| Ok((col(&c.column)?, c)))
+        .collect::<Result<Vec<_>, String>>()?;
+    let cols = q
+        .columns
+        .iter()
+        .map(|c| col(&c.name))
+        .collect::<Result<Vec<_>, String>>()?;
+    let (mut ids, mut rows) = (Vec::new(), Vec::new());
+    'row: for i in 0..table.len() {
+        if !conds.iter().all(|(j, c)| c.holds(table.cell(i, *j))) {
+            continue;
+        }
+        let mut values = Vec::with_capacity(cols.len());
+        for &j in &cols {
+            match table.cell(i, j).trim().parse::<f64>() {
+                Ok(x) if x.is_finite() => values.push(x),
+                _ => continue 'row,
+            }
+        }
+        ids.push(i as u32);
+        rows.push(values);
+    }
+    Ok((ids, rows))
+}
+
+impl Node {
+    /// Answers a statistics query, or refuses it with the reason.
+    pub(crate) fn answer_query(&self, sq: StatisticsQuery) -> Reply {
+        let q = &sq.query;
+        let refuse = |code: ErrorCode, why: String| {
+            warn!(query = %q.query_id, "refusing statistics query: {why}");
+            self.log_decision(&q.query_id, false, &why);
+            Err((code, why))
+        };
+        if let Err(why) = q.validate() {
+            return refuse(
+                ErrorCode::InvalidContent,
+                format!("query '{}': {why}", q.query_id),
+            );
+        }
+        match self.config.policy.decide_query(q, sq.secure.is_some()) {
+            Verdict::Approved(_) => {}
+            Verdict::Refused(why) => return refuse(ErrorCode::CannotServe, why),
+        }
+        if q.noise_multiplier.is_none() && self.config.policy.privacy.require {
+            return refuse(
+                ErrorCode::CannotServe,
+                "this site answers only differentially private queries ([policy.privacy] require = true)".into(),
+            );
+        }
+        let Some(table) = self.table(&q.dataset) else {
+            return refuse(
+                ErrorCode::CannotServe,
+                format!("this site serves no dataset named '{}'", q.dataset),
+            );
+        };
+        let (ids, rows) = match cohort(&table, q) {
+            Ok(c) => c,
+            Err(why) => return refuse(ErrorCode::CannotServe, why),
+        };
+        let min_cell = self.config.policy.min_cell.max(q.suppress_below);
+        if (rows.len() as u64) < min_cell {
+            // Even summed with others, a cohort this small here is a small cell.
+            return refuse(
+                ErrorCode::CannotServe,
+                format!("the cohort at this site is smaller than {min_cell} patients"),
+            );
+        }
+        if let Some(sr) = &sq.secure {
+            // Checked before anything is remembered or charged.
+            let binding = query_binding(q, sr.scale);
+            if sr.setup.binding != binding || sr.setup.dimension as usize != q.dimension() {
+                return refuse(
+                    ErrorCode::InvalidContent,
+                    "the secure-aggregation setup does not match the query".into(),
+                );
+            }
+            if let Err(e) = sr.setup.validate() {
+                return refuse(ErrorCode::InvalidContent, e.to_string());
+            }
+        }
+        let answered = AnsweredCohort {
+            query_id: q.query_id.clone(),
+            dataset: q.dataset.clone(),
+            rows: ids,
+        };
+        if let Err(why) = self.cohorts.admit(answered, min_cell) {
+            return refuse(
+                ErrorCode::CannotServe,
+                format!("differencing protection: {why}"),
+            );
+        }
+        let mut vector = q.encode(&rows);
+        if let Some(z) = q.noise_multiplier {
+            self.spend_budget(&q.query_id, 0, z)?;
+            if let Some(sr) = &sq.secure {
+                let honest = sr
+                    .setup
+                    .threshold
+                    .saturating_sub(self.config.policy.tolerated_colluders)
+                    .max(1);
+                let share = q.sigma().unwrap_or(0.0) / f64::from(honest).sqrt();
+                vector = Node::add_noise(vector, share)?;
+            }
+        }
+        info!(query = %q.query_id, rows = rows.len(), "statistics query answered");
+        self.log_decision(
+            &q.query_id,
+            true,
+            &format!("statistics query answered over {} patients", rows.len()),
+        );
+        match sq.secure {
+            Some(sr) => {
+                let binding = query_binding(q, sr.scale);
+                self.join_secure(q.query_id.clone(), 0, sr, vector, binding)
+            }
+            None => Ok(Message::StatisticsReport(StatisticsReport {
+                query_id: q.query_id.clone(),
+                vector,
+            })),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use medfed_protocol::fedstats::{CmpOp, Condition, StatColumn};
+
+    use super::*;
+
+    fn cohort_of(rows: &[u32]) -> AnsweredCohort {
+        AnsweredCohort {
+            query_id: format!("q{}", rows.len()),
+            dataset: "pima".into(),
+            rows: rows.to_vec(),
+        }
+    }
+
+    #[test]
+    fn two_cohorts_that_differ_by_one_patient_cannot_both_be_answered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = CohortMemory::path(dir.path());
+        let memory = CohortMemory::open(path.clone()).unwrap();
+        let all: Vec<u32> = (0..100).collect();
+        memory.admit(cohort_of(&all), 11).unwrap();
+        // The same cohort again is a new release (charged to the budget), not a difference.
+        memory.admit(cohort_of(&all), 11).unwrap();
+        // All but one patient: answering would reveal that patient.
+        let err = memory.admit(cohort_of(&all[1..]), 11).unwrap_err();
+        assert!(
+            err.contains("differs from that of query 'q100' by 1 patient(s)"),
+            "{err}"
+        );
+        // 11 fewer is allowed (a cell of 11 may be released).
+        memory.admit(cohort_of(&all[11..]), 11).unwrap();
+        // Remembered across restarts.
+        let again = CohortMemory::open(path).unwrap();
+        assert!(again.admit(cohort_of(&all[..99]), 11).is_err());
+        // Another dataset is another matter.
+        let mut other = cohort_of(&all[1..]);
+        other.dataset = "breast-cancer".into();
+        again.admit(other, 11).unwrap();
+    }
+
+    #[test]
+    fn the_cohort_is_the_rows_meeting_every_condition_with_numbers() {
+        let table = Table::from_reader(
+            Path::new("t.csv"),
+            "age,glu,type\n25,100,No\n35,NA,Yes\n45,150,Yes\n55,160,No\n".as_bytes(),
+        )
+        .unwrap();
+        let q = StatsQuery {
+            query_id: "q".into(),
+            dataset: "t".into(),
+            cohort: vec![Condition {
+                column: "age".into(),
+                op: CmpOp::Ge,
+                value: Some(30.0),
+                text: None,
+            }],
+            columns: vec![StatColumn {
+                name: "glu".into(),
+                low: 0.0,
+                high: 200.0,
+                edges: vec![0.0, 200.0],
+            }],
+            correlations: false,
+            noise_multiplier: None,
+            suppress_below: 1,
+        };
+        let (ids, rows) = cohort(&table, &q).unwrap();
+        assert_eq!(ids, vec![2, 3], "row 1 has no glucose value");
+        assert_eq!(rows, vec![vec![150.0], vec![160.0]]);
+        let mut missing = q.clone();
+        missing.columns[0].name = "hba1c".into();
+        assert_eq!(
+            cohort(&table, &missing).unwrap_err(),
+            "dataset 't' has no column 'hba1c'"
+        );
+    }
+}

@@ -1,0 +1,540 @@
+//! Federated descriptive statistics: a query (cohort filter, columns with bounds and
+//! histogram edges), the vector each site contributes, and the released result with
+//! differential-privacy noise, stated errors and small-cell suppression.
+//!
+//! A site's vector, for `p` columns, with every value clipped to its column's bounds:
+//!
+//! ```text
+//! [ n | per column j: Σx_j, Σx_j², histogram counts | per pair j<k: Σx_j·x_k ]
+//! ```
+//!
+//! Each entry is divided by its *unit*, the most one patient can change it (1 for counts,
+//! `max|x_j|` for sums, `max x_j²` for sums of squares, `max|x_j|·max|x_k|` for
+//! cross-products). In units, adding or removing one patient changes the vector by at most
+//! `√(1 + 3p + p(p−1)/2)` in L2 norm (one histogram bin per column), the sensitivity the
+//! Gaussian noise is calibrated to.
+
+use serde::{Deserialize, Serialize};
+
+/// A comparison in a cohort filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CmpOp {
+    #[serde(rename = "<")]
+    Lt,
+    #[serde(rename = "<=")]
+    Le,
+    #[serde(rename = ">")]
+    Gt,
+    #[serde(rename = ">=")]
+    Ge,
+    #[serde(rename = "==")]
+    Eq,
+    #[serde(rename = "!=")]
+    Ne,
+}
+
+/// `column op value`; a row is in the cohort when every condition holds. Text columns
+/// compare as equal or not to `text`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Condition {
+    pub column: String,
+    pub op: CmpOp,
+    #[serde(default)]
+    pub value: Option<f64>,
+    #[serde(default)]
+    pub text: Option<String>,
+}
+
+impl Condition {
+    /// Whether a cell holds: numbers compare with `value`, text with `text` (== and !=).
+    pub fn holds(&self, cell: &str) -> bool {
+        let cell = cell.trim();
+        if let Some(t) = &self.text {
+            return match self.op {
+                CmpOp::Eq => cell == t,
+                CmpOp::Ne => cell != t,
+                _ => false,
+            };
+        }
+        let (Some(v), Ok(x)) = (self.value, cell.parse::<f64>()) else {
+            return false;
+        };
+        match self.op {
+            CmpOp::Lt => x < v,
+            CmpOp::Le => x <= v,
+            CmpOp::Gt => x > v,
+            CmpOp::Ge => x >= v,
+            CmpOp::Eq => x == v,
+            CmpOp::Ne => x != v,
+        }
+    }
+}
+
+/// A column to describe: values are clipped to `[low, high]`; the histogram has the bins
+/// between consecutive `edges` (from `low` to `high`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatColumn {
+    pub name: String,
+    pub low: f64,
+    pub high: f64,
+    pub edges: Vec<f64>,
+}
+
+impl StatColumn {
+    fn bins(&self) -> usize {
+        self.edges.len() - 1
+    }
+
+    fn bin(&self, x: f64) -> usize {
+        // The last bin includes `high`.
+        let i = self.edges.partition_point(|e| *e <= x);
+        i.clamp(1, self.bins()) - 1
+    }
+
+    fn max_abs(&self) -> f64 {
+        self.low.abs().max(self.high.abs()).max(f64::MIN_POSITIVE)
+    }
+}
+
+/// One statistics query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsQuery {
+    pub query_id: String,
+    pub dataset: String,
+    pub cohort: Vec<Condition>,
+    pub columns: Vec<StatColumn>,
+    pub correlations: bool,
+    /// Gaussian noise multiplier over the sensitivity (in units); absent: no DP.
+    pub noise_multiplier: Option<f64>,
+    /// Cells (counts) below this are not released (CMS: 11).
+    pub suppress_below: u64,
+}
+
+impl StatsQuery {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.columns.is_empty() {
+            return Err("names no column".into());
+        }
+        for c in &self.columns {
+            if !(c.low.is_finite() && c.high.is_finite() && c.low < c.high) {
+                return Err(format!("column '{}': needs low < high", c.name));
+            }
+            if c.edges.len() < 2
+                || c.edges
+                    .windows(2)
+                    .any(|w| w[0].partial_cmp(&w[1]) != Some(std::cmp::Ordering::Less))
+                || c.edges[0] != c.low
+                || c.edges[c.edges.len() - 1] != c.high
+            {
+                return Err(format!(
+                    "column '{}': histogram edges must rise from low ({}) to high ({})",
+                    c.name, c.low, c.high
+                ));
+            }
+        }
+        for cond in &self.cohort {
+            if cond.value.is_some() == cond.text.is_some() {
+                return Err(format!(
+                    "cohort condition on '{}': give value (a number) or text, not both",
+                    cond.column
+                ));
+            }
+            if cond.text.is_some() && !matches!(cond.op, CmpOp::Eq | CmpOp::Ne) {
+                return Err(format!(
+                    "cohort condition on '{}': text compares with == or != only",
+                    cond.column
+                ));
+            }
+        }
+        if let Some(z) = self.noise_multiplier
+            && !(z.is_finite() && z >= 0.3)
+        {
+            return Err(format!("noise_multiplier {z} must be at least 0.3"));
+        }
+        if self.suppress_below == 0 {
+            return Err("suppress_below must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    fn pairs(&self) -> usize {
+        let p = self.columns.len();
+        if self.correlations {
+            p * (p - 1) / 2
+        } else {
+            0
+        }
+    }
+
+    /// Length of a site's vector.
+    pub fn dimension(&self) -> usize {
+        1 + self.columns.iter().map(|c| 2 + c.bins()).sum::<usize>() + self.pairs()
+    }
+
+    /// Each entry's unit: the most one patient changes it.
+    pub fn units(&self) -> Vec<f64> {
+        let mut u = vec![1.0];
+        for c in &self.columns {
+            u.push(c.max_abs());
+            u.push(c.max_abs().powi(2));
+            u.extend(std::iter::repeat_n(1.0, c.bins()));
+        }
+        if self.correlations {
+            for j in 0..self.columns.len() {
+                for k in j + 1..self.columns.len() {
+                    u.push(self.columns[j].max_abs() * self.columns[k].max_abs());
+                }
+            }
+        }
+        u
+    }
+
+    /// L2 sensitivity of the vector in units to adding or removing one patient.
+    pub fn sensitivity(&self) -> f64 {
+        let p = self.columns.len();
+        ((1 + 3 * p + self.pairs()) as f64).sqrt()
+    }
+
+    /// The standard deviation of the noise on each entry of the released sum, in units.
+    pub fn sigma(&self) -> Option<f64> {
+        self.noise_multiplier.map(|z| z * self.sensitivity())
+    }
+
+    /// A site's vector, in units, over its cohort's rows (each row: the columns' values in
+    /// order, clipped here to their bounds).
+    pub fn encode(&self, rows: &[Vec<f64>]) -> Vec<f64> {
+        let p = self.columns.len();
+        let mut v = vec![0.0; self.dimension()];
+        v[0] = rows.len() as f64;
+        for row in rows {
+            let x: Vec<f64> = row
+                .iter()
+                .zip(&self.columns)
+                .map(|(x, c)| x.clamp(c.low, c.high))
+                .collect();
+            let mut at = 1;
+            for (j, c) in self.columns.iter().enumerate() {
+                v[at] += x[j];
+                v[at + 1] += x[j] * x[j];
+                v[at + 2 + c.bin(x[j])] += 1.0;
+                at += 2 + c.bins();
+            }
+            if self.correlations {
+                for j in 0..p {
+                    for k in j + 1..p {
+                        v[at] += x[j] * x[k];
+                        at += 1;
+                    }
+                }
+            }
+        }
+        let units = self.units();
+        v.iter_mut().zip(&units).for_each(|(x, u)| *x /= u);
+        v
+    }
+
+    /// The released statistics from the sum over sites (in units). `sigma` is the noise
+    /// standard deviation per entry in units (None: exact); `rounding` bounds the
+    /// fixed-point error per entry in units (secure aggregation's quantization).
+    pub fn release(
+        &self,
+        sum: &[f64],
+        sigma: Option<f64>,
+        rounding: f64,
+    ) -> Result<StatsRelease, String> {
+        if sum.len() != self.dimension() {
+            return Err(format!(
+                "the sum has {} entries, the query {}",
+                sum.len(),
+                self.dimension()
+            ));
+        }
+        let units = self.units();
+        let v: Vec<f64> = sum.iter().zip(&units).map(|(x, u)| x * u).collect();
+        let sd = |j: usize| sigma.map_or(0.0, |s| s * units[j]);
+        let r = |j: usize| rounding * units[j];
+        let threshold = self.suppress_below as f64;
+        let n = v[0];
+        let n_ok = n >= threshold;
+        let count = Released::new(n, Z * sd(0) + r(0), n_ok);
+        let mut columns = Vec::new();
+        let mut at = 1;
+        let mut means = Vec::new();
+        for c in &self.columns {
+            let (s, sq) = (v[at], v[at + 1]);
+            let mean = s / n;
+            // First-order (delta-method) error of a ratio of noisy sums.
+            let mean_err =
+                (Z * (sd(at).powi(2) + (mean * sd(0)).powi(2)).sqrt() + r(at) + mean.abs() * r(0))
+                    / n;
+            let var = (sq / n - mean * mean).max(0.0);
+            let var_err = (Z
+                * (sd(at + 1).powi(2)
+                    + (2.0 * mean * sd(at)).powi(2)
+                    + ((sq / n - 2.0 * mean * mean) * sd(0)).powi(2))
+                .sqrt()
+                + r(at + 1)
+                + 2.0 * mean.abs() * r(at)
+                + (sq / n - 2.0 * mean * mean).abs() * r(0))
+                / n;
+            let hist: Vec<f64> = v[at + 2..at + 2 + c.bins()].to_vec();
+            let bin_err = Z * sd(at + 2) + r(at + 2);
+            let histogram = hist
+                .iter()
+                .map(|h| Released::new(*h, bin_err, *h >= threshold))
+                .collect();
+            let quantiles = [0.25, 0.5, 0.75]
+                .iter()
+                .map(|q| {
+                    let (x, width) = quantile(c, &hist, *q);
+                    // The bin's width, plus where the noise could move the cut.
+                    let err = width + bin_err * c.bins() as f64 / n.max(1.0) * (c.high - c.low);
+                    (*q, Released::new(x, err, n_ok))
+                })
+                .collect();
+            means.push((mean, var));
+            columns.push(ColumnRelease {
+                name: c.name.clone(),
+                sum: Released::new(s, Z * sd(at) + r(at), n_ok),
+                mean: Released::new(mean, mean_err, n_ok),
+                variance: Released::new(var, var_err, n_ok),
+                histogram,
+                quantiles,
+            });
+            at += 2 + c.bins();
+        }
+        let correlations = self.correlations.then(|| {
+            let p = self.columns.len();
+            let mut m = vec![vec![None; p]; p];
+            for (j, row) in m.iter_mut().enumerate() {
+                row[j] = n_ok.then_some(1.0);
+            }
+            for j in 0..p {
+                for k in j + 1..p {
+                    let cov = v[at] / n - means[j].0 * means[k].0;
+                    let r = (cov / (means[j].1 * means[k].1).sqrt()).clamp(-1.0, 1.0);
+                    let r = (n_ok && r.is_finite()).then_some(r);
+                    m[j][k] = r;
+                    m[k][j] = r;
+                    at += 1;
+                }
+            }
+            m
+        });
+        Ok(StatsRelease {
+            query_id: self.query_id.clone(),
+            count,
+            columns,
+            correlations,
+            noise_sd_units: sigma,
+        })
+    }
+}
+
+/// The value at quantile `q` by linear interpolation within the histogram's bins, and the
+/// width of the bin it falls in (its error bound without noise).
+fn quantile(c: &StatColumn, hist: &[f64], q: f64) -> (f64, f64) {
+    let total: f64 = hist.iter().map(|h| h.max(0.0)).sum();
+    if total <= 0.0 {
+        return (f64::NAN, c.high - c.low);
+    }
+    let target = q * total;
+    let mut cum = 0.0;
+    for (i, h) in hist.iter().enumerate() {
+        let h = h.max(0.0);
+        if cum + h >= target && h > 0.0 {
+            let (a, b) = (c.edges[i], c.edges[i + 1]);
+            return (a + (b - a) * ((target - cum) / h).clamp(0.0, 1.0), b - a);
+        }
+        cum += h;
+    }
+    (c.high, c.edges[c.bins()] - c.edges[c.bins() - 1])
+}
+
+/// Standard deviations in a stated error: the exact value lies within it with probability
+/// 99.99% per released number (for the ratios, to first order).
+pub const Z: f64 = 4.0;
+
+/// A released number, or `None` where it is suppressed (a count below the threshold, or a
+/// statistic of a cohort below it). `error` bounds the distance to the exact value: [`Z`]
+/// standard deviations of the noise, plus any binning error.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Released {
+    pub value: Option<f64>,
+    pub error: f64,
+}
+
+impl Released {
+    fn new(value: f64, error: f64, released: bool) -> Released {
+        Released {
+            value: released.then_some(value),
+            error,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColumnRelease {
+    pub name: String,
+    pub sum: Released,
+    pub mean: Released,
+    pub variance: Released,
+    pub histogram: Vec<Released>,
+    /// (quantile, value)
+    pub quantiles: Vec<(f64, Released)>,
+}
+
+/// What a statistics query releases.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsRelease {
+    pub query_id: String,
+    pub count: Released,
+    pub columns: Vec<ColumnRelease>,
+    /// Pearson correlations (None where suppressed).
+    pub correlations: Option<Vec<Vec<Option<f64>>>>,
+    /// The noise's standard deviation per entry, in units (None: no DP).
+    pub noise_sd_units: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query() -> StatsQuery {
+        StatsQuery {
+            query_id: "q".into(),
+            dataset: "pima".into(),
+            cohort: vec![],
+            columns: vec![
+                StatColumn {
+                    name: "glu".into(),
+                    low: 0.0,
+                    high: 200.0,
+                    edges: vec![0.0, 100.0, 140.0, 200.0],
+                },
+                StatColumn {
+                    name: "bmi".into(),
+                    low: 10.0,
+                    high: 70.0,
+                    edges: vec![10.0, 30.0, 70.0],
+                },
+            ],
+            correlations: true,
+            noise_multiplier: None,
+            suppress_below: 11,
+        }
+    }
+
+    #[test]
+    fn exact_statistics_from_the_sum_of_site_vectors() {
+        let q = query();
+        q.validate().unwrap();
+        assert_eq!(q.dimension(), 1 + (2 + 3) + (2 + 2) + 1);
+        let rows: Vec<Vec<f64>> = (0..40)
+            .map(|i| vec![80.0 + 2.0 * i as f64, 20.0 + i as f64 * 0.5])
+            .collect();
+        // Two sites: their vectors add up.
+        let (a, b) = rows.split_at(15);
+        let sum: Vec<f64> = q
+            .encode(a)
+            .iter()
+            .zip(q.encode(b))
+            .map(|(x, y)| x + y)
+            .collect();
+        let r = q.release(&sum, None, 0.0).unwrap();
+        assert_eq!(r.count.value, Some(40.0));
+        let mean: f64 = rows.iter().map(|r| r[0]).sum::<f64>() / 40.0;
+        assert!((r.columns[0].mean.value.unwrap() - mean).abs() < 1e-9);
+        let var = rows.iter().map(|r| (r[0] - mean).powi(2)).sum::<f64>() / 40.0;
+        assert!((r.columns[0].variance.value.unwrap() - var).abs() < 1e-6);
+        // glu 80..158 step 2: 10 below 100, 20 in [100, 140), 10 in [140, 200].
+        let hist: Vec<Option<f64>> = r.columns[0].histogram.iter().map(|h| h.value).collect();
+        assert_eq!(
+            hist,
+            vec![None, Some(20.0), None],
+            "cells of 10 are suppressed"
+        );
+        // The two columns rise together: correlation 1.
+        let c = r.correlations.unwrap();
+        assert!((c[0][1].unwrap() - 1.0).abs() < 1e-9);
+        // The median lies within a bin width of the exact one.
+        let (_, med) = &r.columns[0].quantiles[1];
+        assert!((med.value.unwrap() - 119.0).abs() <= med.error, "{med:?}");
+    }
+
+    #[test]
+    fn a_histogram_bin_of_7_patients_is_not_released() {
+        let q = query();
+        let mut rows: Vec<Vec<f64>> = (0..7).map(|_| vec![50.0, 25.0]).collect();
+        rows.extend((0..30).map(|_| vec![120.0, 40.0]));
+        let r = q.release(&q.encode(&rows), None, 0.0).unwrap();
+        assert_eq!(
+            r.columns[0].histogram[0].value, None,
+            "7 patients below 100"
+        );
+        assert_eq!(r.columns[0].histogram[1].value, Some(30.0));
+        // A cohort of 7 releases nothing at all.
+        let small = q.release(&q.encode(&rows[..7]), None, 0.0).unwrap();
+        assert_eq!(small.count.value, None);
+        assert_eq!(small.columns[0].mean.value, None);
+        assert!(
+            small
+                .correlations
+                .unwrap()
+                .iter()
+                .flatten()
+                .all(Option::is_none)
+        );
+    }
+
+    #[test]
+    fn values_are_clipped_and_the_sensitivity_holds() {
+        let q = query();
+        let base: Vec<Vec<f64>> = (0..20).map(|i| vec![100.0 + i as f64, 30.0]).collect();
+        let mut more = base.clone();
+        // The most extreme patient possible (clipped to the bounds).
+        more.push(vec![1e9, -1e9]);
+        let (a, b) = (q.encode(&base), q.encode(&more));
+        let dist = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(
+            dist <= q.sensitivity() + 1e-9,
+            "{dist} > {}",
+            q.sensitivity()
+        );
+        assert!(dist > 0.5 * q.sensitivity());
+    }
+
+    #[test]
+    fn cohort_conditions_and_bad_queries() {
+        let c = Condition {
+            column: "age".into(),
+            op: CmpOp::Ge,
+            value: Some(30.0),
+            text: None,
+        };
+        assert!(c.holds("30") && c.holds(" 31 ") && !c.holds("29.9") && !c.holds("NA"));
+        let t = Condition {
+            column: "type".into(),
+            op: CmpOp::Eq,
+            value: None,
+            text: Some("Yes".into()),
+        };
+        assert!(t.holds("Yes") && !t.holds("No"));
+        let mut bad = query();
+        bad.columns[0].edges = vec![0.0, 150.0, 100.0, 200.0];
+        assert!(bad.validate().unwrap_err().contains("edges must rise"));
+        let mut bad = query();
+        bad.cohort.push(Condition {
+            text: Some("x".into()),
+            ..c.clone()
+        });
+        assert!(bad.validate().unwrap_err().contains("not both"));
+    }
+}

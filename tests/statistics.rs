@@ -1,0 +1,230 @@
+//! Statistics studies over real QUIC, as processes: a released query's file, and the
+//! differencing protection of each site: a second query whose cohort differs from the first
+//! by one patient is refused by the site holding that patient, so it cannot be answered.
+//! Also runs the `federated_statistics` example, whose released values must lie within
+//! their stated error of the exact ones.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
+const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
+
+struct Processes(Vec<(String, Child)>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn ok(args: &[&str]) {
+    let out = Command::new(MEDFED).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn spawn(dir: &Path, name: &str, args: &[&str]) -> (String, Child) {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new(MEDFED)
+        .args(args)
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    (name.to_string(), child)
+}
+
+fn wait(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+const COLUMN: &str =
+    "[[statistics.column]]\nname = \"glu\"\nlow = 40\nhigh = 200\nedges = [40, 100, 140, 200]\n";
+
+#[test]
+fn a_query_one_patient_away_from_an_answered_one_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = d.join("pki");
+    let pki_s = pki.to_str().unwrap();
+    ok(&["pki", "init", "--dir", pki_s]);
+    ok(&["pki", "issue", "--dir", pki_s, "--aggregator", "localhost"]);
+    for site in SITES {
+        ok(&["pki", "issue", "--dir", pki_s, "--site", site]);
+    }
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
+    )
+    .unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let rows: Vec<&str> = lines.collect();
+    for (i, site) in SITES.iter().enumerate() {
+        let part: Vec<&str> = rows.iter().skip(i).step_by(3).copied().collect();
+        std::fs::write(
+            d.join(format!("{site}.csv")),
+            format!("{header}\n{}\n", part.join("\n")),
+        )
+        .unwrap();
+    }
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    // The second cohort leaves out the one patient with glucose 195 (at one site).
+    std::fs::write(
+        d.join("aggregator.toml"),
+        format!(
+            r#"listen = "127.0.0.1:{port}"
+out_dir = "out"
+[tls]
+ca = "pki/aggregator/localhost/ca.pem"
+cert = "pki/aggregator/localhost/cert.pem"
+key = "pki/aggregator/localhost/key.pem"
+[sites]
+allow = ["site-a", "site-b", "site-c"]
+[[statistics]]
+id = "all"
+dataset = "pima"
+min_sites = 3
+{COLUMN}
+[[statistics]]
+id = "all-but-one"
+dataset = "pima"
+cohort = [{{ column = "glu", op = "!=", value = 195 }}]
+min_sites = 3
+timeout_secs = 10
+{COLUMN}"#
+        ),
+    )
+    .unwrap();
+    for site in SITES {
+        std::fs::write(
+            d.join(format!("{site}.toml")),
+            format!(
+                r#"site = "{site}"
+[aggregator]
+address = "127.0.0.1:{port}"
+server_name = "localhost"
+[tls]
+ca = "pki/sites/{site}/ca.pem"
+cert = "pki/sites/{site}/cert.pem"
+key = "pki/sites/{site}/key.pem"
+[audit]
+log = "{site}-audit.log"
+key = "{site}-audit.key"
+[state]
+dir = "{site}-state"
+[policy.rules]
+datasets = ["pima"]
+[[dataset]]
+name = "pima"
+path = "{site}.csv"
+[reconnect]
+initial_backoff_ms = 100
+max_backoff_ms = 1000
+"#
+            ),
+        )
+        .unwrap();
+    }
+    let mut procs = Processes(Vec::new());
+    let agg = d.join("aggregator.toml");
+    procs.0.push(spawn(
+        d,
+        "aggregator",
+        &["aggregator", "run", "--config", agg.to_str().unwrap()],
+    ));
+    for site in SITES {
+        let cfg = d.join(format!("{site}.toml"));
+        procs.0.push(spawn(
+            d,
+            site,
+            &["node", "run", "--config", cfg.to_str().unwrap()],
+        ));
+    }
+    let status = wait(&mut procs.0[0].1, Duration::from_secs(120));
+    let agg_log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the second query must fail:\n{agg_log}"
+    );
+
+    // The first query was released, with the pooled count.
+    let all: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("out/statistics/all.json")).unwrap())
+            .unwrap();
+    assert_eq!(all["release"]["count"]["value"], 200.0, "{all}");
+    assert_eq!(all["sites"].as_array().unwrap().len(), 3);
+    // The second was not, and the site holding the patient said why.
+    assert!(!d.join("out/statistics/all-but-one.json").exists());
+    assert!(agg_log.contains("differencing protection"), "{agg_log}");
+    let holder = SITES
+        .iter()
+        .find(|s| {
+            std::fs::read_to_string(d.join(format!("{s}.csv")))
+                .unwrap()
+                .lines()
+                .any(|l| l.split(',').nth(1) == Some("195"))
+        })
+        .unwrap();
+    let log = std::fs::read_to_string(d.join(format!("{holder}.log"))).unwrap();
+    assert!(
+        log.contains(
+            "differencing protection: its cohort differs from that of query 'all' by 1 patient(s)"
+        ),
+        "{log}"
+    );
+}
+
+/// The examples' directory beside this test's binary (target/<profile>/examples).
+fn example(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
+}
+
+#[test]
+fn the_statistics_example_releases_values_within_their_stated_error() {
+    let path = example("federated_statistics");
+    assert!(
+        path.is_file(),
+        "{} not built: `cargo test --workspace` builds the examples",
+        path.display()
+    );
+    let out = Command::new(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("every released value lies within its stated error"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("suppressed"),
+        "small cells are suppressed: {stdout}"
+    );
+}
