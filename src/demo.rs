@@ -61,7 +61,7 @@ const DEMO_DELTA: f64 = 1e-6;
 /// Declared ranges of the Pima features (standardization under differential privacy).
 const PIMA_RANGES: &str = "[[0, 17], [40, 200], [20, 125], [5, 100], [15, 70], [0, 2.5], [21, 85]]";
 
-pub fn run(args: DemoArgs) -> anyhow::Result<()> {
+pub fn run(args: DemoArgs, log_level: &str) -> anyhow::Result<()> {
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
@@ -90,7 +90,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     };
     let log = dir.join("logs").join("medfed.log");
-    crate::logging::init_file(&log)
+    crate::logging::init_file(&log, log_level)
         .with_context(|| format!("cannot create log file {}", log.display()))?;
     println!(
         "medfed demo: 1 aggregator + 3 hospital nodes on loopback (QUIC, mutual TLS 1.3, secure aggregation {})",

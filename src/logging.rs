@@ -9,16 +9,15 @@ fn filter(default: &str) -> EnvFilter {
     EnvFilter::try_from_env("MEDFED_LOG").unwrap_or_else(|_| EnvFilter::new(default))
 }
 
-/// Logs to stderr; `format` is "text", "json" or "auto". Level from `MEDFED_LOG` (default
-/// info).
-pub fn init_stderr(format: &str) {
+/// Logs to stderr; `format` is "text", "json" or "auto"; `level` unless `MEDFED_LOG` is set.
+pub fn init_stderr(format: &str, level: &str) {
     let json = match format {
         "json" => true,
         "text" => false,
         _ => !std::io::stderr().is_terminal(),
     };
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter("info"))
+        .with_env_filter(filter(level))
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();
@@ -28,13 +27,13 @@ pub fn init_stderr(format: &str) {
 }
 
 /// Logs to a file (text), for runs whose terminal shows progress instead.
-pub fn init_file(path: &Path) -> std::io::Result<()> {
+pub fn init_file(path: &Path, level: &str) -> std::io::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     let file = std::fs::File::create(path)?;
     tracing_subscriber::fmt()
-        .with_env_filter(filter("info"))
+        .with_env_filter(filter(level))
         .with_ansi(false)
         .with_writer(std::sync::Mutex::new(file))
         .init();

@@ -37,6 +37,10 @@ struct Cli {
     /// Log format on stderr: text, json, or auto (text on a terminal, JSON otherwise).
     #[arg(long, global = true, default_value = "auto", value_parser = ["auto", "text", "json"])]
     log_format: String,
+    /// Log level: error, warn, info, debug or trace (the MEDFED_LOG variable, a tracing
+    /// filter, overrides it).
+    #[arg(long, global = true, default_value = "info", value_parser = ["error", "warn", "info", "debug", "trace"])]
+    log_level: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -155,6 +159,16 @@ enum NodeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Check the config, certificates, data, keys and the connection to the aggregator;
+    /// says what is wrong and how to fix it.
+    Check {
+        /// The node's config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Seconds to wait for the aggregator.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
     /// Make a new pseudonym key current (older versions are kept).
     RotateKey {
         /// The node's config file (`[state] keystore` names the keystore).
@@ -202,22 +216,23 @@ enum BenchCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Demo(args) => demo::run(args),
+        Command::Demo(args) => demo::run(args, &cli.log_level),
         Command::Pki(cmd) => pki(cmd),
         Command::Aggregator(RunCommand::Run { config }) => {
-            logging::init_stderr(&cli.log_format);
+            logging::init_stderr(&cli.log_format, &cli.log_level);
             run_aggregator(config)
         }
         Command::Node(NodeCommand::Run { config }) => {
-            logging::init_stderr(&cli.log_format);
+            logging::init_stderr(&cli.log_format, &cli.log_level);
             run_node(config)
         }
         Command::Node(NodeCommand::Approve { config, study }) => approve_study(config, &study),
         Command::Node(NodeCommand::Init(args)) => node_cmd::init(args),
+        Command::Node(NodeCommand::Check { config, timeout }) => node_cmd::check(config, timeout),
         Command::Node(NodeCommand::RotateKey { config }) => node_cmd::rotate_key(config),
         Command::Node(NodeCommand::PrivacyReport(args)) => node_cmd::privacy_report(args),
         Command::Node(NodeCommand::Ingest { config }) => {
-            logging::init_stderr(&cli.log_format);
+            logging::init_stderr(&cli.log_format, &cli.log_level);
             node_ingest(config)
         }
         Command::Node(NodeCommand::Status { config, json }) => node_status(config, json),

@@ -112,6 +112,37 @@ pub fn init(args: InitArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+pub fn check(config: PathBuf, timeout: u64) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let findings = rt.block_on(medfed_node::check::run(
+        &config,
+        std::time::Duration::from_secs(timeout.max(1)),
+    ));
+    let mut failed = 0;
+    for f in &findings {
+        println!(
+            "{:<12} {:<5} {}",
+            f.check,
+            if f.ok { "ok" } else { "FAIL" },
+            f.detail
+        );
+        if let Some(fix) = &f.fix {
+            println!("{:<12} {:<5} fix: {fix}", "", "");
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} check(s) failed");
+    }
+    println!(
+        "\nall checks passed: `medfed node run --config {}` is ready",
+        config.display()
+    );
+    Ok(())
+}
+
 pub fn rotate_key(config: PathBuf) -> anyhow::Result<()> {
     let cfg = medfed_node::config::NodeConfig::load(&config)?;
     let mut ks = Keystore::open(&cfg.state.keystore)?;

@@ -11,6 +11,7 @@ const COMMANDS: &[&[&str]] = &[
     &["pki", "issue"],
     &["aggregator", "run"],
     &["node", "init"],
+    &["node", "check"],
     &["node", "run"],
     &["node", "rotate-key"],
     &["node", "privacy-report"],

@@ -161,6 +161,53 @@ impl Node {
             .ok_or_else(|| resolve_err("no address found".into()))
     }
 
+    /// Connects once, says hello, and leaves: whether the aggregator is reachable and lets
+    /// this site in (`medfed node check`). Returns the aggregator's name.
+    pub async fn probe(&self, within: Duration) -> Result<String, NodeError> {
+        let addr = self.resolve().await?;
+        let identity = Identity::load(&self.config.tls.cert, &self.config.tls.key)?;
+        let endpoint = transport::client_endpoint(addr, &self.config.tls.ca, identity)?;
+        let attempt = async {
+            let conn = endpoint
+                .connect(addr, self.config.aggregator.server_name())
+                .map_err(TransportError::from)?
+                .await
+                .map_err(TransportError::from)?;
+            let hello = Message::Hello(self.hello());
+            let answer = transport::request_logged(
+                &conn,
+                &hello,
+                self.config.max_frame_bytes,
+                within,
+                Some((&*self.audit, AGGREGATOR)),
+            )
+            .await;
+            transport::close(&conn, ErrorCode::ShuttingDown, "node check done");
+            match answer {
+                Ok(Message::Welcome(w)) => Ok(w.aggregator),
+                Ok(other) => Err(NodeError::Refused {
+                    code: ErrorCode::UnexpectedMessage,
+                    reason: format!("expected a welcome, got a {}", other.kind()),
+                }),
+                Err(TransportError::Peer { code, reason }) => {
+                    Err(NodeError::Refused { code, reason })
+                }
+                Err(e) => Err(classify(e)),
+            }
+        };
+        let result = match tokio::time::timeout(within, attempt).await {
+            Ok(r) => r,
+            Err(_) => Err(NodeError::Transport(TransportError::Timeout {
+                what: "the aggregator's welcome",
+                after: within,
+            })),
+        };
+        endpoint.close(quinn::VarInt::from_u32(0), b"node check done");
+        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        let _ = self.audit.close("node check done");
+        result
+    }
+
     /// Connects and serves until the aggregator is done, a permanent refusal, or `stop`.
     /// Transient failures (aggregator down, network lost) are retried with backoff.
     pub async fn run(

@@ -14,6 +14,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod data;

@@ -1,0 +1,231 @@
+//! `medfed node check`: everything a node needs, checked in the order a hospital's IT
+//! engineer would fix it (config, certificates, data, keys, the aggregator), each finding
+//! with what to do about it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use medfed_infra::config::ConfigError;
+use medfed_infra::identity::CertificateVerifier;
+use medfed_infra::transport::{self, Identity};
+
+use crate::config::NodeConfig;
+use crate::data::Table;
+use crate::deid::FieldClass;
+use crate::deid::pseudonym::Keystore;
+
+/// One check's outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    pub check: &'static str,
+    pub ok: bool,
+    pub detail: String,
+    /// What to do, for a failed check.
+    pub fix: Option<String>,
+}
+
+impl Finding {
+    fn ok(check: &'static str, detail: String) -> Finding {
+        Finding {
+            check,
+            ok: true,
+            detail,
+            fix: None,
+        }
+    }
+
+    fn fail(check: &'static str, detail: String, fix: impl Into<String>) -> Finding {
+        Finding {
+            check,
+            ok: false,
+            detail,
+            fix: Some(fix.into()),
+        }
+    }
+}
+
+const GET_CERTIFICATE: &str = "ask the consortium's operator for this site's certificate \
+    (they run `medfed pki issue --dir pki --site <site>`), and copy ca.pem, cert.pem and \
+    key.pem from pki/sites/<site>/ to the paths in [tls]";
+
+/// Runs every check; stops early only when the config cannot be read.
+pub async fn run(config_path: &Path, within: Duration) -> Vec<Finding> {
+    let cfg = match NodeConfig::load(config_path) {
+        Ok(c) => c,
+        Err(e) => return vec![config_finding(e)],
+    };
+    let mut out = vec![Finding::ok(
+        "config",
+        format!("{} (site '{}')", config_path.display(), cfg.site),
+    )];
+    let certs_ok = match check_certificates(&cfg) {
+        Ok(detail) => {
+            out.push(Finding::ok("certificate", detail));
+            true
+        }
+        Err(f) => {
+            out.push(f);
+            false
+        }
+    };
+    let mut data_ok = true;
+    for d in &cfg.datasets {
+        match Table::load(&d.path) {
+            Ok(t) => out.push(Finding::ok(
+                "data",
+                format!(
+                    "dataset '{}': {} rows, {} columns ({})",
+                    d.name,
+                    t.len(),
+                    t.columns.len(),
+                    d.path.display()
+                ),
+            )),
+            Err(e) => {
+                data_ok = false;
+                out.push(Finding::fail(
+                    "data",
+                    format!("dataset '{}': {e}", d.name),
+                    "make the file readable by the node's user, as CSV with a header row, or fix [[dataset]] path",
+                ));
+            }
+        }
+    }
+    let needs_keys = cfg
+        .ingests
+        .iter()
+        .any(|i| i.fields.iter().any(|f| f.class == FieldClass::PatientId));
+    if needs_keys {
+        match Keystore::open(&cfg.state.keystore) {
+            Ok(ks) => out.push(Finding::ok(
+                "keystore",
+                format!("pseudonym key version {} ({})", ks.current_version(), cfg.state.keystore.display()),
+            )),
+            Err(e) => out.push(Finding::fail(
+                "keystore",
+                e.to_string(),
+                "run `medfed node init` in a new directory and move its keystore here, or restore it from the node's backup",
+            )),
+        }
+    }
+    if !(certs_ok && data_ok) {
+        out.push(Finding::fail(
+            "aggregator",
+            "not tried: fix the problems above first".into(),
+            "rerun `medfed node check` once they are fixed",
+        ));
+        return out;
+    }
+    out.push(check_aggregator(cfg, within).await);
+    out
+}
+
+fn config_finding(e: ConfigError) -> Finding {
+    match &e {
+        ConfigError::Invalid { key, .. } if key.starts_with("tls.") => {
+            Finding::fail("certificate", e.to_string(), GET_CERTIFICATE)
+        }
+        ConfigError::Invalid { key, .. } if key.starts_with("dataset") => Finding::fail(
+            "data",
+            e.to_string(),
+            "point [[dataset]] path at the site's CSV extract (relative paths are relative to the config file)",
+        ),
+        ConfigError::Read { .. } => Finding::fail(
+            "config",
+            e.to_string(),
+            "give --config the node's config file (`medfed node init` writes one)",
+        ),
+        _ => Finding::fail(
+            "config",
+            e.to_string(),
+            "fix the key named above; docs/samples/node.toml lists every key with its default",
+        ),
+    }
+}
+
+fn check_certificates(cfg: &NodeConfig) -> Result<String, Finding> {
+    let tls = &cfg.tls;
+    Identity::load(&tls.cert, &tls.key).map_err(|e| {
+        Finding::fail(
+            "certificate",
+            format!("{} / {}: {e}", tls.cert.display(), tls.key.display()),
+            GET_CERTIFICATE,
+        )
+    })?;
+    let der = transport::load_certs(&tls.cert)
+        .ok()
+        .and_then(|c| c.into_iter().next())
+        .ok_or_else(|| {
+            Finding::fail(
+                "certificate",
+                format!("{}: no certificate in the file", tls.cert.display()),
+                GET_CERTIFICATE,
+            )
+        })?;
+    let roots = transport::load_roots(&tls.ca).map_err(|e| {
+        Finding::fail(
+            "certificate",
+            format!("{}: {e}", tls.ca.display()),
+            "tls.ca must be the consortium's CA certificate (ca.pem), as the consortium's operator sent it",
+        )
+    })?;
+    CertificateVerifier::new(roots, &[(cfg.site.clone(), der.to_vec())]).map_err(|e| {
+        Finding::fail(
+            "certificate",
+            format!(
+                "{} is not a valid certificate of site '{}' from the CA in {}: {e}",
+                tls.cert.display(),
+                cfg.site,
+                tls.ca.display()
+            ),
+            "the certificate, its key and ca.pem must come from the same consortium PKI, and the \
+             certificate must name this site and not have expired: get all three again from the consortium's operator",
+        )
+    })?;
+    Ok(format!(
+        "site '{}', issued by the consortium CA in {}",
+        cfg.site,
+        tls.ca.display()
+    ))
+}
+
+async fn check_aggregator(cfg: NodeConfig, within: Duration) -> Finding {
+    let address = cfg.aggregator.address.clone();
+    let node = match crate::Node::new(cfg) {
+        Ok(n) => n,
+        Err(e) => {
+            return Finding::fail(
+                "aggregator",
+                format!("not tried: {e}"),
+                "fix the problem named above",
+            );
+        }
+    };
+    match node.probe(within).await {
+        Ok(name) => Finding::ok("aggregator", format!("{address}: welcomed by '{name}'")),
+        Err(e) => {
+            let port = address.rsplit(':').next().unwrap_or("4433");
+            let (detail, fix) = match &e {
+                crate::NodeError::Transport(transport::TransportError::Timeout { .. }) => (
+                    format!("{address}: no answer within {} s", within.as_secs()),
+                    format!(
+                        "check [aggregator] address, that the aggregator is running, and that this network lets the node send UDP to port {port} (nodes dial out; no inbound port is needed)"
+                    ),
+                ),
+                crate::NodeError::Refused { .. } => (
+                    format!("{address}: {e}"),
+                    "ask the aggregator's operator to add this site to [sites] allow, or to check the reason above".into(),
+                ),
+                crate::NodeError::Resolve { .. } => (
+                    e.to_string(),
+                    "check the host name in [aggregator] address, and this machine's DNS".into(),
+                ),
+                _ => (
+                    format!("{address}: {e}"),
+                    "if the message is about a certificate: the aggregator's certificate must come from the consortium CA in tls.ca, and its name must match [aggregator] server_name".into(),
+                ),
+            };
+            Finding::fail("aggregator", detail, fix)
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! `medfed node check` names the problem, and how to fix it, for each thing a hospital's IT
+//! engineer can get wrong: a missing certificate, a certificate from another CA, an
+//! unreachable aggregator, an unreadable data file, an unknown config key. With everything
+//! right and an aggregator running, every check passes.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
+
+fn medfed(args: &[&str]) -> Output {
+    Command::new(MEDFED).args(args).output().unwrap()
+}
+
+fn ok(args: &[&str]) {
+    let out = medfed(args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `node check` on `config`; returns (success, stdout + stderr).
+fn check(config: &Path) -> (bool, String) {
+    let out = medfed(&[
+        "node",
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+        "--timeout",
+        "2",
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains("panicked"), "{text}");
+    (out.status.success(), text)
+}
+
+fn node_config(port: u16, extra: &str, dataset: &str, ca: &str) -> String {
+    format!(
+        r#"site = "alpha"
+[aggregator]
+address = "127.0.0.1:{port}"
+server_name = "localhost"
+[tls]
+ca = "{ca}"
+cert = "pki/sites/alpha/cert.pem"
+key = "pki/sites/alpha/key.pem"
+[audit]
+log = "alpha-audit.log"
+key = "alpha-audit.key"
+[policy.rules]
+datasets = ["pima"]
+[[dataset]]
+name = "pima"
+path = "{dataset}"
+{extra}"#
+    )
+}
+
+/// The result column of a check's first line ("ok" or "FAIL").
+fn status<'a>(text: &'a str, check: &str) -> &'a str {
+    text.lines()
+        .find(|l| l.split_whitespace().next() == Some(check))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap_or("")
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn node_check_names_each_problem_and_its_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for (pki, site) in [("pki", "alpha"), ("other-pki", "alpha")] {
+        let p = d.join(pki);
+        ok(&["pki", "init", "--dir", p.to_str().unwrap()]);
+        ok(&["pki", "issue", "--dir", p.to_str().unwrap(), "--site", site]);
+        ok(&[
+            "pki",
+            "issue",
+            "--dir",
+            p.to_str().unwrap(),
+            "--aggregator",
+            "localhost",
+        ]);
+    }
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
+        d.join("pima.csv"),
+    )
+    .unwrap();
+    let free_port = || {
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let write = |name: &str, text: String| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let ca = "pki/sites/alpha/ca.pem";
+
+    // An unknown key.
+    let (good, text) = check(&write(
+        "typo.toml",
+        node_config(
+            free_port(),
+            "[reconect]\ninitial_backoff_ms = 10\n",
+            "pima.csv",
+            ca,
+        ),
+    ));
+    assert!(!good);
+    assert!(
+        text.contains("config") && text.contains("unknown field `reconect`"),
+        "{text}"
+    );
+    assert!(text.contains("docs/samples/node.toml"), "{text}");
+
+    // A missing certificate.
+    let missing = node_config(free_port(), "", "pima.csv", ca)
+        .replace("pki/sites/alpha/cert.pem", "pki/sites/alpha/nope.pem");
+    let (good, text) = check(&write("nocert.toml", missing));
+    assert!(!good);
+    assert!(
+        status(&text, "certificate") == "FAIL" && text.contains("nope.pem"),
+        "{text}"
+    );
+    assert!(
+        text.contains("medfed pki issue --dir pki --site <site>"),
+        "{text}"
+    );
+
+    // A certificate from another consortium's CA.
+    let (good, text) = check(&write(
+        "wrongca.toml",
+        node_config(free_port(), "", "pima.csv", "other-pki/ca/ca.pem"),
+    ));
+    assert!(!good);
+    assert!(
+        text.contains("is not a valid certificate of site 'alpha' from the CA in"),
+        "{text}"
+    );
+    assert!(text.contains("same consortium PKI"), "{text}");
+
+    // An unreadable data file (a directory where the CSV should be).
+    std::fs::create_dir_all(d.join("extract-dir")).unwrap();
+    let (good, text) = check(&write(
+        "nodata.toml",
+        node_config(free_port(), "", "extract-dir", ca),
+    ));
+    assert!(!good);
+    assert!(
+        text.contains("data") && text.contains("extract-dir"),
+        "{text}"
+    );
+    assert!(text.contains("point [[dataset]] path at"), "{text}");
+
+    // No aggregator listening.
+    let (good, text) = check(&write(
+        "noagg.toml",
+        node_config(free_port(), "", "pima.csv", ca),
+    ));
+    assert!(!good);
+    assert!(
+        status(&text, "certificate") == "ok" && status(&text, "data") == "ok",
+        "{text}"
+    );
+    assert!(text.contains("no answer within 2 s"), "{text}");
+    assert!(text.contains("send UDP to port"), "{text}");
+
+    // With an aggregator that lets the site in, every check passes.
+    let port = free_port();
+    let agg = write(
+        "aggregator.toml",
+        format!(
+            "listen = \"127.0.0.1:{port}\"\n[tls]\nca = \"pki/aggregator/localhost/ca.pem\"\n\
+             cert = \"pki/aggregator/localhost/cert.pem\"\nkey = \"pki/aggregator/localhost/key.pem\"\n\
+             [sites]\nallow = [\"alpha\"]\n"
+        ),
+    );
+    let _agg = Killed(
+        Command::new(MEDFED)
+            .args(["aggregator", "run", "--config", agg.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let good_cfg = write("good.toml", node_config(port, "", "pima.csv", ca));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut good, mut text) = check(&good_cfg);
+    while !good && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        (good, text) = check(&good_cfg);
+    }
+    assert!(good, "{text}");
+    assert!(
+        text.contains("welcomed by") && text.contains("all checks passed"),
+        "{text}"
+    );
+}
