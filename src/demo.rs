@@ -174,9 +174,9 @@ pub fn run(args: DemoArgs, log_level: &str) -> anyhow::Result<()> {
         Metrics::Classification(c) => c.roc_auc,
         Metrics::Regression(_) => f64::NAN,
     };
-    crate::plots::training_curve(&training_svg, &rounds, central_auc)
+    medfed::plots::training_curve(&training_svg, &rounds, central_auc)
         .map_err(|e| anyhow::anyhow!("writing {}: {e}", training_svg.display()))?;
-    crate::plots::roc_curves(
+    medfed::plots::roc_curves(
         &roc_svg,
         &[("federated", federated_roc), ("centralized", central_roc)],
     )

@@ -15,7 +15,6 @@ mod demo;
 mod evaluate;
 mod logging;
 mod node_cmd;
-mod plots;
 mod report;
 
 use std::path::PathBuf;

@@ -8,6 +8,18 @@ type PlotResult = Result<(), Box<dyn std::error::Error>>;
 
 /// Train loss and validation AUC per round, with the centralized model's AUC for reference.
 pub fn training_curve(path: &Path, rounds: &[(u32, f64, f64)], centralized_auc: f64) -> PlotResult {
+    training_curve_of(path, rounds, centralized_auc, "log loss", "ROC AUC")
+}
+
+/// Train loss and a validation metric per round (e.g. "mean squared error" and "R²" for a
+/// regression), with the centralized model's metric for reference.
+pub fn training_curve_of(
+    path: &Path,
+    rounds: &[(u32, f64, f64)],
+    centralized_auc: f64,
+    loss_name: &str,
+    metric_name: &str,
+) -> PlotResult {
     let root = SVGBackend::new(path, (800, 640)).into_drawing_area();
     root.fill(&WHITE)?;
     let (top, bottom) = root.split_vertically(320);
@@ -40,7 +52,7 @@ pub fn training_curve(path: &Path, rounds: &[(u32, f64, f64)], centralized_auc: 
     chart
         .configure_mesh()
         .x_desc("round")
-        .y_desc("log loss")
+        .y_desc(loss_name)
         .draw()?;
     chart
         .draw_series(LineSeries::new(loss, &BLUE))?
@@ -60,7 +72,10 @@ pub fn training_curve(path: &Path, rounds: &[(u32, f64, f64)], centralized_auc: 
     let lo = auc.iter().map(|p| p.1).fold(centralized_auc, f64::min) - 0.02;
     let hi = (auc.iter().map(|p| p.1).fold(centralized_auc, f64::max) + 0.02).min(1.0);
     let mut chart = ChartBuilder::on(&bottom)
-        .caption("Validation ROC AUC per round", ("sans-serif", 18))
+        .caption(
+            format!("Validation {metric_name} per round"),
+            ("sans-serif", 18),
+        )
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
@@ -68,7 +83,7 @@ pub fn training_curve(path: &Path, rounds: &[(u32, f64, f64)], centralized_auc: 
     chart
         .configure_mesh()
         .x_desc("round")
-        .y_desc("ROC AUC")
+        .y_desc(metric_name)
         .draw()?;
     chart
         .draw_series(LineSeries::new(auc, &BLUE))?

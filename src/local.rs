@@ -1,0 +1,265 @@
+//! A federation on one machine, for the examples: a throwaway PKI, an aggregator and one
+//! node per hospital in this process, talking QUIC with mutual TLS over loopback, with
+//! configs written to a directory as a user would write them.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use medfed_aggregator::AggregatorEvent;
+use medfed_aggregator::config::AggregatorConfig;
+use medfed_infra::pki;
+use medfed_node::config::NodeConfig;
+use medfed_node::data::{Table, split_rows};
+use medfed_protocol::export::ExportedModel;
+use medfed_protocol::metrics::{Metrics, classification_metrics, regression_metrics};
+use medfed_protocol::model::{ModelKind, TrainParams, predict, train_local};
+use medfed_protocol::stats::FeatureStats;
+use ndarray::{Array1, Array2, Axis, concatenate};
+
+/// One hospital: its name and its extract (CSV text with a header row).
+pub struct Hospital {
+    pub name: String,
+    pub csv: String,
+}
+
+/// The study, as the keys of one `[[study]]` table (with `id`, `dataset` and so on).
+pub struct Study {
+    pub id: String,
+    pub dataset: String,
+    pub kind: ModelKind,
+    pub features: Vec<String>,
+    pub target: String,
+    pub positive_class: Option<String>,
+    /// Extra TOML lines of the study (rounds, training, privacy...).
+    pub toml: String,
+}
+
+/// What a run leaves.
+pub struct Run {
+    /// (round, training loss, federated validation AUC or R²) per round.
+    pub rounds: Vec<(u32, f64, f64)>,
+    pub final_model: PathBuf,
+}
+
+/// Splits `csv` (header + rows) into `n` parts by `part(row index, fields)`.
+pub fn split(csv: &str, n: usize, part: impl Fn(usize, &[&str]) -> usize) -> Vec<String> {
+    let mut lines = csv.lines();
+    let header = lines.next().unwrap_or_default();
+    let mut parts = vec![format!("{header}\n"); n];
+    for (i, line) in lines.enumerate() {
+        let fields: Vec<&str> = line.split(',').collect();
+        let p = part(i, &fields).min(n - 1);
+        parts[p].push_str(line);
+        parts[p].push('\n');
+    }
+    parts
+}
+
+/// Runs `study` across `hospitals` in `dir`; prints one line per round.
+pub fn run(dir: &Path, hospitals: &[Hospital], study: &Study) -> anyhow::Result<Run> {
+    let pki_dir = dir.join("pki");
+    pki::init_ca(&pki_dir, "medfed example consortium", 2)?;
+    pki::issue(&pki_dir, &pki::Role::Aggregator("localhost".into()), 2)?;
+    std::fs::create_dir_all(dir.join("data"))?;
+    for h in hospitals {
+        pki::issue(&pki_dir, &pki::Role::Site(h.name.clone()), 2)?;
+        std::fs::write(dir.join("data").join(format!("{}.csv", h.name)), &h.csv)?;
+    }
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let allow = hospitals
+        .iter()
+        .map(|h| format!("{:?}", h.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let features = study
+        .features
+        .iter()
+        .map(|f| format!("{f:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let positive = study
+        .positive_class
+        .as_ref()
+        .map_or(String::new(), |p| format!("positive_class = {p:?}\n"));
+    let agg = format!(
+        "listen = \"127.0.0.1:{port}\"\nout_dir = \"out\"\n[audit]\nlog = \"audit/aggregator.log\"\nkey = \"audit/aggregator.key\"\n\
+         [tls]\nca = \"pki/aggregator/localhost/ca.pem\"\ncert = \"pki/aggregator/localhost/cert.pem\"\nkey = \"pki/aggregator/localhost/key.pem\"\n\
+         [sites]\nallow = [{allow}]\n[[study]]\nid = {:?}\ndataset = {:?}\nmodel = \"{}\"\nfeatures = [{features}]\ntarget = {:?}\n{positive}{}",
+        study.id, study.dataset, study.kind, study.target, study.toml
+    );
+    let agg_path = dir.join("aggregator.toml");
+    std::fs::write(&agg_path, agg)?;
+    let mut node_paths = Vec::new();
+    std::fs::create_dir_all(dir.join("nodes"))?;
+    for h in hospitals {
+        let n = &h.name;
+        let node = format!(
+            "site = {n:?}\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n\
+             [tls]\nca = \"../pki/sites/{n}/ca.pem\"\ncert = \"../pki/sites/{n}/cert.pem\"\nkey = \"../pki/sites/{n}/key.pem\"\n\
+             [audit]\nlog = \"../audit/{n}.log\"\nkey = \"../audit/{n}.key\"\n[state]\ndir = \"state-{n}\"\n\
+             [policy.rules]\ndatasets = [{:?}]\n[policy.privacy]\nepsilon = 1e6\ntotal_epsilon = 1e6\n\
+             [[dataset]]\nname = {:?}\npath = \"../data/{n}.csv\"\n",
+            study.dataset, study.dataset
+        );
+        let p = dir.join("nodes").join(format!("{n}.toml"));
+        std::fs::write(&p, node)?;
+        node_paths.push(p);
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(federate(&agg_path, &node_paths))
+}
+
+async fn federate(agg: &Path, nodes: &[PathBuf]) -> anyhow::Result<Run> {
+    let aggregator = medfed_aggregator::Aggregator::bind(AggregatorConfig::load(agg)?)?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = tokio::task::JoinSet::new();
+    for path in nodes {
+        let node = medfed_node::Node::new(NodeConfig::load(path)?)?;
+        let mut stop = stop_rx.clone();
+        tasks.spawn(node.run(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        }));
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let agg_task = tokio::spawn(aggregator.run(Some(tx)));
+    let mut rounds = Vec::new();
+    println!(
+        "{:>5}  {:>5}  {:>10}  {:>12}",
+        "round", "sites", "train loss", "validation"
+    );
+    while let Some(event) = rx.recv().await {
+        if let AggregatorEvent::RoundCompleted(s) = &event {
+            // The validation figures of round r arrive with round r + 1; show what is known.
+            let v = match &s.validation {
+                Some(Metrics::Classification(m)) => m.roc_auc,
+                Some(Metrics::Regression(m)) => m.r2,
+                None => f64::NAN,
+            };
+            println!(
+                "{:>5}  {:>5}  {:>10.4}  {:>12}",
+                s.round,
+                s.sites.len(),
+                s.train_loss,
+                if v.is_finite() {
+                    format!("{v:.4}")
+                } else {
+                    "-".into()
+                }
+            );
+            rounds.push((s.round, s.train_loss, v));
+        }
+    }
+    let outcomes = agg_task.await.context("the aggregator task failed")??;
+    let _ = stop_tx.send(true);
+    while let Ok(Some(joined)) =
+        tokio::time::timeout(Duration::from_secs(10), tasks.join_next()).await
+    {
+        joined.context("a node task failed")??;
+    }
+    let outcome = outcomes
+        .into_iter()
+        .next()
+        .context("the aggregator ran no study")?;
+    Ok(Run {
+        rounds,
+        final_model: outcome.final_model,
+    })
+}
+
+/// The federated model beside a centralized one trained on the union of the same training
+/// rows, both scored on the union of the validation rows (the split each node made).
+pub struct Comparison {
+    pub federated: Metrics,
+    pub centralized: Metrics,
+    /// Scores and labels of the validation rows: (federated, centralized, labels).
+    pub scores: (Vec<f64>, Vec<f64>, Vec<f64>),
+}
+
+pub fn compare(
+    dir: &Path,
+    hospitals: &[Hospital],
+    study: &Study,
+    final_model: &Path,
+) -> anyhow::Result<Comparison> {
+    let (mut xt, mut yt, mut xv, mut yv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for h in hospitals {
+        let table = Table::load(&dir.join("data").join(format!("{}.csv", h.name)))?;
+        let x = table.features(&study.features)?;
+        let y = table.target(&study.target, study.kind, study.positive_class.as_deref())?;
+        let (train, val) = split_rows(table.len(), 0.2, &study.id);
+        xt.push(x.select(Axis(0), &train));
+        yt.push(y.select(Axis(0), &train));
+        xv.push(x.select(Axis(0), &val));
+        yv.push(y.select(Axis(0), &val));
+    }
+    let cat2 =
+        |v: &[Array2<f64>]| concatenate(Axis(0), &v.iter().map(|a| a.view()).collect::<Vec<_>>());
+    let cat1 =
+        |v: &[Array1<f64>]| concatenate(Axis(0), &v.iter().map(|a| a.view()).collect::<Vec<_>>());
+    let (x_train, y_train, x_val, y_val) = (cat2(&xt)?, cat1(&yt)?, cat2(&xv)?, cat1(&yv)?);
+    let s = FeatureStats::from_rows(x_train.view()).standardization()?;
+    let (mut zt, mut zv) = (x_train.clone(), x_val.clone());
+    s.apply(&mut zt);
+    s.apply(&mut zv);
+    let params = TrainParams {
+        local_epochs: 2000,
+        batch_size: zt.nrows() as u32,
+        learning_rate: 0.3,
+        l2: 0.01,
+        seed: 7,
+        prox_mu: 0.0,
+    };
+    let w = train_local(
+        study.kind,
+        &vec![0.0; study.features.len() + 1],
+        zt.view(),
+        y_train.view(),
+        &params,
+    )?;
+    let p_central = predict(study.kind, &w, zv.view())?.to_vec();
+    let text = std::fs::read_to_string(final_model)?;
+    let model: ExportedModel = serde_json::from_str(&text)?;
+    let p_fed = model.model.predict_raw(x_val.view())?.to_vec();
+    let labels = y_val.to_vec();
+    let metrics = |p: &[f64]| match study.kind {
+        ModelKind::Logistic => Metrics::Classification(classification_metrics(p, &labels)),
+        ModelKind::Linear => Metrics::Regression(regression_metrics(p, &labels)),
+    };
+    Ok(Comparison {
+        federated: metrics(&p_fed),
+        centralized: metrics(&p_central),
+        scores: (p_fed, p_central, labels),
+    })
+}
+
+/// `--rounds N` from the command line, or `default`.
+pub fn rounds_arg(default: u32) -> u32 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == "--rounds")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Where an example keeps its files: `--out DIR`, or a new directory under the system's
+/// temporary directory (kept, so the plots can be opened).
+pub fn out_dir(example: &str) -> anyhow::Result<PathBuf> {
+    let args: Vec<String> = std::env::args().collect();
+    let dir = match args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+    {
+        Some(d) => PathBuf::from(d),
+        None => tempfile::Builder::new()
+            .prefix(&format!("medfed-{example}-"))
+            .tempdir()?
+            .keep(),
+    };
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
