@@ -238,9 +238,62 @@ fn sample_configs_in_docs_parse() {
     for name in ["aggregator.toml", "node.toml"] {
         std::fs::copy(root.join("docs/samples").join(name), dir.path().join(name)).unwrap();
     }
-    medfed_aggregator::config::AggregatorConfig::load(&dir.path().join("aggregator.toml"))
-        .expect("aggregator sample");
-    medfed_node::config::NodeConfig::load(&dir.path().join("node.toml")).expect("node sample");
+    let agg =
+        medfed_aggregator::config::AggregatorConfig::load(&dir.path().join("aggregator.toml"))
+            .expect("aggregator sample");
+    let node =
+        medfed_node::config::NodeConfig::load(&dir.path().join("node.toml")).expect("node sample");
+
+    // Every key the config structs have (defaults included) is written out in the samples,
+    // and docs/configuration.md holds the samples as they are: the reference cannot drift.
+    let reference_path = root.join("docs/configuration.md");
+    let mut reference = std::fs::read_to_string(&reference_path).unwrap();
+    if std::env::var_os("MEDFED_UPDATE_SNAPSHOTS").is_some() {
+        let sample = |n: &str| std::fs::read_to_string(root.join("docs/samples").join(n)).unwrap();
+        let head = reference.split("## node.toml").next().unwrap().to_string();
+        reference = format!(
+            "{head}## node.toml\n\n```toml\n{}\n```\n\n## aggregator.toml\n\n```toml\n{}\n```\n",
+            sample("node.toml").trim(),
+            sample("aggregator.toml").trim()
+        );
+        std::fs::write(&reference_path, &reference).unwrap();
+    }
+    for (name, serialized) in [
+        ("aggregator.toml", toml::Value::try_from(&agg).unwrap()),
+        ("node.toml", toml::Value::try_from(&node).unwrap()),
+    ] {
+        let text = std::fs::read_to_string(root.join("docs/samples").join(name)).unwrap();
+        let written: toml::Value = toml::from_str(&text).unwrap();
+        let (mut have, mut want) = (Default::default(), Default::default());
+        key_paths(&written, "", &mut have);
+        key_paths(&serialized, "", &mut want);
+        let missing: Vec<&String> = want.difference(&have).collect();
+        assert!(missing.is_empty(), "docs/samples/{name} lacks {missing:?}");
+        assert!(
+            reference.contains(text.trim()),
+            "docs/configuration.md does not hold docs/samples/{name} as it is \
+             (regenerate with MEDFED_UPDATE_SNAPSHOTS=1 cargo test --test cli)"
+        );
+    }
+}
+
+/// Every key of `v` as a dotted path (array elements share their array's path).
+fn key_paths(v: &toml::Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                out.insert(p.clone());
+                key_paths(v, &p, out);
+            }
+        }
+        toml::Value::Array(a) => a.iter().for_each(|v| key_paths(v, prefix, out)),
+        _ => {}
+    }
 }
 
 #[test]

@@ -126,7 +126,7 @@ pub struct IngestConfig {
     #[serde(default)]
     pub standardize: BTreeMap<String, Standardization>,
     /// Per-patient windowed aggregates (`[[ingest.window]]`), to the `features` stream.
-    #[serde(default, rename = "window")]
+    #[serde(default, rename = "window", skip_serializing_if = "Vec::is_empty")]
     pub windows: Vec<WindowSpec>,
     /// Alert rules (`[[ingest.alert]]`), to the `alerts` stream; alerts stay in the hospital.
     #[serde(default, rename = "alert")]
