@@ -333,3 +333,34 @@ fn node_init_sets_up_a_node_once_and_the_rest_names_what_is_missing() {
         &["pki/ca.pem"],
     );
 }
+
+#[test]
+fn the_sample_systemd_units_run_real_commands() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for unit in ["medfed-node.service", "medfed-aggregator.service"] {
+        let text = std::fs::read_to_string(root.join("docs/samples").join(unit)).unwrap();
+        let commands: Vec<&str> = text
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("ExecStart=")
+                    .or_else(|| l.strip_prefix("ExecStartPre="))
+            })
+            .collect();
+        assert!(!commands.is_empty(), "{unit}");
+        for c in commands {
+            let words: Vec<&str> = c.split_whitespace().collect();
+            assert!(words[0].ends_with("/medfed"), "{unit}: {c}");
+            // The subcommand and every flag it uses exist.
+            let sub: Vec<&str> = words[1..]
+                .iter()
+                .take_while(|w| !w.starts_with("--"))
+                .copied()
+                .collect();
+            let help = medfed(&[sub.as_slice(), &["--help"]].concat());
+            let help = String::from_utf8_lossy(&help.stdout).into_owned();
+            for flag in words.iter().filter(|w| w.starts_with("--")) {
+                assert!(help.contains(flag), "{unit}: `{c}`: no {flag} in:\n{help}");
+            }
+        }
+    }
+}
