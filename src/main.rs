@@ -54,7 +54,7 @@ enum Command {
     Pki(PkiCommand),
     /// Run the aggregator.
     #[command(subcommand)]
-    Aggregator(RunCommand),
+    Aggregator(AggregatorCommand),
     /// Run a hospital node, or approve a study for it.
     #[command(subcommand)]
     Node(NodeCommand),
@@ -123,12 +123,22 @@ struct IssueArgs {
 }
 
 #[derive(Subcommand)]
-enum RunCommand {
+enum AggregatorCommand {
     /// Run with a TOML config file.
     Run {
         /// The config file (see docs/samples/).
         #[arg(long)]
         config: PathBuf,
+    },
+    /// Show a running aggregator's studies, rounds, sites and traffic, from its operations
+    /// endpoint (`[ops] listen`).
+    Status {
+        /// The operations endpoint's host:port.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        address: String,
+        /// Print the endpoint's JSON instead of tables.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -217,7 +227,10 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(args, &cli.log_level),
         Command::Pki(cmd) => pki(cmd),
-        Command::Aggregator(RunCommand::Run { config }) => {
+        Command::Aggregator(AggregatorCommand::Status { address, json }) => {
+            node_cmd::aggregator_status(&address, json)
+        }
+        Command::Aggregator(AggregatorCommand::Run { config }) => {
             logging::init_stderr(&cli.log_format, &cli.log_level);
             run_aggregator(config)
         }

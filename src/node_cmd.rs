@@ -273,3 +273,88 @@ pub fn bench_pseudonymize(args: PseudonymizeArgs) -> anyhow::Result<()> {
     println!("ratio: {:.2} (target at least 0.70)", ours / raw);
     Ok(())
 }
+
+/// GETs `path` from the operations endpoint at `address`.
+pub fn ops_get(address: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let addr = address
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {address}"))?
+        .next()
+        .with_context(|| format!("no address for {address}"))?;
+    let timeout = std::time::Duration::from_secs(5);
+    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| {
+        format!(
+            "no aggregator operations endpoint at {address}: is the aggregator running, with [ops] listen = \"{address}\"?"
+        )
+    })?;
+    s.set_read_timeout(Some(timeout))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut reply = String::new();
+    s.take(64 << 20).read_to_string(&mut reply)?;
+    let (head, body) = reply
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("{address}: not an HTTP answer"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        anyhow::bail!("{address}{path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_string())
+}
+
+pub fn aggregator_status(address: &str, json: bool) -> anyhow::Result<()> {
+    let body = ops_get(address, "/status")?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let sites: Vec<&str> = v["sites_connected"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|s| s.as_str()).collect())
+        .unwrap_or_default();
+    println!(
+        "aggregator '{}', up {} s; {} site(s) connected: {}",
+        v["aggregator"].as_str().unwrap_or("?"),
+        v["uptime_secs"],
+        sites.len(),
+        if sites.is_empty() {
+            "none".to_string()
+        } else {
+            sites.join(", ")
+        }
+    );
+    println!(
+        "messages sent {} ({} bytes), received {} ({} bytes); connections refused {}, disconnects {}",
+        v["messages_sent"],
+        v["bytes_sent"],
+        v["messages_received"],
+        v["bytes_received"],
+        v["connections_refused"],
+        v["disconnects"]
+    );
+    println!(
+        "\n{:<20} {:<10} {:<9} {:>7} {:>6} {:>8} {:>8}  phase",
+        "study", "kind", "state", "round", "sites", "dropouts", "refusals"
+    );
+    println!("{}", "-".repeat(96));
+    if let Some(studies) = v["studies"].as_object() {
+        for (id, s) in studies {
+            println!(
+                "{:<20} {:<10} {:<9} {:>7} {:>6} {:>8} {:>8}  {}",
+                id,
+                s["kind"].as_str().unwrap_or(""),
+                s["state"].as_str().unwrap_or(""),
+                format!("{}/{}", s["round"], s["rounds_planned"]),
+                s["participants"].as_array().map_or(0, |a| a.len()),
+                s["dropouts"],
+                s["refusals"].as_array().map_or(0, |a| a.len()),
+                s["phase"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}

@@ -10,6 +10,7 @@ const COMMANDS: &[&[&str]] = &[
     &["pki", "init"],
     &["pki", "issue"],
     &["aggregator", "run"],
+    &["aggregator", "status"],
     &["node", "init"],
     &["node", "check"],
     &["node", "run"],

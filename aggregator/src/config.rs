@@ -31,12 +31,29 @@ pub struct AggregatorConfig {
     pub sites: Sites,
     #[serde(default, rename = "study")]
     pub studies: Vec<StudyConfig>,
+    /// The operations endpoint (`/healthz`, `/status`, `/metrics`); absent: none.
+    #[serde(default)]
+    pub ops: Option<OpsConfig>,
     /// Statistics studies (`[[statistics]]`): descriptive statistics of a cohort.
     #[serde(default, rename = "statistics")]
     pub statistics: Vec<StatisticsConfig>,
     /// SHA-256 of the file this was loaded from (for the compliance log).
     #[serde(skip)]
     pub config_sha256: String,
+}
+
+/// `[ops]`: the HTTP operations endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpsConfig {
+    /// TCP address of `/healthz`, `/status` and `/metrics` (plain HTTP: keep it on
+    /// loopback, or behind your monitoring network's controls).
+    #[serde(default = "default_ops_listen")]
+    pub listen: SocketAddr,
+}
+
+fn default_ops_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9464))
 }
 
 /// `[[statistics]]`: a statistics study, run after the training studies.

@@ -16,6 +16,7 @@
 //! ```
 
 pub mod config;
+pub mod ops;
 mod secure_round;
 mod server;
 mod statistics;
@@ -89,6 +90,11 @@ pub enum AggregatorEvent {
         reason: String,
     },
     StudyCompleted(StudyOutcome),
+    /// A study (training or statistics) failed.
+    StudyFailed {
+        study_id: String,
+        reason: String,
+    },
     /// A statistics study released its results to `path`.
     StatisticsReleased {
         study_id: String,
@@ -112,6 +118,8 @@ pub enum AggregatorError {
 /// A bound aggregator, ready to [`run`](Aggregator::run).
 pub struct Aggregator {
     config: AggregatorConfig,
+    /// The operations endpoint's socket (`[ops]`), bound with the QUIC one.
+    ops_listener: Option<std::net::TcpListener>,
     audit: Arc<AuditLog>,
     endpoint: quinn::Endpoint,
     registry: Arc<Registry>,
@@ -155,8 +163,22 @@ impl Aggregator {
         }
         let audit = Arc::new(audit);
         let endpoint = transport::server_endpoint(config.listen, &config.tls.ca, identity)?;
+        let ops_listener = match &config.ops {
+            Some(ops) => {
+                let l = std::net::TcpListener::bind(ops.listen).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!("cannot listen on [ops] listen = {}: {e}", ops.listen),
+                    )
+                })?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+            None => None,
+        };
         Ok(Aggregator {
             config,
+            ops_listener,
             audit,
             endpoint,
             registry: Arc::default(),
@@ -166,6 +188,11 @@ impl Aggregator {
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
+    }
+
+    /// The operations endpoint's address, if `[ops]` is configured.
+    pub fn ops_addr(&self) -> Option<SocketAddr> {
+        self.ops_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn handle(&self) -> AggregatorHandle {
@@ -181,6 +208,46 @@ impl Aggregator {
         self,
         events: Option<mpsc::UnboundedSender<AggregatorEvent>>,
     ) -> Result<Vec<StudyOutcome>, AggregatorError> {
+        // Every event updates the status board, then goes on to the caller.
+        let board = Arc::new(ops::StatusBoard::new(
+            &self.config.name,
+            self.config
+                .studies
+                .iter()
+                .map(|s| (s.id.clone(), "training", s.rounds))
+                .chain(
+                    self.config
+                        .statistics
+                        .iter()
+                        .map(|s| (s.id.clone(), "statistics", 1)),
+                ),
+        ));
+        let (itx, mut irx) = mpsc::unbounded_channel::<AggregatorEvent>();
+        let forward = {
+            let board = board.clone();
+            tokio::spawn(async move {
+                while let Some(e) = irx.recv().await {
+                    board.apply(&e);
+                    if let Some(tx) = &events {
+                        let _ = tx.send(e);
+                    }
+                }
+            })
+        };
+        let events = Some(itx);
+        let ops_task = match self.ops_listener.as_ref().map(|l| l.try_clone()) {
+            Some(Ok(l)) => {
+                let listener = tokio::net::TcpListener::from_std(l)?;
+                let ops = Arc::new(ops::Ops {
+                    board: board.clone(),
+                    registry: self.registry.clone(),
+                    audit: self.audit.clone(),
+                });
+                Some(tokio::spawn(ops.serve(listener)))
+            }
+            Some(Err(e)) => return Err(AggregatorError::Io(e)),
+            None => None,
+        };
         let allow: Arc<BTreeSet<String>> =
             Arc::new(self.config.sites.allow.iter().cloned().collect());
         let server = Arc::new(Server {
@@ -230,6 +297,12 @@ impl Aggregator {
                 }
                 Err(e) => {
                     status(format!("failed: {e}"));
+                    if let Some(tx) = &events {
+                        let _ = tx.send(AggregatorEvent::StudyFailed {
+                            study_id: cfg.id.clone(),
+                            reason: e.to_string(),
+                        });
+                    }
                     self.stop.send_replace(Some(format!("study failed: {e}")));
                     result = Err(e);
                     break;
@@ -275,6 +348,12 @@ impl Aggregator {
                     }
                     Err(e) => {
                         status(format!("failed: {e}"));
+                        if let Some(tx) = &events {
+                            let _ = tx.send(AggregatorEvent::StudyFailed {
+                                study_id: sc.id.clone(),
+                                reason: e.to_string(),
+                            });
+                        }
                         self.stop.send_replace(Some(format!("study failed: {e}")));
                         result = Err(e);
                         break;
@@ -305,6 +384,11 @@ impl Aggregator {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), self.endpoint.wait_idle())
             .await;
         accept.abort();
+        if let Some(t) = ops_task {
+            t.abort();
+        }
+        drop(events);
+        let _ = forward.await;
         self.audit.close(&reason).map_err(AggregatorError::Io)?;
         result?;
         Ok(outcomes)

@@ -54,6 +54,16 @@ pub struct AuditLog {
     inner: Mutex<Inner>,
     /// Where a copy of every frame sent goes (`[audit] capture_sent`).
     capture: Option<Mutex<std::fs::File>>,
+    traffic: Traffic,
+}
+
+/// Messages and bytes that crossed the party's boundary since it started (for metrics).
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub messages_sent: std::sync::atomic::AtomicU64,
+    pub bytes_sent: std::sync::atomic::AtomicU64,
+    pub messages_received: std::sync::atomic::AtomicU64,
+    pub bytes_received: std::sync::atomic::AtomicU64,
 }
 
 fn now_ms() -> u64 {
@@ -170,6 +180,7 @@ impl AuditLog {
             key,
             inner: Mutex::new(inner),
             capture: None,
+            traffic: Traffic::default(),
         };
         log.record(Event::Start {
             party: party.to_string(),
@@ -327,6 +338,13 @@ impl AuditLog {
     }
 }
 
+impl AuditLog {
+    /// Messages and bytes in and out so far.
+    pub fn traffic(&self) -> &Traffic {
+        &self.traffic
+    }
+}
+
 impl crate::transport::Egress for AuditLog {
     fn sent(
         &self,
@@ -334,6 +352,9 @@ impl crate::transport::Egress for AuditLog {
         msg: &medfed_protocol::Message,
         frame: &crate::transport::FrameInfo,
     ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.traffic.messages_sent.fetch_add(1, Relaxed);
+        self.traffic.bytes_sent.fetch_add(frame.bytes, Relaxed);
         self.capture(msg, frame);
         if let Err(e) = self.record(Event::Sent(entry(peer, msg, frame))) {
             tracing::error!(log = %self.path.display(), "cannot write the compliance log: {e}");
@@ -345,6 +366,9 @@ impl crate::transport::Egress for AuditLog {
         msg: &medfed_protocol::Message,
         frame: &crate::transport::FrameInfo,
     ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.traffic.messages_received.fetch_add(1, Relaxed);
+        self.traffic.bytes_received.fetch_add(frame.bytes, Relaxed);
         if let Err(e) = self.record(Event::Received(entry(peer, msg, frame))) {
             tracing::error!(log = %self.path.display(), "cannot write the compliance log: {e}");
         }
