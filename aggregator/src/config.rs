@@ -31,6 +31,9 @@ pub struct AggregatorConfig {
     pub sites: Sites,
     #[serde(default, rename = "study")]
     pub studies: Vec<StudyConfig>,
+    /// Where the aggregator checkpoints its studies (`[state]`), to resume after a crash.
+    #[serde(default)]
+    pub state: AggregatorState,
     /// The operations endpoint (`/healthz`, `/status`, `/metrics`); absent: none.
     #[serde(default)]
     pub ops: Option<OpsConfig>,
@@ -40,6 +43,33 @@ pub struct AggregatorConfig {
     /// SHA-256 of the file this was loaded from (for the compliance log).
     #[serde(skip)]
     pub config_sha256: String,
+}
+
+/// `[state]`: the aggregator's durable state.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorState {
+    /// The store directory (relative to this file).
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+    #[serde(default = "default_backend")]
+    pub backend: medfed_infra::store::Backend,
+}
+
+fn default_state_dir() -> PathBuf {
+    "aggregator-state".into()
+}
+fn default_backend() -> medfed_infra::store::Backend {
+    medfed_infra::store::Backend::DEFAULT
+}
+
+impl Default for AggregatorState {
+    fn default() -> Self {
+        AggregatorState {
+            dir: default_state_dir(),
+            backend: default_backend(),
+        }
+    }
 }
 
 /// `[ops]`: the HTTP operations endpoint.
@@ -370,6 +400,7 @@ impl AggregatorConfig {
         cfg.audit.resolve(path);
         cfg.config_sha256 = file_sha256(path);
         cfg.out_dir = resolve(path, &cfg.out_dir);
+        cfg.state.dir = resolve(path, &cfg.state.dir);
         cfg.validate(path)?;
         Ok(cfg)
     }

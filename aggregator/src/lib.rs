@@ -15,6 +15,7 @@
 //! # Ok(()) }
 //! ```
 
+mod checkpoint;
 pub mod config;
 pub mod ops;
 mod secure_round;
@@ -118,6 +119,8 @@ pub enum AggregatorError {
 /// A bound aggregator, ready to [`run`](Aggregator::run).
 pub struct Aggregator {
     config: AggregatorConfig,
+    /// Study checkpoints (`[state]`).
+    store: Arc<dyn medfed_infra::store::Store>,
     /// The operations endpoint's socket (`[ops]`), bound with the QUIC one.
     ops_listener: Option<std::net::TcpListener>,
     audit: Arc<AuditLog>,
@@ -176,8 +179,20 @@ impl Aggregator {
             }
             None => None,
         };
+        std::fs::create_dir_all(&config.state.dir)?;
+        let store: Arc<dyn medfed_infra::store::Store> = Arc::from(
+            medfed_infra::store::open(
+                config.state.backend,
+                &config
+                    .state
+                    .dir
+                    .join(format!("{}.db", config.state.backend.name())),
+            )
+            .map_err(|e| std::io::Error::other(e.to_string()))?,
+        );
         Ok(Aggregator {
             config,
+            store,
             ops_listener,
             audit,
             endpoint,
@@ -273,6 +288,7 @@ impl Aggregator {
                 events: events.clone(),
                 roots: roots.clone(),
                 audit: self.audit.clone(),
+                store: self.store.clone(),
             };
             let status = |status: String| {
                 let _ = self
@@ -320,6 +336,7 @@ impl Aggregator {
                     events: events.clone(),
                     roots: roots.clone(),
                     audit: self.audit.clone(),
+                    store: self.store.clone(),
                 };
                 let status = |status: String| {
                     let _ = self
@@ -329,6 +346,11 @@ impl Aggregator {
                             status,
                         });
                 };
+                if let Ok(Some(path)) = checkpoint::statistics_released(&*self.store, &sc.id) {
+                    tracing::info!(study = %sc.id, "statistics already released: {}", path.display());
+                    released += 1;
+                    continue;
+                }
                 status("started".into());
                 let query = sc.query();
                 let outcome = tokio::select! {
@@ -338,6 +360,9 @@ impl Aggregator {
                 match outcome {
                     Ok((_, path)) => {
                         status(format!("statistics released: {}", path.display()));
+                        if let Err(e) = checkpoint::save_statistics(&*self.store, &sc.id, &path) {
+                            tracing::warn!(study = %sc.id, "cannot checkpoint the release: {e}");
+                        }
                         if let Some(tx) = &events {
                             let _ = tx.send(AggregatorEvent::StatisticsReleased {
                                 study_id: sc.id.clone(),

@@ -61,6 +61,8 @@ pub(crate) struct StudyRunner {
     pub roots: Arc<medfed_infra::transport::RootCertStore>,
     /// The aggregator's compliance log.
     pub audit: Arc<medfed_infra::auditlog::AuditLog>,
+    /// Where study checkpoints go.
+    pub store: Arc<dyn medfed_infra::store::Store>,
 }
 
 /// A participant's standing in the study.
@@ -178,6 +180,18 @@ impl StudyRunner {
 
     pub async fn run(&self, allowed: usize) -> Result<StudyOutcome, StudyError> {
         let cfg = &self.cfg;
+        let resume = crate::checkpoint::load(&*self.store, cfg).map_err(|e| self.failed(e))?;
+        if let Some(cp) = &resume
+            && let Some((final_model, validation)) = &cp.complete
+        {
+            info!(study = %cfg.id, "study already complete (checkpoint); not run again");
+            return Ok(StudyOutcome {
+                study_id: cfg.id.clone(),
+                final_model: final_model.clone(),
+                validation: *validation,
+                rounds: cfg.rounds,
+            });
+        }
         self.wait_for_sites(allowed).await?;
         let d = cfg.features.len();
 
@@ -258,9 +272,10 @@ impl StudyRunner {
                 detail: "too few sites accepted the study".into(),
             });
         }
-        if cfg.privacy.is_some() {
-            // Under differential privacy nothing about the data is released but the noisy
-            // model: standardize from the declared feature ranges.
+        if resume.is_some() || cfg.privacy.is_some() {
+            // Resuming: the checkpoint holds the model and its standardization. Under
+            // differential privacy nothing about the data is released but the noisy model:
+            // standardize from the declared feature ranges.
         } else if cfg.secure_aggregation.enabled {
             // The sites' statistics are only ever seen summed.
             let (secure, sites) = self
@@ -270,22 +285,46 @@ impl StudyRunner {
             info!(study = %cfg.id, sites = sites.len(), rows = secure.count, "feature statistics summed securely");
             stats = secure;
         }
-        let standardization = match &cfg.privacy {
-            Some(p) => p.standardization(),
-            None => stats
-                .standardization()
-                .map_err(|e| self.failed(e.to_string()))?,
+        let (mut model, mut server_state, first_round, mut pending) = match resume {
+            Some(cp) => {
+                info!(study = %cfg.id, round = cp.round, "resuming from the checkpoint after round {}", cp.round);
+                let pending = cp.pending.map(|p| Pending {
+                    summary: RoundSummary {
+                        study_id: cfg.id.clone(),
+                        round: p.round,
+                        sites: p.sites,
+                        training_rows: p.training_rows,
+                        train_loss: p.train_loss.unwrap_or(f64::NAN),
+                        validation: None,
+                        model_path: PathBuf::new(),
+                    },
+                    model: cp.model.clone(),
+                });
+                (cp.model, cp.server_state, cp.round + 1, pending)
+            }
+            None => {
+                let standardization = match &cfg.privacy {
+                    Some(p) => p.standardization(),
+                    None => stats
+                        .standardization()
+                        .map_err(|e| self.failed(e.to_string()))?,
+                };
+                let model = GlobalModel::zeros(cfg.model, cfg.features.clone(), standardization);
+                (
+                    model,
+                    medfed_protocol::model::ServerState::default(),
+                    1,
+                    None,
+                )
+            }
         };
-        let mut model = GlobalModel::zeros(cfg.model, cfg.features.clone(), standardization);
         self.emit(AggregatorEvent::StudyStarted {
             study_id: cfg.id.clone(),
             sites: participants.keys().cloned().collect(),
             rounds: cfg.rounds,
         });
 
-        let mut pending: Option<Pending> = None;
-        let mut server_state = medfed_protocol::model::ServerState::default();
-        for round in 1..=cfg.rounds {
+        for round in first_round..=cfg.rounds {
             let mut attempt = 0;
             let aggregate = loop {
                 attempt += 1;
@@ -353,6 +392,21 @@ impl StudyRunner {
                 },
                 model: model.clone(),
             });
+            let cp = crate::checkpoint::StudyCheckpoint {
+                config_sha256: crate::checkpoint::config_hash(cfg),
+                round,
+                model: model.clone(),
+                server_state: server_state.clone(),
+                pending: pending.as_ref().map(|p| crate::checkpoint::PendingRound {
+                    round: p.summary.round,
+                    sites: p.summary.sites.clone(),
+                    training_rows: p.summary.training_rows,
+                    train_loss: Some(p.summary.train_loss).filter(|l| l.is_finite()),
+                }),
+                complete: None,
+            };
+            crate::checkpoint::save(&*self.store, &cfg.id, &cp)
+                .map_err(|e| self.failed(format!("checkpoint after round {round}: {e}")))?;
         }
 
         // Evaluate the last model (not under differential privacy: the sites' evaluations
@@ -372,6 +426,16 @@ impl StudyRunner {
             path: final_path.clone(),
             source,
         })?;
+        let done = crate::checkpoint::StudyCheckpoint {
+            config_sha256: crate::checkpoint::config_hash(cfg),
+            round: cfg.rounds,
+            model: model.clone(),
+            server_state,
+            pending: None,
+            complete: Some((final_path.clone(), metrics)),
+        };
+        crate::checkpoint::save(&*self.store, &cfg.id, &done)
+            .map_err(|e| self.failed(format!("checkpoint of the completed study: {e}")))?;
         Ok(StudyOutcome {
             study_id: cfg.id.clone(),
             final_model: final_path,

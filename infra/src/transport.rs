@@ -133,12 +133,33 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 /// by the receiver; a keep-alive every 3 s holds idle connections open through NATs, and 10 s
 /// without any packet means the peer is gone (a killed node is noticed within 10 s).
 fn transport_config() -> quinn::TransportConfig {
+    transport_config_with(Liveness::default())
+}
+
+/// How a connection shows it is alive, and how soon a silent peer counts as gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Liveness {
+    pub keep_alive: Duration,
+    pub idle_timeout: Duration,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            keep_alive: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+fn transport_config_with(l: Liveness) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    let idle_ms = u32::try_from(l.idle_timeout.as_millis()).unwrap_or(u32::MAX);
     t.stream_receive_window(quinn::VarInt::from_u32(32 << 20))
         .receive_window(quinn::VarInt::from_u32(64 << 20))
         .send_window(64 << 20)
-        .keep_alive_interval(Some(Duration::from_secs(3)))
-        .max_idle_timeout(Some(quinn::VarInt::from_u32(10_000).into()));
+        .keep_alive_interval(Some(l.keep_alive))
+        .max_idle_timeout(Some(quinn::VarInt::from_u32(idle_ms).into()));
     t
 }
 
@@ -177,6 +198,17 @@ pub fn client_endpoint(
     ca: &Path,
     identity: Identity,
 ) -> Result<quinn::Endpoint, TransportError> {
+    client_endpoint_with(server, ca, identity, Liveness::default())
+}
+
+/// As [`client_endpoint`], with the node's own keep-alive and idle timeout (the smaller of
+/// the two sides' idle timeouts applies, so a node can notice a dead aggregator sooner).
+pub fn client_endpoint_with(
+    server: SocketAddr,
+    ca: &Path,
+    identity: Identity,
+    liveness: Liveness,
+) -> Result<quinn::Endpoint, TransportError> {
     let roots = load_roots(ca)?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -186,7 +218,7 @@ pub fn client_endpoint(
     let crypto = QuicClientConfig::try_from(tls)
         .map_err(|e| TransportError::Tls(rustls::Error::General(e.to_string())))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config()));
+    config.transport_config(Arc::new(transport_config_with(liveness)));
     let bind: SocketAddr = if server.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {

@@ -217,7 +217,12 @@ impl Node {
         let node = Arc::new(self);
         let addr = node.resolve().await?;
         let identity = Identity::load(&node.config.tls.cert, &node.config.tls.key)?;
-        let endpoint = transport::client_endpoint(addr, &node.config.tls.ca, identity)?;
+        let endpoint = transport::client_endpoint_with(
+            addr,
+            &node.config.tls.ca,
+            identity,
+            node.config.reconnect.liveness(),
+        )?;
         let reconnect = &node.config.reconnect;
         let mut backoff = Duration::from_millis(reconnect.initial_backoff_ms);
         let max_backoff = Duration::from_millis(reconnect.max_backoff_ms);

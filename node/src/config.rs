@@ -68,6 +68,21 @@ pub struct Reconnect {
     pub initial_backoff_ms: u64,
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u64,
+    /// A keep-alive this often holds the connection open through NATs and firewalls.
+    #[serde(default = "default_keep_alive_ms")]
+    pub keep_alive_ms: u64,
+    /// This long without a packet from the aggregator means it is gone: reconnect.
+    #[serde(default = "default_idle_timeout_ms")]
+    pub idle_timeout_ms: u64,
+}
+
+impl Reconnect {
+    pub fn liveness(&self) -> medfed_infra::transport::Liveness {
+        medfed_infra::transport::Liveness {
+            keep_alive: std::time::Duration::from_millis(self.keep_alive_ms),
+            idle_timeout: std::time::Duration::from_millis(self.idle_timeout_ms),
+        }
+    }
 }
 
 impl Default for Reconnect {
@@ -75,6 +90,8 @@ impl Default for Reconnect {
         Reconnect {
             initial_backoff_ms: default_initial_backoff_ms(),
             max_backoff_ms: default_max_backoff_ms(),
+            keep_alive_ms: default_keep_alive_ms(),
+            idle_timeout_ms: default_idle_timeout_ms(),
         }
     }
 }
@@ -87,6 +104,12 @@ fn default_initial_backoff_ms() -> u64 {
 }
 fn default_max_backoff_ms() -> u64 {
     30_000
+}
+fn default_keep_alive_ms() -> u64 {
+    3_000
+}
+fn default_idle_timeout_ms() -> u64 {
+    10_000
 }
 
 impl AggregatorAddress {
@@ -159,6 +182,16 @@ impl NodeConfig {
             .privacy
             .validate()
             .map_err(|why| invalid("policy.privacy".into(), why))?;
+        if cfg.reconnect.idle_timeout_ms < 200
+            || cfg.reconnect.keep_alive_ms == 0
+            || cfg.reconnect.keep_alive_ms >= cfg.reconnect.idle_timeout_ms
+        {
+            return Err(invalid(
+                "reconnect".into(),
+                "needs 0 < keep_alive_ms < idle_timeout_ms, and idle_timeout_ms of at least 200"
+                    .into(),
+            ));
+        }
         if cfg.max_frame_bytes < 1024 {
             return Err(invalid(
                 "max_frame_bytes".into(),

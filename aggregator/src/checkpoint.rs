@@ -1,0 +1,82 @@
+//! Study checkpoints: after every round, one atomic, synced store transaction holds what a
+//! restarted aggregator needs to go on with the next round: the round, the global model,
+//! the server optimizer's state, and the round whose validation figures are still to come.
+//! A crash in the middle of a round repeats that round: the sites' inputs are the same
+//! (seeded local training from the same model), so the repeat reveals nothing new.
+
+use std::path::PathBuf;
+
+use medfed_infra::store::{Batch, Store};
+use medfed_protocol::metrics::Metrics;
+use medfed_protocol::model::{GlobalModel, ServerState};
+use serde::{Deserialize, Serialize};
+
+use crate::config::StudyConfig;
+
+const STUDIES: &str = "studies";
+const STATISTICS: &str = "statistics";
+
+/// The round whose model waits for its validation figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PendingRound {
+    pub round: u32,
+    pub sites: Vec<String>,
+    pub training_rows: u64,
+    /// None where it is not released (differential privacy).
+    pub train_loss: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StudyCheckpoint {
+    /// SHA-256 of the study's configuration: a changed study starts again.
+    pub config_sha256: String,
+    /// The last completed round (0: none yet).
+    pub round: u32,
+    pub model: GlobalModel,
+    pub server_state: ServerState,
+    pub pending: Option<PendingRound>,
+    /// Set once the study is complete: its final model and validation.
+    pub complete: Option<(PathBuf, Option<Metrics>)>,
+}
+
+/// The hash a checkpoint is tied to.
+pub fn config_hash(cfg: &StudyConfig) -> String {
+    medfed_protocol::audit::sha256_hex(&serde_json::to_vec(cfg).expect("a study config serializes"))
+}
+
+/// The study's checkpoint, if one matches its current configuration.
+pub fn load(store: &dyn Store, cfg: &StudyConfig) -> Result<Option<StudyCheckpoint>, String> {
+    let Some(bytes) = store
+        .get(STUDIES, cfg.id.as_bytes())
+        .map_err(|e| e.to_string())?
+    else {
+        return Ok(None);
+    };
+    let cp: StudyCheckpoint = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("the checkpoint of study '{}' is unreadable: {e}", cfg.id))?;
+    Ok((cp.config_sha256 == config_hash(cfg)).then_some(cp))
+}
+
+pub fn save(store: &dyn Store, id: &str, cp: &StudyCheckpoint) -> Result<(), String> {
+    // JSON: exact for finite doubles (shortest round-trip form), and readable by an operator.
+    let bytes = serde_json::to_vec(cp).expect("a checkpoint serializes");
+    let mut b = Batch::default();
+    b.put(STUDIES, id.as_bytes(), &bytes)
+        .map_err(|e| e.to_string())?;
+    store.commit(b).map_err(|e| e.to_string())
+}
+
+/// Where a released statistics study's file is, if it was released.
+pub fn statistics_released(store: &dyn Store, id: &str) -> Result<Option<PathBuf>, String> {
+    Ok(store
+        .get(STATISTICS, id.as_bytes())
+        .map_err(|e| e.to_string())?
+        .map(|b| PathBuf::from(String::from_utf8_lossy(&b).into_owned())))
+}
+
+pub fn save_statistics(store: &dyn Store, id: &str, path: &std::path::Path) -> Result<(), String> {
+    let mut b = Batch::default();
+    b.put(STATISTICS, id.as_bytes(), path.to_string_lossy().as_bytes())
+        .map_err(|e| e.to_string())?;
+    store.commit(b).map_err(|e| e.to_string())
+}
