@@ -4,6 +4,7 @@
 //! - aggregator operator: `medfed pki ...`, `medfed aggregator run --config aggregator.toml`
 //! - anyone: `medfed demo`, `medfed model evaluate`, `medfed bench transport`
 
+mod aggregator_cmd;
 mod alloc_meter;
 mod audit;
 mod bench;
@@ -123,6 +124,12 @@ struct IssueArgs {
 }
 
 #[derive(Subcommand)]
+enum AggregatorModelCommand {
+    /// Write one of a study's model versions (the final one, or any round's).
+    Export(aggregator_cmd::ExportArgs),
+}
+
+#[derive(Subcommand)]
 enum AggregatorCommand {
     /// Run with a TOML config file.
     Run {
@@ -130,6 +137,9 @@ enum AggregatorCommand {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Exported models of a study.
+    #[command(subcommand)]
+    Model(AggregatorModelCommand),
     /// Show a running aggregator's studies, rounds, sites and traffic, from its operations
     /// endpoint (`[ops] listen`).
     Status {
@@ -227,8 +237,11 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo(args) => demo::run(args, &cli.log_level),
         Command::Pki(cmd) => pki(cmd),
+        Command::Aggregator(AggregatorCommand::Model(AggregatorModelCommand::Export(args))) => {
+            aggregator_cmd::model_export(args)
+        }
         Command::Aggregator(AggregatorCommand::Status { address, json }) => {
-            node_cmd::aggregator_status(&address, json)
+            aggregator_cmd::aggregator_status(&address, json)
         }
         Command::Aggregator(AggregatorCommand::Run { config }) => {
             logging::init_stderr(&cli.log_format, &cli.log_level);

@@ -195,6 +195,40 @@ max_backoff_ms = 1000
         );
     }
     let final_model = models.join("final.json");
+    // Any round's model can be exported; a round that does not exist is named.
+    let agg = d.join("aggregator.toml");
+    let exported = d.join("round3.json");
+    let said = ok(&[
+        "aggregator",
+        "model",
+        "export",
+        "--config",
+        agg.to_str().unwrap(),
+        "--study",
+        "pima",
+        "--round",
+        "3",
+        "--out",
+        exported.to_str().unwrap(),
+    ]);
+    assert!(said.contains("study 'pima' round 3 (3 sites"), "{said}");
+    assert_eq!(
+        std::fs::read(&exported).unwrap(),
+        std::fs::read(models.join("round-0003.json")).unwrap()
+    );
+    let missing = medfed(&[
+        "aggregator",
+        "model",
+        "export",
+        "--config",
+        agg.to_str().unwrap(),
+        "--study",
+        "pima",
+        "--round",
+        "9",
+    ]);
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("round-0009.json does not exist"));
     let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv");
     let json = ok(&[
         "model",

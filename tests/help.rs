@@ -11,6 +11,7 @@ const COMMANDS: &[&[&str]] = &[
     &["pki", "issue"],
     &["aggregator", "run"],
     &["aggregator", "status"],
+    &["aggregator", "model", "export"],
     &["node", "init"],
     &["node", "check"],
     &["node", "run"],

@@ -37,6 +37,9 @@ pub struct StudyCheckpoint {
     pub pending: Option<PendingRound>,
     /// Set once the study is complete: its final model and validation.
     pub complete: Option<(PathBuf, Option<Metrics>)>,
+    /// The scheduler's statistics of each site.
+    #[serde(default)]
+    pub scheduler: Vec<medfed_protocol::schedule::SiteStats>,
 }
 
 /// The hash a checkpoint is tied to.

@@ -156,6 +156,7 @@ impl StatisticsConfig {
             server_optimizer: ServerOptimizer::FedAvg,
             secure_aggregation: self.secure_aggregation.clone(),
             privacy: None,
+            scheduling: SchedulingConfig::default(),
         }
     }
 }
@@ -207,6 +208,61 @@ pub struct StudyConfig {
     /// Differential privacy (DP-FedAvg): absent means none.
     #[serde(default)]
     pub privacy: Option<PrivacyConfig>,
+    /// Which sites each round invites, and its deadline (`[study.scheduling]`).
+    #[serde(default)]
+    pub scheduling: SchedulingConfig,
+}
+
+/// How a round picks its participants.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selection {
+    /// Every participant, every round.
+    #[default]
+    All,
+    /// A random share (`sample_fraction`) of the participants, at least the quorum.
+    Sample,
+    /// The latency-aware scheduler (`docs/scheduling.md`): the sites likely to answer by the
+    /// shortest deadline that still meets the quorum and `min_coverage` with confidence.
+    Latency,
+}
+
+/// `[study.scheduling]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulingConfig {
+    #[serde(default)]
+    pub selection: Selection,
+    /// With `sample`: the share of participants invited each round.
+    #[serde(default = "default_sample_fraction")]
+    pub sample_fraction: f64,
+    /// With `latency`: the least share of all participants' training rows a round covers.
+    #[serde(default = "default_min_coverage")]
+    pub min_coverage: f64,
+    /// With `latency`: the one-sided confidence that the quorum and coverage hold.
+    #[serde(default = "default_confidence")]
+    pub confidence: f64,
+}
+
+fn default_sample_fraction() -> f64 {
+    1.0
+}
+fn default_min_coverage() -> f64 {
+    0.5
+}
+fn default_confidence() -> f64 {
+    0.95
+}
+
+impl Default for SchedulingConfig {
+    fn default() -> Self {
+        SchedulingConfig {
+            selection: Selection::All,
+            sample_fraction: default_sample_fraction(),
+            min_coverage: default_min_coverage(),
+            confidence: default_confidence(),
+        }
+    }
 }
 
 /// `[study.privacy]`: DP-FedAvg (see `docs/privacy.md`).
@@ -505,6 +561,16 @@ impl AggregatorConfig {
                 return Err(invalid(
                     key("round_timeout_secs"),
                     "and round_attempts must be at least 1".into(),
+                ));
+            }
+            let sch = &s.scheduling;
+            let fraction_ok = sch.sample_fraction > 0.0 && sch.sample_fraction <= 1.0;
+            let confidence_ok = sch.confidence > 0.5 && sch.confidence < 1.0;
+            if !fraction_ok || !(0.0..=1.0).contains(&sch.min_coverage) || !confidence_ok {
+                return Err(invalid(
+                    key("scheduling"),
+                    "needs 0 < sample_fraction <= 1, 0 <= min_coverage <= 1 and 0.5 < confidence < 1"
+                        .into(),
                 ));
             }
             if let Some(p) = &s.privacy {

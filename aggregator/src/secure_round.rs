@@ -37,6 +37,13 @@ const STATISTICS_CLIP: f64 = 1e9;
 
 type Answer = (PartyId, Result<Message, TransportError>);
 
+/// Under secure aggregation a site's own response time is not separated from the round's:
+/// every contributor is credited with the round's duration.
+fn contributor_latencies(sites: &[String], started: Instant) -> BTreeMap<String, f64> {
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    sites.iter().map(|s| (s.clone(), ms)).collect()
+}
+
 /// A securely computed sum and who is in it.
 pub(crate) struct SecureSum {
     /// The decoded sum of the contributors' vectors.
@@ -256,6 +263,7 @@ impl StudyRunner {
         participants: &BTreeMap<String, Participant>,
     ) -> Result<RoundAggregate, String> {
         let cfg = &self.cfg;
+        let started = Instant::now();
         let width = model.weights.len();
         let sa = &cfg.secure_aggregation;
         let mut params = cfg.training.params();
@@ -309,24 +317,28 @@ impl StudyRunner {
                 .iter()
                 .filter_map(|s| participants.get(s))
                 .fold(0u64, |a, p| a.saturating_add(p.training_rows));
+            let latencies = contributor_latencies(&secure.sites, started);
             return Ok(RoundAggregate {
                 sites: secure.sites,
                 weights,
                 train_loss: f64::NAN,
                 rows,
                 evaluation: medfed_protocol::metrics::Evaluation::empty(cfg.model),
+                latencies,
             });
         }
         let decoded = update_vector::decode(&secure.sum, cfg.model, width, secure.scale)?;
         if decoded.weights.iter().any(|w| !w.is_finite()) {
             return Err("the decoded average is not finite".into());
         }
+        let latencies = contributor_latencies(&secure.sites, started);
         Ok(RoundAggregate {
             sites: secure.sites,
             weights: decoded.weights,
             train_loss: decoded.train_loss,
             rows: decoded.rows,
             evaluation: decoded.evaluation,
+            latencies,
         })
     }
 

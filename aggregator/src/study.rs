@@ -19,9 +19,10 @@ use medfed_protocol::stats::FeatureStats;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
-use crate::config::StudyConfig;
+use crate::config::{Selection, StudyConfig};
 use crate::server::Registry;
 use crate::{AggregatorEvent, RoundSummary};
+use medfed_protocol::schedule::{Requirements, SiteStats, plan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StudyError {
@@ -65,7 +66,29 @@ pub(crate) struct StudyRunner {
     pub store: Arc<dyn medfed_infra::store::Store>,
 }
 
+/// The z of a one-sided normal confidence (0.9 → 1.28, 0.95 → 1.645, 0.99 → 2.33).
+fn z_of(confidence: f64) -> f64 {
+    // Acklam's rational approximation is overkill here: interpolate a few table values.
+    let table = [
+        (0.5, 0.0),
+        (0.8, 0.842),
+        (0.9, 1.282),
+        (0.95, 1.645),
+        (0.975, 1.960),
+        (0.99, 2.326),
+        (0.999, 3.090),
+    ];
+    for w in table.windows(2) {
+        let ((c0, z0), (c1, z1)) = (w[0], w[1]);
+        if confidence <= c1 {
+            return z0 + (z1 - z0) * (confidence - c0) / (c1 - c0);
+        }
+    }
+    3.090
+}
+
 /// A participant's standing in the study.
+#[derive(Clone)]
 pub(crate) struct Participant {
     pub training_rows: u64,
     /// The connection the study was announced on; a reconnected site is announced again.
@@ -91,6 +114,8 @@ pub(crate) struct RoundAggregate {
     pub rows: u64,
     /// The merged evaluation of the round's incoming model.
     pub evaluation: Evaluation,
+    /// How long each contributing site took to answer, ms.
+    pub latencies: BTreeMap<String, f64>,
 }
 
 /// A round's model waiting for its validation figures (they arrive in the next round).
@@ -285,6 +310,22 @@ impl StudyRunner {
             info!(study = %cfg.id, sites = sites.len(), rows = secure.count, "feature statistics summed securely");
             stats = secure;
         }
+        let mut scheduler: BTreeMap<String, SiteStats> = participants
+            .iter()
+            .map(|(site, p)| {
+                (
+                    site.clone(),
+                    SiteStats::new(site.clone(), p.training_rows, 1000.0),
+                )
+            })
+            .collect();
+        if let Some(cp) = &resume {
+            for s in &cp.scheduler {
+                if let Some(mine) = scheduler.get_mut(&s.name) {
+                    *mine = s.clone();
+                }
+            }
+        }
         let (mut model, mut server_state, first_round, mut pending) = match resume {
             Some(cp) => {
                 info!(study = %cfg.id, round = cp.round, "resuming from the checkpoint after round {}", cp.round);
@@ -329,12 +370,20 @@ impl StudyRunner {
             let aggregate = loop {
                 attempt += 1;
                 self.reannounce(&mut participants).await;
+                let (invited, deadline) = self.select(round, &participants, &mut scheduler);
                 let result = if cfg.secure_aggregation.enabled {
-                    self.secure_round(round, attempt, &model, &participants)
-                        .await
+                    self.secure_round(round, attempt, &model, &invited).await
                 } else {
-                    self.plain_round(round, &model, &participants).await
+                    self.plain_round(round, &model, &invited, deadline).await
                 };
+                if let Ok(a) = &result {
+                    // What the scheduler learns: who answered, and how fast.
+                    for site in invited.keys() {
+                        if let Some(s) = scheduler.get_mut(site) {
+                            s.observe(a.latencies.get(site).copied());
+                        }
+                    }
+                }
                 let why = match result {
                     Ok(a) if a.sites.len() >= cfg.min_sites => break a,
                     Ok(a) => format!(
@@ -404,6 +453,7 @@ impl StudyRunner {
                     train_loss: Some(p.summary.train_loss).filter(|l| l.is_finite()),
                 }),
                 complete: None,
+                scheduler: scheduler.values().cloned().collect(),
             };
             crate::checkpoint::save(&*self.store, &cfg.id, &cp)
                 .map_err(|e| self.failed(format!("checkpoint after round {round}: {e}")))?;
@@ -433,6 +483,7 @@ impl StudyRunner {
             server_state,
             pending: None,
             complete: Some((final_path.clone(), metrics)),
+            scheduler: scheduler.values().cloned().collect(),
         };
         crate::checkpoint::save(&*self.store, &cfg.id, &done)
             .map_err(|e| self.failed(format!("checkpoint of the completed study: {e}")))?;
@@ -442,6 +493,85 @@ impl StudyRunner {
             validation: metrics,
             rounds: cfg.rounds,
         })
+    }
+
+    /// The sites a round invites, and its deadline, by `[study.scheduling]`.
+    fn select(
+        &self,
+        round: u32,
+        participants: &BTreeMap<String, Participant>,
+        scheduler: &mut BTreeMap<String, SiteStats>,
+    ) -> (BTreeMap<String, Participant>, Duration) {
+        let cfg = &self.cfg;
+        let full = Duration::from_secs(cfg.round_timeout_secs);
+        let everyone = || {
+            participants
+                .iter()
+                .map(|(k, p)| (k.clone(), p.clone()))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let (invited, deadline) = match cfg.scheduling.selection {
+            Selection::All => (everyone(), full),
+            Selection::Sample => {
+                use rand::seq::IteratorRandom;
+                let n = ((participants.len() as f64 * cfg.scheduling.sample_fraction).ceil()
+                    as usize)
+                    .max(cfg.min_sites)
+                    .min(participants.len());
+                let mut rng = rand::rng();
+                let chosen = participants.keys().cloned().choose_multiple(&mut rng, n);
+                (
+                    participants
+                        .iter()
+                        .filter(|(k, _)| chosen.contains(k))
+                        .map(|(k, p)| (k.clone(), p.clone()))
+                        .collect(),
+                    full,
+                )
+            }
+            Selection::Latency => {
+                for (site, p) in participants {
+                    scheduler
+                        .entry(site.clone())
+                        .or_insert_with(|| SiteStats::new(site.clone(), p.training_rows, 1000.0));
+                }
+                let candidates: Vec<SiteStats> = participants
+                    .keys()
+                    .filter_map(|s| scheduler.get(s).cloned())
+                    .collect();
+                let req = Requirements {
+                    quorum: cfg.min_sites,
+                    min_coverage: cfg.scheduling.min_coverage,
+                    confidence_z: z_of(cfg.scheduling.confidence),
+                    max_deadline_ms: full.as_secs_f64() * 1000.0,
+                };
+                match plan(&candidates, &req) {
+                    Some(p) => (
+                        p.participants
+                            .iter()
+                            .filter_map(|&i| {
+                                let name = &candidates[i].name;
+                                participants.get(name).map(|x| (name.clone(), x.clone()))
+                            })
+                            .collect(),
+                        // Margin for the messages' own time; never beyond the configured one.
+                        Duration::from_secs_f64((p.deadline_ms * 1.5 + 200.0) / 1000.0).min(full),
+                    ),
+                    None => (everyone(), full),
+                }
+            }
+        };
+        if invited.len() < participants.len() {
+            let left: Vec<&String> = participants
+                .keys()
+                .filter(|k| !invited.contains_key(*k))
+                .collect();
+            info!(study = %cfg.id, round, "scheduler: invited {} of {} sites (left out: {}), deadline {} ms",
+                invited.len(), participants.len(),
+                left.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "),
+                deadline.as_millis());
+        }
+        (invited, deadline)
     }
 
     /// Announces the study again to participants that reconnected since.
@@ -469,9 +599,10 @@ impl StudyRunner {
         round: u32,
         model: &GlobalModel,
         participants: &BTreeMap<String, Participant>,
+        timeout: Duration,
     ) -> Result<RoundAggregate, String> {
         let cfg = &self.cfg;
-        let timeout = Duration::from_secs(cfg.round_timeout_secs);
+        let started = Instant::now();
         let mut params = cfg.training.params();
         params.seed = params.seed.wrapping_add(u64::from(round));
         let msg = Arc::new(Message::RoundOpen(RoundOpen {
@@ -497,13 +628,16 @@ impl StudyRunner {
                 let answer =
                     transport::request_logged(&s.conn, &msg, max, timeout, Some((&*audit, &site)))
                         .await;
-                (site, answer)
+                (site, answer, started.elapsed().as_secs_f64() * 1000.0)
             });
         }
         let mut updates = BTreeMap::new();
+        let mut latencies = BTreeMap::new();
         let mut evaluation = Evaluation::empty(cfg.model);
         while let Some(joined) = tasks.join_next().await {
-            let Ok((site, result)) = joined else { continue };
+            let Ok((site, result, ms)) = joined else {
+                continue;
+            };
             let update = match result {
                 Ok(Message::ModelUpdate(u)) => u,
                 Ok(other) => {
@@ -524,6 +658,7 @@ impl StudyRunner {
                 warn!(%site, round, "update refused: evaluation: {e}");
                 continue;
             }
+            latencies.insert(site.clone(), ms);
             updates.insert(site, update);
         }
         let weights = federated_average(
@@ -562,6 +697,7 @@ impl StudyRunner {
                 train_loss: f64::NAN,
                 rows,
                 evaluation: Evaluation::empty(cfg.model),
+                latencies,
             });
         }
         let train_loss = updates
@@ -575,6 +711,7 @@ impl StudyRunner {
             train_loss,
             rows,
             evaluation,
+            latencies,
         })
     }
 

@@ -1,0 +1,165 @@
+//! Stragglers, as processes: five hospitals, two of them far slower than the round deadline
+//! (one holds 1,500 times the rows of the others, one 3,000 times, so their local training
+//! outlasts it). Every round still completes with the quorum, and the latency-aware
+//! scheduler learns from the missed deadlines to leave the two out of later rounds.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
+const SITES: [(&str, usize); 5] = [
+    ("site-a", 1),
+    ("site-b", 1),
+    ("site-c", 1500),
+    ("site-d", 3000),
+    ("site-e", 1),
+];
+
+struct Processes(Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn ok(args: &[&str]) {
+    let out = Command::new(MEDFED).args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn slow_sites_miss_deadlines_and_the_scheduler_leaves_them_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = d.join("pki");
+    let p = pki.to_str().unwrap();
+    ok(&["pki", "init", "--dir", p]);
+    ok(&["pki", "issue", "--dir", p, "--aggregator", "localhost"]);
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
+    )
+    .unwrap();
+    let mut lines = text.lines();
+    let header = lines.next().unwrap();
+    let rows: Vec<&str> = lines.collect();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut procs = Processes(Vec::new());
+    for (i, (s, copies)) in SITES.iter().enumerate() {
+        ok(&["pki", "issue", "--dir", p, "--site", s]);
+        let mut out = format!("{header}\n");
+        for _ in 0..*copies {
+            for row in rows.iter().skip(i % 3).step_by(3) {
+                out.push_str(row);
+                out.push('\n');
+            }
+        }
+        std::fs::write(d.join(format!("{s}.csv")), out).unwrap();
+        let cfg = d.join(format!("{s}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "site = \"{s}\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n\
+                 [tls]\nca = \"pki/sites/{s}/ca.pem\"\ncert = \"pki/sites/{s}/cert.pem\"\nkey = \"pki/sites/{s}/key.pem\"\n\
+                 [audit]\nlog = \"{s}-audit.log\"\nkey = \"{s}-audit.key\"\n[state]\ndir = \"{s}-state\"\n\
+                 [policy.rules]\ndatasets = [\"pima\"]\nallow_without_secure_aggregation = true\n\
+                 [[dataset]]\nname = \"pima\"\npath = \"{s}.csv\"\n"
+            ),
+        )
+        .unwrap();
+        procs.0.push(
+            Command::new(MEDFED)
+                .args(["node", "run", "--config", cfg.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    let agg = d.join("aggregator.toml");
+    std::fs::write(
+        &agg,
+        format!(
+            r#"listen = "127.0.0.1:{port}"
+[tls]
+ca = "pki/aggregator/localhost/ca.pem"
+cert = "pki/aggregator/localhost/cert.pem"
+key = "pki/aggregator/localhost/key.pem"
+[sites]
+allow = ["site-a", "site-b", "site-c", "site-d", "site-e"]
+[[study]]
+id = "pima"
+dataset = "pima"
+model = "logistic"
+features = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]
+target = "type"
+positive_class = "Yes"
+rounds = 14
+min_sites = 2
+wait_for_sites_secs = 60
+round_timeout_secs = 2
+[study.training]
+local_epochs = 40
+batch_size = 16
+[study.secure_aggregation]
+enabled = false
+[study.scheduling]
+selection = "latency"
+min_coverage = 0.0
+"#
+        ),
+    )
+    .unwrap();
+    let log = std::fs::File::create(d.join("aggregator.log")).unwrap();
+    let mut aggregator = Command::new(MEDFED)
+        .args(["aggregator", "run", "--config", agg.to_str().unwrap()])
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log))
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(s) = aggregator.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the study did not finish");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
+    assert!(status.success(), "{log}");
+    let sites_of = |round: u32| -> Vec<String> {
+        let text = std::fs::read_to_string(
+            d.join(format!("aggregator-out/models/pima/round-{round:04}.json")),
+        )
+        .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        v["sites"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect()
+    };
+    let fast = vec!["site-a".to_string(), "site-b".into(), "site-e".into()];
+    // Round 1 invited everyone; the two slow sites missed the deadline, and the round went
+    // on with the quorum.
+    assert_eq!(sites_of(1), fast);
+    // Later rounds do not invite them at all.
+    assert!(
+        log.contains("invited 3 of 5 sites (left out: site-c, site-d)"),
+        "{log}"
+    );
+    assert_eq!(sites_of(14), fast);
+}
