@@ -165,3 +165,165 @@ pub fn model_export(args: ExportArgs) -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[derive(clap::Subcommand)]
+pub enum StudyCommand {
+    /// Add a study from a spec file (the keys of one [[study]] table) to the aggregator's
+    /// studies directory; a running aggregator with `[studies] keep_serving` picks it up.
+    Create {
+        /// The aggregator's config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The study's spec (TOML: id, dataset, model, features, target, rounds, ...).
+        #[arg(long)]
+        spec: PathBuf,
+    },
+    /// Every study: configured or added, with its hash and, if the aggregator is reachable,
+    /// its state.
+    List {
+        /// The aggregator's config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// One study's spec, the hash sites approve, and its state.
+    Show {
+        /// The aggregator's config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The study's id.
+        #[arg(long)]
+        study: String,
+    },
+    /// Stop a study at its next round (its checkpoint and exported models stay).
+    Stop {
+        /// The aggregator's config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// The study's id.
+        #[arg(long)]
+        study: String,
+    },
+}
+
+/// The hash a site approves a study by (`medfed node approve --study HASH`).
+fn study_hash(s: &medfed_aggregator::config::StudyConfig) -> String {
+    medfed_node::policy::study_hash(&s.announcement())
+}
+
+type Studies = Vec<(String, medfed_aggregator::config::StudyConfig)>;
+
+fn all_studies(cfg: &medfed_aggregator::config::AggregatorConfig) -> anyhow::Result<Studies> {
+    let mut out: Studies = cfg
+        .studies
+        .iter()
+        .map(|s| ("config".to_string(), s.clone()))
+        .collect();
+    for (path, s) in cfg.studies_dir.specs()? {
+        out.push((path.display().to_string(), s));
+    }
+    Ok(out)
+}
+
+/// Study states from the running aggregator's `/status`, when it answers.
+fn live_states(cfg: &medfed_aggregator::config::AggregatorConfig) -> Option<serde_json::Value> {
+    let addr = cfg.ops.as_ref()?.listen.to_string();
+    let body = ops_get(&addr, "/status").ok()?;
+    serde_json::from_str::<serde_json::Value>(&body).ok()
+}
+
+pub fn study(cmd: StudyCommand) -> anyhow::Result<()> {
+    use medfed_aggregator::config::AggregatorConfig;
+    match cmd {
+        StudyCommand::Create { config, spec } => {
+            let cfg = AggregatorConfig::load(&config)?;
+            let s: medfed_aggregator::config::StudyConfig = medfed_infra::config::load_toml(&spec)?;
+            cfg.validate_study(&s, "study", &spec)?;
+            if all_studies(&cfg)?.iter().any(|(_, t)| t.id == s.id) {
+                anyhow::bail!(
+                    "a study with id '{}' already exists: choose another id",
+                    s.id
+                );
+            }
+            let to = cfg.studies_dir.dir.join(format!("{}.toml", s.id));
+            medfed_infra::files::write_atomic(&to, &std::fs::read(&spec)?)
+                .with_context(|| format!("cannot write {}", to.display()))?;
+            println!("study '{}' added: {}", s.id, to.display());
+            println!(
+                "its hash, for the sites that approve studies one by one: {}",
+                study_hash(&s)
+            );
+            println!(
+                "  (each site runs `medfed node approve --config node.toml --study {}`)",
+                study_hash(&s)
+            );
+            if !cfg.studies_dir.keep_serving {
+                println!(
+                    "note: [studies] keep_serving is off; the aggregator runs it at its next start"
+                );
+            }
+            Ok(())
+        }
+        StudyCommand::List { config } => {
+            let cfg = AggregatorConfig::load(&config)?;
+            let live = live_states(&cfg);
+            println!(
+                "{:<20} {:>6} {:<12} {:<18}  source",
+                "study", "rounds", "state", "hash"
+            );
+            println!("{}", "-".repeat(90));
+            for (source, s) in all_studies(&cfg)? {
+                let state = live
+                    .as_ref()
+                    .and_then(|v| v["studies"][&s.id]["state"].as_str().map(str::to_string))
+                    .unwrap_or_else(|| "-".into());
+                let stop = if cfg.studies_dir.stop_file(&s.id).exists() {
+                    " (stop asked)"
+                } else {
+                    ""
+                };
+                println!(
+                    "{:<20} {:>6} {:<12} {:<18}  {source}{stop}",
+                    s.id,
+                    s.rounds,
+                    state,
+                    &study_hash(&s)[..16]
+                );
+            }
+            if live.is_none() {
+                println!("\n(state: no running aggregator answered on its [ops] endpoint)");
+            }
+            Ok(())
+        }
+        StudyCommand::Show { config, study } => {
+            let cfg = AggregatorConfig::load(&config)?;
+            let Some((source, s)) = all_studies(&cfg)?.into_iter().find(|(_, s)| s.id == study)
+            else {
+                anyhow::bail!("{}: no study '{study}'", config.display());
+            };
+            println!("study '{}' ({source})", s.id);
+            println!("hash: {}", study_hash(&s));
+            if let Some(v) = live_states(&cfg) {
+                println!(
+                    "state: {}",
+                    serde_json::to_string_pretty(&v["studies"][&s.id])?
+                );
+            }
+            println!("\n{}", toml::to_string(&s)?);
+            Ok(())
+        }
+        StudyCommand::Stop { config, study } => {
+            let cfg = AggregatorConfig::load(&config)?;
+            if !all_studies(&cfg)?.iter().any(|(_, s)| s.id == study) {
+                anyhow::bail!("{}: no study '{study}'", config.display());
+            }
+            let file = cfg.studies_dir.stop_file(&study);
+            medfed_infra::files::write_atomic(&file, b"stop\n")
+                .with_context(|| format!("cannot write {}", file.display()))?;
+            println!(
+                "study '{study}' stops at its next round ({} asks it; delete the file to allow it again)",
+                file.display()
+            );
+            Ok(())
+        }
+    }
+}

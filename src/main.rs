@@ -140,6 +140,9 @@ enum AggregatorCommand {
     /// Exported models of a study.
     #[command(subcommand)]
     Model(AggregatorModelCommand),
+    /// Add, list, show and stop studies.
+    #[command(subcommand)]
+    Study(aggregator_cmd::StudyCommand),
     /// Show a running aggregator's studies, rounds, sites and traffic, from its operations
     /// endpoint (`[ops] listen`).
     Status {
@@ -240,6 +243,7 @@ fn main() -> ExitCode {
         Command::Aggregator(AggregatorCommand::Model(AggregatorModelCommand::Export(args))) => {
             aggregator_cmd::model_export(args)
         }
+        Command::Aggregator(AggregatorCommand::Study(cmd)) => aggregator_cmd::study(cmd),
         Command::Aggregator(AggregatorCommand::Status { address, json }) => {
             aggregator_cmd::aggregator_status(&address, json)
         }

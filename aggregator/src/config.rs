@@ -37,6 +37,9 @@ pub struct AggregatorConfig {
     /// The operations endpoint (`/healthz`, `/status`, `/metrics`); absent: none.
     #[serde(default)]
     pub ops: Option<OpsConfig>,
+    /// Studies added while the aggregator runs (`medfed aggregator study create`).
+    #[serde(default, rename = "studies")]
+    pub studies_dir: StudiesDir,
     /// Statistics studies (`[[statistics]]`): descriptive statistics of a cohort.
     #[serde(default, rename = "statistics")]
     pub statistics: Vec<StatisticsConfig>,
@@ -69,6 +72,62 @@ impl Default for AggregatorState {
             dir: default_state_dir(),
             backend: default_backend(),
         }
+    }
+}
+
+/// `[studies]`: a directory of study specs, one `<id>.toml` each, that the aggregator runs
+/// after the configured ones; `<id>.stop` there stops a study at its next round.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudiesDir {
+    #[serde(default = "default_studies_dir")]
+    pub dir: PathBuf,
+    /// Keep serving after every study is done, waiting for new ones (default: exit).
+    #[serde(default)]
+    pub keep_serving: bool,
+}
+
+fn default_studies_dir() -> PathBuf {
+    "studies.d".into()
+}
+
+impl Default for StudiesDir {
+    fn default() -> Self {
+        StudiesDir {
+            dir: default_studies_dir(),
+            keep_serving: false,
+        }
+    }
+}
+
+impl StudiesDir {
+    /// The study specs in the directory, by file name; a spec that does not load is an
+    /// error naming the file.
+    pub fn specs(&self) -> Result<Vec<(PathBuf, StudyConfig)>, ConfigError> {
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&self.dir) {
+            Ok(d) => d
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: self.dir.clone(),
+                    source,
+                });
+            }
+        };
+        files.sort();
+        files
+            .into_iter()
+            .map(|p| load_toml::<StudyConfig>(&p).map(|s| (p, s)))
+            .collect()
+    }
+
+    /// The file that asks the study `id` to stop.
+    pub fn stop_file(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.stop"))
     }
 }
 
@@ -457,6 +516,7 @@ impl AggregatorConfig {
         cfg.config_sha256 = file_sha256(path);
         cfg.out_dir = resolve(path, &cfg.out_dir);
         cfg.state.dir = resolve(path, &cfg.state.dir);
+        cfg.studies_dir.dir = resolve(path, &cfg.studies_dir.dir);
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -515,121 +575,159 @@ impl AggregatorConfig {
             }
         }
         for (i, s) in self.studies.iter().enumerate() {
-            let key = |k: &str| format!("study[{i}].{k}");
             if s.id.is_empty() || !ids.insert(s.id.as_str()) {
                 return Err(invalid(
-                    key("id"),
+                    format!("study[{i}].id"),
                     format!("{:?} is empty or used twice", s.id),
                 ));
             }
-            if s.features.is_empty() {
-                return Err(invalid(key("features"), "lists no feature".into()));
-            }
-            let unique: BTreeSet<_> = s.features.iter().collect();
-            if unique.len() != s.features.len() {
-                return Err(invalid(key("features"), "names a feature twice".into()));
-            }
-            if s.features.contains(&s.target) {
-                return Err(invalid(key("target"), "is also listed as a feature".into()));
-            }
-            if s.model == ModelKind::Logistic && s.positive_class.is_none() {
+            self.validate_study(s, &format!("study[{i}]"), path)?;
+        }
+        Ok(())
+    }
+
+    /// Checks one study against this aggregator (its sites); `at` names it in errors
+    /// (`study[0]`, or a study file's path).
+    pub fn validate_study(
+        &self,
+        s: &StudyConfig,
+        at: &str,
+        path: &Path,
+    ) -> Result<(), ConfigError> {
+        let invalid = |key: String, why: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            why,
+        };
+        let key = |k: &str| format!("{at}.{k}");
+        if s.id.is_empty() {
+            return Err(invalid(key("id"), "is empty".into()));
+        }
+        if s.features.is_empty() {
+            return Err(invalid(key("features"), "lists no feature".into()));
+        }
+        let unique: BTreeSet<_> = s.features.iter().collect();
+        if unique.len() != s.features.len() {
+            return Err(invalid(key("features"), "names a feature twice".into()));
+        }
+        if s.features.contains(&s.target) {
+            return Err(invalid(key("target"), "is also listed as a feature".into()));
+        }
+        if s.model == ModelKind::Logistic && s.positive_class.is_none() {
+            return Err(invalid(
+                key("positive_class"),
+                "is required for a logistic model (the target value counted as positive)".into(),
+            ));
+        }
+        if !(s.validation_fraction > 0.0 && s.validation_fraction < 1.0) {
+            return Err(invalid(
+                key("validation_fraction"),
+                "must be between 0 and 1".into(),
+            ));
+        }
+        if s.rounds == 0 {
+            return Err(invalid(key("rounds"), "must be at least 1".into()));
+        }
+        if s.min_sites == 0 || s.min_sites > self.sites.allow.len() {
+            return Err(invalid(
+                key("min_sites"),
+                format!(
+                    "must be between 1 and the {} allowed sites",
+                    self.sites.allow.len()
+                ),
+            ));
+        }
+        if s.round_timeout_secs == 0 || s.round_attempts == 0 {
+            return Err(invalid(
+                key("round_timeout_secs"),
+                "and round_attempts must be at least 1".into(),
+            ));
+        }
+        let sch = &s.scheduling;
+        let fraction_ok = sch.sample_fraction > 0.0 && sch.sample_fraction <= 1.0;
+        let confidence_ok = sch.confidence > 0.5 && sch.confidence < 1.0;
+        if !fraction_ok || !(0.0..=1.0).contains(&sch.min_coverage) || !confidence_ok {
+            return Err(invalid(
+                key("scheduling"),
+                "needs 0 < sample_fraction <= 1, 0 <= min_coverage <= 1 and 0.5 < confidence < 1"
+                    .into(),
+            ));
+        }
+        if let Some(p) = &s.privacy {
+            p.training()
+                .validate()
+                .map_err(|why| invalid(key("privacy"), why))?;
+            if p.feature_ranges.len() != s.features.len() {
                 return Err(invalid(
-                    key("positive_class"),
-                    "is required for a logistic model (the target value counted as positive)"
-                        .into(),
-                ));
-            }
-            if !(s.validation_fraction > 0.0 && s.validation_fraction < 1.0) {
-                return Err(invalid(
-                    key("validation_fraction"),
-                    "must be between 0 and 1".into(),
-                ));
-            }
-            if s.rounds == 0 {
-                return Err(invalid(key("rounds"), "must be at least 1".into()));
-            }
-            if s.min_sites == 0 || s.min_sites > self.sites.allow.len() {
-                return Err(invalid(
-                    key("min_sites"),
+                    key("privacy.feature_ranges"),
                     format!(
-                        "must be between 1 and the {} allowed sites",
-                        self.sites.allow.len()
+                        "has {} ranges for {} features (one [low, high] per feature, in order)",
+                        p.feature_ranges.len(),
+                        s.features.len()
                     ),
                 ));
             }
-            if s.round_timeout_secs == 0 || s.round_attempts == 0 {
+            if let Some((j, _)) = p
+                .feature_ranges
+                .iter()
+                .enumerate()
+                .find(|(_, [lo, hi])| !(lo.is_finite() && hi.is_finite() && lo < hi))
+            {
                 return Err(invalid(
-                    key("round_timeout_secs"),
-                    "and round_attempts must be at least 1".into(),
+                    key("privacy.feature_ranges"),
+                    format!("the range of '{}' needs low < high", s.features[j]),
                 ));
             }
-            let sch = &s.scheduling;
-            let fraction_ok = sch.sample_fraction > 0.0 && sch.sample_fraction <= 1.0;
-            let confidence_ok = sch.confidence > 0.5 && sch.confidence < 1.0;
-            if !fraction_ok || !(0.0..=1.0).contains(&sch.min_coverage) || !confidence_ok {
-                return Err(invalid(
-                    key("scheduling"),
-                    "needs 0 < sample_fraction <= 1, 0 <= min_coverage <= 1 and 0.5 < confidence < 1"
-                        .into(),
-                ));
-            }
-            if let Some(p) = &s.privacy {
-                p.training()
-                    .validate()
-                    .map_err(|why| invalid(key("privacy"), why))?;
-                if p.feature_ranges.len() != s.features.len() {
-                    return Err(invalid(
-                        key("privacy.feature_ranges"),
-                        format!(
-                            "has {} ranges for {} features (one [low, high] per feature, in order)",
-                            p.feature_ranges.len(),
-                            s.features.len()
-                        ),
-                    ));
-                }
-                if let Some((j, _)) = p
-                    .feature_ranges
-                    .iter()
-                    .enumerate()
-                    .find(|(_, [lo, hi])| !(lo.is_finite() && hi.is_finite() && lo < hi))
-                {
-                    return Err(invalid(
-                        key("privacy.feature_ranges"),
-                        format!("the range of '{}' needs low < high", s.features[j]),
-                    ));
-                }
-            }
-            let sa = &s.secure_aggregation;
-            if sa.enabled && s.min_sites < 2 {
-                return Err(invalid(
-                    key("min_sites"),
-                    "must be at least 2 with secure aggregation (a sum of one site's update is that update); \
-                     raise it, or set secure_aggregation.enabled = false"
-                        .into(),
-                ));
-            }
-            medfed_protocol::quant::QuantParams::for_parties(
-                self.sites.allow.len(),
-                sa.clip,
-                sa.scale_bits,
-            )
-            .map_err(|e| invalid(key("secure_aggregation"), e.to_string()))?;
-            for (name, v) in [
-                ("expected_dropout", sa.expected_dropout),
-                ("expected_corrupt", sa.expected_corrupt),
-            ] {
-                if !(0.0..0.5).contains(&v) {
-                    return Err(invalid(
-                        key(&format!("secure_aggregation.{name}")),
-                        "must be at least 0 and below 0.5".into(),
-                    ));
-                }
-            }
-            s.training
-                .params()
-                .validate()
-                .map_err(|e| invalid(key("training"), e.to_string()))?;
         }
+        let sa = &s.secure_aggregation;
+        if sa.enabled && s.min_sites < 2 {
+            return Err(invalid(
+                key("min_sites"),
+                "must be at least 2 with secure aggregation (a sum of one site's update is that update); \
+                 raise it, or set secure_aggregation.enabled = false"
+                    .into(),
+            ));
+        }
+        medfed_protocol::quant::QuantParams::for_parties(
+            self.sites.allow.len(),
+            sa.clip,
+            sa.scale_bits,
+        )
+        .map_err(|e| invalid(key("secure_aggregation"), e.to_string()))?;
+        for (name, v) in [
+            ("expected_dropout", sa.expected_dropout),
+            ("expected_corrupt", sa.expected_corrupt),
+        ] {
+            if !(0.0..0.5).contains(&v) {
+                return Err(invalid(
+                    key(&format!("secure_aggregation.{name}")),
+                    "must be at least 0 and below 0.5".into(),
+                ));
+            }
+        }
+        s.training
+            .params()
+            .validate()
+            .map_err(|e| invalid(key("training"), e.to_string()))?;
         Ok(())
+    }
+}
+
+impl StudyConfig {
+    /// What the nodes are told of the study; its hash is what a site approves.
+    pub fn announcement(&self) -> medfed_protocol::messages::StudyAnnouncement {
+        medfed_protocol::messages::StudyAnnouncement {
+            study_id: self.id.clone(),
+            description: self.description.clone(),
+            dataset: self.dataset.clone(),
+            features: self.features.clone(),
+            target: self.target.clone(),
+            model: self.model,
+            positive_class: self.positive_class.clone(),
+            validation_fraction: self.validation_fraction,
+            rounds: self.rounds,
+            secure_aggregation: self.secure_aggregation.enabled,
+            privacy: self.privacy.as_ref().map(|p| p.training()),
+        }
     }
 }

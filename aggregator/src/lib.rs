@@ -131,6 +131,14 @@ pub struct Aggregator {
 
 /// Watches and stops a running aggregator from another task (e.g. on SIGTERM). It holds no
 /// socket: once [`Aggregator::run`] has returned, the port is free again.
+/// How one study's run ended.
+enum StudyEnd {
+    Done(StudyOutcome),
+    Stopped,
+    Failed(StudyError),
+    Interrupted,
+}
+
 #[derive(Clone)]
 pub struct AggregatorHandle {
     registry: Arc<Registry>,
@@ -217,6 +225,82 @@ impl Aggregator {
         }
     }
 
+    fn study_runner(
+        &self,
+        cfg: &config::StudyConfig,
+        events: &Option<mpsc::UnboundedSender<AggregatorEvent>>,
+        roots: &Arc<transport::RootCertStore>,
+    ) -> study::StudyRunner {
+        study::StudyRunner {
+            cfg: cfg.clone(),
+            registry: self.registry.clone(),
+            out_dir: self.config.out_dir.clone(),
+            max_frame: self.config.max_frame_bytes,
+            events: events.clone(),
+            roots: roots.clone(),
+            audit: self.audit.clone(),
+            store: self.store.clone(),
+            stop_file: self.config.studies_dir.stop_file(&cfg.id),
+        }
+    }
+
+    /// Runs one training study, recording its start and end.
+    async fn run_study(
+        &self,
+        cfg: &config::StudyConfig,
+        events: &Option<mpsc::UnboundedSender<AggregatorEvent>>,
+        roots: &Arc<transport::RootCertStore>,
+        allowed: usize,
+        stop: &mut watch::Receiver<Option<String>>,
+    ) -> StudyEnd {
+        let runner = self.study_runner(cfg, events, roots);
+        let status = |status: String| {
+            let _ = self
+                .audit
+                .record(medfed_protocol::audit::Event::StudyStatus {
+                    study: cfg.id.clone(),
+                    status,
+                });
+        };
+        status("started".into());
+        let outcome = tokio::select! {
+            r = runner.run(allowed) => r,
+            _ = stop.wait_for(Option::is_some) => return StudyEnd::Interrupted,
+        };
+        let send = |e: AggregatorEvent| {
+            if let Some(tx) = events {
+                let _ = tx.send(e);
+            }
+        };
+        match outcome {
+            Ok(o) => {
+                status(format!("completed after {} rounds", o.rounds));
+                send(AggregatorEvent::StudyCompleted(o.clone()));
+                StudyEnd::Done(o)
+            }
+            Err(e @ StudyError::Stopped { .. }) => {
+                tracing::info!("{e}");
+                status(e.to_string());
+                send(AggregatorEvent::StudyFailed {
+                    study_id: cfg.id.clone(),
+                    reason: e.to_string(),
+                });
+                StudyEnd::Stopped
+            }
+            Err(e) => {
+                status(format!("failed: {e}"));
+                send(AggregatorEvent::StudyFailed {
+                    study_id: cfg.id.clone(),
+                    reason: e.to_string(),
+                });
+                if !self.config.studies_dir.keep_serving {
+                    self.stop.send_replace(Some(format!("study failed: {e}")));
+                }
+                StudyEnd::Failed(e)
+            }
+        }
+    }
+
     /// Serves nodes and runs every configured study in turn; when all are complete, tells
     /// the nodes so and returns. With no study configured it serves until shut down.
     pub async fn run(
@@ -279,65 +363,32 @@ impl Aggregator {
         let roots = transport::load_roots(&self.config.tls.ca)?;
         let mut outcomes = Vec::new();
         let mut result = Ok(());
+        let mut interrupted = false;
+        let mut finished = 0usize;
         for cfg in &self.config.studies {
-            let runner = study::StudyRunner {
-                cfg: cfg.clone(),
-                registry: self.registry.clone(),
-                out_dir: self.config.out_dir.clone(),
-                max_frame: self.config.max_frame_bytes,
-                events: events.clone(),
-                roots: roots.clone(),
-                audit: self.audit.clone(),
-                store: self.store.clone(),
-            };
-            let status = |status: String| {
-                let _ = self
-                    .audit
-                    .record(medfed_protocol::audit::Event::StudyStatus {
-                        study: cfg.id.clone(),
-                        status,
-                    });
-            };
-            status("started".into());
-            let outcome = tokio::select! {
-                r = runner.run(allow.len()) => r,
-                _ = stop.wait_for(Option::is_some) => break,
-            };
-            match outcome {
-                Ok(o) => {
-                    status(format!("completed after {} rounds", o.rounds));
-                    if let Some(tx) = &events {
-                        let _ = tx.send(AggregatorEvent::StudyCompleted(o.clone()));
-                    }
+            match self
+                .run_study(cfg, &events, &roots, allow.len(), &mut stop)
+                .await
+            {
+                StudyEnd::Done(o) => {
                     outcomes.push(o);
+                    finished += 1;
                 }
-                Err(e) => {
-                    status(format!("failed: {e}"));
-                    if let Some(tx) = &events {
-                        let _ = tx.send(AggregatorEvent::StudyFailed {
-                            study_id: cfg.id.clone(),
-                            reason: e.to_string(),
-                        });
-                    }
-                    self.stop.send_replace(Some(format!("study failed: {e}")));
+                StudyEnd::Stopped => finished += 1,
+                StudyEnd::Failed(e) => {
                     result = Err(e);
+                    break;
+                }
+                StudyEnd::Interrupted => {
+                    interrupted = true;
                     break;
                 }
             }
         }
         let mut released = 0;
-        if result.is_ok() && outcomes.len() == self.config.studies.len() {
+        if result.is_ok() && !interrupted {
             for sc in &self.config.statistics {
-                let runner = study::StudyRunner {
-                    cfg: sc.as_study(),
-                    registry: self.registry.clone(),
-                    out_dir: self.config.out_dir.clone(),
-                    max_frame: self.config.max_frame_bytes,
-                    events: events.clone(),
-                    roots: roots.clone(),
-                    audit: self.audit.clone(),
-                    store: self.store.clone(),
-                };
+                let runner = self.study_runner(&sc.as_study(), &events, &roots);
                 let status = |status: String| {
                     let _ = self
                         .audit
@@ -355,7 +406,10 @@ impl Aggregator {
                 let query = sc.query();
                 let outcome = tokio::select! {
                     r = runner.run_statistics(&query, allow.len()) => r,
-                    _ = stop.wait_for(Option::is_some) => break,
+                    _ = stop.wait_for(Option::is_some) => {
+                        interrupted = true;
+                        break;
+                    }
                 };
                 match outcome {
                     Ok((_, path)) => {
@@ -386,8 +440,63 @@ impl Aggregator {
                 }
             }
         }
-        let everything = self.config.studies.len() + self.config.statistics.len();
-        let (code, reason) = if outcomes.len() + released == everything && everything > 0 {
+        // Studies added to the studies directory (`medfed aggregator study create`).
+        let mut seen: BTreeSet<String> = self
+            .config
+            .studies
+            .iter()
+            .map(|s| s.id.clone())
+            .chain(self.config.statistics.iter().map(|s| s.id.clone()))
+            .collect();
+        while result.is_ok() && !interrupted {
+            let specs = match self.config.studies_dir.specs() {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("studies directory: {e}");
+                    Vec::new()
+                }
+            };
+            let Some((path, spec)) = specs.into_iter().find(|(_, s)| !seen.contains(&s.id)) else {
+                if !self.config.studies_dir.keep_serving {
+                    break;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                    _ = stop.wait_for(Option::is_some) => {
+                        interrupted = true;
+                        break;
+                    }
+                }
+            };
+            seen.insert(spec.id.clone());
+            if let Err(e) = self.config.validate_study(&spec, "study", &path) {
+                tracing::warn!("{e}; study not run");
+                let _ = self
+                    .audit
+                    .record(medfed_protocol::audit::Event::StudyStatus {
+                        study: spec.id.clone(),
+                        status: format!("not run: {e}"),
+                    });
+                continue;
+            }
+            match self
+                .run_study(&spec, &events, &roots, allow.len(), &mut stop)
+                .await
+            {
+                StudyEnd::Done(o) => {
+                    outcomes.push(o);
+                    finished += 1;
+                }
+                StudyEnd::Stopped => finished += 1,
+                // One added study failing does not stop an aggregator that keeps serving.
+                StudyEnd::Failed(e) if self.config.studies_dir.keep_serving => {
+                    tracing::warn!("{e}");
+                }
+                StudyEnd::Failed(e) => result = Err(e),
+                StudyEnd::Interrupted => interrupted = true,
+            }
+        }
+        let (code, reason) = if result.is_ok() && !interrupted && finished + released > 0 {
             (
                 ErrorCode::StudiesComplete,
                 "all studies complete".to_string(),

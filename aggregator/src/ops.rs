@@ -182,7 +182,11 @@ impl StatusBoard {
             }
             AggregatorEvent::StudyFailed { study_id, reason } => {
                 let mut s = study(&mut b, study_id);
-                s.state = "failed".into();
+                s.state = if reason.contains("stopped by the operator") {
+                    "stopped".into()
+                } else {
+                    "failed".into()
+                };
                 s.phase = reason.clone();
                 b.studies.insert(study_id.clone(), s);
             }

@@ -35,6 +35,8 @@ pub enum StudyError {
     },
     #[error("study '{study}': {detail}")]
     Failed { study: String, detail: String },
+    #[error("study '{study}' was stopped by the operator after round {round}")]
+    Stopped { study: String, round: u32 },
     #[error("study '{study}': writing {path}: {source}")]
     Export {
         study: String,
@@ -64,6 +66,8 @@ pub(crate) struct StudyRunner {
     pub audit: Arc<medfed_infra::auditlog::AuditLog>,
     /// Where study checkpoints go.
     pub store: Arc<dyn medfed_infra::store::Store>,
+    /// The file whose presence stops the study at its next round.
+    pub stop_file: PathBuf,
 }
 
 /// The z of a one-sided normal confidence (0.9 → 1.28, 0.95 → 1.645, 0.99 → 2.33).
@@ -132,19 +136,7 @@ impl StudyRunner {
     }
 
     fn announcement(&self) -> StudyAnnouncement {
-        StudyAnnouncement {
-            study_id: self.cfg.id.clone(),
-            description: self.cfg.description.clone(),
-            dataset: self.cfg.dataset.clone(),
-            features: self.cfg.features.clone(),
-            target: self.cfg.target.clone(),
-            model: self.cfg.model,
-            positive_class: self.cfg.positive_class.clone(),
-            validation_fraction: self.cfg.validation_fraction,
-            rounds: self.cfg.rounds,
-            secure_aggregation: self.cfg.secure_aggregation.enabled,
-            privacy: self.cfg.privacy.as_ref().map(|p| p.training()),
-        }
+        self.cfg.announcement()
     }
 
     pub(crate) fn failed(&self, detail: impl Into<String>) -> StudyError {
@@ -366,6 +358,12 @@ impl StudyRunner {
         });
 
         for round in first_round..=cfg.rounds {
+            if self.stop_file.exists() {
+                return Err(StudyError::Stopped {
+                    study: cfg.id.clone(),
+                    round: round - 1,
+                });
+            }
             let mut attempt = 0;
             let aggregate = loop {
                 attempt += 1;
