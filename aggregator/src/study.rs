@@ -458,9 +458,23 @@ impl StudyRunner {
         }
 
         // Evaluate the last model (not under differential privacy: the sites' evaluations
-        // would be a release outside the budget).
+        // would be a release outside the budget). Under secure aggregation the sites'
+        // evaluations are only seen summed: one more secure round from the final model,
+        // whose summed evaluation is kept and whose update is discarded.
         let evaluation = if cfg.privacy.is_some() {
             Evaluation::empty(cfg.model)
+        } else if cfg.secure_aggregation.enabled {
+            self.reannounce(&mut participants).await;
+            match self
+                .secure_round(cfg.rounds + 1, 1, &model, &participants)
+                .await
+            {
+                Ok(a) => a.evaluation,
+                Err(e) => {
+                    warn!(study = %cfg.id, "the final model's secure evaluation failed: {e}");
+                    Evaluation::empty(cfg.model)
+                }
+            }
         } else {
             self.collect_evaluation(cfg.rounds, &model, &participants)
                 .await
