@@ -382,14 +382,24 @@ impl StudyRunner {
                         }
                     }
                 }
-                let why = match result {
+                let (why, got) = match result {
                     Ok(a) if a.sites.len() >= cfg.min_sites => break a,
-                    Ok(a) => format!(
-                        "{} of the {} sites needed contributed",
+                    Ok(a) => (
+                        format!(
+                            "{} of the {} sites needed contributed",
+                            a.sites.len(),
+                            cfg.min_sites
+                        ),
                         a.sites.len(),
-                        cfg.min_sites
                     ),
-                    Err(why) => why,
+                    // The sites connected and invited, at best.
+                    Err(why) => (
+                        why,
+                        invited
+                            .keys()
+                            .filter(|s| self.registry.get(s).is_some())
+                            .count(),
+                    ),
                 };
                 let why = format!("{why} (attempt {attempt} of {})", cfg.round_attempts);
                 warn!(study = %cfg.id, round, "round failed: {why}");
@@ -399,7 +409,6 @@ impl StudyRunner {
                     reason: why.clone(),
                 });
                 if attempt >= cfg.round_attempts {
-                    let got = self.registry.names().len();
                     return Err(StudyError::NoQuorum {
                         study: cfg.id.clone(),
                         got,
@@ -791,12 +800,13 @@ impl StudyRunner {
             if let Some(s) = self.registry.get(site) {
                 transport::Egress::sent(&*self.audit, site, &msg, &info);
                 let frame = frame.clone();
-                tokio::spawn(async move {
+                // A node that stops reading cannot hold the task (or its buffer) forever.
+                tokio::spawn(tokio::time::timeout(Duration::from_secs(10), async move {
                     if let Ok(mut send) = s.conn.open_uni().await {
                         let _ = send.write_all(&frame).await;
                         let _ = send.finish();
                     }
-                });
+                }));
             }
         }
     }

@@ -227,6 +227,7 @@ impl Node {
         let mut backoff = Duration::from_millis(reconnect.initial_backoff_ms);
         let max_backoff = Duration::from_millis(reconnect.max_backoff_ms);
         tokio::pin!(stop);
+        let mut addr = addr;
         let result = loop {
             let session = node.clone().session(&endpoint, addr);
             let outcome = tokio::select! {
@@ -255,6 +256,15 @@ impl Node {
                 () = &mut stop => break Ok(NodeExit::Stopped),
             }
             backoff = (backoff * 2).min(max_backoff);
+            // The aggregator may have moved (a new address behind its name).
+            match node.resolve().await {
+                Ok(a) if a != addr => {
+                    info!(site = %node.config.site, "the aggregator's address is now {a}");
+                    addr = a;
+                }
+                Ok(_) => {}
+                Err(e) => warn!(site = %node.config.site, "{e}; trying the last known address"),
+            }
         };
         endpoint.close(
             quinn::VarInt::from_u32(ErrorCode::ShuttingDown.to_close_code()),
@@ -355,7 +365,17 @@ impl Node {
         mut recv: quinn::RecvStream,
     ) {
         let max = self.config.max_frame_bytes;
-        let reply = match transport::read_message_info(&mut recv, max).await {
+        // A request that does not arrive in full within the hello timeout is dropped.
+        let read =
+            tokio::time::timeout(HELLO_TIMEOUT, transport::read_message_info(&mut recv, max));
+        let Ok(read) = read.await else {
+            warn!(
+                "a request from the aggregator did not arrive within {} s; dropped",
+                HELLO_TIMEOUT.as_secs()
+            );
+            return;
+        };
+        let reply = match read {
             Ok((msg, frame)) => {
                 transport::Egress::received(&*self.audit, AGGREGATOR, &msg, &frame);
                 self.respond(msg).await
