@@ -5,34 +5,16 @@
 //! seeds. (Plain FedAvg, so that the comparison is exact: secure aggregation's stochastic
 //! rounding would differ between any two runs by about 2^-24.)
 
+mod procs;
+use procs::{Children, MEDFED, ok};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
-const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
 const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
-
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn ok(args: &[&str]) {
-    let out = Command::new(MEDFED).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A federation's files in `d`: PKI, data, configs. Returns the aggregator's config.
 fn setup(d: &Path) -> PathBuf {
@@ -112,8 +94,8 @@ enabled = false
     agg
 }
 
-fn start_nodes(d: &Path) -> Processes {
-    Processes(
+fn start_nodes(d: &Path) -> Children {
+    Children(
         SITES
             .iter()
             .map(|s| {

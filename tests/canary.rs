@@ -8,56 +8,13 @@
 //! line of every process, every compliance log and every file the aggregator wrote is
 //! searched for each identifier, in several encodings: there must be no hit.
 
+mod procs;
+use procs::{Processes, all_succeed, ok, spawn_with};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
 const SITES: [&str; 3] = ["hospital-a", "hospital-b", "hospital-c"];
-
-struct Processes(Vec<(String, Child)>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = Command::new(MEDFED).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "medfed {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn spawn(dir: &Path, name: &str, args: &[&str]) -> (String, Child) {
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(MEDFED)
-        .args(args)
-        .env("MEDFED_LOG", "debug")
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap();
-    (name.to_string(), child)
-}
-
-fn wait(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
 
 /// One synthetic patient's identifiers; each is unique to the patient.
 fn identifiers(site: usize, i: usize) -> [String; 7] {
@@ -284,26 +241,21 @@ above = 180
 
     let mut procs = Processes(Vec::new());
     for (site, cfg) in SITES.iter().zip(&nodes) {
-        procs.0.push(spawn(
+        procs.0.push(spawn_with(
             d,
             site,
             &["node", "run", "--config", cfg.to_str().unwrap()],
+            &[("MEDFED_LOG", "debug")],
         ));
     }
     let agg_cfg = d.join("aggregator.toml");
-    procs.0.push(spawn(
+    procs.0.push(spawn_with(
         d,
         "aggregator",
         &["aggregator", "run", "--config", agg_cfg.to_str().unwrap()],
+        &[("MEDFED_LOG", "debug")],
     ));
-    for (name, child) in &mut procs.0 {
-        let status = wait(child, Duration::from_secs(120));
-        let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap_or_default();
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "{name} failed ({status:?}):\n{log}"
-        );
-    }
+    all_succeed(d, &mut procs, Duration::from_secs(120));
     let agg_log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
     assert!(
         agg_log.contains("study 'pima' complete after 4 rounds"),

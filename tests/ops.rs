@@ -2,33 +2,14 @@
 //! aggregator status`), and `/metrics`, which parses as Prometheus text exposition format
 //! and counts the rounds of a study as it runs.
 
+mod procs;
+use procs::{Children, MEDFED, ok};
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
 const SITES: [&str; 2] = ["site-a", "site-b"];
-
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = Command::new(MEDFED).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 fn get(addr: &str, path: &str) -> Option<String> {
     use std::io::{Read, Write};
@@ -121,7 +102,7 @@ wait_for_sites_secs = 60
     )
     .unwrap();
     let agg_cfg = d.join("aggregator.toml");
-    let mut procs = Processes(vec![
+    let mut procs = Children(vec![
         Command::new(MEDFED)
             .args(["aggregator", "run", "--config", agg_cfg.to_str().unwrap()])
             .stdout(Stdio::null())

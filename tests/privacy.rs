@@ -4,57 +4,15 @@
 //! status`, in the site's log and in its compliance log; the study completes with the
 //! other three, and its rounds carry the noise of secure aggregation's honest minimum.
 
+mod procs;
+use procs::{Processes, all_succeed, ok, spawn};
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use medfed_protocol::dp::ledger::Ledger;
 
-const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
 const SITES: [&str; 4] = ["site-a", "site-b", "site-c", "site-d"];
-
-struct Processes(Vec<(String, Child)>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = Command::new(MEDFED).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "medfed {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn spawn(dir: &Path, name: &str, args: &[&str]) -> (String, Child) {
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(MEDFED)
-        .args(args)
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap();
-    (name.to_string(), child)
-}
-
-fn wait(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
 
 #[test]
 fn a_site_stops_at_its_privacy_budget() {
@@ -178,14 +136,7 @@ max_backoff_ms = 1000
         "aggregator",
         &["aggregator", "run", "--config", agg.to_str().unwrap()],
     ));
-    for (name, child) in &mut procs.0 {
-        let status = wait(child, Duration::from_secs(120));
-        let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap_or_default();
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "{name} failed ({status:?}):\n{log}"
-        );
-    }
+    all_succeed(d, &mut procs, Duration::from_secs(120));
     let agg_log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
     assert!(
         agg_log.contains("study 'pima-dp' complete after 4 rounds"),

@@ -4,54 +4,14 @@
 //! Also runs the `federated_statistics` example, whose released values must lie within
 //! their stated error of the exact ones.
 
+mod procs;
+use procs::{Processes, ok, spawn, wait};
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
 const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
-
-struct Processes(Vec<(String, Child)>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn ok(args: &[&str]) {
-    let out = Command::new(MEDFED).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn spawn(dir: &Path, name: &str, args: &[&str]) -> (String, Child) {
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(MEDFED)
-        .args(args)
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap();
-    (name.to_string(), child)
-}
-
-fn wait(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
 
 const COLUMN: &str =
     "[[statistics.column]]\nname = \"glu\"\nlow = 40\nhigh = 200\nedges = [40, 100, 140, 200]\n";

@@ -3,11 +3,13 @@
 //! outlasts it). Every round still completes with the quorum, and the latency-aware
 //! scheduler learns from the missed deadlines to leave the two out of later rounds.
 
+mod procs;
+use procs::{Children, MEDFED, ok};
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
 const SITES: [(&str, usize); 5] = [
     ("site-a", 1),
     ("site-b", 1),
@@ -15,26 +17,6 @@ const SITES: [(&str, usize); 5] = [
     ("site-d", 3000),
     ("site-e", 1),
 ];
-
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn ok(args: &[&str]) {
-    let out = Command::new(MEDFED).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 #[test]
 fn slow_sites_miss_deadlines_and_the_scheduler_leaves_them_out() {
@@ -56,7 +38,7 @@ fn slow_sites_miss_deadlines_and_the_scheduler_leaves_them_out() {
         .local_addr()
         .unwrap()
         .port();
-    let mut procs = Processes(Vec::new());
+    let mut procs = Children(Vec::new());
     for (i, (s, copies)) in SITES.iter().enumerate() {
         ok(&["pki", "issue", "--dir", p, "--site", s]);
         let mut out = format!("{header}\n");

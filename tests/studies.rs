@@ -1,23 +1,14 @@
 //! Studies added to, listed on and stopped at a running aggregator, as processes:
 //! `medfed aggregator study create | list | show | stop`.
 
+mod procs;
+use procs::{Children, MEDFED, ok};
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
 const SITES: [&str; 2] = ["site-a", "site-b"];
-
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn run(args: &[&str]) -> (bool, String) {
     let out = Command::new(MEDFED).args(args).output().unwrap();
@@ -29,12 +20,6 @@ fn run(args: &[&str]) -> (bool, String) {
             String::from_utf8_lossy(&out.stderr)
         ),
     )
-}
-
-fn ok(args: &[&str]) -> String {
-    let (good, text) = run(args);
-    assert!(good, "medfed {args:?}: {text}");
-    text
 }
 
 fn until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
@@ -89,7 +74,7 @@ fn studies_are_created_listed_and_stopped_while_the_aggregator_runs() {
     )
     .unwrap();
     let a = agg.to_str().unwrap();
-    let mut procs = Processes(vec![
+    let mut procs = Children(vec![
         Command::new(MEDFED)
             .args(["aggregator", "run", "--config", a])
             .stdout(Stdio::null())
