@@ -6,7 +6,7 @@
 //! rounding would differ between any two runs by about 2^-24.)
 
 mod procs;
-use procs::{Children, MEDFED, ok};
+use procs::{Children, MEDFED};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,20 +18,8 @@ const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
 
 /// A federation's files in `d`: PKI, data, configs. Returns the aggregator's config.
 fn setup(d: &Path) -> PathBuf {
-    let pki = d.join("pki");
-    let p = pki.to_str().unwrap();
-    ok(&["pki", "init", "--dir", p]);
-    ok(&["pki", "issue", "--dir", p, "--aggregator", "localhost"]);
-    for s in SITES {
-        ok(&["pki", "issue", "--dir", p, "--site", s]);
-    }
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
-    )
-    .unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let rows: Vec<&str> = lines.collect();
+    procs::pki(d, &SITES);
+    let (header, rows) = procs::pima();
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

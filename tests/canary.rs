@@ -32,13 +32,7 @@ fn identifiers(site: usize, i: usize) -> [String; 7] {
 
 /// Writes each hospital's extract: the Pima rows plus identifier columns.
 fn extracts(dir: &Path) -> (Vec<PathBuf>, Vec<String>) {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
-    )
-    .unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let rows: Vec<&str> = lines.collect();
+    let (header, rows) = procs::pima();
     let mut canaries = Vec::new();
     let mut files = Vec::new();
     for (s, chunk) in rows.chunks(rows.len().div_ceil(3)).enumerate() {
@@ -115,13 +109,7 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
 fn no_identifier_leaves_a_hospital() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let pki = d.join("pki");
-    let pki_s = pki.to_str().unwrap();
-    ok(&["pki", "init", "--dir", pki_s]);
-    ok(&["pki", "issue", "--dir", pki_s, "--aggregator", "localhost"]);
-    for site in SITES {
-        ok(&["pki", "issue", "--dir", pki_s, "--site", site]);
-    }
+    procs::pki(d, &SITES);
     let (data, canaries) = extracts(d);
     assert_eq!(canaries.len(), 7 * 200);
     let port = std::net::UdpSocket::bind("127.0.0.1:0")

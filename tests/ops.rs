@@ -5,7 +5,6 @@
 mod procs;
 use procs::{Children, MEDFED, ok};
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -43,22 +42,10 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 fn the_operations_endpoint_reports_a_running_study() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let pki = d.join("pki");
-    let p = pki.to_str().unwrap();
-    ok(&["pki", "init", "--dir", p]);
-    ok(&["pki", "issue", "--dir", p, "--aggregator", "localhost"]);
-    for s in SITES {
-        ok(&["pki", "issue", "--dir", p, "--site", s]);
-    }
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
-    )
-    .unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let rows: Vec<&str> = lines.collect();
+    procs::pki(d, &SITES);
+    let (header, rows) = procs::pima();
     for (i, s) in SITES.iter().enumerate() {
-        let part: Vec<&str> = rows.iter().skip(i).step_by(2).copied().collect();
+        let part: Vec<String> = rows.iter().skip(i).step_by(2).cloned().collect();
         std::fs::write(
             d.join(format!("{s}.csv")),
             format!("{header}\n{}\n", part.join("\n")),

@@ -7,7 +7,6 @@
 mod procs;
 use procs::{Processes, all_succeed, ok, spawn};
 
-use std::path::Path;
 use std::time::Duration;
 
 use medfed_protocol::dp::ledger::Ledger;
@@ -18,22 +17,10 @@ const SITES: [&str; 4] = ["site-a", "site-b", "site-c", "site-d"];
 fn a_site_stops_at_its_privacy_budget() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let pki = d.join("pki");
-    let pki_s = pki.to_str().unwrap();
-    ok(&["pki", "init", "--dir", pki_s]);
-    ok(&["pki", "issue", "--dir", pki_s, "--aggregator", "localhost"]);
-    for site in SITES {
-        ok(&["pki", "issue", "--dir", pki_s, "--site", site]);
-    }
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
-    )
-    .unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let rows: Vec<&str> = lines.collect();
+    procs::pki(d, &SITES);
+    let (header, rows) = procs::pima();
     for (i, site) in SITES.iter().enumerate() {
-        let part: Vec<&str> = rows.iter().skip(i).step_by(4).copied().collect();
+        let part: Vec<String> = rows.iter().skip(i).step_by(4).cloned().collect();
         std::fs::write(
             d.join(format!("{site}.csv")),
             format!("{header}\n{}\n", part.join("\n")),

@@ -5,9 +5,9 @@
 //! their stated error of the exact ones.
 
 mod procs;
-use procs::{Processes, ok, spawn, wait};
+use procs::{Processes, spawn, wait};
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -20,22 +20,10 @@ const COLUMN: &str =
 fn a_query_one_patient_away_from_an_answered_one_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let pki = d.join("pki");
-    let pki_s = pki.to_str().unwrap();
-    ok(&["pki", "init", "--dir", pki_s]);
-    ok(&["pki", "issue", "--dir", pki_s, "--aggregator", "localhost"]);
-    for site in SITES {
-        ok(&["pki", "issue", "--dir", pki_s, "--site", site]);
-    }
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
-    )
-    .unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let rows: Vec<&str> = lines.collect();
+    procs::pki(d, &SITES);
+    let (header, rows) = procs::pima();
     for (i, site) in SITES.iter().enumerate() {
-        let part: Vec<&str> = rows.iter().skip(i).step_by(3).copied().collect();
+        let part: Vec<String> = rows.iter().skip(i).step_by(3).cloned().collect();
         std::fs::write(
             d.join(format!("{site}.csv")),
             format!("{header}\n{}\n", part.join("\n")),

@@ -6,7 +6,6 @@
 mod procs;
 use procs::{Children, MEDFED, ok};
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -26,13 +25,7 @@ fn slow_sites_miss_deadlines_and_the_scheduler_leaves_them_out() {
     let p = pki.to_str().unwrap();
     ok(&["pki", "init", "--dir", p]);
     ok(&["pki", "issue", "--dir", p, "--aggregator", "localhost"]);
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
-    )
-    .unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let rows: Vec<&str> = lines.collect();
+    let (header, rows) = procs::pima();
     let port = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

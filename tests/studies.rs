@@ -4,7 +4,6 @@
 mod procs;
 use procs::{Children, MEDFED, ok};
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -46,13 +45,7 @@ fn studies_are_created_listed_and_stopped_while_the_aggregator_runs() {
     let p = pki.to_str().unwrap();
     ok(&["pki", "init", "--dir", p]);
     ok(&["pki", "issue", "--dir", p, "--aggregator", "localhost"]);
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
-    )
-    .unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let rows: Vec<&str> = lines.collect();
+    let (header, rows) = procs::pima();
     let udp = std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -84,7 +77,7 @@ fn studies_are_created_listed_and_stopped_while_the_aggregator_runs() {
     ]);
     for (i, s) in SITES.iter().enumerate() {
         ok(&["pki", "issue", "--dir", p, "--site", s]);
-        let part: Vec<&str> = rows.iter().skip(i).step_by(2).copied().collect();
+        let part: Vec<String> = rows.iter().skip(i).step_by(2).cloned().collect();
         std::fs::write(
             d.join(format!("{s}.csv")),
             format!("{header}\n{}\n", part.join("\n")),
