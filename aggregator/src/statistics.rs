@@ -6,13 +6,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use medfed_infra::transport;
 use medfed_protocol::Message;
 use medfed_protocol::fedstats::{StatsQuery, StatsRelease};
 use medfed_protocol::messages::{StatisticsQuery, query_binding};
 use medfed_protocol::quant::QuantParams;
 use serde::Serialize;
-use tokio::task::JoinSet;
 use tracing::{info, warn};
 
 use crate::study::{Participant, StudyError, StudyRunner};
@@ -143,28 +141,13 @@ impl StudyRunner {
             secure: None,
         }));
         let timeout = Duration::from_secs(self.cfg.round_timeout_secs);
-        let mut tasks = JoinSet::new();
-        for site in participants.keys() {
-            let Some(s) = self.registry.get(site) else {
-                continue;
-            };
-            let (msg, site, max, audit) = (
-                msg.clone(),
-                site.clone(),
-                self.max_frame,
-                self.audit.clone(),
-            );
-            tasks.spawn(async move {
-                let answer =
-                    transport::request_logged(&s.conn, &msg, max, timeout, Some((&*audit, &site)))
-                        .await;
-                (site, answer)
-            });
-        }
+        let mut tasks = self.ask_all(msg, participants.keys(), timeout);
         let mut sum = vec![0.0; query.dimension()];
         let mut sites = Vec::new();
         while let Some(joined) = tasks.join_next().await {
-            let Ok((site, answer)) = joined else { continue };
+            let Ok((site, answer, _)) = joined else {
+                continue;
+            };
             match answer {
                 Ok(Message::StatisticsReport(r))
                     if r.query_id == query.query_id

@@ -595,6 +595,36 @@ impl StudyRunner {
         (invited, deadline)
     }
 
+    /// Sends `msg` to each of `sites` that is connected, all at once; each answer comes with
+    /// the site and how long it took (ms).
+    pub(crate) fn ask_all<'a>(
+        &self,
+        msg: Arc<Message>,
+        sites: impl Iterator<Item = &'a String>,
+        timeout: Duration,
+    ) -> JoinSet<(String, Result<Message, TransportError>, f64)> {
+        let started = Instant::now();
+        let mut tasks = JoinSet::new();
+        for site in sites {
+            let Some(s) = self.registry.get(site) else {
+                continue;
+            };
+            let (msg, site, max, audit) = (
+                msg.clone(),
+                site.clone(),
+                self.max_frame,
+                self.audit.clone(),
+            );
+            tasks.spawn(async move {
+                let answer =
+                    transport::request_logged(&s.conn, &msg, max, timeout, Some((&*audit, &site)))
+                        .await;
+                (site, answer, started.elapsed().as_secs_f64() * 1000.0)
+            });
+        }
+        tasks
+    }
+
     /// Announces the study again to participants that reconnected since.
     async fn reannounce(&self, participants: &mut BTreeMap<String, Participant>) {
         for (site, p) in participants.iter_mut() {
@@ -623,7 +653,6 @@ impl StudyRunner {
         timeout: Duration,
     ) -> Result<RoundAggregate, String> {
         let cfg = &self.cfg;
-        let started = Instant::now();
         let mut params = cfg.training.params();
         params.seed = params.seed.wrapping_add(u64::from(round));
         let msg = Arc::new(Message::RoundOpen(RoundOpen {
@@ -634,24 +663,7 @@ impl StudyRunner {
             deadline_ms: timeout.as_millis() as u64,
             secure: None,
         }));
-        let mut tasks = JoinSet::new();
-        for site in participants.keys() {
-            let Some(s) = self.registry.get(site) else {
-                continue;
-            };
-            let (msg, site, max, audit) = (
-                msg.clone(),
-                site.clone(),
-                self.max_frame,
-                self.audit.clone(),
-            );
-            tasks.spawn(async move {
-                let answer =
-                    transport::request_logged(&s.conn, &msg, max, timeout, Some((&*audit, &site)))
-                        .await;
-                (site, answer, started.elapsed().as_secs_f64() * 1000.0)
-            });
-        }
+        let mut tasks = self.ask_all(msg, participants.keys(), timeout);
         let mut updates = BTreeMap::new();
         let mut latencies = BTreeMap::new();
         let mut evaluation = Evaluation::empty(cfg.model);
@@ -748,27 +760,12 @@ impl StudyRunner {
             round,
             model: model.clone(),
         }));
-        let mut tasks = JoinSet::new();
-        for site in participants.keys() {
-            let Some(s) = self.registry.get(site) else {
-                continue;
-            };
-            let (msg, site, max, audit) = (
-                msg.clone(),
-                site.clone(),
-                self.max_frame,
-                self.audit.clone(),
-            );
-            tasks.spawn(async move {
-                let answer =
-                    transport::request_logged(&s.conn, &msg, max, timeout, Some((&*audit, &site)))
-                        .await;
-                (site, answer)
-            });
-        }
+        let mut tasks = self.ask_all(msg, participants.keys(), timeout);
         let mut total = Evaluation::empty(self.cfg.model);
         while let Some(joined) = tasks.join_next().await {
-            let Ok((site, result)) = joined else { continue };
+            let Ok((site, result, _)) = joined else {
+                continue;
+            };
             match result {
                 Ok(Message::EvaluationReport(r))
                     if r.study_id == self.cfg.id && r.round == round =>

@@ -138,20 +138,7 @@ impl Node {
     ) -> Result<Vec<f64>, Refusal> {
         let mut delta: Vec<f64> = local.iter().zip(global).map(|(w, g)| w - g).collect();
         clip_l2(&mut delta, dp.clip_norm);
-        if noise_sigma > 0.0 {
-            let mut seed = [0u8; 32];
-            ring::rand::SystemRandom::new()
-                .fill(&mut seed)
-                .map_err(|_| {
-                    (
-                        ErrorCode::Internal,
-                        "the system's random generator failed".to_string(),
-                    )
-                })?;
-            let mut rng = rand_chacha::ChaCha20Rng::from_seed(seed);
-            add_gaussian(&mut delta, noise_sigma, &mut rng);
-        }
-        Ok(delta)
+        Node::add_noise(delta, noise_sigma)
     }
 }
 
