@@ -7,8 +7,8 @@
 //! cargo run --release --example breast_cancer_federation -- --rounds 5 --out /tmp/run
 //! ```
 
-use medfed::local::{self, Hospital, Study};
-use medfed_protocol::metrics::{Metrics, roc_points};
+use medfed::local::{self, Study};
+use medfed_protocol::metrics::Metrics;
 use medfed_protocol::model::ModelKind;
 
 const DATA: &str = include_str!("data/breast_cancer_wisconsin.csv");
@@ -20,22 +20,10 @@ fn main() -> anyhow::Result<()> {
         "Wisconsin breast cancer (30 features) across 3 hospitals, {rounds} rounds, secure aggregation"
     );
     println!("files: {}\n", dir.display());
-    let header: Vec<&str> = DATA.lines().next().unwrap_or_default().split(',').collect();
-    let features: Vec<String> = header
-        .iter()
-        .filter(|c| **c != "diagnosis")
-        .map(|c| c.to_string())
-        .collect();
+    let features = local::features_except(DATA, "diagnosis");
     // Rows dealt out in turn: three hospitals of similar case mix.
     let parts = local::split(DATA, 3, |i, _| i % 3);
-    let hospitals: Vec<Hospital> = ["north", "central", "south"]
-        .iter()
-        .zip(parts)
-        .map(|(n, csv)| Hospital {
-            name: n.to_string(),
-            csv,
-        })
-        .collect();
+    let hospitals = local::hospitals(&["north", "central", "south"], parts);
     let study = Study {
         id: "breast-cancer".into(),
         dataset: "wdbc".into(),
@@ -65,20 +53,7 @@ fn main() -> anyhow::Result<()> {
             m.roc_auc, m.accuracy, m.sensitivity, m.specificity
         );
     }
-    let plots = dir.join("plots");
-    std::fs::create_dir_all(&plots)?;
-    let (curve, roc) = (plots.join("training.svg"), plots.join("roc.svg"));
-    medfed::plots::training_curve(&curve, &run.rounds, z.roc_auc)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", curve.display()))?;
-    let (pf, pz, y) = &c.scores;
-    medfed::plots::roc_curves(
-        &roc,
-        &[
-            ("federated", roc_points(pf, y)),
-            ("centralized", roc_points(pz, y)),
-        ],
-    )
-    .map_err(|e| anyhow::anyhow!("{}: {e}", roc.display()))?;
+    let (curve, roc) = local::classification_plots(&dir, &run, &c, z.roc_auc)?;
     println!("\nplots: {}\n       {}", curve.display(), roc.display());
     Ok(())
 }

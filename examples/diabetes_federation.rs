@@ -12,7 +12,7 @@
 //! `--dp Z` trains with differential privacy (noise multiplier Z; see docs/privacy.md).
 
 use medfed::local::{self, Hospital, Study};
-use medfed_protocol::metrics::{Metrics, roc_points};
+use medfed_protocol::metrics::Metrics;
 use medfed_protocol::model::ModelKind;
 
 const PIMA: &str = include_str!("data/pima_tr.csv");
@@ -44,14 +44,7 @@ fn main() -> anyhow::Result<()> {
             2
         }
     });
-    let hospitals: Vec<Hospital> = ["under-25", "age-25-34", "age-35-plus"]
-        .iter()
-        .zip(parts)
-        .map(|(n, csv)| Hospital {
-            name: n.to_string(),
-            csv,
-        })
-        .collect();
+    let hospitals = local::hospitals(&["under-25", "age-25-34", "age-35-plus"], parts);
     let privacy = dp.map_or(String::new(), |z| {
         format!(
             "[study.privacy]\nclip_norm = 0.5\nnoise_multiplier = {z}\n\
@@ -100,20 +93,7 @@ fn report(
         "{:<12} {:>8.4} {:>9.3} {:>9.4}",
         "centralized", z.roc_auc, z.accuracy, z.log_loss
     );
-    let plots = dir.join("plots");
-    std::fs::create_dir_all(&plots)?;
-    let (curve, roc) = (plots.join("training.svg"), plots.join("roc.svg"));
-    medfed::plots::training_curve(&curve, &run.rounds, z.roc_auc)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", curve.display()))?;
-    let (pf, pz, y) = &c.scores;
-    medfed::plots::roc_curves(
-        &roc,
-        &[
-            ("federated", roc_points(pf, y)),
-            ("centralized", roc_points(pz, y)),
-        ],
-    )
-    .map_err(|e| anyhow::anyhow!("{}: {e}", roc.display()))?;
+    let (curve, roc) = local::classification_plots(dir, run, &c, z.roc_auc)?;
     println!("\nplots: {}\n       {}", curve.display(), roc.display());
     println!("model: {}", run.final_model.display());
     Ok(())

@@ -66,8 +66,8 @@ const DATASETS: [Dataset; 2] = [
         ],
         cohort: r#"{ column = "diagnosis", op = "==", text = "malignant" }"#,
         cohort_test: |row, header| {
-            let i = header.iter().position(|h| h == "diagnosis").unwrap();
-            row[i] == "malignant"
+            let i = header.iter().position(|h| h == "diagnosis");
+            i.and_then(|i| row.get(i)) == Some(&"malignant")
         },
     },
 ];
@@ -93,7 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Each dataset split across the hospitals, row by row.
     for ds in &DATASETS {
         let mut lines = ds.csv.lines();
-        let header = lines.next().unwrap();
+        let header = lines.next().ok_or(format!("{}: no header row", ds.name))?;
         let rows: Vec<&str> = lines.collect();
         for (i, s) in SITES.iter().enumerate() {
             let part: Vec<&str> = rows.iter().skip(i).step_by(3).copied().collect();
@@ -158,7 +158,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let file: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path)?)?;
         let query: StatsQuery = serde_json::from_value(file["query"].clone())?;
         let release: StatsRelease = serde_json::from_value(file["release"].clone())?;
-        failures += compare(ds, &query, &release);
+        failures += compare(ds, &query, &release)?;
     }
     if failures > 0 {
         return Err(format!("{failures} released values lie outside their stated error").into());
@@ -200,11 +200,11 @@ async fn run(agg: &Path, nodes: &[PathBuf]) -> Result<Vec<PathBuf>, Box<dyn std:
 
 /// The exact statistics of the pooled cohort, printed beside the released ones; returns the
 /// number of released values outside their stated error.
-fn compare(ds: &Dataset, q: &StatsQuery, r: &StatsRelease) -> usize {
+fn compare(ds: &Dataset, q: &StatsQuery, r: &StatsRelease) -> Result<usize, String> {
     let mut lines = ds.csv.lines();
     let header: Vec<String> = lines
         .next()
-        .unwrap()
+        .ok_or(format!("{}: no header row", ds.name))?
         .split(',')
         .map(str::to_string)
         .collect();
@@ -243,11 +243,21 @@ fn compare(ds: &Dataset, q: &StatsQuery, r: &StatsRelease) -> usize {
     );
     row("count".into(), &r.count, n);
     for (c, col) in q.columns.iter().zip(&r.columns) {
-        let i = header.iter().position(|h| *h == c.name).unwrap();
+        let i = header
+            .iter()
+            .position(|h| *h == c.name)
+            .ok_or(format!("{}: no column '{}'", ds.name, c.name))?;
         let xs: Vec<f64> = cohort
             .iter()
-            .map(|row| row[i].parse::<f64>().unwrap().clamp(c.low, c.high))
-            .collect();
+            .map(|row| {
+                let cell = row.get(i).copied().unwrap_or("");
+                cell.parse::<f64>()
+                    .map(|x| x.clamp(c.low, c.high))
+                    .map_err(|_| {
+                        format!("{}: column '{}': not a number ({cell:?})", ds.name, c.name)
+                    })
+            })
+            .collect::<Result<_, _>>()?;
         let mean = xs.iter().sum::<f64>() / n;
         let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n;
         row(format!("{} mean", c.name), &col.mean, mean);
@@ -282,5 +292,5 @@ fn compare(ds: &Dataset, q: &StatsQuery, r: &StatsRelease) -> usize {
             println!("    {:<14} {}", c.name, cells.join(" "));
         }
     }
-    bad
+    Ok(bad)
 }

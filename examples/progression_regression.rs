@@ -7,7 +7,7 @@
 //! cargo run --release --example progression_regression -- --rounds 5 --out /tmp/run
 //! ```
 
-use medfed::local::{self, Hospital, Study};
+use medfed::local::{self, Study};
 use medfed_protocol::metrics::Metrics;
 use medfed_protocol::model::ModelKind;
 
@@ -20,21 +20,9 @@ fn main() -> anyhow::Result<()> {
         "diabetes progression (linear regression) across 3 hospitals, {rounds} rounds, secure aggregation"
     );
     println!("files: {}\n", dir.display());
-    let header: Vec<&str> = DATA.lines().next().unwrap_or_default().split(',').collect();
-    let features: Vec<String> = header
-        .iter()
-        .filter(|c| **c != "progression")
-        .map(|c| c.to_string())
-        .collect();
+    let features = local::features_except(DATA, "progression");
     let parts = local::split(DATA, 3, |i, _| i % 3);
-    let hospitals: Vec<Hospital> = ["east", "west", "harbour"]
-        .iter()
-        .zip(parts)
-        .map(|(n, csv)| Hospital {
-            name: n.to_string(),
-            csv,
-        })
-        .collect();
+    let hospitals = local::hospitals(&["east", "west", "harbour"], parts);
     let study = Study {
         id: "progression".into(),
         dataset: "progression".into(),

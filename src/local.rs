@@ -56,6 +56,55 @@ pub fn split(csv: &str, n: usize, part: impl Fn(usize, &[&str]) -> usize) -> Vec
     parts
 }
 
+/// The columns of `csv`'s header except `target`: a study's features.
+pub fn features_except(csv: &str, target: &str) -> Vec<String> {
+    csv.lines()
+        .next()
+        .unwrap_or_default()
+        .split(',')
+        .filter(|c| *c != target)
+        .map(str::to_string)
+        .collect()
+}
+
+/// Hospitals named `names`, holding `parts` (as from [`split`]).
+pub fn hospitals(names: &[&str], parts: Vec<String>) -> Vec<Hospital> {
+    names
+        .iter()
+        .zip(parts)
+        .map(|(n, csv)| Hospital {
+            name: n.to_string(),
+            csv,
+        })
+        .collect()
+}
+
+/// Writes `dir/plots/training.svg` and `dir/plots/roc.svg` (federated beside centralized)
+/// for a classification run; returns their paths.
+pub fn classification_plots(
+    dir: &Path,
+    run: &Run,
+    c: &Comparison,
+    centralized_auc: f64,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    use medfed_protocol::metrics::roc_points;
+    let plots = dir.join("plots");
+    std::fs::create_dir_all(&plots)?;
+    let (curve, roc) = (plots.join("training.svg"), plots.join("roc.svg"));
+    crate::plots::training_curve(&curve, &run.rounds, centralized_auc)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", curve.display()))?;
+    let (pf, pz, y) = &c.scores;
+    crate::plots::roc_curves(
+        &roc,
+        &[
+            ("federated", roc_points(pf, y)),
+            ("centralized", roc_points(pz, y)),
+        ],
+    )
+    .map_err(|e| anyhow::anyhow!("{}: {e}", roc.display()))?;
+    Ok((curve, roc))
+}
+
 /// Runs `study` across `hospitals` in `dir`; prints one line per round.
 pub fn run(dir: &Path, hospitals: &[Hospital], study: &Study) -> anyhow::Result<Run> {
     let pki_dir = dir.join("pki");
