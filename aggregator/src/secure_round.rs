@@ -280,8 +280,29 @@ impl StudyRunner {
                     None => update_vector::dimension(cfg.model, width),
                 },
                 |n, scale| {
-                    let quant = QuantParams::for_parties(n, sa.clip, sa.scale_bits)
-                        .map_err(|e| e.to_string())?;
+                    let quant = if cfg.privacy.is_some() {
+                        QuantParams::for_parties(n, sa.clip, sa.scale_bits)
+                    } else {
+                        // The vector carries counts scaled by 1/S: a finer fixed point where
+                        // S is large keeps them exact.
+                        QuantParams::for_scaled_counts(n, sa.clip, sa.scale_bits, 1.0 / scale).map(
+                            |(quant, exact)| {
+                                if !exact {
+                                    tracing::warn!(
+                                        study = %cfg.id,
+                                        round,
+                                        rows = 1.0 / scale,
+                                        scale_bits = quant.scale_bits,
+                                        "evaluation counts may decode a few off: the sites' \
+                                         rows need a finer fixed point than 64 bits allow \
+                                         with secure_aggregation.clip; lower the clip"
+                                    );
+                                }
+                                quant
+                            },
+                        )
+                    }
+                    .map_err(|e| e.to_string())?;
                     Ok((
                         quant,
                         training_binding(&cfg.id, round, scale, model, &params),

@@ -77,6 +77,26 @@ impl QuantParams {
         })
     }
 
+    /// The parameters for a sum whose entries carry counts scaled by `1 / total` (a training
+    /// round's vector, [`crate::update_vector`]): at least `scale_bits`, and more where
+    /// needed so that the summed rounding error in count units, below
+    /// `parties · total / 2^bits`, stays under 1/4 and counts decode exactly; at most what
+    /// `modulus` 64 can hold for `clip`. The second value says whether counts are exact.
+    pub fn for_scaled_counts(
+        parties: usize,
+        clip: f64,
+        scale_bits: u8,
+        total: f64,
+    ) -> Result<(QuantParams, bool), QuantError> {
+        let needed = ((4.0 * parties as f64 * total.max(1.0)).log2().ceil()).clamp(0.0, 52.0) as u8;
+        let mut bits = scale_bits.max(needed);
+        while bits > scale_bits && !Self::fits(parties, clip, bits, 64) {
+            bits -= 1;
+        }
+        let params = Self::for_parties(parties, clip, bits)?;
+        Ok((params, bits >= needed))
+    }
+
     /// Checks parameters received from a peer against the number of parties.
     pub fn check(&self, parties: usize) -> Result<(), QuantError> {
         if !(self.clip.is_finite() && self.clip > 0.0) {

@@ -224,4 +224,74 @@ mod tests {
         assert_eq!(decode_statistics(&sum, 2, scale).unwrap(), pooled);
         assert!(decode_statistics(&sum[1..], 2, scale).is_err());
     }
+
+    /// Helper finding: at 10 sites of a million rows, counts scaled by 1/S and rounded at
+    /// 2^-24 came back several off. The round's fixed point now widens until they decode
+    /// exactly.
+    #[test]
+    fn counts_decode_exactly_from_a_quantized_sum_of_large_sites() {
+        use crate::quant::QuantParams;
+        use rand::SeedableRng;
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
+        let rows: Vec<u64> = (0..10).map(|i| 1_000_000 + 7_919 * i).collect();
+        let total: u64 = rows.iter().sum();
+        let scale = 1.0 / total as f64;
+        let (quant, exact) = QuantParams::for_scaled_counts(10, 1e6, 24, total as f64).unwrap();
+        assert!(exact && quant.scale_bits > 24, "{quant:?}");
+        let evaluation = |n: u64| Evaluation::Classification {
+            rows: n,
+            log_loss_sum: 0.5 * n as f64,
+            tp: n / 3,
+            tn: n / 2,
+            fp: n / 11,
+            fn_: n - n / 3 - n / 2 - n / 11,
+            positive_scores: vec![n / 3; SCORE_BINS],
+            negative_scores: vec![n / 2; SCORE_BINS],
+        };
+        let mut acc = vec![0u64; dimension(ModelKind::Logistic, 3)];
+        for &n in &rows {
+            let v = encode(&[0.1, -0.2, 0.3], 0.4, n, &evaluation(n), scale);
+            for (a, w) in acc.iter_mut().zip(quant.encode(&v, &mut rng)) {
+                *a = a.wrapping_add(w);
+            }
+        }
+        let d = decode(&quant.decode(&acc), ModelKind::Logistic, 3, scale).unwrap();
+        let Evaluation::Classification {
+            rows: got,
+            tp,
+            fn_,
+            positive_scores,
+            ..
+        } = d.evaluation
+        else {
+            panic!("a classification")
+        };
+        assert_eq!(got, total);
+        assert_eq!(tp, rows.iter().map(|n| n / 3).sum::<u64>());
+        assert_eq!(
+            fn_,
+            rows.iter().map(|n| n - n / 3 - n / 2 - n / 11).sum::<u64>()
+        );
+        assert_eq!(positive_scores[0], tp);
+        // At the old fixed 2^-24 the same sum misses.
+        let old = QuantParams::for_parties(10, 1e6, 24).unwrap();
+        let mut acc = vec![0u64; dimension(ModelKind::Logistic, 3)];
+        for &n in &rows {
+            let v = encode(&[0.1, -0.2, 0.3], 0.4, n, &evaluation(n), scale);
+            for (a, w) in acc.iter_mut().zip(old.encode(&v, &mut rng)) {
+                *a = a.wrapping_add(w);
+            }
+        }
+        let d = decode(&old.decode(&acc), ModelKind::Logistic, 3, scale).unwrap();
+        let Evaluation::Classification {
+            positive_scores, ..
+        } = d.evaluation
+        else {
+            panic!("a classification")
+        };
+        assert!(
+            positive_scores.iter().any(|c| *c != tp),
+            "2^-24 was already exact: the test shows nothing"
+        );
+    }
 }
