@@ -497,3 +497,130 @@ fn a_client_listed_as_dropped_reveals_nothing_and_answers_only_once() {
             .is_err()
     );
 }
+
+/// Changes every byte of `owner`'s share (after its x-coordinate) by an amount that
+/// depends on the byte and on the party `by` that reveals it. (The same change on several
+/// shares could cancel out in the interpolation: a wrong share that rebuilds the right
+/// secret is harmless, but would prove nothing here.)
+fn corrupt(
+    shares: &mut [medfed_protocol::secagg::RevealedShare],
+    owner: PartyId,
+    by: PartyId,
+) -> bool {
+    let mut hit = false;
+    for r in shares.iter_mut().filter(|r| r.owner == owner) {
+        for (i, b) in r.share.iter_mut().enumerate().skip(1) {
+            *b ^= (i as u8).wrapping_mul(29).wrapping_add(by as u8 * 71) | 1;
+        }
+        hit = true;
+    }
+    hit
+}
+
+#[test]
+fn wrong_revealed_shares_are_got_around_and_never_corrupt_the_sum() {
+    // 7 parties, complete graph (7 holders per secret), t = 5: two spare shares.
+    let (n, t) = (7, 5);
+    let s = setup(n, 6, t, 8);
+    let xs = inputs(n, 8);
+    let ids = Identities::new(&s.parties);
+    // Party 3 drops before sending its input: its mask key is revealed. Party 1 reveals a
+    // wrong share of party 0's self-mask seed and party 2 a wrong share of party 3's key.
+    let drops = BTreeMap::from([(3, DropBefore::MaskedInput)]);
+    let mut tampered = Vec::new();
+    let out = run(
+        &s,
+        &|u| xs[u as usize].clone(),
+        &drops,
+        &ids,
+        &mut NoClock,
+        2,
+        false,
+        Some(&mut |u, m| match m {
+            ClientMessage::UnmaskShares {
+                mut self_mask,
+                mut mask_key,
+            } => {
+                if u == 1 && corrupt(&mut self_mask, 0, u) {
+                    tampered.push("self mask of 0");
+                }
+                if u == 2 && corrupt(&mut mask_key, 3, u) {
+                    tampered.push("mask key of 3");
+                }
+                ClientMessage::UnmaskShares {
+                    self_mask,
+                    mask_key,
+                }
+            }
+            m => m,
+        }),
+    );
+    assert_eq!(tampered, ["self mask of 0", "mask key of 3"]);
+    let sum = out
+        .result
+        .expect("one wrong share per secret is got around");
+    assert_eq!(
+        s.quant.decode(&sum),
+        expected_sum(&s, &xs, out.contributors.iter().copied())
+    );
+
+    // Three wrong shares of party 0's seed leave 4 right ones, below t = 5: the round fails
+    // naming party 0, instead of releasing a wrong sum.
+    let out = run(
+        &s,
+        &|u| xs[u as usize].clone(),
+        &BTreeMap::new(),
+        &ids,
+        &mut NoClock,
+        2,
+        false,
+        Some(&mut |u, m| match m {
+            ClientMessage::UnmaskShares {
+                mut self_mask,
+                mask_key,
+            } if (1..=3).contains(&u) => {
+                corrupt(&mut self_mask, 0, u);
+                ClientMessage::UnmaskShares {
+                    self_mask,
+                    mask_key,
+                }
+            }
+            m => m,
+        }),
+    );
+    let err = out.result.expect_err("no right subset of 5 shares exists");
+    assert!(
+        matches!(&err, SecAggError::Invalid { from: 0, why } if why.contains("committed seed")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_forged_self_mask_commitment_fails_the_signature() {
+    use medfed_protocol::secagg::Server;
+    let s = setup(3, 2, 3, 4);
+    let ids = Identities::new(&s.parties);
+    let mut keys = None;
+    let _ = run(
+        &s,
+        &|_| vec![0.0; 4],
+        &BTreeMap::new(),
+        &ids,
+        &mut NoClock,
+        1,
+        false,
+        Some(&mut |u, m| {
+            if let (1, ClientMessage::AdvertiseKeys(k)) = (u, &m) {
+                keys = Some(k.clone());
+            }
+            m
+        }),
+    );
+    let mut keys = keys.expect("party 1 advertised keys");
+    keys.self_mask_commitment[0] ^= 1;
+    let mut server = Server::new(s, 0, 10).unwrap();
+    assert_eq!(
+        server.handle(0, 1, ClientMessage::AdvertiseKeys(keys), &ids),
+        Err(SecAggError::ForgedSignature { party: 1 })
+    );
+}

@@ -68,6 +68,12 @@ pub(crate) fn self_mask_seed(self_seed: &[u8], context: &[u8; 32]) -> [u8; 32] {
     crypto::derive(self_seed, context, b"self-mask", &[])
 }
 
+/// What a party publishes of its self-mask seed: binding (HKDF-SHA256 of a 32-byte random
+/// seed) and, under another label than the mask's seed, revealing nothing of the mask.
+pub(crate) fn self_mask_commitment(self_seed: &[u8], context: &[u8; 32]) -> [u8; 32] {
+    crypto::derive(self_seed, context, b"self-mask-commitment", &[])
+}
+
 fn share_key(shared: &[u8; 32], context: &[u8; 32], from: PartyId, to: PartyId) -> [u8; 32] {
     crypto::derive(
         shared,
@@ -120,13 +126,14 @@ impl Client {
         let mut self_seed = [0u8; 32];
         rng.fill_bytes(&mut self_seed);
         let input = setup.quant.encode(input, &mut rng);
-        let signature = signer.sign(&key_signing_message(&context, &name, &c.public, &s.public));
-        let advert = AdvertisedKeys {
+        let mut advert = AdvertisedKeys {
             party: me,
             c_pk: c.public,
             s_pk: s.public,
-            signature,
+            self_mask_commitment: self_mask_commitment(&self_seed, &context),
+            signature: Vec::new(),
         };
+        advert.signature = signer.sign(&key_signing_message(&context, &name, &advert));
         let graph = setup.graph();
         let client = Client {
             setup,
@@ -197,7 +204,7 @@ impl Client {
             if e.c_pk == e.s_pk
                 || !verifier.verify(
                     name,
-                    &key_signing_message(&self.context, name, &e.c_pk, &e.s_pk),
+                    &key_signing_message(&self.context, name, &e),
                     &e.signature,
                 )
             {

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!  phase           client → server                server → client
-//!  advertise keys  AdvertiseKeys (signed c_pk,s_pk) KeyDirectory (neighbours' keys)
+//!  advertise keys  AdvertiseKeys (signed c_pk, s_pk, H(b)) KeyDirectory (neighbours' keys)
 //!  share keys      ShareKeys (encrypted shares)   EncryptedShares (shares held for others)
 //!  masked input    MaskedInput (y = x + masks)    UnmaskRequest (who sent input)
 //!  unmasking       UnmaskShares (b or s_sk shares) —  the server decodes the sum
@@ -179,19 +179,16 @@ pub trait Verifier {
     fn verify(&self, site: &str, message: &[u8], signature: &[u8]) -> bool;
 }
 
-/// The bytes a party signs: its name and both public keys, bound to the setup.
-pub fn key_signing_message(
-    context: &[u8; 32],
-    site: &str,
-    c_pk: &[u8; 32],
-    s_pk: &[u8; 32],
-) -> Vec<u8> {
+/// The bytes a party signs: its name, both public keys and its self-mask commitment,
+/// bound to the setup.
+pub fn key_signing_message(context: &[u8; 32], site: &str, keys: &AdvertisedKeys) -> Vec<u8> {
     let mut m = b"medfed-secagg-v1 advertise".to_vec();
     m.extend_from_slice(context);
     m.extend_from_slice(&(site.len() as u32).to_be_bytes());
     m.extend_from_slice(site.as_bytes());
-    m.extend_from_slice(c_pk);
-    m.extend_from_slice(s_pk);
+    m.extend_from_slice(&keys.c_pk);
+    m.extend_from_slice(&keys.s_pk);
+    m.extend_from_slice(&keys.self_mask_commitment);
     m
 }
 
@@ -203,6 +200,9 @@ pub struct AdvertisedKeys {
     pub c_pk: [u8; 32],
     /// Key agreement for pairwise masks.
     pub s_pk: [u8; 32],
+    /// HKDF of the self-mask seed under the round context: the server checks a rebuilt seed
+    /// against it, so a wrong revealed share cannot silently corrupt the sum.
+    pub self_mask_commitment: [u8; 32],
     pub signature: Vec<u8>,
 }
 

@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use super::client::{mask_sign, pair_seed, self_mask_seed};
+use super::client::{mask_sign, pair_seed, self_mask_commitment, self_mask_seed};
 use super::crypto::{self, KeyPair};
 use super::{
     AdvertisedKeys, ClientMessage, Graph, PartyId, RevealedShare, SealedShare, SecAggError,
@@ -259,7 +259,7 @@ impl Server {
         if keys.c_pk == keys.s_pk
             || !verifier.verify(
                 name,
-                &key_signing_message(&self.context, name, &keys.c_pk, &keys.s_pk),
+                &key_signing_message(&self.context, name, &keys),
                 &keys.signature,
             )
         {
@@ -449,7 +449,16 @@ impl Server {
                     need: t,
                 });
             }
-            let seed = crypto::shamir_combine(&shares[..t])?;
+            let commitment = self.keys[&u].self_mask_commitment;
+            let seed = rebuild(shares, t, |seed| {
+                self_mask_commitment(seed, &self.context) == commitment
+            })
+            .ok_or_else(|| SecAggError::Invalid {
+                from: u,
+                why: "no subset of the revealed self-mask shares rebuilds the committed seed \
+                      (wrong shares revealed by its neighbours, or dealt by it)"
+                    .into(),
+            })?;
             masks.push((self_mask_seed(&seed, &self.context), -1));
         }
         let dropped: Vec<PartyId> = self
@@ -467,16 +476,19 @@ impl Server {
                     need: t,
                 });
             }
-            let secret: [u8; 32] = crypto::shamir_combine(&shares[..t])?
-                .try_into()
-                .map_err(|_| SecAggError::Sharing("a mask key of the wrong length".into()))?;
+            let advertised = self.keys[&u].s_pk;
+            let secret = rebuild(shares, t, |secret| {
+                <[u8; 32]>::try_from(secret)
+                    .is_ok_and(|b| KeyPair::from_secret(b).public == advertised)
+            })
+            .and_then(|secret| <[u8; 32]>::try_from(secret).ok())
+            .ok_or_else(|| SecAggError::Invalid {
+                from: u,
+                why: "no subset of the revealed mask-key shares rebuilds the advertised key \
+                      (wrong shares revealed by its neighbours, or dealt by it)"
+                    .into(),
+            })?;
             let pair = KeyPair::from_secret(secret);
-            if pair.public != self.keys[&u].s_pk {
-                return Err(SecAggError::Invalid {
-                    from: u,
-                    why: "revealed shares rebuild a key that is not the advertised one".into(),
-                });
-            }
             for &v in self.graph.neighbours(u) {
                 if self.inputs.contains(&v) {
                     let shared = crypto::agree(&pair.secret, &self.keys[&v].s_pk)?;
@@ -490,4 +502,37 @@ impl Server {
         sum.iter_mut().for_each(|w| *w &= mask);
         Ok(sum)
     }
+}
+
+/// Rebuilds calls allowed per secret while searching for wrong shares.
+const MAX_REBUILDS: usize = 512;
+
+/// Rebuilds a secret from `t` of `shares` that passes `check` (its commitment or public
+/// key): the first `t` shares, else leaving out one share at a time, else two, up to
+/// [`MAX_REBUILDS`] tries. So one wrong share among more than `t` is always got around,
+/// and two where the neighbourhood is small; `None` if no tried subset passes.
+fn rebuild(shares: &[Vec<u8>], t: usize, check: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+    let m = shares.len();
+    let try_without = |left_out: &[usize]| {
+        let subset: Vec<Vec<u8>> = (0..m)
+            .filter(|i| !left_out.contains(i))
+            .take(t)
+            .map(|i| shares[i].clone())
+            .collect();
+        (subset.len() == t)
+            .then(|| crypto::shamir_combine(&subset).ok())
+            .flatten()
+            .filter(|secret| check(secret))
+    };
+    // Leaving out a share beyond the first t + 1 changes nothing that leaving out fewer
+    // did not already try.
+    let reach = m.min(t + 1);
+    let singles = (0..reach).map(|i| vec![i]);
+    let pairs = (0..reach).flat_map(|i| (i + 1..reach).map(move |j| vec![i, j]));
+    std::iter::once(Vec::new())
+        .chain(singles)
+        .chain(pairs)
+        .filter(|left_out| m - left_out.len() >= t)
+        .take(MAX_REBUILDS)
+        .find_map(|left_out| try_without(&left_out))
 }
