@@ -333,37 +333,52 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-/// Resolves on SIGINT or SIGTERM.
-async fn stop_signal() {
+/// Resolves on SIGINT or SIGTERM. The handlers are installed when this is called (inside
+/// the runtime), not when it is first awaited, so a signal that comes while the process is
+/// still starting stops it cleanly too.
+fn stop_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+        let (term, int) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        );
+        async move {
+            match (term, int) {
+                (Ok(mut term), Ok(mut int)) => {
+                    tokio::select! {
+                        _ = int.recv() => {}
+                        _ = term.recv() => {}
+                    }
                 }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+                _ => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
 fn run_aggregator(config: PathBuf) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let stop = {
+        let _runtime = rt.enter();
+        stop_signal()
+    };
     let cfg = medfed_aggregator::config::AggregatorConfig::load(&config)?;
-    runtime()?.block_on(async move {
+    rt.block_on(async move {
         let aggregator = medfed_aggregator::Aggregator::bind(cfg)?;
         tracing::info!(addr = %aggregator.local_addr()?, "aggregator listening");
         let handle = aggregator.handle();
         tokio::spawn(async move {
-            stop_signal().await;
+            stop.await;
             tracing::info!("stop signal received; shutting down");
             handle.shutdown("the aggregator is shutting down");
         });
@@ -512,12 +527,16 @@ fn approve_study(config: PathBuf, study: &str) -> anyhow::Result<()> {
 }
 
 fn run_node(config: PathBuf) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    let stop = {
+        let _runtime = rt.enter();
+        stop_signal()
+    };
     let cfg = medfed_node::config::NodeConfig::load(&config)?;
     let site = cfg.site.clone();
     let ingests = cfg.ingests.clone();
     let state = cfg.state.clone();
     let node = medfed_node::Node::new(cfg)?;
-    let rt = runtime()?;
     // The ingestion pipelines run beside the connection to the aggregator.
     if !ingests.is_empty() {
         let store = medfed_node::ingest::open_store(&state)?;
@@ -535,7 +554,7 @@ fn run_node(config: PathBuf) -> anyhow::Result<()> {
             });
         }
     }
-    let exit = rt.block_on(node.run(stop_signal()))?;
+    let exit = rt.block_on(node.run(stop))?;
     match exit {
         medfed_node::NodeExit::StudiesComplete => {
             println!("site '{site}': the aggregator completed all studies")

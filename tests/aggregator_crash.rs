@@ -20,11 +20,7 @@ const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
 fn setup(d: &Path) -> PathBuf {
     procs::pki(d, &SITES);
     let (header, rows) = procs::pima();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = procs::free_udp_port();
     for (i, s) in SITES.iter().enumerate() {
         let mut out = format!("{header}\n");
         for _ in 0..60 {

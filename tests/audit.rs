@@ -2,6 +2,8 @@
 //! key, tampering is caught at the right line, and the FHIR export has AuditEvent's required
 //! elements.
 
+mod procs;
+
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -190,11 +192,7 @@ fn an_unapproved_study_is_refused_and_logged_on_both_sides_until_approved() {
         d.join("pima.csv"),
     )
     .unwrap();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = procs::free_udp_port();
     std::fs::write(
         d.join("aggregator.toml"),
         format!(

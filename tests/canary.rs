@@ -112,11 +112,7 @@ fn no_identifier_leaves_a_hospital() {
     procs::pki(d, &SITES);
     let (data, canaries) = extracts(d);
     assert_eq!(canaries.len(), 7 * 200);
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = procs::free_udp_port();
     std::fs::write(
         d.join("aggregator.toml"),
         format!(

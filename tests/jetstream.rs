@@ -25,6 +25,8 @@ const PARTITIONS: u32 = 4;
 struct Sum {
     count: u64,
     sum: u64,
+    /// Take a millisecond per record (so that a kill lands mid-stream on any machine).
+    slow: bool,
 }
 
 impl StreamTask for Sum {
@@ -43,6 +45,9 @@ impl StreamTask for Sum {
             Ok(v) => {
                 self.count += 1;
                 self.sum += v;
+                if self.slow {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
             Err(_) => out.dead_letter(env, "not a number"),
         }
@@ -100,6 +105,7 @@ fn jetstream_worker() {
         it.next().unwrap().to_string(),
         it.next().unwrap().to_string(),
     );
+    let slow = it.next() == Some("slow");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -121,7 +127,11 @@ fn jetstream_worker() {
             let (rx, acks) = subscribe(&src, "test", p, resume).await.unwrap();
             let s = s.clone();
             runs.push(tokio::task::spawn_blocking(move || {
-                let task = Box::new(Sum { count: 0, sum: 0 });
+                let task = Box::new(Sum {
+                    count: 0,
+                    sum: 0,
+                    slow,
+                });
                 let on_checkpoint = move |offset: u64| {
                     let _ = acks.send(offset);
                 };
@@ -200,9 +210,10 @@ fn two_workers_share_a_stream_and_every_record_counts_once_despite_a_kill() {
             .unwrap()
     };
     let (a_state, b_state) = (dir.path().join("worker-a"), dir.path().join("worker-b"));
-    let mut a = worker(&a_state, "0,1");
+    // Worker A's first life takes over a second for its 5,000 records: kill it mid-stream,
+    // then restart it.
+    let mut a = worker(&a_state, "0,1|slow");
     let mut b = worker(&b_state, "2,3");
-    // Kill worker A mid-stream, then restart it.
     std::thread::sleep(Duration::from_millis(300));
     a.kill().unwrap();
     a.wait().unwrap();

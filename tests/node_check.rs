@@ -3,6 +3,8 @@
 //! unreachable aggregator, an unreadable data file, an unknown config key. With everything
 //! right and an aggregator running, every check passes.
 
+mod procs;
+
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -102,13 +104,6 @@ fn node_check_names_each_problem_and_its_fix() {
         d.join("pima.csv"),
     )
     .unwrap();
-    let free_port = || {
-        std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
     let write = |name: &str, text: String| {
         let p = d.join(name);
         std::fs::write(&p, text).unwrap();
@@ -120,7 +115,7 @@ fn node_check_names_each_problem_and_its_fix() {
     let (good, text) = check(&write(
         "typo.toml",
         node_config(
-            free_port(),
+            procs::free_udp_port(),
             "[reconect]\ninitial_backoff_ms = 10\n",
             "pima.csv",
             ca,
@@ -134,7 +129,7 @@ fn node_check_names_each_problem_and_its_fix() {
     assert!(text.contains("docs/samples/node.toml"), "{text}");
 
     // A missing certificate.
-    let missing = node_config(free_port(), "", "pima.csv", ca)
+    let missing = node_config(procs::free_udp_port(), "", "pima.csv", ca)
         .replace("pki/sites/alpha/cert.pem", "pki/sites/alpha/nope.pem");
     let (good, text) = check(&write("nocert.toml", missing));
     assert!(!good);
@@ -150,7 +145,12 @@ fn node_check_names_each_problem_and_its_fix() {
     // A certificate from another consortium's CA.
     let (good, text) = check(&write(
         "wrongca.toml",
-        node_config(free_port(), "", "pima.csv", "other-pki/ca/ca.pem"),
+        node_config(
+            procs::free_udp_port(),
+            "",
+            "pima.csv",
+            "other-pki/ca/ca.pem",
+        ),
     ));
     assert!(!good);
     assert!(
@@ -163,7 +163,7 @@ fn node_check_names_each_problem_and_its_fix() {
     std::fs::create_dir_all(d.join("extract-dir")).unwrap();
     let (good, text) = check(&write(
         "nodata.toml",
-        node_config(free_port(), "", "extract-dir", ca),
+        node_config(procs::free_udp_port(), "", "extract-dir", ca),
     ));
     assert!(!good);
     assert!(
@@ -175,7 +175,7 @@ fn node_check_names_each_problem_and_its_fix() {
     // No aggregator listening.
     let (good, text) = check(&write(
         "noagg.toml",
-        node_config(free_port(), "", "pima.csv", ca),
+        node_config(procs::free_udp_port(), "", "pima.csv", ca),
     ));
     assert!(!good);
     assert!(
@@ -186,7 +186,7 @@ fn node_check_names_each_problem_and_its_fix() {
     assert!(text.contains("send UDP to port"), "{text}");
 
     // With an aggregator that lets the site in, every check passes.
-    let port = free_port();
+    let port = procs::free_udp_port();
     let agg = write(
         "aggregator.toml",
         format!(

@@ -52,11 +52,7 @@ fn the_operations_endpoint_reports_a_running_study() {
         )
         .unwrap();
     }
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let udp = procs::free_udp_port();
     let ops = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -35,11 +35,7 @@ fn a_site_stops_at_its_privacy_budget() {
         l.epsilon(Some("s"), delta)
     };
     let limit = (eps(2) + eps(3)) / 2.0;
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = procs::free_udp_port();
     std::fs::write(
         d.join("aggregator.toml"),
         format!(

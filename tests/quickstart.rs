@@ -4,6 +4,8 @@
 use std::path::Path;
 use std::process::Command;
 
+mod procs;
+
 #[test]
 fn the_quickstart_walkthrough_runs_as_written() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
@@ -13,7 +15,9 @@ fn the_quickstart_walkthrough_runs_as_written() {
         .nth(1)
         .and_then(|s| s.split("\n## ").next())
         .expect("the walkthrough section");
-    let mut script = String::from("set -euo pipefail\n");
+    // Background processes are stopped however the script ends.
+    let mut script =
+        String::from("set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null || true' EXIT\n");
     let mut in_block = false;
     for line in section.lines() {
         if !in_block && line.trim() == "```sh" {
@@ -26,6 +30,9 @@ fn the_quickstart_walkthrough_runs_as_written() {
         }
     }
     assert!(script.contains("medfed node run"), "{script}");
+    // The walkthrough's port, unless something on this machine already holds it.
+    assert!(script.contains(":4433"), "{script}");
+    let script = script.replace(":4433", &format!(":{}", procs::free_udp_port()));
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(
         root.join("examples/data/pima_tr.csv"),

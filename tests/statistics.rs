@@ -30,11 +30,7 @@ fn a_query_one_patient_away_from_an_answered_one_is_refused() {
         )
         .unwrap();
     }
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = procs::free_udp_port();
     // The second cohort leaves out the one patient with glucose 195 (at one site).
     std::fs::write(
         d.join("aggregator.toml"),

@@ -26,11 +26,7 @@ fn slow_sites_miss_deadlines_and_the_scheduler_leaves_them_out() {
     ok(&["pki", "init", "--dir", p]);
     ok(&["pki", "issue", "--dir", p, "--aggregator", "localhost"]);
     let (header, rows) = procs::pima();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = procs::free_udp_port();
     let mut procs = Children(Vec::new());
     for (i, (s, copies)) in SITES.iter().enumerate() {
         ok(&["pki", "issue", "--dir", p, "--site", s]);
@@ -127,14 +123,19 @@ min_coverage = 0.0
             .map(|s| s.as_str().unwrap().to_string())
             .collect()
     };
-    let fast = vec!["site-a".to_string(), "site-b".into(), "site-e".into()];
+    let slow = ["site-c", "site-d"];
     // Round 1 invited everyone; the two slow sites missed the deadline, and the round went
-    // on with the quorum.
-    assert_eq!(sites_of(1), fast);
+    // on with the quorum (a fast site may miss it too on a loaded machine).
+    for round in [1, 14] {
+        let sites = sites_of(round);
+        assert!(
+            sites.len() >= 2 && sites.iter().all(|s| !slow.contains(&s.as_str())),
+            "round {round}: {sites:?}\n{log}"
+        );
+    }
     // Later rounds do not invite them at all.
     assert!(
         log.contains("invited 3 of 5 sites (left out: site-c, site-d)"),
         "{log}"
     );
-    assert_eq!(sites_of(14), fast);
 }

@@ -46,11 +46,7 @@ fn studies_are_created_listed_and_stopped_while_the_aggregator_runs() {
     ok(&["pki", "init", "--dir", p]);
     ok(&["pki", "issue", "--dir", p, "--aggregator", "localhost"]);
     let (header, rows) = procs::pima();
-    let udp = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let udp = procs::free_udp_port();
     let ops = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

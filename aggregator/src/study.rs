@@ -575,8 +575,12 @@ impl StudyRunner {
                                 participants.get(name).map(|x| (name.clone(), x.clone()))
                             })
                             .collect(),
-                        // Margin for the messages' own time; never beyond the configured one.
-                        Duration::from_secs_f64((p.deadline_ms * 1.5 + 200.0) / 1000.0).min(full),
+                        // Margin for the messages' own time, and at least a second so that
+                        // one pause of a fast site does not cost it the round; never beyond
+                        // the configured deadline.
+                        Duration::from_secs_f64((p.deadline_ms * 1.5 + 200.0) / 1000.0)
+                            .max(Duration::from_secs(1))
+                            .min(full),
                     ),
                     None => (everyone(), full),
                 }

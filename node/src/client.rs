@@ -154,10 +154,17 @@ impl Node {
             address: address.clone(),
             detail,
         };
-        tokio::net::lookup_host(address)
+        // An IPv4 address where the name has one: `localhost` often lists ::1 first, while
+        // aggregators usually listen on IPv4.
+        let found: Vec<SocketAddr> = tokio::net::lookup_host(address)
             .await
             .map_err(|e| resolve_err(e.to_string()))?
-            .next()
+            .collect();
+        found
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(found.first())
+            .copied()
             .ok_or_else(|| resolve_err("no address found".into()))
     }
 

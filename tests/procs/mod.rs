@@ -95,6 +95,23 @@ pub fn all_succeed(dir: &Path, procs: &mut Processes, within: Duration) {
 
 /// A free UDP port on loopback, for an aggregator.
 pub fn free_udp_port() -> u16 {
+    // Below the kernel's ephemeral range, so that no process's own port-0 socket (a node's
+    // QUIC endpoint, started before the aggregator) can take it in the meantime.
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if low > 12_000 {
+        use std::hash::{BuildHasher, Hasher};
+        for _ in 0..200 {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u32(std::process::id());
+            let port = low - 10_000 + (h.finish() % 10_000) as u16;
+            if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::UdpSocket::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
