@@ -134,8 +134,11 @@ fn a_study_survives_twenty_kills_and_ends_with_the_same_model() {
     let clean = tempfile::tempdir().unwrap();
     let cfg = setup(clean.path());
     let _nodes = start_nodes(clean.path());
+    let started = Instant::now();
     let mut agg = start_aggregator(clean.path(), &cfg, 0);
     let status = wait_exit(&mut agg, Duration::from_secs(180));
+    // The kill windows scale with how long a whole study takes on this machine.
+    let whole = started.elapsed().as_millis() as u64;
     assert!(status.is_some_and(|s| s.success()), "the clean run failed");
     let want = final_weights(clean.path());
 
@@ -152,11 +155,21 @@ fn a_study_survives_twenty_kills_and_ends_with_the_same_model() {
         assert!(life < 200, "the study never finished ({kills} kills)");
         let mut agg = start_aggregator(d, &cfg, life);
         // Twenty short lives, killed while it listens, waits for the sites, announces or
-        // trains; then longer ones, killed in the middle of the rounds, until it finishes.
+        // trains; then longer ones, each killed a little after it has aggregated a round
+        // (so every life makes progress, and later ones resume after a real round), until
+        // the study finishes.
         let within = if life <= 20 {
-            Duration::from_millis(rng.random_range(30..900))
+            Duration::from_millis(rng.random_range(30..(whole / 2).clamp(60, 900)))
         } else {
-            Duration::from_millis(rng.random_range(900..2500))
+            let log = d.join(format!("aggregator-{life}.log"));
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !std::fs::read_to_string(&log).is_ok_and(|l| l.contains("round aggregated"))
+                && agg.try_wait().unwrap().is_none()
+            {
+                assert!(Instant::now() < deadline, "life {life} aggregated no round");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Duration::from_millis(rng.random_range(50..600))
         };
         match wait_exit(&mut agg, within) {
             Some(status) => break status,
