@@ -234,14 +234,17 @@ fn two_workers_share_a_stream_and_every_record_counts_once_despite_a_kill() {
         }
     }
     let (mut count, mut sum) = (0, 0);
+    let mut per_partition = Vec::new();
     for (state, parts) in [(&a_state, [0, 1]), (&b_state, [2, 3])] {
         let s = store::open(Backend::DEFAULT, state).unwrap();
         for p in parts {
-            let (_, st, ..) = restore(&*s, "test", p).unwrap();
+            let (offset, st, processed, _) = restore(&*s, "test", p).unwrap();
             count += st.get_u64(b"count");
             sum += st.get_u64(b"sum");
+            per_partition.push((p, offset, processed, st.get_u64(b"count")));
         }
     }
+    println!("(partition, offset, processed, counted): {per_partition:?}");
     println!("worker A had processed {killed_at} records when it was killed");
     assert!(
         killed_at < RECORDS / 2,

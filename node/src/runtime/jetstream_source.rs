@@ -13,14 +13,43 @@
 //! state exactly once.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::AckPolicy, consumer::pull};
 use futures_util::StreamExt;
 
 use super::Envelope;
+
+/// Messages per fetch.
+const FETCH_BATCH: usize = 500;
+/// Fetched batches queued for the runner.
+const IN_FLIGHT_BATCHES: usize = 16;
+/// No server-side limit on delivered, unacknowledged messages (-1): the runner's bounded
+/// queue already limits how far fetching runs ahead, and with a limit below the records
+/// between two checkpoints the server would hold deliveries back until acknowledgements
+/// that only those deliveries can bring (the default, 1,000, stalled a partition for
+/// seconds).
+const MAX_ACK_PENDING: i64 = -1;
+
+/// Delivered messages awaiting a checkpoint.
+struct Unacknowledged {
+    pending: BTreeMap<u64, jetstream::Message>,
+    durable: u64,
+}
+
+impl Unacknowledged {
+    /// Records that everything below `offset` is durable, forgets the messages it covers, and
+    /// returns the last of them: acknowledging it acknowledges the rest (`AckPolicy::All`).
+    fn cover(&mut self, offset: u64) -> Option<jetstream::Message> {
+        self.durable = self.durable.max(offset);
+        let rest = self.pending.split_off(&self.durable);
+        let covered = std::mem::replace(&mut self.pending, rest);
+        covered.into_values().next_back()
+    }
+}
 
 /// Where one partition comes from.
 #[derive(Debug, Clone)]
@@ -95,42 +124,46 @@ pub async fn subscribe(
             filter_subject: p.subject.clone(),
             ack_policy: AckPolicy::All,
             ack_wait: p.ack_wait,
+            max_ack_pending: MAX_ACK_PENDING,
             deliver_policy,
             ..Default::default()
         })
         .await
         .map_err(|e| fail("consumer")(&e))?;
-    let (tx, rx) = sync_channel::<Vec<Envelope>>(16);
+    let (tx, rx) = sync_channel::<Vec<Envelope>>(IN_FLIGHT_BATCHES);
     let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let name: Arc<str> = stream_name.into();
     let idle_exit = p.idle_exit;
+    // Delivered, not yet acknowledged messages by stream sequence, and the offset below
+    // which everything is in a durable checkpoint. Shared by the fetching loop and the
+    // acknowledging task, so that acknowledgements go out as soon as a checkpoint is durable
+    // rather than after the next fetch (which the server may hold back until they come).
+    let acks = Arc::new(Mutex::new(Unacknowledged {
+        pending: BTreeMap::new(),
+        durable: resume_from,
+    }));
+    let runner_gone = Arc::new(AtomicBool::new(false));
+    let acker = {
+        let (acks, runner_gone) = (acks.clone(), runner_gone.clone());
+        tokio::spawn(async move {
+            while let Some(offset) = ack_rx.recv().await {
+                let last = acks.lock().map(|mut a| a.cover(offset)).unwrap_or(None);
+                if let Some(m) = last {
+                    let _ = m.ack().await;
+                }
+            }
+            runner_gone.store(true, Ordering::Relaxed);
+        })
+    };
     tokio::spawn(async move {
-        // Delivered, not yet acknowledged messages, by stream sequence.
-        let mut pending: BTreeMap<u64, jetstream::Message> = BTreeMap::new();
-        // Everything below this is in a durable checkpoint.
-        let mut durable = resume_from;
         // The highest sequence handed to the runner; redeliveries at or below it are not
         // handed over again.
         let mut max_seen = resume_from.saturating_sub(1);
         let mut last_new = Instant::now();
-        async fn ack_below(pending: &mut BTreeMap<u64, jetstream::Message>, offset: u64) {
-            let covered: Vec<u64> = pending.range(..offset).map(|(s, _)| *s).collect();
-            // With AckPolicy::All, acknowledging the last covered message covers the rest.
-            if let Some(last) = covered.last().and_then(|s| pending.get(s)) {
-                let _ = last.ack().await;
-            }
-            for s in covered {
-                pending.remove(&s);
-            }
-        }
-        loop {
-            while let Ok(offset) = ack_rx.try_recv() {
-                durable = durable.max(offset);
-                ack_below(&mut pending, durable).await;
-            }
+        while !runner_gone.load(Ordering::Relaxed) {
             let Ok(batch) = consumer
                 .fetch()
-                .max_messages(500)
+                .max_messages(FETCH_BATCH)
                 .expires(Duration::from_millis(300))
                 .messages()
                 .await
@@ -141,28 +174,35 @@ pub async fn subscribe(
             let msgs: Vec<jetstream::Message> =
                 batch.filter_map(|m| async move { m.ok() }).collect().await;
             let mut envs = Vec::with_capacity(msgs.len());
-            for m in msgs {
-                let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
-                    continue;
-                };
-                if seq > max_seen {
-                    envs.push(Envelope {
-                        stream: name.clone(),
-                        partition,
-                        offset: seq,
-                        key: None,
-                        payload: m.payload.to_vec(),
-                    });
-                    max_seen = seq;
-                    last_new = Instant::now();
+            let mut covered = None;
+            if let Ok(mut a) = acks.lock() {
+                for m in msgs {
+                    let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
+                        continue;
+                    };
+                    if seq > max_seen {
+                        envs.push(Envelope {
+                            stream: name.clone(),
+                            partition,
+                            offset: seq,
+                            key: None,
+                            payload: m.payload.to_vec(),
+                        });
+                        max_seen = seq;
+                        last_new = Instant::now();
+                    }
+                    // Kept (or refreshed, for a redelivery) until a checkpoint covers it.
+                    a.pending.insert(seq, m);
                 }
-                // Kept (or refreshed, for a redelivery) until a checkpoint covers it.
-                pending.insert(seq, m);
+                // Redeliveries of what a checkpoint already holds are acknowledged at once.
+                let durable = a.durable;
+                covered = a.cover(durable);
             }
-            // Redeliveries of what a checkpoint already holds are acknowledged at once.
-            ack_below(&mut pending, durable).await;
+            if let Some(m) = covered {
+                let _ = m.ack().await;
+            }
             if envs.is_empty() {
-                if idle_exit.is_some_and(|d| last_new.elapsed() >= d) || ack_rx.is_closed() {
+                if idle_exit.is_some_and(|d| last_new.elapsed() >= d) {
                     break;
                 }
                 continue;
@@ -173,11 +213,10 @@ pub async fn subscribe(
                 break;
             }
         }
-        // Final acknowledgements after the runner's last checkpoint.
+        // The runner ends when this sender is gone; the acknowledging task then sends the
+        // acknowledgements of its last checkpoint and stops.
         drop(tx);
-        while let Some(offset) = ack_rx.recv().await {
-            ack_below(&mut pending, offset).await;
-        }
+        let _ = acker.await;
     });
     Ok((rx, ack_tx))
 }
