@@ -536,10 +536,15 @@ fn run_node(config: PathBuf) -> anyhow::Result<()> {
     let site = cfg.site.clone();
     let ingests = cfg.ingests.clone();
     let state = cfg.state.clone();
-    let node = medfed_node::Node::new(cfg)?;
+    // One store for the ingestion pipelines and the datasets that read their records.
+    let store = if !ingests.is_empty() {
+        Some(medfed_node::ingest::open_store(&state)?)
+    } else {
+        None
+    };
+    let node = medfed_node::Node::with_store(cfg, store.clone())?;
     // The ingestion pipelines run beside the connection to the aggregator.
-    if !ingests.is_empty() {
-        let store = medfed_node::ingest::open_store(&state)?;
+    if let Some(store) = store {
         for ing in ingests {
             let (store, keystore) = (store.clone(), state.keystore.clone());
             rt.spawn(async move {

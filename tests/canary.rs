@@ -172,7 +172,7 @@ capture_sent = "sent.bin"
 datasets = ["pima"]
 [[dataset]]
 name = "pima"
-path = {csv:?}
+ingest = "extract"
 [reconnect]
 initial_backoff_ms = 100
 max_backoff_ms = 1000
@@ -204,9 +204,17 @@ name = "zip"
 class = "zip"
 quasi_identifier = true
 [[ingest.field]]
+name = "npreg"
+[[ingest.field]]
 name = "glu"
 [[ingest.field]]
+name = "bp"
+[[ingest.field]]
+name = "skin"
+[[ingest.field]]
 name = "bmi"
+[[ingest.field]]
+name = "ped"
 [[ingest.field]]
 name = "age"
 class = "age"
@@ -223,6 +231,10 @@ above = 180
         nodes.push(cfg);
     }
 
+    // The study trains on what the pipeline kept: ingest first.
+    for cfg in &nodes {
+        ok(&["node", "ingest", "--config", cfg.to_str().unwrap()]);
+    }
     let mut procs = Processes(Vec::new());
     for (site, cfg) in SITES.iter().zip(&nodes) {
         procs.0.push(spawn_with(
@@ -257,6 +269,21 @@ above = 180
     ]);
     let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(report[0]["report"]["records"], 67, "{report}");
+    // And the study trained on those records, not on the extract.
+    let log = std::fs::read_to_string(d.join("hospital-a.log")).unwrap();
+    assert!(
+        log.contains(r#""rows":67,"pipeline":"extract""#),
+        "the dataset is the pipeline's 67 records:\n{log}"
+    );
+    let round: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("agg/out/models/pima/round-0001.json")).unwrap(),
+    )
+    .unwrap();
+    let rows = round["training_rows"].as_u64().unwrap();
+    assert!(
+        rows > 100 && rows < 200,
+        "three sites' ingested records, less validation: {round}"
+    );
 
     // What to search: every byte each party sent, every log, every aggregator file.
     let mut scanned = vec![d.join("aggregator.log")];

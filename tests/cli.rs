@@ -108,6 +108,40 @@ fn config_errors_name_the_file_and_the_key() {
         &["node", "run", "--config", node.to_str().unwrap()],
         &["node.toml", "`dataset[0].path`", "gone.csv"],
     );
+    // A dataset read from an ingestion pipeline: the pipeline must exist, and a dataset is
+    // a file or a pipeline, not both, nor neither.
+    let base = "site = \"alpha\"\n[aggregator]\naddress = \"127.0.0.1:4433\"\n[tls]\nca = \"pki/sites/alpha/ca.pem\"\ncert = \"pki/sites/alpha/cert.pem\"\nkey = \"pki/sites/alpha/key.pem\"\n";
+    std::fs::write(dir.path().join("x.csv"), "a\n1\n").unwrap();
+    let pipeline = "[[ingest]]\nstream = \"extract\"\ncsv = \"x.csv\"\ncolumns = [\"a\"]\n[[ingest.field]]\nname = \"a\"\n";
+    for (dataset, expected) in [
+        (
+            "[[dataset]]\nname = \"pima\"\ningest = \"extracts\"\n",
+            vec![
+                "`dataset[0].ingest`",
+                "no [[ingest]] pipeline has stream = \"extracts\" (configured: \"extract\")",
+            ],
+        ),
+        (
+            "[[dataset]]\nname = \"pima\"\ningest = \"extract\"\npath = \"x.csv\"\n",
+            vec!["`dataset[0]`", "has both path and ingest"],
+        ),
+        (
+            "[[dataset]]\nname = \"pima\"\n",
+            vec!["`dataset[0]`", "needs path (a CSV file) or ingest"],
+        ),
+        (
+            "[[dataset]]\nname = \"pima\"\ningest = \"bare\"\n[[ingest]]\nstream = \"bare\"\ncsv = \"x.csv\"\ncolumns = [\"a\"]\n",
+            vec![
+                "`dataset[0].ingest`",
+                "pipeline \"bare\" declares no [[ingest.field]]",
+            ],
+        ),
+    ] {
+        std::fs::write(&node, format!("{base}{pipeline}{dataset}")).unwrap();
+        let mut want = vec!["node.toml"];
+        want.extend(expected);
+        fails_with(&["node", "run", "--config", node.to_str().unwrap()], &want);
+    }
 }
 
 #[test]

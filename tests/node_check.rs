@@ -215,4 +215,39 @@ fn node_check_names_each_problem_and_its_fix() {
         text.contains("welcomed by") && text.contains("all checks passed"),
         "{text}"
     );
+
+    // A dataset that reads an ingestion pipeline's records: none before ingesting, then
+    // the de-identified records.
+    let pipeline = "[[ingest]]\nstream = \"extract\"\ncsv = \"pima.csv\"\ncolumns = [\"glu\"]\n\
+        [[ingest.field]]\nname = \"glu\"\n[[ingest.field]]\nname = \"type\"\ncategories = [\"Yes\", \"No\"]\n\
+        [state]\ndir = \"ingested-state\"\n";
+    let ingested = write(
+        "ingested.toml",
+        node_config(port, pipeline, "pima.csv", ca)
+            .replace("path = \"pima.csv\"\n", "ingest = \"extract\"\n"),
+    );
+    let (good, text) = check(&ingested);
+    assert!(!good);
+    assert!(
+        status(&text, "data") == "FAIL"
+            && text.contains("pipeline 'extract' has kept no records yet")
+            && text.contains("medfed node ingest"),
+        "{text}"
+    );
+    let out = Command::new(MEDFED)
+        .args(["node", "ingest", "--config", ingested.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (good, text) = check(&ingested);
+    assert!(good, "{text}");
+    assert!(
+        text.contains("dataset 'pima': 200 de-identified records")
+            && text.contains("(pipeline 'extract')"),
+        "{text}"
+    );
 }

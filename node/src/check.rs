@@ -3,10 +3,12 @@
 //! with what to do about it.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use medfed_infra::config::ConfigError;
 use medfed_infra::identity::CertificateVerifier;
+use medfed_infra::store::Store;
 use medfed_infra::transport::{self, Identity};
 
 use crate::config::NodeConfig;
@@ -69,7 +71,16 @@ pub async fn run(config_path: &Path, within: Duration) -> Vec<Finding> {
         }
     };
     let mut data_ok = true;
+    // Opened once for the datasets that read an ingestion pipeline's records, and handed to
+    // the aggregator check.
+    let mut store = None;
     for d in &cfg.datasets {
+        if let Some(stream) = &d.ingest {
+            let finding = check_ingested(&cfg, &d.name, stream, &mut store);
+            data_ok &= finding.ok;
+            out.push(finding);
+            continue;
+        }
         match Table::load(&d.path) {
             Ok(t) => out.push(Finding::ok(
                 "data",
@@ -116,8 +127,69 @@ pub async fn run(config_path: &Path, within: Duration) -> Vec<Finding> {
         ));
         return out;
     }
-    out.push(check_aggregator(cfg, within).await);
+    out.push(check_aggregator(cfg, store, within).await);
     out
+}
+
+/// A dataset that reads the records an `[[ingest]]` pipeline kept in the node's store.
+fn check_ingested(
+    cfg: &NodeConfig,
+    name: &str,
+    stream: &str,
+    store: &mut Option<Arc<dyn Store>>,
+) -> Finding {
+    let Some(pipeline) = cfg.ingests.iter().find(|g| g.stream == stream) else {
+        return Finding::fail(
+            "data",
+            format!("dataset '{name}': no [[ingest]] pipeline '{stream}'"),
+            "set [[dataset]] ingest to the stream of one of the [[ingest]] pipelines",
+        );
+    };
+    if store.is_none() {
+        match crate::ingest::open_store(&cfg.state) {
+            Ok(s) => *store = Some(s),
+            Err(e) => {
+                return Finding::fail(
+                    "data",
+                    format!(
+                        "dataset '{name}': cannot open the node's store in {}: {e}",
+                        cfg.state.dir.display()
+                    ),
+                    "stop `medfed node run` while checking (it holds the store), or fix [state] dir",
+                );
+            }
+        }
+    }
+    let Some(open) = store.as_ref() else {
+        return Finding::fail(
+            "data",
+            format!("dataset '{name}': no store"),
+            "fix [state] dir",
+        );
+    };
+    match crate::ingest::kept_records_with_ids(pipeline, &**open) {
+        Ok(records) if records.is_empty() => Finding::fail(
+            "data",
+            format!("dataset '{name}': pipeline '{stream}' has kept no records yet"),
+            "run `medfed node ingest --config <this file>` (`medfed node run` ingests too), then see `medfed node status` for what was quarantined",
+        ),
+        Ok(records) => {
+            let table = Table::from_records(Path::new(stream), &records);
+            Finding::ok(
+                "data",
+                format!(
+                    "dataset '{name}': {} de-identified records, {} columns (pipeline '{stream}')",
+                    table.len(),
+                    table.columns.len()
+                ),
+            )
+        }
+        Err(e) => Finding::fail(
+            "data",
+            format!("dataset '{name}': {e}"),
+            "run `medfed node ingest` again; if it fails the same way, restore [state] dir from the node's backup",
+        ),
+    }
 }
 
 fn config_finding(e: ConfigError) -> Finding {
@@ -189,9 +261,17 @@ fn check_certificates(cfg: &NodeConfig) -> Result<String, Finding> {
     ))
 }
 
-async fn check_aggregator(cfg: NodeConfig, within: Duration) -> Finding {
+async fn check_aggregator(
+    cfg: NodeConfig,
+    store: Option<Arc<dyn Store>>,
+    within: Duration,
+) -> Finding {
     let address = cfg.aggregator.address.clone();
-    let node = match crate::Node::new(cfg) {
+    let node = match store {
+        Some(store) => crate::Node::with_store(cfg, Some(store)),
+        None => crate::Node::new(cfg),
+    };
+    let node = match node {
         Ok(n) => n,
         Err(e) => {
             return Finding::fail(

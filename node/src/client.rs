@@ -6,6 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -47,6 +48,8 @@ pub enum NodeError {
     Refused { code: ErrorCode, reason: String },
     #[error("{0}")]
     Privacy(String),
+    #[error("the node's store: {0}")]
+    Store(String),
 }
 
 /// Why [`Node::run`] returned.
@@ -58,10 +61,21 @@ pub enum NodeExit {
     Stopped,
 }
 
+/// Where a dataset's rows come from.
+enum Dataset {
+    /// A CSV file, loaded at start.
+    File(Arc<Table>),
+    /// The records an `[[ingest]]` pipeline has kept in the node's store, read when a study
+    /// or query needs them (so records ingested since are included).
+    Ingested(Box<crate::ingest::IngestConfig>),
+}
+
 /// A hospital node: its datasets, its studies' prepared rows, its QUIC endpoint.
 pub struct Node {
     pub(crate) config: NodeConfig,
-    tables: HashMap<String, Arc<Table>>,
+    datasets: HashMap<String, Dataset>,
+    /// The node's store, where ingested datasets are read from.
+    store: Option<Arc<dyn medfed_infra::store::Store>>,
     studies: Mutex<HashMap<String, Arc<StudyData>>>,
     /// Signs secure-aggregation keys with the site certificate's key.
     pub(crate) signer: SiteSigner,
@@ -88,13 +102,60 @@ pub(crate) struct LocalUpdate {
 }
 
 impl Node {
-    /// Loads the configured datasets (so a bad file is reported before connecting).
+    /// Loads the configured datasets (so a bad file is reported before connecting), opening
+    /// the node's store if a dataset is an ingestion pipeline's records.
     pub fn new(config: NodeConfig) -> Result<Node, NodeError> {
-        let mut tables = HashMap::new();
+        let store = if config.datasets.iter().any(|d| d.ingest.is_some()) {
+            Some(
+                crate::ingest::open_store(&config.state)
+                    .map_err(|e| NodeError::Store(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        Node::with_store(config, store)
+    }
+
+    /// As [`Node::new`], with the store already open (the ingestion pipelines running in
+    /// the same process share it).
+    pub fn with_store(
+        config: NodeConfig,
+        store: Option<Arc<dyn medfed_infra::store::Store>>,
+    ) -> Result<Node, NodeError> {
+        let mut datasets = HashMap::new();
         for d in &config.datasets {
-            let table = Table::load(&d.path)?;
-            info!(dataset = %d.name, rows = table.len(), path = %d.path.display(), "dataset loaded");
-            tables.insert(d.name.clone(), Arc::new(table));
+            let dataset = match &d.ingest {
+                Some(stream) => {
+                    let pipeline = config
+                        .ingests
+                        .iter()
+                        .find(|g| &g.stream == stream)
+                        .cloned()
+                        .ok_or_else(|| {
+                            NodeError::Store(format!(
+                                "dataset '{}': no [[ingest]] pipeline '{stream}'",
+                                d.name
+                            ))
+                        })?;
+                    let store = store.as_ref().ok_or_else(|| {
+                        NodeError::Store(format!(
+                            "dataset '{}' reads pipeline '{stream}', but no store is open",
+                            d.name
+                        ))
+                    })?;
+                    let rows = crate::ingest::kept_records_with_ids(&pipeline, &**store)
+                        .map_err(|e| NodeError::Store(e.to_string()))?
+                        .len();
+                    info!(dataset = %d.name, rows, pipeline = %stream, "dataset: the pipeline's de-identified records (read again for each study)");
+                    Dataset::Ingested(Box::new(pipeline))
+                }
+                None => {
+                    let table = Table::load(&d.path)?;
+                    info!(dataset = %d.name, rows = table.len(), path = %d.path.display(), "dataset loaded");
+                    Dataset::File(Arc::new(table))
+                }
+            };
+            datasets.insert(d.name.clone(), dataset);
         }
         let signer = SiteSigner::load(&config.tls.key)?;
         let mut audit = AuditLog::open(
@@ -119,7 +180,8 @@ impl Node {
         .map_err(NodeError::Privacy)?;
         Ok(Node {
             config,
-            tables,
+            datasets,
+            store,
             studies: Mutex::default(),
             signer,
             roots,
@@ -133,11 +195,18 @@ impl Node {
 
     fn hello(&self) -> Hello {
         let mut datasets: Vec<DatasetInfo> = self
-            .tables
-            .iter()
-            .map(|(name, t)| DatasetInfo {
+            .datasets
+            .keys()
+            .map(|name| DatasetInfo {
                 name: name.clone(),
-                columns: t.columns.clone(),
+                columns: match self.table(name) {
+                    Ok(Some(t)) => t.columns.clone(),
+                    Ok(None) => Vec::new(),
+                    Err(e) => {
+                        warn!(dataset = %name, "{e}");
+                        Vec::new()
+                    }
+                },
             })
             .collect();
         datasets.sort_by(|a, b| a.name.cmp(&b.name));
@@ -447,10 +516,17 @@ impl Node {
             crate::policy::Verdict::Approved(why) => why,
             crate::policy::Verdict::Refused(why) => return refuse(why),
         };
-        let Some(table) = self.tables.get(&a.dataset) else {
-            return refuse(format!("this site serves no dataset named '{}'", a.dataset));
+        let table = match self.table(&a.dataset) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return refuse(format!("this site serves no dataset named '{}'", a.dataset));
+            }
+            Err(e) => {
+                warn!(study = %a.study_id, "{e}");
+                return refuse(format!("this site cannot read dataset '{}' now", a.dataset));
+            }
         };
-        let data = match StudyData::prepare(table, a) {
+        let data = match StudyData::prepare(&table, a) {
             Ok(d) => d,
             Err(e) => {
                 // The details (value, line, path) stay here; the aggregator gets the kind.
@@ -494,8 +570,21 @@ impl Node {
     }
 
     /// A configured dataset, by name.
-    pub(crate) fn table(&self, name: &str) -> Option<Arc<Table>> {
-        self.tables.get(name).cloned()
+    pub(crate) fn table(&self, name: &str) -> Result<Option<Arc<Table>>, String> {
+        match self.datasets.get(name) {
+            None => Ok(None),
+            Some(Dataset::File(t)) => Ok(Some(t.clone())),
+            Some(Dataset::Ingested(pipeline)) => {
+                let store = self
+                    .store
+                    .as_ref()
+                    .ok_or_else(|| format!("dataset '{name}': the node's store is not open"))?;
+                let records = crate::ingest::kept_records_with_ids(pipeline, &**store)
+                    .map_err(|e| format!("dataset '{name}': {e}"))?;
+                let source = PathBuf::from(format!("ingest pipeline '{}'", pipeline.stream));
+                Ok(Some(Arc::new(Table::from_records(&source, &records))))
+            }
+        }
     }
 
     /// The rows prepared for an announced study.

@@ -56,8 +56,17 @@ pub struct AggregatorAddress {
 pub struct DatasetConfig {
     /// The name studies refer to.
     pub name: String,
-    /// A CSV file with a header row (relative to this file).
+    /// A CSV file with a header row (relative to this file). Either this or `ingest`.
+    #[serde(default, skip_serializing_if = "path_is_empty")]
     pub path: PathBuf,
+    /// The `stream` of an `[[ingest]]` pipeline: studies use the de-identified records it
+    /// has kept (a snapshot when each study is accepted), not a raw file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingest: Option<String>,
+}
+
+fn path_is_empty(p: &Path) -> bool {
+    p.as_os_str().is_empty()
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -167,8 +176,51 @@ impl NodeConfig {
                     format!("{:?} is used twice", d.name),
                 ));
             }
-            d.path = resolve(path, &d.path);
-            require_file(path, &format!("dataset[{i}].path"), &d.path)?;
+            match (&d.ingest, path_is_empty(&d.path)) {
+                (Some(stream), true) => {
+                    if let Some(g) = cfg.ingests.iter().find(|g| &g.stream == stream)
+                        && g.fields.is_empty()
+                    {
+                        return Err(invalid(
+                            format!("dataset[{i}].ingest"),
+                            format!(
+                                "pipeline {stream:?} declares no [[ingest.field]], so it keeps no \
+                                 de-identified records to learn from: declare its columns"
+                            ),
+                        ));
+                    }
+                    if !cfg.ingests.iter().any(|g| &g.stream == stream) {
+                        return Err(invalid(
+                            format!("dataset[{i}].ingest"),
+                            format!(
+                                "no [[ingest]] pipeline has stream = {stream:?} (configured: {})",
+                                cfg.ingests
+                                    .iter()
+                                    .map(|g| format!("{:?}", g.stream))
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ),
+                        ));
+                    }
+                }
+                (None, false) => {
+                    d.path = resolve(path, &d.path);
+                    require_file(path, &format!("dataset[{i}].path"), &d.path)?;
+                }
+                (Some(_), false) => {
+                    return Err(invalid(
+                        format!("dataset[{i}]"),
+                        "has both path and ingest: a dataset is a CSV file or a pipeline's records, not both".into(),
+                    ));
+                }
+                (None, true) => {
+                    return Err(invalid(
+                        format!("dataset[{i}]"),
+                        "needs path (a CSV file) or ingest (an [[ingest]] pipeline's stream)"
+                            .into(),
+                    ));
+                }
+            }
         }
         if cfg.reconnect.initial_backoff_ms == 0
             || cfg.reconnect.max_backoff_ms < cfg.reconnect.initial_backoff_ms

@@ -70,6 +70,8 @@ pub struct Table {
     pub path: PathBuf,
     pub columns: Vec<String>,
     rows: Vec<csv::StringRecord>,
+    /// Stable row ids where the source has them (ingested records); else the row's index.
+    ids: Option<Vec<u32>>,
 }
 
 impl Table {
@@ -104,7 +106,49 @@ impl Table {
             path: path.to_path_buf(),
             columns,
             rows,
+            ids: None,
         })
+    }
+
+    /// A table of de-identified records (an `[[ingest]]` pipeline's output, with their
+    /// stable ids): one column per field any record has, in name order; numbers as text,
+    /// missing values empty. `source` names it in errors.
+    pub fn from_records(source: &Path, records: &[(u32, crate::deid::Record)]) -> Table {
+        let columns: Vec<String> = records
+            .iter()
+            .flat_map(|(_, r)| r.0.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .cloned()
+            .collect();
+        let rows = records
+            .iter()
+            .map(|(_, r)| {
+                columns
+                    .iter()
+                    .map(|c| match r.get(c) {
+                        Some(crate::deid::Value::Number(x)) => x.to_string(),
+                        Some(crate::deid::Value::Text(t)) => t.clone(),
+                        Some(crate::deid::Value::Missing) | None => String::new(),
+                    })
+                    .collect::<csv::StringRecord>()
+            })
+            .collect();
+        Table {
+            path: source.to_path_buf(),
+            columns,
+            rows,
+            ids: Some(records.iter().map(|(id, _)| *id).collect()),
+        }
+    }
+
+    /// A row's id, stable while the source only grows: what differencing protection
+    /// remembers of an answered cohort.
+    pub fn row_id(&self, row: usize) -> u32 {
+        self.ids
+            .as_ref()
+            .and_then(|ids| ids.get(row).copied())
+            .unwrap_or(row as u32)
     }
 
     pub fn len(&self) -> usize {

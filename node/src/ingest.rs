@@ -469,6 +469,22 @@ pub fn kept_records(
     cfg: &IngestConfig,
     store: &dyn Store,
 ) -> Result<Vec<crate::deid::Record>, IngestError> {
+    Ok(kept_records_with_ids(cfg, store)?
+        .into_iter()
+        .map(|(_, r)| r)
+        .collect())
+}
+
+/// Records per partition a stable id can tell apart (2^24).
+const RECORDS_PER_PARTITION: u32 = 1 << 24;
+
+/// The kept records with an id that stays the same as more records arrive: the partition
+/// in the high 8 bits, the record's place in its partition in the low 24. (Records are only
+/// ever appended, so a record's place does not change.)
+pub fn kept_records_with_ids(
+    cfg: &IngestConfig,
+    store: &dyn Store,
+) -> Result<Vec<(u32, crate::deid::Record)>, IngestError> {
     let fail = |detail: String| IngestError {
         stream: cfg.stream.clone(),
         detail,
@@ -476,8 +492,17 @@ pub fn kept_records(
     let mut out = Vec::new();
     for (p, _) in parts(cfg).map_err(fail)? {
         let ns = format!("output/{RECORDS_STREAM}/{}/{p}", cfg.stream);
-        for (_, v) in store.scan(&ns).map_err(|e| fail(e.to_string()))? {
-            out.push(crate::deid::Record::decode(&v).map_err(fail)?);
+        let kept = store.scan(&ns).map_err(|e| fail(e.to_string()))?;
+        if p > 255 || kept.len() > RECORDS_PER_PARTITION as usize {
+            return Err(fail(format!(
+                "partition {p} holds {} records: a dataset reads at most 256 partitions of \
+                 {RECORDS_PER_PARTITION} records",
+                kept.len()
+            )));
+        }
+        for (i, (_, v)) in kept.into_iter().enumerate() {
+            let record = crate::deid::Record::decode(&v).map_err(fail)?;
+            out.push((p * RECORDS_PER_PARTITION + i as u32, record));
         }
     }
     Ok(out)

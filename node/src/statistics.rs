@@ -103,7 +103,7 @@ pub fn cohort(table: &Table, q: &StatsQuery) -> Result<(Vec<u32>, Vec<Vec<f64>>)
                 _ => continue 'row,
             }
         }
-        ids.push(i as u32);
+        ids.push(table.row_id(i));
         rows.push(values);
     }
     Ok((ids, rows))
@@ -134,11 +134,21 @@ impl Node {
                 "this site answers only differentially private queries ([policy.privacy] require = true)".into(),
             );
         }
-        let Some(table) = self.table(&q.dataset) else {
-            return refuse(
-                ErrorCode::CannotServe,
-                format!("this site serves no dataset named '{}'", q.dataset),
-            );
+        let table = match self.table(&q.dataset) {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                return refuse(
+                    ErrorCode::CannotServe,
+                    format!("this site serves no dataset named '{}'", q.dataset),
+                );
+            }
+            Err(e) => {
+                tracing::warn!(query = %q.query_id, "{e}");
+                return refuse(
+                    ErrorCode::CannotServe,
+                    format!("this site cannot read dataset '{}' now", q.dataset),
+                );
+            }
         };
         let (ids, rows) = match cohort(&table, q) {
             Ok(c) => c,
@@ -283,5 +293,26 @@ mod tests {
             cohort(&table, &missing).unwrap_err(),
             "dataset 't' has no column 'hba1c'"
         );
+
+        // Ingested records carry stable ids (partition in the high bits): a record
+        // appended to partition 0 later does not renumber partition 1's, so an answered
+        // cohort still compares with a new one patient by patient.
+        use crate::deid::{Record, Value};
+        let record = |glu: f64| {
+            let mut r = Record::default();
+            r.set("age", Value::Number(50.0));
+            r.set("glu", Value::Number(glu));
+            r
+        };
+        let before = vec![(0, record(100.0)), (1 << 24, record(150.0))];
+        let mut after = before.clone();
+        after.insert(1, (1, record(120.0)));
+        let ids = |records: &[(u32, Record)]| {
+            cohort(&Table::from_records(Path::new("ingest"), records), &q)
+                .unwrap()
+                .0
+        };
+        assert_eq!(ids(&before), vec![0, 1 << 24]);
+        assert_eq!(ids(&after), vec![0, 1, 1 << 24]);
     }
 }
