@@ -142,7 +142,11 @@ async fn quic_times(
     iterations: u32,
 ) -> anyhow::Result<Vec<Duration>> {
     let identity = transport::Identity::load(&server_files.cert, &server_files.key)?;
-    let server = transport::server_endpoint("127.0.0.1:0".parse()?, &server_files.ca, identity)?;
+    let server = transport::server_endpoint(
+        "127.0.0.1:0".parse()?,
+        &transport::Trust::load(&server_files.ca, None)?,
+        identity,
+    )?;
     let addr = server.local_addr()?;
     let accept = server.clone();
     let server_task = tokio::spawn(async move {
@@ -166,7 +170,11 @@ async fn quic_times(
         anyhow::Ok(())
     });
     let identity = transport::Identity::load(&client_files.cert, &client_files.key)?;
-    let client = transport::client_endpoint(addr, &client_files.ca, identity)?;
+    let client = transport::client_endpoint(
+        addr,
+        &transport::Trust::load(&client_files.ca, None)?,
+        identity,
+    )?;
     let conn = client.connect(addr, "localhost")?.await?;
     let mut times = Vec::new();
     for i in 0..iterations + 2 {

@@ -98,6 +98,30 @@ enum PkiCommand {
     /// Issue a site's client certificate or an aggregator's server certificate, signed by
     /// the CA in DIR (the CA is never regenerated).
     Issue(IssueArgs),
+    /// Revoke a site's or the aggregator's certificate: DIR/ca/crl.pem then lists it. Copy
+    /// crl.pem to the aggregator and the nodes ([tls] crl) and restart them; `issue` makes a
+    /// new certificate.
+    Revoke {
+        /// The PKI directory made by `medfed pki init`.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Whose current certificate (DIR/sites/SITE/cert.pem or
+        /// DIR/aggregator/HOST/cert.pem) is revoked.
+        #[command(flatten)]
+        role: IssueRole,
+        /// Why, as recorded in the CRL.
+        #[arg(long, value_enum, default_value_t = RevokeReason::KeyCompromise)]
+        reason: RevokeReason,
+    },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RevokeReason {
+    KeyCompromise,
+    Superseded,
+    CessationOfOperation,
+    AffiliationChanged,
+    Unspecified,
 }
 
 #[derive(Args)]
@@ -320,6 +344,46 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<()> {
                 files.cert.display(),
                 files.key.display(),
                 files.ca.display()
+            );
+        }
+        PkiCommand::Revoke { dir, role, reason } => {
+            let role = match (role.site, role.aggregator) {
+                (Some(site), None) => pki::Role::Site(site),
+                (None, Some(host)) => pki::Role::Aggregator(host),
+                _ => anyhow::bail!("give exactly one of --site NAME or --aggregator HOST"),
+            };
+            let reason = match reason {
+                RevokeReason::KeyCompromise => pki::RevocationReason::KeyCompromise,
+                RevokeReason::Superseded => pki::RevocationReason::Superseded,
+                RevokeReason::CessationOfOperation => pki::RevocationReason::CessationOfOperation,
+                RevokeReason::AffiliationChanged => pki::RevocationReason::AffiliationChanged,
+                RevokeReason::Unspecified => pki::RevocationReason::Unspecified,
+            };
+            let r = pki::revoke(&dir, &role, reason)?;
+            let (whose, again) = match &role {
+                pki::Role::Site(s) => (format!("site '{s}'"), format!("--site {s}")),
+                pki::Role::Aggregator(h) => {
+                    (format!("aggregator '{h}'"), format!("--aggregator {h}"))
+                }
+            };
+            if r.newly_revoked {
+                println!(
+                    "revoked the {whose} certificate {} ({})",
+                    r.serial,
+                    reason.name()
+                );
+            } else {
+                println!("the {whose} certificate {} was already revoked", r.serial);
+            }
+            println!(
+                "certificate revocation list: {} ({} certificate(s))",
+                r.crl.display(),
+                r.revoked.len()
+            );
+            println!(
+                "copy it to the aggregator and every node, set [tls] crl to it, and restart them; \
+                 `medfed pki issue --dir {} {again}` issues a new certificate",
+                dir.display()
             );
         }
     }

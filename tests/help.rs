@@ -9,6 +9,7 @@ const COMMANDS: &[&[&str]] = &[
     &["demo"],
     &["pki", "init"],
     &["pki", "issue"],
+    &["pki", "revoke"],
     &["aggregator", "run"],
     &["aggregator", "status"],
     &["aggregator", "model", "export"],

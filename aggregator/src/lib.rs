@@ -173,7 +173,7 @@ impl Aggregator {
             audit = audit.capture_sent_frames(capture)?;
         }
         let audit = Arc::new(audit);
-        let endpoint = transport::server_endpoint(config.listen, &config.tls.ca, identity)?;
+        let endpoint = transport::server_endpoint(config.listen, &config.tls.trust()?, identity)?;
         let ops_listener = match &config.ops {
             Some(ops) => {
                 let l = std::net::TcpListener::bind(ops.listen).map_err(|e| {
@@ -229,7 +229,7 @@ impl Aggregator {
         &self,
         cfg: &config::StudyConfig,
         events: &Option<mpsc::UnboundedSender<AggregatorEvent>>,
-        roots: &Arc<transport::RootCertStore>,
+        roots: &transport::Trust,
     ) -> study::StudyRunner {
         study::StudyRunner {
             cfg: cfg.clone(),
@@ -249,7 +249,7 @@ impl Aggregator {
         &self,
         cfg: &config::StudyConfig,
         events: &Option<mpsc::UnboundedSender<AggregatorEvent>>,
-        roots: &Arc<transport::RootCertStore>,
+        roots: &transport::Trust,
         allowed: usize,
         stop: &mut watch::Receiver<Option<String>>,
     ) -> StudyEnd {
@@ -360,7 +360,7 @@ impl Aggregator {
         });
         let accept = tokio::spawn(server.accept_loop());
         let mut stop = self.stop.subscribe();
-        let roots = transport::load_roots(&self.config.tls.ca)?;
+        let roots = self.config.tls.trust()?;
         let mut outcomes = Vec::new();
         let mut result = Ok(());
         let mut interrupted = false;

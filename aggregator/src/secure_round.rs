@@ -140,8 +140,8 @@ impl StudyRunner {
                     .ok_or(format!("no certificate for site '{site}'"))
             })
             .collect::<Result<_, _>>()?;
-        let verifier = CertificateVerifier::new(self.roots.clone(), &certificates)
-            .map_err(|e| e.to_string())?;
+        let verifier =
+            CertificateVerifier::new(&self.roots, &certificates).map_err(|e| e.to_string())?;
         let scale = 1.0 / connected.iter().map(|(_, _, rows)| rows).sum::<u64>() as f64;
         let sites: Vec<String> = connected.iter().map(|(s, ..)| s.clone()).collect();
         let (quant, binding) = round_params(connected.len(), scale)?;

@@ -61,7 +61,8 @@ pub(crate) struct StudyRunner {
     pub max_frame: u32,
     pub events: Option<tokio::sync::mpsc::UnboundedSender<AggregatorEvent>>,
     /// The consortium CA, to check the site certificates behind secure-aggregation keys.
-    pub roots: Arc<medfed_infra::transport::RootCertStore>,
+    /// The consortium CA and CRL, to check sites' certificates.
+    pub roots: medfed_infra::transport::Trust,
     /// The aggregator's compliance log.
     pub audit: Arc<medfed_infra::auditlog::AuditLog>,
     /// Where study checkpoints go.

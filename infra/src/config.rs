@@ -122,6 +122,10 @@ pub struct TlsFiles {
     pub cert: PathBuf,
     /// This party's private key (PEM, mode 0600).
     pub key: PathBuf,
+    /// The consortium's certificate revocation list (PEM, `medfed pki revoke` writes it):
+    /// certificates it lists are refused. Read at start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
 }
 
 impl TlsFiles {
@@ -135,6 +139,15 @@ impl TlsFiles {
             *p = resolve(config_path, p);
             require_file(config_path, key, p)?;
         }
+        if let Some(crl) = &mut self.crl {
+            *crl = resolve(config_path, crl);
+            require_file(config_path, "tls.crl", crl)?;
+        }
         Ok(())
+    }
+
+    /// The CA and CRL this party trusts.
+    pub fn trust(&self) -> Result<crate::transport::Trust, crate::transport::TransportError> {
+        crate::transport::Trust::load(&self.ca, self.crl.as_deref())
     }
 }

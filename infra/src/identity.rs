@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 
 use medfed_protocol::secagg::{Signer, Verifier};
 use ring::rand::SystemRandom;
@@ -15,7 +14,7 @@ use ring::signature::{
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, UnixTime};
 
-use crate::transport::TransportError;
+use crate::transport::{TransportError, Trust};
 
 /// Signs with a site's certificate key (ECDSA P-256, as `medfed pki issue` makes).
 pub struct SiteSigner {
@@ -67,12 +66,11 @@ impl CertificateVerifier {
     /// Checks each `(site, certificate DER)`; a certificate that does not chain to the CA in
     /// `roots`, or names another site, is an error naming the site.
     pub fn new(
-        roots: Arc<rustls::RootCertStore>,
+        trust: &Trust,
         certificates: &[(String, Vec<u8>)],
     ) -> Result<CertificateVerifier, TransportError> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider)
-            .build()
+        let verifier = trust
+            .client_verifier()
             .map_err(|e| TransportError::PeerCertificate(e.to_string()))?;
         let mut keys = BTreeMap::new();
         for (site, der) in certificates {
@@ -139,10 +137,10 @@ mod tests {
                 .as_ref()
                 .to_vec()
         };
-        let roots = crate::transport::load_roots(&a.ca).unwrap();
+        let trust = Trust::load(&a.ca, None).unwrap();
 
         let v = CertificateVerifier::new(
-            roots.clone(),
+            &trust,
             &[
                 ("alpha".into(), der(&a.cert)),
                 ("beta".into(), der(&b.cert)),
@@ -159,13 +157,34 @@ mod tests {
         assert!(!v.verify("gamma", b"keys", &sig));
 
         // A certificate from another CA, or given under another site's name, is refused.
-        let err = CertificateVerifier::new(roots.clone(), &[("alpha".into(), der(&foreign.cert))])
+        let err = CertificateVerifier::new(&trust, &[("alpha".into(), der(&foreign.cert))])
             .err()
             .unwrap();
         assert!(err.to_string().contains("site 'alpha'"), "{err}");
-        let err = CertificateVerifier::new(roots, &[("beta".into(), der(&a.cert))])
+        let err = CertificateVerifier::new(&trust, &[("beta".into(), der(&a.cert))])
             .err()
             .unwrap();
         assert!(err.to_string().contains("is for Some(\"alpha\")"), "{err}");
+
+        // Once beta's certificate is revoked, a verifier with the CRL refuses it (and still
+        // accepts alpha's); one without the CRL does not know.
+        let revocation = pki::revoke(
+            dir.path(),
+            &pki::Role::Site("beta".into()),
+            pki::RevocationReason::KeyCompromise,
+        )
+        .unwrap();
+        assert!(revocation.newly_revoked);
+        let with_crl = Trust::load(&a.ca, Some(&revocation.crl)).unwrap();
+        let err = CertificateVerifier::new(&with_crl, &[("beta".into(), der(&b.cert))])
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string().contains("site 'beta'")
+                && err.to_string().to_lowercase().contains("revoked"),
+            "{err}"
+        );
+        CertificateVerifier::new(&with_crl, &[("alpha".into(), der(&a.cert))]).unwrap();
+        CertificateVerifier::new(&trust, &[("beta".into(), der(&b.cert))]).unwrap();
     }
 }

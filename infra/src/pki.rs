@@ -5,6 +5,7 @@
 //!
 //! ```text
 //! DIR/ca/ca.pem, ca.key                       the consortium CA (keep ca.key offline)
+//! DIR/ca/crl.pem, revoked.toml                revoked site certificates (`revoke`)
 //! DIR/sites/<site>/cert.pem, key.pem, ca.pem  a hospital node's identity
 //! DIR/aggregator/<host>/cert.pem, key.pem, ca.pem
 //! ```
@@ -39,6 +40,10 @@ pub enum PkiError {
     },
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
+    #[error("no certificate for '{site}' at {path}: nothing to revoke")]
+    NotIssued { site: String, path: PathBuf },
+    #[error("{path}: {why}")]
+    Unreadable { path: PathBuf, why: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
@@ -55,6 +60,15 @@ pub struct IssuedFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub ca: PathBuf,
+}
+
+/// The certificate revocation list that `revoke` writes, for `[tls] crl`.
+pub fn crl_path(dir: &Path) -> PathBuf {
+    dir.join("ca").join("crl.pem")
+}
+
+fn revoked_path(dir: &Path) -> PathBuf {
+    dir.join("ca").join("revoked.toml")
 }
 
 pub fn ca_cert_path(dir: &Path) -> PathBuf {
@@ -221,6 +235,188 @@ pub fn issue(dir: &Path, role: &Role, days: i64) -> Result<IssuedFiles, PkiError
     write_file(&files.cert, cert.pem().as_bytes(), 0o644)?;
     write_file(&files.ca, ca_pem.as_bytes(), 0o644)?;
     Ok(files)
+}
+
+/// Why a certificate is revoked (RFC 5280 reason codes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevocationReason {
+    KeyCompromise,
+    Superseded,
+    CessationOfOperation,
+    AffiliationChanged,
+    Unspecified,
+}
+
+impl RevocationReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            RevocationReason::KeyCompromise => "key-compromise",
+            RevocationReason::Superseded => "superseded",
+            RevocationReason::CessationOfOperation => "cessation-of-operation",
+            RevocationReason::AffiliationChanged => "affiliation-changed",
+            RevocationReason::Unspecified => "unspecified",
+        }
+    }
+
+    fn code(self) -> rcgen::RevocationReason {
+        match self {
+            RevocationReason::KeyCompromise => rcgen::RevocationReason::KeyCompromise,
+            RevocationReason::Superseded => rcgen::RevocationReason::Superseded,
+            RevocationReason::CessationOfOperation => rcgen::RevocationReason::CessationOfOperation,
+            RevocationReason::AffiliationChanged => rcgen::RevocationReason::AffiliationChanged,
+            RevocationReason::Unspecified => rcgen::RevocationReason::Unspecified,
+        }
+    }
+
+    fn from_name(name: &str) -> RevocationReason {
+        [
+            RevocationReason::KeyCompromise,
+            RevocationReason::Superseded,
+            RevocationReason::CessationOfOperation,
+            RevocationReason::AffiliationChanged,
+        ]
+        .into_iter()
+        .find(|r| r.name() == name)
+        .unwrap_or(RevocationReason::Unspecified)
+    }
+}
+
+/// One revoked certificate in `DIR/ca/revoked.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokedCertificate {
+    /// The site or aggregator host the certificate was issued to.
+    pub site: String,
+    /// The certificate's serial number, hex.
+    pub serial: String,
+    /// Unix seconds.
+    pub revoked_at: i64,
+    pub reason: String,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokedList {
+    /// Incremented with every CRL issued.
+    crl_number: u64,
+    #[serde(default)]
+    revoked: Vec<RevokedCertificate>,
+}
+
+/// What `revoke` did.
+#[derive(Debug, Clone)]
+pub struct Revocation {
+    pub serial: String,
+    /// False when this certificate was already revoked (the CRL is issued again anyway).
+    pub newly_revoked: bool,
+    /// Every certificate the CRL now lists.
+    pub revoked: Vec<RevokedCertificate>,
+    pub crl: PathBuf,
+}
+
+/// Revokes a site's or aggregator host's current certificate (`DIR/sites/<site>/cert.pem`,
+/// `DIR/aggregator/<host>/cert.pem`): records it in
+/// `DIR/ca/revoked.toml` and issues a new CRL at `DIR/ca/crl.pem`, signed by the CA, that
+/// lists every certificate revoked so far. Aggregators and nodes with `[tls] crl` set to a
+/// copy of it refuse the certificate from their next start. Issuing the site a new
+/// certificate afterwards (`issue`) gives it a new serial, which the CRL does not list.
+pub fn revoke(dir: &Path, role: &Role, reason: RevocationReason) -> Result<Revocation, PkiError> {
+    let (site, cert_path) = match role {
+        Role::Site(site) => {
+            validate_site_name(site)?;
+            (site.as_str(), dir.join("sites").join(site).join("cert.pem"))
+        }
+        Role::Aggregator(host) => {
+            validate_host(host)?;
+            (
+                host.as_str(),
+                dir.join("aggregator").join(host).join("cert.pem"),
+            )
+        }
+    };
+    let ca_cert = ca_cert_path(dir);
+    let ca_key = ca_key_path(dir);
+    if !ca_cert.exists() || !ca_key.exists() {
+        return Err(PkiError::NoCa(dir.join("ca"), dir.display().to_string()));
+    }
+    if !cert_path.exists() {
+        return Err(PkiError::NotIssued {
+            site: site.to_string(),
+            path: cert_path,
+        });
+    }
+    let unreadable = |path: &Path, why: String| PkiError::Unreadable {
+        path: path.to_path_buf(),
+        why,
+    };
+    let pem = fs::read(&cert_path).map_err(io_err(&cert_path))?;
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(&pem)
+        .map_err(|e| unreadable(&cert_path, format!("not a PEM certificate: {e}")))?;
+    let cert = parsed
+        .parse_x509()
+        .map_err(|e| unreadable(&cert_path, format!("not an X.509 certificate: {e}")))?;
+    let serial_bytes = cert.raw_serial().to_vec();
+    let serial: String = serial_bytes.iter().map(|b| format!("{b:02x}")).collect();
+
+    let list_path = revoked_path(dir);
+    let mut list: RevokedList = if list_path.exists() {
+        let text = fs::read_to_string(&list_path).map_err(io_err(&list_path))?;
+        toml::from_str(&text).map_err(|e| unreadable(&list_path, e.to_string()))?
+    } else {
+        RevokedList::default()
+    };
+    let newly_revoked = !list.revoked.iter().any(|r| r.serial == serial);
+    if newly_revoked {
+        list.revoked.push(RevokedCertificate {
+            site: site.to_string(),
+            serial: serial.clone(),
+            revoked_at: OffsetDateTime::now_utc().unix_timestamp(),
+            reason: reason.name().to_string(),
+        });
+    }
+    list.crl_number += 1;
+
+    let ca_pem = fs::read_to_string(&ca_cert).map_err(io_err(&ca_cert))?;
+    let ca_key_pem = fs::read_to_string(&ca_key).map_err(io_err(&ca_key))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, KeyPair::from_pem(&ca_key_pem)?)?;
+    let revoked_certs = list
+        .revoked
+        .iter()
+        .map(|r| {
+            let bytes = (0..r.serial.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(r.serial.get(i..i + 2).unwrap_or("zz"), 16))
+                .collect::<Result<Vec<u8>, _>>()
+                .map_err(|_| unreadable(&list_path, format!("bad serial {:?}", r.serial)))?;
+            Ok(rcgen::RevokedCertParams {
+                serial_number: rcgen::SerialNumber::from_slice(&bytes),
+                revocation_time: OffsetDateTime::from_unix_timestamp(r.revoked_at)
+                    .map_err(|e| unreadable(&list_path, e.to_string()))?,
+                reason_code: Some(RevocationReason::from_name(&r.reason).code()),
+                invalidity_date: None,
+            })
+        })
+        .collect::<Result<Vec<_>, PkiError>>()?;
+    let (this_update, next_update) = validity(365);
+    let crl = rcgen::CertificateRevocationListParams {
+        this_update,
+        next_update,
+        crl_number: rcgen::SerialNumber::from(list.crl_number),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&issuer)?;
+    let toml_text = toml::to_string(&list).map_err(|e| unreadable(&list_path, e.to_string()))?;
+    write_file(&list_path, toml_text.as_bytes(), 0o644)?;
+    let crl_file = crl_path(dir);
+    write_file(&crl_file, crl.pem()?.as_bytes(), 0o644)?;
+    Ok(Revocation {
+        serial,
+        newly_revoked,
+        revoked: list.revoked,
+        crl: crl_file,
+    })
 }
 
 #[cfg(test)]

@@ -21,7 +21,7 @@ use medfed_protocol::{ErrorCode, Message};
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 pub use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
 /// Our ALPN protocol identifier; a peer that does not offer it fails the handshake.
 pub const ALPN: &[u8] = b"medfed/1";
@@ -116,6 +116,76 @@ impl Identity {
     }
 }
 
+/// What a party trusts: certificates issued by the consortium CA, less those its
+/// certificate revocation list revokes (`medfed pki revoke`; `[tls] crl`).
+#[derive(Debug, Clone)]
+pub struct Trust {
+    pub roots: Arc<rustls::RootCertStore>,
+    pub crls: Vec<CertificateRevocationListDer<'static>>,
+}
+
+impl Trust {
+    /// The CA in `ca` (PEM) and, if given, the CRL in `crl` (PEM).
+    pub fn load(ca: &Path, crl: Option<&Path>) -> Result<Trust, TransportError> {
+        let crls = match crl {
+            Some(path) => {
+                let crls = CertificateRevocationListDer::pem_file_iter(path)
+                    .map_err(|e| pem_err(path, e))?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| pem_err(path, e))?;
+                if crls.is_empty() {
+                    return Err(pem_err(path, "no certificate revocation list in this file"));
+                }
+                crls
+            }
+            None => Vec::new(),
+        };
+        Ok(Trust {
+            roots: load_roots(ca)?,
+            crls,
+        })
+    }
+
+    /// A verifier of client (site) certificates: chained to the CA, not revoked.
+    pub fn client_verifier(
+        &self,
+    ) -> Result<
+        Arc<dyn rustls::server::danger::ClientCertVerifier>,
+        rustls::server::VerifierBuilderError,
+    > {
+        let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            self.roots.clone(),
+            provider(),
+        );
+        if self.crls.is_empty() {
+            builder.build()
+        } else {
+            builder
+                .with_crls(self.crls.iter().cloned())
+                .only_check_end_entity_revocation()
+                .build()
+        }
+    }
+
+    fn server_verifier(
+        &self,
+    ) -> Result<Arc<rustls::client::WebPkiServerVerifier>, rustls::server::VerifierBuilderError>
+    {
+        let builder = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            self.roots.clone(),
+            provider(),
+        );
+        if self.crls.is_empty() {
+            builder.build()
+        } else {
+            builder
+                .with_crls(self.crls.iter().cloned())
+                .only_check_end_entity_revocation()
+                .build()
+        }
+    }
+}
+
 /// The consortium CA as a root store.
 pub fn load_roots(ca: &Path) -> Result<Arc<rustls::RootCertStore>, TransportError> {
     let mut roots = rustls::RootCertStore::empty();
@@ -166,13 +236,12 @@ fn transport_config_with(l: Liveness) -> quinn::TransportConfig {
 /// The aggregator's endpoint: listens on `addr`, demands a client certificate from `ca`.
 pub fn server_endpoint(
     addr: SocketAddr,
-    ca: &Path,
+    trust: &Trust,
     identity: Identity,
 ) -> Result<quinn::Endpoint, TransportError> {
-    let roots = load_roots(ca)?;
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots, provider())
-        .build()
-        .map_err(|e| pem_err(ca, e))?;
+    let verifier = trust
+        .client_verifier()
+        .map_err(|e| TransportError::Tls(rustls::Error::General(e.to_string())))?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
@@ -195,24 +264,26 @@ pub fn server_endpoint(
 /// certificate.
 pub fn client_endpoint(
     server: SocketAddr,
-    ca: &Path,
+    trust: &Trust,
     identity: Identity,
 ) -> Result<quinn::Endpoint, TransportError> {
-    client_endpoint_with(server, ca, identity, Liveness::default())
+    client_endpoint_with(server, trust, identity, Liveness::default())
 }
 
 /// As [`client_endpoint`], with the node's own keep-alive and idle timeout (the smaller of
 /// the two sides' idle timeouts applies, so a node can notice a dead aggregator sooner).
 pub fn client_endpoint_with(
     server: SocketAddr,
-    ca: &Path,
+    trust: &Trust,
     identity: Identity,
     liveness: Liveness,
 ) -> Result<quinn::Endpoint, TransportError> {
-    let roots = load_roots(ca)?;
+    let verifier = trust
+        .server_verifier()
+        .map_err(|e| TransportError::Tls(rustls::Error::General(e.to_string())))?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
+        .with_webpki_verifier(verifier)
         .with_client_auth_cert(identity.cert_chain, identity.key)?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls)

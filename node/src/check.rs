@@ -234,14 +234,28 @@ fn check_certificates(cfg: &NodeConfig) -> Result<String, Finding> {
                 GET_CERTIFICATE,
             )
         })?;
-    let roots = transport::load_roots(&tls.ca).map_err(|e| {
+    let trust = tls.trust().map_err(|e| {
         Finding::fail(
             "certificate",
-            format!("{}: {e}", tls.ca.display()),
-            "tls.ca must be the consortium's CA certificate (ca.pem), as the consortium's operator sent it",
+            e.to_string(),
+            "tls.ca must be the consortium's CA certificate (ca.pem) and tls.crl its revocation list (crl.pem), as the consortium's operator sent them",
         )
     })?;
-    CertificateVerifier::new(roots, &[(cfg.site.clone(), der.to_vec())]).map_err(|e| {
+    CertificateVerifier::new(&trust, &[(cfg.site.clone(), der.to_vec())]).map_err(|e| {
+        if is_revoked(&e.to_string()) {
+            return Finding::fail(
+                "certificate",
+                format!(
+                    "{}: this site's certificate has been revoked by the consortium (tls.crl {} lists it)",
+                    tls.cert.display(),
+                    tls.crl.as_deref().unwrap_or(Path::new("")).display()
+                ),
+                format!(
+                    "ask the consortium's operator for a new certificate (`medfed pki issue --dir pki --site {}`) and install it; a revoked one cannot be used again",
+                    cfg.site
+                ),
+            );
+        }
         Finding::fail(
             "certificate",
             format!(
@@ -267,6 +281,7 @@ async fn check_aggregator(
     within: Duration,
 ) -> Finding {
     let address = cfg.aggregator.address.clone();
+    let site = cfg.site.clone();
     let node = match store {
         Some(store) => crate::Node::with_store(cfg, Some(store)),
         None => crate::Node::new(cfg),
@@ -300,6 +315,18 @@ async fn check_aggregator(
                     e.to_string(),
                     "check the host name in [aggregator] address, and this machine's DNS".into(),
                 ),
+                // The aggregator refused this site's certificate: its CRL lists it.
+                _ if is_revoked(&e.to_string()) && e.to_string().contains("aborted by peer") => (
+                    format!("{address}: the aggregator refused this site's certificate as revoked ({e})"),
+                    format!(
+                        "ask the consortium's operator for a new certificate (`medfed pki issue --dir pki --site {site}`) and install it"
+                    ),
+                ),
+                // This node's CRL lists the aggregator's certificate.
+                _ if is_revoked(&e.to_string()) => (
+                    format!("{address}: the aggregator's certificate is revoked in tls.crl ({e})"),
+                    "do not connect: the aggregator's operator must install a new certificate (`medfed pki issue --aggregator HOST`); tell the consortium's operator".into(),
+                ),
                 _ => (
                     format!("{address}: {e}"),
                     "if the message is about a certificate: the aggregator's certificate must come from the consortium CA in tls.ca, and its name must match [aggregator] server_name".into(),
@@ -308,4 +335,9 @@ async fn check_aggregator(
             Finding::fail("aggregator", detail, fix)
         }
     }
+}
+
+/// Whether a TLS error says a certificate was revoked (a CRL lists it).
+fn is_revoked(error: &str) -> bool {
+    error.contains("Revoked")
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use medfed_infra::auditlog::AuditLog;
 use medfed_infra::identity::SiteSigner;
-use medfed_infra::transport::{self, Identity, RootCertStore, TransportError};
+use medfed_infra::transport::{self, Identity, TransportError};
 use medfed_protocol::messages::{
     DatasetInfo, ErrorMessage, EvaluateRequest, EvaluationReport, Hello, ModelUpdate, RoundOpen,
     StudyAnnouncement, StudyDecision,
@@ -80,7 +80,7 @@ pub struct Node {
     /// Signs secure-aggregation keys with the site certificate's key.
     pub(crate) signer: SiteSigner,
     /// The consortium CA, to check other sites' certificates.
-    pub(crate) roots: Arc<RootCertStore>,
+    pub(crate) roots: transport::Trust,
     /// Secure aggregations in progress, by study and round.
     pub(crate) secure: Mutex<HashMap<(String, u32), crate::secure::Party>>,
     /// The parties of each (study, round) this site revealed unmasking shares for.
@@ -170,7 +170,7 @@ impl Node {
             audit = audit.capture_sent_frames(capture)?;
         }
         let audit = Arc::new(audit);
-        let roots = transport::load_roots(&config.tls.ca)?;
+        let roots = config.tls.trust()?;
         let ledger =
             crate::privacy::LedgerFile::open(crate::privacy::ledger_path(&config.state.dir))
                 .map_err(NodeError::Privacy)?;
@@ -242,7 +242,7 @@ impl Node {
     pub async fn probe(&self, within: Duration) -> Result<String, NodeError> {
         let addr = self.resolve().await?;
         let identity = Identity::load(&self.config.tls.cert, &self.config.tls.key)?;
-        let endpoint = transport::client_endpoint(addr, &self.config.tls.ca, identity)?;
+        let endpoint = transport::client_endpoint(addr, &self.roots, identity)?;
         let attempt = async {
             let conn = endpoint
                 .connect(addr, self.config.aggregator.server_name())
@@ -295,7 +295,7 @@ impl Node {
         let identity = Identity::load(&node.config.tls.cert, &node.config.tls.key)?;
         let endpoint = transport::client_endpoint_with(
             addr,
-            &node.config.tls.ca,
+            &node.roots,
             identity,
             node.config.reconnect.liveness(),
         )?;

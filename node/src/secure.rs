@@ -148,8 +148,8 @@ impl Node {
             )));
         }
         let certs: Vec<(String, Vec<u8>)> = parties.iter().cloned().zip(sr.certificates).collect();
-        let verifier = CertificateVerifier::new(self.roots.clone(), &certs)
-            .map_err(|e| invalid(e.to_string()))?;
+        let verifier =
+            CertificateVerifier::new(&self.roots, &certs).map_err(|e| invalid(e.to_string()))?;
         let mut seed = [0u8; 32];
         ring::rand::SystemRandom::new()
             .fill(&mut seed)

@@ -75,7 +75,12 @@ pub fn start_aggregator(config: &Path) -> RunningAggregator {
 /// A raw client endpoint with `files`' identity, trusting `files.ca`.
 pub fn client(addr: SocketAddr, files: &IssuedFiles) -> quinn::Endpoint {
     let identity = Identity::load(&files.cert, &files.key).expect("identity");
-    transport::client_endpoint(addr, &files.ca, identity).expect("client endpoint")
+    transport::client_endpoint(
+        addr,
+        &transport::Trust::load(&files.ca, None).expect("trust"),
+        identity,
+    )
+    .expect("client endpoint")
 }
 
 pub fn hello(site: &str) -> Message {
