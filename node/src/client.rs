@@ -83,8 +83,9 @@ pub struct Node {
     pub(crate) roots: transport::Trust,
     /// Secure aggregations in progress, by study and round.
     pub(crate) secure: Mutex<HashMap<(String, u32), crate::secure::Party>>,
-    /// The parties of each (study, round) this site revealed unmasking shares for.
-    pub(crate) revealed: Mutex<HashMap<(String, u32), Vec<String>>>,
+    /// The parties of each (study, round) this site revealed unmasking shares for, kept in
+    /// the state directory.
+    pub(crate) revealed: crate::secure::RevealedRounds,
     /// The site's compliance log: every message in and out, every study decision.
     pub(crate) audit: Arc<AuditLog>,
     /// The differential-privacy budget spent, per study.
@@ -174,6 +175,10 @@ impl Node {
         let ledger =
             crate::privacy::LedgerFile::open(crate::privacy::ledger_path(&config.state.dir))
                 .map_err(NodeError::Privacy)?;
+        let revealed = crate::secure::RevealedRounds::open(crate::secure::RevealedRounds::path(
+            &config.state.dir,
+        ))
+        .map_err(NodeError::Privacy)?;
         let cohorts = crate::statistics::CohortMemory::open(crate::statistics::CohortMemory::path(
             &config.state.dir,
         ))
@@ -186,7 +191,7 @@ impl Node {
             signer,
             roots,
             secure: Mutex::default(),
-            revealed: Mutex::default(),
+            revealed,
             audit,
             ledger,
             cohorts,

@@ -3,7 +3,8 @@
 //! The aggregator only ever sees this site's update masked.
 
 use std::collections::HashMap;
-use std::sync::MutexGuard;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use medfed_infra::identity::CertificateVerifier;
 use medfed_protocol::messages::{
@@ -87,15 +88,79 @@ fn admit(
     Ok(attempt)
 }
 
+/// One secure aggregation this site revealed unmasking shares for, and with whom.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct RevealedRound {
+    study: String,
+    round: u32,
+    parties: Vec<String>,
+}
+
+/// The rounds this site revealed shares for, kept in the node's state directory so that a
+/// restart between two attempts of a round does not let the aggregator have this site
+/// join a second sum over other parties (and subtract the two). Written before the shares
+/// are sent.
+pub(crate) struct RevealedRounds {
+    path: PathBuf,
+    rounds: Mutex<Vec<RevealedRound>>,
+}
+
+impl RevealedRounds {
+    pub(crate) fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("revealed-rounds.json")
+    }
+
+    pub(crate) fn open(path: PathBuf) -> Result<RevealedRounds, String> {
+        let rounds = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| format!("{}: not a list of revealed rounds: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(format!("{}: {e}", path.display())),
+        };
+        Ok(RevealedRounds {
+            path,
+            rounds: Mutex::new(rounds),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Vec<RevealedRound>> {
+        // Every mutation is followed by a write of the whole list: a poisoned one is still
+        // consistent.
+        self.rounds.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The parties this site revealed shares with for `study` `round`, if it did.
+    pub(crate) fn get(&self, study: &str, round: u32) -> Option<Vec<String>> {
+        self.lock()
+            .iter()
+            .find(|r| r.study == study && r.round == round)
+            .map(|r| r.parties.clone())
+    }
+
+    /// Records a reveal durably (only the latest rounds of each study matter for a retry).
+    pub(crate) fn record(
+        &self,
+        study: &str,
+        round: u32,
+        parties: Vec<String>,
+    ) -> Result<(), String> {
+        let mut rounds = self.lock();
+        rounds.retain(|r| r.study != study || (r.round + 2 > round && r.round != round));
+        rounds.push(RevealedRound {
+            study: study.to_string(),
+            round,
+            parties,
+        });
+        let bytes = serde_json::to_vec(&*rounds).expect("revealed rounds serialize");
+        medfed_infra::files::write_atomic(&self.path, &bytes)
+            .map_err(|e| format!("cannot write {}: {e}", self.path.display()))
+    }
+}
+
 impl Node {
     fn secure_lock(&self) -> MutexGuard<'_, HashMap<(String, u32), Party>> {
         // Every mutation is a single insert or remove: a poisoned map is still consistent.
         self.secure.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The parties of each (study, round) this site revealed unmasking shares for.
-    fn revealed_lock(&self) -> MutexGuard<'_, HashMap<(String, u32), Vec<String>>> {
-        self.revealed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Joins a secure aggregation of `vector` (a training round, or round 0 for the
@@ -109,17 +174,14 @@ impl Node {
         binding: [u8; 32],
     ) -> Reply {
         let invalid = |why: String| (ErrorCode::InvalidContent, why);
-        let attempt = {
-            let revealed = self.revealed_lock();
-            admit(
-                &study_id,
-                round,
-                &sr.setup,
-                &binding,
-                self.config.policy.tolerated_colluders,
-                revealed.get(&(study_id.clone(), round)),
-            )?
-        };
+        let attempt = admit(
+            &study_id,
+            round,
+            &sr.setup,
+            &binding,
+            self.config.policy.tolerated_colluders,
+            self.revealed.get(&study_id, round).as_ref(),
+        )?;
         let parties = sr.setup.parties.clone();
         let me = parties
             .iter()
@@ -215,17 +277,14 @@ impl Node {
                 ));
             }
             // Checked before the budget is charged, so that bogus rounds cannot drain it.
-            {
-                let revealed = self.revealed_lock();
-                admit(
-                    &r.study_id,
-                    r.round,
-                    &sr.setup,
-                    &binding,
-                    self.config.policy.tolerated_colluders,
-                    revealed.get(&(r.study_id.clone(), r.round)),
-                )?;
-            }
+            admit(
+                &r.study_id,
+                r.round,
+                &sr.setup,
+                &binding,
+                self.config.policy.tolerated_colluders,
+                self.revealed.get(&r.study_id, r.round).as_ref(),
+            )?;
             sr.setup
                 .validate()
                 .map_err(|e| (ErrorCode::InvalidContent, e.to_string()))?;
@@ -275,10 +334,18 @@ impl Node {
             Ok(answer) => {
                 if matches!(answer, ClientMessage::UnmaskShares { .. }) {
                     if let Some(party) = secure.remove(&key) {
-                        let mut revealed = self.revealed_lock();
-                        // Only the recent rounds of each study matter for a retry.
-                        revealed.retain(|(s, r), _| *s != key.0 || r + 2 > key.1);
-                        revealed.insert(key.clone(), party.parties);
+                        // Durably, before the shares leave: if it cannot be recorded, they
+                        // do not leave.
+                        self.revealed
+                            .record(&key.0, key.1, party.parties)
+                            .map_err(|e| {
+                                warn!(study = %m.study_id, round = m.round, "secure aggregation: left the round: {e}");
+                                (
+                                    ErrorCode::Internal,
+                                    "this site cannot record its reveal, so it does not reveal"
+                                        .to_string(),
+                                )
+                            })?;
                     }
                     info!(study = %m.study_id, round = m.round, "secure aggregation: shares revealed; done");
                 }
@@ -342,5 +409,25 @@ mod tests {
         assert_eq!(admit("pima", 3, &ok, &b, 1, Some(&first)), Ok(2));
         let fewer = setup("pima/3/3", 2, 2, b);
         assert!(why(admit("pima", 3, &fewer, &b, 1, Some(&first))).contains("already revealed"));
+
+        // The memory of reveals survives a restart of the node.
+        let dir = tempfile::tempdir().unwrap();
+        let path = RevealedRounds::path(dir.path());
+        let memory = RevealedRounds::open(path.clone()).unwrap();
+        memory.record("pima", 3, first.clone()).unwrap();
+        memory.record("pima", 4, first.clone()).unwrap();
+        memory.record("other", 1, vec!["x".into()]).unwrap();
+        drop(memory);
+        let reopened = RevealedRounds::open(path.clone()).unwrap();
+        let before = reopened.get("pima", 3);
+        assert_eq!(before.as_ref(), Some(&first));
+        assert!(why(admit("pima", 3, &fewer, &b, 1, before.as_ref())).contains("already revealed"));
+        // Only recent rounds of a study are kept; other studies are untouched.
+        reopened.record("pima", 6, first.clone()).unwrap();
+        assert_eq!(reopened.get("pima", 3), None);
+        assert_eq!(reopened.get("other", 1), Some(vec!["x".to_string()]));
+        std::fs::write(&path, b"not json").unwrap();
+        let err = RevealedRounds::open(path).err().unwrap();
+        assert!(err.contains("not a list of revealed rounds"), "{err}");
     }
 }
