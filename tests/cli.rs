@@ -417,3 +417,48 @@ fn the_sample_systemd_units_run_real_commands() {
         }
     }
 }
+
+#[test]
+fn two_nodes_cannot_share_a_state_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(&dir.path().join("pki"));
+    std::fs::write(dir.path().join("x.csv"), "a\n1\n").unwrap();
+    let node = dir.path().join("node.toml");
+    // An aggregator nobody listens for: the first node keeps trying to reach it.
+    std::fs::write(
+        &node,
+        "site = \"alpha\"\n[aggregator]\naddress = \"127.0.0.1:9\"\nserver_name = \"localhost\"\n[tls]\nca = \"pki/sites/alpha/ca.pem\"\ncert = \"pki/sites/alpha/cert.pem\"\nkey = \"pki/sites/alpha/key.pem\"\n[[dataset]]\nname = \"x\"\npath = \"x.csv\"\n",
+    )
+    .unwrap();
+    let node_s = node.to_str().unwrap();
+    let mut first = Command::new(MEDFED)
+        .args(["node", "run", "--config", node_s])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It has locked its state once it tries to connect.
+    let stderr = first.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("reconnecting") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    if rx.recv_timeout(Duration::from_secs(60)).is_err() {
+        let _ = first.kill();
+        panic!("the first node never tried to connect");
+    }
+    fails_with(
+        &["node", "run", "--config", node_s],
+        &["state", "another medfed node process is using it"],
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+}

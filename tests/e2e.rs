@@ -134,6 +134,8 @@ key = "pki/sites/{site}/key.pem"
 [audit]
 log = "{site}-audit.log"
 key = "{site}-audit.key"
+[state]
+dir = "{site}-state"
 [policy.rules]
 datasets = ["pima"]
 [[dataset]]
@@ -364,7 +366,7 @@ batch_size = 16
         std::fs::write(
             &cfg,
             format!(
-                "site = \"{site}\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n[tls]\nca = \"pki/sites/{site}/ca.pem\"\ncert = \"pki/sites/{site}/cert.pem\"\nkey = \"pki/sites/{site}/key.pem\"\n[audit]\nlog = \"{site}-audit.log\"\nkey = \"{site}-audit.key\"\n[policy.rules]\ndatasets = [\"pima\"]\n[[dataset]]\nname = \"pima\"\npath = \"{site}.csv\"\n[reconnect]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n"
+                "site = \"{site}\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n[tls]\nca = \"pki/sites/{site}/ca.pem\"\ncert = \"pki/sites/{site}/cert.pem\"\nkey = \"pki/sites/{site}/key.pem\"\n[audit]\nlog = \"{site}-audit.log\"\nkey = \"{site}-audit.key\"\n[state]\ndir = \"{site}-state\"\n[policy.rules]\ndatasets = [\"pima\"]\n[[dataset]]\nname = \"pima\"\npath = \"{site}.csv\"\n[reconnect]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n"
             ),
         )
         .unwrap();

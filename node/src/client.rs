@@ -295,6 +295,9 @@ impl Node {
         self,
         stop: impl std::future::Future<Output = ()>,
     ) -> Result<NodeExit, NodeError> {
+        // One node process per state directory: two would overwrite each other's privacy
+        // ledger, answered cohorts and revealed rounds.
+        let _state_lock = lock_state_dir(&self.config.state.dir)?;
         let node = Arc::new(self);
         let addr = node.resolve().await?;
         let identity = Identity::load(&node.config.tls.cert, &node.config.tls.key)?;
@@ -757,5 +760,28 @@ fn closed(e: quinn::ConnectionError) -> Result<NodeExit, SessionEnd> {
             welcomed: true,
             error,
         }),
+    }
+}
+
+/// Holds `dir/node.lock` locked for as long as the returned file is open.
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, NodeError> {
+    let fail =
+        |detail: String| NodeError::Store(format!("state directory {}: {detail}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+    let path = dir.join("node.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(fail(
+            "another medfed node process is using it: give each node its own [state] dir".into(),
+        )),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(fail(format!("cannot lock {}: {e}", path.display())))
+        }
     }
 }
