@@ -15,7 +15,7 @@ use medfed_protocol::messages::{
 };
 use medfed_protocol::model::GlobalModel;
 use medfed_protocol::quant::QuantParams;
-use medfed_protocol::secagg::{PartyId, Server, Setup, choose_neighbours};
+use medfed_protocol::secagg::{PartyId, SecAggError, Server, Setup, choose_neighbours};
 use medfed_protocol::stats::FeatureStats;
 use medfed_protocol::update_vector;
 use tokio::task::JoinSet;
@@ -239,9 +239,26 @@ impl StudyRunner {
             }
         }
         tasks.abort_all();
+        let name = |v: &u32| setup.parties[*v as usize].clone();
+        // Wrong shares never make a wrong sum (rebuilt secrets are checked); their sites are
+        // named so that the operator can act on them.
+        let liars: Vec<String> = server.wrong_share_holders().iter().map(name).collect();
+        if !liars.is_empty() {
+            warn!(round, sites = %liars.join(", "), "secure aggregation: these sites revealed wrong shares at unmasking (checked against the others' and the owners' commitments)");
+        }
         let sum = match server.outcome() {
             Some(Ok(sum)) => setup.quant.decode(sum),
-            Some(Err(e)) => return Err(format!("secure aggregation failed: {e}")),
+            Some(Err(e)) => {
+                let e = match e {
+                    SecAggError::Unrebuildable { owner, what } => format!(
+                        "the shares revealed of site '{}''s {what} do not rebuild it: some of its \
+                         neighbours revealed wrong shares (or it dealt wrong ones)",
+                        name(owner)
+                    ),
+                    e => e.to_string(),
+                };
+                return Err(format!("secure aggregation failed: {e}"));
+            }
             None => return Err("secure aggregation ended without an outcome".into()),
         };
         let sites = server

@@ -311,6 +311,11 @@ pub enum SecAggError {
         got: usize,
         need: usize,
     },
+    #[error(
+        "the shares revealed of party {owner}'s {what} do not rebuild it: some of its share \
+         holders revealed wrong shares (or it dealt wrong ones)"
+    )]
+    Unrebuildable { owner: PartyId, what: &'static str },
     #[error("the aggregation was aborted: {0}")]
     Aborted(String),
 }

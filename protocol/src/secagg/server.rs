@@ -62,6 +62,8 @@ pub struct Server {
     /// the server never holds all of them at once.
     outbox: VecDeque<PartyId>,
     outcome: Option<Result<Vec<u64>, SecAggError>>,
+    /// Parties that revealed a share disagreeing with the secret the others rebuilt.
+    wrong_shares: BTreeSet<PartyId>,
 }
 
 impl Server {
@@ -82,7 +84,14 @@ impl Server {
             reveals: BTreeMap::new(),
             outbox: VecDeque::new(),
             outcome: None,
+            wrong_shares: BTreeSet::new(),
         })
+    }
+
+    /// Parties caught revealing a wrong share at unmasking (each was checked against the
+    /// secret that the other shares rebuilt and that passed its commitment or public key).
+    pub fn wrong_share_holders(&self) -> &BTreeSet<PartyId> {
+        &self.wrong_shares
     }
 
     pub fn setup(&self) -> &Setup {
@@ -427,16 +436,26 @@ impl Server {
     fn unmask(&mut self) -> Result<Vec<u64>, SecAggError> {
         let t = self.setup.threshold as usize;
         let bits = self.setup.quant.modulus_bits;
-        let mut self_mask: BTreeMap<PartyId, Vec<Vec<u8>>> = BTreeMap::new();
-        let mut mask_key: BTreeMap<PartyId, Vec<Vec<u8>>> = BTreeMap::new();
-        for (sm, mk) in self.reveals.values() {
+        // Each owner's revealed shares, with the party that revealed each.
+        let mut self_mask: BTreeMap<PartyId, Vec<(PartyId, Vec<u8>)>> = BTreeMap::new();
+        let mut mask_key: BTreeMap<PartyId, Vec<(PartyId, Vec<u8>)>> = BTreeMap::new();
+        for (&holder, (sm, mk)) in &self.reveals {
             for r in sm {
-                self_mask.entry(r.owner).or_default().push(r.share.clone());
+                self_mask
+                    .entry(r.owner)
+                    .or_default()
+                    .push((holder, r.share.clone()));
             }
             for r in mk {
-                mask_key.entry(r.owner).or_default().push(r.share.clone());
+                mask_key
+                    .entry(r.owner)
+                    .or_default()
+                    .push((holder, r.share.clone()));
             }
         }
+        // Extra Shamir reconstructions allowed in all, this round, to get around wrong
+        // shares and name their holders (an honest round needs none).
+        let mut budget = 8 * MAX_REBUILDS;
         let mut sum = std::mem::take(&mut self.sum);
         // Every mask to take out, as (seed, sign); applied at the end, in parallel.
         let mut masks: Vec<([u8; 32], i8)> = Vec::new();
@@ -450,14 +469,13 @@ impl Server {
                 });
             }
             let commitment = self.keys[&u].self_mask_commitment;
-            let seed = rebuild(shares, t, |seed| {
+            let rebuilt = rebuild(shares, t, &mut budget, |seed| {
                 self_mask_commitment(seed, &self.context) == commitment
-            })
-            .ok_or_else(|| SecAggError::Invalid {
-                from: u,
-                why: "no subset of the revealed self-mask shares rebuilds the committed seed \
-                      (wrong shares revealed by its neighbours, or dealt by it)"
-                    .into(),
+            });
+            self.wrong_shares.extend(&rebuilt.wrong);
+            let seed = rebuilt.secret.ok_or(SecAggError::Unrebuildable {
+                owner: u,
+                what: "self-mask seed",
             })?;
             masks.push((self_mask_seed(&seed, &self.context), -1));
         }
@@ -477,17 +495,18 @@ impl Server {
                 });
             }
             let advertised = self.keys[&u].s_pk;
-            let secret = rebuild(shares, t, |secret| {
+            let rebuilt = rebuild(shares, t, &mut budget, |secret| {
                 <[u8; 32]>::try_from(secret)
                     .is_ok_and(|b| KeyPair::from_secret(b).public == advertised)
-            })
-            .and_then(|secret| <[u8; 32]>::try_from(secret).ok())
-            .ok_or_else(|| SecAggError::Invalid {
-                from: u,
-                why: "no subset of the revealed mask-key shares rebuilds the advertised key \
-                      (wrong shares revealed by its neighbours, or dealt by it)"
-                    .into(),
-            })?;
+            });
+            self.wrong_shares.extend(&rebuilt.wrong);
+            let secret = rebuilt
+                .secret
+                .and_then(|secret| <[u8; 32]>::try_from(secret).ok())
+                .ok_or(SecAggError::Unrebuildable {
+                    owner: u,
+                    what: "mask key",
+                })?;
             let pair = KeyPair::from_secret(secret);
             for &v in self.graph.neighbours(u) {
                 if self.inputs.contains(&v) {
@@ -504,35 +523,86 @@ impl Server {
     }
 }
 
-/// Rebuilds calls allowed per secret while searching for wrong shares.
+/// Reconstructions allowed per secret while searching for wrong shares.
 const MAX_REBUILDS: usize = 512;
 
-/// Rebuilds a secret from `t` of `shares` that passes `check` (its commitment or public
-/// key): the first `t` shares, else leaving out one share at a time, else two, up to
-/// [`MAX_REBUILDS`] tries. So one wrong share among more than `t` is always got around,
-/// and two where the neighbourhood is small; `None` if no tried subset passes.
-fn rebuild(shares: &[Vec<u8>], t: usize, check: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+/// A rebuilt secret (if any subset of the shares passed its check), and the parties whose
+/// shares disagree with it.
+struct Rebuilt {
+    secret: Option<Vec<u8>>,
+    wrong: Vec<PartyId>,
+}
+
+/// Rebuilds a secret from `t` of `shares` (each with the party that revealed it) that
+/// passes `check` (its commitment or public key): the first `t` shares, else leaving out
+/// one share at a time, else two, up to [`MAX_REBUILDS`] tries and while `budget` (the
+/// round's extra reconstructions) lasts. So one wrong share among more than `t` is always
+/// got around, and two where the neighbourhood is small. When the first `t` did not pass,
+/// each share outside the subset that did is then tested in place of one of the subset's:
+/// one that changes the secret is wrong (its Lagrange coefficient is never 0), and its
+/// party named.
+fn rebuild(
+    shares: &[(PartyId, Vec<u8>)],
+    t: usize,
+    budget: &mut usize,
+    check: impl Fn(&[u8]) -> bool,
+) -> Rebuilt {
     let m = shares.len();
-    let try_without = |left_out: &[usize]| {
-        let subset: Vec<Vec<u8>> = (0..m)
-            .filter(|i| !left_out.contains(i))
-            .take(t)
-            .map(|i| shares[i].clone())
-            .collect();
-        (subset.len() == t)
-            .then(|| crypto::shamir_combine(&subset).ok())
-            .flatten()
-            .filter(|secret| check(secret))
+    let mut first = true;
+    let mut combine = |indices: &[usize], budget: &mut usize| {
+        if indices.len() != t {
+            return None;
+        }
+        // The first reconstruction is the honest round's own; the rest come from the budget.
+        if !std::mem::take(&mut first) {
+            if *budget == 0 {
+                return None;
+            }
+            *budget -= 1;
+        }
+        let subset: Vec<Vec<u8>> = indices.iter().map(|&i| shares[i].1.clone()).collect();
+        crypto::shamir_combine(&subset).ok()
     };
     // Leaving out a share beyond the first t + 1 changes nothing that leaving out fewer
     // did not already try.
     let reach = m.min(t + 1);
     let singles = (0..reach).map(|i| vec![i]);
     let pairs = (0..reach).flat_map(|i| (i + 1..reach).map(move |j| vec![i, j]));
-    std::iter::once(Vec::new())
+    let found = std::iter::once(Vec::new())
         .chain(singles)
         .chain(pairs)
         .filter(|left_out| m - left_out.len() >= t)
         .take(MAX_REBUILDS)
-        .find_map(|left_out| try_without(&left_out))
+        .find_map(|left_out| {
+            let subset: Vec<usize> = (0..m).filter(|i| !left_out.contains(i)).take(t).collect();
+            let secret = combine(&subset, budget).filter(|s| check(s))?;
+            Some((subset, secret))
+        });
+    let Some((subset, secret)) = found else {
+        return Rebuilt {
+            secret: None,
+            wrong: Vec::new(),
+        };
+    };
+    if subset.iter().copied().eq(0..t) {
+        // The first t passed: any other share did not touch the sum.
+        return Rebuilt {
+            secret: Some(secret),
+            wrong: Vec::new(),
+        };
+    }
+    let wrong = (0..m)
+        .filter(|i| !subset.contains(i))
+        .filter(|&j| {
+            let mut swapped = subset.clone();
+            swapped[0] = j;
+            // Out of budget: not named (it did not change the sum, which is right).
+            combine(&swapped, budget).is_some_and(|s| s != secret)
+        })
+        .map(|j| shares[j].0)
+        .collect();
+    Rebuilt {
+        secret: Some(secret),
+        wrong,
+    }
 }
