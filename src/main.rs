@@ -112,6 +112,10 @@ enum PkiCommand {
         /// Why, as recorded in the CRL.
         #[arg(long, value_enum, default_value_t = RevokeReason::KeyCompromise)]
         reason: RevokeReason,
+        /// Revoke only the certificates it replaced, not its current one (after `issue`
+        /// made a new one).
+        #[arg(long)]
+        keep_current: bool,
     },
 }
 
@@ -346,7 +350,12 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<()> {
                 files.ca.display()
             );
         }
-        PkiCommand::Revoke { dir, role, reason } => {
+        PkiCommand::Revoke {
+            dir,
+            role,
+            reason,
+            keep_current,
+        } => {
             let role = match (role.site, role.aggregator) {
                 (Some(site), None) => pki::Role::Site(site),
                 (None, Some(host)) => pki::Role::Aggregator(host),
@@ -359,21 +368,21 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<()> {
                 RevokeReason::AffiliationChanged => pki::RevocationReason::AffiliationChanged,
                 RevokeReason::Unspecified => pki::RevocationReason::Unspecified,
             };
-            let r = pki::revoke(&dir, &role, reason)?;
+            let r = pki::revoke(&dir, &role, reason, keep_current)?;
             let (whose, again) = match &role {
                 pki::Role::Site(s) => (format!("site '{s}'"), format!("--site {s}")),
                 pki::Role::Aggregator(h) => {
                     (format!("aggregator '{h}'"), format!("--aggregator {h}"))
                 }
             };
-            if r.newly_revoked {
+            for serial in &r.newly_revoked {
                 println!(
-                    "revoked the {whose} certificate {} ({})",
-                    r.serial,
+                    "revoked the {whose} certificate {serial} ({})",
                     reason.name()
                 );
-            } else {
-                println!("the {whose} certificate {} was already revoked", r.serial);
+            }
+            for serial in &r.already_revoked {
+                println!("the {whose} certificate {serial} was already revoked");
             }
             println!(
                 "certificate revocation list: {} ({} certificate(s))",

@@ -51,7 +51,7 @@ fn a_revoked_certificate_is_refused_at_the_handshake() {
     let out = medfed(&["pki", "revoke", "--dir", p, "--site", "gamma"]);
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("no certificate for 'gamma'"),
+        String::from_utf8_lossy(&out.stderr).contains("no certificate issued to 'gamma'"),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -120,6 +120,44 @@ fn a_revoked_certificate_is_refused_at_the_handshake() {
     // A new certificate for beta (a new serial, which the CRL does not list) is let in.
     ok(&["pki", "issue", "--dir", p, "--site", "beta"]);
     let (good, text) = check(&d.join("beta.toml"));
+    assert!(good && text.contains("welcomed by"), "{text}");
+
+    // Alpha's certificate re-issued first (say its key leaked): the replaced one can still
+    // be revoked, and the new one stays valid.
+    for f in ["cert.pem", "key.pem"] {
+        std::fs::copy(
+            pki.join("sites/alpha").join(f),
+            d.join(format!("old-alpha-{f}")),
+        )
+        .unwrap();
+    }
+    ok(&["pki", "issue", "--dir", p, "--site", "alpha"]);
+    let out = ok(&[
+        "pki",
+        "revoke",
+        "--dir",
+        p,
+        "--site",
+        "alpha",
+        "--keep-current",
+        "--reason",
+        "superseded",
+    ]);
+    assert!(
+        out.matches("revoked the site 'alpha' certificate").count() == 1
+            && out.contains("(superseded)"),
+        "{out}"
+    );
+    std::fs::write(
+        d.join("old-alpha.toml"),
+        with_crl("alpha")
+            .replace("pki/sites/alpha/cert.pem", "old-alpha-cert.pem")
+            .replace("pki/sites/alpha/key.pem", "old-alpha-key.pem"),
+    )
+    .unwrap();
+    let (good, text) = check(&d.join("old-alpha.toml"));
+    assert!(!good && text.contains("has been revoked"), "{text}");
+    let (good, text) = check(&d.join("alpha.toml"));
     assert!(good && text.contains("welcomed by"), "{text}");
 
     // The aggregator's certificate revoked: nodes with the new CRL refuse the aggregator

@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! DIR/ca/ca.pem, ca.key                       the consortium CA (keep ca.key offline)
-//! DIR/ca/crl.pem, revoked.toml                revoked site certificates (`revoke`)
+//! DIR/ca/issued.toml                          every certificate issued (`issue`)
+//! DIR/ca/crl.pem, revoked.toml                revoked certificates (`revoke`)
 //! DIR/sites/<site>/cert.pem, key.pem, ca.pem  a hospital node's identity
 //! DIR/aggregator/<host>/cert.pem, key.pem, ca.pem
 //! ```
@@ -40,7 +41,9 @@ pub enum PkiError {
     },
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
-    #[error("no certificate for '{site}' at {path}: nothing to revoke")]
+    #[error(
+        "no certificate issued to '{site}' (none at {path}, none registered in ca/issued.toml): nothing to revoke"
+    )]
     NotIssued { site: String, path: PathBuf },
     #[error("{path}: {why}")]
     Unreadable { path: PathBuf, why: String },
@@ -69,6 +72,83 @@ pub fn crl_path(dir: &Path) -> PathBuf {
 
 fn revoked_path(dir: &Path) -> PathBuf {
     dir.join("ca").join("revoked.toml")
+}
+
+fn issued_path(dir: &Path) -> PathBuf {
+    dir.join("ca").join("issued.toml")
+}
+
+/// One certificate `issue` made, in `DIR/ca/issued.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuedCertificate {
+    /// "site" or "aggregator".
+    pub kind: String,
+    /// The site name or aggregator host.
+    pub name: String,
+    /// Serial number, hex.
+    pub serial: String,
+    /// Unix seconds.
+    pub issued_at: i64,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssuedList {
+    #[serde(default)]
+    issued: Vec<IssuedCertificate>,
+}
+
+fn read_toml<T: serde::de::DeserializeOwned + Default>(path: &Path) -> Result<T, PkiError> {
+    if !path.exists() {
+        return Ok(T::default());
+    }
+    let text = fs::read_to_string(path).map_err(io_err(path))?;
+    toml::from_str(&text).map_err(|e| PkiError::Unreadable {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })
+}
+
+fn write_toml<T: serde::Serialize>(path: &Path, value: &T) -> Result<(), PkiError> {
+    let text = toml::to_string(value).map_err(|e| PkiError::Unreadable {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    write_file(path, text.as_bytes(), 0o644)
+}
+
+/// The serial number (hex) of the first certificate in PEM `pem`, read from `path`.
+fn pem_serial(path: &Path, pem: &[u8]) -> Result<String, PkiError> {
+    let unreadable = |why: String| PkiError::Unreadable {
+        path: path.to_path_buf(),
+        why,
+    };
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem)
+        .map_err(|e| unreadable(format!("not a PEM certificate: {e}")))?;
+    let cert = parsed
+        .parse_x509()
+        .map_err(|e| unreadable(format!("not an X.509 certificate: {e}")))?;
+    Ok(cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+impl Role {
+    fn kind(&self) -> &'static str {
+        match self {
+            Role::Site(_) => "site",
+            Role::Aggregator(_) => "aggregator",
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Role::Site(n) | Role::Aggregator(n) => n,
+        }
+    }
 }
 
 pub fn ca_cert_path(dir: &Path) -> PathBuf {
@@ -231,6 +311,18 @@ pub fn issue(dir: &Path, role: &Role, days: i64) -> Result<IssuedFiles, PkiError
         ca: out_dir.join("ca.pem"),
         dir: out_dir,
     };
+    // Every certificate issued is registered, so that one replaced later can still be
+    // revoked.
+    let serial = pem_serial(&files.cert, cert.pem().as_bytes())?;
+    let register = issued_path(dir);
+    let mut issued: IssuedList = read_toml(&register)?;
+    issued.issued.push(IssuedCertificate {
+        kind: role.kind().to_string(),
+        name: role.name().to_string(),
+        serial,
+        issued_at: OffsetDateTime::now_utc().unix_timestamp(),
+    });
+    write_toml(&register, &issued)?;
     write_file(&files.key, key.serialize_pem().as_bytes(), 0o600)?;
     write_file(&files.cert, cert.pem().as_bytes(), 0o644)?;
     write_file(&files.ca, ca_pem.as_bytes(), 0o644)?;
@@ -306,21 +398,29 @@ struct RevokedList {
 /// What `revoke` did.
 #[derive(Debug, Clone)]
 pub struct Revocation {
-    pub serial: String,
-    /// False when this certificate was already revoked (the CRL is issued again anyway).
-    pub newly_revoked: bool,
+    /// The certificates revoked by this call (serials, hex).
+    pub newly_revoked: Vec<String>,
+    /// Certificates of this subject that were already revoked.
+    pub already_revoked: Vec<String>,
     /// Every certificate the CRL now lists.
     pub revoked: Vec<RevokedCertificate>,
     pub crl: PathBuf,
 }
 
-/// Revokes a site's or aggregator host's current certificate (`DIR/sites/<site>/cert.pem`,
-/// `DIR/aggregator/<host>/cert.pem`): records it in
-/// `DIR/ca/revoked.toml` and issues a new CRL at `DIR/ca/crl.pem`, signed by the CA, that
-/// lists every certificate revoked so far. Aggregators and nodes with `[tls] crl` set to a
-/// copy of it refuse the certificate from their next start. Issuing the site a new
-/// certificate afterwards (`issue`) gives it a new serial, which the CRL does not list.
-pub fn revoke(dir: &Path, role: &Role, reason: RevocationReason) -> Result<Revocation, PkiError> {
+/// Revokes the certificates of a site or aggregator host: every one `issue` registered
+/// for it (`DIR/ca/issued.toml`) and its current one (`DIR/sites/<site>/cert.pem`,
+/// `DIR/aggregator/<host>/cert.pem`), except the current one with `keep_current` (after a
+/// re-issue: the new certificate stays valid, the replaced ones are revoked). Records them
+/// in `DIR/ca/revoked.toml` and issues a new CRL at `DIR/ca/crl.pem`, signed by the CA,
+/// listing every certificate revoked so far. Aggregators and nodes with `[tls] crl` set to
+/// a copy of it refuse those certificates from their next start. A certificate issued
+/// afterwards has a new serial, which the CRL does not list.
+pub fn revoke(
+    dir: &Path,
+    role: &Role,
+    reason: RevocationReason,
+    keep_current: bool,
+) -> Result<Revocation, PkiError> {
     let (site, cert_path) = match role {
         Role::Site(site) => {
             validate_site_name(site)?;
@@ -339,40 +439,52 @@ pub fn revoke(dir: &Path, role: &Role, reason: RevocationReason) -> Result<Revoc
     if !ca_cert.exists() || !ca_key.exists() {
         return Err(PkiError::NoCa(dir.join("ca"), dir.display().to_string()));
     }
-    if !cert_path.exists() {
+    let unreadable = |path: &Path, why: String| PkiError::Unreadable {
+        path: path.to_path_buf(),
+        why,
+    };
+    let current = if cert_path.exists() {
+        let pem = fs::read(&cert_path).map_err(io_err(&cert_path))?;
+        Some(pem_serial(&cert_path, &pem)?)
+    } else {
+        None
+    };
+    let issued: IssuedList = read_toml(&issued_path(dir))?;
+    let mut serials: Vec<String> = issued
+        .issued
+        .iter()
+        .filter(|c| c.kind == role.kind() && c.name == site)
+        .map(|c| c.serial.clone())
+        .chain(current.clone())
+        .collect();
+    serials.dedup();
+    serials.sort();
+    serials.dedup();
+    if keep_current {
+        serials.retain(|s| Some(s) != current.as_ref());
+    }
+    if serials.is_empty() {
         return Err(PkiError::NotIssued {
             site: site.to_string(),
             path: cert_path,
         });
     }
-    let unreadable = |path: &Path, why: String| PkiError::Unreadable {
-        path: path.to_path_buf(),
-        why,
-    };
-    let pem = fs::read(&cert_path).map_err(io_err(&cert_path))?;
-    let (_, parsed) = x509_parser::pem::parse_x509_pem(&pem)
-        .map_err(|e| unreadable(&cert_path, format!("not a PEM certificate: {e}")))?;
-    let cert = parsed
-        .parse_x509()
-        .map_err(|e| unreadable(&cert_path, format!("not an X.509 certificate: {e}")))?;
-    let serial_bytes = cert.raw_serial().to_vec();
-    let serial: String = serial_bytes.iter().map(|b| format!("{b:02x}")).collect();
 
     let list_path = revoked_path(dir);
-    let mut list: RevokedList = if list_path.exists() {
-        let text = fs::read_to_string(&list_path).map_err(io_err(&list_path))?;
-        toml::from_str(&text).map_err(|e| unreadable(&list_path, e.to_string()))?
-    } else {
-        RevokedList::default()
-    };
-    let newly_revoked = !list.revoked.iter().any(|r| r.serial == serial);
-    if newly_revoked {
+    let mut list: RevokedList = read_toml(&list_path)?;
+    let (mut newly_revoked, mut already_revoked) = (Vec::new(), Vec::new());
+    for serial in serials {
+        if list.revoked.iter().any(|r| r.serial == serial) {
+            already_revoked.push(serial);
+            continue;
+        }
         list.revoked.push(RevokedCertificate {
             site: site.to_string(),
             serial: serial.clone(),
             revoked_at: OffsetDateTime::now_utc().unix_timestamp(),
             reason: reason.name().to_string(),
         });
+        newly_revoked.push(serial);
     }
     list.crl_number += 1;
 
@@ -407,13 +519,12 @@ pub fn revoke(dir: &Path, role: &Role, reason: RevocationReason) -> Result<Revoc
         key_identifier_method: rcgen::KeyIdMethod::Sha256,
     }
     .signed_by(&issuer)?;
-    let toml_text = toml::to_string(&list).map_err(|e| unreadable(&list_path, e.to_string()))?;
-    write_file(&list_path, toml_text.as_bytes(), 0o644)?;
+    write_toml(&list_path, &list)?;
     let crl_file = crl_path(dir);
     write_file(&crl_file, crl.pem()?.as_bytes(), 0o644)?;
     Ok(Revocation {
-        serial,
         newly_revoked,
+        already_revoked,
         revoked: list.revoked,
         crl: crl_file,
     })
