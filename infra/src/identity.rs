@@ -172,9 +172,10 @@ mod tests {
             dir.path(),
             &pki::Role::Site("beta".into()),
             pki::RevocationReason::KeyCompromise,
+            false,
         )
         .unwrap();
-        assert!(revocation.newly_revoked);
+        assert_eq!(revocation.newly_revoked.len(), 1);
         let with_crl = Trust::load(&a.ca, Some(&revocation.crl)).unwrap();
         let err = CertificateVerifier::new(&with_crl, &[("beta".into(), der(&b.cert))])
             .err()
