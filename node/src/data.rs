@@ -142,6 +142,15 @@ impl Table {
         }
     }
 
+    /// What kind of source the rows come from, for comparing row ids: "a CSV file" (ids
+    /// are row numbers, whichever file), or the ingestion pipeline.
+    pub fn source(&self) -> String {
+        match self.ids {
+            Some(_) => self.path.display().to_string(),
+            None => "a CSV file".to_string(),
+        }
+    }
+
     /// A row's id, stable while the source only grows: what differencing protection
     /// remembers of an answered cohort.
     pub fn row_id(&self, row: usize) -> u32 {

@@ -469,10 +469,18 @@ pub fn kept_records(
     cfg: &IngestConfig,
     store: &dyn Store,
 ) -> Result<Vec<crate::deid::Record>, IngestError> {
-    Ok(kept_records_with_ids(cfg, store)?
-        .into_iter()
-        .map(|(_, r)| r)
-        .collect())
+    let fail = |detail: String| IngestError {
+        stream: cfg.stream.clone(),
+        detail,
+    };
+    let mut out = Vec::new();
+    for (p, _) in parts(cfg).map_err(fail)? {
+        let ns = format!("output/{RECORDS_STREAM}/{}/{p}", cfg.stream);
+        for (_, v) in store.scan(&ns).map_err(|e| fail(e.to_string()))? {
+            out.push(crate::deid::Record::decode(&v).map_err(fail)?);
+        }
+    }
+    Ok(out)
 }
 
 /// Records per partition a stable id can tell apart (2^24).

@@ -23,6 +23,10 @@ type Reply = Result<Message, (ErrorCode, String)>;
 pub struct AnsweredCohort {
     pub query_id: String,
     pub dataset: String,
+    /// Where the dataset's rows came from (its file, or its ingestion pipeline): row ids
+    /// compare only within one source. Empty in memories written before it was kept.
+    #[serde(default)]
+    pub source: String,
     pub rows: Vec<u32>,
 }
 
@@ -57,6 +61,18 @@ impl CohortMemory {
         let mut answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
         let mine: BTreeSet<u32> = cohort.rows.iter().copied().collect();
         for earlier in answered.iter().filter(|a| a.dataset == cohort.dataset) {
+            if !earlier.source.is_empty() && earlier.source != cohort.source {
+                return Err(format!(
+                    "dataset '{}' now reads {}, but query '{}' was answered over {}: rows of \
+                     different sources cannot be compared, so differencing protection cannot \
+                     be checked (the site's operator can archive {} to start afresh)",
+                    cohort.dataset,
+                    cohort.source,
+                    earlier.query_id,
+                    earlier.source,
+                    self.path.display()
+                ));
+            }
             let theirs: BTreeSet<u32> = earlier.rows.iter().copied().collect();
             let differ = mine.symmetric_difference(&theirs).count() as u64;
             if differ > 0 && differ < min_difference {
@@ -178,6 +194,7 @@ impl Node {
         let answered = AnsweredCohort {
             query_id: q.query_id.clone(),
             dataset: q.dataset.clone(),
+            source: table.source(),
             rows: ids,
         };
         if let Err(why) = self.cohorts.admit(answered, min_cell) {
@@ -228,6 +245,7 @@ mod tests {
         AnsweredCohort {
             query_id: format!("q{}", rows.len()),
             dataset: "pima".into(),
+            source: "a CSV file".into(),
             rows: rows.to_vec(),
         }
     }
@@ -256,6 +274,15 @@ mod tests {
         let mut other = cohort_of(&all[1..]);
         other.dataset = "breast-cancer".into();
         again.admit(other, 11).unwrap();
+        // The same dataset read from another source: its row ids mean other rows, so the
+        // check cannot be made and the query is refused.
+        let mut moved = cohort_of(&all);
+        moved.source = "ingest pipeline 'extract'".into();
+        let err = again.admit(moved, 11).unwrap_err();
+        assert!(
+            err.contains("rows of different sources cannot be compared"),
+            "{err}"
+        );
     }
 
     #[test]

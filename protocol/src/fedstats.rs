@@ -272,9 +272,15 @@ impl StatsQuery {
             // The exact mean lies in [low, high] and the exact variance in
             // [0, (high − low)²/4] (Popoviciu), whatever the noise.
             let mean = (s / n).clamp(c.low, c.high);
-            let mean_range = mean_range(counts, sums).intersect(Interval::new(c.low, c.high));
+            // Floating-point slack: Σx²/n − (Σx/n)² cancels, so even an exact sum (no
+            // noise, no rounding) has a rounding error of its own.
+            let fp = 64.0 * f64::EPSILON * ((sq / n).abs() + (s / n).powi(2) + (s / n).abs());
+            let mean_range = mean_range(counts, sums)
+                .widen(fp)
+                .intersect(Interval::new(c.low, c.high));
             let var = (sq / n - (s / n).powi(2)).clamp(0.0, (c.high - c.low).powi(2) / 4.0);
             let var_range = variance_range(counts, sums, squares)
+                .widen(fp)
                 .intersect(Interval::new(0.0, (c.high - c.low).powi(2) / 4.0));
             let hist: Vec<f64> = v[at + 2..at + 2 + c.bins()].to_vec();
             let bin_err = radius(at + 2);
@@ -398,6 +404,15 @@ impl Interval {
             Interval::new(low, high)
         } else {
             other
+        }
+    }
+
+    /// The range grown by `slack` on each side (NaN slack leaves it unchanged).
+    fn widen(self, slack: f64) -> Interval {
+        if slack.is_finite() {
+            Interval::new(self.low - slack, self.high + slack)
+        } else {
+            self
         }
     }
 
@@ -575,6 +590,21 @@ mod tests {
         // The median lies within a bin width of the exact one.
         let (_, med) = &r.columns[0].quantiles[1];
         assert!((med.value.unwrap() - 119.0).abs() <= med.error, "{med:?}");
+    }
+
+    #[test]
+    fn an_exact_sum_still_allows_for_floating_point_cancellation() {
+        // A constant column: its exact variance is 0, but Σx²/n − (Σx/n)² need not be.
+        let q = StatsQuery {
+            suppress_below: 0,
+            ..query()
+        };
+        let rows: Vec<Vec<f64>> = (0..37).map(|i| vec![199.7, 20.0 + i as f64]).collect();
+        let r = q.release(&q.encode(&rows), None, 0.0).unwrap();
+        let var = &r.columns[0].variance;
+        assert!(var.value.unwrap().abs() <= var.error, "{var:?}");
+        // Nor is a correlation with a column that does not vary released.
+        assert_eq!(r.correlations.unwrap()[0][1], None);
     }
 
     #[test]

@@ -160,16 +160,34 @@ pub async fn subscribe(
         // handed over again.
         let mut max_seen = resume_from.saturating_sub(1);
         let mut last_new = Instant::now();
+        let mut last_warned: Option<Instant> = None;
         while !runner_gone.load(Ordering::Relaxed) {
-            let Ok(batch) = consumer
+            let batch = match consumer
                 .fetch()
                 .max_messages(FETCH_BATCH)
                 .expires(Duration::from_millis(300))
                 .messages()
                 .await
-            else {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                continue;
+            {
+                Ok(batch) => {
+                    last_warned = None;
+                    batch
+                }
+                Err(e) => {
+                    // The server is unreachable or refused the pull: a bounded ingestion still
+                    // ends after its idle time (what it has is checkpointed); an unbounded one
+                    // keeps trying.
+                    // Once, then at most every 30 s while it lasts.
+                    if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                        tracing::warn!(stream = %name, partition, "JetStream fetch failed: {e}");
+                        last_warned = Some(Instant::now());
+                    }
+                    if idle_exit.is_some_and(|d| last_new.elapsed() >= d) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
             };
             let msgs: Vec<jetstream::Message> =
                 batch.filter_map(|m| async move { m.ok() }).collect().await;
