@@ -630,8 +630,11 @@ impl StudyRunner {
         tasks
     }
 
-    /// Announces the study again to participants that reconnected since.
+    /// Announces the study again to participants that reconnected since. One that now
+    /// refuses it (its policy or data changed) leaves the study; one that accepts declares
+    /// its rows again.
     async fn reannounce(&self, participants: &mut BTreeMap<String, Participant>) {
+        let mut withdrawn = Vec::new();
         for (site, p) in participants.iter_mut() {
             let Some(current) = self.registry.get(site) else {
                 continue;
@@ -640,12 +643,19 @@ impl StudyRunner {
                 continue;
             }
             match self.announce(site).await {
-                Ok((conn_id, StudyDecision::Accept { .. })) => p.announced_on = conn_id,
+                Ok((conn_id, StudyDecision::Accept { training_rows, .. })) => {
+                    p.announced_on = conn_id;
+                    p.training_rows = training_rows;
+                }
                 Ok((_, StudyDecision::Refuse { reason, .. })) => {
-                    warn!(%site, "reconnected site refused the study: {reason}")
+                    warn!(%site, "reconnected site refused the study, and leaves it: {reason}");
+                    withdrawn.push(site.clone());
                 }
                 Err(e) => warn!(%site, "reconnected site did not answer the announcement: {e}"),
             }
+        }
+        for site in withdrawn {
+            participants.remove(&site);
         }
     }
 
