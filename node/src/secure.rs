@@ -47,7 +47,7 @@ fn admit(
     setup: &medfed_protocol::secagg::Setup,
     binding: &[u8; 32],
     tolerated_colluders: u32,
-    revealed: Option<&Vec<String>>,
+    revealed: Option<&str>,
 ) -> Result<u32, (ErrorCode, String)> {
     let invalid = |why: String| (ErrorCode::InvalidContent, why);
     let attempt = setup
@@ -76,7 +76,7 @@ fn admit(
             )
         })?;
     if let Some(before) = revealed
-        && *before != setup.parties
+        && before != parties_digest(&setup.parties)
     {
         return Err((
             ErrorCode::CannotServe,
@@ -90,16 +90,50 @@ fn admit(
 
 /// One secure aggregation this site revealed unmasking shares for, and with whom.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RevealedRound {
     study: String,
     round: u32,
-    parties: Vec<String>,
+    /// [`parties_digest`] of the sum's parties.
+    parties_sha256: String,
 }
 
-/// The rounds this site revealed shares for, kept in the node's state directory so that a
-/// restart between two attempts of a round does not let the aggregator have this site
-/// join a second sum over other parties (and subtract the two). Written before the shares
-/// are sent.
+/// SHA-256 of a sum's party list (names in order, one per line), hex.
+pub(crate) fn parties_digest(parties: &[String]) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for p in parties {
+        ctx.update(p.as_bytes());
+        ctx.update(b"\n");
+    }
+    ctx.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Why a reveal was not recorded (and so does not happen).
+#[derive(Debug)]
+pub(crate) enum RecordError {
+    /// This round was revealed with other parties.
+    OtherParties(String),
+    /// The record could not be written.
+    Write(String),
+}
+
+impl std::fmt::Display for RecordError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RecordError::OtherParties(why) | RecordError::Write(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Every secure aggregation this site revealed shares for, kept in the node's state
+/// directory, so that neither a retry nor a restart lets the aggregator have this site join
+/// a second sum of the same study and round over other parties (and subtract the two).
+/// Written before the shares are sent; nothing is ever forgotten (64 bytes per round), and
+/// round 0 (a study's feature statistics) is protected like any other.
 pub(crate) struct RevealedRounds {
     path: PathBuf,
     rounds: Mutex<Vec<RevealedRound>>,
@@ -129,31 +163,46 @@ impl RevealedRounds {
         self.rounds.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The parties this site revealed shares with for `study` `round`, if it did.
-    pub(crate) fn get(&self, study: &str, round: u32) -> Option<Vec<String>> {
+    /// The digest of the parties this site revealed shares with for `study` `round`, if it
+    /// did.
+    pub(crate) fn get(&self, study: &str, round: u32) -> Option<String> {
         self.lock()
             .iter()
             .find(|r| r.study == study && r.round == round)
-            .map(|r| r.parties.clone())
+            .map(|r| r.parties_sha256.clone())
     }
 
-    /// Records a reveal durably (only the latest rounds of each study matter for a retry).
+    /// Records a reveal durably, before it happens. Refuses (so the shares do not leave)
+    /// when this round was already revealed with other parties: two attempts admitted at
+    /// once both reach this point, and only the first may reveal.
     pub(crate) fn record(
         &self,
         study: &str,
         round: u32,
-        parties: Vec<String>,
-    ) -> Result<(), String> {
+        parties: &[String],
+    ) -> Result<(), RecordError> {
+        let digest = parties_digest(parties);
         let mut rounds = self.lock();
-        rounds.retain(|r| r.study != study || (r.round + 2 > round && r.round != round));
+        if let Some(before) = rounds.iter().find(|r| r.study == study && r.round == round) {
+            return if before.parties_sha256 == digest {
+                Ok(())
+            } else {
+                Err(RecordError::OtherParties(format!(
+                    "this site already revealed its shares for study '{study}' round {round} with other sites"
+                )))
+            };
+        }
         rounds.push(RevealedRound {
             study: study.to_string(),
             round,
-            parties,
+            parties_sha256: digest,
         });
         let bytes = serde_json::to_vec(&*rounds).expect("revealed rounds serialize");
-        medfed_infra::files::write_atomic(&self.path, &bytes)
-            .map_err(|e| format!("cannot write {}: {e}", self.path.display()))
+        medfed_infra::files::write_atomic(&self.path, &bytes).map_err(|e| {
+            // Not recorded: not revealed, and not remembered either.
+            rounds.pop();
+            RecordError::Write(format!("cannot write {}: {e}", self.path.display()))
+        })
     }
 }
 
@@ -180,7 +229,7 @@ impl Node {
             &sr.setup,
             &binding,
             self.config.policy.tolerated_colluders,
-            self.revealed.get(&study_id, round).as_ref(),
+            self.revealed.get(&study_id, round).as_deref(),
         )?;
         let parties = sr.setup.parties.clone();
         let me = parties
@@ -283,7 +332,7 @@ impl Node {
                 &sr.setup,
                 &binding,
                 self.config.policy.tolerated_colluders,
-                self.revealed.get(&r.study_id, r.round).as_ref(),
+                self.revealed.get(&r.study_id, r.round).as_deref(),
             )?;
             sr.setup
                 .validate()
@@ -337,14 +386,17 @@ impl Node {
                         // Durably, before the shares leave: if it cannot be recorded, they
                         // do not leave.
                         self.revealed
-                            .record(&key.0, key.1, party.parties)
+                            .record(&key.0, key.1, &party.parties)
                             .map_err(|e| {
                                 warn!(study = %m.study_id, round = m.round, "secure aggregation: left the round: {e}");
-                                (
-                                    ErrorCode::Internal,
-                                    "this site cannot record its reveal, so it does not reveal"
-                                        .to_string(),
-                                )
+                                match e {
+                                    RecordError::OtherParties(why) => (ErrorCode::CannotServe, why),
+                                    RecordError::Write(_) => (
+                                        ErrorCode::Internal,
+                                        "this site cannot record its reveal, so it does not reveal"
+                                            .to_string(),
+                                    ),
+                                }
                             })?;
                     }
                     info!(study = %m.study_id, round = m.round, "secure aggregation: shares revealed; done");
@@ -405,27 +457,38 @@ mod tests {
         assert!(err.contains("tolerated_colluders = 1"), "{err}");
         assert!(admit("pima", 3, &low, &b, 0, None).is_ok());
         // A second sum of this round over other sites.
-        let first: Vec<String> = ok.parties.clone();
+        let first = parties_digest(&ok.parties);
         assert_eq!(admit("pima", 3, &ok, &b, 1, Some(&first)), Ok(2));
         let fewer = setup("pima/3/3", 2, 2, b);
         assert!(why(admit("pima", 3, &fewer, &b, 1, Some(&first))).contains("already revealed"));
 
-        // The memory of reveals survives a restart of the node.
+        // The memory of reveals survives a restart, forgets nothing (round 0, a study's
+        // feature statistics, included), and refuses to record a second reveal of a round
+        // with other parties (two attempts admitted at once: only the first reveals).
         let dir = tempfile::tempdir().unwrap();
         let path = RevealedRounds::path(dir.path());
         let memory = RevealedRounds::open(path.clone()).unwrap();
-        memory.record("pima", 3, first.clone()).unwrap();
-        memory.record("pima", 4, first.clone()).unwrap();
-        memory.record("other", 1, vec!["x".into()]).unwrap();
+        memory.record("pima", 0, &ok.parties).unwrap();
+        memory.record("pima", 3, &ok.parties).unwrap();
+        memory.record("other", 1, &["x".to_string()]).unwrap();
+        assert!(matches!(
+            memory.record("pima", 3, &fewer.parties),
+            Err(RecordError::OtherParties(_))
+        ));
+        memory.record("pima", 3, &ok.parties).unwrap();
         drop(memory);
         let reopened = RevealedRounds::open(path.clone()).unwrap();
         let before = reopened.get("pima", 3);
-        assert_eq!(before.as_ref(), Some(&first));
-        assert!(why(admit("pima", 3, &fewer, &b, 1, before.as_ref())).contains("already revealed"));
-        // Only recent rounds of a study are kept; other studies are untouched.
-        reopened.record("pima", 6, first.clone()).unwrap();
-        assert_eq!(reopened.get("pima", 3), None);
-        assert_eq!(reopened.get("other", 1), Some(vec!["x".to_string()]));
+        assert_eq!(before.as_deref(), Some(first.as_str()));
+        assert!(
+            why(admit("pima", 3, &fewer, &b, 1, before.as_deref())).contains("already revealed")
+        );
+        for round in 4..40 {
+            reopened.record("pima", round, &ok.parties).unwrap();
+        }
+        assert_eq!(reopened.get("pima", 0).as_deref(), Some(first.as_str()));
+        assert_eq!(reopened.get("pima", 3).as_deref(), Some(first.as_str()));
+        assert!(reopened.get("other", 1).is_some());
         std::fs::write(&path, b"not json").unwrap();
         let err = RevealedRounds::open(path).err().unwrap();
         assert!(err.contains("not a list of revealed rounds"), "{err}");
