@@ -240,20 +240,34 @@ impl StudyRunner {
         }
         tasks.abort_all();
         let name = |v: &u32| setup.parties[*v as usize].clone();
-        // Wrong shares never make a wrong sum (rebuilt secrets are checked); their sites are
-        // named so that the operator can act on them.
-        let liars: Vec<String> = server.wrong_share_holders().iter().map(name).collect();
-        if !liars.is_empty() {
-            warn!(round, sites = %liars.join(", "), "secure aggregation: these sites revealed wrong shares at unmasking (checked against the others' and the owners' commitments)");
+        // Wrong shares never make a wrong sum (rebuilt secrets are checked); the inconsistent
+        // ones are named so that the operator can look into them. Either the holder revealed
+        // a wrong share or the owner dealt one: the protocol cannot tell which.
+        let inconsistent: Vec<String> = server
+            .inconsistent_shares()
+            .iter()
+            .map(|(owner, holder)| format!("{}'s share of {}'s secret", name(holder), name(owner)))
+            .collect();
+        if !inconsistent.is_empty() {
+            warn!(round, shares = %inconsistent.join(", "), "secure aggregation: shares inconsistent with the rebuilt secrets (the holder revealed a wrong share, or the owner dealt one)");
         }
         let sum = match server.outcome() {
             Some(Ok(sum)) => setup.quant.decode(sum),
             Some(Err(e)) => {
                 let e = match e {
-                    SecAggError::Unrebuildable { owner, what } => format!(
-                        "the shares revealed of site '{}''s {what} do not rebuild it: some of its \
-                         neighbours revealed wrong shares (or it dealt wrong ones)",
-                        name(owner)
+                    SecAggError::Unrebuildable {
+                        owner,
+                        what,
+                        gave_up,
+                    } => format!(
+                        "the shares revealed of site '{}''s {what} do not rebuild it: some are \
+                         wrong (its neighbours revealed wrong ones, or it dealt them){}",
+                        name(owner),
+                        if *gave_up {
+                            "; the search stopped at the round's limit"
+                        } else {
+                            ""
+                        }
                     ),
                     e => e.to_string(),
                 };

@@ -563,6 +563,11 @@ fn wrong_revealed_shares_are_got_around_and_never_corrupt_the_sum() {
         s.quant.decode(&sum),
         expected_sum(&s, &xs, out.contributors.iter().copied())
     );
+    assert_eq!(
+        out.inconsistent.iter().copied().collect::<Vec<_>>(),
+        vec![(0, 1), (3, 2)],
+        "the inconsistent shares are named: (owner, holder)"
+    );
 
     // Three wrong shares of party 0's seed leave 4 right ones, below t = 5: the round fails
     // naming party 0, instead of releasing a wrong sum.
@@ -593,12 +598,13 @@ fn wrong_revealed_shares_are_got_around_and_never_corrupt_the_sum() {
         err,
         SecAggError::Unrebuildable {
             owner: 0,
-            what: "self-mask seed"
+            what: "self-mask seed",
+            gave_up: false
         }
     );
     assert!(
         err.to_string()
-            .contains("some of its share holders revealed wrong shares"),
+            .contains("some are wrong (its holders revealed wrong ones, or it dealt them)"),
         "{err}"
     );
 }

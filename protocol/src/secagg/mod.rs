@@ -312,10 +312,16 @@ pub enum SecAggError {
         need: usize,
     },
     #[error(
-        "the shares revealed of party {owner}'s {what} do not rebuild it: some of its share \
-         holders revealed wrong shares (or it dealt wrong ones)"
+        "the shares revealed of party {owner}'s {what} do not rebuild it: some are wrong (its \
+         holders revealed wrong ones, or it dealt them){}",
+        if *gave_up { "; the search for a right subset stopped at the round's limit" } else { "" }
     )]
-    Unrebuildable { owner: PartyId, what: &'static str },
+    Unrebuildable {
+        owner: PartyId,
+        what: &'static str,
+        /// The search for a right subset ran out of the round's budget.
+        gave_up: bool,
+    },
     #[error("the aggregation was aborted: {0}")]
     Aborted(String),
 }

@@ -62,8 +62,10 @@ pub struct Server {
     /// the server never holds all of them at once.
     outbox: VecDeque<PartyId>,
     outcome: Option<Result<Vec<u64>, SecAggError>>,
-    /// Parties that revealed a share disagreeing with the secret the others rebuilt.
-    wrong_shares: BTreeSet<PartyId>,
+    /// (owner, holder): shares that disagree with the owner's secret as the other shares
+    /// rebuilt it (and its commitment or public key confirmed). The holder revealed a wrong
+    /// share, or the owner dealt one: the protocol cannot tell which.
+    inconsistent: BTreeSet<(PartyId, PartyId)>,
 }
 
 impl Server {
@@ -84,14 +86,15 @@ impl Server {
             reveals: BTreeMap::new(),
             outbox: VecDeque::new(),
             outcome: None,
-            wrong_shares: BTreeSet::new(),
+            inconsistent: BTreeSet::new(),
         })
     }
 
-    /// Parties caught revealing a wrong share at unmasking (each was checked against the
-    /// secret that the other shares rebuilt and that passed its commitment or public key).
-    pub fn wrong_share_holders(&self) -> &BTreeSet<PartyId> {
-        &self.wrong_shares
+    /// Shares found inconsistent at unmasking, as (owner, holder): each was tested against
+    /// the owner's secret as the other shares rebuilt it and its commitment or public key
+    /// confirmed. Either the holder revealed a wrong share or the owner dealt one.
+    pub fn inconsistent_shares(&self) -> &BTreeSet<(PartyId, PartyId)> {
+        &self.inconsistent
     }
 
     pub fn setup(&self) -> &Setup {
@@ -432,6 +435,15 @@ impl Server {
         }
     }
 
+    /// `shares` with those of holders already found inconsistent moved to the end, so that
+    /// the first `t` tried are likely right.
+    fn suspects_last(&self, shares: &[(PartyId, Vec<u8>)]) -> Vec<(PartyId, Vec<u8>)> {
+        let suspect = |holder: PartyId| self.inconsistent.iter().any(|&(_, h)| h == holder);
+        let mut ordered: Vec<(PartyId, Vec<u8>)> = shares.to_vec();
+        ordered.sort_by_key(|(holder, _)| suspect(*holder));
+        ordered
+    }
+
     /// Rebuilds the secrets the survivors revealed and removes every mask from the sum.
     fn unmask(&mut self) -> Result<Vec<u64>, SecAggError> {
         let t = self.setup.threshold as usize;
@@ -454,8 +466,11 @@ impl Server {
             }
         }
         // Extra Shamir reconstructions allowed in all, this round, to get around wrong
-        // shares and name their holders (an honest round needs none).
-        let mut budget = 8 * MAX_REBUILDS;
+        // shares (an honest round needs none), and, apart, to find which shares were wrong.
+        let mut budget = Budget {
+            search: 8 * MAX_REBUILDS,
+            identify: 8 * MAX_REBUILDS,
+        };
         let mut sum = std::mem::take(&mut self.sum);
         // Every mask to take out, as (seed, sign); applied at the end, in parallel.
         let mut masks: Vec<([u8; 32], i8)> = Vec::new();
@@ -469,13 +484,16 @@ impl Server {
                 });
             }
             let commitment = self.keys[&u].self_mask_commitment;
-            let rebuilt = rebuild(shares, t, &mut budget, |seed| {
+            let shares = self.suspects_last(shares);
+            let rebuilt = rebuild(&shares, t, &mut budget, |seed| {
                 self_mask_commitment(seed, &self.context) == commitment
             });
-            self.wrong_shares.extend(&rebuilt.wrong);
+            self.inconsistent
+                .extend(rebuilt.wrong.iter().map(|&holder| (u, holder)));
             let seed = rebuilt.secret.ok_or(SecAggError::Unrebuildable {
                 owner: u,
                 what: "self-mask seed",
+                gave_up: rebuilt.gave_up,
             })?;
             masks.push((self_mask_seed(&seed, &self.context), -1));
         }
@@ -495,17 +513,20 @@ impl Server {
                 });
             }
             let advertised = self.keys[&u].s_pk;
-            let rebuilt = rebuild(shares, t, &mut budget, |secret| {
+            let shares = self.suspects_last(shares);
+            let rebuilt = rebuild(&shares, t, &mut budget, |secret| {
                 <[u8; 32]>::try_from(secret)
                     .is_ok_and(|b| KeyPair::from_secret(b).public == advertised)
             });
-            self.wrong_shares.extend(&rebuilt.wrong);
+            self.inconsistent
+                .extend(rebuilt.wrong.iter().map(|&holder| (u, holder)));
             let secret = rebuilt
                 .secret
                 .and_then(|secret| <[u8; 32]>::try_from(secret).ok())
                 .ok_or(SecAggError::Unrebuildable {
                     owner: u,
                     what: "mask key",
+                    gave_up: rebuilt.gave_up,
                 })?;
             let pair = KeyPair::from_secret(secret);
             for &v in self.graph.neighbours(u) {
@@ -526,83 +547,93 @@ impl Server {
 /// Reconstructions allowed per secret while searching for wrong shares.
 const MAX_REBUILDS: usize = 512;
 
-/// A rebuilt secret (if any subset of the shares passed its check), and the parties whose
-/// shares disagree with it.
+/// A rebuilt secret (if any subset of the shares passed its check), the parties whose
+/// shares disagree with it, and whether the search stopped for lack of budget.
 struct Rebuilt {
     secret: Option<Vec<u8>>,
     wrong: Vec<PartyId>,
+    gave_up: bool,
+}
+
+/// Reconstructions left this round: to get around wrong shares, and to find them.
+struct Budget {
+    search: usize,
+    identify: usize,
 }
 
 /// Rebuilds a secret from `t` of `shares` (each with the party that revealed it) that
 /// passes `check` (its commitment or public key): the first `t` shares, else leaving out
-/// one share at a time, else two, up to [`MAX_REBUILDS`] tries and while `budget` (the
-/// round's extra reconstructions) lasts. So one wrong share among more than `t` is always
-/// got around, and two where the neighbourhood is small. When the first `t` did not pass,
-/// each share outside the subset that did is then tested in place of one of the subset's:
-/// one that changes the secret is wrong (its Lagrange coefficient is never 0), and its
-/// party named.
+/// one share at a time, else two, up to [`MAX_REBUILDS`] tries and while the round's search
+/// budget lasts. So one wrong share among more than `t` is always got around, and two where
+/// the neighbourhood is small. When the first `t` did not pass, each share outside the
+/// subset that did is then tested in place of one of the subset's: one that changes the
+/// secret is inconsistent (its Lagrange coefficient is never 0), and its party returned.
 fn rebuild(
     shares: &[(PartyId, Vec<u8>)],
     t: usize,
-    budget: &mut usize,
+    budget: &mut Budget,
     check: impl Fn(&[u8]) -> bool,
 ) -> Rebuilt {
     let m = shares.len();
-    let mut first = true;
-    let mut combine = |indices: &[usize], budget: &mut usize| {
-        if indices.len() != t {
-            return None;
-        }
-        // The first reconstruction is the honest round's own; the rest come from the budget.
-        if !std::mem::take(&mut first) {
-            if *budget == 0 {
-                return None;
-            }
-            *budget -= 1;
-        }
+    let combine = |indices: &[usize]| {
         let subset: Vec<Vec<u8>> = indices.iter().map(|&i| shares[i].1.clone()).collect();
         crypto::shamir_combine(&subset).ok()
     };
+    let first: Vec<usize> = (0..m.min(t)).collect();
+    if first.len() == t
+        && let Some(secret) = combine(&first).filter(|s| check(s))
+    {
+        // The honest round: any other share did not touch the sum.
+        return Rebuilt {
+            secret: Some(secret),
+            wrong: Vec::new(),
+            gave_up: false,
+        };
+    }
     // Leaving out a share beyond the first t + 1 changes nothing that leaving out fewer
     // did not already try.
     let reach = m.min(t + 1);
     let singles = (0..reach).map(|i| vec![i]);
     let pairs = (0..reach).flat_map(|i| (i + 1..reach).map(move |j| vec![i, j]));
-    let found = std::iter::once(Vec::new())
-        .chain(singles)
+    let mut gave_up = false;
+    let found = singles
         .chain(pairs)
         .filter(|left_out| m - left_out.len() >= t)
         .take(MAX_REBUILDS)
         .find_map(|left_out| {
+            if budget.search == 0 {
+                gave_up = true;
+                return None;
+            }
+            budget.search -= 1;
             let subset: Vec<usize> = (0..m).filter(|i| !left_out.contains(i)).take(t).collect();
-            let secret = combine(&subset, budget).filter(|s| check(s))?;
+            let secret = combine(&subset).filter(|s| check(s))?;
             Some((subset, secret))
         });
     let Some((subset, secret)) = found else {
         return Rebuilt {
             secret: None,
             wrong: Vec::new(),
+            gave_up,
         };
     };
-    if subset.iter().copied().eq(0..t) {
-        // The first t passed: any other share did not touch the sum.
-        return Rebuilt {
-            secret: Some(secret),
-            wrong: Vec::new(),
-        };
-    }
     let wrong = (0..m)
         .filter(|i| !subset.contains(i))
         .filter(|&j| {
+            if budget.identify == 0 {
+                // Not named; it did not touch the sum, which is right.
+                return false;
+            }
+            budget.identify -= 1;
             let mut swapped = subset.clone();
             swapped[0] = j;
-            // Out of budget: not named (it did not change the sum, which is right).
-            combine(&swapped, budget).is_some_and(|s| s != secret)
+            combine(&swapped).is_some_and(|s| s != secret)
         })
         .map(|j| shares[j].0)
         .collect();
     Rebuilt {
         secret: Some(secret),
         wrong,
+        gave_up: false,
     }
 }

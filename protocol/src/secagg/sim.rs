@@ -105,8 +105,8 @@ pub struct SimOutcome {
     pub bytes_received: BTreeMap<PartyId, usize>,
     /// Messages the server rejected, with the reason.
     pub rejected: Vec<(PartyId, SecAggError)>,
-    /// Parties the server caught revealing wrong shares.
-    pub wrong_shares: BTreeSet<PartyId>,
+    /// Inconsistent shares the server found, as (owner, holder).
+    pub inconsistent: BTreeSet<(PartyId, PartyId)>,
 }
 
 /// One unit of client work: create the client, or answer a server message.
@@ -246,7 +246,7 @@ pub fn run(
         bytes_sent: BTreeMap::new(),
         bytes_received: BTreeMap::new(),
         rejected: Vec::new(),
-        wrong_shares: BTreeSet::new(),
+        inconsistent: BTreeSet::new(),
     };
     let mut server = match clock.time(Actor::Server, || Server::new(setup.clone(), now, PHASE_MS)) {
         Ok(s) => s,
@@ -339,7 +339,7 @@ pub fn run(
         }
     }
     out.contributors = server.contributors().clone();
-    out.wrong_shares = server.wrong_share_holders().clone();
+    out.inconsistent = server.inconsistent_shares().clone();
     out.result = server
         .outcome()
         .cloned()
