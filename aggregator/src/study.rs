@@ -369,6 +369,15 @@ impl StudyRunner {
             let aggregate = loop {
                 attempt += 1;
                 self.reannounce(&mut participants).await;
+                if participants.len() < cfg.min_sites {
+                    // Sites left the study: no attempt can reach the quorum.
+                    return Err(StudyError::NoQuorum {
+                        study: cfg.id.clone(),
+                        got: participants.len(),
+                        need: cfg.min_sites,
+                        detail: "sites left the study (they refused it on reconnecting)".into(),
+                    });
+                }
                 let (invited, deadline) = self.select(round, &participants, &mut scheduler);
                 let result = if cfg.secure_aggregation.enabled {
                     self.secure_round(round, attempt, &model, &invited).await
@@ -643,12 +652,32 @@ impl StudyRunner {
                 continue;
             }
             match self.announce(site).await {
-                Ok((conn_id, StudyDecision::Accept { training_rows, .. })) => {
+                Ok((
+                    conn_id,
+                    StudyDecision::Accept {
+                        study_id,
+                        training_rows,
+                        ..
+                    },
+                )) if study_id == self.cfg.id && training_rows > 0 && training_rows <= MAX_ROWS => {
                     p.announced_on = conn_id;
                     p.training_rows = training_rows;
                 }
-                Ok((_, StudyDecision::Refuse { reason, .. })) => {
+                Ok((_, decision)) => {
+                    let reason = match decision {
+                        StudyDecision::Refuse { reason, .. } => reason,
+                        StudyDecision::Accept { training_rows, .. } => format!(
+                            "accepted another study, or with an implausible {training_rows} training rows"
+                        ),
+                    };
                     warn!(%site, "reconnected site refused the study, and leaves it: {reason}");
+                    let _ = self
+                        .audit
+                        .record(medfed_protocol::audit::Event::StudyDecision {
+                            study: self.cfg.id.clone(),
+                            accepted: false,
+                            reason: format!("site '{site}' refused on reconnecting: {reason}"),
+                        });
                     withdrawn.push(site.clone());
                 }
                 Err(e) => warn!(%site, "reconnected site did not answer the announcement: {e}"),

@@ -47,6 +47,10 @@ pub enum PkiError {
     NotIssued { site: String, path: PathBuf },
     #[error("{path}: {why}")]
     Unreadable { path: PathBuf, why: String },
+    #[error(
+        "'{site}' has only its current certificate on record (ca/issued.toml): --keep-current leaves nothing to revoke"
+    )]
+    NothingReplaced { site: String },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
@@ -312,10 +316,21 @@ pub fn issue(dir: &Path, role: &Role, days: i64) -> Result<IssuedFiles, PkiError
         dir: out_dir,
     };
     // Every certificate issued is registered, so that one replaced later can still be
-    // revoked.
+    // revoked; so is the one being replaced, if it predates the register.
     let serial = pem_serial(&files.cert, cert.pem().as_bytes())?;
     let register = issued_path(dir);
     let mut issued: IssuedList = read_toml(&register)?;
+    if let Ok(old) = fs::read(&files.cert)
+        && let Ok(old_serial) = pem_serial(&files.cert, &old)
+        && !issued.issued.iter().any(|c| c.serial == old_serial)
+    {
+        issued.issued.push(IssuedCertificate {
+            kind: role.kind().to_string(),
+            name: role.name().to_string(),
+            serial: old_serial,
+            issued_at: 0,
+        });
+    }
     issued.issued.push(IssuedCertificate {
         kind: role.kind().to_string(),
         name: role.name().to_string(),
@@ -457,11 +472,15 @@ pub fn revoke(
         .map(|c| c.serial.clone())
         .chain(current.clone())
         .collect();
-    serials.dedup();
     serials.sort();
     serials.dedup();
     if keep_current {
         serials.retain(|s| Some(s) != current.as_ref());
+        if serials.is_empty() {
+            return Err(PkiError::NothingReplaced {
+                site: site.to_string(),
+            });
+        }
     }
     if serials.is_empty() {
         return Err(PkiError::NotIssued {
@@ -533,6 +552,40 @@ pub fn revoke(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replaced_certificates_stay_revocable() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path(), "T", 2).unwrap();
+        let site = Role::Site("alpha".into());
+        let first = issue(dir.path(), &site, 2).unwrap();
+        let serial_of = |path: &Path| pem_serial(path, &fs::read(path).unwrap()).unwrap();
+        let old = serial_of(&first.cert);
+        // As if the first certificate predated the register.
+        fs::remove_file(issued_path(dir.path())).unwrap();
+        assert!(matches!(
+            revoke(dir.path(), &site, RevocationReason::Superseded, true),
+            Err(PkiError::NothingReplaced { .. })
+        ));
+        let second = issue(dir.path(), &site, 2).unwrap();
+        let new = serial_of(&second.cert);
+        assert_ne!(old, new);
+        let r = revoke(dir.path(), &site, RevocationReason::Superseded, true).unwrap();
+        assert_eq!(r.newly_revoked, vec![old.clone()], "only the replaced one");
+        let r = revoke(dir.path(), &site, RevocationReason::KeyCompromise, false).unwrap();
+        assert_eq!(r.newly_revoked, vec![new]);
+        assert_eq!(r.already_revoked, vec![old]);
+        assert_eq!(r.revoked.len(), 2);
+        assert!(matches!(
+            revoke(
+                dir.path(),
+                &Role::Site("beta".into()),
+                RevocationReason::Unspecified,
+                false
+            ),
+            Err(PkiError::NotIssued { .. })
+        ));
+    }
 
     #[test]
     fn site_names_are_dns_labels() {

@@ -65,12 +65,8 @@ impl CohortMemory {
                 return Err(format!(
                     "dataset '{}' now reads {}, but query '{}' was answered over {}: rows of \
                      different sources cannot be compared, so differencing protection cannot \
-                     be checked (the site's operator can archive {} to start afresh)",
-                    cohort.dataset,
-                    cohort.source,
-                    earlier.query_id,
-                    earlier.source,
-                    self.path.display()
+                     be checked (see docs/troubleshooting.md)",
+                    cohort.dataset, cohort.source, earlier.query_id, earlier.source,
                 ));
             }
             let theirs: BTreeSet<u32> = earlier.rows.iter().copied().collect();

@@ -169,10 +169,7 @@ pub async fn subscribe(
                 .messages()
                 .await
             {
-                Ok(batch) => {
-                    last_warned = None;
-                    batch
-                }
+                Ok(batch) => batch,
                 Err(e) => {
                     // The server is unreachable or refused the pull: a bounded ingestion still
                     // ends after its idle time (what it has is checkpointed); an unbounded one
@@ -183,6 +180,7 @@ pub async fn subscribe(
                         last_warned = Some(Instant::now());
                     }
                     if idle_exit.is_some_and(|d| last_new.elapsed() >= d) {
+                        tracing::warn!(stream = %name, partition, "JetStream: ending this bounded ingestion after its idle time; the last fetch failed: {e}");
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(200)).await;
