@@ -50,11 +50,12 @@ fn slow_sites_miss_deadlines_and_the_scheduler_leaves_them_out() {
             ),
         )
         .unwrap();
+        let log = std::fs::File::create(d.join(format!("{s}.log"))).unwrap();
         procs.0.push(
             Command::new(MEDFED)
                 .args(["node", "run", "--config", cfg.to_str().unwrap()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stdout(Stdio::from(log.try_clone().unwrap()))
+                .stderr(Stdio::from(log))
                 .spawn()
                 .unwrap(),
         );
@@ -131,6 +132,15 @@ min_coverage = 0.0
         assert!(
             sites.len() >= 2 && sites.iter().all(|s| !slow.contains(&s.as_str())),
             "round {round}: {sites:?}\n{log}"
+        );
+    }
+    // The slow sites stopped training at the deadline instead of finishing for nobody.
+    for s in slow {
+        let node_log = std::fs::read_to_string(d.join(format!("{s}.log"))).unwrap();
+        assert!(
+            node_log.contains("local training stopped")
+                && node_log.contains("the round's deadline passed"),
+            "{s}:\n{node_log}"
         );
     }
     // Later rounds do not invite them at all.

@@ -18,7 +18,7 @@ use medfed_protocol::messages::{
     StudyAnnouncement, StudyDecision,
 };
 use medfed_protocol::metrics::Evaluation;
-use medfed_protocol::model::{GlobalModel, mean_loss, predict, train_local};
+use medfed_protocol::model::{GlobalModel, TrainError, mean_loss, predict, train_local_until};
 use medfed_protocol::{ErrorCode, Message};
 use ndarray::Array2;
 use tracing::{debug, info, warn};
@@ -637,18 +637,34 @@ impl Node {
             r.study_id.clone(),
             r.round,
         );
+        // Past the round's deadline the aggregator goes on without this site: stop training
+        // then rather than finish an update nobody waits for.
+        let deadline_ms = r.deadline_ms;
+        let until = (deadline_ms > 0)
+            .then(|| std::time::Instant::now() + Duration::from_millis(deadline_ms));
         // Training is CPU work: keep it off the threads that drive the connection.
         tokio::task::spawn_blocking(move || {
             let (x_train, x_val) = standardized(&data, &model);
             let evaluation = evaluate(&data, &model, &x_val)?;
-            let weights = train_local(
+            let stop = || until.is_some_and(|t| std::time::Instant::now() >= t);
+            let weights = train_local_until(
                 data.kind,
                 &model.weights,
                 x_train.view(),
                 data.y_train.view(),
                 &params,
+                &stop,
             )
-            .map_err(|e| (ErrorCode::InvalidContent, e.to_string()))?;
+            .map_err(|e| match e {
+                TrainError::Stopped { .. } => {
+                    info!(%site, %study, round, "local training stopped: {e} ({deadline_ms} ms)");
+                    (
+                        ErrorCode::CannotServe,
+                        format!("local {e} ({deadline_ms} ms)"),
+                    )
+                }
+                e => (ErrorCode::InvalidContent, e.to_string()),
+            })?;
             let train_loss = mean_loss(data.kind, &weights, x_train.view(), data.y_train.view())
                 .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
             info!(%site, %study, round, train_loss, "local update ready");

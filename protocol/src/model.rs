@@ -70,6 +70,8 @@ pub enum TrainError {
     InvalidParam { name: &'static str, why: String },
     #[error("training diverged (non-finite parameters); lower the learning rate")]
     Diverged,
+    #[error("training stopped after {epochs} of {of} epochs: the round's deadline passed")]
+    Stopped { epochs: u32, of: u32 },
 }
 
 impl TrainParams {
@@ -233,6 +235,20 @@ pub fn train_local(
     y: ArrayView1<'_, f64>,
     params: &TrainParams,
 ) -> Result<Vec<f64>, TrainError> {
+    train_local_until(kind, start, x, y, params, &|| false)
+}
+
+/// [`train_local`], giving up with [`TrainError::Stopped`] as soon as `stop` says so
+/// (asked after every batch): a node past its round's deadline frees its CPU instead of
+/// finishing an update nobody waits for.
+pub fn train_local_until(
+    kind: ModelKind,
+    start: &[f64],
+    x: ArrayView2<'_, f64>,
+    y: ArrayView1<'_, f64>,
+    params: &TrainParams,
+    stop: &dyn Fn() -> bool,
+) -> Result<Vec<f64>, TrainError> {
     params.validate()?;
     let (n, d) = x.dim();
     if start.len() != d + 1 {
@@ -255,9 +271,15 @@ pub fn train_local(
     let mut order: Vec<usize> = (0..n).collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(params.seed);
     let batch = params.batch_size as usize;
-    for _ in 0..params.local_epochs {
+    for epoch in 0..params.local_epochs {
         order.shuffle(&mut rng);
         for chunk in order.chunks(batch) {
+            if stop() {
+                return Err(TrainError::Stopped {
+                    epochs: epoch,
+                    of: params.local_epochs,
+                });
+            }
             let xb = x.select(Axis(0), chunk);
             let yb = y.select(Axis(0), chunk);
             let pred = predict(kind, w.as_slice().unwrap_or(&[]), xb.view())?;
@@ -438,6 +460,45 @@ mod tests {
         let a = train_local(ModelKind::Logistic, &[0.0; 3], x.view(), y.view(), &p).unwrap();
         let b = train_local(ModelKind::Logistic, &[0.0; 3], x.view(), y.view(), &p).unwrap();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn training_stops_when_asked_between_batches() {
+        let (x, y) = separable();
+        let p = TrainParams {
+            local_epochs: 10,
+            batch_size: 2,
+            ..Default::default()
+        };
+        // Three batches per epoch: stopping at the 8th check is in the third epoch.
+        let asked = std::cell::Cell::new(0);
+        let stop = || {
+            asked.set(asked.get() + 1);
+            asked.get() > 7
+        };
+        assert_eq!(
+            train_local_until(
+                ModelKind::Logistic,
+                &[0.0; 3],
+                x.view(),
+                y.view(),
+                &p,
+                &stop
+            ),
+            Err(TrainError::Stopped { epochs: 2, of: 10 })
+        );
+        let never = train_local_until(
+            ModelKind::Logistic,
+            &[0.0; 3],
+            x.view(),
+            y.view(),
+            &p,
+            &|| false,
+        );
+        assert_eq!(
+            never.unwrap(),
+            train_local(ModelKind::Logistic, &[0.0; 3], x.view(), y.view(), &p).unwrap()
+        );
     }
 
     #[test]
