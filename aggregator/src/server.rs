@@ -162,8 +162,9 @@ impl Server {
         if let Some(old) = self.registry.insert(entry) {
             transport::close(
                 &old.conn,
-                ErrorCode::Internal,
-                "replaced by a newer connection from the same site",
+                ErrorCode::Replaced,
+                "a newer connection from this site took this one's place; if this repeats, \
+                 the site is running twice",
             );
         }
         self.emit(AggregatorEvent::SiteConnected { site: site.clone() });

@@ -317,6 +317,9 @@ pub enum ErrorCode {
     Internal,
     /// The aggregator is shutting down before its studies completed.
     ShuttingDown,
+    /// A newer connection from the same site took this one's place (the node reconnected,
+    /// or the site runs twice).
+    Replaced,
 }
 
 impl ErrorCode {
@@ -333,6 +336,7 @@ impl ErrorCode {
             ErrorCode::CannotServe => 7,
             ErrorCode::Internal => 8,
             ErrorCode::ShuttingDown => 9,
+            ErrorCode::Replaced => 10,
         }
     }
 
@@ -348,6 +352,7 @@ impl ErrorCode {
             6 => ErrorCode::InvalidContent,
             7 => ErrorCode::CannotServe,
             9 => ErrorCode::ShuttingDown,
+            10 => ErrorCode::Replaced,
             _ => ErrorCode::Internal,
         }
     }
@@ -375,6 +380,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::StudiesComplete => "all studies complete",
             ErrorCode::Internal => "internal error",
             ErrorCode::ShuttingDown => "shutting down",
+            ErrorCode::Replaced => "replaced by a newer connection from the same site",
         };
         f.write_str(s)
     }

@@ -221,6 +221,7 @@ proptest! {
         ErrorCode::UnsupportedVersion, ErrorCode::Malformed, ErrorCode::FrameTooLarge,
         ErrorCode::SiteNotAllowed, ErrorCode::UnexpectedMessage, ErrorCode::InvalidContent,
         ErrorCode::CannotServe, ErrorCode::StudiesComplete, ErrorCode::Internal, ErrorCode::ShuttingDown,
+        ErrorCode::Replaced,
     ])) {
         prop_assert_eq!(ErrorCode::from_close_code(code.to_close_code().into()), code);
     }
