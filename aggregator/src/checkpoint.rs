@@ -62,7 +62,8 @@ pub fn load(store: &dyn Store, cfg: &StudyConfig) -> Result<Option<StudyCheckpoi
 
 pub fn save(store: &dyn Store, id: &str, cp: &StudyCheckpoint) -> Result<(), String> {
     // JSON: exact for finite doubles (shortest round-trip form), and readable by an operator.
-    let bytes = serde_json::to_vec(cp).expect("a checkpoint serializes");
+    let bytes = serde_json::to_vec(cp)
+        .map_err(|e| format!("the checkpoint of study '{id}' cannot be encoded: {e}"))?;
     let mut b = Batch::default();
     b.put(STUDIES, id.as_bytes(), &bytes)
         .map_err(|e| e.to_string())?;

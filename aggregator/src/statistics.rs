@@ -110,7 +110,8 @@ impl StudyRunner {
             secure_aggregation: cfg.secure_aggregation.enabled,
             release: &release,
         };
-        let json = serde_json::to_vec_pretty(&file).expect("statistics serialize");
+        let json = serde_json::to_vec_pretty(&file)
+            .map_err(|e| self.failed(format!("the release cannot be encoded: {e}")))?;
         let path = self
             .out_dir
             .join("statistics")

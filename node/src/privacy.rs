@@ -49,7 +49,8 @@ impl LedgerFile {
     }
 
     fn save(&self, ledger: &Ledger) -> Result<(), String> {
-        let bytes = serde_json::to_vec_pretty(ledger).expect("a ledger serializes");
+        let bytes = serde_json::to_vec_pretty(ledger)
+            .map_err(|e| format!("the privacy ledger cannot be encoded: {e}"))?;
         medfed_infra::files::write_atomic(&self.path, &bytes).map_err(|e| {
             format!(
                 "cannot write the privacy ledger {}: {e}",

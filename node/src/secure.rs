@@ -197,8 +197,12 @@ impl RevealedRounds {
             round,
             parties_sha256: digest,
         });
-        let bytes = serde_json::to_vec(&*rounds).expect("revealed rounds serialize");
-        medfed_infra::files::write_atomic(&self.path, &bytes).map_err(|e| {
+        let written = serde_json::to_vec(&*rounds)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| {
+                medfed_infra::files::write_atomic(&self.path, &bytes).map_err(|e| e.to_string())
+            });
+        written.map_err(|e| {
             // Not recorded: not revealed, and not remembered either.
             rounds.pop();
             RecordError::Write(format!("cannot write {}: {e}", self.path.display()))

@@ -79,7 +79,8 @@ impl CohortMemory {
             }
         }
         answered.push(cohort);
-        let bytes = serde_json::to_vec(&*answered).expect("cohorts serialize");
+        let bytes = serde_json::to_vec(&*answered)
+            .map_err(|e| format!("the answered cohorts cannot be encoded: {e}"))?;
         medfed_infra::files::write_atomic(&self.path, &bytes)
             .map_err(|e| format!("cannot write {}: {e}", self.path.display()))
     }
