@@ -46,15 +46,11 @@ fn setup(d: &Path) -> PathBuf {
     let agg = d.join("aggregator.toml");
     std::fs::write(
         &agg,
-        format!(
-            r#"listen = "127.0.0.1:{port}"
-[tls]
-ca = "pki/aggregator/localhost/ca.pem"
-cert = "pki/aggregator/localhost/cert.pem"
-key = "pki/aggregator/localhost/key.pem"
-[sites]
-allow = ["site-a", "site-b", "site-c"]
-[[study]]
+        procs::aggregator_config(
+            port,
+            None,
+            &["site-a", "site-b", "site-c"],
+            r#"[[study]]
 id = "pima"
 dataset = "pima"
 model = "logistic"
@@ -71,7 +67,7 @@ batch_size = 8
 seed = 11
 [study.secure_aggregation]
 enabled = false
-"#
+"#,
         ),
     )
     .unwrap();

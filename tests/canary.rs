@@ -115,19 +115,14 @@ fn no_identifier_leaves_a_hospital() {
     let port = procs::free_udp_port();
     std::fs::write(
         d.join("aggregator.toml"),
-        format!(
-            r#"listen = "127.0.0.1:{port}"
-out_dir = "agg/out"
-[audit]
+        procs::aggregator_config(
+            port,
+            Some("agg/out"),
+            &SITES,
+            r#"[audit]
 log = "agg/audit/compliance.log"
 key = "agg/audit/signing.key"
 capture_sent = "agg/sent.bin"
-[tls]
-ca = "pki/aggregator/localhost/ca.pem"
-cert = "pki/aggregator/localhost/cert.pem"
-key = "pki/aggregator/localhost/key.pem"
-[sites]
-allow = ["hospital-a", "hospital-b", "hospital-c"]
 [[study]]
 id = "pima"
 dataset = "pima"
@@ -139,7 +134,7 @@ rounds = 4
 min_sites = 3
 wait_for_sites_secs = 60
 round_timeout_secs = 30
-"#
+"#,
         ),
     )
     .unwrap();

@@ -95,16 +95,11 @@ fn aggregator_and_three_nodes_as_processes_train_and_export_a_model() {
     let port = procs::free_udp_port();
     std::fs::write(
         d.join("aggregator.toml"),
-        format!(
-            r#"listen = "127.0.0.1:{port}"
-out_dir = "out"
-[tls]
-ca = "pki/aggregator/localhost/ca.pem"
-cert = "pki/aggregator/localhost/cert.pem"
-key = "pki/aggregator/localhost/key.pem"
-[sites]
-allow = ["hospital-a", "hospital-b", "hospital-c"]
-[[study]]
+        procs::aggregator_config(
+            port,
+            Some("out"),
+            &["hospital-a", "hospital-b", "hospital-c"],
+            r#"[[study]]
 id = "pima"
 dataset = "pima"
 model = "logistic"
@@ -115,36 +110,18 @@ rounds = 5
 min_sites = 3
 wait_for_sites_secs = 60
 round_timeout_secs = 30
-"#
+"#,
         ),
     )
     .unwrap();
     for (site, csv) in SITES.iter().zip(&data) {
         std::fs::write(
             d.join(format!("{site}.toml")),
-            format!(
-                r#"site = "{site}"
-[aggregator]
-address = "127.0.0.1:{port}"
-server_name = "localhost"
-[tls]
-ca = "pki/sites/{site}/ca.pem"
-cert = "pki/sites/{site}/cert.pem"
-key = "pki/sites/{site}/key.pem"
-[audit]
-log = "{site}-audit.log"
-key = "{site}-audit.key"
-[state]
-dir = "{site}-state"
-[policy.rules]
-datasets = ["pima"]
-[[dataset]]
-name = "pima"
-path = {csv:?}
-[reconnect]
-initial_backoff_ms = 100
-max_backoff_ms = 1000
-"#
+            procs::node_config(
+                site,
+                port,
+                csv.to_str().unwrap(),
+                &format!("{}{}", procs::SERVE_PIMA, procs::RECONNECT_FAST),
             ),
         )
         .unwrap();
@@ -333,16 +310,11 @@ fn a_node_killed_mid_round_does_not_stop_secure_aggregation() {
     let port = procs::free_udp_port();
     std::fs::write(
         d.join("aggregator.toml"),
-        format!(
-            r#"listen = "127.0.0.1:{port}"
-out_dir = "out"
-[tls]
-ca = "pki/aggregator/localhost/ca.pem"
-cert = "pki/aggregator/localhost/cert.pem"
-key = "pki/aggregator/localhost/key.pem"
-[sites]
-allow = ["site-a", "site-b", "site-c", "site-d"]
-[[study]]
+        procs::aggregator_config(
+            port,
+            Some("out"),
+            &["site-a", "site-b", "site-c", "site-d"],
+            r#"[[study]]
 id = "pima"
 dataset = "pima"
 model = "logistic"
@@ -356,7 +328,7 @@ round_timeout_secs = 15
 [study.training]
 local_epochs = 3
 batch_size = 16
-"#
+"#,
         ),
     )
     .unwrap();
@@ -365,8 +337,11 @@ batch_size = 16
         let cfg = d.join(format!("{site}.toml"));
         std::fs::write(
             &cfg,
-            format!(
-                "site = \"{site}\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n[tls]\nca = \"pki/sites/{site}/ca.pem\"\ncert = \"pki/sites/{site}/cert.pem\"\nkey = \"pki/sites/{site}/key.pem\"\n[audit]\nlog = \"{site}-audit.log\"\nkey = \"{site}-audit.key\"\n[state]\ndir = \"{site}-state\"\n[policy.rules]\ndatasets = [\"pima\"]\n[[dataset]]\nname = \"pima\"\npath = \"{site}.csv\"\n[reconnect]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n"
+            procs::node_config(
+                site,
+                port,
+                &format!("{site}.csv"),
+                &format!("{}{}", procs::SERVE_PIMA, procs::RECONNECT_FAST),
             ),
         )
         .unwrap();

@@ -122,12 +122,7 @@ wait_for_sites_secs = 60
         let cfg = d.join(format!("{s}.toml"));
         std::fs::write(
             &cfg,
-            format!(
-                "site = \"{s}\"\n[aggregator]\naddress = \"127.0.0.1:{udp}\"\nserver_name = \"localhost\"\n\
-                 [tls]\nca = \"pki/sites/{s}/ca.pem\"\ncert = \"pki/sites/{s}/cert.pem\"\nkey = \"pki/sites/{s}/key.pem\"\n\
-                 [audit]\nlog = \"{s}-audit.log\"\nkey = \"{s}-audit.key\"\n[state]\ndir = \"{s}-state\"\n\
-                 [policy.rules]\ndatasets = [\"pima\"]\n[[dataset]]\nname = \"pima\"\npath = \"{s}.csv\"\n"
-            ),
+            procs::node_config(s, udp, &format!("{s}.csv"), procs::SERVE_PIMA),
         )
         .unwrap();
         procs.0.push(

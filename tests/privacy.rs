@@ -38,16 +38,12 @@ fn a_site_stops_at_its_privacy_budget() {
     let port = procs::free_udp_port();
     std::fs::write(
         d.join("aggregator.toml"),
-        format!(
-            r#"listen = "127.0.0.1:{port}"
-out_dir = "out"
-[tls]
-ca = "pki/aggregator/localhost/ca.pem"
-cert = "pki/aggregator/localhost/cert.pem"
-key = "pki/aggregator/localhost/key.pem"
-[sites]
-allow = ["site-a", "site-b", "site-c", "site-d"]
-[[study]]
+        procs::aggregator_config(
+            port,
+            Some("out"),
+            &["site-a", "site-b", "site-c", "site-d"],
+            &format!(
+                r#"[[study]]
 id = "pima-dp"
 dataset = "pima"
 model = "logistic"
@@ -63,6 +59,7 @@ clip_norm = 1.0
 noise_multiplier = {z}
 feature_ranges = [[0, 17], [0, 200], [0, 122], [0, 99], [0, 67], [0, 2.5], [21, 81]]
 "#
+            ),
         ),
     )
     .unwrap();
@@ -76,30 +73,11 @@ feature_ranges = [[0, 17], [0, 200], [0, 122], [0, 99], [0, 67], [0, 2.5], [21, 
         };
         std::fs::write(
             d.join(format!("{site}.toml")),
-            format!(
-                r#"site = "{site}"
-[aggregator]
-address = "127.0.0.1:{port}"
-server_name = "localhost"
-[tls]
-ca = "pki/sites/{site}/ca.pem"
-cert = "pki/sites/{site}/cert.pem"
-key = "pki/sites/{site}/key.pem"
-[audit]
-log = "{site}-audit.log"
-key = "{site}-audit.key"
-[state]
-dir = "{site}-state"
-[policy.rules]
-datasets = ["pima"]
-{budget}
-[[dataset]]
-name = "pima"
-path = "{site}.csv"
-[reconnect]
-initial_backoff_ms = 100
-max_backoff_ms = 1000
-"#
+            procs::node_config(
+                site,
+                port,
+                &format!("{site}.csv"),
+                &format!("{}{budget}{}", procs::SERVE_PIMA, procs::RECONNECT_FAST),
             ),
         )
         .unwrap();

@@ -34,16 +34,12 @@ fn a_query_one_patient_away_from_an_answered_one_is_refused() {
     // The second cohort leaves out the one patient with glucose 195 (at one site).
     std::fs::write(
         d.join("aggregator.toml"),
-        format!(
-            r#"listen = "127.0.0.1:{port}"
-out_dir = "out"
-[tls]
-ca = "pki/aggregator/localhost/ca.pem"
-cert = "pki/aggregator/localhost/cert.pem"
-key = "pki/aggregator/localhost/key.pem"
-[sites]
-allow = ["site-a", "site-b", "site-c"]
-[[statistics]]
+        procs::aggregator_config(
+            port,
+            Some("out"),
+            &["site-a", "site-b", "site-c"],
+            &format!(
+                r#"[[statistics]]
 id = "all"
 dataset = "pima"
 min_sites = 3
@@ -55,35 +51,18 @@ cohort = [{{ column = "glu", op = "!=", value = 195 }}]
 min_sites = 3
 timeout_secs = 10
 {COLUMN}"#
+            ),
         ),
     )
     .unwrap();
     for site in SITES {
         std::fs::write(
             d.join(format!("{site}.toml")),
-            format!(
-                r#"site = "{site}"
-[aggregator]
-address = "127.0.0.1:{port}"
-server_name = "localhost"
-[tls]
-ca = "pki/sites/{site}/ca.pem"
-cert = "pki/sites/{site}/cert.pem"
-key = "pki/sites/{site}/key.pem"
-[audit]
-log = "{site}-audit.log"
-key = "{site}-audit.key"
-[state]
-dir = "{site}-state"
-[policy.rules]
-datasets = ["pima"]
-[[dataset]]
-name = "pima"
-path = "{site}.csv"
-[reconnect]
-initial_backoff_ms = 100
-max_backoff_ms = 1000
-"#
+            procs::node_config(
+                site,
+                port,
+                &format!("{site}.csv"),
+                &format!("{}{}", procs::SERVE_PIMA, procs::RECONNECT_FAST),
             ),
         )
         .unwrap();

@@ -63,15 +63,11 @@ fn slow_sites_miss_deadlines_and_the_scheduler_leaves_them_out() {
     let agg = d.join("aggregator.toml");
     std::fs::write(
         &agg,
-        format!(
-            r#"listen = "127.0.0.1:{port}"
-[tls]
-ca = "pki/aggregator/localhost/ca.pem"
-cert = "pki/aggregator/localhost/cert.pem"
-key = "pki/aggregator/localhost/key.pem"
-[sites]
-allow = ["site-a", "site-b", "site-c", "site-d", "site-e"]
-[[study]]
+        procs::aggregator_config(
+            port,
+            None,
+            &["site-a", "site-b", "site-c", "site-d", "site-e"],
+            r#"[[study]]
 id = "pima"
 dataset = "pima"
 model = "logistic"
@@ -90,7 +86,7 @@ enabled = false
 [study.scheduling]
 selection = "latency"
 min_coverage = 0.0
-"#
+"#,
         ),
     )
     .unwrap();

@@ -143,6 +143,22 @@ pub fn pima() -> (String, Vec<String>) {
     (header, lines.map(str::to_string).collect())
 }
 
+/// The aggregator config listening on `port` for `sites` (PKI in `pki/`, as [`pki`] makes
+/// it), with `out_dir` if given; `rest` is appended (studies and other tables).
+pub fn aggregator_config(port: u16, out_dir: Option<&str>, sites: &[&str], rest: &str) -> String {
+    let out = out_dir.map_or(String::new(), |o| format!("out_dir = {o:?}\n"));
+    format!(
+        "listen = \"127.0.0.1:{port}\"\n{out}[tls]\nca = \"pki/aggregator/localhost/ca.pem\"\n\
+         cert = \"pki/aggregator/localhost/cert.pem\"\nkey = \"pki/aggregator/localhost/key.pem\"\n\
+         [sites]\nallow = {sites:?}\n{rest}"
+    )
+}
+
+/// Node config tables: serve dataset "pima" by rule.
+pub const SERVE_PIMA: &str = "[policy.rules]\ndatasets = [\"pima\"]\n";
+/// Node config tables: reconnect within a second (tests restart the aggregator).
+pub const RECONNECT_FAST: &str = "[reconnect]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n";
+
 /// The node config of `site` (PKI in `pki/`, its files named after it in the same
 /// directory), dialling the aggregator on `port`, serving dataset "pima" from `csv`;
 /// `extra` is appended (more keys or tables).
