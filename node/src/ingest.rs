@@ -469,18 +469,10 @@ pub fn kept_records(
     cfg: &IngestConfig,
     store: &dyn Store,
 ) -> Result<Vec<crate::deid::Record>, IngestError> {
-    let fail = |detail: String| IngestError {
-        stream: cfg.stream.clone(),
-        detail,
-    };
-    let mut out = Vec::new();
-    for (p, _) in parts(cfg).map_err(fail)? {
-        let ns = format!("output/{RECORDS_STREAM}/{}/{p}", cfg.stream);
-        for (_, v) in store.scan(&ns).map_err(|e| fail(e.to_string()))? {
-            out.push(crate::deid::Record::decode(&v).map_err(fail)?);
-        }
-    }
-    Ok(out)
+    Ok(kept_by_partition(cfg, store)?
+        .into_iter()
+        .flat_map(|(_, records)| records)
+        .collect())
 }
 
 /// Records per partition a stable id can tell apart (2^24).
@@ -493,27 +485,51 @@ pub fn kept_records_with_ids(
     cfg: &IngestConfig,
     store: &dyn Store,
 ) -> Result<Vec<(u32, crate::deid::Record)>, IngestError> {
+    let mut out = Vec::new();
+    for (p, records) in kept_by_partition(cfg, store)? {
+        if p > 255 || records.len() > RECORDS_PER_PARTITION as usize {
+            return Err(IngestError {
+                stream: cfg.stream.clone(),
+                detail: format!(
+                    "partition {p} holds {} records: a dataset reads at most 256 partitions of \
+                     {RECORDS_PER_PARTITION} records",
+                    records.len()
+                ),
+            });
+        }
+        out.extend(
+            records
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| (p * RECORDS_PER_PARTITION + i as u32, r)),
+        );
+    }
+    Ok(out)
+}
+
+/// Each partition's kept records, in input order.
+fn kept_by_partition(
+    cfg: &IngestConfig,
+    store: &dyn Store,
+) -> Result<Vec<(u32, Vec<crate::deid::Record>)>, IngestError> {
     let fail = |detail: String| IngestError {
         stream: cfg.stream.clone(),
         detail,
     };
-    let mut out = Vec::new();
-    for (p, _) in parts(cfg).map_err(fail)? {
-        let ns = format!("output/{RECORDS_STREAM}/{}/{p}", cfg.stream);
-        let kept = store.scan(&ns).map_err(|e| fail(e.to_string()))?;
-        if p > 255 || kept.len() > RECORDS_PER_PARTITION as usize {
-            return Err(fail(format!(
-                "partition {p} holds {} records: a dataset reads at most 256 partitions of \
-                 {RECORDS_PER_PARTITION} records",
-                kept.len()
-            )));
-        }
-        for (i, (_, v)) in kept.into_iter().enumerate() {
-            let record = crate::deid::Record::decode(&v).map_err(fail)?;
-            out.push((p * RECORDS_PER_PARTITION + i as u32, record));
-        }
-    }
-    Ok(out)
+    parts(cfg)
+        .map_err(fail)?
+        .into_iter()
+        .map(|(p, _)| {
+            let ns = format!("output/{RECORDS_STREAM}/{}/{p}", cfg.stream);
+            let records = store
+                .scan(&ns)
+                .map_err(|e| fail(e.to_string()))?
+                .into_iter()
+                .map(|(_, v)| crate::deid::Record::decode(&v).map_err(fail))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((p, records))
+        })
+        .collect()
 }
 
 /// One line of `medfed node status`.
