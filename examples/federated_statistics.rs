@@ -116,8 +116,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "\n[[statistics]]\nid = \"{0}\"\ndataset = \"{0}\"\ncohort = [{1}]\ncorrelations = true\nmin_sites = 3\n",
             ds.name, ds.cohort
         );
-        if let Some(z) = noise {
-            agg += &format!("noise_multiplier = {z}\n");
+        match noise {
+            Some(z) => agg += &format!("noise_multiplier = {z}\n"),
+            None => agg += "exact = true\n",
         }
         for (name, lo, hi, edges) in ds.columns {
             agg += &format!(
@@ -128,14 +129,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(d.join("aggregator.toml"), agg)?;
     let mut nodes = Vec::new();
     for s in SITES {
+        // Exact statistics are released only where a dataset opts in.
+        let exact = if noise.is_none() {
+            "exact_releases = [\"statistics\"]\n"
+        } else {
+            ""
+        };
         let datasets: String = DATASETS
             .iter()
             .map(|ds| {
                 format!(
-                    "[[dataset]]\nname = \"{0}\"\npath = \"{s}-{0}.csv\"\n",
+                    "[[dataset]]\nname = \"{0}\"\npath = \"{s}-{0}.csv\"\n{exact}",
                     ds.name
                 )
             })
+            .collect();
+        // The rules name every column the queries read (cohorts included).
+        let columns: Vec<String> = DATASETS
+            .iter()
+            .flat_map(|ds| ds.columns.iter().map(|c| format!("{:?}", c.0)))
+            .chain(["\"npreg\"".to_string(), "\"diagnosis\"".to_string()])
             .collect();
         let cfg = d.join(format!("{s}.toml"));
         std::fs::write(
@@ -144,7 +157,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "site = \"{s}\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n\
                  [tls]\nca = \"pki/sites/{s}/ca.pem\"\ncert = \"pki/sites/{s}/cert.pem\"\nkey = \"pki/sites/{s}/key.pem\"\n\
                  [audit]\nlog = \"{s}-audit.log\"\nkey = \"{s}-audit.key\"\n[state]\ndir = \"{s}-state\"\n\
-                 [policy.rules]\n{datasets}"
+                 [policy.rules]\ncolumns = [{}]\n{datasets}",
+                columns.join(", ")
             ),
         )?;
         nodes.push(cfg);
@@ -159,6 +173,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let query: StatsQuery = serde_json::from_value(file["query"].clone())?;
         let release: StatsRelease = serde_json::from_value(file["release"].clone())?;
         failures += compare(ds, &query, &release)?;
+    }
+    // What the releases cost each hospital, from its own ledger (a node's `medfed node
+    // status` shows the same).
+    let budget = medfed_node::policy::PrivacyPolicy::default();
+    println!(
+        "\nprivacy budget of each hospital (limits: ε {} per study, {} in all, δ = {:e}):",
+        budget.epsilon, budget.total_epsilon, budget.delta
+    );
+    for s in SITES {
+        let ledger = medfed_node::privacy::load_ledger(&medfed_node::privacy::ledger_path(
+            &d.join(format!("{s}-state")),
+        ))?;
+        let spent = ledger.epsilon(None, budget.delta);
+        println!(
+            "  {s:<12} spent ε = {spent:.3} over {} release(s); {:.3} of {} left",
+            ledger
+                .studies
+                .values()
+                .map(|x| x.releases.iter().map(|r| r.1).sum::<u64>())
+                .sum::<u64>(),
+            (budget.total_epsilon - spent).max(0.0),
+            budget.total_epsilon
+        );
     }
     if failures > 0 {
         return Err(format!("{failures} released values lie outside their stated error").into());
@@ -237,6 +274,17 @@ fn compare(ds: &Dataset, q: &StatsQuery, r: &StatsRelease) -> Result<usize, Stri
         cohort.len(),
         rows.len()
     );
+    match &r.privacy {
+        Some(p) => println!(
+            "  differentially private release: (ε = {:.3}, δ = {:e}) per hospital's patients \
+             (noise multiplier {}, noise sd per entry {:.3} units)",
+            p.epsilon,
+            p.delta,
+            p.noise_multiplier,
+            r.noise_sd_units.unwrap_or(0.0)
+        ),
+        None => println!("  EXACT release: no differential privacy (the datasets opt in)"),
+    }
     println!(
         "  {:<28} {:>12}   {:<9} {:>12}",
         "statistic", "released", "error", "exact"

@@ -116,6 +116,8 @@ struct StudySummary {
     rounds: std::collections::BTreeSet<u32>,
     decisions: Vec<String>,
     released: u64,
+    /// Releases made without differential privacy (a dataset's `exact_releases`).
+    exact_releases: u64,
 }
 
 #[derive(Serialize)]
@@ -126,6 +128,8 @@ struct Report {
     starts: u64,
     recoveries: u64,
     errors: Vec<String>,
+    /// Datasets this party may release without differential privacy, and what.
+    exact_allowed: BTreeMap<String, Vec<String>>,
     studies: BTreeMap<String, StudySummary>,
 }
 
@@ -137,6 +141,7 @@ fn summarise(v: &Verified) -> Report {
         starts: 0,
         recoveries: 0,
         errors: Vec::new(),
+        exact_allowed: BTreeMap::new(),
         studies: BTreeMap::new(),
     };
     for rec in &v.records {
@@ -192,6 +197,15 @@ fn summarise(v: &Verified) -> Report {
             } else {
                 format!("round {round}: DP release, ε spent {epsilon:.3} (all studies {total_epsilon:.3}, δ = {delta:e})")
             }),
+            Event::ExactRelease { study, dataset } => {
+                let s = r.studies.entry(study.clone()).or_default();
+                s.exact_releases += 1;
+                s.decisions
+                    .push(format!("EXACT release of dataset '{dataset}' (no differential privacy)"));
+            }
+            Event::ExactAllowed { dataset, releases } => {
+                r.exact_allowed.insert(dataset.clone(), releases.clone());
+            }
             Event::Stop { .. } | Event::TreeHead { .. } => {}
         }
     }
@@ -293,6 +307,18 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
                 println!(
                     "note: the last {} records are not covered by a signed tree head",
                     r.unsigned_tail
+                );
+            }
+            for (dataset, releases) in &r.exact_allowed {
+                println!(
+                    "WARNING: dataset '{dataset}' may be released WITHOUT differential privacy: {} (exact_releases)",
+                    releases.join(", ")
+                );
+            }
+            let exact: u64 = r.studies.values().map(|s| s.exact_releases).sum();
+            if exact > 0 {
+                println!(
+                    "WARNING: {exact} release(s) WITHOUT differential privacy (see the studies below)"
                 );
             }
             println!(

@@ -288,6 +288,17 @@ fn write_configs(
     } else {
         String::new()
     };
+    // Without DP the demo's hospitals opt in to exact models of their dataset: a node
+    // trains only with differential privacy unless its operator says otherwise.
+    let exact = if privacy.is_some() {
+        String::new()
+    } else {
+        "# This hospital lets studies without differential privacy train on this dataset (the\n\
+         # model is released exactly, summed under secure aggregation). Without this line\n\
+         # only DP studies are served: run `medfed demo --noise-multiplier 2` to see one.\n\
+         exact_releases = [\"training\"]\n"
+            .to_string()
+    };
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -390,7 +401,7 @@ dir = "state-{name}"
 [[dataset]]
 name = "pima"
 path = "../data/{name}.csv"
-
+{exact}
 [reconnect]
 initial_backoff_ms = 200
 max_backoff_ms = 2000

@@ -143,15 +143,23 @@ pub fn run(dir: &Path, hospitals: &[Hospital], study: &Study) -> anyhow::Result<
     std::fs::write(&agg_path, agg)?;
     let mut node_paths = Vec::new();
     std::fs::create_dir_all(dir.join("nodes"))?;
+    // A study without [study.privacy] is served only where the dataset opts in to exact
+    // models; these example hospitals do.
+    let exact = if study.toml.contains("[study.privacy]") {
+        ""
+    } else {
+        "exact_releases = [\"training\"]\n"
+    };
     for h in hospitals {
         let n = &h.name;
         let node = format!(
             "site = {n:?}\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n\
              [tls]\nca = \"../pki/sites/{n}/ca.pem\"\ncert = \"../pki/sites/{n}/cert.pem\"\nkey = \"../pki/sites/{n}/key.pem\"\n\
              [audit]\nlog = \"../audit/{n}.log\"\nkey = \"../audit/{n}.key\"\n[state]\ndir = \"state-{n}\"\n\
-             [policy.rules]\ndatasets = [{:?}]\n[policy.privacy]\nepsilon = 1e6\ntotal_epsilon = 1e6\n\
-             [[dataset]]\nname = {:?}\npath = \"../data/{n}.csv\"\n",
-            study.dataset, study.dataset
+             [policy.rules]\ndatasets = [{:?}]\ncolumns = [{features}, {:?}]\n\
+             [policy.privacy]\nepsilon = 1e6\ntotal_epsilon = 1e6\n\
+             [[dataset]]\nname = {:?}\npath = \"../data/{n}.csv\"\n{exact}",
+            study.dataset, study.target, study.dataset
         );
         let p = dir.join("nodes").join(format!("{n}.toml"));
         std::fs::write(&p, node)?;

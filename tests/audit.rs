@@ -204,7 +204,7 @@ fn an_unapproved_study_is_refused_and_logged_on_both_sides_until_approved() {
     std::fs::write(
         d.join("node.toml"),
         format!(
-            "site = \"alpha\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n[tls]\nca = \"pki/sites/alpha/ca.pem\"\ncert = \"pki/sites/alpha/cert.pem\"\nkey = \"pki/sites/alpha/key.pem\"\n[audit]\nlog = \"alpha.log\"\nkey = \"alpha.key\"\n[[dataset]]\nname = \"pima\"\npath = \"pima.csv\"\n[reconnect]\ninitial_backoff_ms = 100\nmax_backoff_ms = 500\n"
+            "site = \"alpha\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n[tls]\nca = \"pki/sites/alpha/ca.pem\"\ncert = \"pki/sites/alpha/cert.pem\"\nkey = \"pki/sites/alpha/key.pem\"\n[audit]\nlog = \"alpha.log\"\nkey = \"alpha.key\"\n[[dataset]]\nname = \"pima\"\npath = \"pima.csv\"\nexact_releases = [\"training\"]\n[reconnect]\ninitial_backoff_ms = 100\nmax_backoff_ms = 500\n"
         ),
     )
     .unwrap();

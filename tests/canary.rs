@@ -165,9 +165,11 @@ key = "../pki/sites/{site}/key.pem"
 capture_sent = "sent.bin"
 [policy.rules]
 datasets = ["pima"]
+columns = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age", "type"]
 [[dataset]]
 name = "pima"
 ingest = "extract"
+exact_releases = ["training"]
 [reconnect]
 initial_backoff_ms = 100
 max_backoff_ms = 1000

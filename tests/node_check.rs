@@ -58,9 +58,11 @@ log = "alpha-audit.log"
 key = "alpha-audit.key"
 [policy.rules]
 datasets = ["pima"]
+columns = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age", "type"]
 [[dataset]]
 name = "pima"
 path = "{dataset}"
+exact_releases = ["training"]
 {extra}"#
     )
 }

@@ -45,8 +45,8 @@ fn slow_sites_miss_deadlines_and_the_scheduler_leaves_them_out() {
                 "site = \"{s}\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n\
                  [tls]\nca = \"pki/sites/{s}/ca.pem\"\ncert = \"pki/sites/{s}/cert.pem\"\nkey = \"pki/sites/{s}/key.pem\"\n\
                  [audit]\nlog = \"{s}-audit.log\"\nkey = \"{s}-audit.key\"\n[state]\ndir = \"{s}-state\"\n\
-                 [policy.rules]\ndatasets = [\"pima\"]\nallow_without_secure_aggregation = true\n\
-                 [[dataset]]\nname = \"pima\"\npath = \"{s}.csv\"\n"
+                 [policy.rules]\ndatasets = [\"pima\"]\ncolumns = [\"npreg\", \"glu\", \"bp\", \"skin\", \"bmi\", \"ped\", \"age\", \"type\"]\nallow_without_secure_aggregation = true\n\
+                 [[dataset]]\nname = \"pima\"\npath = \"{s}.csv\"\nexact_releases = [\"training\"]\n"
             ),
         )
         .unwrap();

@@ -119,7 +119,8 @@ async fn hostile_peers_are_refused_and_others_keep_being_served() {
         Message::Error(ErrorMessage { code, reason }) => {
             assert_eq!(code, ErrorCode::UnsupportedVersion);
             assert!(
-                reason.contains("protocol version 9") && reason.contains("version 1"),
+                reason.contains(&format!("protocol version {}", PROTOCOL_VERSION + 8))
+                    && reason.contains(&format!("version {PROTOCOL_VERSION}")),
                 "{reason}"
             );
         }

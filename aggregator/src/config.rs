@@ -161,9 +161,18 @@ pub struct StatisticsConfig {
     /// Also the Pearson correlation of every pair of columns.
     #[serde(default)]
     pub correlations: bool,
-    /// Differential privacy: the Gaussian noise multiplier (absent: exact release).
+    /// Differential privacy: the noise multiplier z (noise standard deviation over the
+    /// query's sensitivity). Every site adds its share and charges the release to its
+    /// budget.
+    #[serde(default = "default_statistics_noise")]
+    pub noise_multiplier: f64,
+    /// Ask for exact statistics (no noise). Only sites whose dataset opts in with
+    /// `exact_releases = ["statistics"]` answer, and only under secure aggregation.
     #[serde(default)]
-    pub noise_multiplier: Option<f64>,
+    pub exact: bool,
+    /// The δ at which the release's ε is reported (each site charges its own δ).
+    #[serde(default = "default_statistics_delta")]
+    pub delta: f64,
     /// Cells (counts) below this are not released.
     #[serde(default = "default_suppress_below")]
     pub suppress_below: u64,
@@ -181,6 +190,15 @@ fn default_suppress_below() -> u64 {
     11
 }
 
+/// One release at z = 1 costs ε ≈ 5.3 at δ = 10⁻⁶.
+fn default_statistics_noise() -> f64 {
+    1.0
+}
+
+fn default_statistics_delta() -> f64 {
+    1e-6
+}
+
 impl StatisticsConfig {
     pub fn query(&self) -> medfed_protocol::fedstats::StatsQuery {
         medfed_protocol::fedstats::StatsQuery {
@@ -189,7 +207,7 @@ impl StatisticsConfig {
             cohort: self.cohort.clone(),
             columns: self.columns.clone(),
             correlations: self.correlations,
-            noise_multiplier: self.noise_multiplier,
+            noise_multiplier: (!self.exact).then_some(self.noise_multiplier),
             suppress_below: self.suppress_below,
         }
     }
@@ -572,6 +590,18 @@ impl AggregatorConfig {
             }
             if s.timeout_secs == 0 {
                 return Err(invalid(key("timeout_secs"), "must be at least 1".into()));
+            }
+            if s.exact && !s.secure_aggregation.enabled {
+                return Err(invalid(
+                    key("exact"),
+                    "exact statistics need secure aggregation (sites release them only so)".into(),
+                ));
+            }
+            if !(s.delta > 0.0 && s.delta < 1e-3) {
+                return Err(invalid(
+                    key("delta"),
+                    format!("{} must be in (0, 0.001)", s.delta),
+                ));
             }
         }
         for (i, s) in self.studies.iter().enumerate() {

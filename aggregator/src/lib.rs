@@ -405,7 +405,7 @@ impl Aggregator {
                 status("started".into());
                 let query = sc.query();
                 let outcome = tokio::select! {
-                    r = runner.run_statistics(&query, allow.len()) => r,
+                    r = runner.run_statistics(&query, allow.len(), sc.delta) => r,
                     _ = stop.wait_for(Option::is_some) => {
                         interrupted = true;
                         break;

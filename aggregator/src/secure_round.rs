@@ -52,6 +52,8 @@ pub(crate) struct SecureSum {
     pub sites: Vec<String>,
     /// `1 / S`, S being the training rows of all the parties asked.
     scale: f64,
+    /// The setup's threshold `t`: each site's noise share is `σ²/(t − c)`.
+    pub threshold: u32,
 }
 
 impl StudyRunner {
@@ -163,6 +165,7 @@ impl StudyRunner {
             setup: setup.clone(),
             certificates: certificates.into_iter().map(|(_, der)| der).collect(),
             scale,
+            colluders: cfg.secure_aggregation.tolerated_colluders,
         }));
         let conns: Vec<quinn::Connection> =
             connected.iter().map(|(_, c, _)| c.conn.clone()).collect();
@@ -280,7 +283,12 @@ impl StudyRunner {
             .iter()
             .map(|&v| setup.parties[v as usize].clone())
             .collect();
-        Ok(SecureSum { sum, sites, scale })
+        Ok(SecureSum {
+            sum,
+            sites,
+            scale,
+            threshold: setup.threshold,
+        })
     }
 
     /// One training round with secure aggregation. The aggregator learns the FedAvg of the

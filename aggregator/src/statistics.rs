@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use medfed_protocol::Message;
-use medfed_protocol::fedstats::{StatsQuery, StatsRelease};
+use medfed_protocol::fedstats::{ReleasePrivacy, StatsQuery, StatsRelease};
 use medfed_protocol::messages::{StatisticsQuery, query_binding};
 use medfed_protocol::quant::QuantParams;
 use serde::Serialize;
@@ -17,6 +17,10 @@ use crate::study::{Participant, StudyError, StudyRunner};
 
 /// Largest entry of one site's vector, in units (a count of patients).
 const MAX_SITE_ENTRY: f64 = 1e9;
+
+/// The grid, `2^-bits` units, on which each site puts its noise without secure aggregation
+/// (the node's `PLAIN_GRID_BITS`).
+const PLAIN_GRID_BITS: u8 = 24;
 
 /// What `out/statistics/<id>.json` holds.
 #[derive(Debug, Serialize)]
@@ -35,6 +39,7 @@ impl StudyRunner {
         &self,
         query: &StatsQuery,
         allowed: usize,
+        delta: f64,
     ) -> Result<(StatsRelease, std::path::PathBuf), StudyError> {
         let cfg = &self.cfg;
         self.wait_for_sites(allowed).await?;
@@ -47,12 +52,15 @@ impl StudyRunner {
                 Some((site, Participant::for_query(conn)))
             })
             .collect();
-        let sigma = query.sigma();
         let bits_for = |n: usize| {
             let room = (2f64.powi(62) / (n as f64 * MAX_SITE_ENTRY)).log2().floor();
             room.clamp(0.0, 24.0) as u8
         };
-        let (sum, sites) = if cfg.secure_aggregation.enabled {
+        // The noise is the sites': each adds its share (a discrete Gaussian on its grid), so
+        // that the honest ones' shares carry at least σ together, and charges its budget.
+        // Nobody here adds or sees any noise alone.
+        let secure_aggregation = cfg.secure_aggregation.enabled;
+        let (sum, sites, noise_sd, rounding) = if secure_aggregation {
             let q = query.clone();
             let secure = self
                 .secure_sum(
@@ -75,15 +83,27 @@ impl StudyRunner {
                 )
                 .await
                 .map_err(|e| self.failed(e))?;
-            (secure.sum, secure.sites)
+            let n = participants.len();
+            let bits = bits_for(n);
+            let m = secure.sites.len() as f64;
+            let honest = secure
+                .threshold
+                .saturating_sub(cfg.secure_aggregation.tolerated_colluders)
+                .max(1);
+            // m shares of σ²/(t − c) each.
+            let noise_sd = query
+                .sigma_on_grid(bits, true)
+                .map(|s| s * (m / f64::from(honest)).sqrt());
+            // Each site's entries are rounded to the fixed point (at most one step each).
+            let rounding = n as f64 * 2f64.powi(-i32::from(bits));
+            (secure.sum, secure.sites, noise_sd, rounding)
         } else {
-            let (mut sum, sites) = self.plain_statistics(query, &participants).await;
-            if let Some(s) = sigma {
-                // Central noise: the sites trust the aggregator to add it.
-                let mut rng = rand::rng();
-                medfed_protocol::dp::add_gaussian(&mut sum, s, &mut rng);
-            }
-            (sum, sites)
+            let (sum, sites) = self.plain_statistics(query, &participants).await;
+            // Each site adds all of σ itself.
+            let noise_sd = query
+                .sigma_on_grid(PLAIN_GRID_BITS, false)
+                .map(|s| s * (sites.len() as f64).sqrt());
+            (sum, sites, noise_sd, 0.0)
         };
         if sites.len() < cfg.min_sites {
             return Err(StudyError::NoQuorum {
@@ -93,21 +113,15 @@ impl StudyRunner {
                 detail: "too few sites answered the statistics query".into(),
             });
         }
-        // Each site's entries are rounded to the fixed point (at most one step each).
-        let rounding = if cfg.secure_aggregation.enabled {
-            let n = participants.len();
-            n as f64 * 2f64.powi(-i32::from(bits_for(n)))
-        } else {
-            0.0
-        };
-        let release = query
-            .release(&sum, sigma, rounding)
+        let mut release = query
+            .release(&sum, noise_sd, rounding)
             .map_err(|e| self.failed(e))?;
+        release.privacy = query.noise_multiplier.map(|z| ReleasePrivacy::of(z, delta));
         let file = StatisticsFile {
-            format: "medfed-statistics/1",
+            format: "medfed-statistics/2",
             query,
             sites: sites.clone(),
-            secure_aggregation: cfg.secure_aggregation.enabled,
+            secure_aggregation,
             release: &release,
         };
         let json = serde_json::to_vec_pretty(&file)

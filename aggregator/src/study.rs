@@ -227,7 +227,7 @@ impl StudyRunner {
                         ..
                     },
                 )) if study_id == cfg.id => {
-                    if training_rows == 0 || training_rows > MAX_ROWS {
+                    if !self.plausible_rows(training_rows) {
                         warn!(%site, training_rows, "accepted with an implausible number of training rows; site left out");
                         continue;
                     }
@@ -308,7 +308,7 @@ impl StudyRunner {
             .map(|(site, p)| {
                 (
                     site.clone(),
-                    SiteStats::new(site.clone(), p.training_rows, 1000.0),
+                    SiteStats::new(site.clone(), p.training_rows.max(1), 1000.0),
                 )
             })
             .collect();
@@ -562,9 +562,9 @@ impl StudyRunner {
             }
             Selection::Latency => {
                 for (site, p) in participants {
-                    scheduler
-                        .entry(site.clone())
-                        .or_insert_with(|| SiteStats::new(site.clone(), p.training_rows, 1000.0));
+                    scheduler.entry(site.clone()).or_insert_with(|| {
+                        SiteStats::new(site.clone(), p.training_rows.max(1), 1000.0)
+                    });
                 }
                 let candidates: Vec<SiteStats> = participants
                     .keys()
@@ -639,6 +639,16 @@ impl StudyRunner {
         tasks
     }
 
+    /// Whether a site's declared training rows are plausible: none under differential
+    /// privacy (no count leaves a site), else between 1 and [`MAX_ROWS`].
+    fn plausible_rows(&self, rows: u64) -> bool {
+        if self.cfg.privacy.is_some() {
+            rows == 0
+        } else {
+            (1..=MAX_ROWS).contains(&rows)
+        }
+    }
+
     /// Announces the study again to participants that reconnected since. One that now
     /// refuses it (its policy or data changed) leaves the study; one that accepts declares
     /// its rows again.
@@ -659,7 +669,7 @@ impl StudyRunner {
                         training_rows,
                         ..
                     },
-                )) if study_id == self.cfg.id && training_rows > 0 && training_rows <= MAX_ROWS => {
+                )) if study_id == self.cfg.id && self.plausible_rows(training_rows) => {
                     p.announced_on = conn_id;
                     p.training_rows = training_rows;
                 }
@@ -754,8 +764,7 @@ impl StudyRunner {
             .values()
             .fold(0u64, |a, u| a.saturating_add(u.num_samples));
         if let Some(p) = &cfg.privacy {
-            // Central DP: the aggregator clips each delta (whatever the site did) and adds
-            // the noise itself; the sites trust it to.
+            // Each site clipped its delta and added all of the noise itself.
             let dp = p.training();
             let deltas: Vec<Vec<f64>> = updates
                 .values()
@@ -767,7 +776,7 @@ impl StudyRunner {
                         .collect()
                 })
                 .collect();
-            let weights = dp_average(&model.weights, deltas, &dp, &mut rand::rng());
+            let weights = dp_average(&model.weights, deltas, &dp);
             return Ok(RoundAggregate {
                 sites: updates.into_keys().collect(),
                 weights,
@@ -933,6 +942,14 @@ fn check_update(
     if u.weights.iter().any(|w| w.abs() > MAX_WEIGHT) {
         return Err(format!("a weight beyond ±{MAX_WEIGHT}"));
     }
+    if declared_rows == 0 {
+        // Under differential privacy no count is declared, and none is sent.
+        return if u.num_samples == 0 {
+            Ok(())
+        } else {
+            Err("a row count in a differentially private update".into())
+        };
+    }
     if u.num_samples == 0 || u.num_samples > declared_rows {
         return Err(format!(
             "claims {} training rows; the site declared {declared_rows}",
@@ -942,22 +959,25 @@ fn check_update(
     Ok(())
 }
 
-/// DP-FedAvg with central noise: `global + (Σ clip(Δ_i, C) + N(0, σ²)) / m`.
+/// DP-FedAvg without secure aggregation: `global + Σ Δ_i / m`, each `Δ_i` a site's clipped
+/// delta with all of its noise already added by the site (nobody here adds or removes
+/// any). A delta longer than an honest one can be (`C` plus its noise's norm beyond eight
+/// standard deviations) is cut to that length, so one site cannot push the model anywhere.
 pub(crate) fn dp_average(
     global: &[f64],
     deltas: Vec<Vec<f64>>,
     dp: &medfed_protocol::dp::DpTraining,
-    rng: &mut impl rand::Rng,
 ) -> Vec<f64> {
     let m = deltas.len().max(1) as f64;
+    let d = global.len() as f64;
+    let bound = dp.clip_norm + dp.sigma() * (d.sqrt() + 8.0);
     let mut sum = vec![0.0; global.len()];
-    for mut d in deltas {
-        medfed_protocol::dp::clip_l2(&mut d, dp.clip_norm);
-        for (s, x) in sum.iter_mut().zip(&d) {
+    for mut delta in deltas {
+        medfed_protocol::dp::clip_l2(&mut delta, bound);
+        for (s, x) in sum.iter_mut().zip(&delta) {
             *s += x;
         }
     }
-    medfed_protocol::dp::add_gaussian(&mut sum, dp.sigma(), rng);
     global.iter().zip(&sum).map(|(g, s)| g + s / m).collect()
 }
 
@@ -967,22 +987,17 @@ mod tests {
     use medfed_protocol::model::ModelKind;
 
     #[test]
-    fn central_dp_clips_every_delta_and_adds_the_stated_noise() {
-        use rand::SeedableRng;
+    fn a_hostile_delta_is_cut_to_what_an_honest_noisy_one_can_be() {
         let dp = medfed_protocol::dp::DpTraining {
             clip_norm: 1.0,
             noise_multiplier: 0.5,
         };
-        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
-        // A hostile site's huge delta moves the average by at most C / m (plus noise).
-        let draws: Vec<f64> = (0..4000)
-            .map(|_| dp_average(&[0.0], vec![vec![1e6], vec![0.0]], &dp, &mut rng)[0])
-            .collect();
-        let mean = draws.iter().sum::<f64>() / draws.len() as f64;
-        assert!((mean - 0.5).abs() < 0.05, "{mean}");
-        let sd = (draws.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 3999.0).sqrt();
-        // σ = z·2C = 1, divided by m = 2.
-        assert!((sd / 0.5 - 1.0).abs() < 0.05, "{sd}");
+        // σ = z·2C = 1; one coordinate: an honest noisy delta is at most C + 9σ = 10 long.
+        let w = dp_average(&[0.0], vec![vec![1e6], vec![0.0]], &dp);
+        assert!((w[0] - 5.0).abs() < 1e-9, "{w:?}");
+        // Honest deltas (noise included) pass unchanged: the average of the two.
+        let w = dp_average(&[1.0], vec![vec![2.5], vec![-0.5]], &dp);
+        assert!((w[0] - 2.0).abs() < 1e-12, "{w:?}");
     }
 
     fn update() -> ModelUpdate {

@@ -23,6 +23,7 @@ use medfed_protocol::{ErrorCode, Message};
 use ndarray::Array2;
 use tracing::{debug, info, warn};
 
+use crate::columns::ColumnClasses;
 use crate::config::NodeConfig;
 use crate::data::{StudyData, Table};
 
@@ -32,6 +33,10 @@ pub const SOFTWARE: &str = concat!("medfed-node ", env!("CARGO_PKG_VERSION"));
 const AGGREGATOR: &str = "aggregator";
 
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// The grid, `2^-bits`, on which a site puts a differentially private model delta sent
+/// without secure aggregation, before its noise.
+const TRAINING_GRID_BITS: u8 = 30;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -63,8 +68,8 @@ pub enum NodeExit {
 
 /// Where a dataset's rows come from.
 enum Dataset {
-    /// A CSV file, loaded at start.
-    File(Arc<Table>),
+    /// A CSV file, loaded at start, and its columns' classes.
+    File(Arc<Table>, ColumnClasses),
     /// The records an `[[ingest]]` pipeline has kept in the node's store, read when a study
     /// or query needs them (so records ingested since are included).
     Ingested(Box<crate::ingest::IngestConfig>),
@@ -153,7 +158,11 @@ impl Node {
                 None => {
                     let table = Table::load(&d.path)?;
                     info!(dataset = %d.name, rows = table.len(), path = %d.path.display(), "dataset loaded");
-                    Dataset::File(Arc::new(table))
+                    let classes = ColumnClasses::for_table(&table, &d.classes);
+                    for (column, class) in classes.unusable() {
+                        info!(dataset = %d.name, %column, "column never used by a study or query: {class}");
+                    }
+                    Dataset::File(Arc::new(table), classes)
                 }
             };
             datasets.insert(d.name.clone(), dataset);
@@ -169,6 +178,24 @@ impl Node {
         )?;
         if let Some(capture) = &config.audit.capture_sent {
             audit = audit.capture_sent_frames(capture)?;
+        }
+        for d in config
+            .datasets
+            .iter()
+            .filter(|d| !d.exact_releases.is_empty())
+        {
+            let releases: Vec<String> = d.exact_releases.iter().map(|r| r.to_string()).collect();
+            warn!(
+                dataset = %d.name,
+                "EXACT releases allowed (no differential privacy): {} (exact_releases in node.toml)",
+                releases.join(", ")
+            );
+            audit
+                .record(medfed_protocol::audit::Event::ExactAllowed {
+                    dataset: d.name.clone(),
+                    releases,
+                })
+                .map_err(|e| NodeError::Privacy(format!("cannot write the compliance log: {e}")))?;
         }
         let audit = Arc::new(audit);
         let roots = config.tls.trust()?;
@@ -204,8 +231,18 @@ impl Node {
             .keys()
             .map(|name| DatasetInfo {
                 name: name.clone(),
-                columns: match self.table(name) {
-                    Ok(Some(t)) => t.columns.clone(),
+                // Only the columns a study may use: the others' names are nobody's business.
+                columns: match self.table_with_classes(name) {
+                    Ok(Some((t, classes))) => t
+                        .columns
+                        .iter()
+                        .filter(|c| {
+                            classes
+                                .class(c)
+                                .is_none_or(|(class, _)| crate::columns::usable(*class))
+                        })
+                        .cloned()
+                        .collect(),
                     Ok(None) => Vec::new(),
                     Err(e) => {
                         warn!(dataset = %name, "{e}");
@@ -501,30 +538,66 @@ impl Node {
     }
 
     fn decide(&self, a: &StudyAnnouncement) -> Message {
+        // Fails closed: a decision that cannot be logged is not sent.
+        let decision = |accepted: bool, reason: &str, msg: StudyDecision| -> Message {
+            match self.log_decision(&a.study_id, accepted, reason) {
+                Ok(()) => Message::StudyDecision(msg),
+                Err((code, reason)) => Message::Error(ErrorMessage { code, reason }),
+            }
+        };
         let refuse = |reason: String| {
             warn!(study = %a.study_id, "refusing study: {reason}");
-            self.log_decision(&a.study_id, false, &reason);
-            Message::StudyDecision(StudyDecision::Refuse {
-                study_id: a.study_id.clone(),
-                reason,
-            })
+            decision(
+                false,
+                &reason,
+                StudyDecision::Refuse {
+                    study_id: a.study_id.clone(),
+                    reason: reason.clone(),
+                },
+            )
+        };
+        // Refused for a reason that depends on the data: the aggregator is told only that
+        // the site does not serve the study, in the same words whatever the data.
+        let decline = |reason: String| {
+            warn!(study = %a.study_id, "declining study: {reason}");
+            decision(
+                false,
+                &reason,
+                StudyDecision::Refuse {
+                    study_id: a.study_id.clone(),
+                    reason: crate::statistics::DECLINED.to_string(),
+                },
+            )
         };
         if let Some(dp) = &a.privacy
             && let Err(why) = dp.validate()
         {
             return refuse(format!("differential privacy parameters: {why}"));
         }
-        if a.privacy.is_none() && self.config.policy.privacy.require {
-            return refuse(
-                "this site serves only differentially private studies ([policy.privacy] require = true)"
-                    .into(),
-            );
-        }
         let approval = match self.config.policy.decide(a) {
             crate::policy::Verdict::Approved(why) => why,
             crate::policy::Verdict::Refused(why) => return refuse(why),
         };
-        let table = match self.table(&a.dataset) {
+        let Some(dataset) = self.dataset_config(&a.dataset) else {
+            return refuse(format!("this site serves no dataset named '{}'", a.dataset));
+        };
+        if a.privacy.is_none() {
+            if !dataset.allows_exact(crate::config::ExactRelease::Training) {
+                return refuse(format!(
+                    "this site trains on dataset '{}' only with differential privacy: give the \
+                     study a [study.privacy] section (its operator can allow exact models with \
+                     exact_releases = [\"training\"] on the dataset)",
+                    a.dataset
+                ));
+            }
+            if self.config.policy.privacy.require {
+                return refuse(
+                    "this site serves only differentially private studies ([policy.privacy] require = true)"
+                        .into(),
+                );
+            }
+        }
+        let (table, classes) = match self.table_with_classes(&a.dataset) {
             Ok(Some(t)) => t,
             Ok(None) => {
                 return refuse(format!("this site serves no dataset named '{}'", a.dataset));
@@ -534,42 +607,110 @@ impl Node {
                 return refuse(format!("this site cannot read dataset '{}' now", a.dataset));
             }
         };
+        let used = a
+            .features
+            .iter()
+            .chain(std::iter::once(&a.target))
+            .map(String::as_str);
+        if let Err(why) = classes.check(&a.dataset, used) {
+            return refuse(why);
+        }
         let data = match StudyData::prepare(&table, a) {
             Ok(d) => d,
+            Err(e @ crate::data::DataError::MissingColumn { .. }) => {
+                // The schema, not the data: say which column.
+                warn!(study = %a.study_id, "the study's data cannot be prepared: {e}");
+                return refuse(e.public_reason());
+            }
+            Err(e) if a.privacy.is_some() => {
+                // The details (value, line, path) stay here; under differential privacy the
+                // aggregator learns nothing that depends on the data.
+                return decline(format!("the study's data cannot be prepared: {e}"));
+            }
             Err(e) => {
-                // The details (value, line, path) stay here; the aggregator gets the kind.
+                // An exact study (opted in): the kind of problem and the column, never a
+                // value, a line or a path.
                 warn!(study = %a.study_id, "the study's data cannot be prepared: {e}");
                 return refuse(e.public_reason());
             }
         };
         if let Err(why) = self.config.policy.check_cohort(data.x_train.nrows() as u64) {
-            return refuse(why);
+            return decline(why);
         }
-        info!(study = %a.study_id, training_rows = data.x_train.nrows(), validation_rows = data.x_val.nrows(), "accepted study");
-        self.log_decision(&a.study_id, true, &approval);
-        let decision = StudyDecision::Accept {
+        info!(study = %a.study_id, training_rows = data.x_train.nrows(), validation_rows = data.x_val.nrows(), dp = a.privacy.is_some(), "accepted study");
+        let (training_rows, validation_rows) = if a.privacy.is_some() {
+            // Under differential privacy no count leaves: the model is all that is released.
+            (0, 0)
+        } else {
+            (data.x_train.nrows() as u64, data.x_val.nrows() as u64)
+        };
+        let accept = StudyDecision::Accept {
             study_id: a.study_id.clone(),
-            training_rows: data.x_train.nrows() as u64,
-            validation_rows: data.x_val.nrows() as u64,
+            training_rows,
+            validation_rows,
             // Under secure aggregation the statistics are only sent masked, when asked.
             // Under differential privacy nothing but the noisy model is released.
             feature_stats: (!a.secure_aggregation && a.privacy.is_none())
                 .then(|| data.feature_stats()),
         };
-        self.studies_lock()
-            .insert(a.study_id.clone(), Arc::new(data));
-        Message::StudyDecision(decision)
+        if a.privacy.is_none()
+            && let Err((code, reason)) = self.record_exact_release(&a.study_id, &a.dataset)
+        {
+            return Message::Error(ErrorMessage { code, reason });
+        }
+        let message = decision(true, &approval, accept);
+        if matches!(
+            message,
+            Message::StudyDecision(StudyDecision::Accept { .. })
+        ) {
+            self.studies_lock()
+                .insert(a.study_id.clone(), Arc::new(data));
+        }
+        message
     }
 
-    pub(crate) fn log_decision(&self, study: &str, accepted: bool, reason: &str) {
+    /// Records a decision in the compliance log. Fails closed: a decision that cannot be
+    /// logged is not acted on (the caller answers with the error instead).
+    pub(crate) fn log_decision(
+        &self,
+        study: &str,
+        accepted: bool,
+        reason: &str,
+    ) -> Result<(), (ErrorCode, String)> {
         let event = medfed_protocol::audit::Event::StudyDecision {
             study: study.to_string(),
             accepted,
             reason: reason.to_string(),
         };
-        if let Err(e) = self.audit.record(event) {
+        self.audit.record(event).map_err(|e| {
             warn!("cannot write the compliance log: {e}");
-        }
+            (
+                ErrorCode::Internal,
+                "this site cannot write its compliance log, so it does not answer".to_string(),
+            )
+        })
+    }
+
+    /// Records in the compliance log that `study` made an exact (not differentially private)
+    /// release of `dataset`, as the dataset's `exact_releases` allows. Fails closed.
+    pub(crate) fn record_exact_release(
+        &self,
+        study: &str,
+        dataset: &str,
+    ) -> Result<(), (ErrorCode, String)> {
+        warn!(%study, %dataset, "EXACT release (no differential privacy), as [[dataset]] exact_releases allows");
+        self.audit
+            .record(medfed_protocol::audit::Event::ExactRelease {
+                study: study.to_string(),
+                dataset: dataset.to_string(),
+            })
+            .map_err(|e| {
+                warn!("cannot write the compliance log: {e}");
+                (
+                    ErrorCode::Internal,
+                    "this site cannot write its compliance log, so it does not answer".to_string(),
+                )
+            })
     }
 
     fn studies_lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<StudyData>>> {
@@ -581,7 +722,7 @@ impl Node {
     pub(crate) fn table(&self, name: &str) -> Result<Option<Arc<Table>>, String> {
         match self.datasets.get(name) {
             None => Ok(None),
-            Some(Dataset::File(t)) => Ok(Some(t.clone())),
+            Some(Dataset::File(t, _)) => Ok(Some(t.clone())),
             Some(Dataset::Ingested(pipeline)) => {
                 let store = self
                     .store
@@ -593,6 +734,33 @@ impl Node {
                 Ok(Some(Arc::new(Table::from_records(&source, &records))))
             }
         }
+    }
+
+    /// A configured dataset and the classes of its columns.
+    pub(crate) fn table_with_classes(
+        &self,
+        name: &str,
+    ) -> Result<Option<(Arc<Table>, ColumnClasses)>, String> {
+        let declared = self
+            .dataset_config(name)
+            .map(|d| d.classes.clone())
+            .unwrap_or_default();
+        match self.datasets.get(name) {
+            None => Ok(None),
+            Some(Dataset::File(t, classes)) => Ok(Some((t.clone(), classes.clone()))),
+            Some(Dataset::Ingested(pipeline)) => {
+                let Some(table) = self.table(name)? else {
+                    return Ok(None);
+                };
+                let classes = ColumnClasses::for_pipeline(&table, &pipeline.fields, &declared);
+                Ok(Some((table, classes)))
+            }
+        }
+    }
+
+    /// A dataset's configuration, by name.
+    pub(crate) fn dataset_config(&self, name: &str) -> Option<&crate::config::DatasetConfig> {
+        self.config.datasets.iter().find(|d| d.name == name)
     }
 
     /// The rows prepared for an announced study.
@@ -682,11 +850,20 @@ impl Node {
     async fn train(&self, r: RoundOpen) -> Result<Message, (ErrorCode, String)> {
         let data = self.study(&r.study_id, &r.model)?;
         if let Some(dp) = data.privacy {
-            // Central DP: the aggregator adds the noise; this site clips, sends nothing
-            // else, and charges its budget first.
+            // Without secure aggregation the update is seen alone: this site adds all of
+            // the noise itself (trusting nobody), charges its budget first, and sends
+            // nothing else: no count, loss or evaluation.
             self.spend_budget(&r.study_id, r.round, dp.noise_multiplier)?;
             let u = self.local_update(&r).await?;
-            let delta = Node::dp_contribution(&r.model.weights, &u.weights, &dp, 0.0)?;
+            let width = r.model.weights.len();
+            let sigma = dp.sigma_on_grid(TRAINING_GRID_BITS, width, false);
+            let delta = Node::dp_contribution(
+                &r.model.weights,
+                &u.weights,
+                &dp,
+                sigma,
+                TRAINING_GRID_BITS,
+            )?;
             return Ok(Message::ModelUpdate(ModelUpdate {
                 study_id: r.study_id,
                 round: r.round,
@@ -697,7 +874,7 @@ impl Node {
                     .zip(&delta)
                     .map(|(g, d)| g + d)
                     .collect(),
-                num_samples: u.rows,
+                num_samples: 0,
                 train_loss: 0.0,
                 evaluation: Evaluation::empty(data.kind),
             }));

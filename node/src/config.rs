@@ -2,7 +2,7 @@
 //!
 //! Every key is documented in `docs/samples/node.toml`, which a test parses.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use medfed_infra::config::{
@@ -63,6 +63,43 @@ pub struct DatasetConfig {
     /// has kept (a snapshot when each study is accepted), not a raw file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ingest: Option<String>,
+    /// What this dataset may release WITHOUT differential privacy (default: nothing).
+    /// `"statistics"`: exact statistics queries (secure aggregation, small-cell and
+    /// complementary suppression, differencing checks); `"training"`: training studies
+    /// without `[study.privacy]` (their models, losses and evaluations, summed under secure
+    /// aggregation). Every other release carries noise and is charged to the budget.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exact_releases: Vec<ExactRelease>,
+    /// Column classes (`identifier`, `patient-id`, `birth-date`, `date`, `zip`, `age`,
+    /// `value`), e.g. `{ mrn = "patient-id", dob = "birth-date" }`: columns of the first
+    /// five are never used by a study or a query. Unclassed columns are classed by their
+    /// name and values (see `medfed node check`); class one `value` to use it anyway.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub classes: BTreeMap<String, crate::deid::FieldClass>,
+}
+
+/// A kind of release a dataset may make without differential privacy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExactRelease {
+    Statistics,
+    Training,
+}
+
+impl std::fmt::Display for ExactRelease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ExactRelease::Statistics => "statistics",
+            ExactRelease::Training => "training",
+        })
+    }
+}
+
+impl DatasetConfig {
+    /// Whether this dataset may release `what` without noise.
+    pub fn allows_exact(&self, what: ExactRelease) -> bool {
+        self.exact_releases.contains(&what)
+    }
 }
 
 fn path_is_empty(p: &Path) -> bool {

@@ -16,6 +16,7 @@
 
 pub mod check;
 pub mod client;
+pub mod columns;
 pub mod config;
 pub mod data;
 pub mod deid;

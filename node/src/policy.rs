@@ -109,7 +109,9 @@ pub struct Rules {
     /// Models a study may train (all, if absent).
     #[serde(default)]
     pub models: Option<Vec<ModelKind>>,
-    /// Columns a study may read as features or target (all, if absent).
+    /// Columns a study may read as features or target, and a query as a statistic or in
+    /// its cohort. Columns not named are refused (with none named, every study is).
+    /// Identifiers, patient identifiers, dates and ZIP codes are refused even if named.
     #[serde(default)]
     pub columns: Option<Vec<String>>,
     /// Most training rounds a study may run.
@@ -244,15 +246,13 @@ impl Policy {
             && !ds.contains(&q.dataset)
         {
             Some(format!("dataset '{}' is not allowed", q.dataset))
-        } else if let Some(cols) = &rules.columns
-            && let Some(c) = q
-                .columns
+        } else if let Some(why) = rules.column_violation(
+            q.columns
                 .iter()
                 .map(|c| &c.name)
-                .chain(q.cohort.iter().map(|c| &c.column))
-                .find(|c| !cols.contains(c))
-        {
-            Some(format!("column '{c}' is not allowed"))
+                .chain(q.cohort.iter().map(|c| &c.column)),
+        ) {
+            Some(why)
         } else if !secure && !rules.allow_without_secure_aggregation {
             Some("the query does not use secure aggregation".into())
         } else {
@@ -279,6 +279,20 @@ impl Policy {
 }
 
 impl Rules {
+    /// The first of `used` that the rules do not name (default deny).
+    fn column_violation<'a>(&self, mut used: impl Iterator<Item = &'a String>) -> Option<String> {
+        match &self.columns {
+            None => Some(
+                "[policy.rules] names no columns, so none may be used: list the columns \
+                 studies and queries may read in columns = [...]"
+                    .into(),
+            ),
+            Some(cols) => used
+                .find(|c| !cols.contains(c))
+                .map(|c| format!("column '{c}' is not allowed")),
+        }
+    }
+
     fn violation(&self, a: &StudyAnnouncement) -> Option<String> {
         if let Some(ds) = &self.datasets
             && !ds.contains(&a.dataset)
@@ -290,14 +304,10 @@ impl Rules {
         {
             return Some(format!("{} models are not allowed", a.model));
         }
-        if let Some(cols) = &self.columns
-            && let Some(c) = a
-                .features
-                .iter()
-                .chain(std::iter::once(&a.target))
-                .find(|c| !cols.contains(c))
+        if let Some(why) =
+            self.column_violation(a.features.iter().chain(std::iter::once(&a.target)))
         {
-            return Some(format!("column '{c}' is not allowed"));
+            return Some(why);
         }
         if let Some(max) = self.max_rounds
             && a.rounds > max
@@ -360,9 +370,19 @@ mod tests {
         assert!(matches!(p.decide(&longer), Verdict::Refused(_)));
         p.rules = Some(Rules {
             max_rounds: Some(20),
+            columns: Some(vec!["glu".into(), "bmi".into(), "type".into()]),
             ..Default::default()
         });
         assert!(matches!(p.decide(&longer), Verdict::Approved(_)));
+        // Rules that name no columns allow none.
+        p.rules = Some(Rules {
+            max_rounds: Some(20),
+            ..Default::default()
+        });
+        let Verdict::Refused(why) = p.decide(&longer) else {
+            panic!()
+        };
+        assert!(why.contains("names no columns"), "{why}");
     }
 
     #[test]

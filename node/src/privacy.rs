@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use medfed_protocol::ErrorCode;
+use medfed_protocol::dp::discrete::noisy_on_grid;
 use medfed_protocol::dp::ledger::Ledger;
-use medfed_protocol::dp::{DpTraining, add_gaussian, clip_l2};
+use medfed_protocol::dp::{DpTraining, clip_l2};
 use rand::SeedableRng;
 use ring::rand::SecureRandom;
 use tracing::{info, warn};
@@ -90,9 +91,15 @@ impl Node {
             delta: budget.delta,
             refused,
         };
-        if let Err(e) = self.audit.record(event) {
+        // Fails closed: a charge the compliance log does not show is not released (the
+        // ledger keeps it: the budget errs on the safe side).
+        self.audit.record(event).map_err(|e| {
             warn!("cannot write the compliance log: {e}");
-        }
+            (
+                ErrorCode::Internal,
+                "this site cannot write its compliance log, so it releases nothing".to_string(),
+            )
+        })?;
         match checked {
             Ok(_) => {
                 info!(%study, round, epsilon, total_epsilon = total, delta = budget.delta, "privacy budget charged");
@@ -109,37 +116,50 @@ impl Node {
         }
     }
 
-    /// `v` plus independent `N(0, sigma²)` noise on every entry, from a generator seeded by
-    /// the system's.
-    pub(crate) fn add_noise(mut v: Vec<f64>, sigma: f64) -> Result<Vec<f64>, Refusal> {
-        if sigma > 0.0 {
-            let mut seed = [0u8; 32];
-            ring::rand::SystemRandom::new()
-                .fill(&mut seed)
-                .map_err(|_| {
-                    (
-                        ErrorCode::Internal,
-                        "the system's random generator failed".to_string(),
-                    )
-                })?;
-            let mut rng = rand_chacha::ChaCha20Rng::from_seed(seed);
-            add_gaussian(&mut v, sigma, &mut rng);
+    /// `v` on a grid of `2^-bits` plus discrete Gaussian noise of standard deviation at
+    /// least `sigma` on the same grid ([`medfed_protocol::dp::discrete`]), from a generator
+    /// seeded by the system's.
+    pub(crate) fn noisy(v: Vec<f64>, sigma: f64, bits: u8) -> Result<Vec<f64>, Refusal> {
+        if sigma == 0.0 {
+            return Ok(v);
         }
-        Ok(v)
+        let mut rng = Node::secret_rng()?;
+        noisy_on_grid(&v, sigma, bits, &mut rng).map_err(|e| {
+            (
+                ErrorCode::InvalidContent,
+                format!("differential-privacy noise: {e}"),
+            )
+        })
     }
 
-    /// The site's DP-FedAvg contribution: its model delta clipped to `C`, plus Gaussian
-    /// noise of standard deviation `noise_sigma` (its share under secure aggregation; 0 when
-    /// the aggregator adds the noise centrally).
+    /// A generator for secrets (noise, sampling), seeded by the system's.
+    pub(crate) fn secret_rng() -> Result<rand_chacha::ChaCha20Rng, Refusal> {
+        let mut seed = [0u8; 32];
+        ring::rand::SystemRandom::new()
+            .fill(&mut seed)
+            .map_err(|_| {
+                (
+                    ErrorCode::Internal,
+                    "the system's random generator failed".to_string(),
+                )
+            })?;
+        Ok(rand_chacha::ChaCha20Rng::from_seed(seed))
+    }
+
+    /// The site's DP-FedAvg contribution: its model delta clipped to `C`, plus discrete
+    /// Gaussian noise of standard deviation `noise_sigma` on a grid of `2^-bits` (without
+    /// secure aggregation: all of σ; under it the noise is added to the masked words
+    /// instead, and this is called with 0).
     pub(crate) fn dp_contribution(
         global: &[f64],
         local: &[f64],
         dp: &DpTraining,
         noise_sigma: f64,
+        bits: u8,
     ) -> Result<Vec<f64>, Refusal> {
         let mut delta: Vec<f64> = local.iter().zip(global).map(|(w, g)| w - g).collect();
         clip_l2(&mut delta, dp.clip_norm);
-        Node::add_noise(delta, noise_sigma)
+        Node::noisy(delta, noise_sigma, bits)
     }
 }
 
@@ -173,11 +193,13 @@ mod tests {
             clip_norm: 1.0,
             noise_multiplier: 1.0,
         };
-        let clipped = Node::dp_contribution(&[0.0, 0.0], &[30.0, 40.0], &dp, 0.0).unwrap();
+        let clipped = Node::dp_contribution(&[0.0, 0.0], &[30.0, 40.0], &dp, 0.0, 30).unwrap();
         assert!((clipped[0] - 0.6).abs() < 1e-12 && (clipped[1] - 0.8).abs() < 1e-12);
-        let noisy = Node::dp_contribution(&[0.0, 0.0], &[30.0, 40.0], &dp, 1.0).unwrap();
+        let noisy = Node::dp_contribution(&[0.0, 0.0], &[30.0, 40.0], &dp, 1.0, 30).unwrap();
         assert_ne!(noisy, clipped);
-        let again = Node::dp_contribution(&[0.0, 0.0], &[30.0, 40.0], &dp, 1.0).unwrap();
+        // On the grid: exact multiples of 2^-30.
+        assert!(noisy.iter().all(|x| (x * 2f64.powi(30)).fract() == 0.0));
+        let again = Node::dp_contribution(&[0.0, 0.0], &[30.0, 40.0], &dp, 1.0, 30).unwrap();
         assert_ne!(noisy, again, "fresh noise every time");
     }
 }

@@ -23,6 +23,25 @@ pub(crate) struct Party {
     client: Client,
     verifier: CertificateVerifier,
     parties: Vec<String>,
+    /// Reveal nothing unless every party is in the sum (exact statistics: a sum over fewer
+    /// sites than asked would differ from an earlier one by those sites).
+    all_must_survive: bool,
+}
+
+/// What a site adds to its vector before masking.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Noise {
+    /// This site's share of the differential-privacy noise (value units; 0: none).
+    pub sigma: f64,
+    /// Whether the site reveals its unmasking shares only when every party is in the sum.
+    pub all_must_survive: bool,
+}
+
+impl Noise {
+    pub(crate) const NONE: Noise = Noise {
+        sigma: 0.0,
+        all_must_survive: false,
+    };
 }
 
 type Reply = Result<Message, (ErrorCode, String)>;
@@ -216,8 +235,29 @@ impl Node {
         self.secure.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Checks that a round's noise shares allow for at least as many colluding sites as
+    /// this site's policy (`tolerated_colluders`), and leave at least one honest share.
+    pub(crate) fn noise_colluders(&self, sr: &SecureRound) -> Result<(), String> {
+        let mine = self.config.policy.tolerated_colluders;
+        if sr.colluders < mine {
+            return Err(format!(
+                "the round's noise allows for {} colluding site(s); this site's policy tolerates {mine} \
+                 (the aggregator's secure_aggregation.tolerated_colluders must be at least that)",
+                sr.colluders
+            ));
+        }
+        if sr.setup.threshold <= sr.colluders {
+            return Err(format!(
+                "the round's threshold {} leaves no honest site's noise when {} collude",
+                sr.setup.threshold, sr.colluders
+            ));
+        }
+        Ok(())
+    }
+
     /// Joins a secure aggregation of `vector` (a training round, or round 0 for the
-    /// study's feature statistics) and answers with this site's signed keys.
+    /// study's feature statistics) with this site's share of the `noise`, and answers with
+    /// this site's signed keys.
     pub(crate) fn join_secure(
         &self,
         study_id: String,
@@ -225,6 +265,7 @@ impl Node {
         sr: SecureRound,
         vector: Vec<f64>,
         binding: [u8; 32],
+        noise: Noise,
     ) -> Reply {
         let invalid = |why: String| (ErrorCode::InvalidContent, why);
         let attempt = admit(
@@ -274,8 +315,15 @@ impl Node {
                     "the system's random generator failed".into(),
                 )
             })?;
-        let (client, first) = Client::new(sr.setup, me as u32, &vector, &self.signer, seed)
-            .map_err(|e| invalid(e.to_string()))?;
+        let (client, first) = Client::new_noised(
+            sr.setup,
+            me as u32,
+            &vector,
+            noise.sigma,
+            &self.signer,
+            seed,
+        )
+        .map_err(|e| invalid(e.to_string()))?;
         info!(study = %study_id, round, attempt, parties = parties.len(), "secure aggregation: keys advertised");
         let mut secure = self.secure_lock();
         // A new round (or a retry of this one) replaces what an abandoned one left behind.
@@ -286,6 +334,7 @@ impl Node {
                 client,
                 verifier,
                 parties,
+                all_must_survive: noise.all_must_survive,
             },
         );
         Ok(Message::SecAggFromNode(SecAggFromNode {
@@ -318,11 +367,9 @@ impl Node {
         if let Some(dp) = data.privacy {
             // Distributed DP: the noise of the fewest honest contributors a decoded sum can
             // have (t - c) adds up to the study's σ.
-            let honest = sr
-                .setup
-                .threshold
-                .saturating_sub(self.config.policy.tolerated_colluders)
-                .max(1);
+            self.noise_colluders(&sr)
+                .map_err(|why| (ErrorCode::CannotServe, why))?;
+            let honest = sr.setup.threshold.saturating_sub(sr.colluders).max(1);
             if sr.setup.dimension as usize != r.model.weights.len() {
                 return Err((
                     ErrorCode::InvalidContent,
@@ -343,15 +390,19 @@ impl Node {
                 .map_err(|e| (ErrorCode::InvalidContent, e.to_string()))?;
             self.spend_budget(&r.study_id, r.round, dp.noise_multiplier)?;
             let u = self.local_update(&r).await?;
-            let vector =
-                Node::dp_contribution(&r.model.weights, &u.weights, &dp, dp.share_sigma(honest))?;
-            return self.join_secure(r.study_id, r.round, sr, vector, binding);
+            let vector = Node::dp_contribution(&r.model.weights, &u.weights, &dp, 0.0, 0)?;
+            let sigma = dp.sigma_on_grid(sr.setup.quant.scale_bits, vector.len(), true);
+            let noise = Noise {
+                sigma: sigma / f64::from(honest).sqrt(),
+                all_must_survive: false,
+            };
+            return self.join_secure(r.study_id, r.round, sr, vector, binding, noise);
         }
         let u = self.local_update(&r).await?;
         Self::check_scale(sr.scale, u.rows)?;
         let vector =
             update_vector::encode(&u.weights, u.train_loss, u.rows, &u.evaluation, sr.scale);
-        self.join_secure(r.study_id, r.round, sr, vector, binding)
+        self.join_secure(r.study_id, r.round, sr, vector, binding, Noise::NONE)
     }
 
     /// The study's feature statistics under secure aggregation.
@@ -367,7 +418,7 @@ impl Node {
         Self::check_scale(s.secure.scale, stats.count)?;
         let vector = update_vector::encode_statistics(&stats, s.secure.scale);
         let binding = statistics_binding(&s.study_id, s.secure.scale);
-        self.join_secure(s.study_id, 0, s.secure, vector, binding)
+        self.join_secure(s.study_id, 0, s.secure, vector, binding, Noise::NONE)
     }
 
     /// The next step of a secure aggregation in progress.
@@ -383,6 +434,20 @@ impl Node {
                 ),
             )
         })?;
+        if party.all_must_survive
+            && let medfed_protocol::secagg::ServerMessage::UnmaskRequest { survivors } = &m.message
+            && survivors.len() != party.parties.len()
+        {
+            let why = format!(
+                "{} of the {} sites are in the sum: an exact answer over fewer sites than asked \
+                 would differ from an earlier one by those sites, so this site does not reveal",
+                survivors.len(),
+                party.parties.len(),
+            );
+            secure.remove(&key);
+            warn!(study = %m.study_id, round = m.round, "secure aggregation: left the round: {why}");
+            return Err((ErrorCode::CannotServe, why));
+        }
         match party.client.handle(m.message, &party.verifier) {
             Ok(answer) => {
                 if matches!(answer, ClientMessage::UnmaskShares { .. }) {

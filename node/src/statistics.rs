@@ -13,12 +13,14 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::client::Node;
+use crate::config::ExactRelease;
 use crate::data::Table;
 use crate::policy::Verdict;
 
 type Reply = Result<Message, (ErrorCode, String)>;
 
-/// A cohort this site answered for: the rows of a dataset.
+/// A cohort this site released exact statistics of: the rows of a dataset, and the sites
+/// whose cohorts were summed with it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AnsweredCohort {
     pub query_id: String,
@@ -28,9 +30,15 @@ pub struct AnsweredCohort {
     #[serde(default)]
     pub source: String,
     pub rows: Vec<u32>,
+    /// SHA-256 of the sum's parties (see `secure::parties_digest`); absent in memories
+    /// written before it was kept.
+    #[serde(default)]
+    pub parties_sha256: Option<String>,
 }
 
-/// The cohorts answered so far, kept in the state directory (written through).
+/// The cohorts of the exact statistics released so far, kept in the state directory
+/// (written through). Queries with differential privacy are not remembered: their noise
+/// protects them, and their budget bounds how often they can be asked.
 pub struct CohortMemory {
     path: PathBuf,
     answered: Mutex<Vec<AnsweredCohort>>,
@@ -54,9 +62,15 @@ impl CohortMemory {
         })
     }
 
-    /// Records `cohort` unless it differs from an earlier cohort of the same dataset by
-    /// fewer than `min_difference` rows (but more than none: asking the same cohort again
-    /// is a new release, charged to the budget, not a difference).
+    /// Records `cohort` unless answering it exactly would reveal patients through an earlier
+    /// exact answer over the same dataset:
+    ///
+    /// - its rows differ from the earlier cohort's by at least 1 but fewer than
+    ///   `min_difference` patients (the difference of the two answers is those patients);
+    /// - its rows are the same but the sum's sites are not (the difference of the two sums
+    ///   is the other sites' exact statistics).
+    ///
+    /// The same cohort with the same sites again is allowed.
     pub fn admit(&self, cohort: AnsweredCohort, min_difference: u64) -> Result<(), String> {
         let mut answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
         let mine: BTreeSet<u32> = cohort.rows.iter().copied().collect();
@@ -77,12 +91,21 @@ impl CohortMemory {
                     earlier.query_id
                 ));
             }
+            if differ == 0 && earlier.parties_sha256 != cohort.parties_sha256 {
+                return Err(format!(
+                    "its cohort is that of query '{}', which was summed with other sites: \
+                     the difference of the two sums would be those sites' exact statistics",
+                    earlier.query_id
+                ));
+            }
         }
         answered.push(cohort);
         let bytes = serde_json::to_vec(&*answered)
             .map_err(|e| format!("the answered cohorts cannot be encoded: {e}"))?;
-        medfed_infra::files::write_atomic(&self.path, &bytes)
-            .map_err(|e| format!("cannot write {}: {e}", self.path.display()))
+        medfed_infra::files::write_atomic(&self.path, &bytes).map_err(|e| {
+            answered.pop();
+            format!("cannot write {}: {e}", self.path.display())
+        })
     }
 }
 
@@ -122,14 +145,38 @@ pub fn cohort(table: &Table, q: &StatsQuery) -> Result<(Vec<u32>, Vec<Vec<f64>>)
     Ok((ids, rows))
 }
 
+/// What the aggregator is told when a site declines a query for a reason that depends on
+/// its data (the cohort's size here, or its overlap with an earlier exact answer): the same
+/// words whatever the data, the details in the site's own log only.
+pub const DECLINED: &str =
+    "this site's policy does not serve this query (its reasons stay in its own log)";
+
+/// The grid, 2^-bits units, on which a site puts the noise of a query answered without
+/// secure aggregation.
+const PLAIN_GRID_BITS: u8 = 24;
+
 impl Node {
     /// Answers a statistics query, or refuses it with the reason.
+    ///
+    /// By default every answer is differentially private: the site adds its share of the
+    /// noise (a discrete Gaussian; under secure aggregation σ²/(t − c), else σ² itself) and
+    /// charges the release to its budget first; no check that depends on the data decides
+    /// anything. Exact answers exist only for a dataset that opts in with
+    /// `exact_releases = ["statistics"]`, and only under secure aggregation; they are
+    /// declined, in words that do not depend on the data, when this site's cohort is below
+    /// its smallest cell or would reveal patients through an earlier exact answer.
     pub(crate) fn answer_query(&self, sq: StatisticsQuery) -> Reply {
         let q = &sq.query;
         let refuse = |code: ErrorCode, why: String| {
             warn!(query = %q.query_id, "refusing statistics query: {why}");
-            self.log_decision(&q.query_id, false, &why);
+            self.log_decision(&q.query_id, false, &why)?;
             Err((code, why))
+        };
+        // Declined for a reason that depends on the data: the aggregator gets DECLINED.
+        let decline = |why: String| {
+            warn!(query = %q.query_id, "declining statistics query: {why}");
+            self.log_decision(&q.query_id, false, &why)?;
+            Err((ErrorCode::CannotServe, DECLINED.to_string()))
         };
         if let Err(why) = q.validate() {
             return refuse(
@@ -141,13 +188,54 @@ impl Node {
             Verdict::Approved(_) => {}
             Verdict::Refused(why) => return refuse(ErrorCode::CannotServe, why),
         }
-        if q.noise_multiplier.is_none() && self.config.policy.privacy.require {
+        let Some(dataset) = self.dataset_config(&q.dataset) else {
             return refuse(
                 ErrorCode::CannotServe,
-                "this site answers only differentially private queries ([policy.privacy] require = true)".into(),
+                format!("this site serves no dataset named '{}'", q.dataset),
             );
+        };
+        let exact = q.noise_multiplier.is_none();
+        if exact {
+            if !dataset.allows_exact(ExactRelease::Statistics) {
+                return refuse(
+                    ErrorCode::CannotServe,
+                    format!(
+                        "this site releases statistics of dataset '{}' only with differential \
+                         privacy: give the query a noise_multiplier",
+                        q.dataset
+                    ),
+                );
+            }
+            if self.config.policy.privacy.require {
+                return refuse(
+                    ErrorCode::CannotServe,
+                    "this site answers only differentially private queries ([policy.privacy] require = true)".into(),
+                );
+            }
+            if sq.secure.is_none() {
+                return refuse(
+                    ErrorCode::CannotServe,
+                    "this site releases exact statistics only under secure aggregation".into(),
+                );
+            }
         }
-        let table = match self.table(&q.dataset) {
+        if let Some(sr) = &sq.secure {
+            // Checked before anything is remembered or charged.
+            let binding = query_binding(q, sr.scale);
+            if sr.setup.binding != binding || sr.setup.dimension as usize != q.dimension() {
+                return refuse(
+                    ErrorCode::InvalidContent,
+                    "the secure-aggregation setup does not match the query".into(),
+                );
+            }
+            if let Err(e) = sr.setup.validate() {
+                return refuse(ErrorCode::InvalidContent, e.to_string());
+            }
+            if let Err(why) = self.noise_colluders(sr) {
+                return refuse(ErrorCode::CannotServe, why);
+            }
+        }
+        let (table, classes) = match self.table_with_classes(&q.dataset) {
             Ok(Some(t)) => t,
             Ok(None) => {
                 return refuse(
@@ -163,66 +251,91 @@ impl Node {
                 );
             }
         };
+        let used = q
+            .columns
+            .iter()
+            .map(|c| c.name.as_str())
+            .chain(q.cohort.iter().map(|c| c.column.as_str()));
+        if let Err(why) = classes.check(&q.dataset, used) {
+            return refuse(ErrorCode::CannotServe, why);
+        }
         let (ids, rows) = match cohort(&table, q) {
             Ok(c) => c,
             Err(why) => return refuse(ErrorCode::CannotServe, why),
         };
-        let min_cell = self.config.policy.min_cell.max(q.suppress_below);
-        if (rows.len() as u64) < min_cell {
-            // Even summed with others, a cohort this small here is a small cell.
-            return refuse(
-                ErrorCode::CannotServe,
-                format!("the cohort at this site is smaller than {min_cell} patients"),
-            );
-        }
-        if let Some(sr) = &sq.secure {
-            // Checked before anything is remembered or charged.
-            let binding = query_binding(q, sr.scale);
-            if sr.setup.binding != binding || sr.setup.dimension as usize != q.dimension() {
-                return refuse(
-                    ErrorCode::InvalidContent,
-                    "the secure-aggregation setup does not match the query".into(),
-                );
-            }
-            if let Err(e) = sr.setup.validate() {
-                return refuse(ErrorCode::InvalidContent, e.to_string());
-            }
-        }
-        let answered = AnsweredCohort {
-            query_id: q.query_id.clone(),
-            dataset: q.dataset.clone(),
-            source: table.source(),
-            rows: ids,
-        };
-        if let Err(why) = self.cohorts.admit(answered, min_cell) {
-            return refuse(
-                ErrorCode::CannotServe,
-                format!("differencing protection: {why}"),
-            );
-        }
+        let mut noise_sigma = 0.0;
         let mut vector = q.encode(&rows);
-        if let Some(z) = q.noise_multiplier {
-            self.spend_budget(&q.query_id, 0, z)?;
-            if let Some(sr) = &sq.secure {
-                let honest = sr
-                    .setup
-                    .threshold
-                    .saturating_sub(self.config.policy.tolerated_colluders)
-                    .max(1);
-                let share = q.sigma().unwrap_or(0.0) / f64::from(honest).sqrt();
-                vector = Node::add_noise(vector, share)?;
+        match q.noise_multiplier {
+            None => {
+                let min_cell = self.config.policy.min_cell.max(q.suppress_below);
+                if (rows.len() as u64) < min_cell {
+                    // Even summed with others, a cohort this small here would be a small
+                    // cell to the aggregator's colluders.
+                    return decline(format!(
+                        "the cohort at this site is smaller than {min_cell} patients"
+                    ));
+                }
+                let parties = sq
+                    .secure
+                    .as_ref()
+                    .map(|sr| crate::secure::parties_digest(&sr.setup.parties));
+                let answered = AnsweredCohort {
+                    query_id: q.query_id.clone(),
+                    dataset: q.dataset.clone(),
+                    source: table.source(),
+                    rows: ids,
+                    parties_sha256: parties,
+                };
+                if let Err(why) = self.cohorts.admit(answered, min_cell) {
+                    return decline(format!("differencing protection: {why}"));
+                }
+                self.record_exact_release(&q.query_id, &q.dataset)?;
+            }
+            Some(z) => {
+                self.spend_budget(&q.query_id, 0, z)?;
+                match &sq.secure {
+                    Some(sr) => {
+                        let sigma = q
+                            .sigma_on_grid(sr.setup.quant.scale_bits, true)
+                            .unwrap_or(0.0);
+                        let honest = sr.setup.threshold.saturating_sub(sr.colluders).max(1);
+                        noise_sigma = sigma / f64::from(honest).sqrt();
+                    }
+                    None => {
+                        let sigma = q.sigma_on_grid(PLAIN_GRID_BITS, false).unwrap_or(0.0);
+                        vector = Node::noisy(vector, sigma, PLAIN_GRID_BITS)?;
+                    }
+                }
             }
         }
-        info!(query = %q.query_id, rows = rows.len(), "statistics query answered");
+        info!(query = %q.query_id, rows = rows.len(), exact, "statistics query answered");
         self.log_decision(
             &q.query_id,
             true,
-            &format!("statistics query answered over {} patients", rows.len()),
-        );
+            &format!(
+                "statistics query answered over {} patients ({})",
+                rows.len(),
+                if exact {
+                    "EXACT: no noise"
+                } else {
+                    "with differential privacy"
+                }
+            ),
+        )?;
         match sq.secure {
             Some(sr) => {
                 let binding = query_binding(q, sr.scale);
-                self.join_secure(q.query_id.clone(), 0, sr, vector, binding)
+                self.join_secure(
+                    q.query_id.clone(),
+                    0,
+                    sr,
+                    vector,
+                    binding,
+                    crate::secure::Noise {
+                        sigma: noise_sigma,
+                        all_must_survive: exact,
+                    },
+                )
             }
             None => Ok(Message::StatisticsReport(StatisticsReport {
                 query_id: q.query_id.clone(),
@@ -244,6 +357,7 @@ mod tests {
             dataset: "pima".into(),
             source: "a CSV file".into(),
             rows: rows.to_vec(),
+            parties_sha256: Some("a,b,c".into()),
         }
     }
 
@@ -271,6 +385,12 @@ mod tests {
         let mut other = cohort_of(&all[1..]);
         other.dataset = "breast-cancer".into();
         again.admit(other, 11).unwrap();
+        // The same cohort summed with other sites: the difference of the two sums would be
+        // those sites' exact statistics.
+        let mut fewer_sites = cohort_of(&all);
+        fewer_sites.parties_sha256 = Some("a,b".into());
+        let err = again.admit(fewer_sites, 11).unwrap_err();
+        assert!(err.contains("summed with other sites"), "{err}");
         // The same dataset read from another source: its row ids mean other rows, so the
         // check cannot be made and the query is refused.
         let mut moved = cohort_of(&all);

@@ -202,6 +202,14 @@ impl StatsQuery {
         self.noise_multiplier.map(|z| z * self.sensitivity())
     }
 
+    /// [`StatsQuery::sigma`] for a vector put on a grid of `2^-bits` units before the noise
+    /// ([`crate::dp::grid_sigma`]).
+    pub fn sigma_on_grid(&self, bits: u8, stochastic: bool) -> Option<f64> {
+        self.noise_multiplier.map(|z| {
+            crate::dp::grid_sigma(z, self.sensitivity(), bits, self.dimension(), stochastic)
+        })
+    }
+
     /// A site's vector, in units, over its cohort's rows (each row: the columns' values in
     /// order, clipped here to their bounds).
     pub fn encode(&self, rows: &[Vec<f64>]) -> Vec<f64> {
@@ -284,16 +292,27 @@ impl StatsQuery {
                 .intersect(Interval::new(0.0, (c.high - c.low).powi(2) / 4.0));
             let hist: Vec<f64> = v[at + 2..at + 2 + c.bins()].to_vec();
             let bin_err = radius(at + 2);
+            let shown = match sigma {
+                // Noisy bins: suppressing the small ones is post-processing.
+                Some(_) => hist.iter().map(|h| *h >= threshold).collect(),
+                // Exact bins: the small ones, and enough others that what is hidden cannot
+                // be recomputed from the count and the bins shown.
+                None => complementary_suppression(&hist, threshold),
+            };
             let histogram = hist
                 .iter()
-                .map(|h| Released::new(*h, bin_err, *h >= threshold))
+                .zip(&shown)
+                .map(|(h, shown)| Released::new(*h, bin_err, *shown))
                 .collect();
+            // Exact quartiles interpolate within exact bins, so they would give a hidden
+            // bin's count back: released only where no bin is hidden.
+            let quartiles_ok = n_ok && (sigma.is_some() || shown.iter().all(|s| *s));
             let quantiles = [0.25, 0.5, 0.75]
                 .iter()
                 .map(|q| {
                     let x = quantile(c, &hist, *q);
                     let err = quantile_range(c, &hist, *q, bin_err).distance_from(x);
-                    (*q, Released::new(x, err, n_ok))
+                    (*q, Released::new(x, err, quartiles_ok))
                 })
                 .collect();
             // A correlation is released only where both variances are told apart from 0.
@@ -333,7 +352,63 @@ impl StatsQuery {
             columns,
             correlations,
             noise_sd_units: sigma,
+            privacy: None,
         })
+    }
+}
+
+/// Which exact histogram bins may be shown: none of 1 to `threshold − 1` patients (CMS),
+/// and, where any is hidden, enough of the smallest others hidden with it that the hidden
+/// bins together hold at least `threshold` patients, since the count minus the bins shown
+/// is their total. Empty bins are shown (0 is not a small cell).
+pub fn complementary_suppression(hist: &[f64], threshold: f64) -> Vec<bool> {
+    let small = |h: f64| h > 0.0 && h < threshold;
+    let mut shown: Vec<bool> = hist.iter().map(|h| !small(*h)).collect();
+    if shown.iter().all(|s| *s) {
+        return shown;
+    }
+    let mut hidden: f64 = hist
+        .iter()
+        .zip(&shown)
+        .filter(|(_, s)| !**s)
+        .map(|(h, _)| h)
+        .sum();
+    while hidden < threshold {
+        // The smallest bin still shown (an empty one hides nothing, so it is skipped).
+        let next = (0..hist.len())
+            .filter(|&i| shown[i] && hist[i] > 0.0)
+            .min_by(|&a, &b| hist[a].total_cmp(&hist[b]));
+        match next {
+            Some(i) => {
+                shown[i] = false;
+                hidden += hist[i];
+            }
+            None => break,
+        }
+    }
+    shown
+}
+
+/// A release's privacy cost: each participating site's patients are protected by one
+/// Gaussian mechanism with this noise multiplier (`epsilon` at `delta`, by the RDP
+/// accountant). Absent from exact releases.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleasePrivacy {
+    pub noise_multiplier: f64,
+    pub epsilon: f64,
+    pub delta: f64,
+}
+
+impl ReleasePrivacy {
+    /// The cost of one release with noise multiplier `z`, at `delta`.
+    pub fn of(z: f64, delta: f64) -> ReleasePrivacy {
+        let mut acc = crate::dp::accountant::RdpAccountant::default();
+        acc.compose_gaussian(1.0, z, 1);
+        ReleasePrivacy {
+            noise_multiplier: z,
+            epsilon: acc.epsilon(delta).0,
+            delta,
+        }
     }
 }
 
@@ -522,12 +597,17 @@ pub struct StatsRelease {
     pub columns: Vec<ColumnRelease>,
     /// Pearson correlations (None where suppressed).
     pub correlations: Option<Vec<Vec<Option<f64>>>>,
-    /// The noise's standard deviation per entry, in units (None: no DP).
+    /// The noise's standard deviation per entry of the sum, in units (None: exact).
     pub noise_sd_units: Option<f64>,
+    /// What the release costs each site's patients (None: exact).
+    #[serde(default)]
+    pub privacy: Option<ReleasePrivacy>,
 }
 
 #[cfg(test)]
 mod tests {
+    use rand::{Rng, SeedableRng};
+
     use super::*;
 
     fn query() -> StatsQuery {
@@ -587,9 +667,73 @@ mod tests {
         // The two columns rise together: correlation 1.
         let c = r.correlations.unwrap();
         assert!((c[0][1].unwrap() - 1.0).abs() < 1e-9);
-        // The median lies within a bin width of the exact one.
+        // Exact quartiles interpolate within exact bins, so with a bin hidden they would
+        // give it back: not released.
+        assert!(
+            r.columns[0]
+                .quantiles
+                .iter()
+                .all(|(_, q)| q.value.is_none())
+        );
+        // With no bin hidden, the median lies within a bin width of the exact one.
+        let q = StatsQuery {
+            suppress_below: 5,
+            ..q
+        };
+        let r = q.release(&sum, None, 0.0).unwrap();
         let (_, med) = &r.columns[0].quantiles[1];
         assert!((med.value.unwrap() - 119.0).abs() <= med.error, "{med:?}");
+    }
+
+    /// A count of 446 beside the histogram [60, 100, 143, 142, ·] would give the hidden bin
+    /// back; so would any single hidden bin. The hidden bins together always hold at least
+    /// the threshold, whatever the histogram.
+    #[test]
+    fn a_hidden_bin_cannot_be_recomputed_from_the_count_and_the_others() {
+        let shown = complementary_suppression(&[60.0, 100.0, 143.0, 142.0, 1.0], 11.0);
+        assert_eq!(shown, vec![false, true, true, true, false]);
+        // Two small bins that together reach the threshold need nothing more.
+        assert_eq!(
+            complementary_suppression(&[6.0, 100.0, 5.0], 11.0),
+            vec![false, true, false]
+        );
+        // Empty bins are shown and hide nothing.
+        assert_eq!(
+            complementary_suppression(&[0.0, 3.0, 0.0, 40.0, 50.0], 11.0),
+            vec![true, false, true, false, true]
+        );
+        // Nothing small: everything shown.
+        assert_eq!(
+            complementary_suppression(&[11.0, 12.0], 11.0),
+            vec![true, true]
+        );
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+        for _ in 0..2000 {
+            let bins = rng.random_range(1..8);
+            let hist: Vec<f64> = (0..bins)
+                .map(|_| f64::from(rng.random_range(0u32..40)))
+                .collect();
+            let shown = complementary_suppression(&hist, 11.0);
+            let hidden: Vec<f64> = hist
+                .iter()
+                .zip(&shown)
+                .filter(|(_, s)| !**s)
+                .map(|(h, _)| *h)
+                .collect();
+            // No small cell shown; the hidden total is 0 (nothing hidden), at least the
+            // threshold, or everything (all that can be done).
+            assert!(
+                hist.iter()
+                    .zip(&shown)
+                    .all(|(h, s)| !*s || *h == 0.0 || *h >= 11.0)
+            );
+            let total: f64 = hidden.iter().sum();
+            let nonzero_shown = hist.iter().zip(&shown).any(|(h, s)| *s && *h > 0.0);
+            assert!(
+                hidden.is_empty() || total >= 11.0 || !nonzero_shown,
+                "{hist:?} -> {shown:?}"
+            );
+        }
     }
 
     #[test]
@@ -617,7 +761,9 @@ mod tests {
             r.columns[0].histogram[0].value, None,
             "7 patients below 100"
         );
-        assert_eq!(r.columns[0].histogram[1].value, Some(30.0));
+        // The count (37) minus that bin would give the 7 back: the next bin is hidden too.
+        assert_eq!(r.columns[0].histogram[1].value, None);
+        assert_eq!(r.count.value, Some(37.0));
         // A cohort of 7 releases nothing at all.
         let small = q.release(&q.encode(&rows[..7]), None, 0.0).unwrap();
         assert_eq!(small.count.value, None);

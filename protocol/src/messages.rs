@@ -193,6 +193,11 @@ pub struct SecureRound {
     pub certificates: Vec<Vec<u8>>,
     /// `1 / S`, S being the training rows of all parties (see [`crate::update_vector`]).
     pub scale: f64,
+    /// `c`, the colluding sites the round's differential-privacy noise allows for: each
+    /// site adds its share `σ²/(t − c)` (`t` the setup's threshold), so the honest sites of
+    /// any decodable sum carry σ² together, and the sum's total noise is known. A site
+    /// whose policy tolerates more colluders refuses the round.
+    pub colluders: u32,
 }
 
 /// The aggregator asks for a study's feature statistics under secure aggregation (round 0

@@ -161,6 +161,40 @@ impl QuantParams {
         out
     }
 
+    /// Encodes `x` as [`QuantParams::encode`] does, then adds discrete Gaussian noise
+    /// ([`crate::dp::discrete`]) of standard deviation at least `sigma` (in value units),
+    /// drawn in steps of this encoding's grid, so the noisy words are exact. Refuses noise
+    /// that could make a sum over `parties` wrap around (beyond 40 standard deviations,
+    /// probability below `e^-800`).
+    pub fn encode_noised(
+        &self,
+        x: &[f64],
+        sigma: f64,
+        parties: usize,
+        rng: &mut impl Rng,
+    ) -> Result<Vec<u64>, crate::dp::discrete::NoiseError> {
+        let mut words = self.encode(x, rng);
+        if sigma == 0.0 {
+            return Ok(words);
+        }
+        let room = QuantParams {
+            clip: self.clip + 40.0 * sigma,
+            ..*self
+        };
+        if !Self::fits(parties, room.clip, self.scale_bits, self.modulus_bits) {
+            return Err(crate::dp::discrete::NoiseError::TooLarge {
+                sigma,
+                bits: self.scale_bits,
+            });
+        }
+        let noise = crate::dp::discrete::noise_steps(x.len(), sigma, self.scale_bits, rng)?;
+        let mask = self.mask();
+        for (w, e) in words.iter_mut().zip(noise) {
+            *w = w.wrapping_add(e as u64) & mask;
+        }
+        Ok(words)
+    }
+
     /// Decodes a sum (or a single encoding) modulo 2^bits.
     pub fn decode(&self, sum: &[u64]) -> Vec<f64> {
         let scale = self.scale();

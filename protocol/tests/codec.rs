@@ -291,7 +291,7 @@ fn frame_layout_vector() {
         frame,
         vec![
             0, 0, 0, 7, // length of what follows: 2 (version) + 5 (body)
-            0, 1, // protocol version 1
+            0, 2, // protocol version 2
             9, // Message::Error (variant index 9)
             1, // ErrorCode::Malformed (variant index 1)
             2, b'a', b'b', // reason: varint length, bytes

@@ -154,19 +154,28 @@ pub fn aggregator_config(port: u16, out_dir: Option<&str>, sites: &[&str], rest:
     )
 }
 
-/// Node config tables: serve dataset "pima" by rule.
-pub const SERVE_PIMA: &str = "[policy.rules]\ndatasets = [\"pima\"]\n";
+/// Node config tables: serve dataset "pima" (its columns) by rule.
+pub const SERVE_PIMA: &str = "[policy.rules]\ndatasets = [\"pima\"]\n\
+    columns = [\"npreg\", \"glu\", \"bp\", \"skin\", \"bmi\", \"ped\", \"age\", \"type\"]\n";
 /// Node config tables: reconnect within a second (tests restart the aggregator).
 pub const RECONNECT_FAST: &str = "[reconnect]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n";
 
 /// The node config of `site` (PKI in `pki/`, its files named after it in the same
 /// directory), dialling the aggregator on `port`, serving dataset "pima" from `csv`;
 /// `extra` is appended (more keys or tables).
+/// The dataset lets studies without differential privacy train on it (`exact_releases`):
+/// the tests of training mechanics use exact models.
 pub fn node_config(site: &str, port: u16, csv: &str, extra: &str) -> String {
+    node_config_with(site, port, csv, "exact_releases = [\"training\"]\n", extra)
+}
+
+/// As [`node_config`], with `dataset` as the dataset's own keys (e.g. its `exact_releases`;
+/// empty for the default policy: differential privacy for everything).
+pub fn node_config_with(site: &str, port: u16, csv: &str, dataset: &str, extra: &str) -> String {
     format!(
         "site = \"{site}\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n\
          [tls]\nca = \"pki/sites/{site}/ca.pem\"\ncert = \"pki/sites/{site}/cert.pem\"\nkey = \"pki/sites/{site}/key.pem\"\n\
          [audit]\nlog = \"{site}-audit.log\"\nkey = \"{site}-audit.key\"\n[state]\ndir = \"{site}-state\"\n\
-         [[dataset]]\nname = \"pima\"\npath = {csv:?}\n{extra}"
+         [[dataset]]\nname = \"pima\"\npath = {csv:?}\n{dataset}{extra}"
     )
 }

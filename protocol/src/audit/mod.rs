@@ -71,6 +71,15 @@ pub enum Event {
     },
     /// Something went wrong that an auditor should see.
     Error { what: String },
+    /// A site released something WITHOUT differential privacy, as its config allows for
+    /// this dataset (`exact_releases`): exact statistics of a query, or an exact training
+    /// study's models and evaluations.
+    ExactRelease { study: String, dataset: String },
+    /// At start: a dataset this site may release without differential privacy, and what.
+    ExactAllowed {
+        dataset: String,
+        releases: Vec<String>,
+    },
     /// The party stopped cleanly.
     Stop { reason: String },
     /// Signed root of the Merkle tree over every line before this one.

@@ -15,6 +15,7 @@
 //! `N(0, σ²)` itself, and the sites must trust it to.
 
 pub mod accountant;
+pub mod discrete;
 pub mod ledger;
 
 use rand::Rng;
@@ -53,11 +54,33 @@ impl DpTraining {
         self.noise_multiplier * self.sensitivity()
     }
 
+    /// [`DpTraining::sigma`] for a delta of `dim` entries on a grid of `2^-bits`
+    /// ([`grid_sigma`]).
+    pub fn sigma_on_grid(&self, bits: u8, dim: usize, stochastic: bool) -> f64 {
+        grid_sigma(
+            self.noise_multiplier,
+            self.sensitivity(),
+            bits,
+            dim,
+            stochastic,
+        )
+    }
+
     /// The standard deviation each site adds under secure aggregation so that any
     /// `min_honest` of them together carry [`DpTraining::sigma`].
     pub fn share_sigma(&self, min_honest: u32) -> f64 {
         self.sigma() / f64::from(min_honest.max(1)).sqrt()
     }
+}
+
+/// The noise standard deviation that keeps noise multiplier `z` for a query of L2
+/// sensitivity `sensitivity` whose `dim` entries are put on a grid of `2^-bits` before the
+/// noise: rounding to the nearest grid point can move two neighbouring vectors apart by up
+/// to one step per entry more (two steps with stochastic rounding), so the sensitivity
+/// accounted is `sensitivity + k·2^-bits·√dim`.
+pub fn grid_sigma(z: f64, sensitivity: f64, bits: u8, dim: usize, stochastic: bool) -> f64 {
+    let k = if stochastic { 2.0 } else { 1.0 };
+    z * (sensitivity + k * 2f64.powi(-i32::from(bits)) * (dim as f64).sqrt())
 }
 
 /// Scales `v` down to L2 norm `bound` if it is longer; returns its norm before.

@@ -105,6 +105,23 @@ impl Client {
         signer: &dyn Signer,
         seed: [u8; 32],
     ) -> Result<(Client, ClientMessage), SecAggError> {
+        Client::new_noised(setup, me, input, 0.0, signer, seed)
+    }
+
+    /// As [`Client::new`], with this party's share of the differential-privacy noise: a
+    /// discrete Gaussian of standard deviation at least `noise_sigma` (value units) is added
+    /// to the quantized input, on its grid ([`QuantParams::encode_noised`]), so the masked
+    /// words carry it exactly.
+    ///
+    /// [`QuantParams::encode_noised`]: crate::quant::QuantParams::encode_noised
+    pub fn new_noised(
+        setup: Setup,
+        me: PartyId,
+        input: &[f64],
+        noise_sigma: f64,
+        signer: &dyn Signer,
+        seed: [u8; 32],
+    ) -> Result<(Client, ClientMessage), SecAggError> {
         setup.validate()?;
         let name = setup
             .parties
@@ -125,7 +142,10 @@ impl Client {
         let s = KeyPair::generate(&mut rng);
         let mut self_seed = [0u8; 32];
         rng.fill_bytes(&mut self_seed);
-        let input = setup.quant.encode(input, &mut rng);
+        let input = setup
+            .quant
+            .encode_noised(input, noise_sigma, setup.parties.len(), &mut rng)
+            .map_err(|e| SecAggError::Noise(e.to_string()))?;
         let mut advert = AdvertisedKeys {
             party: me,
             c_pk: c.public,

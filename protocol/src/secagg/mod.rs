@@ -276,6 +276,8 @@ pub enum SecAggError {
     Decryption,
     #[error("secret sharing: {0}")]
     Sharing(String),
+    #[error("differential-privacy noise: {0}")]
+    Noise(String),
     #[error("the signature on party {party}'s keys does not verify")]
     ForgedSignature { party: PartyId },
     #[error("unknown party {0}")]

@@ -1,0 +1,497 @@
+//! What each column of a dataset is, and which columns no study or query may ever use.
+//!
+//! A column classed `identifier`, `patient-id`, `birth-date`, `date` or `zip` is never read
+//! by a cohort, a feature, a target or a statistic, whatever `[policy.rules]` or an
+//! approval says. A column's class comes from, in order:
+//!
+//! 1. the dataset's `[dataset.classes]` table in `node.toml`;
+//! 2. for a dataset read from an `[[ingest]]` pipeline, the pipeline's `[[ingest.field]]`
+//!    classes (and the `patient` pseudonym field);
+//! 3. for a column nobody classed, what it looks like: its name (`ssn`, `mrn`, `email`,
+//!    `dob`, `admission_date`, `patient_id`, ...) or its values (social security numbers,
+//!    e-mail addresses, phone numbers, dates, URLs, IP addresses, or mostly unique text
+//!    such as names). A column misread this way is released by classing it `value` in
+//!    `[dataset.classes]`.
+//!
+//! Everything else is a clinical value, usable where the policy allows it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::data::Table;
+use crate::deid::{FieldClass, PATIENT};
+
+/// Why a column has its class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// `[dataset.classes]` in node.toml.
+    Declared,
+    /// The ingest pipeline's `[[ingest.field]]`.
+    Pipeline,
+    /// Its name looks like an identifier's or a date's.
+    Name,
+    /// Its values look like identifiers or dates (the pattern named).
+    Values(&'static str),
+}
+
+/// The classes of a dataset's columns that are not plain clinical values.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ColumnClasses {
+    classes: BTreeMap<String, (FieldClass, Source)>,
+}
+
+/// Whether a column of this class may be used by a study or a query.
+pub fn usable(class: FieldClass) -> bool {
+    matches!(class, FieldClass::Value | FieldClass::Age)
+}
+
+fn class_name(class: FieldClass) -> &'static str {
+    match class {
+        FieldClass::Value => "a clinical value",
+        FieldClass::Age => "an age",
+        FieldClass::PatientId => "a patient identifier",
+        FieldClass::Identifier => "an identifier",
+        FieldClass::BirthDate => "a birth date",
+        FieldClass::Date => "a date",
+        FieldClass::Zip => "a ZIP code",
+    }
+}
+
+impl ColumnClasses {
+    /// The classes of a CSV dataset's columns: declared, else guessed from names and values.
+    pub fn for_table(table: &Table, declared: &BTreeMap<String, FieldClass>) -> ColumnClasses {
+        let mut classes = BTreeMap::new();
+        for (j, name) in table.columns.iter().enumerate() {
+            if let Some(class) = declared.get(name) {
+                classes.insert(name.clone(), (*class, Source::Declared));
+            } else if let Some(class) = by_name(name) {
+                classes.insert(name.clone(), (class, Source::Name));
+            } else if let Some((class, pattern)) = by_values(table, j) {
+                classes.insert(name.clone(), (class, Source::Values(pattern)));
+            }
+        }
+        ColumnClasses { classes }
+    }
+
+    /// The classes of a pipeline's kept records: the pipeline's own for its fields, the
+    /// pseudonym field, then as for a table (declared first, then names and values).
+    pub fn for_pipeline(
+        table: &Table,
+        fields: &[crate::deid::FieldSpec],
+        declared: &BTreeMap<String, FieldClass>,
+    ) -> ColumnClasses {
+        let mut out = ColumnClasses::for_table(table, declared);
+        for f in fields {
+            // A pipeline's identifier classes cannot be relaxed by a declaration: the
+            // stricter one holds.
+            if !usable(f.class) {
+                out.classes
+                    .insert(f.name.clone(), (f.class, Source::Pipeline));
+            }
+        }
+        out.classes.insert(
+            PATIENT.to_string(),
+            (FieldClass::PatientId, Source::Pipeline),
+        );
+        out
+    }
+
+    /// The class of a column, and why (`None`: a clinical value nobody classed).
+    pub fn class(&self, column: &str) -> Option<&(FieldClass, Source)> {
+        self.classes.get(column)
+    }
+
+    /// Refuses the first of `columns` that no study may use, saying why.
+    pub fn check<'a>(
+        &self,
+        dataset: &str,
+        columns: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), String> {
+        for c in columns {
+            if let Some((class, source)) = self.classes.get(c)
+                && !usable(*class)
+            {
+                let why = match source {
+                    Source::Declared => "declared so in [dataset.classes]".to_string(),
+                    Source::Pipeline => "so classed by its ingest pipeline".to_string(),
+                    Source::Name => "by its name".to_string(),
+                    Source::Values(p) => format!("its values look like {p}"),
+                };
+                return Err(format!(
+                    "column '{c}' of dataset '{dataset}' is {} ({why}): identifiers, patient \
+                     identifiers, dates and ZIP codes are never used by a study or a query",
+                    class_name(*class)
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The columns no study may use, with their class and why, for `node check`.
+    pub fn unusable(&self) -> Vec<(String, String)> {
+        self.classes
+            .iter()
+            .filter(|(_, (class, _))| !usable(*class))
+            .map(|(name, (class, source))| {
+                let why = match source {
+                    Source::Declared => "declared".to_string(),
+                    Source::Pipeline => "pipeline".to_string(),
+                    Source::Name => "by name".to_string(),
+                    Source::Values(p) => format!("values look like {p}"),
+                };
+                (name.clone(), format!("{} ({why})", class_name(*class)))
+            })
+            .collect()
+    }
+}
+
+/// The words of a column name: split at non-alphanumerics and lower-to-upper case changes,
+/// lower-cased.
+fn words(name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut word = String::new();
+    let mut prev_lower = false;
+    for ch in name.chars() {
+        if !ch.is_alphanumeric() {
+            if !word.is_empty() {
+                out.push(std::mem::take(&mut word));
+            }
+            prev_lower = false;
+            continue;
+        }
+        if ch.is_uppercase() && prev_lower && !word.is_empty() {
+            out.push(std::mem::take(&mut word));
+        }
+        prev_lower = ch.is_lowercase() || ch.is_ascii_digit();
+        word.extend(ch.to_lowercase());
+    }
+    if !word.is_empty() {
+        out.push(word);
+    }
+    out
+}
+
+/// The class a column's name suggests, if any.
+fn by_name(name: &str) -> Option<FieldClass> {
+    let w = words(name);
+    let has = |x: &str| w.iter().any(|v| v == x);
+    const IDENTIFIER: &[&str] = &[
+        "ssn",
+        "email",
+        "mail",
+        "phone",
+        "telephone",
+        "tel",
+        "mobile",
+        "cell",
+        "fax",
+        "address",
+        "addr",
+        "street",
+        "city",
+        "county",
+        "url",
+        "ip",
+        "account",
+        "acct",
+        "license",
+        "licence",
+        "plate",
+        "vin",
+        "serial",
+        "device",
+        "uuid",
+        "guid",
+        "passport",
+        "beneficiary",
+        "insurance",
+        "medicare",
+        "medicaid",
+        "nhs",
+        "firstname",
+        "lastname",
+        "surname",
+        "fullname",
+        "givenname",
+        "familyname",
+        "maidenname",
+        "initials",
+    ];
+    const PATIENT_ID: &[&str] = &["mrn", "id", "identifier", "patientid", "pid", "nhi"];
+    const NAME_WITH: &[&str] = &[
+        "first", "last", "given", "family", "full", "middle", "maiden", "patient", "sur",
+    ];
+    if has("dob") || has("birthdate") || has("birthday") || (has("birth") && !has("weight")) {
+        return Some(FieldClass::BirthDate);
+    }
+    if has("date") || has("datetime") || has("timestamp") {
+        return Some(FieldClass::Date);
+    }
+    if has("zip") || has("zipcode") || has("postcode") || has("postal") {
+        return Some(FieldClass::Zip);
+    }
+    if w.iter().any(|v| PATIENT_ID.contains(&v.as_str())) {
+        return Some(FieldClass::PatientId);
+    }
+    if w.iter().any(|v| IDENTIFIER.contains(&v.as_str()))
+        || (has("name") && (w.len() == 1 || w.iter().any(|v| NAME_WITH.contains(&v.as_str()))))
+        || name.eq_ignore_ascii_case(PATIENT)
+    {
+        return Some(FieldClass::Identifier);
+    }
+    None
+}
+
+/// A test of a cell, the class it suggests, and what it looks like.
+type Pattern = (fn(&str) -> bool, FieldClass, &'static str);
+
+/// Cells of a column looked at to guess its class.
+const SAMPLE: usize = 500;
+
+/// The class a column's values suggest, if most of its non-empty cells look like
+/// identifiers or dates, with the pattern's name.
+fn by_values(table: &Table, column: usize) -> Option<(FieldClass, &'static str)> {
+    let cells: Vec<&str> = (0..table.len())
+        .map(|i| table.cell(i, column).trim())
+        .filter(|c| !c.is_empty() && !c.eq_ignore_ascii_case("na"))
+        .take(SAMPLE)
+        .collect();
+    if cells.is_empty() {
+        return None;
+    }
+    let most = |f: fn(&str) -> bool| cells.iter().filter(|c| f(c)).count() * 5 >= cells.len() * 4;
+    let patterns: [Pattern; 7] = [
+        (is_ssn, FieldClass::Identifier, "social security numbers"),
+        (is_email, FieldClass::Identifier, "e-mail addresses"),
+        (is_url, FieldClass::Identifier, "URLs"),
+        (is_ip, FieldClass::Identifier, "IP addresses"),
+        (is_date, FieldClass::Date, "dates"),
+        (is_phone, FieldClass::Identifier, "phone numbers"),
+        (is_long_code, FieldClass::Identifier, "identifying numbers"),
+    ];
+    for (test, class, what) in patterns {
+        if most(test) {
+            return Some((class, what));
+        }
+    }
+    // Mostly unique text (names, addresses, free text): categories repeat, identifiers do
+    // not.
+    let text: Vec<&&str> = cells.iter().filter(|c| c.parse::<f64>().is_err()).collect();
+    let distinct: BTreeSet<&&&str> = text.iter().collect();
+    if text.len() >= 20 && text.len() * 5 >= cells.len() * 4 && distinct.len() * 2 >= text.len() {
+        return Some((FieldClass::Identifier, "names or other unique text"));
+    }
+    None
+}
+
+fn digits(s: &str) -> usize {
+    s.chars().filter(char::is_ascii_digit).count()
+}
+
+fn is_ssn(s: &str) -> bool {
+    let b = s.as_bytes();
+    b.len() == 11
+        && b[3] == b'-'
+        && b[6] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 3 || i == 6 || c.is_ascii_digit())
+}
+
+fn is_email(s: &str) -> bool {
+    match s.split_once('@') {
+        Some((local, domain)) => {
+            !local.is_empty()
+                && domain.contains('.')
+                && !domain.starts_with('.')
+                && !s.contains(char::is_whitespace)
+        }
+        None => false,
+    }
+}
+
+fn is_url(s: &str) -> bool {
+    let l = s.to_ascii_lowercase();
+    l.starts_with("http://") || l.starts_with("https://") || l.starts_with("www.")
+}
+
+fn is_ip(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('.').collect();
+    parts.len() == 4
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && p.len() <= 3 && p.parse::<u8>().is_ok())
+}
+
+/// `yyyy-mm-dd`, `yyyy/mm/dd`, `dd/mm/yyyy`, `mm/dd/yyyy`, `dd.mm.yyyy`, `dd-mm-yyyy` (or a
+/// two-digit year after `/`), with an optional time after a space or `T`.
+fn is_date(s: &str) -> bool {
+    let day = s.split(['T', ' ']).next().unwrap_or("");
+    let parts: Vec<&str> = day.split(['-', '/', '.']).collect();
+    if parts.len() != 3
+        || parts
+            .iter()
+            .any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return false;
+    }
+    let n: Vec<usize> = parts.iter().map(|p| p.len()).collect();
+    match n.as_slice() {
+        [4, 1..=2, 1..=2] | [1..=2, 1..=2, 4] => true,
+        [1..=2, 1..=2, 2] => day.contains('/'),
+        _ => false,
+    }
+}
+
+/// Digits with phone separators (`+`, spaces, `-`, `.`, parentheses), 10 to 15 digits, and
+/// at least one separator.
+fn is_phone(s: &str) -> bool {
+    let allowed = s
+        .chars()
+        .all(|c| c.is_ascii_digit() || matches!(c, '+' | ' ' | '-' | '.' | '(' | ')'));
+    let n = digits(s);
+    allowed && (10..=15).contains(&n) && n < s.chars().count() && !s.contains("..")
+}
+
+/// An integer of 9 or more digits (record, account or card numbers): no clinical
+/// measurement looks like one.
+fn is_long_code(s: &str) -> bool {
+    s.len() >= 9 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+
+    fn table(text: &str) -> Table {
+        Table::from_reader(Path::new("t.csv"), text.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn names_that_say_identifier_or_date() {
+        for (name, class) in [
+            ("ssn", FieldClass::Identifier),
+            ("SSN", FieldClass::Identifier),
+            ("patient_id", FieldClass::PatientId),
+            ("PatientID", FieldClass::PatientId),
+            ("mrn", FieldClass::PatientId),
+            ("id", FieldClass::PatientId),
+            ("email", FieldClass::Identifier),
+            ("home_phone", FieldClass::Identifier),
+            ("name", FieldClass::Identifier),
+            ("first_name", FieldClass::Identifier),
+            ("lastName", FieldClass::Identifier),
+            ("street_address", FieldClass::Identifier),
+            ("dob", FieldClass::BirthDate),
+            ("birth_date", FieldClass::BirthDate),
+            ("admission_date", FieldClass::Date),
+            ("zip", FieldClass::Zip),
+            ("patient", FieldClass::Identifier),
+        ] {
+            assert_eq!(by_name(name), Some(class), "{name}");
+        }
+        // Clinical columns, including words that only contain an identifier's letters.
+        for name in [
+            "glu",
+            "bmi",
+            "age",
+            "type",
+            "mean_radius",
+            "time",
+            "status",
+            "inst",
+            "drug_name",
+            "hotel_days",
+            "birth_weight",
+            "bp",
+            "diagnosis",
+            "ped",
+            "npreg",
+            "progression",
+        ] {
+            assert_eq!(by_name(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn values_that_look_like_identifiers_or_dates() {
+        let t = table(
+            "a,b,c,d,e,f,g,h\n\
+             123-45-6789,x@y.org,1999-02-03,(555) 123-4567,http://a.b,10.0.0.1,1234567890,Yes\n\
+             987-65-4321,u@v.com,2001-12-31,+1 555 987 6543,https://c.d,192.168.1.20,9876543210,No\n",
+        );
+        let classes = ColumnClasses::for_table(&t, &BTreeMap::new());
+        let got: Vec<Option<FieldClass>> = t
+            .columns
+            .iter()
+            .map(|c| classes.class(c).map(|(cl, _)| *cl))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                Some(FieldClass::Identifier),
+                Some(FieldClass::Identifier),
+                Some(FieldClass::Date),
+                Some(FieldClass::Identifier),
+                Some(FieldClass::Identifier),
+                Some(FieldClass::Identifier),
+                Some(FieldClass::Identifier),
+                None,
+            ]
+        );
+        // Mostly unique text is an identifier (names); repeating categories are not.
+        let names: String = (0..30)
+            .map(|i| format!("Person{i} Smith,{}\n", ["Yes", "No"][i % 2]))
+            .collect();
+        let t = table(&format!("who,answer\n{names}"));
+        let classes = ColumnClasses::for_table(&t, &BTreeMap::new());
+        assert!(classes.check("d", ["who"]).is_err());
+        assert!(classes.check("d", ["answer"]).is_ok());
+        // Numbers, including decimals and dates-looking-not, are values.
+        let t = table("glu,ped,x\n148,0.627,12.5\n85,0.351,7.25\n");
+        assert_eq!(
+            ColumnClasses::for_table(&t, &BTreeMap::new()),
+            ColumnClasses::default()
+        );
+    }
+
+    #[test]
+    fn declarations_win_and_pipelines_are_strict() {
+        let t = table("ssn,glu\n123-45-6789,100\n987-65-4321,120\n");
+        // A declared class replaces the guess (here wrongly, as an operator may).
+        let declared = BTreeMap::from([("ssn".to_string(), FieldClass::Value)]);
+        assert!(
+            ColumnClasses::for_table(&t, &declared)
+                .check("d", ["ssn"])
+                .is_ok()
+        );
+        let declared = BTreeMap::from([("glu".to_string(), FieldClass::Identifier)]);
+        let err = ColumnClasses::for_table(&t, &declared)
+            .check("d", ["glu"])
+            .unwrap_err();
+        assert!(err.contains("declared so in [dataset.classes]"), "{err}");
+        // A pipeline's patient field and its non-value fields are never usable, whatever is
+        // declared.
+        let t = table("patient,birth_year,glu\np1-ab,1980,100\n");
+        let fields: Vec<crate::deid::FieldSpec> = toml::from_str::<Fields>(
+            "[[field]]\nname = \"birth_year\"\nclass = \"birth-date\"\n[[field]]\nname = \"glu\"\n",
+        )
+        .unwrap()
+        .field;
+        let declared = BTreeMap::from([("birth_year".to_string(), FieldClass::Value)]);
+        let classes = ColumnClasses::for_pipeline(&t, &fields, &declared);
+        let err = classes.check("d", ["glu", "patient"]).unwrap_err();
+        assert!(
+            err.contains("column 'patient'") && err.contains("a patient identifier"),
+            "{err}"
+        );
+        assert!(classes.check("d", ["birth_year"]).is_err());
+        assert!(classes.check("d", ["glu"]).is_ok());
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Fields {
+        field: Vec<crate::deid::FieldSpec>,
+    }
+}
