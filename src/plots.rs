@@ -144,3 +144,100 @@ pub fn roc_curves(path: &Path, curves: &[(&str, Vec<(f64, f64)>)]) -> PlotResult
     root.present()?;
     Ok(())
 }
+
+/// The Okabe–Ito palette: told apart by people with any common colour-vision deficiency.
+pub const OKABE_ITO: [RGBColor; 5] = [
+    RGBColor(0, 114, 178),   // blue
+    RGBColor(213, 94, 0),    // vermillion
+    RGBColor(0, 158, 115),   // bluish green
+    RGBColor(230, 159, 0),   // orange
+    RGBColor(204, 121, 167), // reddish purple
+];
+
+/// One curve of a privacy-cost plot: its name and, per setting, (ε, median AUC, lowest,
+/// highest) over the repeated runs.
+pub type CostCurve<'a> = (&'a str, Vec<(f64, f64, f64, f64)>);
+
+/// Held-out AUC against ε (log scale) for each mechanism, with the range over runs as
+/// error bars, and the non-private models as horizontal references.
+pub fn privacy_cost(
+    path: &Path,
+    title: &str,
+    curves: &[CostCurve<'_>],
+    references: &[(&str, f64)],
+) -> PlotResult {
+    let root = SVGBackend::new(path, (820, 520)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let eps: Vec<f64> = curves
+        .iter()
+        .flat_map(|(_, pts)| pts.iter().map(|p| p.0))
+        .filter(|e| e.is_finite() && *e > 0.0)
+        .collect();
+    let x_lo = eps.iter().copied().fold(f64::INFINITY, f64::min).min(1.0) * 0.8;
+    let x_hi = eps.iter().copied().fold(0.0, f64::max).max(10.0) * 1.25;
+    let y_lo = curves
+        .iter()
+        .flat_map(|(_, pts)| pts.iter().map(|p| p.2))
+        .chain(references.iter().map(|r| r.1))
+        .fold(1.0, f64::min);
+    // The AUC axis starts at 0.5 (chance) or below: differences are not exaggerated.
+    let y_lo = (y_lo - 0.02).clamp(0.0, 0.5);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(14)
+        .x_label_area_size(44)
+        .y_label_area_size(60)
+        .build_cartesian_2d((x_lo..x_hi).log_scale(), y_lo..1.0)?;
+    chart
+        .configure_mesh()
+        .light_line_style(WHITE)
+        .bold_line_style(BLACK.mix(0.12))
+        .x_desc("ε per hospital (δ = 1e-6), log scale")
+        .y_desc("held-out ROC AUC")
+        .draw()?;
+    for (i, (name, ref_auc)) in references.iter().enumerate() {
+        let colour = if i == 0 { BLACK } else { OKABE_ITO[4] };
+        let style = colour.stroke_width(2);
+        chart
+            .draw_series(DashedLineSeries::new(
+                vec![(x_lo, *ref_auc), (x_hi, *ref_auc)],
+                6,
+                4,
+                style,
+            ))?
+            .label(format!("{name} (AUC {ref_auc:.3})"))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
+    }
+    for (i, (name, pts)) in curves.iter().enumerate() {
+        let colour = OKABE_ITO[i % 4];
+        let mut pts: Vec<_> = pts.iter().filter(|p| p.0.is_finite()).copied().collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        chart
+            .draw_series(LineSeries::new(
+                pts.iter().map(|p| (p.0, p.1)),
+                colour.stroke_width(2),
+            ))?
+            .label(format!("{name} (median of runs; bars: range)"))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
+        chart.draw_series(
+            pts.iter()
+                .map(|p| ErrorBar::new_vertical(p.0, p.2, p.1, p.3, colour.filled(), 8)),
+        )?;
+        chart.draw_series(
+            pts.iter()
+                .map(|p| Circle::new((p.0, p.1), 4, colour.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}

@@ -346,14 +346,47 @@ impl Default for SchedulingConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrivacyConfig {
-    /// L2 bound of each site's model delta per round.
+    /// `"dp-fedavg"` (default): each round, each site's model delta is clipped and noised,
+    /// protecting all of a hospital's data; `"dp-sgd"`: every local step inside each site
+    /// clips each record's gradient and adds noise, protecting each record, with no trust
+    /// in the aggregator or the other sites.
+    #[serde(default)]
+    pub mechanism: DpMechanism,
+    /// L2 bound of each site's model delta per round (DP-FedAvg), or of each record's
+    /// gradient (DP-SGD).
     pub clip_norm: f64,
-    /// Noise standard deviation over the sensitivity 2 × clip_norm.
+    /// Noise standard deviation over the sensitivity (2 × clip_norm for DP-FedAvg,
+    /// clip_norm for DP-SGD).
     pub noise_multiplier: f64,
+    /// DP-SGD: the share of a site's records each local step samples (Poisson).
+    #[serde(default = "default_sampling_rate")]
+    pub sampling_rate: f64,
+    /// DP-SGD: noisy local steps per round.
+    #[serde(default = "default_local_steps")]
+    pub local_steps: u32,
     /// `[low, high]` of each feature, in the order of `features`. Features are standardized
     /// from these declared ranges, so that nothing about the data is released besides the
     /// noisy model.
     pub feature_ranges: Vec<[f64; 2]>,
+}
+
+/// How a study's training is made differentially private.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DpMechanism {
+    /// DP-FedAvg: hospital-level, per round.
+    #[default]
+    DpFedavg,
+    /// DP-SGD inside each site: record-level, per local step.
+    DpSgd,
+}
+
+fn default_sampling_rate() -> f64 {
+    0.1
+}
+
+fn default_local_steps() -> u32 {
+    10
 }
 
 impl PrivacyConfig {
@@ -361,6 +394,10 @@ impl PrivacyConfig {
         medfed_protocol::dp::DpTraining {
             clip_norm: self.clip_norm,
             noise_multiplier: self.noise_multiplier,
+            sgd: (self.mechanism == DpMechanism::DpSgd).then_some(medfed_protocol::dp::DpSgd {
+                sampling_rate: self.sampling_rate,
+                steps: self.local_steps,
+            }),
         }
     }
 

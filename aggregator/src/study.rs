@@ -959,10 +959,11 @@ fn check_update(
     Ok(())
 }
 
-/// DP-FedAvg without secure aggregation: `global + Σ Δ_i / m`, each `Δ_i` a site's clipped
-/// delta with all of its noise already added by the site (nobody here adds or removes
-/// any). A delta longer than an honest one can be (`C` plus its noise's norm beyond eight
-/// standard deviations) is cut to that length, so one site cannot push the model anywhere.
+/// Differentially private training without secure aggregation: `global + Σ Δ_i / m`, each
+/// `Δ_i` a site's delta with all of its noise already added by the site (nobody here adds
+/// or removes any). Under DP-FedAvg a delta longer than an honest one can be (`C` plus its
+/// noise's norm beyond eight standard deviations) is cut to that length, so one site cannot
+/// push the model anywhere; under DP-SGD only the weights' bound applies.
 pub(crate) fn dp_average(
     global: &[f64],
     deltas: Vec<Vec<f64>>,
@@ -973,7 +974,9 @@ pub(crate) fn dp_average(
     let bound = dp.clip_norm + dp.sigma() * (d.sqrt() + 8.0);
     let mut sum = vec![0.0; global.len()];
     for mut delta in deltas {
-        medfed_protocol::dp::clip_l2(&mut delta, bound);
+        if dp.sgd.is_none() {
+            medfed_protocol::dp::clip_l2(&mut delta, bound);
+        }
         for (s, x) in sum.iter_mut().zip(&delta) {
             *s += x;
         }
@@ -991,6 +994,7 @@ mod tests {
         let dp = medfed_protocol::dp::DpTraining {
             clip_norm: 1.0,
             noise_multiplier: 0.5,
+            sgd: None,
         };
         // σ = z·2C = 1; one coordinate: an honest noisy delta is at most C + 9σ = 10 long.
         let w = dp_average(&[0.0], vec![vec![1e6], vec![0.0]], &dp);

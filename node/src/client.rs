@@ -815,16 +815,33 @@ impl Node {
             let (x_train, x_val) = standardized(&data, &model);
             let evaluation = evaluate(&data, &model, &x_val)?;
             let stop = || until.is_some_and(|t| std::time::Instant::now() >= t);
-            let weights = train_local_until(
-                data.kind,
-                &model.weights,
-                x_train.view(),
-                data.y_train.view(),
-                &params,
-                &stop,
-            )
-            .map_err(|e| match e {
-                TrainError::Stopped { .. } => {
+            let trained = match data.privacy {
+                Some(dp) if dp.sgd.is_some() => {
+                    // Record-level DP inside this site: sampling and noise from a secret
+                    // generator.
+                    let mut rng = Node::secret_rng()?;
+                    medfed_protocol::dp::sgd::train(
+                        data.kind,
+                        &model.weights,
+                        x_train.view(),
+                        data.y_train.view(),
+                        &params,
+                        &dp,
+                        &mut rng,
+                        &stop,
+                    )
+                }
+                _ => train_local_until(
+                    data.kind,
+                    &model.weights,
+                    x_train.view(),
+                    data.y_train.view(),
+                    &params,
+                    &stop,
+                ),
+            };
+            let weights = trained.map_err(|e| match e {
+                TrainError::Stopped { .. } | TrainError::StoppedAtStep { .. } => {
                     info!(%site, %study, round, "local training stopped: {e} ({deadline_ms} ms)");
                     (
                         ErrorCode::CannotServe,
@@ -853,17 +870,20 @@ impl Node {
             // Without secure aggregation the update is seen alone: this site adds all of
             // the noise itself (trusting nobody), charges its budget first, and sends
             // nothing else: no count, loss or evaluation.
-            self.spend_budget(&r.study_id, r.round, dp.noise_multiplier)?;
+            self.spend_budget(&r.study_id, r.round, dp.charge())?;
             let u = self.local_update(&r).await?;
-            let width = r.model.weights.len();
-            let sigma = dp.sigma_on_grid(TRAINING_GRID_BITS, width, false);
-            let delta = Node::dp_contribution(
-                &r.model.weights,
-                &u.weights,
-                &dp,
-                sigma,
-                TRAINING_GRID_BITS,
-            )?;
+            let delta = if dp.sgd.is_some() {
+                // DP-SGD: every local step was already private.
+                u.weights
+                    .iter()
+                    .zip(&r.model.weights)
+                    .map(|(w, g)| w - g)
+                    .collect()
+            } else {
+                let width = r.model.weights.len();
+                let sigma = dp.sigma_on_grid(TRAINING_GRID_BITS, width, false);
+                Node::dp_contribution(&r.model.weights, &u.weights, &dp, sigma, TRAINING_GRID_BITS)?
+            };
             return Ok(Message::ModelUpdate(ModelUpdate {
                 study_id: r.study_id,
                 round: r.round,

@@ -7,7 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 use medfed_protocol::ErrorCode;
 use medfed_protocol::dp::discrete::noisy_on_grid;
 use medfed_protocol::dp::ledger::Ledger;
-use medfed_protocol::dp::{DpTraining, clip_l2};
+use medfed_protocol::dp::{Charge, DpTraining, clip_l2};
 use rand::SeedableRng;
 use ring::rand::SecureRandom;
 use tracing::{info, warn};
@@ -66,11 +66,16 @@ type Refusal = (ErrorCode, String);
 impl Node {
     /// Charges one release of `study` round `round` to the budget, durably, before anything
     /// is sent; or refuses, logs the refusal and says why.
-    pub(crate) fn spend_budget(&self, study: &str, round: u32, z: f64) -> Result<(), Refusal> {
+    pub(crate) fn spend_budget(
+        &self,
+        study: &str,
+        round: u32,
+        charge: Charge,
+    ) -> Result<(), Refusal> {
         let policy = &self.config.policy.privacy;
         let budget = policy.budget();
         let mut ledger = self.ledger.lock();
-        let checked = ledger.check(study, z, &budget);
+        let checked = ledger.check_charge(study, &charge, &budget);
         let (epsilon, total, refused) = match &checked {
             Ok((s, t)) => (*s, *t, false),
             Err(e) => (e.epsilon_after, ledger.epsilon(None, budget.delta), true),
@@ -78,7 +83,7 @@ impl Node {
         if refused {
             ledger.record_refusal(study);
         } else {
-            ledger.record(study, z);
+            ledger.record_charge(study, &charge);
         }
         self.ledger
             .save(&ledger)
@@ -192,6 +197,7 @@ mod tests {
         let dp = DpTraining {
             clip_norm: 1.0,
             noise_multiplier: 1.0,
+            sgd: None,
         };
         let clipped = Node::dp_contribution(&[0.0, 0.0], &[30.0, 40.0], &dp, 0.0, 30).unwrap();
         assert!((clipped[0] - 0.6).abs() < 1e-12 && (clipped[1] - 0.8).abs() < 1e-12);

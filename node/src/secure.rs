@@ -388,13 +388,25 @@ impl Node {
             sr.setup
                 .validate()
                 .map_err(|e| (ErrorCode::InvalidContent, e.to_string()))?;
-            self.spend_budget(&r.study_id, r.round, dp.noise_multiplier)?;
+            self.spend_budget(&r.study_id, r.round, dp.charge())?;
             let u = self.local_update(&r).await?;
-            let vector = Node::dp_contribution(&r.model.weights, &u.weights, &dp, 0.0, 0)?;
-            let sigma = dp.sigma_on_grid(sr.setup.quant.scale_bits, vector.len(), true);
-            let noise = Noise {
-                sigma: sigma / f64::from(honest).sqrt(),
-                all_must_survive: false,
+            let (vector, noise) = if dp.sgd.is_some() {
+                // DP-SGD: every local step was already private; the delta goes as it is.
+                let delta = u
+                    .weights
+                    .iter()
+                    .zip(&r.model.weights)
+                    .map(|(w, g)| w - g)
+                    .collect();
+                (delta, Noise::NONE)
+            } else {
+                let vector = Node::dp_contribution(&r.model.weights, &u.weights, &dp, 0.0, 0)?;
+                let sigma = dp.sigma_on_grid(sr.setup.quant.scale_bits, vector.len(), true);
+                let noise = Noise {
+                    sigma: sigma / f64::from(honest).sqrt(),
+                    all_must_survive: false,
+                };
+                (vector, noise)
             };
             return self.join_secure(r.study_id, r.round, sr, vector, binding, noise);
         }

@@ -292,7 +292,7 @@ impl Node {
                 self.record_exact_release(&q.query_id, &q.dataset)?;
             }
             Some(z) => {
-                self.spend_budget(&q.query_id, 0, z)?;
+                self.spend_budget(&q.query_id, 0, medfed_protocol::dp::Charge::Gaussian { z })?;
                 match &sq.secure {
                     Some(sr) => {
                         let sigma = q

@@ -72,6 +72,8 @@ pub enum TrainError {
     Diverged,
     #[error("training stopped after {epochs} of {of} epochs: the round's deadline passed")]
     Stopped { epochs: u32, of: u32 },
+    #[error("training stopped after {step} of {of} steps: the round's deadline passed")]
+    StoppedAtStep { step: u32, of: u32 },
 }
 
 impl TrainParams {

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::Charge;
 use super::accountant::RdpAccountant;
 
 /// A site's limits, from its policy.
@@ -17,11 +18,15 @@ pub struct Budget {
     pub delta: f64,
 }
 
-/// The releases of one study: Gaussian mechanisms by noise multiplier, and how many.
+/// The releases of one study: Gaussian mechanisms by noise multiplier, and how many;
+/// sampled Gaussian mechanisms (DP-SGD steps) by rate and noise multiplier, and how many.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct StudySpend {
     /// (noise multiplier, releases)
     pub releases: Vec<(f64, u64)>,
+    /// (sampling rate, noise multiplier, steps): DP-SGD inside the site.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sampled: Vec<(f64, f64, u64)>,
     /// Rounds refused for the budget.
     pub refused: u64,
 }
@@ -57,6 +62,9 @@ impl Ledger {
             for (z, n) in &s.releases {
                 acc.compose_gaussian(1.0, *z, *n);
             }
+            for (q, z, n) in &s.sampled {
+                acc.compose_gaussian(*q, *z, *n);
+            }
         }
         acc
     }
@@ -73,8 +81,18 @@ impl Ledger {
     /// ε of `study` and in total after one more release with noise multiplier `z`, or why
     /// it would break the budget.
     pub fn check(&self, study: &str, z: f64, budget: &Budget) -> Result<(f64, f64), OverBudget> {
+        self.check_charge(study, &Charge::Gaussian { z }, budget)
+    }
+
+    /// ε of `study` and in total after `charge`, or why it would break the budget.
+    pub fn check_charge(
+        &self,
+        study: &str,
+        charge: &Charge,
+        budget: &Budget,
+    ) -> Result<(f64, f64), OverBudget> {
         let mut after = self.clone();
-        after.record(study, z);
+        after.record_charge(study, charge);
         let (s, t) = (
             after.epsilon(Some(study), budget.delta),
             after.epsilon(None, budget.delta),
@@ -96,6 +114,24 @@ impl Ledger {
         Ok((s, t))
     }
 
+    /// Records `charge` against `study`.
+    pub fn record_charge(&mut self, study: &str, charge: &Charge) {
+        match *charge {
+            Charge::Gaussian { z } => self.record(study, z),
+            Charge::Sampled { q, z, steps } => {
+                let spend = self.studies.entry(study.to_string()).or_default();
+                match spend
+                    .sampled
+                    .iter_mut()
+                    .find(|(r, m, _)| *r == q && *m == z)
+                {
+                    Some((_, _, n)) => *n += steps,
+                    None => spend.sampled.push((q, z, steps)),
+                }
+            }
+        }
+    }
+
     /// Records one release of `study` with noise multiplier `z`.
     pub fn record(&mut self, study: &str, z: f64) {
         let spend = self.studies.entry(study.to_string()).or_default();
@@ -109,11 +145,18 @@ impl Ledger {
         self.studies.entry(study.to_string()).or_default().refused += 1;
     }
 
-    /// Releases recorded for `study`.
+    /// Releases recorded for `study` (DP-SGD steps not counted).
     pub fn releases(&self, study: &str) -> u64 {
         self.studies
             .get(study)
             .map_or(0, |s| s.releases.iter().map(|(_, n)| n).sum())
+    }
+
+    /// DP-SGD steps recorded for `study`.
+    pub fn steps(&self, study: &str) -> u64 {
+        self.studies
+            .get(study)
+            .map_or(0, |s| s.sampled.iter().map(|(_, _, n)| n).sum())
     }
 }
 
@@ -156,6 +199,30 @@ mod tests {
             l.check("b", 2.0, &budget)
         );
         assert_eq!(l.releases("a"), accepted);
+    }
+
+    /// DP-SGD rounds are accounted as the sampled Gaussian: the third published reference
+    /// (q = 0.04, σ = 1.5, 2,250 steps, δ = 1e-5) gives ε = 7.3291, here as 45 rounds of 50
+    /// steps.
+    #[test]
+    fn dp_sgd_rounds_compose_to_the_published_value() {
+        let mut l = Ledger::default();
+        let round = Charge::Sampled {
+            q: 0.04,
+            z: 1.5,
+            steps: 50,
+        };
+        for _ in 0..45 {
+            l.record_charge("s", &round);
+        }
+        assert_eq!(l.steps("s"), 2250);
+        let eps = l.epsilon(Some("s"), 1e-5);
+        assert!((eps - 7.3291).abs() / 7.3291 < 2e-3, "{eps}");
+        // A ledger written before DP-SGD (no `sampled`) still reads.
+        let old: Ledger =
+            serde_json::from_str(r#"{"studies":{"a":{"releases":[[2.0,1]],"refused":0}}}"#)
+                .unwrap();
+        assert_eq!(old.releases("a"), 1);
     }
 
     #[test]

@@ -17,17 +17,49 @@
 pub mod accountant;
 pub mod discrete;
 pub mod ledger;
+pub mod sgd;
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-/// A study's DP-FedAvg parameters.
+/// A study's differential privacy for training.
+///
+/// - DP-FedAvg (`sgd` absent; McMahan et al. 2018): each round, each site's model delta is
+///   clipped to L2 norm `C` and the sum carries Gaussian noise of standard deviation
+///   `z·2C`. It protects all of one hospital's data at once (so every patient), one
+///   Gaussian mechanism per round.
+/// - DP-SGD (`sgd` present; Abadi et al. 2016, [`sgd`]): inside each site, every local step
+///   clips each sampled record's gradient to `C` and adds noise `z·C`. It protects one
+///   record, `T` sampled Gaussian mechanisms per round, and needs no trust in the
+///   aggregator or the other sites.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct DpTraining {
-    /// L2 bound `C` of each site's model delta per round.
+    /// `C`: the L2 bound of each site's model delta per round (DP-FedAvg), or of each
+    /// record's gradient (DP-SGD).
     pub clip_norm: f64,
-    /// `z`: the noise's standard deviation over the sensitivity `2C`.
+    /// `z`: the noise's standard deviation over the sensitivity (`2C` for DP-FedAvg, `C`
+    /// for DP-SGD).
     pub noise_multiplier: f64,
+    /// Record-level DP-SGD inside each site instead of DP-FedAvg.
+    pub sgd: Option<DpSgd>,
+}
+
+/// DP-SGD's sampling: each local step takes each record with probability `sampling_rate`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DpSgd {
+    /// `q`: the Poisson sampling rate of each step.
+    pub sampling_rate: f64,
+    /// `T`: noisy steps per round.
+    pub steps: u32,
+}
+
+/// What one round of a study costs a site's budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Charge {
+    /// One Gaussian mechanism with this noise multiplier.
+    Gaussian { z: f64 },
+    /// `steps` sampled Gaussian mechanisms with rate `q` and noise multiplier `z`.
+    Sampled { q: f64, z: f64, steps: u64 },
 }
 
 impl DpTraining {
@@ -41,10 +73,35 @@ impl DpTraining {
                 self.noise_multiplier
             ));
         }
+        if let Some(sgd) = &self.sgd {
+            if !(sgd.sampling_rate > 0.0 && sgd.sampling_rate <= 1.0) {
+                return Err(format!(
+                    "sampling_rate {} must be in (0, 1]",
+                    sgd.sampling_rate
+                ));
+            }
+            if !(1..=100_000).contains(&sgd.steps) {
+                return Err(format!("local_steps {} must be 1 to 100000", sgd.steps));
+            }
+        }
         Ok(())
     }
 
-    /// L2 sensitivity of the sum of clipped deltas to replacing one site's data.
+    /// What one round costs a site's budget.
+    pub fn charge(&self) -> Charge {
+        match self.sgd {
+            None => Charge::Gaussian {
+                z: self.noise_multiplier,
+            },
+            Some(s) => Charge::Sampled {
+                q: s.sampling_rate,
+                z: self.noise_multiplier,
+                steps: u64::from(s.steps),
+            },
+        }
+    }
+
+    /// L2 sensitivity of the sum of clipped deltas to replacing one site's data (DP-FedAvg).
     pub fn sensitivity(&self) -> f64 {
         2.0 * self.clip_norm
     }
@@ -135,6 +192,7 @@ mod tests {
         let dp = DpTraining {
             clip_norm: 0.5,
             noise_multiplier: 1.1,
+            sgd: None,
         };
         let stated = dp.sigma();
         assert!((stated - 1.1).abs() < 1e-12);
@@ -171,6 +229,7 @@ mod tests {
         let ok = DpTraining {
             clip_norm: 1.0,
             noise_multiplier: 1.0,
+            sgd: None,
         };
         assert!(ok.validate().is_ok());
         assert!(
