@@ -264,6 +264,10 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
+    // Everything medfed writes is its user's alone: files are created 0600 and directories
+    // 0700 where they are made; this mask is the backstop for anything else (logs, plots,
+    // the demo's copies), whatever umask the shell had.
+    medfed_infra::files::set_umask(0o077);
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(args, &cli.log_level),
@@ -483,6 +487,7 @@ fn node_ingest(config: PathBuf) -> anyhow::Result<()> {
     if cfg.ingests.is_empty() {
         anyhow::bail!("{}: no [[ingest]] pipeline configured", config.display());
     }
+    medfed_node::at_rest::check(&cfg).map_err(medfed_node::NodeError::from)?;
     let store = medfed_node::ingest::open_store(&cfg.state)?;
     runtime()?.block_on(async {
         for ing in &cfg.ingests {
@@ -609,6 +614,8 @@ fn run_node(config: PathBuf) -> anyhow::Result<()> {
     let site = cfg.site.clone();
     let ingests = cfg.ingests.clone();
     let state = cfg.state.clone();
+    // Before anything is opened: state other users can open stops the node, with the fix.
+    medfed_node::at_rest::check(&cfg).map_err(medfed_node::NodeError::from)?;
     // One store for the ingestion pipelines and the datasets that read their records.
     let store = if !ingests.is_empty() {
         Some(medfed_node::ingest::open_store(&state)?)

@@ -589,14 +589,18 @@ pub fn status(
     Ok(out)
 }
 
-/// Opens the node's store.
+/// Opens the node's store, creating the state directory (mode 0700) if needed.
 pub fn open_store(state: &StateConfig) -> Result<Arc<dyn Store>, store::StoreError> {
-    if let Some(parent) = state.dir.parent() {
-        let _ = std::fs::create_dir_all(parent);
-    }
-    let _ = std::fs::create_dir_all(&state.dir);
-    Ok(Arc::from(store::open(
-        state.backend,
-        &state.dir.join(format!("{}.db", state.backend.name())),
-    )?))
+    let path = state.dir.join(format!("{}.db", state.backend.name()));
+    medfed_infra::files::create_private_dir(&state.dir).map_err(|e| {
+        store::StoreError::Backend {
+            path: path.clone(),
+            backend: state.backend.name(),
+            detail: format!(
+                "cannot create the state directory {}: {e}",
+                state.dir.display()
+            ),
+        }
+    })?;
+    Ok(Arc::from(store::open(state.backend, &path)?))
 }
