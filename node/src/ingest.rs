@@ -436,7 +436,7 @@ pub fn build_task(
         return Ok(Box::new(ColumnStats::new(header, &columns)?));
     }
     let mut tasks: Vec<Box<dyn StreamTask>> = vec![
-        Box::new(ValidateClean::new(header, &cfg.fields)?),
+        Box::new(ValidateClean::new(header, &cfg.fields)?.with_pseudonyms(pseudonymizer.cloned())),
         Box::new(Deidentify::new(
             &cfg.fields,
             &cfg.deidentify,

@@ -88,15 +88,12 @@ pub fn read_with(
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
     let mut first = Vec::new();
     reader.read_until(b'\n', &mut first)?;
-    let header: Vec<String> = if first.is_empty() {
-        Vec::new()
-    } else {
-        String::from_utf8_lossy(&first)
-            .trim_end_matches(['\r', '\n'])
-            .split(',')
-            .map(|c| c.trim().to_string())
-            .collect()
-    };
+    let header = super::csv_row::header(&first).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: the header row is not CSV: {e}", path.display()),
+        )
+    })?;
     let key_col = match &opts.partitioning {
         Partitioning::Whole => None,
         Partitioning::ByKey { column, partitions } => {
@@ -140,13 +137,10 @@ pub fn read_with(
                 if row < from {
                     continue;
                 }
-                let key = key_col.map(|(i, _)| {
-                    row_bytes
-                        .split(|b| *b == b',')
-                        .nth(i)
-                        .unwrap_or(&[])
-                        .to_vec()
-                });
+                // A row whose key cannot be read goes to the partition of the empty key,
+                // where its task quarantines it.
+                let key =
+                    key_col.map(|(i, _)| super::csv_row::field(&row_bytes, i).unwrap_or_default());
                 if let (Some((_, n)), Some(k)) = (key_col, &key)
                     && key_hash(k) % n != u64::from(partition)
                 {
