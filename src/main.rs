@@ -209,6 +209,16 @@ enum NodeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The records the ingestion pipelines quarantined: stream, partition, offset, field,
+    /// reason and the patient's pseudonym (never the rejected values).
+    Quarantine {
+        /// The node's config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the config, certificates, data, keys and the connection to the aggregator;
     /// says what is wrong and how to fix it.
     Check {
@@ -297,6 +307,9 @@ fn main() -> ExitCode {
             node_ingest(config)
         }
         Command::Node(NodeCommand::Status { config, json }) => node_status(config, json),
+        Command::Node(NodeCommand::Quarantine { config, json }) => {
+            node_cmd::quarantine(config, json)
+        }
         Command::Model(ModelCommand::Evaluate(args)) => evaluate::run(args),
         Command::Bench(BenchCommand::Transport(args)) => bench::transport(args),
         Command::Bench(BenchCommand::Secagg(args)) => bench_secagg::secagg(args),

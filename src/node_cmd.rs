@@ -1,4 +1,5 @@
-//! `medfed node init | rotate-key | privacy-report` and `medfed bench pseudonymize`.
+//! `medfed node init | rotate-key | privacy-report | quarantine` and
+//! `medfed bench pseudonymize`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -222,6 +223,53 @@ pub fn privacy_report(args: PrivacyReportArgs) -> anyhow::Result<()> {
     }
     println!(
         "\nk is the size of the smallest group of records sharing all quasi-identifier values: every record looks like at least k-1 others."
+    );
+    Ok(())
+}
+
+/// `medfed node quarantine`: the quarantined records, from the node's store.
+pub fn quarantine(config: PathBuf, json: bool) -> anyhow::Result<()> {
+    let cfg = medfed_node::config::NodeConfig::load(&config)?;
+    if cfg.ingests.is_empty() {
+        anyhow::bail!(
+            "{}: no [[ingest]] pipeline configured, so nothing is ever quarantined",
+            config.display()
+        );
+    }
+    let store = medfed_node::ingest::open_store(&cfg.state)?;
+    let listed = medfed_node::ingest::quarantine::list(&cfg.ingests, &*store)?;
+    if json {
+        let v: Vec<_> = listed
+            .iter()
+            .map(|q| {
+                serde_json::json!({"stream": q.stream, "partition": q.partition, "offset": q.offset,
+                    "field": q.rejection.field, "reason": q.rejection.reason, "patient": q.rejection.patient})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:>9} {:>10}  {:<16} {:<36}  reason",
+        "stream", "partition", "offset", "field", "patient"
+    );
+    println!("{}", "-".repeat(110));
+    for q in &listed {
+        let r = &q.rejection;
+        println!(
+            "{:<16} {:>9} {:>10}  {:<16} {:<36}  {}",
+            q.stream,
+            q.partition,
+            q.offset,
+            r.field.as_deref().unwrap_or("-"),
+            r.patient.as_deref().unwrap_or("-"),
+            r.reason
+        );
+    }
+    println!(
+        "
+{} quarantined record(s). Offsets count data rows from 0 (a CSV file's header is not a row).          Values are not kept; a pipeline's `raw_rejects` file keeps the raw lines if the site turned it on.",
+        listed.len()
     );
     Ok(())
 }

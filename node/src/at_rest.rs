@@ -39,6 +39,14 @@ pub fn private_paths(cfg: &NodeConfig) -> Vec<PrivatePath> {
     if let Some(capture) = &cfg.audit.capture_sent {
         paths.push(PrivatePath::new("the capture of sent frames", capture));
     }
+    for ingest in &cfg.ingests {
+        if let Some(raw) = &ingest.raw_rejects {
+            paths.push(PrivatePath::new(
+                format!("the raw rejects file of pipeline '{}'", ingest.stream),
+                raw,
+            ));
+        }
+    }
     paths
 }
 
