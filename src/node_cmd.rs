@@ -79,7 +79,7 @@ pub fn init(args: InitArgs) -> anyhow::Result<()> {
             config.display()
         );
     }
-    std::fs::create_dir_all(&args.dir)
+    medfed_infra::files::create_private_dir(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     let keystore = args.dir.join("keystore/pseudonym-keys.toml");
     Keystore::create(&keystore)?;
@@ -89,7 +89,8 @@ pub fn init(args: InitArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("cannot write {}", config.display()))?;
     let pki = args.dir.join("pki");
-    std::fs::create_dir_all(&pki)?;
+    medfed_infra::files::create_private_dir(&pki)
+        .with_context(|| format!("cannot create {}", pki.display()))?;
     println!("node '{}' set up in {}", args.site, args.dir.display());
     println!(
         "  {:<40} the node's config: set your datasets",
