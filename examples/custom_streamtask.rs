@@ -11,7 +11,7 @@ use std::sync::Arc;
 use medfed_infra::store::{self, Backend};
 use medfed_node::runtime::{
     Envelope, KvState, MessageCollector, Rejection, RunOptions, StreamTask, TaskCoordinator,
-    TaskError, csv_row, csv_source, restore, run_partition,
+    TaskError, csv_row::Splitter, csv_source, restore, run_partition,
 };
 
 /// Counts rows whose `glu` is above `threshold`; quarantines rows without a number there.
@@ -19,6 +19,7 @@ struct HighGlucose {
     column: usize,
     /// The header's number of columns.
     width: usize,
+    splitter: Splitter,
     threshold: f64,
 }
 
@@ -31,7 +32,7 @@ impl StreamTask for HighGlucose {
         _: &mut TaskCoordinator,
     ) -> Result<(), TaskError> {
         // The ingestion's CSV dialect: quoted fields, and a row wider than the header refused.
-        let cells = match csv_row::row(&env.payload, self.width) {
+        let cells = match self.splitter.row(&env.payload, self.width) {
             Ok(cells) => cells,
             Err(why) => {
                 out.dead_letter(env, why);
@@ -64,6 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let task = HighGlucose {
             column,
             width: header.len(),
+            splitter: Splitter::new(),
             threshold: 140.0,
         };
         let report = run_partition(

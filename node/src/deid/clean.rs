@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 use super::deidentify::identifier_text;
 use super::pseudonym::Pseudonymizer;
 use super::{FieldClass, FieldSpec, FieldType, MissingPolicy, RangePolicy, Record, Value};
+use crate::runtime::csv_row::{Row, Splitter};
 use crate::runtime::{
     Envelope, KvState, MessageCollector, NEXT, Rejection, StreamTask, TaskCoordinator, TaskError,
-    csv_row,
 };
 
 /// `value × scale + offset` converts `from` into `to`, where medfed knows the conversion.
@@ -138,6 +138,7 @@ pub struct ValidateClean {
     columns: Vec<Column>,
     /// The header's number of columns: a row with more is refused.
     width: usize,
+    splitter: Splitter,
     /// The patient-id column (its index in `columns`) and the key that pseudonymizes it,
     /// to name the patient of a quarantined row.
     patient: Option<(usize, Pseudonymizer)>,
@@ -189,6 +190,7 @@ impl ValidateClean {
         Ok(ValidateClean {
             columns,
             width: header.len(),
+            splitter: Splitter::new(),
             patient: None,
         })
     }
@@ -206,9 +208,13 @@ impl ValidateClean {
 
     /// The pseudonym of a row's patient, if the pipeline has a patient-id field and the
     /// row's identifier reads as that field would be cleaned.
-    fn patient_of(&self, cells: &csv::StringRecord) -> Option<String> {
-        let (slot, pseudonymizer) = self.patient.as_ref()?;
-        let col = &self.columns[*slot];
+    fn patient_of(
+        columns: &[Column],
+        patient: Option<&(usize, Pseudonymizer)>,
+        cells: &Row<'_>,
+    ) -> Option<String> {
+        let (slot, pseudonymizer) = patient?;
+        let col = columns.get(*slot)?;
         let raw = cells.get(col.index)?.trim();
         if is_missing(raw) {
             return None;
@@ -223,10 +229,10 @@ impl ValidateClean {
     }
 
     /// Cleans one row; `Err` is why it is quarantined.
-    fn clean(&mut self, cells: &csv::StringRecord) -> Result<Record, Rejection> {
+    fn clean(columns: &mut [Column], cells: &Row<'_>) -> Result<Record, Rejection> {
         let mut record = Record::default();
         let mut observed = Vec::new();
-        for (slot, col) in self.columns.iter().enumerate() {
+        for (slot, col) in columns.iter().enumerate() {
             let spec = &col.spec;
             let name = &spec.name;
             let raw = cells.get(col.index).unwrap_or("").trim();
@@ -316,8 +322,8 @@ impl ValidateClean {
         }
         // Only a record that is kept counts towards the running statistics.
         for (slot, x) in observed {
-            let median = self.columns[slot].spec.missing == MissingPolicy::Median;
-            self.columns[slot].running.add(x, median);
+            let median = columns[slot].spec.missing == MissingPolicy::Median;
+            columns[slot].running.add(x, median);
         }
         Ok(record)
     }
@@ -373,17 +379,18 @@ impl StreamTask for ValidateClean {
     ) -> Result<(), TaskError> {
         // A row the reader cannot split into the header's columns names no patient: its
         // identifier cell cannot be trusted.
-        let cells = match csv_row::row(&env.payload, self.width) {
+        let cells = match self.splitter.row(&env.payload, self.width) {
             Ok(cells) => cells,
             Err(why) => {
                 out.dead_letter(env, why);
                 return Ok(());
             }
         };
-        match self.clean(&cells) {
+        match ValidateClean::clean(&mut self.columns, &cells) {
             Ok(record) => out.send(NEXT, record.encode()),
             Err(why) => {
-                let patient = self.patient_of(&cells);
+                let patient =
+                    ValidateClean::patient_of(&self.columns, self.patient.as_ref(), &cells);
                 out.dead_letter(env, why.with_patient(patient));
             }
         }

@@ -88,12 +88,7 @@ pub fn read_with(
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
     let mut first = Vec::new();
     reader.read_until(b'\n', &mut first)?;
-    let header = super::csv_row::header(&first).map_err(|e| {
-        std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("{}: the header row is not CSV: {e}", path.display()),
-        )
-    })?;
+    let header = super::csv_row::header(&first);
     let key_col = match &opts.partitioning {
         Partitioning::Whole => None,
         Partitioning::ByKey { column, partitions } => {
@@ -113,6 +108,7 @@ pub fn read_with(
     let (tx, rx) = sync_channel(IN_FLIGHT);
     let stream: Arc<str> = stream.into();
     std::thread::spawn(move || {
+        let mut splitter = super::csv_row::Splitter::new();
         let mut batch = Vec::with_capacity(BATCH);
         let mut offset = 0u64;
         let mut line: Vec<u8> = Vec::new();
@@ -139,8 +135,12 @@ pub fn read_with(
                 }
                 // A row whose key cannot be read goes to the partition of the empty key,
                 // where its task quarantines it.
-                let key =
-                    key_col.map(|(i, _)| super::csv_row::field(&row_bytes, i).unwrap_or_default());
+                let key = key_col.map(|(i, _)| {
+                    splitter
+                        .field(&row_bytes, i)
+                        .map(<[u8]>::to_vec)
+                        .unwrap_or_default()
+                });
                 if let (Some((_, n)), Some(k)) = (key_col, &key)
                     && key_hash(k) % n != u64::from(partition)
                 {

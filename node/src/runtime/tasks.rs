@@ -13,6 +13,7 @@ pub struct ColumnStats {
     columns: Vec<(usize, String)>,
     /// The header's number of columns (CSV rows).
     width: usize,
+    splitter: super::csv_row::Splitter,
     count: u64,
     sum: Vec<f64>,
     sum_sq: Vec<f64>,
@@ -42,6 +43,7 @@ impl ColumnStats {
         Ok(ColumnStats {
             columns,
             width: header.len(),
+            splitter: super::csv_row::Splitter::new(),
             count: 0,
             sum: vec![0.0; n],
             sum_sq: vec![0.0; n],
@@ -62,6 +64,7 @@ impl ColumnStats {
                 .map(|(i, c)| (i, c.to_string()))
                 .collect(),
             width: n,
+            splitter: super::csv_row::Splitter::new(),
             count: 0,
             sum: vec![0.0; n],
             sum_sq: vec![0.0; n],
@@ -128,7 +131,7 @@ impl StreamTask for ColumnStats {
             self.add_values();
             return Ok(());
         }
-        let fields = match super::csv_row::row(&env.payload, self.width) {
+        let fields = match self.splitter.row(&env.payload, self.width) {
             Ok(f) => f,
             Err(why) => {
                 out.dead_letter(env, why);
@@ -272,8 +275,9 @@ mod tests {
 
     /// The first field of a CSV row, as a number.
     fn first_number(row: &[u8]) -> Option<f64> {
-        let first = super::super::csv_row::field(row, 0)?;
-        std::str::from_utf8(&first).ok()?.trim().parse().ok()
+        let mut splitter = super::super::csv_row::Splitter::new();
+        let first = splitter.field(row, 0)?;
+        std::str::from_utf8(first).ok()?.trim().parse().ok()
     }
 
     /// Passes on rows whose first column is above 100.
