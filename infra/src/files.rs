@@ -134,13 +134,9 @@ impl PrivatePath {
 }
 
 /// A path of a party's state that other users can open, or that could not be checked.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum NotPrivate {
-    #[error(
-        "{what} {}: {} is open to other users (mode {mode:o}); it must be readable by this user only: run `{fix}`",
-        root.display(), path.display()
-    )]
     Exposed {
         what: String,
         /// The path as configured.
@@ -151,12 +147,37 @@ pub enum NotPrivate {
         /// The command that fixes it.
         fix: String,
     },
-    #[error("{what} {}: cannot check who may open it: {source}", path.display())]
     Io {
         what: String,
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+impl std::fmt::Display for NotPrivate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotPrivate::Exposed { fix, .. } => write!(
+                f,
+                "{}; it must be readable by this user only: run `{fix}`",
+                self.problem()
+            ),
+            NotPrivate::Io { what, path, source } => write!(
+                f,
+                "{what} {}: cannot check who may open it: {source}",
+                path.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for NotPrivate {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            NotPrivate::Io { source, .. } => Some(source),
+            NotPrivate::Exposed { .. } => None,
+        }
+    }
 }
 
 impl NotPrivate {
@@ -186,7 +207,10 @@ impl NotPrivate {
                 root.display(),
                 path.display()
             ),
-            NotPrivate::Io { .. } => self.to_string(),
+            NotPrivate::Io { what, path, source } => format!(
+                "{what} {}: cannot check who may open it: {source}",
+                path.display()
+            ),
         }
     }
 
