@@ -1,4 +1,4 @@
-//! `medfed node init | rotate-key | privacy-report | quarantine` and
+//! `medfed node init | rotate-key | privacy-report | status | quarantine` and
 //! `medfed bench pseudonymize`.
 
 use std::path::PathBuf;
@@ -225,6 +225,86 @@ pub fn privacy_report(args: PrivacyReportArgs) -> anyhow::Result<()> {
     println!(
         "\nk is the size of the smallest group of records sharing all quasi-identifier values: every record looks like at least k-1 others."
     );
+    Ok(())
+}
+
+/// `medfed node status`: each ingestion partition and the privacy budget spent.
+pub fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
+    let cfg = medfed_node::config::NodeConfig::load(&config)?;
+    let store = medfed_node::ingest::open_store(&cfg.state)?;
+    let rows = medfed_node::ingest::status(&cfg.ingests, &*store)?;
+    let ledger =
+        medfed_node::privacy::load_ledger(&medfed_node::privacy::ledger_path(&cfg.state.dir))
+            .map_err(anyhow::Error::msg)?;
+    let policy = &cfg.policy.privacy;
+    let delta = policy.delta;
+    let studies: Vec<(String, u64, u64, f64)> = ledger
+        .studies
+        .iter()
+        .map(|(id, s)| {
+            (
+                id.clone(),
+                ledger.releases(id),
+                s.refused,
+                ledger.epsilon(Some(id), delta),
+            )
+        })
+        .collect();
+    let total = ledger.epsilon(None, delta);
+    if json {
+        let partitions: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({"stream": r.stream, "partition": r.partition, "offset": r.offset, "lag": r.lag,
+                    "processed": r.processed, "quarantined": r.quarantined, "last_checkpoint_ms": r.last_checkpoint_ms})
+            })
+            .collect();
+        let studies: Vec<_> = studies
+            .iter()
+            .map(|(id, releases, refused, eps)| {
+                serde_json::json!({"study": id, "releases": releases, "refused": refused, "epsilon": eps})
+            })
+            .collect();
+        let v = serde_json::json!({
+            "partitions": partitions,
+            "privacy": {"delta": delta, "epsilon_per_study": policy.epsilon,
+                "epsilon_total": policy.total_epsilon, "spent_total": total, "studies": studies},
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("site '{}', state in {}", cfg.site, cfg.state.dir.display());
+    println!(
+        "\n{:<16} {:>9} {:>10} {:>8} {:>11} {:>12}  last checkpoint",
+        "stream", "partition", "offset", "lag", "processed", "quarantined"
+    );
+    println!("{}", "-".repeat(96));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for r in rows {
+        let last = r.last_checkpoint_ms.map_or("never".to_string(), |t| {
+            format!("{:.0} s ago", now.saturating_sub(t) as f64 / 1000.0)
+        });
+        let lag = r.lag.map_or("-".to_string(), |l| l.to_string());
+        println!(
+            "{:<16} {:>9} {:>10} {:>8} {:>11} {:>12}  {last}",
+            r.stream, r.partition, r.offset, lag, r.processed, r.quarantined
+        );
+    }
+    println!(
+        "\nprivacy budget (δ = {delta:e}; limits ε {} per study, {} in all)",
+        policy.epsilon, policy.total_epsilon
+    );
+    println!(
+        "{:<24} {:>9} {:>8} {:>10}",
+        "study", "releases", "refused", "ε spent"
+    );
+    println!("{}", "-".repeat(54));
+    for (id, releases, refused, eps) in &studies {
+        println!("{id:<24} {releases:>9} {refused:>8} {eps:>10.3}");
+    }
+    println!("{:<24} {:>9} {:>8} {total:>10.3}", "all studies", "", "");
     Ok(())
 }
 

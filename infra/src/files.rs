@@ -77,6 +77,7 @@ pub fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 /// Takes group and other permissions off `path` and, for a directory, off everything in
 /// it (for files a library creates with its own mode, such as a store's). Symbolic links
 /// are not followed.
+#[cfg_attr(not(unix), allow(unused_variables))]
 pub fn make_private(path: &Path) -> std::io::Result<()> {
     #[cfg(unix)]
     {
@@ -95,14 +96,13 @@ pub fn make_private(path: &Path) -> std::io::Result<()> {
             }
         }
     }
-    #[cfg(not(unix))]
-    let _ = path;
     Ok(())
 }
 
 /// Sets the process's file-creation mask to `mask` and returns the previous one (Unix;
 /// elsewhere it does nothing and returns 0). The mask is the whole process's: the `medfed`
 /// command sets 0o077 once at start, as a backstop to the modes set where files are made.
+#[cfg_attr(not(unix), allow(unused_variables))]
 pub fn set_umask(mask: u32) -> u32 {
     #[cfg(unix)]
     {
@@ -111,7 +111,6 @@ pub fn set_umask(mask: u32) -> u32 {
     }
     #[cfg(not(unix))]
     {
-        let _ = mask;
         0
     }
 }
@@ -243,6 +242,7 @@ pub fn check_private(paths: &[PrivatePath]) -> Result<(), NotPrivate> {
 }
 
 /// [`check_private`] of one path, telling whether it exists.
+#[cfg_attr(not(unix), allow(unused_variables))]
 pub fn check_one(p: &PrivatePath) -> Result<Presence, NotPrivate> {
     let io = |path: &Path, source| NotPrivate::Io {
         what: p.what.clone(),
@@ -295,8 +295,6 @@ pub fn check_one(p: &PrivatePath) -> Result<Presence, NotPrivate> {
             }
         }
     }
-    #[cfg(not(unix))]
-    let _ = (exposed, meta);
     Ok(Presence::Private)
 }
 
