@@ -10,13 +10,16 @@ use std::sync::Arc;
 
 use medfed_infra::store::{self, Backend};
 use medfed_node::runtime::{
-    Envelope, KvState, MessageCollector, RunOptions, StreamTask, TaskCoordinator, TaskError,
-    csv_source, restore, run_partition,
+    Envelope, KvState, MessageCollector, Rejection, RunOptions, StreamTask, TaskCoordinator,
+    TaskError, csv_row::Splitter, csv_source, restore, run_partition,
 };
 
 /// Counts rows whose `glu` is above `threshold`; quarantines rows without a number there.
 struct HighGlucose {
     column: usize,
+    /// The header's number of columns.
+    width: usize,
+    splitter: Splitter,
     threshold: f64,
 }
 
@@ -28,12 +31,19 @@ impl StreamTask for HighGlucose {
         out: &mut MessageCollector,
         _: &mut TaskCoordinator,
     ) -> Result<(), TaskError> {
-        let line = String::from_utf8_lossy(&env.payload);
-        let raw = line.split(',').nth(self.column).unwrap_or("").trim();
-        match raw.parse::<f64>() {
+        // The ingestion's CSV dialect: quoted fields, and a row wider than the header refused.
+        let cells = match self.splitter.row(&env.payload, self.width) {
+            Ok(cells) => cells,
+            Err(why) => {
+                out.dead_letter(env, why);
+                return Ok(());
+            }
+        };
+        match cells.get(self.column).unwrap_or("").trim().parse::<f64>() {
             Ok(glu) if glu > self.threshold => state.put_u64(b"high", state.get_u64(b"high") + 1),
             Ok(_) => {}
-            Err(_) => out.dead_letter(env, format!("glu is not a number ({raw:?})")),
+            // The field and why, never the value: dead letters stay in the node's store.
+            Err(_) => out.dead_letter(env, Rejection::in_field("glu", "not a number")),
         }
         Ok(())
     }
@@ -54,6 +64,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .ok_or("no glu column")?;
         let task = HighGlucose {
             column,
+            width: header.len(),
+            splitter: Splitter::new(),
             threshold: 140.0,
         };
         let report = run_partition(

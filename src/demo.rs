@@ -78,7 +78,8 @@ pub fn run(args: DemoArgs, log_level: &str) -> anyhow::Result<()> {
                     d.display()
                 );
             }
-            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+            medfed_infra::files::create_private_dir(d)
+                .with_context(|| format!("cannot create {}", d.display()))?;
             (d.canonicalize()?, None)
         }
         None => {

@@ -28,10 +28,14 @@ pub fn init_stderr(format: &str, level: &str) {
 
 /// Logs to a file (text), for runs whose terminal shows progress instead.
 pub fn init_file(path: &Path, level: &str) -> std::io::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        medfed_infra::files::create_private_dir(dir)?;
     }
-    let file = std::fs::File::create(path)?;
+    let file = medfed_infra::files::private_file_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
     tracing_subscriber::fmt()
         .with_env_filter(filter(level))
         .with_ansi(false)

@@ -209,6 +209,16 @@ enum NodeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The records the ingestion pipelines quarantined: stream, partition, offset, field,
+    /// reason and the patient's pseudonym (never the rejected values).
+    Quarantine {
+        /// The node's config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check the config, certificates, data, keys and the connection to the aggregator;
     /// says what is wrong and how to fix it.
     Check {
@@ -264,6 +274,10 @@ enum BenchCommand {
 }
 
 fn main() -> ExitCode {
+    // Everything medfed writes is its user's alone: files are created 0600 and directories
+    // 0700 where they are made; this mask is the backstop for anything else (logs, plots,
+    // the demo's copies), whatever umask the shell had.
+    medfed_infra::files::set_umask(0o077);
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo(args) => demo::run(args, &cli.log_level),
@@ -292,7 +306,10 @@ fn main() -> ExitCode {
             logging::init_stderr(&cli.log_format, &cli.log_level);
             node_ingest(config)
         }
-        Command::Node(NodeCommand::Status { config, json }) => node_status(config, json),
+        Command::Node(NodeCommand::Status { config, json }) => node_cmd::status(config, json),
+        Command::Node(NodeCommand::Quarantine { config, json }) => {
+            node_cmd::quarantine(config, json)
+        }
         Command::Model(ModelCommand::Evaluate(args)) => evaluate::run(args),
         Command::Bench(BenchCommand::Transport(args)) => bench::transport(args),
         Command::Bench(BenchCommand::Secagg(args)) => bench_secagg::secagg(args),
@@ -483,6 +500,7 @@ fn node_ingest(config: PathBuf) -> anyhow::Result<()> {
     if cfg.ingests.is_empty() {
         anyhow::bail!("{}: no [[ingest]] pipeline configured", config.display());
     }
+    medfed_node::at_rest::check(&cfg).map_err(medfed_node::NodeError::from)?;
     let store = medfed_node::ingest::open_store(&cfg.state)?;
     runtime()?.block_on(async {
         for ing in &cfg.ingests {
@@ -495,85 +513,6 @@ fn node_ingest(config: PathBuf) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })
-}
-
-fn node_status(config: PathBuf, json: bool) -> anyhow::Result<()> {
-    let cfg = medfed_node::config::NodeConfig::load(&config)?;
-    let store = medfed_node::ingest::open_store(&cfg.state)?;
-    let rows = medfed_node::ingest::status(&cfg.ingests, &*store)?;
-    let ledger =
-        medfed_node::privacy::load_ledger(&medfed_node::privacy::ledger_path(&cfg.state.dir))
-            .map_err(anyhow::Error::msg)?;
-    let policy = &cfg.policy.privacy;
-    let delta = policy.delta;
-    let studies: Vec<(String, u64, u64, f64)> = ledger
-        .studies
-        .iter()
-        .map(|(id, s)| {
-            (
-                id.clone(),
-                ledger.releases(id),
-                s.refused,
-                ledger.epsilon(Some(id), delta),
-            )
-        })
-        .collect();
-    let total = ledger.epsilon(None, delta);
-    if json {
-        let partitions: Vec<_> = rows
-            .iter()
-            .map(|r| {
-                serde_json::json!({"stream": r.stream, "partition": r.partition, "offset": r.offset, "lag": r.lag,
-                    "processed": r.processed, "quarantined": r.quarantined, "last_checkpoint_ms": r.last_checkpoint_ms})
-            })
-            .collect();
-        let studies: Vec<_> = studies
-            .iter()
-            .map(|(id, releases, refused, eps)| {
-                serde_json::json!({"study": id, "releases": releases, "refused": refused, "epsilon": eps})
-            })
-            .collect();
-        let v = serde_json::json!({
-            "partitions": partitions,
-            "privacy": {"delta": delta, "epsilon_per_study": policy.epsilon,
-                "epsilon_total": policy.total_epsilon, "spent_total": total, "studies": studies},
-        });
-        println!("{}", serde_json::to_string_pretty(&v)?);
-        return Ok(());
-    }
-    println!("site '{}', state in {}", cfg.site, cfg.state.dir.display());
-    println!(
-        "\n{:<16} {:>9} {:>10} {:>8} {:>11} {:>12}  last checkpoint",
-        "stream", "partition", "offset", "lag", "processed", "quarantined"
-    );
-    println!("{}", "-".repeat(96));
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
-    for r in rows {
-        let last = r.last_checkpoint_ms.map_or("never".to_string(), |t| {
-            format!("{:.0} s ago", now.saturating_sub(t) as f64 / 1000.0)
-        });
-        let lag = r.lag.map_or("-".to_string(), |l| l.to_string());
-        println!(
-            "{:<16} {:>9} {:>10} {:>8} {:>11} {:>12}  {last}",
-            r.stream, r.partition, r.offset, lag, r.processed, r.quarantined
-        );
-    }
-    println!(
-        "\nprivacy budget (δ = {delta:e}; limits ε {} per study, {} in all)",
-        policy.epsilon, policy.total_epsilon
-    );
-    println!(
-        "{:<24} {:>9} {:>8} {:>10}",
-        "study", "releases", "refused", "ε spent"
-    );
-    println!("{}", "-".repeat(54));
-    for (id, releases, refused, eps) in &studies {
-        println!("{id:<24} {releases:>9} {refused:>8} {eps:>10.3}");
-    }
-    println!("{:<24} {:>9} {:>8} {total:>10.3}", "all studies", "", "");
-    Ok(())
 }
 
 fn approve_study(config: PathBuf, study: &str) -> anyhow::Result<()> {
@@ -609,6 +548,8 @@ fn run_node(config: PathBuf) -> anyhow::Result<()> {
     let site = cfg.site.clone();
     let ingests = cfg.ingests.clone();
     let state = cfg.state.clone();
+    // Before anything is opened: state other users can open stops the node, with the fix.
+    medfed_node::at_rest::check(&cfg).map_err(medfed_node::NodeError::from)?;
     // One store for the ingestion pipelines and the datasets that read their records.
     let store = if !ingests.is_empty() {
         Some(medfed_node::ingest::open_store(&state)?)

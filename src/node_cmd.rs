@@ -1,4 +1,5 @@
-//! `medfed node init | rotate-key | privacy-report` and `medfed bench pseudonymize`.
+//! `medfed node init | rotate-key | privacy-report | status | quarantine` and
+//! `medfed bench pseudonymize`.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -78,7 +79,7 @@ pub fn init(args: InitArgs) -> anyhow::Result<()> {
             config.display()
         );
     }
-    std::fs::create_dir_all(&args.dir)
+    medfed_infra::files::create_private_dir(&args.dir)
         .with_context(|| format!("cannot create {}", args.dir.display()))?;
     let keystore = args.dir.join("keystore/pseudonym-keys.toml");
     Keystore::create(&keystore)?;
@@ -88,7 +89,8 @@ pub fn init(args: InitArgs) -> anyhow::Result<()> {
     )
     .with_context(|| format!("cannot write {}", config.display()))?;
     let pki = args.dir.join("pki");
-    std::fs::create_dir_all(&pki)?;
+    medfed_infra::files::create_private_dir(&pki)
+        .with_context(|| format!("cannot create {}", pki.display()))?;
     println!("node '{}' set up in {}", args.site, args.dir.display());
     println!(
         "  {:<40} the node's config: set your datasets",
@@ -222,6 +224,133 @@ pub fn privacy_report(args: PrivacyReportArgs) -> anyhow::Result<()> {
     }
     println!(
         "\nk is the size of the smallest group of records sharing all quasi-identifier values: every record looks like at least k-1 others."
+    );
+    Ok(())
+}
+
+/// `medfed node status`: each ingestion partition and the privacy budget spent.
+pub fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
+    let cfg = medfed_node::config::NodeConfig::load(&config)?;
+    let store = medfed_node::ingest::open_store(&cfg.state)?;
+    let rows = medfed_node::ingest::status(&cfg.ingests, &*store)?;
+    let ledger =
+        medfed_node::privacy::load_ledger(&medfed_node::privacy::ledger_path(&cfg.state.dir))
+            .map_err(anyhow::Error::msg)?;
+    let policy = &cfg.policy.privacy;
+    let delta = policy.delta;
+    let studies: Vec<(String, u64, u64, f64)> = ledger
+        .studies
+        .iter()
+        .map(|(id, s)| {
+            (
+                id.clone(),
+                ledger.releases(id),
+                s.refused,
+                ledger.epsilon(Some(id), delta),
+            )
+        })
+        .collect();
+    let total = ledger.epsilon(None, delta);
+    if json {
+        let partitions: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                serde_json::json!({"stream": r.stream, "partition": r.partition, "offset": r.offset, "lag": r.lag,
+                    "processed": r.processed, "quarantined": r.quarantined, "last_checkpoint_ms": r.last_checkpoint_ms})
+            })
+            .collect();
+        let studies: Vec<_> = studies
+            .iter()
+            .map(|(id, releases, refused, eps)| {
+                serde_json::json!({"study": id, "releases": releases, "refused": refused, "epsilon": eps})
+            })
+            .collect();
+        let v = serde_json::json!({
+            "partitions": partitions,
+            "privacy": {"delta": delta, "epsilon_per_study": policy.epsilon,
+                "epsilon_total": policy.total_epsilon, "spent_total": total, "studies": studies},
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("site '{}', state in {}", cfg.site, cfg.state.dir.display());
+    println!(
+        "\n{:<16} {:>9} {:>10} {:>8} {:>11} {:>12}  last checkpoint",
+        "stream", "partition", "offset", "lag", "processed", "quarantined"
+    );
+    println!("{}", "-".repeat(96));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    for r in rows {
+        let last = r.last_checkpoint_ms.map_or("never".to_string(), |t| {
+            format!("{:.0} s ago", now.saturating_sub(t) as f64 / 1000.0)
+        });
+        let lag = r.lag.map_or("-".to_string(), |l| l.to_string());
+        println!(
+            "{:<16} {:>9} {:>10} {:>8} {:>11} {:>12}  {last}",
+            r.stream, r.partition, r.offset, lag, r.processed, r.quarantined
+        );
+    }
+    println!(
+        "\nprivacy budget (δ = {delta:e}; limits ε {} per study, {} in all)",
+        policy.epsilon, policy.total_epsilon
+    );
+    println!(
+        "{:<24} {:>9} {:>8} {:>10}",
+        "study", "releases", "refused", "ε spent"
+    );
+    println!("{}", "-".repeat(54));
+    for (id, releases, refused, eps) in &studies {
+        println!("{id:<24} {releases:>9} {refused:>8} {eps:>10.3}");
+    }
+    println!("{:<24} {:>9} {:>8} {total:>10.3}", "all studies", "", "");
+    Ok(())
+}
+
+/// `medfed node quarantine`: the quarantined records, from the node's store.
+pub fn quarantine(config: PathBuf, json: bool) -> anyhow::Result<()> {
+    let cfg = medfed_node::config::NodeConfig::load(&config)?;
+    if cfg.ingests.is_empty() {
+        anyhow::bail!(
+            "{}: no [[ingest]] pipeline configured, so nothing is ever quarantined",
+            config.display()
+        );
+    }
+    let store = medfed_node::ingest::open_store(&cfg.state)?;
+    let listed = medfed_node::ingest::quarantine::list(&cfg.ingests, &*store)?;
+    if json {
+        let v: Vec<_> = listed
+            .iter()
+            .map(|q| {
+                serde_json::json!({"stream": q.stream, "partition": q.partition, "offset": q.offset,
+                    "field": q.rejection.field, "reason": q.rejection.reason, "patient": q.rejection.patient})
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:>9} {:>10}  {:<16} {:<36}  reason",
+        "stream", "partition", "offset", "field", "patient"
+    );
+    println!("{}", "-".repeat(110));
+    for q in &listed {
+        let r = &q.rejection;
+        println!(
+            "{:<16} {:>9} {:>10}  {:<16} {:<36}  {}",
+            q.stream,
+            q.partition,
+            q.offset,
+            r.field.as_deref().unwrap_or("-"),
+            r.patient.as_deref().unwrap_or("-"),
+            r.reason
+        );
+    }
+    println!(
+        "
+{} quarantined record(s). Offsets count data rows from 0 (a CSV file's header is not a row).          Values are not kept; a pipeline's `raw_rejects` file keeps the raw lines if the site turned it on.",
+        listed.len()
     );
     Ok(())
 }

@@ -24,6 +24,7 @@ const COMMANDS: &[&[&str]] = &[
     &["node", "privacy-report"],
     &["node", "ingest"],
     &["node", "status"],
+    &["node", "quarantine"],
     &["node", "approve"],
     &["model", "evaluate"],
     &["audit", "verify"],

@@ -252,4 +252,41 @@ fn node_check_names_each_problem_and_its_fix() {
             && text.contains("(pipeline 'extract')"),
         "{text}"
     );
+    assert!(
+        status(&text, "files") == "ok"
+            && text.contains("the node's state directory")
+            && text.contains("ingested-state: this user's only"),
+        "{text}"
+    );
+
+    // State other users can open: check names it and the fix, and the node refuses to
+    // start (run and ingest) with the same fix, until it is applied.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let state = d.join("ingested-state");
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let fix = format!("chmod -R go-rwx {}", state.display());
+        let (good, text) = check(&ingested);
+        assert!(!good);
+        assert!(
+            status(&text, "files") == "FAIL"
+                && text.contains("is open to other users (mode 755)")
+                && text.contains(&fix),
+            "{text}"
+        );
+        for cmd in ["ingest", "run"] {
+            let out = medfed(&["node", cmd, "--config", ingested.to_str().unwrap()]);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "node {cmd} started: {err}");
+            assert!(
+                err.contains(&fix) && err.contains("the node does not start until then"),
+                "node {cmd}: {err}"
+            );
+        }
+        let out = Command::new("sh").args(["-c", &fix]).status().unwrap();
+        assert!(out.success());
+        let (good, text) = check(&ingested);
+        assert!(good, "{text}");
+    }
 }

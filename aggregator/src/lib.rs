@@ -15,6 +15,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod at_rest;
 mod checkpoint;
 pub mod config;
 pub mod ops;
@@ -114,6 +115,8 @@ pub enum AggregatorError {
     Study(#[from] StudyError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0} (the aggregator does not start until then)")]
+    Private(#[from] medfed_infra::files::NotPrivate),
 }
 
 /// A bound aggregator, ready to [`run`](Aggregator::run).
@@ -160,6 +163,7 @@ impl AggregatorHandle {
 impl Aggregator {
     /// Loads the TLS identity and binds the QUIC endpoint.
     pub fn bind(config: AggregatorConfig) -> Result<Aggregator, AggregatorError> {
+        at_rest::check(&config)?;
         let identity = Identity::load(&config.tls.cert, &config.tls.key)?;
         let mut audit = AuditLog::open(
             &config.audit.log,
@@ -187,7 +191,15 @@ impl Aggregator {
             }
             None => None,
         };
-        std::fs::create_dir_all(&config.state.dir)?;
+        medfed_infra::files::create_private_dir(&config.state.dir).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "cannot create the state directory {}: {e}",
+                    config.state.dir.display()
+                ),
+            )
+        })?;
         let store: Arc<dyn medfed_infra::store::Store> = Arc::from(
             medfed_infra::store::open(
                 config.state.backend,

@@ -7,7 +7,7 @@
 //! under the party's key (refusing to append to a log that does not), and records the
 //! recovery before carrying on.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -84,17 +84,14 @@ pub fn load_or_create_key(path: &Path) -> Result<Ed25519KeyPair, AuditLogError> 
     } else {
         let rng = ring::rand::SystemRandom::new();
         let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| key_err(e.to_string()))?;
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| key_err(e.to_string()))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            crate::files::create_private_dir(dir).map_err(|e| key_err(e.to_string()))?;
         }
-        let mut opts = OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(path).map_err(|e| key_err(e.to_string()))?;
+        let mut f = crate::files::private_file_options()
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| key_err(e.to_string()))?;
         f.write_all(doc.as_ref())
             .and_then(|()| f.sync_all())
             .map_err(|e| key_err(e.to_string()))?;
@@ -103,7 +100,8 @@ pub fn load_or_create_key(path: &Path) -> Result<Ed25519KeyPair, AuditLogError> 
     let key = Ed25519KeyPair::from_pkcs8(&pkcs8)
         .map_err(|e| key_err(format!("not an Ed25519 PKCS#8 key ({e})")))?;
     let public = audit::hex(key.public_key().as_ref());
-    std::fs::write(public_key_path(path), format!("{public}\n"))
+    // Owner-only like everything else the party keeps; auditors get a copy from the party.
+    crate::files::write_atomic(&public_key_path(path), format!("{public}\n").as_bytes())
         .map_err(|e| key_err(e.to_string()))?;
     Ok(key)
 }
@@ -132,9 +130,9 @@ impl AuditLog {
         };
         let key = load_or_create_key(key_path)?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
+            crate::files::create_private_dir(dir).map_err(io)?;
         }
-        let mut file = OpenOptions::new()
+        let mut file = crate::files::private_file_options()
             .read(true)
             .append(true)
             .create(true)
@@ -307,7 +305,7 @@ impl AuditLog {
     /// left. The copy is re-encoded from the message and checked against the hash of the
     /// frame that was sent, so it is byte for byte what the peer received.
     pub fn capture_sent_frames(mut self, path: &Path) -> Result<AuditLog, AuditLogError> {
-        let file = std::fs::OpenOptions::new()
+        let file = crate::files::private_file_options()
             .create(true)
             .append(true)
             .open(path)
@@ -437,6 +435,35 @@ mod tests {
         }
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn the_log_its_keys_and_the_capture_are_owner_only_whatever_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        crate::files::set_umask(0o022);
+        let dir = tempfile::tempdir().unwrap();
+        let (path, key, capture) = (
+            dir.path().join("log/compliance.log"),
+            dir.path().join("keys/audit.key"),
+            dir.path().join("sent.bin"),
+        );
+        let log = AuditLog::open(&path, &key, "st-marys", "node", "test", "cfg")
+            .unwrap()
+            .capture_sent_frames(&capture)
+            .unwrap();
+        log.close("done").unwrap();
+        for (p, want) in [
+            (dir.path().join("log"), 0o700),
+            (dir.path().join("keys"), 0o700),
+            (path, 0o600),
+            (key.clone(), 0o600),
+            (public_key_path(&key), 0o600),
+            (capture, 0o600),
+        ] {
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, want, "{}", p.display());
+        }
+    }
+
     #[test]
     fn a_torn_last_line_is_cut_and_the_recovery_recorded() {
         let dir = tempfile::tempdir().unwrap();
@@ -445,7 +472,10 @@ mod tests {
         log.record(sent(1)).unwrap();
         log.record(sent(2)).unwrap();
         drop(log); // no close: as if killed
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         f.write_all(b"{\"seq\":99,\"time_ms\":1,\"pre").unwrap();
         drop(f);
         let log = AuditLog::open(&path, &key, "st-marys", "node", "test", "cfg").unwrap();

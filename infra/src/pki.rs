@@ -205,13 +205,20 @@ fn validate_host(host: &str) -> Result<(), PkiError> {
     Ok(())
 }
 
-/// Writes `contents` to `path` atomically (temporary file + rename) with the given mode.
+/// Writes `contents` to `path` atomically (temporary file + rename), created with `mode`
+/// less the process umask (so a private key is 0600 whatever the umask, and a certificate
+/// is 0644 under umask 022 and 0600 under the `medfed` command's 0077).
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
     let parent = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(parent).map_err(io_err(parent))?;
     let tmp = path.with_extension("tmp");
+    // A temporary file left by a crash would keep its old mode: start from a new one.
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&tmp)(e)),
+        _ => {}
+    }
     let mut opts = fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
@@ -220,13 +227,6 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
     #[cfg(not(unix))]
     let _ = mode;
     let mut f = opts.open(&tmp).map_err(io_err(&tmp))?;
-    // An existing temporary file keeps its old mode: set it explicitly.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(fs::Permissions::from_mode(mode))
-            .map_err(io_err(&tmp))?;
-    }
     f.write_all(contents).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))?;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use medfed_infra::config::ConfigError;
+use medfed_infra::files::Presence;
 use medfed_infra::identity::CertificateVerifier;
 use medfed_infra::store::Store;
 use medfed_infra::transport::{self, Identity};
@@ -60,6 +61,9 @@ pub async fn run(config_path: &Path, within: Duration) -> Vec<Finding> {
         "config",
         format!("{} (site '{}')", config_path.display(), cfg.site),
     )];
+    // Before anything below opens (and so creates) part of the state.
+    let files = check_files(&cfg);
+    let files_ok = files.iter().all(|f| f.ok);
     let certs_ok = match check_certificates(&cfg) {
         Ok(detail) => {
             out.push(Finding::ok("certificate", detail));
@@ -119,7 +123,8 @@ pub async fn run(config_path: &Path, within: Duration) -> Vec<Finding> {
             )),
         }
     }
-    if !(certs_ok && data_ok) {
+    out.extend(files);
+    if !(certs_ok && data_ok && files_ok) {
         out.push(Finding::fail(
             "aggregator",
             "not tried: fix the problems above first".into(),
@@ -128,6 +133,41 @@ pub async fn run(config_path: &Path, within: Duration) -> Vec<Finding> {
         return out;
     }
     out.push(check_aggregator(cfg, store, within).await);
+    out
+}
+
+/// Each path of the node's state that exists: this user's alone, or who else can open it
+/// and the command that fixes it; the node refuses to start until then.
+fn check_files(cfg: &NodeConfig) -> Vec<Finding> {
+    let mut out = Vec::new();
+    let mut missing = Vec::new();
+    for p in crate::at_rest::private_paths(cfg) {
+        match medfed_infra::files::check_one(&p) {
+            Ok(Presence::Private) => out.push(Finding::ok(
+                "files",
+                format!("{} {}: this user's only", p.what, p.path.display()),
+            )),
+            Ok(Presence::Missing) => missing.push(p.path.display().to_string()),
+            Err(e) => {
+                let fix = match e.fix() {
+                    Some(cmd) => format!(
+                        "run `{cmd}` as the node's user: the node refuses to start while other users can open its state"
+                    ),
+                    None => "make the path and its directory readable by the node's user".into(),
+                };
+                out.push(Finding::fail("files", e.problem(), fix));
+            }
+        }
+    }
+    if !missing.is_empty() {
+        out.push(Finding::ok(
+            "files",
+            format!(
+                "not made yet (the node makes them this user's only): {}",
+                missing.join(", ")
+            ),
+        ));
+    }
     out
 }
 

@@ -55,6 +55,8 @@ pub enum NodeError {
     Privacy(String),
     #[error("the node's store: {0}")]
     Store(String),
+    #[error("{0} (the node does not start until then)")]
+    Private(#[from] medfed_infra::files::NotPrivate),
 }
 
 /// Why [`Node::run`] returned.
@@ -128,6 +130,7 @@ impl Node {
         config: NodeConfig,
         store: Option<Arc<dyn medfed_infra::store::Store>>,
     ) -> Result<Node, NodeError> {
+        crate::at_rest::check(&config)?;
         let mut datasets = HashMap::new();
         for d in &config.datasets {
             let dataset = match &d.ingest {
@@ -980,9 +983,9 @@ fn closed(e: quinn::ConnectionError) -> Result<NodeExit, SessionEnd> {
 fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, NodeError> {
     let fail =
         |detail: String| NodeError::Store(format!("state directory {}: {detail}", dir.display()));
-    std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
+    medfed_infra::files::create_private_dir(dir).map_err(|e| fail(e.to_string()))?;
     let path = dir.join("node.lock");
-    let file = std::fs::OpenOptions::new()
+    let file = medfed_infra::files::private_file_options()
         .create(true)
         .truncate(false)
         .write(true)

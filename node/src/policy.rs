@@ -148,7 +148,7 @@ pub fn approve(policy: &Policy, hash: &str) -> std::io::Result<bool> {
         return Ok(false);
     }
     use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
+    let mut f = medfed_infra::files::private_file_options()
         .create(true)
         .append(true)
         .open(&policy.approvals)?;

@@ -166,6 +166,27 @@ mod tests {
         exercise(Backend::Redb);
     }
 
+    #[cfg(unix)]
+    #[test]
+    fn a_new_store_is_its_owners_alone_whatever_the_umask() {
+        use crate::files::{PrivatePath, check_private, set_umask};
+        set_umask(0o022);
+        for backend in [Backend::Sled, Backend::Redb] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(format!("{}.db", backend.name()));
+            {
+                let s = open(backend, &path).unwrap();
+                let mut b = Batch::default();
+                b.put("offsets", b"in-0", &7u64.to_be_bytes()).unwrap();
+                s.commit(b).unwrap();
+            }
+            let again = open(backend, &path).unwrap();
+            assert!(again.get("offsets", b"in-0").unwrap().is_some());
+            check_private(&[PrivatePath::new("the store", &path)])
+                .unwrap_or_else(|e| panic!("{}: {e}", backend.name()));
+        }
+    }
+
     #[test]
     fn a_missing_directory_is_named() {
         let err = open(Backend::Redb, Path::new("/nonexistent/dir/state"))

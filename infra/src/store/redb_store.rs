@@ -31,19 +31,28 @@ impl RedbStore {
             let mut tmp = path.as_os_str().to_owned();
             tmp.push(".creating");
             let tmp = PathBuf::from(tmp);
-            let _ = std::fs::remove_file(&tmp);
+            match std::fs::remove_file(&tmp) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(err(&tmp, e)),
+                _ => {}
+            }
             {
                 let db = redb::Database::create(&tmp).map_err(|e| err(&tmp, e))?;
                 let txn = db.begin_write().map_err(|e| err(&tmp, e))?;
                 txn.open_table(KV).map_err(|e| err(&tmp, e))?;
                 txn.commit().map_err(|e| err(&tmp, e))?;
             }
+            // redb creates the file with the process umask's mode: make it the owner's alone
+            // before it gets its name.
+            crate::files::make_private(&tmp).map_err(|e| err(&tmp, e))?;
             std::fs::File::open(&tmp)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| err(&tmp, e))?;
             std::fs::rename(&tmp, path).map_err(|e| err(path, e))?;
-            if let Some(dir) = path.parent() {
-                let _ = std::fs::File::open(dir).and_then(|d| d.sync_all());
+            if let Some(dir) = path.parent()
+                && let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all())
+            {
+                // The rename is durable at the next sync of the directory anyway.
+                tracing::warn!("cannot sync directory {}: {e}", dir.display());
             }
         }
         let db = redb::Database::create(path).map_err(|e| err(path, e))?;

@@ -12,7 +12,12 @@ pub struct SledStore {
 
 impl SledStore {
     pub fn open(path: &Path) -> Result<SledStore, StoreError> {
+        // sled keeps a directory of files, created with the process umask's modes: make the
+        // directory the owner's first, and take group and other permissions off what sled
+        // made in it.
+        crate::files::create_private_dir(path).map_err(|e| err(path, e))?;
         let db = sled::open(path).map_err(|e| err(path, e))?;
+        crate::files::make_private(path).map_err(|e| err(path, e))?;
         Ok(SledStore {
             path: path.to_path_buf(),
             db,

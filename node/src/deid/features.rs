@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::safe_harbor::Date;
 use super::{PATIENT, Record, Value};
 use crate::runtime::{
-    Envelope, KvState, MessageCollector, NEXT, StreamTask, TaskCoordinator, TaskError,
+    Envelope, KvState, MessageCollector, NEXT, Rejection, StreamTask, TaskCoordinator, TaskError,
 };
 
 /// `[[ingest.derive]]`: a value computed from others.
@@ -192,7 +192,7 @@ impl Features {
         }
     }
 
-    fn per_record(&self, r: &mut Record) -> Result<(), String> {
+    fn per_record(&self, r: &mut Record) -> Result<(), Rejection> {
         for d in &self.derive {
             let a = r.number(&d.inputs[0]);
             let b = r.number(&d.inputs[1]);
@@ -203,9 +203,17 @@ impl Features {
                         Formula::Ratio => a / b,
                     };
                     if !v.is_finite() {
-                        return Err(format!(
-                            "derive '{}': {:?} of {a} and {b} is not a number",
-                            d.name, d.formula
+                        return Err(Rejection::in_field(
+                            &d.name,
+                            format!(
+                                "the {} of '{}' and '{}' is not a finite number",
+                                match d.formula {
+                                    Formula::Bmi => "BMI",
+                                    Formula::Ratio => "ratio",
+                                },
+                                d.inputs[0],
+                                d.inputs[1]
+                            ),
                         ));
                     }
                     Value::Number(v)
@@ -291,7 +299,13 @@ impl StreamTask for Features {
         }
         match self.per_record(&mut record) {
             Ok(()) => out.send(NEXT, record.encode()),
-            Err(reason) => out.dead_letter(env, reason),
+            Err(why) => {
+                let patient = record
+                    .get(PATIENT)
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                out.dead_letter(env, why.with_patient(patient));
+            }
         }
         Ok(())
     }
@@ -466,10 +480,13 @@ mod tests {
             ("weight", Value::Number(80.0)),
             ("height", Value::Number(0.0)),
         ]);
-        assert!(
-            f.per_record(&mut zero)
-                .unwrap_err()
-                .contains("not a number")
+        let why = f.per_record(&mut zero).unwrap_err();
+        assert_eq!(
+            (why.field.as_deref(), why.reason.as_str()),
+            (
+                Some("bmi"),
+                "the BMI of 'weight' and 'height' is not a finite number"
+            )
         );
     }
 

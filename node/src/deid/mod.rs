@@ -9,7 +9,10 @@
 //! outbound values are aggregates (see `docs/privacy.md`, "Egress").
 
 mod clean;
+mod deidentify;
 mod features;
+#[cfg(test)]
+mod pipeline_tests;
 pub mod pseudonym;
 pub mod report;
 pub mod safe_harbor;
@@ -18,7 +21,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-pub use clean::{Deidentify, ValidateClean, convert_unit};
+pub use clean::{ValidateClean, convert_unit};
+pub use deidentify::Deidentify;
 pub use features::{
     ALERTS_STREAM, AlertRule, Alerts, DeriveSpec, FEATURES_STREAM, Features, Formula, OneHotSpec,
     Standardization, WindowSpec,
@@ -100,16 +104,27 @@ impl Record {
         serde_json::to_vec(&map).expect("a JSON map serializes")
     }
 
+    /// Reads [`Record::encode`]'s form. The error says where the bytes are broken, never
+    /// what they hold (it may end up in the dead-letter stream).
     pub fn decode(bytes: &[u8]) -> Result<Record, String> {
-        let map: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(bytes).map_err(|e| format!("not a record: {e}"))?;
+        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes)
+            .map_err(|e| {
+                format!(
+                    "not a record (JSON {:?} error at line {}, column {})",
+                    e.classify(),
+                    e.line(),
+                    e.column()
+                )
+            })?;
         let mut r = Record::default();
         for (k, v) in map {
             let value = match v {
                 serde_json::Value::Null => Value::Missing,
                 serde_json::Value::Number(n) => Value::Number(n.as_f64().unwrap_or(f64::NAN)),
                 serde_json::Value::String(s) => Value::Text(s),
-                other => return Err(format!("field '{k}': unexpected {other}")),
+                serde_json::Value::Bool(_) => return Err(format!("field '{k}': a boolean")),
+                serde_json::Value::Array(_) => return Err(format!("field '{k}': a list")),
+                serde_json::Value::Object(_) => return Err(format!("field '{k}': an object")),
             };
             r.0.insert(k, value);
         }
@@ -158,7 +173,7 @@ pub enum MissingPolicy {
     /// Keep the record with the value missing.
     #[default]
     Keep,
-    /// Drop the record (it goes to the dead-letter stream with the column and reason).
+    /// Drop the record (it goes to the dead-letter stream with the field and reason).
     Drop,
     /// Fill in the mean of the values seen so far.
     Mean,
@@ -172,7 +187,8 @@ pub enum MissingPolicy {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RangePolicy {
-    /// Quarantine the record (dead-letter stream, with the column, value and range).
+    /// Quarantine the record (dead-letter stream, with the field and the bound it passed;
+    /// never the value).
     #[default]
     Quarantine,
     /// Replace the value with the nearest bound.

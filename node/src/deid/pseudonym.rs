@@ -70,6 +70,8 @@ pub enum KeystoreError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Private(#[from] medfed_infra::files::NotPrivate),
 }
 
 /// This site's pseudonym keys. `Debug` never shows them.
@@ -149,19 +151,10 @@ impl Keystore {
                 });
             }
         };
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            if let Ok(meta) = std::fs::metadata(path)
-                && meta.permissions().mode() & 0o077 != 0
-            {
-                return Err(invalid(format!(
-                    "readable by other users (mode {:o}); run `chmod 600 {}`",
-                    meta.permissions().mode() & 0o777,
-                    path.display()
-                )));
-            }
-        }
+        medfed_infra::files::check_private(&[medfed_infra::files::PrivatePath::new(
+            "the pseudonym keystore",
+            path,
+        )])?;
         let file: KeystoreFile =
             toml::from_str(&text).map_err(|e| invalid(format!("not a keystore: {e}")))?;
         let mut raw = Vec::new();
@@ -219,9 +212,7 @@ impl Keystore {
             path: self.path.clone(),
             source,
         };
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
+        // Creates the keystore's directory mode 0700 and the file 0600.
         medfed_infra::files::write_secret_atomically(&self.path, text.as_bytes()).map_err(io)
     }
 
@@ -408,7 +399,11 @@ mod tests {
             );
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
             let err = Keystore::open(&path).unwrap_err().to_string();
-            assert!(err.contains("readable by other users (mode 644)"), "{err}");
+            assert!(
+                err.contains("is open to other users (mode 644)")
+                    && err.contains(&format!("chmod 600 {}", path.display())),
+                "{err}"
+            );
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         }
         medfed_infra::files::write_secret_atomically(&path, b"current = 2\nkeys = []\n").unwrap();

@@ -106,12 +106,22 @@ fn days_in_month(year: i32, month: u32) -> u32 {
     }
 }
 
+/// Why a text is not a date. It does not quote the text (a date of birth is an identifier):
+/// callers that may show it, such as a config error, add it themselves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DateError {
+    #[error("not a date (expected YYYY-MM-DD)")]
+    NotADate,
+    #[error("not a day of the calendar")]
+    NotACalendarDay,
+}
+
 impl Date {
     /// Parses `YYYY-MM-DD` (a FHIR `date`; a time part after `T` is ignored).
-    pub fn parse(s: &str) -> Result<Date, String> {
+    pub fn parse(s: &str) -> Result<Date, DateError> {
         let s = s.trim();
         let day_part = s.split('T').next().unwrap_or(s);
-        let bad = || format!("{s:?} is not a date (expected YYYY-MM-DD)");
+        let bad = || DateError::NotADate;
         let mut it = day_part.split('-');
         let (Some(y), Some(m), Some(d), None) = (it.next(), it.next(), it.next(), it.next()) else {
             return Err(bad());
@@ -125,7 +135,7 @@ impl Date {
             d.parse::<u32>().map_err(|_| bad())?,
         );
         if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
-            return Err(format!("{s:?} is not a day of the calendar"));
+            return Err(DateError::NotACalendarDay);
         }
         Ok(Date { year, month, day })
     }
@@ -249,7 +259,11 @@ mod tests {
         assert!(Date::parse("2024-02-29").is_ok());
         assert_eq!(
             Date::parse("2023-02-29").err(),
-            Some("\"2023-02-29\" is not a day of the calendar".into())
+            Some(DateError::NotACalendarDay)
+        );
+        assert_eq!(
+            Date::parse("29/02/2024").err().map(|e| e.to_string()),
+            Some("not a date (expected YYYY-MM-DD)".into())
         );
         assert!(
             Date::parse("1900-02-29").is_err(),

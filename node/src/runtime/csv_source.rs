@@ -88,15 +88,7 @@ pub fn read_with(
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
     let mut first = Vec::new();
     reader.read_until(b'\n', &mut first)?;
-    let header: Vec<String> = if first.is_empty() {
-        Vec::new()
-    } else {
-        String::from_utf8_lossy(&first)
-            .trim_end_matches(['\r', '\n'])
-            .split(',')
-            .map(|c| c.trim().to_string())
-            .collect()
-    };
+    let header = super::csv_row::header(&first);
     let key_col = match &opts.partitioning {
         Partitioning::Whole => None,
         Partitioning::ByKey { column, partitions } => {
@@ -116,6 +108,7 @@ pub fn read_with(
     let (tx, rx) = sync_channel(IN_FLIGHT);
     let stream: Arc<str> = stream.into();
     std::thread::spawn(move || {
+        let mut splitter = super::csv_row::Splitter::new();
         let mut batch = Vec::with_capacity(BATCH);
         let mut offset = 0u64;
         let mut line: Vec<u8> = Vec::new();
@@ -140,12 +133,13 @@ pub fn read_with(
                 if row < from {
                     continue;
                 }
+                // A row whose key cannot be read goes to the partition of the empty key,
+                // where its task quarantines it.
                 let key = key_col.map(|(i, _)| {
-                    row_bytes
-                        .split(|b| *b == b',')
-                        .nth(i)
-                        .unwrap_or(&[])
-                        .to_vec()
+                    splitter
+                        .field(&row_bytes, i)
+                        .map(<[u8]>::to_vec)
+                        .unwrap_or_default()
                 });
                 if let (Some((_, n)), Some(k)) = (key_col, &key)
                     && key_hash(k) % n != u64::from(partition)

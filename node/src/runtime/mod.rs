@@ -9,16 +9,20 @@
 //! transaction, so a restarted node resumes exactly where its state says it was.
 //!
 //! Records a task cannot use go to the dead-letter stream through the [`MessageCollector`],
-//! with the reason; they are counted and never stop the partition.
+//! with a [`Rejection`]: the reason, the field and the patient's pseudonym, never a value.
+//! They are counted and never stop the partition.
 
+pub mod csv_row;
 pub mod csv_source;
 pub mod fhir_source;
 pub mod jetstream_source;
+mod rejection;
 mod runner;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+pub use rejection::Rejection;
 pub use runner::{
     PartitionReport, PipelineSignals, RunOptions, RuntimeError, restore, run_partition,
     run_partition_with,
@@ -55,7 +59,7 @@ pub struct DeadLetter {
     pub stream: Arc<str>,
     pub partition: u32,
     pub offset: u64,
-    pub reason: String,
+    pub rejection: Rejection,
 }
 
 impl MessageCollector {
@@ -64,14 +68,21 @@ impl MessageCollector {
         self.out.push((stream.to_string(), payload));
     }
 
-    /// Quarantines `envelope` with `reason` (it goes to the dead-letter stream and is counted).
-    pub fn dead_letter(&mut self, envelope: &Envelope, reason: impl Into<String>) {
+    /// Quarantines `envelope` (it goes to the dead-letter stream and is counted) with why:
+    /// a reason, or a [`Rejection`] naming the field and the patient's pseudonym. The
+    /// reason is kept in the node's store: it must not quote the record's values.
+    pub fn dead_letter(&mut self, envelope: &Envelope, why: impl Into<Rejection>) {
         self.dead.push(DeadLetter {
             stream: envelope.stream.clone(),
             partition: envelope.partition,
             offset: envelope.offset,
-            reason: reason.into(),
+            rejection: why.into(),
         });
+    }
+
+    /// How many records this collector has quarantined so far.
+    pub fn quarantined(&self) -> usize {
+        self.dead.len()
     }
 }
 

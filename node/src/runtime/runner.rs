@@ -154,7 +154,7 @@ pub fn run_partition_with(
             b.put(
                 &format!("dead-letter/{stream}/{partition}"),
                 &d.offset.to_be_bytes(),
-                d.reason.as_bytes(),
+                &d.rejection.encode(),
             )?;
         }
         // Records sent to named output streams (alerts, monitoring), durable with the

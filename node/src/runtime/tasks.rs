@@ -1,13 +1,19 @@
 //! Built-in tasks.
 
-use super::{Envelope, KvState, MessageCollector, StreamTask, TaskCoordinator, TaskError};
+use super::{
+    Envelope, KvState, MessageCollector, Rejection, StreamTask, TaskCoordinator, TaskError,
+};
 
 /// Count, sum and sum of squares of chosen numeric columns of CSV rows: the statistics a
 /// study's standardization needs. A row with a missing or non-numeric value in a chosen
-/// column is quarantined with the column and the value.
+/// column is quarantined with the column (not the value), and so is a row with more fields
+/// than the header.
 pub struct ColumnStats {
     /// (index in the row, column name) of each chosen column.
     columns: Vec<(usize, String)>,
+    /// The header's number of columns (CSV rows).
+    width: usize,
+    splitter: super::csv_row::Splitter,
     count: u64,
     sum: Vec<f64>,
     sum_sq: Vec<f64>,
@@ -36,6 +42,8 @@ impl ColumnStats {
         let n = columns.len();
         Ok(ColumnStats {
             columns,
+            width: header.len(),
+            splitter: super::csv_row::Splitter::new(),
             count: 0,
             sum: vec![0.0; n],
             sum_sq: vec![0.0; n],
@@ -55,6 +63,8 @@ impl ColumnStats {
                 .enumerate()
                 .map(|(i, c)| (i, c.to_string()))
                 .collect(),
+            width: n,
+            splitter: super::csv_row::Splitter::new(),
             count: 0,
             sum: vec![0.0; n],
             sum_sq: vec![0.0; n],
@@ -121,23 +131,19 @@ impl StreamTask for ColumnStats {
             self.add_values();
             return Ok(());
         }
-        let line = match std::str::from_utf8(&env.payload) {
-            Ok(l) => l,
-            Err(_) => {
-                out.dead_letter(env, "not UTF-8 text");
+        let fields = match self.splitter.row(&env.payload, self.width) {
+            Ok(f) => f,
+            Err(why) => {
+                out.dead_letter(env, why);
                 return Ok(());
             }
         };
-        let fields: Vec<&str> = line.split(',').collect();
         for (slot, (i, name)) in self.columns.iter().enumerate() {
-            let raw = fields.get(*i).map_or("", |f| f.trim());
+            let raw = fields.get(*i).map_or("", str::trim);
             match raw.parse::<f64>() {
                 Ok(v) if v.is_finite() => self.values[slot] = v,
                 _ => {
-                    out.dead_letter(
-                        env,
-                        format!("column '{name}': not a number (value {raw:?})"),
-                    );
+                    out.dead_letter(env, Rejection::in_field(name, "not a number"));
                     return Ok(());
                 }
             }
@@ -229,15 +235,49 @@ mod tests {
         let dead = store.scan("dead-letter/site/0").unwrap();
         assert_eq!(dead.len(), 1);
         assert_eq!(dead[0].0, 500u64.to_be_bytes().to_vec());
+        // The field and the reason, not the value.
         assert_eq!(
             String::from_utf8_lossy(&dead[0].1),
-            "column 'glu': not a number (value \"NA\")"
+            r#"{"reason":"not a number","field":"glu","patient":null}"#
         );
         // Running again reads nothing new and changes nothing.
         let again = run(store.clone(), &path, 100);
         assert_eq!((again.offset, again.processed), (1000, 1000));
         let (.., state, _, _) = restore(&*store, "site", 0).unwrap();
         assert_eq!(ColumnStats::read(&state, 2).0, 999);
+    }
+
+    #[test]
+    fn a_row_with_more_fields_than_the_header_is_quarantined_not_shifted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.csv");
+        // Row 1 has a decimal comma: read by position, 30 would be counted as bmi.
+        std::fs::write(
+            &path,
+            "glu,bmi,type\n99,30.5,No\n101,30,5,Yes\n\"102\",31.5,No\n",
+        )
+        .unwrap();
+        let store: Arc<dyn store::Store> =
+            Arc::from(store::open(Backend::DEFAULT, &dir.path().join("state")).unwrap());
+        let report = run(store.clone(), &path, 100);
+        assert_eq!((report.processed, report.quarantined), (3, 1));
+        let (.., state, _, _) = restore(&*store, "site", 0).unwrap();
+        assert_eq!(ColumnStats::read(&state, 2).1, vec![201.0, 62.0]);
+        let dead = store.scan("dead-letter/site/0").unwrap();
+        assert_eq!(dead[0].0, 1u64.to_be_bytes().to_vec());
+        assert_eq!(
+            Rejection::decode(&dead[0].1),
+            Rejection::new(
+                "the row has 4 fields; the header has 3 (a comma outside double quotes?)"
+            )
+        );
+    }
+
+    /// The first field of a CSV row, as a number.
+    fn first_number(row: &[u8]) -> Option<f64> {
+        let mut splitter = super::super::csv_row::Splitter::new();
+        let first = splitter.field(row, 0)?;
+        std::str::from_utf8(first).ok()?.trim().parse().ok()
     }
 
     /// Passes on rows whose first column is above 100.
@@ -251,12 +291,7 @@ mod tests {
             out: &mut MessageCollector,
             _: &mut TaskCoordinator,
         ) -> Result<(), TaskError> {
-            let first = String::from_utf8_lossy(&env.payload)
-                .split(',')
-                .next()
-                .unwrap_or("")
-                .parse::<f64>();
-            if first.is_ok_and(|v| v > 100.0) {
+            if first_number(&env.payload).is_some_and(|v| v > 100.0) {
                 out.send(super::super::NEXT, env.payload.clone());
             }
             Ok(())
@@ -303,12 +338,7 @@ mod tests {
             _: &mut TaskCoordinator,
         ) -> Result<(), TaskError> {
             let line = String::from_utf8_lossy(&env.payload).into_owned();
-            if line
-                .split(',')
-                .next()
-                .and_then(|v| v.parse::<f64>().ok())
-                .is_some_and(|v| v > 170.0)
-            {
+            if first_number(&env.payload).is_some_and(|v| v > 170.0) {
                 out.send(
                     "alerts",
                     format!("glucose above 170 mg/dL: {line}").into_bytes(),

@@ -26,6 +26,11 @@ use crate::runtime::{
     TaskCoordinator, TaskError, restore, run_partition_with,
 };
 
+pub mod quarantine;
+mod status;
+
+pub use status::{PartitionStatus, status};
+
 /// The output stream of de-identified records, kept in the node's store.
 pub const RECORDS_STREAM: &str = "records";
 
@@ -136,6 +141,12 @@ pub struct IngestConfig {
     pub window_secs: u64,
     #[serde(default = "default_commit_every")]
     pub commit_every: u64,
+    /// For the site's data stewards: also append each quarantined record's raw input line
+    /// to this file (CSV: stream, partition, offset, line; created mode 0600, never readable
+    /// by other users). Off by default: dead letters keep only the reason, the field and
+    /// the patient's pseudonym.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_rejects: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -185,6 +196,7 @@ impl IngestConfig {
             &mut self.csv,
             &mut self.fhir,
             &mut self.deidentify.restricted_zip3,
+            &mut self.raw_rejects,
         ]
         .into_iter()
         .flatten()
@@ -269,13 +281,13 @@ impl IngestConfig {
 }
 
 /// A partition of a pipeline and how to open it.
-enum Part {
+pub(crate) enum Part {
     Csv { path: PathBuf, opts: CsvOptions },
     Fhir(PathBuf, FhirMapping),
     Jet(JetStreamPartition),
 }
 
-fn parts(cfg: &IngestConfig) -> Result<Vec<(u32, Part)>, String> {
+pub(crate) fn parts(cfg: &IngestConfig) -> Result<Vec<(u32, Part)>, String> {
     if let Some(path) = &cfg.csv {
         let files = csv_source::files(path).map_err(|e| format!("{}: {e}", path.display()))?;
         if let Some(column) = &cfg.partition_by {
@@ -359,6 +371,16 @@ pub async fn run(
     } else {
         None
     };
+    quarantine::scrub_earlier(cfg, &*store)?;
+    let raw_rejects = match &cfg.raw_rejects {
+        Some(path) => Some(quarantine::RawRejects::open(path).map_err(|e| {
+            fail(format!(
+                "cannot open the raw rejects file {}: {e}",
+                path.display()
+            ))
+        })?),
+        None => None,
+    };
     // One set of signals per pipeline: a task's AllTasks commit or shutdown reaches every
     // partition.
     let signals = Arc::new(crate::runtime::PipelineSignals::default());
@@ -384,8 +406,14 @@ pub async fn run(
                 (cfg.columns.clone(), rx, Some(acks))
             }
         };
-        let task =
+        let mut task =
             build_task(cfg, &header, pseudonymizer.as_ref()).map_err(|e| fail(e.to_string()))?;
+        if let Some(sink) = &raw_rejects {
+            task = Box::new(quarantine::KeepRawRejects {
+                inner: task,
+                sink: sink.clone(),
+            });
+        }
         let (store, stream, opts) = (
             store.clone(),
             cfg.stream.clone(),
@@ -436,7 +464,7 @@ pub fn build_task(
         return Ok(Box::new(ColumnStats::new(header, &columns)?));
     }
     let mut tasks: Vec<Box<dyn StreamTask>> = vec![
-        Box::new(ValidateClean::new(header, &cfg.fields)?),
+        Box::new(ValidateClean::new(header, &cfg.fields)?.with_pseudonyms(pseudonymizer.cloned())),
         Box::new(Deidentify::new(
             &cfg.fields,
             &cfg.deidentify,
@@ -532,71 +560,18 @@ fn kept_by_partition(
         .collect()
 }
 
-/// One line of `medfed node status`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PartitionStatus {
-    pub stream: String,
-    pub partition: u32,
-    pub offset: u64,
-    pub processed: u64,
-    pub quarantined: u64,
-    /// Rows not yet processed, when the source can tell (CSV files).
-    pub lag: Option<u64>,
-    pub last_checkpoint_ms: Option<u64>,
-}
-
-/// Where every partition of the configured pipelines stands, from the store.
-pub fn status(
-    ingests: &[IngestConfig],
-    store: &dyn Store,
-) -> Result<Vec<PartitionStatus>, IngestError> {
-    let mut out = Vec::new();
-    for cfg in ingests {
-        let fail = |detail: String| IngestError {
-            stream: cfg.stream.clone(),
-            detail,
-        };
-        for (p, part) in parts(cfg).map_err(fail)? {
-            let (offset, _, processed, quarantined) =
-                restore(store, &cfg.stream, p).map_err(|e| fail(e.to_string()))?;
-            let key = format!("{}/{p}", cfg.stream);
-            let last = store
-                .get("metrics/checkpoint_ms", key.as_bytes())
-                .map_err(|e| fail(e.to_string()))?
-                .and_then(|v| v.try_into().ok())
-                .map(u64::from_be_bytes);
-            let lag = match &part {
-                Part::Csv { path, opts } if opts.partitioning == Partitioning::Whole => {
-                    std::fs::read(path).ok().map(|b| {
-                        (b.iter().filter(|c| **c == b'\n').count() as u64)
-                            .saturating_sub(1)
-                            .saturating_sub(offset)
-                    })
-                }
-                _ => None,
-            };
-            out.push(PartitionStatus {
-                stream: cfg.stream.clone(),
-                partition: p,
-                offset,
-                processed,
-                quarantined,
-                lag,
-                last_checkpoint_ms: last,
-            });
-        }
-    }
-    Ok(out)
-}
-
-/// Opens the node's store.
+/// Opens the node's store, creating the state directory (mode 0700) if needed.
 pub fn open_store(state: &StateConfig) -> Result<Arc<dyn Store>, store::StoreError> {
-    if let Some(parent) = state.dir.parent() {
-        let _ = std::fs::create_dir_all(parent);
-    }
-    let _ = std::fs::create_dir_all(&state.dir);
-    Ok(Arc::from(store::open(
-        state.backend,
-        &state.dir.join(format!("{}.db", state.backend.name())),
-    )?))
+    let path = state.dir.join(format!("{}.db", state.backend.name()));
+    medfed_infra::files::create_private_dir(&state.dir).map_err(|e| {
+        store::StoreError::Backend {
+            path: path.clone(),
+            backend: state.backend.name(),
+            detail: format!(
+                "cannot create the state directory {}: {e}",
+                state.dir.display()
+            ),
+        }
+    })?;
+    Ok(Arc::from(store::open(state.backend, &path)?))
 }

@@ -1,0 +1,180 @@
+//! The de-identification task: the keyed pseudonym in place of the patient identifier, and
+//! HIPAA Safe Harbor applied to every declared field by its class.
+
+use super::pseudonym::Pseudonymizer;
+use super::safe_harbor::{Date, RestrictedZip3, generalise_age, generalise_birth_date};
+use super::{DatePolicy, DeidentifyConfig, FieldClass, FieldSpec, PATIENT, Record, Value};
+use crate::runtime::{
+    Envelope, KvState, MessageCollector, NEXT, Rejection, StreamTask, TaskCoordinator, TaskError,
+};
+
+/// The text a patient identifier is pseudonymized from: the same for the deidentify task
+/// and for naming the patient of a quarantined record.
+pub(crate) fn identifier_text(value: &Value) -> Option<String> {
+    match value {
+        Value::Text(s) if !s.trim().is_empty() => Some(s.clone()),
+        Value::Number(x) => Some(x.to_string()),
+        _ => None,
+    }
+}
+
+/// Pseudonymizes the patient identifier and applies Safe Harbor to every declared field by
+/// its class: identifiers removed, ages over 89 aggregated, birth dates to the year, other
+/// dates to the year or shifted per patient, ZIP codes to three digits.
+pub struct Deidentify {
+    fields: Vec<FieldSpec>,
+    patient_id: Option<String>,
+    pseudonymizer: Option<Pseudonymizer>,
+    restricted: RestrictedZip3,
+    dates: DatePolicy,
+    reference: Date,
+}
+
+impl Deidentify {
+    pub fn new(
+        fields: &[FieldSpec],
+        config: &DeidentifyConfig,
+        pseudonymizer: Option<Pseudonymizer>,
+        today: Date,
+    ) -> Result<Deidentify, TaskError> {
+        let err = |detail: String| TaskError {
+            task: "deidentify".into(),
+            detail,
+        };
+        let ids: Vec<&FieldSpec> = fields
+            .iter()
+            .filter(|f| f.class == FieldClass::PatientId)
+            .collect();
+        if ids.len() > 1 {
+            return Err(err(format!(
+                "fields '{}' and '{}' are both patient-id; declare one",
+                ids[0].name, ids[1].name
+            )));
+        }
+        if !ids.is_empty() && pseudonymizer.is_none() {
+            return Err(err(format!(
+                "field '{}' is a patient-id, but no pseudonym key was given",
+                ids[0].name
+            )));
+        }
+        if config.dates == DatePolicy::Shift && ids.is_empty() {
+            return Err(err(
+                "dates = \"shift\" needs a field of class patient-id to derive each patient's shift from".into(),
+            ));
+        }
+        if fields.iter().any(|f| f.name == PATIENT) {
+            return Err(err(format!(
+                "a field may not be named '{PATIENT}': the pseudonym goes there"
+            )));
+        }
+        let restricted = match &config.restricted_zip3 {
+            Some(path) => RestrictedZip3::load(path).map_err(err)?,
+            None => RestrictedZip3::shipped(),
+        };
+        let reference = match &config.reference_date {
+            Some(d) => Date::parse(d).map_err(|e| err(format!("reference_date {d:?}: {e}")))?,
+            None => today,
+        };
+        Ok(Deidentify {
+            fields: fields.to_vec(),
+            patient_id: ids.first().map(|f| f.name.clone()),
+            pseudonymizer,
+            restricted,
+            dates: config.dates,
+            reference,
+        })
+    }
+
+    /// De-identifies one record; `Err` is why it is quarantined (with the patient's
+    /// pseudonym once the identifier is read; never a value).
+    pub fn apply(&self, mut record: Record) -> Result<Record, Rejection> {
+        let mut shift = None;
+        let mut patient = None;
+        if let (Some(id_field), Some(pseudonymizer)) = (&self.patient_id, &self.pseudonymizer) {
+            let id = record
+                .remove(id_field)
+                .as_ref()
+                .and_then(identifier_text)
+                .ok_or_else(|| Rejection::in_field(id_field, "no patient identifier"))?;
+            let pseudonym = pseudonymizer.pseudonym(&id);
+            record.set(PATIENT, Value::Text(pseudonym.clone()));
+            patient = Some(pseudonym);
+            if self.dates == DatePolicy::Shift {
+                shift = Some(pseudonymizer.date_shift_days(&id));
+            }
+        }
+        let reject = |field: &str, why: String| {
+            Rejection::in_field(field, why).with_patient(patient.clone())
+        };
+        for f in &self.fields {
+            let name = f.name.as_str();
+            let value = match record.get(name) {
+                None | Some(Value::Missing) => continue,
+                Some(v) => v.clone(),
+            };
+            let text = || {
+                value
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| match &value {
+                        Value::Number(x) => x.to_string(),
+                        _ => String::new(),
+                    })
+            };
+            let generalised = match f.class {
+                FieldClass::Value => continue,
+                FieldClass::PatientId | FieldClass::Identifier => {
+                    record.remove(name);
+                    continue;
+                }
+                FieldClass::Age => match value.as_f64() {
+                    Some(age) if age >= 0.0 => Value::Number(generalise_age(age)),
+                    _ => return Err(reject(name, "not an age in years".into())),
+                },
+                FieldClass::BirthDate => {
+                    let birth = Date::parse(&text()).map_err(|e| reject(name, e.to_string()))?;
+                    if birth > self.reference {
+                        return Err(reject(
+                            name,
+                            format!("a birth date after {}", self.reference),
+                        ));
+                    }
+                    Value::Number(f64::from(generalise_birth_date(birth, self.reference)))
+                }
+                FieldClass::Date => {
+                    let date = Date::parse(&text()).map_err(|e| reject(name, e.to_string()))?;
+                    match shift {
+                        Some(days) => Value::Text(date.shifted(days).to_string()),
+                        None => Value::Number(f64::from(date.year)),
+                    }
+                }
+                FieldClass::Zip => Value::Text(
+                    self.restricted
+                        .generalise(&text())
+                        .map_err(|e| reject(name, e))?,
+                ),
+            };
+            record.set(name, generalised);
+        }
+        Ok(record)
+    }
+}
+
+impl StreamTask for Deidentify {
+    fn process(
+        &mut self,
+        env: &Envelope,
+        _state: &mut KvState,
+        out: &mut MessageCollector,
+        _coord: &mut TaskCoordinator,
+    ) -> Result<(), TaskError> {
+        let result = Record::decode(&env.payload)
+            .map_err(Rejection::new)
+            .and_then(|r| self.apply(r));
+        match result {
+            Ok(record) => out.send(NEXT, record.encode()),
+            Err(why) => out.dead_letter(env, why),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,190 @@
+//! The one CSV dialect of ingestion (`csv_core`, the parser of the `csv` crate, with its
+//! defaults): comma-separated, fields optionally in double quotes (RFC 4180), one row per
+//! line. Every reader of ingested CSV (the CSV source's header and partition key,
+//! validate-clean, the column statistics) splits rows with a [`Splitter`], so all of them
+//! agree on where a field ends.
+//!
+//! A row with more fields than the header is refused rather than read: an unquoted comma
+//! (in an address, say) would otherwise shift every later value into the next column.
+
+use super::Rejection;
+
+/// Splits CSV rows, one at a time, reusing its parser and buffers (no allocation per row
+/// once they have grown to the widest row).
+#[derive(Debug)]
+pub struct Splitter {
+    reader: csv_core::Reader,
+    out: Vec<u8>,
+    ends: Vec<usize>,
+    /// Fields of the last row split.
+    fields: usize,
+}
+
+impl Default for Splitter {
+    fn default() -> Self {
+        Splitter {
+            reader: csv_core::Reader::new(),
+            out: vec![0; 256],
+            ends: vec![0; 32],
+            fields: 0,
+        }
+    }
+}
+
+/// One row's fields, as text.
+#[derive(Debug, Clone, Copy)]
+pub struct Row<'a> {
+    text: &'a str,
+    ends: &'a [usize],
+}
+
+impl<'a> Row<'a> {
+    /// Field `i`, untrimmed.
+    pub fn get(&self, i: usize) -> Option<&'a str> {
+        let end = *self.ends.get(i)?;
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        self.text.get(start..end)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+}
+
+impl Splitter {
+    pub fn new() -> Splitter {
+        Splitter::default()
+    }
+
+    /// Parses `line` (one row, with or without its line ending); the number of fields (0:
+    /// an empty line).
+    fn parse(&mut self, line: &[u8]) -> usize {
+        use csv_core::ReadRecordResult as R;
+        self.reader.reset();
+        let (mut input, mut nout, mut nend) = (line, 0, 0);
+        self.fields = loop {
+            let (res, nin, o, e) =
+                self.reader
+                    .read_record(input, &mut self.out[nout..], &mut self.ends[nend..]);
+            input = &input[nin..];
+            nout += o;
+            nend += e;
+            match res {
+                // The next call, with no input left, ends the row.
+                R::InputEmpty => {}
+                R::OutputFull => self.out.resize(self.out.len() * 2, 0),
+                R::OutputEndsFull => self.ends.resize(self.ends.len() * 2, 0),
+                R::Record => break nend,
+                R::End => break 0,
+            }
+        };
+        self.fields
+    }
+
+    /// Field `i` of the last row parsed, as bytes.
+    fn bytes(&self, i: usize) -> Option<&[u8]> {
+        if i >= self.fields {
+            return None;
+        }
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        self.out.get(start..self.ends[i])
+    }
+
+    /// Field `index` of `line`, untrimmed; nothing if the row is too short.
+    pub fn field(&mut self, line: &[u8], index: usize) -> Option<&[u8]> {
+        self.parse(line);
+        self.bytes(index)
+    }
+
+    /// One row, split into its fields. Fewer fields than the header's `width` are allowed
+    /// (the missing ones read as empty); more are refused, with the two counts and no value,
+    /// and so is a row that is empty or not UTF-8 text.
+    pub fn row(&mut self, line: &[u8], width: usize) -> Result<Row<'_>, Rejection> {
+        let fields = self.parse(line);
+        if fields == 0 {
+            return Err(Rejection::new("an empty line"));
+        }
+        if fields > width {
+            return Err(Rejection::new(format!(
+                "the row has {fields} fields; the header has {width} (a comma outside double quotes?)"
+            )));
+        }
+        // Field by field, so that every field boundary is a character boundary.
+        for i in 0..fields {
+            if self
+                .bytes(i)
+                .is_none_or(|f| std::str::from_utf8(f).is_err())
+            {
+                return Err(Rejection::new(format!("field {} is not UTF-8 text", i + 1)));
+            }
+        }
+        let end = self.ends[fields - 1];
+        let text =
+            std::str::from_utf8(&self.out[..end]).map_err(|_| Rejection::new("not UTF-8 text"))?;
+        Ok(Row {
+            text,
+            ends: &self.ends[..fields],
+        })
+    }
+}
+
+/// The column names of a header line, trimmed (an empty line has none).
+pub fn header(line: &[u8]) -> Vec<String> {
+    let mut s = Splitter::new();
+    let n = s.parse(line);
+    (0..n)
+        .filter_map(|i| s.bytes(i))
+        .map(|f| String::from_utf8_lossy(f).trim().to_string())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_commas_stay_in_their_field_and_unquoted_ones_are_refused() {
+        assert_eq!(
+            header(b"mrn, name ,address,glu\r\n"),
+            ["mrn", "name", "address", "glu"]
+        );
+        assert!(header(b"").is_empty());
+        let mut s = Splitter::new();
+        let ok = s.row(b"MRN-1,Ada,\"12 High St, Leeds\",140", 4).unwrap();
+        assert_eq!(
+            (ok.len(), ok.get(2), ok.get(3), ok.get(4)),
+            (4, Some("12 High St, Leeds"), Some("140"), None)
+        );
+        let shifted = s.row(b"MRN-1,Ada,12 High St, Leeds,140", 4).unwrap_err();
+        assert_eq!(
+            shifted.reason,
+            "the row has 5 fields; the header has 4 (a comma outside double quotes?)"
+        );
+        assert!(!shifted.to_string().contains("Leeds"));
+        assert_eq!(s.row(b"MRN-1,Ada", 4).unwrap().len(), 2);
+        assert_eq!(s.row(b"", 4).unwrap_err().reason, "an empty line");
+        assert_eq!(
+            s.row(b"MRN-1,\xff\xfe", 4).unwrap_err().reason,
+            "field 2 is not UTF-8 text"
+        );
+        // Two halves of one character in two fields: each field must be text on its own.
+        assert_eq!(
+            s.row(b"\xc3,\xa9", 4).unwrap_err().reason,
+            "field 1 is not UTF-8 text"
+        );
+        assert_eq!(
+            s.row("é,\"x\"\"y\"".as_bytes(), 4).unwrap().get(1),
+            Some("x\"y")
+        );
+        assert_eq!(s.field(b"p7,\"a,b\",3", 1), Some(&b"a,b"[..]));
+        assert_eq!(s.field(b"p7", 1), None);
+        // A row wider than the buffers it starts with.
+        let wide = vec!["x".repeat(300); 40].join(",");
+        let row = s.row(wide.as_bytes(), 40).unwrap();
+        assert_eq!((row.len(), row.get(39).map(str::len)), (40, Some(300)));
+    }
+}
