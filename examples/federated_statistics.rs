@@ -7,7 +7,7 @@
 //! (Gaussian noise, distributed over the sites). Small cells are suppressed.
 //!
 //! ```sh
-//! cargo run --release --example federated_statistics            # with DP (z = 1)
+//! cargo run --release --example federated_statistics            # with DP (z = 1.5)
 //! cargo run --release --example federated_statistics -- --exact # without noise
 //! ```
 //!
@@ -74,7 +74,7 @@ const DATASETS: [Dataset; 2] = [
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let exact_only = std::env::args().any(|a| a == "--exact");
-    let noise = if exact_only { None } else { Some(1.0) };
+    let noise = if exact_only { None } else { Some(1.5) };
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     println!(

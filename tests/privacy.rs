@@ -69,7 +69,8 @@ feature_ranges = [[0, 17], [0, 200], [0, 122], [0, 99], [0, 67], [0, 2.5], [21, 
                 "[policy.privacy]\nepsilon = {limit}\ntotal_epsilon = {limit}\ndelta = {delta}\n"
             )
         } else {
-            format!("[policy.privacy]\ndelta = {delta}\n")
+            // The others allow the whole study (4 rounds at z = 2 pass the default 5).
+            format!("[policy.privacy]\nepsilon = 20\ntotal_epsilon = 20\ndelta = {delta}\n")
         };
         std::fs::write(
             d.join(format!("{site}.toml")),

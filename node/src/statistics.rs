@@ -295,11 +295,13 @@ impl Node {
                 self.spend_budget(&q.query_id, 0, medfed_protocol::dp::Charge::Gaussian { z })?;
                 match &sq.secure {
                     Some(sr) => {
-                        let sigma = q
-                            .sigma_on_grid(sr.setup.quant.scale_bits, true)
+                        noise_sigma = q
+                            .site_share_sigma(
+                                sr.setup.quant.scale_bits,
+                                sr.setup.threshold,
+                                sr.colluders,
+                            )
                             .unwrap_or(0.0);
-                        let honest = sr.setup.threshold.saturating_sub(sr.colluders).max(1);
-                        noise_sigma = sigma / f64::from(honest).sqrt();
                     }
                     None => {
                         let sigma = q.sigma_on_grid(PLAIN_GRID_BITS, false).unwrap_or(0.0);

@@ -210,6 +210,16 @@ impl StatsQuery {
         })
     }
 
+    /// The standard deviation (units) of the noise one site adds under secure aggregation:
+    /// its share `σ²/(t − c)` of the query's σ on a grid of `2^-bits` with stochastic
+    /// rounding, so that the honest sites of any decodable sum (at least `t − c`) carry σ
+    /// together. `None` for an exact query.
+    pub fn site_share_sigma(&self, bits: u8, threshold: u32, colluders: u32) -> Option<f64> {
+        let honest = threshold.saturating_sub(colluders).max(1);
+        self.sigma_on_grid(bits, true)
+            .map(|s| s / f64::from(honest).sqrt())
+    }
+
     /// A site's vector, in units, over its cohort's rows (each row: the columns' values in
     /// order, clipped here to their bounds).
     pub fn encode(&self, rows: &[Vec<f64>]) -> Vec<f64> {
