@@ -238,15 +238,30 @@ pub fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
             .map_err(anyhow::Error::msg)?;
     let policy = &cfg.policy.privacy;
     let delta = policy.delta;
-    let studies: Vec<(String, u64, u64, f64)> = ledger
+    // (study, DP releases, DP-SGD steps, exact releases, refused, ε)
+    type Row = (String, u64, u64, u64, u64, f64);
+    let studies: Vec<Row> = ledger
         .studies
         .iter()
         .map(|(id, s)| {
             (
                 id.clone(),
                 ledger.releases(id),
+                ledger.steps(id),
+                s.exact,
                 s.refused,
                 ledger.epsilon(Some(id), delta),
+            )
+        })
+        .collect();
+    let exact_allowed: Vec<(String, Vec<String>)> = cfg
+        .datasets
+        .iter()
+        .filter(|d| !d.exact_releases.is_empty())
+        .map(|d| {
+            (
+                d.name.clone(),
+                d.exact_releases.iter().map(|r| r.to_string()).collect(),
             )
         })
         .collect();
@@ -261,14 +276,20 @@ pub fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
             .collect();
         let studies: Vec<_> = studies
             .iter()
-            .map(|(id, releases, refused, eps)| {
-                serde_json::json!({"study": id, "releases": releases, "refused": refused, "epsilon": eps})
+            .map(|(id, releases, steps, exact, refused, eps)| {
+                serde_json::json!({"study": id, "releases": releases, "dp_sgd_steps": steps,
+                    "exact_releases": exact, "refused": refused, "epsilon": eps})
             })
+            .collect();
+        let exact: serde_json::Map<String, serde_json::Value> = exact_allowed
+            .iter()
+            .map(|(d, r)| (d.clone(), serde_json::json!(r)))
             .collect();
         let v = serde_json::json!({
             "partitions": partitions,
             "privacy": {"delta": delta, "epsilon_per_study": policy.epsilon,
-                "epsilon_total": policy.total_epsilon, "spent_total": total, "studies": studies},
+                "epsilon_total": policy.total_epsilon, "spent_total": total,
+                "exact_releases_allowed": exact, "studies": studies},
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -293,18 +314,30 @@ pub fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
         );
     }
     println!(
-        "\nprivacy budget (δ = {delta:e}; limits ε {} per study, {} in all)",
-        policy.epsilon, policy.total_epsilon
+        "\nprivacy budget (δ = {delta:e}; limits ε {} per study, {} in all; {:.3} left in all)",
+        policy.epsilon,
+        policy.total_epsilon,
+        (policy.total_epsilon - total).max(0.0)
     );
-    println!(
-        "{:<24} {:>9} {:>8} {:>10}",
-        "study", "releases", "refused", "ε spent"
-    );
-    println!("{}", "-".repeat(54));
-    for (id, releases, refused, eps) in &studies {
-        println!("{id:<24} {releases:>9} {refused:>8} {eps:>10.3}");
+    for (dataset, releases) in &exact_allowed {
+        println!(
+            "WARNING: dataset '{dataset}' may be released WITHOUT differential privacy: {} \
+             (exact_releases in node.toml); those releases are not in ε",
+            releases.join(", ")
+        );
     }
-    println!("{:<24} {:>9} {:>8} {total:>10.3}", "all studies", "", "");
+    println!(
+        "{:<24} {:>9} {:>9} {:>7} {:>8} {:>10}",
+        "study", "releases", "SGD steps", "EXACT", "refused", "ε spent"
+    );
+    println!("{}", "-".repeat(72));
+    for (id, releases, steps, exact, refused, eps) in &studies {
+        println!("{id:<24} {releases:>9} {steps:>9} {exact:>7} {refused:>8} {eps:>10.3}");
+    }
+    println!(
+        "{:<24} {:>9} {:>9} {:>7} {:>8} {total:>10.3}",
+        "all studies", "", "", "", ""
+    );
     Ok(())
 }
 

@@ -217,6 +217,39 @@ fn node_check_names_each_problem_and_its_fix() {
         text.contains("welcomed by") && text.contains("all checks passed"),
         "{text}"
     );
+    // The exact opt-in is said loudly; the Pima columns are all clinical.
+    assert!(
+        text.contains("WARNING: dataset 'pima' may be released WITHOUT differential privacy: training"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dataset 'pima': no column looks like an identifier or a date"),
+        "{text}"
+    );
+
+    // An extract with an SSN and a birth date: never used, and said so. Without the exact
+    // opt-in every release is differentially private.
+    let text_csv = std::fs::read_to_string(d.join("pima.csv")).unwrap();
+    let mut lines = text_csv.lines();
+    let mut with_ids = format!("{},ssn,dob\n", lines.next().unwrap());
+    for (i, l) in lines.enumerate() {
+        with_ids += &format!("{l},{:03}-{:02}-{:04},19{:02}-0{}-1{}\n", 100 + i, 10 + i % 80, 1000 + i, 40 + i % 50, 1 + i % 9, i % 10);
+    }
+    std::fs::write(d.join("ids.csv"), with_ids).unwrap();
+    let ids_cfg = write(
+        "ids.toml",
+        node_config(port, "", "ids.csv", ca).replace("exact_releases = [\"training\"]\n", ""),
+    );
+    let (good, text) = check(&ids_cfg);
+    assert!(good, "{text}");
+    assert!(
+        text.contains("never used by a study or query: 'dob' (a birth date (by name)), 'ssn' (an identifier (by name))"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dataset 'pima': every release differentially private"),
+        "{text}"
+    );
 
     // A dataset that reads an ingestion pipeline's records: none before ingesting, then
     // the de-identified records.

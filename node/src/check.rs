@@ -83,19 +83,41 @@ pub async fn run(config_path: &Path, within: Duration) -> Vec<Finding> {
             let finding = check_ingested(&cfg, &d.name, stream, &mut store);
             data_ok &= finding.ok;
             out.push(finding);
+            if let Some(pipeline) = cfg.ingests.iter().find(|g| &g.stream == stream) {
+                let never: Vec<String> = pipeline
+                    .fields
+                    .iter()
+                    .filter(|f| !crate::columns::usable(f.class))
+                    .map(|f| format!("'{}'", f.name))
+                    .chain(std::iter::once(format!("'{}'", crate::deid::PATIENT)))
+                    .collect();
+                out.push(Finding::ok(
+                    "columns",
+                    format!(
+                        "dataset '{}': never used by a study or query: {} (the pipeline's \
+                         identifier, date and ZIP fields, and the pseudonym)",
+                        d.name,
+                        never.join(", ")
+                    ),
+                ));
+            }
             continue;
         }
         match Table::load(&d.path) {
-            Ok(t) => out.push(Finding::ok(
-                "data",
-                format!(
-                    "dataset '{}': {} rows, {} columns ({})",
-                    d.name,
-                    t.len(),
-                    t.columns.len(),
-                    d.path.display()
-                ),
-            )),
+            Ok(t) => {
+                out.push(Finding::ok(
+                    "data",
+                    format!(
+                        "dataset '{}': {} rows, {} columns ({})",
+                        d.name,
+                        t.len(),
+                        t.columns.len(),
+                        d.path.display()
+                    ),
+                ));
+                let classes = crate::columns::ColumnClasses::for_table(&t, &d.classes);
+                out.push(columns_finding(&d.name, &classes));
+            }
             Err(e) => {
                 data_ok = false;
                 out.push(Finding::fail(
@@ -106,6 +128,7 @@ pub async fn run(config_path: &Path, within: Duration) -> Vec<Finding> {
             }
         }
     }
+    out.extend(privacy_findings(&cfg));
     let needs_keys = cfg
         .ingests
         .iter()
@@ -230,6 +253,74 @@ fn check_ingested(
             "run `medfed node ingest` again; if it fails the same way, restore [state] dir from the node's backup",
         ),
     }
+}
+
+/// The columns of a dataset no study or query may use, and why.
+fn columns_finding(dataset: &str, classes: &crate::columns::ColumnClasses) -> Finding {
+    let never: Vec<String> = classes
+        .unusable()
+        .into_iter()
+        .map(|(c, why)| format!("'{c}' ({why})"))
+        .collect();
+    Finding::ok(
+        "columns",
+        if never.is_empty() {
+            format!("dataset '{dataset}': no column looks like an identifier or a date")
+        } else {
+            format!(
+                "dataset '{dataset}': never used by a study or query: {}; class one \"value\" in \
+                 [dataset.classes] if it is not what it looks like",
+                never.join(", ")
+            )
+        },
+    )
+}
+
+/// How each dataset's releases are protected (loudly, where a dataset opts in to exact
+/// releases), and whether the rules can approve anything.
+fn privacy_findings(cfg: &NodeConfig) -> Vec<Finding> {
+    let p = &cfg.policy.privacy;
+    let mut out: Vec<Finding> = cfg
+        .datasets
+        .iter()
+        .map(|d| {
+            if d.exact_releases.is_empty() {
+                Finding::ok(
+                    "privacy",
+                    format!(
+                        "dataset '{}': every release differentially private, charged to the \
+                         budget (ε {} per study, {} in all, δ = {:e})",
+                        d.name, p.epsilon, p.total_epsilon, p.delta
+                    ),
+                )
+            } else {
+                Finding::ok(
+                    "privacy",
+                    format!(
+                        "WARNING: dataset '{}' may be released WITHOUT differential privacy: {} \
+                         (exact_releases); the compliance log and audit report record each",
+                        d.name,
+                        d.exact_releases
+                            .iter()
+                            .map(|r| r.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            }
+        })
+        .collect();
+    if let Some(rules) = &cfg.policy.rules
+        && rules.columns.is_none()
+    {
+        out.push(Finding::fail(
+            "policy",
+            "[policy.rules] names no columns, so the rules approve nothing".into(),
+            "list the columns studies and queries may read: columns = [\"glu\", \"bmi\", ...] \
+             (identifiers, dates and ZIP codes are refused even if listed)",
+        ));
+    }
+    out
 }
 
 fn config_finding(e: ConfigError) -> Finding {

@@ -702,6 +702,7 @@ impl Node {
         dataset: &str,
     ) -> Result<(), (ErrorCode, String)> {
         warn!(%study, %dataset, "EXACT release (no differential privacy), as [[dataset]] exact_releases allows");
+        self.ledger_exact(study)?;
         self.audit
             .record(medfed_protocol::audit::Event::ExactRelease {
                 study: study.to_string(),

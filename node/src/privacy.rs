@@ -121,6 +121,15 @@ impl Node {
         }
     }
 
+    /// Records an exact release of `study` in the ledger (shown by `node status`), durably.
+    pub(crate) fn ledger_exact(&self, study: &str) -> Result<(), Refusal> {
+        let mut ledger = self.ledger.lock();
+        ledger.record_exact(study);
+        self.ledger
+            .save(&ledger)
+            .map_err(|e| (ErrorCode::Internal, e))
+    }
+
     /// `v` on a grid of `2^-bits` plus discrete Gaussian noise of standard deviation at
     /// least `sigma` on the same grid ([`medfed_protocol::dp::discrete`]), from a generator
     /// seeded by the system's.

@@ -29,6 +29,14 @@ pub struct StudySpend {
     pub sampled: Vec<(f64, f64, u64)>,
     /// Rounds refused for the budget.
     pub refused: u64,
+    /// Releases made WITHOUT differential privacy (a dataset's `exact_releases`): not in
+    /// ε, which does not cover them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub exact: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Every study's spending.
@@ -139,6 +147,11 @@ impl Ledger {
             Some((_, n)) => *n += 1,
             None => spend.releases.push((z, 1)),
         }
+    }
+
+    /// Records an exact (not differentially private) release of `study`.
+    pub fn record_exact(&mut self, study: &str) {
+        self.studies.entry(study.to_string()).or_default().exact += 1;
     }
 
     pub fn record_refusal(&mut self, study: &str) {
