@@ -219,7 +219,9 @@ fn node_check_names_each_problem_and_its_fix() {
     );
     // The exact opt-in is said loudly; the Pima columns are all clinical.
     assert!(
-        text.contains("WARNING: dataset 'pima' may be released WITHOUT differential privacy: training"),
+        text.contains(
+            "WARNING: dataset 'pima' may be released WITHOUT differential privacy: training"
+        ),
         "{text}"
     );
     assert!(
@@ -233,7 +235,15 @@ fn node_check_names_each_problem_and_its_fix() {
     let mut lines = text_csv.lines();
     let mut with_ids = format!("{},ssn,dob\n", lines.next().unwrap());
     for (i, l) in lines.enumerate() {
-        with_ids += &format!("{l},{:03}-{:02}-{:04},19{:02}-0{}-1{}\n", 100 + i, 10 + i % 80, 1000 + i, 40 + i % 50, 1 + i % 9, i % 10);
+        with_ids += &format!(
+            "{l},{:03}-{:02}-{:04},19{:02}-0{}-1{}\n",
+            100 + i,
+            10 + i % 80,
+            1000 + i,
+            40 + i % 50,
+            1 + i % 9,
+            i % 10
+        );
     }
     std::fs::write(d.join("ids.csv"), with_ids).unwrap();
     let ids_cfg = write(
