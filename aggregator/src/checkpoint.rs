@@ -78,9 +78,81 @@ pub fn statistics_released(store: &dyn Store, id: &str) -> Result<Option<PathBuf
         .map(|b| PathBuf::from(String::from_utf8_lossy(&b).into_owned())))
 }
 
+/// What to do with a configured statistics study, given what the store says of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatisticsAction {
+    /// Released before (to this file): not released again.
+    Released(PathBuf),
+    /// Not released yet: run it.
+    Run,
+    /// The store cannot say: not run, since a second release would cost every site's
+    /// budget twice and could differ from the first.
+    Unknown(String),
+}
+
+/// [`StatisticsAction`] for study `id`.
+pub fn statistics_action(store: &dyn Store, id: &str) -> StatisticsAction {
+    match statistics_released(store, id) {
+        Ok(Some(path)) => StatisticsAction::Released(path),
+        Ok(None) => StatisticsAction::Run,
+        Err(e) => StatisticsAction::Unknown(e),
+    }
+}
+
 pub fn save_statistics(store: &dyn Store, id: &str, path: &std::path::Path) -> Result<(), String> {
     let mut b = Batch::default();
     b.put(STATISTICS, id.as_bytes(), path.to_string_lossy().as_bytes())
         .map_err(|e| e.to_string())?;
     store.commit(b).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use medfed_infra::store::{Backend, Batch, Entry, StoreError};
+
+    use super::*;
+
+    /// A store whose reads fail (a disk error, a corrupt page).
+    struct Unreadable;
+
+    impl Store for Unreadable {
+        fn backend(&self) -> Backend {
+            Backend::DEFAULT
+        }
+        fn get(&self, _: &str, _: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            Err(StoreError::Backend {
+                path: "state".into(),
+                backend: "test",
+                detail: "read error".into(),
+            })
+        }
+        fn scan(&self, _: &str) -> Result<Vec<Entry>, StoreError> {
+            Err(StoreError::Backend {
+                path: "state".into(),
+                backend: "test",
+                detail: "read error".into(),
+            })
+        }
+        fn commit(&self, _: Batch) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    /// A store that cannot say whether a statistics study was released does not let it run
+    /// again (it ran whenever the read failed).
+    #[test]
+    fn an_unreadable_store_does_not_release_statistics_twice() {
+        assert!(matches!(
+            statistics_action(&Unreadable, "q"),
+            StatisticsAction::Unknown(_)
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let store = medfed_infra::store::open(Backend::DEFAULT, &dir.path().join("s")).unwrap();
+        assert_eq!(statistics_action(&*store, "q"), StatisticsAction::Run);
+        save_statistics(&*store, "q", std::path::Path::new("out/q.json")).unwrap();
+        assert_eq!(
+            statistics_action(&*store, "q"),
+            StatisticsAction::Released("out/q.json".into())
+        );
+    }
 }

@@ -19,6 +19,7 @@ pub mod at_rest;
 mod checkpoint;
 pub mod config;
 pub mod ops;
+mod release;
 mod secure_round;
 mod server;
 mod statistics;
@@ -267,17 +268,25 @@ impl Aggregator {
     ) -> StudyEnd {
         let runner = self.study_runner(cfg, events, roots);
         let status = |status: String| {
-            let _ = self
-                .audit
+            self.audit
                 .record(medfed_protocol::audit::Event::StudyStatus {
                     study: cfg.id.clone(),
                     status,
-                });
+                })
+                .map_err(|e| runner.unlogged(e))
         };
-        status("started".into());
-        let outcome = tokio::select! {
-            r = runner.run(allowed) => r,
-            _ = stop.wait_for(Option::is_some) => return StudyEnd::Interrupted,
+        // A study the compliance log cannot record starting does not start.
+        let outcome = match status("started".into()) {
+            Err(e) => Err(e),
+            Ok(()) => tokio::select! {
+                r = runner.run(allowed) => r,
+                _ = stop.wait_for(Option::is_some) => return StudyEnd::Interrupted,
+            },
+        };
+        let status = |text: String| {
+            if let Err(e) = status(text) {
+                tracing::error!("{e}");
+            }
         };
         let send = |e: AggregatorEvent| {
             if let Some(tx) = events {
@@ -402,32 +411,45 @@ impl Aggregator {
             for sc in &self.config.statistics {
                 let runner = self.study_runner(&sc.as_study(), &events, &roots);
                 let status = |status: String| {
-                    let _ = self
-                        .audit
+                    self.audit
                         .record(medfed_protocol::audit::Event::StudyStatus {
                             study: sc.id.clone(),
                             status,
-                        });
+                        })
+                        .map_err(|e| runner.unlogged(e))
                 };
-                if let Ok(Some(path)) = checkpoint::statistics_released(&*self.store, &sc.id) {
-                    tracing::info!(study = %sc.id, "statistics already released: {}", path.display());
-                    released += 1;
-                    continue;
-                }
-                status("started".into());
-                let query = sc.query();
-                let outcome = tokio::select! {
-                    r = runner.run_statistics(&query, allow.len(), sc.delta) => r,
-                    _ = stop.wait_for(Option::is_some) => {
-                        interrupted = true;
-                        break;
+                let outcome = match checkpoint::statistics_action(&*self.store, &sc.id) {
+                    checkpoint::StatisticsAction::Released(path) => {
+                        tracing::info!(study = %sc.id, "statistics already released: {}", path.display());
+                        released += 1;
+                        continue;
                     }
+                    checkpoint::StatisticsAction::Unknown(e) => Err(StudyError::Failed {
+                        study: sc.id.clone(),
+                        detail: format!(
+                            "cannot read from the store whether it was already released ({e}); \
+                             it is not run, so that it cannot be released twice"
+                        ),
+                    }),
+                    checkpoint::StatisticsAction::Run => match status("started".into()) {
+                        Err(e) => Err(e),
+                        Ok(()) => {
+                            let query = sc.query();
+                            tokio::select! {
+                                r = runner.run_statistics(&query, allow.len(), sc.delta) => r,
+                                _ = stop.wait_for(Option::is_some) => {
+                                    interrupted = true;
+                                    break;
+                                }
+                            }
+                        }
+                    },
                 };
                 match outcome {
                     Ok((_, path)) => {
-                        status(format!("statistics released: {}", path.display()));
-                        if let Err(e) = checkpoint::save_statistics(&*self.store, &sc.id, &path) {
-                            tracing::warn!(study = %sc.id, "cannot checkpoint the release: {e}");
+                        if let Err(e) = status(format!("statistics released: {}", path.display())) {
+                            // The release itself is in the log (recorded before the file).
+                            tracing::error!(study = %sc.id, "{e}");
                         }
                         if let Some(tx) = &events {
                             let _ = tx.send(AggregatorEvent::StatisticsReleased {
@@ -438,12 +460,19 @@ impl Aggregator {
                         released += 1;
                     }
                     Err(e) => {
-                        status(format!("failed: {e}"));
+                        tracing::error!("{e}");
+                        if let Err(log) = status(format!("failed: {e}")) {
+                            tracing::error!(study = %sc.id, "{log}");
+                        }
                         if let Some(tx) = &events {
                             let _ = tx.send(AggregatorEvent::StudyFailed {
                                 study_id: sc.id.clone(),
                                 reason: e.to_string(),
                             });
+                        }
+                        if self.config.studies_dir.keep_serving {
+                            // Serving goes on: the other studies, and those to come.
+                            continue;
                         }
                         self.stop.send_replace(Some(format!("study failed: {e}")));
                         result = Err(e);
@@ -483,12 +512,15 @@ impl Aggregator {
             seen.insert(spec.id.clone());
             if let Err(e) = self.config.validate_study(&spec, "study", &path) {
                 tracing::warn!("{e}; study not run");
-                let _ = self
+                if let Err(log) = self
                     .audit
                     .record(medfed_protocol::audit::Event::StudyStatus {
                         study: spec.id.clone(),
                         status: format!("not run: {e}"),
-                    });
+                    })
+                {
+                    tracing::error!(study = %spec.id, "cannot write the compliance log: {log}");
+                }
                 continue;
             }
             match self

@@ -353,17 +353,19 @@ impl Ops {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "operations endpoint listening (/healthz, /status, /metrics)");
         }
-        loop {
-            let Ok((stream, peer)) = listener.accept().await else {
-                continue;
-            };
-            let ops = self.clone();
-            tokio::spawn(async move {
-                if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, ops.answer(stream)).await {
-                    debug!(%peer, "operations request timed out: {e}");
-                }
-            });
-        }
+        accept_loop(
+            || listener.accept(),
+            |(stream, peer)| {
+                let ops = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, ops.answer(stream)).await
+                    {
+                        debug!(%peer, "operations request timed out: {e}");
+                    }
+                });
+            },
+        )
+        .await
     }
 
     async fn answer(&self, mut stream: tokio::net::TcpStream) {
@@ -435,9 +437,64 @@ async fn respond(
     stream.shutdown().await
 }
 
+/// Accepts connections for ever, handing each to `handle`. An accept error (out of file
+/// descriptors, say) is logged, at most once per streak, and waited out with a backoff from
+/// 50 ms to 2 s, so a persistent error cannot spin a core.
+async fn accept_loop<C, F, Fut>(mut accept: F, mut handle: impl FnMut(C))
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<C>>,
+{
+    let mut backoff = std::time::Duration::from_millis(50);
+    let mut streak = 0u64;
+    loop {
+        match accept().await {
+            Ok(c) => {
+                if streak > 0 {
+                    info!("operations endpoint accepting again after {streak} error(s)");
+                }
+                streak = 0;
+                backoff = std::time::Duration::from_millis(50);
+                handle(c);
+            }
+            Err(e) => {
+                if streak == 0 {
+                    tracing::warn!(
+                        "operations endpoint cannot accept a connection: {e}; retrying with backoff"
+                    );
+                }
+                streak += 1;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A listener that keeps failing (e.g. out of file descriptors) is retried with a
+    /// backoff, not in a loop that spins a core.
+    #[tokio::test(start_paused = true)]
+    async fn accept_errors_are_waited_out() {
+        let calls = std::cell::Cell::new(0u32);
+        let looped = accept_loop(
+            || {
+                calls.set(calls.get() + 1);
+                std::future::ready(Err::<(), _>(std::io::Error::other("too many open files")))
+            },
+            |()| {},
+        );
+        // One virtual second: 50 + 100 + 200 + 400 ms of backoff, then one more try.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), looped).await;
+        assert!(
+            (4..=6).contains(&calls.get()),
+            "{} accepts in 1 s",
+            calls.get()
+        );
+    }
 
     #[test]
     fn label_values_are_escaped() {

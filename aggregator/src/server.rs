@@ -213,8 +213,17 @@ impl Server {
             transport::read_message_info(&mut recv, self.max_frame),
         )
         .await;
-        if let Ok(Ok((m, info))) = &msg {
-            transport::Egress::received(&*self.audit, site, m, info);
+        if let Ok(Ok((m, info))) = &msg
+            && let Err(e) = transport::Egress::received(&*self.audit, site, m, info)
+        {
+            // A hello the compliance log cannot record is not acted on.
+            self.refuse(
+                conn,
+                Some(site),
+                ErrorCode::Internal,
+                format!("the aggregator cannot write its compliance log: {e}"),
+            );
+            return None;
         }
         let msg = msg.map(|r| r.map(|(m, _)| m));
         let (code, reason) = match msg {
@@ -223,11 +232,16 @@ impl Server {
                     aggregator: self.name.clone(),
                     software: crate::SOFTWARE.to_string(),
                 });
-                return match transport::write_message(&mut send, &welcome, self.max_frame).await {
-                    Ok(info) => {
-                        transport::Egress::sent(&*self.audit, site, &welcome, &info);
-                        Some(hello)
-                    }
+                let log: Option<(&dyn transport::Egress, &str)> = Some((&*self.audit, site));
+                return match transport::write_message_logged(
+                    &mut send,
+                    &welcome,
+                    self.max_frame,
+                    log,
+                )
+                .await
+                {
+                    Ok(_) => Some(hello),
                     Err(e) => {
                         warn!(%site, "could not send welcome: {e}");
                         None

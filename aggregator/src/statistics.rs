@@ -130,17 +130,29 @@ impl StudyRunner {
             .out_dir
             .join("statistics")
             .join(format!("{}.json", cfg.id));
-        medfed_infra::files::write_atomic(&path, &json).map_err(|source| StudyError::Export {
-            study: cfg.id.clone(),
-            path: path.clone(),
-            source,
-        })?;
-        let _ = self.audit.record(medfed_protocol::audit::Event::Released {
+        // Logged, then remembered as released (so a restart never releases it a second
+        // time), then written: nothing is released the compliance log does not show.
+        let event = medfed_protocol::audit::Event::Released {
             study: cfg.id.clone(),
             round: 0,
             sites: sites.clone(),
             sha256: medfed_protocol::audit::sha256_hex(&json),
-        });
+        };
+        let remember = || {
+            crate::checkpoint::save_statistics(&*self.store, &cfg.id, &path)
+                .map_err(|e| format!("cannot record the release in the store ({e})"))
+        };
+        crate::release::release(&self.audit, event, remember, &path, &json).map_err(
+            |e| match e {
+                crate::release::ReleaseError::Write { path, source } => StudyError::Export {
+                    study: cfg.id.clone(),
+                    path,
+                    source,
+                },
+                e @ crate::release::ReleaseError::Unlogged(_) => self.unlogged(e),
+                e => self.failed(e.to_string()),
+            },
+        )?;
         info!(study = %cfg.id, sites = sites.len(), path = %path.display(), "statistics released");
         Ok((release, path))
     }

@@ -43,6 +43,9 @@ pub enum StudyError {
         path: PathBuf,
         source: std::io::Error,
     },
+    /// The compliance log could not record a step, so the step was not taken.
+    #[error("study '{study}': the compliance log cannot be written ({detail}), so the study stops")]
+    Unlogged { study: String, detail: String },
 }
 
 /// What a finished study leaves behind.
@@ -246,15 +249,17 @@ impl StudyRunner {
                         }
                     }
                     info!(study = %cfg.id, %site, training_rows, "site accepted the study");
-                    let _ = self
-                        .audit
+                    self.audit
                         .record(medfed_protocol::audit::Event::StudyDecision {
                             study: cfg.id.clone(),
                             accepted: true,
-                            reason: format!(
-                                "site '{site}' accepted with {training_rows} training rows"
-                            ),
-                        });
+                            reason: if cfg.privacy.is_some() {
+                                format!("site '{site}' accepted (no row count under DP)")
+                            } else {
+                                format!("site '{site}' accepted with {training_rows} training rows")
+                            },
+                        })
+                        .map_err(|e| self.unlogged(e))?;
                     participants.insert(
                         site,
                         Participant {
@@ -265,13 +270,13 @@ impl StudyRunner {
                 }
                 Ok((_, StudyDecision::Refuse { reason, .. })) => {
                     warn!(study = %cfg.id, %site, "site refused the study: {reason}");
-                    let _ = self
-                        .audit
+                    self.audit
                         .record(medfed_protocol::audit::Event::StudyDecision {
                             study: cfg.id.clone(),
                             accepted: false,
                             reason: format!("site '{site}' refused: {reason}"),
-                        });
+                        })
+                        .map_err(|e| self.unlogged(e))?;
                     self.emit(AggregatorEvent::StudyRefused {
                         study_id: cfg.id.clone(),
                         site,
@@ -639,6 +644,15 @@ impl StudyRunner {
         tasks
     }
 
+    /// The error of a step the compliance log could not record.
+    pub(crate) fn unlogged(&self, e: impl std::fmt::Display) -> StudyError {
+        tracing::error!(study = %self.cfg.id, "cannot write the compliance log: {e}");
+        StudyError::Unlogged {
+            study: self.cfg.id.clone(),
+            detail: e.to_string(),
+        }
+    }
+
     /// Whether a site's declared training rows are plausible: none under differential
     /// privacy (no count leaves a site), else between 1 and [`MAX_ROWS`].
     fn plausible_rows(&self, rows: u64) -> bool {
@@ -681,13 +695,18 @@ impl StudyRunner {
                         ),
                     };
                     warn!(%site, "reconnected site refused the study, and leaves it: {reason}");
-                    let _ = self
-                        .audit
-                        .record(medfed_protocol::audit::Event::StudyDecision {
-                            study: self.cfg.id.clone(),
-                            accepted: false,
-                            reason: format!("site '{site}' refused on reconnecting: {reason}"),
-                        });
+                    if let Err(e) =
+                        self.audit
+                            .record(medfed_protocol::audit::Event::StudyDecision {
+                                study: self.cfg.id.clone(),
+                                accepted: false,
+                                reason: format!("site '{site}' refused on reconnecting: {reason}"),
+                            })
+                    {
+                        // The site leaves the study either way; the round that follows
+                        // writes to the log too, and stops the study if it still cannot.
+                        tracing::error!("cannot write the compliance log: {e}");
+                    }
                     withdrawn.push(site.clone());
                 }
                 Err(e) => warn!(%site, "reconnected site did not answer the announcement: {e}"),
@@ -848,7 +867,11 @@ impl StudyRunner {
         let info = transport::FrameInfo::of_frame(&frame);
         for site in sites {
             if let Some(s) = self.registry.get(site) {
-                transport::Egress::sent(&*self.audit, site, &msg, &info);
+                // Recorded before it leaves; not sent if it cannot be recorded.
+                if let Err(e) = transport::Egress::sent(&*self.audit, site, &msg, &info) {
+                    warn!(%site, round, "round result not sent: {e}");
+                    continue;
+                }
                 let frame = frame.clone();
                 // A node that stops reading cannot hold the task (or its buffer) forever.
                 tokio::spawn(tokio::time::timeout(Duration::from_secs(10), async move {
@@ -886,26 +909,27 @@ impl StudyRunner {
             .join(format!("round-{:04}.json", summary.round));
         let json = serde_json::to_vec_pretty(&export)
             .map_err(|e| self.failed(format!("encoding the model: {e}")))?;
-        medfed_infra::files::write_atomic(&path, &json).map_err(|source| StudyError::Export {
-            study: summary.study_id.clone(),
-            path: path.clone(),
-            source,
-        })?;
-        summary.validation = validation;
-        summary.model_path = path.clone();
+        // Logged before it is released: a release the compliance log cannot record is not
+        // written.
         let released = medfed_protocol::audit::Event::Released {
             study: summary.study_id.clone(),
             round: summary.round,
             sites: summary.sites.clone(),
             sha256: medfed_protocol::audit::sha256_hex(&json),
         };
-        if let Err(e) = self
-            .audit
-            .record(released)
-            .and_then(|()| self.audit.checkpoint())
-        {
-            warn!("cannot write the compliance log: {e}");
-        }
+        crate::release::release(&self.audit, released, || Ok(()), &path, &json).map_err(
+            |e| match e {
+                crate::release::ReleaseError::Write { path, source } => StudyError::Export {
+                    study: summary.study_id.clone(),
+                    path,
+                    source,
+                },
+                e @ crate::release::ReleaseError::Unlogged(_) => self.unlogged(e),
+                e => self.failed(e.to_string()),
+            },
+        )?;
+        summary.validation = validation;
+        summary.model_path = path.clone();
         self.emit(AggregatorEvent::RoundCompleted(summary));
         Ok(path)
     }

@@ -261,6 +261,15 @@ impl AuditLog {
         Ok(())
     }
 
+    /// From now on every write fails, as on a full or failed disk (tests of what the party
+    /// does when it cannot log).
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub fn fail_writes(&self) -> std::io::Result<()> {
+        let mut inner = self.lock();
+        inner.file = std::fs::OpenOptions::new().write(true).open("/dev/full")?;
+        Ok(())
+    }
+
     /// Signs a tree head over everything so far and syncs the file (at round boundaries).
     pub fn checkpoint(&self) -> std::io::Result<()> {
         let mut inner = self.lock();
@@ -317,22 +326,23 @@ impl AuditLog {
         Ok(self)
     }
 
-    fn capture(&self, msg: &medfed_protocol::Message, frame: &crate::transport::FrameInfo) {
+    fn capture(
+        &self,
+        msg: &medfed_protocol::Message,
+        frame: &crate::transport::FrameInfo,
+    ) -> Result<(), String> {
         use std::io::Write;
         let Some(file) = &self.capture else {
-            return;
+            return Ok(());
         };
         let bytes = match medfed_protocol::codec::encode_frame(msg, u32::MAX) {
             Ok(b) if audit::sha256_hex(&b) == frame.sha256 => b,
-            _ => {
-                tracing::error!("a sent frame could not be reproduced for the capture file");
-                return;
-            }
+            _ => return Err("a frame could not be reproduced for the capture file".into()),
         };
         let mut f = file.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = f.write_all(&bytes) {
-            tracing::error!("cannot write the capture of sent frames: {e}");
-        }
+        f.write_all(&bytes)
+            .and_then(|()| f.flush())
+            .map_err(|e| format!("cannot write the capture of sent frames: {e}"))
     }
 }
 
@@ -349,27 +359,34 @@ impl crate::transport::Egress for AuditLog {
         peer: &str,
         msg: &medfed_protocol::Message,
         frame: &crate::transport::FrameInfo,
-    ) {
+    ) -> Result<(), String> {
         use std::sync::atomic::Ordering::Relaxed;
+        self.capture(msg, frame).inspect_err(|e| {
+            tracing::error!("{e}: the message is not sent");
+        })?;
+        self.record(Event::Sent(entry(peer, msg, frame)))
+            .map_err(|e| {
+                tracing::error!(log = %self.path.display(), "cannot write the compliance log: {e}; the message is not sent");
+                format!("{}: {e}", self.path.display())
+            })?;
         self.traffic.messages_sent.fetch_add(1, Relaxed);
         self.traffic.bytes_sent.fetch_add(frame.bytes, Relaxed);
-        self.capture(msg, frame);
-        if let Err(e) = self.record(Event::Sent(entry(peer, msg, frame))) {
-            tracing::error!(log = %self.path.display(), "cannot write the compliance log: {e}");
-        }
+        Ok(())
     }
     fn received(
         &self,
         peer: &str,
         msg: &medfed_protocol::Message,
         frame: &crate::transport::FrameInfo,
-    ) {
+    ) -> Result<(), String> {
         use std::sync::atomic::Ordering::Relaxed;
         self.traffic.messages_received.fetch_add(1, Relaxed);
         self.traffic.bytes_received.fetch_add(frame.bytes, Relaxed);
-        if let Err(e) = self.record(Event::Received(entry(peer, msg, frame))) {
-            tracing::error!(log = %self.path.display(), "cannot write the compliance log: {e}");
-        }
+        self.record(Event::Received(entry(peer, msg, frame)))
+            .map_err(|e| {
+                tracing::error!(log = %self.path.display(), "cannot write the compliance log: {e}; the message is not used");
+                format!("{}: {e}", self.path.display())
+            })
     }
 }
 
@@ -387,6 +404,33 @@ mod tests {
             bytes: i,
             sha256: audit::sha256_hex(&i.to_be_bytes()),
         })
+    }
+
+    /// A message the log cannot record is reported as not sendable, and not counted.
+    #[test]
+    fn a_message_that_cannot_be_logged_is_not_sent() {
+        use crate::transport::Egress;
+        let dir = tempfile::tempdir().unwrap();
+        let log = AuditLog::open(
+            &dir.path().join("log"),
+            &dir.path().join("key"),
+            "alpha",
+            "node",
+            "test",
+            "",
+        )
+        .unwrap();
+        let msg = medfed_protocol::Message::Error(medfed_protocol::messages::ErrorMessage {
+            code: medfed_protocol::ErrorCode::Internal,
+            reason: "x".into(),
+        });
+        let frame = crate::transport::FrameInfo::of_frame(b"frame");
+        assert!(log.sent("aggregator", &msg, &frame).is_ok());
+        log.fail_writes().unwrap();
+        assert!(log.sent("aggregator", &msg, &frame).is_err());
+        assert!(log.received("aggregator", &msg, &frame).is_err());
+        use std::sync::atomic::Ordering::Relaxed;
+        assert_eq!(log.traffic().messages_sent.load(Relaxed), 1);
     }
 
     fn read(path: &Path, key: &Path) -> Result<audit::Verified, audit::AuditError> {

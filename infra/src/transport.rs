@@ -56,6 +56,9 @@ pub enum TransportError {
     Timeout { what: &'static str, after: Duration },
     #[error("peer certificate: {0}")]
     PeerCertificate(String),
+    /// The compliance log could not record the message, so it was not sent (or not used).
+    #[error("the compliance log cannot record the message, so it was not sent or used: {0}")]
+    Unlogged(String),
 }
 
 impl TransportError {
@@ -353,10 +356,12 @@ impl FrameInfo {
     }
 }
 
-/// Records what crosses a party's boundary (the compliance log implements it).
+/// Records what crosses a party's boundary (the compliance log implements it). Fails
+/// closed: [`Egress::sent`] is called before a frame leaves, and a frame it cannot record is
+/// not sent; a message [`Egress::received`] cannot record is not acted on.
 pub trait Egress: Send + Sync {
-    fn sent(&self, peer: &str, msg: &Message, frame: &FrameInfo);
-    fn received(&self, peer: &str, msg: &Message, frame: &FrameInfo);
+    fn sent(&self, peer: &str, msg: &Message, frame: &FrameInfo) -> Result<(), String>;
+    fn received(&self, peer: &str, msg: &Message, frame: &FrameInfo) -> Result<(), String>;
 }
 
 /// Reads one framed message. The length is checked against `max` before the body is read or
@@ -419,8 +424,23 @@ pub async fn write_message(
     msg: &Message,
     max: u32,
 ) -> Result<FrameInfo, TransportError> {
+    write_message_logged(send, msg, max, None).await
+}
+
+/// As [`write_message`], first recording the frame with `log` under the peer's name: a
+/// frame that cannot be recorded is not sent ([`TransportError::Unlogged`]).
+pub async fn write_message_logged(
+    send: &mut quinn::SendStream,
+    msg: &Message,
+    max: u32,
+    log: Option<(&dyn Egress, &str)>,
+) -> Result<FrameInfo, TransportError> {
     let frame = codec::encode_frame(msg, max)?;
     let info = FrameInfo::of(&frame[..HEADER_BYTES], &frame[HEADER_BYTES..]);
+    if let Some((log, peer)) = log {
+        log.sent(peer, msg, &info)
+            .map_err(TransportError::Unlogged)?;
+    }
     send.write_all(&frame).await.map_err(write_err)?;
     send.finish().map_err(|_| TransportError::StreamClosed)?;
     Ok(info)
@@ -447,13 +467,11 @@ pub async fn request_logged(
 ) -> Result<Message, TransportError> {
     let exchange = async {
         let (mut send, mut recv) = conn.open_bi().await?;
-        let sent = write_message(&mut send, msg, max).await?;
-        if let Some((log, peer)) = log {
-            log.sent(peer, msg, &sent);
-        }
+        write_message_logged(&mut send, msg, max, log).await?;
         let (answer, received) = read_message_info(&mut recv, max).await?;
         if let Some((log, peer)) = log {
-            log.received(peer, &answer, &received);
+            log.received(peer, &answer, &received)
+                .map_err(TransportError::Unlogged)?;
         }
         Ok(answer)
     };

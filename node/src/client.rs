@@ -325,7 +325,11 @@ impl Node {
         };
         endpoint.close(quinn::VarInt::from_u32(0), b"node check done");
         let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
-        let _ = self.audit.close("node check done");
+        if let Err(e) = self.audit.close("node check done") {
+            // The check's own result stands; the log's state is for the next start to see
+            // (a log not closed is recovered and says so).
+            warn!("cannot close the compliance log: {e}");
+        }
         result
     }
 
@@ -460,8 +464,10 @@ impl Node {
                 uni = conn.accept_uni() => match uni {
                     Ok(mut recv) => match transport::read_message_info(&mut recv, max).await {
                         Ok((msg, frame)) => {
-                            transport::Egress::received(&*self.audit, AGGREGATOR, &msg, &frame);
-                            self.one_way(msg);
+                            // A message the compliance log cannot record is not used.
+                            if transport::Egress::received(&*self.audit, AGGREGATOR, &msg, &frame).is_ok() {
+                                self.one_way(msg);
+                            }
                         }
                         Err(e) => warn!("unreadable one-way message: {e}"),
                     },
@@ -501,8 +507,15 @@ impl Node {
         };
         let reply = match read {
             Ok((msg, frame)) => {
-                transport::Egress::received(&*self.audit, AGGREGATOR, &msg, &frame);
-                self.respond(msg).await
+                match transport::Egress::received(&*self.audit, AGGREGATOR, &msg, &frame) {
+                    Ok(()) => self.respond(msg).await,
+                    // A request the compliance log cannot record is not acted on.
+                    Err(_) => Message::Error(ErrorMessage {
+                        code: ErrorCode::Internal,
+                        reason: "this site cannot write its compliance log, so it does not answer"
+                            .into(),
+                    }),
+                }
             }
             Err(TransportError::Frame(e)) => {
                 warn!("unreadable request from the aggregator: {e}");
@@ -514,9 +527,10 @@ impl Node {
                 return;
             }
         };
-        match transport::write_message(&mut send, &reply, max).await {
-            Ok(frame) => transport::Egress::sent(&*self.audit, AGGREGATOR, &reply, &frame),
-            Err(e) => warn!("could not send the {}: {e}", reply.kind()),
+        // Recorded before it leaves; not sent if it cannot be recorded.
+        let log: Option<(&dyn transport::Egress, &str)> = Some((&*self.audit, AGGREGATOR));
+        if let Err(e) = transport::write_message_logged(&mut send, &reply, max, log).await {
+            warn!("could not send the {}: {e}", reply.kind());
         }
     }
 

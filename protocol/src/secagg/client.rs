@@ -269,7 +269,7 @@ impl Client {
             sealed.push(SealedShare {
                 from: self.me,
                 to: v,
-                ciphertext: crypto::seal_once(&key, &share_aad(&self.context, self.me, v), &bytes),
+                ciphertext: crypto::seal_once(&key, &share_aad(&self.context, self.me, v), &bytes)?,
             });
         }
         self.state = State::Shared { keys, c_shared };

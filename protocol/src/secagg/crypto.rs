@@ -73,20 +73,28 @@ pub fn derive(ikm: &[u8], context: &[u8; 32], label: &[u8], parts: &[&[u8]]) -> 
     out
 }
 
-/// AES-256-GCM with a key used for exactly one message (so a fixed nonce is safe).
-pub fn seal_once(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
+/// AES-256-GCM with a key used for exactly one message (so a fixed nonce is safe). Fails
+/// closed: any error of the cipher is an error, never the plaintext.
+pub fn seal_once(key: &[u8; 32], aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, SecAggError> {
+    seal_with(&aead::AES_256_GCM, key, aad, plaintext)
+}
+
+fn seal_with(
+    algorithm: &'static aead::Algorithm,
+    key: &[u8],
+    aad: &[u8],
+    plaintext: &[u8],
+) -> Result<Vec<u8>, SecAggError> {
+    let unbound = aead::UnboundKey::new(algorithm, key).map_err(|_| SecAggError::Sealing)?;
+    let key = aead::LessSafeKey::new(unbound);
     let mut buf = plaintext.to_vec();
-    // A 32-byte key is always valid for AES-256-GCM, and sealing only fails for messages
-    // over ~64 GB; neither can happen here.
-    if let Ok(unbound) = aead::UnboundKey::new(&aead::AES_256_GCM, key) {
-        let key = aead::LessSafeKey::new(unbound);
-        let _ = key.seal_in_place_append_tag(
-            aead::Nonce::assume_unique_for_key([0; 12]),
-            aead::Aad::from(aad),
-            &mut buf,
-        );
-    }
-    buf
+    key.seal_in_place_append_tag(
+        aead::Nonce::assume_unique_for_key([0; 12]),
+        aead::Aad::from(aad),
+        &mut buf,
+    )
+    .map_err(|_| SecAggError::Sealing)?;
+    Ok(buf)
 }
 
 pub fn open_once(key: &[u8; 32], aad: &[u8], ciphertext: &[u8]) -> Result<Vec<u8>, SecAggError> {
@@ -322,10 +330,24 @@ mod tests {
         }
     }
 
+    /// A key the cipher cannot take is an error, not the plaintext (the fallback this
+    /// replaced returned the share unencrypted).
+    #[test]
+    fn sealing_fails_closed() {
+        let share = b"a secret share";
+        assert_eq!(
+            seal_with(&aead::AES_256_GCM, &[7u8; 16], b"ctx", share),
+            Err(SecAggError::Sealing)
+        );
+        let ct = seal_once(&[7u8; 32], b"ctx", share).unwrap();
+        assert_eq!(ct.len(), share.len() + 16);
+        assert!(!ct.windows(share.len()).any(|w| w == share));
+    }
+
     #[test]
     fn sealed_shares_open_only_with_the_right_key_and_context() {
         let key = [7u8; 32];
-        let ct = seal_once(&key, b"ctx", b"share");
+        let ct = seal_once(&key, b"ctx", b"share").unwrap();
         assert_eq!(open_once(&key, b"ctx", &ct).unwrap(), b"share");
         assert_eq!(open_once(&key, b"other", &ct), Err(SecAggError::Decryption));
         assert_eq!(

@@ -274,6 +274,8 @@ pub enum SecAggError {
     WeakPublicKey,
     #[error("a share failed to decrypt (wrong key, context or tampering)")]
     Decryption,
+    #[error("a share could not be encrypted; it is not sent")]
+    Sealing,
     #[error("secret sharing: {0}")]
     Sharing(String),
     #[error("differential-privacy noise: {0}")]
