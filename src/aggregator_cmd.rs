@@ -108,14 +108,16 @@ pub struct ExportArgs {
 /// Writes one of a study's model versions (every round's is kept) to a file.
 pub fn model_export(args: ExportArgs) -> anyhow::Result<()> {
     let cfg = medfed_aggregator::config::AggregatorConfig::load(&args.config)?;
-    if !cfg.studies.iter().any(|s| s.id == args.study) {
+    // The configured studies and those added with `study create` (the studies directory).
+    let studies = all_studies(&cfg)?;
+    if !studies.iter().any(|(_, s)| s.id == args.study) {
         anyhow::bail!(
             "{}: no study '{}' (studies: {})",
             args.config.display(),
             args.study,
-            cfg.studies
+            studies
                 .iter()
-                .map(|s| s.id.as_str())
+                .map(|(_, s)| s.id.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")
         );

@@ -206,6 +206,12 @@ fn summarise(v: &Verified) -> Report {
             Event::ExactAllowed { dataset, releases } => {
                 r.exact_allowed.insert(dataset.clone(), releases.clone());
             }
+            Event::Announced { study, hash, .. } => r
+                .studies
+                .entry(study.clone())
+                .or_default()
+                .decisions
+                .push(format!("announced (hash {})", &hash[..hash.len().min(12)])),
             Event::Stop { .. } | Event::TreeHead { .. } => {}
         }
     }

@@ -238,7 +238,8 @@ enum NodeCommand {
     /// Re-identification risk of the de-identified records the node holds (k-anonymity
     /// over the declared quasi-identifiers).
     PrivacyReport(node_cmd::PrivacyReportArgs),
-    /// Approve a study for this site, by the hash in its refusal (or in the node's log).
+    /// Approve a study for this site, by the hash in its refusal (or in `node studies`):
+    /// shows what the study reads, trains, releases and costs first.
     Approve {
         /// The node's config file (its policy section names the approvals file).
         #[arg(long)]
@@ -246,6 +247,20 @@ enum NodeCommand {
         /// The study's hash (64 hex digits).
         #[arg(long)]
         study: String,
+        /// Approve a hash that was never announced to this node (so not shown first).
+        #[arg(long)]
+        force: bool,
+    },
+    /// The studies and statistics queries announced to this node: what each reads,
+    /// trains or releases, what it would cost this site's privacy budget, its hash and this
+    /// site's answer.
+    Studies {
+        /// The node's config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -297,7 +312,12 @@ fn main() -> ExitCode {
             logging::init_stderr(&cli.log_format, &cli.log_level);
             run_node(config)
         }
-        Command::Node(NodeCommand::Approve { config, study }) => approve_study(config, &study),
+        Command::Node(NodeCommand::Approve {
+            config,
+            study,
+            force,
+        }) => node_cmd::approve(config, &study, force),
+        Command::Node(NodeCommand::Studies { config, json }) => node_cmd::studies(config, json),
         Command::Node(NodeCommand::Init(args)) => node_cmd::init(args),
         Command::Node(NodeCommand::Check { config, timeout }) => node_cmd::check(config, timeout),
         Command::Node(NodeCommand::RotateKey { config }) => node_cmd::rotate_key(config),
@@ -513,29 +533,6 @@ fn node_ingest(config: PathBuf) -> anyhow::Result<()> {
         }
         anyhow::Ok(())
     })
-}
-
-fn approve_study(config: PathBuf, study: &str) -> anyhow::Result<()> {
-    if study.len() != 64 || !study.bytes().all(|b| b.is_ascii_hexdigit()) {
-        anyhow::bail!(
-            "--study must be a study hash: 64 hex digits, as given in the study's refusal"
-        );
-    }
-    let cfg = medfed_node::config::NodeConfig::load(&config)?;
-    let path = cfg.policy.approvals.clone();
-    let added = medfed_node::policy::approve(&cfg.policy, study)
-        .with_context(|| format!("cannot write the approvals file {}", path.display()))?;
-    if added {
-        println!(
-            "study {study} approved for site '{}' (recorded in {})",
-            cfg.site,
-            path.display()
-        );
-        println!("the running node serves it from the next announcement on");
-    } else {
-        println!("study {study} was already approved for site '{}'", cfg.site);
-    }
-    Ok(())
 }
 
 fn run_node(config: PathBuf) -> anyhow::Result<()> {

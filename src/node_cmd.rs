@@ -435,3 +435,71 @@ pub fn bench_pseudonymize(args: PseudonymizeArgs) -> anyhow::Result<()> {
     println!("ratio: {:.2} (target at least 0.70)", ours / raw);
     Ok(())
 }
+
+/// `medfed node approve`: shows what the hash stands for (as announced to this node), then
+/// records the approval; an unknown hash only with `--force`.
+pub fn approve(config: PathBuf, study: &str, force: bool) -> anyhow::Result<()> {
+    if study.len() != 64 || !study.bytes().all(|b| b.is_ascii_hexdigit()) {
+        anyhow::bail!(
+            "--study must be a study hash: 64 hex digits, as given in the study's refusal or \
+             by `medfed node studies`"
+        );
+    }
+    let study = study.to_lowercase();
+    let cfg = medfed_node::config::NodeConfig::load(&config)?;
+    let announced = medfed_node::announced::load(&medfed_node::announced::path(&cfg.state.dir))
+        .map_err(anyhow::Error::msg)?;
+    match announced.iter().find(|a| a.hash == study) {
+        Some(a) => print!("approving, as announced to this site:\n{}", a.describe()),
+        None if force => println!(
+            "approving study {study}, never announced to this site (--force): its contents were not shown"
+        ),
+        None => anyhow::bail!(
+            "no study or query with hash {study} was announced to site '{}', so what it would \
+             do cannot be shown: see `medfed node studies --config {}`, or approve it unseen \
+             with --force",
+            cfg.site,
+            config.display()
+        ),
+    }
+    let path = cfg.policy.approvals.clone();
+    let added = medfed_node::policy::approve(&cfg.policy, &study)
+        .with_context(|| format!("cannot write the approvals file {}", path.display()))?;
+    if added {
+        println!(
+            "study {study} approved for site '{}' (recorded in {})",
+            cfg.site,
+            path.display()
+        );
+        println!("the running node serves it from the next announcement on");
+    } else {
+        println!("study {study} was already approved for site '{}'", cfg.site);
+    }
+    Ok(())
+}
+
+/// `medfed node studies`: what was announced to this node, newest last.
+pub fn studies(config: PathBuf, json: bool) -> anyhow::Result<()> {
+    let cfg = medfed_node::config::NodeConfig::load(&config)?;
+    let announced = medfed_node::announced::load(&medfed_node::announced::path(&cfg.state.dir))
+        .map_err(anyhow::Error::msg)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&announced)?);
+        return Ok(());
+    }
+    if announced.is_empty() {
+        println!(
+            "nothing announced to site '{}' yet (the node keeps each study and query the aggregator announces)",
+            cfg.site
+        );
+        return Ok(());
+    }
+    for a in &announced {
+        println!("{}", a.describe());
+    }
+    println!(
+        "approve one with `medfed node approve --config {} --study <hash>`",
+        config.display()
+    );
+    Ok(())
+}

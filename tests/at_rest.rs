@@ -129,6 +129,7 @@ fn a_node_that_ingests_keeps_its_store_keystore_and_rejects_owner_only_under_uma
         cfg.to_str().unwrap(),
         "--study",
         &"ab".repeat(32),
+        "--force",
     ]);
     for kept in [
         "state/redb.db",

@@ -195,3 +195,178 @@ fn studies_are_created_listed_and_stopped_while_the_aggregator_runs() {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// An aggregator that keeps serving outlives a failed statistics study, announces a study
+/// again after the hospitals approve it (as the refusal tells them to), and exports the
+/// model of a study added with `study create`.
+#[test]
+fn a_serving_aggregator_outlives_failures_and_takes_up_approvals() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    procs::pki(d, &SITES);
+    let (header, rows) = procs::pima();
+    let udp = procs::free_udp_port();
+    let ops = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let agg = d.join("aggregator.toml");
+    // A statistics study no site serves (they approve nothing yet).
+    std::fs::write(
+        &agg,
+        procs::aggregator_config(
+            udp,
+            None,
+            &SITES,
+            &format!(
+                "[ops]\nlisten = \"{ops}\"\n[studies]\nkeep_serving = true\nretry_failed_secs = 1\n\
+                 [[statistics]]\nid = \"glucose\"\ndataset = \"pima\"\nmin_sites = 2\ntimeout_secs = 10\n\
+                 wait_for_sites_secs = 30\n\
+                 [[statistics.column]]\nname = \"glu\"\nlow = 40\nhigh = 200\nedges = [40, 120, 200]\n"
+            ),
+        ),
+    )
+    .unwrap();
+    let a = agg.to_str().unwrap();
+    let log = std::fs::File::create(d.join("aggregator.log")).unwrap();
+    let mut procs = Children(vec![
+        Command::new(MEDFED)
+            .args(["aggregator", "run", "--config", a])
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap(),
+    ]);
+    let mut node_cfgs = Vec::new();
+    for (i, s) in SITES.iter().enumerate() {
+        let part: Vec<String> = rows.iter().skip(i).step_by(2).cloned().collect();
+        std::fs::write(
+            d.join(format!("{s}.csv")),
+            format!("{header}\n{}\n", part.join("\n")),
+        )
+        .unwrap();
+        let cfg = d.join(format!("{s}.toml"));
+        // No rules: each study is served once its hash is approved.
+        std::fs::write(
+            &cfg,
+            procs::node_config(s, udp, &format!("{s}.csv"), procs::RECONNECT_FAST),
+        )
+        .unwrap();
+        procs.0.push(
+            Command::new(MEDFED)
+                .args(["node", "run", "--config", cfg.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+        node_cfgs.push(cfg);
+    }
+    let agg_log = || std::fs::read_to_string(d.join("aggregator.log")).unwrap_or_default();
+    let wait = |what: &str, within: Duration, cond: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + within;
+        while !cond() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                agg_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait(
+        "the statistics study to fail",
+        Duration::from_secs(60),
+        &|| {
+            let log = agg_log();
+            log.contains("study 'glucose': secure aggregation failed")
+                && log.contains("site-a refused: query 'glucose'")
+        },
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        procs.0[0].try_wait().unwrap().is_none(),
+        "the aggregator must keep serving after a failed statistics study:\n{}",
+        agg_log()
+    );
+
+    // A study added while it runs is refused (not approved yet), then approved by both
+    // hospitals with the hash the refusal gives: it is announced again and runs.
+    std::fs::write(d.join("later.toml"), spec("later", 2)).unwrap();
+    let said = ok(&[
+        "aggregator",
+        "study",
+        "create",
+        "--config",
+        a,
+        "--spec",
+        d.join("later.toml").to_str().unwrap(),
+    ]);
+    let hash = said
+        .split_whitespace()
+        .find(|w| w.len() == 64 && w.chars().all(|c| c.is_ascii_hexdigit()))
+        .unwrap_or_else(|| panic!("no hash in: {said}"))
+        .to_string();
+    wait("the refusal", Duration::from_secs(60), &|| {
+        agg_log().contains("study 'later': only 0 of the 2 sites")
+    });
+    // The node shows what was announced, and what approving it means.
+    let listed = ok(&[
+        "node",
+        "studies",
+        "--config",
+        node_cfgs[0].to_str().unwrap(),
+    ]);
+    assert!(
+        listed.contains(&format!("study 'later' (hash {hash})"))
+            && listed.contains("columns:  npreg, glu, bp, skin, bmi, ped, age")
+            && listed.contains("EXACT")
+            && listed.contains("decision: refused"),
+        "{listed}"
+    );
+    // A hash never announced is not approved unseen, unless forced.
+    let (approved, said) = run(&[
+        "node",
+        "approve",
+        "--config",
+        node_cfgs[0].to_str().unwrap(),
+        "--study",
+        &"ab".repeat(32),
+    ]);
+    assert!(!approved && said.contains("--force"), "{said}");
+    for cfg in &node_cfgs {
+        let said = ok(&[
+            "node",
+            "approve",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--study",
+            &hash,
+        ]);
+        assert!(
+            said.contains("approving, as announced to this site") && said.contains("rounds"),
+            "{said}"
+        );
+    }
+    wait(
+        "the approved study to run",
+        Duration::from_secs(90),
+        &|| d.join("aggregator-out/models/later/final.json").is_file(),
+    );
+    // Its model is exported like a configured study's.
+    let out = d.join("later.json");
+    let said = ok(&[
+        "aggregator",
+        "model",
+        "export",
+        "--config",
+        a,
+        "--study",
+        "later",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(said.contains("study 'later' round 2"), "{said}");
+    assert!(out.is_file());
+}

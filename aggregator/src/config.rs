@@ -85,6 +85,15 @@ pub struct StudiesDir {
     /// Keep serving after every study is done, waiting for new ones (default: exit).
     #[serde(default)]
     pub keep_serving: bool,
+    /// While keeping serving: a study that failed for too few sites (say, not yet approved
+    /// by enough hospitals) is announced again this many seconds later, and again after
+    /// each failure, so an approval made since takes effect without a restart.
+    #[serde(default = "default_retry_failed_secs")]
+    pub retry_failed_secs: u64,
+}
+
+fn default_retry_failed_secs() -> u64 {
+    30
 }
 
 fn default_studies_dir() -> PathBuf {
@@ -96,6 +105,7 @@ impl Default for StudiesDir {
         StudiesDir {
             dir: default_studies_dir(),
             keep_serving: false,
+            retry_failed_secs: default_retry_failed_secs(),
         }
     }
 }

@@ -386,6 +386,11 @@ impl Aggregator {
         let mut result = Ok(());
         let mut interrupted = false;
         let mut finished = 0usize;
+        let keep_serving = self.config.studies_dir.keep_serving;
+        // Studies that failed for too few sites, to announce again (keep_serving only).
+        let retry_after = std::time::Duration::from_secs(self.config.studies_dir.retry_failed_secs);
+        let mut retry: Vec<(std::time::Instant, config::StudyConfig)> = Vec::new();
+        let retryable = |e: &StudyError| matches!(e, StudyError::NoQuorum { .. });
         for cfg in &self.config.studies {
             match self
                 .run_study(cfg, &events, &roots, allow.len(), &mut stop)
@@ -396,6 +401,12 @@ impl Aggregator {
                     finished += 1;
                 }
                 StudyEnd::Stopped => finished += 1,
+                StudyEnd::Failed(e) if keep_serving => {
+                    tracing::warn!("{e}");
+                    if retryable(&e) {
+                        retry.push((std::time::Instant::now() + retry_after, cfg.clone()));
+                    }
+                }
                 StudyEnd::Failed(e) => {
                     result = Err(e);
                     break;
@@ -501,6 +512,29 @@ impl Aggregator {
                 if !self.config.studies_dir.keep_serving {
                     break;
                 }
+                let now = std::time::Instant::now();
+                if let Some(i) = retry.iter().position(|(at, _)| *at <= now) {
+                    let (_, cfg) = retry.remove(i);
+                    tracing::info!(study = %cfg.id, "announcing the study again: it failed for too few sites, and approvals may have changed since");
+                    match self
+                        .run_study(&cfg, &events, &roots, allow.len(), &mut stop)
+                        .await
+                    {
+                        StudyEnd::Done(o) => {
+                            outcomes.push(o);
+                            finished += 1;
+                        }
+                        StudyEnd::Stopped => finished += 1,
+                        StudyEnd::Failed(e) => {
+                            tracing::warn!("{e}");
+                            if retryable(&e) {
+                                retry.push((std::time::Instant::now() + retry_after, cfg));
+                            }
+                        }
+                        StudyEnd::Interrupted => interrupted = true,
+                    }
+                    continue;
+                }
                 tokio::select! {
                     () = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
                     _ = stop.wait_for(Option::is_some) => {
@@ -535,6 +569,9 @@ impl Aggregator {
                 // One added study failing does not stop an aggregator that keeps serving.
                 StudyEnd::Failed(e) if self.config.studies_dir.keep_serving => {
                     tracing::warn!("{e}");
+                    if retryable(&e) {
+                        retry.push((std::time::Instant::now() + retry_after, spec));
+                    }
                 }
                 StudyEnd::Failed(e) => result = Err(e),
                 StudyEnd::Interrupted => interrupted = true,

@@ -185,6 +185,8 @@ impl StudyRunner {
                 (party as PartyId, answer)
             });
         }
+        // Why sites left, for an error that says so.
+        let mut refusals: Vec<String> = Vec::new();
         loop {
             while let Some((v, message)) = server.poll_transmit() {
                 let msg = Message::SecAggToNode(SecAggToNode {
@@ -235,7 +237,14 @@ impl StudyRunner {
                             }
                         }
                         Ok(other) => warn!(%site, round, "secure aggregation: unexpected {}", other.kind()),
-                        Err(e) => warn!(%site, round, "secure aggregation: no answer: {e}"),
+                        Err(TransportError::Peer { reason, .. }) => {
+                            warn!(%site, round, "secure aggregation: the site refused: {reason}");
+                            refusals.push(format!("{site} refused: {reason}"));
+                        }
+                        Err(e) => {
+                            warn!(%site, round, "secure aggregation: no answer: {e}");
+                            refusals.push(format!("{site} did not answer: {e}"));
+                        }
                     }
                 }
                 () = sleep => server.handle_timeout(now_ms()),
@@ -274,7 +283,11 @@ impl StudyRunner {
                     ),
                     e => e.to_string(),
                 };
-                return Err(format!("secure aggregation failed: {e}"));
+                return Err(if refusals.is_empty() {
+                    format!("secure aggregation failed: {e}")
+                } else {
+                    format!("secure aggregation failed: {e}; {}", refusals.join("; "))
+                });
             }
             None => return Err("secure aggregation ended without an outcome".into()),
         };

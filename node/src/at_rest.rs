@@ -31,6 +31,10 @@ pub fn private_paths(cfg: &NodeConfig) -> Vec<PrivatePath> {
             "the answered statistics cohorts",
             crate::statistics::CohortMemory::path(state),
         ),
+        PrivatePath::new(
+            "the studies announced to this site",
+            crate::announced::path(state),
+        ),
         PrivatePath::new("the pseudonym keystore", &cfg.state.keystore),
         PrivatePath::new("the compliance log", &cfg.audit.log),
         PrivatePath::new("the compliance log's signing key", &cfg.audit.key),

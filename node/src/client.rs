@@ -99,6 +99,8 @@ pub struct Node {
     pub(crate) ledger: crate::privacy::LedgerFile,
     /// The cohorts of the statistics queries answered (differencing protection).
     pub(crate) cohorts: crate::statistics::CohortMemory,
+    /// What was announced to this site (`medfed node studies`).
+    pub(crate) announced: crate::announced::AnnouncedStudies,
 }
 
 /// The result of local training in one round.
@@ -213,6 +215,9 @@ impl Node {
             &config.state.dir,
         ))
         .map_err(NodeError::Privacy)?;
+        let announced =
+            crate::announced::AnnouncedStudies::open(crate::announced::path(&config.state.dir))
+                .map_err(NodeError::Privacy)?;
         Ok(Node {
             config,
             datasets,
@@ -225,6 +230,7 @@ impl Node {
             audit,
             ledger,
             cohorts,
+            announced,
         })
     }
 
@@ -536,12 +542,35 @@ impl Node {
 
     async fn respond(&self, msg: Message) -> Message {
         let result = match msg {
-            Message::StudyAnnouncement(a) => Ok(self.decide(&a)),
+            Message::StudyAnnouncement(a) => Ok(self.announced_study(&a)),
             Message::RoundOpen(r) if r.secure.is_some() => self.train_secure(r).await,
             Message::RoundOpen(r) => self.train(r).await,
             Message::SecAggToNode(m) => self.secure_step(m),
             Message::StatisticsOpen(s) => self.statistics_secure(s),
-            Message::StatisticsQuery(q) => self.answer_query(q),
+            Message::StatisticsQuery(q) => {
+                let hash = crate::policy::query_hash(&q.query);
+                let summary = crate::announced::Announced::of_query(
+                    &q.query,
+                    hash.clone(),
+                    q.secure.is_some(),
+                    self.config.policy.privacy.delta,
+                );
+                match self.log_announced(&q.query.query_id, &hash, &summary) {
+                    Err(e) => Err(e),
+                    Ok(()) => {
+                        let answer = self.answer_query(q);
+                        let shown = match &answer {
+                            Ok(m) => m.clone(),
+                            Err((code, reason)) => Message::Error(ErrorMessage {
+                                code: *code,
+                                reason: reason.clone(),
+                            }),
+                        };
+                        self.note_announced(summary, &shown);
+                        answer
+                    }
+                }
+            }
             Message::EvaluateRequest(r) => self.evaluate(r),
             other => Err((
                 ErrorCode::UnexpectedMessage,
@@ -552,6 +581,60 @@ impl Node {
             warn!(%code, "refused a request: {reason}");
             Message::Error(ErrorMessage { code, reason })
         })
+    }
+
+    /// Decides on an announced study, with its summary in the compliance log first and in
+    /// the site's list of announcements after.
+    fn announced_study(&self, a: &StudyAnnouncement) -> Message {
+        let hash = crate::policy::study_hash(a);
+        let summary = crate::announced::Announced::of_study(
+            a,
+            hash.clone(),
+            self.config.policy.privacy.delta,
+        );
+        if let Err((code, reason)) = self.log_announced(&a.study_id, &hash, &summary) {
+            return Message::Error(ErrorMessage { code, reason });
+        }
+        let answer = self.decide(a);
+        self.note_announced(summary, &answer);
+        answer
+    }
+
+    /// Records an announcement's summary in the compliance log. Fails closed.
+    pub(crate) fn log_announced(
+        &self,
+        study: &str,
+        hash: &str,
+        summary: &crate::announced::Announced,
+    ) -> Result<(), (ErrorCode, String)> {
+        self.audit
+            .record(medfed_protocol::audit::Event::Announced {
+                study: study.to_string(),
+                hash: hash.to_string(),
+                summary: summary.describe(),
+            })
+            .map_err(|e| {
+                warn!("cannot write the compliance log: {e}");
+                (
+                    ErrorCode::Internal,
+                    "this site cannot write its compliance log, so it does not answer".to_string(),
+                )
+            })
+    }
+
+    /// Keeps an announcement and this site's answer for `medfed node studies`.
+    pub(crate) fn note_announced(&self, summary: crate::announced::Announced, answer: &Message) {
+        let decision = match answer {
+            Message::StudyDecision(StudyDecision::Accept { .. }) => "accepted".to_string(),
+            Message::StudyDecision(StudyDecision::Refuse { reason, .. }) => {
+                format!("refused: {reason}")
+            }
+            Message::Error(e) => format!("refused: {}", e.reason),
+            _ => "answered".to_string(),
+        };
+        if let Err(e) = self.announced.note(summary, &decision) {
+            warn!("cannot keep the announcement for `medfed node studies`: {e}");
+        }
     }
 
     fn decide(&self, a: &StudyAnnouncement) -> Message {

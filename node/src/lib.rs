@@ -14,6 +14,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod announced;
 pub mod at_rest;
 pub mod check;
 pub mod client;

@@ -80,6 +80,13 @@ pub enum Event {
         dataset: String,
         releases: Vec<String>,
     },
+    /// A study or statistics query announced to this site, as its operator sees it (what it
+    /// reads, trains, releases and costs), before the site decides.
+    Announced {
+        study: String,
+        hash: String,
+        summary: String,
+    },
     /// The party stopped cleanly.
     Stop { reason: String },
     /// Signed root of the Merkle tree over every line before this one.
