@@ -869,3 +869,61 @@ fn an_identifier_in_a_cohort_is_never_used() {
     };
     assert_eq!(words(&log), words(&log2), "{log}\n---\n{log2}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Red team (issue 13 review): attacks the suite above does not make.
+// ---------------------------------------------------------------------------------------
+
+/// A differentially private training study (the default DP-FedAvg, secure aggregation on),
+/// written with nothing but ordinary `[[study]]` keys: one feature (`glu`) standardized
+/// with `feature_ranges = [[-1, 1]]` (so unchanged), a logistic model whose positive class
+/// nobody has (every label 0), one full-batch epoch, and a learning rate `L`. The first
+/// step sets the weight to `−L · mean(glu)/2` over the site's training rows: it overflows,
+/// and the node answers "training diverged", exactly when `mean(glu) > 2·MAX/L`. The
+/// budget charged before training is that of `noise_multiplier = 1e6` (ε ≈ 10⁻⁵), so the
+/// aggregator can bisect every site's exact mean (and, over the splits of other study ids,
+/// each row's value) many thousand times within the default budget. Whether a site's
+/// training succeeds must not depend on its data.
+#[test]
+fn a_training_failure_is_not_a_noise_free_oracle() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let parts = federation(d);
+    let glu: Vec<f64> = parts[0].iter().map(|r| fields(r).0).collect();
+    // site-a's training rows for a study id (the split is public: it is seeded by the id).
+    let mean = |id: &str| {
+        let (train, _) = medfed_node::data::split_rows(glu.len(), 0.25, id);
+        train.iter().map(|&i| glu[i]).sum::<f64>() / train.len() as f64
+    };
+    let probe = |id: &str, threshold: f64| {
+        format!(
+            "[[study]]\nid = \"{id}\"\ndataset = \"pima\"\nmodel = \"logistic\"\nfeatures = [\"glu\"]\n\
+             target = \"type\"\npositive_class = \"nobody\"\nrounds = 1\nmin_sites = 2\n\
+             wait_for_sites_secs = 60\nround_timeout_secs = 30\nround_attempts = 1\n\
+             [study.training]\nlocal_epochs = 1\nbatch_size = 100000\nlearning_rate = {:e}\nl2 = 0.0\n\
+             [study.privacy]\nclip_norm = 1.0\nnoise_multiplier = 1e6\nfeature_ranges = [[-1, 1]]\n",
+            f64::MAX / threshold * 2.0
+        )
+    };
+    let mut diverged = Vec::new();
+    for (id, factor) in [("below", 1.0 - 1e-9), ("above", 1.0 + 1e-9)] {
+        let m = mean(id);
+        let (_, log) = run(d, id, &SITES, &probe(id, m * factor), "");
+        assert!(log.contains("secure aggregation starts"), "{log}");
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("site-a") && l.contains("diverged"))
+            .collect();
+        println!(
+            "{id}: threshold {:.9} × site-a's exact mean glucose {m:.6}: {lines:?}",
+            factor
+        );
+        diverged.push(!lines.is_empty());
+    }
+    let cost = medfed_protocol::fedstats::ReleasePrivacy::of(1e6, 1e-6).epsilon;
+    println!("each probe costs a site ε = {cost:.2e} of its budget");
+    assert_eq!(
+        diverged[0], diverged[1],
+        "whether site-a's training fails tells its mean glucose apart to 1e-9: {diverged:?}"
+    );
+}
