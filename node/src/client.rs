@@ -843,16 +843,26 @@ impl Node {
                     &stop,
                 ),
             };
-            let weights = trained.map_err(|e| match e {
-                TrainError::Stopped { .. } | TrainError::StoppedAtStep { .. } => {
+            let weights = match trained {
+                Ok(w) => w,
+                Err(e @ (TrainError::Stopped { .. } | TrainError::StoppedAtStep { .. })) => {
                     info!(%site, %study, round, "local training stopped: {e} ({deadline_ms} ms)");
-                    (
+                    return Err((
                         ErrorCode::CannotServe,
                         format!("local {e} ({deadline_ms} ms)"),
-                    )
+                    ));
                 }
-                e => (ErrorCode::InvalidContent, e.to_string()),
-            })?;
+                Err(e) if data.privacy.is_some() => {
+                    // Whether training works (it may diverge) depends on the data, and the
+                    // budget is already charged: telling the aggregator would release that
+                    // bit without noise. Under differential privacy the site contributes
+                    // the round's model unchanged instead (a zero delta, within any clipping
+                    // bound), noised as any other.
+                    warn!(%site, %study, round, "local training failed ({e}); contributing a zero update");
+                    model.weights.clone()
+                }
+                Err(e) => return Err((ErrorCode::InvalidContent, e.to_string())),
+            };
             let train_loss = mean_loss(data.kind, &weights, x_train.view(), data.y_train.view())
                 .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
             info!(%site, %study, round, train_loss, "local update ready");

@@ -92,8 +92,12 @@ pub fn train(
             let norm = r.abs() * (row.dot(&row) + 1.0).sqrt();
             // In units of C, clipped to norm 1.
             let f = if norm > c { r / norm } else { r / c };
-            if !f.is_finite() {
-                return Err(TrainError::Diverged);
+            // A record whose gradient is not a finite number (its values overflow with these
+            // weights or this standardization) contributes nothing: failing here would tell
+            // the aggregator, without noise, that such a record exists. Still a function of
+            // this record alone, of norm at most 1.
+            if !f.is_finite() || row.iter().any(|v| !(f * v).is_finite()) {
+                continue;
             }
             for (g, v) in grad_sum.iter_mut().zip(row.iter()) {
                 *g += f * v;
@@ -317,5 +321,25 @@ mod tests {
             rate <= bound + 3.0 * se,
             "one record more or less is told apart {rate} of the time; ε = {eps:.2e} allows {bound}"
         );
+    }
+
+    /// A record whose gradient overflows contributes nothing instead of failing the round:
+    /// the failure would tell, without noise, that such a record exists.
+    #[test]
+    fn a_record_that_overflows_does_not_fail_the_round() {
+        let x = Array2::from_shape_vec((3, 1), vec![0.5, -0.5, 1e300]).unwrap();
+        let y = Array1::from_vec(vec![1.0, 0.0, 1.0]);
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        let w = train(
+            ModelKind::Linear,
+            &[1e10, 0.0],
+            x.view(),
+            y.view(),
+            &params(),
+            &dp(1.0, 1.0, 3),
+            &mut rng,
+            &|| false,
+        );
+        assert!(w.is_ok(), "{w:?}");
     }
 }
