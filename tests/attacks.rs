@@ -927,3 +927,43 @@ fn a_training_failure_is_not_a_noise_free_oracle() {
         "whether site-a's training fails tells its mean glucose apart to 1e-9: {diverged:?}"
     );
 }
+
+/// Whether a site takes part in a differentially private study must not depend on one
+/// patient's value. Today a site whose dataset holds one non-numeric cell (`NA`) in a
+/// study's feature declines the study ("this site's policy does not serve this query", the
+/// same words as any data-dependent refusal), and accepts it otherwise: the decision itself
+/// says, without noise and before any budget is charged, whether some patient's `skin` is
+/// missing. An aggregator that knows every other patient learns the target's.
+#[test]
+fn whether_a_site_takes_part_does_not_depend_on_a_patients_value() {
+    let study = "[[study]]\nid = \"s\"\ndataset = \"pima\"\nmodel = \"logistic\"\nfeatures = [\"skin\"]\n\
+        target = \"type\"\npositive_class = \"Yes\"\nrounds = 1\nmin_sites = 2\n\
+        wait_for_sites_secs = 60\nround_timeout_secs = 30\nround_attempts = 1\n\
+        [study.privacy]\nclip_norm = 1.0\nnoise_multiplier = 1e6\nfeature_ranges = [[0, 100]]\n";
+    let mut accepted = Vec::new();
+    for missing in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        federation(d);
+        if missing {
+            // The target patient (site-a's first row) has no skin-fold measurement.
+            let path = d.join("site-a.csv");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+            let mut cells: Vec<&str> = lines[1].split(',').collect();
+            cells[3] = "NA";
+            lines[1] = cells.join(",");
+            std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        }
+        let (_, log) = run(d, "s", &SITES, study, "");
+        let a = log
+            .lines()
+            .any(|l| l.contains("site accepted the study") && l.contains("site-a"));
+        println!("skin missing for one patient: {missing}; site-a takes part: {a}");
+        accepted.push(a);
+    }
+    assert_eq!(
+        accepted[0], accepted[1],
+        "site-a's decision tells whether one patient's value is missing"
+    );
+}
