@@ -618,7 +618,18 @@ impl Node {
         if let Err(why) = classes.check(&a.dataset, used) {
             return refuse(why);
         }
-        let data = match StudyData::prepare(&table, a) {
+        let prepared = if a.privacy.is_some() {
+            // Rows with an unusable value are left out: a refusal would say that one exists.
+            StudyData::prepare_private(&table, a).map(|(d, left_out)| {
+                if left_out > 0 {
+                    warn!(study = %a.study_id, left_out, "rows without a usable value in the study's columns are left out");
+                }
+                d
+            })
+        } else {
+            StudyData::prepare(&table, a)
+        };
+        let data = match prepared {
             Ok(d) => d,
             Err(e @ crate::data::DataError::MissingColumn { .. }) => {
                 // The schema, not the data: say which column.
