@@ -490,6 +490,38 @@ mod tests {
         assert!(classes.check("d", ["glu"]).is_ok());
     }
 
+    /// Red team: identifiers written as HIPAA lists them but not as the guesser expects.
+    /// A medical record number, a patient number, an admission date written yyyymmdd and a
+    /// 5-digit ZIP code all read as clinical values today, so a rule that names them by
+    /// mistake (as the attack suite's SSN) lets a cohort or a statistic use them.
+    #[test]
+    fn identifiers_under_other_names_and_formats_are_caught() {
+        let rows: String = (0..30)
+            .map(|i| {
+                format!(
+                    "{},{},{},{:05},{}\n",
+                    4_471_230 + 17 * i,
+                    100_200 + i,
+                    20_230_101 + 100 * (i % 12) + i % 28,
+                    2139 + 3 * i,
+                    80 + i
+                )
+            })
+            .collect();
+        let t = table(&format!(
+            "medical_record_number,patient_no,admitted,zip5,glu\n{rows}"
+        ));
+        let classes = ColumnClasses::for_table(&t, &BTreeMap::new());
+        for c in ["medical_record_number", "patient_no", "admitted", "zip5"] {
+            assert!(
+                classes.check("d", [c]).is_err(),
+                "column '{c}' is usable: {:?}",
+                classes.class(c)
+            );
+        }
+        assert!(classes.check("d", ["glu"]).is_ok());
+    }
+
     #[derive(serde::Deserialize)]
     struct Fields {
         field: Vec<crate::deid::FieldSpec>,
