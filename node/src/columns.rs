@@ -226,10 +226,16 @@ fn by_name(name: &str) -> Option<FieldClass> {
     if has("date") || has("datetime") || has("timestamp") {
         return Some(FieldClass::Date);
     }
-    if has("zip") || has("zipcode") || has("postcode") || has("postal") {
+    if w.iter().any(|v| v.starts_with("zip")) || has("postcode") || has("postal") {
         return Some(FieldClass::Zip);
     }
-    if w.iter().any(|v| PATIENT_ID.contains(&v.as_str())) {
+    // "medical_record_number", "patient_no", "chart_nr", "case_number": a number naming a
+    // record, a patient, a chart or a case.
+    const NUMBER: &[&str] = &["number", "no", "num", "nr", "nbr", "code", "key"];
+    if w.iter().any(|v| PATIENT_ID.contains(&v.as_str()))
+        || ((has("record") || has("patient") || has("chart") || has("case"))
+            && w.iter().any(|v| NUMBER.contains(&v.as_str())))
+    {
         return Some(FieldClass::PatientId);
     }
     if w.iter().any(|v| IDENTIFIER.contains(&v.as_str()))
@@ -259,12 +265,13 @@ fn by_values(table: &Table, column: usize) -> Option<(FieldClass, &'static str)>
         return None;
     }
     let most = |f: fn(&str) -> bool| cells.iter().filter(|c| f(c)).count() * 5 >= cells.len() * 4;
-    let patterns: [Pattern; 7] = [
+    let patterns: [Pattern; 8] = [
         (is_ssn, FieldClass::Identifier, "social security numbers"),
         (is_email, FieldClass::Identifier, "e-mail addresses"),
         (is_url, FieldClass::Identifier, "URLs"),
         (is_ip, FieldClass::Identifier, "IP addresses"),
         (is_date, FieldClass::Date, "dates"),
+        (is_compact_date, FieldClass::Date, "dates written yyyymmdd"),
         (is_phone, FieldClass::Identifier, "phone numbers"),
         (is_long_code, FieldClass::Identifier, "identifying numbers"),
     ];
@@ -340,6 +347,17 @@ fn is_date(s: &str) -> bool {
         [1..=2, 1..=2, 2] => day.contains('/'),
         _ => false,
     }
+}
+
+/// `yyyymmdd` (years 1900 to 2099): no clinical measurement is an 8-digit number that
+/// reads as a calendar date.
+fn is_compact_date(s: &str) -> bool {
+    if s.len() != 8 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return false;
+    }
+    let (y, m, d) = (&s[..4], &s[4..6], &s[6..]);
+    let n = |x: &str| x.parse::<u32>().unwrap_or(0);
+    (1900..=2099).contains(&n(y)) && (1..=12).contains(&n(m)) && (1..=31).contains(&n(d))
 }
 
 /// Digits with phone separators (`+`, spaces, `-`, `.`, parentheses), 10 to 15 digits, and
