@@ -967,3 +967,75 @@ fn whether_a_site_takes_part_does_not_depend_on_a_patients_value() {
         "site-a's decision tells whether one patient's value is missing"
     );
 }
+
+/// The three-query tracker in the opt-in exact mode: `glu <= v`, `glu >= v` and all rows,
+/// each differing from the others by far more than `min_cell` patients at every site, so
+/// the pairwise memory of answered cohorts lets all three through, and
+/// `q1 + q2 − q3` is the exact record of the one patient with glucose `v`. Differencing
+/// protection that compares cohorts two at a time cannot stop it (the issue says as much
+/// of query auditing); the exact mode needs a stronger rule (e.g. no cohort filters, or
+/// approval by hash only) or a louder warning than it has.
+#[test]
+fn the_exact_mode_tracker_recovers_a_patients_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let parts = federation(d);
+    // A patient whose glucose nobody else has, near the middle, so that both halves hold
+    // at least min_cell patients at every site.
+    let all: Vec<f64> = parts.iter().flatten().map(|r| fields(r).0).collect();
+    let (site, row) = parts
+        .iter()
+        .enumerate()
+        .flat_map(|(s, p)| (0..p.len()).map(move |i| (s, i)))
+        .filter(|&(s, i)| {
+            let g = fields(&parts[s][i]).0;
+            all.iter().filter(|x| **x == g).count() == 1
+        })
+        .min_by(|a, b| {
+            let g = |&(s, i): &(usize, usize)| (fields(&parts[s][i]).0 - 120.0).abs();
+            g(a).total_cmp(&g(b))
+        })
+        .unwrap();
+    let (v, bmi, _, _) = fields(&parts[site][row]);
+    let exact = "exact = true\n";
+    let studies = format!(
+        "{}{}{}",
+        statistics(
+            "le",
+            &format!("{{ column = \"glu\", op = \"<=\", value = {v} }}"),
+            3,
+            exact
+        ),
+        statistics(
+            "ge",
+            &format!("{{ column = \"glu\", op = \">=\", value = {v} }}"),
+            3,
+            exact
+        ),
+        statistics("all", "", 3, exact),
+    );
+    let (_, log) = run(
+        d,
+        "exact-tracker",
+        &SITES,
+        &studies,
+        "exact_releases = [\"statistics\"]\n",
+    );
+    let r: Vec<Option<serde_json::Value>> = ["le", "ge", "all"]
+        .iter()
+        .map(|id| release(d, "exact-tracker", id))
+        .collect();
+    if r.iter().any(Option::is_none) {
+        println!("not every query was released:\n{log}");
+        return;
+    }
+    let r: Vec<serde_json::Value> = r.into_iter().flatten().collect();
+    let track = |f: &dyn Fn(&serde_json::Value) -> f64| f(&r[0]) + f(&r[1]) - f(&r[2]);
+    let count = track(&|x| num(&x["release"]["count"]["value"]));
+    let bmi_sum = track(&|x| num(&x["release"]["columns"][1]["sum"]["value"]));
+    println!("exact tracker: count {count} (1), BMI {bmi_sum} (the patient's: {bmi})");
+    assert!(
+        !((count - 1.0).abs() < 0.01 && (bmi_sum - bmi).abs() < 0.01),
+        "three exact answers give the patient with glucose {v} back: BMI {bmi_sum}"
+    );
+}
