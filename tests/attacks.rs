@@ -84,6 +84,18 @@ fn federation(d: &Path) -> Vec<Vec<String>> {
 /// Runs an aggregator with `statistics` (TOML) for `sites`, and those sites' nodes, until
 /// the aggregator exits: whether it succeeded, and its log.
 fn run(d: &Path, name: &str, sites: &[&str], statistics: &str, dataset: &str) -> (bool, String) {
+    run_with_rules(d, name, sites, statistics, dataset, "")
+}
+
+/// As [`run`], with `rules` appended to the nodes' `[policy.rules]`.
+fn run_with_rules(
+    d: &Path,
+    name: &str,
+    sites: &[&str],
+    statistics: &str,
+    dataset: &str,
+    rules: &str,
+) -> (bool, String) {
     let port = procs::free_udp_port();
     let out = format!("out-{name}");
     std::fs::write(
@@ -107,7 +119,7 @@ fn run(d: &Path, name: &str, sites: &[&str], statistics: &str, dataset: &str) ->
                 port,
                 &format!("{site}.csv"),
                 dataset,
-                &format!("{RULES}{}", procs::RECONNECT_FAST),
+                &format!("{RULES}{rules}{}", procs::RECONNECT_FAST),
             ),
         )
         .unwrap();
@@ -1037,5 +1049,45 @@ fn the_exact_mode_tracker_recovers_a_patients_record() {
     assert!(
         !((count - 1.0).abs() < 0.01 && (bmi_sum - bmi).abs() < 0.01),
         "three exact answers give the patient with glucose {v} back: BMI {bmi_sum}"
+    );
+}
+
+/// With `min_training_rows` in the rules (a documented policy key), whether a site accepts
+/// a differentially private study says whether its training rows reach the minimum, and
+/// the aggregator picks `validation_fraction`: one patient more or less at site-a flips the
+/// decision (67 rows: 50 to train at 0.25; 66 rows: 49), without noise and before any
+/// budget is charged. Bisecting the fraction gives a site's exact row count.
+#[test]
+fn min_training_rows_does_not_tell_a_patients_presence() {
+    let study = "[[study]]\nid = \"s\"\ndataset = \"pima\"\nmodel = \"logistic\"\nfeatures = [\"glu\"]\n\
+        target = \"type\"\npositive_class = \"Yes\"\nvalidation_fraction = 0.25\nrounds = 1\n\
+        min_sites = 2\nwait_for_sites_secs = 60\nround_timeout_secs = 30\nround_attempts = 1\n\
+        [study.privacy]\nclip_norm = 1.0\nnoise_multiplier = 1e6\nfeature_ranges = [[0, 200]]\n";
+    let mut accepted = Vec::new();
+    for present in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let parts = federation(d);
+        assert_eq!(parts[0].len(), 67);
+        if !present {
+            // The target patient (site-a's first row) is not at site-a.
+            let path = d.join("site-a.csv");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            let kept: Vec<&str> = std::iter::once(lines[0])
+                .chain(lines[2..].iter().copied())
+                .collect();
+            std::fs::write(&path, kept.join("\n") + "\n").unwrap();
+        }
+        let (_, log) = run_with_rules(d, "s", &SITES, study, "", "min_training_rows = 50\n");
+        let a = log
+            .lines()
+            .any(|l| l.contains("site accepted the study") && l.contains("site-a"));
+        println!("target patient at site-a: {present}; site-a takes part: {a}");
+        accepted.push(a);
+    }
+    assert_eq!(
+        accepted[0], accepted[1],
+        "site-a's decision tells whether the patient is there"
     );
 }
