@@ -648,7 +648,13 @@ impl Node {
                 return refuse(e.public_reason());
             }
         };
-        if let Err(why) = self.config.policy.check_cohort(data.x_train.nrows() as u64) {
+        // The least number of training rows is a rule on the data: under differential
+        // privacy the decision would release the count without noise (and the aggregator
+        // picks the validation fraction), so it binds exact studies only; a DP study's
+        // noise protects a small cohort.
+        if a.privacy.is_none()
+            && let Err(why) = self.config.policy.check_cohort(data.x_train.nrows() as u64)
+        {
             return decline(why);
         }
         info!(study = %a.study_id, training_rows = data.x_train.nrows(), validation_rows = data.x_val.nrows(), dp = a.privacy.is_some(), "accepted study");
