@@ -540,6 +540,27 @@ mod tests {
         assert!(classes.check("d", ["glu"]).is_ok());
     }
 
+    /// Red team: whether a column may be used (and so whether it is in the hello's column
+    /// list, and whether a query is refused "its values look like dates") is decided by
+    /// its values, one patient's included: four dates and one other cell make a date
+    /// column (80%), one more non-date patient makes it a clinical value. An ingested
+    /// dataset's classes are guessed again for every query, as records arrive.
+    #[test]
+    fn one_patients_value_does_not_decide_whether_a_column_is_usable() {
+        let base =
+            "visit,glu\n2023-01-05,90\n2023-02-11,95\n2023-03-09,99\n2023-04-01,101\nlate,120\n";
+        let usable = |text: &str| {
+            ColumnClasses::for_table(&table(text), &BTreeMap::new())
+                .check("d", ["visit"])
+                .is_ok()
+        };
+        assert_eq!(
+            usable(base),
+            usable(&format!("{base}soon,130\n")),
+            "one patient's cell decides whether the column is usable"
+        );
+    }
+
     #[derive(serde::Deserialize)]
     struct Fields {
         field: Vec<crate::deid::FieldSpec>,
