@@ -84,6 +84,18 @@ fn federation(d: &Path) -> Vec<Vec<String>> {
 /// Runs an aggregator with `statistics` (TOML) for `sites`, and those sites' nodes, until
 /// the aggregator exits: whether it succeeded, and its log.
 fn run(d: &Path, name: &str, sites: &[&str], statistics: &str, dataset: &str) -> (bool, String) {
+    run_with_rules(d, name, sites, statistics, dataset, "")
+}
+
+/// As [`run`], with `rules` appended to the nodes' `[policy.rules]`.
+fn run_with_rules(
+    d: &Path,
+    name: &str,
+    sites: &[&str],
+    statistics: &str,
+    dataset: &str,
+    rules: &str,
+) -> (bool, String) {
     let port = procs::free_udp_port();
     let out = format!("out-{name}");
     std::fs::write(
@@ -107,7 +119,7 @@ fn run(d: &Path, name: &str, sites: &[&str], statistics: &str, dataset: &str) ->
                 port,
                 &format!("{site}.csv"),
                 dataset,
-                &format!("{RULES}{}", procs::RECONNECT_FAST),
+                &format!("{RULES}{rules}{}", procs::RECONNECT_FAST),
             ),
         )
         .unwrap();
@@ -871,4 +883,214 @@ fn an_identifier_in_a_cohort_is_never_used() {
             .collect::<std::collections::BTreeSet<String>>()
     };
     assert_eq!(words(&log), words(&log2), "{log}\n---\n{log2}");
+}
+
+// ---------------------------------------------------------------------------------------
+// Red team (issue 13 review): attacks the suite above does not make.
+// ---------------------------------------------------------------------------------------
+
+/// A differentially private training study (the default DP-FedAvg, secure aggregation on),
+/// written with nothing but ordinary `[[study]]` keys: one feature (`glu`) standardized
+/// with `feature_ranges = [[-1, 1]]` (so unchanged), a logistic model whose positive class
+/// nobody has (every label 0), one full-batch epoch, and a learning rate `L`. The first
+/// step sets the weight to `−L · mean(glu)/2` over the site's training rows: it overflows,
+/// and the node answers "training diverged", exactly when `mean(glu) > 2·MAX/L`. The
+/// budget charged before training is that of `noise_multiplier = 1e6` (ε ≈ 10⁻⁵), so the
+/// aggregator can bisect every site's exact mean (and, over the splits of other study ids,
+/// each row's value) many thousand times within the default budget. Whether a site's
+/// training succeeds must not depend on its data.
+#[test]
+fn a_training_failure_is_not_a_noise_free_oracle() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let parts = federation(d);
+    let glu: Vec<f64> = parts[0].iter().map(|r| fields(r).0).collect();
+    // site-a's training rows for a study id (the split is public: it is seeded by the id).
+    let mean = |id: &str| {
+        let (train, _) = medfed_node::data::split_rows(glu.len(), 0.25, id);
+        train.iter().map(|&i| glu[i]).sum::<f64>() / train.len() as f64
+    };
+    let probe = |id: &str, threshold: f64| {
+        format!(
+            "[[study]]\nid = \"{id}\"\ndataset = \"pima\"\nmodel = \"logistic\"\nfeatures = [\"glu\"]\n\
+             target = \"type\"\npositive_class = \"nobody\"\nrounds = 1\nmin_sites = 2\n\
+             wait_for_sites_secs = 60\nround_timeout_secs = 30\nround_attempts = 1\n\
+             [study.training]\nlocal_epochs = 1\nbatch_size = 100000\nlearning_rate = {:e}\nl2 = 0.0\n\
+             [study.privacy]\nclip_norm = 1.0\nnoise_multiplier = 1e6\nfeature_ranges = [[-1, 1]]\n",
+            f64::MAX / threshold * 2.0
+        )
+    };
+    let mut diverged = Vec::new();
+    for (id, factor) in [("below", 1.0 - 1e-9), ("above", 1.0 + 1e-9)] {
+        let m = mean(id);
+        let (_, log) = run(d, id, &SITES, &probe(id, m * factor), "");
+        assert!(log.contains("secure aggregation starts"), "{log}");
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("site-a") && l.contains("diverged"))
+            .collect();
+        println!(
+            "{id}: threshold {:.9} × site-a's exact mean glucose {m:.6}: {lines:?}",
+            factor
+        );
+        diverged.push(!lines.is_empty());
+    }
+    let cost = medfed_protocol::fedstats::ReleasePrivacy::of(1e6, 1e-6).epsilon;
+    println!("each probe costs a site ε = {cost:.2e} of its budget");
+    assert_eq!(
+        diverged[0], diverged[1],
+        "whether site-a's training fails tells its mean glucose apart to 1e-9: {diverged:?}"
+    );
+}
+
+/// Whether a site takes part in a differentially private study must not depend on one
+/// patient's value. Today a site whose dataset holds one non-numeric cell (`NA`) in a
+/// study's feature declines the study ("this site's policy does not serve this query", the
+/// same words as any data-dependent refusal), and accepts it otherwise: the decision itself
+/// says, without noise and before any budget is charged, whether some patient's `skin` is
+/// missing. An aggregator that knows every other patient learns the target's.
+#[test]
+fn whether_a_site_takes_part_does_not_depend_on_a_patients_value() {
+    let study = "[[study]]\nid = \"s\"\ndataset = \"pima\"\nmodel = \"logistic\"\nfeatures = [\"skin\"]\n\
+        target = \"type\"\npositive_class = \"Yes\"\nrounds = 1\nmin_sites = 2\n\
+        wait_for_sites_secs = 60\nround_timeout_secs = 30\nround_attempts = 1\n\
+        [study.privacy]\nclip_norm = 1.0\nnoise_multiplier = 1e6\nfeature_ranges = [[0, 100]]\n";
+    let mut accepted = Vec::new();
+    for missing in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        federation(d);
+        if missing {
+            // The target patient (site-a's first row) has no skin-fold measurement.
+            let path = d.join("site-a.csv");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+            let mut cells: Vec<&str> = lines[1].split(',').collect();
+            cells[3] = "NA";
+            lines[1] = cells.join(",");
+            std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        }
+        let (_, log) = run(d, "s", &SITES, study, "");
+        let a = log
+            .lines()
+            .any(|l| l.contains("site accepted the study") && l.contains("site-a"));
+        println!("skin missing for one patient: {missing}; site-a takes part: {a}");
+        accepted.push(a);
+    }
+    assert_eq!(
+        accepted[0], accepted[1],
+        "site-a's decision tells whether one patient's value is missing"
+    );
+}
+
+/// The three-query tracker in the opt-in exact mode: `glu <= v`, `glu >= v` and all rows,
+/// each differing from the others by far more than `min_cell` patients at every site, so
+/// the pairwise memory of answered cohorts lets all three through, and
+/// `q1 + q2 − q3` is the exact record of the one patient with glucose `v`. Differencing
+/// protection that compares cohorts two at a time cannot stop it (the issue says as much
+/// of query auditing); the exact mode needs a stronger rule (e.g. no cohort filters, or
+/// approval by hash only) or a louder warning than it has.
+#[test]
+fn the_exact_mode_tracker_recovers_a_patients_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let parts = federation(d);
+    // A patient whose glucose nobody else has, near the middle, so that both halves hold
+    // at least min_cell patients at every site.
+    let all: Vec<f64> = parts.iter().flatten().map(|r| fields(r).0).collect();
+    let (site, row) = parts
+        .iter()
+        .enumerate()
+        .flat_map(|(s, p)| (0..p.len()).map(move |i| (s, i)))
+        .filter(|&(s, i)| {
+            let g = fields(&parts[s][i]).0;
+            all.iter().filter(|x| **x == g).count() == 1
+        })
+        .min_by(|a, b| {
+            let g = |&(s, i): &(usize, usize)| (fields(&parts[s][i]).0 - 120.0).abs();
+            g(a).total_cmp(&g(b))
+        })
+        .unwrap();
+    let (v, bmi, _, _) = fields(&parts[site][row]);
+    let exact = "exact = true\n";
+    let studies = format!(
+        "{}{}{}",
+        statistics(
+            "le",
+            &format!("{{ column = \"glu\", op = \"<=\", value = {v} }}"),
+            3,
+            exact
+        ),
+        statistics(
+            "ge",
+            &format!("{{ column = \"glu\", op = \">=\", value = {v} }}"),
+            3,
+            exact
+        ),
+        statistics("all", "", 3, exact),
+    );
+    let (_, log) = run(
+        d,
+        "exact-tracker",
+        &SITES,
+        &studies,
+        "exact_releases = [\"statistics\"]\n",
+    );
+    let r: Vec<Option<serde_json::Value>> = ["le", "ge", "all"]
+        .iter()
+        .map(|id| release(d, "exact-tracker", id))
+        .collect();
+    if r.iter().any(Option::is_none) {
+        println!("not every query was released:\n{log}");
+        return;
+    }
+    let r: Vec<serde_json::Value> = r.into_iter().flatten().collect();
+    let track = |f: &dyn Fn(&serde_json::Value) -> f64| f(&r[0]) + f(&r[1]) - f(&r[2]);
+    let count = track(&|x| num(&x["release"]["count"]["value"]));
+    let bmi_sum = track(&|x| num(&x["release"]["columns"][1]["sum"]["value"]));
+    println!("exact tracker: count {count} (1), BMI {bmi_sum} (the patient's: {bmi})");
+    assert!(
+        !((count - 1.0).abs() < 0.01 && (bmi_sum - bmi).abs() < 0.01),
+        "three exact answers give the patient with glucose {v} back: BMI {bmi_sum}"
+    );
+}
+
+/// With `min_training_rows` in the rules (a documented policy key), whether a site accepts
+/// a differentially private study says whether its training rows reach the minimum, and
+/// the aggregator picks `validation_fraction`: one patient more or less at site-a flips the
+/// decision (67 rows: 50 to train at 0.25; 66 rows: 49), without noise and before any
+/// budget is charged. Bisecting the fraction gives a site's exact row count.
+#[test]
+fn min_training_rows_does_not_tell_a_patients_presence() {
+    let study = "[[study]]\nid = \"s\"\ndataset = \"pima\"\nmodel = \"logistic\"\nfeatures = [\"glu\"]\n\
+        target = \"type\"\npositive_class = \"Yes\"\nvalidation_fraction = 0.25\nrounds = 1\n\
+        min_sites = 2\nwait_for_sites_secs = 60\nround_timeout_secs = 30\nround_attempts = 1\n\
+        [study.privacy]\nclip_norm = 1.0\nnoise_multiplier = 1e6\nfeature_ranges = [[0, 200]]\n";
+    let mut accepted = Vec::new();
+    for present in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let parts = federation(d);
+        assert_eq!(parts[0].len(), 67);
+        if !present {
+            // The target patient (site-a's first row) is not at site-a.
+            let path = d.join("site-a.csv");
+            let text = std::fs::read_to_string(&path).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            let kept: Vec<&str> = std::iter::once(lines[0])
+                .chain(lines[2..].iter().copied())
+                .collect();
+            std::fs::write(&path, kept.join("\n") + "\n").unwrap();
+        }
+        let (_, log) = run_with_rules(d, "s", &SITES, study, "", "min_training_rows = 50\n");
+        let a = log
+            .lines()
+            .any(|l| l.contains("site accepted the study") && l.contains("site-a"));
+        println!("target patient at site-a: {present}; site-a takes part: {a}");
+        accepted.push(a);
+    }
+    assert_eq!(
+        accepted[0], accepted[1],
+        "site-a's decision tells whether the patient is there"
+    );
 }

@@ -715,7 +715,18 @@ impl Node {
         if let Err(why) = classes.check(&a.dataset, used) {
             return refuse(why);
         }
-        let data = match StudyData::prepare(&table, a) {
+        let prepared = if a.privacy.is_some() {
+            // Rows with an unusable value are left out: a refusal would say that one exists.
+            StudyData::prepare_private(&table, a).map(|(d, left_out)| {
+                if left_out > 0 {
+                    warn!(study = %a.study_id, left_out, "rows without a usable value in the study's columns are left out");
+                }
+                d
+            })
+        } else {
+            StudyData::prepare(&table, a)
+        };
+        let data = match prepared {
             Ok(d) => d,
             Err(e @ crate::data::DataError::MissingColumn { .. }) => {
                 // The schema, not the data: say which column.
@@ -734,7 +745,13 @@ impl Node {
                 return refuse(e.public_reason());
             }
         };
-        if let Err(why) = self.config.policy.check_cohort(data.x_train.nrows() as u64) {
+        // The least number of training rows is a rule on the data: under differential
+        // privacy the decision would release the count without noise (and the aggregator
+        // picks the validation fraction), so it binds exact studies only; a DP study's
+        // noise protects a small cohort.
+        if a.privacy.is_none()
+            && let Err(why) = self.config.policy.check_cohort(data.x_train.nrows() as u64)
+        {
             return decline(why);
         }
         info!(study = %a.study_id, training_rows = data.x_train.nrows(), validation_rows = data.x_val.nrows(), dp = a.privacy.is_some(), "accepted study");
@@ -941,16 +958,26 @@ impl Node {
                     &stop,
                 ),
             };
-            let weights = trained.map_err(|e| match e {
-                TrainError::Stopped { .. } | TrainError::StoppedAtStep { .. } => {
+            let weights = match trained {
+                Ok(w) => w,
+                Err(e @ (TrainError::Stopped { .. } | TrainError::StoppedAtStep { .. })) => {
                     info!(%site, %study, round, "local training stopped: {e} ({deadline_ms} ms)");
-                    (
+                    return Err((
                         ErrorCode::CannotServe,
                         format!("local {e} ({deadline_ms} ms)"),
-                    )
+                    ));
                 }
-                e => (ErrorCode::InvalidContent, e.to_string()),
-            })?;
+                Err(e) if data.privacy.is_some() => {
+                    // Whether training works (it may diverge) depends on the data, and the
+                    // budget is already charged: telling the aggregator would release that
+                    // bit without noise. Under differential privacy the site contributes
+                    // the round's model unchanged instead (a zero delta, within any clipping
+                    // bound), noised as any other.
+                    warn!(%site, %study, round, "local training failed ({e}); contributing a zero update");
+                    model.weights.clone()
+                }
+                Err(e) => return Err((ErrorCode::InvalidContent, e.to_string())),
+            };
             let train_loss = mean_loss(data.kind, &weights, x_train.view(), data.y_train.view())
                 .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
             info!(%site, %study, round, train_loss, "local update ready");

@@ -226,10 +226,16 @@ fn by_name(name: &str) -> Option<FieldClass> {
     if has("date") || has("datetime") || has("timestamp") {
         return Some(FieldClass::Date);
     }
-    if has("zip") || has("zipcode") || has("postcode") || has("postal") {
+    if w.iter().any(|v| v.starts_with("zip")) || has("postcode") || has("postal") {
         return Some(FieldClass::Zip);
     }
-    if w.iter().any(|v| PATIENT_ID.contains(&v.as_str())) {
+    // "medical_record_number", "patient_no", "chart_nr", "case_number": a number naming a
+    // record, a patient, a chart or a case.
+    const NUMBER: &[&str] = &["number", "no", "num", "nr", "nbr", "code", "key"];
+    if w.iter().any(|v| PATIENT_ID.contains(&v.as_str()))
+        || ((has("record") || has("patient") || has("chart") || has("case"))
+            && w.iter().any(|v| NUMBER.contains(&v.as_str())))
+    {
         return Some(FieldClass::PatientId);
     }
     if w.iter().any(|v| IDENTIFIER.contains(&v.as_str()))
@@ -259,12 +265,13 @@ fn by_values(table: &Table, column: usize) -> Option<(FieldClass, &'static str)>
         return None;
     }
     let most = |f: fn(&str) -> bool| cells.iter().filter(|c| f(c)).count() * 5 >= cells.len() * 4;
-    let patterns: [Pattern; 7] = [
+    let patterns: [Pattern; 8] = [
         (is_ssn, FieldClass::Identifier, "social security numbers"),
         (is_email, FieldClass::Identifier, "e-mail addresses"),
         (is_url, FieldClass::Identifier, "URLs"),
         (is_ip, FieldClass::Identifier, "IP addresses"),
         (is_date, FieldClass::Date, "dates"),
+        (is_compact_date, FieldClass::Date, "dates written yyyymmdd"),
         (is_phone, FieldClass::Identifier, "phone numbers"),
         (is_long_code, FieldClass::Identifier, "identifying numbers"),
     ];
@@ -340,6 +347,17 @@ fn is_date(s: &str) -> bool {
         [1..=2, 1..=2, 2] => day.contains('/'),
         _ => false,
     }
+}
+
+/// `yyyymmdd` (years 1900 to 2099): no clinical measurement is an 8-digit number that
+/// reads as a calendar date.
+fn is_compact_date(s: &str) -> bool {
+    if s.len() != 8 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return false;
+    }
+    let (y, m, d) = (&s[..4], &s[4..6], &s[6..]);
+    let n = |x: &str| x.parse::<u32>().unwrap_or(0);
+    (1900..=2099).contains(&n(y)) && (1..=12).contains(&n(m)) && (1..=31).contains(&n(d))
 }
 
 /// Digits with phone separators (`+`, spaces, `-`, `.`, parentheses), 10 to 15 digits, and
@@ -488,6 +506,59 @@ mod tests {
         );
         assert!(classes.check("d", ["birth_year"]).is_err());
         assert!(classes.check("d", ["glu"]).is_ok());
+    }
+
+    /// Red team: identifiers written as HIPAA lists them but not as the guesser expects.
+    /// A medical record number, a patient number, an admission date written yyyymmdd and a
+    /// 5-digit ZIP code all read as clinical values today, so a rule that names them by
+    /// mistake (as the attack suite's SSN) lets a cohort or a statistic use them.
+    #[test]
+    fn identifiers_under_other_names_and_formats_are_caught() {
+        let rows: String = (0..30)
+            .map(|i| {
+                format!(
+                    "{},{},{},{:05},{}\n",
+                    4_471_230 + 17 * i,
+                    100_200 + i,
+                    20_230_101 + 100 * (i % 12) + i % 28,
+                    2139 + 3 * i,
+                    80 + i
+                )
+            })
+            .collect();
+        let t = table(&format!(
+            "medical_record_number,patient_no,admitted,zip5,glu\n{rows}"
+        ));
+        let classes = ColumnClasses::for_table(&t, &BTreeMap::new());
+        for c in ["medical_record_number", "patient_no", "admitted", "zip5"] {
+            assert!(
+                classes.check("d", [c]).is_err(),
+                "column '{c}' is usable: {:?}",
+                classes.class(c)
+            );
+        }
+        assert!(classes.check("d", ["glu"]).is_ok());
+    }
+
+    /// Red team: whether a column may be used (and so whether it is in the hello's column
+    /// list, and whether a query is refused "its values look like dates") is decided by
+    /// its values, one patient's included: four dates and one other cell make a date
+    /// column (80%), one more non-date patient makes it a clinical value. An ingested
+    /// dataset's classes are guessed again for every query, as records arrive.
+    #[test]
+    fn one_patients_value_does_not_decide_whether_a_column_is_usable() {
+        let base =
+            "visit,glu\n2023-01-05,90\n2023-02-11,95\n2023-03-09,99\n2023-04-01,101\nlate,120\n";
+        let usable = |text: &str| {
+            ColumnClasses::for_table(&table(text), &BTreeMap::new())
+                .check("d", ["visit"])
+                .is_ok()
+        };
+        assert_eq!(
+            usable(base),
+            usable(&format!("{base}soon,130\n")),
+            "one patient's cell decides whether the column is usable"
+        );
     }
 
     #[derive(serde::Deserialize)]

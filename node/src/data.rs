@@ -319,6 +319,67 @@ impl StudyData {
         })
     }
 
+    /// [`StudyData::prepare`] for a differentially private study: a row whose feature or
+    /// target is not a usable value is left out instead of failing the study, and there is
+    /// no least number of rows, so that only the schema (a missing column, a logistic study
+    /// without a positive class), never a patient's value, can make the site decline.
+    /// Returns the rows left out too (for the site's own log).
+    pub fn prepare_private(
+        table: &Table,
+        study: &StudyAnnouncement,
+    ) -> Result<(StudyData, usize), DataError> {
+        if study.model == ModelKind::Logistic && study.positive_class.is_none() {
+            return Err(DataError::Invalid {
+                path: table.path.clone(),
+                why: "a logistic study must name its positive class".into(),
+            });
+        }
+        let features = study
+            .features
+            .iter()
+            .map(|f| table.column(f))
+            .collect::<Result<Vec<_>, _>>()?;
+        let target = table.column(&study.target)?;
+        let number = |raw: &str| raw.parse::<f64>().is_ok_and(f64::is_finite);
+        let keep: Vec<usize> = (0..table.len())
+            .filter(|&i| {
+                features.iter().all(|&c| number(table.cell(i, c)))
+                    && match study.model {
+                        ModelKind::Logistic => {
+                            let raw = table.cell(i, target);
+                            !raw.is_empty() && !raw.eq_ignore_ascii_case("na")
+                        }
+                        ModelKind::Linear => number(table.cell(i, target)),
+                    }
+            })
+            .collect();
+        let kept = Table {
+            path: table.path.clone(),
+            columns: table.columns.clone(),
+            rows: keep.iter().map(|&i| table.rows[i].clone()).collect(),
+            ids: table
+                .ids
+                .as_ref()
+                .map(|ids| keep.iter().map(|&i| ids[i]).collect()),
+        };
+        let x = kept.features(&study.features)?;
+        let y = kept.target(&study.target, study.model, study.positive_class.as_deref())?;
+        let (train, val) = split_rows(kept.len(), study.validation_fraction, &study.study_id);
+        let axis = ndarray::Axis(0);
+        Ok((
+            StudyData {
+                kind: study.model,
+                features: study.features.clone(),
+                x_train: x.select(axis, &train),
+                y_train: y.select(axis, &train),
+                x_val: x.select(axis, &val),
+                y_val: y.select(axis, &val),
+                privacy: study.privacy,
+            },
+            table.len() - kept.len(),
+        ))
+    }
+
     pub fn feature_stats(&self) -> FeatureStats {
         FeatureStats::from_rows(self.x_train.view())
     }
@@ -390,6 +451,25 @@ mod tests {
         assert!(matches!(
             Table::from_reader(Path::new("x.csv"), "a,b\n1,2,3\n".as_bytes()),
             Err(DataError::Csv { .. })
+        ));
+    }
+
+    /// Under differential privacy a bad value leaves its row out; only the schema fails.
+    #[test]
+    fn a_private_study_leaves_bad_rows_out_instead_of_failing() {
+        let t = table("a,b,y\n1,2,Yes\n3,NA,No\n5,6,\n7,8,No\n");
+        let (d, left_out) = StudyData::prepare_private(&t, &study()).unwrap();
+        assert_eq!(left_out, 2);
+        assert_eq!(d.x_train.nrows() + d.x_val.nrows(), 2);
+        // No usable row at all is no refusal either.
+        let t = table("a,b,y\nNA,2,Yes\n");
+        let (d, left_out) = StudyData::prepare_private(&t, &study()).unwrap();
+        assert_eq!((left_out, d.x_train.nrows() + d.x_val.nrows()), (1, 0));
+        // A missing column is the schema: still an error.
+        let t = table("a,c,y\n1,2,Yes\n3,4,No\n");
+        assert!(matches!(
+            StudyData::prepare_private(&t, &study()),
+            Err(DataError::MissingColumn { .. })
         ));
     }
 }

@@ -121,7 +121,9 @@ pub struct Rules {
     /// Most training rounds a study may run.
     #[serde(default)]
     pub max_rounds: Option<u32>,
-    /// Fewest training rows this site must hold for the study (small cohorts are refused).
+    /// Fewest training rows this site must hold for a study without differential privacy
+    /// (small cohorts are refused). Not applied to DP studies: the refusal would release
+    /// the count without noise.
     #[serde(default)]
     pub min_training_rows: Option<u64>,
     /// Whether studies without secure aggregation are served.

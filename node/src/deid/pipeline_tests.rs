@@ -366,3 +366,69 @@ name = "glu"
         assert!(!text.contains(value), "{value} in {text}");
     }
 }
+
+/// Red team: `missing = "mean"` (or `"median"`) fills a missing value with the running mean
+/// of the patients seen before, so one patient's value is copied into every later record
+/// with that value missing. The statistics (and DP-SGD) bound one patient's influence by
+/// one record's: here removing one patient moves the glucose sum by 8.5 times the most one
+/// record can (`max|x|` = 200), and the vector by far more than the sensitivity the noise
+/// is calibrated to.
+#[test]
+fn one_patient_does_not_move_other_records_imputed_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, rows: &[&str]| {
+        let path = dir.path().join(name);
+        let mut text = String::from("glu\n");
+        for r in rows {
+            text += r;
+            text += "\n";
+        }
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let missing: Vec<&str> = std::iter::repeat_n("NA", 30).collect();
+    let with: Vec<&str> = ["100", "200"].into_iter().chain(missing.clone()).collect();
+    let without: Vec<&str> = ["100"].into_iter().chain(missing).collect();
+    let fields = "[[field]]\nname = \"glu\"\nmissing = \"mean\"\n";
+    let glu = |records: &[Record]| -> Vec<Vec<f64>> {
+        records
+            .iter()
+            .filter_map(|r| match r.get("glu") {
+                Some(Value::Number(x)) => Some(vec![*x]),
+                _ => None,
+            })
+            .collect()
+    };
+    let (a, _) = pipeline(&write("with.csv", &with), fields);
+    let (b, _) = pipeline(&write("without.csv", &without), fields);
+    let q = medfed_protocol::fedstats::StatsQuery {
+        query_id: "q".into(),
+        dataset: "d".into(),
+        cohort: vec![],
+        columns: vec![medfed_protocol::fedstats::StatColumn {
+            name: "glu".into(),
+            low: 0.0,
+            high: 200.0,
+            edges: vec![0.0, 200.0],
+        }],
+        correlations: false,
+        noise_multiplier: Some(1.5),
+        suppress_below: 11,
+    };
+    let (va, vb) = (q.encode(&glu(&a)), q.encode(&glu(&b)));
+    let dist = va
+        .iter()
+        .zip(&vb)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    println!(
+        "one patient moves the vector by {dist:.2} units; the noise is for {:.2}",
+        q.sensitivity()
+    );
+    assert!(
+        dist <= q.sensitivity() + 1e-9,
+        "one patient moves the vector by {dist}, beyond the sensitivity {}",
+        q.sensitivity()
+    );
+}

@@ -92,8 +92,12 @@ pub fn train(
             let norm = r.abs() * (row.dot(&row) + 1.0).sqrt();
             // In units of C, clipped to norm 1.
             let f = if norm > c { r / norm } else { r / c };
-            if !f.is_finite() {
-                return Err(TrainError::Diverged);
+            // A record whose gradient is not a finite number (its values overflow with these
+            // weights or this standardization) contributes nothing: failing here would tell
+            // the aggregator, without noise, that such a record exists. Still a function of
+            // this record alone, of norm at most 1.
+            if !f.is_finite() || row.iter().any(|v| !(f * v).is_finite()) {
+                continue;
             }
             for (g, v) in grad_sum.iter_mut().zip(row.iter()) {
                 *g += f * v;
@@ -251,5 +255,91 @@ mod tests {
         let kept = (0..100_000).filter(|_| rng.next_u64() <= t).count();
         assert!((9_500..10_500).contains(&kept), "{kept}");
         assert_eq!(sampling_threshold(1.0), u64::MAX);
+    }
+
+    /// Red team: the noisy sum is divided by the expected batch `q·n`, with the site's exact
+    /// row count `n`. One record more or less changes how far the noise moves the weights,
+    /// whether or not the record is ever sampled; the sampled-Gaussian accounting does not
+    /// see it. With `q = 10⁻⁶` (a record is almost never sampled, and the accountant charges
+    /// almost nothing), a site holding one record is told apart from one holding two by the
+    /// size of the update alone, far more often than the charged ε allows.
+    #[test]
+    fn the_update_does_not_reveal_the_number_of_records() {
+        let dpq = DpTraining {
+            clip_norm: 1.0,
+            noise_multiplier: 5.0,
+            sgd: Some(DpSgd {
+                sampling_rate: 1e-6,
+                steps: 50,
+            }),
+        };
+        let mut params = params();
+        params.learning_rate = 1e-3;
+        let one = (Array2::from_elem((1, 1), 0.5), Array1::from_elem(1, 1.0));
+        let two = (Array2::from_elem((2, 1), 0.5), Array1::from_elem(2, 1.0));
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
+        let norm = |data: &(Array2<f64>, Array1<f64>), rng: &mut rand_chacha::ChaCha20Rng| {
+            let w = train(
+                ModelKind::Linear,
+                &[0.0, 0.0],
+                data.0.view(),
+                data.1.view(),
+                &params,
+                &dpq,
+                rng,
+                &|| false,
+            )
+            .unwrap();
+            w.iter().map(|x| x * x).sum::<f64>().sqrt()
+        };
+        // The update's scale with one record: lr·C/q · z·√T per coordinate.
+        let s = 1e-3 / 1e-6 * 5.0 * (50f64).sqrt();
+        // The likelihood-ratio test between s and s/2 in two dimensions: r² > (8/3)·ln 4·(s/2)²
+        // says "one record".
+        let cut = ((8.0 / 3.0) * 4f64.ln()).sqrt() * s / 2.0;
+        let trials = 400;
+        let mut right = 0;
+        for t in 0..trials {
+            let (data, is_one) = if t % 2 == 0 {
+                (&one, true)
+            } else {
+                (&two, false)
+            };
+            if (norm(data, &mut rng) > cut) == is_one {
+                right += 1;
+            }
+        }
+        let rate = f64::from(right) / f64::from(trials);
+        let mut acc = crate::dp::accountant::RdpAccountant::default();
+        acc.compose_gaussian(1e-6, 5.0, 50);
+        let eps = acc.epsilon(1e-6).0;
+        // (ε, δ)-DP bounds any test's accuracy between neighbours by e^ε/(1 + e^ε) + δ.
+        let bound = eps.exp() / (1.0 + eps.exp()) + 1e-6;
+        println!("right {rate:.3} of the time; the charged ε = {eps:.2e} allows {bound:.4}");
+        let se = (0.25 / f64::from(trials)).sqrt();
+        assert!(
+            rate <= bound + 3.0 * se,
+            "one record more or less is told apart {rate} of the time; ε = {eps:.2e} allows {bound}"
+        );
+    }
+
+    /// A record whose gradient overflows contributes nothing instead of failing the round:
+    /// the failure would tell, without noise, that such a record exists.
+    #[test]
+    fn a_record_that_overflows_does_not_fail_the_round() {
+        let x = Array2::from_shape_vec((3, 1), vec![0.5, -0.5, 1e300]).unwrap();
+        let y = Array1::from_vec(vec![1.0, 0.0, 1.0]);
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        let w = train(
+            ModelKind::Linear,
+            &[1e10, 0.0],
+            x.view(),
+            y.view(),
+            &params(),
+            &dp(1.0, 1.0, 3),
+            &mut rng,
+            &|| false,
+        );
+        assert!(w.is_ok(), "{w:?}");
     }
 }

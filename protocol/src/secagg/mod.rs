@@ -15,6 +15,8 @@
 
 mod client;
 pub mod crypto;
+#[cfg(test)]
+mod equivocation;
 mod graph;
 mod server;
 pub mod sim;
