@@ -57,9 +57,10 @@ pub(crate) const MAX_ATTEMPTS: u32 = 16;
 /// - The setup's binding is the one computed from what this node was sent.
 /// - The threshold keeps `tolerated_colluders` sites and the aggregator from unmasking
 ///   this site.
-/// - After revealing its shares for this round (`revealed`: with those parties), the node
-///   joins again only with the same parties: their sum is the same, so nothing new is
-///   learnt, while a sum over other parties would reveal the difference.
+/// - After revealing its shares for this round (`revealed`: the sites whose input was in
+///   that sum), the node joins again only with exactly those sites as the parties: their
+///   sum is the same, so nothing new is learnt, while a sum over other sites would reveal
+///   the difference. (At the reveal itself the survivors are checked again.)
 fn admit(
     study_id: &str,
     round: u32,
@@ -446,8 +447,14 @@ impl Node {
                 ),
             )
         })?;
+        use medfed_protocol::secagg::ServerMessage;
+        let listed = match &m.message {
+            ServerMessage::ConsistencyCheck { survivors }
+            | ServerMessage::UnmaskRequest { survivors, .. } => Some(survivors.clone()),
+            _ => None,
+        };
         if party.all_must_survive
-            && let medfed_protocol::secagg::ServerMessage::UnmaskRequest { survivors } = &m.message
+            && let Some(survivors) = &listed
             && survivors.len() != party.parties.len()
         {
             let why = format!(
@@ -460,14 +467,21 @@ impl Node {
             warn!(study = %m.study_id, round = m.round, "secure aggregation: left the round: {why}");
             return Err((ErrorCode::CannotServe, why));
         }
-        match party.client.handle(m.message, &party.verifier) {
+        // The names of the sites whose input is in the sum: what a reveal is remembered by.
+        let survivor_names: Vec<String> = listed
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|v| party.parties.get(*v as usize).cloned())
+            .collect();
+        match party.client.handle(m.message, &party.verifier, &self.signer) {
             Ok(answer) => {
                 if matches!(answer, ClientMessage::UnmaskShares { .. }) {
-                    if let Some(party) = secure.remove(&key) {
+                    if secure.remove(&key).is_some() {
                         // Durably, before the shares leave: if it cannot be recorded, they
-                        // do not leave.
+                        // do not leave. A second sum of this round over other sites (other
+                        // survivors, or other parties) would reveal the difference.
                         self.revealed
-                            .record(&key.0, key.1, &party.parties)
+                            .record(&key.0, key.1, &survivor_names)
                             .map_err(|e| {
                                 warn!(study = %m.study_id, round = m.round, "secure aggregation: left the round: {e}");
                                 match e {

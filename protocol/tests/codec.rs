@@ -134,11 +134,35 @@ fn message() -> impl Strategy<Value = Message> {
                 message: medfed_protocol::secagg::ClientMessage::MaskedInput(bytes),
             })
         }),
+        (
+            prop::collection::vec(any::<u32>(), 0..16),
+            prop::collection::vec(
+                (any::<u32>(), prop::collection::vec(any::<u8>(), 0..72)),
+                0..4
+            )
+        )
+            .prop_map(|(survivors, signatures)| {
+                Message::SecAggToNode(SecAggToNode {
+                    study_id: "s".into(),
+                    round: 1,
+                    message: medfed_protocol::secagg::ServerMessage::UnmaskRequest {
+                        survivors,
+                        signatures,
+                    },
+                })
+            }),
         prop::collection::vec(any::<u32>(), 0..16).prop_map(|survivors| {
             Message::SecAggToNode(SecAggToNode {
                 study_id: "s".into(),
                 round: 1,
-                message: medfed_protocol::secagg::ServerMessage::UnmaskRequest { survivors },
+                message: medfed_protocol::secagg::ServerMessage::ConsistencyCheck { survivors },
+            })
+        }),
+        prop::collection::vec(any::<u8>(), 0..72).prop_map(|sig| {
+            Message::SecAggFromNode(SecAggFromNode {
+                study_id: "s".into(),
+                round: 1,
+                message: medfed_protocol::secagg::ClientMessage::SurvivorsSigned(sig),
             })
         }),
         (

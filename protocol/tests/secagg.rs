@@ -143,7 +143,8 @@ fn more_dropouts_abort_cleanly_and_reveal_nothing() {
             "{phase:?}: shares were revealed in an aborted round"
         );
     }
-    // Too few left to unmask: the server cannot rebuild the masks and says so.
+    // Too few left to unmask: the server cannot rebuild the masks and says so, at the
+    // consistency check (too few signers) before anyone reveals anything.
     let drops = (0..(n - t + 1) as PartyId)
         .map(|u| (u, DropBefore::Unmasking))
         .collect();
@@ -161,7 +162,7 @@ fn more_dropouts_abort_cleanly_and_reveal_nothing() {
         matches!(
             out.result,
             Err(SecAggError::TooFewSurvivors {
-                phase: "unmasking",
+                phase: "consistency check",
                 ..
             })
         ),
@@ -412,7 +413,11 @@ fn a_server_that_substitutes_keys_is_caught_by_the_clients() {
     // The server swaps in its own mask key for party 1 (to learn party 0's pairwise mask).
     k1.s_pk = k2.s_pk;
     let err = c0
-        .handle(ServerMessage::KeyDirectory(vec![k1, k2]), &ids)
+        .handle(
+            ServerMessage::KeyDirectory(vec![k1, k2]),
+            &ids,
+            &ids.signer(0),
+        )
         .unwrap_err();
     assert_eq!(err, SecAggError::ForgedSignature { party: 1 });
 }
@@ -441,9 +446,13 @@ fn a_client_listed_as_dropped_reveals_nothing_and_answers_only_once() {
         keys.push(k);
     }
     let mut sealed = Vec::new();
-    for c in &mut clients {
+    for (u, c) in clients.iter_mut().enumerate() {
         let ClientMessage::ShareKeys(sh) = c
-            .handle(ServerMessage::KeyDirectory(keys.clone()), &ids)
+            .handle(
+                ServerMessage::KeyDirectory(keys.clone()),
+                &ids,
+                &ids.signer(u as u32),
+            )
             .unwrap()
         else {
             unreachable!()
@@ -457,32 +466,72 @@ fn a_client_listed_as_dropped_reveals_nothing_and_answers_only_once() {
             .cloned()
             .collect();
         assert!(matches!(
-            c.handle(ServerMessage::EncryptedShares(mine), &ids)
-                .unwrap(),
+            c.handle(
+                ServerMessage::EncryptedShares(mine),
+                &ids,
+                &ids.signer(u as u32)
+            )
+            .unwrap(),
             ClientMessage::MaskedInput(_)
         ));
     }
-    // The server claims party 0 dropped (to collect its mask key) yet asks party 0 to unmask.
+    // The server claims party 0 dropped (to collect its mask key) yet asks party 0 to sign.
     let err = clients[0]
         .handle(
-            ServerMessage::UnmaskRequest {
+            ServerMessage::ConsistencyCheck {
                 survivors: vec![1, 2, 3],
             },
             &ids,
+            &ids.signer(0),
         )
         .unwrap_err();
     assert!(
         matches!(err, SecAggError::Inconsistent(ref why) if why.contains("dropped")),
         "{err:?}"
     );
-    // A client answers one unmask request only: asking again with party 0 now "dropped"
-    // (to get its mask key on top of its self-mask seed) gets nothing.
+    // Parties 1..4 sign the full list; each reveals only against t signatures over the list
+    // it signed.
+    let all = vec![0, 1, 2, 3];
+    let mut sigs = Vec::new();
+    for u in 1..4u32 {
+        let ClientMessage::SurvivorsSigned(sig) = clients[u as usize]
+            .handle(
+                ServerMessage::ConsistencyCheck {
+                    survivors: all.clone(),
+                },
+                &ids,
+                &ids.signer(u),
+            )
+            .unwrap()
+        else {
+            unreachable!()
+        };
+        sigs.push((u, sig));
+    }
+    // Two signatures are fewer than t = 3: nothing is revealed.
+    let err = clients[3]
+        .handle(
+            ServerMessage::UnmaskRequest {
+                survivors: all.clone(),
+                signatures: sigs[..2].to_vec(),
+            },
+            &ids,
+            &ids.signer(3),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, SecAggError::Inconsistent(ref why) if why.contains("signed")),
+        "{err:?}"
+    );
+    // Three over the list party 1 signed: it reveals, once.
     let first = clients[1]
         .handle(
             ServerMessage::UnmaskRequest {
-                survivors: vec![0, 1, 2, 3],
+                survivors: all.clone(),
+                signatures: sigs.clone(),
             },
             &ids,
+            &ids.signer(1),
         )
         .unwrap();
     assert!(matches!(first, ClientMessage::UnmaskShares { .. }));
@@ -490,11 +539,29 @@ fn a_client_listed_as_dropped_reveals_nothing_and_answers_only_once() {
         clients[1]
             .handle(
                 ServerMessage::UnmaskRequest {
-                    survivors: vec![1, 2, 3]
+                    survivors: vec![1, 2, 3],
+                    signatures: sigs.clone(),
                 },
-                &ids
+                &ids,
+                &ids.signer(1)
             )
             .is_err()
+    );
+    // Another list than the one it signed (party 0 "dropped", to get its mask key on top of
+    // its self-mask seed): refused, whatever signatures come with it.
+    let err = clients[2]
+        .handle(
+            ServerMessage::UnmaskRequest {
+                survivors: vec![1, 2, 3],
+                signatures: sigs,
+            },
+            &ids,
+            &ids.signer(2),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, SecAggError::Inconsistent(ref why) if why.contains("signed")),
+        "{err:?}"
     );
 }
 

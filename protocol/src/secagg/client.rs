@@ -31,9 +31,15 @@ enum State {
         /// X25519 agreements on the c keys, reused to open the shares sent to us.
         c_shared: BTreeMap<PartyId, [u8; 32]>,
     },
-    /// Masked input sent; waiting for the unmask request.
+    /// Masked input sent; waiting for the survivor list to sign.
     SentInput {
         held: BTreeMap<PartyId, (Vec<u8>, Vec<u8>)>,
+    },
+    /// Signed this survivor list (the only one it ever signs); waiting for the unmask
+    /// request with the holders' signatures over it.
+    Signed {
+        held: BTreeMap<PartyId, (Vec<u8>, Vec<u8>)>,
+        survivors: Vec<PartyId>,
     },
     Done,
 }
@@ -179,11 +185,13 @@ impl Client {
         SecAggError::Inconsistent(why.into())
     }
 
-    /// Handles the server's next message and returns the answer to send.
+    /// Handles the server's next message and returns the answer to send. `verifier`
+    /// checks other parties' signatures; `signer` signs this party's survivor list.
     pub fn handle(
         &mut self,
         msg: ServerMessage,
         verifier: &dyn Verifier,
+        signer: &dyn Signer,
     ) -> Result<ClientMessage, SecAggError> {
         let state = std::mem::replace(&mut self.state, State::Done);
         let result = match (state, msg) {
@@ -193,8 +201,24 @@ impl Client {
             (State::Shared { keys, c_shared }, ServerMessage::EncryptedShares(shares)) => {
                 self.masked_input(&keys, &c_shared, shares)
             }
-            (State::SentInput { held }, ServerMessage::UnmaskRequest { survivors }) => {
-                self.unmask(&held, &survivors)
+            (State::SentInput { held }, ServerMessage::ConsistencyCheck { survivors }) => {
+                self.sign_survivors(held, survivors, signer)
+            }
+            (
+                State::Signed { held, survivors },
+                ServerMessage::UnmaskRequest {
+                    survivors: listed,
+                    signatures,
+                },
+            ) => {
+                if listed != survivors {
+                    Err(self.inconsistent(
+                        "the unmask request lists other survivors than the list this party signed",
+                    ))
+                } else {
+                    self.check_signatures(&survivors, &signatures, verifier)
+                        .and_then(|()| self.unmask(&held, &survivors))
+                }
             }
             (_, msg) => Err(self.inconsistent(format!("unexpected {} message", msg.kind()))),
         };
@@ -353,6 +377,98 @@ impl Client {
         }
         self.state = State::SentInput { held };
         Ok(ClientMessage::MaskedInput(quant::pack(&y, bits)))
+    }
+
+    /// Checks the survivor list as [`Client::unmask`] would, then signs it: the one list
+    /// this party will ever reveal for.
+    fn sign_survivors(
+        &mut self,
+        held: BTreeMap<PartyId, (Vec<u8>, Vec<u8>)>,
+        mut survivors: Vec<PartyId>,
+        signer: &dyn Signer,
+    ) -> Result<ClientMessage, SecAggError> {
+        let sorted = survivors.windows(2).all(|w| w[0] < w[1]);
+        if !sorted
+            || survivors
+                .iter()
+                .any(|v| *v as usize >= self.setup.parties.len())
+        {
+            return Err(self.inconsistent("the survivor list is not a sorted list of parties"));
+        }
+        self.check_survivors(&held, &survivors)?;
+        let name = &self.setup.parties[self.me as usize];
+        let signature = signer.sign(&super::survivors_signing_message(
+            &self.context,
+            name,
+            &survivors,
+        ));
+        survivors.shrink_to_fit();
+        self.state = State::Signed { held, survivors };
+        Ok(ClientMessage::SurvivorsSigned(signature))
+    }
+
+    /// At least `t` of this party's share holders (itself included) signed `survivors`,
+    /// each at most once, each a survivor.
+    fn check_signatures(
+        &self,
+        survivors: &[PartyId],
+        signatures: &[(PartyId, Vec<u8>)],
+        verifier: &dyn Verifier,
+    ) -> Result<(), SecAggError> {
+        let listed: BTreeSet<PartyId> = survivors.iter().copied().collect();
+        let mut signed = BTreeSet::new();
+        for (v, sig) in signatures {
+            let holder = *v == self.me || self.graph.are_neighbours(self.me, *v);
+            if !holder || !listed.contains(v) || (*v as usize) >= self.setup.parties.len() {
+                continue;
+            }
+            let name = &self.setup.parties[*v as usize];
+            let message = super::survivors_signing_message(&self.context, name, survivors);
+            if verifier.verify(name, &message, sig) {
+                signed.insert(*v);
+            }
+        }
+        let need = self.setup.threshold as usize;
+        if signed.len() < need {
+            return Err(self.inconsistent(format!(
+                "only {} of this party's share holders signed the survivor list it signed ({need} needed): \
+                 the server may be telling parties different survivors",
+                signed.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether `survivors` is a list this party may reveal for: it is on it, at least `t` of
+    /// its holders are, and every survivor among its neighbours shared keys with it.
+    fn check_survivors(
+        &self,
+        held: &BTreeMap<PartyId, (Vec<u8>, Vec<u8>)>,
+        survivors: &[PartyId],
+    ) -> Result<(), SecAggError> {
+        let survivors: BTreeSet<PartyId> = survivors.iter().copied().collect();
+        if !survivors.contains(&self.me) {
+            return Err(self.inconsistent("the server lists this party as dropped"));
+        }
+        let local = survivors
+            .iter()
+            .filter(|&&v| v == self.me || self.graph.are_neighbours(self.me, v))
+            .count();
+        if local < self.setup.threshold as usize {
+            return Err(SecAggError::TooFewSurvivors {
+                phase: "masked input",
+                got: local,
+                need: self.setup.threshold as usize,
+            });
+        }
+        for &v in &survivors {
+            if v != self.me && self.graph.are_neighbours(self.me, v) && !held.contains_key(&v) {
+                return Err(self.inconsistent(format!(
+                    "party {v} is listed as a survivor but never shared keys with us"
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn unmask(

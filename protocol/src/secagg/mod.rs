@@ -9,9 +9,16 @@
 //!  phase           client → server                server → client
 //!  advertise keys  AdvertiseKeys (signed c_pk, s_pk, H(b)) KeyDirectory (neighbours' keys)
 //!  share keys      ShareKeys (encrypted shares)   EncryptedShares (shares held for others)
-//!  masked input    MaskedInput (y = x + masks)    UnmaskRequest (who sent input)
+//!  masked input    MaskedInput (y = x + masks)    ConsistencyCheck (who sent input)
+//!  consistency     SurvivorsSigned (sig over U3)  UnmaskRequest (U3, ≥ t signatures)
 //!  unmasking       UnmaskShares (b or s_sk shares) —  the server decodes the sum
 //! ```
+//!
+//! The consistency round (Bonawitz et al. 2017, §4.3) stops a server that tells parties
+//! different survivor lists: a party reveals only after seeing at least `t` of its share
+//! holders sign the very list it signed. An honest party signs one list per aggregation, so
+//! with `t` above half of a party's holders no two lists can both gather `t` signatures
+//! among them, and no party's secret can be rebuilt both as a survivor's and a dropout's.
 
 mod client;
 pub mod crypto;
@@ -194,6 +201,20 @@ pub fn key_signing_message(context: &[u8; 32], site: &str, keys: &AdvertisedKeys
     m
 }
 
+/// The bytes a party signs in the consistency round: its name and the survivor list,
+/// bound to the setup.
+pub fn survivors_signing_message(context: &[u8; 32], site: &str, survivors: &[PartyId]) -> Vec<u8> {
+    let mut m = b"medfed-secagg-v1 survivors".to_vec();
+    m.extend_from_slice(context);
+    m.extend_from_slice(&(site.len() as u32).to_be_bytes());
+    m.extend_from_slice(site.as_bytes());
+    m.extend_from_slice(&(survivors.len() as u32).to_be_bytes());
+    for v in survivors {
+        m.extend_from_slice(&v.to_be_bytes());
+    }
+    m
+}
+
 /// A party's signed public keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdvertisedKeys {
@@ -234,6 +255,9 @@ pub enum ClientMessage {
         self_mask: Vec<RevealedShare>,
         mask_key: Vec<RevealedShare>,
     },
+    /// The party's signature over the survivor list it was given
+    /// ([`survivors_signing_message`]).
+    SurvivorsSigned(Vec<u8>),
 }
 
 impl ClientMessage {
@@ -243,6 +267,7 @@ impl ClientMessage {
             ClientMessage::ShareKeys(_) => "share-keys",
             ClientMessage::MaskedInput(_) => "masked-input",
             ClientMessage::UnmaskShares { .. } => "unmask-shares",
+            ClientMessage::SurvivorsSigned(_) => "survivors-signed",
         }
     }
 }
@@ -253,8 +278,15 @@ pub enum ServerMessage {
     KeyDirectory(Vec<AdvertisedKeys>),
     /// The shares other parties sealed for the receiver.
     EncryptedShares(Vec<SealedShare>),
-    /// The parties whose masked input the server holds.
-    UnmaskRequest { survivors: Vec<PartyId> },
+    /// The parties whose masked input the server holds (U3, in order), and each party's
+    /// signature over that list from its share holders that signed it.
+    UnmaskRequest {
+        survivors: Vec<PartyId>,
+        signatures: Vec<(PartyId, Vec<u8>)>,
+    },
+    /// The parties whose masked input the server holds (U3, in order), for every party to
+    /// sign before anyone reveals anything.
+    ConsistencyCheck { survivors: Vec<PartyId> },
 }
 
 impl ServerMessage {
@@ -263,6 +295,7 @@ impl ServerMessage {
             ServerMessage::KeyDirectory(_) => "key-directory",
             ServerMessage::EncryptedShares(_) => "encrypted-shares",
             ServerMessage::UnmaskRequest { .. } => "unmask-request",
+            ServerMessage::ConsistencyCheck { .. } => "consistency-check",
         }
     }
 }

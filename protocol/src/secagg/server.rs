@@ -21,6 +21,7 @@ pub enum Phase {
     AdvertiseKeys,
     ShareKeys,
     MaskedInput,
+    Consistency,
     Unmasking,
     Done,
 }
@@ -31,6 +32,7 @@ impl Phase {
             Phase::AdvertiseKeys => "advertise keys",
             Phase::ShareKeys => "share keys",
             Phase::MaskedInput => "masked input",
+            Phase::Consistency => "consistency check",
             Phase::Unmasking => "unmasking",
             Phase::Done => "done",
         }
@@ -55,6 +57,8 @@ pub struct Server {
     inbox: BTreeMap<PartyId, Vec<(PartyId, usize)>>,
     /// U3: parties whose masked input is in `sum`.
     inputs: BTreeSet<PartyId>,
+    /// U4: parties that signed U3 in the consistency round, with their signatures.
+    signatures: BTreeMap<PartyId, Vec<u8>>,
     sum: Vec<u64>,
     /// U5: revealed shares, by revealer.
     reveals: BTreeMap<PartyId, (Vec<RevealedShare>, Vec<RevealedShare>)>,
@@ -82,6 +86,7 @@ impl Server {
             shares: BTreeMap::new(),
             inbox: BTreeMap::new(),
             inputs: BTreeSet::new(),
+            signatures: BTreeMap::new(),
             sum: Vec::new(),
             reveals: BTreeMap::new(),
             outbox: VecDeque::new(),
@@ -134,15 +139,21 @@ impl Server {
                 }
                 ServerMessage::EncryptedShares(shares)
             }
+            Phase::Consistency => ServerMessage::ConsistencyCheck {
+                survivors: self.inputs.iter().copied().collect(),
+            },
             Phase::Unmasking => {
-                // Only the survivors among the parties whose shares v holds (and v itself).
-                let survivors = self
+                // The signatures of v's share holders (all v checks).
+                let signatures = self
                     .graph
                     .holders(v)
                     .into_iter()
-                    .filter(|u| self.inputs.contains(u))
+                    .filter_map(|u| self.signatures.get(&u).map(|s| (u, s.clone())))
                     .collect();
-                ServerMessage::UnmaskRequest { survivors }
+                ServerMessage::UnmaskRequest {
+                    survivors: self.inputs.iter().copied().collect(),
+                    signatures,
+                }
             }
             Phase::AdvertiseKeys | Phase::Done => return None,
         };
@@ -165,7 +176,8 @@ impl Server {
             Phase::AdvertiseKeys => self.setup.parties.len(),
             Phase::ShareKeys => self.keys.len(),
             Phase::MaskedInput => self.shares.len(),
-            Phase::Unmasking => self.inputs.len(),
+            Phase::Consistency => self.inputs.len(),
+            Phase::Unmasking => self.signatures.len(),
             Phase::Done => 0,
         }
     }
@@ -175,6 +187,7 @@ impl Server {
             Phase::AdvertiseKeys => self.keys.len(),
             Phase::ShareKeys => self.shares.len(),
             Phase::MaskedInput => self.inputs.len(),
+            Phase::Consistency => self.signatures.len(),
             Phase::Unmasking => self.reveals.len(),
             Phase::Done => 0,
         }
@@ -206,6 +219,9 @@ impl Server {
             }
             (Phase::MaskedInput, ClientMessage::MaskedInput(bytes)) => {
                 self.take_input(from, &bytes)?
+            }
+            (Phase::Consistency, ClientMessage::SurvivorsSigned(signature)) => {
+                self.take_signature(from, signature, verifier)?
             }
             (
                 Phase::Unmasking,
@@ -351,16 +367,41 @@ impl Server {
         Ok(())
     }
 
+    fn take_signature(
+        &mut self,
+        from: PartyId,
+        signature: Vec<u8>,
+        verifier: &dyn Verifier,
+    ) -> Result<(), SecAggError> {
+        if !self.inputs.contains(&from) {
+            return Err(SecAggError::Invalid {
+                from,
+                why: "signed the survivors without having sent input".into(),
+            });
+        }
+        if self.signatures.contains_key(&from) {
+            return Err(SecAggError::Duplicate(from));
+        }
+        let survivors: Vec<PartyId> = self.inputs.iter().copied().collect();
+        let name = &self.setup.parties[from as usize];
+        let message = super::survivors_signing_message(&self.context, name, &survivors);
+        if !verifier.verify(name, &message, &signature) {
+            return Err(SecAggError::ForgedSignature { party: from });
+        }
+        self.signatures.insert(from, signature);
+        Ok(())
+    }
+
     fn take_reveals(
         &mut self,
         from: PartyId,
         self_mask: Vec<RevealedShare>,
         mask_key: Vec<RevealedShare>,
     ) -> Result<(), SecAggError> {
-        if !self.inputs.contains(&from) {
+        if !self.signatures.contains_key(&from) {
             return Err(SecAggError::Invalid {
                 from,
-                why: "revealed shares without having sent input".into(),
+                why: "revealed shares without having signed the survivors".into(),
             });
         }
         if self.reveals.contains_key(&from) {
@@ -425,6 +466,10 @@ impl Server {
             }
             Phase::MaskedInput => {
                 self.outbox = self.inputs.iter().copied().collect();
+                self.phase = Phase::Consistency;
+            }
+            Phase::Consistency => {
+                self.outbox = self.signatures.keys().copied().collect();
                 self.phase = Phase::Unmasking;
             }
             Phase::Unmasking => {

@@ -173,7 +173,7 @@ fn client_batch<W: Stopwatch>(
                 let r = clock.time(Actor::Client(v), || {
                     let msg: ServerMessage = postcard::from_bytes(&bytes)
                         .map_err(|e| SecAggError::Inconsistent(e.to_string()))?;
-                    let answer = client.handle(msg, ids)?;
+                    let answer = client.handle(msg, ids, &ids.signer(v))?;
                     let bytes = postcard::to_allocvec(&answer).unwrap_or_default();
                     Ok((answer, bytes))
                 });
@@ -259,7 +259,11 @@ pub fn run(
     let phase_of = |m: &ServerMessage| match m {
         ServerMessage::KeyDirectory(_) => DropBefore::ShareKeys,
         ServerMessage::EncryptedShares(_) => DropBefore::MaskedInput,
-        ServerMessage::UnmaskRequest { .. } => DropBefore::Unmasking,
+        // A party that drops before unmasking leaves after its masked input: before the
+        // consistency check, so it is not among the signers either.
+        ServerMessage::ConsistencyCheck { .. } | ServerMessage::UnmaskRequest { .. } => {
+            DropBefore::Unmasking
+        }
     };
     let mut clients: BTreeMap<PartyId, Client> = BTreeMap::new();
     let mut work: Vec<Work> = (0..setup.parties.len() as PartyId)
