@@ -39,6 +39,8 @@ struct Dataset {
     features: Vec<String>,
     /// [low, high] per feature: the declared ranges a DP study standardizes with.
     ranges: String,
+    /// DP-SGD's public lot size: about q × a typical hospital's training rows.
+    lot: f64,
 }
 
 fn arg(name: &str) -> Option<String> {
@@ -79,6 +81,8 @@ fn datasets() -> anyhow::Result<Vec<Dataset>> {
         features: local::features_except(PIMA, "type"),
         // The demo's declared ranges (clinical plausibility, not the data's).
         ranges: "[[0, 17], [40, 200], [20, 125], [5, 100], [15, 70], [0, 2.5], [21, 85]]".into(),
+        // About 50 training rows per hospital, q = 0.2.
+        lot: 10.0,
     };
     let features = local::features_except(BREAST_CANCER, "diagnosis");
     let breast = Dataset {
@@ -92,6 +96,8 @@ fn datasets() -> anyhow::Result<Vec<Dataset>> {
         // The ranges UCI's documentation of the dataset lists (its minima and maxima).
         ranges: ranges_of(BREAST_CANCER, &features)?,
         features,
+        // About 150 training rows per hospital, q = 0.2.
+        lot: 30.0,
     };
     Ok(vec![pima, breast])
 }
@@ -206,8 +212,8 @@ fn run_dataset(ds: &Dataset, runs: usize, out: &std::path::Path) -> anyhow::Resu
                     format!(
                         "rounds = {r}\n{base}[study.training]\nlearning_rate = 1.0\nl2 = 0.0\n\
                          [study.privacy]\nmechanism = \"dp-sgd\"\nclip_norm = {c}\nnoise_multiplier = {z}\n\
-                         sampling_rate = {q}\nlocal_steps = {t}\nfeature_ranges = {}\n",
-                        ds.ranges
+                         sampling_rate = {q}\nlocal_steps = {t}\nlot_size = {}\nfeature_ranges = {}\n",
+                        ds.lot, ds.ranges
                     ),
                 );
                 auc(ds, &s).map(|a| a.0)

@@ -72,8 +72,11 @@ timeout_secs = 10
         )
         .unwrap();
     }
-    let mut procs = Processes(Vec::new());
     let agg = d.join("aggregator.toml");
+    // Exact queries are served only once each site's operator approved each one.
+    let nodes: Vec<PathBuf> = SITES.iter().map(|s| d.join(format!("{s}.toml"))).collect();
+    procs::approve_exact_queries(&agg, &nodes);
+    let mut procs = Processes(Vec::new());
     procs.0.push(spawn(
         d,
         "aggregator",

@@ -375,6 +375,11 @@ pub struct PrivacyConfig {
     /// DP-SGD: noisy local steps per round.
     #[serde(default = "default_local_steps")]
     pub local_steps: u32,
+    /// DP-SGD: what a step divides its noisy gradient sum by, the same at every site: about
+    /// the records a step samples at a typical site (`sampling_rate` × its rows). Never a
+    /// site's own count, which its updates would then reveal.
+    #[serde(default = "default_lot_size")]
+    pub lot_size: f64,
     /// `[low, high]` of each feature, in the order of `features`. Features are standardized
     /// from these declared ranges, so that nothing about the data is released besides the
     /// noisy model.
@@ -400,6 +405,10 @@ fn default_local_steps() -> u32 {
     10
 }
 
+fn default_lot_size() -> f64 {
+    16.0
+}
+
 impl PrivacyConfig {
     pub fn training(&self) -> medfed_protocol::dp::DpTraining {
         medfed_protocol::dp::DpTraining {
@@ -408,6 +417,7 @@ impl PrivacyConfig {
             sgd: (self.mechanism == DpMechanism::DpSgd).then_some(medfed_protocol::dp::DpSgd {
                 sampling_rate: self.sampling_rate,
                 steps: self.local_steps,
+                lot_size: self.lot_size,
             }),
         }
     }

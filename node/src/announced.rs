@@ -259,6 +259,7 @@ mod tests {
             sgd: Some(DpSgd {
                 sampling_rate: 0.2,
                 steps: 20,
+                lot_size: 16.0,
             }),
         };
         let a = Announced::of_study(&study(Some(dp)), "ab".repeat(32), 1e-6);

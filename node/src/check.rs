@@ -117,6 +117,20 @@ pub async fn run(config_path: &Path, within: Duration) -> Vec<Finding> {
                 ));
                 let classes = crate::columns::ColumnClasses::for_table(&t, &d.classes);
                 out.push(columns_finding(&d.name, &classes));
+                for (column, looks) in crate::columns::value_warnings(&t, &d.classes) {
+                    out.push(Finding::fail(
+                        "columns",
+                        format!(
+                            "dataset '{}': column '{column}' is not classed, and its values look \
+                             like {looks}: a study or query may read it if the rules list it",
+                            d.name
+                        ),
+                        format!(
+                            "class it in the dataset's [dataset.classes]: {column} = \"identifier\" \
+                             (or \"date\", \"patient-id\"; \"value\" if it is clinical after all)"
+                        ),
+                    ));
+                }
             }
             Err(e) => {
                 data_ok = false;

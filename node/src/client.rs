@@ -167,6 +167,9 @@ impl Node {
                     for (column, class) in classes.unusable() {
                         info!(dataset = %d.name, %column, "column never used by a study or query: {class}");
                     }
+                    for (column, looks) in crate::columns::value_warnings(&table, &d.classes) {
+                        warn!(dataset = %d.name, %column, "column not classed whose values look like {looks}: class it in [dataset.classes] (`medfed node check` says how)");
+                    }
                     Dataset::File(Arc::new(table), classes)
                 }
             };
@@ -712,7 +715,12 @@ impl Node {
             .iter()
             .chain(std::iter::once(&a.target))
             .map(String::as_str);
-        if let Err(why) = classes.check(&a.dataset, used) {
+        if let Err(why) = classes.check(&a.dataset, used.clone()) {
+            return refuse(why);
+        }
+        if a.privacy.is_some()
+            && let Err(why) = classes.check_private(&a.dataset, used)
+        {
             return refuse(why);
         }
         let prepared = if a.privacy.is_some() {
@@ -962,10 +970,13 @@ impl Node {
                 Ok(w) => w,
                 Err(e @ (TrainError::Stopped { .. } | TrainError::StoppedAtStep { .. })) => {
                     info!(%site, %study, round, "local training stopped: {e} ({deadline_ms} ms)");
-                    return Err((
-                        ErrorCode::CannotServe,
-                        format!("local {e} ({deadline_ms} ms)"),
-                    ));
+                    // How far it got measures the site's rows: not said under DP.
+                    let said = if data.privacy.is_some() {
+                        "local training did not finish before the round's deadline".to_string()
+                    } else {
+                        format!("local {e} ({deadline_ms} ms)")
+                    };
+                    return Err((ErrorCode::CannotServe, said));
                 }
                 Err(e) if data.privacy.is_some() => {
                     // Whether training works (it may diverge) depends on the data, and the

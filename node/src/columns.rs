@@ -7,11 +7,14 @@
 //! 1. the dataset's `[dataset.classes]` table in `node.toml`;
 //! 2. for a dataset read from an `[[ingest]]` pipeline, the pipeline's `[[ingest.field]]`
 //!    classes (and the `patient` pseudonym field);
-//! 3. for a column nobody classed, what it looks like: its name (`ssn`, `mrn`, `email`,
-//!    `dob`, `admission_date`, `patient_id`, ...) or its values (social security numbers,
-//!    e-mail addresses, phone numbers, dates, URLs, IP addresses, or mostly unique text
-//!    such as names). A column misread this way is released by classing it `value` in
-//!    `[dataset.classes]`.
+//! 3. for a column nobody classed, its name (`ssn`, `mrn`, `email`, `dob`,
+//!    `admission_date`, `patient_id`, ...). A column misread this way is released by
+//!    classing it `value` in `[dataset.classes]`.
+//!
+//! Values never decide (one patient's cell could then change what the aggregator sees);
+//! columns whose values look like identifiers or dates (social security numbers, e-mail
+//! addresses, phone numbers, dates, URLs, IP addresses, mostly unique text such as names)
+//! are pointed out to the operator to class ([`value_warnings`]).
 //!
 //! Everything else is a clinical value, usable where the policy allows it.
 
@@ -29,14 +32,15 @@ pub enum Source {
     Pipeline,
     /// Its name looks like an identifier's or a date's.
     Name,
-    /// Its values look like identifiers or dates (the pattern named).
-    Values(&'static str),
 }
 
 /// The classes of a dataset's columns that are not plain clinical values.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ColumnClasses {
     classes: BTreeMap<String, (FieldClass, Source)>,
+    /// Columns whose missing values a pipeline fills from other patients' values
+    /// (`missing = "mean"` or `"median"`): one patient's value then moves many records.
+    imputed: BTreeMap<String, &'static str>,
 }
 
 /// Whether a column of this class may be used by a study or a query.
@@ -57,19 +61,24 @@ fn class_name(class: FieldClass) -> &'static str {
 }
 
 impl ColumnClasses {
-    /// The classes of a CSV dataset's columns: declared, else guessed from names and values.
+    /// The classes of a dataset's columns: declared, else by their names. Never by their
+    /// values: whether a column may be used would then depend on its patients (one more
+    /// date-like cell can tip it), and the aggregator would see that in the site's column
+    /// list and refusals. What the values look like is told to the operator instead
+    /// ([`value_warnings`]).
     pub fn for_table(table: &Table, declared: &BTreeMap<String, FieldClass>) -> ColumnClasses {
         let mut classes = BTreeMap::new();
-        for (j, name) in table.columns.iter().enumerate() {
+        for name in &table.columns {
             if let Some(class) = declared.get(name) {
                 classes.insert(name.clone(), (*class, Source::Declared));
             } else if let Some(class) = by_name(name) {
                 classes.insert(name.clone(), (class, Source::Name));
-            } else if let Some((class, pattern)) = by_values(table, j) {
-                classes.insert(name.clone(), (class, Source::Values(pattern)));
             }
         }
-        ColumnClasses { classes }
+        ColumnClasses {
+            classes,
+            imputed: BTreeMap::new(),
+        }
     }
 
     /// The classes of a pipeline's kept records: the pipeline's own for its fields, the
@@ -92,7 +101,37 @@ impl ColumnClasses {
             PATIENT.to_string(),
             (FieldClass::PatientId, Source::Pipeline),
         );
+        for f in fields {
+            let how = match f.missing {
+                crate::deid::MissingPolicy::Mean => "mean",
+                crate::deid::MissingPolicy::Median => "median",
+                _ => continue,
+            };
+            out.imputed.insert(f.name.clone(), how);
+        }
         out
+    }
+
+    /// Refuses the first of `columns` a differentially private release cannot read: one
+    /// whose missing values are filled from other patients' values. Differential privacy's
+    /// noise is for one patient changing one record; a running mean or median copies one
+    /// patient's value into every later record missing it.
+    pub fn check_private<'a>(
+        &self,
+        dataset: &str,
+        columns: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), String> {
+        for c in columns {
+            if let Some(how) = self.imputed.get(c) {
+                return Err(format!(
+                    "column '{c}' of dataset '{dataset}' fills missing values with the {how} of \
+                     other patients' (missing = \"{how}\"), so one patient moves many records: \
+                     differential privacy does not cover it; use missing = \"indicator\" or \
+                     \"drop\" for columns that differentially private studies read"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The class of a column, and why (`None`: a clinical value nobody classed).
@@ -114,7 +153,6 @@ impl ColumnClasses {
                     Source::Declared => "declared so in [dataset.classes]".to_string(),
                     Source::Pipeline => "so classed by its ingest pipeline".to_string(),
                     Source::Name => "by its name".to_string(),
-                    Source::Values(p) => format!("its values look like {p}"),
                 };
                 return Err(format!(
                     "column '{c}' of dataset '{dataset}' is {} ({why}): identifiers, patient \
@@ -136,12 +174,28 @@ impl ColumnClasses {
                     Source::Declared => "declared".to_string(),
                     Source::Pipeline => "pipeline".to_string(),
                     Source::Name => "by name".to_string(),
-                    Source::Values(p) => format!("values look like {p}"),
                 };
                 (name.clone(), format!("{} ({why})", class_name(*class)))
             })
             .collect()
     }
+}
+
+/// Columns nobody classed whose values mostly look like identifiers or dates (a column of
+/// SSNs named `code`, say), with what they look like: for the operator to class
+/// (`[dataset.classes]`), in `medfed node check` and the node's log. They decide nothing by
+/// themselves.
+pub fn value_warnings(
+    table: &Table,
+    declared: &BTreeMap<String, FieldClass>,
+) -> Vec<(String, &'static str)> {
+    table
+        .columns
+        .iter()
+        .enumerate()
+        .filter(|(_, name)| !declared.contains_key(*name) && by_name(name).is_none())
+        .filter_map(|(j, name)| by_values(table, j).map(|(_, what)| (name.clone(), what)))
+        .collect()
 }
 
 /// The words of a column name: split at non-alphanumerics and lower-to-upper case changes,
@@ -223,7 +277,15 @@ fn by_name(name: &str) -> Option<FieldClass> {
     if has("dob") || has("birthdate") || has("birthday") || (has("birth") && !has("weight")) {
         return Some(FieldClass::BirthDate);
     }
-    if has("date") || has("datetime") || has("timestamp") {
+    if has("date")
+        || has("datetime")
+        || has("timestamp")
+        || has("admitted")
+        || has("admission")
+        || has("discharged")
+        || has("discharge")
+        || has("dod")
+    {
         return Some(FieldClass::Date);
     }
     if w.iter().any(|v| v.starts_with("zip")) || has("postcode") || has("postal") {
@@ -433,45 +495,42 @@ mod tests {
     }
 
     #[test]
-    fn values_that_look_like_identifiers_or_dates() {
+    fn values_that_look_like_identifiers_or_dates_are_pointed_out() {
         let t = table(
             "a,b,c,d,e,f,g,h\n\
              123-45-6789,x@y.org,1999-02-03,(555) 123-4567,http://a.b,10.0.0.1,1234567890,Yes\n\
              987-65-4321,u@v.com,2001-12-31,+1 555 987 6543,https://c.d,192.168.1.20,9876543210,No\n",
         );
-        let classes = ColumnClasses::for_table(&t, &BTreeMap::new());
-        let got: Vec<Option<FieldClass>> = t
-            .columns
-            .iter()
-            .map(|c| classes.class(c).map(|(cl, _)| *cl))
-            .collect();
-        assert_eq!(
-            got,
-            vec![
-                Some(FieldClass::Identifier),
-                Some(FieldClass::Identifier),
-                Some(FieldClass::Date),
-                Some(FieldClass::Identifier),
-                Some(FieldClass::Identifier),
-                Some(FieldClass::Identifier),
-                Some(FieldClass::Identifier),
-                None,
-            ]
-        );
-        // Mostly unique text is an identifier (names); repeating categories are not.
-        let names: String = (0..30)
-            .map(|i| format!("Person{i} Smith,{}\n", ["Yes", "No"][i % 2]))
-            .collect();
-        let t = table(&format!("who,answer\n{names}"));
-        let classes = ColumnClasses::for_table(&t, &BTreeMap::new());
-        assert!(classes.check("d", ["who"]).is_err());
-        assert!(classes.check("d", ["answer"]).is_ok());
-        // Numbers, including decimals and dates-looking-not, are values.
-        let t = table("glu,ped,x\n148,0.627,12.5\n85,0.351,7.25\n");
+        let warned: Vec<(String, &str)> = value_warnings(&t, &BTreeMap::new());
+        let names: Vec<&str> = warned.iter().map(|(c, _)| c.as_str()).collect();
+        assert_eq!(names, vec!["a", "b", "c", "d", "e", "f", "g"]);
+        assert_eq!(warned[0].1, "social security numbers");
+        assert_eq!(warned[2].1, "dates");
+        // They decide nothing: the class is the name's (none here) or the declaration's.
         assert_eq!(
             ColumnClasses::for_table(&t, &BTreeMap::new()),
             ColumnClasses::default()
         );
+        let declared = BTreeMap::from([("a".to_string(), FieldClass::Identifier)]);
+        assert!(value_warnings(&t, &declared).iter().all(|(c, _)| c != "a"));
+        assert!(
+            ColumnClasses::for_table(&t, &declared)
+                .check("d", ["a"])
+                .is_err()
+        );
+        // Mostly unique text (names) is pointed out; repeating categories are not.
+        let names: String = (0..30)
+            .map(|i| format!("Person{i} Smith,{}\n", ["Yes", "No"][i % 2]))
+            .collect();
+        let t = table(&format!("who,answer\n{names}"));
+        let warned = value_warnings(&t, &BTreeMap::new());
+        assert_eq!(
+            warned,
+            vec![("who".to_string(), "names or other unique text")]
+        );
+        // Numbers, including decimals, are not.
+        let t = table("glu,ped,x\n148,0.627,12.5\n85,0.351,7.25\n");
+        assert!(value_warnings(&t, &BTreeMap::new()).is_empty());
     }
 
     #[test]

@@ -273,6 +273,12 @@ impl Policy {
         }
     }
 
+    /// Whether the site's operator approved this exact hash (`medfed node approve`), as
+    /// opposed to a rule.
+    pub fn approved_by_hash(&self, hash: &str) -> bool {
+        self.approved_hashes().iter().any(|h| h == hash)
+    }
+
     /// Refuses a study whose cohort at this site is below the policy's minimum.
     pub fn check_cohort(&self, training_rows: u64) -> Result<(), String> {
         match self.rules.as_ref().and_then(|r| r.min_training_rows) {

@@ -236,6 +236,50 @@ impl Node {
         self.secure.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Everything [`Node::join_secure`] checks of a secure aggregation before anything is
+    /// computed, remembered or charged: the label, binding and collusion margin
+    /// ([`admit`]), this site among the parties, a certificate per party, the dimension.
+    /// So a bogus request cannot drain the budget.
+    pub(crate) fn check_join(
+        &self,
+        study_id: &str,
+        round: u32,
+        sr: &SecureRound,
+        binding: &[u8; 32],
+        dimension: usize,
+    ) -> Result<(), (ErrorCode, String)> {
+        admit(
+            study_id,
+            round,
+            &sr.setup,
+            binding,
+            self.config.policy.tolerated_colluders,
+            self.revealed.get(study_id, round).as_deref(),
+        )?;
+        sr.setup
+            .validate()
+            .map_err(|e| (ErrorCode::InvalidContent, e.to_string()))?;
+        if !sr.setup.parties.contains(&self.config.site) {
+            return Err((
+                ErrorCode::CannotServe,
+                format!(
+                    "site '{}' is not among the round's parties",
+                    self.config.site
+                ),
+            ));
+        }
+        if sr.certificates.len() != sr.setup.parties.len()
+            || sr.setup.dimension as usize != dimension
+        {
+            return Err((
+                ErrorCode::InvalidContent,
+                "the secure aggregation's certificates or dimension do not fit its parties and vector"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks that a round's noise shares allow for at least as many colluding sites as
     /// this site's policy (`tolerated_colluders`), and leave at least one honest share.
     pub(crate) fn noise_colluders(&self, sr: &SecureRound) -> Result<(), String> {
@@ -473,7 +517,10 @@ impl Node {
             .iter()
             .filter_map(|v| party.parties.get(*v as usize).cloned())
             .collect();
-        match party.client.handle(m.message, &party.verifier, &self.signer) {
+        match party
+            .client
+            .handle(m.message, &party.verifier, &self.signer)
+        {
             Ok(answer) => {
                 if matches!(answer, ClientMessage::UnmaskShares { .. }) {
                     if secure.remove(&key).is_some() {

@@ -218,6 +218,23 @@ impl Node {
                     "this site releases exact statistics only under secure aggregation".into(),
                 );
             }
+            // No rule tells a tracker (`glu <= v`, `glu >= v`, all rows: ordinary queries,
+            // far apart, whose sum minus the third is one patient) from an ordinary query:
+            // every exact query is read and approved by the site's operator, one by one.
+            let hash = crate::policy::query_hash(q);
+            if !self.config.policy.approved_by_hash(&hash) {
+                return refuse(
+                    ErrorCode::CannotServe,
+                    format!(
+                        "exact statistics are answered only for queries this site's operator \
+                         approved one by one (no rule can tell a tracker from an ordinary \
+                         query): query '{}' (hash {hash}) can be approved with \
+                         `medfed node approve --config node.toml --study {hash}` after \
+                         `medfed node studies`",
+                        q.query_id
+                    ),
+                );
+            }
         }
         if let Some(sr) = &sq.secure {
             // Checked before anything is remembered or charged.
@@ -233,6 +250,9 @@ impl Node {
             }
             if let Err(why) = self.noise_colluders(sr) {
                 return refuse(ErrorCode::CannotServe, why);
+            }
+            if let Err((code, why)) = self.check_join(&q.query_id, 0, sr, &binding, q.dimension()) {
+                return refuse(code, why);
             }
         }
         let (table, classes) = match self.table_with_classes(&q.dataset) {
@@ -256,7 +276,10 @@ impl Node {
             .iter()
             .map(|c| c.name.as_str())
             .chain(q.cohort.iter().map(|c| c.column.as_str()));
-        if let Err(why) = classes.check(&q.dataset, used) {
+        if let Err(why) = classes.check(&q.dataset, used.clone()) {
+            return refuse(ErrorCode::CannotServe, why);
+        }
+        if !exact && let Err(why) = classes.check_private(&q.dataset, used) {
             return refuse(ErrorCode::CannotServe, why);
         }
         let (ids, rows) = match cohort(&table, q) {

@@ -179,3 +179,24 @@ pub fn node_config_with(site: &str, port: u16, csv: &str, dataset: &str, extra: 
          [[dataset]]\nname = \"pima\"\npath = {csv:?}\n{dataset}{extra}"
     )
 }
+
+/// Has each site's operator approve, one by one, every exact `[[statistics]]` query of the
+/// aggregator config `agg` (exact statistics are served only so): `medfed node approve
+/// --force` with each node config in `nodes` (the nodes have not seen the queries yet).
+pub fn approve_exact_queries(agg: &Path, nodes: &[PathBuf]) {
+    let cfg = medfed_aggregator::config::AggregatorConfig::load(agg).unwrap();
+    for s in cfg.statistics.iter().filter(|s| s.exact) {
+        let hash = medfed_node::policy::query_hash(&s.query());
+        for node in nodes {
+            ok(&[
+                "node",
+                "approve",
+                "--config",
+                node.to_str().unwrap(),
+                "--study",
+                &hash,
+                "--force",
+            ]);
+        }
+    }
+}

@@ -367,14 +367,14 @@ name = "glu"
     }
 }
 
-/// Red team: `missing = "mean"` (or `"median"`) fills a missing value with the running mean
-/// of the patients seen before, so one patient's value is copied into every later record
-/// with that value missing. The statistics (and DP-SGD) bound one patient's influence by
-/// one record's: here removing one patient moves the glucose sum by 8.5 times the most one
-/// record can (`max|x|` = 200), and the vector by far more than the sensitivity the noise
-/// is calibrated to.
+/// `missing = "mean"` (or `"median"`) fills a missing value with the running mean of the
+/// patients seen before, so one patient's value is copied into every later record with
+/// that value missing (found by the red team): removing one patient moves the glucose sum
+/// by 8.5 times the most one record can (`max|x|` = 200), far beyond the sensitivity the
+/// noise is calibrated to. So a column imputed from other patients is never read by a
+/// differentially private study or query (exact ones, by opt-in, may).
 #[test]
-fn one_patient_does_not_move_other_records_imputed_values() {
+fn a_column_imputed_from_other_patients_is_not_released_with_noise_that_cannot_cover_it() {
     let dir = tempfile::tempdir().unwrap();
     let write = |name: &str, rows: &[&str]| {
         let path = dir.path().join(name);
@@ -427,8 +427,36 @@ fn one_patient_does_not_move_other_records_imputed_values() {
         q.sensitivity()
     );
     assert!(
-        dist <= q.sensitivity() + 1e-9,
-        "one patient moves the vector by {dist}, beyond the sensitivity {}",
+        dist > 5.0 * q.sensitivity(),
+        "one patient moves the vector by {dist}; the sensitivity is {}",
         q.sensitivity()
     );
+    // Hence: refused for differential privacy, by the pipeline's declaration (not by data).
+    let specs: Vec<crate::deid::FieldSpec> = toml::from_str::<FieldList>(fields).unwrap().field;
+    let table = crate::data::Table::from_records(
+        std::path::Path::new("ingest"),
+        &a.iter()
+            .enumerate()
+            .map(|(i, r)| (i as u32, r.clone()))
+            .collect::<Vec<_>>(),
+    );
+    let classes = crate::columns::ColumnClasses::for_pipeline(&table, &specs, &Default::default());
+    let err = classes.check_private("d", ["glu"]).unwrap_err();
+    assert!(
+        err.contains("missing = \"mean\"") && err.contains("indicator"),
+        "{err}"
+    );
+    // An indicator (a constant fill) is fine.
+    let indicator: Vec<crate::deid::FieldSpec> =
+        toml::from_str::<FieldList>("[[field]]\nname = \"glu\"\nmissing = \"indicator\"\n")
+            .unwrap()
+            .field;
+    let classes =
+        crate::columns::ColumnClasses::for_pipeline(&table, &indicator, &Default::default());
+    assert!(classes.check_private("d", ["glu"]).is_ok());
+}
+
+#[derive(serde::Deserialize)]
+struct FieldList {
+    field: Vec<crate::deid::FieldSpec>,
 }

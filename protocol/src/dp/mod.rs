@@ -51,6 +51,10 @@ pub struct DpSgd {
     pub sampling_rate: f64,
     /// `T`: noisy steps per round.
     pub steps: u32,
+    /// `L`: what each step divides its noisy gradient sum by. Public and the same at every
+    /// site (never the site's own `q·n`, whose size the update would then reveal): about
+    /// the records a step samples at a typical site.
+    pub lot_size: f64,
 }
 
 /// What one round of a study costs a site's budget.
@@ -82,6 +86,9 @@ impl DpTraining {
             }
             if !(1..=100_000).contains(&sgd.steps) {
                 return Err(format!("local_steps {} must be 1 to 100000", sgd.steps));
+            }
+            if !(sgd.lot_size.is_finite() && sgd.lot_size >= 1.0) {
+                return Err(format!("lot_size {} must be at least 1", sgd.lot_size));
             }
         }
         Ok(())

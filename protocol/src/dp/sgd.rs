@@ -5,14 +5,15 @@
 //! the caller's secret generator), clips each sampled record's gradient to L2 norm `C`,
 //! sums them, and adds discrete Gaussian noise of standard deviation `z·C`
 //! ([`super::discrete`], on a grid of `C·2⁻²⁰`, so the noisy sum is exact). The step then
-//! moves the weights by the learning rate times that noisy sum over the expected batch
-//! `q·n`, plus the data-independent L2 and proximal terms.
+//! moves the weights by the learning rate times that noisy sum over the study's public lot
+//! size `L`, plus the data-independent L2 and proximal terms. (Dividing by the site's own
+//! expected batch `q·n`, as TensorFlow Privacy and Opacus do, would let the size of the
+//! update tell the site's row count, outside the accounting.)
 //!
 //! One step is the sampled Gaussian mechanism with rate `q` and noise multiplier `z`, with
 //! respect to adding or removing one record; a round's `T` steps compose to `T` of them
-//! ([`super::accountant::RdpAccountant::compose_gaussian`]). As in TensorFlow Privacy and
-//! Opacus, the expected batch `q·n` uses the site's row count as known to the analysis.
-//! The site's update is private on its own: secure aggregation adds protection, it is not
+//! ([`super::accountant::RdpAccountant::compose_gaussian`]). Nothing in a step depends on
+//! the data but through the clipped, noised sum. The site's update is private on its own: secure aggregation adds protection, it is not
 //! needed for this guarantee.
 
 use ndarray::{Array1, ArrayView1, ArrayView2, s};
@@ -65,7 +66,7 @@ pub fn train(
     // one step per entry more: the noise is for that sensitivity.
     let sigma = super::grid_sigma(dp.noise_multiplier, 1.0, GRID_BITS, d + 1, false);
     let threshold = sampling_threshold(sgd.sampling_rate);
-    let expected_batch = sgd.sampling_rate * n as f64;
+    let lot = sgd.lot_size;
     let mut w = Array1::from(start.to_vec());
     let start_w = w.clone();
     let mut grad_sum = vec![0.0; d + 1];
@@ -110,7 +111,7 @@ pub fn train(
                 why: format!("differential-privacy noise: {e}"),
             }
         })?;
-        let scale = params.learning_rate * c / expected_batch;
+        let scale = params.learning_rate * c / lot;
         for j in 0..=d {
             let mut g = noisy[j] * scale;
             if j < d {
@@ -164,6 +165,7 @@ mod tests {
             sgd: Some(DpSgd {
                 sampling_rate: q,
                 steps,
+                lot_size: (q * 400.0).max(1.0),
             }),
         }
     }
@@ -217,6 +219,7 @@ mod tests {
             sgd: Some(DpSgd {
                 sampling_rate: 1.0,
                 steps: 1,
+                lot_size: 10.0,
             }),
         };
         let run = |x: &Array2<f64>| {
@@ -271,6 +274,7 @@ mod tests {
             sgd: Some(DpSgd {
                 sampling_rate: 1e-6,
                 steps: 50,
+                lot_size: 10.0,
             }),
         };
         let mut params = params();
