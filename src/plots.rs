@@ -219,7 +219,7 @@ pub fn privacy_cost(
                 pts.iter().map(|p| (p.0, p.1)),
                 colour.stroke_width(2),
             ))?
-            .label(format!("{name} (median of runs; bars: range)"))
+            .label(format!("{name} (median over splits; bars: range)"))
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
             });
