@@ -48,6 +48,17 @@ approvals = "approved-studies.txt"
 [[dataset]]
 name = "pima"
 path = "data/pima.csv"
+# Everything this dataset releases carries differential-privacy noise, charged to this
+# site's budget. To let studies without DP use it (exact models; exact statistics, each
+# approved by hash), list what, and `node check` and the compliance log will say so:
+# exact_releases = ["training"]
+# Columns to class (identifier, patient-id, birth-date, date, zip are never used):
+# classes = {{ mrn = "patient-id" }}
+
+# Studies and queries served by rule (without one-by-one approvals), e.g.:
+# [policy.rules]
+# datasets = ["pima"]
+# columns = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age", "type"]   # none if absent
 
 [state]
 dir = "state"

@@ -725,7 +725,7 @@ impl Node {
         }
         let prepared = if a.privacy.is_some() {
             // Rows with an unusable value are left out: a refusal would say that one exists.
-            StudyData::prepare_private(&table, a).map(|(d, left_out)| {
+            StudyData::prepare_private(&table, a, classes.patient_key()).map(|(d, left_out)| {
                 if left_out > 0 {
                     warn!(study = %a.study_id, left_out, "rows without a usable value in the study's columns are left out");
                 }

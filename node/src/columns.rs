@@ -134,6 +134,24 @@ impl ColumnClasses {
         Ok(())
     }
 
+    /// The column naming each row's patient, if any (classed `patient-id`: the `patient`
+    /// pseudonym of an ingest pipeline, or a declared or named one), by which differentially
+    /// private releases count each patient once.
+    pub fn patient_key(&self) -> Option<&str> {
+        self.classes
+            .iter()
+            .filter(|(_, (class, _))| *class == FieldClass::PatientId)
+            .map(|(name, (_, source))| (name.as_str(), source))
+            // The pipeline's pseudonym first, then a declared column, then one by name.
+            .min_by_key(|(name, source)| match source {
+                Source::Pipeline if *name == PATIENT => 0,
+                Source::Pipeline => 1,
+                Source::Declared => 2,
+                Source::Name => 3,
+            })
+            .map(|(name, _)| name)
+    }
+
     /// The class of a column, and why (`None`: a clinical value nobody classed).
     pub fn class(&self, column: &str) -> Option<&(FieldClass, Source)> {
         self.classes.get(column)

@@ -327,6 +327,7 @@ impl StudyData {
     pub fn prepare_private(
         table: &Table,
         study: &StudyAnnouncement,
+        patient_key: Option<&str>,
     ) -> Result<(StudyData, usize), DataError> {
         if study.model == ModelKind::Logistic && study.positive_class.is_none() {
             return Err(DataError::Invalid {
@@ -341,6 +342,10 @@ impl StudyData {
             .collect::<Result<Vec<_>, _>>()?;
         let target = table.column(&study.target)?;
         let number = |raw: &str| raw.parse::<f64>().is_ok_and(f64::is_finite);
+        // With a patient key, each patient trains once (their first usable row): DP-SGD's
+        // noise is for one patient's one record.
+        let key = patient_key.and_then(|k| table.column(k).ok());
+        let mut seen = std::collections::HashSet::new();
         let keep: Vec<usize> = (0..table.len())
             .filter(|&i| {
                 features.iter().all(|&c| number(table.cell(i, c)))
@@ -351,6 +356,10 @@ impl StudyData {
                         }
                         ModelKind::Linear => number(table.cell(i, target)),
                     }
+                    && key.is_none_or(|k| {
+                        let patient = table.cell(i, k).trim();
+                        patient.is_empty() || seen.insert(patient.to_string())
+                    })
             })
             .collect();
         let kept = Table {
@@ -458,18 +467,22 @@ mod tests {
     #[test]
     fn a_private_study_leaves_bad_rows_out_instead_of_failing() {
         let t = table("a,b,y\n1,2,Yes\n3,NA,No\n5,6,\n7,8,No\n");
-        let (d, left_out) = StudyData::prepare_private(&t, &study()).unwrap();
+        let (d, left_out) = StudyData::prepare_private(&t, &study(), None).unwrap();
         assert_eq!(left_out, 2);
         assert_eq!(d.x_train.nrows() + d.x_val.nrows(), 2);
         // No usable row at all is no refusal either.
         let t = table("a,b,y\nNA,2,Yes\n");
-        let (d, left_out) = StudyData::prepare_private(&t, &study()).unwrap();
+        let (d, left_out) = StudyData::prepare_private(&t, &study(), None).unwrap();
         assert_eq!((left_out, d.x_train.nrows() + d.x_val.nrows()), (1, 0));
         // A missing column is the schema: still an error.
         let t = table("a,c,y\n1,2,Yes\n3,4,No\n");
         assert!(matches!(
-            StudyData::prepare_private(&t, &study()),
+            StudyData::prepare_private(&t, &study(), None),
             Err(DataError::MissingColumn { .. })
         ));
+        // With a patient key, a patient of many rows trains once: the noise is per patient.
+        let t = table("patient,a,b,y\np1,1,2,Yes\np1,3,4,No\np1,5,6,No\np2,7,8,No\n");
+        let (d, _) = StudyData::prepare_private(&t, &study(), Some("patient")).unwrap();
+        assert_eq!(d.x_train.nrows() + d.x_val.nrows(), 2);
     }
 }

@@ -110,8 +110,13 @@ impl CohortMemory {
 }
 
 /// The query's cohort in `table`: rows meeting every condition with a number in every
-/// requested column; and those numbers.
-pub fn cohort(table: &Table, q: &StatsQuery) -> Result<(Vec<u32>, Vec<Vec<f64>>), String> {
+/// requested column; and those numbers. With a `patient_key` column, each patient counts
+/// once (their first such row): the unit the noise protects is the patient.
+pub fn cohort(
+    table: &Table,
+    q: &StatsQuery,
+    patient_key: Option<&str>,
+) -> Result<(Vec<u32>, Vec<Vec<f64>>), String> {
     let col = |name: &str| {
         table
             .column(name)
@@ -127,6 +132,8 @@ pub fn cohort(table: &Table, q: &StatsQuery) -> Result<(Vec<u32>, Vec<Vec<f64>>)
         .iter()
         .map(|c| col(&c.name))
         .collect::<Result<Vec<_>, String>>()?;
+    let key = patient_key.and_then(|k| table.column(k).ok());
+    let mut seen = std::collections::HashSet::new();
     let (mut ids, mut rows) = (Vec::new(), Vec::new());
     'row: for i in 0..table.len() {
         if !conds.iter().all(|(j, c)| c.holds(table.cell(i, *j))) {
@@ -137,6 +144,12 @@ pub fn cohort(table: &Table, q: &StatsQuery) -> Result<(Vec<u32>, Vec<Vec<f64>>)
             match table.cell(i, j).trim().parse::<f64>() {
                 Ok(x) if x.is_finite() => values.push(x),
                 _ => continue 'row,
+            }
+        }
+        if let Some(k) = key {
+            let patient = table.cell(i, k).trim();
+            if !patient.is_empty() && !seen.insert(patient.to_string()) {
+                continue;
             }
         }
         ids.push(table.row_id(i));
@@ -282,7 +295,7 @@ impl Node {
         if !exact && let Err(why) = classes.check_private(&q.dataset, used) {
             return refuse(ErrorCode::CannotServe, why);
         }
-        let (ids, rows) = match cohort(&table, q) {
+        let (ids, rows) = match cohort(&table, q, classes.patient_key()) {
             Ok(c) => c,
             Err(why) => return refuse(ErrorCode::CannotServe, why),
         };
@@ -453,15 +466,26 @@ mod tests {
             noise_multiplier: None,
             suppress_below: 1,
         };
-        let (ids, rows) = cohort(&table, &q).unwrap();
+        let (ids, rows) = cohort(&table, &q, None).unwrap();
         assert_eq!(ids, vec![2, 3], "row 1 has no glucose value");
         assert_eq!(rows, vec![vec![150.0], vec![160.0]]);
         let mut missing = q.clone();
         missing.columns[0].name = "hba1c".into();
         assert_eq!(
-            cohort(&table, &missing).unwrap_err(),
+            cohort(&table, &missing, None).unwrap_err(),
             "dataset 't' has no column 'hba1c'"
         );
+
+        // With a patient key a patient counts once (their first row in the cohort), so a
+        // patient of many rows moves the vector no more than the noise is for.
+        let keyed = Table::from_reader(
+            Path::new("t.csv"),
+            "patient,age,glu\np1,40,100\np1,41,150\np1,42,160\np2,50,120\n".as_bytes(),
+        )
+        .unwrap();
+        let (ids, rows) = cohort(&keyed, &q, Some("patient")).unwrap();
+        assert_eq!(ids, vec![0, 3]);
+        assert_eq!(rows, vec![vec![100.0], vec![120.0]]);
 
         // Ingested records carry stable ids (partition in the high bits): a record
         // appended to partition 0 later does not renumber partition 1's, so an answered
@@ -477,7 +501,7 @@ mod tests {
         let mut after = before.clone();
         after.insert(1, (1, record(120.0)));
         let ids = |records: &[(u32, Record)]| {
-            cohort(&Table::from_records(Path::new("ingest"), records), &q)
+            cohort(&Table::from_records(Path::new("ingest"), records), &q, None)
                 .unwrap()
                 .0
         };
