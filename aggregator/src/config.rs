@@ -196,6 +196,10 @@ pub struct StatisticsConfig {
     pub secure_aggregation: SecureAggregationConfig,
 }
 
+fn default_decision_timeout_secs() -> u64 {
+    10
+}
+
 fn default_suppress_below() -> u64 {
     11
 }
@@ -239,6 +243,7 @@ impl StatisticsConfig {
             min_sites: self.min_sites,
             wait_for_sites_secs: self.wait_for_sites_secs,
             round_timeout_secs: self.timeout_secs,
+            decision_timeout_secs: default_decision_timeout_secs(),
             round_attempts: 1,
             training: TrainingConfig::default(),
             server_optimizer: ServerOptimizer::FedAvg,
@@ -282,6 +287,10 @@ pub struct StudyConfig {
     /// Deadline for each node's answer within a round.
     #[serde(default = "default_round_timeout_secs")]
     pub round_timeout_secs: u64,
+    /// Deadline for each site's decision on the study's announcement (all sites are asked
+    /// at once, so a silent site delays the start by this, once).
+    #[serde(default = "default_decision_timeout_secs")]
+    pub decision_timeout_secs: u64,
     /// Times a round is tried before the study is abandoned for lack of quorum.
     #[serde(default = "default_round_attempts")]
     pub round_attempts: u32,
@@ -723,6 +732,12 @@ impl AggregatorConfig {
                     "must be between 1 and the {} allowed sites",
                     self.sites.allow.len()
                 ),
+            ));
+        }
+        if s.decision_timeout_secs == 0 {
+            return Err(invalid(
+                key("decision_timeout_secs"),
+                "must be at least 1".into(),
             ));
         }
         if s.round_timeout_secs == 0 || s.round_attempts == 0 {

@@ -22,6 +22,7 @@ pub mod ops;
 mod release;
 mod secure_round;
 mod server;
+pub use server::{MAX_HELLO_BYTES, MAX_PENDING_PER_SITE};
 mod statistics;
 mod study;
 
@@ -378,6 +379,7 @@ impl Aggregator {
             max_frame: self.config.max_frame_bytes,
             events: events.clone(),
             audit: self.audit.clone(),
+            pending: std::sync::Mutex::default(),
         });
         let accept = tokio::spawn(server.accept_loop());
         let mut stop = self.stop.subscribe();

@@ -17,6 +17,14 @@ use crate::AggregatorEvent;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The largest hello accepted: a site's name, software and its datasets' column names.
+pub const MAX_HELLO_BYTES: u32 = 16 * 1024;
+/// The largest message read on a stream a node should not have opened (it is answered
+/// with an error, whatever it holds).
+const MAX_UNEXPECTED_BYTES: u32 = 4 * 1024;
+/// Connections of one site that may wait for their hello at once.
+pub const MAX_PENDING_PER_SITE: usize = 4;
+
 /// A connected, welcomed site.
 #[derive(Debug, Clone)]
 pub struct ConnectedSite {
@@ -79,6 +87,30 @@ pub(crate) struct Server {
     pub max_frame: u32,
     pub events: Option<mpsc::UnboundedSender<AggregatorEvent>>,
     pub audit: Arc<medfed_infra::auditlog::AuditLog>,
+    /// Connections per site still waiting for their hello.
+    pub pending: Mutex<HashMap<String, usize>>,
+}
+
+/// One pending connection of a site, counted while it lives.
+struct Pending<'a> {
+    server: &'a Server,
+    site: String,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let mut pending = self
+            .server
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = pending.get_mut(&self.site) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                pending.remove(&self.site);
+            }
+        }
+    }
 }
 
 impl Server {
@@ -150,10 +182,32 @@ impl Server {
             let reason = format!("site '{site}' is not on this aggregator's allow-list");
             return self.refuse(&conn, Some(&site), ErrorCode::SiteNotAllowed, reason);
         }
+        // Before its hello a connection may send little (its credit at the handshake is
+        // transport::PRE_HELLO_RECEIVE_WINDOW), and a site may hold few such connections:
+        // a site's valid certificate does not buy it the aggregator's memory.
+        let pending = {
+            let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            let n = map.entry(site.clone()).or_insert(0);
+            if *n >= MAX_PENDING_PER_SITE {
+                drop(map);
+                let reason = format!(
+                    "site '{site}' already has {MAX_PENDING_PER_SITE} connections waiting for \
+                     their hello; this one is refused (is the site running several times?)"
+                );
+                return self.refuse(&conn, Some(&site), ErrorCode::UnexpectedMessage, reason);
+            }
+            *n += 1;
+            Pending {
+                server: self,
+                site: site.clone(),
+            }
+        };
         let hello = match self.receive_hello(&conn, &site).await {
             Some(hello) => hello,
             None => return,
         };
+        drop(pending);
+        conn.set_receive_window(quinn::VarInt::from_u32(transport::RECEIVE_WINDOW));
         info!(%site, %remote, software = %hello.software, "site connected");
         let entry = ConnectedSite {
             hello,
@@ -173,7 +227,7 @@ impl Server {
         let reason = loop {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
-                    let max = self.max_frame;
+                    let max = MAX_UNEXPECTED_BYTES.min(self.max_frame);
                     let conn = conn.clone();
                     tokio::spawn(async move {
                         answer_unexpected_stream(&conn, send, recv, max).await;
@@ -210,7 +264,7 @@ impl Server {
         };
         let msg = tokio::time::timeout(
             HELLO_TIMEOUT,
-            transport::read_message_info(&mut recv, self.max_frame),
+            transport::read_message_info(&mut recv, MAX_HELLO_BYTES.min(self.max_frame)),
         )
         .await;
         if let Ok(Ok((m, info))) = &msg

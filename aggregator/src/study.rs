@@ -174,29 +174,47 @@ impl StudyRunner {
         }
     }
 
-    async fn announce(&self, site: &str) -> Result<(usize, StudyDecision), TransportError> {
-        let conn = self
-            .registry
-            .get(site)
-            .ok_or(TransportError::StreamClosed)?
-            .conn;
-        let msg = Message::StudyAnnouncement(self.announcement());
-        let timeout = Duration::from_secs(self.cfg.round_timeout_secs);
-        match transport::request_logged(
-            &conn,
-            &msg,
-            self.max_frame,
-            timeout,
-            Some((&*self.audit, site)),
-        )
-        .await?
-        {
-            Message::StudyDecision(d) => Ok((conn.stable_id(), d)),
-            other => Err(TransportError::Peer {
-                code: medfed_protocol::ErrorCode::UnexpectedMessage,
-                reason: format!("expected a study decision, got a {}", other.kind()),
-            }),
+    /// Announces the study to `sites` all at once, each answer awaited for at most the
+    /// study's `decision_timeout_secs`: a silent site costs that once, not a round timeout
+    /// per site. The answers in site order.
+    async fn announce_all(
+        &self,
+        sites: impl IntoIterator<Item = String>,
+    ) -> Vec<(String, Result<(usize, StudyDecision), TransportError>)> {
+        let msg = Arc::new(Message::StudyAnnouncement(self.announcement()));
+        let timeout = Duration::from_secs(self.cfg.decision_timeout_secs);
+        let mut tasks = JoinSet::new();
+        for site in sites {
+            let Some(connected) = self.registry.get(&site) else {
+                continue;
+            };
+            let (msg, max, audit) = (msg.clone(), self.max_frame, self.audit.clone());
+            tasks.spawn(async move {
+                let conn = connected.conn;
+                let answer =
+                    transport::request_logged(&conn, &msg, max, timeout, Some((&*audit, &site)))
+                        .await
+                        .and_then(|m| match m {
+                            Message::StudyDecision(d) => Ok((conn.stable_id(), d)),
+                            other => Err(TransportError::Peer {
+                                code: medfed_protocol::ErrorCode::UnexpectedMessage,
+                                reason: format!(
+                                    "expected a study decision, got a {}",
+                                    other.kind()
+                                ),
+                            }),
+                        });
+                (site, answer)
+            });
         }
+        let mut answers = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            if let Ok(answer) = joined {
+                answers.push(answer);
+            }
+        }
+        answers.sort_by(|a, b| a.0.cmp(&b.0));
+        answers
     }
 
     pub async fn run(&self, allowed: usize) -> Result<StudyOutcome, StudyError> {
@@ -219,8 +237,8 @@ impl StudyRunner {
         // Announce; combine the accepting sites' feature statistics.
         let mut participants: BTreeMap<String, Participant> = BTreeMap::new();
         let mut stats = FeatureStats::empty(d);
-        for site in self.registry.names() {
-            match self.announce(&site).await {
+        for (site, answer) in self.announce_all(self.registry.names()).await {
+            match answer {
                 Ok((
                     conn_id,
                     StudyDecision::Accept {
@@ -668,14 +686,25 @@ impl StudyRunner {
     /// its rows again.
     async fn reannounce(&self, participants: &mut BTreeMap<String, Participant>) {
         let mut withdrawn = Vec::new();
-        for (site, p) in participants.iter_mut() {
-            let Some(current) = self.registry.get(site) else {
+        // The reconnected ones (a new connection), announced to all at once.
+        let reconnected: Vec<String> = participants
+            .iter()
+            .filter(|(site, p)| {
+                self.registry
+                    .get(site)
+                    .is_some_and(|c| c.conn.stable_id() != p.announced_on)
+            })
+            .map(|(site, _)| site.clone())
+            .collect();
+        if reconnected.is_empty() {
+            return;
+        }
+        for (site, answer) in self.announce_all(reconnected).await {
+            let Some(p) = participants.get_mut(&site) else {
                 continue;
             };
-            if current.conn.stable_id() == p.announced_on {
-                continue;
-            }
-            match self.announce(site).await {
+            let site = &site;
+            match answer {
                 Ok((
                     conn_id,
                     StudyDecision::Accept {

@@ -229,12 +229,18 @@ fn transport_config_with(l: Liveness) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     let idle_ms = u32::try_from(l.idle_timeout.as_millis()).unwrap_or(u32::MAX);
     t.stream_receive_window(quinn::VarInt::from_u32(32 << 20))
-        .receive_window(quinn::VarInt::from_u32(64 << 20))
+        .receive_window(quinn::VarInt::from_u32(RECEIVE_WINDOW))
         .send_window(64 << 20)
         .keep_alive_interval(Some(l.keep_alive))
         .max_idle_timeout(Some(quinn::VarInt::from_u32(idle_ms).into()));
     t
 }
+
+/// The connection-level credit a node gets at the handshake, before its hello.
+pub const PRE_HELLO_RECEIVE_WINDOW: u32 = 64 * 1024;
+
+/// The connection-level receive window of a welcomed connection.
+pub const RECEIVE_WINDOW: u32 = 64 << 20;
 
 /// The aggregator's endpoint: listens on `addr`, demands a client certificate from `ca`.
 pub fn server_endpoint(
@@ -258,7 +264,12 @@ pub fn server_endpoint(
     // at once, nor any one-way stream, so it cannot make the aggregator buffer for it.
     let mut t = transport_config();
     t.max_concurrent_bidi_streams(2u8.into())
-        .max_concurrent_uni_streams(0u8.into());
+        .max_concurrent_uni_streams(0u8.into())
+        // What a new connection may send before the aggregator has taken its hello: the
+        // credit granted at the handshake cannot be taken back, so it starts small, and
+        // the aggregator raises it (`Connection::set_receive_window`) once the site is
+        // welcomed.
+        .receive_window(quinn::VarInt::from_u32(PRE_HELLO_RECEIVE_WINDOW));
     config.transport_config(Arc::new(t));
     quinn::Endpoint::server(config, addr).map_err(|source| TransportError::Bind { addr, source })
 }
