@@ -158,13 +158,20 @@ pub fn model_export(args: ExportArgs) -> anyhow::Result<()> {
     medfed_infra::files::write_atomic(&out, &std::fs::read(&from)?)
         .with_context(|| format!("cannot write {}", out.display()))?;
     println!(
-        "study '{}' round {} ({} sites, {} training rows) written to {}",
+        "study '{}' round {} ({} sites, {}) written to {}",
         model.study_id,
         model.round,
         model.sites.len(),
-        model.training_rows,
+        if model.training_rows == 0 {
+            "no row count released".to_string()
+        } else {
+            format!("{} training rows", model.training_rows)
+        },
         out.display()
     );
+    if let Some(why) = &model.stopped {
+        println!("note: the study stopped early, after this round: {why}");
+    }
     Ok(())
 }
 

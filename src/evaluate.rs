@@ -50,6 +50,34 @@ pub fn evaluate(
     if kind == ModelKind::Logistic && positive.is_none() {
         anyhow::bail!("the model does not name its positive class: pass --positive-class");
     }
+    if kind == ModelKind::Logistic
+        && let Some(positive) = positive
+    {
+        // A positive class the data does not have would score every row as negative, and
+        // an accuracy of 1.000 would look like a perfect model.
+        let classes = table.classes(target)?;
+        if !classes.contains_key(positive) {
+            let found = classes
+                .iter()
+                .map(|(c, n)| format!("{c:?} ({n} rows)"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let near = classes
+                .keys()
+                .find(|c| c.eq_ignore_ascii_case(positive))
+                .map(|c| format!(" (classes are compared exactly: did you mean {c:?}?)"))
+                .unwrap_or_default();
+            anyhow::bail!(
+                "the positive class {positive:?} is not a value of column '{target}' in the data; \
+                    it has: {}{near}. fix: pass --positive-class with one of them",
+                if found.is_empty() {
+                    "no label".to_string()
+                } else {
+                    found
+                }
+            );
+        }
+    }
     let x = table.features(&model.model.features)?;
     let y = table.target(target, kind, positive)?;
     let p = model.model.predict_raw(x.view())?;
@@ -75,6 +103,9 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
             model.sites.len(),
             args.data.display()
         );
+        if let Some(why) = &model.stopped {
+            println!("note: the study stopped early, after this round: {why}");
+        }
         print!("{}", crate::report::metrics_table(&[("global", &metrics)]));
     }
     Ok(())

@@ -1,90 +1,68 @@
-//! A site's privacy budget, enforced by the site, over real QUIC: a differentially private
-//! study of 4 rounds, where one of four hospitals allows only 2 rounds' worth of ε. That
-//! site's updates stop at round 3; the refusal shows at the aggregator, in `medfed node
-//! status`, in the site's log and in its compliance log; the study completes with the
-//! other three, and its rounds carry the noise of secure aggregation's honest minimum.
+//! A site's privacy budget, enforced by the site, over real QUIC.
+//!
+//! - A site whose budget cannot pay for every round of a study refuses it when it is
+//!   announced, and says why: it is charged nothing, and the study runs with the others
+//!   (it used to accept, then refuse from round 3, after the others had paid for rounds).
+//! - A study that ends early (stopped by the operator, or a site gone) exports its last
+//!   released model as `final.json`, marked with why it stopped; each site was charged for
+//!   the rounds released (a round that failed before the sites' masked inputs were sent
+//!   costs nothing), and the error says what happened.
 
 mod procs;
-use procs::{Processes, all_succeed, ok, spawn};
+use procs::{Processes, all_succeed, ok, spawn, wait};
 
-use std::time::Duration;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
 use medfed_protocol::dp::ledger::Ledger;
 
 const SITES: [&str; 4] = ["site-a", "site-b", "site-c", "site-d"];
+const FEATURES: &str = r#"features = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]"#;
+const RANGES: &str =
+    "feature_ranges = [[0, 17], [0, 200], [0, 122], [0, 99], [0, 67], [0, 2.5], [21, 81]]";
 
-#[test]
-fn a_site_stops_at_its_privacy_budget() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    procs::pki(d, &SITES);
+/// Writes the PKI, each site's share of the Pima rows and its config with `budget(site)`,
+/// and the aggregator's config with `studies`.
+fn setup(d: &Path, sites: &[&str], studies: &str, budget: impl Fn(&str) -> String) -> u16 {
+    procs::pki(d, sites);
     let (header, rows) = procs::pima();
-    for (i, site) in SITES.iter().enumerate() {
-        let part: Vec<String> = rows.iter().skip(i).step_by(4).cloned().collect();
+    for (i, site) in sites.iter().enumerate() {
+        let part: Vec<String> = rows.iter().skip(i).step_by(sites.len()).cloned().collect();
         std::fs::write(
             d.join(format!("{site}.csv")),
             format!("{header}\n{}\n", part.join("\n")),
         )
         .unwrap();
     }
-    // z = 2, δ = 1e-6: site-d's limit lies between the ε of 2 and of 3 rounds.
-    let (z, delta) = (2.0, 1e-6);
-    let eps = |k: usize| {
-        let mut l = Ledger::default();
-        (0..k).for_each(|_| l.record("s", z));
-        l.epsilon(Some("s"), delta)
-    };
-    let limit = (eps(2) + eps(3)) / 2.0;
     let port = procs::free_udp_port();
     std::fs::write(
         d.join("aggregator.toml"),
-        procs::aggregator_config(
-            port,
-            Some("out"),
-            &["site-a", "site-b", "site-c", "site-d"],
-            &format!(
-                r#"[[study]]
-id = "pima-dp"
-dataset = "pima"
-model = "logistic"
-features = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]
-target = "type"
-positive_class = "Yes"
-rounds = 4
-min_sites = 3
-wait_for_sites_secs = 60
-round_timeout_secs = 30
-[study.privacy]
-clip_norm = 1.0
-noise_multiplier = {z}
-feature_ranges = [[0, 17], [0, 200], [0, 122], [0, 99], [0, 67], [0, 2.5], [21, 81]]
-"#
-            ),
-        ),
+        procs::aggregator_config(port, Some("out"), sites, studies),
     )
     .unwrap();
-    for site in SITES {
-        let budget = if site == "site-d" {
-            format!(
-                "[policy.privacy]\nepsilon = {limit}\ntotal_epsilon = {limit}\ndelta = {delta}\n"
-            )
-        } else {
-            // The others allow the whole study (4 rounds at z = 2 pass the default 5).
-            format!("[policy.privacy]\nepsilon = 20\ntotal_epsilon = 20\ndelta = {delta}\n")
-        };
+    for site in sites {
         std::fs::write(
             d.join(format!("{site}.toml")),
             procs::node_config(
                 site,
                 port,
                 &format!("{site}.csv"),
-                &format!("{}{budget}{}", procs::SERVE_PIMA, procs::RECONNECT_FAST),
+                &format!(
+                    "{}{}{}",
+                    procs::SERVE_PIMA,
+                    budget(site),
+                    procs::RECONNECT_FAST
+                ),
             ),
         )
         .unwrap();
     }
+    port
+}
+
+fn start(d: &Path, sites: &[&str]) -> Processes {
     let mut procs = Processes(Vec::new());
-    for site in SITES {
+    for site in sites {
         let cfg = d.join(format!("{site}.toml"));
         procs.0.push(spawn(
             d,
@@ -98,61 +76,92 @@ feature_ranges = [[0, 17], [0, 200], [0, 122], [0, 99], [0, 67], [0, 2.5], [21, 
         "aggregator",
         &["aggregator", "run", "--config", agg.to_str().unwrap()],
     ));
+    procs
+}
+
+/// `medfed node status --json` of `site`: its ledger entry for `study` (null if none).
+fn spent(d: &Path, site: &str, study: &str) -> serde_json::Value {
+    let cfg = d.join(format!("{site}.toml"));
+    let status: serde_json::Value = serde_json::from_str(&ok(&[
+        "node",
+        "status",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    status["privacy"]["studies"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["study"] == study).cloned())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_site_refuses_a_study_its_budget_cannot_see_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // z = 2, δ = 1e-6: site-d's limit lies between the ε of 2 and of 3 rounds.
+    let (z, delta) = (2.0, 1e-6);
+    let eps = |k: usize| {
+        let mut l = Ledger::default();
+        (0..k).for_each(|_| l.record("s", z));
+        l.epsilon(Some("s"), delta)
+    };
+    let limit = (eps(2) + eps(3)) / 2.0;
+    setup(
+        d,
+        &SITES,
+        &format!(
+            "[[study]]\nid = \"pima-dp\"\ndataset = \"pima\"\nmodel = \"logistic\"\n{FEATURES}\n\
+             target = \"type\"\npositive_class = \"Yes\"\nrounds = 4\nmin_sites = 3\n\
+             wait_for_sites_secs = 60\nround_timeout_secs = 30\n\
+             [study.privacy]\nclip_norm = 1.0\nnoise_multiplier = {z}\n{RANGES}\n"
+        ),
+        |site| {
+            if site == "site-d" {
+                format!(
+                    "[policy.privacy]\nepsilon = {limit}\ntotal_epsilon = {limit}\ndelta = {delta}\n"
+                )
+            } else {
+                // The others allow the whole study.
+                format!("[policy.privacy]\nepsilon = 20\ntotal_epsilon = 20\ndelta = {delta}\n")
+            }
+        },
+    );
+    let mut procs = start(d, &SITES);
     all_succeed(d, &mut procs, Duration::from_secs(120));
     let agg_log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
     assert!(
         agg_log.contains("study 'pima-dp' complete after 4 rounds"),
         "{agg_log}"
     );
-    // The aggregator saw site-d refuse rounds 3 and 4, and why; never rounds 1 and 2.
-    let refusals: Vec<&str> = agg_log
+    // site-d refused the study when it was announced, and the aggregator was told why.
+    let refusal = agg_log
         .lines()
-        .filter(|l| l.contains("site-d") && l.contains("privacy budget"))
-        .collect();
-    assert!(refusals.iter().any(|l| l.contains("round 3")), "{agg_log}");
+        .find(|l| l.contains("site-d") && l.contains("refused the study"))
+        .unwrap_or_else(|| panic!("{agg_log}"));
     assert!(
-        !refusals
-            .iter()
-            .any(|l| l.contains("round 1 ") || l.contains("round 2 ")),
-        "{refusals:?}"
+        refusal.contains("privacy budget") && refusal.contains("4 rounds"),
+        "{refusal}"
     );
-    // The node's log and status say the same.
-    let node_log = std::fs::read_to_string(d.join("site-d.log")).unwrap();
+    // It was charged nothing; the others paid for the 4 rounds released, once each.
+    let d_spent = spent(d, "site-d", "pima-dp");
     assert!(
-        node_log.contains("privacy budget: round 3 of study 'pima-dp' refused"),
-        "{node_log}"
+        d_spent.is_null() || d_spent["releases"] == 0,
+        "site-d paid for a study it refused: {d_spent}"
     );
-    let cfg_d = d.join("site-d.toml");
-    let status: serde_json::Value = serde_json::from_str(&ok(&[
-        "node",
-        "status",
-        "--config",
-        cfg_d.to_str().unwrap(),
-        "--json",
-    ]))
-    .unwrap();
-    let study = &status["privacy"]["studies"][0];
-    assert_eq!(study["study"], "pima-dp");
-    assert_eq!(study["releases"], 2, "{status}");
-    assert_eq!(study["refused"], 2, "{status}");
-    assert!(study["epsilon"].as_f64().unwrap() <= limit);
-    let table = ok(&["node", "status", "--config", cfg_d.to_str().unwrap()]);
-    assert!(
-        table.contains("privacy budget") && table.contains("pima-dp"),
-        "{table}"
-    );
-    // The others spent 4 rounds, within their default budget.
-    let cfg_a = d.join("site-a.toml");
-    let status: serde_json::Value = serde_json::from_str(&ok(&[
-        "node",
-        "status",
-        "--config",
-        cfg_a.to_str().unwrap(),
-        "--json",
-    ]))
-    .unwrap();
-    assert_eq!(status["privacy"]["studies"][0]["releases"], 4, "{status}");
-    // The compliance log records each charge and the refusals, for the auditor.
+    for site in ["site-a", "site-b", "site-c"] {
+        assert_eq!(spent(d, site, "pima-dp")["releases"], 4, "{site}");
+    }
+    // Its compliance log has the refusal and the reason, for the auditor.
     let report = ok(&[
         "audit",
         "report",
@@ -161,18 +170,137 @@ feature_ranges = [[0, 17], [0, 200], [0, 122], [0, 99], [0, 67], [0, 2.5], [21, 
         "--key",
         d.join("site-d-audit.key.pub").to_str().unwrap(),
     ]);
+    assert!(report.contains("privacy budget"), "{report}");
+    // The rounds were aggregated from the other three sites.
+    let round4 = std::fs::read_to_string(d.join("out/models/pima-dp/round-0004.json")).unwrap();
     assert!(
-        report.contains("refused for the privacy budget"),
-        "{report}"
+        round4.contains("site-a") && !round4.contains("site-d"),
+        "{round4}"
     );
-    // Rounds 3 and 4 were aggregated from the other three sites.
-    let round4: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(d.join("out/models/pima-dp/round-0004.json")).unwrap(),
+}
+
+fn released(d: &Path, study: &str) -> serde_json::Value {
+    let path = d.join(format!("out/models/{study}/final.json"));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+#[test]
+fn a_study_that_ends_early_exports_its_last_released_model_and_charges_only_what_was_released() {
+    const THREE: [&str; 3] = ["site-a", "site-b", "site-c"];
+    let study = |id: &str| {
+        format!(
+            "[[study]]\nid = \"{id}\"\ndataset = \"pima\"\nmodel = \"logistic\"\n{FEATURES}\n\
+             target = \"type\"\npositive_class = \"Yes\"\nrounds = 60\nmin_sites = 3\n\
+             round_attempts = 2\nwait_for_sites_secs = 60\nround_timeout_secs = 5\n\
+             [study.privacy]\nclip_norm = 1.0\nnoise_multiplier = 8\n{RANGES}\n"
+        )
+    };
+    let budget = |_: &str| "[policy.privacy]\nepsilon = 50\ntotal_epsilon = 50\n".to_string();
+
+    // 1. The operator stops the study after its first rounds.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d, &THREE, &study("stopped"), budget);
+    let mut procs = start(d, &THREE);
+    until("round 1's model", Duration::from_secs(90), || {
+        d.join("out/models/stopped/round-0001.json").is_file()
+    });
+    let agg = d.join("aggregator.toml");
+    ok(&[
+        "aggregator",
+        "study",
+        "stop",
+        "--config",
+        agg.to_str().unwrap(),
+        "--study",
+        "stopped",
+    ]);
+    let status = wait(&mut procs.0[3].1, Duration::from_secs(60));
+    let agg_log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
+    assert!(status.is_some(), "the aggregator did not stop:\n{agg_log}");
+    let model = released(d, "stopped");
+    let round = model["round"].as_u64().unwrap();
+    assert!(round >= 2 && round < 60, "{model}");
+    let why = model["stopped"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{model}"));
+    assert!(why.contains("stopped by the operator"), "{why}");
+    // The same model as the round's own file, and every site paid for exactly the rounds
+    // released.
+    let round_file: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join(format!("out/models/stopped/round-{round:04}.json")))
+            .unwrap(),
     )
     .unwrap();
-    let sites = round4.to_string();
+    assert_eq!(round_file["model"], model["model"]);
+    drop(procs);
+    for site in THREE {
+        assert_eq!(
+            spent(d, site, "stopped")["releases"],
+            round,
+            "{site} for {round} released rounds"
+        );
+    }
+    // model export says so too.
+    let said = ok(&[
+        "aggregator",
+        "model",
+        "export",
+        "--config",
+        agg.to_str().unwrap(),
+        "--study",
+        "stopped",
+        "--out",
+        d.join("exported.json").to_str().unwrap(),
+    ]);
+    assert!(said.contains("stopped early"), "{said}");
+
+    // 2. A site goes away mid-study: the rounds fail, the study stops with the reason, and
+    // the last released model is exported.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d, &THREE, &study("lost"), budget);
+    let mut procs = start(d, &THREE);
+    until("round 1's model", Duration::from_secs(90), || {
+        d.join("out/models/lost/round-0001.json").is_file()
+    });
+    procs.0[2].1.kill().unwrap();
+    let status = wait(&mut procs.0[3].1, Duration::from_secs(90));
+    let agg_log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
     assert!(
-        sites.contains("site-a") && !sites.contains("site-d"),
-        "{sites}"
+        status.is_some_and(|s| !s.success()),
+        "the aggregator must fail the study ({status:?}):\n{agg_log}"
     );
+    let model = released(d, "lost");
+    let round = model["round"].as_u64().unwrap();
+    let why = model["stopped"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{model}"));
+    let error = agg_log
+        .lines()
+        .find(|l| l.contains("stopped early"))
+        .unwrap_or_else(|| panic!("{agg_log}"));
+    assert!(error.contains("final.json"), "{error}");
+    // The message is true: whatever count it gives is below the quorum.
+    for (i, _) in why.match_indices("only ") {
+        let words: Vec<&str> = why[i..].split_whitespace().collect();
+        if let (Some(got), Some(need)) = (
+            words.get(1).and_then(|w| w.parse::<u32>().ok()),
+            words.get(4).and_then(|w| w.parse::<u32>().ok()),
+        ) {
+            assert!(got < need, "{why}");
+        }
+    }
+    drop(procs);
+    for site in ["site-a", "site-b"] {
+        // The rounds released; at most one more if the site went away after the others'
+        // masked inputs had left in the round that then failed (a site cannot tell a
+        // failed sum from a withheld one, so it pays).
+        let paid = spent(d, site, "lost")["releases"].as_u64().unwrap();
+        assert!(
+            paid == round || paid == round + 1,
+            "{site} paid {paid} for {round} released rounds"
+        );
+    }
 }

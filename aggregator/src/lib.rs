@@ -300,7 +300,7 @@ impl Aggregator {
                 send(AggregatorEvent::StudyCompleted(o.clone()));
                 StudyEnd::Done(o)
             }
-            Err(e @ StudyError::Stopped { .. }) => {
+            Err(e) if matches!(e.cause(), StudyError::Stopped { .. }) => {
                 tracing::info!("{e}");
                 status(e.to_string());
                 send(AggregatorEvent::StudyFailed {
@@ -392,7 +392,12 @@ impl Aggregator {
         // Studies that failed for too few sites, to announce again (keep_serving only).
         let retry_after = std::time::Duration::from_secs(self.config.studies_dir.retry_failed_secs);
         let mut retry: Vec<(std::time::Instant, config::StudyConfig)> = Vec::new();
-        let retryable = |e: &StudyError| matches!(e, StudyError::NoQuorum { .. });
+        let retryable = |e: &StudyError| {
+            matches!(
+                e.cause(),
+                StudyError::NoQuorum { .. } | StudyError::RoundFailed { .. }
+            )
+        };
         for cfg in &self.config.studies {
             match self
                 .run_study(cfg, &events, &roots, allow.len(), &mut stop)

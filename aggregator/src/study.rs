@@ -33,8 +33,23 @@ pub enum StudyError {
         need: usize,
         detail: String,
     },
+    #[error("study '{study}': round {round} failed {attempts} time(s), the last because {detail}")]
+    RoundFailed {
+        study: String,
+        round: u32,
+        attempts: u32,
+        detail: String,
+    },
     #[error("study '{study}': {detail}")]
     Failed { study: String, detail: String },
+    /// The study stopped after releasing some rounds: the last released model is exported,
+    /// marked as stopped.
+    #[error("{cause}; the last released model (round {round}) is {}, marked as stopped early", final_model.display())]
+    EndedEarly {
+        cause: Box<StudyError>,
+        round: u32,
+        final_model: PathBuf,
+    },
     #[error("study '{study}' was stopped by the operator after round {round}")]
     Stopped { study: String, round: u32 },
     #[error("study '{study}': writing {path}: {source}")]
@@ -46,6 +61,16 @@ pub enum StudyError {
     /// The compliance log could not record a step, so the step was not taken.
     #[error("study '{study}': the compliance log cannot be written ({detail}), so the study stops")]
     Unlogged { study: String, detail: String },
+}
+
+impl StudyError {
+    /// Why the study ended: for [`StudyError::EndedEarly`], the error that ended it.
+    pub fn cause(&self) -> &StudyError {
+        match self {
+            StudyError::EndedEarly { cause, .. } => cause,
+            e => e,
+        }
+    }
 }
 
 /// What a finished study leaves behind.
@@ -237,6 +262,8 @@ impl StudyRunner {
         // Announce; combine the accepting sites' feature statistics.
         let mut participants: BTreeMap<String, Participant> = BTreeMap::new();
         let mut stats = FeatureStats::empty(d);
+        // The target classes each accepting site names (classification studies).
+        let mut classes: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (site, answer) in self.announce_all(self.registry.names()).await {
             match answer {
                 Ok((
@@ -245,9 +272,11 @@ impl StudyRunner {
                         study_id,
                         training_rows,
                         feature_stats,
+                        target_classes,
                         ..
                     },
                 )) if study_id == cfg.id => {
+                    classes.insert(site.clone(), target_classes);
                     if !self.plausible_rows(training_rows) {
                         warn!(%site, training_rows, "accepted with an implausible number of training rows; site left out");
                         continue;
@@ -312,6 +341,14 @@ impl StudyRunner {
                 need: cfg.min_sites,
                 detail: "too few sites accepted the study".into(),
             });
+        }
+        if cfg.model == medfed_protocol::model::ModelKind::Logistic {
+            let named: BTreeMap<String, Vec<String>> = classes
+                .into_iter()
+                .filter(|(site, _)| participants.contains_key(site))
+                .collect();
+            check_target(&cfg.target, cfg.positive_class.as_deref(), &named)
+                .map_err(|why| self.failed(why))?;
         }
         if resume.is_some() || cfg.privacy.is_some() {
             // Resuming: the checkpoint holds the model and its standardization. Under
@@ -381,122 +418,148 @@ impl StudyRunner {
             rounds: cfg.rounds,
         });
 
-        for round in first_round..=cfg.rounds {
-            if self.stop_file.exists() {
-                return Err(StudyError::Stopped {
-                    study: cfg.id.clone(),
-                    round: round - 1,
-                });
-            }
-            let mut attempt = 0;
-            let aggregate = loop {
-                attempt += 1;
-                self.reannounce(&mut participants).await;
-                if participants.len() < cfg.min_sites {
-                    // Sites left the study: no attempt can reach the quorum.
-                    return Err(StudyError::NoQuorum {
+        // Every way the rounds end early (the operator, too few sites, a round that keeps
+        // failing) comes out here, so that the last released model is exported first.
+        let ended: Option<StudyError> = 'rounds: {
+            for round in first_round..=cfg.rounds {
+                if self.stop_file.exists() {
+                    break 'rounds Some(StudyError::Stopped {
                         study: cfg.id.clone(),
-                        got: participants.len(),
-                        need: cfg.min_sites,
-                        detail: "sites left the study (they refused it on reconnecting)".into(),
+                        round: round - 1,
                     });
                 }
-                let (invited, deadline) = self.select(round, &participants, &mut scheduler);
-                let result = if cfg.secure_aggregation.enabled {
-                    self.secure_round(round, attempt, &model, &invited).await
-                } else {
-                    self.plain_round(round, &model, &invited, deadline).await
-                };
-                if let Ok(a) = &result {
-                    // What the scheduler learns: who answered, and how fast.
-                    for site in invited.keys() {
-                        if let Some(s) = scheduler.get_mut(site) {
-                            s.observe(a.latencies.get(site).copied());
+                let mut attempt = 0;
+                let aggregate = loop {
+                    attempt += 1;
+                    self.reannounce(&mut participants).await;
+                    if participants.len() < cfg.min_sites {
+                        // Sites left the study: no attempt can reach the quorum.
+                        break 'rounds Some(StudyError::NoQuorum {
+                            study: cfg.id.clone(),
+                            got: participants.len(),
+                            need: cfg.min_sites,
+                            detail: "sites left the study (they refused it on reconnecting)".into(),
+                        });
+                    }
+                    let (invited, deadline) = self.select(round, &participants, &mut scheduler);
+                    let result = if cfg.secure_aggregation.enabled {
+                        self.secure_round(round, attempt, &model, &invited).await
+                    } else {
+                        self.plain_round(round, &model, &invited, deadline).await
+                    };
+                    if let Ok(a) = &result {
+                        // What the scheduler learns: who answered, and how fast.
+                        for site in invited.keys() {
+                            if let Some(s) = scheduler.get_mut(site) {
+                                s.observe(a.latencies.get(site).copied());
+                            }
                         }
                     }
-                }
-                let (why, got) = match result {
-                    Ok(a) if a.sites.len() >= cfg.min_sites => break a,
-                    Ok(a) => (
-                        format!(
-                            "{} of the {} sites needed contributed",
-                            a.sites.len(),
-                            cfg.min_sites
+                    // How many sites contributed, when the round got as far as counting them.
+                    let (why, contributed) = match result {
+                        Ok(a) if a.sites.len() >= cfg.min_sites => break a,
+                        Ok(a) => (
+                            format!(
+                                "{} of the {} sites needed contributed",
+                                a.sites.len(),
+                                cfg.min_sites
+                            ),
+                            Some(a.sites.len()),
                         ),
-                        a.sites.len(),
-                    ),
-                    // The sites connected and invited, at best.
-                    Err(why) => (
-                        why,
-                        invited
-                            .keys()
-                            .filter(|s| self.registry.get(s).is_some())
-                            .count(),
-                    ),
-                };
-                let why = format!("{why} (attempt {attempt} of {})", cfg.round_attempts);
-                warn!(study = %cfg.id, round, "round failed: {why}");
-                self.emit(AggregatorEvent::RoundFailed {
-                    study_id: cfg.id.clone(),
-                    round,
-                    reason: why.clone(),
-                });
-                if attempt >= cfg.round_attempts {
-                    return Err(StudyError::NoQuorum {
-                        study: cfg.id.clone(),
-                        got,
-                        need: cfg.min_sites,
-                        detail: why,
+                        Err(why) => (why, None),
+                    };
+                    let why_attempt =
+                        format!("{why} (attempt {attempt} of {})", cfg.round_attempts);
+                    warn!(study = %cfg.id, round, "round failed: {why_attempt}");
+                    self.emit(AggregatorEvent::RoundFailed {
+                        study_id: cfg.id.clone(),
+                        round,
+                        reason: why_attempt.clone(),
                     });
+                    if attempt >= cfg.round_attempts {
+                        break 'rounds Some(match contributed {
+                            Some(got) => StudyError::NoQuorum {
+                                study: cfg.id.clone(),
+                                got,
+                                need: cfg.min_sites,
+                                detail: format!(
+                                    "round {round}, {attempt} attempt(s); the last: {why}"
+                                ),
+                            },
+                            None => StudyError::RoundFailed {
+                                study: cfg.id.clone(),
+                                round,
+                                attempts: attempt,
+                                detail: why,
+                            },
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                };
+                // The round's evaluation is of the incoming model: the previous round's.
+                if let Some(p) = pending.take() {
+                    let metrics =
+                        (aggregate.evaluation.rows() > 0).then(|| aggregate.evaluation.metrics());
+                    self.complete(p, metrics)?;
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            };
-            // The round's evaluation is of the incoming model: the previous round's.
-            if let Some(p) = pending.take() {
-                let metrics =
-                    (aggregate.evaluation.rows() > 0).then(|| aggregate.evaluation.metrics());
-                self.complete(p, metrics)?;
-            }
-            let RoundAggregate {
-                sites,
-                weights,
-                train_loss,
-                rows,
-                ..
-            } = aggregate;
-            model.weights = cfg
-                .server_optimizer
-                .step(&mut server_state, &model.weights, &weights);
-            info!(study = %cfg.id, round, sites = sites.len(), train_loss, "round aggregated");
-            self.broadcast_result(round, &sites, train_loss);
-            pending = Some(Pending {
-                summary: RoundSummary {
-                    study_id: cfg.id.clone(),
-                    round,
+                let RoundAggregate {
                     sites,
-                    training_rows: rows,
+                    weights,
                     train_loss,
-                    validation: None,
-                    model_path: PathBuf::new(),
-                },
-                model: model.clone(),
-            });
-            let cp = crate::checkpoint::StudyCheckpoint {
-                config_sha256: crate::checkpoint::config_hash(cfg),
-                round,
-                model: model.clone(),
-                server_state: server_state.clone(),
-                pending: pending.as_ref().map(|p| crate::checkpoint::PendingRound {
-                    round: p.summary.round,
-                    sites: p.summary.sites.clone(),
-                    training_rows: p.summary.training_rows,
-                    train_loss: Some(p.summary.train_loss).filter(|l| l.is_finite()),
-                }),
-                complete: None,
-                scheduler: scheduler.values().cloned().collect(),
+                    rows,
+                    ..
+                } = aggregate;
+                model.weights =
+                    cfg.server_optimizer
+                        .step(&mut server_state, &model.weights, &weights);
+                info!(study = %cfg.id, round, sites = sites.len(), train_loss, "round aggregated");
+                self.broadcast_result(round, &sites, train_loss);
+                pending = Some(Pending {
+                    summary: RoundSummary {
+                        study_id: cfg.id.clone(),
+                        round,
+                        sites,
+                        training_rows: rows,
+                        train_loss,
+                        validation: None,
+                        model_path: PathBuf::new(),
+                    },
+                    model: model.clone(),
+                });
+                let cp = crate::checkpoint::StudyCheckpoint {
+                    config_sha256: crate::checkpoint::config_hash(cfg),
+                    round,
+                    model: model.clone(),
+                    server_state: server_state.clone(),
+                    pending: pending.as_ref().map(|p| crate::checkpoint::PendingRound {
+                        round: p.summary.round,
+                        sites: p.summary.sites.clone(),
+                        training_rows: p.summary.training_rows,
+                        train_loss: Some(p.summary.train_loss).filter(|l| l.is_finite()),
+                    }),
+                    complete: None,
+                    scheduler: scheduler.values().cloned().collect(),
+                };
+                crate::checkpoint::save(&*self.store, &cfg.id, &cp)
+                    .map_err(|e| self.failed(format!("checkpoint after round {round}: {e}")))?;
+            }
+            None
+        };
+        if let Some(cause) = ended {
+            // What was released stays released: the last model is exported as the study's
+            // result, with why it stopped, so that nobody takes it for a finished study.
+            let Some(last) = pending.take() else {
+                return Err(cause);
             };
-            crate::checkpoint::save(&*self.store, &cfg.id, &cp)
-                .map_err(|e| self.failed(format!("checkpoint after round {round}: {e}")))?;
+            let round = last.summary.round;
+            let path = self.complete_with(last, None, Some(cause.to_string()))?;
+            let final_model = self.export_final(&path)?;
+            warn!(study = %cfg.id, round, "study stopped early; its last released model is {}", final_model.display());
+            return Err(StudyError::EndedEarly {
+                cause: Box::new(cause),
+                round,
+                final_model,
+            });
         }
 
         // Evaluate the last model (not under differential privacy: the sites' evaluations
@@ -524,12 +587,7 @@ impl StudyRunner {
         let metrics = (evaluation.rows() > 0).then(|| evaluation.metrics());
         let last = pending.ok_or_else(|| self.failed("no round completed"))?;
         let path = self.complete(last, metrics)?;
-        let final_path = self.out_dir.join("models").join(&cfg.id).join("final.json");
-        std::fs::copy(&path, &final_path).map_err(|source| StudyError::Export {
-            study: cfg.id.clone(),
-            path: final_path.clone(),
-            source,
-        })?;
+        let final_path = self.export_final(&path)?;
         let done = crate::checkpoint::StudyCheckpoint {
             config_sha256: crate::checkpoint::config_hash(cfg),
             round: cfg.rounds,
@@ -915,6 +973,32 @@ impl StudyRunner {
 
     /// Writes a round's model with its validation figures and reports the round.
     fn complete(&self, p: Pending, validation: Option<Metrics>) -> Result<PathBuf, StudyError> {
+        self.complete_with(p, validation, None)
+    }
+
+    /// Copies a round's model file to the study's `final.json`.
+    fn export_final(&self, round_file: &std::path::Path) -> Result<PathBuf, StudyError> {
+        let final_path = self
+            .out_dir
+            .join("models")
+            .join(&self.cfg.id)
+            .join("final.json");
+        std::fs::copy(round_file, &final_path).map_err(|source| StudyError::Export {
+            study: self.cfg.id.clone(),
+            path: final_path.clone(),
+            source,
+        })?;
+        Ok(final_path)
+    }
+
+    /// As [`StudyRunner::complete`]; `stopped` says why the study ended after this round
+    /// when it was not its last.
+    fn complete_with(
+        &self,
+        p: Pending,
+        validation: Option<Metrics>,
+        stopped: Option<String>,
+    ) -> Result<PathBuf, StudyError> {
         let Pending { mut summary, model } = p;
         let export = ExportedModel {
             format: MODEL_FORMAT.to_string(),
@@ -927,6 +1011,7 @@ impl StudyRunner {
             training_rows: summary.training_rows,
             train_loss: summary.train_loss,
             validation,
+            stopped,
             created_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
@@ -962,6 +1047,61 @@ impl StudyRunner {
         self.emit(AggregatorEvent::RoundCompleted(summary));
         Ok(path)
     }
+}
+
+/// Checks a classification study's target against the classes its sites name (each site
+/// names the classes at least `min_cell` of its patients have): the positive class must be
+/// named by some site, and the target must have another class. Otherwise the study would
+/// train on an all-negative (or all-positive) target and report a perfect accuracy.
+fn check_target(
+    target: &str,
+    positive_class: Option<&str>,
+    named: &BTreeMap<String, Vec<String>>,
+) -> Result<(), String> {
+    let Some(positive) = positive_class else {
+        return Ok(());
+    };
+    let all: std::collections::BTreeSet<&str> =
+        named.values().flatten().map(String::as_str).collect();
+    let listed = || {
+        if all.is_empty() {
+            "none".to_string()
+        } else {
+            all.iter()
+                .map(|c| format!("{c:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let rule = "a site names a class only if at least min_cell of its patients have it, and \
+        never says how many";
+    if !all.contains(positive) {
+        let near: Vec<&&str> = all
+            .iter()
+            .filter(|c| c.eq_ignore_ascii_case(positive))
+            .collect();
+        let fix = match near.first() {
+            Some(c) => format!("fix: positive_class = {c:?} (classes are compared exactly, case included)"),
+            None => "fix: set positive_class to one of the named classes, or check the study's target column".to_string(),
+        };
+        return Err(format!(
+            "positive_class = {positive:?} is not a class of target '{}' at any of the {} accepting sites; \
+                the classes they name: {} ({rule}); training would see no positive row. {fix}",
+            target,
+            named.len(),
+            listed(),
+        ));
+    }
+    if all.len() < 2 {
+        return Err(format!(
+            "target '{}' has a single class at the {} accepting sites ({}; {rule}): a classifier \
+                cannot learn from it. fix: choose a target with both outcomes, or a site's data that has them",
+            target,
+            named.len(),
+            listed(),
+        ));
+    }
+    Ok(())
 }
 
 /// Largest weight an update may carry.
@@ -1055,6 +1195,48 @@ mod tests {
         // Honest deltas (noise included) pass unchanged: the average of the two.
         let w = dp_average(&[1.0], vec![vec![2.5], vec![-0.5]], &dp);
         assert!((w[0] - 2.0).abs() < 1e-12, "{w:?}");
+    }
+
+    #[test]
+    fn a_target_without_its_positive_class_or_with_one_class_stops_the_study() {
+        let sites = |named: &[&[&str]]| -> BTreeMap<String, Vec<String>> {
+            named
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    (
+                        format!("site-{i}"),
+                        c.iter().map(|c| c.to_string()).collect(),
+                    )
+                })
+                .collect()
+        };
+        let ok = sites(&[&["No", "Yes"], &["No"]]);
+        assert!(check_target("type", Some("Yes"), &ok).is_ok());
+        // The positive class at one site only is enough.
+        assert!(check_target("type", Some("Yes"), &sites(&[&["No"], &["Yes"]])).is_ok());
+        // The wrong case: named, with the fix.
+        let err = check_target("type", Some("yes"), &ok).unwrap_err();
+        assert!(
+            err.contains(r#"the classes they name: "No", "Yes""#),
+            "{err}"
+        );
+        assert!(err.contains(r#"fix: positive_class = "Yes""#), "{err}");
+        // Absent everywhere.
+        let err = check_target("diagnosis", Some("normal"), &sites(&[&["B", "M"]])).unwrap_err();
+        assert!(
+            err.contains("is not a class of target 'diagnosis'"),
+            "{err}"
+        );
+        assert!(err.contains("set positive_class to one of"), "{err}");
+        // One class in the whole federation.
+        let err = check_target("type", Some("Yes"), &sites(&[&["Yes"], &["Yes"]])).unwrap_err();
+        assert!(err.contains("a single class"), "{err}");
+        // Nothing named (every class rarer than min_cell everywhere).
+        let err = check_target("type", Some("Yes"), &sites(&[&[], &[]])).unwrap_err();
+        assert!(err.contains("name: none"), "{err}");
+        // A regression study has no classes to check.
+        assert!(check_target("y", None, &sites(&[&[]])).is_ok());
     }
 
     fn update() -> ModelUpdate {

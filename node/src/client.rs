@@ -15,7 +15,7 @@ use medfed_infra::identity::SiteSigner;
 use medfed_infra::transport::{self, Identity, TransportError};
 use medfed_protocol::messages::{
     DatasetInfo, ErrorMessage, EvaluateRequest, EvaluationReport, Hello, ModelUpdate, RoundOpen,
-    StudyAnnouncement, StudyDecision,
+    StudyAnnouncement, StudyDecision, training_binding,
 };
 use medfed_protocol::metrics::Evaluation;
 use medfed_protocol::model::{GlobalModel, TrainError, mean_loss, predict, train_local_until};
@@ -101,6 +101,11 @@ pub struct Node {
     pub(crate) cohorts: crate::statistics::CohortMemory,
     /// What was announced to this site (`medfed node studies`).
     pub(crate) announced: crate::announced::AnnouncedStudies,
+    /// The last differentially private update sent in the clear, per study, with the
+    /// round and what it answered ([`training_binding`]): a retry of that round from the
+    /// same model gets the same update again, which releases nothing new and costs
+    /// nothing (fresh noise would be a new release).
+    pub(crate) sent_private: Mutex<HashMap<String, (u32, [u8; 32], ModelUpdate)>>,
 }
 
 /// The result of local training in one round.
@@ -229,6 +234,7 @@ impl Node {
             signer,
             roots,
             secure: Mutex::default(),
+            sent_private: Mutex::default(),
             revealed,
             audit,
             ledger,
@@ -681,6 +687,11 @@ impl Node {
             crate::policy::Verdict::Approved(why) => why,
             crate::policy::Verdict::Refused(why) => return refuse(why),
         };
+        if let Some(dp) = &a.privacy
+            && let Err(why) = self.check_study_budget(&a.study_id, &dp.charge(), a.rounds)
+        {
+            return refuse(why);
+        }
         let Some(dataset) = self.dataset_config(&a.dataset) else {
             return refuse(format!("this site serves no dataset named '{}'", a.dataset));
         };
@@ -777,6 +788,7 @@ impl Node {
             // Under differential privacy nothing but the noisy model is released.
             feature_stats: (!a.secure_aggregation && a.privacy.is_none())
                 .then(|| data.feature_stats()),
+            target_classes: data.common_classes(self.config.policy.min_cell),
         };
         if a.privacy.is_none()
             && let Err((code, reason)) = self.record_exact_release(&a.study_id, &a.dataset)
@@ -1009,6 +1021,14 @@ impl Node {
             // Without secure aggregation the update is seen alone: this site adds all of
             // the noise itself (trusting nobody), charges its budget first, and sends
             // nothing else: no count, loss or evaluation.
+            let binding = training_binding(&r.study_id, r.round, 0.0, &r.model, &r.params);
+            if let Some((round, b, update)) = self.sent_private_lock().get(&r.study_id)
+                && *round == r.round
+                && *b == binding
+            {
+                info!(study = %r.study_id, round = r.round, "the round again from the same model: the same update again, at no cost");
+                return Ok(Message::ModelUpdate(update.clone()));
+            }
             self.spend_budget(&r.study_id, r.round, dp.charge())?;
             let u = self.local_update(&r).await?;
             let delta = if dp.sgd.is_some() {
@@ -1023,8 +1043,8 @@ impl Node {
                 let sigma = dp.sigma_on_grid(TRAINING_GRID_BITS, width, false);
                 Node::dp_contribution(&r.model.weights, &u.weights, &dp, sigma, TRAINING_GRID_BITS)?
             };
-            return Ok(Message::ModelUpdate(ModelUpdate {
-                study_id: r.study_id,
+            let update = ModelUpdate {
+                study_id: r.study_id.clone(),
                 round: r.round,
                 weights: r
                     .model
@@ -1036,7 +1056,10 @@ impl Node {
                 num_samples: 0,
                 train_loss: 0.0,
                 evaluation: Evaluation::empty(data.kind),
-            }));
+            };
+            self.sent_private_lock()
+                .insert(r.study_id, (r.round, binding, update.clone()));
+            return Ok(Message::ModelUpdate(update));
         }
         let u = self.local_update(&r).await?;
         Ok(Message::ModelUpdate(ModelUpdate {
@@ -1047,6 +1070,13 @@ impl Node {
             train_loss: u.train_loss,
             evaluation: u.evaluation,
         }))
+    }
+
+    fn sent_private_lock(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, (u32, [u8; 32], ModelUpdate)>> {
+        // Only ever replaced whole: a poisoned map is still consistent.
+        self.sent_private.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn evaluate(&self, r: EvaluateRequest) -> Result<Message, (ErrorCode, String)> {

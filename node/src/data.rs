@@ -222,6 +222,23 @@ impl Table {
         Ok(x)
     }
 
+    /// The values of a class column and how many rows have each (a missing label, empty
+    /// or `NA`, not counted).
+    pub fn classes(
+        &self,
+        column: &str,
+    ) -> Result<std::collections::BTreeMap<String, u64>, DataError> {
+        let c = self.column(column)?;
+        let mut counts = std::collections::BTreeMap::new();
+        for rec in &self.rows {
+            let raw = rec.get(c).unwrap_or("");
+            if !raw.is_empty() && !raw.eq_ignore_ascii_case("na") {
+                *counts.entry(raw.to_string()).or_insert(0) += 1;
+            }
+        }
+        Ok(counts)
+    }
+
     /// The target vector: 1/0 for `positive_class` (classification), or numeric values.
     pub fn target(
         &self,
@@ -288,6 +305,10 @@ pub struct StudyData {
     pub y_val: Array1<f64>,
     /// The study's DP-FedAvg parameters, if it is differentially private.
     pub privacy: Option<medfed_protocol::dp::DpTraining>,
+    /// A classification study's target values and how many of the study's rows have each
+    /// (kept at the site: only the names of the common ones leave, see
+    /// [`StudyData::common_classes`]).
+    pub classes: std::collections::BTreeMap<String, u64>,
 }
 
 impl StudyData {
@@ -306,6 +327,10 @@ impl StudyData {
         }
         let x = table.features(&study.features)?;
         let y = table.target(&study.target, study.model, study.positive_class.as_deref())?;
+        let classes = match study.model {
+            ModelKind::Logistic => table.classes(&study.target)?,
+            ModelKind::Linear => Default::default(),
+        };
         let (train, val) = split_rows(table.len(), study.validation_fraction, &study.study_id);
         let axis = ndarray::Axis(0);
         Ok(StudyData {
@@ -316,6 +341,7 @@ impl StudyData {
             x_val: x.select(axis, &val),
             y_val: y.select(axis, &val),
             privacy: study.privacy,
+            classes,
         })
     }
 
@@ -373,6 +399,10 @@ impl StudyData {
         };
         let x = kept.features(&study.features)?;
         let y = kept.target(&study.target, study.model, study.positive_class.as_deref())?;
+        let classes = match study.model {
+            ModelKind::Logistic => kept.classes(&study.target)?,
+            ModelKind::Linear => Default::default(),
+        };
         let (train, val) = split_rows(kept.len(), study.validation_fraction, &study.study_id);
         let axis = ndarray::Axis(0);
         Ok((
@@ -384,9 +414,25 @@ impl StudyData {
                 x_val: x.select(axis, &val),
                 y_val: y.select(axis, &val),
                 privacy: study.privacy,
+                classes,
             },
             table.len() - kept.len(),
         ))
+    }
+
+    /// The target classes at least `min_cell` of the study's rows have (the names only;
+    /// a rarer class is not named), at most [`MAX_TARGET_CLASSES`]: what the site tells
+    /// the aggregator so that a study whose positive class no site has, or whose target
+    /// has one class, stops before it trains.
+    ///
+    /// [`MAX_TARGET_CLASSES`]: medfed_protocol::messages::MAX_TARGET_CLASSES
+    pub fn common_classes(&self, min_cell: u64) -> Vec<String> {
+        self.classes
+            .iter()
+            .filter(|(_, n)| **n >= min_cell.max(1))
+            .map(|(c, _)| c.clone())
+            .take(medfed_protocol::messages::MAX_TARGET_CLASSES)
+            .collect()
     }
 
     pub fn feature_stats(&self) -> FeatureStats {

@@ -121,6 +121,55 @@ impl Node {
         }
     }
 
+    /// Whether this site's budget can pay for every round of `study` (`rounds` at
+    /// `per_round` each, the rounds it paid for already counted): what it checks before it
+    /// accepts a study, so that a study does not stop midway for this site's budget after
+    /// the other sites paid for rounds that lead nowhere. The budget depends on earlier
+    /// releases only, never on the data, so the reason may be told.
+    pub(crate) fn check_study_budget(
+        &self,
+        study: &str,
+        per_round: &Charge,
+        rounds: u32,
+    ) -> Result<(), String> {
+        let budget = self.config.policy.privacy.budget();
+        let ledger = self.ledger.lock();
+        ledger
+            .check_study(study, per_round, rounds, &budget)
+            .map(|_| ())
+            .map_err(|over| {
+                format!(
+                    "privacy budget: {over} (δ = {:e}) with its {rounds} rounds ({} already paid); \
+                        this site has spent ε = {:.3} of its total {}. fix: the study's operator can \
+                        ask for fewer rounds or a larger noise_multiplier; this site's operator \
+                        decides its budget ([policy.privacy] in node.toml)",
+                    budget.delta,
+                    ledger.rounds_paid(study, per_round).min(u64::from(rounds)),
+                    ledger.epsilon(None, budget.delta),
+                    budget.total_epsilon,
+                )
+            })
+    }
+
+    /// Whether one more `charge` of `study` fits the budget, without charging it: what a
+    /// secure round checks when it joins (its input is charged when it leaves, masked).
+    pub(crate) fn check_budget(&self, study: &str, charge: &Charge) -> Result<(), Refusal> {
+        let budget = self.config.policy.privacy.budget();
+        self.ledger
+            .lock()
+            .check_charge(study, charge, &budget)
+            .map(|_| ())
+            .map_err(|over| {
+                (
+                    ErrorCode::CannotServe,
+                    format!(
+                        "privacy budget: study '{study}' refused: {over} (δ = {:e})",
+                        budget.delta
+                    ),
+                )
+            })
+    }
+
     /// Records an exact release of `study` in the ledger (shown by `node status`), durably.
     pub(crate) fn ledger_exact(&self, study: &str) -> Result<(), Refusal> {
         let mut ledger = self.ledger.lock();

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use medfed_infra::identity::CertificateVerifier;
+use medfed_protocol::dp::Charge;
 use medfed_protocol::messages::{
     RoundOpen, SecAggFromNode, SecAggToNode, SecureRound, StatisticsOpen, statistics_binding,
     training_binding,
@@ -26,21 +27,27 @@ pub(crate) struct Party {
     /// Reveal nothing unless every party is in the sum (exact statistics: a sum over fewer
     /// sites than asked would differ from an earlier one by those sites).
     all_must_survive: bool,
+    /// What the masked input costs the site's budget, charged as it leaves.
+    charge: Option<Charge>,
 }
 
-/// What a site adds to its vector before masking.
+/// What a site adds to its vector before masking, and what that costs its budget.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Noise {
     /// This site's share of the differential-privacy noise (value units; 0: none).
     pub sigma: f64,
     /// Whether the site reveals its unmasking shares only when every party is in the sum.
     pub all_must_survive: bool,
+    /// The privacy-budget charge of the site's input, made when the masked input leaves
+    /// (after enough parties joined to go on): an attempt that fails before costs nothing.
+    pub charge: Option<Charge>,
 }
 
 impl Noise {
     pub(crate) const NONE: Noise = Noise {
         sigma: 0.0,
         all_must_survive: false,
+        charge: None,
     };
 }
 
@@ -380,6 +387,7 @@ impl Node {
                 verifier,
                 parties,
                 all_must_survive: noise.all_must_survive,
+                charge: noise.charge,
             },
         );
         Ok(Message::SecAggFromNode(SecAggFromNode {
@@ -433,7 +441,8 @@ impl Node {
             sr.setup
                 .validate()
                 .map_err(|e| (ErrorCode::InvalidContent, e.to_string()))?;
-            self.spend_budget(&r.study_id, r.round, dp.charge())?;
+            // Only checked here: the charge is made when the masked input leaves.
+            self.check_budget(&r.study_id, &dp.charge())?;
             let u = self.local_update(&r).await?;
             let (vector, noise) = if dp.sgd.is_some() {
                 // DP-SGD: every local step was already private; the delta goes as it is.
@@ -443,13 +452,18 @@ impl Node {
                     .zip(&r.model.weights)
                     .map(|(w, g)| w - g)
                     .collect();
-                (delta, Noise::NONE)
+                let noise = Noise {
+                    charge: Some(dp.charge()),
+                    ..Noise::NONE
+                };
+                (delta, noise)
             } else {
                 let vector = Node::dp_contribution(&r.model.weights, &u.weights, &dp, 0.0, 0)?;
                 let sigma = dp.sigma_on_grid(sr.setup.quant.scale_bits, vector.len(), true);
                 let noise = Noise {
                     sigma: sigma / f64::from(honest).sqrt(),
                     all_must_survive: false,
+                    charge: Some(dp.charge()),
                 };
                 (vector, noise)
             };
@@ -522,6 +536,16 @@ impl Node {
             .handle(m.message, &party.verifier, &self.signer)
         {
             Ok(answer) => {
+                if matches!(answer, ClientMessage::MaskedInput(_))
+                    && let Some(charge) = party.charge
+                {
+                    // The input leaves now (masked): charged durably first, or it does not
+                    // leave. Attempts that failed before this point cost nothing.
+                    if let Err(refused) = self.spend_budget(&m.study_id, m.round, charge) {
+                        secure.remove(&key);
+                        return Err(refused);
+                    }
+                }
                 if matches!(answer, ClientMessage::UnmaskShares { .. }) {
                     if secure.remove(&key).is_some() {
                         // Durably, before the shares leave: if it cannot be recorded, they

@@ -300,6 +300,7 @@ impl Node {
             Err(why) => return refuse(ErrorCode::CannotServe, why),
         };
         let mut noise_sigma = 0.0;
+        let mut noise_charge = None;
         let mut vector = q.encode(&rows);
         match q.noise_multiplier {
             None => {
@@ -328,7 +329,14 @@ impl Node {
                 self.record_exact_release(&q.query_id, &q.dataset)?;
             }
             Some(z) => {
-                self.spend_budget(&q.query_id, 0, medfed_protocol::dp::Charge::Gaussian { z })?;
+                let charge = medfed_protocol::dp::Charge::Gaussian { z };
+                if sq.secure.is_some() {
+                    // Charged when the masked input leaves (see `secure_step`).
+                    self.check_budget(&q.query_id, &charge)?;
+                    noise_charge = Some(charge);
+                } else {
+                    self.spend_budget(&q.query_id, 0, charge)?;
+                }
                 match &sq.secure {
                     Some(sr) => {
                         noise_sigma = q
@@ -372,6 +380,7 @@ impl Node {
                     crate::secure::Noise {
                         sigma: noise_sigma,
                         all_must_survive: exact,
+                        charge: noise_charge,
                     },
                 )
             }

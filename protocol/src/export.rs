@@ -32,6 +32,11 @@ pub struct ExportedModel {
     pub train_loss: f64,
     /// Federated evaluation of this model on the sites' validation rows, when known.
     pub validation: Option<Metrics>,
+    /// Why the study stopped after this round, when this is not the round the study asked
+    /// for (the operator stopped it, too few sites, a round that kept failing): the last
+    /// model released, not a finished study's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<String>,
     /// Seconds since the Unix epoch when the model was written.
     pub created_unix: u64,
 }

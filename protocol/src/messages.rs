@@ -146,12 +146,20 @@ pub enum StudyDecision {
         training_rows: u64,
         validation_rows: u64,
         feature_stats: Option<FeatureStats>,
+        /// A classification study's target classes at this site: the values of the target
+        /// column that at least `min_cell` of its patients have (no count, and no class
+        /// fewer have), sorted, at most [`MAX_TARGET_CLASSES`]. The aggregator stops a study
+        /// whose positive class no site names, or whose target has one class, before round 1.
+        target_classes: Vec<String>,
     },
     Refuse {
         study_id: String,
         reason: String,
     },
 }
+
+/// Most target classes a site names in its study decision.
+pub const MAX_TARGET_CLASSES: usize = 32;
 
 /// The aggregator opens a training round: train from this model, send back an update.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -111,6 +111,7 @@ fn message() -> impl Strategy<Value = Message> {
                     sum: v.clone(),
                     sum_sq: v,
                 }),
+                target_classes: vec!["No".into(), "Yes".into()],
             })
         }),
         "[ -~]{0,40}".prop_map(|reason| Message::StudyDecision(StudyDecision::Refuse {
@@ -315,7 +316,7 @@ fn frame_layout_vector() {
         frame,
         vec![
             0, 0, 0, 7, // length of what follows: 2 (version) + 5 (body)
-            0, 2, // protocol version 2
+            0, 3, // protocol version 3
             9, // Message::Error (variant index 9)
             1, // ErrorCode::Malformed (variant index 1)
             2, b'a', b'b', // reason: varint length, bytes

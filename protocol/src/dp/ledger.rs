@@ -122,6 +122,64 @@ impl Ledger {
         Ok((s, t))
     }
 
+    /// ε of `study` and in total once every round of a `rounds`-round study is charged
+    /// (the rounds it paid for already counted), or why the study would break the budget.
+    /// What a site checks before it accepts a study: a study it cannot see through would
+    /// stop midway, after its other sites paid for rounds that lead nowhere.
+    pub fn check_study(
+        &self,
+        study: &str,
+        per_round: &Charge,
+        rounds: u32,
+        budget: &Budget,
+    ) -> Result<(f64, f64), OverBudget> {
+        let paid = self.rounds_paid(study, per_round);
+        let mut after = self.clone();
+        for _ in paid..u64::from(rounds) {
+            after.record_charge(study, per_round);
+        }
+        let (s, t) = (
+            after.epsilon(Some(study), budget.delta),
+            after.epsilon(None, budget.delta),
+        );
+        if s > budget.study_epsilon {
+            return Err(OverBudget {
+                what: "the whole study",
+                epsilon_after: s,
+                limit: budget.study_epsilon,
+            });
+        }
+        if t > budget.total_epsilon {
+            return Err(OverBudget {
+                what: "the whole study with all other studies",
+                epsilon_after: t,
+                limit: budget.total_epsilon,
+            });
+        }
+        Ok((s, t))
+    }
+
+    /// Rounds of `study` already charged at `per_round` each.
+    pub fn rounds_paid(&self, study: &str, per_round: &Charge) -> u64 {
+        let Some(spend) = self.studies.get(study) else {
+            return 0;
+        };
+        match *per_round {
+            Charge::Gaussian { z } => spend
+                .releases
+                .iter()
+                .filter(|(m, _)| *m == z)
+                .map(|(_, n)| n)
+                .sum(),
+            Charge::Sampled { q, z, steps } => spend
+                .sampled
+                .iter()
+                .filter(|(r, m, _)| *r == q && *m == z)
+                .map(|(_, _, n)| n / steps.max(1))
+                .sum(),
+        }
+    }
+
     /// Records `charge` against `study`.
     pub fn record_charge(&mut self, study: &str, charge: &Charge) {
         match *charge {
@@ -212,6 +270,50 @@ mod tests {
             l.check("b", 2.0, &budget)
         );
         assert_eq!(l.releases("a"), accepted);
+    }
+
+    /// A study is checked whole before it is accepted: the rounds already paid count, the
+    /// rest are added, and a study the budget cannot see through is refused.
+    #[test]
+    fn a_whole_study_is_checked_before_it_starts() {
+        let budget = Budget {
+            study_epsilon: 3.0,
+            total_epsilon: 100.0,
+            delta: 1e-5,
+        };
+        let round = Charge::Gaussian { z: 5.0 };
+        let l = Ledger::default();
+        let fits = (1..20)
+            .take_while(|&r| l.check_study("a", &round, r, &budget).is_ok())
+            .last()
+            .unwrap();
+        // The same number of rounds as charging one at a time allows.
+        let mut one_by_one = Ledger::default();
+        let mut accepted = 0;
+        while one_by_one.check("a", 5.0, &budget).is_ok() {
+            one_by_one.record("a", 5.0);
+            accepted += 1;
+        }
+        assert_eq!(u64::from(fits), accepted);
+        assert!(fits > 2, "{fits}");
+        let err = l.check_study("a", &round, fits + 1, &budget).unwrap_err();
+        assert_eq!(err.what, "the whole study");
+        // Resumed after two paid rounds: only the rest are added.
+        let mut resumed = Ledger::default();
+        resumed.record_charge("a", &round);
+        resumed.record_charge("a", &round);
+        assert_eq!(resumed.rounds_paid("a", &round), 2);
+        let (s, _) = resumed.check_study("a", &round, fits, &budget).unwrap();
+        assert!((s - l.check_study("a", &round, fits, &budget).unwrap().0).abs() < 1e-12);
+        // DP-SGD rounds are counted by their steps.
+        let sgd = Charge::Sampled {
+            q: 0.04,
+            z: 1.5,
+            steps: 50,
+        };
+        resumed.record_charge("s", &sgd);
+        resumed.record_charge("s", &sgd);
+        assert_eq!(resumed.rounds_paid("s", &sgd), 2);
     }
 
     /// DP-SGD rounds are accounted as the sampled Gaussian: the third published reference

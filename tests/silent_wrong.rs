@@ -1,0 +1,155 @@
+//! Results that used to be silently wrong (issue 14), over real QUIC with real processes:
+//! a study whose positive class no site has, or whose target has a single class, stops
+//! before round 1 and names the classes the sites have; `model evaluate` refuses a
+//! positive class the data does not have.
+
+mod procs;
+use procs::{Processes, medfed, spawn, wait};
+
+use std::path::Path;
+use std::time::Duration;
+
+const SITES: [&str; 2] = ["site-a", "site-b"];
+
+/// The PKI, each site's half of the Pima rows (`edit` applied to each row) and its config.
+fn setup(d: &Path, edit: impl Fn(usize, &str) -> String) -> u16 {
+    procs::pki(d, &SITES);
+    let (header, rows) = procs::pima();
+    let port = procs::free_udp_port();
+    for (i, site) in SITES.iter().enumerate() {
+        let part: Vec<String> = rows.iter().skip(i).step_by(2).map(|r| edit(i, r)).collect();
+        std::fs::write(
+            d.join(format!("{site}.csv")),
+            format!("{header}\n{}\n", part.join("\n")),
+        )
+        .unwrap();
+        std::fs::write(
+            d.join(format!("{site}.toml")),
+            procs::node_config(
+                site,
+                port,
+                &format!("{site}.csv"),
+                &format!("{}{}", procs::SERVE_PIMA, procs::RECONNECT_FAST),
+            ),
+        )
+        .unwrap();
+    }
+    port
+}
+
+/// Runs the aggregator with `studies` against both sites; its exit status and log.
+fn run(d: &Path, port: u16, studies: &str) -> (bool, String) {
+    std::fs::write(
+        d.join("aggregator.toml"),
+        procs::aggregator_config(port, Some("out"), &SITES, studies),
+    )
+    .unwrap();
+    let mut procs = Processes(Vec::new());
+    for site in SITES {
+        let cfg = d.join(format!("{site}.toml"));
+        procs.0.push(spawn(
+            d,
+            site,
+            &["node", "run", "--config", cfg.to_str().unwrap()],
+        ));
+    }
+    let agg = d.join("aggregator.toml");
+    procs.0.push(spawn(
+        d,
+        "aggregator",
+        &["aggregator", "run", "--config", agg.to_str().unwrap()],
+    ));
+    let status = wait(&mut procs.0[2].1, Duration::from_secs(90));
+    let log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
+    assert!(status.is_some(), "the aggregator did not finish:\n{log}");
+    (status.unwrap().success(), log)
+}
+
+fn study(id: &str, positive: &str, privacy: bool) -> String {
+    let dp = if privacy {
+        "[study.privacy]\nclip_norm = 1.0\nnoise_multiplier = 4.0\n\
+         feature_ranges = [[0, 17], [0, 200], [0, 122], [0, 99], [0, 67], [0, 2.5], [21, 81]]\n"
+    } else {
+        ""
+    };
+    format!(
+        "[[study]]\nid = \"{id}\"\ndataset = \"pima\"\nmodel = \"logistic\"\n\
+         features = [\"npreg\", \"glu\", \"bp\", \"skin\", \"bmi\", \"ped\", \"age\"]\n\
+         target = \"type\"\npositive_class = \"{positive}\"\nrounds = 3\nmin_sites = 2\n\
+         wait_for_sites_secs = 60\nround_timeout_secs = 30\n{dp}"
+    )
+}
+
+#[test]
+fn a_positive_class_no_site_has_stops_the_study_before_round_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = setup(d, |_, r| r.to_string());
+    // The data says "Yes"; the study asks for "yes". Under differential privacy (the
+    // default) and without.
+    for (id, private) in [("dp-yes", true), ("exact-yes", false)] {
+        let (ok, log) = run(d, port, &study(id, "yes", private));
+        assert!(!ok, "the study must fail:\n{log}");
+        assert!(
+            log.contains(r#"positive_class = "yes" is not a class of target 'type'"#),
+            "{log}"
+        );
+        assert!(
+            log.contains(r#"the classes they name: "No", "Yes""#),
+            "{log}"
+        );
+        assert!(log.contains(r#"fix: positive_class = "Yes""#), "{log}");
+        // Before round 1: no model, and no site trained.
+        assert!(!d.join(format!("out/models/{id}/round-0001.json")).exists());
+        for site in SITES {
+            let node = std::fs::read_to_string(d.join(format!("{site}.log"))).unwrap();
+            assert!(!node.contains("local update ready"), "{site}:\n{node}");
+        }
+    }
+
+    // `model evaluate` on the same mistake: an error naming the classes, not accuracy 1.000.
+    let (ok, log) = run(d, port, &study("right", "Yes", false));
+    assert!(ok, "{log}");
+    let model = d.join("out/models/right/final.json");
+    let out = medfed(&[
+        "model",
+        "evaluate",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        d.join("site-a.csv").to_str().unwrap(),
+        "--target",
+        "type",
+        "--positive-class",
+        "yes",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        err.contains(r#"the positive class "yes" is not a value of column 'type'"#)
+            && err.contains(r#"did you mean "Yes"?"#),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_single_class_target_stops_the_study_before_round_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Every row's outcome is "Yes".
+    let port = setup(d, |_, r| {
+        let (rest, _) = r.rsplit_once(',').unwrap();
+        format!("{rest},Yes")
+    });
+    let (ok, log) = run(d, port, &study("one-class", "Yes", true));
+    assert!(!ok, "{log}");
+    assert!(
+        log.contains("target 'type' has a single class at the 2 accepting sites"),
+        "{log}"
+    );
+    assert!(!d.join("out/models/one-class/round-0001.json").exists());
+}
