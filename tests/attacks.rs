@@ -901,10 +901,10 @@ fn an_identifier_in_a_cohort_is_never_used() {
 
 /// A differentially private training study (the default DP-FedAvg, secure aggregation on),
 /// written with nothing but ordinary `[[study]]` keys: one feature (`glu`) standardized
-/// with `feature_ranges = [[-1, 1]]` (so unchanged), a logistic model whose positive class
-/// nobody has (every label 0), one full-batch epoch, and a learning rate `L`. The first
-/// step sets the weight to `−L · mean(glu)/2` over the site's training rows: it overflows,
-/// and the node answers "training diverged", exactly when `mean(glu) > 2·MAX/L`. The
+/// with `feature_ranges = [[-1, 1]]` (so unchanged), a logistic model, one full-batch
+/// epoch, and a learning rate `L`. The first step sets the weight to
+/// `−L · mean((1/2 − y)·glu)` over the site's training rows: it overflows, and the node
+/// answers "training diverged", exactly when that mean exceeds `MAX/L`. The
 /// budget charged before training is that of `noise_multiplier = 1e6` (ε ≈ 10⁻⁵), so the
 /// aggregator can bisect every site's exact mean (and, over the splits of other study ids,
 /// each row's value) many thousand times within the default budget. Whether a site's
@@ -914,16 +914,31 @@ fn a_training_failure_is_not_a_noise_free_oracle() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let parts = federation(d);
-    let glu: Vec<f64> = parts[0].iter().map(|r| fields(r).0).collect();
-    // site-a's training rows for a study id (the split is public: it is seeded by the id).
+    // (glu, label) of site-a's rows.
+    let rows: Vec<(f64, f64)> = parts[0]
+        .iter()
+        .map(|r| {
+            let f = fields(r);
+            (f.0, if f.2 == "Yes" { 1.0 } else { 0.0 })
+        })
+        .collect();
+    // From w = 0 the first full-batch step moves the weight of glu by
+    // −L·mean((σ(0) − y)·glu) over site-a's training rows (the split is public: it is
+    // seeded by the study id); it overflows when L·|that mean| > MAX, i.e. when the
+    // probe's threshold is below twice the mean.
     let mean = |id: &str| {
-        let (train, _) = medfed_node::data::split_rows(glu.len(), 0.25, id);
-        train.iter().map(|&i| glu[i]).sum::<f64>() / train.len() as f64
+        let (train, _) = medfed_node::data::split_rows(rows.len(), 0.25, id);
+        let m = train
+            .iter()
+            .map(|&i| (0.5 - rows[i].1) * rows[i].0)
+            .sum::<f64>()
+            / train.len() as f64;
+        2.0 * m.abs()
     };
     let probe = |id: &str, threshold: f64| {
         format!(
             "[[study]]\nid = \"{id}\"\ndataset = \"pima\"\nmodel = \"logistic\"\nfeatures = [\"glu\"]\n\
-             target = \"type\"\npositive_class = \"nobody\"\nrounds = 1\nmin_sites = 2\n\
+             target = \"type\"\npositive_class = \"Yes\"\nrounds = 1\nmin_sites = 2\n\
              wait_for_sites_secs = 60\nround_timeout_secs = 30\nround_attempts = 1\n\
              [study.training]\nlocal_epochs = 1\nbatch_size = 100000\nlearning_rate = {:e}\nl2 = 0.0\n\
              [study.privacy]\nclip_norm = 1.0\nnoise_multiplier = 1e6\nfeature_ranges = [[-1, 1]]\n",
@@ -944,6 +959,14 @@ fn a_training_failure_is_not_a_noise_free_oracle() {
             factor
         );
         diverged.push(!lines.is_empty());
+        // The probe is calibrated: site-a's training does fail below its mean, and not
+        // above; only the aggregator cannot tell.
+        let node = std::fs::read_to_string(d.join(format!("site-a-{id}.log"))).unwrap();
+        assert_eq!(
+            node.contains("local training failed"),
+            id == "below",
+            "{id}:\n{node}"
+        );
     }
     let cost = medfed_protocol::fedstats::ReleasePrivacy::of(1e6, 1e-6).epsilon;
     println!("each probe costs a site ε = {cost:.2e} of its budget");
