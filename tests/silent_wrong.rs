@@ -1,7 +1,8 @@
 //! Results that used to be silently wrong (issue 14), over real QUIC with real processes:
 //! a study whose positive class no site has, or whose target has a single class, stops
 //! before round 1 and names the classes the sites have; `model evaluate` refuses a
-//! positive class the data does not have.
+//! positive class the data does not have; a statistics query reports the rows it left out
+//! for missing values.
 
 mod procs;
 use procs::{Processes, medfed, spawn, wait};
@@ -11,13 +12,15 @@ use std::time::Duration;
 
 const SITES: [&str; 2] = ["site-a", "site-b"];
 
-/// The PKI, each site's half of the Pima rows (`edit` applied to each row) and its config.
+/// The PKI, each site's half of the Pima rows (`edit` applied to each row, with its index)
+/// and its config.
 fn setup(d: &Path, edit: impl Fn(usize, &str) -> String) -> u16 {
     procs::pki(d, &SITES);
     let (header, rows) = procs::pima();
+    let rows: Vec<String> = rows.iter().enumerate().map(|(i, r)| edit(i, r)).collect();
     let port = procs::free_udp_port();
     for (i, site) in SITES.iter().enumerate() {
-        let part: Vec<String> = rows.iter().skip(i).step_by(2).map(|r| edit(i, r)).collect();
+        let part: Vec<String> = rows.iter().skip(i).step_by(2).cloned().collect();
         std::fs::write(
             d.join(format!("{site}.csv")),
             format!("{header}\n{}\n", part.join("\n")),
@@ -152,4 +155,61 @@ fn a_single_class_target_stops_the_study_before_round_1() {
         "{log}"
     );
     assert!(!d.join("out/models/one-class/round-0001.json").exists());
+}
+
+#[test]
+fn a_statistics_query_reports_the_rows_it_left_out_for_missing_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // glu empty in every 4th row (50 of 200), bmi "NA" in every 5th from the 2nd (40);
+    // 10 rows lack both: 80 left out.
+    let port = setup(d, |i, r| {
+        let mut f: Vec<String> = r.split(',').map(str::to_string).collect();
+        if i % 4 == 0 {
+            f[1] = String::new();
+        }
+        if i % 5 == 1 {
+            f[4] = "NA".into();
+        }
+        f.join(",")
+    });
+    let query = "[[statistics]]\nid = \"gaps\"\ndataset = \"pima\"\nmin_sites = 2\n\
+                 wait_for_sites_secs = 60\ntimeout_secs = 20\n\
+                 [[statistics.column]]\nname = \"glu\"\nlow = 40\nhigh = 200\nedges = [40, 100, 140, 200]\n\
+                 [[statistics.column]]\nname = \"bmi\"\nlow = 15\nhigh = 70\nedges = [15, 25, 30, 35, 40, 70]\n";
+    let (ok, log) = run(d, port, query);
+    assert!(ok, "{log}");
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("out/statistics/gaps.json")).unwrap())
+            .unwrap();
+    let release = &file["release"];
+    // Differentially private (the default): noisy counts, each within its stated error.
+    assert!(
+        release["privacy"]["epsilon"].as_f64().is_some(),
+        "{release}"
+    );
+    let within = |r: &serde_json::Value, exact: f64| {
+        let (v, e) = (r["value"].as_f64().unwrap(), r["error"].as_f64().unwrap());
+        assert!((v - exact).abs() <= e, "{v} ± {e}, exact {exact}");
+    };
+    within(&release["count"], 120.0);
+    let out = &release["left_out"];
+    within(&out["rows"], 80.0);
+    assert_eq!(out["columns"][0][0], "glu");
+    within(&out["columns"][0][1], 50.0);
+    assert_eq!(out["columns"][1][0], "bmi");
+    within(&out["columns"][1][1], 40.0);
+    // The operator is told; each site's own log has its exact counts (the even rows are
+    // site-a's: all 50 without glu, 20 without bmi, 10 of them without both).
+    assert!(
+        log.contains("rows left out of the statistics for a missing or non-numeric value"),
+        "{log}"
+    );
+    let site_a = std::fs::read_to_string(d.join("site-a.log")).unwrap();
+    assert!(
+        site_a.contains(
+            "60 of the cohort's rows are left out for a missing or non-numeric value (glu: 50, bmi: 20)"
+        ),
+        "{site_a}"
+    );
 }

@@ -154,6 +154,9 @@ impl StudyRunner {
             },
         )?;
         info!(study = %cfg.id, sites = sites.len(), path = %path.display(), "statistics released");
+        if let Some(said) = release.left_out.as_ref().and_then(left_out_summary) {
+            warn!(study = %cfg.id, "{said}");
+        }
         Ok((release, path))
     }
 
@@ -193,4 +196,33 @@ impl StudyRunner {
         sites.sort();
         (sum, sites)
     }
+}
+
+/// What the operator is told about the rows the sites left out for missing values: `None`
+/// when the release shows none (every released count 0, the noise aside).
+pub fn left_out_summary(out: &medfed_protocol::fedstats::LeftOutRelease) -> Option<String> {
+    let count = |r: &medfed_protocol::fedstats::Released| match r.value {
+        Some(v) if r.error > 0.0 => format!("{:.0} ± {:.0}", v.max(0.0), r.error),
+        Some(v) => format!("{v:.0}"),
+        None => "a small number (suppressed)".to_string(),
+    };
+    // Nothing to say when every count is shown and within its error of 0.
+    let none = |r: &medfed_protocol::fedstats::Released| {
+        r.value.is_some_and(|v| v.abs() <= r.error.max(0.5))
+    };
+    if none(&out.rows) && out.columns.iter().all(|(_, r)| none(r)) {
+        return None;
+    }
+    let per_column: Vec<String> = out
+        .columns
+        .iter()
+        .filter(|(_, r)| !none(r))
+        .map(|(c, r)| format!("{c}: {}", count(r)))
+        .collect();
+    Some(format!(
+        "rows left out of the statistics for a missing or non-numeric value: {} ({}); the \
+         statistics describe the other rows only",
+        count(&out.rows),
+        per_column.join(", ")
+    ))
 }

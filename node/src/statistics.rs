@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use medfed_protocol::fedstats::StatsQuery;
+use medfed_protocol::fedstats::{LeftOut, StatsQuery};
 use medfed_protocol::messages::{StatisticsQuery, StatisticsReport, query_binding};
 use medfed_protocol::{ErrorCode, Message};
 use serde::{Deserialize, Serialize};
@@ -109,14 +109,31 @@ impl CohortMemory {
     }
 }
 
+/// A query's cohort at a site: the rows' ids and values, and the rows left out for a
+/// missing value.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cohort {
+    pub ids: Vec<u32>,
+    pub rows: Vec<Vec<f64>>,
+    pub left_out: LeftOut,
+}
+
+/// Whether `cell` is missing for `c`: empty or `NA`, or not a number where `c` compares
+/// numbers.
+fn missing_for(c: &medfed_protocol::fedstats::Condition, cell: &str) -> bool {
+    let cell = cell.trim();
+    cell.is_empty()
+        || cell.eq_ignore_ascii_case("na")
+        || (c.text.is_none() && !cell.parse::<f64>().is_ok_and(f64::is_finite))
+}
+
 /// The query's cohort in `table`: rows meeting every condition with a number in every
-/// requested column; and those numbers. With a `patient_key` column, each patient counts
-/// once (their first such row): the unit the noise protects is the patient.
-pub fn cohort(
-    table: &Table,
-    q: &StatsQuery,
-    patient_key: Option<&str>,
-) -> Result<(Vec<u32>, Vec<Vec<f64>>), String> {
+/// requested column; and those numbers. A row that meets every condition it can be
+/// checked on but lacks a value (a condition's column, or a requested column: empty, `NA`
+/// or not a number) is left out, and counted, in all and per column it lacks. With a
+/// `patient_key` column, each patient counts once (their first row in the cohort or left
+/// out): the unit the noise protects is the patient.
+pub fn cohort(table: &Table, q: &StatsQuery, patient_key: Option<&str>) -> Result<Cohort, String> {
     let col = |name: &str| {
         table
             .column(name)
@@ -132,18 +149,33 @@ pub fn cohort(
         .iter()
         .map(|c| col(&c.name))
         .collect::<Result<Vec<_>, String>>()?;
+    let missing_names = q.missing_columns();
+    let slot = |name: &str| missing_names.iter().position(|n| n == name);
     let key = patient_key.and_then(|k| table.column(k).ok());
     let mut seen = std::collections::HashSet::new();
-    let (mut ids, mut rows) = (Vec::new(), Vec::new());
+    let mut out = Cohort {
+        ids: Vec::new(),
+        rows: Vec::new(),
+        left_out: LeftOut::none(q),
+    };
+    let mut lacks = vec![false; missing_names.len()];
     'row: for i in 0..table.len() {
-        if !conds.iter().all(|(j, c)| c.holds(table.cell(i, *j))) {
-            continue;
+        lacks.iter_mut().for_each(|l| *l = false);
+        for (j, c) in &conds {
+            let cell = table.cell(i, *j);
+            if missing_for(c, cell) {
+                if let Some(m) = slot(&c.column) {
+                    lacks[m] = true;
+                }
+            } else if !c.holds(cell) {
+                continue 'row;
+            }
         }
         let mut values = Vec::with_capacity(cols.len());
-        for &j in &cols {
+        for (m, &j) in cols.iter().enumerate() {
             match table.cell(i, j).trim().parse::<f64>() {
                 Ok(x) if x.is_finite() => values.push(x),
-                _ => continue 'row,
+                _ => lacks[m] = true,
             }
         }
         if let Some(k) = key {
@@ -152,10 +184,17 @@ pub fn cohort(
                 continue;
             }
         }
-        ids.push(table.row_id(i));
-        rows.push(values);
+        if lacks.iter().any(|l| *l) {
+            out.left_out.rows += 1;
+            for (n, l) in out.left_out.per_column.iter_mut().zip(&lacks) {
+                *n += u64::from(*l);
+            }
+            continue;
+        }
+        out.ids.push(table.row_id(i));
+        out.rows.push(values);
     }
-    Ok((ids, rows))
+    Ok(out)
 }
 
 /// What the aggregator is told when a site declines a query for a reason that depends on
@@ -295,13 +334,29 @@ impl Node {
         if !exact && let Err(why) = classes.check_private(&q.dataset, used) {
             return refuse(ErrorCode::CannotServe, why);
         }
-        let (ids, rows) = match cohort(&table, q, classes.patient_key()) {
+        let Cohort {
+            ids,
+            rows,
+            left_out,
+        } = match cohort(&table, q, classes.patient_key()) {
             Ok(c) => c,
             Err(why) => return refuse(ErrorCode::CannotServe, why),
         };
+        if left_out.rows > 0 {
+            // Exact, for this site's operator only: the release has them noisy (or, exact,
+            // suppressed when small).
+            let per_column: Vec<String> = q
+                .missing_columns()
+                .iter()
+                .zip(&left_out.per_column)
+                .filter(|(_, n)| **n > 0)
+                .map(|(c, n)| format!("{c}: {n}"))
+                .collect();
+            warn!(query = %q.query_id, left_out = left_out.rows, "{} of the cohort's rows are left out for a missing or non-numeric value ({})", left_out.rows, per_column.join(", "));
+        }
         let mut noise_sigma = 0.0;
         let mut noise_charge = None;
-        let mut vector = q.encode(&rows);
+        let mut vector = q.encode_with(&rows, &left_out);
         match q.noise_multiplier {
             None => {
                 let min_cell = self.config.policy.min_cell.max(q.suppress_below);
@@ -475,9 +530,42 @@ mod tests {
             noise_multiplier: None,
             suppress_below: 1,
         };
-        let (ids, rows) = cohort(&table, &q, None).unwrap();
-        assert_eq!(ids, vec![2, 3], "row 1 has no glucose value");
-        assert_eq!(rows, vec![vec![150.0], vec![160.0]]);
+        let c = cohort(&table, &q, None).unwrap();
+        assert_eq!(c.ids, vec![2, 3], "row 1 has no glucose value");
+        assert_eq!(c.rows, vec![vec![150.0], vec![160.0]]);
+        // It is left out, and counted: one row, lacking glu.
+        assert_eq!(
+            c.left_out,
+            LeftOut {
+                rows: 1,
+                per_column: vec![1, 0]
+            }
+        );
+        assert_eq!(q.missing_columns(), ["glu", "age"]);
+        // A row whose condition column is missing is left out too (whether it belongs is
+        // not known); one that fails a condition it can be checked on is not in the cohort.
+        let gaps = Table::from_reader(
+            Path::new("t.csv"),
+            "age,glu
+,100
+NA,
+20,
+40,x
+45,150
+"
+            .as_bytes(),
+        )
+        .unwrap();
+        let c = cohort(&gaps, &q, None).unwrap();
+        assert_eq!(c.ids, vec![4]);
+        assert_eq!(
+            c.left_out,
+            LeftOut {
+                rows: 3,
+                per_column: vec![2, 2]
+            },
+            "rows 0 (age), 1 (age, glu), 3 (glu: not a number); row 2 fails age >= 30"
+        );
         let mut missing = q.clone();
         missing.columns[0].name = "hba1c".into();
         assert_eq!(
@@ -492,9 +580,9 @@ mod tests {
             "patient,age,glu\np1,40,100\np1,41,150\np1,42,160\np2,50,120\n".as_bytes(),
         )
         .unwrap();
-        let (ids, rows) = cohort(&keyed, &q, Some("patient")).unwrap();
-        assert_eq!(ids, vec![0, 3]);
-        assert_eq!(rows, vec![vec![100.0], vec![120.0]]);
+        let c = cohort(&keyed, &q, Some("patient")).unwrap();
+        assert_eq!(c.ids, vec![0, 3]);
+        assert_eq!(c.rows, vec![vec![100.0], vec![120.0]]);
 
         // Ingested records carry stable ids (partition in the high bits): a record
         // appended to partition 0 later does not renumber partition 1's, so an answered
@@ -512,7 +600,7 @@ mod tests {
         let ids = |records: &[(u32, Record)]| {
             cohort(&Table::from_records(Path::new("ingest"), records), &q, None)
                 .unwrap()
-                .0
+                .ids
         };
         assert_eq!(ids(&before), vec![0, 1 << 24]);
         assert_eq!(ids(&after), vec![0, 1, 1 << 24]);

@@ -8,11 +8,16 @@
 //! [ n | per column j: Σx_j, Σx_j², histogram counts | per pair j<k: Σx_j·x_k ]
 //! ```
 //!
+//! followed by the rows of the cohort left out for a missing value: how many, and how many
+//! lack each column of [`StatsQuery::missing_columns`] (`[ left out | per column ]`).
+//!
 //! Each entry is divided by its *unit*, the most one patient can change it (1 for counts,
 //! `max|x_j|` for sums, `max x_j²` for sums of squares, `max|x_j|·max|x_k|` for
 //! cross-products). In units, adding or removing one patient changes the vector by at most
-//! `√(1 + 3p + p(p−1)/2)` in L2 norm (one histogram bin per column), the sensitivity the
-//! Gaussian noise is calibrated to.
+//! `√(1 + 3p + p(p−1)/2)` in L2 norm (one histogram bin per column); a patient left out
+//! for missing values changes only the left-out entries, by at most `√(1 + m)` for `m`
+//! missing columns. The larger of the two is the sensitivity the Gaussian noise is
+//! calibrated to (the first, unless the cohort filter names many other columns).
 
 use serde::{Deserialize, Serialize};
 
@@ -168,9 +173,24 @@ impl StatsQuery {
         }
     }
 
+    /// The columns whose missing values leave a row out, in the vector's order: the
+    /// described columns, then the cohort filter's other columns.
+    pub fn missing_columns(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.columns.iter().map(|c| c.name.clone()).collect();
+        for c in &self.cohort {
+            if !names.contains(&c.column) {
+                names.push(c.column.clone());
+            }
+        }
+        names
+    }
+
     /// Length of a site's vector.
     pub fn dimension(&self) -> usize {
-        1 + self.columns.iter().map(|c| 2 + c.bins()).sum::<usize>() + self.pairs()
+        1 + self.columns.iter().map(|c| 2 + c.bins()).sum::<usize>()
+            + self.pairs()
+            + 1
+            + self.missing_columns().len()
     }
 
     /// Each entry's unit: the most one patient changes it.
@@ -188,13 +208,17 @@ impl StatsQuery {
                 }
             }
         }
+        u.extend(std::iter::repeat_n(1.0, 1 + self.missing_columns().len()));
         u
     }
 
-    /// L2 sensitivity of the vector in units to adding or removing one patient.
+    /// L2 sensitivity of the vector in units to adding or removing one patient: one in the
+    /// cohort, or one left out for missing values (never both).
     pub fn sensitivity(&self) -> f64 {
         let p = self.columns.len();
-        ((1 + 3 * p + self.pairs()) as f64).sqrt()
+        let kept = 1 + 3 * p + self.pairs();
+        let left_out = 1 + self.missing_columns().len();
+        (kept.max(left_out) as f64).sqrt()
     }
 
     /// The standard deviation of the noise on each entry of the released sum, in units.
@@ -220,9 +244,14 @@ impl StatsQuery {
             .map(|s| s / f64::from(honest).sqrt())
     }
 
-    /// A site's vector, in units, over its cohort's rows (each row: the columns' values in
-    /// order, clipped here to their bounds).
+    /// [`StatsQuery::encode_with`] for a cohort without rows left out.
     pub fn encode(&self, rows: &[Vec<f64>]) -> Vec<f64> {
+        self.encode_with(rows, &LeftOut::none(self))
+    }
+
+    /// A site's vector, in units, over its cohort's rows (each row: the columns' values in
+    /// order, clipped here to their bounds) and the rows it left out for missing values.
+    pub fn encode_with(&self, rows: &[Vec<f64>], left_out: &LeftOut) -> Vec<f64> {
         let p = self.columns.len();
         let mut v = vec![0.0; self.dimension()];
         v[0] = rows.len() as f64;
@@ -246,6 +275,13 @@ impl StatsQuery {
                         at += 1;
                     }
                 }
+            }
+        }
+        let at = self.dimension() - 1 - self.missing_columns().len();
+        v[at] = left_out.rows as f64;
+        for (j, n) in left_out.per_column.iter().enumerate() {
+            if let Some(e) = v.get_mut(at + 1 + j) {
+                *e = *n as f64;
             }
         }
         let units = self.units();
@@ -356,11 +392,41 @@ impl StatsQuery {
             }
             m
         });
+        let at = self.dimension() - 1 - self.missing_columns().len();
+        let cells: Vec<f64> = v[at..].to_vec();
+        // Noisy counts: the small ones hidden (post-processing). Exact ones: a small cell is
+        // hidden, and the total with it (it would bound the hidden one).
+        let shown: Vec<bool> = match sigma {
+            Some(_) => cells.iter().map(|c| *c >= threshold).collect(),
+            None => {
+                let mut shown: Vec<bool> =
+                    cells.iter().map(|c| *c == 0.0 || *c >= threshold).collect();
+                if shown.iter().any(|s| !s) {
+                    shown[0] = false;
+                }
+                shown
+            }
+        };
+        let left_out = LeftOutRelease {
+            rows: Released::new(cells[0], radius(at), shown[0]),
+            columns: self
+                .missing_columns()
+                .into_iter()
+                .enumerate()
+                .map(|(j, name)| {
+                    (
+                        name,
+                        Released::new(cells[1 + j], radius(at + 1 + j), shown[1 + j]),
+                    )
+                })
+                .collect(),
+        };
         Ok(StatsRelease {
             query_id: self.query_id.clone(),
             count,
             columns,
             correlations,
+            left_out: Some(left_out),
             noise_sd_units: sigma,
             privacy: None,
         })
@@ -599,6 +665,32 @@ pub struct ColumnRelease {
     pub quantiles: Vec<(f64, Released)>,
 }
 
+/// The rows of a site's cohort left out for missing values: how many, and how many lack
+/// each of [`StatsQuery::missing_columns`] (a row may lack several).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LeftOut {
+    pub rows: u64,
+    pub per_column: Vec<u64>,
+}
+
+impl LeftOut {
+    /// None left out, for `q`'s columns.
+    pub fn none(q: &StatsQuery) -> LeftOut {
+        LeftOut {
+            rows: 0,
+            per_column: vec![0; q.missing_columns().len()],
+        }
+    }
+}
+
+/// The released [`LeftOut`] summed over sites.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeftOutRelease {
+    pub rows: Released,
+    /// (column, rows without a usable value in it)
+    pub columns: Vec<(String, Released)>,
+}
+
 /// What a statistics query releases.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsRelease {
@@ -607,6 +699,11 @@ pub struct StatsRelease {
     pub columns: Vec<ColumnRelease>,
     /// Pearson correlations (None where suppressed).
     pub correlations: Option<Vec<Vec<Option<f64>>>>,
+    /// The cohort's rows left out for a missing (empty, `NA`, non-numeric) value, in all and
+    /// per column, as noisy (or, for an exact release, suppressed) counts. Absent from
+    /// releases made before it was reported.
+    #[serde(default)]
+    pub left_out: Option<LeftOutRelease>,
     /// The noise's standard deviation per entry of the sum, in units (None: exact).
     pub noise_sd_units: Option<f64>,
     /// What the release costs each site's patients (None: exact).
@@ -649,7 +746,7 @@ mod tests {
     fn exact_statistics_from_the_sum_of_site_vectors() {
         let q = query();
         q.validate().unwrap();
-        assert_eq!(q.dimension(), 1 + (2 + 3) + (2 + 2) + 1);
+        assert_eq!(q.dimension(), 1 + (2 + 3) + (2 + 2) + 1 + (1 + 2));
         let rows: Vec<Vec<f64>> = (0..40)
             .map(|i| vec![80.0 + 2.0 * i as f64, 20.0 + i as f64 * 0.5])
             .collect();
@@ -788,6 +885,70 @@ mod tests {
         );
     }
 
+    /// Rows left out for a missing value are released as counts, in all and per column,
+    /// within the sensitivity the noise is for; exact small ones are hidden.
+    #[test]
+    fn rows_left_out_for_missing_values_are_reported() {
+        let q = query();
+        assert_eq!(q.missing_columns(), ["glu", "bmi"]);
+        let rows: Vec<Vec<f64>> = (0..30).map(|i| vec![100.0 + i as f64, 30.0]).collect();
+        let left = LeftOut {
+            rows: 14,
+            per_column: vec![12, 3],
+        };
+        let r = q.release(&q.encode_with(&rows, &left), None, 0.0).unwrap();
+        let out = r.left_out.unwrap();
+        // 3 is a small cell: hidden, and the total with it.
+        assert_eq!(out.rows.value, None);
+        assert_eq!(
+            out.columns[0],
+            ("glu".to_string(), Released::new(12.0, 0.0, true))
+        );
+        assert_eq!(out.columns[1].1.value, None);
+        let none = q
+            .release(&q.encode(&rows), None, 0.0)
+            .unwrap()
+            .left_out
+            .unwrap();
+        assert_eq!(none.rows.value, Some(0.0), "0 is not a small cell");
+        // One patient left out, lacking every column, moves the vector within Δ; so does
+        // a patient in the cohort.
+        let one = LeftOut {
+            rows: 1,
+            per_column: vec![1, 1],
+        };
+        let dist = |a: Vec<f64>, b: Vec<f64>| {
+            a.iter()
+                .zip(&b)
+                .map(|(x, y)| (x - y).powi(2))
+                .sum::<f64>()
+                .sqrt()
+        };
+        let base = q.encode(&rows);
+        assert!(dist(base.clone(), q.encode_with(&rows, &one)) <= q.sensitivity() + 1e-9);
+        // A cohort filter on many other columns: the left-out entries set Δ.
+        let mut wide = q.clone();
+        wide.correlations = false;
+        wide.cohort = (0..12)
+            .map(|i| Condition {
+                column: format!("c{i}"),
+                op: CmpOp::Ge,
+                value: Some(0.0),
+                text: None,
+            })
+            .collect();
+        let all = LeftOut {
+            rows: 1,
+            per_column: vec![1; wide.missing_columns().len()],
+        };
+        let moved = dist(wide.encode(&[]), wide.encode_with(&[], &all));
+        assert!(
+            (moved - wide.sensitivity()).abs() < 1e-9,
+            "{moved} vs {}",
+            wide.sensitivity()
+        );
+    }
+
     #[test]
     fn values_are_clipped_and_the_sensitivity_holds() {
         let q = query();
@@ -854,7 +1015,7 @@ mod tests {
                     proptest::strategy::Just(1.0),
                     -1.0f64..1.0,
                 ],
-                11,
+                14,
             ),
         ) {
             let q = StatsQuery { suppress_below: 0, ..query() };
@@ -895,6 +1056,11 @@ mod tests {
                     let rank = ((p * n).ceil() as usize).clamp(1, sorted.len());
                     within("quantile", v, sorted[rank - 1])?;
                 }
+            }
+            let out = r.left_out.unwrap();
+            within("left out", &out.rows, 0.0)?;
+            for (_, c) in &out.columns {
+                within("left out of a column", c, 0.0)?;
             }
         }
     }
