@@ -172,6 +172,9 @@ pub fn model_export(args: ExportArgs) -> anyhow::Result<()> {
     if let Some(why) = &model.stopped {
         println!("note: the study stopped early, after this round: {why}");
     }
+    for m in &model.missing_sites {
+        println!("note: the model is without site '{}': {}", m.site, m.reason);
+    }
     Ok(())
 }
 

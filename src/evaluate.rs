@@ -106,6 +106,9 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
         if let Some(why) = &model.stopped {
             println!("note: the study stopped early, after this round: {why}");
         }
+        for m in &model.missing_sites {
+            println!("note: the model is without site '{}': {}", m.site, m.reason);
+        }
         print!("{}", crate::report::metrics_table(&[("global", &metrics)]));
     }
     Ok(())

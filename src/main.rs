@@ -343,6 +343,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<Partial>().is_some() => {
+            eprintln!("warning: {e:#}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -503,6 +507,7 @@ fn run_aggregator(config: PathBuf) -> anyhow::Result<()> {
         });
         let outcomes = aggregator.run(Some(tx)).await?;
         let _ = printer.await;
+        let mut partial = Vec::new();
         for o in outcomes {
             println!(
                 "study '{}' complete after {} rounds; final model: {}",
@@ -510,10 +515,45 @@ fn run_aggregator(config: PathBuf) -> anyhow::Result<()> {
                 o.rounds,
                 o.final_model.display()
             );
+            for m in &o.missing {
+                println!("  WITHOUT site '{}': {}", m.site, m.reason);
+            }
+            if !o.missing.is_empty() {
+                partial.push(format!(
+                    "study '{}' without {}",
+                    o.study_id,
+                    o.missing
+                        .iter()
+                        .map(|m| m.site.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
         }
-        Ok(())
+        if partial.is_empty() {
+            Ok(())
+        } else {
+            Err(Partial(partial.join("; ")).into())
+        }
     })
 }
+
+/// A run that completed on fewer sites than asked: exit status 2 (1 is an error).
+#[derive(Debug)]
+struct Partial(String);
+
+impl std::fmt::Display for Partial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "completed on fewer sites than allowed ({}); the models say which sites are \
+             missing and why (missing_sites in final.json)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for Partial {}
 
 fn node_ingest(config: PathBuf) -> anyhow::Result<()> {
     let cfg = medfed_node::config::NodeConfig::load(&config)?;

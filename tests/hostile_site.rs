@@ -235,7 +235,14 @@ decision_timeout_secs = 2
     }
     let status = procs::wait(&mut procs.0[0].1, Duration::from_secs(110));
     let log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
-    assert!(status.is_some_and(|s| s.success()), "{log}");
+    // Completed without the two silent sites, and says so (exit status 2).
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{log}");
+    for s in ["silent-1", "silent-2"] {
+        assert!(
+            log.contains(&format!("WITHOUT site '{s}': no study decision")),
+            "{log}"
+        );
+    }
     let took = started.elapsed();
     // Sequential announcements waited a round timeout per silent site: at least 120 s.
     assert!(

@@ -137,12 +137,20 @@ fn a_site_refuses_a_study_its_budget_cannot_see_through() {
         },
     );
     let mut procs = start(d, &SITES);
-    all_succeed(d, &mut procs, Duration::from_secs(120));
+    // The study completes without site-d, and says so: exit status 2.
+    let status = wait(&mut procs.0[4].1, Duration::from_secs(120));
     let agg_log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{agg_log}");
     assert!(
         agg_log.contains("study 'pima-dp' complete after 4 rounds"),
         "{agg_log}"
     );
+    assert!(
+        agg_log.contains("WITHOUT site 'site-d': refused the study: privacy budget"),
+        "{agg_log}"
+    );
+    procs.0.truncate(4);
+    all_succeed(d, &mut procs, Duration::from_secs(30));
     // site-d refused the study when it was announced, and the aggregator was told why.
     let refusal = agg_log
         .lines()
@@ -171,11 +179,20 @@ fn a_site_refuses_a_study_its_budget_cannot_see_through() {
         d.join("site-d-audit.key.pub").to_str().unwrap(),
     ]);
     assert!(report.contains("privacy budget"), "{report}");
-    // The rounds were aggregated from the other three sites.
-    let round4 = std::fs::read_to_string(d.join("out/models/pima-dp/round-0004.json")).unwrap();
+    // The rounds were aggregated from the other three sites, and the model says which
+    // site is missing, and why.
+    let model = released(d, "pima-dp");
+    assert_eq!(
+        model["sites"],
+        serde_json::json!(["site-a", "site-b", "site-c"])
+    );
+    assert_eq!(model["missing_sites"][0]["site"], "site-d", "{model}");
     assert!(
-        round4.contains("site-a") && !round4.contains("site-d"),
-        "{round4}"
+        model["missing_sites"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("privacy budget"),
+        "{model}"
     );
 }
 

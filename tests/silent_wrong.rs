@@ -213,3 +213,93 @@ fn a_statistics_query_reports_the_rows_it_left_out_for_missing_values() {
         "{site_a}"
     );
 }
+
+/// A training study one site cannot serve (its extract has empty cells, and the study is
+/// exact, so the site refuses it) completes on the other site, and says so: the model
+/// names the missing site and why, and `aggregator run` exits with status 2.
+#[test]
+fn a_study_that_lost_a_site_says_so_in_its_result_and_exit_status() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // site-b's rows (the odd ones) lack glu every 7th row.
+    let port = setup(d, |i, r| {
+        if i % 2 == 1 && i % 7 == 0 {
+            let mut f: Vec<&str> = r.split(',').collect();
+            f[1] = "";
+            f.join(",")
+        } else {
+            r.to_string()
+        }
+    });
+    // One site left: no secure aggregation (a sum of one is that site's update), which the
+    // sites allow for this test.
+    let studies = study("exact", "Yes", false).replace("min_sites = 2", "min_sites = 1")
+        + "[study.secure_aggregation]\nenabled = false\n";
+    for site in SITES {
+        let path = d.join(format!("{site}.toml"));
+        let cfg = std::fs::read_to_string(&path).unwrap().replace(
+            "[policy.rules]\n",
+            "[policy.rules]\nallow_without_secure_aggregation = true\n",
+        );
+        std::fs::write(&path, cfg).unwrap();
+    }
+    std::fs::write(
+        d.join("aggregator.toml"),
+        procs::aggregator_config(port, Some("out"), &SITES, &studies),
+    )
+    .unwrap();
+    let mut procs = Processes(Vec::new());
+    for site in SITES {
+        let cfg = d.join(format!("{site}.toml"));
+        procs.0.push(spawn(
+            d,
+            site,
+            &["node", "run", "--config", cfg.to_str().unwrap()],
+        ));
+    }
+    // The aggregator waits for both allowed sites before it announces the study.
+    let agg = d.join("aggregator.toml");
+    let out = std::process::Command::new(procs::MEDFED)
+        .args(["aggregator", "run", "--config", agg.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(2), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("WITHOUT site 'site-b': refused the study:"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("completed on fewer sites than allowed"),
+        "{stderr}"
+    );
+    let model: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("out/models/exact/final.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(model["sites"], serde_json::json!(["site-a"]));
+    let missing = &model["missing_sites"][0];
+    assert_eq!(missing["site"], "site-b", "{model}");
+    assert!(
+        missing["reason"].as_str().unwrap().contains("glu"),
+        "the reason names the column: {missing}"
+    );
+    // `model evaluate` says so too.
+    let said = procs::ok(&[
+        "model",
+        "evaluate",
+        "--model",
+        d.join("out/models/exact/final.json").to_str().unwrap(),
+        "--data",
+        d.join("site-a.csv").to_str().unwrap(),
+        "--target",
+        "type",
+    ]);
+    assert!(
+        said.contains("the model is without site 'site-b'"),
+        "{said}"
+    );
+}

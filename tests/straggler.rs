@@ -106,7 +106,17 @@ min_coverage = 0.0
         std::thread::sleep(Duration::from_millis(100));
     };
     let log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
-    assert!(status.success(), "{log}");
+    // The slow sites' updates are in no round: the study completes, and says it is without
+    // them (exit status 2).
+    assert_eq!(status.code(), Some(2), "{log}");
+    for s in ["site-c", "site-d"] {
+        assert!(
+            log.contains(&format!(
+                "WITHOUT site '{s}': accepted the study, but its update is in no round"
+            )),
+            "{log}"
+        );
+    }
     let sites_of = |round: u32| -> Vec<String> {
         let text = std::fs::read_to_string(
             d.join(format!("aggregator-out/models/pima/round-{round:04}.json")),

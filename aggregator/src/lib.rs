@@ -255,6 +255,7 @@ impl Aggregator {
             audit: self.audit.clone(),
             store: self.store.clone(),
             stop_file: self.config.studies_dir.stop_file(&cfg.id),
+            allow: Arc::new(self.config.sites.allow.iter().cloned().collect()),
         }
     }
 

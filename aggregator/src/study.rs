@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use medfed_infra::transport::{self, TransportError};
 use medfed_protocol::Message;
-use medfed_protocol::export::{ExportedModel, MODEL_FORMAT};
+use medfed_protocol::export::{ExportedModel, MODEL_FORMAT, MissingSite};
 use medfed_protocol::messages::{
     EvaluateRequest, ModelUpdate, RoundOpen, RoundResult, StudyAnnouncement, StudyDecision,
 };
@@ -80,6 +80,8 @@ pub struct StudyOutcome {
     pub final_model: PathBuf,
     pub validation: Option<Metrics>,
     pub rounds: u32,
+    /// Allowed sites whose data is in no round of the model, and why.
+    pub missing: Vec<MissingSite>,
 }
 
 pub(crate) struct StudyRunner {
@@ -97,6 +99,8 @@ pub(crate) struct StudyRunner {
     pub store: Arc<dyn medfed_infra::store::Store>,
     /// The file whose presence stops the study at its next round.
     pub stop_file: PathBuf,
+    /// The sites the study is for (the aggregator's allow list).
+    pub allow: Arc<std::collections::BTreeSet<String>>,
 }
 
 /// The z of a one-sided normal confidence (0.9 → 1.28, 0.95 → 1.645, 0.99 → 2.33).
@@ -254,6 +258,7 @@ impl StudyRunner {
                 final_model: final_model.clone(),
                 validation: *validation,
                 rounds: cfg.rounds,
+                missing: Vec::new(),
             });
         }
         self.wait_for_sites(allowed).await?;
@@ -264,7 +269,19 @@ impl StudyRunner {
         let mut stats = FeatureStats::empty(d);
         // The target classes each accepting site names (classification studies).
         let mut classes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        // Why each allowed site is not in the study (it may still join on reconnecting).
+        let mut absent: BTreeMap<String, String> = self
+            .allow
+            .iter()
+            .map(|s| {
+                (
+                    s.clone(),
+                    "not connected when the study was announced".to_string(),
+                )
+            })
+            .collect();
         for (site, answer) in self.announce_all(self.registry.names()).await {
+            absent.insert(site.clone(), "no study decision".into());
             match answer {
                 Ok((
                     conn_id,
@@ -295,6 +312,7 @@ impl StudyRunner {
                             continue;
                         }
                     }
+                    absent.remove(&site);
                     info!(study = %cfg.id, %site, training_rows, "site accepted the study");
                     self.audit
                         .record(medfed_protocol::audit::Event::StudyDecision {
@@ -317,6 +335,7 @@ impl StudyRunner {
                 }
                 Ok((_, StudyDecision::Refuse { reason, .. })) => {
                     warn!(study = %cfg.id, %site, "site refused the study: {reason}");
+                    absent.insert(site.clone(), format!("refused the study: {reason}"));
                     self.audit
                         .record(medfed_protocol::audit::Event::StudyDecision {
                             study: cfg.id.clone(),
@@ -331,7 +350,10 @@ impl StudyRunner {
                     });
                 }
                 Ok(_) => warn!(%site, "study decision for another study; site left out"),
-                Err(e) => warn!(study = %cfg.id, %site, "no study decision: {e}"),
+                Err(e) => {
+                    warn!(study = %cfg.id, %site, "no study decision: {e}");
+                    absent.insert(site.clone(), format!("no study decision: {e}"));
+                }
             }
         }
         if participants.len() < cfg.min_sites {
@@ -418,6 +440,12 @@ impl StudyRunner {
             rounds: cfg.rounds,
         });
 
+        // Rounds each site's update is in (this run; a resumed study counts the pending
+        // round's sites once).
+        let mut contributed: BTreeMap<String, u32> = BTreeMap::new();
+        for site in pending.iter().flat_map(|p| &p.summary.sites) {
+            contributed.insert(site.clone(), 1);
+        }
         // Every way the rounds end early (the operator, too few sites, a round that keeps
         // failing) comes out here, so that the last released model is exported first.
         let ended: Option<StudyError> = 'rounds: {
@@ -509,6 +537,9 @@ impl StudyRunner {
                     rows,
                     ..
                 } = aggregate;
+                for site in &sites {
+                    *contributed.entry(site.clone()).or_default() += 1;
+                }
                 model.weights =
                     cfg.server_optimizer
                         .step(&mut server_state, &model.weights, &weights);
@@ -552,7 +583,8 @@ impl StudyRunner {
                 return Err(cause);
             };
             let round = last.summary.round;
-            let path = self.complete_with(last, None, Some(cause.to_string()))?;
+            let missing = self.missing_sites(&absent, &contributed, &participants);
+            let path = self.complete_with(last, None, Some(cause.to_string()), missing)?;
             let final_model = self.export_final(&path)?;
             warn!(study = %cfg.id, round, "study stopped early; its last released model is {}", final_model.display());
             return Err(StudyError::EndedEarly {
@@ -586,7 +618,11 @@ impl StudyRunner {
         };
         let metrics = (evaluation.rows() > 0).then(|| evaluation.metrics());
         let last = pending.ok_or_else(|| self.failed("no round completed"))?;
-        let path = self.complete(last, metrics)?;
+        let missing = self.missing_sites(&absent, &contributed, &participants);
+        for m in &missing {
+            warn!(study = %cfg.id, site = %m.site, "the model is without this site: {}", m.reason);
+        }
+        let path = self.complete_with(last, metrics, None, missing.clone())?;
         let final_path = self.export_final(&path)?;
         let done = crate::checkpoint::StudyCheckpoint {
             config_sha256: crate::checkpoint::config_hash(cfg),
@@ -604,7 +640,39 @@ impl StudyRunner {
             final_model: final_path,
             validation: metrics,
             rounds: cfg.rounds,
+            missing,
         })
+    }
+
+    /// The allowed sites whose data is in no round of the model, or that left the study
+    /// before its end, and why.
+    fn missing_sites(
+        &self,
+        absent: &BTreeMap<String, String>,
+        contributed: &BTreeMap<String, u32>,
+        participants: &BTreeMap<String, Participant>,
+    ) -> Vec<MissingSite> {
+        self.allow
+            .iter()
+            .filter_map(|site| {
+                let rounds = contributed.get(site).copied().unwrap_or(0);
+                let reason = match (rounds, participants.contains_key(site)) {
+                    (0, false) => absent
+                        .get(site)
+                        .cloned()
+                        .unwrap_or_else(|| "left the study before its first round".into()),
+                    (0, true) => "accepted the study, but its update is in no round (too slow \
+                                  for the rounds' deadlines, or it dropped out of each)"
+                        .into(),
+                    (k, false) => format!("left the study after its update was in {k} round(s)"),
+                    (_, true) => return None,
+                };
+                Some(MissingSite {
+                    site: site.clone(),
+                    reason,
+                })
+            })
+            .collect()
     }
 
     /// The sites a round invites, and its deadline, by `[study.scheduling]`.
@@ -973,7 +1041,7 @@ impl StudyRunner {
 
     /// Writes a round's model with its validation figures and reports the round.
     fn complete(&self, p: Pending, validation: Option<Metrics>) -> Result<PathBuf, StudyError> {
-        self.complete_with(p, validation, None)
+        self.complete_with(p, validation, None, Vec::new())
     }
 
     /// Copies a round's model file to the study's `final.json`.
@@ -998,6 +1066,7 @@ impl StudyRunner {
         p: Pending,
         validation: Option<Metrics>,
         stopped: Option<String>,
+        missing_sites: Vec<MissingSite>,
     ) -> Result<PathBuf, StudyError> {
         let Pending { mut summary, model } = p;
         let export = ExportedModel {
@@ -1011,6 +1080,7 @@ impl StudyRunner {
             training_rows: summary.training_rows,
             train_loss: summary.train_loss,
             validation,
+            missing_sites,
             stopped,
             created_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)

@@ -32,6 +32,11 @@ pub struct ExportedModel {
     pub train_loss: f64,
     /// Federated evaluation of this model on the sites' validation rows, when known.
     pub validation: Option<Metrics>,
+    /// Sites the study was run for (the aggregator's allow list) whose data is in no round
+    /// of this model, and why: it refused the study, was not connected, or left it. A model
+    /// of fewer sites than asked says so here (and `aggregator run` exits with status 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_sites: Vec<MissingSite>,
     /// Why the study stopped after this round, when this is not the round the study asked
     /// for (the operator stopped it, too few sites, a round that kept failing): the last
     /// model released, not a finished study's.
@@ -39,6 +44,14 @@ pub struct ExportedModel {
     pub stopped: Option<String>,
     /// Seconds since the Unix epoch when the model was written.
     pub created_unix: u64,
+}
+
+/// A site missing from a study's model, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MissingSite {
+    pub site: String,
+    pub reason: String,
 }
 
 impl ExportedModel {
