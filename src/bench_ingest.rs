@@ -98,6 +98,7 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
                 commit_every: 10_000,
                 window: None,
                 signals: None,
+                checkpoint_when_idle: false,
             },
         )?;
         let secs = t.elapsed().as_secs_f64();

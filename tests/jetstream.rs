@@ -145,6 +145,7 @@ fn jetstream_worker() {
                         commit_every: 200,
                         window: None,
                         signals: None,
+                        checkpoint_when_idle: false,
                     },
                     &on_checkpoint,
                 )

@@ -52,6 +52,7 @@ fn runtime_crash_worker() {
             commit_every: 1000,
             window: None,
             signals: None,
+            checkpoint_when_idle: false,
         },
     )
     .unwrap();

@@ -39,6 +39,10 @@ pub struct RunOptions {
     pub window: Option<Duration>,
     /// Shared by the partitions of one pipeline, for the `AllTasks` scope.
     pub signals: Option<Arc<PipelineSignals>>,
+    /// Checkpoint what was processed whenever the input pauses (a stream that never ends:
+    /// its records reach the store, and its source learns they are durable, without
+    /// waiting for `commit_every` more).
+    pub checkpoint_when_idle: bool,
 }
 
 impl Default for RunOptions {
@@ -47,6 +51,7 @@ impl Default for RunOptions {
             commit_every: 10_000,
             window: None,
             signals: None,
+            checkpoint_when_idle: false,
         }
     }
 }
@@ -205,7 +210,23 @@ pub fn run_partition_with(
             report.shut_down = true;
             break;
         }
-        let Some(batch) = batch else { continue };
+        let Some(batch) = batch else {
+            if opts.checkpoint_when_idle && since > 0 {
+                task.flush(&mut state);
+                checkpoint(
+                    offset,
+                    processed,
+                    quarantined,
+                    &mut state,
+                    &mut dead,
+                    &mut outputs,
+                )?;
+                on_checkpoint(offset);
+                report.checkpoints += 1;
+                since = 0;
+            }
+            continue;
+        };
         for env in batch {
             if env.offset < offset {
                 continue; // already in the state (the source re-sent it)

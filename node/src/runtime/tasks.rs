@@ -208,6 +208,7 @@ mod tests {
                 commit_every,
                 window: None,
                 signals: None,
+                checkpoint_when_idle: false,
             },
         )
         .unwrap()
@@ -400,6 +401,7 @@ mod tests {
             commit_every: 100,
             window: None,
             signals: Some(signals),
+            checkpoint_when_idle: false,
         };
         // Partitions 1 and 2 follow their file: without the signal they would never end.
         let mut runs = Vec::new();
