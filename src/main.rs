@@ -7,6 +7,7 @@
 mod aggregator_cmd;
 mod alloc_meter;
 mod audit;
+mod audit_reconcile;
 mod bench;
 mod bench_audit;
 mod bench_ingest;
@@ -78,7 +79,7 @@ enum AuditCommand {
     /// Summarise what left the party and what was asked of it, per study.
     Report(audit::ReportArgs),
     /// Check that a node's and the aggregator's logs agree on every message between them.
-    Reconcile(audit::ReconcileArgs),
+    Reconcile(audit_reconcile::ReconcileArgs),
 }
 
 #[derive(Subcommand)]
@@ -339,7 +340,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Pseudonymize(args)) => node_cmd::bench_pseudonymize(args),
         Command::Audit(AuditCommand::Verify(args)) => audit::verify(args),
         Command::Audit(AuditCommand::Report(args)) => audit::report(args),
-        Command::Audit(AuditCommand::Reconcile(args)) => audit::reconcile(args),
+        Command::Audit(AuditCommand::Reconcile(args)) => audit_reconcile::reconcile(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
