@@ -333,3 +333,64 @@ fn node_check_names_each_problem_and_its_fix() {
         assert!(good, "{text}");
     }
 }
+
+/// The certificate problems a hospital's IT engineer meets, each in words (no `KeyMismatch`,
+/// `Some(..)` or UNIX times) with the fix that matches it.
+#[test]
+fn certificate_problems_are_named_with_the_matching_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    procs::pki(d, &["alpha", "beta"]);
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
+        d.join("pima.csv"),
+    )
+    .unwrap();
+    let port = procs::free_udp_port();
+    let config = |name: &str, text: String| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let alpha = node_config(port, "", "pima.csv", "pki/sites/alpha/ca.pem");
+
+    // A key that is not the certificate's.
+    let (good, text) = check(&config(
+        "wrong-key.toml",
+        alpha.replace("pki/sites/alpha/key.pem", "pki/sites/beta/key.pem"),
+    ));
+    assert!(!good);
+    assert!(
+        status(&text, "certificate") == "FAIL"
+            && text.contains("pki/sites/beta/key.pem does not belong to the certificate")
+            && text.contains("does not belong to the certificate /")
+            && text.contains("pki/sites/alpha/cert.pem\n")
+            && text.contains("fix: set tls.key to the key.pem that came with this cert.pem"),
+        "{text}"
+    );
+    assert!(!text.contains("KeyMismatch"), "{text}");
+
+    // Another site's certificate and key.
+    let (good, text) = check(&config(
+        "other-site.toml",
+        alpha
+            .replace("pki/sites/alpha/cert.pem", "pki/sites/beta/cert.pem")
+            .replace("pki/sites/alpha/key.pem", "pki/sites/beta/key.pem"),
+    ));
+    assert!(!good);
+    assert!(
+        text.contains("is the certificate of site 'beta', but this node is site 'alpha'")
+            && text.contains("set site = \"beta\""),
+        "{text}"
+    );
+    assert!(!text.contains("Some("), "{text}");
+
+    // A good certificate shows until when it is valid, as a date.
+    let (_, text) = check(&config("alpha.toml", alpha));
+    assert!(
+        status(&text, "certificate") == "ok"
+            && text.contains(", valid until 20")
+            && text.contains(" UTC"),
+        "{text}"
+    );
+}

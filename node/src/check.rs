@@ -8,9 +8,11 @@ use std::time::Duration;
 
 use medfed_infra::config::ConfigError;
 use medfed_infra::files::Presence;
-use medfed_infra::identity::CertificateVerifier;
 use medfed_infra::store::Store;
-use medfed_infra::transport::{self, Identity};
+
+pub(crate) mod certs;
+
+use certs::{check_aggregator, check_certificates};
 
 use crate::config::NodeConfig;
 use crate::data::Table;
@@ -358,131 +360,4 @@ fn config_finding(e: ConfigError) -> Finding {
             "fix the key named above; docs/samples/node.toml lists every key with its default",
         ),
     }
-}
-
-fn check_certificates(cfg: &NodeConfig) -> Result<String, Finding> {
-    let tls = &cfg.tls;
-    Identity::load(&tls.cert, &tls.key).map_err(|e| {
-        Finding::fail(
-            "certificate",
-            format!("{} / {}: {e}", tls.cert.display(), tls.key.display()),
-            GET_CERTIFICATE,
-        )
-    })?;
-    let der = transport::load_certs(&tls.cert)
-        .ok()
-        .and_then(|c| c.into_iter().next())
-        .ok_or_else(|| {
-            Finding::fail(
-                "certificate",
-                format!("{}: no certificate in the file", tls.cert.display()),
-                GET_CERTIFICATE,
-            )
-        })?;
-    let trust = tls.trust().map_err(|e| {
-        Finding::fail(
-            "certificate",
-            e.to_string(),
-            "tls.ca must be the consortium's CA certificate (ca.pem) and tls.crl its revocation list (crl.pem), as the consortium's operator sent them",
-        )
-    })?;
-    CertificateVerifier::new(&trust, &[(cfg.site.clone(), der.to_vec())]).map_err(|e| {
-        if is_revoked(&e.to_string()) {
-            return Finding::fail(
-                "certificate",
-                format!(
-                    "{}: this site's certificate has been revoked by the consortium (tls.crl {} lists it)",
-                    tls.cert.display(),
-                    tls.crl.as_deref().unwrap_or(Path::new("")).display()
-                ),
-                format!(
-                    "ask the consortium's operator for a new certificate (`medfed pki issue --dir pki --site {}`) and install it; a revoked one cannot be used again",
-                    cfg.site
-                ),
-            );
-        }
-        Finding::fail(
-            "certificate",
-            format!(
-                "{} is not a valid certificate of site '{}' from the CA in {}: {e}",
-                tls.cert.display(),
-                cfg.site,
-                tls.ca.display()
-            ),
-            "the certificate, its key and ca.pem must come from the same consortium PKI, and the \
-             certificate must name this site and not have expired: get all three again from the consortium's operator",
-        )
-    })?;
-    Ok(format!(
-        "site '{}', issued by the consortium CA in {}",
-        cfg.site,
-        tls.ca.display()
-    ))
-}
-
-async fn check_aggregator(
-    cfg: NodeConfig,
-    store: Option<Arc<dyn Store>>,
-    within: Duration,
-) -> Finding {
-    let address = cfg.aggregator.address.clone();
-    let site = cfg.site.clone();
-    let node = match store {
-        Some(store) => crate::Node::with_store(cfg, Some(store)),
-        None => crate::Node::new(cfg),
-    };
-    let node = match node {
-        Ok(n) => n,
-        Err(e) => {
-            return Finding::fail(
-                "aggregator",
-                format!("not tried: {e}"),
-                "fix the problem named above",
-            );
-        }
-    };
-    match node.probe(within).await {
-        Ok(name) => Finding::ok("aggregator", format!("{address}: welcomed by '{name}'")),
-        Err(e) => {
-            let port = address.rsplit(':').next().unwrap_or("4433");
-            let (detail, fix) = match &e {
-                crate::NodeError::Transport(transport::TransportError::Timeout { .. }) => (
-                    format!("{address}: no answer within {} s", within.as_secs()),
-                    format!(
-                        "check [aggregator] address, that the aggregator is running, and that this network lets the node send UDP to port {port} (nodes dial out; no inbound port is needed)"
-                    ),
-                ),
-                crate::NodeError::Refused { .. } => (
-                    format!("{address}: {e}"),
-                    "ask the aggregator's operator to add this site to [sites] allow, or to check the reason above".into(),
-                ),
-                crate::NodeError::Resolve { .. } => (
-                    e.to_string(),
-                    "check the host name in [aggregator] address, and this machine's DNS".into(),
-                ),
-                // The aggregator refused this site's certificate: its CRL lists it.
-                _ if is_revoked(&e.to_string()) && e.to_string().contains("aborted by peer") => (
-                    format!("{address}: the aggregator refused this site's certificate as revoked ({e})"),
-                    format!(
-                        "ask the consortium's operator for a new certificate (`medfed pki issue --dir pki --site {site}`) and install it"
-                    ),
-                ),
-                // This node's CRL lists the aggregator's certificate.
-                _ if is_revoked(&e.to_string()) => (
-                    format!("{address}: the aggregator's certificate is revoked in tls.crl ({e})"),
-                    "do not connect: the aggregator's operator must install a new certificate (`medfed pki issue --aggregator HOST`); tell the consortium's operator".into(),
-                ),
-                _ => (
-                    format!("{address}: {e}"),
-                    "if the message is about a certificate: the aggregator's certificate must come from the consortium CA in tls.ca, and its name must match [aggregator] server_name".into(),
-                ),
-            };
-            Finding::fail("aggregator", detail, fix)
-        }
-    }
-}
-
-/// Whether a TLS error says a certificate was revoked (a CRL lists it).
-fn is_revoked(error: &str) -> bool {
-    error.contains("Revoked")
 }
