@@ -346,7 +346,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // A node whose own certificate cannot be used stops with EX_CONFIG, which the
+            // sample systemd unit does not restart (RestartPreventExitStatus).
+            match e.downcast_ref::<medfed_node::NodeError>() {
+                Some(medfed_node::NodeError::Certificate { .. }) => ExitCode::from(78),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
