@@ -267,6 +267,14 @@ fn a_node_with_an_unusable_certificate_stops_with_the_fix() {
         !text.contains("Revoked") && !text.contains("error 44"),
         "{text}"
     );
+    // The aggregator's operator reads the same in words.
+    let agg = log("aggregator");
+    assert!(
+        agg.contains(
+            "TLS handshake failed: the other side's certificate was refused: it has been revoked"
+        ) && !agg.contains("Revoked"),
+        "{agg}"
+    );
 
     // Expired (valid for 0 days): the node says since when, as a date, and stops.
     std::thread::sleep(Duration::from_millis(1100));
