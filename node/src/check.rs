@@ -153,13 +153,25 @@ pub async fn run(config_path: &Path, within: Duration) -> Vec<Finding> {
         match Keystore::open(&cfg.state.keystore) {
             Ok(ks) => out.push(Finding::ok(
                 "keystore",
-                format!("pseudonym key version {} ({})", ks.current_version(), cfg.state.keystore.display()),
+                format!(
+                    "pseudonym key version {} ({})",
+                    ks.current_version(),
+                    cfg.state.keystore.display()
+                ),
             )),
-            Err(e) => out.push(Finding::fail(
-                "keystore",
-                e.to_string(),
-                "run `medfed node init` in a new directory and move its keystore here, or restore it from the node's backup",
-            )),
+            Err(e) => {
+                use crate::deid::pseudonym::KeystoreError;
+                let fix = match &e {
+                    KeystoreError::Missing { .. } => "restore the keystore from the node's backup; if this site never had one, run `medfed node init` in a new directory and move its keystore to [state] keystore".to_string(),
+                    KeystoreError::Private(p) => match p.fix() {
+                        Some(cmd) => format!("run `{cmd}` as the node's user"),
+                        None => "make the keystore readable by the node's user only".into(),
+                    },
+                    KeystoreError::Io { .. } => "make the keystore and its directory readable by the node's user".into(),
+                    _ => "restore the keystore from the node's backup (a new key would give every patient new pseudonyms)".into(),
+                };
+                out.push(Finding::fail("keystore", e.to_string(), fix));
+            }
         }
     }
     out.extend(files);
@@ -341,14 +353,23 @@ fn privacy_findings(cfg: &NodeConfig) -> Vec<Finding> {
 
 fn config_finding(e: ConfigError) -> Finding {
     match &e {
+        ConfigError::Invalid { key, .. } if key == "tls.crl" => Finding::fail(
+            "certificate",
+            e.to_string(),
+            "copy crl.pem, as the consortium's operator sent it, to the path in tls.crl (relative paths are relative to the config file)",
+        ),
         ConfigError::Invalid { key, .. } if key.starts_with("tls.") => {
             Finding::fail("certificate", e.to_string(), GET_CERTIFICATE)
         }
-        ConfigError::Invalid { key, .. } if key.starts_with("dataset") => Finding::fail(
-            "data",
-            e.to_string(),
-            "point [[dataset]] path at the site's CSV extract (relative paths are relative to the config file)",
-        ),
+        ConfigError::Invalid { key, .. }
+            if key.starts_with("dataset") && key.ends_with(".path") =>
+        {
+            Finding::fail(
+                "data",
+                e.to_string(),
+                "point [[dataset]] path at the site's CSV extract (relative paths are relative to the config file)",
+            )
+        }
         ConfigError::Read { .. } => Finding::fail(
             "config",
             e.to_string(),
