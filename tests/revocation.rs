@@ -179,7 +179,11 @@ fn a_revoked_certificate_is_refused_at_the_handshake() {
     let (good, text) = check(&d.join("nocrl.toml"));
     assert!(!good);
     assert!(
-        text.contains("`tls.crl`") && text.contains("missing-crl.pem"),
+        text.contains("`tls.crl`")
+            && text.contains("missing-crl.pem")
+            && text.contains(
+                "fix: copy crl.pem, as the consortium's operator sent it, to the path in tls.crl"
+            ),
         "{text}"
     );
     drop(procs.0.pop());
