@@ -392,6 +392,16 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<()> {
                 files.key.display(),
                 files.ca.display()
             );
+            let der = medfed_infra::transport::load_certs(&files.cert)?;
+            if let Some(facts) = der
+                .first()
+                .and_then(|c| medfed_infra::identity::CertificateFacts::of(c).ok())
+            {
+                println!(
+                    "  valid until {}",
+                    medfed_infra::tls_errors::date(facts.not_after)
+                );
+            }
         }
         PkiCommand::Revoke {
             dir,

@@ -200,7 +200,11 @@ fn a_node_with_an_unusable_certificate_stops_with_the_fix() {
     let d = dir.path();
     let pki = procs::pki(d, &["alpha", "beta"]);
     let p = pki.to_str().unwrap();
-    ok(&["pki", "issue", "--dir", p, "--site", "gamma", "--days", "0"]);
+    let issued = ok(&["pki", "issue", "--dir", p, "--site", "gamma", "--days", "0"]);
+    assert!(
+        issued.contains("  valid until 20") && issued.contains(" UTC"),
+        "{issued}"
+    );
     ok(&["pki", "revoke", "--dir", p, "--site", "beta"]);
     std::fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
