@@ -80,7 +80,7 @@ fn a_revoked_certificate_is_refused_at_the_handshake() {
     )
     .unwrap();
     std::fs::write(d.join("beta-crl.toml"), with_crl("beta")).unwrap();
-    let mut procs = Processes(vec![spawn(
+    let _procs = Processes(vec![spawn(
         d,
         "aggregator",
         &[
@@ -186,7 +186,6 @@ fn a_revoked_certificate_is_refused_at_the_handshake() {
             ),
         "{text}"
     );
-    drop(procs.0.pop());
 }
 
 /// A node whose own certificate is revoked (refused by the aggregator) or expired stops
@@ -260,8 +259,9 @@ fn a_node_with_an_unusable_certificate_stops_with_the_fix() {
     let log = |name: &str| std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap();
 
     // Revoked: the aggregator refuses it at the handshake; the node stops with the fix.
-    let (_, mut beta) = run("beta-node", "beta.toml");
-    let status = procs::wait(&mut beta, Duration::from_secs(15));
+    // In `procs`, so that a node that does not stop is killed when the test fails.
+    procs.0.push(run("beta-node", "beta.toml"));
+    let status = procs::wait(&mut procs.0[1].1, Duration::from_secs(15));
     let text = log("beta-node");
     assert_eq!(status.and_then(|s| s.code()), Some(78), "{text}");
     assert!(
@@ -286,8 +286,8 @@ fn a_node_with_an_unusable_certificate_stops_with_the_fix() {
 
     // Expired (valid for 0 days): the node says since when, as a date, and stops.
     std::thread::sleep(Duration::from_millis(1100));
-    let (_, mut gamma) = run("gamma-node", "gamma.toml");
-    let status = procs::wait(&mut gamma, Duration::from_secs(15));
+    procs.0.push(run("gamma-node", "gamma.toml"));
+    let status = procs::wait(&mut procs.0[2].1, Duration::from_secs(15));
     let text = log("gamma-node");
     assert_eq!(status.and_then(|s| s.code()), Some(78), "{text}");
     assert!(
