@@ -7,6 +7,7 @@
 mod aggregator_cmd;
 mod alloc_meter;
 mod audit;
+mod audit_reconcile;
 mod bench;
 mod bench_audit;
 mod bench_ingest;
@@ -78,7 +79,7 @@ enum AuditCommand {
     /// Summarise what left the party and what was asked of it, per study.
     Report(audit::ReportArgs),
     /// Check that a node's and the aggregator's logs agree on every message between them.
-    Reconcile(audit::ReconcileArgs),
+    Reconcile(audit_reconcile::ReconcileArgs),
 }
 
 #[derive(Subcommand)]
@@ -339,7 +340,7 @@ fn main() -> ExitCode {
         Command::Bench(BenchCommand::Pseudonymize(args)) => node_cmd::bench_pseudonymize(args),
         Command::Audit(AuditCommand::Verify(args)) => audit::verify(args),
         Command::Audit(AuditCommand::Report(args)) => audit::report(args),
-        Command::Audit(AuditCommand::Reconcile(args)) => audit::reconcile(args),
+        Command::Audit(AuditCommand::Reconcile(args)) => audit_reconcile::reconcile(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -349,7 +350,12 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::FAILURE
+            // A node whose own certificate cannot be used stops with EX_CONFIG, which the
+            // sample systemd unit does not restart (RestartPreventExitStatus).
+            match e.downcast_ref::<medfed_node::NodeError>() {
+                Some(medfed_node::NodeError::Certificate { .. }) => ExitCode::from(78),
+                _ => ExitCode::FAILURE,
+            }
         }
     }
 }
@@ -390,6 +396,16 @@ fn pki(cmd: PkiCommand) -> anyhow::Result<()> {
                 files.key.display(),
                 files.ca.display()
             );
+            let der = medfed_infra::transport::load_certs(&files.cert)?;
+            if let Some(facts) = der
+                .first()
+                .and_then(|c| medfed_infra::identity::CertificateFacts::of(c).ok())
+            {
+                println!(
+                    "  valid until {}",
+                    medfed_infra::tls_errors::date(facts.not_after)
+                );
+            }
         }
         PkiCommand::Revoke {
             dir,

@@ -135,14 +135,16 @@ pub fn check(config: PathBuf, timeout: u64) -> anyhow::Result<()> {
     ));
     let mut failed = 0;
     for f in &findings {
-        println!(
-            "{:<12} {:<5} {}",
-            f.check,
-            if f.ok { "ok" } else { "FAIL" },
-            f.detail
-        );
+        let status = match (f.ok, &f.fix) {
+            (false, _) => "FAIL",
+            (true, Some(_)) => "warn",
+            (true, None) => "ok",
+        };
+        println!("{:<12} {:<5} {}", f.check, status, f.detail);
         if let Some(fix) = &f.fix {
             println!("{:<12} {:<5} fix: {fix}", "", "");
+        }
+        if !f.ok {
             failed += 1;
         }
     }

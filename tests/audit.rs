@@ -302,7 +302,10 @@ fn reconcile_agrees_on_a_real_run_and_catches_one_sided_and_altered_messages() {
         "--aggregator-key",
         &akey,
     ]);
-    assert!(out.contains("OK: the logs of 'st-marys'"), "{out}");
+    assert!(
+        out.contains("OK: the logs of 'st-marys'") && out.contains("messages between them"),
+        "{out}"
+    );
 
     // Two correctly signed logs that disagree: the node logged a message the aggregator
     // never received, and one whose bytes differ.
@@ -371,6 +374,115 @@ fn reconcile_agrees_on_a_real_run_and_catches_one_sided_and_altered_messages() {
         "{text}"
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 discrepancies"));
+}
+
+/// Reconcile checks what it compares: a node's log and the log of the aggregator it talked
+/// to, each in its place. Swapped logs, two node logs, or an aggregator that never talked to
+/// the node are refused with which log is which; agreement states how many messages.
+#[test]
+fn reconcile_refuses_logs_that_are_not_a_node_and_its_aggregator() {
+    use medfed_infra::auditlog::AuditLog;
+    use medfed_protocol::audit::{Event, MessageEntry};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let entry = |peer: &str, sha: &str| MessageEntry {
+        peer: peer.into(),
+        message: "hello".into(),
+        study: None,
+        round: None,
+        bytes: 10,
+        sha256: sha.repeat(64 / sha.len()),
+    };
+    let open = |name: &str, party: &str, role: &str| {
+        AuditLog::open(
+            &d.join(format!("{name}.log")),
+            &d.join(format!("{name}.key")),
+            party,
+            role,
+            "test",
+            "cfg",
+        )
+        .unwrap()
+    };
+    let (alpha, beta) = (open("alpha", "alpha", "node"), open("beta", "beta", "node"));
+    let (centre, other) = (
+        open("centre", "centre", "aggregator"),
+        open("other", "other-centre", "aggregator"),
+    );
+    alpha
+        .record(Event::Sent(entry("aggregator", "aa")))
+        .unwrap();
+    centre
+        .record(Event::Received(entry("alpha", "aa")))
+        .unwrap();
+    centre.record(Event::Sent(entry("alpha", "bb"))).unwrap();
+    alpha
+        .record(Event::Received(entry("aggregator", "bb")))
+        .unwrap();
+    beta.record(Event::Sent(entry("aggregator", "cc"))).unwrap();
+    other.record(Event::Received(entry("beta", "cc"))).unwrap();
+    for log in [alpha, beta, centre, other] {
+        log.close("done").unwrap();
+    }
+    let p = |f: &str| d.join(f).to_string_lossy().into_owned();
+    let reconcile = |node: &str, node_key: &str, agg: &str, agg_key: &str| {
+        let out = medfed(&[
+            "audit",
+            "reconcile",
+            "--node-log",
+            &p(&format!("{node}.log")),
+            "--node-key",
+            &p(&format!("{node_key}.key.pub")),
+            "--aggregator-log",
+            &p(&format!("{agg}.log")),
+            "--aggregator-key",
+            &p(&format!("{agg_key}.key.pub")),
+        ]);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.success(), stdout, stderr)
+    };
+
+    let (good, out, err) = reconcile("alpha", "alpha", "centre", "centre");
+    assert!(good, "{out}{err}");
+    assert!(
+        out.contains("OK: the logs of 'alpha' and 'centre' agree on all 2 messages"),
+        "{out}"
+    );
+
+    // Swapped, with their keys and without: which log is which, and how to call it.
+    for (node_key, agg_key) in [("centre", "alpha"), ("alpha", "centre")] {
+        let (good, out, err) = reconcile("centre", node_key, "alpha", agg_key);
+        assert!(!good && !out.contains("OK"), "{out}{err}");
+        assert!(
+            err.contains("the logs are swapped")
+                && err.contains(&format!(
+                    "--node-log {} is the log of the aggregator 'centre'",
+                    p("centre.log")
+                ))
+                && err.contains("is the log of the node 'alpha'")
+                && err.contains("usage: medfed audit reconcile --node-log"),
+            "{err}"
+        );
+    }
+
+    // Two node logs.
+    let (good, out, err) = reconcile("alpha", "alpha", "beta", "beta");
+    assert!(!good && !out.contains("OK"), "{out}{err}");
+    assert!(
+        err.contains("is the log of the node 'beta', not of the aggregator")
+            && !err.contains("discrepancies"),
+        "{err}"
+    );
+
+    // An aggregator's log that never names the node's site.
+    let (good, out, err) = reconcile("alpha", "alpha", "other", "other");
+    assert!(!good && !out.contains("OK"), "{out}{err}");
+    assert!(
+        err.contains("has no message to or from site 'alpha'")
+            && err.contains("names the sites beta"),
+        "{err}"
+    );
 }
 
 #[test]

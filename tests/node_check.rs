@@ -333,3 +333,209 @@ fn node_check_names_each_problem_and_its_fix() {
         assert!(good, "{text}");
     }
 }
+
+/// The certificate problems a hospital's IT engineer meets, each in words (no `KeyMismatch`,
+/// `Some(..)` or UNIX times) with the fix that matches it.
+#[test]
+fn certificate_problems_are_named_with_the_matching_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    procs::pki(d, &["alpha", "beta"]);
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
+        d.join("pima.csv"),
+    )
+    .unwrap();
+    let port = procs::free_udp_port();
+    let config = |name: &str, text: String| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let alpha = node_config(port, "", "pima.csv", "pki/sites/alpha/ca.pem");
+
+    // A key that is not the certificate's.
+    let (good, text) = check(&config(
+        "wrong-key.toml",
+        alpha.replace("pki/sites/alpha/key.pem", "pki/sites/beta/key.pem"),
+    ));
+    assert!(!good);
+    assert!(
+        status(&text, "certificate") == "FAIL"
+            && text.contains("pki/sites/beta/key.pem does not belong to the certificate")
+            && text.contains("does not belong to the certificate /")
+            && text.contains("pki/sites/alpha/cert.pem\n")
+            && text.contains("fix: set tls.key to the key.pem that came with this cert.pem"),
+        "{text}"
+    );
+    assert!(!text.contains("KeyMismatch"), "{text}");
+
+    // Another site's certificate and key.
+    let (good, text) = check(&config(
+        "other-site.toml",
+        alpha
+            .replace("pki/sites/alpha/cert.pem", "pki/sites/beta/cert.pem")
+            .replace("pki/sites/alpha/key.pem", "pki/sites/beta/key.pem"),
+    ));
+    assert!(!good);
+    assert!(
+        text.contains("is the certificate of site 'beta', but this node is site 'alpha'")
+            && text.contains("set site = \"beta\""),
+        "{text}"
+    );
+    assert!(!text.contains("Some("), "{text}");
+
+    // A good certificate shows until when it is valid, as a date.
+    let (_, text) = check(&config("alpha.toml", alpha));
+    assert!(
+        status(&text, "certificate") == "ok"
+            && text.contains(", valid until 20")
+            && text.contains(" UTC"),
+        "{text}"
+    );
+}
+
+/// `node check` reads what the pipelines and datasets will read: a missing extract, a
+/// declared field the header lacks, an empty or header-only file, rows with more fields than
+/// the header, and values that are not numbers or out of range, counted per column from the
+/// first rows without ever showing a value.
+#[test]
+fn pipelines_and_extracts_are_checked_and_sampled_without_showing_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    procs::pki(d, &["alpha"]);
+    let (header, rows) = procs::pima();
+    let write = |name: &str, text: String| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    write("pima.csv", format!("{header}\n{}\n", rows.join("\n")));
+    write("empty.csv", String::new());
+    write("header-only.csv", format!("{header}\n"));
+    // glu (the second column): a word in every 50th row, 999 in every 40th.
+    let odd: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let mut cells: Vec<&str> = r.split(',').collect();
+            if i % 50 == 0 {
+                cells[1] = "SECRETWORD";
+            } else if i % 40 == 0 {
+                cells[1] = "999";
+            }
+            cells.join(",")
+        })
+        .collect();
+    write("odd.csv", format!("{header}\n{}\n", odd.join("\n")));
+    let ragged: Vec<String> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if i % 25 == 0 {
+                format!("{r},extra")
+            } else {
+                r.clone()
+            }
+        })
+        .collect();
+    write("ragged.csv", format!("{header}\n{}\n", ragged.join("\n")));
+    let ca = "pki/sites/alpha/ca.pem";
+    let port = procs::free_udp_port();
+    let pipeline = |csv: &str, glu: &str| {
+        format!(
+            "[[ingest]]\nstream = \"extract\"\ncsv = \"{csv}\"\ncolumns = [\"npreg\"]\n\
+             [[ingest.field]]\nname = \"npreg\"\n[[ingest.field]]\nname = \"{glu}\"\nmax = 199\n\
+             [[ingest.field]]\nname = \"type\"\ncategories = [\"Yes\", \"No\"]\n"
+        )
+    };
+    let ingest_check = |name: &str, csv: &str, glu: &str| {
+        check(&write(
+            name,
+            node_config(port, &pipeline(csv, glu), "pima.csv", ca),
+        ))
+    };
+
+    let (good, text) = ingest_check("missing.toml", "nope.csv", "glu");
+    assert!(!good);
+    assert!(
+        status(&text, "ingest") == "FAIL"
+            && text.contains("pipeline 'extract': csv = ")
+            && text.contains("nope.csv: does not exist")
+            && text.contains("fix: set [[ingest]] csv to the extract's file or directory"),
+        "{text}"
+    );
+
+    let (good, text) = ingest_check("wrong-field.toml", "pima.csv", "glucose");
+    assert!(!good);
+    assert!(
+        text.contains(
+            "no column 'glucose' in the header (its columns: npreg, glu, bp, skin, bmi, ped, age, type)"
+        ) && text.contains("make the [[ingest.field]] names match the extract's header"),
+        "{text}"
+    );
+
+    let (good, text) = ingest_check("empty.toml", "empty.csv", "glu");
+    assert!(!good);
+    assert!(
+        text.contains("empty.csv: the file is empty (no header row)"),
+        "{text}"
+    );
+
+    let (good, text) = ingest_check("header-only.toml", "header-only.csv", "glu");
+    assert!(!good);
+    assert!(
+        text.contains("header-only.csv: a header and no rows: the pipeline would keep no records"),
+        "{text}"
+    );
+
+    // Bad values: counted per column and problem, the value never shown. Some rows only:
+    // warnings (those records are quarantined), not failures.
+    let (_, text) = ingest_check("odd.toml", "odd.csv", "glu");
+    assert!(
+        text.contains("odd.csv: header has every declared column; 200 rows sampled")
+            && text.contains("4 of the 200 rows have a value in 'glu' that is not a number")
+            && text.contains("have a value in 'glu' that is above the declared maximum 199")
+            && text.contains("declare type = \"text\" for field 'glu'"),
+        "{text}"
+    );
+    assert!(
+        status(&text, "ingest") == "ok" && !text.contains("ingest       FAIL"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("SECRETWORD") && !text.contains("999"),
+        "{text}"
+    );
+    // A value wrong in every row: nothing would be kept, a failure.
+    let (good, text) = check(&write(
+        "all-text.toml",
+        node_config(port, &pipeline("pima.csv", "glu"), "pima.csv", ca).replace(
+            "categories = [\"Yes\", \"No\"]",
+            "categories = [\"yes\", \"no\"]",
+        ),
+    ));
+    assert!(!good);
+    assert!(
+        text.contains("200 of the 200 rows have a value in 'type' that is not one of the categories yes, no: every record would be quarantined")
+            && text.contains("they are case-sensitive"),
+        "{text}"
+    );
+
+    // [[dataset]] path files: empty, header-only, rows wider than the header.
+    for (csv, says) in [
+        ("empty.csv", "empty.csv: the file is empty (no header row)"),
+        ("header-only.csv", "header-only.csv: a header and no rows"),
+        (
+            "ragged.csv",
+            "ragged.csv: 8 of the 200 rows have more fields than the header's 8 (a comma outside double quotes?)",
+        ),
+    ] {
+        let (good, text) = check(&write("dataset.toml", node_config(port, "", csv, ca)));
+        assert!(!good, "{csv}: {text}");
+        assert!(
+            status(&text, "data") == "FAIL" && text.contains(says),
+            "{csv}: {text}"
+        );
+    }
+}

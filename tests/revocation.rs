@@ -80,7 +80,7 @@ fn a_revoked_certificate_is_refused_at_the_handshake() {
     )
     .unwrap();
     std::fs::write(d.join("beta-crl.toml"), with_crl("beta")).unwrap();
-    let mut procs = Processes(vec![spawn(
+    let _procs = Processes(vec![spawn(
         d,
         "aggregator",
         &[
@@ -179,8 +179,159 @@ fn a_revoked_certificate_is_refused_at_the_handshake() {
     let (good, text) = check(&d.join("nocrl.toml"));
     assert!(!good);
     assert!(
-        text.contains("`tls.crl`") && text.contains("missing-crl.pem"),
+        text.contains("`tls.crl`")
+            && text.contains("missing-crl.pem")
+            && text.contains(
+                "fix: copy crl.pem, as the consortium's operator sent it, to the path in tls.crl"
+            ),
         "{text}"
     );
-    drop(procs.0.pop());
+}
+
+/// A node whose own certificate is revoked (refused by the aggregator) or expired stops
+/// within seconds with the fix and exit status 78, instead of reconnecting forever; one that
+/// refuses the aggregator's certificate (a wrong server name) tries again only every 10
+/// minutes, with an error each time. The messages are words and dates, not rustls' enum
+/// names and UNIX times.
+#[test]
+fn a_node_with_an_unusable_certificate_stops_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = procs::pki(d, &["alpha", "beta"]);
+    let p = pki.to_str().unwrap();
+    let issued = ok(&["pki", "issue", "--dir", p, "--site", "gamma", "--days", "0"]);
+    assert!(
+        issued.contains("  valid until 20") && issued.contains(" UTC"),
+        "{issued}"
+    );
+    ok(&["pki", "revoke", "--dir", p, "--site", "beta"]);
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
+        d.join("pima.csv"),
+    )
+    .unwrap();
+    let port = free_udp_port();
+    std::fs::write(
+        d.join("aggregator.toml"),
+        procs::aggregator_config(port, None, &["alpha", "beta", "gamma"], "")
+            .replace("[sites]", "crl = \"pki/ca/crl.pem\"\n[sites]"),
+    )
+    .unwrap();
+    for site in ["alpha", "beta", "gamma"] {
+        std::fs::write(
+            d.join(format!("{site}.toml")),
+            procs::node_config(site, port, "pima.csv", procs::RECONNECT_FAST),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        d.join("wrong-name.toml"),
+        procs::node_config("alpha", port, "pima.csv", procs::RECONNECT_FAST).replace(
+            "server_name = \"localhost\"",
+            "server_name = \"aggregator.example\"",
+        ),
+    )
+    .unwrap();
+    let mut procs = Processes(vec![spawn(
+        d,
+        "aggregator",
+        &[
+            "aggregator",
+            "run",
+            "--config",
+            d.join("aggregator.toml").to_str().unwrap(),
+        ],
+    )]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(d.join("aggregator.log"))
+        .is_ok_and(|l| l.contains("aggregator listening"))
+    {
+        assert!(Instant::now() < deadline, "the aggregator did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let run = |name: &str, config: &str| {
+        spawn(
+            d,
+            name,
+            &["node", "run", "--config", d.join(config).to_str().unwrap()],
+        )
+    };
+    let log = |name: &str| std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap();
+
+    // Revoked: the aggregator refuses it at the handshake; the node stops with the fix.
+    // In `procs`, so that a node that does not stop is killed when the test fails.
+    procs.0.push(run("beta-node", "beta.toml"));
+    let status = procs::wait(&mut procs.0[1].1, Duration::from_secs(15));
+    let text = log("beta-node");
+    assert_eq!(status.and_then(|s| s.code()), Some(78), "{text}");
+    assert!(
+        text.contains("the aggregator refused this site's certificate")
+            && text.contains("it has been revoked")
+            && text.contains("fix: ask the consortium's operator for a new certificate")
+            && text.contains("medfed pki issue --dir pki --site beta"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("Revoked") && !text.contains("error 44"),
+        "{text}"
+    );
+    // The aggregator's operator reads the same in words.
+    let agg = log("aggregator");
+    assert!(
+        agg.contains(
+            "TLS handshake failed: the other side's certificate was refused: it has been revoked"
+        ) && !agg.contains("Revoked"),
+        "{agg}"
+    );
+
+    // Expired (valid for 0 days): the node says since when, as a date, and stops.
+    std::thread::sleep(Duration::from_millis(1100));
+    procs.0.push(run("gamma-node", "gamma.toml"));
+    let status = procs::wait(&mut procs.0[2].1, Duration::from_secs(15));
+    let text = log("gamma-node");
+    assert_eq!(status.and_then(|s| s.code()), Some(78), "{text}");
+    assert!(
+        text.contains("this site's certificate")
+            && text.contains("expired on 20")
+            && text.contains(" UTC")
+            && text.contains("medfed pki issue --dir pki --site gamma"),
+        "{text}"
+    );
+    assert!(!text.contains("UNIX"), "{text}");
+    let (good, check_text) = check(&d.join("gamma.toml"));
+    assert!(!good);
+    assert!(
+        check_text.contains("certificate  FAIL")
+            && check_text.contains("this site's certificate expired on 20")
+            && check_text.contains("--site gamma"),
+        "{check_text}"
+    );
+
+    // The aggregator's certificate is not for the name dialled: the node cannot tell whose
+    // mistake it is, so it tries again every 10 minutes, saying why each time.
+    procs.0.push(run("wrong-name-node", "wrong-name.toml"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !log("wrong-name-node").contains("trying again in 10 minutes") {
+        assert!(
+            Instant::now() < deadline,
+            "no long backoff: {}",
+            log("wrong-name-node")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let text = log("wrong-name-node");
+    assert!(
+        text.contains("it is for 'localhost', not for 'aggregator.example'")
+            && !text.contains("DnsName"),
+        "{text}"
+    );
+    assert_eq!(text.matches("trying again").count(), 1, "{text}");
+    let (good, check_text) = check(&d.join("wrong-name.toml"));
+    assert!(!good);
+    assert!(
+        check_text.contains(
+            "the aggregator's certificate is for 'localhost', not for 'aggregator.example'"
+        ) && check_text.contains("server_name = \"localhost\""),
+        "{check_text}"
+    );
 }

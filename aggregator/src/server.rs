@@ -161,11 +161,12 @@ impl Server {
             Ok(Ok(conn)) => conn,
             Ok(Err(e)) => {
                 // Most often: a certificate from another CA, or no certificate at all.
-                warn!(%remote, "TLS handshake failed: {e}");
+                let why = medfed_infra::tls_errors::connection_error(&e);
+                warn!(%remote, "TLS handshake failed: {why}");
                 self.emit(AggregatorEvent::SiteRefused {
                     remote,
                     site: None,
-                    reason: format!("TLS handshake failed: {e}"),
+                    reason: format!("TLS handshake failed: {why}"),
                 });
                 return;
             }

@@ -10,6 +10,7 @@
 //! - [`files`]: atomic file writes for exported artefacts.
 //! - [`identity`]: signing and verifying secure-aggregation keys with site certificates.
 //! - [`config`]: TOML config loading with errors that name the file and key.
+//! - [`tls_errors`]: TLS and certificate failures in words, with dates.
 
 pub mod auditlog;
 pub mod config;
@@ -17,4 +18,5 @@ pub mod files;
 pub mod identity;
 pub mod pki;
 pub mod store;
+pub mod tls_errors;
 pub mod transport;

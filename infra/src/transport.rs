@@ -31,8 +31,8 @@ pub const ALPN: &[u8] = b"medfed/1";
 pub enum TransportError {
     #[error("{path}: {detail}")]
     Pem { path: PathBuf, detail: String },
-    #[error("TLS configuration: {0}")]
-    Tls(#[from] rustls::Error),
+    #[error("TLS configuration: {}", crate::tls_errors::tls_error(.0))]
+    Tls(rustls::Error),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -40,8 +40,8 @@ pub enum TransportError {
     },
     #[error("cannot connect: {0}")]
     Connect(#[from] quinn::ConnectError),
-    #[error("connection: {0}")]
-    Connection(#[from] quinn::ConnectionError),
+    #[error("connection: {}", crate::tls_errors::connection_error(.0))]
+    Connection(quinn::ConnectionError),
     #[error("reading from the peer: {0}")]
     Read(#[from] quinn::ReadExactError),
     #[error("writing to the peer: {0}")]
@@ -52,16 +52,54 @@ pub enum TransportError {
     Frame(#[from] FrameError),
     #[error("the peer answered with an error ({code}): {reason}")]
     Peer { code: ErrorCode, reason: String },
-    #[error("timed out after {after:?} waiting for {what}")]
+    #[error("timed out after {} waiting for {what}", seconds(.after))]
     Timeout { what: &'static str, after: Duration },
     #[error("peer certificate: {0}")]
     PeerCertificate(String),
+    /// A private key that is not the certificate's (it signs for another certificate).
+    #[error(
+        "the private key {} does not belong to the certificate {}: install the key.pem issued with this cert.pem (the two come from the same folder of `medfed pki issue`)",
+        key.display(),
+        cert.display()
+    )]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
     /// The compliance log could not record the message, so it was not sent (or not used).
     #[error("the compliance log cannot record the message, so it was not sent or used: {0}")]
     Unlogged(String),
 }
 
+// Not `#[from]`: the source's own text (enum names, UNIX times) would follow the words
+// above in an error chain.
+impl From<rustls::Error> for TransportError {
+    fn from(e: rustls::Error) -> Self {
+        TransportError::Tls(e)
+    }
+}
+
+impl From<quinn::ConnectionError> for TransportError {
+    fn from(e: quinn::ConnectionError) -> Self {
+        TransportError::Connection(e)
+    }
+}
+
+/// A duration as seconds, e.g. `15 s` or `2.5 s`.
+fn seconds(d: &Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{:.1} s", d.as_secs_f64())
+    }
+}
+
 impl TransportError {
+    /// If the TLS handshake failed: who refused which certificate, and why.
+    pub fn handshake_failure(&self) -> Option<crate::tls_errors::HandshakeFailure> {
+        match self {
+            TransportError::Connection(e) => crate::tls_errors::HandshakeFailure::of(e),
+            _ => None,
+        }
+    }
+
     /// If the peer closed the connection on purpose, its error code and reason.
     pub fn closed_by_peer(&self) -> Option<(ErrorCode, String)> {
         let TransportError::Connection(conn) = self else {
@@ -111,11 +149,36 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Transport
 }
 
 impl Identity {
+    /// The certificate in `cert` and its private key in `key`; a key that is not the
+    /// certificate's is refused here, naming both files.
     pub fn load(cert: &Path, key: &Path) -> Result<Identity, TransportError> {
-        Ok(Identity {
+        let identity = Identity {
             cert_chain: load_certs(cert)?,
             key: PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, e))?,
-        })
+        };
+        let signing = provider()
+            .key_provider
+            .load_private_key(identity.key.clone_key())
+            .map_err(|e| {
+                pem_err(
+                    key,
+                    format!(
+                        "not a private key medfed can use: {}",
+                        crate::tls_errors::tls_error(&e)
+                    ),
+                )
+            })?;
+        let certified = rustls::sign::CertifiedKey::new(identity.cert_chain.clone(), signing);
+        match certified.keys_match() {
+            Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch)) => {
+                Err(TransportError::KeyMismatch {
+                    cert: cert.to_path_buf(),
+                    key: key.to_path_buf(),
+                })
+            }
+            // A key whose public half cannot be derived is checked by the handshake itself.
+            _ => Ok(identity),
+        }
     }
 }
 

@@ -8,9 +8,12 @@ use std::time::Duration;
 
 use medfed_infra::config::ConfigError;
 use medfed_infra::files::Presence;
-use medfed_infra::identity::CertificateVerifier;
 use medfed_infra::store::Store;
-use medfed_infra::transport::{self, Identity};
+
+pub(crate) mod certs;
+mod sample;
+
+use certs::{check_aggregator, check_certificates};
 
 use crate::config::NodeConfig;
 use crate::data::Table;
@@ -34,6 +37,16 @@ impl Finding {
             ok: true,
             detail,
             fix: None,
+        }
+    }
+
+    /// Works, but the operator should look: shown with its fix, not counted as a failure.
+    fn warn(check: &'static str, detail: String, fix: impl Into<String>) -> Finding {
+        Finding {
+            check,
+            ok: true,
+            detail: format!("WARNING: {detail}"),
+            fix: Some(fix.into()),
         }
     }
 
@@ -103,6 +116,11 @@ pub async fn run(config_path: &Path, within: Duration) -> Vec<Finding> {
             }
             continue;
         }
+        if let Some(problem) = sample::check_csv_dataset(&d.name, &d.path) {
+            data_ok = false;
+            out.push(problem);
+            continue;
+        }
         match Table::load(&d.path) {
             Ok(t) => {
                 out.push(Finding::ok(
@@ -142,6 +160,11 @@ pub async fn run(config_path: &Path, within: Duration) -> Vec<Finding> {
             }
         }
     }
+    for pipeline in &cfg.ingests {
+        let findings = sample::check_pipeline(pipeline);
+        data_ok &= findings.iter().all(|f| f.ok);
+        out.extend(findings);
+    }
     out.extend(privacy_findings(&cfg));
     let needs_keys = cfg
         .ingests
@@ -151,13 +174,25 @@ pub async fn run(config_path: &Path, within: Duration) -> Vec<Finding> {
         match Keystore::open(&cfg.state.keystore) {
             Ok(ks) => out.push(Finding::ok(
                 "keystore",
-                format!("pseudonym key version {} ({})", ks.current_version(), cfg.state.keystore.display()),
+                format!(
+                    "pseudonym key version {} ({})",
+                    ks.current_version(),
+                    cfg.state.keystore.display()
+                ),
             )),
-            Err(e) => out.push(Finding::fail(
-                "keystore",
-                e.to_string(),
-                "run `medfed node init` in a new directory and move its keystore here, or restore it from the node's backup",
-            )),
+            Err(e) => {
+                use crate::deid::pseudonym::KeystoreError;
+                let fix = match &e {
+                    KeystoreError::Missing { .. } => "restore the keystore from the node's backup; if this site never had one, run `medfed node init` in a new directory and move its keystore to [state] keystore".to_string(),
+                    KeystoreError::Private(p) => match p.fix() {
+                        Some(cmd) => format!("run `{cmd}` as the node's user"),
+                        None => "make the keystore readable by the node's user only".into(),
+                    },
+                    KeystoreError::Io { .. } => "make the keystore and its directory readable by the node's user".into(),
+                    _ => "restore the keystore from the node's backup (a new key would give every patient new pseudonyms)".into(),
+                };
+                out.push(Finding::fail("keystore", e.to_string(), fix));
+            }
         }
     }
     out.extend(files);
@@ -339,14 +374,23 @@ fn privacy_findings(cfg: &NodeConfig) -> Vec<Finding> {
 
 fn config_finding(e: ConfigError) -> Finding {
     match &e {
+        ConfigError::Invalid { key, .. } if key == "tls.crl" => Finding::fail(
+            "certificate",
+            e.to_string(),
+            "copy crl.pem, as the consortium's operator sent it, to the path in tls.crl (relative paths are relative to the config file)",
+        ),
         ConfigError::Invalid { key, .. } if key.starts_with("tls.") => {
             Finding::fail("certificate", e.to_string(), GET_CERTIFICATE)
         }
-        ConfigError::Invalid { key, .. } if key.starts_with("dataset") => Finding::fail(
-            "data",
-            e.to_string(),
-            "point [[dataset]] path at the site's CSV extract (relative paths are relative to the config file)",
-        ),
+        ConfigError::Invalid { key, .. }
+            if key.starts_with("dataset") && key.ends_with(".path") =>
+        {
+            Finding::fail(
+                "data",
+                e.to_string(),
+                "point [[dataset]] path at the site's CSV extract (relative paths are relative to the config file)",
+            )
+        }
         ConfigError::Read { .. } => Finding::fail(
             "config",
             e.to_string(),
@@ -358,131 +402,4 @@ fn config_finding(e: ConfigError) -> Finding {
             "fix the key named above; docs/samples/node.toml lists every key with its default",
         ),
     }
-}
-
-fn check_certificates(cfg: &NodeConfig) -> Result<String, Finding> {
-    let tls = &cfg.tls;
-    Identity::load(&tls.cert, &tls.key).map_err(|e| {
-        Finding::fail(
-            "certificate",
-            format!("{} / {}: {e}", tls.cert.display(), tls.key.display()),
-            GET_CERTIFICATE,
-        )
-    })?;
-    let der = transport::load_certs(&tls.cert)
-        .ok()
-        .and_then(|c| c.into_iter().next())
-        .ok_or_else(|| {
-            Finding::fail(
-                "certificate",
-                format!("{}: no certificate in the file", tls.cert.display()),
-                GET_CERTIFICATE,
-            )
-        })?;
-    let trust = tls.trust().map_err(|e| {
-        Finding::fail(
-            "certificate",
-            e.to_string(),
-            "tls.ca must be the consortium's CA certificate (ca.pem) and tls.crl its revocation list (crl.pem), as the consortium's operator sent them",
-        )
-    })?;
-    CertificateVerifier::new(&trust, &[(cfg.site.clone(), der.to_vec())]).map_err(|e| {
-        if is_revoked(&e.to_string()) {
-            return Finding::fail(
-                "certificate",
-                format!(
-                    "{}: this site's certificate has been revoked by the consortium (tls.crl {} lists it)",
-                    tls.cert.display(),
-                    tls.crl.as_deref().unwrap_or(Path::new("")).display()
-                ),
-                format!(
-                    "ask the consortium's operator for a new certificate (`medfed pki issue --dir pki --site {}`) and install it; a revoked one cannot be used again",
-                    cfg.site
-                ),
-            );
-        }
-        Finding::fail(
-            "certificate",
-            format!(
-                "{} is not a valid certificate of site '{}' from the CA in {}: {e}",
-                tls.cert.display(),
-                cfg.site,
-                tls.ca.display()
-            ),
-            "the certificate, its key and ca.pem must come from the same consortium PKI, and the \
-             certificate must name this site and not have expired: get all three again from the consortium's operator",
-        )
-    })?;
-    Ok(format!(
-        "site '{}', issued by the consortium CA in {}",
-        cfg.site,
-        tls.ca.display()
-    ))
-}
-
-async fn check_aggregator(
-    cfg: NodeConfig,
-    store: Option<Arc<dyn Store>>,
-    within: Duration,
-) -> Finding {
-    let address = cfg.aggregator.address.clone();
-    let site = cfg.site.clone();
-    let node = match store {
-        Some(store) => crate::Node::with_store(cfg, Some(store)),
-        None => crate::Node::new(cfg),
-    };
-    let node = match node {
-        Ok(n) => n,
-        Err(e) => {
-            return Finding::fail(
-                "aggregator",
-                format!("not tried: {e}"),
-                "fix the problem named above",
-            );
-        }
-    };
-    match node.probe(within).await {
-        Ok(name) => Finding::ok("aggregator", format!("{address}: welcomed by '{name}'")),
-        Err(e) => {
-            let port = address.rsplit(':').next().unwrap_or("4433");
-            let (detail, fix) = match &e {
-                crate::NodeError::Transport(transport::TransportError::Timeout { .. }) => (
-                    format!("{address}: no answer within {} s", within.as_secs()),
-                    format!(
-                        "check [aggregator] address, that the aggregator is running, and that this network lets the node send UDP to port {port} (nodes dial out; no inbound port is needed)"
-                    ),
-                ),
-                crate::NodeError::Refused { .. } => (
-                    format!("{address}: {e}"),
-                    "ask the aggregator's operator to add this site to [sites] allow, or to check the reason above".into(),
-                ),
-                crate::NodeError::Resolve { .. } => (
-                    e.to_string(),
-                    "check the host name in [aggregator] address, and this machine's DNS".into(),
-                ),
-                // The aggregator refused this site's certificate: its CRL lists it.
-                _ if is_revoked(&e.to_string()) && e.to_string().contains("aborted by peer") => (
-                    format!("{address}: the aggregator refused this site's certificate as revoked ({e})"),
-                    format!(
-                        "ask the consortium's operator for a new certificate (`medfed pki issue --dir pki --site {site}`) and install it"
-                    ),
-                ),
-                // This node's CRL lists the aggregator's certificate.
-                _ if is_revoked(&e.to_string()) => (
-                    format!("{address}: the aggregator's certificate is revoked in tls.crl ({e})"),
-                    "do not connect: the aggregator's operator must install a new certificate (`medfed pki issue --aggregator HOST`); tell the consortium's operator".into(),
-                ),
-                _ => (
-                    format!("{address}: {e}"),
-                    "if the message is about a certificate: the aggregator's certificate must come from the consortium CA in tls.ca, and its name must match [aggregator] server_name".into(),
-                ),
-            };
-            Finding::fail("aggregator", detail, fix)
-        }
-    }
-}
-
-/// Whether a TLS error says a certificate was revoked (a CRL lists it).
-fn is_revoked(error: &str) -> bool {
-    error.contains("Revoked")
 }

@@ -21,7 +21,7 @@ use medfed_protocol::metrics::Evaluation;
 use medfed_protocol::model::{GlobalModel, TrainError, mean_loss, predict, train_local_until};
 use medfed_protocol::{ErrorCode, Message};
 use ndarray::Array2;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::columns::ColumnClasses;
 use crate::config::NodeConfig;
@@ -57,6 +57,10 @@ pub enum NodeError {
     Store(String),
     #[error("{0} (the node does not start until then)")]
     Private(#[from] medfed_infra::files::NotPrivate),
+    /// This site's certificate cannot be used (expired, revoked, not valid yet): the node
+    /// stops rather than retry.
+    #[error("{detail}\nfix: {fix}")]
+    Certificate { detail: String, fix: String },
 }
 
 /// Why [`Node::run`] returned.
@@ -357,6 +361,7 @@ impl Node {
         // One node process per state directory: two would overwrite each other's privacy
         // ledger, answered cohorts and revealed rounds.
         let _state_lock = lock_state_dir(&self.config.state.dir)?;
+        crate::reconnect::own_certificate(&self.config)?;
         let node = Arc::new(self);
         let addr = node.resolve().await?;
         let identity = Identity::load(&node.config.tls.cert, &node.config.tls.key)?;
@@ -393,9 +398,20 @@ impl Node {
             }
             // Jitter (up to a quarter of the wait) keeps many nodes from reconnecting in step.
             let jitter = backoff.mul_f64(rand::random::<f64>() * 0.25);
-            warn!(site = %node.config.site, "{err}; reconnecting in {:.1} s", (backoff + jitter).as_secs_f64());
+            let wait = match crate::reconnect::next(&node.config, err) {
+                crate::reconnect::Next::Stop(e) => break Err(e),
+                crate::reconnect::Next::RetryRarely(why) => {
+                    let wait = crate::reconnect::RARE_RETRY;
+                    error!(site = %node.config.site, "{why}; trying again in {} minutes", wait.as_secs() / 60);
+                    wait
+                }
+                crate::reconnect::Next::Retry(err) => {
+                    warn!(site = %node.config.site, "{err}; reconnecting in {:.1} s", (backoff + jitter).as_secs_f64());
+                    backoff + jitter
+                }
+            };
             tokio::select! {
-                () = tokio::time::sleep(backoff + jitter) => {}
+                () = tokio::time::sleep(wait) => {}
                 () = &mut stop => break Ok(NodeExit::Stopped),
             }
             backoff = (backoff * 2).min(max_backoff);

@@ -25,6 +25,7 @@ pub mod deid;
 pub mod ingest;
 pub mod policy;
 pub mod privacy;
+pub mod reconnect;
 pub mod runtime;
 mod secure;
 pub mod statistics;

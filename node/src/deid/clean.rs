@@ -206,6 +206,21 @@ impl ValidateClean {
         self
     }
 
+    /// Why the pipeline would quarantine one input row, each declared column judged on its
+    /// own (a row with two bad columns counts under both); a row the reader cannot split is
+    /// one problem with no field. For `medfed node check`'s sample of an extract: like every
+    /// rejection, the reasons never quote a value.
+    pub fn problems(&mut self, line: &[u8]) -> Vec<Rejection> {
+        let cells = match self.splitter.row(line, self.width) {
+            Ok(cells) => cells,
+            Err(why) => return vec![why],
+        };
+        self.columns
+            .iter_mut()
+            .filter_map(|col| ValidateClean::clean(std::slice::from_mut(col), &cells).err())
+            .collect()
+    }
+
     /// The pseudonym of a row's patient, if the pipeline has a patient-id field and the
     /// row's identifier reads as that field would be cleaned.
     fn patient_of(

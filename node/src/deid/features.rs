@@ -117,9 +117,12 @@ impl Features {
             let want = 2;
             if d.inputs.len() != want {
                 return Err(err(format!(
-                    "derive '{}': {:?} takes {want} inputs, not {}",
+                    "derive '{}': formula = \"{}\" takes {want} inputs, not {}",
                     d.name,
-                    d.formula,
+                    match d.formula {
+                        Formula::Bmi => "bmi",
+                        Formula::Ratio => "ratio",
+                    },
                     d.inputs.len()
                 )));
             }

@@ -109,9 +109,14 @@ impl Record {
     pub fn decode(bytes: &[u8]) -> Result<Record, String> {
         let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes)
             .map_err(|e| {
+                let what = match e.classify() {
+                    serde_json::error::Category::Io => "a read",
+                    serde_json::error::Category::Syntax => "a syntax",
+                    serde_json::error::Category::Data => "a data",
+                    serde_json::error::Category::Eof => "an end-of-input",
+                };
                 format!(
-                    "not a record (JSON {:?} error at line {}, column {})",
-                    e.classify(),
+                    "not a record (JSON: {what} error at line {}, column {})",
                     e.line(),
                     e.column()
                 )
