@@ -99,6 +99,7 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
                 window: None,
                 signals: None,
                 checkpoint_when_idle: false,
+                caught_up: None,
             },
         )?;
         let secs = t.elapsed().as_secs_f64();

@@ -21,6 +21,7 @@ mod report;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
@@ -609,13 +610,18 @@ fn run_node(config: PathBuf) -> anyhow::Result<()> {
     } else {
         None
     };
-    let node = medfed_node::Node::with_store(cfg, store.clone())?;
-    // The ingestion pipelines run beside the connection to the aggregator.
+    let readiness = Arc::new(medfed_node::ingest::ready::Readiness::default());
+    let node = medfed_node::Node::with_store(cfg, store.clone())?.with_readiness(readiness.clone());
+    // The ingestion pipelines run beside the connection to the aggregator; the node serves
+    // their datasets once they caught up with their input.
     if let Some(store) = store {
         for ing in ingests {
             let (store, keystore) = (store.clone(), state.keystore.clone());
+            let readiness = readiness.clone();
             rt.spawn(async move {
-                match medfed_node::ingest::run(&ing, store, &keystore).await {
+                match medfed_node::ingest::run_reporting(&ing, store, &keystore, Some(readiness))
+                    .await
+                {
                     Ok(reports) => {
                         for (p, r) in reports {
                             tracing::info!(stream = %ing.stream, partition = p, offset = r.offset, processed = r.processed, quarantined = r.quarantined, "ingestion finished");

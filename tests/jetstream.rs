@@ -146,6 +146,7 @@ fn jetstream_worker() {
                         window: None,
                         signals: None,
                         checkpoint_when_idle: false,
+                        caught_up: None,
                     },
                     &on_checkpoint,
                 )

@@ -53,6 +53,7 @@ fn runtime_crash_worker() {
             window: None,
             signals: None,
             checkpoint_when_idle: false,
+            caught_up: None,
         },
     )
     .unwrap();

@@ -110,6 +110,9 @@ pub struct Node {
     /// same model gets the same update again, which releases nothing new and costs
     /// nothing (fresh noise would be a new release).
     pub(crate) sent_private: Mutex<HashMap<String, (u32, [u8; 32], ModelUpdate)>>,
+    /// Where the ingestion pipelines of this process stand: a dataset that reads one is
+    /// served once it has caught up (none: every dataset is served as it is).
+    readiness: Option<Arc<crate::ingest::ready::Readiness>>,
 }
 
 /// The result of local training in one round.
@@ -239,12 +242,35 @@ impl Node {
             roots,
             secure: Mutex::default(),
             sent_private: Mutex::default(),
+            readiness: None,
             revealed,
             audit,
             ledger,
             cohorts,
             announced,
         })
+    }
+
+    /// Serves the datasets of ingestion pipelines only once `readiness` says they caught
+    /// up, and connects to the aggregator only then (or once they failed).
+    pub fn with_readiness(mut self, readiness: Arc<crate::ingest::ready::Readiness>) -> Node {
+        self.readiness = Some(readiness);
+        self
+    }
+
+    /// The streams of the ingestion pipelines this node's datasets read.
+    fn ingested_streams(&self) -> Vec<String> {
+        let mut streams: Vec<String> = self
+            .datasets
+            .values()
+            .filter_map(|d| match d {
+                Dataset::Ingested(p) => Some(p.stream.clone()),
+                Dataset::File(..) => None,
+            })
+            .collect();
+        streams.sort();
+        streams.dedup();
+        streams
     }
 
     fn hello(&self) -> Hello {
@@ -362,6 +388,28 @@ impl Node {
         // ledger, answered cohorts and revealed rounds.
         let _state_lock = lock_state_dir(&self.config.state.dir)?;
         crate::reconnect::own_certificate(&self.config)?;
+        tokio::pin!(stop);
+        // Datasets fed by ingestion pipelines: connect once they caught up, so that no study
+        // starts on part of an extract.
+        if let Some(r) = &self.readiness {
+            let streams = self.ingested_streams();
+            if !streams.is_empty() {
+                info!(streams = %streams.join(", "), "waiting for the ingestion pipelines to catch up before connecting to the aggregator");
+                let wait = r.wait_for(&streams, Duration::from_secs(10), |behind| {
+                    info!(streams = %behind.join(", "), "still catching up; not connected to the aggregator yet");
+                });
+                tokio::select! {
+                    () = wait => {}
+                    () = &mut stop => return Ok(NodeExit::Stopped),
+                }
+                for s in &streams {
+                    if let Some(crate::ingest::ready::Stage::Failed(why)) = r.stage(s) {
+                        warn!(stream = %s, "ingestion pipeline failed: its datasets are not served ({why})");
+                    }
+                }
+                info!("ingestion pipelines caught up; connecting");
+            }
+        }
         let node = Arc::new(self);
         let addr = node.resolve().await?;
         let identity = Identity::load(&node.config.tls.cert, &node.config.tls.key)?;
@@ -374,7 +422,6 @@ impl Node {
         let reconnect = &node.config.reconnect;
         let mut backoff = Duration::from_millis(reconnect.initial_backoff_ms);
         let max_backoff = Duration::from_millis(reconnect.max_backoff_ms);
-        tokio::pin!(stop);
         let mut addr = addr;
         let result = loop {
             let session = node.clone().session(&endpoint, addr);
@@ -734,6 +781,11 @@ impl Node {
             }
             Err(e) => {
                 warn!(study = %a.study_id, "{e}");
+                // Not ready yet, or its pipeline failed: said as such (the state of a
+                // pipeline, not of the data).
+                if e.contains(" is not ready: ") || e.contains(" is not served: ") {
+                    return refuse(e);
+                }
                 return refuse(format!("this site cannot read dataset '{}' now", a.dataset));
             }
         };
@@ -878,6 +930,24 @@ impl Node {
             None => Ok(None),
             Some(Dataset::File(t, _)) => Ok(Some(t.clone())),
             Some(Dataset::Ingested(pipeline)) => {
+                if let Some(r) = &self.readiness {
+                    use crate::ingest::ready::Stage;
+                    match r.stage(&pipeline.stream) {
+                        Some(Stage::CaughtUp) => {}
+                        Some(Stage::Failed(why)) => {
+                            return Err(format!(
+                                "dataset '{name}' is not served: its ingestion pipeline '{}' failed ({why})",
+                                pipeline.stream
+                            ));
+                        }
+                        None | Some(Stage::CatchingUp { .. }) => {
+                            return Err(format!(
+                                "dataset '{name}' is not ready: its ingestion pipeline '{}' is still reading its input",
+                                pipeline.stream
+                            ));
+                        }
+                    }
+                }
                 let store = self
                     .store
                     .as_ref()

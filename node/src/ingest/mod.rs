@@ -27,6 +27,7 @@ use crate::runtime::{
 };
 
 pub mod quarantine;
+pub mod ready;
 mod status;
 
 pub use status::{PartitionStatus, status};
@@ -358,6 +359,30 @@ pub async fn run(
     store: Arc<dyn Store>,
     keystore: &Path,
 ) -> Result<Vec<(u32, crate::runtime::PartitionReport)>, IngestError> {
+    run_reporting(cfg, store, keystore, None).await
+}
+
+/// As [`run`], telling `readiness` when each partition has caught up with its input and
+/// when the pipeline fails (a node serves the pipeline's datasets from then on).
+pub async fn run_reporting(
+    cfg: &IngestConfig,
+    store: Arc<dyn Store>,
+    keystore: &Path,
+    readiness: Option<Arc<ready::Readiness>>,
+) -> Result<Vec<(u32, crate::runtime::PartitionReport)>, IngestError> {
+    let result = run_inner(cfg, store, keystore, readiness.clone()).await;
+    if let (Some(r), Err(e)) = (&readiness, &result) {
+        r.failed(&cfg.stream, e.to_string());
+    }
+    result
+}
+
+async fn run_inner(
+    cfg: &IngestConfig,
+    store: Arc<dyn Store>,
+    keystore: &Path,
+    readiness: Option<Arc<ready::Readiness>>,
+) -> Result<Vec<(u32, crate::runtime::PartitionReport)>, IngestError> {
     let fail = |detail: String| IngestError {
         stream: cfg.stream.clone(),
         detail,
@@ -385,7 +410,30 @@ pub async fn run(
     // partition.
     let signals = Arc::new(crate::runtime::PipelineSignals::default());
     let mut runs = Vec::new();
-    for (p, part) in parts(cfg).map_err(fail)? {
+    let parts = parts(cfg).map_err(fail)?;
+    // One flag per partition, set by its runner once it has caught up; a watcher tells
+    // `readiness` as each is.
+    let flags: Vec<Arc<std::sync::atomic::AtomicBool>> =
+        parts.iter().map(|_| Arc::default()).collect();
+    if let Some(r) = &readiness {
+        r.starting(&cfg.stream, parts.len());
+        let (r, flags, stream) = (r.clone(), flags.clone(), cfg.stream.clone());
+        tokio::spawn(async move {
+            let mut told = vec![false; flags.len()];
+            while told.iter().any(|t| !t)
+                && !matches!(r.stage(&stream), Some(ready::Stage::Failed(_)))
+            {
+                for (f, t) in flags.iter().zip(told.iter_mut()) {
+                    if !*t && f.load(std::sync::atomic::Ordering::Relaxed) {
+                        *t = true;
+                        r.partition_caught_up(&stream);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+    }
+    for ((p, part), caught_up) in parts.into_iter().zip(flags) {
         let (offset, ..) = restore(&*store, &cfg.stream, p).map_err(|e| fail(e.to_string()))?;
         let (header, rx, acks) = match part {
             Part::Csv { path, opts } => {
@@ -421,6 +469,8 @@ pub async fn run(
                 commit_every: cfg.commit_every,
                 window: (!cfg.windows.is_empty()).then(|| Duration::from_secs(cfg.window_secs)),
                 signals: Some(signals.clone()),
+                checkpoint_when_idle: true,
+                caught_up: Some(caught_up),
             },
         );
         runs.push(tokio::task::spawn_blocking(move || {

@@ -221,6 +221,12 @@ pub async fn subscribe(
                 if idle_exit.is_some_and(|d| last_new.elapsed() >= d) {
                     break;
                 }
+                // Nothing new: the runner has all the stream holds for now (an empty batch
+                // tells it so; skipped if it is busy with earlier ones).
+                if let Err(std::sync::mpsc::TrySendError::Disconnected(_)) = tx.try_send(Vec::new())
+                {
+                    break;
+                }
                 continue;
             }
             // The runner's channel is bounded: wait here (without stalling the runtime's

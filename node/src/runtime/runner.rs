@@ -43,6 +43,10 @@ pub struct RunOptions {
     /// its records reach the store, and its source learns they are durable, without
     /// waiting for `commit_every` more).
     pub checkpoint_when_idle: bool,
+    /// Set once everything the source had is processed and checkpointed: when the input
+    /// ends, or when the source says it has handed over all it holds for now (an empty
+    /// batch) and the runner checkpointed up to there. A dataset is served from then on.
+    pub caught_up: Option<Arc<AtomicBool>>,
 }
 
 impl Default for RunOptions {
@@ -52,6 +56,7 @@ impl Default for RunOptions {
             window: None,
             signals: None,
             checkpoint_when_idle: false,
+            caught_up: None,
         }
     }
 }
@@ -210,7 +215,9 @@ pub fn run_partition_with(
             report.shut_down = true;
             break;
         }
-        let Some(batch) = batch else {
+        // An empty batch: the source handed over all it holds for now.
+        let drained = batch.as_ref().is_some_and(Vec::is_empty);
+        if batch.is_none() || drained {
             if opts.checkpoint_when_idle && since > 0 {
                 task.flush(&mut state);
                 checkpoint(
@@ -225,8 +232,15 @@ pub fn run_partition_with(
                 report.checkpoints += 1;
                 since = 0;
             }
+            if drained
+                && since == 0
+                && let Some(flag) = &opts.caught_up
+            {
+                flag.store(true, Ordering::Relaxed);
+            }
             continue;
-        };
+        }
+        let Some(batch) = batch else { continue };
         for env in batch {
             if env.offset < offset {
                 continue; // already in the state (the source re-sent it)
@@ -315,6 +329,9 @@ pub fn run_partition_with(
     )?;
     on_checkpoint(offset);
     report.checkpoints += 1;
+    if let Some(flag) = &opts.caught_up {
+        flag.store(true, Ordering::Relaxed);
+    }
     task.close();
     Ok(PartitionReport {
         offset,

@@ -209,6 +209,7 @@ mod tests {
                 window: None,
                 signals: None,
                 checkpoint_when_idle: false,
+                caught_up: None,
             },
         )
         .unwrap()
@@ -402,6 +403,7 @@ mod tests {
             window: None,
             signals: Some(signals),
             checkpoint_when_idle: false,
+            caught_up: None,
         };
         // Partitions 1 and 2 follow their file: without the signal they would never end.
         let mut runs = Vec::new();
