@@ -60,7 +60,12 @@ pub struct Client {
     state: State,
 }
 
-pub(crate) fn pair_seed(shared: &[u8; 32], context: &[u8; 32], u: PartyId, v: PartyId) -> [u8; 32] {
+pub(crate) fn pair_seed(
+    shared: &[u8; 32],
+    context: &[u8; 32],
+    u: PartyId,
+    v: PartyId,
+) -> Result<[u8; 32], SecAggError> {
     let (lo, hi) = (u.min(v), u.max(v));
     crypto::derive(
         shared,
@@ -70,17 +75,28 @@ pub(crate) fn pair_seed(shared: &[u8; 32], context: &[u8; 32], u: PartyId, v: Pa
     )
 }
 
-pub(crate) fn self_mask_seed(self_seed: &[u8], context: &[u8; 32]) -> [u8; 32] {
+pub(crate) fn self_mask_seed(
+    self_seed: &[u8],
+    context: &[u8; 32],
+) -> Result<[u8; 32], SecAggError> {
     crypto::derive(self_seed, context, b"self-mask", &[])
 }
 
 /// What a party publishes of its self-mask seed: binding (HKDF-SHA256 of a 32-byte random
 /// seed) and, under another label than the mask's seed, revealing nothing of the mask.
-pub(crate) fn self_mask_commitment(self_seed: &[u8], context: &[u8; 32]) -> [u8; 32] {
+pub(crate) fn self_mask_commitment(
+    self_seed: &[u8],
+    context: &[u8; 32],
+) -> Result<[u8; 32], SecAggError> {
     crypto::derive(self_seed, context, b"self-mask-commitment", &[])
 }
 
-fn share_key(shared: &[u8; 32], context: &[u8; 32], from: PartyId, to: PartyId) -> [u8; 32] {
+fn share_key(
+    shared: &[u8; 32],
+    context: &[u8; 32],
+    from: PartyId,
+    to: PartyId,
+) -> Result<[u8; 32], SecAggError> {
     crypto::derive(
         shared,
         context,
@@ -156,7 +172,7 @@ impl Client {
             party: me,
             c_pk: c.public,
             s_pk: s.public,
-            self_mask_commitment: self_mask_commitment(&self_seed, &context),
+            self_mask_commitment: self_mask_commitment(&self_seed, &context)?,
             signature: Vec::new(),
         };
         advert.signature = signer.sign(&key_signing_message(&context, &name, &advert));
@@ -289,7 +305,7 @@ impl Client {
                 postcard::to_allocvec(&plain).map_err(|e| SecAggError::Sharing(e.to_string()))?;
             let shared = crypto::agree(&self.c.secret, &peer.c_pk)?;
             c_shared.insert(v, shared);
-            let key = share_key(&shared, &self.context, self.me, v);
+            let key = share_key(&shared, &self.context, self.me, v)?;
             sealed.push(SealedShare {
                 from: self.me,
                 to: v,
@@ -322,7 +338,7 @@ impl Client {
                 Some(s) => *s,
                 None => crypto::agree(&self.c.secret, &peer.c_pk)?,
             };
-            let key = share_key(&shared, &self.context, sh.from, self.me);
+            let key = share_key(&shared, &self.context, sh.from, self.me)?;
             let plain = crypto::open_once(
                 &key,
                 &share_aad(&self.context, sh.from, self.me),
@@ -359,7 +375,7 @@ impl Client {
         let mut y = std::mem::take(&mut self.input);
         crypto::apply_mask(
             &mut y,
-            &self_mask_seed(&self.self_seed, &self.context),
+            &self_mask_seed(&self.self_seed, &self.context)?,
             bits,
             1,
         );
@@ -367,7 +383,7 @@ impl Client {
             let shared = crypto::agree(&self.s.secret, &keys[&v].s_pk)?;
             crypto::apply_mask(
                 &mut y,
-                &pair_seed(&shared, &self.context, self.me, v),
+                &pair_seed(&shared, &self.context, self.me, v)?,
                 bits,
                 mask_sign(self.me, v),
             );

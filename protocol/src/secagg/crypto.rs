@@ -59,18 +59,24 @@ impl hkdf::KeyType for Len32 {
     }
 }
 
-/// HKDF-SHA256 with the round context as salt: 32 bytes for `label` and `parts`.
-pub fn derive(ikm: &[u8], context: &[u8; 32], label: &[u8], parts: &[&[u8]]) -> [u8; 32] {
+/// HKDF-SHA256 with the round context as salt: 32 bytes for `label` and `parts`. Fails
+/// closed: an error of the derivation is an error, never a fixed key (32 bytes are always
+/// within HKDF-SHA256's limit, so it does not happen with ring as it is).
+pub fn derive(
+    ikm: &[u8],
+    context: &[u8; 32],
+    label: &[u8],
+    parts: &[&[u8]],
+) -> Result<[u8; 32], SecAggError> {
     let salt = hkdf::Salt::new(hkdf::HKDF_SHA256, context);
     let prk = salt.extract(ikm);
     let mut info: Vec<&[u8]> = vec![DOMAIN, label];
     info.extend_from_slice(parts);
     let mut out = [0u8; 32];
-    // Expanding 32 bytes from SHA-256 HKDF is always within its 255-block limit.
-    if let Ok(okm) = prk.expand(&info, Len32) {
-        let _ = okm.fill(&mut out);
-    }
-    out
+    prk.expand(&info, Len32)
+        .and_then(|okm| okm.fill(&mut out))
+        .map_err(|_| SecAggError::KeyDerivation)?;
+    Ok(out)
 }
 
 /// AES-256-GCM with a key used for exactly one message (so a fixed nonce is safe). Fails

@@ -311,6 +311,8 @@ pub enum SecAggError {
     Decryption,
     #[error("a share could not be encrypted; it is not sent")]
     Sealing,
+    #[error("a key could not be derived; the round stops")]
+    KeyDerivation,
     #[error("secret sharing: {0}")]
     Sharing(String),
     #[error("differential-privacy noise: {0}")]

@@ -531,7 +531,7 @@ impl Server {
             let commitment = self.keys[&u].self_mask_commitment;
             let shares = self.suspects_last(shares);
             let rebuilt = rebuild(&shares, t, &mut budget, |seed| {
-                self_mask_commitment(seed, &self.context) == commitment
+                self_mask_commitment(seed, &self.context).is_ok_and(|c| c == commitment)
             });
             self.inconsistent
                 .extend(rebuilt.wrong.iter().map(|&holder| (u, holder)));
@@ -540,7 +540,7 @@ impl Server {
                 what: "self-mask seed",
                 gave_up: rebuilt.gave_up,
             })?;
-            masks.push((self_mask_seed(&seed, &self.context), -1));
+            masks.push((self_mask_seed(&seed, &self.context)?, -1));
         }
         let dropped: Vec<PartyId> = self
             .shares
@@ -578,7 +578,7 @@ impl Server {
                 if self.inputs.contains(&v) {
                     let shared = crypto::agree(&pair.secret, &self.keys[&v].s_pk)?;
                     // v applied mask_sign(v, u) times this mask; take it back out.
-                    masks.push((pair_seed(&shared, &self.context, u, v), -mask_sign(v, u)));
+                    masks.push((pair_seed(&shared, &self.context, u, v)?, -mask_sign(v, u)));
                 }
             }
         }
