@@ -238,7 +238,7 @@ fn a_study_that_ends_early_exports_its_last_released_model_and_charges_only_what
     assert!(status.is_some(), "the aggregator did not stop:\n{agg_log}");
     let model = released(d, "stopped");
     let round = model["round"].as_u64().unwrap();
-    assert!(round >= 2 && round < 60, "{model}");
+    assert!((2..60).contains(&round), "{model}");
     let why = model["stopped"]
         .as_str()
         .unwrap_or_else(|| panic!("{model}"));

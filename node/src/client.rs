@@ -109,11 +109,15 @@ pub struct Node {
     /// round and what it answered ([`training_binding`]): a retry of that round from the
     /// same model gets the same update again, which releases nothing new and costs
     /// nothing (fresh noise would be a new release).
-    pub(crate) sent_private: Mutex<HashMap<String, (u32, [u8; 32], ModelUpdate)>>,
+    pub(crate) sent_private: Mutex<SentPrivate>,
     /// Where the ingestion pipelines of this process stand: a dataset that reads one is
     /// served once it has caught up (none: every dataset is served as it is).
     readiness: Option<Arc<crate::ingest::ready::Readiness>>,
 }
+
+/// The last differentially private update sent in the clear per study: (round, what it
+/// answered, the update).
+pub(crate) type SentPrivate = HashMap<String, (u32, [u8; 32], ModelUpdate)>;
 
 /// The result of local training in one round.
 pub(crate) struct LocalUpdate {
@@ -1158,9 +1162,7 @@ impl Node {
         }))
     }
 
-    fn sent_private_lock(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, (u32, [u8; 32], ModelUpdate)>> {
+    fn sent_private_lock(&self) -> std::sync::MutexGuard<'_, SentPrivate> {
         // Only ever replaced whole: a poisoned map is still consistent.
         self.sent_private.lock().unwrap_or_else(|p| p.into_inner())
     }
