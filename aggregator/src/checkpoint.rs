@@ -7,45 +7,13 @@
 use std::path::PathBuf;
 
 use medfed_infra::store::{Batch, Store};
-use medfed_protocol::metrics::Metrics;
-use medfed_protocol::model::{GlobalModel, ServerState};
-use serde::{Deserialize, Serialize};
 
 use crate::config::StudyConfig;
 
 const STUDIES: &str = "studies";
 const STATISTICS: &str = "statistics";
 
-/// The round whose model waits for its validation figures.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PendingRound {
-    pub round: u32,
-    pub sites: Vec<String>,
-    pub training_rows: u64,
-    /// None where it is not released (differential privacy).
-    pub train_loss: Option<f64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StudyCheckpoint {
-    /// SHA-256 of the study's configuration: a changed study starts again.
-    pub config_sha256: String,
-    /// The last completed round (0: none yet).
-    pub round: u32,
-    pub model: GlobalModel,
-    pub server_state: ServerState,
-    pub pending: Option<PendingRound>,
-    /// Set once the study is complete: its final model and validation.
-    pub complete: Option<(PathBuf, Option<Metrics>)>,
-    /// The scheduler's statistics of each site.
-    #[serde(default)]
-    pub scheduler: Vec<medfed_protocol::schedule::SiteStats>,
-}
-
-/// The hash a checkpoint is tied to.
-pub fn config_hash(cfg: &StudyConfig) -> String {
-    medfed_protocol::audit::sha256_hex(&serde_json::to_vec(cfg).expect("a study config serializes"))
-}
+pub use medfed_protocol::study::checkpoint::{StudyCheckpoint, config_hash};
 
 /// The study's checkpoint, if one matches its current configuration.
 pub fn load(store: &dyn Store, cfg: &StudyConfig) -> Result<Option<StudyCheckpoint>, String> {

@@ -47,10 +47,7 @@ impl StudyRunner {
             .registry
             .names()
             .into_iter()
-            .filter_map(|site| {
-                let conn = self.registry.get(&site)?.conn.stable_id();
-                Some((site, Participant::for_query(conn)))
-            })
+            .map(|site| (site, Participant::for_query()))
             .collect();
         let bits_for = |n: usize| {
             let room = (2f64.powi(62) / (n as f64 * MAX_SITE_ENTRY)).log2().floor();

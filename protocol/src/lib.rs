@@ -37,6 +37,7 @@ pub mod quant;
 pub mod schedule;
 pub mod secagg;
 pub mod stats;
+pub mod study;
 pub mod update_vector;
 
 pub use codec::{DEFAULT_MAX_FRAME_BYTES, FrameError, PROTOCOL_VERSION};
