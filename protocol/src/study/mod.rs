@@ -1385,18 +1385,10 @@ impl Coordinator {
             model,
             ..
         } = *p;
-        let Some(weights) = federated_average(
-            updates
-                .values()
-                .map(|u| (u.weights.as_slice(), u.num_samples)),
-        ) else {
-            let why = format!(
-                "{} of the {} sites needed sent an update",
-                updates.len(),
-                self.cfg.min_sites
-            );
+        if updates.is_empty() {
+            let why = format!("none of the {} sites invited sent an update", invited.len());
             return self.attempt_failed(now, round, attempt, why, Some((0, &invited)));
-        };
+        }
         let rows: u64 = updates
             .values()
             .fold(0u64, |a, u| a.saturating_add(u.num_samples));
@@ -1422,6 +1414,15 @@ impl Coordinator {
                 latencies,
             }
         } else {
+            // Weighted by the rows each site declared (none is 0: checked on arrival).
+            let Some(weights) = federated_average(
+                updates
+                    .values()
+                    .map(|u| (u.weights.as_slice(), u.num_samples)),
+            ) else {
+                let why = "the updates' rows sum to zero".to_string();
+                return self.attempt_failed(now, round, attempt, why, Some((0, &invited)));
+            };
             let train_loss = updates
                 .values()
                 .map(|u| u.train_loss * u.num_samples as f64)
@@ -1917,6 +1918,17 @@ impl Coordinator {
                                   for the rounds' deadlines, or it dropped out of each)"
                         .into(),
                     (k, false) => format!("left the study after its update was in {k} round(s)"),
+                    (k, true)
+                        if !self.connected.contains_key(site)
+                            && !self
+                                .pending
+                                .as_ref()
+                                .is_some_and(|p| p.sites.contains(site)) =>
+                    {
+                        format!(
+                            "disconnected after its update was in {k} round(s), and is not in the last"
+                        )
+                    }
                     (_, true) => return None,
                 };
                 Some(MissingSite {
@@ -1927,3 +1939,6 @@ impl Coordinator {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests;
