@@ -39,7 +39,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::AggregatorConfig;
 use crate::server::{Registry, Server};
-pub use crate::study::{StudyError, StudyOutcome};
+pub use crate::study::{CertificateVerifiers, StudyError, StudyOutcome};
 
 /// The software version reported to peers.
 pub const SOFTWARE: &str = concat!("medfed-aggregator ", env!("CARGO_PKG_VERSION"));

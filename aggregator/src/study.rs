@@ -152,7 +152,7 @@ impl Participant {
 
 /// Builds the checkers of secure-aggregation key signatures from the sites' certificates,
 /// under the consortium CA (and CRL).
-struct CertificateVerifiers(medfed_infra::transport::Trust);
+pub struct CertificateVerifiers(pub medfed_infra::transport::Trust);
 
 impl KeyVerifiers for CertificateVerifiers {
     fn verifier(&self, parties: &[(String, Vec<u8>)]) -> Result<Box<dyn Verifier + Send>, String> {

@@ -559,6 +559,42 @@ impl Node {
         }
     }
 
+    /// Answers one request from the aggregator without a network: recorded in the
+    /// compliance log as received, answered as over QUIC, the answer recorded as sent
+    /// (a request or answer the log cannot record is not acted on, or not given). For
+    /// simulations (`tests/sim.rs`) and fuzzing; the node's sessions use the same steps.
+    pub async fn serve(&self, msg: Message) -> Message {
+        let max = self.config.max_frame_bytes;
+        let info = |m: &Message| {
+            medfed_protocol::codec::encode_frame(m, max)
+                .map(|f| transport::FrameInfo::of_frame(&f))
+                .map_err(|e| e.to_string())
+        };
+        let unlogged = || {
+            Message::Error(ErrorMessage {
+                code: ErrorCode::Internal,
+                reason: "this site cannot write its compliance log, so it does not answer".into(),
+            })
+        };
+        let received = info(&msg)
+            .and_then(|i| transport::Egress::received(&*self.audit, AGGREGATOR, &msg, &i));
+        if received.is_err() {
+            return unlogged();
+        }
+        let reply = self.respond(msg).await;
+        match info(&reply)
+            .and_then(|i| transport::Egress::sent(&*self.audit, AGGREGATOR, &reply, &i))
+        {
+            Ok(()) => reply,
+            Err(_) => unlogged(),
+        }
+    }
+
+    /// A one-way message from the aggregator without a network (see [`Node::serve`]).
+    pub fn serve_one_way(&self, msg: Message) {
+        self.one_way(msg);
+    }
+
     fn one_way(&self, msg: Message) {
         match msg {
             Message::RoundResult(r) => info!(

@@ -29,6 +29,12 @@ pub(crate) struct Party {
     all_must_survive: bool,
     /// What the masked input costs the site's budget, charged as it leaves.
     charge: Option<Charge>,
+    /// The setup's label and binding, and this site's first message: the same round
+    /// opened again (a request delivered twice) gets the same answer.
+    opened: (String, [u8; 32], ClientMessage),
+    /// The last request handled and its answer: the same request again gets the same
+    /// answer (the state machine has moved on).
+    last: Option<(medfed_protocol::secagg::ServerMessage, ClientMessage)>,
 }
 
 /// What a site adds to its vector before masking, and what that costs its budget.
@@ -329,6 +335,18 @@ impl Node {
             self.revealed.get(&study_id, round).as_deref(),
         )?;
         let parties = sr.setup.parties.clone();
+        if let Some(p) = self.secure_lock().get(&(study_id.clone(), round))
+            && p.opened.0 == sr.setup.label
+            && p.opened.1 == sr.setup.binding
+            && p.parties == parties
+        {
+            // The same round opened again (a request delivered twice): the same answer.
+            return Ok(Message::SecAggFromNode(SecAggFromNode {
+                study_id,
+                round,
+                message: p.opened.2.clone(),
+            }));
+        }
         let me = parties
             .iter()
             .position(|p| *p == self.config.site)
@@ -367,6 +385,7 @@ impl Node {
                     "the system's random generator failed".into(),
                 )
             })?;
+        let opened = (sr.setup.label.clone(), sr.setup.binding);
         let (client, first) = Client::new_noised(
             sr.setup,
             me as u32,
@@ -388,6 +407,8 @@ impl Node {
                 parties,
                 all_must_survive: noise.all_must_survive,
                 charge: noise.charge,
+                opened: (opened.0, opened.1, first.clone()),
+                last: None,
             },
         );
         Ok(Message::SecAggFromNode(SecAggFromNode {
@@ -506,6 +527,17 @@ impl Node {
             )
         })?;
         use medfed_protocol::secagg::ServerMessage;
+        if let Some((request, answer)) = &party.last
+            && *request == m.message
+        {
+            // The same request again (delivered twice): the same answer.
+            return Ok(Message::SecAggFromNode(SecAggFromNode {
+                study_id: m.study_id,
+                round: m.round,
+                message: answer.clone(),
+            }));
+        }
+        let request = m.message.clone();
         let listed = match &m.message {
             ServerMessage::ConsistencyCheck { survivors }
             | ServerMessage::UnmaskRequest { survivors, .. } => Some(survivors.clone()),
@@ -566,6 +598,8 @@ impl Node {
                             })?;
                     }
                     info!(study = %m.study_id, round = m.round, "secure aggregation: shares revealed; done");
+                } else if let Some(party) = secure.get_mut(&key) {
+                    party.last = Some((request, answer.clone()));
                 }
                 Ok(Message::SecAggFromNode(SecAggFromNode {
                     study_id: m.study_id,

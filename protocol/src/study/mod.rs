@@ -450,8 +450,13 @@ pub struct Coordinator {
     absent: BTreeMap<String, String>,
     /// The target classes each accepting site names.
     classes: BTreeMap<String, Vec<String>>,
-    /// Feature statistics from the decisions (exact studies without secure aggregation).
+    /// Feature statistics: the secure sum, or (exact studies without secure aggregation)
+    /// summed from `site_stats` when the rounds begin.
     stats: FeatureStats,
+    /// Each accepting site's feature statistics (exact studies without secure aggregation),
+    /// summed in the sites' order, not their answers' (the standardization, and so the
+    /// model, must not depend on which site answered first).
+    site_stats: BTreeMap<String, FeatureStats>,
     /// Rounds each site's input is in.
     contributed: BTreeMap<String, u32>,
     scheduler: BTreeMap<String, SiteStats>,
@@ -503,6 +508,7 @@ impl Coordinator {
             absent,
             classes: BTreeMap::new(),
             stats: FeatureStats::empty(d),
+            site_stats: BTreeMap::new(),
             contributed: BTreeMap::new(),
             scheduler: BTreeMap::new(),
             model: None,
@@ -823,12 +829,13 @@ impl Coordinator {
                             ));
                             return;
                         }
-                        if let Err(e) = self.stats.merge(&fs) {
+                        if let Err(e) = FeatureStats::empty(self.cfg.features.len()).merge(&fs) {
                             self.out.note(format!(
                                 "{site}'s feature statistics refused: {e}; left out"
                             ));
                             return;
                         }
+                        self.site_stats.insert(site.to_string(), fs);
                     }
                     self.classes.insert(site.to_string(), target_classes);
                     self.absent.remove(site);
@@ -1035,6 +1042,19 @@ impl Coordinator {
 
     // ---- rounds ----------------------------------------------------------------------
 
+    /// The feature statistics the standardization comes from: the secure sum, or the
+    /// accepting sites' summed in name order.
+    fn summed_stats(&self) -> Result<FeatureStats, crate::stats::StatsError> {
+        if self.site_stats.is_empty() {
+            return Ok(self.stats.clone());
+        }
+        let mut total = FeatureStats::empty(self.cfg.features.len());
+        for fs in self.site_stats.values() {
+            total.merge(fs)?;
+        }
+        Ok(total)
+    }
+
     fn begin_rounds(&mut self, now: u64) {
         for (site, p) in &self.participants {
             self.scheduler.insert(
@@ -1072,7 +1092,7 @@ impl Coordinator {
                     // Under differential privacy nothing about the data is released but the
                     // noisy model: standardize from the declared feature ranges.
                     Some(p) => p.standardization(),
-                    None => match self.stats.standardization() {
+                    None => match self.summed_stats().and_then(|s| s.standardization()) {
                         Ok(s) => s,
                         Err(e) => return self.fail(StudyFailure::Failed(e.to_string())),
                     },
