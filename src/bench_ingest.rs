@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use medfed_infra::store::{self, Backend};
 use medfed_node::runtime::{ColumnStats, RunOptions, csv_source, restore, run_partition};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 #[derive(clap::Args)]
 pub struct IngestArgs {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use medfed_infra::store::{self, Backend};
 use medfed_node::runtime::{ColumnStats, RunOptions, csv_source, restore, run_partition};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 const ROWS: u64 = 300_000;
 

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use medfed_infra::store::{self, Backend, Batch};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 const RECORDS: u64 = 200_000;
 

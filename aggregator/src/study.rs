@@ -699,7 +699,7 @@ impl StudyRunner {
                     .max(cfg.min_sites)
                     .min(participants.len());
                 let mut rng = rand::rng();
-                let chosen = participants.keys().cloned().choose_multiple(&mut rng, n);
+                let chosen = participants.keys().cloned().sample(&mut rng, n);
                 (
                     participants
                         .iter()
