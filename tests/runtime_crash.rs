@@ -128,7 +128,7 @@ fn redb_runtime_state_matches_offsets_after_50_kills() {
     kill_many_times(Backend::Redb);
 }
 
-#[cfg(unix)]
+#[cfg(all(unix, feature = "sled"))]
 #[test]
 fn sled_runtime_state_matches_offsets_after_50_kills() {
     kill_many_times(Backend::Sled);

@@ -120,7 +120,7 @@ fn crash_many_times(backend: Backend) {
     assert_eq!(check(), RECORDS);
 }
 
-#[cfg(unix)]
+#[cfg(all(unix, feature = "sled"))]
 #[test]
 fn sled_state_matches_its_offsets_after_50_kills() {
     crash_many_times(Backend::Sled);
