@@ -247,10 +247,9 @@ mod tests {
     fn sled_outside_a_sled_build_names_the_feature() {
         let err = "sled".parse::<Backend>().unwrap_err();
         assert!(err.contains("--features sled"), "{err}");
-        let err = toml::from_str::<std::collections::BTreeMap<String, Backend>>(
-            "backend = \"sled\"",
-        )
-        .unwrap_err();
+        let err =
+            toml::from_str::<std::collections::BTreeMap<String, Backend>>("backend = \"sled\"")
+                .unwrap_err();
         assert!(err.to_string().contains("cargo feature `sled`"), "{err}");
         let dir = tempfile::tempdir().unwrap();
         let err = open(Backend::Sled, &dir.path().join("s")).err().unwrap();
