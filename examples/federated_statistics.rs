@@ -17,6 +17,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use medfed::{csv_text, local};
 use medfed_aggregator::AggregatorEvent;
 use medfed_aggregator::config::AggregatorConfig;
 use medfed_infra::pki;
@@ -92,15 +93,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // Each dataset split across the hospitals, row by row.
     for ds in &DATASETS {
-        let mut lines = ds.csv.lines();
-        let header = lines.next().ok_or(format!("{}: no header row", ds.name))?;
-        let rows: Vec<&str> = lines.collect();
-        for (i, s) in SITES.iter().enumerate() {
-            let part: Vec<&str> = rows.iter().skip(i).step_by(3).copied().collect();
-            std::fs::write(
-                d.join(format!("{s}-{}.csv", ds.name)),
-                format!("{header}\n{}\n", part.join("\n")),
-            )?;
+        let parts = local::split(ds.csv, SITES.len(), |i, _| i % SITES.len());
+        for (s, part) in SITES.iter().zip(parts) {
+            std::fs::write(d.join(format!("{s}-{}.csv", ds.name)), part)?;
         }
     }
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?
@@ -238,14 +233,14 @@ async fn run(agg: &Path, nodes: &[PathBuf]) -> Result<Vec<PathBuf>, Box<dyn std:
 /// The exact statistics of the pooled cohort, printed beside the released ones; returns the
 /// number of released values outside their stated error.
 fn compare(ds: &Dataset, q: &StatsQuery, r: &StatsRelease) -> Result<usize, String> {
-    let mut lines = ds.csv.lines();
-    let header: Vec<String> = lines
-        .next()
-        .ok_or(format!("{}: no header row", ds.name))?
-        .split(',')
-        .map(str::to_string)
+    let (header, rows) = csv_text::read(ds.csv).map_err(|e| format!("{}: {e}", ds.name))?;
+    if header.is_empty() {
+        return Err(format!("{}: no header row", ds.name));
+    }
+    let rows: Vec<Vec<&str>> = rows
+        .iter()
+        .map(|r| r.iter().map(String::as_str).collect())
         .collect();
-    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
     let cohort: Vec<&Vec<&str>> = rows
         .iter()
         .filter(|row| (ds.cohort_test)(row, &header))

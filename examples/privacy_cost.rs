@@ -15,6 +15,7 @@
 
 use std::path::PathBuf;
 
+use medfed::csv_text;
 use medfed::local::{self, Hospital, Study};
 use medfed_protocol::dp::accountant::RdpAccountant;
 use medfed_protocol::metrics::Metrics;
@@ -69,7 +70,8 @@ fn datasets() -> anyhow::Result<Vec<Dataset>> {
             _ => 2,
         }
     };
-    let pima_header: Vec<&str> = PIMA.lines().next().unwrap_or_default().split(',').collect();
+    let pima_header = csv_text::header(PIMA);
+    let pima_header: Vec<&str> = pima_header.iter().map(String::as_str).collect();
     let pima = Dataset {
         name: "pima",
         target: "type",

@@ -7,14 +7,15 @@ use std::time::Instant;
 
 use medfed_infra::store::{self, Backend};
 use medfed_node::runtime::{ColumnStats, RunOptions, csv_source, restore, run_partition};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 #[derive(clap::Args)]
 pub struct IngestArgs {
     /// Records in the synthetic stream.
     #[arg(long, default_value_t = 2_000_000)]
     records: u64,
-    /// Store backend: sled or redb (default: both, one after the other).
+    /// Store backend: redb, or sled in a build with `--features sled` (default: every backend
+    /// of this build, one after the other).
     #[arg(long)]
     backend: Option<Backend>,
 }
@@ -77,7 +78,7 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     println!("{}", "-".repeat(46));
     let backends = match args.backend {
         Some(b) => vec![b],
-        None => vec![Backend::Sled, Backend::Redb],
+        None => Backend::built(),
     };
     for backend in backends {
         let s: Arc<dyn store::Store> = Arc::from(store::open(

@@ -1,6 +1,7 @@
 //! `medfed bench secagg`: the cost of one secure aggregation, with every party simulated in
 //! this process and messages crossing as bytes. Client and aggregator work are timed
-//! separately; the aggregator's memory is metered by the allocator.
+//! separately; the aggregator's memory is metered by the allocator in a build with
+//! `--features alloc-meter` (and not measured otherwise).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -9,7 +10,20 @@ use medfed_protocol::quant::QuantParams;
 use medfed_protocol::secagg::sim::{Actor, DropBefore, Identities, Stopwatch, run};
 use medfed_protocol::secagg::{PartyId, Setup, choose_neighbours, crypto};
 
-use crate::alloc_meter;
+/// The counting allocator, or stand-ins that measure nothing in a build without it.
+#[cfg(feature = "alloc-meter")]
+use medfed_alloc_meter as alloc_meter;
+#[cfg(not(feature = "alloc-meter"))]
+mod alloc_meter {
+    pub fn metered<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+    pub fn release(_: usize) {}
+    pub fn reset() {}
+    pub fn peak() -> usize {
+        0
+    }
+}
 
 #[derive(clap::Args)]
 pub struct SecAggArgs {
@@ -156,7 +170,11 @@ fn measure(
         round_ms: round.as_secs_f64() * 1e3,
         sent_mb: sent as f64 / active.max(1) as f64 / 1e6,
         expansion: sent as f64 / active.max(1) as f64 / plain as f64,
-        server_mb: alloc_meter::peak() as f64 / 1e6,
+        server_mb: if cfg!(feature = "alloc-meter") {
+            alloc_meter::peak() as f64 / 1e6
+        } else {
+            f64::NAN
+        },
         memory_target_mb: (4 * 8 * d) as f64 / 1e6 + n as f64 / 100.0,
     })
 }
@@ -166,6 +184,12 @@ pub fn secagg(args: SecAggArgs) -> anyhow::Result<()> {
         "secure aggregation, every party simulated in this process (clients on {} threads; the aggregator on one, all cores when unmasking), one run per row",
         args.threads
     );
+    if !cfg!(feature = "alloc-meter") {
+        println!(
+            "aggr. MB is not measured (NaN) in this build: the allocator that meters it is the \
+             cargo feature alloc-meter (cargo run --release --features alloc-meter -- bench secagg)"
+        );
+    }
     println!(
         "\n{:>4} {:>8} {:>5} {:>4} {:>4} {:>4}  {:>10} {:>10} {:>6}  {:>10} {:>10}  {:>9} {:>6}  {:>10} {:>10}",
         "n",

@@ -1,4 +1,5 @@
-//! `medfed bench store`: the two store backends side by side: checkpoint latency (one
+//! `medfed bench store`: the store backends side by side (sled only in a build with
+//! `--features sled`): checkpoint latency (one
 //! atomic, fsynced commit of offsets and state) and the throughput of committing large
 //! batches.
 
@@ -26,7 +27,7 @@ pub fn store(args: StoreArgs) -> anyhow::Result<()> {
         "store", "checkpoint (median ms)", "batch of keys (keys/s)", "size on disk"
     );
     println!("{}", "-".repeat(76));
-    for backend in [Backend::Sled, Backend::Redb] {
+    for backend in Backend::built() {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("state");
         let s = store::open(backend, &path)?;

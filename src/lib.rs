@@ -1,5 +1,6 @@
-//! The parts of the `medfed` binary that its examples share: plots and a federation on one
-//! machine.
+//! The parts of the `medfed` binary that its examples and tests share: plots, a federation
+//! on one machine, and CSV text read and written with the `csv` crate.
 
+pub mod csv_text;
 pub mod local;
 pub mod plots;

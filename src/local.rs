@@ -17,6 +17,8 @@ use medfed_protocol::model::{ModelKind, TrainParams, predict, train_local};
 use medfed_protocol::stats::FeatureStats;
 use ndarray::{Array1, Array2, Axis, concatenate};
 
+use crate::csv_text;
+
 /// One hospital: its name and its extract (CSV text with a header row).
 pub struct Hospital {
     pub name: String,
@@ -42,15 +44,16 @@ pub struct Run {
     pub final_model: PathBuf,
 }
 
-/// Splits `csv` (header + rows) into `n` parts by `part(row index, fields)`.
+/// Splits `csv` (header + rows) into `n` parts by `part(row index, fields)`, each with the
+/// header. Text the `csv` crate cannot read (not possible for a `&str` read flexibly)
+/// gives parts with an empty header and no rows.
 pub fn split(csv: &str, n: usize, part: impl Fn(usize, &[&str]) -> usize) -> Vec<String> {
-    let mut lines = csv.lines();
-    let header = lines.next().unwrap_or_default();
-    let mut parts = vec![format!("{header}\n"); n];
-    for (i, line) in lines.enumerate() {
-        let fields: Vec<&str> = line.split(',').collect();
+    let (header, rows) = csv_text::read(csv).unwrap_or_default();
+    let mut parts = vec![format!("{}\n", csv_text::line(&header)); n];
+    for (i, row) in rows.iter().enumerate() {
+        let fields: Vec<&str> = row.iter().map(String::as_str).collect();
         let p = part(i, &fields).min(n - 1);
-        parts[p].push_str(line);
+        parts[p].push_str(&csv_text::line(row));
         parts[p].push('\n');
     }
     parts
@@ -58,12 +61,9 @@ pub fn split(csv: &str, n: usize, part: impl Fn(usize, &[&str]) -> usize) -> Vec
 
 /// The columns of `csv`'s header except `target`: a study's features.
 pub fn features_except(csv: &str, target: &str) -> Vec<String> {
-    csv.lines()
-        .next()
-        .unwrap_or_default()
-        .split(',')
-        .filter(|c| *c != target)
-        .map(str::to_string)
+    csv_text::header(csv)
+        .into_iter()
+        .filter(|c| c != target)
         .collect()
 }
 

@@ -5,7 +5,6 @@
 //! - anyone: `medfed demo`, `medfed model evaluate`, `medfed bench transport`
 
 mod aggregator_cmd;
-mod alloc_meter;
 mod audit;
 mod audit_reconcile;
 mod bench;
@@ -26,8 +25,11 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
+/// Only in a build with `--features alloc-meter`: `medfed bench secagg` meters the
+/// aggregator's memory with it.
+#[cfg(feature = "alloc-meter")]
 #[global_allocator]
-static ALLOCATOR: alloc_meter::Meter = alloc_meter::Meter;
+static ALLOCATOR: medfed_alloc_meter::Meter = medfed_alloc_meter::Meter;
 
 #[derive(Parser)]
 #[command(

@@ -998,9 +998,7 @@ fn whether_a_site_takes_part_does_not_depend_on_a_patients_value() {
             let path = d.join("site-a.csv");
             let text = std::fs::read_to_string(&path).unwrap();
             let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
-            let mut cells: Vec<&str> = lines[1].split(',').collect();
-            cells[3] = "NA";
-            lines[1] = cells.join(",");
+            lines[1] = medfed::csv_text::with_field(&lines[1], 3, "NA");
             std::fs::write(&path, lines.join("\n") + "\n").unwrap();
         }
         let (_, log) = run(d, "s", &SITES, study, "");

@@ -4,39 +4,14 @@
 
 mod common;
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
 use medfed_infra::transport;
 use medfed_protocol::{DEFAULT_MAX_FRAME_BYTES, ErrorCode, Message};
 
-struct PeakAllocation;
-
-static LARGEST: AtomicUsize = AtomicUsize::new(0);
-
-// SAFETY: forwards every call to the system allocator unchanged; only records sizes.
-unsafe impl GlobalAlloc for PeakAllocation {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
-        unsafe { System.alloc_zeroed(layout) }
-    }
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
-
 #[global_allocator]
-static ALLOCATOR: PeakAllocation = PeakAllocation;
+static ALLOCATOR: medfed_alloc_meter::Largest = medfed_alloc_meter::Largest;
 
 /// Well above the few-MB buffers the runtime allocates for itself, far below the announced sizes.
 const LIMIT: u32 = 16 << 20;
@@ -92,7 +67,7 @@ async fn oversized_frames_are_refused_without_allocating_them() {
 
     // Nothing near the announced sizes was ever allocated (quinn's own buffers are far
     // smaller than the limit).
-    let largest = LARGEST.load(Ordering::Relaxed);
+    let largest = medfed_alloc_meter::largest();
     assert!(
         largest < LIMIT as usize,
         "largest single allocation was {largest} bytes"

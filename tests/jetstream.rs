@@ -6,6 +6,8 @@
 //! `scripts/test` installs `nats-server` when it is missing; the workers are this test
 //! binary, re-run with `MEDFED_JS_WORKER` set.
 
+#![cfg(feature = "jetstream")]
+
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use medfed_infra::store::{self, Backend};
 use medfed_node::runtime::{ColumnStats, RunOptions, csv_source, restore, run_partition};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 const ROWS: u64 = 300_000;
 
@@ -128,7 +128,7 @@ fn redb_runtime_state_matches_offsets_after_50_kills() {
     kill_many_times(Backend::Redb);
 }
 
-#[cfg(unix)]
+#[cfg(all(unix, feature = "sled"))]
 #[test]
 fn sled_runtime_state_matches_offsets_after_50_kills() {
     kill_many_times(Backend::Sled);

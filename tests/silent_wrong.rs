@@ -10,6 +10,8 @@ use procs::{Processes, medfed, spawn, wait};
 use std::path::Path;
 use std::time::Duration;
 
+use medfed::csv_text;
+
 const SITES: [&str; 2] = ["site-a", "site-b"];
 
 /// The PKI, each site's half of the Pima rows (`edit` applied to each row, with its index)
@@ -145,8 +147,9 @@ fn a_single_class_target_stops_the_study_before_round_1() {
     let d = dir.path();
     // Every row's outcome is "Yes".
     let port = setup(d, |_, r| {
-        let (rest, _) = r.rsplit_once(',').unwrap();
-        format!("{rest},Yes")
+        let mut f = csv_text::fields(r);
+        *f.last_mut().unwrap() = "Yes".into();
+        csv_text::line(&f)
     });
     let (ok, log) = run(d, port, &study("one-class", "Yes", true));
     assert!(!ok, "{log}");
@@ -164,14 +167,14 @@ fn a_statistics_query_reports_the_rows_it_left_out_for_missing_values() {
     // glu empty in every 4th row (50 of 200), bmi "NA" in every 5th from the 2nd (40);
     // 10 rows lack both: 80 left out.
     let port = setup(d, |i, r| {
-        let mut f: Vec<String> = r.split(',').map(str::to_string).collect();
+        let mut f = csv_text::fields(r);
         if i % 4 == 0 {
             f[1] = String::new();
         }
         if i % 5 == 1 {
             f[4] = "NA".into();
         }
-        f.join(",")
+        csv_text::line(&f)
     });
     let query = "[[statistics]]\nid = \"gaps\"\ndataset = \"pima\"\nmin_sites = 2\n\
                  wait_for_sites_secs = 60\ntimeout_secs = 20\n\
@@ -224,9 +227,7 @@ fn a_study_that_lost_a_site_says_so_in_its_result_and_exit_status() {
     // site-b's rows (the odd ones) lack glu every 7th row.
     let port = setup(d, |i, r| {
         if i % 2 == 1 && i % 7 == 0 {
-            let mut f: Vec<&str> = r.split(',').collect();
-            f[1] = "";
-            f.join(",")
+            csv_text::with_field(r, 1, "")
         } else {
             r.to_string()
         }

@@ -117,7 +117,7 @@ timeout_secs = 10
             std::fs::read_to_string(d.join(format!("{s}.csv")))
                 .unwrap()
                 .lines()
-                .any(|l| l.split(',').nth(1) == Some("195"))
+                .any(|l| medfed::csv_text::fields(l).get(1).map(String::as_str) == Some("195"))
         })
         .unwrap();
     let log = std::fs::read_to_string(d.join(format!("{holder}.log"))).unwrap();

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use medfed_infra::store::{self, Backend, Batch};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 
 const RECORDS: u64 = 200_000;
 
@@ -120,7 +120,7 @@ fn crash_many_times(backend: Backend) {
     assert_eq!(check(), RECORDS);
 }
 
-#[cfg(unix)]
+#[cfg(all(unix, feature = "sled"))]
 #[test]
 fn sled_state_matches_its_offsets_after_50_kills() {
     crash_many_times(Backend::Sled);

@@ -3,7 +3,7 @@
 //! The I/O that both hospital nodes and the aggregator run, written once:
 //!
 //! - [`pki`]: the consortium CA and per-party certificates (rcgen).
-//! - [`store`]: the durable key-value store with atomic checkpoints (sled and redb backends).
+//! - [`store`]: the durable key-value store with atomic checkpoints (redb; sled with the cargo feature `sled`).
 //! - [`auditlog`]: the append-only, signed compliance log.
 //! - [`transport`]: QUIC endpoints with mutual TLS 1.3 (quinn + rustls/ring) and framed
 //!   messages over QUIC streams.

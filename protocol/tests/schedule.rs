@@ -2,7 +2,7 @@
 //! different speeds and reliability, 300 rounds each way, the same quorum and coverage.
 
 use medfed_protocol::schedule::{Requirements, SiteStats, plan};
-use rand::{Rng, SeedableRng};
+use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 struct Site {

@@ -2,12 +2,14 @@
 //! atomic checkpoints that write input offsets, state changes and metadata in ONE durable
 //! transaction, so that after a crash the state matches the offsets exactly.
 //!
-//! Two backends sit behind [`Store`]: [`sled`](https://docs.rs/sled) (named in the project's
-//! requirements; its last stable release is 0.34 and it calls itself beta) and
-//! [`redb`](https://docs.rs/redb). `docs/storage.md` compares them; [`Backend::DEFAULT`]
-//! is the one the measurements chose.
+//! Two backends sit behind [`Store`]: [`redb`](https://docs.rs/redb), the default, and
+//! [`sled`](https://docs.rs/sled) (named in the project's first requirements; its last
+//! stable release is 0.34, it calls itself beta, and it pulls in two unmaintained crates),
+//! which is only in a build with the cargo feature `sled`. `docs/storage.md` compares
+//! them; [`Backend::DEFAULT`] is the one the measurements chose.
 
 mod redb_store;
+#[cfg(feature = "sled")]
 mod sled_store;
 
 use std::path::{Path, PathBuf};
@@ -23,11 +25,15 @@ pub enum StoreError {
     },
     #[error("store namespace {0:?} may not contain a NUL byte")]
     BadNamespace(String),
+    #[error("{}", Backend::not_built_message(*.0))]
+    NotBuilt(Backend),
 }
 
-/// Which implementation holds the data.
+/// Which implementation holds the data. A configuration may name sled in any build, but
+/// only a build with the cargo feature `sled` can open it: elsewhere reading such a
+/// configuration fails, naming the feature.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", try_from = "String")]
 pub enum Backend {
     Sled,
     Redb,
@@ -43,15 +49,52 @@ impl Backend {
             Backend::Redb => "redb",
         }
     }
+
+    /// Whether this build can open the backend (sled needs the cargo feature `sled`).
+    pub fn is_built(self) -> bool {
+        match self {
+            Backend::Sled => cfg!(feature = "sled"),
+            Backend::Redb => true,
+        }
+    }
+
+    /// The backends this build can open, the default last.
+    pub fn built() -> Vec<Backend> {
+        [Backend::Sled, Backend::Redb]
+            .into_iter()
+            .filter(|b| b.is_built())
+            .collect()
+    }
+
+    fn not_built_message(self) -> String {
+        format!(
+            "the {0} store backend is not in this build of medfed: build it with the cargo \
+             feature `{0}` (cargo build --release --features {0}), or use backend = \"redb\", \
+             the default",
+            self.name()
+        )
+    }
+}
+
+impl TryFrom<String> for Backend {
+    type Error = String;
+    fn try_from(s: String) -> Result<Backend, String> {
+        s.parse()
+    }
 }
 
 impl std::str::FromStr for Backend {
     type Err = String;
     fn from_str(s: &str) -> Result<Backend, String> {
-        match s {
-            "sled" => Ok(Backend::Sled),
-            "redb" => Ok(Backend::Redb),
-            other => Err(format!("unknown store backend {other:?} (sled or redb)")),
+        let backend = match s {
+            "sled" => Backend::Sled,
+            "redb" => Backend::Redb,
+            other => return Err(format!("unknown store backend {other:?} (redb or sled)")),
+        };
+        if backend.is_built() {
+            Ok(backend)
+        } else {
+            Err(backend.not_built_message())
         }
     }
 }
@@ -111,7 +154,10 @@ pub trait Store: Send + Sync {
 /// Opens (creating if needed) the store at `path` with `backend`.
 pub fn open(backend: Backend, path: &Path) -> Result<Box<dyn Store>, StoreError> {
     match backend {
+        #[cfg(feature = "sled")]
         Backend::Sled => Ok(Box::new(sled_store::SledStore::open(path)?)),
+        #[cfg(not(feature = "sled"))]
+        Backend::Sled => Err(StoreError::NotBuilt(Backend::Sled)),
         Backend::Redb => Ok(Box::new(redb_store::RedbStore::open(path)?)),
     }
 }
@@ -156,6 +202,7 @@ mod tests {
         ));
     }
 
+    #[cfg(feature = "sled")]
     #[test]
     fn sled_keeps_committed_state_across_reopening() {
         exercise(Backend::Sled);
@@ -171,7 +218,7 @@ mod tests {
     fn a_new_store_is_its_owners_alone_whatever_the_umask() {
         use crate::files::{PrivatePath, check_private, set_umask};
         set_umask(0o022);
-        for backend in [Backend::Sled, Backend::Redb] {
+        for backend in Backend::built() {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join(format!("{}.db", backend.name()));
             {
@@ -193,5 +240,21 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("/nonexistent/dir/state"), "{err}");
+    }
+
+    #[cfg(not(feature = "sled"))]
+    #[test]
+    fn sled_outside_a_sled_build_names_the_feature() {
+        let err = "sled".parse::<Backend>().unwrap_err();
+        assert!(err.contains("--features sled"), "{err}");
+        let err =
+            toml::from_str::<std::collections::BTreeMap<String, Backend>>("backend = \"sled\"")
+                .unwrap_err();
+        assert!(err.to_string().contains("cargo feature `sled`"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let err = open(Backend::Sled, &dir.path().join("s")).err().unwrap();
+        assert!(err.to_string().contains("--features sled"), "{err}");
+        assert_eq!(Backend::built(), vec![Backend::Redb]);
+        assert_eq!("redb".parse::<Backend>(), Ok(Backend::Redb));
     }
 }

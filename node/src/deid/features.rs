@@ -507,7 +507,7 @@ mod tests {
 
     #[test]
     fn windows_over_out_of_order_events_equal_the_offline_values() {
-        use rand::{Rng, SeedableRng, seq::SliceRandom};
+        use rand::{RngExt, SeedableRng, seq::SliceRandom};
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
         let days = 30;
         let mut f = Features::new(

@@ -20,6 +20,7 @@ use crate::deid::{
 };
 use crate::runtime::csv_source::{self, CsvOptions, Partitioning};
 use crate::runtime::fhir_source::{self, FhirMapping};
+#[cfg(feature = "jetstream")]
 use crate::runtime::jetstream_source::{self, JetStreamPartition};
 use crate::runtime::{
     Chain, ColumnStats, Envelope, KvState, MessageCollector, NEXT, RunOptions, StreamTask,
@@ -272,6 +273,9 @@ impl IngestConfig {
         if self.window_secs == 0 {
             return Err("window_secs must be at least 1".into());
         }
+        if self.jetstream.is_some() && !cfg!(feature = "jetstream") {
+            return Err(JETSTREAM_NOT_BUILT.into());
+        }
         if let Some(js) = &self.jetstream
             && (js.workers == 0 || js.worker >= js.workers || js.partitions == 0)
         {
@@ -281,10 +285,19 @@ impl IngestConfig {
     }
 }
 
+/// Why a jetstream source is refused by a build without the feature.
+const JETSTREAM_NOT_BUILT: &str = "a jetstream source needs the NATS JetStream connector, which is \
+     not in this build of medfed: build it with the cargo feature `jetstream` (on by default; \
+     cargo build --release --features jetstream)";
+
 /// A partition of a pipeline and how to open it.
 pub(crate) enum Part {
-    Csv { path: PathBuf, opts: CsvOptions },
+    Csv {
+        path: PathBuf,
+        opts: CsvOptions,
+    },
     Fhir(PathBuf, FhirMapping),
+    #[cfg(feature = "jetstream")]
     Jet(JetStreamPartition),
 }
 
@@ -334,6 +347,16 @@ pub(crate) fn parts(cfg: &IngestConfig) -> Result<Vec<(u32, Part)>, String> {
     if let (Some(dir), Some(mapping)) = (&cfg.fhir, &cfg.fhir_mapping) {
         return Ok(vec![(0, Part::Fhir(dir.clone(), mapping.clone()))]);
     }
+    jetstream_parts(cfg)
+}
+
+#[cfg(not(feature = "jetstream"))]
+fn jetstream_parts(_: &IngestConfig) -> Result<Vec<(u32, Part)>, String> {
+    Err(JETSTREAM_NOT_BUILT.into())
+}
+
+#[cfg(feature = "jetstream")]
+fn jetstream_parts(cfg: &IngestConfig) -> Result<Vec<(u32, Part)>, String> {
     let js = cfg.jetstream.as_ref().ok_or("no source")?;
     Ok((0..js.partitions)
         .filter(|p| p % js.workers == js.worker)
@@ -435,7 +458,10 @@ async fn run_inner(
     }
     for ((p, part), caught_up) in parts.into_iter().zip(flags) {
         let (offset, ..) = restore(&*store, &cfg.stream, p).map_err(|e| fail(e.to_string()))?;
-        let (header, rx, acks) = match part {
+        // Where a source reports each durable checkpoint's offset (JetStream acknowledges the
+        // messages it covers); files need no acknowledgement.
+        let (header, rx, acks): (_, _, Option<tokio::sync::mpsc::UnboundedSender<u64>>) = match part
+        {
             Part::Csv { path, opts } => {
                 let (h, rx) = csv_source::read_with(&path, &cfg.stream, p, offset, &opts)
                     .map_err(|e| fail(format!("{}: {e}", path.display())))?;
@@ -446,6 +472,7 @@ async fn run_inner(
                     .map_err(|e| fail(e.to_string()))?;
                 (h, rx, None)
             }
+            #[cfg(feature = "jetstream")]
             Part::Jet(js) => {
                 let (rx, acks) = jetstream_source::subscribe(&js, &cfg.stream, p, offset)
                     .await

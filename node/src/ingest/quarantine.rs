@@ -328,4 +328,17 @@ mod tests {
         assert_eq!(old.rejection.field.as_deref(), Some("glu"));
         assert_eq!(old.rejection.reason, Rejection::EARLIER);
     }
+
+    #[cfg(not(feature = "jetstream"))]
+    #[test]
+    fn a_jetstream_source_outside_a_jetstream_build_names_the_feature() {
+        let cfg: IngestConfig = toml::from_str(
+            "stream = \"lab\"\ncolumns = [\"glu\"]\n[jetstream]\nurl = \"nats://127.0.0.1:4222\"\n\
+             stream = \"medfed\"\nsubject_prefix = \"medfed.lab\"\npartitions = 2\n",
+        )
+        .unwrap();
+        let why = cfg.validate().unwrap_err();
+        assert!(why.contains("cargo feature `jetstream`"), "{why}");
+        assert!(parts(&cfg).is_err());
+    }
 }

@@ -281,8 +281,11 @@ mod tests {
         assert_eq!(fhir.len(), 200);
         assert_eq!(fhir.len(), csv.len());
         let parse = |e: &Envelope| -> Vec<String> {
-            String::from_utf8_lossy(&e.payload)
-                .split(',')
+            let mut r = csv::ReaderBuilder::new()
+                .has_headers(false)
+                .from_reader(&e.payload[..]);
+            let row = r.records().next().unwrap().unwrap();
+            row.iter()
                 .map(|f| f.parse::<f64>().map_or(f.to_string(), |v| v.to_string()))
                 .collect()
         };

@@ -15,6 +15,7 @@
 pub mod csv_row;
 pub mod csv_source;
 pub mod fhir_source;
+#[cfg(feature = "jetstream")]
 pub mod jetstream_source;
 mod rejection;
 mod runner;

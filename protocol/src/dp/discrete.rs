@@ -17,7 +17,7 @@
 //! Steinke 2021, Theorem 1): with the σ of millions of steps used here, far below 10⁻¹⁰⁰⁰.
 
 use num_bigint::BigUint;
-use rand::RngCore;
+use rand::Rng;
 
 /// A nonnegative rational `num / den` (`den > 0`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +72,7 @@ fn decompose(x: f64) -> (u64, i64) {
 }
 
 /// A uniform integer in `[0, n)` (`n > 0`), by rejection from the fewest random bits.
-fn uniform_below(n: &BigUint, rng: &mut impl RngCore) -> BigUint {
+fn uniform_below(n: &BigUint, rng: &mut impl Rng) -> BigUint {
     let bits = n.bits();
     let bytes = bits.div_ceil(8) as usize;
     let excess = (bytes as u64 * 8 - bits) as u32;
@@ -88,12 +88,12 @@ fn uniform_below(n: &BigUint, rng: &mut impl RngCore) -> BigUint {
 }
 
 /// Bernoulli(`num / den`), `num <= den`.
-fn bernoulli(num: &BigUint, den: &BigUint, rng: &mut impl RngCore) -> bool {
+fn bernoulli(num: &BigUint, den: &BigUint, rng: &mut impl Rng) -> bool {
     &uniform_below(den, rng) < num
 }
 
 /// Bernoulli(`exp(−γ)`) for `γ = num / den` in `[0, 1]` (CKS Algorithm 1, first part).
-fn bernoulli_exp_at_most_1(num: &BigUint, den: &BigUint, rng: &mut impl RngCore) -> bool {
+fn bernoulli_exp_at_most_1(num: &BigUint, den: &BigUint, rng: &mut impl Rng) -> bool {
     let mut k = 1u32;
     loop {
         if bernoulli(num, &(den * k), rng) {
@@ -105,7 +105,7 @@ fn bernoulli_exp_at_most_1(num: &BigUint, den: &BigUint, rng: &mut impl RngCore)
 }
 
 /// Bernoulli(`exp(−γ)`) for any `γ = num / den >= 0` (CKS Algorithm 1).
-fn bernoulli_exp(num: &BigUint, den: &BigUint, rng: &mut impl RngCore) -> bool {
+fn bernoulli_exp(num: &BigUint, den: &BigUint, rng: &mut impl Rng) -> bool {
     let one = BigUint::from(1u8);
     let mut rest = num.clone();
     while &rest > den {
@@ -118,7 +118,7 @@ fn bernoulli_exp(num: &BigUint, den: &BigUint, rng: &mut impl RngCore) -> bool {
 }
 
 /// The discrete Laplace with scale `t` (`P(x) ∝ exp(−|x|/t)`), CKS Algorithm 2 with `s = 1`.
-fn discrete_laplace(t: &BigUint, rng: &mut impl RngCore) -> (bool, BigUint) {
+fn discrete_laplace(t: &BigUint, rng: &mut impl Rng) -> (bool, BigUint) {
     let one = BigUint::from(1u8);
     loop {
         let u = uniform_below(t, rng);
@@ -140,7 +140,7 @@ fn discrete_laplace(t: &BigUint, rng: &mut impl RngCore) -> (bool, BigUint) {
 
 /// One exact draw of the discrete Gaussian `N_Z(0, σ²)` with `σ² = sigma2` (CKS Algorithm 3):
 /// the sign and the magnitude.
-pub fn sample(sigma2: &Ratio, rng: &mut impl RngCore) -> (bool, BigUint) {
+pub fn sample(sigma2: &Ratio, rng: &mut impl Rng) -> (bool, BigUint) {
     let zero = BigUint::from(0u8);
     if sigma2.num == zero {
         return (false, zero);
@@ -166,7 +166,7 @@ pub fn sample(sigma2: &Ratio, rng: &mut impl RngCore) -> (bool, BigUint) {
 
 /// One draw as an `i64` (`None` past ±2⁶³, which a σ below 2⁵⁰ reaches with probability
 /// below `exp(−2¹⁵)`).
-pub fn sample_i64(sigma2: &Ratio, rng: &mut impl RngCore) -> Option<i64> {
+pub fn sample_i64(sigma2: &Ratio, rng: &mut impl Rng) -> Option<i64> {
     let (negative, magnitude) = sample(sigma2, rng);
     let m = i64::try_from(u64::try_from(&magnitude).ok()?).ok()?;
     Some(if negative { -m } else { m })
@@ -209,7 +209,7 @@ pub fn noise_steps(
     n: usize,
     sigma: f64,
     bits: u8,
-    rng: &mut impl RngCore,
+    rng: &mut impl Rng,
 ) -> Result<Vec<i64>, NoiseError> {
     let var = grid_variance(sigma, bits)?;
     (0..n)
@@ -224,7 +224,7 @@ pub fn noisy_on_grid(
     values: &[f64],
     sigma: f64,
     bits: u8,
-    rng: &mut impl RngCore,
+    rng: &mut impl Rng,
 ) -> Result<Vec<f64>, NoiseError> {
     let noise = noise_steps(values.len(), sigma, bits, rng)?;
     let scale = 2f64.powi(i32::from(bits));

@@ -19,7 +19,7 @@ pub mod discrete;
 pub mod ledger;
 pub mod sgd;
 
-use rand::Rng;
+use rand::{Rng, RngExt};
 use serde::{Deserialize, Serialize};
 
 /// A study's differential privacy for training.

@@ -17,7 +17,7 @@
 //! needed for this guarantee.
 
 use ndarray::{Array1, ArrayView1, ArrayView2, s};
-use rand::RngCore;
+use rand::Rng;
 
 use super::discrete::noisy_on_grid;
 use crate::model::{ModelKind, TrainError, TrainParams};
@@ -35,7 +35,7 @@ pub fn train(
     y: ArrayView1<'_, f64>,
     params: &TrainParams,
     dp: &super::DpTraining,
-    rng: &mut impl RngCore,
+    rng: &mut impl Rng,
     stop: &dyn Fn() -> bool,
 ) -> Result<Vec<f64>, TrainError> {
     params.validate()?;

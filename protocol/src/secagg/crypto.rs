@@ -3,7 +3,7 @@
 //! (ring), Shamir secret sharing over GF(2^8) (vsss-rs), and mask expansion with the
 //! ChaCha20 keystream (rand_chacha) seeded through HKDF.
 
-use rand::{RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use ring::{aead, hkdf};
 use x25519_dalek::{PublicKey, StaticSecret};
@@ -194,26 +194,6 @@ pub fn apply_masks_parallel(acc: &mut [u64], masks: &[([u8; 32], i8)], bits: u8)
     });
 }
 
-/// Adapts our ChaCha20 generator to the rand_core 0.10 traits vsss-rs takes.
-struct Rng10<'a>(&'a mut ChaCha20Rng);
-
-impl rand_core_010::TryRng for Rng10<'_> {
-    type Error = std::convert::Infallible;
-    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
-        Ok(self.0.next_u32())
-    }
-    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
-        Ok(self.0.next_u64())
-    }
-    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
-        self.0.fill_bytes(dst);
-        Ok(())
-    }
-}
-
-// ChaCha20 seeded from the operating system's generator is a cryptographic generator.
-impl rand_core_010::TryCryptoRng for Rng10<'_> {}
-
 /// Splits `secret` into `holders` Shamir shares (threshold `t`); share i has x = i + 1,
 /// stored in its first byte.
 pub fn shamir_split(
@@ -222,7 +202,7 @@ pub fn shamir_split(
     holders: usize,
     rng: &mut ChaCha20Rng,
 ) -> Result<Vec<Vec<u8>>, SecAggError> {
-    vsss_rs::Gf256::split_bytes(t, holders, secret, Rng10(rng))
+    vsss_rs::Gf256::split_bytes(t, holders, secret, rng)
         .map_err(|e| SecAggError::Sharing(e.to_string()))
 }
 

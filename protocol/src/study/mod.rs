@@ -1325,11 +1325,7 @@ impl Coordinator {
                     as usize)
                     .max(cfg.min_sites)
                     .min(self.participants.len());
-                let chosen = self
-                    .participants
-                    .keys()
-                    .cloned()
-                    .choose_multiple(&mut self.rng, n);
+                let chosen = self.participants.keys().cloned().sample(&mut self.rng, n);
                 (chosen.into_iter().collect(), full)
             }
             Selection::Latency => {
