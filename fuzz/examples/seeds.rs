@@ -4,6 +4,7 @@
 //!
 //! - `frame_decoder/`: a frame of every message kind (first byte 0: the default limit).
 //! - `node_client/`: message sequences a node answers (announcement, then its rounds).
+//! - `audit_verify/`: a real compliance log, and a Merkle proof of each kind.
 
 use std::path::{Path, PathBuf};
 
@@ -82,5 +83,13 @@ fn main() {
     for (name, msg) in &samples {
         write(&node, &format!("one-{name}"), &join_payloads(&[msg.clone()]));
     }
+    // The audit log: a real one (mode byte 0), and a proof of each kind (0x80, 0xc0).
+    let audit = root.join("audit_verify");
+    let mut log = vec![0u8];
+    log.extend(audit_log().lines.join("\n").into_bytes());
+    write(&audit, "log", &log);
+    write(&audit, "inclusion", &[0x80, 20, 7, 0, 0, 0, 0, 0, 0]);
+    write(&audit, "consistency", &[0xc0, 20, 7, 0, 0, 0, 0, 0, 0]);
+
     println!("seeds written under {}", root.display());
 }

@@ -2,7 +2,10 @@
 //! one example of every wire message, a Pima study, and the framing of message sequences
 //! in a fuzz input.
 
+use medfed_protocol::audit::merkle::{self, Hash};
+use medfed_protocol::audit::{self, Event, GENESIS, MessageEntry, Record};
 use medfed_protocol::codec::{PROTOCOL_VERSION, encode_frame};
+use ring::signature::{Ed25519KeyPair, KeyPair};
 use medfed_protocol::fedstats::{CmpOp, Condition, StatColumn, StatsQuery};
 use medfed_protocol::messages::*;
 use medfed_protocol::metrics::{Evaluation, SCORE_BINS};
@@ -410,6 +413,133 @@ pub fn split_payloads(mut data: &[u8]) -> Vec<&[u8]> {
     }
     out
 }
+
+pub struct RealLog {
+    pub lines: Vec<String>,
+    pub public: Vec<u8>,
+    /// The heads the key signed: (size, root).
+    pub heads: Vec<(u64, Hash)>,
+}
+
+/// A compliance log as `medfed_infra::auditlog` writes one (the same records, JSON and
+/// hash chain; a signed tree head every few records), with a fixed key and clock.
+pub fn audit_log() -> RealLog {
+    {
+        let key = Ed25519KeyPair::from_seed_unchecked(&[42; 32]).expect("a 32-byte seed");
+        let party = "st-marys";
+        let mut lines: Vec<String> = Vec::new();
+        let mut tree = merkle::Frontier::default();
+        let mut heads = Vec::new();
+        let mut prev = GENESIS.to_string();
+        let mut push = |event: Event, lines: &mut Vec<String>, tree: &mut merkle::Frontier| {
+            let seq = lines.len() as u64;
+            let event = match event {
+                Event::TreeHead { .. } => {
+                    let root = tree.root();
+                    let time_ms = 1_700_000_000_000 + seq;
+                    let sig = key.sign(&audit::tree_head_message(party, seq, &root, time_ms));
+                    heads.push((seq, root));
+                    Event::TreeHead {
+                        size: seq,
+                        root: audit::hex(&root),
+                        signature: audit::hex(sig.as_ref()),
+                    }
+                }
+                e => e,
+            };
+            let record = Record {
+                seq,
+                time_ms: 1_700_000_000_000 + seq,
+                prev: std::mem::replace(&mut prev, String::new()),
+                event,
+            };
+            let line = serde_json::to_string(&record).expect("a record serializes");
+            tree.push(merkle::leaf_hash(line.as_bytes()));
+            prev = audit::sha256_hex(line.as_bytes());
+            lines.push(line);
+        };
+        let head = || Event::TreeHead {
+            size: 0,
+            root: String::new(),
+            signature: String::new(),
+        };
+        let message = |sent: bool, kind: &str, round: Option<u32>| {
+            let entry = MessageEntry {
+                peer: "aggregator".into(),
+                message: kind.into(),
+                study: Some("pima".into()),
+                round,
+                bytes: 120 + u64::from(round.unwrap_or(0)),
+                sha256: audit::sha256_hex(kind.as_bytes()),
+            };
+            if sent {
+                Event::Sent(entry)
+            } else {
+                Event::Received(entry)
+            }
+        };
+        let events = vec![
+            Event::Start {
+                party: party.into(),
+                role: "node".into(),
+                software: "medfed 0.1.0".into(),
+                config_sha256: audit::sha256_hex(b"node.toml"),
+            },
+            Event::ExactAllowed {
+                dataset: "pima".into(),
+                releases: vec!["training".into()],
+            },
+            message(false, "study announcement", None),
+            Event::Announced {
+                study: "pima".into(),
+                hash: audit::sha256_hex(b"study"),
+                summary: "study 'pima': features glu, bmi".into(),
+            },
+            Event::StudyDecision {
+                study: "pima".into(),
+                accepted: true,
+                reason: "matches the site's policy rules".into(),
+            },
+            message(true, "study decision", None),
+            head(),
+            message(false, "round open", Some(1)),
+            Event::PrivacySpent {
+                study: "pima".into(),
+                round: 1,
+                epsilon: 0.25,
+                total_epsilon: 1.5,
+                delta: 1e-6,
+                refused: false,
+            },
+            message(true, "model update", Some(1)),
+            Event::ExactRelease {
+                study: "pima".into(),
+                dataset: "pima".into(),
+            },
+            head(),
+            message(false, "round result", Some(1)),
+            Event::Error {
+                what: "a request did not arrive in time".into(),
+            },
+            Event::Stop {
+                reason: "signal".into(),
+            },
+            head(),
+            message(false, "round open", Some(2)),
+        ];
+        for e in events {
+            push(e, &mut lines, &mut tree);
+        }
+        let public = key.public_key().as_ref().to_vec();
+        RealLog {
+            lines,
+            public,
+            heads,
+        }
+    }
+}
+
+
 
 /// The protocol version bytes every payload starts with.
 pub const VERSION: [u8; 2] = PROTOCOL_VERSION.to_be_bytes();
