@@ -188,12 +188,27 @@ impl Verified {
     }
 }
 
+/// Lowercase hex, as [`hex`] writes it, and nothing else: `u8::from_str_radix` also takes
+/// `A-F` and a leading `+`, so "+f" and "0F" read as "0f" and a signed head's line could be
+/// rewritten and still verify.
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    let digit = |c: u8| match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        _ => None,
+    };
+    let bytes = s.as_bytes();
+    if bytes.len() % 2 != 0 {
+        return None;
+    }
+    bytes
+        .chunks_exact(2)
+        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
+        .collect()
+}
+
 fn unhex32(s: &str) -> Option<[u8; 32]> {
-    let v: Option<Vec<u8>> = (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-        .collect();
-    v?.try_into().ok()
+    unhex(s)?.try_into().ok()
 }
 
 /// Checks a whole log: record syntax, sequence numbers, the hash chain, and every tree head
@@ -254,15 +269,7 @@ pub fn verify(lines: &[&str], public_key: &[u8]) -> Result<Verified, AuditError>
                         "the signed tree root does not match the records before it".into(),
                     ));
                 }
-                let sig: Option<Vec<u8>> = (0..signature.len())
-                    .step_by(2)
-                    .map(|j| {
-                        signature
-                            .get(j..j + 2)
-                            .and_then(|b| u8::from_str_radix(b, 16).ok())
-                    })
-                    .collect();
-                let ok = sig.is_some_and(|sig| {
+                let ok = unhex(signature).is_some_and(|sig| {
                     key.verify(
                         &tree_head_message(name, *size, &computed, record.time_ms),
                         &sig,
@@ -424,6 +431,57 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Found while writing the audit_verify fuzz target's property (a log that verifies
+    /// says what the signed one said): hex was read with `u8::from_str_radix`, which
+    /// also takes `A-F` and a leading `+`, so a signed head's line could be rewritten ("0f"
+    /// as "+f" or "0F") and still verify.
+    #[test]
+    fn a_head_in_other_hex_spelling_is_refused() {
+        let k = key(1);
+        let lines = sample(&k);
+        let last = lines.len() - 1;
+        let head: Record = serde_json::from_str(&lines[last]).unwrap();
+        let Event::TreeHead {
+            size,
+            root,
+            signature,
+        } = head.event.clone()
+        else {
+            panic!("the sample ends with a head");
+        };
+        let respelled = |root: String, signature: String| {
+            let mut r = head.clone();
+            r.event = Event::TreeHead {
+                size,
+                root,
+                signature,
+            };
+            let mut l = lines.clone();
+            l[last] = serde_json::to_string(&r).unwrap();
+            check(&l, k.public_key().as_ref())
+        };
+        assert!(respelled(root.clone(), signature.clone()).is_ok());
+        let plus = |h: &str| {
+            let i = (0..h.len()).step_by(2).find(|&i| &h[i..=i] == "0").unwrap();
+            format!("{}+{}", &h[..i], &h[i + 1..])
+        };
+        for (r, s) in [
+            (root.to_uppercase(), signature.clone()),
+            (root.clone(), signature.to_uppercase()),
+            (plus(&root), signature.clone()),
+            (root.clone(), plus(&signature)),
+            (format!("{root}0"), signature.clone()),
+            (root.clone(), format!("{signature}00")),
+        ] {
+            let err = respelled(r, s).unwrap_err();
+            assert_eq!(err.line, last + 1, "{err}");
+        }
+        assert_eq!(unhex("00ff7a"), Some(vec![0, 255, 122]));
+        assert_eq!(unhex("0"), None);
+        assert_eq!(unhex("+f"), None);
+        assert_eq!(unhex("é0"), None);
     }
 
     #[test]
