@@ -78,16 +78,29 @@ fn main() {
     write(
         &node,
         "statistics",
-        &join_payloads(&[by_name("statistics-query"), by_name("statistics-query-secure")]),
+        &join_payloads(&[
+            by_name("statistics-query"),
+            by_name("statistics-query-secure"),
+        ]),
     );
     for (name, msg) in &samples {
-        write(&node, &format!("one-{name}"), &join_payloads(&[msg.clone()]));
+        write(
+            &node,
+            &format!("one-{name}"),
+            &join_payloads(&[msg.clone()]),
+        );
     }
     // The audit log: a real one (mode byte 0), and a proof of each kind (0x80, 0xc0).
     let audit = root.join("audit_verify");
     let mut log = vec![0u8];
     log.extend(audit_log().lines.join("\n").into_bytes());
     write(&audit, "log", &log);
+    // The same, cut after its last signed tree head (a log whose every line is signed).
+    let real = audit_log();
+    let last = real.heads.last().expect("a signed head").0 as usize;
+    let mut signed = vec![0u8];
+    signed.extend(real.lines[..=last].join("\n").into_bytes());
+    write(&audit, "log-signed", &signed);
     write(&audit, "inclusion", &[0x80, 20, 7, 0, 0, 0, 0, 0, 0]);
     write(&audit, "consistency", &[0xc0, 20, 7, 0, 0, 0, 0, 0, 0]);
 

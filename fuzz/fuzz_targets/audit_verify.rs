@@ -16,10 +16,10 @@ use std::sync::OnceLock;
 
 use arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
+use medfed_fuzz::RealLog;
 use medfed_protocol::audit::merkle::{
     self, Hash, consistency_proof, inclusion_proof, verify_consistency, verify_inclusion,
 };
-use medfed_fuzz::RealLog;
 use medfed_protocol::audit::{Event, Record, verify};
 
 fn real_log() -> &'static RealLog {
@@ -46,7 +46,11 @@ fn check_log(text: &[u8]) {
         real.heads.contains(&(size, root)),
         "a tree head over {size} records the key never signed"
     );
-    assert_eq!(v.signed as u64, size + 1, "the signed part ends at its head");
+    assert_eq!(
+        v.signed as u64,
+        size + 1,
+        "the signed part ends at its head"
+    );
     // ...and every line it covers is the real one.
     for (i, line) in lines[..size as usize].iter().enumerate() {
         assert_eq!(
@@ -56,23 +60,16 @@ fn check_log(text: &[u8]) {
             i + 1
         );
     }
-    // The head's own line can only differ in its form (JSON spacing, hex case), never in
-    // what it says.
-    let head = &v.records[size as usize];
+    // The head's own line can differ in its JSON form (spacing, escapes), never in what it
+    // says.
     let real_head: Record =
         serde_json::from_str(&real.lines[size as usize]).expect("the real head parses");
-    assert_eq!(head.seq, real_head.seq);
-    assert_eq!(head.time_ms, real_head.time_ms);
-    assert_eq!(head.prev, real_head.prev);
+    assert_eq!(
+        v.records[size as usize], real_head,
+        "a signed head that says otherwise"
+    );
+    assert!(matches!(real_head.event, Event::TreeHead { .. }));
     assert_eq!(v.party, "st-marys");
-    let (Event::TreeHead { root: r1, size: s1, signature: g1 }, Event::TreeHead { root: r2, size: s2, signature: g2 }) =
-        (&head.event, &real_head.event)
-    else {
-        panic!("the signed head is not a tree head");
-    };
-    assert_eq!(s1, s2);
-    assert_eq!(r1.to_lowercase(), r2.to_lowercase());
-    assert_eq!(g1.to_lowercase(), g2.to_lowercase());
     // A head the auditor saw is found in it.
     assert!(v.check_known_head(size, &root).is_ok());
 }

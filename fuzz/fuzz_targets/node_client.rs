@@ -151,19 +151,29 @@ fn check(request: &Message, reply: &Message, max_frame: u32) {
         other => panic!("a node sent a {} for a {}", other.kind(), request.kind()),
     };
     if let Some(about) = about {
-        assert_eq!(Some(about), subject(request), "an answer about another study");
+        assert_eq!(
+            Some(about),
+            subject(request),
+            "an answer about another study"
+        );
     }
     match (request, reply) {
         (Message::StudyAnnouncement(_), Message::StudyDecision(_) | Message::Error(_)) => {}
         (Message::RoundOpen(r), Message::ModelUpdate(_)) => {
-            assert!(r.secure.is_none(), "an update in the clear for a secure round");
+            assert!(
+                r.secure.is_none(),
+                "an update in the clear for a secure round"
+            );
         }
         (Message::RoundOpen(r), Message::SecAggFromNode(s)) => {
             assert!(r.secure.is_some(), "secure aggregation for a plain round");
             assert_eq!(s.round, r.round);
         }
         (Message::StatisticsQuery(q), Message::StatisticsReport(_)) => {
-            assert!(q.secure.is_none(), "statistics in the clear for a secure query");
+            assert!(
+                q.secure.is_none(),
+                "statistics in the clear for a secure query"
+            );
         }
         (Message::StatisticsQuery(q), Message::SecAggFromNode(_)) => {
             assert!(q.secure.is_some(), "secure aggregation for a plain query");
@@ -175,15 +185,27 @@ fn check(request: &Message, reply: &Message, max_frame: u32) {
         (_, Message::Error(_)) => {}
         (req, rep) => panic!("a {} answered with a {}", req.kind(), rep.kind()),
     }
-    if let (Message::StudyAnnouncement(a), Message::StudyDecision(StudyDecision::Accept { training_rows, feature_stats, .. })) =
-        (request, reply)
+    if let (
+        Message::StudyAnnouncement(a),
+        Message::StudyDecision(StudyDecision::Accept {
+            training_rows,
+            feature_stats,
+            ..
+        }),
+    ) = (request, reply)
     {
         if a.privacy.is_some() {
             assert_eq!(*training_rows, 0, "a row count for a private study");
-            assert!(feature_stats.is_none(), "feature statistics for a private study");
+            assert!(
+                feature_stats.is_none(),
+                "feature statistics for a private study"
+            );
         }
         if a.secure_aggregation {
-            assert!(feature_stats.is_none(), "feature statistics in the clear for a secure study");
+            assert!(
+                feature_stats.is_none(),
+                "feature statistics in the clear for a secure study"
+            );
         }
     }
     // A request a node does not answer is refused as unexpected.

@@ -28,7 +28,11 @@ const PHASE_MS: u64 = 1_000;
 fn setup(u: &mut Unstructured) -> Result<Setup> {
     let n = u.int_in_range(2..=5usize)?;
     // A complete graph, or (5 parties) the partial graph of 2 neighbours each.
-    let k = if n == 5 && u.arbitrary::<bool>()? { 2 } else { n - 1 };
+    let k = if n == 5 && u.arbitrary::<bool>()? {
+        2
+    } else {
+        n - 1
+    };
     let holders = k + 1;
     let t = u.int_in_range(holders / 2 + 1..=holders)?;
     let d = u.int_in_range(1..=4usize)?;
@@ -254,7 +258,10 @@ impl Run {
         if took.is_ok() {
             if let Some(bytes) = input {
                 assert_eq!(before, Phase::MaskedInput, "an input taken in {before:?}");
-                assert!(self.took_input.insert(from), "party {from}'s input taken twice");
+                assert!(
+                    self.took_input.insert(from),
+                    "party {from}'s input taken twice"
+                );
                 if self.honest_inputs.get(&from) != Some(&bytes) {
                     self.foreign_input = true;
                 }
@@ -367,7 +374,12 @@ impl Run {
         let done = self.server.phase() == Phase::Done;
         assert_eq!(self.server.poll_timeout().is_some(), !done);
         assert_eq!(self.server.outcome().is_some(), done);
-        assert!(self.server.contributors().iter().all(|p| self.took_input.contains(p)));
+        assert!(
+            self.server
+                .contributors()
+                .iter()
+                .all(|p| self.took_input.contains(p))
+        );
         let Some(Ok(sum)) = self.server.outcome() else {
             return;
         };
@@ -423,7 +435,9 @@ fuzz_target!(|data: &[u8]| {
         }
         run.check();
     }
-    assert!(run.server.outcome().is_some(), "the aggregation never ended");
+    assert!(
+        run.server.outcome().is_some(),
+        "the aggregation never ended"
+    );
     run.check();
 });
-

@@ -413,10 +413,12 @@ impl Fed {
         let mut seed = [0u8; 32];
         seed[0] = site.as_bytes()[0];
         seed[31] = round as u8;
-        let (client, first) = Client::new(sr.setup, me, vector, &ids.signer(me), seed)
-            .map_err(|e| Failure::Refused {
-                code: ErrorCode::InvalidContent,
-                reason: e.to_string(),
+        let (client, first) =
+            Client::new(sr.setup, me, vector, &ids.signer(me), seed).map_err(|e| {
+                Failure::Refused {
+                    code: ErrorCode::InvalidContent,
+                    reason: e.to_string(),
+                }
             })?;
         self.clients
             .insert((site.to_string(), round), (client, parties));

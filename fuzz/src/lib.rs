@@ -5,7 +5,6 @@
 use medfed_protocol::audit::merkle::{self, Hash};
 use medfed_protocol::audit::{self, Event, GENESIS, MessageEntry, Record};
 use medfed_protocol::codec::{PROTOCOL_VERSION, encode_frame};
-use ring::signature::{Ed25519KeyPair, KeyPair};
 use medfed_protocol::fedstats::{CmpOp, Condition, StatColumn, StatsQuery};
 use medfed_protocol::messages::*;
 use medfed_protocol::metrics::{Evaluation, SCORE_BINS};
@@ -16,6 +15,7 @@ use medfed_protocol::secagg::{
 };
 use medfed_protocol::stats::{FeatureStats, Standardization};
 use medfed_protocol::{DEFAULT_MAX_FRAME_BYTES, Message};
+use ring::signature::{Ed25519KeyPair, KeyPair};
 
 /// Pima's feature columns (examples/data/pima_tr.csv, without the target `type`).
 pub const PIMA_FEATURES: [&str; 7] = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age"];
@@ -538,8 +538,6 @@ pub fn audit_log() -> RealLog {
         }
     }
 }
-
-
 
 /// The protocol version bytes every payload starts with.
 pub const VERSION: [u8; 2] = PROTOCOL_VERSION.to_be_bytes();
