@@ -1,10 +1,12 @@
 //! Writes the seed corpus of the targets that read wire messages:
 //! `cargo +nightly run --release --example seeds -- fuzz/corpus` (from the repository
-//! root; the other targets' seeds are checked in as written by hand or cut from data/).
+//! root). The secagg_server and study_coordinator seeds are what their fuzzing found
+//! (`cargo fuzz cmin`): their inputs are choices, not messages.
 //!
 //! - `frame_decoder/`: a frame of every message kind (first byte 0: the default limit).
 //! - `node_client/`: message sequences a node answers (announcement, then its rounds).
 //! - `audit_verify/`: a real compliance log, and a Merkle proof of each kind.
+//! - `csv_reader/`, `fhir_reader/`: rows and resources of examples/data.
 
 use std::path::{Path, PathBuf};
 
@@ -103,6 +105,62 @@ fn main() {
     write(&audit, "log-signed", &signed);
     write(&audit, "inclusion", &[0x80, 20, 7, 0, 0, 0, 0, 0, 0]);
     write(&audit, "consistency", &[0xc0, 20, 7, 0, 0, 0, 0, 0, 0]);
+
+    // CSV: the Pima rows with a patient id in front (a header first, for the dataset path).
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/data");
+    let csv = root.join("csv_reader");
+    for (name, file, take) in [
+        ("pima", "pima_tr.csv", 24),
+        ("pima-missing", "pima_tr2_missing.csv", 300),
+    ] {
+        let text = std::fs::read_to_string(data.join(file)).expect("example data");
+        let mut lines = text.lines();
+        let mut out = format!("mrn,{}\n", lines.next().expect("a header"));
+        for (i, l) in lines
+            .enumerate()
+            .skip(if take > 100 { 199 } else { 0 })
+            .take(24)
+        {
+            out.push_str(&format!("pt-x{i:05},{l}\n"));
+        }
+        write(&csv, name, out.as_bytes());
+    }
+    write(
+        &csv,
+        "quoted",
+        b"mrn,npreg,glu,bp,skin,bmi,ped,age,type\r\n\"pt-q,1\",2,\"140\",70,,\"30.5\",0.2,91,Yes\r\npt-q2,1,NA,300,,,0.2,95,No\r\n\r\npt-q3,1,99,70,20,31,0.3,40,Maybe,extra\r\n",
+    );
+
+    // FHIR: the first patients of the example export, their observations and conditions,
+    // NUL between the files.
+    let fhir = data.join("pima_fhir");
+    let read = |f: &str| std::fs::read_to_string(fhir.join(f)).expect("example export");
+    let patients: Vec<String> = read("Patient.ndjson")
+        .lines()
+        .take(6)
+        .map(String::from)
+        .collect();
+    let ids: Vec<String> = (1..=6)
+        .map(|i| format!("\"Patient/pima-{i:04}\""))
+        .collect();
+    let about = |text: String| -> String {
+        text.lines()
+            .filter(|l| ids.iter().any(|id| l.contains(id.as_str())))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    let export = format!(
+        "{}\n\0{}\0{}",
+        patients.join("\n"),
+        about(read("Observation.ndjson")),
+        about(read("Condition.ndjson"))
+    );
+    write(&root.join("fhir_reader"), "pima-export", export.as_bytes());
+    write(
+        &root.join("fhir_reader"),
+        "odd-export",
+        b"{\"resourceType\":\"Patient\",\"id\":\"p1\"}\n\n{\"resourceType\":\"Group\"}\n\0{\"resourceType\":\"Observation\",\"code\":{\"coding\":[{\"system\":\"http://loinc.org\",\"code\":\"2345-7\"}]},\"subject\":{\"reference\":\"Patient/p1\"},\"valueQuantity\":{\"value\":1e308}}\n\0",
+    );
 
     println!("seeds written under {}", root.display());
 }

@@ -541,3 +541,161 @@ pub fn audit_log() -> RealLog {
 
 /// The protocol version bytes every payload starts with.
 pub const VERSION: [u8; 2] = PROTOCOL_VERSION.to_be_bytes();
+
+/// An ingestion pipeline as a node runs one over an extract (`[[ingest]]` with declared
+/// fields: validate and clean → de-identify → alerts → features → keep the records →
+/// column statistics), fed one row at a time, with the checks every row must pass.
+pub mod pipeline {
+    use std::sync::Arc;
+
+    use medfed_node::deid::pseudonym::Pseudonymizer;
+    use medfed_node::deid::{PATIENT, Record, Value};
+    use medfed_node::ingest::{IngestConfig, RECORDS_STREAM, build_task};
+    use medfed_node::runtime::{Envelope, KvState, MessageCollector, StreamTask, TaskCoordinator};
+
+    /// The pipeline's declared fields and features (docs/samples/node.toml's, with a
+    /// patient id and a clipped blood pressure); `mrn` only where the input has one.
+    fn config(with_mrn: bool) -> IngestConfig {
+        let mrn = if with_mrn {
+            "[[field]]\nname = \"mrn\"\nclass = \"patient-id\"\nrequired = true\n"
+        } else {
+            ""
+        };
+        let toml = format!(
+            "stream = \"extract\"\ncsv = \"extract.csv\"\ncolumns = [\"glu\", \"bmi\"]\n\
+             {mrn}\
+             [[field]]\nname = \"glu\"\nmissing = \"median\"\nmin = 0\nmax = 1000\n\
+             [[field]]\nname = \"bp\"\nmissing = \"indicator\"\nmin = 40\nmax = 140\nout_of_range = \"clip\"\n\
+             [[field]]\nname = \"bmi\"\nmissing = \"mean\"\n\
+             [[field]]\nname = \"age\"\nclass = \"age\"\nquasi_identifier = true\n\
+             [[field]]\nname = \"type\"\ncategories = [\"Yes\", \"No\"]\n\
+             [[one_hot]]\ncolumn = \"type\"\ncategories = [\"Yes\", \"No\"]\n\
+             [[derive]]\nname = \"glu_per_bmi\"\nformula = \"ratio\"\ninputs = [\"glu\", \"bmi\"]\n\
+             [standardize.bmi]\nmean = 32.3\nsd = 6.1\n\
+             [[alert]]\ncolumn = \"glu\"\nabove = 200\n"
+        );
+        let cfg: IngestConfig = toml::from_str(&toml).expect("a valid [[ingest]]");
+        cfg.validate().expect("a valid pipeline");
+        cfg
+    }
+
+    /// What became of one row.
+    #[derive(Debug)]
+    pub enum Outcome {
+        Kept(Record),
+        Quarantined,
+    }
+
+    pub struct Pipeline {
+        task: Box<dyn StreamTask>,
+        state: KvState,
+        stream: Arc<str>,
+        /// Names a dead letter may blame, and prefixes of a kept record's keys.
+        names: Vec<String>,
+        offset: u64,
+    }
+
+    impl Pipeline {
+        pub fn new(header: &[String]) -> Pipeline {
+            let with_mrn = header.iter().any(|h| h == "mrn");
+            let cfg = config(with_mrn);
+            let key = Pseudonymizer::from_key(1, &[5; 32]);
+            let mut task = build_task(&cfg, header, Some(&key)).expect("the pipeline builds");
+            let mut state = KvState::default();
+            task.init(&mut state).expect("the pipeline starts");
+            let mut names: Vec<String> = cfg.fields.iter().map(|f| f.name.clone()).collect();
+            names.extend(cfg.derive.iter().map(|d| d.name.clone()));
+            names.push(PATIENT.to_string());
+            Pipeline {
+                task,
+                state,
+                stream: "extract".into(),
+                names,
+                offset: 0,
+            }
+        }
+
+        /// Feeds one row. A row is kept or quarantined, never both, never neither, and a
+        /// bad row never stops the pipeline. A quarantined row is blamed on a declared
+        /// field (or none) and never quotes the patient's identifier `mrn` (if it is
+        /// distinctive enough to look for); a kept row holds only declared and derived
+        /// fields, finite numbers, ages of at most 90 (Safe Harbor), and never the
+        /// identifier.
+        pub fn feed(&mut self, row: &[u8], mrn: Option<&str>) -> Outcome {
+            let env = Envelope {
+                stream: self.stream.clone(),
+                partition: 0,
+                offset: self.offset,
+                key: None,
+                payload: row.to_vec(),
+            };
+            self.offset += 1;
+            let mut out = MessageCollector::default();
+            let mut coord = TaskCoordinator::default();
+            self.task
+                .process(&env, &mut self.state, &mut out, &mut coord)
+                .expect("a bad row is quarantined, it does not stop the pipeline");
+            let kept: Vec<&Vec<u8>> = out
+                .sent()
+                .iter()
+                .filter(|(s, _)| s == RECORDS_STREAM)
+                .map(|(_, p)| p)
+                .collect();
+            let dead = out.dead_letters();
+            assert_eq!(
+                kept.len() + dead.len(),
+                1,
+                "a row kept {} time(s) and quarantined {} time(s)",
+                kept.len(),
+                dead.len()
+            );
+            // An identifier worth looking for: long, and not something hex or a reason
+            // could hold by chance.
+            let mrn = mrn
+                .filter(|m| m.len() >= 6 && m.chars().any(|c| c.is_ascii_alphabetic() && c > 'f'));
+            if let Some(d) = dead.first() {
+                assert_eq!(d.offset, env.offset);
+                let r = &d.rejection;
+                assert!(!r.reason.is_empty(), "a dead letter without a reason");
+                if let Some(field) = &r.field {
+                    assert!(
+                        self.names.contains(field),
+                        "a dead letter blames '{field}', which is not a field"
+                    );
+                }
+                if let Some(mrn) = mrn {
+                    let text = format!("{} {:?} {:?}", r.reason, r.field, r.patient);
+                    assert!(
+                        !text.contains(mrn),
+                        "a dead letter quotes the identifier: {r:?}"
+                    );
+                }
+                return Outcome::Quarantined;
+            }
+            let record = Record::decode(kept[0]).expect("a kept record decodes");
+            for (key, value) in &record.0 {
+                assert!(
+                    self.names.iter().any(|n| key.starts_with(n.as_str())),
+                    "a kept record has a field '{key}' nobody declared"
+                );
+                match value {
+                    Value::Number(x) => assert!(x.is_finite(), "'{key}' is {x}"),
+                    Value::Text(t) => {
+                        if let Some(mrn) = mrn {
+                            assert!(!t.contains(mrn), "'{key}' keeps the identifier");
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(age) = record.number("age") {
+                assert!(
+                    age <= 90.0,
+                    "an age of {age} is kept (Safe Harbor: 90 and over)"
+                );
+            }
+            assert_eq!(Record::decode(&record.encode()).as_ref(), Ok(&record));
+            Outcome::Kept(record)
+        }
+    }
+}
