@@ -89,7 +89,7 @@ fn main() {
         write(
             &node,
             &format!("one-{name}"),
-            &join_payloads(&[msg.clone()]),
+            &join_payloads(std::slice::from_ref(msg)),
         );
     }
     // The audit log: a real one (mode byte 0), and a proof of each kind (0x80, 0xc0).

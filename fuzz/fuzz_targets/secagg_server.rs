@@ -255,16 +255,16 @@ impl Run {
         };
         let before = self.server.phase();
         let took = self.server.handle(self.now, from, msg.clone(), &self.ids);
-        if took.is_ok() {
-            if let Some(bytes) = input {
-                assert_eq!(before, Phase::MaskedInput, "an input taken in {before:?}");
-                assert!(
-                    self.took_input.insert(from),
-                    "party {from}'s input taken twice"
-                );
-                if self.honest_inputs.get(&from) != Some(&bytes) {
-                    self.foreign_input = true;
-                }
+        if took.is_ok()
+            && let Some(bytes) = input
+        {
+            assert_eq!(before, Phase::MaskedInput, "an input taken in {before:?}");
+            assert!(
+                self.took_input.insert(from),
+                "party {from}'s input taken twice"
+            );
+            if self.honest_inputs.get(&from) != Some(&bytes) {
+                self.foreign_input = true;
             }
         }
         self.delivered.push((from, msg));

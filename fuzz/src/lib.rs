@@ -450,7 +450,7 @@ pub fn audit_log() -> RealLog {
             let record = Record {
                 seq,
                 time_ms: 1_700_000_000_000 + seq,
-                prev: std::mem::replace(&mut prev, String::new()),
+                prev: std::mem::take(&mut prev),
                 event,
             };
             let line = serde_json::to_string(&record).expect("a record serializes");
@@ -553,9 +553,15 @@ pub mod pipeline {
     use medfed_node::ingest::{IngestConfig, RECORDS_STREAM, build_task};
     use medfed_node::runtime::{Envelope, KvState, MessageCollector, StreamTask, TaskCoordinator};
 
+    /// [`make_config`], parsed once per process.
+    fn config(with_mrn: bool) -> &'static IngestConfig {
+        static CONFIGS: std::sync::OnceLock<[IngestConfig; 2]> = std::sync::OnceLock::new();
+        &CONFIGS.get_or_init(|| [make_config(false), make_config(true)])[usize::from(with_mrn)]
+    }
+
     /// The pipeline's declared fields and features (docs/samples/node.toml's, with a
     /// patient id and a clipped blood pressure); `mrn` only where the input has one.
-    fn config(with_mrn: bool) -> IngestConfig {
+    fn make_config(with_mrn: bool) -> IngestConfig {
         let mrn = if with_mrn {
             "[[field]]\nname = \"mrn\"\nclass = \"patient-id\"\nrequired = true\n"
         } else {
@@ -600,7 +606,7 @@ pub mod pipeline {
             let with_mrn = header.iter().any(|h| h == "mrn");
             let cfg = config(with_mrn);
             let key = Pseudonymizer::from_key(1, &[5; 32]);
-            let mut task = build_task(&cfg, header, Some(&key)).expect("the pipeline builds");
+            let mut task = build_task(cfg, header, Some(&key)).expect("the pipeline builds");
             let mut state = KvState::default();
             task.init(&mut state).expect("the pipeline starts");
             let mut names: Vec<String> = cfg.fields.iter().map(|f| f.name.clone()).collect();
