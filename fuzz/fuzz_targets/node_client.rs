@@ -4,7 +4,9 @@
 //! temporary directory under /dev/shm: a consortium PKI made by `medfed_infra::pki`, the
 //! Pima training rows as its dataset, rules that serve Pima studies, and a compliance log.
 //! (Its state, the log, the privacy ledger, the announcements, carries over from one input
-//! to the next, as a node's does from one request to the next.)
+//! to the next, as a node's does from one request to the next.) A secure round's binding
+//! of zeros and its placeholder certificates are filled in with the real ones (`fill_in`),
+//! so that the fuzzer gets into the node's secure aggregation.
 //!
 //! Properties: nothing panics; every request gets an answer a node may send (a decision, an
 //! update, an evaluation, a secure-aggregation message, a statistics report or an error)
@@ -31,8 +33,12 @@ const SITE: &str = "st-marys";
 
 struct Fixture {
     node: Node,
+    /// The certificates (DER) of this site and of sites "a" and "b", of the same CA.
+    certificates: Vec<(String, Vec<u8>)>,
     runtime: tokio::runtime::Runtime,
     max_frame: u32,
+    /// MEDFED_FUZZ_DEBUG set: print each request's kind and its answer.
+    debug: bool,
 }
 
 const DIR_PREFIX: &str = "medfed-fuzz-node-";
@@ -75,6 +81,16 @@ fn fixture() -> &'static Fixture {
         let pki = dir.join("pki");
         init_ca(&pki, "fuzz consortium", 30).expect("a CA");
         let files = issue(&pki, &Role::Site(SITE.into()), 30).expect("a site certificate");
+        let mut certificates = Vec::new();
+        for (site, cert) in [
+            ("a", issue(&pki, &Role::Site("a".into()), 30).expect("a certificate").cert),
+            ("b", issue(&pki, &Role::Site("b".into()), 30).expect("a certificate").cert),
+            (SITE, files.cert.clone()),
+        ] {
+            let pem = std::fs::read(&cert).expect("a certificate file");
+            let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).expect("a PEM certificate");
+            certificates.push((site.to_string(), pem.contents));
+        }
         let csv = pima_csv();
         let config = format!(
             "site = \"{SITE}\"\n\
@@ -110,8 +126,10 @@ fn fixture() -> &'static Fixture {
             .expect("a tokio runtime");
         Fixture {
             node,
+            certificates,
             runtime,
             max_frame,
+            debug: std::env::var_os("MEDFED_FUZZ_DEBUG").is_some(),
         }
     })
 }
@@ -219,16 +237,60 @@ fn check(request: &Message, reply: &Message, max_frame: u32) {
     }
 }
 
+/// Fills in what the fuzzer cannot make: in a secure round's set-up, a binding of zeros
+/// becomes the one computed from the request (as the aggregator computes it), and a
+/// placeholder certificate (shorter than 8 bytes) of a site the CA certified becomes that
+/// site's real certificate. So the node gets past its checks of both, into the secure
+/// aggregation itself; longer certificates and other bindings are left as the input has
+/// them.
+fn fill_in(msg: &mut Message, certificates: &[(String, Vec<u8>)]) {
+    let (secure, binding) = match msg {
+        Message::RoundOpen(r) => match &mut r.secure {
+            Some(sr) => {
+                let b = training_binding(&r.study_id, r.round, sr.scale, &r.model, &r.params);
+                (sr, b)
+            }
+            None => return,
+        },
+        Message::StatisticsOpen(s) => {
+            let b = statistics_binding(&s.study_id, s.secure.scale);
+            (&mut s.secure, b)
+        }
+        Message::StatisticsQuery(q) => match &mut q.secure {
+            Some(sr) => {
+                let b = query_binding(&q.query, sr.scale);
+                (sr, b)
+            }
+            None => return,
+        },
+        _ => return,
+    };
+    if secure.setup.binding == [0; 32] {
+        secure.setup.binding = binding;
+    }
+    for (party, cert) in secure.setup.parties.iter().zip(&mut secure.certificates) {
+        if cert.len() < 8
+            && let Some((_, real)) = certificates.iter().find(|(name, _)| name == party)
+        {
+            cert.clone_from(real);
+        }
+    }
+}
+
 fuzz_target!(|data: &[u8]| {
     let f = fixture();
     for payload in split_payloads(data).into_iter().take(16) {
-        let Ok(msg) = decode_payload(payload) else {
+        let Ok(mut msg) = decode_payload(payload) else {
             continue;
         };
+        fill_in(&mut msg, &f.certificates);
         match msg {
             Message::RoundResult(_) => f.node.serve_one_way(msg),
             request => {
                 let reply = f.runtime.block_on(f.node.serve(request.clone()));
+                if f.debug {
+                    eprintln!("{} -> {reply:?}", request.kind());
+                }
                 check(&request, &reply, f.max_frame);
             }
         }

@@ -105,10 +105,13 @@ pub fn secure_round(label: &str, parties: &[&str], dimension: u32) -> SecureRoun
             graph_seed: Setup::graph_seed_for(label),
             dimension,
             quant: QuantParams::for_parties(n, 8.0, 16).expect("quantization fits"),
-            binding: [3; 32],
+            // Placeholders the node_client target fills in: the binding computed from the
+            // request, and each known site's certificate.
+            binding: [0; 32],
         },
-        certificates: vec![vec![0x30, 0x03, 0x02, 0x01, 0x01]; n],
-        scale: 0.01,
+        certificates: vec![vec![0x30, 0x00]; n],
+        // 1 / S for three sites of 150 training rows (the node checks it against its own).
+        scale: 1.0 / 450.0,
         colluders: 0,
     }
 }
@@ -170,7 +173,7 @@ pub fn samples() -> Vec<(&'static str, Message)> {
     };
     let to_node = |message: ServerMessage| {
         Message::SecAggToNode(SecAggToNode {
-            study_id: "s1".into(),
+            study_id: "s2".into(),
             round: 1,
             message,
         })
@@ -242,7 +245,12 @@ pub fn samples() -> Vec<(&'static str, Message)> {
                 model: model(f, 0.0),
                 params: TrainParams::default(),
                 deadline_ms: 30_000,
-                secure: Some(secure_round("s2/1/1", &["a", "b", "st-marys"], 12)),
+                secure: Some(secure_round(
+                    "s2/1/1",
+                    &["a", "b", "st-marys"],
+                    medfed_protocol::update_vector::dimension(ModelKind::Logistic, f.len() + 1)
+                        as u32,
+                )),
             }),
         ),
         (
@@ -351,7 +359,11 @@ pub fn samples() -> Vec<(&'static str, Message)> {
             "statistics-open",
             Message::StatisticsOpen(StatisticsOpen {
                 study_id: "s2".into(),
-                secure: secure_round("s2/0/1", &["a", "b", "st-marys"], 9),
+                secure: secure_round(
+                    "s2/0/1",
+                    &["a", "b", "st-marys"],
+                    medfed_protocol::update_vector::statistics_dimension(f.len()) as u32,
+                ),
             }),
         ),
         (
@@ -365,7 +377,11 @@ pub fn samples() -> Vec<(&'static str, Message)> {
             "statistics-query-secure",
             Message::StatisticsQuery(StatisticsQuery {
                 query: pima_query("q2"),
-                secure: Some(secure_round("q2/0/1", &["a", "b", "st-marys"], 40)),
+                secure: Some(secure_round(
+                    "q2/0/1",
+                    &["a", "b", "st-marys"],
+                    pima_query("q2").dimension() as u32,
+                )),
             }),
         ),
         (
