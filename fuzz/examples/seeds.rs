@@ -121,14 +121,14 @@ fn main() {
             .skip(if take > 100 { 199 } else { 0 })
             .take(24)
         {
-            out.push_str(&format!("pt-x{i:05},{l}\n"));
+            out.push_str(&format!("pt@x{i:05},{l}\n"));
         }
         write(&csv, name, out.as_bytes());
     }
     write(
         &csv,
         "quoted",
-        b"mrn,npreg,glu,bp,skin,bmi,ped,age,type\r\n\"pt-q,1\",2,\"140\",70,,\"30.5\",0.2,91,Yes\r\npt-q2,1,NA,300,,,0.2,95,No\r\n\r\npt-q3,1,99,70,20,31,0.3,40,Maybe,extra\r\n",
+        b"mrn,npreg,glu,bp,skin,bmi,ped,age,type\r\n\"pt@q,1\",2,\"140\",70,,\"30.5\",0.2,91,Yes\r\npt@q2,1,NA,300,,,0.2,95,No\r\n\r\npt@q3,1,99,70,20,31,0.3,40,Maybe,extra\r\n",
     );
 
     // FHIR: the first patients of the example export, their observations and conditions,

