@@ -276,7 +276,10 @@ mod tests {
     fn split_is_the_largest_power_of_two_below() {
         for n in 2..=1025usize {
             let k = split(n);
-            assert!(k.is_power_of_two() && k < n && 2 * k >= n, "split({n}) = {k}");
+            assert!(
+                k.is_power_of_two() && k < n && 2 * k >= n,
+                "split({n}) = {k}"
+            );
         }
         assert_eq!(split(usize::MAX), 1 << (usize::BITS - 1));
         assert_eq!(split((1 << (usize::BITS - 1)) + 1), 1 << (usize::BITS - 1));
@@ -289,7 +292,11 @@ mod tests {
         let (leaves, _) = vectors();
         let r = root(&leaves[..8]);
         let p = inclusion_proof(&leaves[..8], 3);
-        for n in [usize::MAX, (1 << (usize::BITS - 1)) + 20, 1 << (usize::BITS - 1)] {
+        for n in [
+            usize::MAX,
+            (1 << (usize::BITS - 1)) + 20,
+            1 << (usize::BITS - 1),
+        ] {
             assert!(!verify_inclusion(&leaves[3], 3, n, &p, &r));
             assert!(!verify_inclusion(&leaves[3], n - 1, n, &p, &r));
             assert!(!verify_consistency(3, n, &p, &root(&leaves[..3]), &r));
