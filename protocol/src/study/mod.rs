@@ -1036,7 +1036,14 @@ impl Coordinator {
         if attempt >= self.cfg.round_attempts {
             self.fail(StudyFailure::Failed(format!("feature statistics: {e}")));
         } else {
-            self.start_feature_statistics(now, attempt + 1);
+            // As a round's attempt: after a pause (a site that dropped out may be back),
+            // sites that reconnected meanwhile (a restarted node forgets the study) are
+            // announced it again first.
+            self.phase = Phase::Pause {
+                until: now.saturating_add(RETRY_PAUSE_MS),
+                round: STATISTICS_ROUND,
+                attempt: attempt + 1,
+            };
         }
     }
 
@@ -1119,12 +1126,17 @@ impl Coordinator {
     /// participants, then the attempt.
     fn begin_attempt(&mut self, now: u64, round: u32, attempt: u32) {
         if self.stop_requested && round <= self.cfg.rounds {
-            return self.fail(StudyFailure::Stopped { round: round - 1 });
+            return self.fail(StudyFailure::Stopped {
+                round: round.saturating_sub(1),
+            });
         }
         self.announce(now, AnnounceFor::Attempt { round, attempt });
     }
 
     fn start_attempt(&mut self, now: u64, round: u32, attempt: u32) {
+        if round == STATISTICS_ROUND {
+            return self.start_feature_statistics(now, attempt);
+        }
         if round > self.cfg.rounds {
             return self.start_final_secure(now);
         }
