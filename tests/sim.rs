@@ -43,9 +43,10 @@ use rand_chacha::ChaCha8Rng;
 const SITES: [&str; 4] = ["site-a", "site-b", "site-c", "site-d"];
 const ROUNDS: u32 = 3;
 const MIN_SITES: usize = 3;
-/// The noise multiplier of the DP mode, and the budget: ε for this many releases.
+/// The noise multiplier of the DP mode, and each site's budget: ε for exactly the
+/// study's rounds, so a release charged twice (a retry's fresh noise) is refused.
 const Z: f64 = 3.0;
-const BUDGET_RELEASES: u32 = ROUNDS + 2;
+const BUDGET_RELEASES: u32 = ROUNDS;
 const DELTA: f64 = 1e-6;
 /// Virtual time a study may take before it counts as stuck.
 const MAX_VIRTUAL_MS: u64 = 4 * 3600 * 1000;

@@ -94,6 +94,10 @@ pub struct Node {
     pub(crate) roots: transport::Trust,
     /// Secure aggregations in progress, by study and round.
     pub(crate) secure: Mutex<HashMap<(String, u32), crate::secure::Party>>,
+    /// Per study, the last secure aggregation this site finished: its round, the last
+    /// request and the answer (the shares revealed). The same request delivered again gets
+    /// the same answer, not an error that would drop the site from a sum it is in.
+    pub(crate) secure_done: Mutex<crate::secure::Finished>,
     /// The parties of each (study, round) this site revealed unmasking shares for, kept in
     /// the state directory.
     pub(crate) revealed: crate::secure::RevealedRounds,
@@ -245,6 +249,7 @@ impl Node {
             signer,
             roots,
             secure: Mutex::default(),
+            secure_done: Mutex::default(),
             sent_private: Mutex::default(),
             readiness: None,
             revealed,

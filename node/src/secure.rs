@@ -37,6 +37,10 @@ pub(crate) struct Party {
     last: Option<(medfed_protocol::secagg::ServerMessage, ClientMessage)>,
 }
 
+/// Per study, the last secure aggregation a site finished: (round, last request, answer).
+pub(crate) type Finished =
+    std::collections::HashMap<String, (u32, medfed_protocol::secagg::ServerMessage, ClientMessage)>;
+
 /// What a site adds to its vector before masking, and what that costs its budget.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Noise {
@@ -517,6 +521,23 @@ impl Node {
     pub(crate) fn secure_step(&self, m: SecAggToNode) -> Reply {
         let key = (m.study_id.clone(), m.round);
         let mut secure = self.secure_lock();
+        if !secure.contains_key(&key)
+            && let Some(answer) = self
+                .secure_done
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&m.study_id)
+                .filter(|(round, request, _)| *round == m.round && *request == m.message)
+                .map(|(_, _, answer)| answer.clone())
+        {
+            // The last request of a finished aggregation again: the same answer (the same
+            // shares, revealed once already).
+            return Ok(Message::SecAggFromNode(SecAggFromNode {
+                study_id: m.study_id,
+                round: m.round,
+                message: answer,
+            }));
+        }
         let party = secure.get_mut(&key).ok_or_else(|| {
             (
                 ErrorCode::UnexpectedMessage,
@@ -597,6 +618,10 @@ impl Node {
                                 }
                             })?;
                     }
+                    self.secure_done
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key.0.clone(), (key.1, request, answer.clone()));
                     info!(study = %m.study_id, round = m.round, "secure aggregation: shares revealed; done");
                 } else if let Some(party) = secure.get_mut(&key) {
                     party.last = Some((request, answer.clone()));
