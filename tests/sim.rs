@@ -37,6 +37,7 @@ use medfed_protocol::study::{
     Answer, Command, Coordinator, Ending, Failure, RequestId, SiteConn, StudyCheckpoint,
     StudyConfig, StudyEvent,
 };
+use medfed_protocol::time::{Clock, MockClock};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -269,6 +270,8 @@ struct Sim {
     rt: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
     configs: BTreeMap<String, PathBuf>,
+    /// The virtual clock; `now` is its reading.
+    clock: MockClock,
     now: u64,
     seq: u64,
     events: BTreeMap<(u64, u64), Ev>,
@@ -338,6 +341,7 @@ impl Sim {
                 .unwrap(),
             _dir: dir,
             configs,
+            clock: MockClock::new(0),
             now: 0,
             seq: 0,
             events: BTreeMap::new(),
@@ -507,10 +511,12 @@ impl Sim {
             };
             if let (true, Some(key)) = (take_event, event) {
                 let ev = self.events.remove(&key).ok_or("lost event")?;
-                self.now = self.now.max(key.0);
+                self.clock.advance_to(key.0);
+                self.now = self.clock.now_ms();
                 self.handle(ev)?;
             } else if let Some(t) = timer {
-                self.now = self.now.max(t);
+                self.clock.advance_to(t);
+                self.now = self.clock.now_ms();
                 let now = self.now;
                 if let Some(c) = &mut self.coord {
                     c.handle_timeout(now);

@@ -19,6 +19,7 @@ use medfed_protocol::study::{
     Command, Coordinator, Ending, Failure, KeyVerifiers, RequestId, SiteConn, StudyEvent,
     StudyFailure,
 };
+use medfed_protocol::time::Clock;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
@@ -162,6 +163,34 @@ impl KeyVerifiers for CertificateVerifiers {
     }
 }
 
+/// The coordinator's time in the aggregator: milliseconds of the process's monotonic
+/// clock since the study's driver started (a wall-clock step cannot move a deadline).
+pub struct MonotonicClock(Instant);
+
+impl MonotonicClock {
+    /// A clock starting now.
+    pub fn new() -> MonotonicClock {
+        MonotonicClock(Instant::now())
+    }
+
+    /// The instant `ms` milliseconds after the clock's start (for a timer).
+    pub fn instant_at(&self, ms: u64) -> Instant {
+        self.0 + Duration::from_millis(ms)
+    }
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        MonotonicClock::new()
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.0.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
 /// A request on its way: its id, the site, and its answer.
 type Answered = (RequestId, String, Result<Message, Failure>);
 
@@ -270,8 +299,8 @@ impl StudyRunner {
         let final_path = self.out_dir.join("models").join(&cfg.id).join("final.json");
         // The site sampling's seed (the coordinator draws no OS randomness itself).
         let seed: u64 = rand::random();
-        let start = Instant::now();
-        let now = || start.elapsed().as_millis() as u64;
+        let clock = MonotonicClock::new();
+        let now = || clock.now_ms();
         let mut coord = Coordinator::new(
             cfg.clone(),
             self.allow.iter().cloned(),
@@ -300,9 +329,8 @@ impl StudyRunner {
                 break;
             }
             let deadline = coord.poll_timeout();
-            let sleep = tokio::time::sleep_until(
-                (start + Duration::from_millis(deadline.unwrap_or(u64::MAX / 4))).into(),
-            );
+            let sleep =
+                tokio::time::sleep_until(clock.instant_at(deadline.unwrap_or(u64::MAX / 4)).into());
             tokio::select! {
                 Some(joined) = tasks.join_next() => {
                     let Ok((id, site, answer)) = joined else { continue };

@@ -38,6 +38,7 @@ pub mod schedule;
 pub mod secagg;
 pub mod stats;
 pub mod study;
+pub mod time;
 pub mod update_vector;
 
 pub use codec::{DEFAULT_MAX_FRAME_BYTES, FrameError, PROTOCOL_VERSION};
