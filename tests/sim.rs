@@ -78,6 +78,8 @@ struct Faults {
     node_crashes: u32,
     /// Aggregator crashes.
     aggregator_crashes: u32,
+    /// Whether the operator stops the study at a random time.
+    stop: bool,
 }
 
 impl Faults {
@@ -88,11 +90,12 @@ impl Faults {
             drop: 0.0,
             node_crashes: 0,
             aggregator_crashes: 0,
+            stop: false,
         }
     }
 
     fn lossless(&self) -> bool {
-        self.drop == 0.0 && self.node_crashes == 0 && self.aggregator_crashes == 0
+        self.drop == 0.0 && self.node_crashes == 0 && self.aggregator_crashes == 0 && !self.stop
     }
 
     fn draw(rng: &mut ChaCha8Rng) -> Faults {
@@ -105,6 +108,7 @@ impl Faults {
             f.drop = [0.0, 0.02, 0.1][rng.random_range(0..3)];
             f.node_crashes = rng.random_range(0..3);
             f.aggregator_crashes = rng.random_range(0..3);
+            f.stop = rng.random_bool(0.1);
         }
         f
     }
@@ -259,6 +263,15 @@ enum Ev {
     RestartNode(String),
     CrashAggregator,
     RestartAggregator,
+    /// The operator asks the study to stop (after the round in progress).
+    Stop,
+    /// A site's connection `conn` breaks (the transport gave up on a lost message).
+    Reset {
+        site: String,
+        conn: u64,
+    },
+    /// The site dials again.
+    Redial(String),
 }
 
 /// One seed's run.
@@ -390,6 +403,21 @@ impl Sim {
         lost
     }
 
+    /// Half the messages lost are lost with their connection (QUIC streams are reliable:
+    /// what is lost for good is a connection that failed); the site dials again.
+    fn maybe_reset(&mut self, site: &str, conn: u64) {
+        if self.rng.random_bool(0.5) {
+            let t = self.now + self.delay();
+            self.at(
+                t,
+                Ev::Reset {
+                    site: site.to_string(),
+                    conn,
+                },
+            );
+        }
+    }
+
     fn twice(&mut self) -> bool {
         let twice = self.faults.duplicate > 0.0 && self.rng.random_bool(self.faults.duplicate);
         self.counts.duplicated += u64::from(twice);
@@ -469,6 +497,10 @@ impl Sim {
         for _ in 0..self.faults.aggregator_crashes {
             let t = self.rng.random_range(0..horizon);
             self.at(t, Ev::CrashAggregator);
+        }
+        if self.faults.stop {
+            let t = self.rng.random_range(0..horizon);
+            self.at(t, Ev::Stop);
         }
         self.start_aggregator();
         let mut steps = 0u64;
@@ -562,6 +594,7 @@ impl Sim {
                         };
                         if self.lost() {
                             self.note(format!("the answer to #{id} is lost"));
+                            self.maybe_reset(&site, conn);
                         } else {
                             let life = self.life;
                             let t = self.now + self.delay();
@@ -631,6 +664,40 @@ impl Sim {
                     self.at(t, Ev::RestartAggregator);
                 }
             }
+            Ev::Reset { site, conn } => {
+                if self.conns.get(&site) == Some(&conn) {
+                    self.note(format!("{site}'s connection breaks"));
+                    self.conns.remove(&site);
+                    self.tell_sites();
+                    let gone: Vec<RequestId> = self
+                        .outstanding
+                        .iter()
+                        .filter(|(_, (s, c))| *s == site && *c == conn)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in gone {
+                        self.answer(id, Err(Failure::Transport("connection lost".into())));
+                    }
+                    let t = self.now + self.rng.random_range(50..500);
+                    self.at(t, Ev::Redial(site));
+                }
+            }
+            Ev::Redial(site) => {
+                if self.coord.is_some()
+                    && self.nodes.contains_key(&site)
+                    && !self.conns.contains_key(&site)
+                {
+                    self.note(format!("{site} dials again"));
+                    self.connect(&site);
+                    self.tell_sites();
+                }
+            }
+            Ev::Stop => {
+                self.note("the operator stops the study".into());
+                if let Some(c) = &mut self.coord {
+                    c.stop();
+                }
+            }
             Ev::RestartAggregator => {
                 if let Some(cp) = &self.checkpoint
                     && cp.complete.is_some()
@@ -679,6 +746,7 @@ impl Sim {
                     self.outstanding.insert(id, (site.clone(), conn));
                     if self.lost() {
                         self.note(format!("request #{id} to {site} is lost"));
+                        self.maybe_reset(&site, conn);
                         continue;
                     }
                     let copies = if self.twice() { 2 } else { 1 };

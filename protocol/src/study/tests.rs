@@ -654,6 +654,41 @@ fn the_operator_stops_it_at_the_next_round_and_the_last_model_is_kept() {
 }
 
 #[test]
+fn a_site_that_did_not_answer_the_start_is_asked_again_when_it_reconnects() {
+    // Quorum 3 of 3; c does not answer the announcement (a node restarting).
+    let cfg = config(serde_json::json!({ "min_sites": 3 }));
+    let mut sites = three();
+    sites[2].1.silent = true;
+    let mut fed = Fed::new(cfg.clone(), &sites);
+    fed.connect(&["a", "b", "c"]);
+    fed.step();
+    fed.pump();
+    assert!(fed.coord.ending().is_none(), "it waits for c, not fails");
+    assert_eq!(fed.asked_for("study announcement"), 3);
+    // Nothing changes: it is not asked again on the same connection.
+    fed.coord.handle_timeout(fed.now + 1_000);
+    fed.pump();
+    assert_eq!(fed.asked_for("study announcement"), 3);
+    // c comes back on a new connection, and answers now.
+    fed.sites.get_mut("c").unwrap().silent = false;
+    fed.connect(&["c"]);
+    assert_eq!(fed.asked_for("study announcement"), 4, "only c, once more");
+    let e = fed.run();
+    assert_eq!(completed(&e).missing, []);
+
+    // One that never comes back: the study fails when the wait for sites ends, saying so.
+    let mut fed = Fed::new(cfg, &sites);
+    fed.connect(&["a", "b", "c"]);
+    let e = fed.run();
+    let f = failed(&e);
+    assert!(
+        matches!(f, StudyFailure::NoQuorum { got: 2, need: 3, detail } if detail.contains("waited 10 s for the others")),
+        "{f:?}"
+    );
+    assert!(fed.now >= 10_000, "it waited: {}", fed.now);
+}
+
+#[test]
 fn a_reconnected_site_is_announced_again_and_leaves_if_it_now_refuses() {
     let mut fed = Fed::new(config(serde_json::json!({ "rounds": 3 })), &three());
     fed.connect(&["a", "b", "c"]);
