@@ -15,6 +15,8 @@
 //! # Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod at_rest;
 mod checkpoint;
 pub mod config;
@@ -242,7 +244,7 @@ impl Aggregator {
     fn study_runner(
         &self,
         cfg: &config::StudyConfig,
-        events: &Option<mpsc::UnboundedSender<AggregatorEvent>>,
+        events: Option<&mpsc::UnboundedSender<AggregatorEvent>>,
         roots: &transport::Trust,
     ) -> study::StudyRunner {
         study::StudyRunner {
@@ -250,7 +252,7 @@ impl Aggregator {
             registry: self.registry.clone(),
             out_dir: self.config.out_dir.clone(),
             max_frame: self.config.max_frame_bytes,
-            events: events.clone(),
+            events: events.cloned(),
             roots: roots.clone(),
             audit: self.audit.clone(),
             store: self.store.clone(),
@@ -263,7 +265,7 @@ impl Aggregator {
     async fn run_study(
         &self,
         cfg: &config::StudyConfig,
-        events: &Option<mpsc::UnboundedSender<AggregatorEvent>>,
+        events: Option<&mpsc::UnboundedSender<AggregatorEvent>>,
         roots: &transport::Trust,
         allowed: usize,
         stop: &mut watch::Receiver<Option<String>>,
@@ -401,7 +403,7 @@ impl Aggregator {
         };
         for cfg in &self.config.studies {
             match self
-                .run_study(cfg, &events, &roots, allow.len(), &mut stop)
+                .run_study(cfg, events.as_ref(), &roots, allow.len(), &mut stop)
                 .await
             {
                 StudyEnd::Done(o) => {
@@ -428,7 +430,7 @@ impl Aggregator {
         let mut released = 0;
         if result.is_ok() && !interrupted {
             for sc in &self.config.statistics {
-                let runner = self.study_runner(&sc.as_study(), &events, &roots);
+                let runner = self.study_runner(&sc.as_study(), events.as_ref(), &roots);
                 let status = |status: String| {
                     self.audit
                         .record(medfed_protocol::audit::Event::StudyStatus {
@@ -525,7 +527,7 @@ impl Aggregator {
                     let (_, cfg) = retry.remove(i);
                     tracing::info!(study = %cfg.id, "announcing the study again: it failed for too few sites, and approvals may have changed since");
                     match self
-                        .run_study(&cfg, &events, &roots, allow.len(), &mut stop)
+                        .run_study(&cfg, events.as_ref(), &roots, allow.len(), &mut stop)
                         .await
                     {
                         StudyEnd::Done(o) => {
@@ -566,7 +568,7 @@ impl Aggregator {
                 continue;
             }
             match self
-                .run_study(&spec, &events, &roots, allow.len(), &mut stop)
+                .run_study(&spec, events.as_ref(), &roots, allow.len(), &mut stop)
                 .await
             {
                 StudyEnd::Done(o) => {

@@ -365,7 +365,7 @@ impl Ops {
                 });
             },
         )
-        .await
+        .await;
     }
 
     async fn answer(&self, mut stream: tokio::net::TcpStream) {

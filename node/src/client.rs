@@ -519,7 +519,7 @@ impl Node {
         .await
         {
             Ok(Message::Welcome(w)) => {
-                info!(site = %self.config.site, aggregator = %w.aggregator, software = %w.software, "connected to the aggregator")
+                info!(site = %self.config.site, aggregator = %w.aggregator, software = %w.software, "connected to the aggregator");
             }
             Ok(other) => {
                 let reason = format!("expected a welcome, got a {}", other.kind());

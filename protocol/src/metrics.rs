@@ -137,9 +137,9 @@ pub fn roc_points(scores: &[f64], labels: &[f64]) -> Vec<(f64, f64)> {
     let mut points = vec![(0.0, 0.0)];
     for (k, &i) in idx.iter().enumerate() {
         if labels[i] > 0.5 {
-            tp += 1.0
+            tp += 1.0;
         } else {
-            fp += 1.0
+            fp += 1.0;
         }
         let last_of_tie = idx.get(k + 1).is_none_or(|&j| scores[j] != scores[i]);
         if last_of_tie {

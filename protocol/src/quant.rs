@@ -256,7 +256,7 @@ pub fn add_packed(acc: &mut [u64], bytes: &[u8], bits: u8) -> bool {
             acc.iter_mut()
                 .zip(bytes.chunks_exact(4))
                 .for_each(|(a, c)| {
-                    *a = a.wrapping_add(u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                    *a = a.wrapping_add(u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
                 });
             true
         }
@@ -266,7 +266,7 @@ pub fn add_packed(acc: &mut [u64], bytes: &[u8], bits: u8) -> bool {
                 .for_each(|(a, c)| {
                     *a = a.wrapping_add(u64::from_le_bytes([
                         c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
-                    ]))
+                    ]));
                 });
             true
         }

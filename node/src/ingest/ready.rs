@@ -115,7 +115,7 @@ mod tests {
             let r = r.clone();
             tokio::spawn(async move {
                 r.wait_for(&["s".to_string()], Duration::from_millis(10), |_| {})
-                    .await
+                    .await;
             })
         };
         tokio::time::sleep(Duration::from_millis(30)).await;

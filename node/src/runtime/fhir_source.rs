@@ -114,8 +114,8 @@ fn lines(path: &Path) -> Result<Vec<(usize, Resource)>, FhirError> {
     Ok(out)
 }
 
-fn matches(c: &Option<CodeableConcept>, col: &CodedColumn) -> bool {
-    c.as_ref().is_some_and(|c| {
+fn matches(c: Option<&CodeableConcept>, col: &CodedColumn) -> bool {
+    c.is_some_and(|c| {
         c.coding.iter().any(|k| {
             k.system.as_deref() == Some(&col.system) && k.code.as_deref() == Some(&col.code)
         })
@@ -165,7 +165,11 @@ pub fn read(
         if r.resource_type != "Observation" {
             continue;
         }
-        let Some(col) = mapping.features.iter().position(|c| matches(&r.code, c)) else {
+        let Some(col) = mapping
+            .features
+            .iter()
+            .position(|c| matches(r.code.as_ref(), c))
+        else {
             continue;
         };
         let Some(&p) = subject(&r).and_then(|s| index.get(s)) else {
@@ -192,7 +196,7 @@ pub fn read(
     if let Some(t) = &mapping.target {
         for (_, r) in lines(&dir.join("Condition.ndjson"))? {
             if r.resource_type == "Condition"
-                && matches(&r.code, t)
+                && matches(r.code.as_ref(), t)
                 && let Some(&p) = subject(&r).and_then(|s| index.get(s))
             {
                 target[p] = true;

@@ -142,13 +142,13 @@ fn apply_mask_from(acc: &mut [u64], first: usize, seed: &[u8; 32], bits: u8, sig
                 .iter_mut()
                 .zip(bytes.chunks_exact(4))
                 .for_each(|(a, b)| {
-                    *a = a.wrapping_add(u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                    *a = a.wrapping_add(u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
                 }),
             (4, false) => chunk
                 .iter_mut()
                 .zip(bytes.chunks_exact(4))
                 .for_each(|(a, b)| {
-                    *a = a.wrapping_sub(u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                    *a = a.wrapping_sub(u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
                 }),
             (_, true) => chunk
                 .iter_mut()
@@ -156,7 +156,7 @@ fn apply_mask_from(acc: &mut [u64], first: usize, seed: &[u8; 32], bits: u8, sig
                 .for_each(|(a, b)| {
                     *a = a.wrapping_add(u64::from_le_bytes([
                         b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-                    ]))
+                    ]));
                 }),
             (_, false) => chunk
                 .iter_mut()
@@ -164,7 +164,7 @@ fn apply_mask_from(acc: &mut [u64], first: usize, seed: &[u8; 32], bits: u8, sig
                 .for_each(|(a, b)| {
                     *a = a.wrapping_sub(u64::from_le_bytes([
                         b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-                    ]))
+                    ]));
                 }),
         }
     }

@@ -212,16 +212,16 @@ impl Server {
         };
         match (self.phase, msg) {
             (Phase::AdvertiseKeys, ClientMessage::AdvertiseKeys(keys)) => {
-                self.take_keys(from, keys, verifier)?
+                self.take_keys(from, keys, verifier)?;
             }
             (Phase::ShareKeys, ClientMessage::ShareKeys(sealed)) => {
-                self.take_shares(from, sealed)?
+                self.take_shares(from, sealed)?;
             }
             (Phase::MaskedInput, ClientMessage::MaskedInput(bytes)) => {
-                self.take_input(from, &bytes)?
+                self.take_input(from, &bytes)?;
             }
             (Phase::Consistency, ClientMessage::SurvivorsSigned(signature)) => {
-                self.take_signature(from, signature, verifier)?
+                self.take_signature(from, signature, verifier)?;
             }
             (
                 Phase::Unmasking,
