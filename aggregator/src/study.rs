@@ -27,6 +27,7 @@ use crate::server::Registry;
 use crate::{AggregatorEvent, RoundSummary};
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StudyError {
     #[error("study '{study}': only {got} of the {need} sites needed took part ({detail})")]
     NoQuorum {

@@ -22,6 +22,7 @@ pub fn date(unix_secs: i64) -> String {
 
 /// What is wrong with a certificate (or the TLS handshake around it).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CertProblem {
     /// A certificate revocation list (`medfed pki revoke`) lists it.
     Revoked,

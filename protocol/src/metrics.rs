@@ -206,6 +206,7 @@ pub enum Evaluation {
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum EvaluationError {
     #[error("cannot combine a classification evaluation with a regression one")]
     KindMismatch,

@@ -22,6 +22,7 @@ pub struct QuantParams {
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum QuantError {
     #[error("clip must be a positive finite number, got {0}")]
     BadClip(f64),

@@ -14,6 +14,7 @@ pub struct FeatureStats {
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum StatsError {
     #[error("feature statistics have {got} features, expected {expected}")]
     WrongWidth { got: usize, expected: usize },

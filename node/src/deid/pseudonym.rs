@@ -56,6 +56,7 @@ struct StoredKey {
 
 /// An error about the keystore, naming the file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KeystoreError {
     #[error("keystore {path}: {why}")]
     Invalid { path: PathBuf, why: String },

@@ -109,6 +109,7 @@ fn days_in_month(year: i32, month: u32) -> u32 {
 /// Why a text is not a date. It does not quote the text (a date of birth is an identifier):
 /// callers that may show it, such as a config error, add it themselves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DateError {
     #[error("not a date (expected YYYY-MM-DD)")]
     NotADate,

@@ -174,6 +174,7 @@ pub fn sample_i64(sigma2: &Ratio, rng: &mut impl Rng) -> Option<i64> {
 
 /// Why noise could not be drawn.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum NoiseError {
     #[error("the noise's standard deviation {0} is not a finite number at least 0")]
     BadSigma(f64),
