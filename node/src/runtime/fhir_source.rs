@@ -28,26 +28,38 @@ pub struct FhirMapping {
     pub target: Option<CodedColumn>,
 }
 
+/// A column filled from FHIR resources with one code.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CodedColumn {
+    /// The column's name.
     pub column: String,
+    /// The code's system, e.g. `http://loinc.org`.
     pub system: String,
+    /// The code, e.g. `2345-7` (glucose).
     pub code: String,
 }
 
+/// Why a FHIR export could not be read.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FhirError {
+    /// A file could not be read.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
+    /// A line is not a resource medfed can read.
     #[error("{path}, line {line}: {why}")]
     Bad {
+        /// The NDJSON file.
         path: PathBuf,
+        /// The line, from 1.
         line: usize,
+        /// What is wrong with it.
         why: String,
     },
 }
