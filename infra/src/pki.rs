@@ -23,7 +23,7 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
-/// Why a PKI operation (`medfed pki ...`) failed; nothing was replaced.
+/// Why a PKI operation (`medfed pki ...`) failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PkiError {

@@ -237,8 +237,8 @@ impl Keystore {
         medfed_infra::files::write_secret_atomically(&self.path, text.as_bytes()).map_err(io)
     }
 
-    /// The version of the key new pseudonyms are made with (older keys are kept so that
-    /// pseudonyms made with them can still be matched).
+    /// The version of the key new pseudonyms are made with, the `p{version}-` prefix of each
+    /// (`medfed node rotate-key` adds a key with the next version).
     pub fn current_version(&self) -> u32 {
         self.current
     }

@@ -59,7 +59,7 @@ pub enum Event {
         study: String,
         /// Whether this site takes part.
         accepted: bool,
-        /// Why, in words (the policy rule or the operator's approval that decided).
+        /// Why, in words: the approval or rules that admitted it, or the refusal's reason.
         reason: String,
     },
     /// A study started, completed or failed (aggregator).
@@ -77,8 +77,8 @@ pub enum Event {
         round: u32,
         /// The sites whose contributions the release aggregates.
         sites: Vec<String>,
-        /// SHA-256 (hex) of the released file's bytes (the exported model or statistics JSON), so an
-        /// auditor can tie a file to this record.
+        /// SHA-256 (hex) of the released file's bytes (the exported model or statistics
+        /// JSON), so an auditor can tie a file to this record.
         sha256: String,
     },
     /// A site took part in a differentially private release (or refused to, for its

@@ -416,7 +416,8 @@ pub enum SecAggError {
         /// The threshold.
         need: usize,
     },
-    /// Enough shares arrived but they do not rebuild a secret that matches its commitment.
+    /// Enough shares arrived, but none of their subsets rebuilds the secret its owner
+    /// advertised (the self-mask seed's commitment, or the mask key's public key).
     #[error(
         "the shares revealed of party {owner}'s {what} do not rebuild it: some are wrong (its \
          holders revealed wrong ones, or it dealt them){}",

@@ -12,7 +12,8 @@ use crate::model::{ModelKind, ServerOptimizer, TrainParams};
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StudyConfig {
-    /// The study's id, unique in the consortium; sites approve and budget studies by it.
+    /// The study's id, unique in the consortium: every message of the study carries it, and
+    /// each site's privacy ledger charges the study's releases to it.
     pub id: String,
     /// What the study is for, shown to each site's reviewer (empty by default).
     #[serde(default)]
