@@ -177,7 +177,7 @@ fn summarise(v: &Verified) -> Report {
                 ));
             }
             Event::Released { study, .. } => {
-                r.studies.entry(study.clone()).or_default().released += 1
+                r.studies.entry(study.clone()).or_default().released += 1;
             }
             Event::StudyStatus { study, status } => r
                 .studies

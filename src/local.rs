@@ -21,17 +21,25 @@ use crate::csv_text;
 
 /// One hospital: its name and its extract (CSV text with a header row).
 pub struct Hospital {
+    /// The site's name (its certificate's, its node's and its data file's).
     pub name: String,
+    /// Its extract: CSV text with a header row.
     pub csv: String,
 }
 
 /// The study, as the keys of one `[[study]]` table (with `id`, `dataset` and so on).
 pub struct Study {
+    /// The study's id.
     pub id: String,
+    /// The dataset name the nodes serve the extracts under.
     pub dataset: String,
+    /// Logistic or linear.
     pub kind: ModelKind,
+    /// The feature columns.
     pub features: Vec<String>,
+    /// The target column.
     pub target: String,
+    /// For a logistic model: the target value counted as positive.
     pub positive_class: Option<String>,
     /// Extra TOML lines of the study (rounds, training, privacy...).
     pub toml: String,
@@ -41,6 +49,7 @@ pub struct Study {
 pub struct Run {
     /// (round, training loss, federated validation AUC or R²) per round.
     pub rounds: Vec<(u32, f64, f64)>,
+    /// The final model the aggregator exported.
     pub final_model: PathBuf,
 }
 
@@ -229,12 +238,18 @@ async fn federate(agg: &Path, nodes: &[PathBuf]) -> anyhow::Result<Run> {
 /// The federated model beside a centralized one trained on the union of the same training
 /// rows, both scored on the union of the validation rows (the split each node made).
 pub struct Comparison {
+    /// The federated model's metrics on the pooled validation rows.
     pub federated: Metrics,
+    /// The centralized model's metrics on the same rows.
     pub centralized: Metrics,
     /// Scores and labels of the validation rows: (federated, centralized, labels).
     pub scores: (Vec<f64>, Vec<f64>, Vec<f64>),
 }
 
+/// Trains the centralized baseline on the hospitals' pooled training rows (read back from
+/// `dir/data/<name>.csv`, split as the nodes split them with `validation_fraction = 0.2`,
+/// as the examples' studies set it) and scores it and the federated model in `final_model`
+/// on the pooled validation rows.
 pub fn compare(
     dir: &Path,
     hospitals: &[Hospital],

@@ -954,10 +954,7 @@ fn a_training_failure_is_not_a_noise_free_oracle() {
             .lines()
             .filter(|l| l.contains("site-a") && l.contains("diverged"))
             .collect();
-        println!(
-            "{id}: threshold {:.9} × site-a's exact mean glucose {m:.6}: {lines:?}",
-            factor
-        );
+        println!("{id}: threshold {factor:.9} × site-a's exact mean glucose {m:.6}: {lines:?}");
         diverged.push(!lines.is_empty());
         // The probe is calibrated: site-a's training does fail below its mean, and not
         // above; only the aggregator cannot tell.

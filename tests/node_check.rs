@@ -423,7 +423,7 @@ fn pipelines_and_extracts_are_checked_and_sampled_without_showing_values() {
             } else if i % 40 == 0 {
                 medfed::csv_text::with_field(r, 1, "999")
             } else {
-                r.to_string()
+                r.clone()
             }
         })
         .collect();

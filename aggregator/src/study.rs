@@ -27,43 +27,79 @@ use crate::config::StudyConfig;
 use crate::server::Registry;
 use crate::{AggregatorEvent, RoundSummary};
 
+/// Why a study (training or statistics) ended without completing.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StudyError {
+    /// Too few sites took part.
     #[error("study '{study}': only {got} of the {need} sites needed took part ({detail})")]
     NoQuorum {
+        /// The study.
         study: String,
+        /// Sites that took part (below `need`).
         got: usize,
+        /// The quorum (`min_sites`).
         need: usize,
+        /// Where and why, in words.
         detail: String,
     },
+    /// Every attempt at a round failed.
     #[error("study '{study}': round {round} failed {attempts} time(s), the last because {detail}")]
     RoundFailed {
+        /// The study.
         study: String,
+        /// The round.
         round: u32,
+        /// Attempts made (`round_attempts`).
         attempts: u32,
+        /// Why the last one failed.
         detail: String,
     },
+    /// Anything else (e.g. a checkpoint that could not be written).
     #[error("study '{study}': {detail}")]
-    Failed { study: String, detail: String },
+    Failed {
+        /// The study.
+        study: String,
+        /// What went wrong.
+        detail: String,
+    },
     /// The study stopped after releasing some rounds: the last released model is exported,
     /// marked as stopped.
     #[error("{cause}; the last released model (round {round}) is {}, marked as stopped early", final_model.display())]
     EndedEarly {
+        /// Why it stopped.
         cause: Box<StudyError>,
+        /// The last round released.
         round: u32,
+        /// The study's final model file, that round's model.
         final_model: PathBuf,
     },
+    /// The operator stopped the study (`medfed aggregator study stop`, or its stop file).
     #[error("study '{study}' was stopped by the operator after round {round}")]
-    Stopped { study: String, round: u32 },
+    Stopped {
+        /// The study.
+        study: String,
+        /// The last round completed (0: none).
+        round: u32,
+    },
+    /// A model or release file could not be written.
     #[error("study '{study}': writing {path}: {source}")]
     Export {
+        /// The study.
         study: String,
+        /// The file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
     /// The compliance log could not record a step, so the step was not taken.
     #[error("study '{study}': the compliance log cannot be written ({detail}), so the study stops")]
-    Unlogged { study: String, detail: String },
+    Unlogged {
+        /// The study.
+        study: String,
+        /// The log's error.
+        detail: String,
+    },
 }
 
 impl StudyError {
@@ -79,9 +115,13 @@ impl StudyError {
 /// What a finished study leaves behind.
 #[derive(Debug, Clone)]
 pub struct StudyOutcome {
+    /// The study.
     pub study_id: String,
+    /// The final model's file (`final.json` in the study's output directory).
     pub final_model: PathBuf,
+    /// The final model's federated validation metrics, when the sites evaluated it.
     pub validation: Option<Metrics>,
+    /// Rounds run.
     pub rounds: u32,
     /// Allowed sites whose data is in no round of the model, and why.
     pub missing: Vec<MissingSite>,

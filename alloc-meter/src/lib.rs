@@ -132,6 +132,10 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(
+        unsafe_code,
+        reason = "calls the allocator's unsafe methods directly to test it"
+    )]
     fn the_meter_counts_only_metered_code() {
         // Not installed as the global allocator here: call it directly.
         let layout = Layout::from_size_align(1000, 8).unwrap();

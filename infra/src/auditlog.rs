@@ -19,21 +19,34 @@ use ring::signature::{Ed25519KeyPair, KeyPair};
 /// Records between two signed tree heads.
 pub const BATCH: u64 = 256;
 
+/// Why a compliance log cannot be opened.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuditLogError {
+    /// The log file could not be read, created or written.
     #[error("compliance log {path}: {source}")]
     Io {
+        /// The log file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
+    /// The signing key could not be read, created or parsed.
     #[error("compliance-log signing key {path}: {why}")]
-    Key { path: PathBuf, why: String },
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The existing log fails verification: it is left untouched and nothing is appended.
     #[error(
         "compliance log {path} does not verify ({problem}); it is kept as it is: move it aside to start a new log"
     )]
     Corrupt {
+        /// The log file.
         path: PathBuf,
+        /// The first bad line, and why.
         problem: audit::AuditError,
     },
 }
@@ -60,9 +73,13 @@ pub struct AuditLog {
 /// Messages and bytes that crossed the party's boundary since it started (for metrics).
 #[derive(Debug, Default)]
 pub struct Traffic {
+    /// Protocol messages sent.
     pub messages_sent: std::sync::atomic::AtomicU64,
+    /// Bytes of the frames sent.
     pub bytes_sent: std::sync::atomic::AtomicU64,
+    /// Protocol messages received.
     pub messages_received: std::sync::atomic::AtomicU64,
+    /// Bytes of the frames received.
     pub bytes_received: std::sync::atomic::AtomicU64,
 }
 
@@ -197,6 +214,7 @@ impl AuditLog {
         Ok(log)
     }
 
+    /// The log file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -119,11 +119,14 @@ pub fn set_umask(mask: u32) -> u32 {
 /// (for messages: "the node's state directory").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrivatePath {
+    /// What it is, in words (e.g. "the node's state directory").
     pub what: String,
+    /// Where it is.
     pub path: PathBuf,
 }
 
 impl PrivatePath {
+    /// `what` at `path`.
     pub fn new(what: impl Into<String>, path: impl Into<PathBuf>) -> PrivatePath {
         PrivatePath {
             what: what.into(),
@@ -136,19 +139,26 @@ impl PrivatePath {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum NotPrivate {
+    /// Group or other users have permissions on it (or on something inside it).
     Exposed {
+        /// What it is, in words.
         what: String,
         /// The path as configured.
         root: PathBuf,
         /// The file or directory with group or other permissions (`root` or inside it).
         path: PathBuf,
+        /// Its permission bits (e.g. `0o644`).
         mode: u32,
         /// The command that fixes it.
         fix: String,
     },
+    /// Its permissions could not be read.
     Io {
+        /// What it is, in words.
         what: String,
+        /// The path that could not be checked.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
 }

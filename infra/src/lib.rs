@@ -12,6 +12,8 @@
 //! - [`config`]: TOML config loading with errors that name the file and key.
 //! - [`tls_errors`]: TLS and certificate failures in words, with dates.
 
+#![forbid(unsafe_code)]
+
 pub mod auditlog;
 pub mod config;
 pub mod files;

@@ -21,19 +21,26 @@ pub struct Announced {
     pub hash: String,
     /// "study" or "statistics query".
     pub kind: String,
+    /// The study's or query's id.
     pub id: String,
+    /// The dataset of this site it reads.
     pub dataset: String,
     /// Features (a study) or described columns (a query).
     pub columns: Vec<String>,
     /// A query's cohort conditions, as written.
     #[serde(default)]
     pub cohort: Vec<String>,
+    /// A study's target column.
     #[serde(default)]
     pub target: Option<String>,
+    /// A study's model (`"logistic"` or `"linear"`).
     #[serde(default)]
     pub model: Option<String>,
+    /// A study's training rounds.
     #[serde(default)]
     pub rounds: Option<u32>,
+    /// Whether its contributions are summed with secure aggregation (the aggregator sees only
+    /// sums).
     pub secure_aggregation: bool,
     /// How its releases are protected, in words.
     pub privacy: String,
@@ -42,6 +49,7 @@ pub struct Announced {
     pub epsilon: Option<f64>,
     /// When it was last announced (ms since the UNIX epoch), and this site's answer.
     pub announced_unix_ms: u64,
+    /// This site's answer when last announced: `"accepted"`, or the refusal and why.
     pub decision: String,
 }
 
@@ -202,6 +210,7 @@ pub struct AnnouncedStudies {
 }
 
 impl AnnouncedStudies {
+    /// Opens the list kept at `path` (a JSON file; none yet is an empty list).
     pub fn open(path: PathBuf) -> Result<AnnouncedStudies, String> {
         let list = load(&path)?;
         Ok(AnnouncedStudies {

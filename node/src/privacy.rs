@@ -36,6 +36,7 @@ pub struct LedgerFile {
 }
 
 impl LedgerFile {
+    /// Opens the ledger kept at `path` (a JSON file; none yet is an empty ledger).
     pub fn open(path: PathBuf) -> Result<LedgerFile, String> {
         let ledger = load_ledger(&path)?;
         Ok(LedgerFile {

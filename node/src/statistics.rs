@@ -23,12 +23,15 @@ type Reply = Result<Message, (ErrorCode, String)>;
 /// whose cohorts were summed with it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AnsweredCohort {
+    /// The query answered.
     pub query_id: String,
+    /// The dataset its cohort is of.
     pub dataset: String,
     /// Where the dataset's rows came from (its file, or its ingestion pipeline): row ids
     /// compare only within one source. Empty in memories written before it was kept.
     #[serde(default)]
     pub source: String,
+    /// The cohort's row ids (see [`crate::data::Table::row_id`]).
     pub rows: Vec<u32>,
     /// SHA-256 of the sum's parties (see `secure::parties_digest`); absent in memories
     /// written before it was kept.
@@ -45,10 +48,12 @@ pub struct CohortMemory {
 }
 
 impl CohortMemory {
+    /// Where the memory is kept in the state directory `state_dir`.
     pub fn path(state_dir: &Path) -> PathBuf {
         state_dir.join("answered-cohorts.json")
     }
 
+    /// Opens the memory kept at `path` (none yet is an empty memory).
     pub fn open(path: PathBuf) -> Result<CohortMemory, String> {
         let answered = match std::fs::read(&path) {
             Ok(b) => serde_json::from_slice(&b)
@@ -113,8 +118,11 @@ impl CohortMemory {
 /// missing value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cohort {
+    /// The cohort's row ids (see [`crate::data::Table::row_id`]).
     pub ids: Vec<u32>,
+    /// Each row's values of the query's columns, in the query's order.
     pub rows: Vec<Vec<f64>>,
+    /// The rows left out for a missing value, in all and per column.
     pub left_out: LeftOut,
 }
 

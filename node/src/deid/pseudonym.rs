@@ -56,20 +56,39 @@ struct StoredKey {
 
 /// An error about the keystore, naming the file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KeystoreError {
+    /// The keystore file is not a valid keystore.
     #[error("keystore {path}: {why}")]
-    Invalid { path: PathBuf, why: String },
+    Invalid {
+        /// The keystore file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// There is no keystore at the path.
     #[error(
         "keystore {path} does not exist: run `medfed node init` to create this site's pseudonym key"
     )]
-    Missing { path: PathBuf },
+    Missing {
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// `init` found a keystore already.
     #[error("keystore {path} already exists; use `medfed node rotate-key` to add a new key")]
-    Exists { path: PathBuf },
+    Exists {
+        /// The existing keystore.
+        path: PathBuf,
+    },
+    /// The keystore could not be read or written.
     #[error("keystore {path}: {source}")]
     Io {
+        /// The keystore file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
+    /// The keystore or its directory is open to other users.
     #[error(transparent)]
     Private(#[from] medfed_infra::files::NotPrivate),
 }
@@ -134,6 +153,8 @@ impl Keystore {
         Ok(version)
     }
 
+    /// Opens the keystore at `path`; it must exist (`medfed node init` creates it) and be
+    /// this user's alone.
     pub fn open(path: &Path) -> Result<Keystore, KeystoreError> {
         let invalid = |why: String| KeystoreError::Invalid {
             path: path.into(),
@@ -216,6 +237,8 @@ impl Keystore {
         medfed_infra::files::write_secret_atomically(&self.path, text.as_bytes()).map_err(io)
     }
 
+    /// The version of the key new pseudonyms are made with, the `p{version}-` prefix of each
+    /// (`medfed node rotate-key` adds a key with the next version).
     pub fn current_version(&self) -> u32 {
         self.current
     }

@@ -28,26 +28,38 @@ pub struct FhirMapping {
     pub target: Option<CodedColumn>,
 }
 
+/// A column filled from FHIR resources with one code.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CodedColumn {
+    /// The column's name.
     pub column: String,
+    /// The code's system, e.g. `http://loinc.org`.
     pub system: String,
+    /// The code, e.g. `2345-7` (glucose).
     pub code: String,
 }
 
+/// Why a FHIR export could not be read.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FhirError {
+    /// A file could not be read.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
+    /// A line is not a resource medfed can read.
     #[error("{path}, line {line}: {why}")]
     Bad {
+        /// The NDJSON file.
         path: PathBuf,
+        /// The line, from 1.
         line: usize,
+        /// What is wrong with it.
         why: String,
     },
 }
@@ -114,8 +126,8 @@ fn lines(path: &Path) -> Result<Vec<(usize, Resource)>, FhirError> {
     Ok(out)
 }
 
-fn matches(c: &Option<CodeableConcept>, col: &CodedColumn) -> bool {
-    c.as_ref().is_some_and(|c| {
+fn matches(c: Option<&CodeableConcept>, col: &CodedColumn) -> bool {
+    c.is_some_and(|c| {
         c.coding.iter().any(|k| {
             k.system.as_deref() == Some(&col.system) && k.code.as_deref() == Some(&col.code)
         })
@@ -165,7 +177,11 @@ pub fn read(
         if r.resource_type != "Observation" {
             continue;
         }
-        let Some(col) = mapping.features.iter().position(|c| matches(&r.code, c)) else {
+        let Some(col) = mapping
+            .features
+            .iter()
+            .position(|c| matches(r.code.as_ref(), c))
+        else {
             continue;
         };
         let Some(&p) = subject(&r).and_then(|s| index.get(s)) else {
@@ -192,7 +208,7 @@ pub fn read(
     if let Some(t) = &mapping.target {
         for (_, r) in lines(&dir.join("Condition.ndjson"))? {
             if r.resource_type == "Condition"
-                && matches(&r.code, t)
+                && matches(r.code.as_ref(), t)
                 && let Some(&p) = subject(&r).and_then(|s| index.get(s))
             {
                 target[p] = true;

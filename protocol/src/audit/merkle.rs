@@ -4,6 +4,7 @@
 
 use ring::digest::{SHA256, digest};
 
+/// A SHA-256 digest: a leaf's, an interior node's or a root's.
 pub type Hash = [u8; 32];
 
 fn sha256(parts: &[&[u8]]) -> Hash {
@@ -16,10 +17,12 @@ fn sha256(parts: &[&[u8]]) -> Hash {
     out
 }
 
+/// RFC 6962's leaf hash, `SHA-256(0x00 || data)`.
 pub fn leaf_hash(data: &[u8]) -> Hash {
     sha256(&[&[0x00], data])
 }
 
+/// RFC 6962's interior node hash, `SHA-256(0x01 || left || right)`.
 pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
     sha256(&[&[0x01], left, right])
 }
@@ -56,6 +59,7 @@ pub struct Frontier {
 }
 
 impl Frontier {
+    /// Appends a leaf hash (from [`leaf_hash`]), merging equal-sized subtrees.
     pub fn push(&mut self, leaf: Hash) {
         let mut node = (1u64, leaf);
         while let Some(&(n, h)) = self.subtrees.last() {
@@ -69,10 +73,13 @@ impl Frontier {
         self.size += 1;
     }
 
+    /// The number of leaves pushed so far.
     pub fn size(&self) -> u64 {
         self.size
     }
 
+    /// The tree's root over every leaf pushed so far, equal to [`root`] over the same leaves
+    /// (the hash of the empty string for no leaf).
     pub fn root(&self) -> Hash {
         let mut iter = self.subtrees.iter().rev();
         let Some(&(_, mut acc)) = iter.next() else {

@@ -417,14 +417,14 @@ fn three() -> Vec<(&'static str, Site)> {
 fn completed(e: &Ending) -> &Completed {
     match e {
         Ending::Completed(c) => c,
-        other => panic!("not completed: {other:?}"),
+        Ending::Failed(f) => panic!("not completed: {f:?}"),
     }
 }
 
 fn failed(e: &Ending) -> &StudyFailure {
     match e {
         Ending::Failed(f) => f,
-        other => panic!("not failed: {other:?}"),
+        Ending::Completed(c) => panic!("not failed: {c:?}"),
     }
 }
 
@@ -545,7 +545,7 @@ fn a_positive_class_no_site_names_stops_the_study_before_round_1() {
     let e = fed.run();
     match failed(&e) {
         StudyFailure::Failed(why) => {
-            assert!(why.contains(r#"fix: positive_class = "Yes""#), "{why}")
+            assert!(why.contains(r#"fix: positive_class = "Yes""#), "{why}");
         }
         f => panic!("{f:?}"),
     }
