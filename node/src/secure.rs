@@ -142,11 +142,7 @@ pub(crate) fn parties_digest(parties: &[String]) -> String {
         ctx.update(p.as_bytes());
         ctx.update(b"\n");
     }
-    ctx.finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    medfed_protocol::hex::encode(ctx.finish().as_ref())
 }
 
 /// Why a reveal was not recorded (and so does not happen).
