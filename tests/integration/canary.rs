@@ -8,11 +8,12 @@
 //! line of every process, every compliance log and every file the aggregator wrote is
 //! searched for each identifier, in several encodings: there must be no hit.
 
-mod procs;
-use procs::{Processes, all_succeed, ok, spawn_with};
-
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use crate::common::{
+    Processes, aggregator_config, all_succeed, free_udp_port, ok, pima, pima_study, pki, spawn_with,
+};
 
 const SITES: [&str; 3] = ["hospital-a", "hospital-b", "hospital-c"];
 
@@ -32,7 +33,7 @@ fn identifiers(site: usize, i: usize) -> [String; 7] {
 
 /// Writes each hospital's extract: the Pima rows plus identifier columns.
 fn extracts(dir: &Path) -> (Vec<PathBuf>, Vec<String>) {
-    let (header, rows) = procs::pima();
+    let (header, rows) = pima();
     let mut canaries = Vec::new();
     let mut files = Vec::new();
     for (s, chunk) in rows.chunks(rows.len().div_ceil(3)).enumerate() {
@@ -50,10 +51,6 @@ fn extracts(dir: &Path) -> (Vec<PathBuf>, Vec<String>) {
         files.push(p);
     }
     (files, canaries)
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn base64(b: &[u8]) -> String {
@@ -76,7 +73,7 @@ fn encodings(canary: &str) -> Vec<Vec<u8>> {
         canary.as_bytes().to_vec(),
         canary.to_lowercase().into_bytes(),
         canary.to_uppercase().into_bytes(),
-        hex(canary.as_bytes()).into_bytes(),
+        medfed_protocol::hex::encode(canary.as_bytes()).into_bytes(),
         canary.encode_utf16().flat_map(u16::to_le_bytes).collect(),
         canary.replace('@', "%40").replace(' ', "%20").into_bytes(),
         serde_json::to_string(canary).unwrap().into_bytes(),
@@ -109,32 +106,24 @@ fn files_under(dir: &Path, out: &mut Vec<PathBuf>) {
 fn no_identifier_leaves_a_hospital() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    procs::pki(d, &SITES);
+    pki(d, &SITES);
     let (data, canaries) = extracts(d);
     assert_eq!(canaries.len(), 7 * 200);
-    let port = procs::free_udp_port();
+    let port = free_udp_port();
     std::fs::write(
         d.join("aggregator.toml"),
-        procs::aggregator_config(
+        aggregator_config(
             port,
             Some("agg/out"),
             &SITES,
-            r#"[audit]
-log = "agg/audit/compliance.log"
-key = "agg/audit/signing.key"
-capture_sent = "agg/sent.bin"
-[[study]]
-id = "pima"
-dataset = "pima"
-model = "logistic"
-features = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]
-target = "type"
-positive_class = "Yes"
-rounds = 4
-min_sites = 3
-wait_for_sites_secs = 60
-round_timeout_secs = 30
-"#,
+            &format!(
+                "[audit]\nlog = \"agg/audit/compliance.log\"\nkey = \"agg/audit/signing.key\"\n\
+                 capture_sent = \"agg/sent.bin\"\n{}",
+                pima_study(
+                    "pima",
+                    "rounds = 4\nmin_sites = 3\nwait_for_sites_secs = 60\nround_timeout_secs = 30\n"
+                )
+            ),
         ),
     )
     .unwrap();

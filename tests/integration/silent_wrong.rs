@@ -4,68 +4,30 @@
 //! positive class the data does not have; a statistics query reports the rows it left out
 //! for missing values.
 
-mod procs;
-use procs::{Processes, medfed, spawn, wait};
-
 use std::path::Path;
 use std::time::Duration;
 
 use medfed::csv_text;
 
+use crate::common::{
+    ALLOW_PLAIN, Federation, MEDFED, Processes, RECONNECT_FAST, SERVE_PIMA, WrittenFederation,
+    medfed, model_evaluate, ok, wait,
+};
+
 const SITES: [&str; 2] = ["site-a", "site-b"];
 
 /// The PKI, each site's half of the Pima rows (`edit` applied to each row, with its index)
 /// and its config.
-fn setup(d: &Path, edit: impl Fn(usize, &str) -> String) -> u16 {
-    procs::pki(d, &SITES);
-    let (header, rows) = procs::pima();
-    let rows: Vec<String> = rows.iter().enumerate().map(|(i, r)| edit(i, r)).collect();
-    let port = procs::free_udp_port();
-    for (i, site) in SITES.iter().enumerate() {
-        let part: Vec<String> = rows.iter().skip(i).step_by(2).cloned().collect();
-        std::fs::write(
-            d.join(format!("{site}.csv")),
-            format!("{header}\n{}\n", part.join("\n")),
-        )
-        .unwrap();
-        std::fs::write(
-            d.join(format!("{site}.toml")),
-            procs::node_config(
-                site,
-                port,
-                &format!("{site}.csv"),
-                &format!("{}{}", procs::SERVE_PIMA, procs::RECONNECT_FAST),
-            ),
-        )
-        .unwrap();
-    }
-    port
+fn federation(d: &Path, edit: impl Fn(usize, &str) -> String + 'static) -> Federation {
+    Federation::new(d).sites(&SITES).edit_rows(edit)
 }
 
 /// Runs the aggregator with `studies` against both sites; its exit status and log.
-fn run(d: &Path, port: u16, studies: &str) -> (bool, String) {
-    std::fs::write(
-        d.join("aggregator.toml"),
-        procs::aggregator_config(port, Some("out"), &SITES, studies),
-    )
-    .unwrap();
-    let mut procs = Processes(Vec::new());
-    for site in SITES {
-        let cfg = d.join(format!("{site}.toml"));
-        procs.0.push(spawn(
-            d,
-            site,
-            &["node", "run", "--config", cfg.to_str().unwrap()],
-        ));
-    }
-    let agg = d.join("aggregator.toml");
-    procs.0.push(spawn(
-        d,
-        "aggregator",
-        &["aggregator", "run", "--config", agg.to_str().unwrap()],
-    ));
+fn run(fed: &WrittenFederation, studies: &str) -> (bool, String) {
+    fed.write_aggregator(studies);
+    let mut procs = fed.start();
     let status = wait(&mut procs.0[2].1, Duration::from_secs(90));
-    let log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
+    let log = fed.log("aggregator");
     assert!(status.is_some(), "the aggregator did not finish:\n{log}");
     (status.unwrap().success(), log)
 }
@@ -89,11 +51,11 @@ fn study(id: &str, positive: &str, privacy: bool) -> String {
 fn a_positive_class_no_site_has_stops_the_study_before_round_1() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let port = setup(d, |_, r| r.to_string());
+    let fed = federation(d, |_, r| r.to_string()).write();
     // The data says "Yes"; the study asks for "yes". Under differential privacy (the
     // default) and without.
     for (id, private) in [("dp-yes", true), ("exact-yes", false)] {
-        let (ok, log) = run(d, port, &study(id, "yes", private));
+        let (ok, log) = run(&fed, &study(id, "yes", private));
         assert!(!ok, "the study must fail:\n{log}");
         assert!(
             log.contains(r#"positive_class = "yes" is not a class of target 'type'"#),
@@ -113,21 +75,15 @@ fn a_positive_class_no_site_has_stops_the_study_before_round_1() {
     }
 
     // `model evaluate` on the same mistake: an error naming the classes, not accuracy 1.000.
-    let (ok, log) = run(d, port, &study("right", "Yes", false));
+    let (ok, log) = run(&fed, &study("right", "Yes", false));
     assert!(ok, "{log}");
     let model = d.join("out/models/right/final.json");
-    let out = medfed(&[
-        "model",
-        "evaluate",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        d.join("site-a.csv").to_str().unwrap(),
-        "--target",
-        "type",
-        "--positive-class",
-        "yes",
-    ]);
+    let site_a = d.join("site-a.csv");
+    let out = medfed(&model_evaluate(
+        &model,
+        &site_a,
+        &["--positive-class", "yes"],
+    ));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         !out.status.success(),
@@ -146,12 +102,13 @@ fn a_single_class_target_stops_the_study_before_round_1() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     // Every row's outcome is "Yes".
-    let port = setup(d, |_, r| {
+    let fed = federation(d, |_, r| {
         let mut f = csv_text::fields(r);
         *f.last_mut().unwrap() = "Yes".into();
         csv_text::line(&f)
-    });
-    let (ok, log) = run(d, port, &study("one-class", "Yes", true));
+    })
+    .write();
+    let (ok, log) = run(&fed, &study("one-class", "Yes", true));
     assert!(!ok, "{log}");
     assert!(
         log.contains("target 'type' has a single class at the 2 accepting sites"),
@@ -166,7 +123,7 @@ fn a_statistics_query_reports_the_rows_it_left_out_for_missing_values() {
     let d = dir.path();
     // glu empty in every 4th row (50 of 200), bmi "NA" in every 5th from the 2nd (40);
     // 10 rows lack both: 80 left out.
-    let port = setup(d, |i, r| {
+    let fed = federation(d, |i, r| {
         let mut f = csv_text::fields(r);
         if i % 4 == 0 {
             f[1] = String::new();
@@ -175,12 +132,13 @@ fn a_statistics_query_reports_the_rows_it_left_out_for_missing_values() {
             f[4] = "NA".into();
         }
         csv_text::line(&f)
-    });
+    })
+    .write();
     let query = "[[statistics]]\nid = \"gaps\"\ndataset = \"pima\"\nmin_sites = 2\n\
                  wait_for_sites_secs = 60\ntimeout_secs = 20\n\
                  [[statistics.column]]\nname = \"glu\"\nlow = 40\nhigh = 200\nedges = [40, 100, 140, 200]\n\
                  [[statistics.column]]\nname = \"bmi\"\nlow = 15\nhigh = 70\nedges = [15, 25, 30, 35, 40, 70]\n";
-    let (ok, log) = run(d, port, query);
+    let (ok, log) = run(&fed, query);
     assert!(ok, "{log}");
     let file: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.join("out/statistics/gaps.json")).unwrap())
@@ -224,44 +182,30 @@ fn a_statistics_query_reports_the_rows_it_left_out_for_missing_values() {
 fn a_study_that_lost_a_site_says_so_in_its_result_and_exit_status() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    // One site left: no secure aggregation (a sum of one is that site's update), which the
+    // sites allow for this test.
+    let studies = study("exact", "Yes", false).replace("min_sites = 2", "min_sites = 1")
+        + "[study.secure_aggregation]\nenabled = false\n";
     // site-b's rows (the odd ones) lack glu every 7th row.
-    let port = setup(d, |i, r| {
+    let fed = federation(d, |i, r| {
         if i % 2 == 1 && i % 7 == 0 {
             csv_text::with_field(r, 1, "")
         } else {
             r.to_string()
         }
-    });
-    // One site left: no secure aggregation (a sum of one is that site's update), which the
-    // sites allow for this test.
-    let studies = study("exact", "Yes", false).replace("min_sites = 2", "min_sites = 1")
-        + "[study.secure_aggregation]\nenabled = false\n";
-    for site in SITES {
-        let path = d.join(format!("{site}.toml"));
-        let cfg = std::fs::read_to_string(&path).unwrap().replace(
-            "[policy.rules]\n",
-            "[policy.rules]\nallow_without_secure_aggregation = true\n",
-        );
-        std::fs::write(&path, cfg).unwrap();
-    }
-    std::fs::write(
-        d.join("aggregator.toml"),
-        procs::aggregator_config(port, Some("out"), &SITES, &studies),
-    )
-    .unwrap();
-    let mut procs = Processes(Vec::new());
-    for site in SITES {
-        let cfg = d.join(format!("{site}.toml"));
-        procs.0.push(spawn(
-            d,
-            site,
-            &["node", "run", "--config", cfg.to_str().unwrap()],
-        ));
-    }
+    })
+    .node_extra(|_| format!("{SERVE_PIMA}{ALLOW_PLAIN}{RECONNECT_FAST}"))
+    .aggregator(&studies)
+    .write();
+    let _nodes = Processes(fed.spawn_nodes());
     // The aggregator waits for both allowed sites before it announces the study.
-    let agg = d.join("aggregator.toml");
-    let out = std::process::Command::new(procs::MEDFED)
-        .args(["aggregator", "run", "--config", agg.to_str().unwrap()])
+    let out = std::process::Command::new(MEDFED)
+        .args([
+            "aggregator",
+            "run",
+            "--config",
+            fed.aggregator.to_str().unwrap(),
+        ])
         .output()
         .unwrap();
     let (stdout, stderr) = (
@@ -289,16 +233,11 @@ fn a_study_that_lost_a_site_says_so_in_its_result_and_exit_status() {
         "the reason names the column: {missing}"
     );
     // `model evaluate` says so too.
-    let said = procs::ok(&[
-        "model",
-        "evaluate",
-        "--model",
-        d.join("out/models/exact/final.json").to_str().unwrap(),
-        "--data",
-        d.join("site-a.csv").to_str().unwrap(),
-        "--target",
-        "type",
-    ]);
+    let said = ok(&model_evaluate(
+        &d.join("out/models/exact/final.json"),
+        &d.join("site-a.csv"),
+        &[],
+    ));
     assert!(
         said.contains("the model is without site 'site-b'"),
         "{said}"

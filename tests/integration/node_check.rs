@@ -3,44 +3,17 @@
 //! unreachable aggregator, an unreadable data file, an unknown config key. With everything
 //! right and an aggregator running, every check passes.
 
-mod procs;
-
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
-
-fn medfed(args: &[&str]) -> Output {
-    Command::new(MEDFED).args(args).output().unwrap()
-}
-
-fn ok(args: &[&str]) {
-    let out = medfed(args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
+use crate::common::{
+    Processes, free_udp_port, medfed, ok, pima, pima_csv, pki, pki_at, spawn_aggregator,
+};
 
 /// Runs `node check` on `config`; returns (success, stdout + stderr).
 fn check(config: &Path) -> (bool, String) {
-    let out = medfed(&[
-        "node",
-        "check",
-        "--config",
-        config.to_str().unwrap(),
-        "--timeout",
-        "2",
-    ]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!text.contains("panicked"), "{text}");
-    (out.status.success(), text)
+    crate::common::node_check(config, 2)
 }
 
 fn node_config(port: u16, extra: &str, dataset: &str, ca: &str) -> String {
@@ -75,37 +48,13 @@ fn status<'a>(text: &'a str, check: &str) -> &'a str {
         .unwrap_or("")
 }
 
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn node_check_names_each_problem_and_its_fix() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    for (pki, site) in [("pki", "alpha"), ("other-pki", "alpha")] {
-        let p = d.join(pki);
-        ok(&["pki", "init", "--dir", p.to_str().unwrap()]);
-        ok(&["pki", "issue", "--dir", p.to_str().unwrap(), "--site", site]);
-        ok(&[
-            "pki",
-            "issue",
-            "--dir",
-            p.to_str().unwrap(),
-            "--aggregator",
-            "localhost",
-        ]);
-    }
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
-        d.join("pima.csv"),
-    )
-    .unwrap();
+    pki(d, &["alpha"]);
+    pki_at(&d.join("other-pki"), &["alpha"]);
+    std::fs::copy(pima_csv(), d.join("pima.csv")).unwrap();
     let write = |name: &str, text: String| {
         let p = d.join(name);
         std::fs::write(&p, text).unwrap();
@@ -117,7 +66,7 @@ fn node_check_names_each_problem_and_its_fix() {
     let (good, text) = check(&write(
         "typo.toml",
         node_config(
-            procs::free_udp_port(),
+            free_udp_port(),
             "[reconect]\ninitial_backoff_ms = 10\n",
             "pima.csv",
             ca,
@@ -131,7 +80,7 @@ fn node_check_names_each_problem_and_its_fix() {
     assert!(text.contains("docs/samples/node.toml"), "{text}");
 
     // A missing certificate.
-    let missing = node_config(procs::free_udp_port(), "", "pima.csv", ca)
+    let missing = node_config(free_udp_port(), "", "pima.csv", ca)
         .replace("pki/sites/alpha/cert.pem", "pki/sites/alpha/nope.pem");
     let (good, text) = check(&write("nocert.toml", missing));
     assert!(!good);
@@ -147,12 +96,7 @@ fn node_check_names_each_problem_and_its_fix() {
     // A certificate from another consortium's CA.
     let (good, text) = check(&write(
         "wrongca.toml",
-        node_config(
-            procs::free_udp_port(),
-            "",
-            "pima.csv",
-            "other-pki/ca/ca.pem",
-        ),
+        node_config(free_udp_port(), "", "pima.csv", "other-pki/ca/ca.pem"),
     ));
     assert!(!good);
     assert!(
@@ -165,7 +109,7 @@ fn node_check_names_each_problem_and_its_fix() {
     std::fs::create_dir_all(d.join("extract-dir")).unwrap();
     let (good, text) = check(&write(
         "nodata.toml",
-        node_config(procs::free_udp_port(), "", "extract-dir", ca),
+        node_config(free_udp_port(), "", "extract-dir", ca),
     ));
     assert!(!good);
     assert!(
@@ -177,7 +121,7 @@ fn node_check_names_each_problem_and_its_fix() {
     // No aggregator listening.
     let (good, text) = check(&write(
         "noagg.toml",
-        node_config(procs::free_udp_port(), "", "pima.csv", ca),
+        node_config(free_udp_port(), "", "pima.csv", ca),
     ));
     assert!(!good);
     assert!(
@@ -188,7 +132,7 @@ fn node_check_names_each_problem_and_its_fix() {
     assert!(text.contains("send UDP to port"), "{text}");
 
     // With an aggregator that lets the site in, every check passes.
-    let port = procs::free_udp_port();
+    let port = free_udp_port();
     let agg = write(
         "aggregator.toml",
         format!(
@@ -197,14 +141,7 @@ fn node_check_names_each_problem_and_its_fix() {
              [sites]\nallow = [\"alpha\"]\n"
         ),
     );
-    let _agg = Killed(
-        Command::new(MEDFED)
-            .args(["aggregator", "run", "--config", agg.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agg = Processes(vec![spawn_aggregator(d, "aggregator", &agg)]);
     let good_cfg = write("good.toml", node_config(port, "", "pima.csv", ca));
     let deadline = Instant::now() + Duration::from_secs(20);
     let (mut good, mut text) = check(&good_cfg);
@@ -279,15 +216,7 @@ fn node_check_names_each_problem_and_its_fix() {
             && text.contains("medfed node ingest"),
         "{text}"
     );
-    let out = Command::new(MEDFED)
-        .args(["node", "ingest", "--config", ingested.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&["node", "ingest", "--config", ingested.to_str().unwrap()]);
     let (good, text) = check(&ingested);
     assert!(good, "{text}");
     assert!(
@@ -340,13 +269,9 @@ fn node_check_names_each_problem_and_its_fix() {
 fn certificate_problems_are_named_with_the_matching_fix() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    procs::pki(d, &["alpha", "beta"]);
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
-        d.join("pima.csv"),
-    )
-    .unwrap();
-    let port = procs::free_udp_port();
+    pki(d, &["alpha", "beta"]);
+    std::fs::copy(pima_csv(), d.join("pima.csv")).unwrap();
+    let port = free_udp_port();
     let config = |name: &str, text: String| {
         let p = d.join(name);
         std::fs::write(&p, text).unwrap();
@@ -403,8 +328,8 @@ fn certificate_problems_are_named_with_the_matching_fix() {
 fn pipelines_and_extracts_are_checked_and_sampled_without_showing_values() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    procs::pki(d, &["alpha"]);
-    let (header, rows) = procs::pima();
+    pki(d, &["alpha"]);
+    let (header, rows) = pima();
     let write = |name: &str, text: String| {
         let p = d.join(name);
         std::fs::write(&p, text).unwrap();
@@ -441,7 +366,7 @@ fn pipelines_and_extracts_are_checked_and_sampled_without_showing_values() {
         .collect();
     write("ragged.csv", format!("{header}\n{}\n", ragged.join("\n")));
     let ca = "pki/sites/alpha/ca.pem";
-    let port = procs::free_udp_port();
+    let port = free_udp_port();
     let pipeline = |csv: &str, glu: &str| {
         format!(
             "[[ingest]]\nstream = \"extract\"\ncsv = \"{csv}\"\ncolumns = [\"npreg\"]\n\

@@ -6,11 +6,7 @@
 //!
 //! The worker is this test binary itself, re-run with `MEDFED_STORE_WORKER` set.
 
-use std::process::Command;
-use std::time::Duration;
-
 use medfed_infra::store::{self, Backend, Batch};
-use rand::{RngExt, SeedableRng};
 
 const RECORDS: u64 = 200_000;
 
@@ -62,8 +58,14 @@ fn store_crash_worker() {
 fn crash_many_times(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state");
-    let exe = std::env::current_exe().unwrap();
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let spec = format!("{}:{}", backend.name(), path.display());
+    let worker = || {
+        crate::common::worker(
+            "store_crash::store_crash_worker",
+            "MEDFED_STORE_WORKER",
+            &spec,
+        )
+    };
     let check = || {
         let s = store::open(backend, &path).unwrap();
         let (offset, sum, count) = read(&*s);
@@ -76,46 +78,10 @@ fn crash_many_times(backend: Backend) {
         );
         offset
     };
-    let mut offsets = Vec::new();
-    for kill in 0..50 {
-        let mut child = Command::new(&exe)
-            .args([
-                "--exact",
-                "store_crash_worker",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .env(
-                "MEDFED_STORE_WORKER",
-                format!("{}:{}", backend.name(), path.display()),
-            )
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        // The first kills land early, while the store file may still be being created.
-        let delay = if kill < 10 {
-            rng.random_range(1..15)
-        } else {
-            rng.random_range(20..120)
-        };
-        std::thread::sleep(Duration::from_millis(delay));
-        let _ = child.kill(); // SIGKILL
-        let _ = child.wait();
-        offsets.push(check());
-    }
+    let offsets = crate::common::kill_50_times(worker, 7, 20..120, check);
     // Progress was made across the kills, and a final run completes the stream exactly.
     assert!(offsets.last() > offsets.first(), "{offsets:?}");
-    let status = Command::new(&exe)
-        .args(["--exact", "store_crash_worker", "--nocapture"])
-        .env(
-            "MEDFED_STORE_WORKER",
-            format!("{}:{}", backend.name(), path.display()),
-        )
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
+    let status = worker().status().unwrap();
     assert!(status.success());
     assert_eq!(check(), RECORDS);
 }

@@ -1,5 +1,5 @@
 //! The `--help` of every command, pinned: a change to what users read is a deliberate one.
-//! Regenerate with `MEDFED_UPDATE_SNAPSHOTS=1 cargo test --test help`.
+//! Regenerate with `MEDFED_UPDATE_SNAPSHOTS=1 cargo test --test integration help::`.
 
 use std::path::Path;
 use std::process::Command;
@@ -46,7 +46,7 @@ fn help_output_matches_the_snapshots() {
     for cmd in COMMANDS {
         let mut args: Vec<&str> = cmd.to_vec();
         args.push("--help");
-        let out = Command::new(env!("CARGO_BIN_EXE_medfed"))
+        let out = Command::new(crate::common::MEDFED)
             .args(&args)
             .output()
             .unwrap();

@@ -1,6 +1,5 @@
-//! Shared set-up for the integration tests: real PKIs, real configs, a real aggregator on a
-//! loopback QUIC port, and raw clients that can misbehave.
-#![allow(dead_code)]
+//! An aggregator in the test's own process, on a loopback QUIC port, with a real PKI and
+//! config, and raw clients that can misbehave.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -70,6 +69,37 @@ pub fn start_aggregator(config: &Path) -> RunningAggregator {
         aggregator.run(None).await.expect("aggregator runs");
     });
     RunningAggregator { addr, handle, task }
+}
+
+/// A PKI in `dir` for `sites` (as [`make_pki`]) and an aggregator serving them, frames up
+/// to `max_frame` bytes: the aggregator, and each site's files.
+pub fn serve(dir: &Path, sites: &[&str], max_frame: u32) -> (RunningAggregator, Vec<IssuedFiles>) {
+    let (agg_files, site_files) = make_pki(dir, sites);
+    let config = serving_config(dir, &agg_files, sites, max_frame);
+    (start_aggregator(&config), site_files)
+}
+
+/// A QUIC connection to the aggregator at `addr` with `files`' identity, before any hello
+/// (keep the endpoint while the connection is in use).
+pub async fn connect(
+    addr: SocketAddr,
+    files: &IssuedFiles,
+) -> (quinn::Endpoint, quinn::Connection) {
+    let endpoint = client(addr, files);
+    let conn = endpoint.connect(addr, "localhost").unwrap().await.unwrap();
+    (endpoint, conn)
+}
+
+/// The aggregator's answer on `recv`, within 10 s: an error message, for the misbehaving
+/// clients here.
+pub async fn error_answer(recv: &mut quinn::RecvStream) -> Message {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        transport::read_message(recv, medfed_protocol::DEFAULT_MAX_FRAME_BYTES),
+    )
+    .await
+    .expect("an answer in time")
+    .expect("an error message")
 }
 
 /// A raw client endpoint with `files`' identity, trusting `files.ca`.

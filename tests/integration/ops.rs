@@ -2,11 +2,9 @@
 //! aggregator status`), and `/metrics`, which parses as Prometheus text exposition format
 //! and counts the rounds of a study as it runs.
 
-mod procs;
-use procs::{Children, MEDFED, ok};
-
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::common::{Federation, Processes, SERVE_PIMA, ok, pima_study};
 
 const SITES: [&str; 2] = ["site-a", "site-b"];
 
@@ -42,57 +40,18 @@ fn metric(text: &str, name: &str) -> Option<f64> {
 fn the_operations_endpoint_reports_a_running_study() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    procs::pki(d, &SITES);
-    let (header, rows) = procs::pima();
-    for (i, s) in SITES.iter().enumerate() {
-        let part: Vec<String> = rows.iter().skip(i).step_by(2).cloned().collect();
-        std::fs::write(
-            d.join(format!("{s}.csv")),
-            format!("{header}\n{}\n", part.join("\n")),
-        )
-        .unwrap();
-    }
-    let udp = procs::free_udp_port();
-    let ops = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    std::fs::write(
-        d.join("aggregator.toml"),
-        format!(
-            r#"listen = "127.0.0.1:{udp}"
-[ops]
-listen = "{ops}"
-[tls]
-ca = "pki/aggregator/localhost/ca.pem"
-cert = "pki/aggregator/localhost/cert.pem"
-key = "pki/aggregator/localhost/key.pem"
-[sites]
-allow = ["site-a", "site-b"]
-[[study]]
-id = "pima"
-dataset = "pima"
-model = "logistic"
-features = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]
-target = "type"
-positive_class = "Yes"
-rounds = 40
-min_sites = 2
-wait_for_sites_secs = 60
-"#
-        ),
-    )
-    .unwrap();
-    let agg_cfg = d.join("aggregator.toml");
-    let mut procs = Children(vec![
-        Command::new(MEDFED)
-            .args(["aggregator", "run", "--config", agg_cfg.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ]);
+    let fed = Federation::new(d)
+        .sites(&SITES)
+        .node_extra(|_| SERVE_PIMA.to_string())
+        .out_dir(None)
+        .ops()
+        .aggregator(&pima_study(
+            "pima",
+            "rounds = 40\nmin_sites = 2\nwait_for_sites_secs = 60\n",
+        ))
+        .write();
+    let ops = fed.ops.clone().unwrap();
+    let mut procs = Processes(vec![fed.spawn_aggregator()]);
     let deadline = Instant::now() + Duration::from_secs(20);
     let health = loop {
         if let Some(r) = get(&ops, "/healthz") {
@@ -118,22 +77,7 @@ wait_for_sites_secs = 60
     assert_eq!(metric(body(&metrics), "medfed_sites_connected"), Some(0.0));
     assert!(get(&ops, "/nope").unwrap().starts_with("HTTP/1.1 404"));
 
-    for s in SITES {
-        let cfg = d.join(format!("{s}.toml"));
-        std::fs::write(
-            &cfg,
-            procs::node_config(s, udp, &format!("{s}.csv"), procs::SERVE_PIMA),
-        )
-        .unwrap();
-        procs.0.push(
-            Command::new(MEDFED)
-                .args(["node", "run", "--config", cfg.to_str().unwrap()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-    }
+    procs.0.extend(fed.spawn_nodes());
     // While the study runs: rounds are counted, traffic grows, the status table renders.
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen_running = false;

@@ -4,13 +4,10 @@
 //! must equal exactly those of the rows before the stored offset.
 
 use std::io::Write;
-use std::process::Command;
 use std::sync::Arc;
-use std::time::Duration;
 
 use medfed_infra::store::{self, Backend};
 use medfed_node::runtime::{ColumnStats, RunOptions, csv_source, restore, run_partition};
-use rand::{RngExt, SeedableRng};
 
 const ROWS: u64 = 300_000;
 
@@ -64,21 +61,13 @@ fn kill_many_times(backend: Backend) {
     let dir = tempfile::tempdir().unwrap();
     let (state, csv) = (dir.path().join("state"), dir.path().join("in.csv"));
     write_csv(&csv);
-    let exe = std::env::current_exe().unwrap();
     let spec = format!("{}|{}|{}", backend.name(), state.display(), csv.display());
     let worker = || {
-        let mut c = Command::new(&exe);
-        c.args([
-            "--exact",
-            "runtime_crash_worker",
-            "--nocapture",
-            "--test-threads",
-            "1",
-        ])
-        .env("MEDFED_RUNTIME_WORKER", &spec)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null());
-        c
+        crate::common::worker(
+            "runtime_crash::runtime_crash_worker",
+            "MEDFED_RUNTIME_WORKER",
+            &spec,
+        )
     };
     let check = || {
         let s = store::open(backend, &state).unwrap();
@@ -99,21 +88,7 @@ fn kill_many_times(backend: Backend) {
         );
         offset
     };
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
-    let mut offsets = Vec::new();
-    for kill in 0..50 {
-        let mut child = worker().spawn().unwrap();
-        // The first kills land early, while the store may still be being created.
-        let delay = if kill < 10 {
-            rng.random_range(1..15)
-        } else {
-            rng.random_range(10..80)
-        };
-        std::thread::sleep(Duration::from_millis(delay));
-        let _ = child.kill();
-        let _ = child.wait();
-        offsets.push(check());
-    }
+    let offsets = crate::common::kill_50_times(worker, 11, 10..80, check);
     assert!(
         offsets.last() > offsets.first(),
         "no progress across kills: {offsets:?}"

@@ -9,7 +9,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
+use crate::common::MEDFED;
 
 /// Every file and directory under `dir` (not following symbolic links), with its mode.
 fn walk(dir: &Path, out: &mut Vec<(PathBuf, u32)>) {

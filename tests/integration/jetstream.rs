@@ -70,16 +70,8 @@ impl Drop for Server {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_nats(dir: &std::path::Path) -> (Server, String) {
-    let port = free_port();
+    let port = crate::common::free_tcp_port();
     let child = Command::new("nats-server")
         .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string(), "-sd", dir.to_str().unwrap()])
         .stdout(Stdio::null())
@@ -194,24 +186,14 @@ fn two_workers_share_a_stream_and_every_record_counts_once_despite_a_kill() {
             .unwrap();
         }
     });
-    let exe = std::env::current_exe().unwrap();
     let worker = |state: &std::path::Path, parts: &str| {
-        Command::new(&exe)
-            .args([
-                "--exact",
-                "jetstream_worker",
-                "--nocapture",
-                "--test-threads",
-                "1",
-            ])
-            .env(
-                "MEDFED_JS_WORKER",
-                format!("{url}|{}|{parts}", state.display()),
-            )
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+        crate::common::worker(
+            "jetstream::jetstream_worker",
+            "MEDFED_JS_WORKER",
+            &format!("{url}|{}|{parts}", state.display()),
+        )
+        .spawn()
+        .unwrap()
     };
     let (a_state, b_state) = (dir.path().join("worker-a"), dir.path().join("worker-b"));
     // Worker A's first life takes over a second for its 5,000 records: kill it mid-stream,

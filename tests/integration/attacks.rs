@@ -17,15 +17,17 @@
 //! The opt-in exact mode (`exact_releases = ["statistics"]`) is attacked too, where its
 //! own protections (complementary suppression, site-set differencing) must hold.
 
-mod procs;
-
 use std::path::Path;
 use std::time::Duration;
 
 use medfed_protocol::fedstats::{Condition, StatsQuery};
 use medfed_protocol::quant::QuantParams;
-use procs::{Processes, spawn, wait};
 use rand::SeedableRng;
+
+use crate::common::{
+    Processes, RECONNECT_FAST, aggregator_config, approve_exact_queries, free_udp_port,
+    node_config_with, pima, pki, spawn_aggregator, spawn_node, wait,
+};
 
 const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
 
@@ -61,8 +63,8 @@ fn ssn(row: usize) -> String {
 /// The Pima rows (with an `ssn` column) split across the sites, row by row; PKI and node
 /// configs in `d`.
 fn federation(d: &Path) -> Vec<Vec<String>> {
-    procs::pki(d, &SITES);
-    let (header, rows) = procs::pima();
+    pki(d, &SITES);
+    let (header, rows) = pima();
     let rows: Vec<String> = rows
         .iter()
         .enumerate()
@@ -99,11 +101,11 @@ fn run_with_rules(
     rules: &str,
     approve_exact: bool,
 ) -> (bool, String) {
-    let port = procs::free_udp_port();
+    let port = free_udp_port();
     let out = format!("out-{name}");
     std::fs::write(
         d.join(format!("{name}.toml")),
-        procs::aggregator_config(port, Some(&out), sites, statistics),
+        aggregator_config(port, Some(&out), sites, statistics),
     )
     .unwrap();
     let mut procs = Processes(Vec::new());
@@ -113,31 +115,23 @@ fn run_with_rules(
         let node = d.join(format!("{site}-{name}.toml"));
         std::fs::write(
             &node,
-            procs::node_config_with(
+            node_config_with(
                 site,
                 port,
                 &format!("{site}.csv"),
                 dataset,
-                &format!("{RULES}{rules}{}", procs::RECONNECT_FAST),
+                &format!("{RULES}{rules}{RECONNECT_FAST}"),
             ),
         )
         .unwrap();
         nodes.push(node);
     }
     if approve_exact {
-        procs::approve_exact_queries(&cfg, &nodes);
+        approve_exact_queries(&cfg, &nodes);
     }
-    procs.0.push(spawn(
-        d,
-        name,
-        &["aggregator", "run", "--config", cfg.to_str().unwrap()],
-    ));
+    procs.0.push(spawn_aggregator(d, name, &cfg));
     for (site, cfg) in sites.iter().zip(&nodes) {
-        procs.0.push(spawn(
-            d,
-            &format!("{site}-{name}"),
-            &["node", "run", "--config", cfg.to_str().unwrap()],
-        ));
+        procs.0.push(spawn_node(d, &format!("{site}-{name}"), cfg));
     }
     let status = wait(&mut procs.0[0].1, Duration::from_secs(180));
     let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap();
@@ -753,7 +747,7 @@ fn a_spent_budget_answers_nothing_more() {
     }
     // The noise the real nodes added is the noise the statistical judgements assume: the
     // released counts and bins of the k answers (all rows) against the exact ones.
-    let (_, rows) = procs::pima();
+    let (_, rows) = pima();
     let glu: Vec<f64> = rows.iter().map(|r| fields(&format!("{r},x")).0).collect();
     let bmi: Vec<f64> = rows.iter().map(|r| fields(&format!("{r},x")).1).collect();
     let bins = |xs: &[f64], edges: &[f64]| -> Vec<f64> {

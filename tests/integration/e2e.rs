@@ -1,157 +1,42 @@
 //! End to end, across processes: the real `medfed` binary as one aggregator and three
 //! hospital nodes, with a PKI and configs made by the binary's own commands.
 
-mod procs;
-
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
+use crate::common::{
+    Federation, Processes, Rows, all_succeed, log, medfed, model_evaluate, model_export, ok,
+    pima_csv, pima_study, spawn_node, wait,
+};
+
 const SITES: [&str; 3] = ["hospital-a", "hospital-b", "hospital-c"];
 
-/// Child processes that are killed if the test ends before they exit.
-struct Processes(Vec<(String, Child)>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        for (_, child) in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn medfed(args: &[&str]) -> Output {
-    Command::new(MEDFED)
-        .args(args)
-        .output()
-        .expect("run medfed")
-}
-
-fn ok(args: &[&str]) -> String {
-    let out = medfed(args);
-    assert!(
-        out.status.success(),
-        "medfed {args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn spawn(dir: &Path, name: &str, args: &[&str]) -> (String, Child) {
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(MEDFED)
-        .args(args)
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .expect("spawn medfed");
-    (name.to_string(), child)
-}
-
-fn wait(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
-}
-
-/// Splits the Pima rows into three files of consecutive rows.
-fn split_data(dir: &Path) -> Vec<PathBuf> {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
+/// A logistic study "pima" of the Pima rows on at least 3 sites; `more` is appended.
+fn study(rounds: u32, round_timeout_secs: u32, more: &str) -> String {
+    pima_study(
+        "pima",
+        &format!(
+            "rounds = {rounds}\nmin_sites = 3\nwait_for_sites_secs = 60\n\
+             round_timeout_secs = {round_timeout_secs}\n{more}"
+        ),
     )
-    .unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let rows: Vec<&str> = lines.collect();
-    rows.chunks(rows.len().div_ceil(3))
-        .zip(SITES)
-        .map(|(chunk, site)| {
-            let p = dir.join(format!("{site}.csv"));
-            std::fs::write(&p, format!("{header}\n{}\n", chunk.join("\n"))).unwrap();
-            p
-        })
-        .collect()
 }
 
 #[test]
 fn aggregator_and_three_nodes_as_processes_train_and_export_a_model() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let pki = d.join("pki");
-    let pki_s = pki.to_str().unwrap();
-    assert!(ok(&["pki", "init", "--dir", pki_s]).contains("consortium CA created"));
-    ok(&["pki", "issue", "--dir", pki_s, "--aggregator", "localhost"]);
-    for site in SITES {
-        ok(&["pki", "issue", "--dir", pki_s, "--site", site]);
-    }
-    let data = split_data(d);
-    let port = procs::free_udp_port();
-    std::fs::write(
-        d.join("aggregator.toml"),
-        procs::aggregator_config(
-            port,
-            Some("out"),
-            &["hospital-a", "hospital-b", "hospital-c"],
-            r#"[[study]]
-id = "pima"
-dataset = "pima"
-model = "logistic"
-features = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]
-target = "type"
-positive_class = "Yes"
-rounds = 5
-min_sites = 3
-wait_for_sites_secs = 60
-round_timeout_secs = 30
-"#,
-        ),
-    )
-    .unwrap();
-    for (site, csv) in SITES.iter().zip(&data) {
-        std::fs::write(
-            d.join(format!("{site}.toml")),
-            procs::node_config(
-                site,
-                port,
-                csv.to_str().unwrap(),
-                &format!("{}{}", procs::SERVE_PIMA, procs::RECONNECT_FAST),
-            ),
-        )
-        .unwrap();
-    }
+    // Each hospital holds a block of consecutive rows.
+    let fed = Federation::new(d)
+        .sites(&SITES)
+        .rows(Rows::Blocks)
+        .aggregator(&study(5, 30, ""))
+        .write();
 
     // Nodes first: they retry until the aggregator is up.
-    let mut procs = Processes(Vec::new());
-    for site in SITES {
-        let cfg = d.join(format!("{site}.toml"));
-        procs.0.push(spawn(
-            d,
-            site,
-            &["node", "run", "--config", cfg.to_str().unwrap()],
-        ));
-    }
-    let agg_cfg = d.join("aggregator.toml");
-    procs.0.push(spawn(
-        d,
-        "aggregator",
-        &["aggregator", "run", "--config", agg_cfg.to_str().unwrap()],
-    ));
-
-    for (name, child) in &mut procs.0 {
-        let status = wait(child, Duration::from_secs(120));
-        let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap_or_default();
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "{name} did not finish cleanly ({status:?}):\n{log}"
-        );
-    }
+    let mut procs = fed.start();
+    all_succeed(d, &mut procs, Duration::from_secs(120));
     let agg_log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
     assert!(
         agg_log.contains("study 'pima' complete after 5 rounds"),
@@ -173,66 +58,29 @@ round_timeout_secs = 30
     }
     let final_model = models.join("final.json");
     // Any round's model can be exported; a round that does not exist is named.
-    let agg = d.join("aggregator.toml");
+    let agg = &fed.aggregator;
     let exported = d.join("round3.json");
-    let said = ok(&[
-        "aggregator",
-        "model",
-        "export",
-        "--config",
-        agg.to_str().unwrap(),
-        "--study",
+    let said = ok(&model_export(
+        agg,
         "pima",
-        "--round",
-        "3",
-        "--out",
-        exported.to_str().unwrap(),
-    ]);
+        &["--round", "3", "--out", exported.to_str().unwrap()],
+    ));
     assert!(said.contains("study 'pima' round 3 (3 sites"), "{said}");
     assert_eq!(
         std::fs::read(&exported).unwrap(),
         std::fs::read(models.join("round-0003.json")).unwrap()
     );
-    let missing = medfed(&[
-        "aggregator",
-        "model",
-        "export",
-        "--config",
-        agg.to_str().unwrap(),
-        "--study",
-        "pima",
-        "--round",
-        "9",
-    ]);
+    let missing = medfed(&model_export(agg, "pima", &["--round", "9"]));
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("round-0009.json does not exist"));
-    let all = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv");
-    let json = ok(&[
-        "model",
-        "evaluate",
-        "--model",
-        final_model.to_str().unwrap(),
-        "--data",
-        all.to_str().unwrap(),
-        "--target",
-        "type",
-        "--json",
-    ]);
+    let all = pima_csv();
+    let json = ok(&model_evaluate(&final_model, &all, &["--json"]));
     let metrics: serde_json::Value = serde_json::from_str(&json).unwrap();
     assert_eq!(metrics["task"], "classification");
     assert_eq!(metrics["rows"], 200);
     let auc = metrics["roc_auc"].as_f64().unwrap();
     assert!(auc > 0.8, "AUC {auc}");
-    let table = ok(&[
-        "model",
-        "evaluate",
-        "--model",
-        final_model.to_str().unwrap(),
-        "--data",
-        all.to_str().unwrap(),
-        "--target",
-        "type",
-    ]);
+    let table = ok(&model_evaluate(&final_model, &all, &[]));
     assert!(
         table.contains("AUC") && table.contains("sensitivity"),
         "{table}"
@@ -278,97 +126,28 @@ fn demo_runs_and_keeps_its_files() {
 #[cfg(unix)]
 #[test]
 fn a_node_killed_mid_round_does_not_stop_secure_aggregation() {
-    const SITES4: [&str; 4] = ["site-a", "site-b", "site-c", "site-d"];
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let pki_s = d.join("pki");
-    let pki_s = pki_s.to_str().unwrap();
-    ok(&["pki", "init", "--dir", pki_s]);
-    ok(&["pki", "issue", "--dir", pki_s, "--aggregator", "localhost"]);
-    for site in SITES4 {
-        ok(&["pki", "issue", "--dir", pki_s, "--site", site]);
-    }
-    // Larger extracts (each Pima row repeated) so that local training takes a moment and the
-    // kill lands inside a round.
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
-    )
-    .unwrap();
-    let mut lines = text.lines();
-    let header = lines.next().unwrap();
-    let rows: Vec<&str> = lines.collect();
-    for (i, site) in SITES4.iter().enumerate() {
-        let mut out = format!("{header}\n");
-        for _ in 0..100 {
-            for row in rows.iter().skip(i).step_by(4) {
-                out.push_str(row);
-                out.push('\n');
-            }
-        }
-        std::fs::write(d.join(format!("{site}.csv")), out).unwrap();
-    }
-    let port = procs::free_udp_port();
-    std::fs::write(
-        d.join("aggregator.toml"),
-        procs::aggregator_config(
-            port,
-            Some("out"),
-            &["site-a", "site-b", "site-c", "site-d"],
-            r#"[[study]]
-id = "pima"
-dataset = "pima"
-model = "logistic"
-features = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]
-target = "type"
-positive_class = "Yes"
-rounds = 6
-min_sites = 3
-wait_for_sites_secs = 60
-round_timeout_secs = 15
-[study.training]
-local_epochs = 3
-batch_size = 16
-"#,
-        ),
-    )
-    .unwrap();
-    let mut procs = Processes(Vec::new());
-    for site in SITES4 {
-        let cfg = d.join(format!("{site}.toml"));
-        std::fs::write(
-            &cfg,
-            procs::node_config(
-                site,
-                port,
-                &format!("{site}.csv"),
-                &format!("{}{}", procs::SERVE_PIMA, procs::RECONNECT_FAST),
-            ),
-        )
-        .unwrap();
-        procs.0.push(spawn(
-            d,
-            site,
-            &["node", "run", "--config", cfg.to_str().unwrap()],
-        ));
-    }
-    let agg_cfg = d.join("aggregator.toml");
-    procs.0.push(spawn(
-        d,
-        "aggregator",
-        &[
-            "--log-format",
-            "json",
-            "aggregator",
-            "run",
-            "--config",
-            agg_cfg.to_str().unwrap(),
-        ],
-    ));
+    // Larger extracts (each site's rows repeated) so that local training takes a moment and
+    // the kill lands inside a round.
+    let fed = Federation::new(d)
+        .sites(&["site-a", "site-b", "site-c", "site-d"])
+        .copies(|_| 100)
+        .aggregator(&study(
+            6,
+            15,
+            "[study.training]\nlocal_epochs = 3\nbatch_size = 16\n",
+        ))
+        .write();
+    let mut procs = Processes(fed.spawn_nodes());
+    procs
+        .0
+        .push(fed.spawn_aggregator_as("aggregator", &["--log-format", "json"]));
 
     // Wait until round 2's secure aggregation has started, then kill site-d at once.
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let log = std::fs::read_to_string(d.join("aggregator.log")).unwrap_or_default();
+        let log = fed.log("aggregator");
         if log
             .lines()
             .any(|l| l.contains("secure aggregation starts") && l.contains("\"round\":2"))
@@ -384,7 +163,7 @@ batch_size = 16
 
     let (name, agg) = procs.0.last_mut().unwrap();
     let status = wait(agg, Duration::from_secs(180));
-    let log = std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap_or_default();
+    let log = log(d, name);
     // It completes, on fewer sites than allowed: exit status 2, site-d named missing.
     assert!(
         status.is_some_and(|s| s.code() == Some(2)),
@@ -454,12 +233,7 @@ batch_size = 16
         String::from_utf8_lossy(&out.stderr)
     );
     // ...and a restarted node carries on with the same log, recording the recovery.
-    let cfg = d.join("site-d.toml");
-    let (_, mut again) = spawn(
-        d,
-        "site-d-again",
-        &["node", "run", "--config", cfg.to_str().unwrap()],
-    );
+    let (_, mut again) = spawn_node(d, "site-d-again", &fed.node("site-d"));
     // Stop it once it has recorded its start and the recovery.
     let deadline = Instant::now() + Duration::from_secs(60);
     while !std::fs::read_to_string(&log).is_ok_and(|c| {

@@ -8,75 +8,34 @@
 //!   the rounds released (a round that failed before the sites' masked inputs were sent
 //!   costs nothing), and the error says what happened.
 
-mod procs;
-use procs::{Processes, all_succeed, ok, spawn, wait};
-
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use medfed_protocol::dp::ledger::Ledger;
 
+use crate::common::{
+    Federation, Processes, RECONNECT_FAST, SERVE_PIMA, all_succeed, model_export, ok, pima_study,
+    until, wait,
+};
+
 const SITES: [&str; 4] = ["site-a", "site-b", "site-c", "site-d"];
-const FEATURES: &str = r#"features = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]"#;
 const RANGES: &str =
     "feature_ranges = [[0, 17], [0, 200], [0, 122], [0, 99], [0, 67], [0, 2.5], [21, 81]]";
 
 /// Writes the PKI, each site's share of the Pima rows and its config with `budget(site)`,
-/// and the aggregator's config with `studies`.
-fn setup(d: &Path, sites: &[&str], studies: &str, budget: impl Fn(&str) -> String) -> u16 {
-    procs::pki(d, sites);
-    let (header, rows) = procs::pima();
-    for (i, site) in sites.iter().enumerate() {
-        let part: Vec<String> = rows.iter().skip(i).step_by(sites.len()).cloned().collect();
-        std::fs::write(
-            d.join(format!("{site}.csv")),
-            format!("{header}\n{}\n", part.join("\n")),
-        )
-        .unwrap();
-    }
-    let port = procs::free_udp_port();
-    std::fs::write(
-        d.join("aggregator.toml"),
-        procs::aggregator_config(port, Some("out"), sites, studies),
-    )
-    .unwrap();
-    for site in sites {
-        std::fs::write(
-            d.join(format!("{site}.toml")),
-            procs::node_config(
-                site,
-                port,
-                &format!("{site}.csv"),
-                &format!(
-                    "{}{}{}",
-                    procs::SERVE_PIMA,
-                    budget(site),
-                    procs::RECONNECT_FAST
-                ),
-            ),
-        )
-        .unwrap();
-    }
-    port
-}
-
-fn start(d: &Path, sites: &[&str]) -> Processes {
-    let mut procs = Processes(Vec::new());
-    for site in sites {
-        let cfg = d.join(format!("{site}.toml"));
-        procs.0.push(spawn(
-            d,
-            site,
-            &["node", "run", "--config", cfg.to_str().unwrap()],
-        ));
-    }
-    let agg = d.join("aggregator.toml");
-    procs.0.push(spawn(
-        d,
-        "aggregator",
-        &["aggregator", "run", "--config", agg.to_str().unwrap()],
-    ));
-    procs
+/// and the aggregator's config with `studies`; starts the nodes, then the aggregator.
+fn start(
+    d: &Path,
+    sites: &[&str],
+    studies: &str,
+    budget: impl Fn(&str) -> String + 'static,
+) -> Processes {
+    Federation::new(d)
+        .sites(sites)
+        .node_extra(move |site| format!("{SERVE_PIMA}{}{RECONNECT_FAST}", budget(site)))
+        .aggregator(studies)
+        .write()
+        .start()
 }
 
 /// `medfed node status --json` of `site`: its ledger entry for `study` (null if none).
@@ -96,14 +55,6 @@ fn spent(d: &Path, site: &str, study: &str) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
-fn until(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn a_site_refuses_a_study_its_budget_cannot_see_through() {
     let dir = tempfile::tempdir().unwrap();
@@ -116,16 +67,17 @@ fn a_site_refuses_a_study_its_budget_cannot_see_through() {
         l.epsilon(Some("s"), delta)
     };
     let limit = (eps(2) + eps(3)) / 2.0;
-    setup(
+    let mut procs = start(
         d,
         &SITES,
-        &format!(
-            "[[study]]\nid = \"pima-dp\"\ndataset = \"pima\"\nmodel = \"logistic\"\n{FEATURES}\n\
-             target = \"type\"\npositive_class = \"Yes\"\nrounds = 4\nmin_sites = 3\n\
-             wait_for_sites_secs = 60\nround_timeout_secs = 30\n\
-             [study.privacy]\nclip_norm = 1.0\nnoise_multiplier = {z}\n{RANGES}\n"
+        &pima_study(
+            "pima-dp",
+            &format!(
+                "rounds = 4\nmin_sites = 3\nwait_for_sites_secs = 60\nround_timeout_secs = 30\n\
+                 [study.privacy]\nclip_norm = 1.0\nnoise_multiplier = {z}\n{RANGES}\n"
+            ),
         ),
-        |site| {
+        move |site| {
             if site == "site-d" {
                 format!(
                     "[policy.privacy]\nepsilon = {limit}\ntotal_epsilon = {limit}\ndelta = {delta}\n"
@@ -136,7 +88,6 @@ fn a_site_refuses_a_study_its_budget_cannot_see_through() {
             }
         },
     );
-    let mut procs = start(d, &SITES);
     // The study completes without site-d, and says so: exit status 2.
     let status = wait(&mut procs.0[4].1, Duration::from_secs(120));
     let agg_log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
@@ -206,11 +157,13 @@ fn released(d: &Path, study: &str) -> serde_json::Value {
 fn a_study_that_ends_early_exports_its_last_released_model_and_charges_only_what_was_released() {
     const THREE: [&str; 3] = ["site-a", "site-b", "site-c"];
     let study = |id: &str| {
-        format!(
-            "[[study]]\nid = \"{id}\"\ndataset = \"pima\"\nmodel = \"logistic\"\n{FEATURES}\n\
-             target = \"type\"\npositive_class = \"Yes\"\nrounds = 60\nmin_sites = 3\n\
-             round_attempts = 2\nwait_for_sites_secs = 60\nround_timeout_secs = 5\n\
-             [study.privacy]\nclip_norm = 1.0\nnoise_multiplier = 8\n{RANGES}\n"
+        pima_study(
+            id,
+            &format!(
+                "rounds = 60\nmin_sites = 3\nround_attempts = 2\nwait_for_sites_secs = 60\n\
+                 round_timeout_secs = 5\n\
+                 [study.privacy]\nclip_norm = 1.0\nnoise_multiplier = 8\n{RANGES}\n"
+            ),
         )
     };
     let budget = |_: &str| "[policy.privacy]\nepsilon = 50\ntotal_epsilon = 50\n".to_string();
@@ -218,8 +171,7 @@ fn a_study_that_ends_early_exports_its_last_released_model_and_charges_only_what
     // 1. The operator stops the study after its first rounds.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    setup(d, &THREE, &study("stopped"), budget);
-    let mut procs = start(d, &THREE);
+    let mut procs = start(d, &THREE, &study("stopped"), budget);
     until("round 1's model", Duration::from_secs(90), || {
         d.join("out/models/stopped/round-0001.json").is_file()
     });
@@ -260,25 +212,19 @@ fn a_study_that_ends_early_exports_its_last_released_model_and_charges_only_what
         );
     }
     // model export says so too.
-    let said = ok(&[
-        "aggregator",
-        "model",
-        "export",
-        "--config",
-        agg.to_str().unwrap(),
-        "--study",
+    let exported = d.join("exported.json");
+    let said = ok(&model_export(
+        &agg,
         "stopped",
-        "--out",
-        d.join("exported.json").to_str().unwrap(),
-    ]);
+        &["--out", exported.to_str().unwrap()],
+    ));
     assert!(said.contains("stopped early"), "{said}");
 
     // 2. A site goes away mid-study: the rounds fail, the study stops with the reason, and
     // the last released model is exported.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    setup(d, &THREE, &study("lost"), budget);
-    let mut procs = start(d, &THREE);
+    let mut procs = start(d, &THREE, &study("lost"), budget);
     until("round 1's model", Duration::from_secs(90), || {
         d.join("out/models/lost/round-0001.json").is_file()
     });

@@ -5,12 +5,10 @@
 //! Also runs the `federated_statistics` example, whose released values must lie within
 //! their stated error of the exact ones.
 
-mod procs;
-use procs::{Processes, spawn, wait};
-
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
+
+use crate::common::{Federation, example, wait};
 
 const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
 
@@ -21,26 +19,13 @@ const COLUMN: &str =
 fn a_query_one_patient_away_from_an_answered_one_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    procs::pki(d, &SITES);
-    let (header, rows) = procs::pima();
-    for (i, site) in SITES.iter().enumerate() {
-        let part: Vec<String> = rows.iter().skip(i).step_by(3).cloned().collect();
-        std::fs::write(
-            d.join(format!("{site}.csv")),
-            format!("{header}\n{}\n", part.join("\n")),
-        )
-        .unwrap();
-    }
-    let port = procs::free_udp_port();
     // The second cohort leaves out the one patient with glucose 195 (at one site).
-    std::fs::write(
-        d.join("aggregator.toml"),
-        procs::aggregator_config(
-            port,
-            Some("out"),
-            &["site-a", "site-b", "site-c"],
-            &format!(
-                r#"[[statistics]]
+    let fed = Federation::new(d)
+        .sites(&SITES)
+        // These sites opt in to exact statistics: differencing protection is for them.
+        .dataset("exact_releases = [\"statistics\"]\n")
+        .aggregator(&format!(
+            r#"[[statistics]]
 id = "all"
 dataset = "pima"
 exact = true
@@ -54,42 +39,11 @@ cohort = [{{ column = "glu", op = "!=", value = 195 }}]
 min_sites = 3
 timeout_secs = 10
 {COLUMN}"#
-            ),
-        ),
-    )
-    .unwrap();
-    for site in SITES {
-        std::fs::write(
-            d.join(format!("{site}.toml")),
-            // These sites opt in to exact statistics: differencing protection is for them.
-            procs::node_config_with(
-                site,
-                port,
-                &format!("{site}.csv"),
-                "exact_releases = [\"statistics\"]\n",
-                &format!("{}{}", procs::SERVE_PIMA, procs::RECONNECT_FAST),
-            ),
-        )
-        .unwrap();
-    }
-    let agg = d.join("aggregator.toml");
+        ))
+        .write();
     // Exact queries are served only once each site's operator approved each one.
-    let nodes: Vec<PathBuf> = SITES.iter().map(|s| d.join(format!("{s}.toml"))).collect();
-    procs::approve_exact_queries(&agg, &nodes);
-    let mut procs = Processes(Vec::new());
-    procs.0.push(spawn(
-        d,
-        "aggregator",
-        &["aggregator", "run", "--config", agg.to_str().unwrap()],
-    ));
-    for site in SITES {
-        let cfg = d.join(format!("{site}.toml"));
-        procs.0.push(spawn(
-            d,
-            site,
-            &["node", "run", "--config", cfg.to_str().unwrap()],
-        ));
-    }
+    fed.approve_exact_queries();
+    let mut procs = fed.start_aggregator_first();
     let status = wait(&mut procs.0[0].1, Duration::from_secs(120));
     let agg_log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
     assert!(
@@ -129,25 +83,9 @@ timeout_secs = 10
     );
 }
 
-/// The examples' directory beside this test's binary (target/<profile>/examples).
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name)
-}
-
 #[test]
 fn the_statistics_example_releases_values_within_their_stated_error() {
     let path = example("federated_statistics");
-    assert!(
-        path.is_file(),
-        "{} not built: `cargo test --workspace` builds the examples",
-        path.display()
-    );
     let out = Command::new(&path).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -1,26 +1,9 @@
 //! Every example runs green, in a short mode, and writes its plots (labelled SVG files).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-/// The examples' directory beside this test's binary (target/<profile>/examples); `cargo
-/// test --workspace` builds them.
-fn example(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let path = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("examples")
-        .join(name);
-    assert!(
-        path.is_file(),
-        "{} not built: `cargo test --workspace` builds the examples",
-        path.display()
-    );
-    path
-}
+use crate::common::example;
 
 fn run(name: &str, args: &[&str]) -> String {
     let out = Command::new(example(name)).args(args).output().unwrap();

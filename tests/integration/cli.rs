@@ -2,17 +2,10 @@
 //! SIGTERM stops a serving aggregator cleanly; the sample configs in docs/ parse.
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
-
-fn medfed(args: &[&str]) -> Output {
-    Command::new(MEDFED)
-        .args(args)
-        .output()
-        .expect("run medfed")
-}
+use crate::common::{MEDFED, medfed, model_evaluate, pima_csv, pki_at};
 
 fn fails_with(args: &[&str], needles: &[&str]) {
     let out = medfed(args);
@@ -27,19 +20,9 @@ fn fails_with(args: &[&str], needles: &[&str]) {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+/// A PKI in `dir` with the aggregator's certificate and site alpha's.
 fn pki(dir: &Path) {
-    let d = dir.to_str().unwrap();
-    assert!(medfed(&["pki", "init", "--dir", d]).status.success());
-    assert!(
-        medfed(&["pki", "issue", "--dir", d, "--aggregator", "localhost"])
-            .status
-            .success()
-    );
-    assert!(
-        medfed(&["pki", "issue", "--dir", d, "--site", "alpha"])
-            .status
-            .success()
-    );
+    pki_at(dir, &["alpha"]);
 }
 
 const AGG: &str = r#"listen = "127.0.0.1:0"
@@ -169,32 +152,13 @@ fn model_evaluate_reports_bad_files_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model.json");
     std::fs::write(&model, "{\"not\": \"a model\"}").unwrap();
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv");
-    let data = data.to_str().unwrap();
+    let data = pima_csv();
     fails_with(
-        &[
-            "model",
-            "evaluate",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data,
-            "--target",
-            "type",
-        ],
+        &model_evaluate(&model, &data, &[]),
         &["is not a medfed model file"],
     );
     fails_with(
-        &[
-            "model",
-            "evaluate",
-            "--model",
-            "/nonexistent.json",
-            "--data",
-            data,
-            "--target",
-            "type",
-        ],
+        &model_evaluate(Path::new("/nonexistent.json"), &data, &[]),
         &["cannot read model file /nonexistent.json"],
     );
 }
@@ -269,25 +233,9 @@ fn sample_configs_in_docs_parse() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().unwrap();
     // The samples name PKI files relative to themselves: give them real ones.
-    pki(&dir.path().join("pki"));
-    assert!(
-        medfed(&[
-            "pki",
-            "issue",
-            "--dir",
-            dir.path().join("pki").to_str().unwrap(),
-            "--site",
-            "st-marys"
-        ])
-        .status
-        .success()
-    );
+    pki_at(&dir.path().join("pki"), &["alpha", "st-marys"]);
     std::fs::create_dir_all(dir.path().join("data")).unwrap();
-    std::fs::copy(
-        root.join("examples/data/pima_tr.csv"),
-        dir.path().join("data/pima.csv"),
-    )
-    .unwrap();
+    std::fs::copy(pima_csv(), dir.path().join("data/pima.csv")).unwrap();
     for name in ["aggregator.toml", "node.toml"] {
         std::fs::copy(root.join("docs/samples").join(name), dir.path().join(name)).unwrap();
     }
@@ -325,7 +273,7 @@ fn sample_configs_in_docs_parse() {
         assert!(
             reference.contains(text.trim()),
             "docs/configuration.md does not hold docs/samples/{name} as it is \
-             (regenerate with MEDFED_UPDATE_SNAPSHOTS=1 cargo test --test cli)"
+             (regenerate with MEDFED_UPDATE_SNAPSHOTS=1 cargo test --test integration cli::)"
         );
     }
 }

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-mod procs;
+use crate::common::{MEDFED, free_udp_port, pima_csv};
 
 #[test]
 fn the_quickstart_walkthrough_runs_as_written() {
@@ -32,14 +32,10 @@ fn the_quickstart_walkthrough_runs_as_written() {
     assert!(script.contains("medfed node run"), "{script}");
     // The walkthrough's port, unless something on this machine already holds it.
     assert!(script.contains(":4433"), "{script}");
-    let script = script.replace(":4433", &format!(":{}", procs::free_udp_port()));
+    let script = script.replace(":4433", &format!(":{}", free_udp_port()));
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        root.join("examples/data/pima_tr.csv"),
-        dir.path().join("pima.csv"),
-    )
-    .unwrap();
-    let bin = Path::new(env!("CARGO_BIN_EXE_medfed")).parent().unwrap();
+    std::fs::copy(pima_csv(), dir.path().join("pima.csv")).unwrap();
+    let bin = Path::new(MEDFED).parent().unwrap();
     let path = format!(
         "{}:{}",
         bin.display(),

@@ -4,32 +4,13 @@
 use std::path::Path;
 use std::process::Command;
 
-const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
-
-fn ok(args: &[&str]) -> String {
-    let out = Command::new(MEDFED).args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "medfed {args:?}:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use crate::common::{MEDFED, ok, pki};
 
 #[test]
 fn ingest_pipelines_resume_and_report_their_status() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let p = d.join("pki");
-    ok(&["pki", "init", "--dir", p.to_str().unwrap()]);
-    ok(&[
-        "pki",
-        "issue",
-        "--dir",
-        p.to_str().unwrap(),
-        "--site",
-        "alpha",
-    ]);
+    pki(d, &["alpha"]);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data");
     std::fs::create_dir_all(d.join("extracts")).unwrap();
     std::fs::copy(root.join("pima_tr.csv"), d.join("extracts/2025.csv")).unwrap();
@@ -151,16 +132,7 @@ fn quarantined_records_are_listed_without_their_values() {
         "--site",
         "alpha",
     ]);
-    let p = d.join("pki");
-    ok(&["pki", "init", "--dir", p.to_str().unwrap()]);
-    ok(&[
-        "pki",
-        "issue",
-        "--dir",
-        p.to_str().unwrap(),
-        "--site",
-        "alpha",
-    ]);
+    pki(d, &["alpha"]);
     std::fs::write(
         d.join("extract.csv"),
         "mrn,street,birth_date,glu\n\

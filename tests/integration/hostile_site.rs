@@ -2,13 +2,10 @@
 //! cannot make the aggregator buffer a large hello, hold many connections waiting for
 //! their hello, or delay every study by staying silent when one is announced.
 
-mod common;
-mod procs;
-
 use std::time::{Duration, Instant};
 
-use common::*;
-use medfed_infra::transport;
+use crate::common::inproc::*;
+use crate::common::{Federation, Processes, SERVE_PIMA, wait};
 use medfed_protocol::{DEFAULT_MAX_FRAME_BYTES, ErrorCode, Message};
 
 /// A hello of 1 MiB (far below the 64 MiB frame limit) is refused at its header, and the
@@ -16,15 +13,8 @@ use medfed_protocol::{DEFAULT_MAX_FRAME_BYTES, ErrorCode, Message};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_hello_is_refused_at_its_header() {
     let dir = tempfile::tempdir().unwrap();
-    let (agg_files, sites) = make_pki(dir.path(), &["alpha"]);
-    let config = serving_config(dir.path(), &agg_files, &["alpha"], DEFAULT_MAX_FRAME_BYTES);
-    let agg = start_aggregator(&config);
-    let endpoint = client(agg.addr, &sites[0]);
-    let conn = endpoint
-        .connect(agg.addr, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
+    let (agg, sites) = serve(dir.path(), &["alpha"], DEFAULT_MAX_FRAME_BYTES);
+    let (_endpoint, conn) = connect(agg.addr, &sites[0]).await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let body = 1u32 << 20;
     send.write_all(&body.to_be_bytes()).await.unwrap();
@@ -40,13 +30,7 @@ async fn a_large_hello_is_refused_at_its_header() {
         }
         sent
     });
-    let answer = tokio::time::timeout(
-        Duration::from_secs(10),
-        transport::read_message(&mut recv, DEFAULT_MAX_FRAME_BYTES),
-    )
-    .await
-    .expect("an answer in time")
-    .expect("an error message");
+    let answer = error_answer(&mut recv).await;
     match answer {
         Message::Error(e) => {
             assert_eq!(e.code, ErrorCode::FrameTooLarge, "{}", e.reason);
@@ -69,15 +53,8 @@ async fn a_large_hello_is_refused_at_its_header() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_cannot_fill_the_aggregators_buffers_before_its_hello() {
     let dir = tempfile::tempdir().unwrap();
-    let (agg_files, sites) = make_pki(dir.path(), &["alpha"]);
-    let config = serving_config(dir.path(), &agg_files, &["alpha"], DEFAULT_MAX_FRAME_BYTES);
-    let agg = start_aggregator(&config);
-    let endpoint = client(agg.addr, &sites[0]);
-    let conn = endpoint
-        .connect(agg.addr, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
+    let (agg, sites) = serve(dir.path(), &["alpha"], DEFAULT_MAX_FRAME_BYTES);
+    let (_endpoint, conn) = connect(agg.addr, &sites[0]).await;
     // A hello that never completes, and 4 MiB on another stream.
     let (mut hello, _hello_recv) = conn.open_bi().await.unwrap();
     hello.write_all(&[0, 0]).await.unwrap();
@@ -105,28 +82,15 @@ async fn a_site_cannot_fill_the_aggregators_buffers_before_its_hello() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_cannot_hold_many_connections_before_its_hello() {
     let dir = tempfile::tempdir().unwrap();
-    let (agg_files, sites) = make_pki(dir.path(), &["alpha"]);
-    let config = serving_config(dir.path(), &agg_files, &["alpha"], DEFAULT_MAX_FRAME_BYTES);
-    let agg = start_aggregator(&config);
+    let (agg, sites) = serve(dir.path(), &["alpha"], DEFAULT_MAX_FRAME_BYTES);
     let max = medfed_aggregator::MAX_PENDING_PER_SITE;
     let mut held = Vec::new();
     for _ in 0..max {
-        let endpoint = client(agg.addr, &sites[0]);
-        let conn = endpoint
-            .connect(agg.addr, "localhost")
-            .unwrap()
-            .await
-            .unwrap();
-        held.push((endpoint, conn));
+        held.push(connect(agg.addr, &sites[0]).await);
     }
     // Give the aggregator a moment to count them.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let endpoint = client(agg.addr, &sites[0]);
-    let extra = endpoint
-        .connect(agg.addr, "localhost")
-        .unwrap()
-        .await
-        .unwrap();
+    let (_endpoint, extra) = connect(agg.addr, &sites[0]).await;
     let closed = tokio::time::timeout(Duration::from_secs(3), extra.closed())
         .await
         .expect("the extra connection is refused at once, not after the hello timeout");
@@ -146,16 +110,11 @@ async fn a_site_cannot_hold_many_connections_before_its_hello() {
 fn silent_sites_delay_a_study_by_the_decision_timeout_once() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let all = ["site-a", "site-b", "silent-1", "silent-2"];
-    procs::pki(d, &all);
-    let (header, rows) = procs::pima();
-    let port = procs::free_udp_port();
-    std::fs::write(
-        d.join("aggregator.toml"),
-        procs::aggregator_config(
-            port,
-            Some("out"),
-            &all,
+    let fed = Federation::new(d)
+        .sites(&["site-a", "site-b"])
+        .played_sites(&["silent-1", "silent-2"])
+        .node_extra(|_| SERVE_PIMA.to_string())
+        .aggregator(
             r#"[[study]]
 id = "pima"
 dataset = "pima"
@@ -169,23 +128,10 @@ wait_for_sites_secs = 60
 round_timeout_secs = 60
 decision_timeout_secs = 2
 "#,
-        ),
-    )
-    .unwrap();
-    let mut procs = procs::Processes(Vec::new());
-    for (i, site) in ["site-a", "site-b"].iter().enumerate() {
-        let part: Vec<String> = rows.iter().skip(i).step_by(2).cloned().collect();
-        std::fs::write(
-            d.join(format!("{site}.csv")),
-            format!("{header}\n{}\n", part.join("\n")),
         )
-        .unwrap();
-        std::fs::write(
-            d.join(format!("{site}.toml")),
-            procs::node_config(site, port, &format!("{site}.csv"), procs::SERVE_PIMA),
-        )
-        .unwrap();
-    }
+        .write();
+    let port = fed.port;
+    let mut procs = Processes::default();
     // The silent sites connect and say hello, then never answer anything.
     let rt = tokio::runtime::Runtime::new().unwrap();
     let silent: Vec<quinn::Connection> = ["silent-1", "silent-2"]
@@ -204,13 +150,8 @@ decision_timeout_secs = 2
         .map(|(s, files)| {
             let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
             // The aggregator may not listen yet: retry for a while.
-            let agg_cfg = d.join("aggregator.toml");
             if s == "silent-1" {
-                procs.0.push(procs::spawn(
-                    d,
-                    "aggregator",
-                    &["aggregator", "run", "--config", agg_cfg.to_str().unwrap()],
-                ));
+                procs.0.push(fed.spawn_aggregator());
             }
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
@@ -225,15 +166,8 @@ decision_timeout_secs = 2
         })
         .collect();
     let started = Instant::now();
-    for site in ["site-a", "site-b"] {
-        let cfg = d.join(format!("{site}.toml"));
-        procs.0.push(procs::spawn(
-            d,
-            site,
-            &["node", "run", "--config", cfg.to_str().unwrap()],
-        ));
-    }
-    let status = procs::wait(&mut procs.0[0].1, Duration::from_secs(110));
+    procs.0.extend(fed.spawn_nodes());
+    let status = wait(&mut procs.0[0].1, Duration::from_secs(110));
     let log = std::fs::read_to_string(d.join("aggregator.log")).unwrap();
     // Completed without the two silent sites, and says so (exit status 2).
     assert_eq!(status.and_then(|s| s.code()), Some(2), "{log}");

@@ -5,101 +5,41 @@
 //! seeds. (Plain FedAvg, so that the comparison is exact: secure aggregation's stochastic
 //! rounding would differ between any two runs by about 2^-24.)
 
-mod procs;
-use procs::{Children, MEDFED};
-
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use rand::{RngExt, SeedableRng};
 
-const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
+use crate::common::{
+    ALLOW_PLAIN, Federation, Processes, SERVE_PIMA, pima_study, spawn_aggregator, wait,
+};
 
-/// A federation's files in `d`: PKI, data, configs. Returns the aggregator's config.
-fn setup(d: &Path) -> PathBuf {
-    procs::pki(d, &SITES);
-    let (header, rows) = procs::pima();
-    let port = procs::free_udp_port();
-    for (i, s) in SITES.iter().enumerate() {
-        let mut out = format!("{header}\n");
-        for _ in 0..60 {
-            for row in rows.iter().skip(i).step_by(3) {
-                out.push_str(row);
-                out.push('\n');
-            }
-        }
-        std::fs::write(d.join(format!("{s}.csv")), out).unwrap();
-        std::fs::write(
-            d.join(format!("{s}.toml")),
+/// A federation's files in `d`: PKI, data, configs. Returns the aggregator's config, and
+/// starts the nodes.
+fn setup(d: &Path) -> (PathBuf, Processes) {
+    let fed = Federation::new(d)
+        .sites(&["site-a", "site-b", "site-c"])
+        .copies(|_| 60)
+        .node_extra(|_| {
             format!(
-                "site = \"{s}\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n\
-                 [tls]\nca = \"pki/sites/{s}/ca.pem\"\ncert = \"pki/sites/{s}/cert.pem\"\nkey = \"pki/sites/{s}/key.pem\"\n\
-                 [audit]\nlog = \"{s}-audit.log\"\nkey = \"{s}-audit.key\"\n[state]\ndir = \"{s}-state\"\n\
-                 [policy.rules]\ndatasets = [\"pima\"]\ncolumns = [\"npreg\", \"glu\", \"bp\", \"skin\", \"bmi\", \"ped\", \"age\", \"type\"]\nallow_without_secure_aggregation = true\n\
-                 [[dataset]]\nname = \"pima\"\npath = \"{s}.csv\"\nexact_releases = [\"training\"]\n\
-                 [reconnect]\ninitial_backoff_ms = 50\nmax_backoff_ms = 300\nkeep_alive_ms = 100\nidle_timeout_ms = 400\n"
-            ),
-        )
-        .unwrap();
-    }
-    let agg = d.join("aggregator.toml");
-    std::fs::write(
-        &agg,
-        procs::aggregator_config(
-            port,
-            None,
-            &["site-a", "site-b", "site-c"],
-            r#"[[study]]
-id = "pima"
-dataset = "pima"
-model = "logistic"
-features = ["npreg", "glu", "bp", "skin", "bmi", "ped", "age"]
-target = "type"
-positive_class = "Yes"
-rounds = 10
-min_sites = 3
-wait_for_sites_secs = 60
-round_timeout_secs = 30
-[study.training]
-local_epochs = 60
-batch_size = 8
-seed = 11
-[study.secure_aggregation]
-enabled = false
-"#,
-        ),
-    )
-    .unwrap();
-    agg
-}
-
-fn start_nodes(d: &Path) -> Children {
-    Children(
-        SITES
-            .iter()
-            .map(|s| {
-                let cfg = d.join(format!("{s}.toml"));
-                let log = std::fs::File::create(d.join(format!("{s}.log"))).unwrap();
-                Command::new(MEDFED)
-                    .args(["node", "run", "--config", cfg.to_str().unwrap()])
-                    .stdout(Stdio::from(log.try_clone().unwrap()))
-                    .stderr(Stdio::from(log))
-                    .spawn()
-                    .unwrap()
-            })
-            .collect(),
-    )
+                "{SERVE_PIMA}{ALLOW_PLAIN}[reconnect]\ninitial_backoff_ms = 50\nmax_backoff_ms = 300\n\
+                 keep_alive_ms = 100\nidle_timeout_ms = 400\n"
+            )
+        })
+        .out_dir(None)
+        .aggregator(&pima_study(
+            "pima",
+            "rounds = 10\nmin_sites = 3\nwait_for_sites_secs = 60\nround_timeout_secs = 30\n\
+             [study.training]\nlocal_epochs = 60\nbatch_size = 8\nseed = 11\n\
+             [study.secure_aggregation]\nenabled = false\n",
+        ))
+        .write();
+    (fed.aggregator.clone(), Processes(fed.spawn_nodes()))
 }
 
 fn start_aggregator(d: &Path, cfg: &Path, life: usize) -> Child {
-    let log = std::fs::File::create(d.join(format!("aggregator-{life}.log"))).unwrap();
-    Command::new(MEDFED)
-        .args(["aggregator", "run", "--config", cfg.to_str().unwrap()])
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log))
-        .spawn()
-        .unwrap()
+    spawn_aggregator(d, &format!("aggregator-{life}"), cfg).1
 }
 
 fn final_weights(d: &Path) -> Vec<f64> {
@@ -113,26 +53,14 @@ fn final_weights(d: &Path) -> Vec<f64> {
         .collect()
 }
 
-fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if let Some(s) = child.try_wait().unwrap() {
-            return Some(s);
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    None
-}
-
 #[test]
 fn a_study_survives_twenty_kills_and_ends_with_the_same_model() {
     // The uninterrupted run.
     let clean = tempfile::tempdir().unwrap();
-    let cfg = setup(clean.path());
-    let _nodes = start_nodes(clean.path());
+    let (cfg, _nodes) = setup(clean.path());
     let started = Instant::now();
     let mut agg = start_aggregator(clean.path(), &cfg, 0);
-    let status = wait_exit(&mut agg, Duration::from_secs(180));
+    let status = wait(&mut agg, Duration::from_secs(180));
     // The kill windows scale with how long a whole study takes on this machine.
     let whole = started.elapsed().as_millis() as u64;
     assert!(status.is_some_and(|s| s.success()), "the clean run failed");
@@ -141,8 +69,7 @@ fn a_study_survives_twenty_kills_and_ends_with_the_same_model() {
     // The same study, killed again and again.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let cfg = setup(d);
-    let _nodes = start_nodes(d);
+    let (cfg, _nodes) = setup(d);
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2026);
     let mut kills = 0;
     let mut life = 0;
@@ -167,7 +94,7 @@ fn a_study_survives_twenty_kills_and_ends_with_the_same_model() {
             }
             Duration::from_millis(rng.random_range(50..600))
         };
-        match wait_exit(&mut agg, within) {
+        match wait(&mut agg, within) {
             Some(status) => break status,
             None => {
                 agg.kill().unwrap(); // SIGKILL

@@ -3,42 +3,31 @@
 //! site at the handshake, and lets it in again once it has a new certificate. A node with
 //! the CRL refuses a revoked aggregator certificate the same way.
 
-mod procs;
-use procs::{Processes, free_udp_port, medfed, ok, spawn};
-
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::common::{
+    Processes, RECONNECT_FAST, aggregator_config, free_udp_port, medfed, node_config, ok, pima_csv,
+    pki, spawn_aggregator, spawn_node, until_logged, wait,
+};
+
 /// `medfed node check` on `config`: (success, stdout + stderr).
 fn check(config: &Path) -> (bool, String) {
-    let out = medfed(&[
-        "node",
-        "check",
-        "--config",
-        config.to_str().unwrap(),
-        "--timeout",
-        "5",
-    ]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!text.contains("panicked"), "{text}");
-    (out.status.success(), text)
+    crate::common::node_check(config, 5)
+}
+
+/// An aggregator config that checks the sites' certificates against the consortium's CRL.
+fn with_aggregator_crl(config: &str) -> String {
+    config.replace("[sites]", "crl = \"pki/ca/crl.pem\"\n[sites]")
 }
 
 #[test]
 fn a_revoked_certificate_is_refused_at_the_handshake() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let pki = procs::pki(d, &["alpha", "beta"]);
+    let pki = pki(d, &["alpha", "beta"]);
     let p = pki.to_str().unwrap();
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
-        d.join("pima.csv"),
-    )
-    .unwrap();
+    std::fs::copy(pima_csv(), d.join("pima.csv")).unwrap();
 
     let out = ok(&["pki", "revoke", "--dir", p, "--site", "beta"]);
     assert!(
@@ -59,15 +48,11 @@ fn a_revoked_certificate_is_refused_at_the_handshake() {
     let port = free_udp_port();
     std::fs::write(
         d.join("aggregator.toml"),
-        format!(
-            "listen = \"127.0.0.1:{port}\"\n[tls]\nca = \"pki/aggregator/localhost/ca.pem\"\n\
-             cert = \"pki/aggregator/localhost/cert.pem\"\nkey = \"pki/aggregator/localhost/key.pem\"\n\
-             crl = \"pki/ca/crl.pem\"\n[sites]\nallow = [\"alpha\", \"beta\"]\n"
-        ),
+        with_aggregator_crl(&aggregator_config(port, None, &["alpha", "beta"], "")),
     )
     .unwrap();
     let with_crl = |site: &str| {
-        procs::node_config(site, port, "pima.csv", "").replace(
+        node_config(site, port, "pima.csv", "").replace(
             &format!("key = \"pki/sites/{site}/key.pem\"\n"),
             &format!("key = \"pki/sites/{site}/key.pem\"\ncrl = \"pki/ca/crl.pem\"\n"),
         )
@@ -76,27 +61,21 @@ fn a_revoked_certificate_is_refused_at_the_handshake() {
     std::fs::write(d.join("alpha.toml"), with_crl("alpha")).unwrap();
     std::fs::write(
         d.join("beta.toml"),
-        procs::node_config("beta", port, "pima.csv", ""),
+        node_config("beta", port, "pima.csv", ""),
     )
     .unwrap();
     std::fs::write(d.join("beta-crl.toml"), with_crl("beta")).unwrap();
-    let _procs = Processes(vec![spawn(
+    let _procs = Processes(vec![spawn_aggregator(
         d,
         "aggregator",
-        &[
-            "aggregator",
-            "run",
-            "--config",
-            d.join("aggregator.toml").to_str().unwrap(),
-        ],
+        &d.join("aggregator.toml"),
     )]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(d.join("aggregator.log"))
-        .is_ok_and(|l| l.contains("aggregator listening"))
-    {
-        assert!(Instant::now() < deadline, "the aggregator did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    until_logged(
+        d,
+        "aggregator",
+        "aggregator listening",
+        Duration::from_secs(60),
+    );
 
     // Alpha is let in; beta's revoked certificate is refused.
     let (good, text) = check(&d.join("alpha.toml"));
@@ -197,7 +176,7 @@ fn a_revoked_certificate_is_refused_at_the_handshake() {
 fn a_node_with_an_unusable_certificate_stops_with_the_fix() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let pki = procs::pki(d, &["alpha", "beta"]);
+    let pki = pki(d, &["alpha", "beta"]);
     let p = pki.to_str().unwrap();
     let issued = ok(&["pki", "issue", "--dir", p, "--site", "gamma", "--days", "0"]);
     assert!(
@@ -205,63 +184,51 @@ fn a_node_with_an_unusable_certificate_stops_with_the_fix() {
         "{issued}"
     );
     ok(&["pki", "revoke", "--dir", p, "--site", "beta"]);
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
-        d.join("pima.csv"),
-    )
-    .unwrap();
+    std::fs::copy(pima_csv(), d.join("pima.csv")).unwrap();
     let port = free_udp_port();
     std::fs::write(
         d.join("aggregator.toml"),
-        procs::aggregator_config(port, None, &["alpha", "beta", "gamma"], "")
-            .replace("[sites]", "crl = \"pki/ca/crl.pem\"\n[sites]"),
+        with_aggregator_crl(&aggregator_config(
+            port,
+            None,
+            &["alpha", "beta", "gamma"],
+            "",
+        )),
     )
     .unwrap();
     for site in ["alpha", "beta", "gamma"] {
         std::fs::write(
             d.join(format!("{site}.toml")),
-            procs::node_config(site, port, "pima.csv", procs::RECONNECT_FAST),
+            node_config(site, port, "pima.csv", RECONNECT_FAST),
         )
         .unwrap();
     }
     std::fs::write(
         d.join("wrong-name.toml"),
-        procs::node_config("alpha", port, "pima.csv", procs::RECONNECT_FAST).replace(
+        node_config("alpha", port, "pima.csv", RECONNECT_FAST).replace(
             "server_name = \"localhost\"",
             "server_name = \"aggregator.example\"",
         ),
     )
     .unwrap();
-    let mut procs = Processes(vec![spawn(
+    let mut procs = Processes(vec![spawn_aggregator(
         d,
         "aggregator",
-        &[
-            "aggregator",
-            "run",
-            "--config",
-            d.join("aggregator.toml").to_str().unwrap(),
-        ],
+        &d.join("aggregator.toml"),
     )]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !std::fs::read_to_string(d.join("aggregator.log"))
-        .is_ok_and(|l| l.contains("aggregator listening"))
-    {
-        assert!(Instant::now() < deadline, "the aggregator did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let run = |name: &str, config: &str| {
-        spawn(
-            d,
-            name,
-            &["node", "run", "--config", d.join(config).to_str().unwrap()],
-        )
-    };
+    until_logged(
+        d,
+        "aggregator",
+        "aggregator listening",
+        Duration::from_secs(60),
+    );
+    let run = |name: &str, config: &str| spawn_node(d, name, &d.join(config));
     let log = |name: &str| std::fs::read_to_string(d.join(format!("{name}.log"))).unwrap();
 
     // Revoked: the aggregator refuses it at the handshake; the node stops with the fix.
     // In `procs`, so that a node that does not stop is killed when the test fails.
     procs.0.push(run("beta-node", "beta.toml"));
-    let status = procs::wait(&mut procs.0[1].1, Duration::from_secs(15));
+    let status = wait(&mut procs.0[1].1, Duration::from_secs(15));
     let text = log("beta-node");
     assert_eq!(status.and_then(|s| s.code()), Some(78), "{text}");
     assert!(
@@ -287,7 +254,7 @@ fn a_node_with_an_unusable_certificate_stops_with_the_fix() {
     // Expired (valid for 0 days): the node says since when, as a date, and stops.
     std::thread::sleep(Duration::from_millis(1100));
     procs.0.push(run("gamma-node", "gamma.toml"));
-    let status = procs::wait(&mut procs.0[2].1, Duration::from_secs(15));
+    let status = wait(&mut procs.0[2].1, Duration::from_secs(15));
     let text = log("gamma-node");
     assert_eq!(status.and_then(|s| s.code()), Some(78), "{text}");
     assert!(

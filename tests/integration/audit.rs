@@ -2,29 +2,11 @@
 //! key, tampering is caught at the right line, and the FHIR export has AuditEvent's required
 //! elements.
 
-mod procs;
-
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
+use std::time::Duration;
 
-const MEDFED: &str = env!("CARGO_BIN_EXE_medfed");
-
-fn medfed(args: &[&str]) -> Output {
-    Command::new(MEDFED)
-        .args(args)
-        .output()
-        .expect("run medfed")
-}
-
-fn stdout(args: &[&str]) -> String {
-    let out = medfed(args);
-    assert!(
-        out.status.success(),
-        "medfed {args:?}:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use crate::common::{MEDFED, free_udp_port, medfed, ok as stdout, pima_csv, pki};
 
 fn demo(dir: &Path) {
     stdout(&["demo", "--out", dir.to_str().unwrap(), "--rounds", "3"]);
@@ -161,16 +143,13 @@ fn the_fhir_export_has_the_required_audit_event_elements() {
     assert!(exports > 0, "no Export events");
 }
 
+/// Waits up to `secs` for `child` to exit; kills it if it does not.
 fn wait(child: &mut std::process::Child, secs: u64) -> Option<std::process::ExitStatus> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-    while std::time::Instant::now() < deadline {
-        if let Some(s) = child.try_wait().unwrap() {
-            return Some(s);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+    let status = crate::common::wait(child, Duration::from_secs(secs));
+    if status.is_none() {
+        let _ = child.kill();
     }
-    let _ = child.kill();
-    None
+    status
 }
 
 /// A site serves only studies its operator approved: an unapproved one is refused with a
@@ -182,17 +161,9 @@ fn an_unapproved_study_is_refused_and_logged_on_both_sides_until_approved() {
     use std::process::Stdio;
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let pki = d.join("pki");
-    let p = pki.to_str().unwrap();
-    stdout(&["pki", "init", "--dir", p]);
-    stdout(&["pki", "issue", "--dir", p, "--aggregator", "localhost"]);
-    stdout(&["pki", "issue", "--dir", p, "--site", "alpha"]);
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_tr.csv"),
-        d.join("pima.csv"),
-    )
-    .unwrap();
-    let port = procs::free_udp_port();
+    pki(d, &["alpha"]);
+    std::fs::copy(pima_csv(), d.join("pima.csv")).unwrap();
+    let port = free_udp_port();
     std::fs::write(
         d.join("aggregator.toml"),
         format!(

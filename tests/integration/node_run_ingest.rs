@@ -3,10 +3,12 @@
 //! study that started while the pipeline was still reading trained on part of the extract
 //! (or without the site), and finished with exit status 0.
 
-mod procs;
-use procs::{Processes, all_succeed, spawn};
-
 use std::time::Duration;
+
+use crate::common::{
+    Processes, RECONNECT_FAST, SERVE_PIMA, aggregator_config, all_succeed, free_udp_port, pima,
+    pima_study, pki, spawn_aggregator, spawn_node,
+};
 
 const SITES: [&str; 2] = ["site-a", "site-b"];
 /// Rows per site: enough that reading them takes longer than a study takes to start.
@@ -16,9 +18,9 @@ const ROWS: usize = 40_000;
 fn a_node_serves_an_ingested_dataset_once_its_pipeline_caught_up() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    procs::pki(d, &SITES);
-    let (header, rows) = procs::pima();
-    let port = procs::free_udp_port();
+    pki(d, &SITES);
+    let (header, rows) = pima();
+    let port = free_udp_port();
     for site in SITES {
         let extract: Vec<&str> = rows.iter().cycle().take(ROWS).map(String::as_str).collect();
         std::fs::write(
@@ -36,44 +38,37 @@ fn a_node_serves_an_ingested_dataset_once_its_pipeline_caught_up() {
                 "site = \"{site}\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n\
                  [tls]\nca = \"pki/sites/{site}/ca.pem\"\ncert = \"pki/sites/{site}/cert.pem\"\nkey = \"pki/sites/{site}/key.pem\"\n\
                  [audit]\nlog = \"{site}-audit.log\"\nkey = \"{site}-audit.key\"\n[state]\ndir = \"{site}-state\"\n\
-                 {}{}\
+                 {SERVE_PIMA}{RECONNECT_FAST}\
                  [[dataset]]\nname = \"pima\"\ningest = \"extract\"\nexact_releases = [\"training\"]\n\
                  [[ingest]]\nstream = \"extract\"\ncsv = \"{site}.csv\"\ncolumns = [\"glu\"]\ncommit_every = 1000\n{fields}\
-                 [[ingest.field]]\nname = \"type\"\ncategories = [\"Yes\", \"No\"]\n",
-                procs::SERVE_PIMA,
-                procs::RECONNECT_FAST,
+                 [[ingest.field]]\nname = \"type\"\ncategories = [\"Yes\", \"No\"]\n"
             ),
         )
         .unwrap();
     }
     std::fs::write(
         d.join("aggregator.toml"),
-        procs::aggregator_config(
+        aggregator_config(
             port,
             Some("out"),
             &SITES,
-            "[[study]]\nid = \"pima\"\ndataset = \"pima\"\nmodel = \"logistic\"\n\
-             features = [\"npreg\", \"glu\", \"bp\", \"skin\", \"bmi\", \"ped\", \"age\"]\n\
-             target = \"type\"\npositive_class = \"Yes\"\nrounds = 1\nmin_sites = 2\n\
-             wait_for_sites_secs = 120\nround_timeout_secs = 60\n",
+            &pima_study(
+                "pima",
+                "rounds = 1\nmin_sites = 2\nwait_for_sites_secs = 120\nround_timeout_secs = 60\n",
+            ),
         ),
     )
     .unwrap();
     // Everything at once, as an operator starting the services would.
-    let mut procs = Processes(Vec::new());
-    let agg = d.join("aggregator.toml");
-    procs.0.push(spawn(
+    let mut procs = Processes(vec![spawn_aggregator(
         d,
         "aggregator",
-        &["aggregator", "run", "--config", agg.to_str().unwrap()],
-    ));
+        &d.join("aggregator.toml"),
+    )]);
     for site in SITES {
-        let cfg = d.join(format!("{site}.toml"));
-        procs.0.push(spawn(
-            d,
-            site,
-            &["node", "run", "--config", cfg.to_str().unwrap()],
-        ));
+        procs
+            .0
+            .push(spawn_node(d, site, &d.join(format!("{site}.toml"))));
     }
     all_succeed(d, &mut procs, Duration::from_secs(240));
     // The model is of every row of both extracts (less the validation rows).

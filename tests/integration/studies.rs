@@ -1,99 +1,33 @@
 //! Studies added to, listed on and stopped at a running aggregator, as processes:
 //! `medfed aggregator study create | list | show | stop`.
 
-mod procs;
-use procs::{Children, MEDFED, ok};
-
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use crate::common::{
+    Federation, RECONNECT_FAST, SERVE_PIMA, model_export, ok, pima_study_keys, run, until,
+};
 
 const SITES: [&str; 2] = ["site-a", "site-b"];
 
-fn run(args: &[&str]) -> (bool, String) {
-    let out = Command::new(MEDFED).args(args).output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-fn until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 fn spec(id: &str, rounds: u32) -> String {
-    format!(
-        "id = \"{id}\"\ndataset = \"pima\"\nmodel = \"logistic\"\n\
-         features = [\"npreg\", \"glu\", \"bp\", \"skin\", \"bmi\", \"ped\", \"age\"]\n\
-         target = \"type\"\npositive_class = \"Yes\"\nrounds = {rounds}\nmin_sites = 2\n"
-    )
+    format!("{}rounds = {rounds}\nmin_sites = 2\n", pima_study_keys(id))
 }
 
 #[test]
 fn studies_are_created_listed_and_stopped_while_the_aggregator_runs() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let pki = d.join("pki");
-    let p = pki.to_str().unwrap();
-    ok(&["pki", "init", "--dir", p]);
-    ok(&["pki", "issue", "--dir", p, "--aggregator", "localhost"]);
-    let (header, rows) = procs::pima();
-    let udp = procs::free_udp_port();
-    let ops = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    let agg = d.join("aggregator.toml");
-    std::fs::write(
-        &agg,
-        format!(
-            "listen = \"127.0.0.1:{udp}\"\n[ops]\nlisten = \"{ops}\"\n[studies]\nkeep_serving = true\n\
-             [tls]\nca = \"pki/aggregator/localhost/ca.pem\"\ncert = \"pki/aggregator/localhost/cert.pem\"\n\
-             key = \"pki/aggregator/localhost/key.pem\"\n[sites]\nallow = [\"site-a\", \"site-b\"]\n"
-        ),
-    )
-    .unwrap();
-    let a = agg.to_str().unwrap();
-    let mut procs = Children(vec![
-        Command::new(MEDFED)
-            .args(["aggregator", "run", "--config", a])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    ]);
-    for (i, s) in SITES.iter().enumerate() {
-        ok(&["pki", "issue", "--dir", p, "--site", s]);
-        let part: Vec<String> = rows.iter().skip(i).step_by(2).cloned().collect();
-        std::fs::write(
-            d.join(format!("{s}.csv")),
-            format!("{header}\n{}\n", part.join("\n")),
-        )
-        .unwrap();
-        let cfg = d.join(format!("{s}.toml"));
-        std::fs::write(
-            &cfg,
-            procs::node_config(s, udp, &format!("{s}.csv"), procs::SERVE_PIMA),
-        )
-        .unwrap();
-        procs.0.push(
-            Command::new(MEDFED)
-                .args(["node", "run", "--config", cfg.to_str().unwrap()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-    }
+    let fed = Federation::new(d)
+        .sites(&SITES)
+        .node_extra(|_| SERVE_PIMA.to_string())
+        .out_dir(None)
+        .ops()
+        .aggregator("[studies]\nkeep_serving = true\n")
+        .write();
+    let ops = fed.ops.clone().unwrap();
+    let a = fed.aggregator.to_str().unwrap();
+    let mut procs = fed.start_aggregator_first();
 
     // A short study, added while the aggregator runs, runs to the end.
     std::fs::write(d.join("short.toml"), spec("short", 3)).unwrap();
@@ -177,7 +111,7 @@ fn studies_are_created_listed_and_stopped_while_the_aggregator_runs() {
     // The aggregator keeps serving, and stops cleanly on SIGTERM.
     let status = ok(&["aggregator", "status", "--address", &ops]);
     assert!(status.contains("site-a, site-b"), "{status}");
-    let pid = procs.0[0].id().to_string();
+    let pid = procs.0[0].1.id().to_string();
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid])
@@ -187,7 +121,7 @@ fn studies_are_created_listed_and_stopped_while_the_aggregator_runs() {
     );
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(s) = procs.0[0].try_wait().unwrap() {
+        if let Some(s) = procs.0[0].1.try_wait().unwrap() {
             assert!(s.success(), "{s:?}");
             break;
         }
@@ -203,67 +137,24 @@ fn studies_are_created_listed_and_stopped_while_the_aggregator_runs() {
 fn a_serving_aggregator_outlives_failures_and_takes_up_approvals() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    procs::pki(d, &SITES);
-    let (header, rows) = procs::pima();
-    let udp = procs::free_udp_port();
-    let ops = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    let agg = d.join("aggregator.toml");
     // A statistics study no site serves (they approve nothing yet).
-    std::fs::write(
-        &agg,
-        procs::aggregator_config(
-            udp,
-            None,
-            &SITES,
-            &format!(
-                "[ops]\nlisten = \"{ops}\"\n[studies]\nkeep_serving = true\nretry_failed_secs = 1\n\
-                 [[statistics]]\nid = \"glucose\"\ndataset = \"pima\"\nmin_sites = 2\ntimeout_secs = 10\n\
-                 wait_for_sites_secs = 30\n\
-                 [[statistics.column]]\nname = \"glu\"\nlow = 40\nhigh = 200\nedges = [40, 120, 200]\n"
-            ),
-        ),
-    )
-    .unwrap();
-    let a = agg.to_str().unwrap();
-    let log = std::fs::File::create(d.join("aggregator.log")).unwrap();
-    let mut procs = Children(vec![
-        Command::new(MEDFED)
-            .args(["aggregator", "run", "--config", a])
-            .stdout(Stdio::from(log.try_clone().unwrap()))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap(),
-    ]);
-    let mut node_cfgs = Vec::new();
-    for (i, s) in SITES.iter().enumerate() {
-        let part: Vec<String> = rows.iter().skip(i).step_by(2).cloned().collect();
-        std::fs::write(
-            d.join(format!("{s}.csv")),
-            format!("{header}\n{}\n", part.join("\n")),
-        )
-        .unwrap();
-        let cfg = d.join(format!("{s}.toml"));
+    let fed = Federation::new(d)
+        .sites(&SITES)
         // No rules: each study is served once its hash is approved.
-        std::fs::write(
-            &cfg,
-            procs::node_config(s, udp, &format!("{s}.csv"), procs::RECONNECT_FAST),
+        .node_extra(|_| RECONNECT_FAST.to_string())
+        .out_dir(None)
+        .ops()
+        .aggregator(
+            "[studies]\nkeep_serving = true\nretry_failed_secs = 1\n\
+             [[statistics]]\nid = \"glucose\"\ndataset = \"pima\"\nmin_sites = 2\ntimeout_secs = 10\n\
+             wait_for_sites_secs = 30\n\
+             [[statistics.column]]\nname = \"glu\"\nlow = 40\nhigh = 200\nedges = [40, 120, 200]\n",
         )
-        .unwrap();
-        procs.0.push(
-            Command::new(MEDFED)
-                .args(["node", "run", "--config", cfg.to_str().unwrap()])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap(),
-        );
-        node_cfgs.push(cfg);
-    }
-    let agg_log = || std::fs::read_to_string(d.join("aggregator.log")).unwrap_or_default();
+        .write();
+    let a = fed.aggregator.to_str().unwrap();
+    let mut procs = fed.start_aggregator_first();
+    let node_cfgs = fed.nodes();
+    let agg_log = || fed.log("aggregator");
     let wait = |what: &str, within: Duration, cond: &dyn Fn() -> bool| {
         let deadline = Instant::now() + within;
         while !cond() {
@@ -286,7 +177,7 @@ fn a_serving_aggregator_outlives_failures_and_takes_up_approvals() {
     );
     std::thread::sleep(Duration::from_millis(500));
     assert!(
-        procs.0[0].try_wait().unwrap().is_none(),
+        procs.0[0].1.try_wait().unwrap().is_none(),
         "the aggregator must keep serving after a failed statistics study:\n{}",
         agg_log()
     );
@@ -356,17 +247,11 @@ fn a_serving_aggregator_outlives_failures_and_takes_up_approvals() {
     );
     // Its model is exported like a configured study's.
     let out = d.join("later.json");
-    let said = ok(&[
-        "aggregator",
-        "model",
-        "export",
-        "--config",
-        a,
-        "--study",
+    let said = ok(&model_export(
+        &fed.aggregator,
         "later",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        &["--out", out.to_str().unwrap()],
+    ));
     assert!(said.contains("study 'later' round 2"), "{said}");
     assert!(out.is_file());
 }

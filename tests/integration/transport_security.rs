@@ -1,11 +1,9 @@
 //! Attacks on the aggregator over real QUIC with real certificates. Each one must be refused
 //! with a clear reason while the aggregator keeps serving the well-behaved site.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::inproc::*;
 use medfed_infra::transport::{self, TransportError};
 use medfed_protocol::codec::encode_frame_with_version;
 use medfed_protocol::messages::ErrorMessage;
