@@ -11,9 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use medfed::local::Comparison;
 use medfed_aggregator::AggregatorEvent;
-use medfed_aggregator::config::AggregatorConfig;
 use medfed_infra::pki;
-use medfed_node::config::NodeConfig;
 use medfed_protocol::metrics::Metrics;
 
 use crate::report::{RoundTable, metrics_table, num};
@@ -412,20 +410,6 @@ async fn federate(
     node_configs: &[PathBuf],
     rounds: u32,
 ) -> anyhow::Result<(PathBuf, Vec<(u32, f64, f64)>)> {
-    let config = AggregatorConfig::load(agg_config)?;
-    let aggregator = medfed_aggregator::Aggregator::bind(config)?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut nodes = tokio::task::JoinSet::new();
-    for path in node_configs {
-        let node = medfed_node::Node::new(NodeConfig::load(path)?)?;
-        let mut stop = stop_rx.clone();
-        nodes.spawn(node.run(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }));
-    }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let agg = tokio::spawn(aggregator.run(Some(tx)));
-
     let bar = indicatif::ProgressBar::new(u64::from(rounds));
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -439,8 +423,8 @@ async fn federate(
     // (round, train loss, federated validation AUC) for the training curve.
     let mut curve = Vec::new();
     let mut connected = 0;
-    while let Some(event) = rx.recv().await {
-        match &event {
+    let outcomes = medfed::local::federate(agg_config, node_configs, |event| {
+        match event {
             AggregatorEvent::SiteConnected { .. } => {
                 connected += 1;
                 bar.set_message(format!("{connected}/3 hospitals connected"));
@@ -456,21 +440,13 @@ async fn federate(
             }
             _ => {}
         }
-        if let Some(line) = table.line_for(&event) {
+        if let Some(line) = table.line_for(event) {
             bar.suspend(|| println!("{line}"));
         }
-    }
+    })
+    .await;
     bar.finish_and_clear();
-    let outcomes = agg.await.context("the aggregator task failed")??;
-    let _ = stop_tx.send(true);
-    while let Some(joined) = tokio::time::timeout(Duration::from_secs(10), nodes.join_next())
-        .await
-        .ok()
-        .flatten()
-    {
-        joined.context("a node task failed")??;
-    }
-    let outcome = outcomes
+    let outcome = outcomes?
         .into_iter()
         .next()
         .context("the aggregator ran no study")?;

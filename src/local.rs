@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use medfed_aggregator::AggregatorEvent;
 use medfed_aggregator::config::AggregatorConfig;
+use medfed_aggregator::{AggregatorEvent, StudyOutcome};
 use medfed_infra::pki;
 use medfed_node::config::NodeConfig;
 use medfed_node::data::{StudyData, Table, split_rows};
@@ -167,11 +167,19 @@ pub fn run(dir: &Path, hospitals: &[Hospital], study: &Study) -> anyhow::Result<
         node_paths.push(p);
     }
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(federate(&agg_path, &node_paths))
+    rt.block_on(run_printing_rounds(&agg_path, &node_paths))
 }
 
-async fn federate(agg: &Path, nodes: &[PathBuf]) -> anyhow::Result<Run> {
-    let aggregator = medfed_aggregator::Aggregator::bind(AggregatorConfig::load(agg)?)?;
+/// Runs the aggregator of config `aggregator` and one node per config in `nodes`, in this
+/// process (QUIC with mutual TLS over loopback, as processes would), handing `on_event`
+/// each of the aggregator's events, until the aggregator has finished its studies; then
+/// stops the nodes. What the studies came to.
+pub async fn federate(
+    aggregator: &Path,
+    nodes: &[PathBuf],
+    mut on_event: impl FnMut(&AggregatorEvent),
+) -> anyhow::Result<Vec<StudyOutcome>> {
+    let aggregator = medfed_aggregator::Aggregator::bind(AggregatorConfig::load(aggregator)?)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     for path in nodes {
@@ -183,13 +191,28 @@ async fn federate(agg: &Path, nodes: &[PathBuf]) -> anyhow::Result<Run> {
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let agg_task = tokio::spawn(aggregator.run(Some(tx)));
+    while let Some(event) = rx.recv().await {
+        on_event(&event);
+    }
+    let outcomes = agg_task.await.context("the aggregator task failed")??;
+    let _ = stop_tx.send(true);
+    while let Ok(Some(joined)) =
+        tokio::time::timeout(Duration::from_secs(10), tasks.join_next()).await
+    {
+        joined.context("a node task failed")??;
+    }
+    Ok(outcomes)
+}
+
+/// [`federate`], printing a line per round; the run of its (first) study.
+async fn run_printing_rounds(agg: &Path, nodes: &[PathBuf]) -> anyhow::Result<Run> {
     let mut rounds = Vec::new();
     println!(
         "{:>5}  {:>5}  {:>10}  {:>12}",
         "round", "sites", "train loss", "validation"
     );
-    while let Some(event) = rx.recv().await {
-        if let AggregatorEvent::RoundCompleted(s) = &event {
+    let outcomes = federate(agg, nodes, |event| {
+        if let AggregatorEvent::RoundCompleted(s) = event {
             // The validation figures of round r arrive with round r + 1; show what is known.
             let v = match &s.validation {
                 Some(Metrics::Classification(m)) => m.roc_auc,
@@ -209,14 +232,8 @@ async fn federate(agg: &Path, nodes: &[PathBuf]) -> anyhow::Result<Run> {
             );
             rounds.push((s.round, s.train_loss, v));
         }
-    }
-    let outcomes = agg_task.await.context("the aggregator task failed")??;
-    let _ = stop_tx.send(true);
-    while let Ok(Some(joined)) =
-        tokio::time::timeout(Duration::from_secs(10), tasks.join_next()).await
-    {
-        joined.context("a node task failed")??;
-    }
+    })
+    .await?;
     let outcome = outcomes
         .into_iter()
         .next()
