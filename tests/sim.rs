@@ -22,7 +22,10 @@
 //! `MEDFED_SIM_SEEDS=N` runs N seeds (default 1,000); `MEDFED_SIM_SEED=S` runs seed S alone
 //! and prints its trace. A failure names its seed and that command.
 
-mod procs;
+// The integration tests' helpers, for the Pima rows and node config tables.
+#[path = "integration/common/mod.rs"]
+#[allow(unused_imports)]
+mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -136,7 +139,7 @@ fn world() -> &'static World {
                     .unwrap();
             certificates.insert(site.to_string(), cert[0].to_vec());
         }
-        let (header, rows) = procs::pima();
+        let (header, rows) = common::pima();
         for (i, site) in SITES.iter().enumerate() {
             let mut csv = format!("{header}\n");
             for row in rows.iter().skip(i).step_by(SITES.len()) {
@@ -208,11 +211,11 @@ fn node_config(dir: &Path, site: &str, mode: Mode) -> PathBuf {
     let pki = w.join("pki/sites").join(site);
     // The plain mode's studies send updates in the clear: the sites' rules allow it.
     let serve = if mode.secure() {
-        procs::SERVE_PIMA.to_string()
+        common::SERVE_PIMA.to_string()
     } else {
         format!(
             "{}allow_without_secure_aggregation = true\n",
-            procs::SERVE_PIMA
+            common::SERVE_PIMA
         )
     };
     let dataset = if mode == Mode::SecureDp {

@@ -14,6 +14,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use medfed_protocol::audit::{self, Event, GENESIS, Record, merkle};
+use medfed_protocol::hex;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
 /// Records between two signed tree heads.
@@ -116,7 +117,7 @@ pub fn load_or_create_key(path: &Path) -> Result<Ed25519KeyPair, AuditLogError> 
     };
     let key = Ed25519KeyPair::from_pkcs8(&pkcs8)
         .map_err(|e| key_err(format!("not an Ed25519 PKCS#8 key ({e})")))?;
-    let public = audit::hex(key.public_key().as_ref());
+    let public = hex::encode(key.public_key().as_ref());
     // Owner-only like everything else the party keeps; auditors get a copy from the party.
     crate::files::write_atomic(&public_key_path(path), format!("{public}\n").as_bytes())
         .map_err(|e| key_err(e.to_string()))?;
@@ -255,8 +256,8 @@ impl AuditLog {
             prev: std::mem::take(&mut inner.prev),
             event: Event::TreeHead {
                 size,
-                root: audit::hex(&root),
-                signature: audit::hex(signature.as_ref()),
+                root: hex::encode(&root),
+                signature: hex::encode(signature.as_ref()),
             },
         };
         let line = serde_json::to_string(&record).map_err(std::io::Error::other)?;
@@ -454,10 +455,7 @@ mod tests {
     fn read(path: &Path, key: &Path) -> Result<audit::Verified, audit::AuditError> {
         let text = std::fs::read_to_string(path).unwrap();
         let public = std::fs::read_to_string(public_key_path(key)).unwrap();
-        let public: Vec<u8> = (0..64)
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&public[i..i + 2], 16).unwrap())
-            .collect();
+        let public = hex::decode(public.trim()).unwrap();
         audit::verify(&text.lines().collect::<Vec<_>>(), &public)
     }
 

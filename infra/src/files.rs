@@ -15,7 +15,8 @@ pub const PRIVATE_DIR_MODE: u32 = 0o700;
 const GROUP_OTHER: u32 = 0o077;
 
 /// Writes `contents` to `path` through a temporary file in the same directory, synced and
-/// renamed into place. The file is readable by its owner only (mode 0600 on Unix) from the
+/// renamed into place, and the directory synced (on Unix) so that the rename itself
+/// survives a crash. The file is readable by its owner only (mode 0600 on Unix) from the
 /// moment it is created; missing parent directories are created mode 0700.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let parent = path
@@ -33,7 +34,10 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         .open(&tmp)?;
     f.write_all(contents)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    #[cfg(unix)]
+    std::fs::File::open(parent)?.sync_all()?;
+    Ok(())
 }
 
 /// [`write_atomic`], for a secret: the same owner-only file, named for what it holds.

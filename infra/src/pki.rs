@@ -166,11 +166,7 @@ fn pem_serial(path: &Path, pem: &[u8]) -> Result<String, PkiError> {
     let cert = parsed
         .parse_x509()
         .map_err(|e| unreadable(format!("not an X.509 certificate: {e}")))?;
-    Ok(cert
-        .raw_serial()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(medfed_protocol::hex::encode(cert.raw_serial()))
 }
 
 impl Role {
@@ -556,11 +552,8 @@ pub fn revoke(
         .revoked
         .iter()
         .map(|r| {
-            let bytes = (0..r.serial.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(r.serial.get(i..i + 2).unwrap_or("zz"), 16))
-                .collect::<Result<Vec<u8>, _>>()
-                .map_err(|_| unreadable(&list_path, format!("bad serial {:?}", r.serial)))?;
+            let bytes = medfed_protocol::hex::decode(&r.serial)
+                .ok_or_else(|| unreadable(&list_path, format!("bad serial {:?}", r.serial)))?;
             Ok(rcgen::RevokedCertParams {
                 serial_number: rcgen::SerialNumber::from_slice(&bytes),
                 revocation_time: OffsetDateTime::from_unix_timestamp(r.revoked_at)

@@ -469,7 +469,7 @@ impl FrameInfo {
         ctx.update(payload);
         FrameInfo {
             bytes: (header.len() + payload.len()) as u64,
-            sha256: medfed_protocol::audit::hex(ctx.finish().as_ref()),
+            sha256: medfed_protocol::hex::encode(ctx.finish().as_ref()),
         }
     }
 }

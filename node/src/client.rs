@@ -252,9 +252,8 @@ impl Node {
         }
         let audit = Arc::new(audit);
         let roots = config.tls.trust()?;
-        let ledger =
-            crate::privacy::LedgerFile::open(crate::privacy::ledger_path(&config.state.dir))
-                .map_err(NodeError::Privacy)?;
+        let ledger = crate::privacy::open_ledger(crate::privacy::ledger_path(&config.state.dir))
+            .map_err(NodeError::Privacy)?;
         let revealed = crate::secure::RevealedRounds::open(crate::secure::RevealedRounds::path(
             &config.state.dir,
         ))

@@ -91,7 +91,7 @@ impl PrivacyPolicy {
 /// At δ = 10⁻⁶, ε 5 allows one statistics query at the default noise (ε 3.4) or a DP-SGD
 /// study like the quickstart's (ε 3.6); 10 in all bounds what every release together tells
 /// of a patient (an attacker using all of it tells a patient's presence apart at most
-/// about 80% of the time: see tests/attacks.rs).
+/// about 80% of the time: see tests/integration/attacks.rs).
 fn default_study_epsilon() -> f64 {
     5.0
 }

@@ -4,8 +4,8 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
+use medfed_infra::json_state::{Contents, JsonFile};
 use medfed_protocol::fedstats::{LeftOut, StatsQuery};
 use medfed_protocol::messages::{StatisticsQuery, StatisticsReport, query_binding};
 use medfed_protocol::{ErrorCode, Message};
@@ -42,10 +42,15 @@ pub struct AnsweredCohort {
 /// The cohorts of the exact statistics released so far, kept in the state directory
 /// (written through). Queries with differential privacy are not remembered: their noise
 /// protects them, and their budget bounds how often they can be asked.
-pub struct CohortMemory {
-    path: PathBuf,
-    answered: Mutex<Vec<AnsweredCohort>>,
-}
+pub struct CohortMemory(JsonFile<Vec<AnsweredCohort>>);
+
+/// What the file of answered cohorts holds, for its errors.
+const COHORTS: Contents = Contents {
+    label: "",
+    a: "a list of answered cohorts",
+    the: "the answered cohorts",
+    pretty: false,
+};
 
 impl CohortMemory {
     /// Where the memory is kept in the state directory `state_dir`.
@@ -55,16 +60,9 @@ impl CohortMemory {
 
     /// Opens the memory kept at `path` (none yet is an empty memory).
     pub fn open(path: PathBuf) -> Result<CohortMemory, String> {
-        let answered = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| format!("{}: not a list of answered cohorts: {e}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-        };
-        Ok(CohortMemory {
-            path,
-            answered: Mutex::new(answered),
-        })
+        JsonFile::open(path, COHORTS)
+            .map(CohortMemory)
+            .map_err(|e| e.to_string())
     }
 
     /// Records `cohort` unless answering it exactly would reveal patients through an earlier
@@ -77,7 +75,7 @@ impl CohortMemory {
     ///
     /// The same cohort with the same sites again is allowed.
     pub fn admit(&self, cohort: AnsweredCohort, min_difference: u64) -> Result<(), String> {
-        let mut answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        let mut answered = self.0.lock();
         let mine: BTreeSet<u32> = cohort.rows.iter().copied().collect();
         for earlier in answered.iter().filter(|a| a.dataset == cohort.dataset) {
             if !earlier.source.is_empty() && earlier.source != cohort.source {
@@ -105,11 +103,10 @@ impl CohortMemory {
             }
         }
         answered.push(cohort);
-        let bytes = serde_json::to_vec(&*answered)
-            .map_err(|e| format!("the answered cohorts cannot be encoded: {e}"))?;
-        medfed_infra::files::write_atomic(&self.path, &bytes).map_err(|e| {
+        self.0.save(&answered).map_err(|e| {
+            // Not on disk: not answered, and not remembered either.
             answered.pop();
-            format!("cannot write {}: {e}", self.path.display())
+            e.to_string()
         })
     }
 }

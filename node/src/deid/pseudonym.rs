@@ -9,33 +9,10 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use medfed_protocol::hex;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
-
-fn push_hex(out: &mut String, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(HEX[usize::from(b >> 4)] as char);
-        out.push(HEX[usize::from(b & 15)] as char);
-    }
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    push_hex(&mut s, bytes);
-    s
-}
-
-fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
-}
 
 /// The keystore file, as written.
 #[derive(Serialize, Deserialize)]
@@ -180,11 +157,9 @@ impl Keystore {
             toml::from_str(&text).map_err(|e| invalid(format!("not a keystore: {e}")))?;
         let mut raw = Vec::new();
         for k in &file.keys {
-            let bytes = from_hex(&k.key)
-                .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                .ok_or_else(|| {
-                    invalid(format!("key version {} is not 32 bytes of hex", k.version))
-                })?;
+            let bytes = hex::decode_array::<32>(&k.key).ok_or_else(|| {
+                invalid(format!("key version {} is not 32 bytes of hex", k.version))
+            })?;
             if raw.iter().any(|(v, _)| *v == k.version) {
                 return Err(invalid(format!("key version {} appears twice", k.version)));
             }
@@ -219,7 +194,7 @@ impl Keystore {
                 .iter()
                 .map(|(version, k)| StoredKey {
                     version: *version,
-                    key: to_hex(k),
+                    key: hex::encode(k),
                 })
                 .collect(),
         };
@@ -304,7 +279,7 @@ impl Pseudonymizer {
         let tag = self.tag(PSEUDONYM_DOMAIN, identifier);
         let mut out = String::with_capacity(self.prefix.len() + 32);
         out.push_str(&self.prefix);
-        push_hex(&mut out, &tag.as_ref()[..16]);
+        hex::encode_into(&mut out, &tag.as_ref()[..16]);
         out
     }
 
@@ -380,7 +355,7 @@ mod tests {
         let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &key), &msg);
         assert_eq!(
             p.pseudonym("12345"),
-            format!("p3-{}", to_hex(&tag.as_ref()[..16]))
+            format!("p3-{}", hex::encode(&tag.as_ref()[..16]))
         );
     }
 

@@ -203,10 +203,6 @@ pub fn verify_consistency(m: usize, n: usize, proof: &[Hash], old: &Hash, new: &
 mod tests {
     use super::*;
 
-    fn hex(h: &Hash) -> String {
-        h.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
     /// The leaves and roots of the RFC 6962 test vectors used by the Certificate
     /// Transparency implementations (certificate-transparency-go, merkle_tree_test.go).
     fn vectors() -> (Vec<Hash>, [&'static str; 8]) {
@@ -240,11 +236,16 @@ mod tests {
     fn roots_match_the_rfc_6962_vectors() {
         let (leaves, roots) = vectors();
         assert_eq!(
-            hex(&root(&[])),
+            crate::hex::encode(&root(&[])),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
         for (n, want) in roots.iter().enumerate() {
-            assert_eq!(hex(&root(&leaves[..=n])), *want, "tree of {} leaves", n + 1);
+            assert_eq!(
+                crate::hex::encode(&root(&leaves[..=n])),
+                *want,
+                "tree of {} leaves",
+                n + 1
+            );
         }
     }
 

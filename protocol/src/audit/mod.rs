@@ -11,6 +11,8 @@ pub mod merkle;
 use ring::signature::{ED25519, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
+use crate::hex;
+
 /// Hex of the "previous hash" of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -162,15 +164,10 @@ pub struct MessageEntry {
     pub sha256: String,
 }
 
-/// Lower-case hex of `bytes`, two digits a byte.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// SHA-256 of `bytes`, in lower-case hex (64 digits): the digest every record and release
 /// uses.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 /// The bytes a party signs for a tree head: its name, the tree's size and root, and the
@@ -216,7 +213,7 @@ impl Verified {
             .records
             .iter()
             .filter_map(|r| match &r.event {
-                Event::TreeHead { size, root, .. } => Some((*size, unhex32(root))),
+                Event::TreeHead { size, root, .. } => Some((*size, hex::decode_array::<32>(root))),
                 _ => None,
             })
             .collect();
@@ -241,14 +238,6 @@ impl Verified {
     pub fn unsigned_tail(&self) -> usize {
         self.records.len() - self.signed
     }
-}
-
-fn unhex32(s: &str) -> Option<[u8; 32]> {
-    let v: Option<Vec<u8>> = (0..s.len())
-        .step_by(2)
-        .map(|i| s.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok()))
-        .collect();
-    v?.try_into().ok()
 }
 
 /// Checks a whole log: record syntax, sequence numbers, the hash chain, and every tree head
@@ -304,20 +293,12 @@ pub fn verify(lines: &[&str], public_key: &[u8]) -> Result<Verified, AuditError>
                     )));
                 }
                 let computed = tree.root();
-                if unhex32(root) != Some(computed) {
+                if hex::decode_array::<32>(root) != Some(computed) {
                     return Err(bad(
                         "the signed tree root does not match the records before it".into(),
                     ));
                 }
-                let sig: Option<Vec<u8>> = (0..signature.len())
-                    .step_by(2)
-                    .map(|j| {
-                        signature
-                            .get(j..j + 2)
-                            .and_then(|b| u8::from_str_radix(b, 16).ok())
-                    })
-                    .collect();
-                let ok = sig.is_some_and(|sig| {
+                let ok = hex::decode(signature).is_some_and(|sig| {
                     key.verify(
                         &tree_head_message(name, *size, &computed, record.time_ms),
                         &sig,
@@ -370,8 +351,8 @@ mod tests {
                     let sig = key.sign(&tree_head_message("st-marys", size, &root, 1_000 + size));
                     Event::TreeHead {
                         size,
-                        root: hex(&root),
-                        signature: hex(sig.as_ref()),
+                        root: hex::encode(&root),
+                        signature: hex::encode(sig.as_ref()),
                     }
                 }
                 e => e,

@@ -256,12 +256,7 @@ mod tests {
     #[test]
     fn x25519_matches_rfc_7748() {
         // RFC 7748 section 6.1.
-        let hex = |s: &str| -> [u8; 32] {
-            let v: Vec<u8> = (0..32)
-                .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
-                .collect();
-            v.try_into().unwrap()
-        };
+        let hex = |s: &str| -> [u8; 32] { crate::hex::decode_array(s).unwrap() };
         let alice = KeyPair::from_secret(hex(
             "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a",
         ));
