@@ -97,6 +97,39 @@ impl DataError {
     }
 }
 
+/// A reader that notes the byte offset of every '\n' it reads through.
+struct Newlines<R> {
+    inner: R,
+    read: u64,
+    at: Vec<u64>,
+}
+
+impl<R> Newlines<R> {
+    fn new(inner: R) -> Newlines<R> {
+        Newlines {
+            inner,
+            read: 0,
+            at: Vec::new(),
+        }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for Newlines<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let base = self.read;
+        self.at.extend(
+            buf[..n]
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| **b == b'\n')
+                .map(|(i, _)| base + i as u64),
+        );
+        self.read += n as u64;
+        Ok(n)
+    }
+}
+
 /// A CSV table held in memory: header and raw string records.
 #[derive(Debug, Clone)]
 pub struct Table {
@@ -127,17 +160,27 @@ impl Table {
         };
         let mut r = csv::ReaderBuilder::new()
             .trim(csv::Trim::All)
-            .from_reader(reader);
+            .from_reader(Newlines::new(reader));
         let columns = r
             .headers()
             .map_err(csv_err)?
             .iter()
             .map(str::to_string)
             .collect();
-        let rows = r
+        let mut rows = r
             .records()
             .collect::<Result<Vec<_>, _>>()
             .map_err(csv_err)?;
+        // The csv crate counts a record after a "\r\n" as starting on the line before (its
+        // position is that of the '\n'): number the lines from where each '\n' is instead,
+        // so that an error names the right line of a file with Windows line endings.
+        let newlines = r.into_inner().at;
+        for rec in &mut rows {
+            if let Some(mut p) = rec.position().cloned() {
+                p.set_line(1 + newlines.partition_point(|&o| o <= p.byte()) as u64);
+                rec.set_position(Some(p));
+            }
+        }
         Ok(Table {
             path: path.to_path_buf(),
             columns,
@@ -556,6 +599,28 @@ mod tests {
             Table::from_reader(Path::new("x.csv"), "a,b\n1,2,3\n".as_bytes()),
             Err(DataError::Csv { .. })
         ));
+    }
+
+    /// Found by the csv_reader fuzz target: with Windows line endings ("\r\n", as
+    /// spreadsheets export) every error named the line before the bad one (the first data
+    /// row was "line 1", the header's).
+    #[test]
+    fn bad_values_are_named_by_their_line_whatever_the_line_endings() {
+        for (text, line) in [
+            ("a,b,y\n1,2,Yes\n3,NA,No\n", 3),
+            ("a,b,y\r\n1,2,Yes\r\n3,NA,No\r\n", 3),
+            ("a,b,y\r\n1,NA,Yes\r\n3,4,No\r\n", 2),
+            ("a,b,y\n1,\"x\ny\",Yes\n3,4,No\n", 2),
+            ("a,b,y\r\n1,\"2\r\n\",Yes\r\n3,x,No\r\n", 4),
+            ("a,b,y\r\n\r\n1,2,Yes\n\n3,x,No", 5),
+        ] {
+            let t = table(text);
+            let err = StudyData::prepare(&t, &study()).unwrap_err();
+            assert!(
+                matches!(err, DataError::BadValue { line: l, .. } if l == line),
+                "{text:?}: {err}"
+            );
+        }
     }
 
     /// Under differential privacy a bad value leaves its row out; only the schema fails.

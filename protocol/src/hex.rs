@@ -30,6 +30,15 @@ pub fn decode(text: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
+/// As [`decode`], but only lowercase digits, as [`encode`] writes them: for text whose
+/// exact spelling is signed or compared (a compliance log's tree heads).
+pub fn decode_lowercase(text: &str) -> Option<Vec<u8>> {
+    if text.bytes().any(|c| c.is_ascii_uppercase()) {
+        return None;
+    }
+    decode(text)
+}
+
 /// [`decode`] of exactly `N` bytes.
 pub fn decode_array<const N: usize>(text: &str) -> Option<[u8; N]> {
     decode(text)?.try_into().ok()

@@ -96,32 +96,57 @@ struct Resource {
     value_quantity: Option<Quantity>,
 }
 
-fn lines(path: &Path) -> Result<Vec<(usize, Resource)>, FhirError> {
-    let file = match std::fs::File::open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(source) => {
-            return Err(FhirError::Io {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
-    };
-    let mut out = Vec::new();
-    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(|source| FhirError::Io {
+/// The export file of Patient resources the connector reads, in its directory.
+pub const PATIENTS: &str = "Patient.ndjson";
+/// The export file of Observation resources.
+pub const OBSERVATIONS: &str = "Observation.ndjson";
+/// The export file of Condition resources.
+pub const CONDITIONS: &str = "Condition.ndjson";
+
+/// Opens one export file; a missing one has no resources.
+fn open(path: &Path) -> Result<Option<std::io::BufReader<std::fs::File>>, FhirError> {
+    match std::fs::File::open(path) {
+        Ok(f) => Ok(Some(std::io::BufReader::new(f))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(FhirError::Io {
             path: path.to_path_buf(),
             source,
-        })?;
+        }),
+    }
+}
+
+/// The resources of one NDJSON file (`path` names it in errors), each with its line
+/// number; blank lines are skipped. A line that is not UTF-8 text or not a resource is an
+/// error naming the file and the line.
+fn lines(path: &Path, reader: Option<impl BufRead>) -> Result<Vec<(usize, Resource)>, FhirError> {
+    let Some(mut reader) = reader else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    for i in 1.. {
+        buf.clear();
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|source| FhirError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        if n == 0 {
+            break;
+        }
+        let bad = |why: String| FhirError::Bad {
+            path: path.to_path_buf(),
+            line: i,
+            why,
+        };
+        let line = std::str::from_utf8(&buf).map_err(|_| bad("not UTF-8 text".into()))?;
         if line.trim().is_empty() {
             continue;
         }
-        let r: Resource = serde_json::from_str(&line).map_err(|e| FhirError::Bad {
-            path: path.to_path_buf(),
-            line: i + 1,
-            why: format!("not a FHIR resource: {e}"),
-        })?;
-        out.push((i + 1, r));
+        let r: Resource =
+            serde_json::from_str(line).map_err(|e| bad(format!("not a FHIR resource: {e}")))?;
+        out.push((i, r));
     }
     Ok(out)
 }
@@ -152,17 +177,19 @@ pub fn header(mapping: &FhirMapping) -> Vec<String> {
         .collect()
 }
 
-/// Joins the export in `dir` into records and streams those from patient `from` on. A
-/// feature a patient has no observation for is left empty (the task decides: quarantine or
-/// impute).
-pub fn read(
+/// Joins an export into records: one per line of the patients' file, in its order, as the
+/// CSV row of the mapping's columns (a feature a patient has no observation for is left
+/// empty: the task decides, quarantine or impute). `dir` names the files in errors; each
+/// reader is that file's content (none: the file is missing). Conditions are read only
+/// when the mapping has a target.
+pub fn records(
     dir: &Path,
     mapping: &FhirMapping,
-    stream: &str,
-    partition: u32,
-    from: u64,
-) -> Result<(Vec<String>, Receiver<Vec<Envelope>>), FhirError> {
-    let patients = lines(&dir.join("Patient.ndjson"))?;
+    patients: Option<impl BufRead>,
+    observations: Option<impl BufRead>,
+    conditions: Option<impl BufRead>,
+) -> Result<Vec<Vec<u8>>, FhirError> {
+    let patients = lines(&dir.join(PATIENTS), patients)?;
     let index: HashMap<String, usize> = patients
         .iter()
         .enumerate()
@@ -172,8 +199,8 @@ pub fn read(
     let width = mapping.features.len();
     let mut values: Vec<Vec<Option<f64>>> = vec![vec![None; width]; patients.len()];
     let mut target = vec![false; patients.len()];
-    let obs_path = dir.join("Observation.ndjson");
-    for (line, r) in lines(&obs_path)? {
+    let obs_path = dir.join(OBSERVATIONS);
+    for (line, r) in lines(&obs_path, observations)? {
         if r.resource_type != "Observation" {
             continue;
         }
@@ -206,7 +233,7 @@ pub fn read(
         values[p][col] = Some(v);
     }
     if let Some(t) = &mapping.target {
-        for (_, r) in lines(&dir.join("Condition.ndjson"))? {
+        for (_, r) in lines(&dir.join(CONDITIONS), conditions)? {
             if r.resource_type == "Condition"
                 && matches(r.code.as_ref(), t)
                 && let Some(&p) = subject(&r).and_then(|s| index.get(s))
@@ -215,17 +242,11 @@ pub fn read(
             }
         }
     }
-    let (tx, rx) = sync_channel(16);
-    let stream: Arc<str> = stream.into();
     let has_target = mapping.target.is_some();
-    std::thread::spawn(move || {
-        let mut batch = Vec::new();
-        for (i, (vals, t)) in values
-            .into_iter()
-            .zip(target)
-            .enumerate()
-            .skip(from as usize)
-        {
+    Ok(values
+        .into_iter()
+        .zip(target)
+        .map(|(vals, t)| {
             let mut row: Vec<String> = vals
                 .iter()
                 .map(|v| v.map_or(String::new(), |v| v.to_string()))
@@ -233,12 +254,42 @@ pub fn read(
             if has_target {
                 row.push(if t { "Yes" } else { "No" }.to_string());
             }
+            row.join(",").into_bytes()
+        })
+        .collect())
+}
+
+/// Joins the export in `dir` into records ([`records`]) and streams those from patient
+/// `from` on.
+pub fn read(
+    dir: &Path,
+    mapping: &FhirMapping,
+    stream: &str,
+    partition: u32,
+    from: u64,
+) -> Result<(Vec<String>, Receiver<Vec<Envelope>>), FhirError> {
+    let conditions = match &mapping.target {
+        Some(_) => open(&dir.join(CONDITIONS))?,
+        None => None,
+    };
+    let rows = records(
+        dir,
+        mapping,
+        open(&dir.join(PATIENTS))?,
+        open(&dir.join(OBSERVATIONS))?,
+        conditions,
+    )?;
+    let (tx, rx) = sync_channel(16);
+    let stream: Arc<str> = stream.into();
+    std::thread::spawn(move || {
+        let mut batch = Vec::new();
+        for (i, payload) in rows.into_iter().enumerate().skip(from as usize) {
             batch.push(Envelope {
                 stream: stream.clone(),
                 partition,
                 offset: i as u64,
                 key: None,
-                payload: row.join(",").into_bytes(),
+                payload,
             });
             if batch.len() == 1024 && tx.send(std::mem::take(&mut batch)).is_err() {
                 return;
@@ -341,6 +392,16 @@ mod tests {
             .to_string();
         assert!(
             err.contains("Observation.ndjson, line 1: not a FHIR resource"),
+            "{err}"
+        );
+        // A line that is not text is named too (it was an I/O error without a line).
+        std::fs::write(dir.path().join("Observation.ndjson"), b"\n\n{\"a\xff\"}\n").unwrap();
+        let err = read(dir.path(), &pima_mapping(), "f", 0, 0)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("Observation.ndjson, line 3: not UTF-8 text"),
             "{err}"
         );
     }

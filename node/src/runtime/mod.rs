@@ -93,6 +93,16 @@ impl MessageCollector {
     pub fn quarantined(&self) -> usize {
         self.dead.len()
     }
+
+    /// What was sent so far: (output stream, payload), in order.
+    pub fn sent(&self) -> &[(String, Vec<u8>)] {
+        &self.out
+    }
+
+    /// What was quarantined so far, in order.
+    pub fn dead_letters(&self) -> &[DeadLetter] {
+        &self.dead
+    }
 }
 
 /// Samza's commit and shutdown scopes.

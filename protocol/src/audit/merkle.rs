@@ -27,13 +27,14 @@ pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
     sha256(&[&[0x01], left, right])
 }
 
-/// The largest power of two strictly below `n` (n >= 2).
+/// The largest power of two strictly below `n` (1 for n <= 2). Computed from the bit
+/// length, not by doubling: doubling overflowed for a size above 2^63 (a proof claiming such
+/// a tree panicked, or looped forever where overflow wraps).
 fn split(n: usize) -> usize {
-    let mut k = 1;
-    while k * 2 < n {
-        k *= 2;
+    if n <= 2 {
+        return 1;
     }
-    k
+    1 << (usize::BITS - 1 - (n - 1).leading_zeros())
 }
 
 /// `MTH(D[n])` over leaf hashes.
@@ -276,6 +277,37 @@ mod tests {
                         || n == 1 && m == 0 && leaves[1] == leaves[0]
                 );
             }
+        }
+    }
+
+    #[test]
+    fn split_is_the_largest_power_of_two_below() {
+        for n in 2..=1025usize {
+            let k = split(n);
+            assert!(
+                k.is_power_of_two() && k < n && 2 * k >= n,
+                "split({n}) = {k}"
+            );
+        }
+        assert_eq!(split(usize::MAX), 1 << (usize::BITS - 1));
+        assert_eq!(split((1 << (usize::BITS - 1)) + 1), 1 << (usize::BITS - 1));
+    }
+
+    /// Found by the audit_verify fuzz target: a proof claiming a tree of more than 2^63
+    /// leaves overflowed `split` (a panic with overflow checks; an endless loop without).
+    #[test]
+    fn proofs_about_huge_trees_are_refused_not_a_panic() {
+        let (leaves, _) = vectors();
+        let r = root(&leaves[..8]);
+        let p = inclusion_proof(&leaves[..8], 3);
+        for n in [
+            usize::MAX,
+            (1 << (usize::BITS - 1)) + 20,
+            1 << (usize::BITS - 1),
+        ] {
+            assert!(!verify_inclusion(&leaves[3], 3, n, &p, &r));
+            assert!(!verify_inclusion(&leaves[3], n - 1, n, &p, &r));
+            assert!(!verify_consistency(3, n, &p, &root(&leaves[..3]), &r));
         }
     }
 

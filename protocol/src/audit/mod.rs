@@ -213,7 +213,7 @@ impl Verified {
             .records
             .iter()
             .filter_map(|r| match &r.event {
-                Event::TreeHead { size, root, .. } => Some((*size, hex::decode_array::<32>(root))),
+                Event::TreeHead { size, root, .. } => Some((*size, unhex32(root))),
                 _ => None,
             })
             .collect();
@@ -238,6 +238,17 @@ impl Verified {
     pub fn unsigned_tail(&self) -> usize {
         self.records.len() - self.signed
     }
+}
+
+/// Lowercase hex, as [`hex::encode`] writes it, and nothing else: a decoder that also took
+/// `A-F` (or, as `u8::from_str_radix` did, a leading `+`) would let a signed head's line be
+/// respelled and still verify.
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    hex::decode_lowercase(s)
+}
+
+fn unhex32(s: &str) -> Option<[u8; 32]> {
+    unhex(s)?.try_into().ok()
 }
 
 /// Checks a whole log: record syntax, sequence numbers, the hash chain, and every tree head
@@ -293,12 +304,12 @@ pub fn verify(lines: &[&str], public_key: &[u8]) -> Result<Verified, AuditError>
                     )));
                 }
                 let computed = tree.root();
-                if hex::decode_array::<32>(root) != Some(computed) {
+                if unhex32(root) != Some(computed) {
                     return Err(bad(
                         "the signed tree root does not match the records before it".into(),
                     ));
                 }
-                let ok = hex::decode(signature).is_some_and(|sig| {
+                let ok = unhex(signature).is_some_and(|sig| {
                     key.verify(
                         &tree_head_message(name, *size, &computed, record.time_ms),
                         &sig,
@@ -460,6 +471,57 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Found while writing the audit_verify fuzz target's property (a log that verifies
+    /// says what the signed one said): hex was read with `u8::from_str_radix`, which
+    /// also takes `A-F` and a leading `+`, so a signed head's line could be rewritten ("0f"
+    /// as "+f" or "0F") and still verify.
+    #[test]
+    fn a_head_in_other_hex_spelling_is_refused() {
+        let k = key(1);
+        let lines = sample(&k);
+        let last = lines.len() - 1;
+        let head: Record = serde_json::from_str(&lines[last]).unwrap();
+        let Event::TreeHead {
+            size,
+            root,
+            signature,
+        } = head.event.clone()
+        else {
+            panic!("the sample ends with a head");
+        };
+        let respelled = |root: String, signature: String| {
+            let mut r = head.clone();
+            r.event = Event::TreeHead {
+                size,
+                root,
+                signature,
+            };
+            let mut l = lines.clone();
+            l[last] = serde_json::to_string(&r).unwrap();
+            check(&l, k.public_key().as_ref())
+        };
+        assert!(respelled(root.clone(), signature.clone()).is_ok());
+        let plus = |h: &str| {
+            let i = (0..h.len()).step_by(2).find(|&i| &h[i..=i] == "0").unwrap();
+            format!("{}+{}", &h[..i], &h[i + 1..])
+        };
+        for (r, s) in [
+            (root.to_uppercase(), signature.clone()),
+            (root.clone(), signature.to_uppercase()),
+            (plus(&root), signature.clone()),
+            (root.clone(), plus(&signature)),
+            (format!("{root}0"), signature.clone()),
+            (root.clone(), format!("{signature}00")),
+        ] {
+            let err = respelled(r, s).unwrap_err();
+            assert_eq!(err.line, last + 1, "{err}");
+        }
+        assert_eq!(unhex("00ff7a"), Some(vec![0, 255, 122]));
+        assert_eq!(unhex("0"), None);
+        assert_eq!(unhex("+f"), None);
+        assert_eq!(unhex("é0"), None);
     }
 
     #[test]
