@@ -15,13 +15,10 @@
 //! error if any exact value lies outside the stated error.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use medfed::{csv_text, local};
 use medfed_aggregator::AggregatorEvent;
-use medfed_aggregator::config::AggregatorConfig;
 use medfed_infra::pki;
-use medfed_node::config::NodeConfig;
 use medfed_protocol::fedstats::{Released, StatsQuery, StatsRelease};
 
 const SITES: [&str; 3] = ["riverside", "st-marys", "northgate"];
@@ -201,32 +198,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// Runs the aggregator and the nodes until both statistics studies are released.
 async fn run(agg: &Path, nodes: &[PathBuf]) -> Result<Vec<PathBuf>, Box<dyn std::error::Error>> {
-    let aggregator = medfed_aggregator::Aggregator::bind(AggregatorConfig::load(agg)?)?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut tasks = tokio::task::JoinSet::new();
-    for cfg in nodes {
-        let node = medfed_node::Node::new(NodeConfig::load(cfg)?)?;
-        let mut stop = stop_rx.clone();
-        tasks.spawn(node.run(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }));
-    }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let agg_task = tokio::spawn(aggregator.run(Some(tx)));
     let mut paths = Vec::new();
-    while let Some(event) = rx.recv().await {
+    local::federate(agg, nodes, |event| {
         if let AggregatorEvent::StatisticsReleased { study_id, path } = event {
             println!("released: {study_id} ({})", path.display());
-            paths.push(path);
+            paths.push(path.clone());
         }
-    }
-    agg_task.await??;
-    let _ = stop_tx.send(true);
-    while let Ok(Some(joined)) =
-        tokio::time::timeout(Duration::from_secs(10), tasks.join_next()).await
-    {
-        joined??;
-    }
+    })
+    .await?;
     Ok(paths)
 }
 

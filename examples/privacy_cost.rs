@@ -2,7 +2,7 @@
 //! inside each hospital and for hospital-level DP-FedAvg, on Pima (200 rows, 3 hospitals by
 //! age band, as in the demo) and Wisconsin breast cancer (569 rows dealt out to 3
 //! hospitals), beside the non-private federated model and the centralized non-private
-//! model (the ceiling). Every point is a real federation on loopback (QUIC, mutual TLS,
+//! baseline (the same training on the pooled rows). Every point is a real federation on loopback (QUIC, mutual TLS,
 //! secure aggregation), repeated; ε is each hospital's, at δ = 1e-6, from the same RDP
 //! accountant the nodes charge their budgets with.
 //!
@@ -190,7 +190,7 @@ fn run_dataset(ds: &Dataset, runs: usize, out: &std::path::Path) -> anyhow::Resu
     let (central, c_lo, c_hi) = summary(central);
     let mut table = vec![
         (
-            "centralized, no DP (ceiling)".to_string(),
+            "centralized, no DP (pooled rows)".to_string(),
             f64::INFINITY,
             (central, c_lo, c_hi),
         ),

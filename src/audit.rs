@@ -43,14 +43,7 @@ fn public_key(key: &str) -> anyhow::Result<Vec<u8>> {
         key.to_string()
     };
     let text = text.trim();
-    let bytes: Option<Vec<u8>> = (0..text.len())
-        .step_by(2)
-        .map(|i| {
-            text.get(i..i + 2)
-                .and_then(|b| u8::from_str_radix(b, 16).ok())
-        })
-        .collect();
-    match bytes {
+    match medfed_protocol::hex::decode(text) {
         Some(b) if b.len() == 32 => Ok(b),
         _ => bail!("{key} is neither a public key file nor 64 hex digits (an Ed25519 public key)"),
     }
@@ -68,14 +61,10 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
     let v = load(&args.log, &args.key)?;
     if let Some(head) = &args.known_head {
         let parsed = head.split_once(':').and_then(|(size, root)| {
-            let root: Option<Vec<u8>> = (0..root.len())
-                .step_by(2)
-                .map(|i| {
-                    root.get(i..i + 2)
-                        .and_then(|b| u8::from_str_radix(b, 16).ok())
-                })
-                .collect();
-            Some((size.parse::<u64>().ok()?, <[u8; 32]>::try_from(root?).ok()?))
+            Some((
+                size.parse::<u64>().ok()?,
+                medfed_protocol::hex::decode_array::<32>(root)?,
+            ))
         });
         let (size, root) = parsed.ok_or_else(|| {
             anyhow::anyhow!("--known-head must be SIZE:ROOT, e.g. 45:dc67ef34... (64 hex digits)")
@@ -90,11 +79,12 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
         v.records.len()
     );
     match v.head {
-        Some((size, root)) => println!(
-            "  signed:  tree head over {size} records, root {}\n           (keep {size}:{} to check later copies with --known-head)",
-            audit::hex(&root),
-            audit::hex(&root)
-        ),
+        Some((size, root)) => {
+            let root = medfed_protocol::hex::encode(&root);
+            println!(
+                "  signed:  tree head over {size} records, root {root}\n           (keep {size}:{root} to check later copies with --known-head)"
+            );
+        }
         None => println!("  signed:  no tree head yet"),
     }
     if v.unsigned_tail() > 0 {
@@ -177,7 +167,7 @@ fn summarise(v: &Verified) -> Report {
                 ));
             }
             Event::Released { study, .. } => {
-                r.studies.entry(study.clone()).or_default().released += 1
+                r.studies.entry(study.clone()).or_default().released += 1;
             }
             Event::StudyStatus { study, status } => r
                 .studies

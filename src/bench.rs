@@ -236,7 +236,7 @@ async fn tcp_times(
         match mode {
             Mode::Message => {
                 sock.write_all(&codec::encode_frame(msg, DEFAULT_MAX_FRAME_BYTES)?)
-                    .await?
+                    .await?;
             }
             Mode::Raw => sock.write_all(&frame).await?,
         }

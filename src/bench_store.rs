@@ -60,7 +60,7 @@ pub fn store(args: StoreArgs) -> anyhow::Result<()> {
         );
     }
     println!(
-        "\nthe crash test (tests/store_crash.rs) kills a writer 50 times per backend; the default is {}",
+        "\nthe crash test (tests/integration/store_crash.rs) kills a writer 50 times per backend; the default is {}",
         Backend::DEFAULT.name()
     );
     Ok(())

@@ -2,22 +2,17 @@
 //!
 //! Makes a throwaway PKI, splits the Pima diabetes rows across three hospitals by age band
 //! (a non-IID split), writes real config files, starts the aggregator and three nodes on
-//! loopback (QUIC, mutual TLS), runs the rounds, and compares the federated model with a
-//! centralized model trained on the union of the same training rows.
+//! loopback (QUIC, mutual TLS), runs the rounds, and compares the federated model with the
+//! centralized baseline: the same training on the union of the same training rows.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use medfed::local::Comparison;
 use medfed_aggregator::AggregatorEvent;
-use medfed_aggregator::config::AggregatorConfig;
 use medfed_infra::pki;
-use medfed_node::config::NodeConfig;
-use medfed_node::data::{Table, split_rows};
-use medfed_protocol::metrics::{Metrics, classification_metrics, roc_points};
-use medfed_protocol::model::{ModelKind, TrainParams, predict, train_local};
-use medfed_protocol::stats::FeatureStats;
-use ndarray::{Array1, Array2, Axis, concatenate};
+use medfed_protocol::metrics::Metrics;
 
 use crate::report::{RoundTable, metrics_table, num};
 
@@ -137,20 +132,16 @@ pub fn run(args: DemoArgs, log_level: &str) -> anyhow::Result<()> {
     let (final_model, rounds) =
         runtime.block_on(federate(&agg_config_path, &node_config_paths, args.rounds))?;
 
-    // Compare with a centralized model on the union of the same rows.
-    let Comparison {
-        central,
-        federated,
-        central_roc,
-        federated_roc,
-        validation_csv: val_path,
-    } = compare(&dir, &final_model)?;
+    // Compare with the centralized baseline on the union of the same rows.
+    let comparison = compare(&dir, &final_model)?;
+    let (federated, central) = (&comparison.federated, &comparison.centralized);
+    let val_path = dir.join("data").join("validation.csv");
     println!("\nvalidation rows of all three hospitals, exact metrics:");
     print!(
         "{}",
-        metrics_table(&[("federated", &federated), ("centralized", &central)])
+        metrics_table(&[("federated", federated), ("centralized", central)])
     );
-    if let (Metrics::Classification(f), Metrics::Classification(c)) = (&federated, &central) {
+    if let (Metrics::Classification(f), Metrics::Classification(c)) = (federated, central) {
         println!(
             "AUC difference (federated - centralized): {}",
             num(f.roc_auc - c.roc_auc, 4)
@@ -168,20 +159,17 @@ pub fn run(args: DemoArgs, log_level: &str) -> anyhow::Result<()> {
             ledger.releases(STUDY_ID)
         );
     }
-    let plots = dir.join("plots");
-    std::fs::create_dir_all(&plots)?;
-    let (training_svg, roc_svg) = (plots.join("training.svg"), plots.join("roc.svg"));
-    let central_auc = match &central {
+    let central_auc = match central {
         Metrics::Classification(c) => c.roc_auc,
         Metrics::Regression(_) => f64::NAN,
     };
-    medfed::plots::training_curve(&training_svg, &rounds, central_auc)
-        .map_err(|e| anyhow::anyhow!("writing {}: {e}", training_svg.display()))?;
-    medfed::plots::roc_curves(
-        &roc_svg,
-        &[("federated", federated_roc), ("centralized", central_roc)],
-    )
-    .map_err(|e| anyhow::anyhow!("writing {}: {e}", roc_svg.display()))?;
+    let run = medfed::local::Run {
+        rounds,
+        final_model,
+    };
+    let (training_svg, roc_svg) =
+        medfed::local::classification_plots(&dir, &run, &comparison, central_auc)?;
+    let final_model = run.final_model;
     println!(
         "\nplots:              {}\n                    {}",
         training_svg.display(),
@@ -422,20 +410,6 @@ async fn federate(
     node_configs: &[PathBuf],
     rounds: u32,
 ) -> anyhow::Result<(PathBuf, Vec<(u32, f64, f64)>)> {
-    let config = AggregatorConfig::load(agg_config)?;
-    let aggregator = medfed_aggregator::Aggregator::bind(config)?;
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut nodes = tokio::task::JoinSet::new();
-    for path in node_configs {
-        let node = medfed_node::Node::new(NodeConfig::load(path)?)?;
-        let mut stop = stop_rx.clone();
-        nodes.spawn(node.run(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        }));
-    }
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let agg = tokio::spawn(aggregator.run(Some(tx)));
-
     let bar = indicatif::ProgressBar::new(u64::from(rounds));
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -449,8 +423,8 @@ async fn federate(
     // (round, train loss, federated validation AUC) for the training curve.
     let mut curve = Vec::new();
     let mut connected = 0;
-    while let Some(event) = rx.recv().await {
-        match &event {
+    let outcomes = medfed::local::federate(agg_config, node_configs, |event| {
+        match event {
             AggregatorEvent::SiteConnected { .. } => {
                 connected += 1;
                 bar.set_message(format!("{connected}/3 hospitals connected"));
@@ -466,107 +440,36 @@ async fn federate(
             }
             _ => {}
         }
-        if let Some(line) = table.line_for(&event) {
+        if let Some(line) = table.line_for(event) {
             bar.suspend(|| println!("{line}"));
         }
-    }
+    })
+    .await;
     bar.finish_and_clear();
-    let outcomes = agg.await.context("the aggregator task failed")??;
-    let _ = stop_tx.send(true);
-    while let Some(joined) = tokio::time::timeout(Duration::from_secs(10), nodes.join_next())
-        .await
-        .ok()
-        .flatten()
-    {
-        joined.context("a node task failed")??;
-    }
-    let outcome = outcomes
+    let outcome = outcomes?
         .into_iter()
         .next()
         .context("the aggregator ran no study")?;
     Ok((outcome.final_model, curve))
 }
 
-/// The exact metrics of the centralized and the federated model on the pooled validation
-/// rows, and the path of a CSV of those rows.
-/// What the comparison of the two models produced.
-struct Comparison {
-    central: Metrics,
-    federated: Metrics,
-    /// ROC points of each model on the pooled validation rows.
-    central_roc: Vec<(f64, f64)>,
-    federated_roc: Vec<(f64, f64)>,
-    validation_csv: PathBuf,
-}
-
+/// The federated model beside the centralized baseline on the pooled validation rows
+/// ([`medfed::local::compare_study`]); writes those rows to `dir/data/validation.csv`.
 fn compare(dir: &Path, final_model: &Path) -> anyhow::Result<Comparison> {
-    let features: Vec<String> = FEATURES.iter().map(|f| f.to_string()).collect();
-    let (mut xt, mut yt, mut xv, mut yv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let sites = SITES.map(|(name, ..)| name);
+    let comparison = medfed::local::compare_study(dir, STUDY_ID, &sites, final_model)?;
     let mut val_rows = csv::Writer::from_path(dir.join("data").join("validation.csv"))?;
-    let mut header_written = false;
-    for (name, ..) in SITES {
-        let path = dir.join("data").join(format!("{name}.csv"));
-        let table = Table::load(&path)?;
-        let x = table.features(&features)?;
-        let y = table.target("type", ModelKind::Logistic, Some("Yes"))?;
-        // The same split each node made for the study.
-        let (train, val) = split_rows(table.len(), 0.25, STUDY_ID);
-        xt.push(x.select(Axis(0), &train));
-        yt.push(y.select(Axis(0), &train));
-        xv.push(x.select(Axis(0), &val));
-        yv.push(y.select(Axis(0), &val));
-        let mut r = csv::Reader::from_path(&path)?;
-        if !header_written {
+    for (i, (name, val)) in sites.iter().zip(&comparison.validation_rows).enumerate() {
+        let mut r = csv::Reader::from_path(dir.join("data").join(format!("{name}.csv")))?;
+        if i == 0 {
             val_rows.write_record(r.headers()?)?;
-            header_written = true;
         }
-        for (i, rec) in r.records().enumerate() {
-            if val.binary_search(&i).is_ok() {
+        for (row, rec) in r.records().enumerate() {
+            if val.binary_search(&row).is_ok() {
                 val_rows.write_record(&rec?)?;
             }
         }
     }
     val_rows.flush()?;
-    let cat2 =
-        |v: &[Array2<f64>]| concatenate(Axis(0), &v.iter().map(|a| a.view()).collect::<Vec<_>>());
-    let cat1 =
-        |v: &[Array1<f64>]| concatenate(Axis(0), &v.iter().map(|a| a.view()).collect::<Vec<_>>());
-    let (x_train, y_train, x_val, y_val) = (cat2(&xt)?, cat1(&yt)?, cat2(&xv)?, cat1(&yv)?);
-
-    // Centralized: same standardization rule, same objective, full-batch gradient descent
-    // run to convergence.
-    let standardization = FeatureStats::from_rows(x_train.view()).standardization()?;
-    let (mut zt, mut zv) = (x_train.clone(), x_val.clone());
-    standardization.apply(&mut zt);
-    standardization.apply(&mut zv);
-    let params = TrainParams {
-        local_epochs: 3000,
-        batch_size: zt.nrows() as u32,
-        learning_rate: 0.5,
-        l2: 0.01,
-        seed: 7,
-        prox_mu: 0.0,
-    };
-    let w = train_local(
-        ModelKind::Logistic,
-        &vec![0.0; features.len() + 1],
-        zt.view(),
-        y_train.view(),
-        &params,
-    )?;
-    let p_central = predict(ModelKind::Logistic, &w, zv.view())?;
-    let central =
-        Metrics::Classification(classification_metrics(&p_central.to_vec(), &y_val.to_vec()));
-
-    let model = crate::evaluate::load_model(final_model)?;
-    let p_fed = model.model.predict_raw(x_val.view())?;
-    let federated =
-        Metrics::Classification(classification_metrics(&p_fed.to_vec(), &y_val.to_vec()));
-    Ok(Comparison {
-        central,
-        federated,
-        central_roc: roc_points(&p_central.to_vec(), &y_val.to_vec()),
-        federated_roc: roc_points(&p_fed.to_vec(), &y_val.to_vec()),
-        validation_csv: dir.join("data").join("validation.csv"),
-    })
+    Ok(comparison)
 }

@@ -6,32 +6,41 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use medfed_aggregator::AggregatorEvent;
 use medfed_aggregator::config::AggregatorConfig;
+use medfed_aggregator::{AggregatorEvent, StudyOutcome};
 use medfed_infra::pki;
 use medfed_node::config::NodeConfig;
-use medfed_node::data::{Table, split_rows};
+use medfed_node::data::{StudyData, Table, split_rows};
 use medfed_protocol::export::ExportedModel;
 use medfed_protocol::metrics::{Metrics, classification_metrics, regression_metrics};
-use medfed_protocol::model::{ModelKind, TrainParams, predict, train_local};
+use medfed_protocol::model::{GlobalModel, ModelKind, TrainParams, train_local};
 use medfed_protocol::stats::FeatureStats;
-use ndarray::{Array1, Array2, Axis, concatenate};
+use medfed_protocol::study::config::StudyConfig;
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, concatenate};
 
 use crate::csv_text;
 
 /// One hospital: its name and its extract (CSV text with a header row).
 pub struct Hospital {
+    /// The site's name (its certificate's, its node's and its data file's).
     pub name: String,
+    /// Its extract: CSV text with a header row.
     pub csv: String,
 }
 
 /// The study, as the keys of one `[[study]]` table (with `id`, `dataset` and so on).
 pub struct Study {
+    /// The study's id.
     pub id: String,
+    /// The dataset name the nodes serve the extracts under.
     pub dataset: String,
+    /// Logistic or linear.
     pub kind: ModelKind,
+    /// The feature columns.
     pub features: Vec<String>,
+    /// The target column.
     pub target: String,
+    /// For a logistic model: the target value counted as positive.
     pub positive_class: Option<String>,
     /// Extra TOML lines of the study (rounds, training, privacy...).
     pub toml: String,
@@ -41,6 +50,7 @@ pub struct Study {
 pub struct Run {
     /// (round, training loss, federated validation AUC or R²) per round.
     pub rounds: Vec<(u32, f64, f64)>,
+    /// The final model the aggregator exported.
     pub final_model: PathBuf,
 }
 
@@ -166,11 +176,19 @@ pub fn run(dir: &Path, hospitals: &[Hospital], study: &Study) -> anyhow::Result<
         node_paths.push(p);
     }
     let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(federate(&agg_path, &node_paths))
+    rt.block_on(run_printing_rounds(&agg_path, &node_paths))
 }
 
-async fn federate(agg: &Path, nodes: &[PathBuf]) -> anyhow::Result<Run> {
-    let aggregator = medfed_aggregator::Aggregator::bind(AggregatorConfig::load(agg)?)?;
+/// Runs the aggregator of config `aggregator` and one node per config in `nodes`, in this
+/// process (QUIC with mutual TLS over loopback, as processes would), handing `on_event`
+/// each of the aggregator's events, until the aggregator has finished its studies; then
+/// stops the nodes. What the studies came to.
+pub async fn federate(
+    aggregator: &Path,
+    nodes: &[PathBuf],
+    mut on_event: impl FnMut(&AggregatorEvent),
+) -> anyhow::Result<Vec<StudyOutcome>> {
+    let aggregator = medfed_aggregator::Aggregator::bind(AggregatorConfig::load(aggregator)?)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     for path in nodes {
@@ -182,13 +200,28 @@ async fn federate(agg: &Path, nodes: &[PathBuf]) -> anyhow::Result<Run> {
     }
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let agg_task = tokio::spawn(aggregator.run(Some(tx)));
+    while let Some(event) = rx.recv().await {
+        on_event(&event);
+    }
+    let outcomes = agg_task.await.context("the aggregator task failed")??;
+    let _ = stop_tx.send(true);
+    while let Ok(Some(joined)) =
+        tokio::time::timeout(Duration::from_secs(10), tasks.join_next()).await
+    {
+        joined.context("a node task failed")??;
+    }
+    Ok(outcomes)
+}
+
+/// [`federate`], printing a line per round; the run of its (first) study.
+async fn run_printing_rounds(agg: &Path, nodes: &[PathBuf]) -> anyhow::Result<Run> {
     let mut rounds = Vec::new();
     println!(
         "{:>5}  {:>5}  {:>10}  {:>12}",
         "round", "sites", "train loss", "validation"
     );
-    while let Some(event) = rx.recv().await {
-        if let AggregatorEvent::RoundCompleted(s) = &event {
+    let outcomes = federate(agg, nodes, |event| {
+        if let AggregatorEvent::RoundCompleted(s) = event {
             // The validation figures of round r arrive with round r + 1; show what is known.
             let v = match &s.validation {
                 Some(Metrics::Classification(m)) => m.roc_auc,
@@ -208,14 +241,8 @@ async fn federate(agg: &Path, nodes: &[PathBuf]) -> anyhow::Result<Run> {
             );
             rounds.push((s.round, s.train_loss, v));
         }
-    }
-    let outcomes = agg_task.await.context("the aggregator task failed")??;
-    let _ = stop_tx.send(true);
-    while let Ok(Some(joined)) =
-        tokio::time::timeout(Duration::from_secs(10), tasks.join_next()).await
-    {
-        joined.context("a node task failed")??;
-    }
+    })
+    .await?;
     let outcome = outcomes
         .into_iter()
         .next()
@@ -226,62 +253,87 @@ async fn federate(agg: &Path, nodes: &[PathBuf]) -> anyhow::Result<Run> {
     })
 }
 
-/// The federated model beside a centralized one trained on the union of the same training
-/// rows, both scored on the union of the validation rows (the split each node made).
+/// The federated model beside its [`centralized_baseline`], both scored on the union of
+/// the sites' validation rows (the split each node made).
 pub struct Comparison {
+    /// The federated model's metrics on the pooled validation rows.
     pub federated: Metrics,
+    /// The centralized model's metrics on the same rows.
     pub centralized: Metrics,
     /// Scores and labels of the validation rows: (federated, centralized, labels).
     pub scores: (Vec<f64>, Vec<f64>, Vec<f64>),
+    /// Per site, in the order given, the indices of its validation rows in its extract.
+    pub validation_rows: Vec<Vec<usize>>,
 }
 
-pub fn compare(
+/// The centralized baseline a federated model of `study` is compared with: the study's
+/// model trained on the training rows of every site pooled, as if one site held them
+/// all, with the study's own `[study.training]` hyper-parameters (learning rate, batch
+/// size, L2 penalty, seed) for as many epochs as each site trains over the whole study
+/// (`rounds` × `local_epochs`), from zero, on the rows standardized by the pooled rows'
+/// mean and standard deviation. So the two differ only in where the rows are: no
+/// FedProx term (there is no global model to stay near), no server optimizer, no
+/// differential privacy, no secure aggregation. It is what pooling the data would give
+/// with the same training: the reference that prices the federation (and its privacy).
+pub fn centralized_baseline(
+    study: &StudyConfig,
+    x_train: ArrayView2<'_, f64>,
+    y_train: ArrayView1<'_, f64>,
+) -> anyhow::Result<GlobalModel> {
+    let standardization = FeatureStats::from_rows(x_train).standardization()?;
+    let mut z = x_train.to_owned();
+    standardization.apply(&mut z);
+    let params = TrainParams {
+        local_epochs: study.rounds.saturating_mul(study.training.local_epochs),
+        prox_mu: 0.0,
+        ..study.training.params()
+    };
+    let mut model = GlobalModel::zeros(study.model, study.features.clone(), standardization);
+    model.weights = train_local(study.model, &model.weights, z.view(), y_train, &params)?;
+    Ok(model)
+}
+
+/// Study `study_id` of the aggregator config `dir/aggregator.toml`: its federated model
+/// `final_model` beside its [`centralized_baseline`], on the extracts `dir/data/<site>.csv`
+/// of `sites`, each split as its node split it.
+pub fn compare_study(
     dir: &Path,
-    hospitals: &[Hospital],
-    study: &Study,
+    study_id: &str,
+    sites: &[&str],
     final_model: &Path,
 ) -> anyhow::Result<Comparison> {
+    let config = AggregatorConfig::load(&dir.join("aggregator.toml"))?;
+    let study = config
+        .studies
+        .iter()
+        .find(|s| s.id == study_id)
+        .with_context(|| format!("{}: no study '{study_id}'", dir.display()))?;
+    let announcement = study.announcement();
     let (mut xt, mut yt, mut xv, mut yv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for h in hospitals {
-        let table = Table::load(&dir.join("data").join(format!("{}.csv", h.name)))?;
-        let x = table.features(&study.features)?;
-        let y = table.target(&study.target, study.kind, study.positive_class.as_deref())?;
-        let (train, val) = split_rows(table.len(), 0.2, &study.id);
-        xt.push(x.select(Axis(0), &train));
-        yt.push(y.select(Axis(0), &train));
-        xv.push(x.select(Axis(0), &val));
-        yv.push(y.select(Axis(0), &val));
+    let mut validation_rows = Vec::new();
+    for site in sites {
+        let table = Table::load(&dir.join("data").join(format!("{site}.csv")))?;
+        let data = StudyData::prepare(&table, &announcement)?;
+        xt.push(data.x_train);
+        yt.push(data.y_train);
+        xv.push(data.x_val);
+        yv.push(data.y_val);
+        validation_rows.push(split_rows(table.len(), study.validation_fraction, &study.id).1);
     }
     let cat2 =
         |v: &[Array2<f64>]| concatenate(Axis(0), &v.iter().map(|a| a.view()).collect::<Vec<_>>());
     let cat1 =
         |v: &[Array1<f64>]| concatenate(Axis(0), &v.iter().map(|a| a.view()).collect::<Vec<_>>());
     let (x_train, y_train, x_val, y_val) = (cat2(&xt)?, cat1(&yt)?, cat2(&xv)?, cat1(&yv)?);
-    let s = FeatureStats::from_rows(x_train.view()).standardization()?;
-    let (mut zt, mut zv) = (x_train.clone(), x_val.clone());
-    s.apply(&mut zt);
-    s.apply(&mut zv);
-    let params = TrainParams {
-        local_epochs: 2000,
-        batch_size: zt.nrows() as u32,
-        learning_rate: 0.3,
-        l2: 0.01,
-        seed: 7,
-        prox_mu: 0.0,
-    };
-    let w = train_local(
-        study.kind,
-        &vec![0.0; study.features.len() + 1],
-        zt.view(),
-        y_train.view(),
-        &params,
-    )?;
-    let p_central = predict(study.kind, &w, zv.view())?.to_vec();
-    let text = std::fs::read_to_string(final_model)?;
-    let model: ExportedModel = serde_json::from_str(&text)?;
+    let baseline = centralized_baseline(study, x_train.view(), y_train.view())?;
+    let p_central = baseline.predict_raw(x_val.view())?.to_vec();
+    let text = std::fs::read_to_string(final_model)
+        .with_context(|| format!("cannot read {}", final_model.display()))?;
+    let model: ExportedModel = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a medfed model file", final_model.display()))?;
     let p_fed = model.model.predict_raw(x_val.view())?.to_vec();
     let labels = y_val.to_vec();
-    let metrics = |p: &[f64]| match study.kind {
+    let metrics = |p: &[f64]| match study.model {
         ModelKind::Logistic => Metrics::Classification(classification_metrics(p, &labels)),
         ModelKind::Linear => Metrics::Regression(regression_metrics(p, &labels)),
     };
@@ -289,7 +341,19 @@ pub fn compare(
         federated: metrics(&p_fed),
         centralized: metrics(&p_central),
         scores: (p_fed, p_central, labels),
+        validation_rows,
     })
+}
+
+/// [`compare_study`] for a run of [`run`]: `study` across `hospitals`.
+pub fn compare(
+    dir: &Path,
+    hospitals: &[Hospital],
+    study: &Study,
+    final_model: &Path,
+) -> anyhow::Result<Comparison> {
+    let sites: Vec<&str> = hospitals.iter().map(|h| h.name.as_str()).collect();
+    compare_study(dir, &study.id, &sites, final_model)
 }
 
 /// `--rounds N` from the command line, or `default`.

@@ -4,6 +4,8 @@
 //! - aggregator operator: `medfed pki ...`, `medfed aggregator run --config aggregator.toml`
 //! - anyone: `medfed demo`, `medfed model evaluate`, `medfed bench transport`
 
+#![forbid(unsafe_code)]
+
 mod aggregator_cmd;
 mod audit;
 mod audit_reconcile;
@@ -637,7 +639,7 @@ fn run_node(config: PathBuf) -> anyhow::Result<()> {
     let exit = rt.block_on(node.run(stop))?;
     match exit {
         medfed_node::NodeExit::StudiesComplete => {
-            println!("site '{site}': the aggregator completed all studies")
+            println!("site '{site}': the aggregator completed all studies");
         }
         medfed_node::NodeExit::Stopped => println!("site '{site}': stopped"),
     }

@@ -18,6 +18,8 @@ use medfed_protocol::study::config::{
 };
 use serde::{Deserialize, Serialize};
 
+/// The aggregator's configuration, `aggregator.toml`, as loaded and checked by
+/// [`AggregatorConfig::load`] (relative paths resolved against the file's directory).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregatorConfig {
@@ -32,11 +34,14 @@ pub struct AggregatorConfig {
     /// Largest frame accepted or sent, in bytes.
     #[serde(default = "default_max_frame")]
     pub max_frame_bytes: u32,
+    /// The aggregator's certificate and key, the consortium CA and its revocation list (`[tls]`).
     pub tls: TlsFiles,
     /// The compliance log (default: `audit/compliance.log`, key `audit/signing.key`).
     #[serde(default)]
     pub audit: AuditFiles,
+    /// The sites allowed to connect (`[sites]`).
     pub sites: Sites,
+    /// The training studies to run, in order (`[[study]]`).
     #[serde(default, rename = "study")]
     pub studies: Vec<StudyConfig>,
     /// Where the aggregator checkpoints its studies (`[state]`), to resume after a crash.
@@ -63,6 +68,7 @@ pub struct AggregatorState {
     /// The store directory (relative to this file).
     #[serde(default = "default_state_dir")]
     pub dir: PathBuf,
+    /// The store's backend (default: [`medfed_infra::store::Backend::DEFAULT`]).
     #[serde(default = "default_backend")]
     pub backend: medfed_infra::store::Backend,
 }
@@ -88,6 +94,7 @@ impl Default for AggregatorState {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StudiesDir {
+    /// The directory of study specs (default `studies.d`, relative to this file).
     #[serde(default = "default_studies_dir")]
     pub dir: PathBuf,
     /// Keep serving after every study is done, waiting for new ones (default: exit).
@@ -167,7 +174,9 @@ fn default_ops_listen() -> SocketAddr {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatisticsConfig {
+    /// The statistics study's id, unique among the aggregator's studies.
     pub id: String,
+    /// The name of the sites' dataset to describe.
     pub dataset: String,
     /// Rows meeting every condition, e.g. `{ column = "age", op = ">=", value = 30 }` or
     /// `{ column = "type", op = "==", text = "Yes" }`.
@@ -194,12 +203,16 @@ pub struct StatisticsConfig {
     /// Cells (counts) below this are not released.
     #[serde(default = "default_suppress_below")]
     pub suppress_below: u64,
+    /// Fewest sites whose cohorts the release must sum (at least 2 with secure aggregation).
     #[serde(default = "default_min_sites")]
     pub min_sites: usize,
+    /// How long to wait for every allowed site before starting with at least `min_sites`.
     #[serde(default = "default_wait_for_sites_secs")]
     pub wait_for_sites_secs: u64,
+    /// Deadline for each site's answer, seconds (at least 1).
     #[serde(default = "default_round_timeout_secs")]
     pub timeout_secs: u64,
+    /// Secure aggregation of the sites' statistics (on by default).
     #[serde(default)]
     pub secure_aggregation: SecureAggregationConfig,
 }
@@ -219,6 +232,7 @@ fn default_statistics_delta() -> f64 {
 }
 
 impl StatisticsConfig {
+    /// The query sent to the sites (no noise multiplier when `exact`).
     pub fn query(&self) -> medfed_protocol::fedstats::StatsQuery {
         medfed_protocol::fedstats::StatsQuery {
             query_id: self.id.clone(),
@@ -258,6 +272,7 @@ impl StatisticsConfig {
     }
 }
 
+/// `[sites]`: who may connect.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Sites {
@@ -289,6 +304,9 @@ impl AggregatorConfig {
         Ok(cfg)
     }
 
+    /// Checks the configuration: frame limit, allow-list, and every study's and statistics
+    /// study's settings (unique ids, quorum, features, fractions, rounds, ...). The error names
+    /// the file and the key.
     pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |key: String, why: String| ConfigError::Invalid {
             path: path.to_path_buf(),

@@ -15,6 +15,8 @@
 //! # Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod at_rest;
 mod checkpoint;
 pub mod config;
@@ -47,10 +49,13 @@ pub const SOFTWARE: &str = concat!("medfed-aggregator ", env!("CARGO_PKG_VERSION
 /// One finished round, as shown to the operator.
 #[derive(Debug, Clone)]
 pub struct RoundSummary {
+    /// The study.
     pub study_id: String,
+    /// The round, from 1.
     pub round: u32,
     /// Sites whose updates were averaged.
     pub sites: Vec<String>,
+    /// Training rows behind the average.
     pub training_rows: u64,
     /// Sample-weighted mean of the sites' training losses.
     pub train_loss: f64,
@@ -65,58 +70,93 @@ pub struct RoundSummary {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum AggregatorEvent {
+    /// A site connected and was let in (its hello accepted).
     SiteConnected {
+        /// The site's name.
         site: String,
     },
+    /// A connected site's connection ended.
     SiteDisconnected {
+        /// The site's name.
         site: String,
+        /// Why, in words (e.g. the connection's close reason).
         reason: String,
     },
+    /// A connection was refused: a failed TLS handshake, a site not on the allow-list, a
+    /// bad hello.
     SiteRefused {
+        /// The peer's address.
         remote: SocketAddr,
+        /// The site it claimed or its certificate names, if known.
         site: Option<String>,
+        /// Why, in words.
         reason: String,
     },
+    /// A training study's rounds start.
     StudyStarted {
+        /// The study.
         study_id: String,
+        /// The sites taking part.
         sites: Vec<String>,
+        /// The rounds asked for.
         rounds: u32,
     },
+    /// A site refused a study.
     StudyRefused {
+        /// The study.
         study_id: String,
+        /// The site.
         site: String,
+        /// The site's reason.
         reason: String,
     },
+    /// A round's model was released.
     RoundCompleted(RoundSummary),
+    /// An attempt at a round failed (it may be tried again).
     RoundFailed {
+        /// The study.
         study_id: String,
+        /// The round.
         round: u32,
+        /// Why, in words.
         reason: String,
     },
+    /// A training study completed all its rounds.
     StudyCompleted(StudyOutcome),
     /// A study (training or statistics) failed.
     StudyFailed {
+        /// The study.
         study_id: String,
+        /// Why, in words.
         reason: String,
     },
     /// A statistics study released its results to `path`.
     StatisticsReleased {
+        /// The statistics study.
         study_id: String,
+        /// The released JSON file.
         path: PathBuf,
     },
 }
 
+/// Why the aggregator could not start, or stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AggregatorError {
+    /// The compliance log could not be opened.
     #[error(transparent)]
     Audit(#[from] medfed_infra::auditlog::AuditLogError),
+    /// The TLS files could not be loaded, or the QUIC endpoint bound.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// A study failed (without `keep_serving`).
     #[error(transparent)]
     Study(#[from] StudyError),
+    /// The operations endpoint, the state directory or the store, or the compliance log at
+    /// shutdown, failed.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// A file or directory of the aggregator's state is open to other users.
     #[error("{0} (the aggregator does not start until then)")]
     Private(#[from] medfed_infra::files::NotPrivate),
 }
@@ -134,8 +174,6 @@ pub struct Aggregator {
     stop: Arc<watch::Sender<Option<String>>>,
 }
 
-/// Watches and stops a running aggregator from another task (e.g. on SIGTERM). It holds no
-/// socket: once [`Aggregator::run`] has returned, the port is free again.
 /// How one study's run ended.
 enum StudyEnd {
     Done(StudyOutcome),
@@ -144,6 +182,8 @@ enum StudyEnd {
     Interrupted,
 }
 
+/// Watches and stops a running aggregator from another task (e.g. on SIGTERM). It holds no
+/// socket: once [`Aggregator::run`] has returned, the port is free again.
 #[derive(Clone)]
 pub struct AggregatorHandle {
     registry: Arc<Registry>,
@@ -223,6 +263,7 @@ impl Aggregator {
         })
     }
 
+    /// The UDP address the QUIC endpoint is bound to (the port chosen, with port 0).
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.endpoint.local_addr()
     }
@@ -232,6 +273,7 @@ impl Aggregator {
         self.ops_listener.as_ref().and_then(|l| l.local_addr().ok())
     }
 
+    /// A handle to watch and stop this aggregator from another task.
     pub fn handle(&self) -> AggregatorHandle {
         AggregatorHandle {
             registry: self.registry.clone(),
@@ -242,7 +284,7 @@ impl Aggregator {
     fn study_runner(
         &self,
         cfg: &config::StudyConfig,
-        events: &Option<mpsc::UnboundedSender<AggregatorEvent>>,
+        events: Option<&mpsc::UnboundedSender<AggregatorEvent>>,
         roots: &transport::Trust,
     ) -> study::StudyRunner {
         study::StudyRunner {
@@ -250,7 +292,7 @@ impl Aggregator {
             registry: self.registry.clone(),
             out_dir: self.config.out_dir.clone(),
             max_frame: self.config.max_frame_bytes,
-            events: events.clone(),
+            events: events.cloned(),
             roots: roots.clone(),
             audit: self.audit.clone(),
             store: self.store.clone(),
@@ -263,7 +305,7 @@ impl Aggregator {
     async fn run_study(
         &self,
         cfg: &config::StudyConfig,
-        events: &Option<mpsc::UnboundedSender<AggregatorEvent>>,
+        events: Option<&mpsc::UnboundedSender<AggregatorEvent>>,
         roots: &transport::Trust,
         allowed: usize,
         stop: &mut watch::Receiver<Option<String>>,
@@ -401,7 +443,7 @@ impl Aggregator {
         };
         for cfg in &self.config.studies {
             match self
-                .run_study(cfg, &events, &roots, allow.len(), &mut stop)
+                .run_study(cfg, events.as_ref(), &roots, allow.len(), &mut stop)
                 .await
             {
                 StudyEnd::Done(o) => {
@@ -428,7 +470,7 @@ impl Aggregator {
         let mut released = 0;
         if result.is_ok() && !interrupted {
             for sc in &self.config.statistics {
-                let runner = self.study_runner(&sc.as_study(), &events, &roots);
+                let runner = self.study_runner(&sc.as_study(), events.as_ref(), &roots);
                 let status = |status: String| {
                     self.audit
                         .record(medfed_protocol::audit::Event::StudyStatus {
@@ -525,7 +567,7 @@ impl Aggregator {
                     let (_, cfg) = retry.remove(i);
                     tracing::info!(study = %cfg.id, "announcing the study again: it failed for too few sites, and approvals may have changed since");
                     match self
-                        .run_study(&cfg, &events, &roots, allow.len(), &mut stop)
+                        .run_study(&cfg, events.as_ref(), &roots, allow.len(), &mut stop)
                         .await
                     {
                         StudyEnd::Done(o) => {
@@ -566,7 +608,7 @@ impl Aggregator {
                 continue;
             }
             match self
-                .run_study(&spec, &events, &roots, allow.len(), &mut stop)
+                .run_study(&spec, events.as_ref(), &roots, allow.len(), &mut stop)
                 .await
             {
                 StudyEnd::Done(o) => {

@@ -21,16 +21,21 @@ use crate::server::Registry;
 /// One study's standing, as `/status` shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct StudyStatus {
+    /// `"training"` or `"statistics"`.
     pub kind: &'static str,
     /// waiting, running, complete or failed
     pub state: String,
+    /// Rounds the study asks for (1 for statistics).
     pub rounds_planned: u32,
     /// The last completed round.
     pub round: u32,
+    /// What it is doing, in words (e.g. "waiting for sites", "round 3", "done").
     pub phase: String,
+    /// The sites taking part.
     pub participants: Vec<String>,
     /// Participants left out of completed rounds, summed over rounds.
     pub dropouts: u64,
+    /// Round attempts that failed.
     pub round_failures: u64,
     /// Sites that refused the study, and why.
     pub refusals: Vec<(String, String)>,
@@ -91,6 +96,8 @@ struct StatusReply<'a> {
 }
 
 impl StatusBoard {
+    /// A board for aggregator `name` and its studies, each given as (id, kind, rounds planned),
+    /// all waiting for sites.
     pub fn new(
         name: &str,
         studies: impl IntoIterator<Item = (String, &'static str, u32)>,
@@ -339,8 +346,11 @@ fn escape(v: &str) -> String {
 
 /// What the sidecar needs.
 pub struct Ops {
+    /// The studies' standing, updated from the aggregator's events.
     pub board: Arc<StatusBoard>,
+    /// The connected sites.
     pub registry: Arc<Registry>,
+    /// The compliance log, for its traffic counters.
     pub audit: Arc<medfed_infra::auditlog::AuditLog>,
 }
 
@@ -365,7 +375,7 @@ impl Ops {
                 });
             },
         )
-        .await
+        .await;
     }
 
     async fn answer(&self, mut stream: tokio::net::TcpStream) {

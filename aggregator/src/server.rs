@@ -203,9 +203,8 @@ impl Server {
                 site: site.clone(),
             }
         };
-        let hello = match self.receive_hello(&conn, &site).await {
-            Some(hello) => hello,
-            None => return,
+        let Some(hello) = self.receive_hello(&conn, &site).await else {
+            return;
         };
         drop(pending);
         conn.set_receive_window(quinn::VarInt::from_u32(transport::RECEIVE_WINDOW));

@@ -19,6 +19,7 @@ use medfed_protocol::study::{
     Command, Coordinator, Ending, Failure, KeyVerifiers, RequestId, SiteConn, StudyEvent,
     StudyFailure,
 };
+use medfed_protocol::time::Clock;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
@@ -26,43 +27,79 @@ use crate::config::StudyConfig;
 use crate::server::Registry;
 use crate::{AggregatorEvent, RoundSummary};
 
+/// Why a study (training or statistics) ended without completing.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StudyError {
+    /// Too few sites took part.
     #[error("study '{study}': only {got} of the {need} sites needed took part ({detail})")]
     NoQuorum {
+        /// The study.
         study: String,
+        /// Sites that took part (below `need`).
         got: usize,
+        /// The quorum (`min_sites`).
         need: usize,
+        /// Where and why, in words.
         detail: String,
     },
+    /// Every attempt at a round failed.
     #[error("study '{study}': round {round} failed {attempts} time(s), the last because {detail}")]
     RoundFailed {
+        /// The study.
         study: String,
+        /// The round.
         round: u32,
+        /// Attempts made (`round_attempts`).
         attempts: u32,
+        /// Why the last one failed.
         detail: String,
     },
+    /// Anything else (e.g. a checkpoint that could not be written).
     #[error("study '{study}': {detail}")]
-    Failed { study: String, detail: String },
+    Failed {
+        /// The study.
+        study: String,
+        /// What went wrong.
+        detail: String,
+    },
     /// The study stopped after releasing some rounds: the last released model is exported,
     /// marked as stopped.
     #[error("{cause}; the last released model (round {round}) is {}, marked as stopped early", final_model.display())]
     EndedEarly {
+        /// Why it stopped.
         cause: Box<StudyError>,
+        /// The last round released.
         round: u32,
+        /// The study's final model file, that round's model.
         final_model: PathBuf,
     },
+    /// The operator stopped the study (`medfed aggregator study stop`, or its stop file).
     #[error("study '{study}' was stopped by the operator after round {round}")]
-    Stopped { study: String, round: u32 },
+    Stopped {
+        /// The study.
+        study: String,
+        /// The last round completed (0: none).
+        round: u32,
+    },
+    /// A model or release file could not be written.
     #[error("study '{study}': writing {path}: {source}")]
     Export {
+        /// The study.
         study: String,
+        /// The file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
     /// The compliance log could not record a step, so the step was not taken.
     #[error("study '{study}': the compliance log cannot be written ({detail}), so the study stops")]
-    Unlogged { study: String, detail: String },
+    Unlogged {
+        /// The study.
+        study: String,
+        /// The log's error.
+        detail: String,
+    },
 }
 
 impl StudyError {
@@ -78,9 +115,13 @@ impl StudyError {
 /// What a finished study leaves behind.
 #[derive(Debug, Clone)]
 pub struct StudyOutcome {
+    /// The study.
     pub study_id: String,
+    /// The final model's file (`final.json` in the study's output directory).
     pub final_model: PathBuf,
+    /// The final model's federated validation metrics, when the sites evaluated it.
     pub validation: Option<Metrics>,
+    /// Rounds run.
     pub rounds: u32,
     /// Allowed sites whose data is in no round of the model, and why.
     pub missing: Vec<MissingSite>,
@@ -159,6 +200,34 @@ impl KeyVerifiers for CertificateVerifiers {
         CertificateVerifier::new(&self.0, parties)
             .map(|v| Box::new(v) as Box<dyn Verifier + Send>)
             .map_err(|e| e.to_string())
+    }
+}
+
+/// The coordinator's time in the aggregator: milliseconds of the process's monotonic
+/// clock since the study's driver started (a wall-clock step cannot move a deadline).
+pub struct MonotonicClock(Instant);
+
+impl MonotonicClock {
+    /// A clock starting now.
+    pub fn new() -> MonotonicClock {
+        MonotonicClock(Instant::now())
+    }
+
+    /// The instant `ms` milliseconds after the clock's start (for a timer).
+    pub fn instant_at(&self, ms: u64) -> Instant {
+        self.0 + Duration::from_millis(ms)
+    }
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        MonotonicClock::new()
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.0.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 }
 
@@ -270,8 +339,8 @@ impl StudyRunner {
         let final_path = self.out_dir.join("models").join(&cfg.id).join("final.json");
         // The site sampling's seed (the coordinator draws no OS randomness itself).
         let seed: u64 = rand::random();
-        let start = Instant::now();
-        let now = || start.elapsed().as_millis() as u64;
+        let clock = MonotonicClock::new();
+        let now = || clock.now_ms();
         let mut coord = Coordinator::new(
             cfg.clone(),
             self.allow.iter().cloned(),
@@ -300,9 +369,8 @@ impl StudyRunner {
                 break;
             }
             let deadline = coord.poll_timeout();
-            let sleep = tokio::time::sleep_until(
-                (start + Duration::from_millis(deadline.unwrap_or(u64::MAX / 4))).into(),
-            );
+            let sleep =
+                tokio::time::sleep_until(clock.instant_at(deadline.unwrap_or(u64::MAX / 4)).into());
             tokio::select! {
                 Some(joined) = tasks.join_next() => {
                     let Ok((id, site, answer)) = joined else { continue };

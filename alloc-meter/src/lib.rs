@@ -1,7 +1,7 @@
 //! Counting global allocators for measurements, kept out of production builds: the `medfed`
 //! command installs [`Meter`] only with its cargo feature `alloc-meter` (which `medfed bench
-//! secagg` needs for the aggregator's memory), and `tests/frame_limit.rs` installs
-//! [`Largest`]. Both forward every call unchanged to the system allocator and only count.
+//! secagg` needs for the aggregator's memory), and the integration tests
+//! (`tests/integration`) install [`Largest`]. Both forward every call unchanged to the system allocator and only count.
 //!
 //! This crate is the workspace's one place with `unsafe` code: implementing
 //! [`GlobalAlloc`] is unsafe by definition.
@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicIsize, AtomicUsize, Ordering};
 
 thread_local! {
     static METERED: Cell<bool> = const { Cell::new(false) };
+    static WATCHED: Cell<bool> = const { Cell::new(false) };
 }
 
 static LIVE: AtomicIsize = AtomicIsize::new(0);
@@ -94,25 +95,38 @@ pub fn peak() -> usize {
     usize::try_from(PEAK.load(Ordering::Relaxed)).unwrap_or(0)
 }
 
-/// A global allocator that records the largest single allocation (or reallocation) the
-/// process asks for, on any thread: [`largest`].
+/// A global allocator that records the largest single allocation (or reallocation) asked
+/// for on the threads that called [`watch_this_thread`]: [`largest`]. Other threads (other
+/// tests of the same binary) are not recorded.
 pub struct Largest;
+
+/// Has [`Largest`] record this thread's allocations from now on (for a thread of the code
+/// under test, such as an async runtime's `on_thread_start`).
+pub fn watch_this_thread() {
+    WATCHED.with(|w| w.set(true));
+}
+
+fn record_largest(size: usize) {
+    if WATCHED.try_with(Cell::get).unwrap_or(false) {
+        LARGEST.fetch_max(size, Ordering::Relaxed);
+    }
+}
 
 // SAFETY: forwards every call to the system allocator unchanged; only records sizes.
 #[allow(unsafe_code, reason = "a GlobalAlloc impl is unsafe by definition")]
 unsafe impl GlobalAlloc for Largest {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        record_largest(layout.size());
         // SAFETY: the caller's guarantees for `layout` are passed on unchanged.
         unsafe { System.alloc(layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        record_largest(layout.size());
         // SAFETY: as in `alloc`.
         unsafe { System.alloc_zeroed(layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        record_largest(new_size);
         // SAFETY: `ptr` came from this allocator, that is from `System`, with `layout`.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -122,7 +136,8 @@ unsafe impl GlobalAlloc for Largest {
     }
 }
 
-/// The largest single allocation made under [`Largest`] so far, in bytes.
+/// The largest single allocation made under [`Largest`] on a watched thread so far, in
+/// bytes.
 pub fn largest() -> usize {
     LARGEST.load(Ordering::Relaxed)
 }
@@ -132,6 +147,10 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(
+        unsafe_code,
+        reason = "calls the allocator's unsafe methods directly to test it"
+    )]
     fn the_meter_counts_only_metered_code() {
         // Not installed as the global allocator here: call it directly.
         let layout = Layout::from_size_align(1000, 8).unwrap();
@@ -150,5 +169,31 @@ mod tests {
             }
         });
         assert_eq!(peak(), 1000);
+    }
+
+    #[test]
+    #[allow(
+        unsafe_code,
+        reason = "calls the allocator's unsafe methods directly to test it"
+    )]
+    fn largest_records_only_the_threads_watched() {
+        // Called directly, as above.
+        let big = Layout::from_size_align(1 << 20, 8).unwrap();
+        let allocate = move || {
+            // SAFETY: a non-zero layout, freed with the same layout.
+            unsafe {
+                let p = Largest.alloc(big);
+                Largest.dealloc(p, big);
+            }
+        };
+        std::thread::spawn(allocate).join().unwrap();
+        assert!(largest() < 1 << 20);
+        std::thread::spawn(move || {
+            watch_this_thread();
+            allocate();
+        })
+        .join()
+        .unwrap();
+        assert_eq!(largest(), 1 << 20);
     }
 }

@@ -457,8 +457,8 @@ pub fn audit_log() -> RealLog {
                     heads.push((seq, root));
                     Event::TreeHead {
                         size: seq,
-                        root: audit::hex(&root),
-                        signature: audit::hex(sig.as_ref()),
+                        root: medfed_protocol::hex::encode(&root),
+                        signature: medfed_protocol::hex::encode(sig.as_ref()),
                     }
                 }
                 e => e,

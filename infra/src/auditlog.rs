@@ -14,26 +14,40 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use medfed_protocol::audit::{self, Event, GENESIS, Record, merkle};
+use medfed_protocol::hex;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 
 /// Records between two signed tree heads.
 pub const BATCH: u64 = 256;
 
+/// Why a compliance log cannot be opened.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuditLogError {
+    /// The log file could not be read, created or written.
     #[error("compliance log {path}: {source}")]
     Io {
+        /// The log file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
+    /// The signing key could not be read, created or parsed.
     #[error("compliance-log signing key {path}: {why}")]
-    Key { path: PathBuf, why: String },
+    Key {
+        /// The key file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The existing log fails verification: it is left untouched and nothing is appended.
     #[error(
         "compliance log {path} does not verify ({problem}); it is kept as it is: move it aside to start a new log"
     )]
     Corrupt {
+        /// The log file.
         path: PathBuf,
+        /// The first bad line, and why.
         problem: audit::AuditError,
     },
 }
@@ -60,9 +74,13 @@ pub struct AuditLog {
 /// Messages and bytes that crossed the party's boundary since it started (for metrics).
 #[derive(Debug, Default)]
 pub struct Traffic {
+    /// Protocol messages sent.
     pub messages_sent: std::sync::atomic::AtomicU64,
+    /// Bytes of the frames sent.
     pub bytes_sent: std::sync::atomic::AtomicU64,
+    /// Protocol messages received.
     pub messages_received: std::sync::atomic::AtomicU64,
+    /// Bytes of the frames received.
     pub bytes_received: std::sync::atomic::AtomicU64,
 }
 
@@ -99,7 +117,7 @@ pub fn load_or_create_key(path: &Path) -> Result<Ed25519KeyPair, AuditLogError> 
     };
     let key = Ed25519KeyPair::from_pkcs8(&pkcs8)
         .map_err(|e| key_err(format!("not an Ed25519 PKCS#8 key ({e})")))?;
-    let public = audit::hex(key.public_key().as_ref());
+    let public = hex::encode(key.public_key().as_ref());
     // Owner-only like everything else the party keeps; auditors get a copy from the party.
     crate::files::write_atomic(&public_key_path(path), format!("{public}\n").as_bytes())
         .map_err(|e| key_err(e.to_string()))?;
@@ -197,6 +215,7 @@ impl AuditLog {
         Ok(log)
     }
 
+    /// The log file's path.
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -237,8 +256,8 @@ impl AuditLog {
             prev: std::mem::take(&mut inner.prev),
             event: Event::TreeHead {
                 size,
-                root: audit::hex(&root),
-                signature: audit::hex(signature.as_ref()),
+                root: hex::encode(&root),
+                signature: hex::encode(signature.as_ref()),
             },
         };
         let line = serde_json::to_string(&record).map_err(std::io::Error::other)?;
@@ -436,10 +455,7 @@ mod tests {
     fn read(path: &Path, key: &Path) -> Result<audit::Verified, audit::AuditError> {
         let text = std::fs::read_to_string(path).unwrap();
         let public = std::fs::read_to_string(public_key_path(key)).unwrap();
-        let public: Vec<u8> = (0..64)
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&public[i..i + 2], 16).unwrap())
-            .collect();
+        let public = hex::decode(public.trim()).unwrap();
         audit::verify(&text.lines().collect::<Vec<_>>(), &public)
     }
 

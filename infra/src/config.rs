@@ -4,20 +4,35 @@ use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 
+/// Why a configuration file cannot be used; every variant names the file.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
+    /// The file could not be read.
     #[error("cannot read config file {path}: {source}")]
     Read {
+        /// The configuration file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
+    /// The file is not valid TOML for this configuration (toml's message names the key, line
+    /// and column).
     #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The configuration file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// A key's value is well-formed but not acceptable.
     #[error("config file {path}: `{key}` {why}")]
     Invalid {
+        /// The configuration file.
         path: PathBuf,
+        /// The key, dotted as in the file (e.g. `tls.crl`).
         key: String,
+        /// What is wrong with its value, and what it must be.
         why: String,
     },
 }
@@ -96,6 +111,8 @@ impl Default for AuditFiles {
 }
 
 impl AuditFiles {
+    /// Makes the log, key and capture paths relative to the configuration file's directory
+    /// (absolute paths stay as they are).
     pub fn resolve(&mut self, config_path: &Path) {
         self.log = resolve(config_path, &self.log);
         self.key = resolve(config_path, &self.key);

@@ -15,7 +15,8 @@ pub const PRIVATE_DIR_MODE: u32 = 0o700;
 const GROUP_OTHER: u32 = 0o077;
 
 /// Writes `contents` to `path` through a temporary file in the same directory, synced and
-/// renamed into place. The file is readable by its owner only (mode 0600 on Unix) from the
+/// renamed into place, and the directory synced (on Unix) so that the rename itself
+/// survives a crash. The file is readable by its owner only (mode 0600 on Unix) from the
 /// moment it is created; missing parent directories are created mode 0700.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
     let parent = path
@@ -33,7 +34,10 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         .open(&tmp)?;
     f.write_all(contents)?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path)
+    std::fs::rename(&tmp, path)?;
+    #[cfg(unix)]
+    std::fs::File::open(parent)?.sync_all()?;
+    Ok(())
 }
 
 /// [`write_atomic`], for a secret: the same owner-only file, named for what it holds.
@@ -119,11 +123,14 @@ pub fn set_umask(mask: u32) -> u32 {
 /// (for messages: "the node's state directory").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrivatePath {
+    /// What it is, in words (e.g. "the node's state directory").
     pub what: String,
+    /// Where it is.
     pub path: PathBuf,
 }
 
 impl PrivatePath {
+    /// `what` at `path`.
     pub fn new(what: impl Into<String>, path: impl Into<PathBuf>) -> PrivatePath {
         PrivatePath {
             what: what.into(),
@@ -136,19 +143,26 @@ impl PrivatePath {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum NotPrivate {
+    /// Group or other users have permissions on it (or on something inside it).
     Exposed {
+        /// What it is, in words.
         what: String,
         /// The path as configured.
         root: PathBuf,
         /// The file or directory with group or other permissions (`root` or inside it).
         path: PathBuf,
+        /// Its permission bits (e.g. `0o644`).
         mode: u32,
         /// The command that fixes it.
         fix: String,
     },
+    /// Its permissions could not be read.
     Io {
+        /// What it is, in words.
         what: String,
+        /// The path that could not be checked.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
 }

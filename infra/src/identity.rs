@@ -23,6 +23,8 @@ pub struct SiteSigner {
 }
 
 impl SiteSigner {
+    /// Loads the site's private key (PKCS#8 PEM, ECDSA P-256: the `key.pem` of
+    /// `medfed pki issue`); the error names the file.
     pub fn load(key_path: &Path) -> Result<SiteSigner, TransportError> {
         let pem_err = |detail: String| TransportError::Pem {
             path: key_path.to_path_buf(),
@@ -143,6 +145,7 @@ pub struct CertificateFacts {
     pub common_name: Option<String>,
     /// UNIX seconds.
     pub not_before: i64,
+    /// UNIX seconds: when it expires.
     pub not_after: i64,
 }
 

@@ -23,34 +23,63 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
+/// Why a PKI operation (`medfed pki ...`) failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum PkiError {
+    /// `init` found a CA at this path already.
     #[error(
         "a consortium CA already exists at {0}; refusing to replace it (every certificate it issued would stop working)"
     )]
     CaExists(PathBuf),
+    /// No CA in the directory (`ca/`, and the `--dir` to name in the hint).
     #[error("no consortium CA at {0}: run `medfed pki init --dir {1}` first")]
     NoCa(PathBuf, String),
+    /// A site name or host that cannot be a certificate's name.
     #[error("invalid name {name:?}: {why}")]
-    InvalidName { name: String, why: &'static str },
+    InvalidName {
+        /// The name given.
+        name: String,
+        /// What a name must be.
+        why: &'static str,
+    },
+    /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
+    /// rcgen could not generate a key or a certificate, or read the CA's.
     #[error("certificate generation failed: {0}")]
     Rcgen(#[from] rcgen::Error),
+    /// `revoke` found no certificate of that site or host.
     #[error(
         "no certificate issued to '{site}' (none at {path}, none registered in ca/issued.toml): nothing to revoke"
     )]
-    NotIssued { site: String, path: PathBuf },
+    NotIssued {
+        /// The site or host.
+        site: String,
+        /// Where its current certificate would be.
+        path: PathBuf,
+    },
+    /// A register (`issued.toml`, `revoked.toml`) or certificate could not be parsed.
     #[error("{path}: {why}")]
-    Unreadable { path: PathBuf, why: String },
+    Unreadable {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        why: String,
+    },
+    /// `revoke --keep-current` found only the current certificate.
     #[error(
         "'{site}' has only its current certificate on record (ca/issued.toml): --keep-current leaves nothing to revoke"
     )]
-    NothingReplaced { site: String },
+    NothingReplaced {
+        /// The site or host.
+        site: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
@@ -63,9 +92,13 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
 /// Files of one issued identity.
 #[derive(Debug, Clone)]
 pub struct IssuedFiles {
+    /// The directory holding the three files (`DIR/sites/<site>` or `DIR/aggregator/<host>`).
     pub dir: PathBuf,
+    /// The certificate, `cert.pem`.
     pub cert: PathBuf,
+    /// Its private key, `key.pem` (mode 0600).
     pub key: PathBuf,
+    /// A copy of the CA certificate, `ca.pem`, to install with them.
     pub ca: PathBuf,
 }
 
@@ -133,11 +166,7 @@ fn pem_serial(path: &Path, pem: &[u8]) -> Result<String, PkiError> {
     let cert = parsed
         .parse_x509()
         .map_err(|e| unreadable(format!("not an X.509 certificate: {e}")))?;
-    Ok(cert
-        .raw_serial()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(medfed_protocol::hex::encode(cert.raw_serial()))
 }
 
 impl Role {
@@ -155,6 +184,7 @@ impl Role {
     }
 }
 
+/// The consortium CA's certificate in a PKI directory, `DIR/ca/ca.pem`.
 pub fn ca_cert_path(dir: &Path) -> PathBuf {
     dir.join("ca").join("ca.pem")
 }
@@ -347,14 +377,20 @@ pub fn issue(dir: &Path, role: &Role, days: i64) -> Result<IssuedFiles, PkiError
 /// Why a certificate is revoked (RFC 5280 reason codes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RevocationReason {
+    /// The private key was exposed (`key-compromise`).
     KeyCompromise,
+    /// A new certificate replaced it (`superseded`).
     Superseded,
+    /// The site or host left the consortium (`cessation-of-operation`).
     CessationOfOperation,
+    /// The holder's affiliation changed (`affiliation-changed`).
     AffiliationChanged,
+    /// No reason given (`unspecified`).
     Unspecified,
 }
 
 impl RevocationReason {
+    /// The reason as written in `revoked.toml` and on the command line, e.g. `key-compromise`.
     pub fn name(self) -> &'static str {
         match self {
             RevocationReason::KeyCompromise => "key-compromise",
@@ -398,6 +434,7 @@ pub struct RevokedCertificate {
     pub serial: String,
     /// Unix seconds.
     pub revoked_at: i64,
+    /// Why, as [`RevocationReason::name`] writes it.
     pub reason: String,
 }
 
@@ -419,6 +456,7 @@ pub struct Revocation {
     pub already_revoked: Vec<String>,
     /// Every certificate the CRL now lists.
     pub revoked: Vec<RevokedCertificate>,
+    /// The certificate revocation list written, to distribute as `[tls] crl`.
     pub crl: PathBuf,
 }
 
@@ -514,11 +552,8 @@ pub fn revoke(
         .revoked
         .iter()
         .map(|r| {
-            let bytes = (0..r.serial.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(r.serial.get(i..i + 2).unwrap_or("zz"), 16))
-                .collect::<Result<Vec<u8>, _>>()
-                .map_err(|_| unreadable(&list_path, format!("bad serial {:?}", r.serial)))?;
+            let bytes = medfed_protocol::hex::decode(&r.serial)
+                .ok_or_else(|| unreadable(&list_path, format!("bad serial {:?}", r.serial)))?;
             Ok(rcgen::RevokedCertParams {
                 serial_number: rcgen::SerialNumber::from_slice(&bytes),
                 revocation_time: OffsetDateTime::from_unix_timestamp(r.revoked_at)

@@ -22,16 +22,25 @@ pub fn date(unix_secs: i64) -> String {
 
 /// What is wrong with a certificate (or the TLS handshake around it).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum CertProblem {
     /// A certificate revocation list (`medfed pki revoke`) lists it.
     Revoked,
     /// Its validity ended, at this UNIX time where known.
-    Expired { since: Option<i64> },
+    Expired {
+        /// When it expired (UNIX seconds), if known.
+        since: Option<i64>,
+    },
     /// Its validity starts later, at this UNIX time where known.
-    NotYetValid { from: Option<i64> },
+    NotYetValid {
+        /// When it becomes valid (UNIX seconds), if known.
+        from: Option<i64>,
+    },
     /// It names other hosts or sites than the one expected.
     WrongName {
+        /// The name expected (site or host).
         expected: String,
+        /// The names the certificate holds.
         presented: Vec<String>,
     },
     /// It was not issued by the CA trusted here.
@@ -43,7 +52,10 @@ pub enum CertProblem {
     /// No certificate was presented.
     NoCertificate,
     /// The revocation list itself expired, at this UNIX time where known.
-    CrlExpired { since: Option<i64> },
+    CrlExpired {
+        /// When the list's next update was due (UNIX seconds), if known.
+        since: Option<i64>,
+    },
     /// The revocation list is not from the CA that issued the certificate.
     UnknownRevocationStatus,
     /// Anything else, already in words.
@@ -293,6 +305,7 @@ pub struct HandshakeFailure {
     pub by_peer: bool,
     /// The TLS alert sent (RFC 8446: 44 revoked, 45 expired, 48 unknown CA, ...).
     pub alert: u8,
+    /// What was wrong, in terms of the certificate.
     pub problem: CertProblem,
 }
 

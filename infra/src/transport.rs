@@ -26,34 +26,64 @@ use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKey
 /// Our ALPN protocol identifier; a peer that does not offer it fails the handshake.
 pub const ALPN: &[u8] = b"medfed/1";
 
+/// Why setting up TLS, connecting, or exchanging a message failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TransportError {
+    /// A certificate, key or CRL file could not be read as PEM.
     #[error("{path}: {detail}")]
-    Pem { path: PathBuf, detail: String },
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// rustls refused the TLS configuration.
     #[error("TLS configuration: {}", crate::tls_errors::tls_error(.0))]
     Tls(rustls::Error),
+    /// The UDP socket could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
+        /// The address.
         addr: SocketAddr,
+        /// The operating system's error.
         source: std::io::Error,
     },
+    /// quinn could not start a connection (e.g. a bad address or server name).
     #[error("cannot connect: {0}")]
     Connect(#[from] quinn::ConnectError),
+    /// The connection failed or was closed: a failed handshake, a timeout, the peer's close.
     #[error("connection: {}", crate::tls_errors::connection_error(.0))]
     Connection(quinn::ConnectionError),
+    /// A stream could not be read to the end of a frame.
     #[error("reading from the peer: {0}")]
     Read(#[from] quinn::ReadExactError),
+    /// A stream could not be written.
     #[error("writing to the peer: {0}")]
     Write(#[from] quinn::WriteError),
+    /// The stream was closed before the message was sent.
     #[error("the stream was closed before the message was sent")]
     StreamClosed,
+    /// A frame was too large, of another protocol version, or not a valid message.
     #[error(transparent)]
     Frame(#[from] FrameError),
+    /// The peer answered with an [`medfed_protocol::messages::ErrorMessage`].
     #[error("the peer answered with an error ({code}): {reason}")]
-    Peer { code: ErrorCode, reason: String },
+    Peer {
+        /// The peer's error code.
+        code: ErrorCode,
+        /// The peer's reason, in words.
+        reason: String,
+    },
+    /// No answer in time.
     #[error("timed out after {} waiting for {what}", seconds(.after))]
-    Timeout { what: &'static str, after: Duration },
+    Timeout {
+        /// What was awaited (e.g. "the node's model update").
+        what: &'static str,
+        /// How long it waited.
+        after: Duration,
+    },
+    /// The peer's certificate is missing, unreadable, or names no usable site.
     #[error("peer certificate: {0}")]
     PeerCertificate(String),
     /// A private key that is not the certificate's (it signs for another certificate).
@@ -62,7 +92,12 @@ pub enum TransportError {
         key.display(),
         cert.display()
     )]
-    KeyMismatch { cert: PathBuf, key: PathBuf },
+    KeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The private key file.
+        key: PathBuf,
+    },
     /// The compliance log could not record the message, so it was not sent (or not used).
     #[error("the compliance log cannot record the message, so it was not sent or used: {0}")]
     Unlogged(String),
@@ -117,7 +152,9 @@ impl TransportError {
 
 /// A party's certificate chain and private key, loaded from PEM files.
 pub struct Identity {
+    /// The certificate, then any intermediates.
     pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The certificate's private key.
     pub key: PrivateKeyDer<'static>,
 }
 
@@ -137,6 +174,7 @@ fn pem_err(path: &Path, detail: impl std::fmt::Display) -> TransportError {
     }
 }
 
+/// Reads every certificate in a PEM file; a file with none is an error naming it.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TransportError> {
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| pem_err(path, e))?
@@ -186,7 +224,9 @@ impl Identity {
 /// certificate revocation list revokes (`medfed pki revoke`; `[tls] crl`).
 #[derive(Debug, Clone)]
 pub struct Trust {
+    /// The consortium CA's certificate(s).
     pub roots: Arc<rustls::RootCertStore>,
+    /// The certificate revocation lists checked (empty without `[tls] crl`).
     pub crls: Vec<CertificateRevocationListDer<'static>>,
 }
 
@@ -275,7 +315,9 @@ fn transport_config() -> quinn::TransportConfig {
 /// How a connection shows it is alive, and how soon a silent peer counts as gone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Liveness {
+    /// How often an idle connection sends a keep-alive packet.
     pub keep_alive: Duration,
+    /// How long without any packet before the peer counts as gone.
     pub idle_timeout: Duration,
 }
 
@@ -409,7 +451,9 @@ pub fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
 /// Size and SHA-256 of a frame that crossed the wire (what the compliance log records).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FrameInfo {
+    /// The frame's length on the wire, header included.
     pub bytes: u64,
+    /// SHA-256 of the frame (hex).
     pub sha256: String,
 }
 
@@ -425,7 +469,7 @@ impl FrameInfo {
         ctx.update(payload);
         FrameInfo {
             bytes: (header.len() + payload.len()) as u64,
-            sha256: medfed_protocol::audit::hex(ctx.finish().as_ref()),
+            sha256: medfed_protocol::hex::encode(ctx.finish().as_ref()),
         }
     }
 }
@@ -434,7 +478,9 @@ impl FrameInfo {
 /// closed: [`Egress::sent`] is called before a frame leaves, and a frame it cannot record is
 /// not sent; a message [`Egress::received`] cannot record is not acted on.
 pub trait Egress: Send + Sync {
+    /// Records `msg`, about to be sent to `peer`; an error stops the send.
     fn sent(&self, peer: &str, msg: &Message, frame: &FrameInfo) -> Result<(), String>;
+    /// Records `msg`, received from `peer`; an error means it is not acted on.
     fn received(&self, peer: &str, msg: &Message, frame: &FrameInfo) -> Result<(), String>;
 }
 

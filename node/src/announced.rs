@@ -4,8 +4,8 @@
 //! approving it (`medfed node studies`, `medfed node approve`).
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
+use medfed_infra::json_state::{Contents, JsonFile};
 use medfed_protocol::dp::accountant::RdpAccountant;
 use medfed_protocol::fedstats::StatsQuery;
 use medfed_protocol::messages::StudyAnnouncement;
@@ -21,19 +21,26 @@ pub struct Announced {
     pub hash: String,
     /// "study" or "statistics query".
     pub kind: String,
+    /// The study's or query's id.
     pub id: String,
+    /// The dataset of this site it reads.
     pub dataset: String,
     /// Features (a study) or described columns (a query).
     pub columns: Vec<String>,
     /// A query's cohort conditions, as written.
     #[serde(default)]
     pub cohort: Vec<String>,
+    /// A study's target column.
     #[serde(default)]
     pub target: Option<String>,
+    /// A study's model (`"logistic"` or `"linear"`).
     #[serde(default)]
     pub model: Option<String>,
+    /// A study's training rounds.
     #[serde(default)]
     pub rounds: Option<u32>,
+    /// Whether its contributions are summed with secure aggregation (the aggregator sees only
+    /// sums).
     pub secure_aggregation: bool,
     /// How its releases are protected, in words.
     pub privacy: String,
@@ -42,6 +49,7 @@ pub struct Announced {
     pub epsilon: Option<f64>,
     /// When it was last announced (ms since the UNIX epoch), and this site's answer.
     pub announced_unix_ms: u64,
+    /// This site's answer when last announced: `"accepted"`, or the refusal and why.
     pub decision: String,
 }
 
@@ -185,46 +193,42 @@ pub fn path(state_dir: &Path) -> PathBuf {
     state_dir.join("announced.json")
 }
 
+/// What the file of announcements holds, for its errors.
+const ANNOUNCED: Contents = Contents {
+    label: "",
+    a: "a list of announced studies",
+    the: "the announced studies",
+    pretty: true,
+};
+
 /// Reads the announcements kept in `path` (none if it does not exist yet).
 pub fn load(path: &Path) -> Result<Vec<Announced>, String> {
-    match std::fs::read(path) {
-        Ok(b) => serde_json::from_slice(&b)
-            .map_err(|e| format!("{}: not a list of announced studies: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(format!("{}: {e}", path.display())),
-    }
+    JsonFile::read(path, ANNOUNCED).map_err(|e| e.to_string())
 }
 
 /// The announcements, kept in memory and written through.
-pub struct AnnouncedStudies {
-    path: PathBuf,
-    list: Mutex<Vec<Announced>>,
-}
+pub struct AnnouncedStudies(JsonFile<Vec<Announced>>);
 
 impl AnnouncedStudies {
+    /// Opens the list kept at `path` (a JSON file; none yet is an empty list).
     pub fn open(path: PathBuf) -> Result<AnnouncedStudies, String> {
-        let list = load(&path)?;
-        Ok(AnnouncedStudies {
-            path,
-            list: Mutex::new(list),
-        })
+        JsonFile::open(path, ANNOUNCED)
+            .map(AnnouncedStudies)
+            .map_err(|e| e.to_string())
     }
 
     /// Records `a` (replacing an earlier announcement of the same hash) with this site's
     /// decision.
     pub fn note(&self, mut a: Announced, decision: &str) -> Result<(), String> {
         a.decision = decision.to_string();
-        let mut list = self.list.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list = self.0.lock();
         list.retain(|x| x.hash != a.hash);
         list.push(a);
         if list.len() > KEPT {
             let extra = list.len() - KEPT;
             list.drain(..extra);
         }
-        let bytes = serde_json::to_vec_pretty(&*list)
-            .map_err(|e| format!("the announced studies cannot be encoded: {e}"))?;
-        medfed_infra::files::write_atomic(&self.path, &bytes)
-            .map_err(|e| format!("cannot write {}: {e}", self.path.display()))
+        self.0.save(&list).map_err(|e| e.to_string())
     }
 }
 

@@ -23,8 +23,11 @@ use crate::deid::pseudonym::Keystore;
 /// One check's outcome.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Finding {
+    /// What was checked, in one word (e.g. `"certificate"`, `"aggregator"`, `"keystore"`).
     pub check: &'static str,
+    /// Whether it passed (a warning passes).
     pub ok: bool,
+    /// What was found, in words.
     pub detail: String,
     /// What to do, for a failed check.
     pub fix: Option<String>,

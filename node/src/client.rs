@@ -27,6 +27,7 @@ use crate::columns::ColumnClasses;
 use crate::config::NodeConfig;
 use crate::data::{StudyData, Table};
 
+/// The software version reported to the aggregator and in the compliance log.
 pub const SOFTWARE: &str = concat!("medfed-node ", env!("CARGO_PKG_VERSION"));
 
 /// The peer name compliance-log records use for the aggregator.
@@ -38,29 +39,53 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 /// without secure aggregation, before its noise.
 const TRAINING_GRID_BITS: u8 = 30;
 
+/// Why the node could not start, or stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum NodeError {
+    /// A dataset could not be loaded.
     #[error(transparent)]
     Data(#[from] crate::data::DataError),
+    /// TLS, the connection, or a message exchange failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The aggregator's address did not resolve.
     #[error("cannot resolve aggregator address {address:?}: {detail}")]
-    Resolve { address: String, detail: String },
+    Resolve {
+        /// The address configured.
+        address: String,
+        /// The resolver's error.
+        detail: String,
+    },
+    /// The compliance log could not be opened.
     #[error(transparent)]
     Audit(#[from] medfed_infra::auditlog::AuditLogError),
+    /// The aggregator refused this node (its hello), e.g. a site not on its allow-list.
     #[error("the aggregator refused this node ({code}): {reason}")]
-    Refused { code: ErrorCode, reason: String },
+    Refused {
+        /// The aggregator's error code.
+        code: ErrorCode,
+        /// The aggregator's reason.
+        reason: String,
+    },
+    /// The privacy ledger or its compliance-log record could not be written.
     #[error("{0}")]
     Privacy(String),
+    /// The node's durable store could not be opened or read.
     #[error("the node's store: {0}")]
     Store(String),
+    /// A file or directory of the node's state is open to other users.
     #[error("{0} (the node does not start until then)")]
     Private(#[from] medfed_infra::files::NotPrivate),
     /// This site's certificate cannot be used (expired, revoked, not valid yet): the node
     /// stops rather than retry.
     #[error("{detail}\nfix: {fix}")]
-    Certificate { detail: String, fix: String },
+    Certificate {
+        /// What is wrong with it.
+        detail: String,
+        /// What the site's operator should do.
+        fix: String,
+    },
 }
 
 /// Why [`Node::run`] returned.
@@ -94,6 +119,10 @@ pub struct Node {
     pub(crate) roots: transport::Trust,
     /// Secure aggregations in progress, by study and round.
     pub(crate) secure: Mutex<HashMap<(String, u32), crate::secure::Party>>,
+    /// Per study, the last secure aggregation this site finished: its round, the last
+    /// request and the answer (the shares revealed). The same request delivered again gets
+    /// the same answer, not an error that would drop the site from a sum it is in.
+    pub(crate) secure_done: Mutex<crate::secure::Finished>,
     /// The parties of each (study, round) this site revealed unmasking shares for, kept in
     /// the state directory.
     pub(crate) revealed: crate::secure::RevealedRounds,
@@ -223,9 +252,8 @@ impl Node {
         }
         let audit = Arc::new(audit);
         let roots = config.tls.trust()?;
-        let ledger =
-            crate::privacy::LedgerFile::open(crate::privacy::ledger_path(&config.state.dir))
-                .map_err(NodeError::Privacy)?;
+        let ledger = crate::privacy::open_ledger(crate::privacy::ledger_path(&config.state.dir))
+            .map_err(NodeError::Privacy)?;
         let revealed = crate::secure::RevealedRounds::open(crate::secure::RevealedRounds::path(
             &config.state.dir,
         ))
@@ -245,6 +273,7 @@ impl Node {
             signer,
             roots,
             secure: Mutex::default(),
+            secure_done: Mutex::default(),
             sent_private: Mutex::default(),
             readiness: None,
             revealed,
@@ -519,7 +548,7 @@ impl Node {
         .await
         {
             Ok(Message::Welcome(w)) => {
-                info!(site = %self.config.site, aggregator = %w.aggregator, software = %w.software, "connected to the aggregator")
+                info!(site = %self.config.site, aggregator = %w.aggregator, software = %w.software, "connected to the aggregator");
             }
             Ok(other) => {
                 let reason = format!("expected a welcome, got a {}", other.kind());

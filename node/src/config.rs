@@ -10,12 +10,16 @@ use medfed_infra::config::{
 };
 use serde::{Deserialize, Serialize};
 
+/// A hospital node's configuration, `node.toml`, as loaded and checked by
+/// [`NodeConfig::load`] (relative paths resolved against the file's directory).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
     /// This hospital's site name; must equal the common name of its certificate.
     pub site: String,
+    /// Where the aggregator is (`[aggregator]`).
     pub aggregator: AggregatorAddress,
+    /// This site's certificate, key, the consortium CA and its revocation list (`[tls]`).
     pub tls: TlsFiles,
     /// The compliance log (default: `audit/compliance.log`, key `audit/signing.key`).
     #[serde(default)]
@@ -23,6 +27,7 @@ pub struct NodeConfig {
     /// Which studies this site serves (none unless approved; see `policy`).
     #[serde(default)]
     pub policy: crate::policy::Policy,
+    /// The datasets this site serves (`[[dataset]]`, at least one, names unique).
     #[serde(rename = "dataset")]
     pub datasets: Vec<DatasetConfig>,
     /// The node's durable state (store directory and backend).
@@ -31,6 +36,7 @@ pub struct NodeConfig {
     /// Ingestion pipelines (`medfed node ingest`).
     #[serde(default, rename = "ingest")]
     pub ingests: Vec<crate::ingest::IngestConfig>,
+    /// Backoff and liveness of the connection to the aggregator (`[reconnect]`).
     #[serde(default)]
     pub reconnect: Reconnect,
     /// Largest frame accepted or sent, in bytes.
@@ -41,6 +47,7 @@ pub struct NodeConfig {
     pub config_sha256: String,
 }
 
+/// `[aggregator]`: the aggregator this node dials.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AggregatorAddress {
@@ -51,6 +58,7 @@ pub struct AggregatorAddress {
     pub server_name: Option<String>,
 }
 
+/// `[[dataset]]`: a local dataset studies may use, from a CSV file or an ingest pipeline.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetConfig {
@@ -82,7 +90,9 @@ pub struct DatasetConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ExactRelease {
+    /// Exact statistics queries (`"statistics"`).
     Statistics,
+    /// Training studies without differential privacy (`"training"`).
     Training,
 }
 
@@ -106,12 +116,14 @@ fn path_is_empty(p: &Path) -> bool {
     p.as_os_str().is_empty()
 }
 
+/// `[reconnect]`: how the node reconnects, and how it tells the aggregator is gone.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Reconnect {
     /// First wait after a lost connection; doubles up to `max_backoff_ms`.
     #[serde(default = "default_initial_backoff_ms")]
     pub initial_backoff_ms: u64,
+    /// Longest wait between reconnection attempts, ms (default 30,000).
     #[serde(default = "default_max_backoff_ms")]
     pub max_backoff_ms: u64,
     /// A keep-alive this often holds the connection open through NATs and firewalls.
@@ -123,6 +135,7 @@ pub struct Reconnect {
 }
 
 impl Reconnect {
+    /// The connection's keep-alive and idle timeout.
     pub fn liveness(&self) -> medfed_infra::transport::Liveness {
         medfed_infra::transport::Liveness {
             keep_alive: std::time::Duration::from_millis(self.keep_alive_ms),
@@ -159,6 +172,8 @@ fn default_idle_timeout_ms() -> u64 {
 }
 
 impl AggregatorAddress {
+    /// The name the aggregator's certificate must hold: `server_name`, or the host part of
+    /// `address` (without brackets for IPv6).
     pub fn server_name(&self) -> &str {
         self.server_name
             .as_deref()
@@ -170,6 +185,9 @@ impl AggregatorAddress {
 }
 
 impl NodeConfig {
+    /// Loads and checks `node.toml`: resolves relative paths, validates the site name, the
+    /// aggregator's address, the datasets and ingest pipelines, and records the file's SHA-256.
+    /// Errors name the file and the key.
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
         let mut cfg: NodeConfig = load_toml(path)?;
         cfg.tls.resolve(path)?;

@@ -11,35 +11,68 @@ use ndarray::{Array1, Array2};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 
+/// Why a dataset could not be loaded or prepared for a study. The messages hold paths, lines
+/// and values for the site's own log; [`DataError::public_reason`] is what the aggregator
+/// may be told.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DataError {
+    /// The file could not be opened or read.
     #[error("{path}: {source}")]
     Io {
+        /// The dataset's file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
+    /// The file is not valid CSV.
     #[error("{path}: {source}")]
-    Csv { path: PathBuf, source: csv::Error },
+    Csv {
+        /// The dataset's file.
+        path: PathBuf,
+        /// The CSV reader's error.
+        source: csv::Error,
+    },
+    /// A column a study names is not in the table.
     #[error("{path}: no column named '{column}' (columns: {available})")]
     MissingColumn {
+        /// The dataset's file.
         path: PathBuf,
+        /// The column asked for.
         column: String,
+        /// The table's columns, comma-separated.
         available: String,
     },
+    /// A cell that cannot be used (e.g. not a number in a feature column).
     #[error("{path}, line {line}, column '{column}': {why} (value {value:?})")]
     BadValue {
+        /// The dataset's file.
         path: PathBuf,
+        /// The cell's line in the file (the header is line 1).
         line: u64,
+        /// The cell's column.
         column: String,
+        /// The cell's text (never sent to the aggregator).
         value: String,
+        /// What is wrong with it, e.g. "not a number".
         why: &'static str,
     },
+    /// Fewer than 2 rows: nothing to both train and validate on.
     #[error("{path}: {rows} rows; a study needs at least 2 (one to train, one to validate)")]
-    TooFewRows { path: PathBuf, rows: usize },
+    TooFewRows {
+        /// The dataset's file.
+        path: PathBuf,
+        /// Its data rows.
+        rows: usize,
+    },
     /// `why` is sent to the aggregator: it never holds a data value.
     #[error("{path}: {why}")]
-    Invalid { path: PathBuf, why: String },
+    Invalid {
+        /// The dataset's file.
+        path: PathBuf,
+        /// What is wrong, without any data value.
+        why: String,
+    },
 }
 
 impl DataError {
@@ -100,7 +133,9 @@ impl<R: std::io::Read> std::io::Read for Newlines<R> {
 /// A CSV table held in memory: header and raw string records.
 #[derive(Debug, Clone)]
 pub struct Table {
+    /// Where the table was read from (named in errors).
     pub path: PathBuf,
+    /// The header's column names, in file order.
     pub columns: Vec<String>,
     rows: Vec<csv::StringRecord>,
     /// Stable row ids where the source has them (ingested records); else the row's index.
@@ -108,6 +143,7 @@ pub struct Table {
 }
 
 impl Table {
+    /// Reads a CSV file with a header row (cells trimmed).
     pub fn load(path: &Path) -> Result<Table, DataError> {
         let file = std::fs::File::open(path).map_err(|source| DataError::Io {
             path: path.to_path_buf(),
@@ -203,10 +239,12 @@ impl Table {
             .unwrap_or(row as u32)
     }
 
+    /// Data rows (the header not counted).
     pub fn len(&self) -> usize {
         self.rows.len()
     }
 
+    /// Whether the table has no data row.
     pub fn is_empty(&self) -> bool {
         self.rows.is_empty()
     }
@@ -216,6 +254,7 @@ impl Table {
         self.rows[row].get(column).unwrap_or("")
     }
 
+    /// The index of column `name`; [`DataError::MissingColumn`] if there is none.
     pub fn column(&self, name: &str) -> Result<usize, DataError> {
         self.columns
             .iter()
@@ -340,11 +379,17 @@ pub fn split_rows(n: usize, validation_fraction: f64, study_id: &str) -> (Vec<us
 /// A study's rows at this node, raw (unstandardized).
 #[derive(Debug, Clone)]
 pub struct StudyData {
+    /// The study's model kind.
     pub kind: ModelKind,
+    /// The study's feature columns, in the model's order.
     pub features: Vec<String>,
+    /// Training rows × features.
     pub x_train: Array2<f64>,
+    /// Training targets (0 or 1 for a logistic study).
     pub y_train: Array1<f64>,
+    /// Validation rows × features.
     pub x_val: Array2<f64>,
+    /// Validation targets.
     pub y_val: Array1<f64>,
     /// The study's DP-FedAvg parameters, if it is differentially private.
     pub privacy: Option<medfed_protocol::dp::DpTraining>,
@@ -355,6 +400,9 @@ pub struct StudyData {
 }
 
 impl StudyData {
+    /// The study's rows from `table`: features and target parsed (a bad value is an error),
+    /// split into training and validation rows by the study's validation fraction, the same way
+    /// every time for a study id.
     pub fn prepare(table: &Table, study: &StudyAnnouncement) -> Result<StudyData, DataError> {
         if table.len() < 2 {
             return Err(DataError::TooFewRows {
@@ -478,6 +526,7 @@ impl StudyData {
             .collect()
     }
 
+    /// Count, sums and sums of squares of the training rows' features.
     pub fn feature_stats(&self) -> FeatureStats {
         FeatureStats::from_rows(self.x_train.view())
     }

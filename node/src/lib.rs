@@ -14,6 +14,8 @@
 //! # Ok(()) }
 //! ```
 
+#![forbid(unsafe_code)]
+
 pub mod announced;
 pub mod at_rest;
 pub mod check;

@@ -67,6 +67,7 @@ impl Default for PrivacyPolicy {
 }
 
 impl PrivacyPolicy {
+    /// The privacy budget these limits set.
     pub fn budget(&self) -> medfed_protocol::dp::ledger::Budget {
         medfed_protocol::dp::ledger::Budget {
             study_epsilon: self.epsilon,
@@ -75,6 +76,7 @@ impl PrivacyPolicy {
         }
     }
 
+    /// Checks `0 < epsilon <= total_epsilon` and `0 < delta < 0.001`.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.epsilon > 0.0 && self.total_epsilon >= self.epsilon) {
             return Err("needs 0 < epsilon <= total_epsilon".into());
@@ -89,7 +91,7 @@ impl PrivacyPolicy {
 /// At δ = 10⁻⁶, ε 5 allows one statistics query at the default noise (ε 3.4) or a DP-SGD
 /// study like the quickstart's (ε 3.6); 10 in all bounds what every release together tells
 /// of a patient (an attacker using all of it tells a patient's presence apart at most
-/// about 80% of the time: see tests/attacks.rs).
+/// about 80% of the time: see tests/integration/attacks.rs).
 fn default_study_epsilon() -> f64 {
     5.0
 }
@@ -104,6 +106,8 @@ fn default_tolerated_colluders() -> u32 {
     1
 }
 
+/// `[policy.rules]`: the studies and queries this site serves without its operator's
+/// approval of each. Every rule must hold.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Rules {
@@ -177,11 +181,14 @@ pub fn query_hash(q: &medfed_protocol::fedstats::StatsQuery) -> String {
 /// The operator's decision on a study, with the reason for the logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
+    /// Served; why (the operator's approval, or the rules).
     Approved(String),
+    /// Refused; why, and how the operator can approve it anyway.
     Refused(String),
 }
 
 impl Policy {
+    /// Makes the approvals file's path relative to the configuration file's directory.
     pub fn resolve(&mut self, config_path: &Path) {
         self.approvals = medfed_infra::config::resolve(config_path, &self.approvals);
     }

@@ -2,8 +2,8 @@
 //! directory), the charge before each release, and the clipped, noised contribution.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
 
+use medfed_infra::json_state::{Contents, JsonFile};
 use medfed_protocol::ErrorCode;
 use medfed_protocol::dp::discrete::noisy_on_grid;
 use medfed_protocol::dp::ledger::Ledger;
@@ -19,46 +19,25 @@ pub fn ledger_path(state_dir: &Path) -> PathBuf {
     state_dir.join("privacy-ledger.json")
 }
 
+/// What the ledger file holds, for its errors.
+const LEDGER: Contents = Contents {
+    label: "privacy ledger",
+    a: "a ledger",
+    the: "the privacy ledger",
+    pretty: true,
+};
+
 /// Reads a ledger file; a missing file is an empty ledger.
 pub fn load_ledger(path: &Path) -> Result<Ledger, String> {
-    match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes)
-            .map_err(|e| format!("privacy ledger {}: not a ledger: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Ledger::default()),
-        Err(e) => Err(format!("privacy ledger {}: {e}", path.display())),
-    }
+    JsonFile::read(path, LEDGER).map_err(|e| e.to_string())
 }
 
 /// The ledger, kept in memory and written through (atomically, synced) on every change.
-pub struct LedgerFile {
-    path: PathBuf,
-    ledger: Mutex<Ledger>,
-}
+pub type LedgerFile = JsonFile<Ledger>;
 
-impl LedgerFile {
-    pub fn open(path: PathBuf) -> Result<LedgerFile, String> {
-        let ledger = load_ledger(&path)?;
-        Ok(LedgerFile {
-            path,
-            ledger: Mutex::new(ledger),
-        })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Ledger> {
-        // Every change is written through: a poisoned ledger is the file's.
-        self.ledger.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn save(&self, ledger: &Ledger) -> Result<(), String> {
-        let bytes = serde_json::to_vec_pretty(ledger)
-            .map_err(|e| format!("the privacy ledger cannot be encoded: {e}"))?;
-        medfed_infra::files::write_atomic(&self.path, &bytes).map_err(|e| {
-            format!(
-                "cannot write the privacy ledger {}: {e}",
-                self.path.display()
-            )
-        })
-    }
+/// The ledger in `path` (empty if there is none yet), for charging.
+pub fn open_ledger(path: PathBuf) -> Result<LedgerFile, String> {
+    JsonFile::open(path, LEDGER).map_err(|e| e.to_string())
 }
 
 type Refusal = (ErrorCode, String);
@@ -87,7 +66,7 @@ impl Node {
         }
         self.ledger
             .save(&ledger)
-            .map_err(|e| (ErrorCode::Internal, e))?;
+            .map_err(|e| (ErrorCode::Internal, e.to_string()))?;
         let event = medfed_protocol::audit::Event::PrivacySpent {
             study: study.to_string(),
             round,
@@ -176,7 +155,7 @@ impl Node {
         ledger.record_exact(study);
         self.ledger
             .save(&ledger)
-            .map_err(|e| (ErrorCode::Internal, e))
+            .map_err(|e| (ErrorCode::Internal, e.to_string()))
     }
 
     /// `v` on a grid of `2^-bits` plus discrete Gaussian noise of standard deviation at
@@ -234,16 +213,16 @@ mod tests {
     fn the_ledger_survives_a_restart_and_a_broken_file_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = ledger_path(dir.path());
-        let file = LedgerFile::open(path.clone()).unwrap();
+        let file = open_ledger(path.clone()).unwrap();
         {
             let mut l = file.lock();
             l.record("pima", 1.0);
             file.save(&l).unwrap();
         }
-        let again = LedgerFile::open(path.clone()).unwrap();
+        let again = open_ledger(path.clone()).unwrap();
         assert_eq!(again.lock().releases("pima"), 1);
         std::fs::write(&path, b"{not json").unwrap();
-        let err = LedgerFile::open(path).err().unwrap();
+        let err = open_ledger(path).err().unwrap();
         assert!(
             err.contains("privacy-ledger.json") && err.contains("not a ledger"),
             "{err}"

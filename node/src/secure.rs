@@ -4,9 +4,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::MutexGuard;
 
 use medfed_infra::identity::CertificateVerifier;
+use medfed_infra::json_state::{Contents, JsonFile};
 use medfed_protocol::dp::Charge;
 use medfed_protocol::messages::{
     RoundOpen, SecAggFromNode, SecAggToNode, SecureRound, StatisticsOpen, statistics_binding,
@@ -36,6 +37,10 @@ pub(crate) struct Party {
     /// answer (the state machine has moved on).
     last: Option<(medfed_protocol::secagg::ServerMessage, ClientMessage)>,
 }
+
+/// Per study, the last secure aggregation a site finished: (round, last request, answer).
+pub(crate) type Finished =
+    std::collections::HashMap<String, (u32, medfed_protocol::secagg::ServerMessage, ClientMessage)>;
 
 /// What a site adds to its vector before masking, and what that costs its budget.
 #[derive(Debug, Clone, Copy)]
@@ -138,11 +143,7 @@ pub(crate) fn parties_digest(parties: &[String]) -> String {
         ctx.update(p.as_bytes());
         ctx.update(b"\n");
     }
-    ctx.finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    medfed_protocol::hex::encode(ctx.finish().as_ref())
 }
 
 /// Why a reveal was not recorded (and so does not happen).
@@ -167,10 +168,15 @@ impl std::fmt::Display for RecordError {
 /// a second sum of the same study and round over other parties (and subtract the two).
 /// Written before the shares are sent; nothing is ever forgotten (64 bytes per round), and
 /// round 0 (a study's feature statistics) is protected like any other.
-pub(crate) struct RevealedRounds {
-    path: PathBuf,
-    rounds: Mutex<Vec<RevealedRound>>,
-}
+pub(crate) struct RevealedRounds(JsonFile<Vec<RevealedRound>>);
+
+/// What the file of revealed rounds holds, for its errors.
+const REVEALED: Contents = Contents {
+    label: "",
+    a: "a list of revealed rounds",
+    the: "the revealed rounds",
+    pretty: false,
+};
 
 impl RevealedRounds {
     pub(crate) fn path(state_dir: &Path) -> PathBuf {
@@ -178,22 +184,13 @@ impl RevealedRounds {
     }
 
     pub(crate) fn open(path: PathBuf) -> Result<RevealedRounds, String> {
-        let rounds = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| format!("{}: not a list of revealed rounds: {e}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-        };
-        Ok(RevealedRounds {
-            path,
-            rounds: Mutex::new(rounds),
-        })
+        JsonFile::open(path, REVEALED)
+            .map(RevealedRounds)
+            .map_err(|e| e.to_string())
     }
 
     fn lock(&self) -> MutexGuard<'_, Vec<RevealedRound>> {
-        // Every mutation is followed by a write of the whole list: a poisoned one is still
-        // consistent.
-        self.rounds.lock().unwrap_or_else(|p| p.into_inner())
+        self.0.lock()
     }
 
     /// The digest of the parties this site revealed shares with for `study` `round`, if it
@@ -230,15 +227,10 @@ impl RevealedRounds {
             round,
             parties_sha256: digest,
         });
-        let written = serde_json::to_vec(&*rounds)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| {
-                medfed_infra::files::write_atomic(&self.path, &bytes).map_err(|e| e.to_string())
-            });
-        written.map_err(|e| {
+        self.0.save(&rounds).map_err(|e| {
             // Not recorded: not revealed, and not remembered either.
             rounds.pop();
-            RecordError::Write(format!("cannot write {}: {e}", self.path.display()))
+            RecordError::Write(e.to_string())
         })
     }
 }
@@ -517,6 +509,23 @@ impl Node {
     pub(crate) fn secure_step(&self, m: SecAggToNode) -> Reply {
         let key = (m.study_id.clone(), m.round);
         let mut secure = self.secure_lock();
+        if !secure.contains_key(&key)
+            && let Some(answer) = self
+                .secure_done
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&m.study_id)
+                .filter(|(round, request, _)| *round == m.round && *request == m.message)
+                .map(|(_, _, answer)| answer.clone())
+        {
+            // The last request of a finished aggregation again: the same answer (the same
+            // shares, revealed once already).
+            return Ok(Message::SecAggFromNode(SecAggFromNode {
+                study_id: m.study_id,
+                round: m.round,
+                message: answer,
+            }));
+        }
         let party = secure.get_mut(&key).ok_or_else(|| {
             (
                 ErrorCode::UnexpectedMessage,
@@ -597,6 +606,10 @@ impl Node {
                                 }
                             })?;
                     }
+                    self.secure_done
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(key.0.clone(), (key.1, request, answer.clone()));
                     info!(study = %m.study_id, round = m.round, "secure aggregation: shares revealed; done");
                 } else if let Some(party) = secure.get_mut(&key) {
                     party.last = Some((request, answer.clone()));

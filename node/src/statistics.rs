@@ -4,8 +4,8 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
+use medfed_infra::json_state::{Contents, JsonFile};
 use medfed_protocol::fedstats::{LeftOut, StatsQuery};
 use medfed_protocol::messages::{StatisticsQuery, StatisticsReport, query_binding};
 use medfed_protocol::{ErrorCode, Message};
@@ -23,12 +23,15 @@ type Reply = Result<Message, (ErrorCode, String)>;
 /// whose cohorts were summed with it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AnsweredCohort {
+    /// The query answered.
     pub query_id: String,
+    /// The dataset its cohort is of.
     pub dataset: String,
     /// Where the dataset's rows came from (its file, or its ingestion pipeline): row ids
     /// compare only within one source. Empty in memories written before it was kept.
     #[serde(default)]
     pub source: String,
+    /// The cohort's row ids (see [`crate::data::Table::row_id`]).
     pub rows: Vec<u32>,
     /// SHA-256 of the sum's parties (see `secure::parties_digest`); absent in memories
     /// written before it was kept.
@@ -39,27 +42,27 @@ pub struct AnsweredCohort {
 /// The cohorts of the exact statistics released so far, kept in the state directory
 /// (written through). Queries with differential privacy are not remembered: their noise
 /// protects them, and their budget bounds how often they can be asked.
-pub struct CohortMemory {
-    path: PathBuf,
-    answered: Mutex<Vec<AnsweredCohort>>,
-}
+pub struct CohortMemory(JsonFile<Vec<AnsweredCohort>>);
+
+/// What the file of answered cohorts holds, for its errors.
+const COHORTS: Contents = Contents {
+    label: "",
+    a: "a list of answered cohorts",
+    the: "the answered cohorts",
+    pretty: false,
+};
 
 impl CohortMemory {
+    /// Where the memory is kept in the state directory `state_dir`.
     pub fn path(state_dir: &Path) -> PathBuf {
         state_dir.join("answered-cohorts.json")
     }
 
+    /// Opens the memory kept at `path` (none yet is an empty memory).
     pub fn open(path: PathBuf) -> Result<CohortMemory, String> {
-        let answered = match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| format!("{}: not a list of answered cohorts: {e}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
-        };
-        Ok(CohortMemory {
-            path,
-            answered: Mutex::new(answered),
-        })
+        JsonFile::open(path, COHORTS)
+            .map(CohortMemory)
+            .map_err(|e| e.to_string())
     }
 
     /// Records `cohort` unless answering it exactly would reveal patients through an earlier
@@ -72,7 +75,7 @@ impl CohortMemory {
     ///
     /// The same cohort with the same sites again is allowed.
     pub fn admit(&self, cohort: AnsweredCohort, min_difference: u64) -> Result<(), String> {
-        let mut answered = self.answered.lock().unwrap_or_else(|p| p.into_inner());
+        let mut answered = self.0.lock();
         let mine: BTreeSet<u32> = cohort.rows.iter().copied().collect();
         for earlier in answered.iter().filter(|a| a.dataset == cohort.dataset) {
             if !earlier.source.is_empty() && earlier.source != cohort.source {
@@ -100,11 +103,10 @@ impl CohortMemory {
             }
         }
         answered.push(cohort);
-        let bytes = serde_json::to_vec(&*answered)
-            .map_err(|e| format!("the answered cohorts cannot be encoded: {e}"))?;
-        medfed_infra::files::write_atomic(&self.path, &bytes).map_err(|e| {
+        self.0.save(&answered).map_err(|e| {
+            // Not on disk: not answered, and not remembered either.
             answered.pop();
-            format!("cannot write {}: {e}", self.path.display())
+            e.to_string()
         })
     }
 }
@@ -113,8 +115,11 @@ impl CohortMemory {
 /// missing value.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Cohort {
+    /// The cohort's row ids (see [`crate::data::Table::row_id`]).
     pub ids: Vec<u32>,
+    /// Each row's values of the query's columns, in the query's order.
     pub rows: Vec<Vec<f64>>,
+    /// The rows left out for a missing value, in all and per column.
     pub left_out: LeftOut,
 }
 

@@ -27,21 +27,41 @@ pub const HEADER_BYTES: usize = 4;
 
 const VERSION_BYTES: usize = 2;
 
+/// Why a frame could not be read or written.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum FrameError {
+    /// The frame's length is above the limit: refused before anything is read or allocated.
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
-    TooLarge { len: u64, max: u32 },
+    TooLarge {
+        /// The frame's length (version + body), in bytes.
+        len: u64,
+        /// The limit, in bytes.
+        max: u32,
+    },
+    /// The frame's length cannot even hold the 2-byte version.
     #[error("frame of {len} bytes is too short to hold a protocol version")]
-    TooShort { len: u32 },
+    TooShort {
+        /// The frame's length, in bytes.
+        len: u32,
+    },
+    /// The peer speaks another protocol version.
     #[error(
         "peer speaks protocol version {got}; this build speaks version {supported} \
          (upgrade the older side)"
     )]
-    UnsupportedVersion { got: u16, supported: u16 },
+    UnsupportedVersion {
+        /// The peer's protocol version.
+        got: u16,
+        /// This build's, [`PROTOCOL_VERSION`].
+        supported: u16,
+    },
+    /// The bytes are not a valid message (or a message could not be encoded).
     #[error("malformed {context}: {detail}")]
     Malformed {
+        /// What was being decoded or encoded.
         context: &'static str,
+        /// The decoder's error, in words.
         detail: String,
     },
 }

@@ -9,13 +9,18 @@ use crate::model::GlobalModel;
 /// The value of [`ExportedModel::format`] this build writes and reads.
 pub const MODEL_FORMAT: &str = "medfed-model/1";
 
+/// A global model as exported after a round: the model with its provenance (study, round,
+/// sites, rows), its federated validation metrics, and what is missing from it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportedModel {
+    /// The layout's version, [`MODEL_FORMAT`]; [`ExportedModel::validate`] refuses others.
     pub format: String,
+    /// The study that trained the model.
     pub study_id: String,
     /// The round that produced this model.
     pub round: u32,
+    /// The column the model predicts.
     pub target: String,
     /// For classification: the target value predicted as probability 1.
     pub positive_class: Option<String>,
@@ -50,7 +55,9 @@ pub struct ExportedModel {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MissingSite {
+    /// The site's name.
     pub site: String,
+    /// Why its data is not in the model, in words.
     pub reason: String,
 }
 

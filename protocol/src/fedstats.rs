@@ -24,16 +24,22 @@ use serde::{Deserialize, Serialize};
 /// A comparison in a cohort filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CmpOp {
+    /// `<`
     #[serde(rename = "<")]
     Lt,
+    /// `<=`
     #[serde(rename = "<=")]
     Le,
+    /// `>`
     #[serde(rename = ">")]
     Gt,
+    /// `>=`
     #[serde(rename = ">=")]
     Ge,
+    /// `==` (numbers or text)
     #[serde(rename = "==")]
     Eq,
+    /// `!=` (numbers or text)
     #[serde(rename = "!=")]
     Ne,
 }
@@ -43,10 +49,14 @@ pub enum CmpOp {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Condition {
+    /// The column compared.
     pub column: String,
+    /// The comparison.
     pub op: CmpOp,
+    /// The number to compare with (exactly one of `value` and `text` is set).
     #[serde(default)]
     pub value: Option<f64>,
+    /// The text to compare with, for `==` and `!=` only (the cell is trimmed first).
     #[serde(default)]
     pub text: Option<String>,
 }
@@ -81,9 +91,14 @@ impl Condition {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StatColumn {
+    /// The column's name in the dataset.
     pub name: String,
+    /// The lowest value counted: lower values are clipped to it. Part of the sensitivity.
     pub low: f64,
+    /// The highest value counted: higher values are clipped to it. Part of the sensitivity.
     pub high: f64,
+    /// The histogram's bin edges, strictly rising from `low` to `high` (the last bin includes
+    /// `high`).
     pub edges: Vec<f64>,
 }
 
@@ -106,10 +121,15 @@ impl StatColumn {
 /// One statistics query.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsQuery {
+    /// The query's id, unique in the consortium (it plays the part of a study id).
     pub query_id: String,
+    /// The name of the sites' dataset to query.
     pub dataset: String,
+    /// The rows described: those for which every condition holds (all rows when empty).
     pub cohort: Vec<Condition>,
+    /// The columns to describe, in the release's order.
     pub columns: Vec<StatColumn>,
+    /// Whether to release the Pearson correlations of every pair of columns.
     pub correlations: bool,
     /// Gaussian noise multiplier over the sensitivity (in units); absent: no DP.
     pub noise_multiplier: Option<f64>,
@@ -118,6 +138,9 @@ pub struct StatsQuery {
 }
 
 impl StatsQuery {
+    /// Checks the query before it is sent or answered: at least one column, `low < high` and
+    /// rising edges from `low` to `high` for each, conditions with a number or a text (text with
+    /// `==`/`!=` only), a noise multiplier of at least 0.3 if any, and `suppress_below` ≥ 1.
     pub fn validate(&self) -> Result<(), String> {
         if self.columns.is_empty() {
             return Err("names no column".into());
@@ -470,8 +493,11 @@ pub fn complementary_suppression(hist: &[f64], threshold: f64) -> Vec<bool> {
 /// accountant). Absent from exact releases.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReleasePrivacy {
+    /// The noise's standard deviation over the sensitivity.
     pub noise_multiplier: f64,
+    /// ε of the release for each site's patients, at `delta`.
     pub epsilon: f64,
+    /// The δ that `epsilon` is stated at.
     pub delta: f64,
 }
 
@@ -641,7 +667,9 @@ pub const Z: f64 = 5.0;
 /// statistic moves over that range (and, for quantiles, the bins they may fall in).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Released {
+    /// The (noisy) value; `None` where suppressed.
     pub value: Option<f64>,
+    /// How far the exact value may lie from `value` (in the value's units): see [`Z`].
     pub error: f64,
 }
 
@@ -654,12 +682,19 @@ impl Released {
     }
 }
 
+/// What a statistics query releases about one column of its cohort (values clipped to the
+/// column's bounds).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ColumnRelease {
+    /// The column's name.
     pub name: String,
+    /// The sum of the column's values over the cohort.
     pub sum: Released,
+    /// The mean over the cohort, within `[low, high]`.
     pub mean: Released,
+    /// The (population) variance over the cohort, within `[0, (high − low)²/4]`.
     pub variance: Released,
+    /// The count in each bin between consecutive edges.
     pub histogram: Vec<Released>,
     /// (quantile, value)
     pub quantiles: Vec<(f64, Released)>,
@@ -669,7 +704,9 @@ pub struct ColumnRelease {
 /// each of [`StatsQuery::missing_columns`] (a row may lack several).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LeftOut {
+    /// Rows of the cohort left out.
     pub rows: u64,
+    /// Of those, how many lack each of [`StatsQuery::missing_columns`], in that order.
     pub per_column: Vec<u64>,
 }
 
@@ -686,6 +723,7 @@ impl LeftOut {
 /// The released [`LeftOut`] summed over sites.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LeftOutRelease {
+    /// The cohort's rows left out, in all.
     pub rows: Released,
     /// (column, rows without a usable value in it)
     pub columns: Vec<(String, Released)>,
@@ -694,8 +732,11 @@ pub struct LeftOutRelease {
 /// What a statistics query releases.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsRelease {
+    /// The query released.
     pub query_id: String,
+    /// The cohort's rows, over all the sites that took part.
     pub count: Released,
+    /// Each column's statistics, in the query's order.
     pub columns: Vec<ColumnRelease>,
     /// Pearson correlations (None where suppressed).
     pub correlations: Option<Vec<Vec<Option<f64>>>>,

@@ -16,6 +16,7 @@
 //! - [`messages`]: the versioned wire messages.
 //! - [`audit`]: the compliance log format, RFC 6962 Merkle tree, verification.
 //! - [`codec`]: length-prefixed framing with a size limit checked before allocation.
+//! - [`hex`]: the one hexadecimal encoder and decoder.
 //! - [`model`]: logistic and linear regression, local mini-batch training, FedAvg.
 //! - [`stats`]: combinable feature statistics for standardization.
 //! - [`quant`]: fixed-point encoding into Z_2^32 / Z_2^64 with overflow checks.
@@ -30,6 +31,7 @@ pub mod codec;
 pub mod dp;
 pub mod export;
 pub mod fedstats;
+pub mod hex;
 pub mod messages;
 pub mod metrics;
 pub mod model;
@@ -38,6 +40,7 @@ pub mod schedule;
 pub mod secagg;
 pub mod stats;
 pub mod study;
+pub mod time;
 pub mod update_vector;
 
 pub use codec::{DEFAULT_MAX_FRAME_BYTES, FrameError, PROTOCOL_VERSION};

@@ -28,20 +28,35 @@ use crate::stats::FeatureStats;
 /// the end, never reorder.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Message {
+    /// Node → aggregator, first on every connection: who the site is and what it serves.
     Hello(Hello),
+    /// Aggregator → node: the hello was accepted.
     Welcome(Welcome),
+    /// Aggregator → node: a study asks the site to take part.
     StudyAnnouncement(StudyAnnouncement),
+    /// Node → aggregator: the site's answer to a study announcement.
     StudyDecision(StudyDecision),
+    /// Aggregator → node: train one round from the enclosed global model.
     RoundOpen(RoundOpen),
+    /// Node → aggregator: the site's locally trained parameters for a round (plain rounds only).
     ModelUpdate(ModelUpdate),
+    /// Aggregator → node: evaluate a model on the site's validation rows.
     EvaluateRequest(EvaluateRequest),
+    /// Node → aggregator: the answer to an evaluate request.
     EvaluationReport(EvaluationReport),
+    /// Aggregator → node, one-way: a round finished.
     RoundResult(RoundResult),
+    /// Either way, instead of the expected response: a refusal or failure with its code.
     Error(ErrorMessage),
+    /// Aggregator → node: a secure-aggregation server message.
     SecAggToNode(SecAggToNode),
+    /// Node → aggregator: a secure-aggregation client message.
     SecAggFromNode(SecAggFromNode),
+    /// Aggregator → node: sum the study's feature statistics with secure aggregation.
     StatisticsOpen(StatisticsOpen),
+    /// Aggregator → node: descriptive statistics of a cohort (a statistics study).
     StatisticsQuery(StatisticsQuery),
+    /// Node → aggregator: a statistics query's answer, in the clear.
     StatisticsReport(StatisticsReport),
 }
 
@@ -92,7 +107,10 @@ impl Message {
 /// A dataset a node can serve: its name and column names (never its values).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DatasetInfo {
+    /// The dataset's name in the node's configuration (`[[dataset]] name`), which studies name.
     pub name: String,
+    /// The names of its columns a study may use, in file order: columns classed as
+    /// identifiers, patient ids, birth dates, dates or zip codes are left out.
     pub columns: Vec<String>,
 }
 
@@ -100,32 +118,44 @@ pub struct DatasetInfo {
 /// the node's TLS client certificate.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
+    /// The site's name; the aggregator refuses a hello whose site is not the one its TLS client
+    /// certificate names.
     pub site: String,
     /// The node's software version, for the operator's status page.
     pub software: String,
+    /// The datasets the node serves.
     pub datasets: Vec<DatasetInfo>,
 }
 
 /// The aggregator accepted the node's hello.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {
+    /// The aggregator's name (`name` in its configuration).
     pub aggregator: String,
+    /// The aggregator's software version, e.g. `medfed-aggregator 0.1.0`.
     pub software: String,
 }
 
 /// What a study asks of a node: which dataset, which columns, what model.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StudyAnnouncement {
+    /// The study's id, unique in the consortium; every later message of the study carries it.
     pub study_id: String,
+    /// What the study is for, in words, as the operator wrote it: shown to the site's reviewer.
     pub description: String,
+    /// The name of the node's dataset the study trains on ([`DatasetInfo::name`]).
     pub dataset: String,
+    /// The columns used as model inputs, in the model's order.
     pub features: Vec<String>,
+    /// The column the model predicts.
     pub target: String,
+    /// Logistic (classification) or linear (regression).
     pub model: crate::model::ModelKind,
     /// For classification: the target value that counts as the positive class.
     pub positive_class: Option<String>,
     /// Share of the node's rows it keeps aside for validation, in (0, 1).
     pub validation_fraction: f64,
+    /// The number of training rounds.
     pub rounds: u32,
     /// With secure aggregation the feature statistics are summed securely in a
     /// [`StatisticsOpen`] exchange instead of being sent with the decision.
@@ -142,9 +172,14 @@ pub enum StudyDecision {
     /// training rows) let the aggregator standardize features without seeing any value; they
     /// are absent when the study sums them with secure aggregation instead.
     Accept {
+        /// The study answered.
         study_id: String,
+        /// Rows the site trains on (its rows minus the validation share).
         training_rows: u64,
+        /// Rows the site keeps aside for validation.
         validation_rows: u64,
+        /// Per-feature count, sums and sums of squares over the training rows; `None` with
+        /// secure aggregation.
         feature_stats: Option<FeatureStats>,
         /// A classification study's target classes at this site: the values of the target
         /// column that at least `min_cell` of its patients have (no count, and no class
@@ -152,8 +187,13 @@ pub enum StudyDecision {
         /// whose positive class no site names, or whose target has one class, before round 1.
         target_classes: Vec<String>,
     },
+    /// The node does not take part: its policy refuses the study, its privacy budget cannot
+    /// pay for it, it serves no such dataset, or a reason that depends on its data (given to
+    /// the aggregator in fixed words that say nothing about the data).
     Refuse {
+        /// The study refused.
         study_id: String,
+        /// Why, in words, for the aggregator's operator.
         reason: String,
     },
 }
@@ -164,9 +204,13 @@ pub const MAX_TARGET_CLASSES: usize = 32;
 /// The aggregator opens a training round: train from this model, send back an update.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundOpen {
+    /// The study.
     pub study_id: String,
+    /// The round, from 1.
     pub round: u32,
+    /// The global model to train from (and to evaluate on the validation rows).
     pub model: GlobalModel,
+    /// The local training's hyper-parameters (epochs, batch size, learning rate, ...).
     pub params: TrainParams,
     /// Milliseconds the node has to answer before the round goes on without it.
     pub deadline_ms: u64,
@@ -195,6 +239,7 @@ pub fn statistics_binding(study_id: &str, scale: f64) -> [u8; 32] {
 /// The secure-aggregation part of a [`RoundOpen`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SecureRound {
+    /// The secure aggregation's parameters: parties, threshold, neighbours, dimension, encoding.
     pub setup: crate::secagg::Setup,
     /// Each party's site certificate (DER), indexed like `setup.parties`, so that nodes can
     /// check each other's key signatures against the consortium CA.
@@ -214,7 +259,9 @@ pub struct SecureRound {
 /// [`crate::update_vector::encode_statistics`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatisticsOpen {
+    /// The study whose feature statistics are summed.
     pub study_id: String,
+    /// The secure aggregation to sum them in.
     pub secure: SecureRound,
 }
 
@@ -223,7 +270,9 @@ pub struct StatisticsOpen {
 /// a [`StatisticsReport`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatisticsQuery {
+    /// What to compute: dataset, cohort, columns, noise and suppression.
     pub query: crate::fedstats::StatsQuery,
+    /// With secure aggregation: its setup; `None` for a report in the clear.
     pub secure: Option<SecureRound>,
 }
 
@@ -231,7 +280,9 @@ pub struct StatisticsQuery {
 /// queries without secure aggregation).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatisticsReport {
+    /// The query answered ([`crate::fedstats::StatsQuery::query_id`]).
     pub query_id: String,
+    /// The site's statistics vector, laid out as [`crate::fedstats`] describes.
     pub vector: Vec<f64>,
 }
 
@@ -243,23 +294,31 @@ pub fn query_binding(query: &crate::fedstats::StatsQuery, scale: f64) -> [u8; 32
 /// A secure-aggregation message from the aggregator to a node.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SecAggToNode {
+    /// The study (for a statistics query, the query's id).
     pub study_id: String,
+    /// The round (0 for feature statistics and statistics queries).
     pub round: u32,
+    /// The secure-aggregation server's message.
     pub message: crate::secagg::ServerMessage,
 }
 
 /// A node's secure-aggregation message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SecAggFromNode {
+    /// The study (for a statistics query, the query's id).
     pub study_id: String,
+    /// The round (0 for feature statistics and statistics queries).
     pub round: u32,
+    /// The node's secure-aggregation client message.
     pub message: crate::secagg::ClientMessage,
 }
 
 /// A node's local update for one round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelUpdate {
+    /// The study.
     pub study_id: String,
+    /// The round this update answers.
     pub round: u32,
     /// The locally trained parameters (same layout as [`GlobalModel::weights`]).
     pub weights: Vec<f64>,
@@ -274,24 +333,37 @@ pub struct ModelUpdate {
 /// Evaluate a model on the node's validation rows (used after the last round).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvaluateRequest {
+    /// The study.
     pub study_id: String,
+    /// The round whose model this is (the study's last round after training).
     pub round: u32,
+    /// The model to evaluate.
     pub model: GlobalModel,
 }
 
+/// A node's evaluation of the model of an [`EvaluateRequest`] on its validation rows: counts
+/// and sums only, combinable across sites.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvaluationReport {
+    /// The study.
     pub study_id: String,
+    /// The round of the evaluated model.
     pub round: u32,
+    /// The combinable evaluation summary.
     pub evaluation: Evaluation,
 }
 
 /// The aggregator's announcement of a finished round.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RoundResult {
+    /// The study.
     pub study_id: String,
+    /// The round that finished.
     pub round: u32,
+    /// The sites whose contributions were aggregated in the round.
     pub participants: Vec<String>,
+    /// Their training losses' mean weighted by training rows; NaN when no loss is released
+    /// (differentially private rounds).
     pub train_loss: f64,
     /// True when this was the study's last round.
     pub study_complete: bool,
@@ -300,7 +372,9 @@ pub struct RoundResult {
 /// A refusal or failure, sent instead of the expected response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ErrorMessage {
+    /// What kind of refusal or failure.
     pub code: ErrorCode,
+    /// Details in words, for logs and the operator.
     pub reason: String,
 }
 

@@ -39,38 +39,55 @@ pub(crate) mod nan_as_null {
     }
 }
 
+/// Metrics of a classifier (logistic model) at the 0.5 threshold. Each is NaN (JSON `null`)
+/// where undefined, e.g. a sensitivity without positive rows.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct ClassificationMetrics {
+    /// The rows evaluated.
     pub rows: u64,
+    /// Mean log loss (natural log; probabilities clamped to [1e-15, 1 − 1e-15]).
     #[serde(with = "nan_as_null")]
     pub log_loss: f64,
+    /// Share of rows classified right.
     #[serde(with = "nan_as_null")]
     pub accuracy: f64,
+    /// Area under the ROC curve (federated: from the score histograms, see the module docs).
     #[serde(with = "nan_as_null")]
     pub roc_auc: f64,
+    /// True positive rate, `tp / (tp + fn)`.
     #[serde(with = "nan_as_null")]
     pub sensitivity: f64,
+    /// True negative rate, `tn / (tn + fp)`.
     #[serde(with = "nan_as_null")]
     pub specificity: f64,
 }
 
+/// Metrics of a regression (linear model). NaN (JSON `null`) where undefined, e.g. without
+/// rows.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct RegressionMetrics {
+    /// The rows evaluated.
     pub rows: u64,
+    /// Root mean squared error, in the target's units.
     #[serde(with = "nan_as_null")]
     pub rmse: f64,
+    /// Coefficient of determination, `1 − SSE / SST` (can be negative).
     #[serde(with = "nan_as_null")]
     pub r2: f64,
 }
 
+/// A model's metrics, by task (JSON: tagged with `"task"`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "task", rename_all = "snake_case")]
 pub enum Metrics {
+    /// For a logistic model.
     Classification(ClassificationMetrics),
+    /// For a linear model.
     Regression(RegressionMetrics),
 }
 
 impl Metrics {
+    /// The rows evaluated.
     pub fn rows(&self) -> u64 {
         match self {
             Metrics::Classification(m) => m.rows,
@@ -137,9 +154,9 @@ pub fn roc_points(scores: &[f64], labels: &[f64]) -> Vec<(f64, f64)> {
     let mut points = vec![(0.0, 0.0)];
     for (k, &i) in idx.iter().enumerate() {
         if labels[i] > 0.5 {
-            tp += 1.0
+            tp += 1.0;
         } else {
-            fp += 1.0
+            fp += 1.0;
         }
         let last_of_tie = idx.get(k + 1).is_none_or(|&j| scores[j] != scores[i]);
         if last_of_tie {
@@ -186,33 +203,55 @@ pub fn regression_metrics(p: &[f64], y: &[f64]) -> RegressionMetrics {
 /// A site's evaluation of one model on its validation rows, in a form that sums across sites.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Evaluation {
+    /// For a logistic model: counts at the 0.5 threshold and score histograms.
     Classification {
+        /// Rows evaluated.
         rows: u64,
+        /// Sum of the rows' log losses.
         log_loss_sum: f64,
+        /// Positive rows predicted positive.
         tp: u64,
+        /// Negative rows predicted negative.
         tn: u64,
+        /// Negative rows predicted positive.
         fp: u64,
+        /// Positive rows predicted negative.
         fn_: u64,
         /// Histogram of predicted probabilities of positive rows ([`SCORE_BINS`] bins).
         positive_scores: Vec<u64>,
+        /// Histogram of predicted probabilities of negative rows ([`SCORE_BINS`] bins).
         negative_scores: Vec<u64>,
     },
+    /// For a linear model: sums from which RMSE and R² follow.
     Regression {
+        /// Rows evaluated.
         rows: u64,
+        /// Sum of squared prediction errors.
         sum_sq_error: f64,
+        /// Sum of the targets.
         sum_y: f64,
+        /// Sum of the targets' squares.
         sum_y_sq: f64,
     },
 }
 
+/// Why a peer's [`Evaluation`] cannot be merged.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum EvaluationError {
+    /// One is a classification summary, the other a regression one.
     #[error("cannot combine a classification evaluation with a regression one")]
     KindMismatch,
+    /// A score histogram does not have [`SCORE_BINS`] bins.
     #[error("score histogram has {got} bins, expected {SCORE_BINS}")]
-    WrongBins { got: usize },
+    WrongBins {
+        /// The histogram's bins.
+        got: usize,
+    },
+    /// A sum is NaN or infinite.
     #[error("evaluation holds a non-finite value")]
     NotFinite,
+    /// The confusion counts or the histograms do not add up to the row count (or overflow).
     #[error("evaluation counts do not add up to its row count")]
     Inconsistent,
 }
@@ -222,6 +261,7 @@ fn bin(p: f64) -> usize {
 }
 
 impl Evaluation {
+    /// An evaluation of no rows, for a model of `kind`.
     pub fn empty(kind: crate::model::ModelKind) -> Evaluation {
         match kind {
             crate::model::ModelKind::Logistic => Evaluation::Classification {
@@ -405,12 +445,14 @@ impl Evaluation {
         }
     }
 
+    /// The rows evaluated.
     pub fn rows(&self) -> u64 {
         match self {
             Evaluation::Classification { rows, .. } | Evaluation::Regression { rows, .. } => *rows,
         }
     }
 
+    /// The metrics these counts and sums give (NaN where undefined).
     pub fn metrics(&self) -> Metrics {
         match self {
             Evaluation::Classification {

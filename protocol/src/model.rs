@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::stats::Standardization;
 
+/// The model family a study trains (`"logistic"` or `"linear"` in configuration files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelKind {
@@ -33,9 +34,13 @@ impl std::fmt::Display for ModelKind {
 /// Hyper-parameters of one round of local training.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainParams {
+    /// Passes over the site's training rows per round (at least 1).
     pub local_epochs: u32,
+    /// Rows per mini-batch (at least 1).
     pub batch_size: u32,
+    /// The gradient step's size (positive).
     pub learning_rate: f64,
+    /// Weight of the L2 penalty `l2/2 ||w||²` (the bias is not penalised; 0 for none).
     pub l2: f64,
     /// Seed of the mini-batch shuffle; the node mixes in the round number.
     pub seed: u64,
@@ -57,26 +62,61 @@ impl Default for TrainParams {
     }
 }
 
+/// Why local training produced no update.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TrainError {
+    /// The data's feature count is not the model's.
     #[error("the model has {model} features but the data has {data}")]
-    WidthMismatch { model: usize, data: usize },
+    WidthMismatch {
+        /// The model's features.
+        model: usize,
+        /// The data's columns.
+        data: usize,
+    },
+    /// Features and targets have different row counts.
     #[error("{rows} rows of features but {targets} targets")]
-    LengthMismatch { rows: usize, targets: usize },
+    LengthMismatch {
+        /// Rows of features.
+        rows: usize,
+        /// Targets.
+        targets: usize,
+    },
+    /// There is nothing to train on.
     #[error("no training rows")]
     NoRows,
+    /// A hyper-parameter is out of range ([`TrainParams::validate`]).
     #[error("invalid training parameter {name}: {why}")]
-    InvalidParam { name: &'static str, why: String },
+    InvalidParam {
+        /// The parameter's name, as in a study's configuration.
+        name: &'static str,
+        /// What it must be.
+        why: String,
+    },
+    /// A parameter became NaN or infinite.
     #[error("training diverged (non-finite parameters); lower the learning rate")]
     Diverged,
+    /// The round's deadline passed between epochs.
     #[error("training stopped after {epochs} of {of} epochs: the round's deadline passed")]
-    Stopped { epochs: u32, of: u32 },
+    Stopped {
+        /// Epochs completed.
+        epochs: u32,
+        /// Epochs asked for.
+        of: u32,
+    },
+    /// The round's deadline passed between DP-SGD steps.
     #[error("training stopped after {step} of {of} steps: the round's deadline passed")]
-    StoppedAtStep { step: u32, of: u32 },
+    StoppedAtStep {
+        /// Steps completed.
+        step: u32,
+        /// Steps asked for.
+        of: u32,
+    },
 }
 
 impl TrainParams {
+    /// Checks the ranges: at least one epoch and one row per batch, a positive learning rate,
+    /// and non-negative `l2` and `prox_mu`.
     pub fn validate(&self) -> Result<(), TrainError> {
         let bad = |name, why: &str| {
             Err(TrainError::InvalidParam {
@@ -106,8 +146,12 @@ impl TrainParams {
 /// A global model: what a round starts from and what the aggregator exports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GlobalModel {
+    /// Logistic or linear.
     pub kind: ModelKind,
+    /// The input columns, in the order of `weights`.
     pub features: Vec<String>,
+    /// The federation's per-feature mean and standard deviation: the model's inputs are
+    /// `(x - mean) / std`.
     pub standardization: Standardization,
     /// `[w_1, ..., w_d, bias]`.
     pub weights: Vec<f64>,
@@ -316,9 +360,13 @@ pub enum ServerOptimizer {
     /// FedAdam (Reddi et al. 2021, "Adaptive Federated Optimization"): Adam on the
     /// pseudo-gradient `average - model`.
     FedAdam {
+        /// The server's step size `η`.
         learning_rate: f64,
+        /// Decay of the first moment (Adam's `β₁`, e.g. 0.9).
         beta1: f64,
+        /// Decay of the second moment (Adam's `β₂`, e.g. 0.99).
         beta2: f64,
+        /// The adaptivity `τ` added to the second moment's square root (Adam's ε, e.g. 1e-3).
         tau: f64,
     },
 }

@@ -13,30 +13,43 @@
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
+/// A fixed-point encoding: the clip bound, the fractional bits and the modulus.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct QuantParams {
+    /// Inputs are clipped to `[-clip, clip]` (positive, finite).
     pub clip: f64,
+    /// Fractional bits: a step of the encoding is `2^-scale_bits` (at most 52).
     pub scale_bits: u8,
     /// 32 or 64.
     pub modulus_bits: u8,
 }
 
+/// Why encoding parameters cannot be used.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum QuantError {
+    /// The clip bound is not a positive finite number.
     #[error("clip must be a positive finite number, got {0}")]
     BadClip(f64),
+    /// More than 52 fractional bits (beyond an `f64`'s precision).
     #[error("scale_bits must be at most 52, got {0}")]
     BadScale(u8),
+    /// A modulus other than 32 or 64 bits.
     #[error("modulus_bits must be 32 or 64, got {0}")]
     BadModulus(u8),
+    /// A sum over that many parties could wrap around the modulus.
     #[error(
         "a sum of {parties} inputs clipped to ±{clip} at 2^{scale_bits} could overflow \
          {modulus_bits}-bit arithmetic: lower clip or scale_bits"
     )]
     Overflow {
+        /// The parties summed.
         parties: usize,
+        /// The clip bound.
         clip: f64,
+        /// The fractional bits.
         scale_bits: u8,
+        /// The widest modulus tried or the one given.
         modulus_bits: u8,
     },
 }
@@ -123,6 +136,7 @@ impl QuantParams {
         2f64.powi(i32::from(self.scale_bits))
     }
 
+    /// `2^modulus_bits − 1`: the mask that reduces a word modulo the modulus.
     pub fn mask(&self) -> u64 {
         if self.modulus_bits == 64 {
             u64::MAX
@@ -256,7 +270,7 @@ pub fn add_packed(acc: &mut [u64], bytes: &[u8], bits: u8) -> bool {
             acc.iter_mut()
                 .zip(bytes.chunks_exact(4))
                 .for_each(|(a, c)| {
-                    *a = a.wrapping_add(u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                    *a = a.wrapping_add(u64::from(u32::from_le_bytes([c[0], c[1], c[2], c[3]])));
                 });
             true
         }
@@ -266,7 +280,7 @@ pub fn add_packed(acc: &mut [u64], bytes: &[u8], bits: u8) -> bool {
                 .for_each(|(a, c)| {
                     *a = a.wrapping_add(u64::from_le_bytes([
                         c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
-                    ]))
+                    ]));
                 });
             true
         }

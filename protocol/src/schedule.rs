@@ -18,14 +18,17 @@ use serde::{Deserialize, Serialize};
 /// What the scheduler remembers about one site.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SiteStats {
+    /// The site's name.
     pub name: String,
     /// Training rows (the coverage weight).
     pub records: u64,
     /// Exponentially weighted mean and variance of response time, ms.
     pub mean_ms: f64,
+    /// Exponentially weighted variance of the response time, ms².
     pub var_ms: f64,
     /// Exponentially weighted share of rounds the site did not answer.
     pub dropout: f64,
+    /// Rounds observed (saturating).
     pub observations: u32,
 }
 
@@ -89,6 +92,7 @@ pub struct Requirements {
 pub struct Plan {
     /// Indices into the candidates.
     pub participants: Vec<usize>,
+    /// The round's deadline, ms after it opens.
     pub deadline_ms: f64,
 }
 

@@ -8,22 +8,36 @@ use serde::{Deserialize, Serialize};
 /// Per-feature count, sum and sum of squares over one or more sites' training rows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FeatureStats {
+    /// Rows counted.
     pub count: u64,
+    /// Per feature: the sum of its values.
     pub sum: Vec<f64>,
+    /// Per feature: the sum of its values' squares.
     pub sum_sq: Vec<f64>,
 }
 
+/// Why feature statistics cannot be merged or standardized.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum StatsError {
+    /// A peer's statistics have another number of features.
     #[error("feature statistics have {got} features, expected {expected}")]
-    WrongWidth { got: usize, expected: usize },
+    WrongWidth {
+        /// The peer's feature count.
+        got: usize,
+        /// The study's.
+        expected: usize,
+    },
+    /// A sum is NaN or infinite.
     #[error("feature statistics contain a non-finite value")]
     NotFinite,
+    /// No row was counted.
     #[error("no rows: cannot standardize")]
     Empty,
 }
 
 impl FeatureStats {
+    /// Statistics of no rows over `features` features.
     pub fn empty(features: usize) -> Self {
         FeatureStats {
             count: 0,
@@ -59,6 +73,7 @@ impl FeatureStats {
         Ok(())
     }
 
+    /// Adds a peer's statistics to these, after [`FeatureStats::validate`].
     pub fn merge(&mut self, other: &FeatureStats) -> Result<(), StatsError> {
         other.validate(self.sum.len())?;
         self.count = self.count.saturating_add(other.count);
@@ -94,11 +109,14 @@ impl FeatureStats {
 /// Feature-wise affine standardization `(x - mean) / std`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Standardization {
+    /// Per feature: the mean subtracted.
     pub mean: Vec<f64>,
+    /// Per feature: the standard deviation divided by (1 for a constant feature).
     pub std: Vec<f64>,
 }
 
 impl Standardization {
+    /// The standardization that changes nothing, for `features` features.
     pub fn identity(features: usize) -> Self {
         Standardization {
             mean: vec![0.0; features],

@@ -86,8 +86,11 @@ pub fn encode(
 pub struct Decoded {
     /// The FedAvg average of the contributors' weights.
     pub weights: Vec<f64>,
+    /// The contributors' mean training loss, weighted by their training rows.
     pub train_loss: f64,
+    /// The contributors' training rows in total (rounded from the sum).
     pub rows: u64,
+    /// The contributors' merged evaluation of the round's incoming model.
     pub evaluation: Evaluation,
 }
 

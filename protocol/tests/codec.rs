@@ -996,20 +996,21 @@ const PINNED: &[(&str, &str)] = &[
 ];
 
 fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    medfed_protocol::hex::encode(bytes)
 }
 
 fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
+    medfed_protocol::hex::decode(s).unwrap()
 }
 
 #[test]
 fn pinned_wire_vectors_of_every_kind() {
     let examples = pinned_examples();
-    if std::env::var_os("MEDFED_PRINT_WIRE_VECTORS").is_some() {
+    // Printing the vectors again, after a deliberate wire change, is the only use of the
+    // environment here.
+    #[allow(clippy::disallowed_methods)]
+    let print = std::env::var_os("MEDFED_PRINT_WIRE_VECTORS").is_some();
+    if print {
         for (name, msg) in &examples {
             let frame = encode_frame(msg, DEFAULT_MAX_FRAME_BYTES).unwrap();
             println!(

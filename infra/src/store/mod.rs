@@ -14,17 +14,24 @@ mod sled_store;
 
 use std::path::{Path, PathBuf};
 
+/// Why the store could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
+    /// The backend failed.
     #[error("store {path} ({backend}): {detail}")]
     Backend {
+        /// The store's directory or file.
         path: PathBuf,
+        /// The backend's name (`redb` or `sled`).
         backend: &'static str,
+        /// The backend's error, in words.
         detail: String,
     },
+    /// A namespace containing a NUL byte (the separator of stored keys).
     #[error("store namespace {0:?} may not contain a NUL byte")]
     BadNamespace(String),
+    /// The configuration names a backend this build does not include.
     #[error("{}", Backend::not_built_message(*.0))]
     NotBuilt(Backend),
 }
@@ -35,7 +42,9 @@ pub enum StoreError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case", try_from = "String")]
 pub enum Backend {
+    /// sled: only in a build with the cargo feature `sled`.
     Sled,
+    /// redb: the default.
     Redb,
 }
 
@@ -43,6 +52,7 @@ impl Backend {
     /// The default, chosen by the crash test and the benchmark (see `docs/storage.md`).
     pub const DEFAULT: Backend = Backend::Redb;
 
+    /// The backend's name in configuration files: `"sled"` or `"redb"`.
     pub fn name(self) -> &'static str {
         match self {
             Backend::Sled => "sled",
@@ -121,20 +131,24 @@ fn full_key(ns: &str, key: &[u8]) -> Result<Vec<u8>, StoreError> {
 }
 
 impl Batch {
+    /// Adds the write of `value` at `key` in namespace `ns`; refuses a namespace with a NUL byte.
     pub fn put(&mut self, ns: &str, key: &[u8], value: &[u8]) -> Result<&mut Batch, StoreError> {
         self.ops.push((full_key(ns, key)?, Some(value.to_vec())));
         Ok(self)
     }
 
+    /// Adds the removal of `key` from namespace `ns`; refuses a namespace with a NUL byte.
     pub fn delete(&mut self, ns: &str, key: &[u8]) -> Result<&mut Batch, StoreError> {
         self.ops.push((full_key(ns, key)?, None));
         Ok(self)
     }
 
+    /// The writes and removals in the batch.
     pub fn len(&self) -> usize {
         self.ops.len()
     }
 
+    /// Whether the batch holds nothing.
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
@@ -142,6 +156,7 @@ impl Batch {
 
 /// A party's durable state.
 pub trait Store: Send + Sync {
+    /// Which backend this is.
     fn backend(&self) -> Backend;
     /// The value of `key` in namespace `ns`.
     fn get(&self, ns: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;

@@ -30,7 +30,7 @@ fn first_rows(path: &Path, stream: &str) -> std::io::Result<(Vec<String>, Vec<Ve
     let (header, batches) = csv_source::read(path, stream, 0, 0)?;
     let mut rows = Vec::new();
     // Dropping the receiver stops the reader thread at its next batch.
-    for batch in batches.iter() {
+    for batch in &batches {
         rows.extend(batch.into_iter().map(|e| e.payload));
         if rows.len() >= SAMPLE_ROWS {
             rows.truncate(SAMPLE_ROWS);
@@ -313,14 +313,13 @@ fn problem_finding(
 /// row with more or fewer fields than the header. `None` if it looks right.
 pub(super) fn check_csv_dataset(name: &str, path: &Path) -> Option<Finding> {
     let at = format!("dataset '{name}': {}", path.display());
-    let mut reader = match csv::ReaderBuilder::new()
+    // If it cannot be read at all, Table::load says why.
+    let Ok(mut reader) = csv::ReaderBuilder::new()
         .flexible(true)
         .trim(csv::Trim::All)
         .from_path(path)
-    {
-        Ok(r) => r,
-        // Table::load says why it cannot be read.
-        Err(_) => return None,
+    else {
+        return None;
     };
     let width = match reader.headers() {
         Ok(h) if h.iter().any(|c| !c.is_empty()) => h.len(),

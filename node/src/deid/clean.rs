@@ -154,6 +154,8 @@ fn config_error(detail: String) -> TaskError {
 }
 
 impl ValidateClean {
+    /// The task for an input whose header is `header`, checking each declared field: every field
+    /// must be a column, its settings consistent, its unit conversion known.
     pub fn new(header: &[String], fields: &[FieldSpec]) -> Result<ValidateClean, TaskError> {
         let mut columns = Vec::new();
         for spec in fields {

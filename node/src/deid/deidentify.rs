@@ -31,6 +31,9 @@ pub struct Deidentify {
 }
 
 impl Deidentify {
+    /// The task for the declared fields: at most one patient-id field, which needs
+    /// `pseudonymizer`; date shifting needs a patient-id field; ages are computed on
+    /// `reference_date`, else `today`.
     pub fn new(
         fields: &[FieldSpec],
         config: &DeidentifyConfig,

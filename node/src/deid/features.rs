@@ -16,12 +16,14 @@ use crate::runtime::{
 pub struct DeriveSpec {
     /// The new field.
     pub name: String,
+    /// How it is computed from `inputs`.
     pub formula: Formula,
     /// The formula's inputs, in its order (bmi: weight in kg, height in cm; ratio:
     /// numerator, denominator).
     pub inputs: Vec<String>,
 }
 
+/// A derived value's formula (`"bmi"` or `"ratio"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Formula {
@@ -35,7 +37,10 @@ pub enum Formula {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OneHotSpec {
+    /// The text column to expand.
     pub column: String,
+    /// Its categories: one 0/1 output field each (missing where the column is); the text
+    /// column itself is removed.
     pub categories: Vec<String>,
 }
 
@@ -44,7 +49,9 @@ pub struct OneHotSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Standardization {
+    /// The federation's mean of the column.
     pub mean: f64,
+    /// The federation's standard deviation of the column (positive).
     pub sd: f64,
 }
 
@@ -55,8 +62,11 @@ pub struct Standardization {
 pub struct WindowSpec {
     /// Prefix of the output fields: `{name}_count`, `{name}_mean`, `{name}_last`.
     pub name: String,
+    /// The numeric column aggregated.
     pub column: String,
+    /// The column holding each event's time.
     pub time: String,
+    /// The window's length, in days.
     pub days: u32,
 }
 
@@ -65,9 +75,12 @@ pub struct WindowSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AlertRule {
+    /// The numeric column watched.
     pub column: String,
+    /// Fires when the value is strictly above this.
     #[serde(default)]
     pub above: Option<f64>,
+    /// Fires when the value is strictly below this.
     #[serde(default)]
     pub below: Option<f64>,
 }
@@ -103,6 +116,8 @@ pub struct Features {
 }
 
 impl Features {
+    /// The task for these declarations; refuses a derivation without exactly two inputs, a
+    /// standardization whose `sd` is not above 0, and a window of 0 days.
     pub fn new(
         derive: Vec<DeriveSpec>,
         one_hot: Vec<OneHotSpec>,
@@ -341,6 +356,7 @@ pub struct Alerts {
 }
 
 impl Alerts {
+    /// The task for `rules`; each rule needs `above`, `below` or both.
     pub fn new(rules: Vec<AlertRule>) -> Result<Alerts, TaskError> {
         for r in &rules {
             if r.above.is_none() && r.below.is_none() {

@@ -34,12 +34,16 @@ pub const PATIENT: &str = "patient";
 /// One value of a record.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
+    /// A number (after unit conversion).
     Number(f64),
+    /// Text.
     Text(String),
+    /// No value (an empty cell, `NA`, `NaN` or `null`).
     Missing,
 }
 
 impl Value {
+    /// The number, if it is one.
     pub fn as_f64(&self) -> Option<f64> {
         match self {
             Value::Number(x) => Some(*x),
@@ -47,6 +51,7 @@ impl Value {
         }
     }
 
+    /// The text, if it is text.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::Text(s) => Some(s),
@@ -70,18 +75,22 @@ impl Value {
 pub struct Record(pub BTreeMap<String, Value>);
 
 impl Record {
+    /// The value of field `name`, if the record has it.
     pub fn get(&self, name: &str) -> Option<&Value> {
         self.0.get(name)
     }
 
+    /// The value of field `name` if it is a number.
     pub fn number(&self, name: &str) -> Option<f64> {
         self.0.get(name).and_then(Value::as_f64)
     }
 
+    /// Sets field `name` to `value`, replacing any earlier value.
     pub fn set(&mut self, name: &str, value: Value) {
         self.0.insert(name.to_string(), value);
     }
 
+    /// Removes field `name`, returning its value.
     pub fn remove(&mut self, name: &str) -> Option<Value> {
         self.0.remove(name)
     }
@@ -167,7 +176,9 @@ pub enum FieldClass {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum FieldType {
+    /// A number: text that does not parse as a finite number is quarantined.
     Number,
+    /// Text, checked against `categories` if declared.
     Text,
 }
 
@@ -204,7 +215,9 @@ pub enum RangePolicy {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FieldSpec {
+    /// The column's name in the input.
     pub name: String,
+    /// What the column is for de-identification (default: a clinical value).
     #[serde(default)]
     pub class: FieldClass,
     /// Default: `number` for values and ages without `categories`, `text` for everything
@@ -214,17 +227,22 @@ pub struct FieldSpec {
     /// A record without this column's value is quarantined, whatever `missing` says.
     #[serde(default)]
     pub required: bool,
+    /// What to do with a record whose value is missing (default: keep it).
     #[serde(default)]
     pub missing: MissingPolicy,
+    /// The smallest plausible value, after unit conversion (numbers only).
     #[serde(default)]
     pub min: Option<f64>,
+    /// The largest plausible value, after unit conversion (numbers only).
     #[serde(default)]
     pub max: Option<f64>,
+    /// What to do with a value outside `min..=max` (default: quarantine the record).
     #[serde(default)]
     pub out_of_range: RangePolicy,
     /// The unit the extract uses, converted to `to_unit` (e.g. glucose "mmol/L" → "mg/dL").
     #[serde(default)]
     pub unit: Option<String>,
+    /// The unit values are converted to (set with `unit`).
     #[serde(default)]
     pub to_unit: Option<String>,
     /// The analyte, where a conversion depends on it (mmol/L → mg/dL: "glucose",
@@ -241,6 +259,8 @@ pub struct FieldSpec {
 }
 
 impl FieldSpec {
+    /// The type checked: `type` if set, else number for values and ages without `categories`,
+    /// text for everything else.
     pub fn kind(&self) -> FieldType {
         self.kind.unwrap_or(match self.class {
             FieldClass::Value | FieldClass::Age if self.categories.is_none() => FieldType::Number,
@@ -265,6 +285,7 @@ pub enum DatePolicy {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeidentifyConfig {
+    /// How dates other than birth dates are generalised (default: to the year).
     #[serde(default)]
     pub dates: DatePolicy,
     /// The date ages are computed on for birth dates (default: today).

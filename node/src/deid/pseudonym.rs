@@ -9,33 +9,10 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use medfed_protocol::hex;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 use serde::{Deserialize, Serialize};
-
-fn push_hex(out: &mut String, bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for b in bytes {
-        out.push(HEX[usize::from(b >> 4)] as char);
-        out.push(HEX[usize::from(b & 15)] as char);
-    }
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len() * 2);
-    push_hex(&mut s, bytes);
-    s
-}
-
-fn from_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
-}
 
 /// The keystore file, as written.
 #[derive(Serialize, Deserialize)]
@@ -56,20 +33,39 @@ struct StoredKey {
 
 /// An error about the keystore, naming the file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KeystoreError {
+    /// The keystore file is not a valid keystore.
     #[error("keystore {path}: {why}")]
-    Invalid { path: PathBuf, why: String },
+    Invalid {
+        /// The keystore file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// There is no keystore at the path.
     #[error(
         "keystore {path} does not exist: run `medfed node init` to create this site's pseudonym key"
     )]
-    Missing { path: PathBuf },
+    Missing {
+        /// Where it was looked for.
+        path: PathBuf,
+    },
+    /// `init` found a keystore already.
     #[error("keystore {path} already exists; use `medfed node rotate-key` to add a new key")]
-    Exists { path: PathBuf },
+    Exists {
+        /// The existing keystore.
+        path: PathBuf,
+    },
+    /// The keystore could not be read or written.
     #[error("keystore {path}: {source}")]
     Io {
+        /// The keystore file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
+    /// The keystore or its directory is open to other users.
     #[error(transparent)]
     Private(#[from] medfed_infra::files::NotPrivate),
 }
@@ -134,6 +130,8 @@ impl Keystore {
         Ok(version)
     }
 
+    /// Opens the keystore at `path`; it must exist (`medfed node init` creates it) and be
+    /// this user's alone.
     pub fn open(path: &Path) -> Result<Keystore, KeystoreError> {
         let invalid = |why: String| KeystoreError::Invalid {
             path: path.into(),
@@ -159,11 +157,9 @@ impl Keystore {
             toml::from_str(&text).map_err(|e| invalid(format!("not a keystore: {e}")))?;
         let mut raw = Vec::new();
         for k in &file.keys {
-            let bytes = from_hex(&k.key)
-                .and_then(|b| <[u8; 32]>::try_from(b).ok())
-                .ok_or_else(|| {
-                    invalid(format!("key version {} is not 32 bytes of hex", k.version))
-                })?;
+            let bytes = hex::decode_array::<32>(&k.key).ok_or_else(|| {
+                invalid(format!("key version {} is not 32 bytes of hex", k.version))
+            })?;
             if raw.iter().any(|(v, _)| *v == k.version) {
                 return Err(invalid(format!("key version {} appears twice", k.version)));
             }
@@ -198,7 +194,7 @@ impl Keystore {
                 .iter()
                 .map(|(version, k)| StoredKey {
                     version: *version,
-                    key: to_hex(k),
+                    key: hex::encode(k),
                 })
                 .collect(),
         };
@@ -216,6 +212,8 @@ impl Keystore {
         medfed_infra::files::write_secret_atomically(&self.path, text.as_bytes()).map_err(io)
     }
 
+    /// The version of the key new pseudonyms are made with, the `p{version}-` prefix of each
+    /// (`medfed node rotate-key` adds a key with the next version).
     pub fn current_version(&self) -> u32 {
         self.current
     }
@@ -281,7 +279,7 @@ impl Pseudonymizer {
         let tag = self.tag(PSEUDONYM_DOMAIN, identifier);
         let mut out = String::with_capacity(self.prefix.len() + 32);
         out.push_str(&self.prefix);
-        push_hex(&mut out, &tag.as_ref()[..16]);
+        hex::encode_into(&mut out, &tag.as_ref()[..16]);
         out
     }
 
@@ -357,7 +355,7 @@ mod tests {
         let tag = hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, &key), &msg);
         assert_eq!(
             p.pseudonym("12345"),
-            format!("p3-{}", to_hex(&tag.as_ref()[..16]))
+            format!("p3-{}", hex::encode(&tag.as_ref()[..16]))
         );
     }
 

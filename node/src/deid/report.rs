@@ -8,15 +8,19 @@ use super::{Record, Value};
 /// How identifiable the node's records are by their quasi-identifiers.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct PrivacyReport {
+    /// The fields counted as quasi-identifiers.
     pub quasi_identifiers: Vec<String>,
+    /// The records examined.
     pub records: u64,
     /// Distinct combinations of quasi-identifier values (equivalence classes).
     pub classes: u64,
     /// The smallest class: the records are `k`-anonymous for this k (0 without records).
     pub k: u64,
+    /// The class size below which classes are reported (`--threshold`).
     pub threshold: u64,
     /// Classes with fewer than `threshold` records, and the records in them.
     pub classes_below: u64,
+    /// Records in those classes.
     pub records_below: u64,
 }
 

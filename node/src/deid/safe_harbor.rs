@@ -40,6 +40,8 @@ impl RestrictedZip3 {
         RestrictedZip3::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
+    /// Parses a list of three-digit ZIP prefixes, one a line (blank lines and `#` comments
+    /// allowed); the error names the first bad line.
     pub fn parse(text: &str) -> Result<RestrictedZip3, String> {
         let mut set = BTreeSet::new();
         for (i, line) in text.lines().enumerate() {
@@ -58,6 +60,7 @@ impl RestrictedZip3 {
         Ok(RestrictedZip3(set))
     }
 
+    /// Whether the three-digit prefix `zip3` is a restricted area.
     pub fn contains(&self, zip3: &str) -> bool {
         self.0.contains(zip3)
     }
@@ -82,8 +85,11 @@ impl RestrictedZip3 {
 /// A calendar date (proleptic Gregorian).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Date {
+    /// The year.
     pub year: i32,
+    /// The month, 1 to 12.
     pub month: u32,
+    /// The day of the month, from 1.
     pub day: u32,
 }
 
@@ -109,9 +115,12 @@ fn days_in_month(year: i32, month: u32) -> u32 {
 /// Why a text is not a date. It does not quote the text (a date of birth is an identifier):
 /// callers that may show it, such as a config error, add it themselves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DateError {
+    /// Not of the form `YYYY-MM-DD`.
     #[error("not a date (expected YYYY-MM-DD)")]
     NotADate,
+    /// `YYYY-MM-DD` but no such day (e.g. February 30).
     #[error("not a day of the calendar")]
     NotACalendarDay,
 }
@@ -151,6 +160,8 @@ impl Date {
         era * 146_097 + doe - 719_468
     }
 
+    /// The date `days` days after 1970-01-01 (negative: before), the inverse of
+    /// [`Date::to_days`].
     pub fn from_days(days: i64) -> Date {
         let z = days + 719_468;
         let era = z.div_euclid(146_097);
@@ -164,6 +175,7 @@ impl Date {
         Date { year, month, day }
     }
 
+    /// The date `days` days later (earlier if negative).
     pub fn shifted(self, days: i64) -> Date {
         Date::from_days(self.to_days() + days)
     }

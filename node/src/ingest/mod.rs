@@ -58,8 +58,10 @@ impl StreamTask for KeepRecords {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StateConfig {
+    /// The store's directory (default `state`, relative to `node.toml`).
     #[serde(default = "default_state_dir")]
     pub dir: PathBuf,
+    /// The store's backend (default: [`Backend::DEFAULT`]).
     #[serde(default = "default_backend")]
     pub backend: Backend,
     /// This site's pseudonym keys (`medfed node init` makes it; mode 0600; never sent).
@@ -108,6 +110,7 @@ pub struct IngestConfig {
     /// A FHIR R4 Bulk Data export directory, with its mapping.
     #[serde(default)]
     pub fhir: Option<PathBuf>,
+    /// Which Observation and Condition codes of the FHIR export become which columns.
     #[serde(default)]
     pub fhir_mapping: Option<FhirMapping>,
     /// A NATS JetStream source.
@@ -121,6 +124,7 @@ pub struct IngestConfig {
     /// records are kept in the node's store (stream `records`).
     #[serde(default, rename = "field")]
     pub fields: Vec<FieldSpec>,
+    /// How the declared fields are de-identified (`[ingest.deidentify]`).
     #[serde(default)]
     pub deidentify: DeidentifyConfig,
     /// Derived values (`[[ingest.derive]]`), e.g. BMI from weight and height.
@@ -141,6 +145,7 @@ pub struct IngestConfig {
     /// Seconds between window emissions while following an unbounded input.
     #[serde(default = "default_window_secs")]
     pub window_secs: u64,
+    /// Records between two checkpoints of a partition (default 10,000; at least 1).
     #[serde(default = "default_commit_every")]
     pub commit_every: u64,
     /// For the site's data stewards: also append each quarantined record's raw input line
@@ -151,20 +156,26 @@ pub struct IngestConfig {
     pub raw_rejects: Option<PathBuf>,
 }
 
+/// `[ingest.jetstream]`: a NATS JetStream source, one durable consumer per partition.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JetStreamConfig {
+    /// The NATS server, `nats://host:port`.
     pub url: String,
+    /// The JetStream stream's name.
     pub stream: String,
     /// Partition `p` is subject `<subject_prefix>.<p>`.
     pub subject_prefix: String,
+    /// The stream's partitions (subjects).
     pub partitions: u32,
     /// This worker's index and the number of workers sharing the stream: worker `k` takes
     /// the partitions `p` with `p % workers == k`.
     #[serde(default)]
     pub worker: u32,
+    /// Workers sharing the stream (default 1).
     #[serde(default = "one")]
     pub workers: u32,
+    /// Seconds the server waits for an acknowledgement before redelivering (default 30).
     #[serde(default = "default_ack_wait")]
     pub ack_wait_secs: u64,
     /// Stop after this many idle seconds (bounded ingestion); forever if absent.
@@ -185,14 +196,19 @@ fn default_ack_wait() -> u64 {
     30
 }
 
+/// Why an ingestion pipeline could not be set up or run; names the pipeline.
 #[derive(Debug, thiserror::Error)]
 #[error("ingest '{stream}': {detail}")]
 pub struct IngestError {
+    /// The pipeline's `stream`.
     pub stream: String,
+    /// What went wrong.
     pub detail: String,
 }
 
 impl IngestConfig {
+    /// Makes the pipeline's file paths (CSV, FHIR export, restricted ZIP3 list, raw rejects)
+    /// relative to the configuration file's directory.
     pub fn resolve(&mut self, config_path: &Path) {
         for p in [
             &mut self.csv,

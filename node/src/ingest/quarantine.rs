@@ -25,10 +25,13 @@ use crate::runtime::{
 /// One quarantined record, as `medfed node quarantine` lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quarantined {
+    /// The pipeline's stream.
     pub stream: String,
+    /// The partition.
     pub partition: u32,
     /// The record's offset in its partition (for a CSV file, its data row, from 0).
     pub offset: u64,
+    /// Why it was quarantined: the reason, the field and the patient's pseudonym, never a value.
     pub rejection: Rejection,
 }
 

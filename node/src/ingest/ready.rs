@@ -14,7 +14,10 @@ use std::time::Duration;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Stage {
     /// Reading what its input holds; `partitions` still to catch up.
-    CatchingUp { partitions: usize },
+    CatchingUp {
+        /// Partitions that have not caught up yet.
+        partitions: usize,
+    },
     /// Everything its input held when it started is in the store.
     CaughtUp,
     /// It stopped with an error.
@@ -115,7 +118,7 @@ mod tests {
             let r = r.clone();
             tokio::spawn(async move {
                 r.wait_for(&["s".to_string()], Duration::from_millis(10), |_| {})
-                    .await
+                    .await;
             })
         };
         tokio::time::sleep(Duration::from_millis(30)).await;

@@ -9,13 +9,19 @@ use crate::runtime::restore;
 /// One line of `medfed node status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionStatus {
+    /// The pipeline's stream.
     pub stream: String,
+    /// The partition.
     pub partition: u32,
+    /// The offset it resumes from: every record before it is processed and checkpointed.
     pub offset: u64,
+    /// Records processed, quarantined ones included.
     pub processed: u64,
+    /// Records quarantined.
     pub quarantined: u64,
     /// Rows not yet processed, when the source can tell (CSV files).
     pub lag: Option<u64>,
+    /// When it last checkpointed (ms since the UNIX epoch), if ever.
     pub last_checkpoint_ms: Option<u64>,
 }
 

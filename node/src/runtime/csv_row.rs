@@ -46,16 +46,19 @@ impl<'a> Row<'a> {
         self.text.get(start..end)
     }
 
+    /// The fields in the row.
     pub fn len(&self) -> usize {
         self.ends.len()
     }
 
+    /// Whether the row has no field.
     pub fn is_empty(&self) -> bool {
         self.ends.is_empty()
     }
 }
 
 impl Splitter {
+    /// A splitter with empty buffers.
     pub fn new() -> Splitter {
         Splitter::default()
     }

@@ -23,12 +23,18 @@ pub enum Partitioning {
     Whole,
     /// Rows go to partition `hash(key column) % partitions` (FNV-1a, stable across runs); a
     /// row's offset stays its row index in the file, so a partition's offsets skip.
-    ByKey { column: String, partitions: u32 },
+    ByKey {
+        /// The key column.
+        column: String,
+        /// The number of partitions.
+        partitions: u32,
+    },
 }
 
 /// Options of a CSV read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CsvOptions {
+    /// How the file is cut into partitions.
     pub partitioning: Partitioning,
     /// Keep reading rows appended to the file (polling every 200 ms) instead of ending.
     pub follow: bool,

@@ -28,26 +28,38 @@ pub struct FhirMapping {
     pub target: Option<CodedColumn>,
 }
 
+/// A column filled from FHIR resources with one code.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CodedColumn {
+    /// The column's name.
     pub column: String,
+    /// The code's system, e.g. `http://loinc.org`.
     pub system: String,
+    /// The code, e.g. `2345-7` (glucose).
     pub code: String,
 }
 
+/// Why a FHIR export could not be read.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum FhirError {
+    /// A file could not be read.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The operating system's error.
         source: std::io::Error,
     },
+    /// A line is not a resource medfed can read.
     #[error("{path}, line {line}: {why}")]
     Bad {
+        /// The NDJSON file.
         path: PathBuf,
+        /// The line, from 1.
         line: usize,
+        /// What is wrong with it.
         why: String,
     },
 }
@@ -84,9 +96,11 @@ struct Resource {
     value_quantity: Option<Quantity>,
 }
 
-/// The export files the connector reads, in a directory.
+/// The export file of Patient resources the connector reads, in its directory.
 pub const PATIENTS: &str = "Patient.ndjson";
+/// The export file of Observation resources.
 pub const OBSERVATIONS: &str = "Observation.ndjson";
+/// The export file of Condition resources.
 pub const CONDITIONS: &str = "Condition.ndjson";
 
 /// Opens one export file; a missing one has no resources.
@@ -137,8 +151,8 @@ fn lines(path: &Path, reader: Option<impl BufRead>) -> Result<Vec<(usize, Resour
     Ok(out)
 }
 
-fn matches(c: &Option<CodeableConcept>, col: &CodedColumn) -> bool {
-    c.as_ref().is_some_and(|c| {
+fn matches(c: Option<&CodeableConcept>, col: &CodedColumn) -> bool {
+    c.is_some_and(|c| {
         c.coding.iter().any(|k| {
             k.system.as_deref() == Some(&col.system) && k.code.as_deref() == Some(&col.code)
         })
@@ -190,7 +204,11 @@ pub fn records(
         if r.resource_type != "Observation" {
             continue;
         }
-        let Some(col) = mapping.features.iter().position(|c| matches(&r.code, c)) else {
+        let Some(col) = mapping
+            .features
+            .iter()
+            .position(|c| matches(r.code.as_ref(), c))
+        else {
             continue;
         };
         let Some(&p) = subject(&r).and_then(|s| index.get(s)) else {
@@ -217,7 +235,7 @@ pub fn records(
     if let Some(t) = &mapping.target {
         for (_, r) in lines(&dir.join(CONDITIONS), conditions)? {
             if r.resource_type == "Condition"
-                && matches(&r.code, t)
+                && matches(r.code.as_ref(), t)
                 && let Some(&p) = subject(&r).and_then(|s| index.get(s))
             {
                 target[p] = true;

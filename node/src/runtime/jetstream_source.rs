@@ -56,6 +56,7 @@ impl Unacknowledged {
 pub struct JetStreamPartition {
     /// `nats://host:port`.
     pub url: String,
+    /// The JetStream stream.
     pub stream: String,
     /// The partition's subject, e.g. `medfed.pima.3`.
     pub subject: String,
@@ -67,11 +68,15 @@ pub struct JetStreamPartition {
     pub idle_exit: Option<Duration>,
 }
 
+/// Why a JetStream source could not connect or fetch.
 #[derive(Debug, thiserror::Error)]
 #[error("JetStream {what} ({url}): {detail}")]
 pub struct JetStreamError {
+    /// The NATS server.
     pub url: String,
+    /// The step that failed (`"connect"`, `"stream"`, `"consumer"`, ...).
     pub what: &'static str,
+    /// The client's error.
     pub detail: String,
 }
 

@@ -35,11 +35,15 @@ mod tasks;
 /// One message of a partitioned stream.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Envelope {
+    /// The stream the message belongs to.
     pub stream: Arc<str>,
+    /// Its partition.
     pub partition: u32,
     /// Position in the partition; the checkpoint stores the offset to resume from.
     pub offset: u64,
+    /// The message's key, if the source has one.
     pub key: Option<Vec<u8>>,
+    /// The message's bytes (a CSV row, a FHIR resource, an encoded record).
     pub payload: Vec<u8>,
 }
 
@@ -57,9 +61,13 @@ pub struct MessageCollector {
 /// A record a task could not use, and why.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeadLetter {
+    /// The stream.
     pub stream: Arc<str>,
+    /// The partition.
     pub partition: u32,
+    /// The record's offset.
     pub offset: u64,
+    /// Why, without any value of the record.
     pub rejection: Rejection,
 }
 
@@ -100,7 +108,9 @@ impl MessageCollector {
 /// Samza's commit and shutdown scopes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scope {
+    /// This partition's task only.
     CurrentTask,
+    /// Every partition of the pipeline.
     AllTasks,
 }
 
@@ -139,15 +149,18 @@ impl KvState {
         }
     }
 
+    /// The value at `key`.
     pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
         self.map.get(key).map(Vec::as_slice)
     }
 
+    /// Sets `key` to `value` (stored at the next checkpoint).
     pub fn put(&mut self, key: &[u8], value: Vec<u8>) {
         self.dirty.insert(key.to_vec());
         self.map.insert(key.to_vec(), value);
     }
 
+    /// Removes `key` (from the store at the next checkpoint).
     pub fn delete(&mut self, key: &[u8]) {
         self.dirty.insert(key.to_vec());
         self.map.remove(key);
@@ -171,6 +184,7 @@ impl KvState {
             .map_or(0, u64::from_be_bytes)
     }
 
+    /// Sets the counter at `key` (big-endian).
     pub fn put_u64(&mut self, key: &[u8], value: u64) {
         self.put(key, value.to_be_bytes().to_vec());
     }
@@ -191,7 +205,9 @@ impl KvState {
 #[derive(Debug, thiserror::Error)]
 #[error("task {task}: {detail}")]
 pub struct TaskError {
+    /// The task's name.
     pub task: String,
+    /// What went wrong.
     pub detail: String,
 }
 
@@ -206,6 +222,7 @@ pub struct Chain {
 pub const NEXT: &str = "next";
 
 impl Chain {
+    /// The chain of `tasks`, first to last.
     pub fn new(tasks: Vec<Box<dyn StreamTask>>) -> Chain {
         Chain { tasks }
     }
@@ -316,5 +333,6 @@ pub trait StreamTask: Send {
         Ok(())
     }
 
+    /// Called once when the partition's run ends.
     fn close(&mut self) {}
 }

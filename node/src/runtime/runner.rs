@@ -9,11 +9,14 @@ use medfed_infra::store::{Batch, Store, StoreError};
 
 use super::{Envelope, KvState, MessageCollector, Scope, StreamTask, TaskCoordinator, TaskError};
 
+/// Why a partition's run stopped.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RuntimeError {
+    /// The store could not be read or written.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A task failed (not a bad record: those are quarantined).
     #[error(transparent)]
     Task(#[from] TaskError),
 }
@@ -23,8 +26,11 @@ pub enum RuntimeError {
 pub struct PartitionReport {
     /// The offset to resume from (all envelopes before it are in the state).
     pub offset: u64,
+    /// Envelopes processed, quarantined ones included.
     pub processed: u64,
+    /// Envelopes quarantined.
     pub quarantined: u64,
+    /// Checkpoints written.
     pub checkpoints: u64,
     /// True if a task asked to shut down before the input ended.
     pub shut_down: bool,

@@ -4,6 +4,7 @@
 
 use ring::digest::{SHA256, digest};
 
+/// A SHA-256 digest: a leaf's, an interior node's or a root's.
 pub type Hash = [u8; 32];
 
 fn sha256(parts: &[&[u8]]) -> Hash {
@@ -16,10 +17,12 @@ fn sha256(parts: &[&[u8]]) -> Hash {
     out
 }
 
+/// RFC 6962's leaf hash, `SHA-256(0x00 || data)`.
 pub fn leaf_hash(data: &[u8]) -> Hash {
     sha256(&[&[0x00], data])
 }
 
+/// RFC 6962's interior node hash, `SHA-256(0x01 || left || right)`.
 pub fn node_hash(left: &Hash, right: &Hash) -> Hash {
     sha256(&[&[0x01], left, right])
 }
@@ -57,6 +60,7 @@ pub struct Frontier {
 }
 
 impl Frontier {
+    /// Appends a leaf hash (from [`leaf_hash`]), merging equal-sized subtrees.
     pub fn push(&mut self, leaf: Hash) {
         let mut node = (1u64, leaf);
         while let Some(&(n, h)) = self.subtrees.last() {
@@ -70,10 +74,13 @@ impl Frontier {
         self.size += 1;
     }
 
+    /// The number of leaves pushed so far.
     pub fn size(&self) -> u64 {
         self.size
     }
 
+    /// The tree's root over every leaf pushed so far, equal to [`root`] over the same leaves
+    /// (the hash of the empty string for no leaf).
     pub fn root(&self) -> Hash {
         let mut iter = self.subtrees.iter().rev();
         let Some(&(_, mut acc)) = iter.next() else {
@@ -197,10 +204,6 @@ pub fn verify_consistency(m: usize, n: usize, proof: &[Hash], old: &Hash, new: &
 mod tests {
     use super::*;
 
-    fn hex(h: &Hash) -> String {
-        h.iter().map(|b| format!("{b:02x}")).collect()
-    }
-
     /// The leaves and roots of the RFC 6962 test vectors used by the Certificate
     /// Transparency implementations (certificate-transparency-go, merkle_tree_test.go).
     fn vectors() -> (Vec<Hash>, [&'static str; 8]) {
@@ -234,11 +237,16 @@ mod tests {
     fn roots_match_the_rfc_6962_vectors() {
         let (leaves, roots) = vectors();
         assert_eq!(
-            hex(&root(&[])),
+            crate::hex::encode(&root(&[])),
             "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
         for (n, want) in roots.iter().enumerate() {
-            assert_eq!(hex(&root(&leaves[..=n])), *want, "tree of {} leaves", n + 1);
+            assert_eq!(
+                crate::hex::encode(&root(&leaves[..=n])),
+                *want,
+                "tree of {} leaves",
+                n + 1
+            );
         }
     }
 

@@ -11,6 +11,8 @@ pub mod merkle;
 use ring::signature::{ED25519, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 
+use crate::hex;
+
 /// Hex of the "previous hash" of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -18,11 +20,13 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Record {
+    /// Position in the log, from 0; [`verify`] requires line `i` to hold `seq == i`.
     pub seq: u64,
     /// Milliseconds since the Unix epoch.
     pub time_ms: u64,
     /// SHA-256 (hex) of the previous line's bytes; [`GENESIS`] for the first.
     pub prev: String,
+    /// What the record says happened.
     pub event: Event,
 }
 
@@ -32,67 +36,112 @@ pub struct Record {
 pub enum Event {
     /// The party started: who it is, its software, and the SHA-256 of its config file.
     Start {
+        /// The party's name: the site's name for a node, the aggregator's `name`.
         party: String,
+        /// `"node"` or `"aggregator"`.
         role: String,
+        /// The party's software and version, e.g. `medfed-node 0.1.0`.
         software: String,
+        /// SHA-256 (hex) of the configuration file the party started with.
         config_sha256: String,
     },
     /// The log was reopened after an unclean stop (e.g. a crash); `dropped_bytes` of an
     /// incomplete last line were cut.
-    Recovered { dropped_bytes: u64 },
+    Recovered {
+        /// Bytes of the incomplete last line that were cut.
+        dropped_bytes: u64,
+    },
     /// A protocol message left this party.
     Sent(MessageEntry),
     /// A protocol message arrived.
     Received(MessageEntry),
     /// A study was accepted or refused, and why.
     StudyDecision {
+        /// The study's id.
         study: String,
+        /// Whether this site takes part.
         accepted: bool,
+        /// Why, in words: the approval or rules that admitted it, or the refusal's reason.
         reason: String,
     },
     /// A study started, completed or failed (aggregator).
-    StudyStatus { study: String, status: String },
+    StudyStatus {
+        /// The study's (or statistics query's) id.
+        study: String,
+        /// `"started"`, what it completed with, or why it failed or did not run, in words.
+        status: String,
+    },
     /// A model or statistic was released (aggregator).
     Released {
+        /// The study (or statistics query) whose output was released.
         study: String,
+        /// The round whose model was released; 0 for statistics.
         round: u32,
+        /// The sites whose contributions the release aggregates.
         sites: Vec<String>,
+        /// SHA-256 (hex) of the released file's bytes (the exported model or statistics
+        /// JSON), so an auditor can tie a file to this record.
         sha256: String,
     },
     /// A site took part in a differentially private release (or refused to, for its
     /// budget): ε of the study and of all studies after it, at `delta`.
     PrivacySpent {
+        /// The study charged.
         study: String,
+        /// The round charged (0 for feature statistics and statistics queries).
         round: u32,
+        /// ε this study has spent at this site after the charge (or would have, if `refused`).
         epsilon: f64,
+        /// ε all studies have spent at this site, composed, after the charge.
         total_epsilon: f64,
+        /// The δ both ε are stated at (the site's budget's δ).
         delta: f64,
+        /// True when the charge would have exceeded the budget and the site refused to release.
         refused: bool,
     },
     /// Something went wrong that an auditor should see.
-    Error { what: String },
+    Error {
+        /// What went wrong, in words.
+        what: String,
+    },
     /// A site released something WITHOUT differential privacy, as its config allows for
     /// this dataset (`exact_releases`): exact statistics of a query, or an exact training
     /// study's models and evaluations.
-    ExactRelease { study: String, dataset: String },
+    ExactRelease {
+        /// The study or statistics query released.
+        study: String,
+        /// The dataset it was computed on.
+        dataset: String,
+    },
     /// At start: a dataset this site may release without differential privacy, and what.
     ExactAllowed {
+        /// The dataset's name in the site's configuration.
         dataset: String,
+        /// What may be released exactly: `"statistics"`, `"training"` or both.
         releases: Vec<String>,
     },
     /// A study or statistics query announced to this site, as its operator sees it (what it
     /// reads, trains, releases and costs), before the site decides.
     Announced {
+        /// The study's (or query's) id.
         study: String,
+        /// The study's identity for approvals: SHA-256 (hex) of its announcement.
         hash: String,
+        /// The announcement as shown to the site's operator (`medfed node studies`).
         summary: String,
     },
     /// The party stopped cleanly.
-    Stop { reason: String },
+    Stop {
+        /// Why it stopped, in words (e.g. all studies complete, or the operator's signal).
+        reason: String,
+    },
     /// Signed root of the Merkle tree over every line before this one.
     TreeHead {
+        /// The number of lines the head covers: every line before this record.
         size: u64,
+        /// The Merkle tree's root over those lines (hex, 32 bytes).
         root: String,
+        /// The party's Ed25519 signature (hex) of [`tree_head_message`].
         signature: String,
     },
 }
@@ -105,7 +154,9 @@ pub struct MessageEntry {
     pub peer: String,
     /// The message kind (e.g. "round open", "masked-input").
     pub message: String,
+    /// The study (or statistics query) the message belongs to, if any.
     pub study: Option<String>,
+    /// The round the message belongs to, if any.
     pub round: Option<u32>,
     /// Bytes of the frame on the wire.
     pub bytes: u64,
@@ -113,12 +164,10 @@ pub struct MessageEntry {
     pub sha256: String,
 }
 
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
+/// SHA-256 of `bytes`, in lower-case hex (64 digits): the digest every record and release
+/// uses.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref())
 }
 
 /// The bytes a party signs for a tree head: its name, the tree's size and root, and the
@@ -139,13 +188,16 @@ pub fn tree_head_message(party: &str, size: u64, root: &merkle::Hash, time_ms: u
 pub struct AuditError {
     /// 1-based line number of the first bad record.
     pub line: usize,
+    /// What is wrong with it, in words.
     pub why: String,
 }
 
 /// What a verified log holds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Verified {
+    /// The party whose log it is (from its start records).
     pub party: String,
+    /// Every record, in order.
     pub records: Vec<Record>,
     /// Records covered by the last signed tree head.
     pub signed: usize,
@@ -188,23 +240,11 @@ impl Verified {
     }
 }
 
-/// Lowercase hex, as [`hex`] writes it, and nothing else: `u8::from_str_radix` also takes
-/// `A-F` and a leading `+`, so "+f" and "0F" read as "0f" and a signed head's line could be
-/// rewritten and still verify.
+/// Lowercase hex, as [`hex::encode`] writes it, and nothing else: a decoder that also took
+/// `A-F` (or, as `u8::from_str_radix` did, a leading `+`) would let a signed head's line be
+/// respelled and still verify.
 fn unhex(s: &str) -> Option<Vec<u8>> {
-    let digit = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let bytes = s.as_bytes();
-    if !bytes.len().is_multiple_of(2) {
-        return None;
-    }
-    bytes
-        .chunks_exact(2)
-        .map(|p| Some(digit(p[0])? << 4 | digit(p[1])?))
-        .collect()
+    hex::decode_lowercase(s)
 }
 
 fn unhex32(s: &str) -> Option<[u8; 32]> {
@@ -322,8 +362,8 @@ mod tests {
                     let sig = key.sign(&tree_head_message("st-marys", size, &root, 1_000 + size));
                     Event::TreeHead {
                         size,
-                        root: hex(&root),
-                        signature: hex(sig.as_ref()),
+                        root: hex::encode(&root),
+                        signature: hex::encode(sig.as_ref()),
                     }
                 }
                 e => e,

@@ -131,7 +131,9 @@ pub fn sampled_gaussian_rdp(q: f64, sigma: f64, alpha: f64) -> f64 {
 /// Accumulated RDP at each order.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RdpAccountant {
+    /// The Rényi orders α tracked (each above 1).
     pub orders: Vec<f64>,
+    /// The RDP ε accumulated at each order, indexed like `orders`.
     pub rdp: Vec<f64>,
 }
 

@@ -22,11 +22,14 @@ use rand::Rng;
 /// A nonnegative rational `num / den` (`den > 0`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ratio {
+    /// The numerator.
     pub num: BigUint,
+    /// The denominator (above 0).
     pub den: BigUint,
 }
 
 impl Ratio {
+    /// `num / den`, unreduced; the caller ensures `den > 0`.
     pub fn new(num: impl Into<BigUint>, den: impl Into<BigUint>) -> Ratio {
         Ratio {
             num: num.into(),
@@ -174,13 +177,22 @@ pub fn sample_i64(sigma2: &Ratio, rng: &mut impl Rng) -> Option<i64> {
 
 /// Why noise could not be drawn.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum NoiseError {
+    /// The standard deviation is negative, NaN or infinite.
     #[error("the noise's standard deviation {0} is not a finite number at least 0")]
     BadSigma(f64),
+    /// The grid's exponent is above 52.
     #[error("a grid of 2^-{0} is finer than the noise can be drawn on (at most 2^-52)")]
     BadGrid(u8),
+    /// The standard deviation exceeds 2^50 grid steps.
     #[error("the noise's standard deviation {sigma} is too large for a grid of 2^-{bits}")]
-    TooLarge { sigma: f64, bits: u8 },
+    TooLarge {
+        /// The standard deviation asked for.
+        sigma: f64,
+        /// The grid's exponent: steps of `2^-bits`.
+        bits: u8,
+    },
 }
 
 /// The integer variance, in grid steps of `2^-bits`, of noise with standard deviation at

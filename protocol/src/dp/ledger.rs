@@ -15,6 +15,7 @@ pub struct Budget {
     pub study_epsilon: f64,
     /// Most ε all studies together may spend.
     pub total_epsilon: f64,
+    /// The δ every ε is stated at.
     pub delta: f64,
 }
 
@@ -42,14 +43,18 @@ fn is_zero(n: &u64) -> bool {
 /// Every study's spending.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Ledger {
+    /// Each study's spending, by study id.
     pub studies: BTreeMap<String, StudySpend>,
 }
 
 /// Why a release is refused.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OverBudget {
+    /// The limit that would be broken: `"this study"` or `"all studies together"`.
     pub what: &'static str,
+    /// The ε that limit would reach with the release.
     pub epsilon_after: f64,
+    /// The limit (the budget's `study_epsilon` or `total_epsilon`).
     pub limit: f64,
 }
 
@@ -212,6 +217,7 @@ impl Ledger {
         self.studies.entry(study.to_string()).or_default().exact += 1;
     }
 
+    /// Records that `study` asked for a release this budget refused (counted, costs nothing).
     pub fn record_refusal(&mut self, study: &str) {
         self.studies.entry(study.to_string()).or_default().refused += 1;
     }

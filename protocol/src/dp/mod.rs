@@ -61,12 +61,25 @@ pub struct DpSgd {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Charge {
     /// One Gaussian mechanism with this noise multiplier.
-    Gaussian { z: f64 },
+    Gaussian {
+        /// The noise's standard deviation over the sensitivity.
+        z: f64,
+    },
     /// `steps` sampled Gaussian mechanisms with rate `q` and noise multiplier `z`.
-    Sampled { q: f64, z: f64, steps: u64 },
+    Sampled {
+        /// The Poisson sampling rate of each step.
+        q: f64,
+        /// The noise's standard deviation over the sensitivity.
+        z: f64,
+        /// Noisy steps.
+        steps: u64,
+    },
 }
 
 impl DpTraining {
+    /// Checks the parameters a study announces: a positive clip norm, a noise multiplier of at
+    /// least 0.3, and for DP-SGD a sampling rate in (0, 1], 1 to 100,000 steps and a lot size of
+    /// at least 1. The error says which, in words.
     pub fn validate(&self) -> Result<(), String> {
         if !(self.clip_norm.is_finite() && self.clip_norm > 0.0) {
             return Err(format!("clip_norm {} must be above 0", self.clip_norm));

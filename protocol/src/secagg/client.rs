@@ -193,6 +193,7 @@ impl Client {
         Ok((client, ClientMessage::AdvertiseKeys(advert)))
     }
 
+    /// This client's party id: its index in the setup's `parties`.
     pub fn me(&self) -> PartyId {
         self.me
     }

@@ -15,17 +15,22 @@ const DOMAIN: &[u8] = b"medfed-secagg-v1";
 
 /// An X25519 key pair whose secret can be exported (and so secret-shared).
 pub struct KeyPair {
+    /// The secret scalar (exportable, so it can be secret-shared).
     pub secret: StaticSecret,
+    /// The public key, `secret · G`.
     pub public: [u8; 32],
 }
 
 impl KeyPair {
+    /// A key pair from 32 bytes of `rng` (seeded by the caller: this crate draws no OS
+    /// randomness).
     pub fn generate(rng: &mut ChaCha20Rng) -> KeyPair {
         let mut bytes = [0u8; 32];
         rng.fill_bytes(&mut bytes);
         KeyPair::from_secret(bytes)
     }
 
+    /// The key pair of a known secret (e.g. one reconstructed from Shamir shares).
     pub fn from_secret(bytes: [u8; 32]) -> KeyPair {
         let secret = StaticSecret::from(bytes);
         let public = PublicKey::from(&secret).to_bytes();
@@ -103,6 +108,9 @@ fn seal_with(
     Ok(buf)
 }
 
+/// Decrypts what [`seal_once`] sealed with the same key and `aad`. Fails closed: a wrong
+/// key, altered ciphertext or altered `aad` gives [`SecAggError::Decryption`], never
+/// unauthenticated bytes.
 pub fn open_once(key: &[u8; 32], aad: &[u8], ciphertext: &[u8]) -> Result<Vec<u8>, SecAggError> {
     let unbound =
         aead::UnboundKey::new(&aead::AES_256_GCM, key).map_err(|_| SecAggError::Decryption)?;
@@ -142,13 +150,13 @@ fn apply_mask_from(acc: &mut [u64], first: usize, seed: &[u8; 32], bits: u8, sig
                 .iter_mut()
                 .zip(bytes.chunks_exact(4))
                 .for_each(|(a, b)| {
-                    *a = a.wrapping_add(u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                    *a = a.wrapping_add(u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
                 }),
             (4, false) => chunk
                 .iter_mut()
                 .zip(bytes.chunks_exact(4))
                 .for_each(|(a, b)| {
-                    *a = a.wrapping_sub(u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+                    *a = a.wrapping_sub(u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])));
                 }),
             (_, true) => chunk
                 .iter_mut()
@@ -156,7 +164,7 @@ fn apply_mask_from(acc: &mut [u64], first: usize, seed: &[u8; 32], bits: u8, sig
                 .for_each(|(a, b)| {
                     *a = a.wrapping_add(u64::from_le_bytes([
                         b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-                    ]))
+                    ]));
                 }),
             (_, false) => chunk
                 .iter_mut()
@@ -164,7 +172,7 @@ fn apply_mask_from(acc: &mut [u64], first: usize, seed: &[u8; 32], bits: u8, sig
                 .for_each(|(a, b)| {
                     *a = a.wrapping_sub(u64::from_le_bytes([
                         b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7],
-                    ]))
+                    ]));
                 }),
         }
     }
@@ -248,12 +256,7 @@ mod tests {
     #[test]
     fn x25519_matches_rfc_7748() {
         // RFC 7748 section 6.1.
-        let hex = |s: &str| -> [u8; 32] {
-            let v: Vec<u8> = (0..32)
-                .map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).unwrap())
-                .collect();
-            v.try_into().unwrap()
-        };
+        let hex = |s: &str| -> [u8; 32] { crate::hex::decode_array(s).unwrap() };
         let alice = KeyPair::from_secret(hex(
             "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a",
         ));

@@ -9,6 +9,8 @@ use rand_chacha::ChaCha20Rng;
 
 use super::PartyId;
 
+/// Who masks with whom: each party's neighbours, symmetric (u neighbours v iff v neighbours
+/// u). The complete graph for `k = n - 1`, else a Harary graph over a seeded permutation.
 #[derive(Debug, Clone)]
 pub struct Graph {
     neighbours: Vec<Vec<PartyId>>,
@@ -46,6 +48,7 @@ impl Graph {
         self.neighbours.get(u as usize).map_or(&[], Vec::as_slice)
     }
 
+    /// Whether `u` and `v` mask with each other.
     pub fn are_neighbours(&self, u: PartyId, v: PartyId) -> bool {
         self.neighbours(u).binary_search(&v).is_ok()
     }

@@ -57,6 +57,7 @@ pub struct Setup {
     pub graph_seed: u64,
     /// Length of the input vectors.
     pub dimension: u32,
+    /// The fixed-point encoding of the inputs, whose modulus the sum is taken in.
     pub quant: QuantParams,
     /// A digest of everything else each party's input depends on (for a training round:
     /// the scale, the global model and the training parameters; see
@@ -169,6 +170,7 @@ impl Setup {
         Ok(())
     }
 
+    /// The neighbour graph this setup fixes (from `parties`, `neighbours` and `graph_seed`).
     pub fn graph(&self) -> Graph {
         Graph::new(
             self.parties.len(),
@@ -180,11 +182,14 @@ impl Setup {
 
 /// Signs a party's advertised keys with its long-term identity (a site's certificate key).
 pub trait Signer {
+    /// The signature of `message` (for a site: with its certificate's key).
     fn sign(&self, message: &[u8]) -> Vec<u8>;
 }
 
 /// Checks that `signature` over `message` was made by party `site`'s identity key.
 pub trait Verifier {
+    /// True if `signature` over `message` verifies with `site`'s identity key (its certificate
+    /// from the consortium CA); false for an unknown site.
     fn verify(&self, site: &str, message: &[u8], signature: &[u8]) -> bool;
 }
 
@@ -218,6 +223,7 @@ pub fn survivors_signing_message(context: &[u8; 32], site: &str, survivors: &[Pa
 /// A party's signed public keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdvertisedKeys {
+    /// The advertising party.
     pub party: PartyId,
     /// Key agreement for encrypting shares.
     pub c_pk: [u8; 32],
@@ -226,33 +232,44 @@ pub struct AdvertisedKeys {
     /// HKDF of the self-mask seed under the round context: the server checks a rebuilt seed
     /// against it, so a wrong revealed share cannot silently corrupt the sum.
     pub self_mask_commitment: [u8; 32],
+    /// The party's signature over [`key_signing_message`].
     pub signature: Vec<u8>,
 }
 
 /// An encrypted share from one party to another, relayed by the server.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SealedShare {
+    /// The party that sealed the share.
     pub from: PartyId,
+    /// The party that can open it.
     pub to: PartyId,
+    /// AES-256-GCM of both of `from`'s shares for `to`, under their agreed key.
     pub ciphertext: Vec<u8>,
 }
 
 /// A revealed share of `owner`'s secret (its self-mask seed or its mask key).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RevealedShare {
+    /// The party whose secret the share is of.
     pub owner: PartyId,
     /// Shamir share: x-coordinate byte, then the share bytes.
     pub share: Vec<u8>,
 }
 
+/// A party's message to the server, one per phase.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ClientMessage {
+    /// Phase 1: the party's signed public keys.
     AdvertiseKeys(AdvertisedKeys),
+    /// Phase 2: shares of its secrets, sealed for each of its neighbours.
     ShareKeys(Vec<SealedShare>),
     /// The masked input, packed little-endian words of `quant.modulus_bits`.
     MaskedInput(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Phase 5: the shares the server needs to remove the masks.
     UnmaskShares {
+        /// Shares of the surviving parties' self-mask seeds.
         self_mask: Vec<RevealedShare>,
+        /// Shares of the dropped parties' mask keys (so their pairwise masks can be removed).
         mask_key: Vec<RevealedShare>,
     },
     /// The party's signature over the survivor list it was given
@@ -261,6 +278,7 @@ pub enum ClientMessage {
 }
 
 impl ClientMessage {
+    /// The message's name in logs and the compliance log (e.g. `"masked-input"`).
     pub fn kind(&self) -> &'static str {
         match self {
             ClientMessage::AdvertiseKeys(_) => "advertise-keys",
@@ -272,6 +290,7 @@ impl ClientMessage {
     }
 }
 
+/// The server's message to a party, one per phase.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ServerMessage {
     /// The advertised keys of the receiver's neighbours that took part.
@@ -281,15 +300,21 @@ pub enum ServerMessage {
     /// The parties whose masked input the server holds (U3, in order), and each party's
     /// signature over that list from its share holders that signed it.
     UnmaskRequest {
+        /// The parties whose masked input the server holds.
         survivors: Vec<PartyId>,
+        /// Signatures over `survivors` by the receiver's share holders, by party.
         signatures: Vec<(PartyId, Vec<u8>)>,
     },
     /// The parties whose masked input the server holds (U3, in order), for every party to
     /// sign before anyone reveals anything.
-    ConsistencyCheck { survivors: Vec<PartyId> },
+    ConsistencyCheck {
+        /// The parties whose masked input the server holds.
+        survivors: Vec<PartyId>,
+    },
 }
 
 impl ServerMessage {
+    /// The message's name in logs and the compliance log (e.g. `"key-directory"`).
     pub fn kind(&self) -> &'static str {
         match self {
             ServerMessage::KeyDirectory(_) => "key-directory",
@@ -300,69 +325,114 @@ impl ServerMessage {
     }
 }
 
+/// Why a secure aggregation (or one party's message in it) failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum SecAggError {
+    /// The setup is invalid, or too weak for the colluders tolerated.
     #[error("invalid secure-aggregation setup: {0}")]
     BadSetup(String),
+    /// A peer's public key is of small order (it would fix the agreed key).
     #[error("a peer offered a small-order public key")]
     WeakPublicKey,
+    /// A sealed share did not decrypt.
     #[error("a share failed to decrypt (wrong key, context or tampering)")]
     Decryption,
+    /// Encrypting a share failed.
     #[error("a share could not be encrypted; it is not sent")]
     Sealing,
+    /// HKDF failed.
     #[error("a key could not be derived; the round stops")]
     KeyDerivation,
+    /// Shamir splitting or combining failed.
     #[error("secret sharing: {0}")]
     Sharing(String),
+    /// The party's differential-privacy noise could not be drawn.
     #[error("differential-privacy noise: {0}")]
     Noise(String),
+    /// A party's key signature does not verify with its certificate.
     #[error("the signature on party {party}'s keys does not verify")]
-    ForgedSignature { party: PartyId },
+    ForgedSignature {
+        /// The party whose keys carry the signature.
+        party: PartyId,
+    },
+    /// A message names a party that is not in the setup.
     #[error("unknown party {0}")]
     UnknownParty(PartyId),
+    /// A message for another phase than the current one.
     #[error("party {from} sent a {kind} message during the {phase} phase")]
     WrongPhase {
+        /// The sender.
         from: PartyId,
+        /// The message's kind.
         kind: &'static str,
+        /// The current phase.
         phase: &'static str,
     },
+    /// A second message from a party in one phase.
     #[error("party {0} already sent this phase's message")]
     Duplicate(PartyId),
+    /// A list or vector of the wrong length.
     #[error("party {from}: {what} has {got} entries, expected {expected}")]
     WrongLength {
+        /// The sender.
         from: PartyId,
+        /// What was too long or too short.
         what: &'static str,
+        /// Its length.
         got: usize,
+        /// The length it must have.
         expected: usize,
     },
+    /// A message that breaks the protocol in another way, said in `why`.
     #[error("party {from}: {why}")]
-    Invalid { from: PartyId, why: String },
+    Invalid {
+        /// The sender.
+        from: PartyId,
+        /// What is wrong with its message.
+        why: String,
+    },
+    /// The server (seen by a client) asked for something the protocol forbids, e.g. shares
+    /// of both kinds of one party.
     #[error("the server asked for shares inconsistent with the protocol: {0}")]
     Inconsistent(String),
+    /// Fewer parties than the threshold remain: the sum cannot be decoded.
     #[error("only {got} parties remain in the {phase} phase; at least {need} are needed")]
     TooFewSurvivors {
+        /// The phase in which they fell below it.
         phase: &'static str,
+        /// Parties remaining.
         got: usize,
+        /// The threshold.
         need: usize,
     },
+    /// Too few of a party's shares arrived to rebuild its secret.
     #[error("party {owner}'s secret cannot be rebuilt: {got} of {need} shares arrived")]
     Unrecoverable {
+        /// The party.
         owner: PartyId,
+        /// Shares that arrived.
         got: usize,
+        /// The threshold.
         need: usize,
     },
+    /// Enough shares arrived, but none of their subsets rebuilds the secret its owner
+    /// advertised (the self-mask seed's commitment, or the mask key's public key).
     #[error(
         "the shares revealed of party {owner}'s {what} do not rebuild it: some are wrong (its \
          holders revealed wrong ones, or it dealt them){}",
         if *gave_up { "; the search for a right subset stopped at the round's limit" } else { "" }
     )]
     Unrebuildable {
+        /// The party.
         owner: PartyId,
+        /// Which secret: the self-mask seed or the mask key.
         what: &'static str,
         /// The search for a right subset ran out of the round's budget.
         gave_up: bool,
     },
+    /// The aggregation was aborted by its driver (e.g. the study stopped); the reason says
+    /// why.
     #[error("the aggregation was aborted: {0}")]
     Aborted(String),
 }

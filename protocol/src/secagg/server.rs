@@ -16,17 +16,25 @@ use super::{
 };
 use crate::quant;
 
+/// The server's phase, in protocol order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
+    /// Collecting the parties' signed public keys.
     AdvertiseKeys,
+    /// Collecting sealed shares of the parties' secrets.
     ShareKeys,
+    /// Summing the parties' masked inputs.
     MaskedInput,
+    /// Collecting the parties' signatures over the survivor list.
     Consistency,
+    /// Collecting revealed shares and removing the masks.
     Unmasking,
+    /// Finished: the outcome (the sum or an error) is known.
     Done,
 }
 
 impl Phase {
+    /// The phase's name in words, for errors and logs.
     pub fn name(self) -> &'static str {
         match self {
             Phase::AdvertiseKeys => "advertise keys",
@@ -42,6 +50,9 @@ impl Phase {
 /// Largest sealed share accepted (a share plaintext is about 80 bytes).
 const MAX_SEALED_SHARE: usize = 512;
 
+/// The server's state machine for one secure aggregation: feed it the parties' messages with
+/// [`Server::handle`], send what [`Server::poll_transmit`] yields, and read the sum from
+/// [`Server::outcome`].
 pub struct Server {
     setup: Setup,
     context: [u8; 32],
@@ -73,6 +84,8 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server in the first phase at `now_ms`, each phase lasting at most `phase_timeout_ms`;
+    /// refuses an invalid setup.
     pub fn new(setup: Setup, now_ms: u64, phase_timeout_ms: u64) -> Result<Server, SecAggError> {
         setup.validate()?;
         Ok(Server {
@@ -102,10 +115,12 @@ impl Server {
         &self.inconsistent
     }
 
+    /// The aggregation's setup.
     pub fn setup(&self) -> &Setup {
         &self.setup
     }
 
+    /// The current phase.
     pub fn phase(&self) -> Phase {
         self.phase
     }
@@ -212,16 +227,16 @@ impl Server {
         };
         match (self.phase, msg) {
             (Phase::AdvertiseKeys, ClientMessage::AdvertiseKeys(keys)) => {
-                self.take_keys(from, keys, verifier)?
+                self.take_keys(from, keys, verifier)?;
             }
             (Phase::ShareKeys, ClientMessage::ShareKeys(sealed)) => {
-                self.take_shares(from, sealed)?
+                self.take_shares(from, sealed)?;
             }
             (Phase::MaskedInput, ClientMessage::MaskedInput(bytes)) => {
-                self.take_input(from, &bytes)?
+                self.take_input(from, &bytes)?;
             }
             (Phase::Consistency, ClientMessage::SurvivorsSigned(signature)) => {
-                self.take_signature(from, signature, verifier)?
+                self.take_signature(from, signature, verifier)?;
             }
             (
                 Phase::Unmasking,

@@ -18,6 +18,7 @@ pub struct Identities {
 }
 
 impl Identities {
+    /// One deterministic key pair per party (seeded by its index), keyed by the party's name.
     pub fn new(parties: &[String]) -> Identities {
         let keys: Vec<Ed25519KeyPair> = (0..parties.len())
             .map(|i| {
@@ -35,6 +36,7 @@ impl Identities {
         Identities { keys, public }
     }
 
+    /// The signer of party `party` (its index in the list given to [`Identities::new`]).
     pub fn signer(&self, party: PartyId) -> impl Signer + '_ {
         struct S<'a>(&'a Ed25519KeyPair);
         impl Signer for S<'_> {
@@ -59,29 +61,39 @@ impl Verifier for Identities {
 /// The phase before which a party stops answering.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum DropBefore {
+    /// Never answers.
     AdvertiseKeys,
+    /// Advertises its keys, then stops.
     ShareKeys,
+    /// Shares its keys, then stops before sending its masked input.
     MaskedInput,
+    /// Sends its masked input, then stops before revealing any share.
     Unmasking,
 }
 
 /// Who did the work being timed.
 #[derive(Debug, Clone, Copy)]
 pub enum Actor {
+    /// A client, by party id.
     Client(PartyId),
+    /// The server.
     Server,
 }
 
 /// Times the parties' work; tests use [`NoClock`]. Client work may run on several threads:
 /// each gets a [`Stopwatch::fork`], merged back with [`Stopwatch::join`].
 pub trait Stopwatch: Send {
+    /// Runs `f` as `actor`'s work, timing it.
     fn time<R>(&mut self, actor: Actor, f: impl FnOnce() -> R) -> R;
     /// `bytes` made by `actor` left it over the network (for memory accounting).
     fn sent(&mut self, _actor: Actor, _bytes: usize) {}
+    /// A stopwatch for work on another thread.
     fn fork(&self) -> Self;
+    /// Adds a forked stopwatch's measurements to this one's.
     fn join(&mut self, other: Self);
 }
 
+/// A [`Stopwatch`] that measures nothing: tests stay deterministic and clock-free.
 pub struct NoClock;
 
 impl Stopwatch for NoClock {
@@ -96,12 +108,15 @@ impl Stopwatch for NoClock {
 
 /// What a simulated aggregation produced.
 pub struct SimOutcome {
+    /// The decoded sum (modulo the encoding's modulus), or why there is none.
     pub result: Result<Vec<u64>, SecAggError>,
+    /// The parties whose inputs are in the sum.
     pub contributors: BTreeSet<PartyId>,
     /// Every message each client sent, in order (for inspection by privacy tests).
     pub sent: BTreeMap<PartyId, Vec<ClientMessage>>,
     /// Serialized bytes each client sent and received.
     pub bytes_sent: BTreeMap<PartyId, usize>,
+    /// Serialized bytes each client received.
     pub bytes_received: BTreeMap<PartyId, usize>,
     /// Messages the server rejected, with the reason.
     pub rejected: Vec<(PartyId, SecAggError)>,

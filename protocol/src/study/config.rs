@@ -7,22 +7,32 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{ModelKind, ServerOptimizer, TrainParams};
 
+/// One training study as the aggregator's operator configures it: what to train on which
+/// dataset, for how many rounds, with what quorum, deadlines, privacy and secure aggregation.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct StudyConfig {
+    /// The study's id, unique in the consortium: every message of the study carries it, and
+    /// each site's privacy ledger charges the study's releases to it.
     pub id: String,
+    /// What the study is for, shown to each site's reviewer (empty by default).
     #[serde(default)]
     pub description: String,
     /// The dataset name nodes serve it from.
     pub dataset: String,
+    /// `"logistic"` (classification) or `"linear"` (regression).
     pub model: ModelKind,
+    /// The input columns, in the model's order.
     pub features: Vec<String>,
+    /// The column to predict.
     pub target: String,
     /// For logistic models: the target value counted as positive.
     #[serde(default)]
     pub positive_class: Option<String>,
+    /// Share of each site's rows kept aside for validation, in (0, 1) (default 0.25).
     #[serde(default = "default_validation_fraction")]
     pub validation_fraction: f64,
+    /// Training rounds.
     pub rounds: u32,
     /// Quorum: fewest site updates a round needs.
     #[serde(default = "default_min_sites")]
@@ -40,12 +50,14 @@ pub struct StudyConfig {
     /// Times a round is tried before the study is abandoned for lack of quorum.
     #[serde(default = "default_round_attempts")]
     pub round_attempts: u32,
+    /// Local training's hyper-parameters (`[study.training]`).
     #[serde(default)]
     pub training: TrainingConfig,
     /// How the round's average becomes the next model: `{ kind = "fed_avg" }` (default) or
     /// `{ kind = "fed_adam", learning_rate, beta1, beta2, tau }`.
     #[serde(default = "default_server_optimizer")]
     pub server_optimizer: ServerOptimizer,
+    /// Secure aggregation of the rounds (`[study.secure_aggregation]`, on by default).
     #[serde(default)]
     pub secure_aggregation: SecureAggregationConfig,
     /// Differential privacy (DP-FedAvg): absent means none.
@@ -74,6 +86,7 @@ pub enum Selection {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SchedulingConfig {
+    /// How each round picks its participants (default: all of them).
     #[serde(default)]
     pub selection: Selection,
     /// With `sample`: the share of participants invited each round.
@@ -165,6 +178,8 @@ fn default_lot_size() -> f64 {
 }
 
 impl PrivacyConfig {
+    /// The DP parameters a study announces to its sites (DP-SGD's part only with
+    /// `mechanism = "dp-sgd"`).
     pub fn training(&self) -> crate::dp::DpTraining {
         crate::dp::DpTraining {
             clip_norm: self.clip_norm,
@@ -253,17 +268,24 @@ fn default_expected_corrupt() -> f64 {
     0.05
 }
 
+/// `[study.training]`: local training's hyper-parameters (defaults: those of
+/// [`TrainParams::default`]).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainingConfig {
+    /// Passes over a site's training rows per round (default 5).
     #[serde(default = "default_local_epochs")]
     pub local_epochs: u32,
+    /// Rows per mini-batch (default 16).
     #[serde(default = "default_batch_size")]
     pub batch_size: u32,
+    /// The gradient step's size (default 0.1).
     #[serde(default = "default_learning_rate")]
     pub learning_rate: f64,
+    /// Weight of the L2 penalty on the weights, not the bias (default 0.01).
     #[serde(default = "default_l2")]
     pub l2: f64,
+    /// Seed of the mini-batch shuffle (default 0); each round mixes in its number.
     #[serde(default)]
     pub seed: u64,
     /// FedProx: weight of the proximal term keeping local training near the global model.
@@ -285,6 +307,7 @@ impl Default for TrainingConfig {
 }
 
 impl TrainingConfig {
+    /// These settings as the [`TrainParams`] a round sends.
     pub fn params(&self) -> TrainParams {
         TrainParams {
             local_epochs: self.local_epochs,

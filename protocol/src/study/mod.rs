@@ -450,6 +450,20 @@ pub struct Coordinator {
     absent: BTreeMap<String, String>,
     /// The target classes each accepting site names.
     classes: BTreeMap<String, Vec<String>>,
+    /// When the wait for sites ends (the start's deadline for decisions too).
+    wait_until: u64,
+    /// Sites that answered the announcement (accepted, refused, or answered wrongly): not
+    /// asked again at the start.
+    decided: BTreeSet<String>,
+    /// The connection each undecided site was last announced the study on: one that
+    /// reconnects is asked again while the start waits for a quorum.
+    tried: BTreeMap<String, u64>,
+    /// Whether the study has been announced once.
+    announced_once: bool,
+    /// Per round, the survivors a failed secure attempt asked unmasking shares of: they
+    /// may have revealed, and join that round again only with exactly these parties (a
+    /// node refuses any other set), so the retries invite them.
+    revealed_with: BTreeMap<u32, BTreeSet<String>>,
     /// Feature statistics: the secure sum, or (exact studies without secure aggregation)
     /// summed from `site_stats` when the rounds begin.
     stats: FeatureStats,
@@ -492,10 +506,14 @@ impl Coordinator {
                 )
             })
             .collect();
+        let wait_until = now.saturating_add(cfg.wait_for_sites_secs.saturating_mul(1000));
         let mut c = Coordinator {
-            phase: Phase::WaitingForSites {
-                until: now.saturating_add(cfg.wait_for_sites_secs.saturating_mul(1000)),
-            },
+            phase: Phase::WaitingForSites { until: wait_until },
+            wait_until,
+            decided: BTreeSet::new(),
+            tried: BTreeMap::new(),
+            announced_once: false,
+            revealed_with: BTreeMap::new(),
             allow,
             verifiers,
             rng: ChaCha8Rng::seed_from_u64(seed),
@@ -607,6 +625,23 @@ impl Coordinator {
             return;
         }
         match &mut self.phase {
+            Phase::WaitingForSites { until } if self.announced_once => {
+                // Too few accepted at the start: a site that had not answered and has
+                // reconnected since is asked again, until the wait ends.
+                let until = *until;
+                if !self.start_candidates().is_empty() {
+                    self.announce(now, AnnounceFor::Start);
+                } else if now >= until {
+                    self.fail(StudyFailure::NoQuorum {
+                        got: self.participants.len(),
+                        need: self.cfg.min_sites,
+                        detail: format!(
+                            "too few sites accepted the study; waited {} s for the others",
+                            self.cfg.wait_for_sites_secs
+                        ),
+                    });
+                }
+            }
             Phase::WaitingForSites { until } => {
                 let until = *until;
                 let n = self.connected.len();
@@ -752,7 +787,16 @@ impl Coordinator {
     /// that reconnected since they were announced it (before an attempt).
     fn announce(&mut self, now: u64, purpose: AnnounceFor) {
         let sites: Vec<String> = match purpose {
-            AnnounceFor::Start => self.connected.keys().cloned().collect(),
+            AnnounceFor::Start => {
+                self.announced_once = true;
+                let sites = self.start_candidates();
+                for site in &sites {
+                    if let Some(c) = self.connected.get(site) {
+                        self.tried.insert(site.clone(), c.conn);
+                    }
+                }
+                sites
+            }
             AnnounceFor::Attempt { .. } => self
                 .participants
                 .iter()
@@ -780,6 +824,18 @@ impl Coordinator {
         self.phase = Phase::Announcing { purpose, waiting };
     }
 
+    /// The connected sites to announce the study to at the start: those that have not
+    /// answered it, each once per connection.
+    fn start_candidates(&self) -> Vec<String> {
+        self.connected
+            .iter()
+            .filter(|(site, c)| {
+                !self.decided.contains(*site) && self.tried.get(*site) != Some(&c.conn)
+            })
+            .map(|(site, _)| site.clone())
+            .collect()
+    }
+
     fn record(&mut self, event: AuditEvent) {
         self.out.push(Command::Record(event));
     }
@@ -793,6 +849,9 @@ impl Coordinator {
     }
 
     fn on_decision(&mut self, site: &str, purpose: AnnounceFor, answer: Answer) {
+        if purpose == AnnounceFor::Start && !matches!(answer, Err(Failure::Transport(_))) {
+            self.decided.insert(site.to_string());
+        }
         let id = self.cfg.id.clone();
         let conn = self.connected.get(site).map_or(0, |c| c.conn);
         let refused = |reason: String| match purpose {
@@ -920,6 +979,28 @@ impl Coordinator {
         match purpose {
             AnnounceFor::Attempt { round, attempt } => self.start_attempt(now, round, attempt),
             AnnounceFor::Start => {
+                let undecided = self
+                    .allow
+                    .iter()
+                    .filter(|s| !self.decided.contains(*s))
+                    .count();
+                if self.participants.len() < self.cfg.min_sites
+                    && now < self.wait_until
+                    && self.participants.len() + undecided >= self.cfg.min_sites
+                {
+                    // Sites that did not answer (a node restarting) may still: wait for
+                    // them to reconnect, until the wait for sites ends.
+                    self.out.info(format!(
+                        "study '{}': {} of the {} sites needed accepted; waiting for the {undecided} that did not answer",
+                        self.cfg.id,
+                        self.participants.len(),
+                        self.cfg.min_sites
+                    ));
+                    self.phase = Phase::WaitingForSites {
+                        until: self.wait_until,
+                    };
+                    return;
+                }
                 if self.participants.len() < self.cfg.min_sites {
                     return self.fail(StudyFailure::NoQuorum {
                         got: self.participants.len(),
@@ -955,11 +1036,15 @@ impl Coordinator {
     fn start_feature_statistics(&mut self, now: u64, attempt: u32) {
         let d = self.cfg.features.len();
         let study = self.cfg.id.clone();
+        let parties = self.parties_for(
+            STATISTICS_ROUND,
+            self.participants.keys().cloned().collect(),
+        );
         let result = self.start_sum(
             now,
             STATISTICS_ROUND,
             attempt,
-            self.participants.keys().cloned().collect(),
+            parties.into_iter().collect(),
             update_vector::statistics_dimension(d),
             |n, scale| {
                 // The finest fixed point that cannot overflow 64 bits for n parties.
@@ -996,6 +1081,12 @@ impl Coordinator {
         let Some(outcome) = sum.outcome() else {
             return;
         };
+        if outcome.is_err()
+            && let Some(s) = &sum.unmasking
+        {
+            self.revealed_with
+                .insert(STATISTICS_ROUND, s.iter().cloned().collect());
+        }
         let (attempt, scale) = (*attempt, sum.scale);
         let d = self.cfg.features.len();
         let result = outcome.and_then(|s| {
@@ -1036,7 +1127,14 @@ impl Coordinator {
         if attempt >= self.cfg.round_attempts {
             self.fail(StudyFailure::Failed(format!("feature statistics: {e}")));
         } else {
-            self.start_feature_statistics(now, attempt + 1);
+            // As a round's attempt: after a pause (a site that dropped out may be back),
+            // sites that reconnected meanwhile (a restarted node forgets the study) are
+            // announced it again first.
+            self.phase = Phase::Pause {
+                until: now.saturating_add(RETRY_PAUSE_MS),
+                round: STATISTICS_ROUND,
+                attempt: attempt + 1,
+            };
         }
     }
 
@@ -1119,12 +1217,17 @@ impl Coordinator {
     /// participants, then the attempt.
     fn begin_attempt(&mut self, now: u64, round: u32, attempt: u32) {
         if self.stop_requested && round <= self.cfg.rounds {
-            return self.fail(StudyFailure::Stopped { round: round - 1 });
+            return self.fail(StudyFailure::Stopped {
+                round: round.saturating_sub(1),
+            });
         }
         self.announce(now, AnnounceFor::Attempt { round, attempt });
     }
 
     fn start_attempt(&mut self, now: u64, round: u32, attempt: u32) {
+        if round == STATISTICS_ROUND {
+            return self.start_feature_statistics(now, attempt);
+        }
         if round > self.cfg.rounds {
             return self.start_final_secure(now);
         }
@@ -1137,6 +1240,11 @@ impl Coordinator {
             });
         }
         let (invited, deadline_ms) = self.select(round);
+        let invited = if self.cfg.secure_aggregation.enabled {
+            self.parties_for(round, invited)
+        } else {
+            invited
+        };
         let Some(model) = self.model.clone() else {
             return self.fail(StudyFailure::Failed("no model to train".into()));
         };
@@ -1314,6 +1422,23 @@ impl Coordinator {
     }
 
     /// The sites a round invites, and its deadline (ms), by `[study.scheduling]`.
+    /// The parties of a secure attempt of `round`: `chosen`, unless an earlier attempt
+    /// reached its unmasking; then its survivors (the only set they would join again with).
+    fn parties_for(&mut self, round: u32, chosen: BTreeSet<String>) -> BTreeSet<String> {
+        match self.revealed_with.get(&round) {
+            Some(s) if *s != chosen => {
+                self.out.info(format!(
+                    "study '{}' round {round}: inviting the {} sites an earlier attempt asked to unmask ({}): they may have revealed, and join again only with the same set",
+                    self.cfg.id,
+                    s.len(),
+                    s.iter().cloned().collect::<Vec<_>>().join(", ")
+                ));
+                s.clone()
+            }
+            _ => chosen,
+        }
+    }
+
     fn select(&mut self, round: u32) -> (BTreeSet<String>, u64) {
         let cfg = &self.cfg;
         let full = cfg.round_timeout_secs.saturating_mul(1000);
@@ -1486,6 +1611,10 @@ impl Coordinator {
                     self.out
                         .note(format!("the final model's secure evaluation failed: {e}"));
                     return self.finish(Evaluation::empty(self.cfg.model));
+                }
+                if let Some(s) = &sum.unmasking {
+                    self.revealed_with
+                        .insert(round, s.iter().cloned().collect());
                 }
                 return self.attempt_failed(now, round, attempt, e, None);
             }

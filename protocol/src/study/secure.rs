@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 
 use crate::messages::{SecAggFromNode, SecAggToNode, SecureRound};
 use crate::quant::QuantParams;
-use crate::secagg::{PartyId, SecAggError, Server, Setup, Verifier, choose_neighbours};
+use crate::secagg::{
+    PartyId, SecAggError, Server, ServerMessage, Setup, Verifier, choose_neighbours,
+};
 use crate::{ErrorCode, Message};
 
 use super::{Answer, Failure, Out, RequestId, StudyConfig};
@@ -83,6 +85,9 @@ pub(crate) struct SecureSum {
     study: String,
     round: u32,
     timeout_ms: u64,
+    /// The survivors the unmasking asked shares for, once it did: sites that may have
+    /// revealed shares for this round, which they then do again only with exactly these.
+    pub unmasking: Option<Vec<String>>,
 }
 
 /// How a secure aggregation ended.
@@ -132,6 +137,7 @@ impl SecureSum {
             study: study.to_string(),
             round,
             timeout_ms,
+            unmasking: None,
         })
     }
 
@@ -184,6 +190,15 @@ impl SecureSum {
         loop {
             while let Some((v, message)) = self.server.poll_transmit() {
                 let site = self.party(v).to_string();
+                if let ServerMessage::UnmaskRequest { survivors, .. } = &message
+                    && self.unmasking.is_none()
+                {
+                    let names = survivors
+                        .iter()
+                        .map(|u| self.party(*u).to_string())
+                        .collect();
+                    self.unmasking = Some(names);
+                }
                 let msg = Message::SecAggToNode(SecAggToNode {
                     study_id: self.study.clone(),
                     round: self.round,

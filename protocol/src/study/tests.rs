@@ -417,14 +417,14 @@ fn three() -> Vec<(&'static str, Site)> {
 fn completed(e: &Ending) -> &Completed {
     match e {
         Ending::Completed(c) => c,
-        other => panic!("not completed: {other:?}"),
+        Ending::Failed(f) => panic!("not completed: {f:?}"),
     }
 }
 
 fn failed(e: &Ending) -> &StudyFailure {
     match e {
         Ending::Failed(f) => f,
-        other => panic!("not failed: {other:?}"),
+        Ending::Completed(c) => panic!("not failed: {c:?}"),
     }
 }
 
@@ -545,7 +545,7 @@ fn a_positive_class_no_site_names_stops_the_study_before_round_1() {
     let e = fed.run();
     match failed(&e) {
         StudyFailure::Failed(why) => {
-            assert!(why.contains(r#"fix: positive_class = "Yes""#), "{why}")
+            assert!(why.contains(r#"fix: positive_class = "Yes""#), "{why}");
         }
         f => panic!("{f:?}"),
     }
@@ -651,6 +651,41 @@ fn the_operator_stops_it_at_the_next_round_and_the_last_model_is_kept() {
         missing[0].reason.contains("no study decision"),
         "{missing:?}"
     );
+}
+
+#[test]
+fn a_site_that_did_not_answer_the_start_is_asked_again_when_it_reconnects() {
+    // Quorum 3 of 3; c does not answer the announcement (a node restarting).
+    let cfg = config(serde_json::json!({ "min_sites": 3 }));
+    let mut sites = three();
+    sites[2].1.silent = true;
+    let mut fed = Fed::new(cfg.clone(), &sites);
+    fed.connect(&["a", "b", "c"]);
+    fed.step();
+    fed.pump();
+    assert!(fed.coord.ending().is_none(), "it waits for c, not fails");
+    assert_eq!(fed.asked_for("study announcement"), 3);
+    // Nothing changes: it is not asked again on the same connection.
+    fed.coord.handle_timeout(fed.now + 1_000);
+    fed.pump();
+    assert_eq!(fed.asked_for("study announcement"), 3);
+    // c comes back on a new connection, and answers now.
+    fed.sites.get_mut("c").unwrap().silent = false;
+    fed.connect(&["c"]);
+    assert_eq!(fed.asked_for("study announcement"), 4, "only c, once more");
+    let e = fed.run();
+    assert_eq!(completed(&e).missing, []);
+
+    // One that never comes back: the study fails when the wait for sites ends, saying so.
+    let mut fed = Fed::new(cfg, &sites);
+    fed.connect(&["a", "b", "c"]);
+    let e = fed.run();
+    let f = failed(&e);
+    assert!(
+        matches!(f, StudyFailure::NoQuorum { got: 2, need: 3, detail } if detail.contains("waited 10 s for the others")),
+        "{f:?}"
+    );
+    assert!(fed.now >= 10_000, "it waited: {}", fed.now);
 }
 
 #[test]

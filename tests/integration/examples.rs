@@ -1,0 +1,60 @@
+//! Every example runs green, in a short mode, and writes its plots (labelled SVG files).
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::common::example;
+
+fn run(name: &str, args: &[&str]) -> String {
+    let out = Command::new(example(name)).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{name} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn svg(path: &Path, labels: &[&str]) {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(text.starts_with("<svg"), "{}", path.display());
+    for l in labels {
+        assert!(text.contains(l), "{} lacks {l:?}", path.display());
+    }
+}
+
+#[test]
+fn the_federation_examples_train_and_plot() {
+    for (name, metric) in [
+        ("diabetes_federation", "AUC"),
+        ("breast_cancer_federation", "AUC"),
+        ("progression_regression", "RMSE"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = run(
+            name,
+            &["--rounds", "3", "--out", dir.path().to_str().unwrap()],
+        );
+        assert!(
+            out.contains("federated") && out.contains("centralized") && out.contains(metric),
+            "{out}"
+        );
+        let plots = dir.path().join("plots");
+        svg(&plots.join("training.svg"), &["round", "federated"]);
+        if metric == "AUC" {
+            svg(
+                &plots.join("roc.svg"),
+                &["false positive rate", "centralized"],
+            );
+        } else {
+            svg(&plots.join("training.svg"), &["R²", "mean squared error"]);
+        }
+    }
+}
+
+#[test]
+fn the_custom_streamtask_example_runs() {
+    let out = run("custom_streamtask", &[]);
+    assert!(!out.is_empty());
+}
