@@ -148,6 +148,21 @@ pub struct Node {
 /// answered, the update).
 pub(crate) type SentPrivate = HashMap<String, (u32, [u8; 32], ModelUpdate)>;
 
+/// The longest one round's local training may run on a site (an hour), whatever the
+/// round's deadline or epochs say: a hostile or misconfigured aggregator cannot hold the
+/// site's CPU for longer (a round without a deadline would otherwise train for as many
+/// epochs as it names, up to 4 billion).
+pub const MAX_TRAINING_MS: u64 = 60 * 60 * 1000;
+
+/// How long one round's training may run on this site when the aggregator asks for
+/// `asked` ms (0: no deadline): never more than [`MAX_TRAINING_MS`].
+fn training_deadline_ms(asked: u64) -> u64 {
+    match asked {
+        0 => MAX_TRAINING_MS,
+        d => d.min(MAX_TRAINING_MS),
+    }
+}
+
 /// The result of local training in one round.
 pub(crate) struct LocalUpdate {
     pub weights: Vec<f64>,
@@ -1100,9 +1115,10 @@ impl Node {
         );
         // Past the round's deadline the aggregator goes on without this site: stop training
         // then rather than finish an update nobody waits for.
-        let deadline_ms = r.deadline_ms;
-        let until = (deadline_ms > 0)
-            .then(|| std::time::Instant::now() + Duration::from_millis(deadline_ms));
+        // Whatever the aggregator asks (no deadline, 0, or one of days), one round's training
+        // holds this site's CPU for at most MAX_TRAINING_MS.
+        let deadline_ms = training_deadline_ms(r.deadline_ms);
+        let until = Some(std::time::Instant::now() + Duration::from_millis(deadline_ms));
         // Training is CPU work: keep it off the threads that drive the connection.
         tokio::task::spawn_blocking(move || {
             let (x_train, x_val) = standardized(&data, &model);
@@ -1318,5 +1334,20 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, NodeError> {
         Err(std::fs::TryLockError::Error(e)) => {
             Err(fail(format!("cannot lock {}: {e}", path.display())))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_round_holds_the_sites_cpu_longer_than_the_cap() {
+        // No deadline, or one of days, from a hostile or misconfigured aggregator: the cap.
+        assert_eq!(training_deadline_ms(0), MAX_TRAINING_MS);
+        assert_eq!(training_deadline_ms(u64::MAX), MAX_TRAINING_MS);
+        assert_eq!(training_deadline_ms(7 * 24 * 3_600_000), MAX_TRAINING_MS);
+        // An ordinary round's deadline is kept.
+        assert_eq!(training_deadline_ms(15_000), 15_000);
     }
 }
