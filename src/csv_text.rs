@@ -22,9 +22,11 @@ where
     F: AsRef<[u8]>,
 {
     let mut w = csv::WriterBuilder::new().from_writer(Vec::new());
-    // Writing to memory cannot fail.
-    let _ = w.write_record(fields);
-    let bytes = w.into_inner().unwrap_or_default();
+    // Writing one record to memory cannot fail (the csv writer's errors are I/O errors).
+    let bytes = match w.write_record(fields) {
+        Ok(()) => w.into_inner().unwrap_or_default(),
+        Err(_) => Vec::new(),
+    };
     let text = String::from_utf8_lossy(&bytes);
     text.trim_end_matches(['\r', '\n']).to_string()
 }

@@ -204,7 +204,10 @@ pub async fn federate(
         on_event(&event);
     }
     let outcomes = agg_task.await.context("the aggregator task failed")??;
-    let _ = stop_tx.send(true);
+    // An error means every node has stopped already: nothing is left to tell.
+    if stop_tx.send(true).is_err() {
+        tracing::debug!("every node had stopped before the stop signal");
+    }
     while let Ok(Some(joined)) =
         tokio::time::timeout(Duration::from_secs(10), tasks.join_next()).await
     {

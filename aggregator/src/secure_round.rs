@@ -13,7 +13,8 @@ use medfed_infra::transport::{self, TransportError};
 use medfed_protocol::Message;
 use medfed_protocol::messages::{SecAggFromNode, SecAggToNode, SecureRound};
 use medfed_protocol::quant::QuantParams;
-use medfed_protocol::secagg::{PartyId, SecAggError, Server};
+use medfed_protocol::secagg::{PartyId, Server};
+use medfed_protocol::study::secure::{failure_words, inconsistent_words};
 use tokio::task::JoinSet;
 use tracing::{debug, info, warn};
 
@@ -179,44 +180,16 @@ impl StudyRunner {
             }
         }
         tasks.abort_all();
-        let name = |v: &u32| setup.parties[*v as usize].clone();
         // Wrong shares never make a wrong sum (rebuilt secrets are checked); the inconsistent
         // ones are named so that the operator can look into them. Either the holder revealed
         // a wrong share or the owner dealt one: the protocol cannot tell which.
-        let inconsistent: Vec<String> = server
-            .inconsistent_shares()
-            .iter()
-            .map(|(owner, holder)| format!("{}'s share of {}'s secret", name(holder), name(owner)))
-            .collect();
+        let inconsistent = inconsistent_words(&server);
         if !inconsistent.is_empty() {
             warn!(round, shares = %inconsistent.join(", "), "secure aggregation: shares inconsistent with the rebuilt secrets (the holder revealed a wrong share, or the owner dealt one)");
         }
         let sum = match server.outcome() {
             Some(Ok(sum)) => setup.quant.decode(sum),
-            Some(Err(e)) => {
-                let e = match e {
-                    SecAggError::Unrebuildable {
-                        owner,
-                        what,
-                        gave_up,
-                    } => format!(
-                        "the shares revealed of site '{}''s {what} do not rebuild it: some are \
-                         wrong (its neighbours revealed wrong ones, or it dealt them){}",
-                        name(owner),
-                        if *gave_up {
-                            "; the search stopped at the round's limit"
-                        } else {
-                            ""
-                        }
-                    ),
-                    e => e.to_string(),
-                };
-                return Err(if refusals.is_empty() {
-                    format!("secure aggregation failed: {e}")
-                } else {
-                    format!("secure aggregation failed: {e}; {}", refusals.join("; "))
-                });
-            }
+            Some(Err(e)) => return Err(failure_words(e, &setup.parties, &refusals)),
             None => return Err("secure aggregation ended without an outcome".into()),
         };
         let sites = server

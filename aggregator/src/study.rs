@@ -522,10 +522,19 @@ impl StudyRunner {
             return;
         }
         // A node that stops reading cannot hold the task (or its buffer) forever.
+        let site = site.to_string();
         tokio::spawn(tokio::time::timeout(Duration::from_secs(10), async move {
-            if let Ok(mut send) = s.conn.open_uni().await {
-                let _ = send.write_all(&frame).await;
-                let _ = send.finish();
+            // Recorded as sent already: a round's result that does not arrive is only
+            // information the node lacks, but the operator's log says so.
+            let sent = match s.conn.open_uni().await {
+                Ok(mut send) => match send.write_all(&frame).await {
+                    Ok(()) => send.finish().map_err(|e| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = sent {
+                warn!(%site, "a notification logged as sent did not arrive: {e}");
             }
         }));
     }

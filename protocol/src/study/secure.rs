@@ -240,46 +240,14 @@ impl SecureSum {
                 sum: setup.quant.decode(sum),
                 sites: self.server.contributors().iter().map(name).collect(),
             })),
-            Err(e) => {
-                let e = match e {
-                    SecAggError::Unrebuildable {
-                        owner,
-                        what,
-                        gave_up,
-                    } => format!(
-                        "the shares revealed of site '{}''s {what} do not rebuild it: some are \
-                         wrong (its neighbours revealed wrong ones, or it dealt them){}",
-                        name(owner),
-                        if *gave_up {
-                            "; the search stopped at the round's limit"
-                        } else {
-                            ""
-                        }
-                    ),
-                    e => e.to_string(),
-                };
-                Some(Err(if self.refusals.is_empty() {
-                    format!("secure aggregation failed: {e}")
-                } else {
-                    format!(
-                        "secure aggregation failed: {e}; {}",
-                        self.refusals.join("; ")
-                    )
-                }))
-            }
+            Err(e) => Some(Err(failure_words(e, &setup.parties, &self.refusals))),
         }
     }
 
     /// The shares found inconsistent with the rebuilt secrets, named (the holder revealed a
     /// wrong share, or the owner dealt one).
     pub(crate) fn inconsistent(&self) -> Vec<String> {
-        let setup = self.server.setup();
-        let name = |v: &PartyId| setup.parties[*v as usize].clone();
-        self.server
-            .inconsistent_shares()
-            .iter()
-            .map(|(owner, holder)| format!("{}'s share of {}'s secret", name(holder), name(owner)))
-            .collect()
+        inconsistent_words(&self.server)
     }
 
     /// Stops it (the study stopped): no more requests.
@@ -287,6 +255,46 @@ impl SecureSum {
         self.server.abort("the study stopped");
         self.waiting.clear();
     }
+}
+
+/// Why a secure aggregation over `parties` failed, in words, with why sites left
+/// (`refusals`): the one wording of the coordinator's sums and a statistics study's.
+pub fn failure_words(e: &SecAggError, parties: &[String], refusals: &[String]) -> String {
+    let name = |v: &PartyId| parties.get(*v as usize).map_or("?", String::as_str);
+    let e = match e {
+        SecAggError::Unrebuildable {
+            owner,
+            what,
+            gave_up,
+        } => format!(
+            "the shares revealed of site '{}''s {what} do not rebuild it: some are \
+             wrong (its neighbours revealed wrong ones, or it dealt them){}",
+            name(owner),
+            if *gave_up {
+                "; the search stopped at the round's limit"
+            } else {
+                ""
+            }
+        ),
+        e => e.to_string(),
+    };
+    if refusals.is_empty() {
+        format!("secure aggregation failed: {e}")
+    } else {
+        format!("secure aggregation failed: {e}; {}", refusals.join("; "))
+    }
+}
+
+/// The shares of `server`'s aggregation found inconsistent with the rebuilt secrets, named
+/// ("b's share of a's secret"): the holder revealed a wrong share, or the owner dealt one.
+pub fn inconsistent_words(server: &Server) -> Vec<String> {
+    let parties = &server.setup().parties;
+    let name = |v: &PartyId| parties.get(*v as usize).map_or("?", String::as_str);
+    server
+        .inconsistent_shares()
+        .iter()
+        .map(|(owner, holder)| format!("{}'s share of {}'s secret", name(holder), name(owner)))
+        .collect()
 }
 
 /// The error code of a refusal, for the sake of a `Failure` built by a driver.
