@@ -657,11 +657,11 @@ pub mod pipeline {
             self.task
                 .process(&env, &mut self.state, &mut out, &mut coord)
                 .expect("a bad row is quarantined, it does not stop the pipeline");
-            let kept: Vec<&Vec<u8>> = out
-                .sent()
+            let kept: Vec<&Record> = out
+                .sent_records()
                 .iter()
                 .filter(|(s, _)| s == RECORDS_STREAM)
-                .map(|(_, p)| p)
+                .map(|(_, r)| r)
                 .collect();
             let dead = out.dead_letters();
             assert_eq!(
@@ -693,8 +693,15 @@ pub mod pipeline {
                 }
                 return Outcome::Quarantined;
             }
-            let record = Record::decode(kept[0]).expect("a kept record decodes");
-            for (key, value) in &record.0 {
+            let record = kept[0].clone();
+            // What the store keeps: a segment that gives the record back as it was.
+            let segment =
+                medfed_node::runtime::record::encode_segment(std::slice::from_ref(&record));
+            assert_eq!(
+                medfed_node::runtime::record::decode_segment(&segment).as_deref(),
+                Ok(std::slice::from_ref(&record))
+            );
+            for (key, value) in record.iter() {
                 assert!(
                     self.names.iter().any(|n| key.starts_with(n.as_str())),
                     "a kept record has a field '{key}' nobody declared"

@@ -195,10 +195,10 @@ impl Table {
     pub fn from_records(source: &Path, records: &[(u32, crate::deid::Record)]) -> Table {
         let columns: Vec<String> = records
             .iter()
-            .flat_map(|(_, r)| r.0.keys())
+            .flat_map(|(_, r)| r.names())
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
-            .cloned()
+            .map(str::to_string)
             .collect();
         let rows = records
             .iter()
@@ -207,7 +207,7 @@ impl Table {
                     .iter()
                     .map(|c| match r.get(c) {
                         Some(crate::deid::Value::Number(x)) => x.to_string(),
-                        Some(crate::deid::Value::Text(t)) => t.clone(),
+                        Some(crate::deid::Value::Text(t)) => t.to_string(),
                         Some(crate::deid::Value::Missing) | None => String::new(),
                     })
                     .collect::<csv::StringRecord>()

@@ -6,6 +6,7 @@ use super::deidentify::identifier_text;
 use super::pseudonym::Pseudonymizer;
 use super::{FieldClass, FieldSpec, FieldType, MissingPolicy, RangePolicy, Record, Value};
 use crate::runtime::csv_row::{Row, Splitter};
+use crate::runtime::record::FieldName;
 use crate::runtime::{
     Envelope, KvState, MessageCollector, NEXT, Rejection, StreamTask, TaskCoordinator, TaskError,
 };
@@ -124,6 +125,10 @@ impl Running {
 /// A declared column, resolved against the input's header.
 struct Column {
     spec: FieldSpec,
+    /// The field's name, shared by every record.
+    name: FieldName,
+    /// `{name}_missing`, for indicator imputation.
+    indicator: FieldName,
     index: usize,
     convert: (f64, f64),
     running: Running,
@@ -142,6 +147,8 @@ pub struct ValidateClean {
     /// The patient-id column (its index in `columns`) and the key that pseudonymizes it,
     /// to name the patient of a quarantined row.
     patient: Option<(usize, Pseudonymizer)>,
+    /// The values of a row that feed the running means and medians (reused).
+    observed: Vec<(usize, f64)>,
 }
 
 const TASK: &str = "validate-clean";
@@ -184,6 +191,8 @@ impl ValidateClean {
             };
             columns.push(Column {
                 spec: spec.clone(),
+                name: FieldName::new(&spec.name),
+                indicator: FieldName::new(&format!("{}_missing", spec.name)),
                 index,
                 convert,
                 running: Running::default(),
@@ -194,6 +203,7 @@ impl ValidateClean {
             width: header.len(),
             splitter: Splitter::new(),
             patient: None,
+            observed: Vec::new(),
         })
     }
 
@@ -219,7 +229,9 @@ impl ValidateClean {
         };
         self.columns
             .iter_mut()
-            .filter_map(|col| ValidateClean::clean(std::slice::from_mut(col), &cells).err())
+            .filter_map(|col| {
+                ValidateClean::clean(std::slice::from_mut(col), &cells, &mut Vec::new()).err()
+            })
             .collect()
     }
 
@@ -237,7 +249,7 @@ impl ValidateClean {
             return None;
         }
         let value = match col.spec.kind() {
-            FieldType::Text => Value::Text(raw.to_string()),
+            FieldType::Text => Value::Text(raw.into()),
             FieldType::Number => Value::Number(
                 raw.parse::<f64>().ok().filter(|x| x.is_finite())? * col.convert.0 + col.convert.1,
             ),
@@ -246,9 +258,13 @@ impl ValidateClean {
     }
 
     /// Cleans one row; `Err` is why it is quarantined.
-    fn clean(columns: &mut [Column], cells: &Row<'_>) -> Result<Record, Rejection> {
-        let mut record = Record::default();
-        let mut observed = Vec::new();
+    fn clean(
+        columns: &mut [Column],
+        cells: &Row<'_>,
+        observed: &mut Vec<(usize, f64)>,
+    ) -> Result<Record, Rejection> {
+        let mut record = Record::with_capacity(columns.len() + 4);
+        observed.clear();
         for (slot, col) in columns.iter().enumerate() {
             let spec = &col.spec;
             let name = &spec.name;
@@ -277,11 +293,11 @@ impl ValidateClean {
                         })?)
                     }
                     MissingPolicy::Indicator => {
-                        record.set(&format!("{name}_missing"), Value::Number(1.0));
+                        record.set_named(&col.indicator, Value::Number(1.0));
                         Value::Number(0.0)
                     }
                 };
-                record.set(name, filled);
+                record.set_named(&col.name, filled);
                 continue;
             }
             let value = match spec.kind() {
@@ -294,7 +310,7 @@ impl ValidateClean {
                             format!("not one of the categories {}", cats.join(", ")),
                         ));
                     }
-                    Value::Text(raw.to_string())
+                    Value::Text(raw.into())
                 }
                 FieldType::Number => {
                     let x = raw
@@ -333,12 +349,12 @@ impl ValidateClean {
                 }
             };
             if spec.missing == MissingPolicy::Indicator {
-                record.set(&format!("{name}_missing"), Value::Number(0.0));
+                record.set_named(&col.indicator, Value::Number(0.0));
             }
-            record.set(name, value);
+            record.set_named(&col.name, value);
         }
         // Only a record that is kept counts towards the running statistics.
-        for (slot, x) in observed {
+        for &(slot, x) in observed.iter() {
             let median = columns[slot].spec.missing == MissingPolicy::Median;
             columns[slot].running.add(x, median);
         }
@@ -403,8 +419,8 @@ impl StreamTask for ValidateClean {
                 return Ok(());
             }
         };
-        match ValidateClean::clean(&mut self.columns, &cells) {
-            Ok(record) => out.send(NEXT, record.encode()),
+        match ValidateClean::clean(&mut self.columns, &cells, &mut self.observed) {
+            Ok(record) => out.send_record(NEXT, record),
             Err(why) => {
                 let patient =
                     ValidateClean::patient_of(&self.columns, self.patient.as_ref(), &cells);

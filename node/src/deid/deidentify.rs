@@ -4,6 +4,7 @@
 use super::pseudonym::Pseudonymizer;
 use super::safe_harbor::{Date, RestrictedZip3, generalise_age, generalise_birth_date};
 use super::{DatePolicy, DeidentifyConfig, FieldClass, FieldSpec, PATIENT, Record, Value};
+use crate::runtime::record::FieldName;
 use crate::runtime::{
     Envelope, KvState, MessageCollector, NEXT, Rejection, StreamTask, TaskCoordinator, TaskError,
 };
@@ -12,7 +13,7 @@ use crate::runtime::{
 /// and for naming the patient of a quarantined record.
 pub(crate) fn identifier_text(value: &Value) -> Option<String> {
     match value {
-        Value::Text(s) if !s.trim().is_empty() => Some(s.clone()),
+        Value::Text(s) if !s.trim().is_empty() => Some(s.to_string()),
         Value::Number(x) => Some(x.to_string()),
         _ => None,
     }
@@ -28,6 +29,8 @@ pub struct Deidentify {
     restricted: RestrictedZip3,
     dates: DatePolicy,
     reference: Date,
+    /// [`PATIENT`], shared by every record.
+    patient_name: FieldName,
 }
 
 impl Deidentify {
@@ -85,6 +88,7 @@ impl Deidentify {
             restricted,
             dates: config.dates,
             reference,
+            patient_name: FieldName::new(PATIENT),
         })
     }
 
@@ -92,74 +96,102 @@ impl Deidentify {
     /// pseudonym once the identifier is read; never a value).
     pub fn apply(&self, mut record: Record) -> Result<Record, Rejection> {
         let mut shift = None;
-        let mut patient = None;
         if let (Some(id_field), Some(pseudonymizer)) = (&self.patient_id, &self.pseudonymizer) {
-            let id = record
-                .remove(id_field)
-                .as_ref()
-                .and_then(identifier_text)
-                .ok_or_else(|| Rejection::in_field(id_field, "no patient identifier"))?;
-            let pseudonym = pseudonymizer.pseudonym(&id);
-            record.set(PATIENT, Value::Text(pseudonym.clone()));
-            patient = Some(pseudonym);
-            if self.dates == DatePolicy::Shift {
-                shift = Some(pseudonymizer.date_shift_days(&id));
+            let pseudonym = match record.remove(id_field) {
+                Some(Value::Text(s)) if !s.trim().is_empty() => {
+                    if self.dates == DatePolicy::Shift {
+                        shift = Some(pseudonymizer.date_shift_days(&s));
+                    }
+                    pseudonymizer.pseudonym(&s)
+                }
+                Some(Value::Number(x)) => {
+                    let id = x.to_string();
+                    if self.dates == DatePolicy::Shift {
+                        shift = Some(pseudonymizer.date_shift_days(&id));
+                    }
+                    pseudonymizer.pseudonym(&id)
+                }
+                _ => return Err(Rejection::in_field(id_field, "no patient identifier")),
+            };
+            record.set_named(&self.patient_name, Value::Text(pseudonym.into()));
+        }
+        match self.generalise(&mut record, shift) {
+            Ok(()) => Ok(record),
+            Err((field, why)) => {
+                let patient = record
+                    .get(PATIENT)
+                    .and_then(Value::as_str)
+                    .map(str::to_string);
+                Err(Rejection::in_field(field, why).with_patient(patient))
             }
         }
-        let reject = |field: &str, why: String| {
-            Rejection::in_field(field, why).with_patient(patient.clone())
-        };
+    }
+
+    /// Safe Harbor, field by field, in place; `Err` names the field and why.
+    fn generalise<'a>(
+        &'a self,
+        record: &mut Record,
+        shift: Option<i64>,
+    ) -> Result<(), (&'a str, String)> {
         for f in &self.fields {
             let name = f.name.as_str();
-            let value = match record.get(name) {
-                None | Some(Value::Missing) => continue,
-                Some(v) => v.clone(),
-            };
-            let text = || {
-                value
-                    .as_str()
-                    .map(str::to_string)
-                    .unwrap_or_else(|| match &value {
-                        Value::Number(x) => x.to_string(),
-                        _ => String::new(),
-                    })
-            };
-            let generalised = match f.class {
+            match f.class {
                 FieldClass::Value => continue,
                 FieldClass::PatientId | FieldClass::Identifier => {
                     record.remove(name);
                     continue;
                 }
-                FieldClass::Age => match value.as_f64() {
-                    Some(age) if age >= 0.0 => Value::Number(generalise_age(age)),
-                    _ => return Err(reject(name, "not an age in years".into())),
-                },
+                FieldClass::Age | FieldClass::BirthDate | FieldClass::Date | FieldClass::Zip => {}
+            }
+            let Some(value) = record.get_mut(name) else {
+                continue;
+            };
+            if f.class == FieldClass::Age {
+                match value {
+                    Value::Missing => {}
+                    Value::Number(age) if *age >= 0.0 => *age = generalise_age(*age),
+                    _ => return Err((name, "not an age in years".into())),
+                }
+                continue;
+            }
+            let number_text;
+            let text = match &*value {
+                Value::Missing => continue,
+                Value::Text(s) => s.as_str(),
+                Value::Number(x) => {
+                    number_text = x.to_string();
+                    number_text.as_str()
+                }
+            };
+            let generalised = match f.class {
                 FieldClass::BirthDate => {
-                    let birth = Date::parse(&text()).map_err(|e| reject(name, e.to_string()))?;
+                    let birth = Date::parse(text).map_err(|e| (name, e.to_string()))?;
                     if birth > self.reference {
-                        return Err(reject(
-                            name,
-                            format!("a birth date after {}", self.reference),
-                        ));
+                        return Err((name, format!("a birth date after {}", self.reference)));
                     }
                     Value::Number(f64::from(generalise_birth_date(birth, self.reference)))
                 }
                 FieldClass::Date => {
-                    let date = Date::parse(&text()).map_err(|e| reject(name, e.to_string()))?;
+                    let date = Date::parse(text).map_err(|e| (name, e.to_string()))?;
                     match shift {
-                        Some(days) => Value::Text(date.shifted(days).to_string()),
+                        Some(days) => Value::Text(date.shifted(days).to_string().into()),
                         None => Value::Number(f64::from(date.year)),
                     }
                 }
                 FieldClass::Zip => Value::Text(
                     self.restricted
-                        .generalise(&text())
-                        .map_err(|e| reject(name, e))?,
+                        .generalise(text)
+                        .map_err(|e| (name, e))?
+                        .into(),
                 ),
+                FieldClass::Age
+                | FieldClass::Value
+                | FieldClass::PatientId
+                | FieldClass::Identifier => continue,
             };
-            record.set(name, generalised);
+            *value = generalised;
         }
-        Ok(record)
+        Ok(())
     }
 }
 
@@ -167,15 +199,29 @@ impl StreamTask for Deidentify {
     fn process(
         &mut self,
         env: &Envelope,
+        state: &mut KvState,
+        out: &mut MessageCollector,
+        coord: &mut TaskCoordinator,
+    ) -> Result<(), TaskError> {
+        match Record::decode(&env.payload) {
+            Ok(record) => self.process_record(env, record, state, out, coord),
+            Err(why) => {
+                out.dead_letter(env, why);
+                Ok(())
+            }
+        }
+    }
+
+    fn process_record(
+        &mut self,
+        env: &Envelope,
+        record: Record,
         _state: &mut KvState,
         out: &mut MessageCollector,
         _coord: &mut TaskCoordinator,
     ) -> Result<(), TaskError> {
-        let result = Record::decode(&env.payload)
-            .map_err(Rejection::new)
-            .and_then(|r| self.apply(r));
-        match result {
-            Ok(record) => out.send(NEXT, record.encode()),
+        match self.apply(record) {
+            Ok(record) => out.send_record(NEXT, record),
             Err(why) => out.dead_letter(env, why),
         }
         Ok(())

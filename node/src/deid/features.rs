@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::safe_harbor::Date;
 use super::{PATIENT, Record, Value};
+use crate::runtime::record::FieldName;
 use crate::runtime::{
     Envelope, KvState, MessageCollector, NEXT, Rejection, StreamTask, TaskCoordinator, TaskError,
 };
@@ -113,6 +114,11 @@ pub struct Features {
     /// (window, patient) → events in the window.
     open: BTreeMap<(usize, String), Events>,
     changed: BTreeSet<(usize, String)>,
+    /// The names per-record features are set under, made once: each derivation's, each
+    /// one-hot category's, each standardized column's.
+    derived_names: Vec<FieldName>,
+    one_hot_names: Vec<Vec<FieldName>>,
+    standardized_names: Vec<FieldName>,
 }
 
 impl Features {
@@ -152,6 +158,17 @@ impl Features {
                 return Err(err(format!("window '{}': days must be at least 1", w.name)));
             }
         }
+        let derived_names = derive.iter().map(|d| FieldName::new(&d.name)).collect();
+        let one_hot_names = one_hot
+            .iter()
+            .map(|h| {
+                h.categories
+                    .iter()
+                    .map(|c| FieldName::new(&format!("{}_{c}", h.column)))
+                    .collect()
+            })
+            .collect();
+        let standardized_names = standardize.keys().map(|c| FieldName::new(c)).collect();
         Ok(Features {
             derive,
             one_hot,
@@ -159,6 +176,9 @@ impl Features {
             windows,
             open: BTreeMap::new(),
             changed: BTreeSet::new(),
+            derived_names,
+            one_hot_names,
+            standardized_names,
         })
     }
 
@@ -198,7 +218,7 @@ impl Features {
             let name = &self.windows[w].name;
             let (n, mean, last) = Features::aggregate(events);
             let mut r = Record::default();
-            r.set(PATIENT, Value::Text(patient.clone()));
+            r.set(PATIENT, Value::Text(patient.as_str().into()));
             r.set(
                 &format!("{name}_end"),
                 Value::Number(events.last().map_or(0, |e| e.0) as f64),
@@ -211,7 +231,7 @@ impl Features {
     }
 
     fn per_record(&self, r: &mut Record) -> Result<(), Rejection> {
-        for d in &self.derive {
+        for (d, name) in self.derive.iter().zip(&self.derived_names) {
             let a = r.number(&d.inputs[0]);
             let b = r.number(&d.inputs[1]);
             let v = match (a, b) {
@@ -238,22 +258,22 @@ impl Features {
                 }
                 _ => Value::Missing,
             };
-            r.set(&d.name, v);
+            r.set_named(name, v);
         }
-        for h in &self.one_hot {
-            let v = r.get(&h.column).and_then(Value::as_str).map(str::to_string);
-            for c in &h.categories {
-                let hot = match &v {
+        for (h, names) in self.one_hot.iter().zip(&self.one_hot_names) {
+            let v = r.remove(&h.column);
+            let v = v.as_ref().and_then(Value::as_str);
+            for (c, name) in h.categories.iter().zip(names) {
+                let hot = match v {
                     Some(v) => Value::Number(f64::from(u8::from(v == c))),
                     None => Value::Missing,
                 };
-                r.set(&format!("{}_{c}", h.column), hot);
+                r.set_named(name, hot);
             }
-            r.remove(&h.column);
         }
-        for (col, s) in &self.standardize {
+        for ((col, s), name) in self.standardize.iter().zip(&self.standardized_names) {
             if let Some(x) = r.number(col) {
-                r.set(col, Value::Number((x - s.mean) / s.sd));
+                r.set_named(name, Value::Number((x - s.mean) / s.sd));
             }
         }
         Ok(())
@@ -285,15 +305,25 @@ impl StreamTask for Features {
         env: &Envelope,
         state: &mut KvState,
         out: &mut MessageCollector,
-        _coord: &mut TaskCoordinator,
+        coord: &mut TaskCoordinator,
     ) -> Result<(), TaskError> {
-        let mut record = match Record::decode(&env.payload) {
-            Ok(r) => r,
+        match Record::decode(&env.payload) {
+            Ok(record) => self.process_record(env, record, state, out, coord),
             Err(e) => {
                 out.dead_letter(env, e);
-                return Ok(());
+                Ok(())
             }
-        };
+        }
+    }
+
+    fn process_record(
+        &mut self,
+        env: &Envelope,
+        mut record: Record,
+        state: &mut KvState,
+        out: &mut MessageCollector,
+        _coord: &mut TaskCoordinator,
+    ) -> Result<(), TaskError> {
         for w in 0..self.windows.len() {
             let spec = &self.windows[w];
             let (Some(value), Some(time), Some(patient)) = (
@@ -316,7 +346,7 @@ impl StreamTask for Features {
             );
         }
         match self.per_record(&mut record) {
-            Ok(()) => out.send(NEXT, record.encode()),
+            Ok(()) => out.send_record(NEXT, record),
             Err(why) => {
                 let patient = record
                     .get(PATIENT)
@@ -395,21 +425,36 @@ impl StreamTask for Alerts {
     fn process(
         &mut self,
         env: &Envelope,
+        state: &mut KvState,
+        out: &mut MessageCollector,
+        coord: &mut TaskCoordinator,
+    ) -> Result<(), TaskError> {
+        match Record::decode(&env.payload) {
+            Ok(record) => self.process_record(env, record, state, out, coord),
+            Err(_) => {
+                out.send(NEXT, env.payload.clone());
+                Ok(())
+            }
+        }
+    }
+
+    fn process_record(
+        &mut self,
+        _env: &Envelope,
+        record: Record,
         _state: &mut KvState,
         out: &mut MessageCollector,
         _coord: &mut TaskCoordinator,
     ) -> Result<(), TaskError> {
-        if let Ok(record) = Record::decode(&env.payload) {
-            for why in self.fired(&record) {
-                let mut alert = Record::default();
-                if let Some(p) = record.get(PATIENT) {
-                    alert.set(PATIENT, p.clone());
-                }
-                alert.set("alert", Value::Text(why));
-                out.send(ALERTS_STREAM, alert.encode());
+        for why in self.fired(&record) {
+            let mut alert = Record::default();
+            if let Some(p) = record.get(PATIENT) {
+                alert.set(PATIENT, p.clone());
             }
+            alert.set("alert", Value::Text(why.into()));
+            out.send(ALERTS_STREAM, alert.encode());
         }
-        out.send(NEXT, env.payload.clone());
+        out.send_record(NEXT, record);
         Ok(())
     }
 }

@@ -17,9 +17,9 @@ pub mod pseudonym;
 pub mod report;
 pub mod safe_harbor;
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
+
+pub use crate::runtime::record::{Record, Value};
 
 pub use clean::{ValidateClean, convert_unit};
 pub use deidentify::Deidentify;
@@ -30,121 +30,6 @@ pub use features::{
 
 /// The field a [`Deidentify`] task puts a patient's pseudonym in.
 pub const PATIENT: &str = "patient";
-
-/// One value of a record.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Value {
-    /// A number (after unit conversion).
-    Number(f64),
-    /// Text.
-    Text(String),
-    /// No value (an empty cell, `NA`, `NaN` or `null`).
-    Missing,
-}
-
-impl Value {
-    /// The number, if it is one.
-    pub fn as_f64(&self) -> Option<f64> {
-        match self {
-            Value::Number(x) => Some(*x),
-            _ => None,
-        }
-    }
-
-    /// The text, if it is text.
-    pub fn as_str(&self) -> Option<&str> {
-        match self {
-            Value::Text(s) => Some(s),
-            _ => None,
-        }
-    }
-}
-
-/// A patient record inside the node. Deliberately not `Serialize`: it cannot be put into a
-/// protocol message, and its only encoding ([`Record::encode`]) is the runtime's internal
-/// one, between tasks and into the node's own store.
-///
-/// Every field of every protocol message is an aggregate, a name or a protocol value; no
-/// message has a field that could hold a record, and this does not compile:
-///
-/// ```compile_fail
-/// fn into_any_message<T: serde::Serialize>(_: &T) {}
-/// into_any_message(&medfed_node::deid::Record::default());
-/// ```
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Record(pub BTreeMap<String, Value>);
-
-impl Record {
-    /// The value of field `name`, if the record has it.
-    pub fn get(&self, name: &str) -> Option<&Value> {
-        self.0.get(name)
-    }
-
-    /// The value of field `name` if it is a number.
-    pub fn number(&self, name: &str) -> Option<f64> {
-        self.0.get(name).and_then(Value::as_f64)
-    }
-
-    /// Sets field `name` to `value`, replacing any earlier value.
-    pub fn set(&mut self, name: &str, value: Value) {
-        self.0.insert(name.to_string(), value);
-    }
-
-    /// Removes field `name`, returning its value.
-    pub fn remove(&mut self, name: &str) -> Option<Value> {
-        self.0.remove(name)
-    }
-
-    /// The runtime's encoding between tasks (a JSON object; missing values are null).
-    pub fn encode(&self) -> Vec<u8> {
-        let map: serde_json::Map<String, serde_json::Value> = self
-            .0
-            .iter()
-            .map(|(k, v)| {
-                let j = match v {
-                    Value::Number(x) => serde_json::Number::from_f64(*x)
-                        .map_or(serde_json::Value::Null, serde_json::Value::Number),
-                    Value::Text(s) => serde_json::Value::String(s.clone()),
-                    Value::Missing => serde_json::Value::Null,
-                };
-                (k.clone(), j)
-            })
-            .collect();
-        serde_json::to_vec(&map).expect("a JSON map serializes")
-    }
-
-    /// Reads [`Record::encode`]'s form. The error says where the bytes are broken, never
-    /// what they hold (it may end up in the dead-letter stream).
-    pub fn decode(bytes: &[u8]) -> Result<Record, String> {
-        let map: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes)
-            .map_err(|e| {
-                let what = match e.classify() {
-                    serde_json::error::Category::Io => "a read",
-                    serde_json::error::Category::Syntax => "a syntax",
-                    serde_json::error::Category::Data => "a data",
-                    serde_json::error::Category::Eof => "an end-of-input",
-                };
-                format!(
-                    "not a record (JSON: {what} error at line {}, column {})",
-                    e.line(),
-                    e.column()
-                )
-            })?;
-        let mut r = Record::default();
-        for (k, v) in map {
-            let value = match v {
-                serde_json::Value::Null => Value::Missing,
-                serde_json::Value::Number(n) => Value::Number(n.as_f64().unwrap_or(f64::NAN)),
-                serde_json::Value::String(s) => Value::Text(s),
-                serde_json::Value::Bool(_) => return Err(format!("field '{k}': a boolean")),
-                serde_json::Value::Array(_) => return Err(format!("field '{k}': a list")),
-                serde_json::Value::Object(_) => return Err(format!("field '{k}': an object")),
-            };
-            r.0.insert(k, value);
-        }
-        Ok(r)
-    }
-}
 
 /// What a column is, for de-identification (HIPAA §164.514(b)(2); `docs/privacy.md` maps
 /// the 18 identifier kinds onto these).

@@ -22,8 +22,9 @@ use crate::runtime::csv_source::{self, CsvOptions, Partitioning};
 use crate::runtime::fhir_source::{self, FhirMapping};
 #[cfg(feature = "jetstream")]
 use crate::runtime::jetstream_source::{self, JetStreamPartition};
+use crate::runtime::progress::Progress;
 use crate::runtime::{
-    Chain, ColumnStats, Envelope, KvState, MessageCollector, NEXT, RunOptions, StreamTask,
+    Chain, ColumnStats, Envelope, KvState, MessageCollector, RunOptions, StreamTask,
     TaskCoordinator, TaskError, restore, run_partition_with,
 };
 
@@ -36,20 +37,36 @@ pub use status::{PartitionStatus, status};
 /// The output stream of de-identified records, kept in the node's store.
 pub const RECORDS_STREAM: &str = "records";
 
-/// Keeps each de-identified record in the node's store (output stream `records`) and
-/// passes it on.
+/// Keeps each de-identified record in the node's store (output stream `records`, in
+/// segments of one checkpoint's records): the last task of a de-identifying pipeline.
 struct KeepRecords;
 
 impl StreamTask for KeepRecords {
     fn process(
         &mut self,
         env: &Envelope,
+        state: &mut KvState,
+        out: &mut MessageCollector,
+        coord: &mut TaskCoordinator,
+    ) -> Result<(), TaskError> {
+        match crate::deid::Record::decode(&env.payload) {
+            Ok(record) => self.process_record(env, record, state, out, coord),
+            Err(why) => {
+                out.dead_letter(env, why);
+                Ok(())
+            }
+        }
+    }
+
+    fn process_record(
+        &mut self,
+        _env: &Envelope,
+        record: crate::deid::Record,
         _state: &mut KvState,
         out: &mut MessageCollector,
         _coord: &mut TaskCoordinator,
     ) -> Result<(), TaskError> {
-        out.send(RECORDS_STREAM, env.payload.clone());
-        out.send(NEXT, env.payload.clone());
+        out.send_record(RECORDS_STREAM, record);
         Ok(())
     }
 }
@@ -286,6 +303,12 @@ impl IngestConfig {
                     .into(),
             );
         }
+        if self.commit_every > MAX_COMMIT_EVERY {
+            return Err(format!(
+                "commit_every is {}; at most {MAX_COMMIT_EVERY} (a checkpoint's records are held in memory until it is written)",
+                self.commit_every
+            ));
+        }
         if self.window_secs == 0 {
             return Err("window_secs must be at least 1".into());
         }
@@ -300,6 +323,9 @@ impl IngestConfig {
         Ok(())
     }
 }
+
+/// The most records between two checkpoints.
+pub const MAX_COMMIT_EVERY: u64 = 1_000_000;
 
 /// Why a jetstream source is refused by a build without the feature.
 const JETSTREAM_NOT_BUILT: &str = "a jetstream source needs the NATS JetStream connector, which is \
@@ -409,7 +435,19 @@ pub async fn run_reporting(
     keystore: &Path,
     readiness: Option<Arc<ready::Readiness>>,
 ) -> Result<Vec<(u32, crate::runtime::PartitionReport)>, IngestError> {
-    let result = run_inner(cfg, store, keystore, readiness.clone()).await;
+    run_with_progress(cfg, store, keystore, readiness, None).await
+}
+
+/// As [`run_reporting`], counting what the partitions process into `progress` (and the
+/// input's size, where it is known, for the share read and the time left).
+pub async fn run_with_progress(
+    cfg: &IngestConfig,
+    store: Arc<dyn Store>,
+    keystore: &Path,
+    readiness: Option<Arc<ready::Readiness>>,
+    progress: Option<Arc<Progress>>,
+) -> Result<Vec<(u32, crate::runtime::PartitionReport)>, IngestError> {
+    let result = run_inner(cfg, store, keystore, readiness.clone(), progress).await;
     if let (Some(r), Err(e)) = (&readiness, &result) {
         r.failed(&cfg.stream, e.to_string());
     }
@@ -421,6 +459,7 @@ async fn run_inner(
     store: Arc<dyn Store>,
     keystore: &Path,
     readiness: Option<Arc<ready::Readiness>>,
+    progress: Option<Arc<Progress>>,
 ) -> Result<Vec<(u32, crate::runtime::PartitionReport)>, IngestError> {
     let fail = |detail: String| IngestError {
         stream: cfg.stream.clone(),
@@ -447,9 +486,15 @@ async fn run_inner(
     };
     // One set of signals per pipeline: a task's AllTasks commit or shutdown reaches every
     // partition.
-    let signals = Arc::new(crate::runtime::PipelineSignals::default());
+    let signals = Arc::new(match &progress {
+        Some(p) => crate::runtime::PipelineSignals::with_progress(p.clone()),
+        None => crate::runtime::PipelineSignals::default(),
+    });
     let mut runs = Vec::new();
     let parts = parts(cfg).map_err(fail)?;
+    if let Some(progress) = &progress {
+        expect_input(cfg, &*store, &parts, progress);
+    }
     // One flag per partition, set by its runner once it has caught up; a watcher tells
     // `readiness` as each is.
     let flags: Vec<Arc<std::sync::atomic::AtomicBool>> =
@@ -472,6 +517,24 @@ async fn run_inner(
             }
         });
     }
+    // The partitions of one CSV file split by key share one reader: each row is read once.
+    let mut shared: BTreeMap<u32, (Vec<String>, std::sync::mpsc::Receiver<Vec<Envelope>>)> =
+        BTreeMap::new();
+    if let Some((_, Part::Csv { path, opts })) = parts.first()
+        && matches!(opts.partitioning, Partitioning::ByKey { .. })
+    {
+        let mut from = Vec::new();
+        for (p, _) in &parts {
+            let (offset, ..) =
+                restore(&*store, &cfg.stream, *p).map_err(|e| fail(e.to_string()))?;
+            from.push((*p, offset));
+        }
+        let (header, rxs) = csv_source::read_partitions(path, &cfg.stream, &from, opts)
+            .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        for ((p, _), rx) in from.into_iter().zip(rxs) {
+            shared.insert(p, (header.clone(), rx));
+        }
+    }
     for ((p, part), caught_up) in parts.into_iter().zip(flags) {
         let (offset, ..) = restore(&*store, &cfg.stream, p).map_err(|e| fail(e.to_string()))?;
         // Where a source reports each durable checkpoint's offset (JetStream acknowledges the
@@ -479,8 +542,11 @@ async fn run_inner(
         let (header, rx, acks): (_, _, Option<tokio::sync::mpsc::UnboundedSender<u64>>) = match part
         {
             Part::Csv { path, opts } => {
-                let (h, rx) = csv_source::read_with(&path, &cfg.stream, p, offset, &opts)
-                    .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+                let (h, rx) = match shared.remove(&p) {
+                    Some(reader) => reader,
+                    None => csv_source::read_with(&path, &cfg.stream, p, offset, &opts)
+                        .map_err(|e| fail(format!("{}: {e}", path.display())))?,
+                };
                 (h, rx, None)
             }
             Part::Fhir(dir, mapping) => {
@@ -536,6 +602,28 @@ async fn run_inner(
     Ok(reports)
 }
 
+/// Tells `progress` the input's size: the CSV files' bytes, when every partition starts
+/// from the beginning (a resumed run, or another source, shows its rate without the share
+/// read).
+fn expect_input(cfg: &IngestConfig, store: &dyn Store, parts: &[(u32, Part)], progress: &Progress) {
+    let mut files = std::collections::BTreeSet::new();
+    for (p, part) in parts {
+        let Part::Csv { path, .. } = part else {
+            return;
+        };
+        if !matches!(restore(store, &cfg.stream, *p), Ok((0, ..))) {
+            return;
+        }
+        files.insert(path.clone());
+    }
+    let bytes = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    progress.expect_bytes(bytes);
+}
+
 /// Today's date (UTC), for ages computed from birth dates.
 pub fn today() -> Date {
     let secs = std::time::SystemTime::now()
@@ -580,8 +668,8 @@ pub fn build_task(
             cfg.windows.clone(),
         )?));
     }
-    tasks.push(Box::new(KeepRecords));
     tasks.push(Box::new(ColumnStats::over_records(&columns)));
+    tasks.push(Box::new(KeepRecords));
     Ok(Box::new(Chain::new(tasks)))
 }
 
@@ -642,12 +730,13 @@ fn kept_by_partition(
         .into_iter()
         .map(|(p, _)| {
             let ns = format!("output/{RECORDS_STREAM}/{}/{p}", cfg.stream);
-            let records = store
-                .scan(&ns)
-                .map_err(|e| fail(e.to_string()))?
-                .into_iter()
-                .map(|(_, v)| crate::deid::Record::decode(&v).map_err(fail))
-                .collect::<Result<Vec<_>, _>>()?;
+            let mut records = Vec::new();
+            for (_, v) in store.scan(&ns).map_err(|e| fail(e.to_string()))? {
+                records.extend(
+                    crate::runtime::record::decode_stored(&v)
+                        .map_err(|e| fail(format!("partition {p}'s kept records: {e}")))?,
+                );
+            }
             Ok((p, records))
         })
         .collect()

@@ -178,6 +178,29 @@ impl StreamTask for KeepRawRejects {
         Ok(())
     }
 
+    fn process_record(
+        &mut self,
+        envelope: &Envelope,
+        record: crate::deid::Record,
+        state: &mut KvState,
+        collector: &mut MessageCollector,
+        coordinator: &mut TaskCoordinator,
+    ) -> Result<(), TaskError> {
+        let before = collector.quarantined();
+        self.inner
+            .process_record(envelope, record, state, collector, coordinator)?;
+        if collector.quarantined() > before {
+            self.sink.append(envelope).map_err(|e| TaskError {
+                task: "raw-rejects".into(),
+                detail: format!(
+                    "cannot append to the raw rejects file {}: {e}",
+                    self.sink.path.display()
+                ),
+            })?;
+        }
+        Ok(())
+    }
+
     fn window(
         &mut self,
         state: &mut KvState,

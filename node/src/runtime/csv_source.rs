@@ -7,7 +7,7 @@
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::time::Duration;
 
 use super::Envelope;
@@ -90,6 +90,23 @@ pub fn read_with(
     from: u64,
     opts: &CsvOptions,
 ) -> std::io::Result<(Vec<String>, Receiver<Vec<Envelope>>)> {
+    let (header, mut rxs) = read_partitions(path, stream, &[(partition, from)], opts)?;
+    let rx = rxs
+        .pop()
+        .ok_or_else(|| std::io::Error::other("no partition"))?;
+    Ok((header, rx))
+}
+
+/// Starts reading several partitions of `path`, each `(partition, from)` from its own data
+/// row, with ONE reader: each row is read once and handed to the partition its key hashes
+/// to (with [`Partitioning::Whole`], every row goes to every partition listed). Returns the
+/// header and one receiver per listed partition, in order.
+pub fn read_partitions(
+    path: &Path,
+    stream: &str,
+    partitions: &[(u32, u64)],
+    opts: &CsvOptions,
+) -> std::io::Result<(Vec<String>, Vec<Batches>)> {
     let file = std::fs::File::open(path)?;
     let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
     let mut first = Vec::new();
@@ -110,19 +127,42 @@ pub fn read_with(
             Some((i, u64::from((*partitions).max(1))))
         }
     };
+    let mut outs = Vec::new();
+    let mut rxs = Vec::new();
+    for &(partition, from) in partitions {
+        let (tx, rx) = sync_channel(IN_FLIGHT);
+        outs.push(Out {
+            partition,
+            from,
+            tx: Some(tx),
+            batch: Vec::with_capacity(BATCH),
+        });
+        rxs.push(rx);
+    }
     let follow = opts.follow;
-    let (tx, rx) = sync_channel(IN_FLIGHT);
     let stream: Arc<str> = stream.into();
+    let path = path.to_path_buf();
     std::thread::spawn(move || {
         let mut splitter = super::csv_row::Splitter::new();
-        let mut batch = Vec::with_capacity(BATCH);
         let mut offset = 0u64;
         let mut line: Vec<u8> = Vec::new();
+        // The lowest row any partition still needs.
+        let start = outs.iter().map(|o| o.from).min().unwrap_or(0);
         loop {
             loop {
                 match reader.read_until(b'\n', &mut line) {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) => break,
                     Ok(_) => {}
+                    Err(e) => {
+                        // Never a silent end: the tasks stop with what they have, and the
+                        // operator is told (a resumed run starts from the checkpoint).
+                        tracing::error!(
+                            "{}: reading row {} failed: {e}; the partitions stop here",
+                            path.display(),
+                            offset + 1
+                        );
+                        return;
+                    }
                 }
                 if line.last() == Some(&b'\n') {
                     line.pop();
@@ -130,57 +170,112 @@ pub fn read_with(
                     // A row still being written: wait for the rest of it.
                     break;
                 }
-                let mut row_bytes = std::mem::take(&mut line);
-                if row_bytes.last() == Some(&b'\r') {
-                    row_bytes.pop();
+                if line.last() == Some(&b'\r') {
+                    line.pop();
                 }
                 let row = offset;
                 offset += 1;
-                if row < from {
+                if row < start {
+                    line.clear();
                     continue;
                 }
                 // A row whose key cannot be read goes to the partition of the empty key,
                 // where its task quarantines it.
                 let key = key_col.map(|(i, _)| {
                     splitter
-                        .field(&row_bytes, i)
+                        .leading_field(&line, i)
                         .map(<[u8]>::to_vec)
                         .unwrap_or_default()
                 });
-                if let (Some((_, n)), Some(k)) = (key_col, &key)
-                    && key_hash(k) % n != u64::from(partition)
-                {
+                let target = match (key_col, &key) {
+                    (Some((_, n)), Some(k)) => Some((key_hash(k) % n) as u32),
+                    _ => None,
+                };
+                let mut wanted = outs
+                    .iter()
+                    .filter(|o| target.is_none_or(|t| t == o.partition) && row >= o.from);
+                let (Some(_), more) = (wanted.next(), wanted.next().is_some()) else {
+                    line.clear();
                     continue;
-                }
-                batch.push(Envelope {
-                    stream: stream.clone(),
-                    partition,
-                    offset: row,
-                    key,
-                    payload: row_bytes,
-                });
-                if batch.len() == BATCH
-                    && tx
-                        .send(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
-                        .is_err()
+                };
+                // The row's bytes move into the (usually only) envelope; the line buffer
+                // starts again at the capacity a row needs.
+                let mut payload = Some(std::mem::replace(&mut line, Vec::with_capacity(256)));
+                let mut key = key;
+                for o in outs
+                    .iter_mut()
+                    .filter(|o| target.is_none_or(|t| t == o.partition) && row >= o.from)
                 {
-                    return; // the task stopped
+                    let (payload, key) = match more {
+                        true => (payload.clone().unwrap_or_default(), key.clone()),
+                        false => (payload.take().unwrap_or_default(), key.take()),
+                    };
+                    o.push(Envelope {
+                        stream: stream.clone(),
+                        partition: o.partition,
+                        offset: row,
+                        key,
+                        payload,
+                    });
+                }
+                if outs.iter().all(|o| o.tx.is_none()) {
+                    return; // every task stopped
                 }
             }
-            if !batch.is_empty() && tx.send(std::mem::take(&mut batch)).is_err() {
-                return;
+            for o in &mut outs {
+                o.flush();
             }
-            if !follow {
+            if !follow || outs.iter().all(|o| o.tx.is_none()) {
                 return;
             }
             std::thread::sleep(Duration::from_millis(200));
             // An empty batch finds out whether the task is still there.
-            if tx.send(Vec::new()).is_err() {
-                return;
+            for o in &mut outs {
+                if let Some(tx) = &o.tx
+                    && tx.send(Vec::new()).is_err()
+                {
+                    o.tx = None;
+                }
             }
         }
     });
-    Ok((header, rx))
+    Ok((header, rxs))
+}
+
+/// The batches of envelopes of one partition.
+pub type Batches = Receiver<Vec<Envelope>>;
+
+/// One partition's side of a shared reader.
+struct Out {
+    partition: u32,
+    from: u64,
+    /// Gone once its task stopped.
+    tx: Option<SyncSender<Vec<Envelope>>>,
+    batch: Vec<Envelope>,
+}
+
+impl Out {
+    fn push(&mut self, env: Envelope) {
+        if self.tx.is_none() {
+            return;
+        }
+        self.batch.push(env);
+        if self.batch.len() == BATCH {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        if let Some(tx) = &self.tx
+            && tx.send(batch).is_err()
+        {
+            self.tx = None;
+        }
+    }
 }
 
 #[cfg(test)]

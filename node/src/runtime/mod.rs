@@ -17,12 +17,16 @@ pub mod csv_source;
 pub mod fhir_source;
 #[cfg(feature = "jetstream")]
 pub mod jetstream_source;
+pub mod progress;
+pub mod record;
 mod rejection;
 mod runner;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
+pub use record::Record;
 pub use rejection::Rejection;
 pub use runner::{
     PartitionReport, PipelineSignals, RunOptions, RuntimeError, restore, run_partition,
@@ -55,6 +59,10 @@ pub const DEAD_LETTER: &str = "dead-letter";
 #[derive(Debug, Default)]
 pub struct MessageCollector {
     pub(crate) out: Vec<(String, Vec<u8>)>,
+    /// Records for named output streams (kept in the store as segments).
+    pub(crate) records: Vec<(Cow<'static, str>, Record)>,
+    /// Records for the next task of a [`Chain`].
+    pub(crate) next: Vec<Record>,
     pub(crate) dead: Vec<DeadLetter>,
 }
 
@@ -75,6 +83,35 @@ impl MessageCollector {
     /// Sends `payload` to output stream `stream`.
     pub fn send(&mut self, stream: &str, payload: Vec<u8>) {
         self.out.push((stream.to_string(), payload));
+    }
+
+    /// Sends `record` to output stream `stream`: to the next task of a [`Chain`] as it is
+    /// (stream [`NEXT`]), else kept in the store with the checkpoint, in segments of records.
+    pub fn send_record(&mut self, stream: impl Into<Cow<'static, str>>, record: Record) {
+        let stream = stream.into();
+        if stream == NEXT {
+            self.next.push(record);
+        } else {
+            self.records.push((stream, record));
+        }
+    }
+
+    /// Records sent so far to output streams other than [`NEXT`], in order.
+    pub fn sent_records(&self) -> &[(Cow<'static, str>, Record)] {
+        &self.records
+    }
+
+    /// Records sent so far to [`NEXT`], in order.
+    pub fn next_records(&self) -> &[Record] {
+        &self.next
+    }
+
+    /// Empties the collector, keeping its buffers.
+    pub(crate) fn clear(&mut self) {
+        self.out.clear();
+        self.records.clear();
+        self.next.clear();
+        self.dead.clear();
     }
 
     /// Quarantines `envelope` (it goes to the dead-letter stream and is counted) with why:
@@ -212,10 +249,18 @@ pub struct TaskError {
 }
 
 /// Tasks composed in order: what a task sends to the stream [`NEXT`] is the next task's
-/// input (same stream, partition and offset). The tasks share the partition's state: use
-/// distinct keys.
+/// input (same stream, partition and offset): records as they are ([`StreamTask::process_record`]),
+/// bytes as an envelope. The tasks share the partition's state: use distinct keys.
 pub struct Chain {
     tasks: Vec<Box<dyn StreamTask>>,
+    /// What the task that just ran sent (buffers reused from record to record).
+    scratch: MessageCollector,
+    /// The records and payloads passed on to the next task, and the buffers of those the
+    /// current task reads.
+    records: Vec<Record>,
+    payloads: Vec<Vec<u8>>,
+    spare_records: Vec<Record>,
+    spare_payloads: Vec<Vec<u8>>,
 }
 
 /// The output stream that feeds the next task of a [`Chain`].
@@ -224,7 +269,61 @@ pub const NEXT: &str = "next";
 impl Chain {
     /// The chain of `tasks`, first to last.
     pub fn new(tasks: Vec<Box<dyn StreamTask>>) -> Chain {
-        Chain { tasks }
+        Chain {
+            tasks,
+            scratch: MessageCollector::default(),
+            records: Vec::new(),
+            payloads: Vec::new(),
+            spare_records: Vec::new(),
+            spare_payloads: Vec::new(),
+        }
+    }
+
+    /// Moves what the task that just ran sent: its records and payloads for [`NEXT`] to
+    /// the next task's inputs, everything else to `collector`.
+    fn collect(&mut self, collector: &mut MessageCollector) {
+        let s = &mut self.scratch;
+        collector.dead.append(&mut s.dead);
+        collector.records.append(&mut s.records);
+        self.records.append(&mut s.next);
+        for (stream, payload) in s.out.drain(..) {
+            if stream == NEXT {
+                self.payloads.push(payload);
+            } else {
+                collector.out.push((stream, payload));
+            }
+        }
+    }
+
+    /// Runs the tasks after the first over what the first passed on.
+    fn run_rest(
+        &mut self,
+        envelope: &Envelope,
+        state: &mut KvState,
+        collector: &mut MessageCollector,
+        coordinator: &mut TaskCoordinator,
+    ) -> Result<(), TaskError> {
+        self.collect(collector);
+        for i in 1..self.tasks.len() {
+            std::mem::swap(&mut self.records, &mut self.spare_records);
+            std::mem::swap(&mut self.payloads, &mut self.spare_payloads);
+            let task = &mut self.tasks[i];
+            for record in self.spare_records.drain(..) {
+                task.process_record(envelope, record, state, &mut self.scratch, coordinator)?;
+            }
+            for payload in self.spare_payloads.drain(..) {
+                let env = Envelope {
+                    payload,
+                    ..envelope.clone()
+                };
+                task.process(&env, state, &mut self.scratch, coordinator)?;
+            }
+            self.collect(collector);
+        }
+        // What the last task passed on goes nowhere.
+        self.records.clear();
+        self.payloads.clear();
+        Ok(())
     }
 }
 
@@ -240,27 +339,36 @@ impl StreamTask for Chain {
         collector: &mut MessageCollector,
         coordinator: &mut TaskCoordinator,
     ) -> Result<(), TaskError> {
-        let mut inputs = vec![envelope.clone()];
-        for task in &mut self.tasks {
-            let mut next = Vec::new();
-            for env in &inputs {
-                let mut out = MessageCollector::default();
-                task.process(env, state, &mut out, coordinator)?;
-                collector.dead.append(&mut out.dead);
-                for (stream, payload) in out.out {
-                    if stream == NEXT {
-                        next.push(Envelope {
-                            payload,
-                            ..env.clone()
-                        });
-                    } else {
-                        collector.out.push((stream, payload));
-                    }
-                }
-            }
-            inputs = next;
-        }
-        Ok(())
+        self.scratch.clear();
+        self.records.clear();
+        self.payloads.clear();
+        self.spare_records.clear();
+        self.spare_payloads.clear();
+        let Some(first) = self.tasks.first_mut() else {
+            return Ok(());
+        };
+        first.process(envelope, state, &mut self.scratch, coordinator)?;
+        self.run_rest(envelope, state, collector, coordinator)
+    }
+
+    fn process_record(
+        &mut self,
+        envelope: &Envelope,
+        record: Record,
+        state: &mut KvState,
+        collector: &mut MessageCollector,
+        coordinator: &mut TaskCoordinator,
+    ) -> Result<(), TaskError> {
+        self.scratch.clear();
+        self.records.clear();
+        self.payloads.clear();
+        self.spare_records.clear();
+        self.spare_payloads.clear();
+        let Some(first) = self.tasks.first_mut() else {
+            return Ok(());
+        };
+        first.process_record(envelope, record, state, &mut self.scratch, coordinator)?;
+        self.run_rest(envelope, state, collector, coordinator)
     }
 
     fn window(
@@ -309,6 +417,24 @@ pub trait StreamTask: Send {
         collector: &mut MessageCollector,
         coordinator: &mut TaskCoordinator,
     ) -> Result<(), TaskError>;
+
+    /// Handles one record a previous task of a [`Chain`] passed on (same stream, partition
+    /// and offset as `envelope`, whose payload is the chain's input). By default the task
+    /// reads the record as bytes: `process` gets an envelope with the record's JSON form.
+    fn process_record(
+        &mut self,
+        envelope: &Envelope,
+        record: Record,
+        state: &mut KvState,
+        collector: &mut MessageCollector,
+        coordinator: &mut TaskCoordinator,
+    ) -> Result<(), TaskError> {
+        let env = Envelope {
+            payload: record.encode(),
+            ..envelope.clone()
+        };
+        self.process(&env, state, collector, coordinator)
+    }
 
     /// Called every window interval, never at the same time as `process`.
     fn window(

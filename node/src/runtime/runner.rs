@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 
 use medfed_infra::store::{Batch, Store, StoreError};
 
+use super::record::{Record, SegmentBuilder};
 use super::{Envelope, KvState, MessageCollector, Scope, StreamTask, TaskCoordinator, TaskError};
+use std::borrow::Cow;
 
 /// Why a partition's run stopped.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,17 @@ impl Default for RunOptions {
 pub struct PipelineSignals {
     shutdown: AtomicBool,
     commits: AtomicU64,
+    progress: Option<Arc<super::progress::Progress>>,
+}
+
+impl PipelineSignals {
+    /// Signals whose partitions also count what they process into `progress`.
+    pub fn with_progress(progress: Arc<super::progress::Progress>) -> PipelineSignals {
+        PipelineSignals {
+            progress: Some(progress),
+            ..PipelineSignals::default()
+        }
+    }
 }
 
 fn key(stream: &str, partition: u32) -> Vec<u8> {
@@ -138,6 +151,30 @@ pub fn run_partition_with(
     };
     let mut dead = Vec::new();
     let mut outputs: Vec<(String, u64, Vec<u8>)> = Vec::new();
+    // Records sent to output streams since the last checkpoint: per stream, the first
+    // record's input offset and the segment being built.
+    let mut record_outputs: Vec<(Cow<'static, str>, u64, SegmentBuilder)> = Vec::new();
+    let keep = |outputs: &mut Vec<(Cow<'static, str>, u64, SegmentBuilder)>,
+                sent: &mut Vec<(Cow<'static, str>, Record)>,
+                at: u64| {
+        for (name, record) in sent.drain(..) {
+            match outputs
+                .iter_mut()
+                .rev()
+                .find(|(n, ..)| *n == name)
+                .filter(|(.., segment)| !segment.is_full())
+            {
+                Some((.., segment)) => segment.push(record),
+                None => {
+                    let mut segment = SegmentBuilder::default();
+                    segment.push(record);
+                    outputs.push((name, at, segment));
+                }
+            }
+        }
+    };
+    // One collector for every envelope (its buffers are reused).
+    let mut out = MessageCollector::default();
     let mut since = 0u64;
     let mut last_window = Instant::now();
     let mut commits_seen = opts
@@ -150,7 +187,8 @@ pub fn run_partition_with(
                       quarantined: u64,
                       state: &mut KvState,
                       dead: &mut Vec<super::DeadLetter>,
-                      outputs: &mut Vec<(String, u64, Vec<u8>)>|
+                      outputs: &mut Vec<(String, u64, Vec<u8>)>,
+                      record_outputs: &mut Vec<(Cow<'static, str>, u64, SegmentBuilder)>|
      -> Result<(), StoreError> {
         let mut b = Batch::default();
         b.put("offsets", &k, &offset.to_be_bytes())?;
@@ -184,6 +222,19 @@ pub fn run_partition_with(
                 &payload,
             )?;
         }
+        // Records sent to output streams: one segment per stream and checkpoint, keyed by
+        // the first record's input offset (so segments read back in input order).
+        for (i, (name, first, segment)) in record_outputs.drain(..).enumerate() {
+            // Keyed by the first record's input offset, then the segment's place in this
+            // checkpoint (a full segment is followed by another).
+            let mut key = first.to_be_bytes().to_vec();
+            key.extend_from_slice(&(u32::MAX - 0xffff).saturating_add(i as u32).to_be_bytes());
+            b.put(
+                &format!("output/{name}/{stream}/{partition}"),
+                &key,
+                &{ segment }.finish(),
+            )?;
+        }
         store.commit(b)
     };
 
@@ -202,13 +253,17 @@ pub fn run_partition_with(
         if let Some(w) = opts.window
             && last_window.elapsed() >= w
         {
-            let (mut out, mut coord) = (MessageCollector::default(), TaskCoordinator::default());
+            let mut coord = TaskCoordinator::default();
+            out.clear();
             task.window(&mut state, &mut out, &mut coord)?;
+            quarantined += out.dead.len() as u64;
+            dead.append(&mut out.dead);
             outputs.extend(
                 out.out
                     .drain(..)
                     .map(|(name, payload)| (name, offset, payload)),
             );
+            keep(&mut record_outputs, &mut out.records, offset);
             last_window = Instant::now();
         }
         // A task elsewhere in the pipeline asked every task to stop.
@@ -233,6 +288,7 @@ pub fn run_partition_with(
                     &mut state,
                     &mut dead,
                     &mut outputs,
+                    &mut record_outputs,
                 )?;
                 on_checkpoint(offset);
                 report.checkpoints += 1;
@@ -247,6 +303,12 @@ pub fn run_partition_with(
             continue;
         }
         let Some(batch) = batch else { continue };
+        let progress = opts.signals.as_ref().and_then(|s| s.progress.as_ref());
+        let (before, quarantined_before) = (processed, quarantined);
+        let bytes: u64 = match progress {
+            Some(_) => batch.iter().map(|e| e.payload.len() as u64 + 1).sum(),
+            None => 0,
+        };
         for env in batch {
             if env.offset < offset {
                 continue; // already in the state (the source re-sent it)
@@ -265,6 +327,7 @@ pub fn run_partition_with(
                         &mut state,
                         &mut dead,
                         &mut outputs,
+                        &mut record_outputs,
                     )?;
                     on_checkpoint(offset);
                     report.checkpoints += 1;
@@ -275,7 +338,8 @@ pub fn run_partition_with(
                     }
                 }
             }
-            let (mut out, mut coord) = (MessageCollector::default(), TaskCoordinator::default());
+            let mut coord = TaskCoordinator::default();
+            out.clear();
             task.process(&env, &mut state, &mut out, &mut coord)?;
             if let Some(sig) = &opts.signals {
                 if coord.commit == Some(Scope::AllTasks) {
@@ -290,6 +354,7 @@ pub fn run_partition_with(
             for (name, payload) in out.out.drain(..) {
                 outputs.push((name, env.offset, payload));
             }
+            keep(&mut record_outputs, &mut out.records, env.offset);
             processed += 1;
             offset = env.offset + 1;
             since += 1;
@@ -302,6 +367,7 @@ pub fn run_partition_with(
                     &mut state,
                     &mut dead,
                     &mut outputs,
+                    &mut record_outputs,
                 )?;
                 on_checkpoint(offset);
                 report.checkpoints += 1;
@@ -312,10 +378,14 @@ pub fn run_partition_with(
                 break 'outer;
             }
         }
+        if let Some(p) = progress {
+            p.add(processed - before, quarantined - quarantined_before, bytes);
+        }
     }
     if !report.shut_down {
-        let mut out = MessageCollector::default();
+        out.clear();
         task.on_end_of_stream(&mut state, &mut out)?;
+        keep(&mut record_outputs, &mut out.records, offset);
         quarantined += out.dead.len() as u64;
         dead.append(&mut out.dead);
         outputs.extend(
@@ -332,6 +402,7 @@ pub fn run_partition_with(
         &mut state,
         &mut dead,
         &mut outputs,
+        &mut record_outputs,
     )?;
     on_checkpoint(offset);
     report.checkpoints += 1;

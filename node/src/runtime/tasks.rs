@@ -1,7 +1,7 @@
 //! Built-in tasks.
 
 use super::{
-    Envelope, KvState, MessageCollector, Rejection, StreamTask, TaskCoordinator, TaskError,
+    Envelope, KvState, MessageCollector, Record, Rejection, StreamTask, TaskCoordinator, TaskError,
 };
 
 /// Count, sum and sum of squares of chosen numeric columns of CSV rows: the statistics a
@@ -20,6 +20,8 @@ pub struct ColumnStats {
     values: Vec<f64>,
     /// Reading de-identified records (`crate::deid::Record`) rather than CSV rows.
     records: bool,
+    /// Records left out for want of a number in a chosen field.
+    skipped: u64,
 }
 
 impl ColumnStats {
@@ -49,6 +51,7 @@ impl ColumnStats {
             sum_sq: vec![0.0; n],
             values: vec![0.0; n],
             records: false,
+            skipped: 0,
         })
     }
 
@@ -70,6 +73,7 @@ impl ColumnStats {
             sum_sq: vec![0.0; n],
             values: vec![0.0; n],
             records: true,
+            skipped: 0,
         }
     }
 
@@ -100,6 +104,7 @@ impl ColumnStats {
 impl StreamTask for ColumnStats {
     fn init(&mut self, state: &mut KvState) -> Result<(), TaskError> {
         (self.count, self.sum, self.sum_sq) = ColumnStats::read(state, self.columns.len());
+        self.skipped = state.get_u64(b"skipped");
         Ok(())
     }
 
@@ -111,25 +116,13 @@ impl StreamTask for ColumnStats {
         _coord: &mut TaskCoordinator,
     ) -> Result<(), TaskError> {
         if self.records {
-            let record = match crate::deid::Record::decode(&env.payload) {
-                Ok(r) => r,
+            return match crate::deid::Record::decode(&env.payload) {
+                Ok(r) => self.process_record(env, r, state, out, _coord),
                 Err(e) => {
                     out.dead_letter(env, e);
-                    return Ok(());
+                    Ok(())
                 }
             };
-            for (slot, (_, name)) in self.columns.iter().enumerate() {
-                match record.number(name) {
-                    Some(v) if v.is_finite() => self.values[slot] = v,
-                    _ => {
-                        let skipped = state.get_u64(b"skipped");
-                        state.put_u64(b"skipped", skipped + 1);
-                        return Ok(());
-                    }
-                }
-            }
-            self.add_values();
-            return Ok(());
         }
         let fields = match self.splitter.row(&env.payload, self.width) {
             Ok(f) => f,
@@ -152,7 +145,43 @@ impl StreamTask for ColumnStats {
         Ok(())
     }
 
+    /// Counts the record (de-identified records only: a record has no CSV row) and passes
+    /// it on.
+    fn process_record(
+        &mut self,
+        env: &Envelope,
+        record: Record,
+        _state: &mut KvState,
+        out: &mut MessageCollector,
+        _coord: &mut TaskCoordinator,
+    ) -> Result<(), TaskError> {
+        if !self.records {
+            out.dead_letter(env, "column statistics of CSV rows cannot read a record");
+            return Ok(());
+        }
+        let mut all = true;
+        for (slot, (_, name)) in self.columns.iter().enumerate() {
+            match record.number(name) {
+                Some(v) if v.is_finite() => self.values[slot] = v,
+                _ => {
+                    all = false;
+                    break;
+                }
+            }
+        }
+        if all {
+            self.add_values();
+        } else {
+            self.skipped += 1;
+        }
+        out.send_record(super::NEXT, record);
+        Ok(())
+    }
+
     fn flush(&mut self, state: &mut KvState) {
+        if self.records {
+            state.put_u64(b"skipped", self.skipped);
+        }
         state.put_u64(b"count", self.count);
         for j in 0..self.columns.len() {
             state.put(
