@@ -586,12 +586,57 @@ fn node_ingest(config: PathBuf) -> anyhow::Result<()> {
     let store = medfed_node::ingest::open_store(&cfg.state)?;
     runtime()?.block_on(async {
         for ing in &cfg.ingests {
-            for (p, r) in medfed_node::ingest::run(ing, store.clone(), &cfg.state.keystore).await? {
+            // Progress: a bar on a terminal, a log line every ten seconds otherwise.
+            let progress = medfed_node::runtime::progress::Progress::new();
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+            let bar = bench::progress_bar(0, &ing.stream);
+            let watch = {
+                let (progress, bar, stream) = (progress.clone(), bar.clone(), ing.stream.clone());
+                tokio::spawn(async move {
+                    let mut ticks = 0u64;
+                    loop {
+                        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+                        ticks += 1;
+                        let s = progress.snapshot();
+                        if terminal {
+                            match s.fraction {
+                                Some(f) => {
+                                    bar.set_length(1000);
+                                    bar.set_position((f * 1000.0) as u64);
+                                }
+                                None => bar.set_length(0),
+                            }
+                            bar.set_message(format!("{stream}: {s}"));
+                        } else if ticks.is_multiple_of(40) {
+                            tracing::info!(stream = %stream, records = s.records, quarantined = s.quarantined, rate = s.rate as u64, "ingesting: {s}");
+                        }
+                    }
+                })
+            };
+            let reports = medfed_node::ingest::run_with_progress(
+                ing,
+                store.clone(),
+                &cfg.state.keystore,
+                None,
+                Some(progress.clone()),
+            )
+            .await;
+            watch.abort();
+            bar.finish_and_clear();
+            let snapshot = progress.snapshot();
+            for (p, r) in reports? {
                 println!(
                     "{} partition {p}: offset {}, processed {}, quarantined {}, checkpoints {}",
                     ing.stream, r.offset, r.processed, r.quarantined, r.checkpoints
                 );
             }
+            println!(
+                "{}: {} records in {:.1} s ({:.0} records/s)",
+                ing.stream,
+                snapshot.records,
+                snapshot.elapsed.as_secs_f64(),
+                snapshot.rate
+            );
         }
         anyhow::Ok(())
     })
