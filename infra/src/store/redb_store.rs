@@ -9,6 +9,9 @@ use super::{Backend, Batch, Entry, Store, StoreError, full_key, strip_ns};
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 
+/// The page cache's size.
+const CACHE_BYTES: usize = 32 << 20;
+
 pub struct RedbStore {
     path: PathBuf,
     db: redb::Database,
@@ -55,7 +58,12 @@ impl RedbStore {
                 tracing::warn!("cannot sync directory {}: {e}", dir.display());
             }
         }
-        let db = redb::Database::create(path).map_err(|e| err(path, e))?;
+        // redb's page cache defaults to 1 GiB: bounded here, so that a node's memory does not
+        // grow with the size of its store (docs/performance.md).
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|e| err(path, e))?;
         Ok(RedbStore {
             path: path.to_path_buf(),
             db,
