@@ -33,6 +33,13 @@ use clap::{Args, Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: medfed_alloc_meter::Meter = medfed_alloc_meter::Meter;
 
+/// mimalloc otherwise: the node's pipeline allocates on its reader thread and frees on its
+/// partitions' threads, which glibc's allocator serves slowly (measured in
+/// docs/performance.md).
+#[cfg(not(feature = "alloc-meter"))]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "medfed",
@@ -637,6 +644,10 @@ fn node_ingest(config: PathBuf) -> anyhow::Result<()> {
                 snapshot.elapsed.as_secs_f64(),
                 snapshot.rate
             );
+            let rows = medfed_node::ingest::status(std::slice::from_ref(ing), &*store)?;
+            for (stream, why) in node_cmd::throughput_limits(&cfg, &rows) {
+                println!("{stream}: throughput limited by {why}");
+            }
         }
         anyhow::Ok(())
     })

@@ -284,7 +284,9 @@ pub fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
             .iter()
             .map(|r| {
                 serde_json::json!({"stream": r.stream, "partition": r.partition, "offset": r.offset, "lag": r.lag,
-                    "processed": r.processed, "quarantined": r.quarantined, "last_checkpoint_ms": r.last_checkpoint_ms})
+                    "processed": r.processed, "quarantined": r.quarantined, "last_checkpoint_ms": r.last_checkpoint_ms,
+                    "last_run": r.timing.map(|t| serde_json::json!({"records": t.records,
+                        "waiting_for_input_us": t.wait_us, "in_tasks_us": t.work_us, "committing_us": t.commit_us}))})
             })
             .collect();
         let studies: Vec<_> = studies
@@ -298,8 +300,13 @@ pub fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
             .iter()
             .map(|(d, r)| (d.clone(), serde_json::json!(r)))
             .collect();
+        let limits: serde_json::Map<String, serde_json::Value> = throughput_limits(&cfg, &rows)
+            .into_iter()
+            .map(|(stream, why)| (stream, serde_json::json!(why)))
+            .collect();
         let v = serde_json::json!({
             "partitions": partitions,
+            "throughput_limited_by": limits,
             "privacy": {"delta": delta, "epsilon_per_study": policy.epsilon,
                 "epsilon_total": policy.total_epsilon, "spent_total": total,
                 "exact_releases_allowed": exact, "studies": studies},
@@ -316,7 +323,7 @@ pub fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    for r in rows {
+    for r in &rows {
         let last = r.last_checkpoint_ms.map_or("never".to_string(), |t| {
             format!("{:.0} s ago", now.saturating_sub(t) as f64 / 1000.0)
         });
@@ -325,6 +332,10 @@ pub fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
             "{:<16} {:>9} {:>10} {:>8} {:>11} {:>12}  {last}",
             r.stream, r.partition, r.offset, lag, r.processed, r.quarantined
         );
+    }
+    print_timings(&rows);
+    for (stream, why) in throughput_limits(&cfg, &rows) {
+        println!("{stream}: throughput limited by {why}");
     }
     println!(
         "\nprivacy budget (δ = {delta:e}; limits ε {} per study, {} in all; {:.3} left in all)",
@@ -352,6 +363,53 @@ pub fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
         "all studies", "", "", "", ""
     );
     Ok(())
+}
+
+/// Each pipeline's throughput limit in its last run (streams with a timing only).
+pub fn throughput_limits(
+    cfg: &medfed_node::config::NodeConfig,
+    rows: &[medfed_node::ingest::PartitionStatus],
+) -> Vec<(String, String)> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    cfg.ingests
+        .iter()
+        .filter_map(|ing| {
+            let timings: Vec<_> = rows
+                .iter()
+                .filter(|r| r.stream == ing.stream)
+                .filter_map(|r| r.timing)
+                .collect();
+            medfed_node::ingest::throughput_limit(&timings, cores, ing.commit_every)
+                .map(|why| (ing.stream.clone(), why))
+        })
+        .collect()
+}
+
+/// Where each partition's last run spent its time.
+fn print_timings(rows: &[medfed_node::ingest::PartitionStatus]) {
+    if rows.iter().all(|r| r.timing.is_none()) {
+        return;
+    }
+    println!(
+        "\n{:<16} {:>9} {:>11} {:>15} {:>9} {:>7} {:>9}",
+        "last run", "partition", "records", "records/s task", "waiting", "tasks", "commits"
+    );
+    println!("{}", "-".repeat(82));
+    for r in rows {
+        let Some(t) = r.timing else { continue };
+        let total = (t.wait_us + t.work_us + t.commit_us).max(1) as f64;
+        let pct = |x: u64| format!("{:.0}%", 100.0 * x as f64 / total);
+        println!(
+            "{:<16} {:>9} {:>11} {:>15} {:>9} {:>7} {:>9}",
+            r.stream,
+            r.partition,
+            t.records,
+            t.work_rate().map_or("-".into(), |x| format!("{x:.0}")),
+            pct(t.wait_us),
+            pct(t.work_us),
+            pct(t.commit_us)
+        );
+    }
 }
 
 /// `medfed node quarantine`: the quarantined records, from the node's store.

@@ -137,6 +137,18 @@ impl Batch {
         Ok(self)
     }
 
+    /// As [`Batch::put`], taking the value without copying it (a large one, such as a
+    /// segment of records).
+    pub fn put_vec(
+        &mut self,
+        ns: &str,
+        key: &[u8],
+        value: Vec<u8>,
+    ) -> Result<&mut Batch, StoreError> {
+        self.ops.push((full_key(ns, key)?, Some(value)));
+        Ok(self)
+    }
+
     /// Adds the removal of `key` from namespace `ns`; refuses a namespace with a NUL byte.
     pub fn delete(&mut self, ns: &str, key: &[u8]) -> Result<&mut Batch, StoreError> {
         self.ops.push((full_key(ns, key)?, None));

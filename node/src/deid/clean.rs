@@ -132,6 +132,9 @@ struct Column {
     index: usize,
     convert: (f64, f64),
     running: Running,
+    /// Where `name` and `indicator` are in [`ValidateClean::template`]'s records.
+    slot: usize,
+    indicator_slot: usize,
 }
 
 /// Validates and cleans CSV rows against the declared fields (`[[ingest.field]]`): types,
@@ -149,6 +152,9 @@ pub struct ValidateClean {
     patient: Option<(usize, Pseudonymizer)>,
     /// The values of a row that feed the running means and medians (reused).
     observed: Vec<(usize, f64)>,
+    /// A kept record's fields, each missing (`None` if two declared names coincide, such
+    /// as `bp_missing` declared beside `bp`'s indicator: fields are then set by name).
+    template: Option<Record>,
 }
 
 const TASK: &str = "validate-clean";
@@ -196,9 +202,27 @@ impl ValidateClean {
                 index,
                 convert,
                 running: Running::default(),
+                slot: 0,
+                indicator_slot: 0,
             });
         }
+        // Every kept record has the same fields: a template places them once.
+        let names: Vec<FieldName> = columns
+            .iter()
+            .flat_map(|c| {
+                let indicator = (c.spec.missing == MissingPolicy::Indicator).then_some(c.indicator);
+                std::iter::once(c.name).chain(indicator)
+            })
+            .collect();
+        let template = Record::template(&names);
+        if let Some(t) = &template {
+            for c in &mut columns {
+                c.slot = t.position(&c.name).unwrap_or(usize::MAX);
+                c.indicator_slot = t.position(&c.indicator).unwrap_or(usize::MAX);
+            }
+        }
         Ok(ValidateClean {
+            template,
             columns,
             width: header.len(),
             splitter: Splitter::new(),
@@ -230,7 +254,7 @@ impl ValidateClean {
         self.columns
             .iter_mut()
             .filter_map(|col| {
-                ValidateClean::clean(std::slice::from_mut(col), &cells, &mut Vec::new()).err()
+                ValidateClean::clean(std::slice::from_mut(col), None, &cells, &mut Vec::new()).err()
             })
             .collect()
     }
@@ -260,10 +284,19 @@ impl ValidateClean {
     /// Cleans one row; `Err` is why it is quarantined.
     fn clean(
         columns: &mut [Column],
+        template: Option<&Record>,
         cells: &Row<'_>,
         observed: &mut Vec<(usize, f64)>,
     ) -> Result<Record, Rejection> {
-        let mut record = Record::with_capacity(columns.len() + 4);
+        let mut record = match template {
+            Some(t) => t.clone(),
+            None => Record::with_capacity(columns.len() + 4),
+        };
+        let put = |record: &mut Record, name: &FieldName, slot: usize, value: Value| match template
+        {
+            Some(_) => record.set_at(slot, value),
+            None => record.set_named(name, value),
+        };
         observed.clear();
         for (slot, col) in columns.iter().enumerate() {
             let spec = &col.spec;
@@ -293,11 +326,16 @@ impl ValidateClean {
                         })?)
                     }
                     MissingPolicy::Indicator => {
-                        record.set_named(&col.indicator, Value::Number(1.0));
+                        put(
+                            &mut record,
+                            &col.indicator,
+                            col.indicator_slot,
+                            Value::Number(1.0),
+                        );
                         Value::Number(0.0)
                     }
                 };
-                record.set_named(&col.name, filled);
+                put(&mut record, &col.name, col.slot, filled);
                 continue;
             }
             let value = match spec.kind() {
@@ -349,9 +387,14 @@ impl ValidateClean {
                 }
             };
             if spec.missing == MissingPolicy::Indicator {
-                record.set_named(&col.indicator, Value::Number(0.0));
+                put(
+                    &mut record,
+                    &col.indicator,
+                    col.indicator_slot,
+                    Value::Number(0.0),
+                );
             }
-            record.set_named(&col.name, value);
+            put(&mut record, &col.name, col.slot, value);
         }
         // Only a record that is kept counts towards the running statistics.
         for &(slot, x) in observed.iter() {
@@ -419,7 +462,12 @@ impl StreamTask for ValidateClean {
                 return Ok(());
             }
         };
-        match ValidateClean::clean(&mut self.columns, &cells, &mut self.observed) {
+        match ValidateClean::clean(
+            &mut self.columns,
+            self.template.as_ref(),
+            &cells,
+            &mut self.observed,
+        ) {
             Ok(record) => out.send_record(NEXT, record),
             Err(why) => {
                 let patient =

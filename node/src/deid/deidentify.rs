@@ -23,8 +23,9 @@ pub(crate) fn identifier_text(value: &Value) -> Option<String> {
 /// its class: identifiers removed, ages over 89 aggregated, birth dates to the year, other
 /// dates to the year or shifted per patient, ZIP codes to three digits.
 pub struct Deidentify {
-    fields: Vec<FieldSpec>,
-    patient_id: Option<String>,
+    /// The declared fields, each with its shared name.
+    fields: Vec<(FieldSpec, FieldName)>,
+    patient_id: Option<(String, FieldName)>,
     pseudonymizer: Option<Pseudonymizer>,
     restricted: RestrictedZip3,
     dates: DatePolicy,
@@ -82,8 +83,13 @@ impl Deidentify {
             None => today,
         };
         Ok(Deidentify {
-            fields: fields.to_vec(),
-            patient_id: ids.first().map(|f| f.name.clone()),
+            fields: fields
+                .iter()
+                .map(|f| (f.clone(), FieldName::new(&f.name)))
+                .collect(),
+            patient_id: ids
+                .first()
+                .map(|f| (f.name.clone(), FieldName::new(&f.name))),
             pseudonymizer,
             restricted,
             dates: config.dates,
@@ -96,8 +102,10 @@ impl Deidentify {
     /// pseudonym once the identifier is read; never a value).
     pub fn apply(&self, mut record: Record) -> Result<Record, Rejection> {
         let mut shift = None;
-        if let (Some(id_field), Some(pseudonymizer)) = (&self.patient_id, &self.pseudonymizer) {
-            let pseudonym = match record.remove(id_field) {
+        if let (Some((id_field, id_name)), Some(pseudonymizer)) =
+            (&self.patient_id, &self.pseudonymizer)
+        {
+            let pseudonym = match record.remove_named(id_name) {
                 Some(Value::Text(s)) if !s.trim().is_empty() => {
                     if self.dates == DatePolicy::Shift {
                         shift = Some(pseudonymizer.date_shift_days(&s));
@@ -133,17 +141,17 @@ impl Deidentify {
         record: &mut Record,
         shift: Option<i64>,
     ) -> Result<(), (&'a str, String)> {
-        for f in &self.fields {
+        for (f, field) in &self.fields {
             let name = f.name.as_str();
             match f.class {
                 FieldClass::Value => continue,
                 FieldClass::PatientId | FieldClass::Identifier => {
-                    record.remove(name);
+                    record.remove_named(field);
                     continue;
                 }
                 FieldClass::Age | FieldClass::BirthDate | FieldClass::Date | FieldClass::Zip => {}
             }
-            let Some(value) = record.get_mut(name) else {
+            let Some(value) = record.get_named_mut(field) else {
                 continue;
             };
             if f.class == FieldClass::Age {

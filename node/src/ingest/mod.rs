@@ -32,7 +32,7 @@ pub mod quarantine;
 pub mod ready;
 mod status;
 
-pub use status::{PartitionStatus, status};
+pub use status::{PartitionStatus, status, throughput_limit};
 
 /// The output stream of de-identified records, kept in the node's store.
 pub const RECORDS_STREAM: &str = "records";
@@ -730,13 +730,10 @@ fn kept_by_partition(
         .into_iter()
         .map(|(p, _)| {
             let ns = format!("output/{RECORDS_STREAM}/{}/{p}", cfg.stream);
-            let mut records = Vec::new();
-            for (_, v) in store.scan(&ns).map_err(|e| fail(e.to_string()))? {
-                records.extend(
-                    crate::runtime::record::decode_stored(&v)
-                        .map_err(|e| fail(format!("partition {p}'s kept records: {e}")))?,
-                );
-            }
+            let values = store.scan(&ns).map_err(|e| fail(e.to_string()))?;
+            let records =
+                crate::runtime::record::decode_chunked(values.iter().map(|(_, v)| v.as_slice()))
+                    .map_err(|e| fail(format!("partition {p}'s kept records: {e}")))?;
             Ok((p, records))
         })
         .collect()

@@ -3,6 +3,7 @@
 use medfed_infra::store::Store;
 
 use super::{IngestConfig, IngestError, Part, parts};
+use crate::runtime::Timing;
 use crate::runtime::csv_source::Partitioning;
 use crate::runtime::restore;
 
@@ -23,6 +24,8 @@ pub struct PartitionStatus {
     pub lag: Option<u64>,
     /// When it last checkpointed (ms since the UNIX epoch), if ever.
     pub last_checkpoint_ms: Option<u64>,
+    /// Where its last run's time went, as of its last checkpoint.
+    pub timing: Option<Timing>,
 }
 
 /// Where every partition of the configured pipelines stands, from the store.
@@ -63,8 +66,109 @@ pub fn status(
                 quarantined,
                 lag,
                 last_checkpoint_ms: last,
+                timing: Timing::load(store, &cfg.stream, p).map_err(|e| fail(e.to_string()))?,
             });
         }
     }
     Ok(out)
+}
+
+/// What limits a pipeline's throughput, from its partitions' timings (of the same stream)
+/// on a machine with `cores` cores: one sentence for the operator, or `None` before any
+/// record was processed.
+pub fn throughput_limit(timings: &[Timing], cores: usize, commit_every: u64) -> Option<String> {
+    let sum = |f: fn(&Timing) -> u64| timings.iter().map(f).sum::<u64>() as f64;
+    let (wait, work, commit) = (sum(|t| t.wait_us), sum(|t| t.work_us), sum(|t| t.commit_us));
+    let total = wait + work + commit;
+    if total <= 0.0 || sum(|t| t.records) <= 0.0 {
+        return None;
+    }
+    let pct = |x: f64| format!("{:.0}%", 100.0 * x / total);
+    let n = timings.len();
+    let busy = work + commit;
+    Some(if wait >= 0.5 * total {
+        format!(
+            "input: the partitions waited for records {} of the time. The source is the limit \
+             (one thread reads and splits each CSV file; or a JetStream or FHIR source), or the \
+             stream has no new records (a stream that is caught up waits)",
+            pct(wait)
+        )
+    } else if commit >= 0.25 * total {
+        let advice = if commit_every < 100_000 {
+            format!(
+                "; a larger commit_every (now {commit_every}) makes commits fewer, if their \
+                 number rather than the bytes they write is the cost"
+            )
+        } else {
+            "; the store's disk is the limit".to_string()
+        };
+        format!(
+            "store commits: {} of the time goes to writing and syncing checkpoints{advice}",
+            pct(commit)
+        )
+    } else {
+        let cores_note = match n.cmp(&cores) {
+            std::cmp::Ordering::Less => format!(
+                "; {} of the {cores} cores are idle: more partitions (`partitions` in \
+                 [[ingest]]) would use them",
+                cores - n
+            ),
+            std::cmp::Ordering::Equal => "; one partition per core: this is the machine's limit \
+                 for this pipeline"
+                .to_string(),
+            std::cmp::Ordering::Greater => {
+                format!("; {n} partitions share {cores} cores: more partitions will not help")
+            }
+        };
+        format!(
+            "the tasks (CPU): the partitions worked {} of the time ({} in tasks, {} \
+             committing){cores_note}",
+            pct(busy),
+            pct(work),
+            pct(commit)
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(wait_us: u64, work_us: u64, commit_us: u64) -> Timing {
+        Timing {
+            wait_us,
+            work_us,
+            commit_us,
+            records: 1000,
+        }
+    }
+
+    #[test]
+    fn the_limit_named_is_where_the_time_went() {
+        assert_eq!(throughput_limit(&[], 2, 10_000), None);
+        assert_eq!(
+            throughput_limit(
+                &[Timing {
+                    records: 0,
+                    ..t(5, 5, 5)
+                }],
+                2,
+                10_000
+            ),
+            None
+        );
+        let input = throughput_limit(&[t(80, 15, 5), t(70, 25, 5)], 2, 10_000).unwrap();
+        assert!(
+            input.starts_with("input: ") && input.contains("75%"),
+            "{input}"
+        );
+        let commits = throughput_limit(&[t(10, 50, 40)], 2, 500).unwrap();
+        assert!(commits.starts_with("store commits: 40%") && commits.contains("now 500"));
+        let one = throughput_limit(&[t(10, 85, 5)], 2, 10_000).unwrap();
+        assert!(one.starts_with("the tasks (CPU)") && one.contains("1 of the 2 cores are idle"));
+        let two = throughput_limit(&[t(10, 85, 5), t(10, 85, 5)], 2, 10_000).unwrap();
+        assert!(two.contains("the machine's limit"), "{two}");
+        let four = throughput_limit(&[t(10, 85, 5); 4], 2, 10_000).unwrap();
+        assert!(four.contains("will not help"), "{four}");
+    }
 }

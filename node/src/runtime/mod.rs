@@ -29,7 +29,7 @@ use std::sync::Arc;
 pub use record::Record;
 pub use rejection::Rejection;
 pub use runner::{
-    PartitionReport, PipelineSignals, RunOptions, RuntimeError, restore, run_partition,
+    PartitionReport, PipelineSignals, RunOptions, RuntimeError, Timing, restore, run_partition,
     run_partition_with,
 };
 pub use tasks::ColumnStats;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use medfed_infra::store::{Batch, Store, StoreError};
 
-use super::record::{Record, SegmentBuilder};
+use super::record::{Record, SegmentBuilder, chunk_value, segment_chunks};
 use super::{Envelope, KvState, MessageCollector, Scope, StreamTask, TaskCoordinator, TaskError};
 use std::borrow::Cow;
 
@@ -87,6 +87,164 @@ impl PipelineSignals {
     }
 }
 
+/// Where a partition's time went in its current (or last) run, checkpointed with it under
+/// `metrics/timing`: what `medfed node status` tells the operator limits throughput.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timing {
+    /// Microseconds waiting for input (the source reading and parsing, or no new records).
+    pub wait_us: u64,
+    /// Microseconds in the tasks (records through the pipeline).
+    pub work_us: u64,
+    /// Microseconds in the store's commits (writing and syncing checkpoints, waiting for
+    /// another partition's commit).
+    pub commit_us: u64,
+    /// Records processed in this run.
+    pub records: u64,
+}
+
+impl Timing {
+    fn encode(&self) -> [u8; 32] {
+        let mut b = [0u8; 32];
+        for (i, v) in [self.wait_us, self.work_us, self.commit_us, self.records]
+            .iter()
+            .enumerate()
+        {
+            b[8 * i..8 * i + 8].copy_from_slice(&v.to_be_bytes());
+        }
+        b
+    }
+
+    /// The stored form back; `None` if it is not one.
+    pub fn decode(bytes: &[u8]) -> Option<Timing> {
+        let v = |i: usize| -> Option<u64> {
+            Some(u64::from_be_bytes(
+                bytes.get(8 * i..8 * i + 8)?.try_into().ok()?,
+            ))
+        };
+        (bytes.len() == 32).then_some(())?;
+        Some(Timing {
+            wait_us: v(0)?,
+            work_us: v(1)?,
+            commit_us: v(2)?,
+            records: v(3)?,
+        })
+    }
+
+    /// The partition's last checkpointed timing.
+    pub fn load(
+        store: &dyn Store,
+        stream: &str,
+        partition: u32,
+    ) -> Result<Option<Timing>, StoreError> {
+        Ok(store
+            .get("metrics/timing", &key(stream, partition))?
+            .and_then(|b| Timing::decode(&b)))
+    }
+
+    /// Records a second of the tasks' time (not waiting, not committing).
+    pub fn work_rate(&self) -> Option<f64> {
+        (self.work_us > 0).then(|| self.records as f64 / (self.work_us as f64 / 1e6))
+    }
+}
+
+/// Commits a partition's checkpoints on a thread of its own, one at a time.
+struct Committer {
+    to_thread: Option<std::sync::mpsc::SyncSender<(Batch, u64)>>,
+    done: Receiver<Result<u64, StoreError>>,
+    in_flight: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+    backend: &'static str,
+}
+
+impl Committer {
+    fn start(store: Arc<dyn Store>) -> Committer {
+        let (to_thread, from_partition) = std::sync::mpsc::sync_channel::<(Batch, u64)>(1);
+        let (to_partition, done) = std::sync::mpsc::channel();
+        let backend = store.backend().name();
+        let thread = std::thread::Builder::new()
+            .name("medfed-commit".into())
+            .spawn(move || {
+                for (batch, offset) in from_partition {
+                    let r = store.commit(batch).map(|()| offset);
+                    let failed = r.is_err();
+                    if to_partition.send(r).is_err() || failed {
+                        break;
+                    }
+                }
+            })
+            .ok();
+        Committer {
+            to_thread: thread.as_ref().map(|_| to_thread),
+            done,
+            in_flight: 0,
+            thread,
+            backend,
+        }
+    }
+
+    fn stopped(&self) -> StoreError {
+        StoreError::Backend {
+            path: std::path::PathBuf::from("(checkpoint commits)"),
+            backend: self.backend,
+            detail: "the thread committing checkpoints could not start or stopped".into(),
+        }
+    }
+
+    /// Hands `batch` over, once the commit before it is durable.
+    fn submit(
+        &mut self,
+        batch: Batch,
+        offset: u64,
+        on_durable: &dyn Fn(u64),
+    ) -> Result<(), StoreError> {
+        self.settle(on_durable)?;
+        let tx = self.to_thread.as_ref().ok_or_else(|| self.stopped())?;
+        tx.send((batch, offset)).map_err(|_| self.stopped())?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    /// Calls `on_durable` for each commit that became durable since, without waiting (a
+    /// source acknowledges its input as soon as it can: one that stops delivering while
+    /// acknowledgements are pending would otherwise wait for them forever).
+    fn poll(&mut self, on_durable: &dyn Fn(u64)) -> Result<(), StoreError> {
+        while self.in_flight > 0 {
+            match self.done.try_recv() {
+                Ok(r) => {
+                    self.in_flight -= 1;
+                    on_durable(r?);
+                }
+                Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => return Err(self.stopped()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every commit handed over is durable, calling `on_durable` with each
+    /// one's offset; the first failure stops the partition.
+    fn settle(&mut self, on_durable: &dyn Fn(u64)) -> Result<(), StoreError> {
+        while self.in_flight > 0 {
+            let offset = self.done.recv().map_err(|_| self.stopped())??;
+            self.in_flight -= 1;
+            on_durable(offset);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        // A commit in flight finishes (it is whole or absent in the store either way).
+        self.to_thread = None;
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            tracing::error!("the thread committing checkpoints panicked");
+        }
+    }
+}
+
 fn key(stream: &str, partition: u32) -> Vec<u8> {
     format!("{stream}/{partition}").into_bytes()
 }
@@ -158,13 +316,19 @@ pub fn run_partition_with(
                 sent: &mut Vec<(Cow<'static, str>, Record)>,
                 at: u64| {
         for (name, record) in sent.drain(..) {
+            // The stream's first builder with room: builders fill in turn, and all of
+            // them are empty again after a checkpoint.
             match outputs
                 .iter_mut()
-                .rev()
-                .find(|(n, ..)| *n == name)
-                .filter(|(.., segment)| !segment.is_full())
+                .find(|(n, _, segment)| *n == name && !segment.is_full())
             {
-                Some((.., segment)) => segment.push(record),
+                Some((_, first, segment)) => {
+                    // A builder of an earlier checkpoint, reused.
+                    if segment.is_empty() {
+                        *first = at;
+                    }
+                    segment.push(record);
+                }
                 None => {
                     let mut segment = SegmentBuilder::default();
                     segment.push(record);
@@ -173,6 +337,7 @@ pub fn run_partition_with(
             }
         }
     };
+    let timing = std::cell::Cell::new(Timing::default());
     // One collector for every envelope (its buffers are reused).
     let mut out = MessageCollector::default();
     let mut since = 0u64;
@@ -189,7 +354,7 @@ pub fn run_partition_with(
                       dead: &mut Vec<super::DeadLetter>,
                       outputs: &mut Vec<(String, u64, Vec<u8>)>,
                       record_outputs: &mut Vec<(Cow<'static, str>, u64, SegmentBuilder)>|
-     -> Result<(), StoreError> {
+     -> Result<Batch, StoreError> {
         let mut b = Batch::default();
         b.put("offsets", &k, &offset.to_be_bytes())?;
         b.put("metrics/processed", &k, &processed.to_be_bytes())?;
@@ -224,18 +389,48 @@ pub fn run_partition_with(
         }
         // Records sent to output streams: one segment per stream and checkpoint, keyed by
         // the first record's input offset (so segments read back in input order).
-        for (i, (name, first, segment)) in record_outputs.drain(..).enumerate() {
+        for (i, (name, first, segment)) in record_outputs.iter_mut().enumerate() {
+            if segment.is_empty() {
+                continue;
+            }
             // Keyed by the first record's input offset, then the segment's place in this
             // checkpoint (a full segment is followed by another).
             let mut key = first.to_be_bytes().to_vec();
             key.extend_from_slice(&(u32::MAX - 0xffff).saturating_add(i as u32).to_be_bytes());
-            b.put(
-                &format!("output/{name}/{stream}/{partition}"),
-                &key,
-                &{ segment }.finish(),
-            )?;
+            // In chunks (`segment_chunks`), the later ones keyed by the key and their number.
+            let ns = format!("output/{name}/{stream}/{partition}");
+            let bytes = segment.finish();
+            for (c, chunk) in segment_chunks(&bytes).into_iter().enumerate() {
+                let mut ck = key.clone();
+                if c > 0 {
+                    ck.extend_from_slice(&(c as u32).to_be_bytes());
+                }
+                b.put_vec(&ns, &ck, chunk_value(c, chunk))?;
+            }
         }
-        store.commit(b)
+        b.put("metrics/timing", &k, &timing.get().encode())?;
+        Ok(b)
+    };
+    // Checkpoints are committed on their own thread, at most one in flight: the partition
+    // goes on with the next records meanwhile, and waits for a commit before handing over
+    // the next one (or before telling anyone a checkpoint is durable).
+    let mut committer = Committer::start(store.clone());
+    // Commits `b` (made at `offset`); `wait`: return only once it is durable.
+    let mut commit = |b: Option<(Batch, u64)>, wait: bool| -> Result<(), StoreError> {
+        let Some((b, offset)) = b else {
+            return committer.poll(on_checkpoint);
+        };
+        let started = Instant::now();
+        committer.submit(b, offset, on_checkpoint)?;
+        if wait {
+            committer.settle(on_checkpoint)?;
+        }
+        // Only the time the partition waits for the store counts as committing; encoding
+        // the checkpoint's records is the tasks' work.
+        let mut t = timing.get();
+        t.commit_us += started.elapsed().as_micros() as u64;
+        timing.set(t);
+        Ok(())
     };
 
     // How long to wait for input before looking at the window timer and the pipeline's
@@ -245,11 +440,17 @@ pub fn run_partition_with(
         let wait = opts
             .window
             .map_or(POLL, |w| w.saturating_sub(last_window.elapsed()).min(POLL));
+        let waiting = Instant::now();
         let batch = match input.recv_timeout(wait) {
             Ok(b) => Some(b),
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => break,
         };
+        let mut t = timing.get();
+        t.wait_us += waiting.elapsed().as_micros() as u64;
+        timing.set(t);
+        // Tell the source of the checkpoints that became durable meanwhile.
+        commit(None, false)?;
         if let Some(w) = opts.window
             && last_window.elapsed() >= w
         {
@@ -281,7 +482,7 @@ pub fn run_partition_with(
         if batch.is_none() || drained {
             if opts.checkpoint_when_idle && since > 0 {
                 task.flush(&mut state);
-                checkpoint(
+                let b = checkpoint(
                     offset,
                     processed,
                     quarantined,
@@ -290,7 +491,7 @@ pub fn run_partition_with(
                     &mut outputs,
                     &mut record_outputs,
                 )?;
-                on_checkpoint(offset);
+                commit(Some((b, offset)), true)?;
                 report.checkpoints += 1;
                 since = 0;
             }
@@ -309,6 +510,7 @@ pub fn run_partition_with(
             Some(_) => batch.iter().map(|e| e.payload.len() as u64 + 1).sum(),
             None => 0,
         };
+        let (working, committed_before) = (Instant::now(), timing.get().commit_us);
         for env in batch {
             if env.offset < offset {
                 continue; // already in the state (the source re-sent it)
@@ -320,7 +522,7 @@ pub fn run_partition_with(
                 if commits != commits_seen || sig.shutdown.load(Ordering::Relaxed) {
                     commits_seen = commits;
                     task.flush(&mut state);
-                    checkpoint(
+                    let b = checkpoint(
                         offset,
                         processed,
                         quarantined,
@@ -329,7 +531,7 @@ pub fn run_partition_with(
                         &mut outputs,
                         &mut record_outputs,
                     )?;
-                    on_checkpoint(offset);
+                    commit(Some((b, offset)), true)?;
                     report.checkpoints += 1;
                     since = 0;
                     if sig.shutdown.load(Ordering::Relaxed) {
@@ -360,7 +562,7 @@ pub fn run_partition_with(
             since += 1;
             if since >= opts.commit_every || coord.commit.is_some() || coord.shutdown.is_some() {
                 task.flush(&mut state);
-                checkpoint(
+                let b = checkpoint(
                     offset,
                     processed,
                     quarantined,
@@ -369,7 +571,10 @@ pub fn run_partition_with(
                     &mut outputs,
                     &mut record_outputs,
                 )?;
-                on_checkpoint(offset);
+                commit(
+                    Some((b, offset)),
+                    coord.commit.is_some() || coord.shutdown.is_some(),
+                )?;
                 report.checkpoints += 1;
                 since = 0;
             }
@@ -381,6 +586,11 @@ pub fn run_partition_with(
         if let Some(p) = progress {
             p.add(processed - before, quarantined - quarantined_before, bytes);
         }
+        let mut t = timing.get();
+        t.work_us +=
+            (working.elapsed().as_micros() as u64).saturating_sub(t.commit_us - committed_before);
+        t.records += processed - before;
+        timing.set(t);
     }
     if !report.shut_down {
         out.clear();
@@ -395,7 +605,7 @@ pub fn run_partition_with(
         );
     }
     task.flush(&mut state);
-    checkpoint(
+    let b = checkpoint(
         offset,
         processed,
         quarantined,
@@ -404,7 +614,7 @@ pub fn run_partition_with(
         &mut outputs,
         &mut record_outputs,
     )?;
-    on_checkpoint(offset);
+    commit(Some((b, offset)), true)?;
     report.checkpoints += 1;
     if let Some(flag) = &opts.caught_up {
         flag.store(true, Ordering::Relaxed);
