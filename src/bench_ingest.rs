@@ -285,19 +285,22 @@ fn reset_peak_rss() {
 }
 
 /// Bytes under `dir`.
-fn dir_bytes(dir: &Path) -> u64 {
+/// The bytes of the files under `dir`: their lengths, and the disk space they take (the
+/// store's file has unwritten regions, which take none).
+fn dir_bytes(dir: &Path) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .filter_map(Result::ok)
                 .map(|e| match e.metadata() {
                     Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
+                    Ok(m) => (m.len(), m.blocks() * 512),
+                    Err(_) => (0, 0),
                 })
-                .sum()
+                .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
         })
-        .unwrap_or(0)
+        .unwrap_or((0, 0))
 }
 
 /// Reading the extract and splitting every row into its fields with ingestion's CSV parser,
@@ -443,7 +446,7 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         extract.rows
     );
     let kept = processed - quarantined;
-    let store_bytes = dir_bytes(&state);
+    let (store_length, store_bytes) = dir_bytes(&state);
 
     // The framework's own ceiling: the trivial task over the same extract, one partition.
     let trivial_dir = tempfile::tempdir()?;
@@ -501,8 +504,10 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
          peak RSS {rss:.0} MB"
     );
     println!(
-        "store: {:.0} MB, {:.1} bytes per kept record ({:.2}× the clinical CSV bytes, {:.1} a row)",
+        "store: {:.0} MB on disk ({:.0} MB file length), {:.1} bytes per kept record ({:.2}× the \
+         clinical CSV bytes, {:.1} a row)",
         store_bytes as f64 / 1e6,
+        store_length as f64 / 1e6,
         store_bytes as f64 / kept.max(1) as f64,
         store_bytes as f64
             / kept.max(1) as f64

@@ -6,7 +6,10 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use medfed_node::runtime::record::{Record, Value, decode_segment, decode_stored, encode_segment};
+use medfed_node::runtime::record::{
+    Record, Value, chunk_value, decode_chunked, decode_segment, decode_stored, encode_segment,
+    segment_chunks,
+};
 
 /// A value the fuzzer chooses.
 #[derive(Arbitrary, Debug)]
@@ -22,6 +25,8 @@ fuzz_target!(|data: &[u8]| {
     if data.first().is_some_and(|b| *b < 0x80) {
         let _ = decode_segment(&data[1..]);
         let _ = decode_stored(&data[1..]);
+        // As stored values in key order: cut wherever a 0xff byte is.
+        let _ = decode_chunked(data[1..].split(|b| *b == 0xff));
         return;
     }
     let mut u = Unstructured::new(data);
@@ -51,5 +56,13 @@ fuzz_target!(|data: &[u8]| {
     }
     let bytes = encode_segment(&records);
     let back = decode_segment(&bytes).expect("a segment the node wrote reads back");
+    assert_eq!(back, records);
+    // Stored in chunks, read back whole.
+    let values: Vec<Vec<u8>> = segment_chunks(&bytes)
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| chunk_value(i, c))
+        .collect();
+    let back = decode_chunked(values.iter().map(Vec::as_slice)).expect("chunks read back");
     assert_eq!(back, records);
 });

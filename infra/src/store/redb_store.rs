@@ -10,7 +10,7 @@ use super::{Backend, Batch, Entry, Store, StoreError, full_key, strip_ns};
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 
 /// The page cache's size.
-const CACHE_BYTES: usize = 32 << 20;
+const CACHE_BYTES: usize = 16 << 20;
 
 pub struct RedbStore {
     path: PathBuf,
