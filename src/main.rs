@@ -644,9 +644,18 @@ fn node_ingest(config: PathBuf) -> anyhow::Result<()> {
                 snapshot.elapsed.as_secs_f64(),
                 snapshot.rate
             );
-            let rows = medfed_node::ingest::status(std::slice::from_ref(ing), &*store)?;
-            for (stream, why) in node_cmd::throughput_limits(&cfg, &rows) {
-                println!("{stream}: throughput limited by {why}");
+            // What limited it: told, but a store that cannot say fails nothing (the records
+            // are in).
+            match medfed_node::ingest::timings(ing, &*store) {
+                Ok(timings) => {
+                    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+                    if let Some(why) =
+                        medfed_node::ingest::throughput_limit(&timings, cores, ing.commit_every)
+                    {
+                        println!("{}: throughput limited by {why}", ing.stream);
+                    }
+                }
+                Err(e) => tracing::warn!("cannot tell what limited the throughput: {e}"),
             }
         }
         anyhow::Ok(())

@@ -32,7 +32,7 @@ pub mod quarantine;
 pub mod ready;
 mod status;
 
-pub use status::{PartitionStatus, status, throughput_limit};
+pub use status::{PartitionStatus, status, throughput_limit, timings};
 
 /// The output stream of de-identified records, kept in the node's store.
 pub const RECORDS_STREAM: &str = "records";

@@ -73,6 +73,20 @@ pub fn status(
     Ok(out)
 }
 
+/// Each partition's timing of its last run, for one pipeline (none for a partition that
+/// never checkpointed); reads nothing else.
+pub fn timings(cfg: &IngestConfig, store: &dyn Store) -> Result<Vec<Timing>, IngestError> {
+    let fail = |detail: String| IngestError {
+        stream: cfg.stream.clone(),
+        detail,
+    };
+    let mut out = Vec::new();
+    for (p, _) in parts(cfg).map_err(fail)? {
+        out.extend(Timing::load(store, &cfg.stream, p).map_err(|e| fail(e.to_string()))?);
+    }
+    Ok(out)
+}
+
 /// What limits a pipeline's throughput, from its partitions' timings (of the same stream)
 /// on a machine with `cores` cores: one sentence for the operator, or `None` before any
 /// record was processed.

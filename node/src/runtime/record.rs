@@ -868,7 +868,7 @@ const CHUNK_MAGIC: &[u8; 4] = b"MFC1";
 
 /// A segment's bytes as the values to store under its key and then under the key with the
 /// chunk's number (big-endian `u32`, from 1) appended: at most [`SEGMENT_CHUNK`] bytes
-/// each, the first the segment's beginning, the others [`CHUNK_MAGIC`] and what follows.
+/// each, the first the segment's beginning, the others `MFC1` and what follows.
 /// [`decode_chunked`] puts them back together from the values in key order.
 pub fn segment_chunks(segment: &[u8]) -> Vec<&[u8]> {
     let (first, mut rest) = segment.split_at(segment.len().min(SEGMENT_CHUNK));

@@ -147,6 +147,35 @@ impl Timing {
     }
 }
 
+/// A segment's key: `candidate` (its first record's offset, then its place in the
+/// checkpoint), moved past the last key this run wrote in `ns` and past any key already in
+/// the store. Records a window or the end of the input sends are kept at the partition's
+/// next offset, which a later checkpoint (or run) can use again: the later segment goes
+/// after the earlier one instead of over it.
+fn unique_segment_key(
+    store: &dyn Store,
+    ns: &str,
+    candidate: Vec<u8>,
+    last_keys: &mut std::collections::HashMap<String, Vec<u8>>,
+) -> Result<Vec<u8>, StoreError> {
+    let next = |k: &[u8]| -> Vec<u8> {
+        let mut k = k.to_vec();
+        let low = k.len() - 4;
+        let n = u32::from_be_bytes([k[low], k[low + 1], k[low + 2], k[low + 3]]);
+        k[low..].copy_from_slice(&n.saturating_add(1).to_be_bytes());
+        k
+    };
+    let mut key = match last_keys.get(ns) {
+        Some(last) if candidate <= *last => next(last),
+        _ => candidate,
+    };
+    while store.get(ns, &key)?.is_some() {
+        key = next(&key);
+    }
+    last_keys.insert(ns.to_string(), key.clone());
+    Ok(key)
+}
+
 /// Commits a partition's checkpoints on a thread of its own, one at a time.
 struct Committer {
     to_thread: Option<std::sync::mpsc::SyncSender<(Batch, u64)>>,
@@ -241,6 +270,13 @@ impl Drop for Committer {
             && t.join().is_err()
         {
             tracing::error!("the thread committing checkpoints panicked");
+        }
+        // The partition stopped (a task failed) with a commit in flight: its failure is
+        // still told.
+        while let Ok(r) = self.done.try_recv() {
+            if let Err(e) = r {
+                tracing::error!("a checkpoint's commit failed as the partition stopped: {e}");
+            }
         }
     }
 }
@@ -338,6 +374,8 @@ pub fn run_partition_with(
         }
     };
     let timing = std::cell::Cell::new(Timing::default());
+    // The last segment key written in each output namespace by this run.
+    let last_keys = std::cell::RefCell::new(std::collections::HashMap::<String, Vec<u8>>::new());
     // One collector for every envelope (its buffers are reused).
     let mut out = MessageCollector::default();
     let mut since = 0u64;
@@ -395,10 +433,11 @@ pub fn run_partition_with(
             }
             // Keyed by the first record's input offset, then the segment's place in this
             // checkpoint (a full segment is followed by another).
+            let ns = format!("output/{name}/{stream}/{partition}");
             let mut key = first.to_be_bytes().to_vec();
             key.extend_from_slice(&(u32::MAX - 0xffff).saturating_add(i as u32).to_be_bytes());
+            let key = unique_segment_key(&*store, &ns, key, &mut last_keys.borrow_mut())?;
             // In chunks (`segment_chunks`), the later ones keyed by the key and their number.
-            let ns = format!("output/{name}/{stream}/{partition}");
             let bytes = segment.finish();
             for (c, chunk) in segment_chunks(&bytes).into_iter().enumerate() {
                 let mut ck = key.clone();
@@ -418,7 +457,10 @@ pub fn run_partition_with(
     // Commits `b` (made at `offset`); `wait`: return only once it is durable.
     let mut commit = |b: Option<(Batch, u64)>, wait: bool| -> Result<(), StoreError> {
         let Some((b, offset)) = b else {
-            return committer.poll(on_checkpoint);
+            return match wait {
+                true => committer.settle(on_checkpoint),
+                false => committer.poll(on_checkpoint),
+            };
         };
         let started = Instant::now();
         committer.submit(b, offset, on_checkpoint)?;
@@ -454,6 +496,7 @@ pub fn run_partition_with(
         if let Some(w) = opts.window
             && last_window.elapsed() >= w
         {
+            let windowing = Instant::now();
             let mut coord = TaskCoordinator::default();
             out.clear();
             task.window(&mut state, &mut out, &mut coord)?;
@@ -466,6 +509,9 @@ pub fn run_partition_with(
             );
             keep(&mut record_outputs, &mut out.records, offset);
             last_window = Instant::now();
+            let mut t = timing.get();
+            t.work_us += windowing.elapsed().as_micros() as u64;
+            timing.set(t);
         }
         // A task elsewhere in the pipeline asked every task to stop.
         if batch.is_none()
@@ -499,6 +545,9 @@ pub fn run_partition_with(
                 && since == 0
                 && let Some(flag) = &opts.caught_up
             {
+                // Caught up only once the last checkpoint (perhaps still in flight) is
+                // durable.
+                commit(None, true)?;
                 flag.store(true, Ordering::Relaxed);
             }
             continue;

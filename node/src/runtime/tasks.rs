@@ -403,6 +403,81 @@ mod tests {
         assert!(String::from_utf8_lossy(&alerts[0].1).starts_with("glucose above 170 mg/dL: 171,"));
     }
 
+    /// Keeps every envelope's row as a record, and one summary record at the end of input.
+    struct KeepWithSummary;
+
+    impl StreamTask for KeepWithSummary {
+        fn process(
+            &mut self,
+            env: &Envelope,
+            _: &mut KvState,
+            out: &mut MessageCollector,
+            _: &mut TaskCoordinator,
+        ) -> Result<(), TaskError> {
+            let mut r = super::super::record::Record::default();
+            r.set(
+                "offset",
+                super::super::record::Value::Number(env.offset as f64),
+            );
+            out.send_record("kept", r);
+            Ok(())
+        }
+        fn on_end_of_stream(
+            &mut self,
+            _: &mut KvState,
+            out: &mut MessageCollector,
+        ) -> Result<(), TaskError> {
+            let mut r = super::super::record::Record::default();
+            r.set("summary", super::super::record::Value::Number(1.0));
+            out.send_record("kept", r);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn records_kept_at_the_same_offset_by_two_runs_are_both_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = csv(dir.path());
+        let store: Arc<dyn store::Store> =
+            Arc::from(store::open(Backend::DEFAULT, &dir.path().join("state")).unwrap());
+        // Two runs over the same file: the second has no new row, and keeps its summary at
+        // the same offset as the first's summary.
+        for _ in 0..2 {
+            let (offset, ..) = restore(&*store, "site", 0).unwrap();
+            let (_, rx) = csv_source::read(&path, "site", 0, offset).unwrap();
+            let opts = RunOptions {
+                // 1,000 rows: the first run ends on a checkpoint, so its summary starts a
+                // segment at offset 1000, as the second run's does.
+                commit_every: 100,
+                ..RunOptions::default()
+            };
+            run_partition(
+                Box::new(KeepWithSummary),
+                store.clone(),
+                "site",
+                0,
+                rx,
+                &opts,
+            )
+            .unwrap();
+        }
+        let values = store.scan("output/kept/site/0").unwrap();
+        let records =
+            super::super::record::decode_chunked(values.iter().map(|(_, v)| v.as_slice())).unwrap();
+        let rows = records.iter().filter(|r| r.get("offset").is_some()).count();
+        let summaries = records
+            .iter()
+            .filter(|r| r.get("summary").is_some())
+            .count();
+        assert_eq!(
+            (rows, summaries),
+            (1000, 2),
+            "every row once, both summaries"
+        );
+        let offsets: Vec<f64> = records.iter().filter_map(|r| r.number("offset")).collect();
+        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "in input order");
+    }
+
     /// Asks every task of the pipeline to stop at its first envelope.
     struct StopAll;
 
