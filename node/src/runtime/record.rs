@@ -375,10 +375,14 @@ const POW10: [f64; 7] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6];
 
 /// The fewest decimal places (up to [`MAX_DECIMALS`]) that give `x` back exactly.
 fn decimals(x: f64) -> Option<u32> {
-    (0..=MAX_DECIMALS).find(|&s| {
-        let scaled = (x * POW10[s as usize]).round();
-        scaled.abs() < 9.0e15 && scaled / POW10[s as usize] == x
-    })
+    (0..=MAX_DECIMALS).find(|&s| exact_at(x, s))
+}
+
+/// Whether `x` comes back exactly from an integer of `s` decimal places (one a double
+/// holds exactly).
+fn exact_at(x: f64, s: u32) -> bool {
+    let scaled = (x * POW10[s as usize]).round();
+    scaled.abs() < 9.0e15 && scaled as i64 as f64 / POW10[s as usize] == x
 }
 
 fn zigzag(v: i64) -> u64 {
@@ -555,9 +559,12 @@ impl SegmentBuilder {
             }
             let numbers = &col.numbers;
             if !numbers.is_empty() {
+                // The column's places are its most precise value's; every value must still
+                // come back exactly at them (a large value beside a precise one may not).
                 match numbers
                     .iter()
                     .try_fold(0u32, |m, x| decimals(*x).map(|d| m.max(d)))
+                    .filter(|s| numbers.iter().all(|x| exact_at(*x, *s)))
                 {
                     Some(s) => {
                         out.push(NUM_DECIMAL);
@@ -1007,6 +1014,17 @@ mod tests {
                 "{x} came back as {y}"
             );
         }
+    }
+
+    #[test]
+    fn a_large_number_beside_a_precise_one_comes_back_exactly() {
+        // Found by the record_segment fuzz target: four places for the column made
+        // -3.5e15 overflow its integer and come back as -9.2e14.
+        let records = vec![
+            rec(&[("x", Value::Number(-3_542_272_897_318_814.0))]),
+            rec(&[("x", Value::Number(153_271.3819))]),
+        ];
+        assert_eq!(decode_segment(&encode_segment(&records)).unwrap(), records);
     }
 
     #[test]
