@@ -5,7 +5,7 @@ use medfed_infra::store::Store;
 use super::{IngestConfig, IngestError, Part, parts};
 use crate::runtime::Timing;
 use crate::runtime::csv_source::Partitioning;
-use crate::runtime::restore;
+use crate::runtime::restore_counts;
 
 /// One line of `medfed node status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,8 +40,8 @@ pub fn status(
             detail,
         };
         for (p, part) in parts(cfg).map_err(fail)? {
-            let (offset, _, processed, quarantined) =
-                restore(store, &cfg.stream, p).map_err(|e| fail(e.to_string()))?;
+            let (offset, processed, quarantined) =
+                restore_counts(store, &cfg.stream, p).map_err(|e| fail(e.to_string()))?;
             let key = format!("{}/{p}", cfg.stream);
             let last = store
                 .get("metrics/checkpoint_ms", key.as_bytes())
@@ -50,11 +50,9 @@ pub fn status(
                 .map(u64::from_be_bytes);
             let lag = match &part {
                 Part::Csv { path, opts } if opts.partitioning == Partitioning::Whole => {
-                    std::fs::read(path).ok().map(|b| {
-                        (b.iter().filter(|c| **c == b'\n').count() as u64)
-                            .saturating_sub(1)
-                            .saturating_sub(offset)
-                    })
+                    count_lines(path)
+                        .ok()
+                        .map(|n| n.saturating_sub(1).saturating_sub(offset))
                 }
                 _ => None,
             };
@@ -71,6 +69,24 @@ pub fn status(
         }
     }
     Ok(out)
+}
+
+/// The newlines in a file, read in blocks (an extract can be larger than memory).
+fn count_lines(path: &std::path::Path) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut lines = 0u64;
+    loop {
+        let n = match file.read(&mut buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => r?,
+        };
+        if n == 0 {
+            return Ok(lines);
+        }
+        lines += buf[..n].iter().filter(|c| **c == b'\n').count() as u64;
+    }
 }
 
 /// Each partition's timing of its last run, for one pipeline (none for a partition that

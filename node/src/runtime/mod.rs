@@ -29,8 +29,8 @@ use std::sync::Arc;
 pub use record::Record;
 pub use rejection::Rejection;
 pub use runner::{
-    PartitionReport, PipelineSignals, RunOptions, RuntimeError, Timing, restore, run_partition,
-    run_partition_with,
+    PartitionReport, PipelineSignals, RunOptions, RuntimeError, Timing, restore, restore_counts,
+    run_partition, run_partition_with,
 };
 pub use tasks::ColumnStats;
 

@@ -1022,7 +1022,7 @@ mod tests {
         // -3.5e15 overflow its integer and come back as -9.2e14.
         let records = vec![
             rec(&[("x", Value::Number(-3_542_272_897_318_814.0))]),
-            rec(&[("x", Value::Number(153_271.3819))]),
+            rec(&[("x", Value::Number(153_271.381_9))]),
         ];
         assert_eq!(decode_segment(&encode_segment(&records)).unwrap(), records);
     }

@@ -291,6 +291,18 @@ pub fn restore(
     stream: &str,
     partition: u32,
 ) -> Result<(u64, KvState, u64, u64), StoreError> {
+    let (offset, processed, quarantined) = restore_counts(store, stream, partition)?;
+    let state = KvState::restore(store.scan(&format!("state/{stream}/{partition}"))?);
+    Ok((offset, state, processed, quarantined))
+}
+
+/// As [`restore`] without the task state: the offset to resume from, records processed
+/// and quarantined (for status, which should not read a large state).
+pub fn restore_counts(
+    store: &dyn Store,
+    stream: &str,
+    partition: u32,
+) -> Result<(u64, u64, u64), StoreError> {
     let k = key(stream, partition);
     let read = |ns: &str| -> Result<u64, StoreError> {
         Ok(store
@@ -298,10 +310,8 @@ pub fn restore(
             .and_then(|v| v.try_into().ok())
             .map_or(0, u64::from_be_bytes))
     };
-    let state = KvState::restore(store.scan(&format!("state/{stream}/{partition}"))?);
     Ok((
         read("offsets")?,
-        state,
         read("metrics/processed")?,
         read("metrics/quarantined")?,
     ))
