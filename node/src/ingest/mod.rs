@@ -25,7 +25,7 @@ use crate::runtime::jetstream_source::{self, JetStreamPartition};
 use crate::runtime::progress::Progress;
 use crate::runtime::{
     Chain, ColumnStats, Envelope, KvState, MessageCollector, RunOptions, StreamTask,
-    TaskCoordinator, TaskError, restore, run_partition_with,
+    TaskCoordinator, TaskError, restore, run_partition_for,
 };
 
 pub mod quarantine;
@@ -583,12 +583,19 @@ async fn run_inner(
             },
         );
         runs.push(tokio::task::spawn_blocking(move || {
-            let ack = move |offset: u64| {
-                if let Some(a) = &acks {
-                    let _ = a.send(offset);
+            // A source that acknowledges (JetStream) has each checkpoint waited for and
+            // acknowledged at once; the others' checkpoints commit while records go on.
+            let ack = acks.map(|a| {
+                move |offset: u64| {
+                    if a.send(offset).is_err() {
+                        tracing::debug!(
+                            "the source is gone; checkpoint at {offset} not acknowledged"
+                        );
+                    }
                 }
-            };
-            run_partition_with(task, store, &stream, p, rx, &opts, &ack).map(|r| (p, r))
+            });
+            let ack_ref: Option<&dyn Fn(u64)> = ack.as_ref().map(|a| a as &dyn Fn(u64));
+            run_partition_for(task, store, &stream, p, rx, &opts, ack_ref).map(|r| (p, r))
         }));
     }
     let mut reports = Vec::new();

@@ -30,7 +30,7 @@ pub use record::Record;
 pub use rejection::Rejection;
 pub use runner::{
     PartitionReport, PipelineSignals, RunOptions, RuntimeError, Timing, restore, restore_counts,
-    run_partition, run_partition_with,
+    run_partition, run_partition_for, run_partition_with,
 };
 pub use tasks::ColumnStats;
 

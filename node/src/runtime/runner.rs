@@ -327,12 +327,64 @@ pub fn run_partition(
     input: Receiver<Vec<Envelope>>,
     opts: &RunOptions,
 ) -> Result<PartitionReport, RuntimeError> {
-    run_partition_with(task, store, stream, partition, input, opts, &|_| {})
+    run_partition_inner(task, store, stream, partition, input, opts, &|_| {}, true)
+}
+
+/// As [`run_partition`]; with `acks`, as [`run_partition_with`] (a source that acknowledges
+/// its input), else with checkpoints committed while the partition goes on.
+pub fn run_partition_for(
+    task: Box<dyn StreamTask>,
+    store: Arc<dyn Store>,
+    stream: &str,
+    partition: u32,
+    input: Receiver<Vec<Envelope>>,
+    opts: &RunOptions,
+    acks: Option<&dyn Fn(u64)>,
+) -> Result<PartitionReport, RuntimeError> {
+    match acks {
+        Some(on_checkpoint) => run_partition_inner(
+            task,
+            store,
+            stream,
+            partition,
+            input,
+            opts,
+            on_checkpoint,
+            false,
+        ),
+        None => run_partition_inner(task, store, stream, partition, input, opts, &|_| {}, true),
+    }
 }
 
 /// As [`run_partition`], calling `on_checkpoint(offset)` after each durable checkpoint (a
-/// source acknowledges its input from there).
+/// source acknowledges its input from there). Each checkpoint is waited for, so that its
+/// acknowledgement goes out at once: a JetStream consumer redelivers what is not
+/// acknowledged within its `ack_wait`, and under load the redeliveries of a larger window
+/// of unacknowledged messages crowded out new ones (a bounded ingestion then ended early).
 pub fn run_partition_with(
+    task: Box<dyn StreamTask>,
+    store: Arc<dyn Store>,
+    stream: &str,
+    partition: u32,
+    input: Receiver<Vec<Envelope>>,
+    opts: &RunOptions,
+    on_checkpoint: &dyn Fn(u64),
+) -> Result<PartitionReport, RuntimeError> {
+    run_partition_inner(
+        task,
+        store,
+        stream,
+        partition,
+        input,
+        opts,
+        on_checkpoint,
+        false,
+    )
+}
+
+/// The run; `overlap`: commit count-based checkpoints while going on with the next records.
+#[allow(clippy::too_many_arguments)]
+fn run_partition_inner(
     mut task: Box<dyn StreamTask>,
     store: Arc<dyn Store>,
     stream: &str,
@@ -340,6 +392,7 @@ pub fn run_partition_with(
     input: Receiver<Vec<Envelope>>,
     opts: &RunOptions,
     on_checkpoint: &dyn Fn(u64),
+    overlap: bool,
 ) -> Result<PartitionReport, RuntimeError> {
     let (mut offset, mut state, mut processed, mut quarantined) =
         restore(&*store, stream, partition)?;
@@ -632,7 +685,7 @@ pub fn run_partition_with(
                 )?;
                 commit(
                     Some((b, offset)),
-                    coord.commit.is_some() || coord.shutdown.is_some(),
+                    !overlap || coord.commit.is_some() || coord.shutdown.is_some(),
                 )?;
                 report.checkpoints += 1;
                 since = 0;
