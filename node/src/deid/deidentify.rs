@@ -211,13 +211,7 @@ impl StreamTask for Deidentify {
         out: &mut MessageCollector,
         coord: &mut TaskCoordinator,
     ) -> Result<(), TaskError> {
-        match Record::decode(&env.payload) {
-            Ok(record) => self.process_record(env, record, state, out, coord),
-            Err(why) => {
-                out.dead_letter(env, why);
-                Ok(())
-            }
-        }
+        crate::runtime::process_as_record(self, env, state, out, coord)
     }
 
     fn process_record(

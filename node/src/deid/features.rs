@@ -307,13 +307,7 @@ impl StreamTask for Features {
         out: &mut MessageCollector,
         coord: &mut TaskCoordinator,
     ) -> Result<(), TaskError> {
-        match Record::decode(&env.payload) {
-            Ok(record) => self.process_record(env, record, state, out, coord),
-            Err(e) => {
-                out.dead_letter(env, e);
-                Ok(())
-            }
-        }
+        crate::runtime::process_as_record(self, env, state, out, coord)
     }
 
     fn process_record(

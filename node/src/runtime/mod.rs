@@ -267,6 +267,15 @@ pub struct Chain {
 pub const NEXT: &str = "next";
 
 impl Chain {
+    /// Empties the buffers between the tasks (keeping their capacity) before an input.
+    fn clear_buffers(&mut self) {
+        self.scratch.clear();
+        self.records.clear();
+        self.payloads.clear();
+        self.spare_records.clear();
+        self.spare_payloads.clear();
+    }
+
     /// The chain of `tasks`, first to last.
     pub fn new(tasks: Vec<Box<dyn StreamTask>>) -> Chain {
         Chain {
@@ -339,11 +348,7 @@ impl StreamTask for Chain {
         collector: &mut MessageCollector,
         coordinator: &mut TaskCoordinator,
     ) -> Result<(), TaskError> {
-        self.scratch.clear();
-        self.records.clear();
-        self.payloads.clear();
-        self.spare_records.clear();
-        self.spare_payloads.clear();
+        self.clear_buffers();
         let Some(first) = self.tasks.first_mut() else {
             return Ok(());
         };
@@ -359,11 +364,7 @@ impl StreamTask for Chain {
         collector: &mut MessageCollector,
         coordinator: &mut TaskCoordinator,
     ) -> Result<(), TaskError> {
-        self.scratch.clear();
-        self.records.clear();
-        self.payloads.clear();
-        self.spare_records.clear();
-        self.spare_payloads.clear();
+        self.clear_buffers();
         let Some(first) = self.tasks.first_mut() else {
             return Ok(());
         };
@@ -398,6 +399,25 @@ impl StreamTask for Chain {
 
     fn close(&mut self) {
         self.tasks.iter_mut().for_each(|t| t.close());
+    }
+}
+
+/// `process` for a task that reads records: the envelope's payload read as a record
+/// ([`Record::encode`]'s form) and handed to `process_record`; a payload that is not one
+/// goes to the dead letters with the reason.
+pub fn process_as_record<T: StreamTask + ?Sized>(
+    task: &mut T,
+    env: &Envelope,
+    state: &mut KvState,
+    out: &mut MessageCollector,
+    coord: &mut TaskCoordinator,
+) -> Result<(), TaskError> {
+    match Record::decode(&env.payload) {
+        Ok(record) => task.process_record(env, record, state, out, coord),
+        Err(why) => {
+            out.dead_letter(env, why);
+            Ok(())
+        }
     }
 }
 

@@ -176,6 +176,13 @@ fn unique_segment_key(
     Ok(key)
 }
 
+/// Changes a partition's timing in place.
+fn update(timing: &std::cell::Cell<Timing>, f: impl FnOnce(&mut Timing)) {
+    let mut t = timing.get();
+    f(&mut t);
+    timing.set(t);
+}
+
 /// Commits a partition's checkpoints on a thread of its own, one at a time.
 struct Committer {
     to_thread: Option<std::sync::mpsc::SyncSender<(Batch, u64)>>,
@@ -342,17 +349,10 @@ pub fn run_partition_for(
     acks: Option<&dyn Fn(u64)>,
 ) -> Result<PartitionReport, RuntimeError> {
     match acks {
-        Some(on_checkpoint) => run_partition_inner(
-            task,
-            store,
-            stream,
-            partition,
-            input,
-            opts,
-            on_checkpoint,
-            false,
-        ),
-        None => run_partition_inner(task, store, stream, partition, input, opts, &|_| {}, true),
+        Some(on_checkpoint) => {
+            run_partition_with(task, store, stream, partition, input, opts, on_checkpoint)
+        }
+        None => run_partition(task, store, stream, partition, input, opts),
     }
 }
 
@@ -532,9 +532,9 @@ fn run_partition_inner(
         }
         // Only the time the partition waits for the store counts as committing; encoding
         // the checkpoint's records is the tasks' work.
-        let mut t = timing.get();
-        t.commit_us += started.elapsed().as_micros() as u64;
-        timing.set(t);
+        update(&timing, |t| {
+            t.commit_us += started.elapsed().as_micros() as u64;
+        });
         Ok(())
     };
 
@@ -551,9 +551,9 @@ fn run_partition_inner(
             Err(RecvTimeoutError::Timeout) => None,
             Err(RecvTimeoutError::Disconnected) => break,
         };
-        let mut t = timing.get();
-        t.wait_us += waiting.elapsed().as_micros() as u64;
-        timing.set(t);
+        update(&timing, |t| {
+            t.wait_us += waiting.elapsed().as_micros() as u64;
+        });
         // Tell the source of the checkpoints that became durable meanwhile.
         commit(None, false)?;
         if let Some(w) = opts.window
@@ -572,9 +572,9 @@ fn run_partition_inner(
             );
             keep(&mut record_outputs, &mut out.records, offset);
             last_window = Instant::now();
-            let mut t = timing.get();
-            t.work_us += windowing.elapsed().as_micros() as u64;
-            timing.set(t);
+            update(&timing, |t| {
+                t.work_us += windowing.elapsed().as_micros() as u64;
+            });
         }
         // A task elsewhere in the pipeline asked every task to stop.
         if batch.is_none()
@@ -698,11 +698,11 @@ fn run_partition_inner(
         if let Some(p) = progress {
             p.add(processed - before, quarantined - quarantined_before, bytes);
         }
-        let mut t = timing.get();
-        t.work_us +=
-            (working.elapsed().as_micros() as u64).saturating_sub(t.commit_us - committed_before);
-        t.records += processed - before;
-        timing.set(t);
+        update(&timing, |t| {
+            t.work_us += (working.elapsed().as_micros() as u64)
+                .saturating_sub(t.commit_us - committed_before);
+            t.records += processed - before;
+        });
     }
     if !report.shut_down {
         out.clear();
