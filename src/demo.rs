@@ -161,7 +161,7 @@ pub fn run(args: DemoArgs, log_level: &str) -> anyhow::Result<()> {
     }
     let central_auc = match central {
         Metrics::Classification(c) => c.roc_auc,
-        Metrics::Regression(_) => f64::NAN,
+        Metrics::Regression(_) | Metrics::Multiclass(_) => f64::NAN,
     };
     let run = medfed::local::Run {
         rounds,

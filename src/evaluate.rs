@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use medfed_node::data::Table;
 use medfed_protocol::export::ExportedModel;
-use medfed_protocol::metrics::{Metrics, classification_metrics, regression_metrics};
+use medfed_protocol::metrics::{Metrics, exact_metrics};
 use medfed_protocol::model::ModelKind;
 
 #[derive(clap::Args)]
@@ -46,6 +46,12 @@ pub fn evaluate(
     positive_class: Option<&str>,
 ) -> anyhow::Result<Metrics> {
     let kind = model.model.kind;
+    if matches!(kind, ModelKind::Multinomial { .. }) && positive_class.is_some() {
+        anyhow::bail!(
+            "--positive-class is for a binary model; this multinomial model predicts the classes {:?}",
+            model.classes
+        );
+    }
     let positive = positive_class.or(model.positive_class.as_deref());
     if kind == ModelKind::Logistic && positive.is_none() {
         anyhow::bail!("the model does not name its positive class: pass --positive-class");
@@ -79,13 +85,9 @@ pub fn evaluate(
         }
     }
     let x = table.features(&model.model.features)?;
-    let y = table.target(target, kind, positive)?;
+    let y = table.target(target, kind, positive, &model.classes)?;
     let p = model.model.predict_raw(x.view())?;
-    let (p, y) = (p.to_vec(), y.to_vec());
-    Ok(match kind {
-        ModelKind::Logistic => Metrics::Classification(classification_metrics(&p, &y)),
-        ModelKind::Linear => Metrics::Regression(regression_metrics(&p, &y)),
-    })
+    Ok(exact_metrics(kind, &p.to_vec(), &y.to_vec()))
 }
 
 pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
@@ -110,6 +112,10 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
             println!("note: the model is without site '{}': {}", m.site, m.reason);
         }
         print!("{}", crate::report::metrics_table(&[("global", &metrics)]));
+        if let Metrics::Multiclass(m) = &metrics {
+            println!();
+            print!("{}", crate::report::class_table(&model.classes, m));
+        }
     }
     Ok(())
 }

@@ -12,7 +12,7 @@ use medfed_infra::pki;
 use medfed_node::config::NodeConfig;
 use medfed_node::data::{StudyData, Table, split_rows};
 use medfed_protocol::export::ExportedModel;
-use medfed_protocol::metrics::{Metrics, classification_metrics, regression_metrics};
+use medfed_protocol::metrics::{Metrics, exact_metrics};
 use medfed_protocol::model::{GlobalModel, ModelKind, TrainParams, train_local};
 use medfed_protocol::stats::FeatureStats;
 use medfed_protocol::study::config::StudyConfig;
@@ -229,6 +229,7 @@ async fn run_printing_rounds(agg: &Path, nodes: &[PathBuf]) -> anyhow::Result<Ru
             let v = match &s.validation {
                 Some(Metrics::Classification(m)) => m.roc_auc,
                 Some(Metrics::Regression(m)) => m.r2,
+                Some(Metrics::Multiclass(m)) => m.macro_auc,
                 None => f64::NAN,
             };
             println!(
@@ -291,8 +292,9 @@ pub fn centralized_baseline(
         prox_mu: 0.0,
         ..study.training.params()
     };
-    let mut model = GlobalModel::zeros(study.model, study.features.clone(), standardization);
-    model.weights = train_local(study.model, &model.weights, z.view(), y_train, &params)?;
+    let kind = study.kind();
+    let mut model = GlobalModel::zeros(kind, study.features.clone(), standardization);
+    model.weights = train_local(kind, &model.weights, z.view(), y_train, &params)?;
     Ok(model)
 }
 
@@ -336,10 +338,7 @@ pub fn compare_study(
         .with_context(|| format!("{} is not a medfed model file", final_model.display()))?;
     let p_fed = model.model.predict_raw(x_val.view())?.to_vec();
     let labels = y_val.to_vec();
-    let metrics = |p: &[f64]| match study.model {
-        ModelKind::Logistic => Metrics::Classification(classification_metrics(p, &labels)),
-        ModelKind::Linear => Metrics::Regression(regression_metrics(p, &labels)),
-    };
+    let metrics = |p: &[f64]| exact_metrics(study.kind(), p, &labels);
     Ok(Comparison {
         federated: metrics(&p_fed),
         centralized: metrics(&p_central),

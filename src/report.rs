@@ -1,7 +1,7 @@
 //! Tables for people: the per-round table and metric comparisons.
 
 use medfed_aggregator::{AggregatorEvent, RoundSummary};
-use medfed_protocol::metrics::Metrics;
+use medfed_protocol::metrics::{Metrics, MulticlassMetrics};
 
 /// Formats a metric, showing "-" for undefined values.
 pub fn num(v: f64, decimals: usize) -> String {
@@ -44,6 +44,9 @@ impl RoundTable {
             }
             Some(Metrics::Regression(m)) => {
                 (num(m.rmse, 4), format!("R2 {}", num(m.r2, 3)), "-".into())
+            }
+            Some(Metrics::Multiclass(m)) => {
+                (num(m.log_loss, 4), num(m.macro_auc, 4), num(m.accuracy, 3))
             }
             None => ("-".into(), "-".into(), "-".into()),
         };
@@ -150,7 +153,72 @@ pub fn metrics_table(rows: &[(&str, &Metrics)]) -> String {
                 }
             }
         }
+        Some(Metrics::Multiclass(_)) => {
+            out += &format!(
+                "{:<12}  {:>5}  {:>9}  {:>8}  {:>8}\n",
+                "model", "rows", "macro AUC", "accuracy", "log loss"
+            );
+            out += &"-".repeat(12 + 2 + 5 + 2 + 9 + 2 + 8 + 2 + 8);
+            out.push('\n');
+            for (name, m) in rows {
+                if let Metrics::Multiclass(m) = m {
+                    out += &format!(
+                        "{:<12}  {:>5}  {:>9}  {:>8}  {:>8}\n",
+                        name,
+                        m.rows,
+                        num(m.macro_auc, 4),
+                        num(m.accuracy, 3),
+                        num(m.log_loss, 4)
+                    );
+                }
+            }
+        }
         None => {}
+    }
+    out
+}
+
+/// A multinomial model's figures per class (one-vs-rest AUC, recall, precision, rows) and
+/// its confusion matrix, with the classes' names.
+pub fn class_table(classes: &[String], m: &MulticlassMetrics) -> String {
+    let name = |c: usize| classes.get(c).cloned().unwrap_or_else(|| format!("class {c}"));
+    let width = (0..m.per_class.len())
+        .map(|c| name(c).chars().count())
+        .chain([5])
+        .max()
+        .unwrap_or(5);
+    let mut out = format!(
+        "{:<width$}  {:>5}  {:>7}  {:>6}  {:>9}\n",
+        "class", "rows", "AUC", "recall", "precision"
+    );
+    out += &"-".repeat(width + 2 + 5 + 2 + 7 + 2 + 6 + 2 + 9);
+    out.push('\n');
+    for (c, k) in m.per_class.iter().enumerate() {
+        out += &format!(
+            "{:<width$}  {:>5}  {:>7}  {:>6}  {:>9}\n",
+            name(c),
+            k.support,
+            num(k.roc_auc, 4),
+            num(k.recall, 3),
+            num(k.precision, 3)
+        );
+    }
+    out += &format!("\nconfusion (rows: actual class, columns: predicted)\n{:<width$}", "");
+    let cell = (0..m.per_class.len())
+        .map(|c| name(c).chars().count())
+        .chain(m.confusion.iter().flatten().map(|n| n.to_string().len()))
+        .max()
+        .unwrap_or(1);
+    for c in 0..m.per_class.len() {
+        out += &format!("  {:>cell$}", name(c));
+    }
+    out.push('\n');
+    for (c, row) in m.confusion.iter().enumerate() {
+        out += &format!("{:<width$}", name(c));
+        for n in row {
+            out += &format!("  {n:>cell$}");
+        }
+        out.push('\n');
     }
     out
 }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use medfed_infra::config::{AuditFiles, ConfigError, TlsFiles, file_sha256, load_toml, resolve};
-use medfed_protocol::model::ModelKind;
+use medfed_protocol::model::{MAX_CLASSES, MIN_CLASSES, ModelFamily};
 pub use medfed_protocol::study::config::{
     DpMechanism, PrivacyConfig, SchedulingConfig, SecureAggregationConfig, Selection, StudyConfig,
     TrainingConfig,
@@ -252,10 +252,11 @@ impl StatisticsConfig {
             id: self.id.clone(),
             description: String::new(),
             dataset: self.dataset.clone(),
-            model: ModelKind::Linear,
+            model: ModelFamily::Linear,
             features: self.columns.iter().map(|c| c.name.clone()).collect(),
             target: String::new(),
             positive_class: None,
+            classes: Vec::new(),
             validation_fraction: 0.25,
             rounds: 1,
             min_sites: self.min_sites,
@@ -411,10 +412,46 @@ impl AggregatorConfig {
         if s.features.contains(&s.target) {
             return Err(invalid(key("target"), "is also listed as a feature".into()));
         }
-        if s.model == ModelKind::Logistic && s.positive_class.is_none() {
+        if s.model == ModelFamily::Logistic && s.positive_class.is_none() {
             return Err(invalid(
                 key("positive_class"),
                 "is required for a logistic model (the target value counted as positive)".into(),
+            ));
+        }
+        if s.model != ModelFamily::Logistic && s.positive_class.is_some() {
+            return Err(invalid(
+                key("positive_class"),
+                format!("is for a logistic model, not a {} one", s.model),
+            ));
+        }
+        if s.model == ModelFamily::Multinomial {
+            let distinct: BTreeSet<&String> = s.classes.iter().collect();
+            if !(MIN_CLASSES..=MAX_CLASSES).contains(&s.classes.len()) {
+                return Err(invalid(
+                    key("classes"),
+                    format!(
+                        "lists {} classes; a multinomial model has {MIN_CLASSES} to {MAX_CLASSES} \
+                         (for two, use model = \"logistic\" with positive_class)",
+                        s.classes.len()
+                    ),
+                ));
+            }
+            if distinct.len() != s.classes.len() {
+                return Err(invalid(key("classes"), "names a class twice".into()));
+            }
+            if s.classes.iter().any(|c| c.trim().is_empty() || c.eq_ignore_ascii_case("na")) {
+                return Err(invalid(
+                    key("classes"),
+                    "names an empty or NA class (a missing label is not a class)".into(),
+                ));
+            }
+        } else if !s.classes.is_empty() {
+            return Err(invalid(
+                key("classes"),
+                format!(
+                    "is for a multinomial model, not a {} one (model = \"multinomial\")",
+                    s.model
+                ),
             ));
         }
         if !(s.validation_fraction > 0.0 && s.validation_fraction < 1.0) {

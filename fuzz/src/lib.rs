@@ -69,6 +69,7 @@ pub fn pima_announcement(study_id: &str, features: &[&str], secure: bool) -> Stu
         target: "type".into(),
         model: ModelKind::Logistic,
         positive_class: Some("Yes".into()),
+        classes: Vec::new(),
         validation_fraction: 0.25,
         rounds: 2,
         secure_aggregation: secure,

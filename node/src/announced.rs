@@ -248,6 +248,7 @@ mod tests {
             target: "type".into(),
             model: ModelKind::Logistic,
             positive_class: Some("Yes".into()),
+            classes: Vec::new(),
             validation_fraction: 0.25,
             rounds: 5,
             secure_aggregation: true,

@@ -321,12 +321,14 @@ impl Table {
         Ok(counts)
     }
 
-    /// The target vector: 1/0 for `positive_class` (classification), or numeric values.
+    /// The target vector: 1/0 for `positive_class` (binary classification), the index of
+    /// the row's class in `classes` (multinomial), or numeric values (linear).
     pub fn target(
         &self,
         column: &str,
         kind: ModelKind,
         positive_class: Option<&str>,
+        classes: &[String],
     ) -> Result<Array1<f64>, DataError> {
         let c = self.column(column)?;
         self.rows
@@ -335,6 +337,23 @@ impl Table {
             .map(|(i, rec)| {
                 let raw = rec.get(c).unwrap_or("");
                 match kind {
+                    ModelKind::Multinomial { .. } => {
+                        if raw.is_empty() || raw.eq_ignore_ascii_case("na") {
+                            return Err(self.bad(i, column, raw, "missing class label"));
+                        }
+                        classes
+                            .iter()
+                            .position(|k| k == raw)
+                            .map(|k| k as f64)
+                            .ok_or_else(|| {
+                                self.bad(
+                                    i,
+                                    column,
+                                    raw,
+                                    "not one of the study's classes (compared exactly, case included)",
+                                )
+                            })
+                    }
                     ModelKind::Logistic => {
                         if raw.is_empty() || raw.eq_ignore_ascii_case("na") {
                             Err(self.bad(i, column, raw, "missing class label"))
@@ -354,6 +373,37 @@ impl Table {
                 }
             })
             .collect()
+    }
+}
+
+/// Checks that a study's model and target description agree: a logistic study names its
+/// positive class, a multinomial one lists as many distinct classes as its model has.
+fn check_target_spec(table: &Table, study: &StudyAnnouncement) -> Result<(), DataError> {
+    let invalid = |why: String| {
+        Err(DataError::Invalid {
+            path: table.path.clone(),
+            why,
+        })
+    };
+    if let Err(why) = study.model.validate() {
+        return invalid(why);
+    }
+    match study.model {
+        ModelKind::Logistic if study.positive_class.is_none() => {
+            invalid("a logistic study must name its positive class".into())
+        }
+        ModelKind::Multinomial { classes } => {
+            let distinct: std::collections::BTreeSet<&String> = study.classes.iter().collect();
+            if study.classes.len() != usize::from(classes) || distinct.len() != study.classes.len() {
+                invalid(format!(
+                    "the study's multinomial model has {classes} classes but lists {} distinct class names",
+                    distinct.len()
+                ))
+            } else {
+                Ok(())
+            }
+        }
+        _ => Ok(()),
     }
 }
 
@@ -410,17 +460,18 @@ impl StudyData {
                 rows: table.len(),
             });
         }
-        if study.model == ModelKind::Logistic && study.positive_class.is_none() {
-            return Err(DataError::Invalid {
-                path: table.path.clone(),
-                why: "a logistic study must name its positive class".into(),
-            });
-        }
+        check_target_spec(table, study)?;
         let x = table.features(&study.features)?;
-        let y = table.target(&study.target, study.model, study.positive_class.as_deref())?;
-        let classes = match study.model {
-            ModelKind::Logistic => table.classes(&study.target)?,
-            ModelKind::Linear => Default::default(),
+        let y = table.target(
+            &study.target,
+            study.model,
+            study.positive_class.as_deref(),
+            &study.classes,
+        )?;
+        let classes = if study.model.is_classifier() {
+            table.classes(&study.target)?
+        } else {
+            Default::default()
         };
         let (train, val) = split_rows(table.len(), study.validation_fraction, &study.study_id);
         let axis = ndarray::Axis(0);
@@ -446,12 +497,7 @@ impl StudyData {
         study: &StudyAnnouncement,
         patient_key: Option<&str>,
     ) -> Result<(StudyData, usize), DataError> {
-        if study.model == ModelKind::Logistic && study.positive_class.is_none() {
-            return Err(DataError::Invalid {
-                path: table.path.clone(),
-                why: "a logistic study must name its positive class".into(),
-            });
-        }
+        check_target_spec(table, study)?;
         let features = study
             .features
             .iter()
@@ -471,6 +517,11 @@ impl StudyData {
                             let raw = table.cell(i, target);
                             !raw.is_empty() && !raw.eq_ignore_ascii_case("na")
                         }
+                        // A row of a class the study does not list fits none of the model's
+                        // classes: left out, like a missing label.
+                        ModelKind::Multinomial { .. } => {
+                            study.classes.iter().any(|k| k == table.cell(i, target))
+                        }
                         ModelKind::Linear => number(table.cell(i, target)),
                     }
                     && key.is_none_or(|k| {
@@ -489,10 +540,16 @@ impl StudyData {
                 .map(|ids| keep.iter().map(|&i| ids[i]).collect()),
         };
         let x = kept.features(&study.features)?;
-        let y = kept.target(&study.target, study.model, study.positive_class.as_deref())?;
-        let classes = match study.model {
-            ModelKind::Logistic => kept.classes(&study.target)?,
-            ModelKind::Linear => Default::default(),
+        let y = kept.target(
+            &study.target,
+            study.model,
+            study.positive_class.as_deref(),
+            &study.classes,
+        )?;
+        let classes = if study.model.is_classifier() {
+            kept.classes(&study.target)?
+        } else {
+            Default::default()
         };
         let (train, val) = split_rows(kept.len(), study.validation_fraction, &study.study_id);
         let axis = ndarray::Axis(0);
@@ -549,6 +606,7 @@ mod tests {
             target: "y".into(),
             model: ModelKind::Logistic,
             positive_class: Some("Yes".into()),
+            classes: Vec::new(),
             validation_fraction: 0.25,
             rounds: 1,
             secure_aggregation: true,

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use medfed_protocol::messages::StudyAnnouncement;
-use medfed_protocol::model::ModelKind;
+use medfed_protocol::model::{ModelFamily, ModelKind};
 use serde::{Deserialize, Serialize};
 
 /// `[policy]` in `node.toml`.
@@ -116,7 +116,7 @@ pub struct Rules {
     pub datasets: Option<Vec<String>>,
     /// Models a study may train (all, if absent).
     #[serde(default)]
-    pub models: Option<Vec<ModelKind>>,
+    pub models: Option<Vec<ModelFamily>>,
     /// Columns a study may read as features or target, and a query as a statistic or in
     /// its cohort. Columns not named are refused (with none named, every study is).
     /// Identifiers, patient identifiers, dates and ZIP codes are refused even if named.
@@ -170,7 +170,42 @@ pub fn approve(policy: &Policy, hash: &str) -> std::io::Result<bool> {
 /// A study's identity for approvals: SHA-256 (hex) of its announcement's canonical bytes.
 /// Any change to the study (features, rounds, model, ...) changes it.
 pub fn study_hash(a: &StudyAnnouncement) -> String {
-    medfed_protocol::audit::sha256_hex(&postcard::to_allocvec(a).unwrap_or_default())
+    let bytes = if a.classes.is_empty() {
+        // Protocol 3's layout (no classes): a study approved before multinomial models
+        // existed keeps its hash, so its approval stands.
+        postcard::to_allocvec(&AnnouncementV3 {
+            study_id: &a.study_id,
+            description: &a.description,
+            dataset: &a.dataset,
+            features: &a.features,
+            target: &a.target,
+            model: a.model,
+            positive_class: &a.positive_class,
+            validation_fraction: a.validation_fraction,
+            rounds: a.rounds,
+            secure_aggregation: a.secure_aggregation,
+            privacy: &a.privacy,
+        })
+    } else {
+        postcard::to_allocvec(a)
+    };
+    medfed_protocol::audit::sha256_hex(&bytes.unwrap_or_default())
+}
+
+/// [`StudyAnnouncement`] as protocol 3 had it, for [`study_hash`].
+#[derive(serde::Serialize)]
+struct AnnouncementV3<'a> {
+    study_id: &'a str,
+    description: &'a str,
+    dataset: &'a str,
+    features: &'a [String],
+    target: &'a str,
+    model: ModelKind,
+    positive_class: &'a Option<String>,
+    validation_fraction: f64,
+    rounds: u32,
+    secure_aggregation: bool,
+    privacy: &'a Option<medfed_protocol::dp::DpTraining>,
 }
 
 /// The hash a statistics query is approved by.
@@ -319,7 +354,7 @@ impl Rules {
             return Some(format!("dataset '{}' is not allowed", a.dataset));
         }
         if let Some(models) = &self.models
-            && !models.contains(&a.model)
+            && !models.contains(&a.model.family())
         {
             return Some(format!("{} models are not allowed", a.model));
         }
@@ -353,6 +388,7 @@ mod tests {
             target: "type".into(),
             model: ModelKind::Logistic,
             positive_class: Some("Yes".into()),
+            classes: Vec::new(),
             validation_fraction: 0.25,
             rounds: 10,
             secure_aggregation: true,
@@ -408,7 +444,7 @@ mod tests {
     fn rules_name_what_they_refuse() {
         let rules = Rules {
             datasets: Some(vec!["pima".into()]),
-            models: Some(vec![ModelKind::Logistic]),
+            models: Some(vec![ModelFamily::Logistic]),
             columns: Some(vec!["glu".into(), "bmi".into(), "type".into()]),
             max_rounds: Some(20),
             min_training_rows: Some(11),

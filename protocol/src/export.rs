@@ -22,8 +22,12 @@ pub struct ExportedModel {
     pub round: u32,
     /// The column the model predicts.
     pub target: String,
-    /// For classification: the target value predicted as probability 1.
+    /// For binary classification: the target value predicted as probability 1.
     pub positive_class: Option<String>,
+    /// For a multinomial model: the target's values, in the order of the model's class
+    /// blocks and of its predicted probabilities (absent for other models).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<String>,
     /// Kind, feature names, the federation's standardization, and the weights
     /// (`weights[i]` multiplies standardized `features[i]`; the last weight is the bias).
     pub model: GlobalModel,
@@ -71,6 +75,21 @@ impl ExportedModel {
                 self.format
             ));
         }
-        self.model.validate()
+        self.model.validate()?;
+        let k = match self.model.kind {
+            crate::model::ModelKind::Multinomial { classes } => usize::from(classes),
+            _ => 0,
+        };
+        if self.classes.len() != k {
+            return Err(format!(
+                "the model has {k} class outputs but {} class names",
+                self.classes.len()
+            ));
+        }
+        let distinct: std::collections::BTreeSet<&String> = self.classes.iter().collect();
+        if distinct.len() != self.classes.len() {
+            return Err("a class is named twice".into());
+        }
+        Ok(())
     }
 }

@@ -149,10 +149,14 @@ pub struct StudyAnnouncement {
     pub features: Vec<String>,
     /// The column the model predicts.
     pub target: String,
-    /// Logistic (classification) or linear (regression).
+    /// Logistic (binary classification), multinomial (classification into `classes`) or
+    /// linear (regression).
     pub model: crate::model::ModelKind,
-    /// For classification: the target value that counts as the positive class.
+    /// For binary classification: the target value that counts as the positive class.
     pub positive_class: Option<String>,
+    /// For a multinomial model: the target's values, in the order of the model's class
+    /// blocks (as many as the model's classes); empty otherwise.
+    pub classes: Vec<String>,
     /// Share of the node's rows it keeps aside for validation, in (0, 1).
     pub validation_fraction: f64,
     /// The number of training rounds.

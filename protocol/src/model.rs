@@ -1,18 +1,20 @@
 //! Generalized linear models, local training and FedAvg.
 //!
 //! Parameters are one flat vector `[w_1, ..., w_d, bias]` over standardized features, so
-//! that aggregation (and later secure aggregation) treats every model as a plain vector.
-//! Training minimises the mean loss plus `l2 / 2 * ||w||^2` (the bias is not penalised) by
-//! mini-batch gradient descent; the shuffle is seeded so runs are reproducible.
+//! that aggregation (and later secure aggregation) treats every model as a plain vector; a
+//! multinomial model of K classes has K such blocks, one per class, in the study's class
+//! order. Training minimises the mean loss plus `l2 / 2 * ||w||^2` (the biases are not
+//! penalised) by mini-batch gradient descent; the shuffle is seeded so runs are
+//! reproducible.
 
-use ndarray::{Array1, ArrayView1, ArrayView2, Axis, s};
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, s};
 use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::stats::Standardization;
 
-/// The model family a study trains (`"logistic"` or `"linear"` in configuration files).
+/// The model a study trains, with what its parameters' layout depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelKind {
@@ -20,14 +22,95 @@ pub enum ModelKind {
     Logistic,
     /// Linear regression (squared error).
     Linear,
+    /// Multinomial logistic regression (softmax, cross-entropy) over `classes` classes; the
+    /// target is the class's index, 0 to `classes - 1`, in the study's class order.
+    Multinomial {
+        /// The number of classes, [`MIN_CLASSES`] to [`MAX_CLASSES`].
+        classes: u8,
+    },
+}
+
+/// The fewest classes of a multinomial model (two classes are a logistic model).
+pub const MIN_CLASSES: usize = 3;
+/// The most classes of a multinomial model: its parameters, evaluation and noise grow with
+/// the classes.
+pub const MAX_CLASSES: usize = 32;
+
+/// A model's family, as configuration files name it: `"logistic"`, `"linear"` or
+/// `"multinomial"` (whose classes a study lists beside it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelFamily {
+    /// Binary logistic regression.
+    Logistic,
+    /// Linear regression.
+    Linear,
+    /// Multinomial logistic regression.
+    Multinomial,
+}
+
+impl std::fmt::Display for ModelFamily {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ModelFamily::Logistic => "logistic",
+            ModelFamily::Linear => "linear",
+            ModelFamily::Multinomial => "multinomial",
+        })
+    }
 }
 
 impl std::fmt::Display for ModelKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            ModelKind::Logistic => "logistic",
-            ModelKind::Linear => "linear",
-        })
+        self.family().fmt(f)
+    }
+}
+
+impl ModelKind {
+    /// The model's family.
+    pub fn family(self) -> ModelFamily {
+        match self {
+            ModelKind::Logistic => ModelFamily::Logistic,
+            ModelKind::Linear => ModelFamily::Linear,
+            ModelKind::Multinomial { .. } => ModelFamily::Multinomial,
+        }
+    }
+
+    /// Values the model predicts per row: 1, or a probability per class.
+    pub fn outputs(self) -> usize {
+        match self {
+            ModelKind::Logistic | ModelKind::Linear => 1,
+            ModelKind::Multinomial { classes } => usize::from(classes),
+        }
+    }
+
+    /// Whether the model predicts a class (logistic or multinomial).
+    pub fn is_classifier(self) -> bool {
+        !matches!(self, ModelKind::Linear)
+    }
+
+    /// The number of parameters over `features` features: `outputs · (features + 1)`.
+    pub fn width(self, features: usize) -> usize {
+        self.outputs() * (features + 1)
+    }
+
+    /// The features behind `width` parameters, if `width` is a whole number of blocks.
+    pub fn features_of(self, width: usize) -> Option<usize> {
+        let k = self.outputs();
+        (width >= k && width % k == 0).then(|| width / k - 1)
+    }
+
+    /// Checks the class count of a multinomial model (from a file or the network).
+    pub fn validate(self) -> Result<(), String> {
+        match self {
+            ModelKind::Multinomial { classes }
+                if !(MIN_CLASSES..=MAX_CLASSES).contains(&usize::from(classes)) =>
+            {
+                Err(format!(
+                    "a multinomial model has {MIN_CLASSES} to {MAX_CLASSES} classes, not {classes}"
+                ))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -146,14 +229,15 @@ impl TrainParams {
 /// A global model: what a round starts from and what the aggregator exports.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GlobalModel {
-    /// Logistic or linear.
+    /// Logistic, linear or multinomial.
     pub kind: ModelKind,
     /// The input columns, in the order of `weights`.
     pub features: Vec<String>,
     /// The federation's per-feature mean and standard deviation: the model's inputs are
     /// `(x - mean) / std`.
     pub standardization: Standardization,
-    /// `[w_1, ..., w_d, bias]`.
+    /// `[w_1, ..., w_d, bias]`; for a multinomial model one such block per class, in the
+    /// study's class order.
     pub weights: Vec<f64>,
 }
 
@@ -164,23 +248,24 @@ impl GlobalModel {
         features: Vec<String>,
         standardization: Standardization,
     ) -> GlobalModel {
-        let d = features.len();
+        let width = kind.width(features.len());
         GlobalModel {
             kind,
             features,
             standardization,
-            weights: vec![0.0; d + 1],
+            weights: vec![0.0; width],
         }
     }
 
     /// Checks internal consistency (of a model read from a file or the network).
     pub fn validate(&self) -> Result<(), String> {
+        self.kind.validate()?;
         let d = self.features.len();
-        if self.weights.len() != d + 1 {
+        if self.weights.len() != self.kind.width(d) {
             return Err(format!(
                 "{} weights for {d} features (expected {})",
                 self.weights.len(),
-                d + 1
+                self.kind.width(d)
             ));
         }
         if self.standardization.mean.len() != d || self.standardization.std.len() != d {
@@ -201,8 +286,8 @@ impl GlobalModel {
         Ok(())
     }
 
-    /// Predictions on raw (unstandardized) rows: probabilities for logistic, values for
-    /// linear.
+    /// Predictions on raw (unstandardized) rows, as [`predict`]: probabilities for logistic,
+    /// values for linear, `classes` probabilities per row for multinomial.
     pub fn predict_raw(&self, x: ArrayView2<'_, f64>) -> Result<Array1<f64>, TrainError> {
         let mut z = x.to_owned();
         if z.ncols() != self.features.len() {
@@ -231,26 +316,67 @@ fn linear_part(weights: &[f64], x: ArrayView2<'_, f64>) -> Array1<f64> {
     x.dot(&w) + weights[d]
 }
 
-/// Predictions on standardized rows.
+/// Class probabilities (rows × K) of a multinomial model with `weights` of K blocks
+/// `[w, b]`: a softmax of the K linear parts, shifted by their maximum so that no `exp`
+/// overflows.
+fn softmax_rows(weights: &[f64], x: ArrayView2<'_, f64>, k: usize) -> Array2<f64> {
+    let (n, d) = x.dim();
+    let mut z = Array2::zeros((n, k));
+    for (c, block) in weights.chunks_exact(d + 1).enumerate().take(k) {
+        z.column_mut(c).assign(&linear_part(block, x));
+    }
+    for mut row in z.rows_mut() {
+        let max = row.fold(f64::NEG_INFINITY, |a, b| a.max(*b));
+        row.mapv_inplace(|v| (v - max).exp());
+        let sum = row.sum();
+        row.mapv_inplace(|v| v / sum);
+    }
+    z
+}
+
+fn check_width(kind: ModelKind, weights: &[f64], d: usize) -> Result<(), TrainError> {
+    if weights.len() != kind.width(d) {
+        return Err(TrainError::WidthMismatch {
+            model: kind.features_of(weights.len()).unwrap_or(weights.len()),
+            data: d,
+        });
+    }
+    Ok(())
+}
+
+/// Predictions on standardized rows: one value per row (a probability for logistic, a value
+/// for linear), or for a multinomial model of K classes the K class probabilities of each
+/// row, row after row (`n · K` values; [`predict_proba`] gives them as a matrix).
 pub fn predict(
     kind: ModelKind,
     weights: &[f64],
     x: ArrayView2<'_, f64>,
 ) -> Result<Array1<f64>, TrainError> {
-    if weights.len() != x.ncols() + 1 {
-        return Err(TrainError::WidthMismatch {
-            model: weights.len().saturating_sub(1),
-            data: x.ncols(),
-        });
-    }
-    let z = linear_part(weights, x);
+    check_width(kind, weights, x.ncols())?;
     Ok(match kind {
-        ModelKind::Logistic => z.mapv(sigmoid),
-        ModelKind::Linear => z,
+        ModelKind::Logistic => linear_part(weights, x).mapv(sigmoid),
+        ModelKind::Linear => linear_part(weights, x),
+        ModelKind::Multinomial { .. } => {
+            let p = softmax_rows(weights, x, kind.outputs());
+            Array1::from(p.into_raw_vec_and_offset().0)
+        }
     })
 }
 
-/// Mean loss (log loss or half squared error) on standardized rows, without the penalty.
+/// Predictions on standardized rows as a matrix, rows × [`ModelKind::outputs`].
+pub fn predict_proba(
+    kind: ModelKind,
+    weights: &[f64],
+    x: ArrayView2<'_, f64>,
+) -> Result<Array2<f64>, TrainError> {
+    let n = x.nrows();
+    let p = predict(kind, weights, x)?;
+    let k = kind.outputs();
+    Ok(Array2::from_shape_vec((n, k), p.to_vec()).unwrap_or_else(|_| Array2::zeros((n, k))))
+}
+
+/// Mean loss (log loss, half squared error, or cross-entropy) on standardized rows, without
+/// the penalty.
 pub fn mean_loss(
     kind: ModelKind,
     weights: &[f64],
@@ -268,8 +394,66 @@ pub fn mean_loss(
             .map(|(p, y)| crate::metrics::log_loss_term(*p, *y))
             .sum(),
         ModelKind::Linear => p.iter().zip(y).map(|(p, y)| 0.5 * (p - y).powi(2)).sum(),
+        ModelKind::Multinomial { .. } => p
+            .as_slice()
+            .unwrap_or(&[])
+            .chunks_exact(kind.outputs())
+            .zip(y)
+            .map(|(p, y)| crate::metrics::cross_entropy_term(p, *y))
+            .sum(),
     };
     Ok(total / y.len() as f64)
+}
+
+/// The gradient of the mean loss over rows `x` (standardized) with targets `y`, without the
+/// penalty, in the layout of `weights`. All three losses have gradient `(P − Y)ᵀ [X, 1] / m`
+/// with their link functions, where for a multinomial model `Y` is one-hot.
+fn loss_gradient(
+    kind: ModelKind,
+    weights: &[f64],
+    x: ArrayView2<'_, f64>,
+    y: ArrayView1<'_, f64>,
+) -> Result<Array1<f64>, TrainError> {
+    let (m, d) = x.dim();
+    let k = kind.outputs();
+    let mut resid = predict_proba(kind, weights, x)?;
+    for (mut row, y) in resid.rows_mut().into_iter().zip(y) {
+        match kind {
+            ModelKind::Multinomial { .. } => {
+                let c = *y as usize;
+                if c < k {
+                    row[c] -= 1.0;
+                }
+            }
+            _ => row[0] -= y,
+        }
+    }
+    let mut grad = Array1::zeros(k * (d + 1));
+    let m = m.max(1) as f64;
+    for c in 0..k {
+        let r = resid.column(c);
+        let mut block = grad.slice_mut(s![c * (d + 1)..(c + 1) * (d + 1)]);
+        block.slice_mut(s![..d]).assign(&(x.t().dot(&r) / m));
+        block[d] = r.sum() / m;
+    }
+    Ok(grad)
+}
+
+/// Whether every target suits `kind`: a class index below the class count for a
+/// multinomial model (a logistic target is read as `y > 0.5`, a linear one as it is).
+fn check_targets(kind: ModelKind, y: ArrayView1<'_, f64>) -> Result<(), TrainError> {
+    if let ModelKind::Multinomial { classes } = kind {
+        if let Some(bad) = y
+            .iter()
+            .find(|v| !(v.fract() == 0.0 && **v >= 0.0 && **v < f64::from(classes)))
+        {
+            return Err(TrainError::InvalidParam {
+                name: "target",
+                why: format!("{bad} is not a class index below {classes}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Trains from `start` on standardized rows `x` with targets `y` and returns the new
@@ -297,12 +481,7 @@ pub fn train_local_until(
 ) -> Result<Vec<f64>, TrainError> {
     params.validate()?;
     let (n, d) = x.dim();
-    if start.len() != d + 1 {
-        return Err(TrainError::WidthMismatch {
-            model: start.len().saturating_sub(1),
-            data: d,
-        });
-    }
+    check_width(kind, start, d)?;
     if y.len() != n {
         return Err(TrainError::LengthMismatch {
             rows: n,
@@ -312,8 +491,11 @@ pub fn train_local_until(
     if n == 0 {
         return Err(TrainError::NoRows);
     }
+    check_targets(kind, y)?;
     let mut w = Array1::from(start.to_vec());
     let start_w = w.clone();
+    // 1 on weights, 0 on biases: the penalty leaves the biases alone.
+    let penalised = Array1::from_iter((0..w.len()).map(|i| f64::from(u8::from((i + 1) % (d + 1) != 0))));
     let mut order: Vec<usize> = (0..n).collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(params.seed);
     let batch = params.batch_size as usize;
@@ -328,21 +510,12 @@ pub fn train_local_until(
             }
             let xb = x.select(Axis(0), chunk);
             let yb = y.select(Axis(0), chunk);
-            let pred = predict(kind, w.as_slice().unwrap_or(&[]), xb.view())?;
-            // Both losses have gradient X^T (pred - y) / m with these link functions.
-            let resid = pred - &yb;
-            let m = chunk.len() as f64;
-            let mut grad_w = xb.t().dot(&resid) / m;
-            grad_w.scaled_add(params.l2, &w.slice(s![..d]));
-            let mut grad_b = resid.sum() / m;
+            let mut grad = loss_gradient(kind, w.as_slice().unwrap_or(&[]), xb.view(), yb.view())?;
+            grad.scaled_add(params.l2, &(&w * &penalised));
             if params.prox_mu > 0.0 {
-                let drift = &w - &start_w;
-                grad_w.scaled_add(params.prox_mu, &drift.slice(s![..d]));
-                grad_b += params.prox_mu * drift[d];
+                grad.scaled_add(params.prox_mu, &(&w - &start_w));
             }
-            w.slice_mut(s![..d])
-                .scaled_add(-params.learning_rate, &grad_w);
-            w[d] -= params.learning_rate * grad_b;
+            w.scaled_add(-params.learning_rate, &grad);
         }
         if w.iter().any(|v| !v.is_finite()) {
             return Err(TrainError::Diverged);
@@ -654,6 +827,118 @@ mod tests {
             w = adam.step(&mut state, &w, &avg);
         }
         assert!((w[0] - 1.0).abs() < 0.05 && w[1].abs() < 0.05, "{w:?}");
+    }
+
+    fn three_classes() -> (Array2<f64>, Array1<f64>) {
+        let x = array![
+            [-2.0, 0.1],
+            [-1.5, -0.3],
+            [-1.8, 0.2],
+            [2.0, -0.1],
+            [1.5, 0.4],
+            [1.9, 0.0],
+            [0.1, 2.0],
+            [-0.2, 1.7],
+            [0.3, 2.2]
+        ];
+        let y = array![0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0];
+        (x, y)
+    }
+
+    /// The multinomial gradient is the derivative of the cross-entropy: checked against
+    /// central finite differences at a point where every class has some probability.
+    #[test]
+    fn multinomial_gradient_matches_finite_differences() {
+        let (x, y) = three_classes();
+        let kind = ModelKind::Multinomial { classes: 3 };
+        let w: Vec<f64> = (0..9).map(|i| (i as f64 * 0.37).sin()).collect();
+        let g = loss_gradient(kind, &w, x.view(), y.view()).unwrap();
+        let h = 1e-6;
+        for i in 0..w.len() {
+            let (mut up, mut down) = (w.clone(), w.clone());
+            up[i] += h;
+            down[i] -= h;
+            let numeric = (mean_loss(kind, &up, x.view(), y.view()).unwrap()
+                - mean_loss(kind, &down, x.view(), y.view()).unwrap())
+                / (2.0 * h);
+            assert!((numeric - g[i]).abs() < 1e-6, "weight {i}: {numeric} vs {}", g[i]);
+        }
+        // The probabilities of each row sum to 1.
+        let p = predict_proba(kind, &w, x.view()).unwrap();
+        for row in p.rows() {
+            assert!((row.sum() - 1.0).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn multinomial_training_lowers_the_loss_and_separates_three_classes() {
+        let (x, y) = three_classes();
+        let kind = ModelKind::Multinomial { classes: 3 };
+        let start = vec![0.0; kind.width(2)];
+        let before = mean_loss(kind, &start, x.view(), y.view()).unwrap();
+        assert!((before - 3f64.ln()).abs() < 1e-12, "uniform at zero: {before}");
+        let params = TrainParams {
+            local_epochs: 100,
+            batch_size: 3,
+            learning_rate: 0.5,
+            l2: 0.0,
+            ..TrainParams::default()
+        };
+        let w = train_local(kind, &start, x.view(), y.view(), &params).unwrap();
+        let after = mean_loss(kind, &w, x.view(), y.view()).unwrap();
+        assert!(after < 0.1 * before, "{before} -> {after}");
+        let p = predict_proba(kind, &w, x.view()).unwrap();
+        for (row, y) in p.rows().into_iter().zip(&y) {
+            assert_eq!(crate::metrics::argmax(row.as_slice().unwrap()), *y as usize);
+        }
+    }
+
+    /// With two classes the softmax is the logistic model: class 1's probability under
+    /// blocks (0, w) is sigmoid(w·x + b), and the gradients agree on w's block.
+    #[test]
+    fn a_softmax_over_a_zero_block_is_the_logistic_model() {
+        let (x, y) = separable();
+        let w = [0.7, -0.4, 0.2];
+        let logistic = predict(ModelKind::Logistic, &w, x.view()).unwrap();
+        let mut blocks = vec![0.0; 3];
+        blocks.extend(w);
+        let p = softmax_rows(&blocks, x.view(), 2);
+        for (a, b) in logistic.iter().zip(p.column(1)) {
+            assert!((a - b).abs() < 1e-12);
+        }
+        let g1 = loss_gradient(ModelKind::Logistic, &w, x.view(), y.view()).unwrap();
+        // Cross-entropy of softmax over (0, z) with class y: the same loss as the log loss.
+        let two = ModelKind::Multinomial { classes: 2 };
+        let g2 = loss_gradient(two, &blocks, x.view(), y.view()).unwrap();
+        for i in 0..3 {
+            assert!((g1[i] - g2[3 + i]).abs() < 1e-12);
+            assert!((g1[i] + g2[i]).abs() < 1e-12, "class 0's block moves the other way");
+        }
+    }
+
+    #[test]
+    fn multinomial_inputs_are_checked() {
+        let (x, mut y) = three_classes();
+        let kind = ModelKind::Multinomial { classes: 3 };
+        let p = TrainParams::default();
+        assert!(matches!(
+            train_local(kind, &[0.0; 3], x.view(), y.view(), &p),
+            Err(TrainError::WidthMismatch { .. })
+        ));
+        y[4] = 3.0;
+        assert!(matches!(
+            train_local(kind, &[0.0; 9], x.view(), y.view(), &p),
+            Err(TrainError::InvalidParam { name: "target", .. })
+        ));
+        y[4] = 1.5;
+        assert!(train_local(kind, &[0.0; 9], x.view(), y.view(), &p).is_err());
+        assert!(ModelKind::Multinomial { classes: 2 }.validate().is_err());
+        assert!(ModelKind::Multinomial { classes: 33 }.validate().is_err());
+        assert!(kind.validate().is_ok());
+        // Huge logits do not overflow the softmax.
+        let w = [1e6, 0.0, 0.0, -1e6, 0.0, 0.0, 0.0, 0.0, 0.0];
+        let probs = predict_proba(kind, &w, x.view()).unwrap();
+        assert!(probs.iter().all(|v| v.is_finite()));
     }
 
     #[test]

@@ -20,6 +20,10 @@ fn evaluation_len(kind: ModelKind) -> usize {
     match kind {
         ModelKind::Logistic => 6 + 2 * SCORE_BINS,
         ModelKind::Linear => 4,
+        ModelKind::Multinomial { classes } => {
+            let k = usize::from(classes);
+            2 + k * k + 2 * k * SCORE_BINS
+        }
     }
 }
 
@@ -77,6 +81,20 @@ pub fn encode(
         } => {
             v.extend([*rows as f64, *sum_sq_error, *sum_y, *sum_y_sq].map(|x| x * scale));
         }
+        Evaluation::Multiclass {
+            rows,
+            log_loss_sum,
+            confusion,
+            class_scores,
+        } => {
+            v.extend([*rows as f64, *log_loss_sum].map(|x| x * scale));
+            v.extend(
+                confusion
+                    .iter()
+                    .chain(class_scores)
+                    .map(|c| *c as f64 * scale),
+            );
+        }
     }
     v
 }
@@ -126,6 +144,15 @@ pub fn decode(sum: &[f64], kind: ModelKind, width: usize, scale: f64) -> Result<
             sum_y: e[2] / scale,
             sum_y_sq: e[3] / scale,
         },
+        ModelKind::Multinomial { classes } => {
+            let k = usize::from(classes);
+            Evaluation::Multiclass {
+                rows: count(e[0]),
+                log_loss_sum: e[1] / scale,
+                confusion: e[2..2 + k * k].iter().map(|x| count(*x)).collect(),
+                class_scores: e[2 + k * k..].iter().map(|x| count(*x)).collect(),
+            }
+        }
     };
     Ok(Decoded {
         weights: sum[..width].iter().map(|x| x / total).collect(),
@@ -176,6 +203,35 @@ pub fn decode_statistics(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Two sites' multinomial vectors sum to FedAvg of their weights and to their merged
+    /// evaluation.
+    #[test]
+    fn multinomial_vectors_sum_to_the_average_and_the_merged_evaluation() {
+        let kind = ModelKind::Multinomial { classes: 3 };
+        let width = kind.width(2);
+        let p = [0.6, 0.3, 0.1, 0.2, 0.2, 0.6, 0.1, 0.8, 0.1];
+        let mut ea = crate::metrics::Evaluation::empty(kind);
+        ea.add_rows(&p[..6], &[0.0, 2.0]);
+        let mut eb = crate::metrics::Evaluation::empty(kind);
+        eb.add_rows(&p[6..], &[1.0]);
+        let wa: Vec<f64> = (0..width).map(|i| i as f64).collect();
+        let wb: Vec<f64> = (0..width).map(|i| -(i as f64)).collect();
+        let scale = 1.0 / 40.0;
+        let a = encode(&wa, 0.5, 30, &ea, scale);
+        let b = encode(&wb, 0.7, 10, &eb, scale);
+        assert_eq!(a.len(), dimension(kind, width));
+        let sum: Vec<f64> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        let d = decode(&sum, kind, width, scale).unwrap();
+        let mut merged = ea.clone();
+        merged.merge(&eb).unwrap();
+        assert_eq!(d.evaluation, merged);
+        assert_eq!(d.rows, 40);
+        for (i, w) in d.weights.iter().enumerate() {
+            assert!((w - i as f64 * 0.5).abs() < 1e-12);
+        }
+        assert!(decode(&sum[1..], kind, width, scale).is_err());
+    }
     use crate::model::federated_average;
 
     #[test]

@@ -16,11 +16,44 @@
 //! the data but through the clipped, noised sum. The site's update is private on its own: secure aggregation adds protection, it is not
 //! needed for this guarantee.
 
-use ndarray::{Array1, ArrayView1, ArrayView2, s};
+use ndarray::{Array1, ArrayView1, ArrayView2};
 use rand::Rng;
 
 use super::discrete::noisy_on_grid;
 use crate::model::{ModelKind, TrainError, TrainParams};
+
+/// The residual `prediction − target` of one standardized row under `weights`, into `out`
+/// (one entry, or one per class of a multinomial model); `None` for a multinomial target
+/// that is not a class index (left out like a record whose gradient overflows).
+fn residual(
+    kind: ModelKind,
+    w: &[f64],
+    row: ArrayView1<'_, f64>,
+    y: f64,
+    out: &mut [f64],
+) -> Option<()> {
+    let d = row.len();
+    let z = |block: &[f64]| row.dot(&ArrayView1::from(&block[..d])) + block[d];
+    match kind {
+        ModelKind::Logistic => out[0] = 1.0 / (1.0 + (-z(w)).exp()) - y,
+        ModelKind::Linear => out[0] = z(w) - y,
+        ModelKind::Multinomial { .. } => {
+            let class = y as usize;
+            if !(y >= 0.0 && y.fract() == 0.0 && class < out.len()) {
+                return None;
+            }
+            for (o, block) in out.iter_mut().zip(w.chunks_exact(d + 1)) {
+                *o = z(block);
+            }
+            let max = out.iter().fold(f64::NEG_INFINITY, |a, b| a.max(*b));
+            out.iter_mut().for_each(|o| *o = (*o - max).exp());
+            let sum: f64 = out.iter().sum();
+            out.iter_mut().for_each(|o| *o /= sum);
+            out[class] -= 1.0;
+        }
+    }
+    Some(())
+}
 
 /// The grid of the noisy gradient sum, `C·2^-GRID_BITS`.
 const GRID_BITS: u8 = 20;
@@ -46,9 +79,11 @@ pub fn train(
         });
     };
     let (n, d) = x.dim();
-    if start.len() != d + 1 {
+    let k = kind.outputs();
+    let width = kind.width(d);
+    if start.len() != width {
         return Err(TrainError::WidthMismatch {
-            model: start.len().saturating_sub(1),
+            model: kind.features_of(start.len()).unwrap_or(start.len()),
             data: d,
         });
     }
@@ -64,12 +99,13 @@ pub fn train(
     let c = dp.clip_norm;
     // Rounding a sum of vectors of norm ≤ 1 (in units of C) to the grid moves it by at most
     // one step per entry more: the noise is for that sensitivity.
-    let sigma = super::grid_sigma(dp.noise_multiplier, 1.0, GRID_BITS, d + 1, false);
+    let sigma = super::grid_sigma(dp.noise_multiplier, 1.0, GRID_BITS, width, false);
     let threshold = sampling_threshold(sgd.sampling_rate);
     let lot = sgd.lot_size;
     let mut w = Array1::from(start.to_vec());
     let start_w = w.clone();
-    let mut grad_sum = vec![0.0; d + 1];
+    let mut grad_sum = vec![0.0; width];
+    let mut resid = vec![0.0; k];
     for step in 0..sgd.steps {
         if stop() {
             return Err(TrainError::StoppedAtStep {
@@ -83,27 +119,33 @@ pub fn train(
                 continue;
             }
             let row = x.row(i);
-            let z = row.dot(&w.slice(s![..d])) + w[d];
-            let pred = match kind {
-                ModelKind::Logistic => 1.0 / (1.0 + (-z).exp()),
-                ModelKind::Linear => z,
+            // Every loss here has gradient r ⊗ [x, 1], r = prediction − target (one-hot for
+            // a multinomial model), of norm ‖r‖·√(‖x‖² + 1).
+            let Some(()) = residual(kind, w.as_slice().unwrap_or(&[]), row, y[i], &mut resid)
+            else {
+                continue;
             };
-            // Both losses have gradient (pred − y)·[x, 1] with these link functions.
-            let r = pred - y[i];
-            let norm = r.abs() * (row.dot(&row) + 1.0).sqrt();
+            let norm = resid.iter().map(|r| r * r).sum::<f64>().sqrt() * (row.dot(&row) + 1.0).sqrt();
             // In units of C, clipped to norm 1.
-            let f = if norm > c { r / norm } else { r / c };
+            for r in resid.iter_mut() {
+                *r = if norm > c { *r / norm } else { *r / c };
+            }
             // A record whose gradient is not a finite number (its values overflow with these
             // weights or this standardization) contributes nothing: failing here would tell
             // the aggregator, without noise, that such a record exists. Still a function of
             // this record alone, of norm at most 1.
-            if !f.is_finite() || row.iter().any(|v| !(f * v).is_finite()) {
+            if resid
+                .iter()
+                .any(|f| !f.is_finite() || row.iter().any(|v| !(f * v).is_finite()))
+            {
                 continue;
             }
-            for (g, v) in grad_sum.iter_mut().zip(row.iter()) {
-                *g += f * v;
+            for (block, f) in grad_sum.chunks_exact_mut(d + 1).zip(&resid) {
+                for (g, v) in block.iter_mut().zip(row.iter()) {
+                    *g += f * v;
+                }
+                block[d] += f;
             }
-            grad_sum[d] += f;
         }
         let noisy = noisy_on_grid(&grad_sum, sigma, GRID_BITS, rng).map_err(|e| {
             TrainError::InvalidParam {
@@ -112,9 +154,9 @@ pub fn train(
             }
         })?;
         let scale = params.learning_rate * c / lot;
-        for j in 0..=d {
+        for j in 0..width {
             let mut g = noisy[j] * scale;
-            if j < d {
+            if (j + 1) % (d + 1) != 0 {
                 g += params.learning_rate * params.l2 * w[j];
             }
             if params.prox_mu > 0.0 {
@@ -249,6 +291,99 @@ mod tests {
         // lr · 2C / (q·n): the record's clipped gradient before and after, at most C each.
         assert!(moved <= 0.5 * 2.0 / 10.0 + 1e-6, "{moved}");
         assert!(moved > 0.0);
+    }
+
+    /// The same bound for a multinomial model: a record's gradient is a K × (d + 1) matrix,
+    /// clipped as a whole, and a record whose class changes moves a step by at most its
+    /// clipped share too.
+    #[test]
+    fn a_multinomial_record_moves_a_step_by_at_most_its_clipped_share() {
+        let mut x = Array2::from_shape_fn((12, 2), |(i, j)| (i + 2 * j) as f64 * 0.1);
+        let mut y = Array1::from_shape_fn(12, |i| f64::from(i as u32 % 3));
+        let kind = ModelKind::Multinomial { classes: 3 };
+        let tiny = DpTraining {
+            clip_norm: 1.0,
+            noise_multiplier: 0.3,
+            sgd: Some(DpSgd {
+                sampling_rate: 1.0,
+                steps: 1,
+                lot_size: 12.0,
+            }),
+        };
+        let run = |x: &Array2<f64>, y: &Array1<f64>| {
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(9);
+            train(
+                kind,
+                &[0.3; 9],
+                x.view(),
+                y.view(),
+                &params(),
+                &tiny,
+                &mut rng,
+                &|| false,
+            )
+            .unwrap()
+        };
+        let a = run(&x, &y);
+        x[[5, 0]] = 1e9;
+        x[[5, 1]] = -1e9;
+        y[5] = 0.0;
+        let b = run(&x, &y);
+        assert_eq!(a.len(), 9);
+        let moved = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        assert!(moved <= 0.5 * 2.0 / 12.0 + 1e-6, "{moved}");
+        assert!(moved > 0.0);
+        // A target that is not a class index contributes nothing rather than failing.
+        y[5] = 7.0;
+        let c = run(&x, &y);
+        assert!(c.iter().all(|w| w.is_finite()));
+    }
+
+    /// Three separable classes: with little noise DP-SGD learns them.
+    #[test]
+    fn learns_three_classes_with_little_noise() {
+        let n = 600;
+        let centre = |c: usize| [(-3.0, 0.0), (3.0, 0.0), (0.0, 3.0)][c];
+        let x = Array2::from_shape_fn((n, 2), |(i, j)| {
+            let (a, b) = centre(i % 3);
+            if j == 0 { a } else { b }
+        });
+        let y = Array1::from_shape_fn(n, |i| (i % 3) as f64);
+        let kind = ModelKind::Multinomial { classes: 3 };
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(4);
+        let dp = DpTraining {
+            clip_norm: 1.0,
+            noise_multiplier: 0.5,
+            sgd: Some(DpSgd {
+                sampling_rate: 0.2,
+                steps: 200,
+                lot_size: 120.0,
+            }),
+        };
+        let w = train(
+            kind,
+            &[0.0; 9],
+            x.view(),
+            y.view(),
+            &params(),
+            &dp,
+            &mut rng,
+            &|| false,
+        )
+        .unwrap();
+        let p = crate::model::predict_proba(kind, &w, x.view()).unwrap();
+        let right = p
+            .rows()
+            .into_iter()
+            .zip(&y)
+            .filter(|(p, y)| crate::metrics::argmax(p.as_slice().unwrap()) == **y as usize)
+            .count();
+        assert_eq!(right, n, "{w:?}");
     }
 
     #[test]

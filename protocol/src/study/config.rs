@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ModelKind, ServerOptimizer, TrainParams};
+use crate::model::{ModelFamily, ModelKind, ServerOptimizer, TrainParams};
 
 /// One training study as the aggregator's operator configures it: what to train on which
 /// dataset, for how many rounds, with what quorum, deadlines, privacy and secure aggregation.
@@ -20,8 +20,9 @@ pub struct StudyConfig {
     pub description: String,
     /// The dataset name nodes serve it from.
     pub dataset: String,
-    /// `"logistic"` (classification) or `"linear"` (regression).
-    pub model: ModelKind,
+    /// `"logistic"` (binary classification), `"multinomial"` (classification into the
+    /// `classes`) or `"linear"` (regression).
+    pub model: ModelFamily,
     /// The input columns, in the model's order.
     pub features: Vec<String>,
     /// The column to predict.
@@ -29,6 +30,10 @@ pub struct StudyConfig {
     /// For logistic models: the target value counted as positive.
     #[serde(default)]
     pub positive_class: Option<String>,
+    /// For multinomial models: the target's values, each a class, in the model's order
+    /// ([`crate::model::MIN_CLASSES`] to [`crate::model::MAX_CLASSES`] of them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub classes: Vec<String>,
     /// Share of each site's rows kept aside for validation, in (0, 1) (default 0.25).
     #[serde(default = "default_validation_fraction")]
     pub validation_fraction: f64,
@@ -321,6 +326,19 @@ impl TrainingConfig {
 }
 
 impl StudyConfig {
+    /// The model the study trains: its family, with the class count of a multinomial one
+    /// (saturated at 255: [`ModelKind::validate`] refuses more than
+    /// [`crate::model::MAX_CLASSES`]).
+    pub fn kind(&self) -> ModelKind {
+        match self.model {
+            ModelFamily::Logistic => ModelKind::Logistic,
+            ModelFamily::Linear => ModelKind::Linear,
+            ModelFamily::Multinomial => ModelKind::Multinomial {
+                classes: u8::try_from(self.classes.len()).unwrap_or(u8::MAX),
+            },
+        }
+    }
+
     /// What the nodes are told of the study; its hash is what a site approves.
     pub fn announcement(&self) -> crate::messages::StudyAnnouncement {
         crate::messages::StudyAnnouncement {
@@ -329,8 +347,9 @@ impl StudyConfig {
             dataset: self.dataset.clone(),
             features: self.features.clone(),
             target: self.target.clone(),
-            model: self.model,
+            model: self.kind(),
             positive_class: self.positive_class.clone(),
+            classes: self.classes.clone(),
             validation_fraction: self.validation_fraction,
             rounds: self.rounds,
             secure_aggregation: self.secure_aggregation.enabled,

@@ -51,7 +51,7 @@ use crate::{ErrorCode, Message, update_vector};
 
 pub use checkpoint::{PendingRound, StudyCheckpoint, config_hash};
 pub use config::{Selection, StudyConfig};
-pub use rules::{MAX_ROWS, check_target, check_update, dp_average, z_of};
+pub use rules::{MAX_ROWS, check_classes, check_target, check_update, dp_average, z_of};
 
 use secure::SecureSum;
 
@@ -544,7 +544,7 @@ impl Coordinator {
                 ));
                 c.ending = Some(Ending::Completed(Completed {
                     rounds: c.cfg.rounds,
-                    validation: *validation,
+                    validation: validation.clone(),
                     missing: Vec::new(),
                     final_model: c.final_model.clone(),
                 }));
@@ -1008,14 +1008,17 @@ impl Coordinator {
                         detail: "too few sites accepted the study".into(),
                     });
                 }
-                if self.cfg.model == crate::model::ModelKind::Logistic {
+                if self.cfg.kind().is_classifier() {
                     let named: BTreeMap<String, Vec<String>> = std::mem::take(&mut self.classes)
                         .into_iter()
                         .filter(|(site, _)| self.participants.contains_key(site))
                         .collect();
-                    if let Err(why) =
+                    let checked = if self.cfg.classes.is_empty() {
                         check_target(&self.cfg.target, self.cfg.positive_class.as_deref(), &named)
-                    {
+                    } else {
+                        check_classes(&self.cfg.target, &self.cfg.classes, &named)
+                    };
+                    if let Err(why) = checked {
                         return self.fail(StudyFailure::Failed(why));
                     }
                 }
@@ -1196,7 +1199,7 @@ impl Coordinator {
                     },
                 };
                 self.model = Some(GlobalModel::zeros(
-                    self.cfg.model,
+                    self.cfg.kind(),
                     self.cfg.features.clone(),
                     standardization,
                 ));
@@ -1256,7 +1259,7 @@ impl Coordinator {
             let dimension = match &cfg.privacy {
                 // DP-FedAvg: each site's clipped delta plus its share of the noise.
                 Some(_) => width,
-                None => update_vector::dimension(cfg.model, width),
+                None => update_vector::dimension(cfg.kind(), width),
             };
             let private = cfg.privacy.is_some();
             let (sa_clip, sa_bits) = (
@@ -1335,7 +1338,7 @@ impl Coordinator {
                 let id = self.out.request(site, msg.clone(), deadline_ms);
                 waiting.insert(id, site.clone());
             }
-            let kind = self.cfg.model;
+            let kind = self.cfg.kind();
             self.phase = Phase::Plain(Box::new(PlainRound {
                 round,
                 attempt,
@@ -1551,7 +1554,7 @@ impl Coordinator {
                 weights: dp_average(&model.weights, deltas, &p.training()),
                 train_loss: f64::NAN,
                 rows,
-                evaluation: Evaluation::empty(self.cfg.model),
+                evaluation: Evaluation::empty(self.cfg.kind()),
                 latencies,
             }
         } else {
@@ -1610,7 +1613,7 @@ impl Coordinator {
                 if round > self.cfg.rounds {
                     self.out
                         .note(format!("the final model's secure evaluation failed: {e}"));
-                    return self.finish(Evaluation::empty(self.cfg.model));
+                    return self.finish(Evaluation::empty(self.cfg.kind()));
                 }
                 if let Some(s) = &sum.unmasking {
                     self.revealed_with
@@ -1659,13 +1662,13 @@ impl Coordinator {
                 weights,
                 train_loss: f64::NAN,
                 rows,
-                evaluation: Evaluation::empty(self.cfg.model),
+                evaluation: Evaluation::empty(self.cfg.kind()),
                 latencies,
             }
         } else {
             let decoded = match update_vector::decode(
                 &secure.sum,
-                self.cfg.model,
+                self.cfg.kind(),
                 model.weights.len(),
                 sum.scale,
             ) {
@@ -1710,7 +1713,7 @@ impl Coordinator {
         if round > self.cfg.rounds {
             self.out
                 .note(format!("the final model's evaluation failed: {why}"));
-            return self.finish(Evaluation::empty(self.cfg.model));
+            return self.finish(Evaluation::empty(self.cfg.kind()));
         }
         // What the scheduler learns from a failed attempt: nothing (as before).
         let why_attempt = format!("{why} (attempt {attempt} of {})", self.cfg.round_attempts);
@@ -1864,7 +1867,7 @@ impl Coordinator {
     /// summed evaluation is kept and whose update is discarded.
     fn evaluate_final(&mut self, now: u64) {
         if self.cfg.privacy.is_some() {
-            return self.finish(Evaluation::empty(self.cfg.model));
+            return self.finish(Evaluation::empty(self.cfg.kind()));
         }
         if self.cfg.secure_aggregation.enabled {
             return self.announce(
@@ -1876,7 +1879,7 @@ impl Coordinator {
             );
         }
         let Some(model) = self.model.clone() else {
-            return self.finish(Evaluation::empty(self.cfg.model));
+            return self.finish(Evaluation::empty(self.cfg.kind()));
         };
         let msg = Message::EvaluateRequest(EvaluateRequest {
             study_id: self.cfg.id.clone(),
@@ -1896,11 +1899,11 @@ impl Coordinator {
             waiting.insert(id, site);
         }
         if waiting.is_empty() {
-            return self.finish(Evaluation::empty(self.cfg.model));
+            return self.finish(Evaluation::empty(self.cfg.kind()));
         }
         self.phase = Phase::Evaluating {
             waiting,
-            total: Evaluation::empty(self.cfg.model),
+            total: Evaluation::empty(self.cfg.kind()),
         };
     }
 
@@ -1908,13 +1911,13 @@ impl Coordinator {
     fn start_final_secure(&mut self, now: u64) {
         let round = self.cfg.rounds + 1;
         let Some(model) = self.model.clone() else {
-            return self.finish(Evaluation::empty(self.cfg.model));
+            return self.finish(Evaluation::empty(self.cfg.kind()));
         };
         let mut params = self.cfg.training.params();
         params.seed = params.seed.wrapping_add(u64::from(round));
         let width = model.weights.len();
         let study = self.cfg.id.clone();
-        let kind = self.cfg.model;
+        let kind = self.cfg.kind();
         let (clip, bits) = (
             self.cfg.secure_aggregation.clip,
             self.cfg.secure_aggregation.scale_bits,
@@ -1959,7 +1962,7 @@ impl Coordinator {
             Err(e) => {
                 self.out
                     .note(format!("the final model's secure evaluation failed: {e}"));
-                self.finish(Evaluation::empty(self.cfg.model));
+                self.finish(Evaluation::empty(self.cfg.kind()));
             }
         }
     }
@@ -1976,8 +1979,8 @@ impl Coordinator {
                 self.cfg.id, m.site, m.reason
             ));
         }
-        self.release(last, metrics, None, missing.clone(), true);
-        self.checkpoint(self.cfg.rounds, Some(metrics));
+        self.release(last, metrics.clone(), None, missing.clone(), true);
+        self.checkpoint(self.cfg.rounds, Some(metrics.clone()));
         self.phase = Phase::Ended;
         if self.ending.is_none() {
             self.ending = Some(Ending::Completed(Completed {
@@ -2031,6 +2034,7 @@ impl Coordinator {
             round: p.round,
             target: self.cfg.target.clone(),
             positive_class: self.cfg.positive_class.clone(),
+            classes: self.cfg.classes.clone(),
             model: p.model,
             sites: p.sites,
             training_rows: p.training_rows,

@@ -82,6 +82,57 @@ pub fn check_target(
     Ok(())
 }
 
+/// Checks a multinomial study's classes against the classes its sites name (each site
+/// names the classes at least `min_cell` of its patients have): every class of the study
+/// must be named by some site (else the model would learn nothing of it), and no site may
+/// name a class the study does not list (its rows would fit none of the model's classes).
+pub fn check_classes(
+    target: &str,
+    classes: &[String],
+    named: &BTreeMap<String, Vec<String>>,
+) -> Result<(), String> {
+    let all: std::collections::BTreeSet<&str> =
+        named.values().flatten().map(String::as_str).collect();
+    let quoted = |v: &mut dyn Iterator<Item = &str>| {
+        let v: Vec<String> = v.map(|c| format!("{c:?}")).collect();
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let rule = "a site names a class only if at least min_cell of its patients have it, and \
+        never says how many";
+    let unnamed: Vec<&str> = classes
+        .iter()
+        .map(String::as_str)
+        .filter(|c| !all.contains(c))
+        .collect();
+    if !unnamed.is_empty() {
+        return Err(format!(
+            "classes {} of target '{target}' are not named by any of the {} accepting sites; \
+                the classes they name: {} ({rule}); the model would learn nothing of them. \
+                fix: list only classes the sites have (compared exactly, case included)",
+            quoted(&mut unnamed.iter().copied()),
+            named.len(),
+            quoted(&mut all.iter().copied()),
+        ));
+    }
+    let extra: Vec<&str> = all
+        .iter()
+        .copied()
+        .filter(|c| !classes.iter().any(|k| k == c))
+        .collect();
+    if !extra.is_empty() {
+        return Err(format!(
+            "the sites name classes of target '{target}' that the study does not list: {}; \
+                their rows fit none of the model's classes. fix: add them to classes",
+            quoted(&mut extra.iter().copied()),
+        ));
+    }
+    Ok(())
+}
+
 /// Largest weight an update may carry.
 pub const MAX_WEIGHT: f64 = 1e6;
 
@@ -154,6 +205,25 @@ pub fn dp_average(global: &[f64], deltas: Vec<Vec<f64>>, dp: &crate::dp::DpTrain
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_multinomial_study_needs_every_class_named_and_no_other() {
+        let named = |v: &[(&str, &[&str])]| -> BTreeMap<String, Vec<String>> {
+            v.iter()
+                .map(|(s, c)| (s.to_string(), c.iter().map(|c| c.to_string()).collect()))
+                .collect()
+        };
+        let classes: Vec<String> = ["Normal", "Chemical", "Overt"].map(String::from).to_vec();
+        let ok = named(&[("a", &["Chemical", "Normal"]), ("b", &["Normal", "Overt"])]);
+        assert!(check_classes("group", &classes, &ok).is_ok());
+        let missing = named(&[("a", &["Chemical", "Normal"]), ("b", &["Normal"])]);
+        let err = check_classes("group", &classes, &missing).unwrap_err();
+        assert!(err.contains(r#"classes "Overt" of target 'group'"#), "{err}");
+        assert!(err.contains("min_cell"), "{err}");
+        let extra = named(&[("a", &["Chemical", "Normal", "Overt", "overt"])]);
+        let err = check_classes("group", &classes, &extra).unwrap_err();
+        assert!(err.contains(r#"does not list: "overt""#), "{err}");
+    }
     use crate::metrics::Evaluation;
     use crate::model::ModelKind;
 

@@ -472,7 +472,7 @@ fn a_plain_study_runs_every_round_releases_each_model_and_evaluates_the_last() {
     assert_eq!(rounds, [1, 2, 3]);
     let last = fed.finals();
     assert_eq!(last.len(), 1);
-    assert_eq!(last[0].validation.map(|m| m.rows()), Some(9));
+    assert_eq!(last[0].validation.as_ref().map(|m| m.rows()), Some(9));
     assert!(c.validation.is_some());
     // Each round's model is the rows-weighted average: (0.1·100 + 0.2·300 + 0.3·100)/500 =
     // 0.2 per round, from zero: 0.6 after three.
@@ -791,7 +791,7 @@ fn a_secure_study_sums_the_statistics_and_updates_and_reaches_the_plain_model() 
         })
         .collect();
     assert_eq!(sums, BTreeSet::from([0, 1, 2, 3, 4]));
-    assert_eq!(c.validation.map(|m| m.rows()), Some(6));
+    assert_eq!(c.validation.as_ref().map(|m| m.rows()), Some(6));
     let mut plain = Fed::new(config(serde_json::json!({})), &three());
     plain.connect(&["a", "b", "c"]);
     plain.run();
