@@ -22,6 +22,7 @@ mod help;
 mod hostile_site;
 mod ingest;
 mod jetstream;
+mod multiclass;
 mod node_check;
 mod node_run_ingest;
 mod ops;

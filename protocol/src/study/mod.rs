@@ -1015,11 +1015,14 @@ impl Coordinator {
                         .collect();
                     let checked = if self.cfg.classes.is_empty() {
                         check_target(&self.cfg.target, self.cfg.positive_class.as_deref(), &named)
+                            .map(|()| None)
                     } else {
                         check_classes(&self.cfg.target, &self.cfg.classes, &named)
                     };
-                    if let Err(why) = checked {
-                        return self.fail(StudyFailure::Failed(why));
+                    match checked {
+                        Err(why) => return self.fail(StudyFailure::Failed(why)),
+                        Ok(Some(note)) => self.out.note(format!("study '{}': {note}", self.cfg.id)),
+                        Ok(None) => {}
                     }
                 }
                 if self.resume.is_none()

@@ -83,14 +83,16 @@ pub fn check_target(
 }
 
 /// Checks a multinomial study's classes against the classes its sites name (each site
-/// names the classes at least `min_cell` of its patients have): every class of the study
-/// must be named by some site (else the model would learn nothing of it), and no site may
-/// name a class the study does not list (its rows would fit none of the model's classes).
+/// names the classes at least `min_cell` of its patients have). A site naming a class the
+/// study does not list stops the study (its rows would fit none of the model's classes),
+/// and so do fewer than two named classes (nothing to tell apart). A listed class no site
+/// names may still be at every site, each below `min_cell`: that is a note for the
+/// operator (`Ok(Some(note))`), not a failure.
 pub fn check_classes(
     target: &str,
     classes: &[String],
     named: &BTreeMap<String, Vec<String>>,
-) -> Result<(), String> {
+) -> Result<Option<String>, String> {
     let all: std::collections::BTreeSet<&str> =
         named.values().flatten().map(String::as_str).collect();
     let quoted = |v: &mut dyn Iterator<Item = &str>| {
@@ -103,21 +105,6 @@ pub fn check_classes(
     };
     let rule = "a site names a class only if at least min_cell of its patients have it, and \
         never says how many";
-    let unnamed: Vec<&str> = classes
-        .iter()
-        .map(String::as_str)
-        .filter(|c| !all.contains(c))
-        .collect();
-    if !unnamed.is_empty() {
-        return Err(format!(
-            "classes {} of target '{target}' are not named by any of the {} accepting sites; \
-                the classes they name: {} ({rule}); the model would learn nothing of them. \
-                fix: list only classes the sites have (compared exactly, case included)",
-            quoted(&mut unnamed.iter().copied()),
-            named.len(),
-            quoted(&mut all.iter().copied()),
-        ));
-    }
     let extra: Vec<&str> = all
         .iter()
         .copied()
@@ -130,7 +117,29 @@ pub fn check_classes(
             quoted(&mut extra.iter().copied()),
         ));
     }
-    Ok(())
+    if all.len() < 2 {
+        return Err(format!(
+            "target '{target}' has fewer than two of the study's classes named at the {} \
+                accepting sites (they name: {}; {rule}): a classifier cannot learn from that. \
+                fix: check the classes' spelling (compared exactly, case included), or the sites' data",
+            named.len(),
+            quoted(&mut all.iter().copied()),
+        ));
+    }
+    let unnamed: Vec<&str> = classes
+        .iter()
+        .map(String::as_str)
+        .filter(|c| !all.contains(c))
+        .collect();
+    Ok((!unnamed.is_empty()).then(|| {
+        format!(
+            "classes {} of target '{target}' are named by none of the {} accepting sites \
+                ({rule}): if no site has them, the model cannot learn them, and their \
+                per-class figures will say so",
+            quoted(&mut unnamed.iter().copied()),
+            named.len(),
+        )
+    }))
 }
 
 /// Largest weight an update may carry.
@@ -215,11 +224,15 @@ mod tests {
         };
         let classes: Vec<String> = ["Normal", "Chemical", "Overt"].map(String::from).to_vec();
         let ok = named(&[("a", &["Chemical", "Normal"]), ("b", &["Normal", "Overt"])]);
-        assert!(check_classes("group", &classes, &ok).is_ok());
+        assert_eq!(check_classes("group", &classes, &ok), Ok(None));
+        // A class no site names may be rare everywhere: a note, not a failure.
         let missing = named(&[("a", &["Chemical", "Normal"]), ("b", &["Normal"])]);
-        let err = check_classes("group", &classes, &missing).unwrap_err();
-        assert!(err.contains(r#"classes "Overt" of target 'group'"#), "{err}");
-        assert!(err.contains("min_cell"), "{err}");
+        let note = check_classes("group", &classes, &missing).unwrap().unwrap();
+        assert!(note.contains(r#"classes "Overt" of target 'group'"#), "{note}");
+        assert!(note.contains("min_cell"), "{note}");
+        let one = named(&[("a", &["Normal"]), ("b", &["Normal"])]);
+        let err = check_classes("group", &classes, &one).unwrap_err();
+        assert!(err.contains("fewer than two"), "{err}");
         let extra = named(&[("a", &["Chemical", "Normal", "Overt", "overt"])]);
         let err = check_classes("group", &classes, &extra).unwrap_err();
         assert!(err.contains(r#"does not list: "overt""#), "{err}");
