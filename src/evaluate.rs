@@ -25,6 +25,10 @@ pub struct EvaluateArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also draw the ROC curve (one per class, against the rest, for a multinomial model)
+    /// and a multinomial model's confusion matrix, as SVG files in this directory.
+    #[arg(long, value_name = "DIR")]
+    pub plots: Option<PathBuf>,
 }
 
 pub fn load_model(path: &Path) -> anyhow::Result<ExportedModel> {
@@ -90,6 +94,63 @@ pub fn evaluate(
     Ok(exact_metrics(kind, &p.to_vec(), &y.to_vec()))
 }
 
+/// Writes `roc.svg` (and for a multinomial model `confusion.svg`) into `dir`; returns
+/// their paths. A linear model has no such plots.
+fn plots(
+    dir: &Path,
+    model: &ExportedModel,
+    table: &Table,
+    target: &str,
+    positive_class: Option<&str>,
+    metrics: &Metrics,
+) -> anyhow::Result<Vec<PathBuf>> {
+    use medfed_protocol::metrics::roc_points;
+    let kind = model.model.kind;
+    if !kind.is_classifier() {
+        return Ok(Vec::new());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let positive = positive_class.or(model.positive_class.as_deref());
+    let x = table.features(&model.model.features)?;
+    let y = table.target(target, kind, positive, &model.classes)?.to_vec();
+    let p = model.model.predict_raw(x.view())?.to_vec();
+    let k = kind.outputs();
+    let curves: Vec<(String, Vec<(f64, f64)>)> = match metrics {
+        Metrics::Multiclass(m) => (0..k)
+            .map(|c| {
+                let scores: Vec<f64> = p.chunks_exact(k).map(|row| row[c]).collect();
+                let labels: Vec<f64> = y.iter().map(|v| f64::from(u8::from(*v as usize == c))).collect();
+                let name = model.classes.get(c).cloned().unwrap_or_default();
+                let auc = m.per_class.get(c).map_or(f64::NAN, |c| c.roc_auc);
+                (format!("{name} (AUC {auc:.3})"), roc_points(&scores, &labels))
+            })
+            .collect(),
+        _ => vec![(format!("{} (AUC {:.3})", positive.unwrap_or("positive"), metrics.headline().1), roc_points(&p, &y))],
+    };
+    let roc = dir.join("roc.svg");
+    let named: Vec<(&str, Vec<(f64, f64)>)> =
+        curves.iter().map(|(n, c)| (n.as_str(), c.clone())).collect();
+    let title = match metrics {
+        Metrics::Multiclass(_) => format!("ROC of each class against the rest, {} rows", metrics.rows()),
+        _ => format!("ROC, {} rows", metrics.rows()),
+    };
+    medfed::plots::roc_curves_titled(&roc, &title, &named)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", roc.display()))?;
+    let mut written = vec![roc];
+    if let Metrics::Multiclass(m) = metrics {
+        let path = dir.join("confusion.svg");
+        medfed::plots::confusion_matrix(
+            &path,
+            &format!("Confusion matrix, {} rows", m.rows),
+            &model.classes,
+            &m.confusion,
+        )
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
 pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
     let model = load_model(&args.model)?;
     let table = Table::load(&args.data)?;
@@ -115,6 +176,17 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
         if let Metrics::Multiclass(m) = &metrics {
             println!();
             print!("{}", crate::report::class_table(&model.classes, m));
+        }
+    }
+    if let Some(dir) = &args.plots {
+        let target = args.target.as_str();
+        for path in plots(dir, &model, &table, target, args.positive_class.as_deref(), &metrics)? {
+            // With --json, stdout is the JSON alone.
+            if args.json {
+                eprintln!("wrote {}", path.display());
+            } else {
+                println!("wrote {}", path.display());
+            }
         }
     }
     Ok(())

@@ -108,13 +108,19 @@ pub fn training_curve_of(
 
 /// ROC curves of several models on the same rows.
 pub fn roc_curves(path: &Path, curves: &[(&str, Vec<(f64, f64)>)]) -> PlotResult {
+    roc_curves_titled(path, "ROC on the validation rows of all hospitals", curves)
+}
+
+/// ROC curves (several models, or one model's classes one against the rest) under `title`.
+pub fn roc_curves_titled(
+    path: &Path,
+    title: &str,
+    curves: &[(&str, Vec<(f64, f64)>)],
+) -> PlotResult {
     let root = SVGBackend::new(path, (640, 600)).into_drawing_area();
     root.fill(&WHITE)?;
     let mut chart = ChartBuilder::on(&root)
-        .caption(
-            "ROC on the validation rows of all hospitals",
-            ("sans-serif", 18),
-        )
+        .caption(title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(50)
@@ -129,7 +135,10 @@ pub fn roc_curves(path: &Path, curves: &[(&str, Vec<(f64, f64)>)]) -> PlotResult
         BLACK.mix(0.3),
     ))?;
     for (i, (name, points)) in curves.iter().enumerate() {
-        let color = Palette99::pick(i).to_rgba();
+        let color = match OKABE_ITO.get(i) {
+            Some(c) => c.to_rgba(),
+            None => Palette99::pick(i).to_rgba(),
+        };
         chart
             .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
             .label(*name)
@@ -141,6 +150,62 @@ pub fn roc_curves(path: &Path, curves: &[(&str, Vec<(f64, f64)>)]) -> PlotResult
         .border_style(BLACK)
         .background_style(WHITE)
         .draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// A confusion matrix as a grid of cells shaded by the share of the actual class's rows
+/// (so rare classes read as well as common ones), each with its count and that share.
+pub fn confusion_matrix(path: &Path, title: &str, classes: &[String], matrix: &[Vec<u64>]) -> PlotResult {
+    let k = classes.len().max(1);
+    let longest = classes.iter().map(|c| c.chars().count()).max().unwrap_or(0) as i32;
+    // Wide enough for the longest class name under its column (about 7 px a character).
+    let cell = (7 * longest + 14).max(90);
+    let (left, top) = ((8 * longest + 20).max(100), 60i32);
+    let side = cell * k as i32;
+    let root = SVGBackend::new(path, ((left + side + 30) as u32, (top + side + 110) as u32))
+        .into_drawing_area();
+    root.fill(&WHITE)?;
+    let font = ("sans-serif", 14).into_font();
+    root.draw(&Text::new(title.to_string(), (12, 16), ("sans-serif", 18).into_font()))?;
+    for (a, row) in matrix.iter().enumerate().take(k) {
+        let total: u64 = row.iter().sum();
+        for (p, n) in row.iter().enumerate().take(k) {
+            let share = if total == 0 { 0.0 } else { *n as f64 / total as f64 };
+            let (x, y) = (left + cell * p as i32, top + cell * a as i32);
+            let shade = OKABE_ITO[0].mix(0.08 + 0.85 * share);
+            root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], shade.filled()))?;
+            root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], BLACK.mix(0.3)))?;
+            let colour = if share > 0.5 { WHITE } else { BLACK };
+            root.draw(&Text::new(
+                format!("{n}"),
+                (x + 10, y + cell / 2 - 14),
+                font.clone().color(&colour),
+            ))?;
+            root.draw(&Text::new(
+                format!("{:.0}%", 100.0 * share),
+                (x + 10, y + cell / 2 + 4),
+                font.clone().color(&colour),
+            ))?;
+        }
+    }
+    for (c, name) in classes.iter().enumerate() {
+        root.draw(&Text::new(
+            name.clone(),
+            (8, top + cell * c as i32 + cell / 2 - 7),
+            font.clone(),
+        ))?;
+        root.draw(&Text::new(
+            name.clone(),
+            (left + cell * c as i32 + 4, top + side + 8),
+            ("sans-serif", 12).into_font(),
+        ))?;
+    }
+    root.draw(&Text::new(
+        "rows: actual class; columns: predicted class (shade: share of the actual class)",
+        (8, top + side + 40),
+        font,
+    ))?;
     root.present()?;
     Ok(())
 }

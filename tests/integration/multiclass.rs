@@ -28,12 +28,17 @@ fn fixtures() -> PathBuf {
 /// A node config of `site`, serving its rows as dataset "diabetes" (exact training; sites
 /// of ~34 rows name the classes at least 5 of their patients have).
 fn node_config(site: &str, port: u16) -> String {
+    node_config_with(site, port, "exact_releases = [\"training\"]\n", "")
+}
+
+/// [`node_config`] with the dataset's own keys `dataset` and `[policy]` keys `policy`.
+fn node_config_with(site: &str, port: u16, dataset: &str, policy: &str) -> String {
     format!(
         "site = \"{site}\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n\
          [tls]\nca = \"pki/sites/{site}/ca.pem\"\ncert = \"pki/sites/{site}/cert.pem\"\nkey = \"pki/sites/{site}/key.pem\"\n\
          [audit]\nlog = \"{site}-audit.log\"\nkey = \"{site}-audit.key\"\n[state]\ndir = \"{site}-state\"\n\
-         [[dataset]]\nname = \"diabetes\"\npath = \"{site}.csv\"\nexact_releases = [\"training\"]\n\
-         [policy]\nmin_cell = 5\n[policy.rules]\ndatasets = [\"diabetes\"]\nmodels = [\"multinomial\"]\n\
+         [[dataset]]\nname = \"diabetes\"\npath = \"{site}.csv\"\n{dataset}\
+         [policy]\nmin_cell = 5\n{policy}[policy.rules]\ndatasets = [\"diabetes\"]\nmodels = [\"multinomial\"]\n\
          columns = [\"relwt\", \"glufast\", \"glutest\", \"instest\", \"sspg\", \"group\"]\n\
          [reconnect]\ninitial_backoff_ms = 100\nmax_backoff_ms = 1000\n"
     )
@@ -54,12 +59,17 @@ fn aggregator_config(port: u16, studies: &str) -> String {
 /// Writes the PKI, the sites' extracts and configs; runs the aggregator and the nodes to
 /// the end.
 fn federate(d: &Path, studies: &str) {
+    federate_with(d, studies, node_config);
+}
+
+/// [`federate`] with the node configs `config(site, port)` makes.
+fn federate_with(d: &Path, studies: &str, config: impl Fn(&str, u16) -> String) {
     pki(d, &SITES);
     let port = free_udp_port();
     for site in SITES {
         std::fs::copy(fixtures().join(format!("{site}.csv")), d.join(format!("{site}.csv")))
             .unwrap();
-        std::fs::write(d.join(format!("{site}.toml")), node_config(site, port)).unwrap();
+        std::fs::write(d.join(format!("{site}.toml")), config(site, port)).unwrap();
     }
     std::fs::write(d.join("aggregator.toml"), aggregator_config(port, studies)).unwrap();
     let mut procs = Processes(
@@ -183,6 +193,25 @@ fn a_federated_three_class_model_matches_centralized_ones_on_held_out_rows() {
     for needle in ["macro AUC", "Chemical_Diabetic", "confusion", "precision"] {
         assert!(table.contains(needle), "{needle}: {table}");
     }
+    let plots = d.join("plots");
+    let said = ok(&[
+        "model",
+        "evaluate",
+        "--model",
+        final_model.to_str().unwrap(),
+        "--data",
+        holdout.to_str().unwrap(),
+        "--target",
+        "group",
+        "--plots",
+        plots.to_str().unwrap(),
+    ]);
+    assert!(said.contains("confusion.svg"), "{said}");
+    let roc = std::fs::read_to_string(plots.join("roc.svg")).unwrap();
+    let confusion = std::fs::read_to_string(plots.join("confusion.svg")).unwrap();
+    for class in ["Normal", "Chemical_Diabetic", "Overt_Diabetic"] {
+        assert!(roc.contains(class) && confusion.contains(class), "{class}");
+    }
     // A binary option on a multinomial model is an error, not a silently different figure.
     let wrong = medfed(&[
         "model",
@@ -197,4 +226,64 @@ fn a_federated_three_class_model_matches_centralized_ones_on_held_out_rows() {
         "Normal",
     ]);
     assert!(!wrong.status.success());
+}
+
+/// Under differential privacy (DP-SGD, the sites' default policy: nothing exact) and secure
+/// aggregation, a multinomial study trains like a binary one: each site charges every round
+/// to its budget, the model carries its classes, no federated evaluation is released, and
+/// the noisy model still tells the groups apart on the held-out rows.
+#[test]
+fn a_three_class_model_trains_under_differential_privacy() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rounds = 8;
+    federate_with(
+        d,
+        &study(
+            "groups-dp",
+            "[study.privacy]\nmechanism = \"dp-sgd\"\nclip_norm = 1.0\nnoise_multiplier = 1.0\n\
+             sampling_rate = 0.3\nlocal_steps = 10\nlot_size = 8\n\
+             feature_ranges = [[0.6, 1.3], [60, 400], [200, 1600], [0, 800], [0, 500]]\n",
+        )
+        .replace("rounds = 30", &format!("rounds = {rounds}")),
+        |site, port| {
+            node_config_with(
+                site,
+                port,
+                "",
+                "[policy.privacy]\nepsilon = 100\ntotal_epsilon = 100\n",
+            )
+        },
+    );
+    let agg_log = log(d, "aggregator");
+    assert!(
+        agg_log.contains(&format!("study 'groups-dp' complete after {rounds} rounds")),
+        "{agg_log}"
+    );
+    let final_model = d.join("out/models/groups-dp/final.json");
+    let exported: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&final_model).unwrap()).unwrap();
+    assert_eq!(exported["classes"].as_array().unwrap().len(), 3);
+    assert!(exported["validation"].is_null(), "{exported}");
+    for site in SITES {
+        let cfg = d.join(format!("{site}.toml"));
+        let status: serde_json::Value = serde_json::from_str(&ok(&[
+            "node",
+            "status",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--json",
+        ]))
+        .unwrap();
+        let spent = status["privacy"]["studies"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["study"] == "groups-dp").cloned())
+            .unwrap_or_default();
+        // DP-SGD charges each noisy local step.
+        assert_eq!(spent["dp_sgd_steps"], rounds * 10, "{site}: {status}");
+    }
+    let metrics = evaluate_json(&final_model, &fixtures().join("holdout.csv"));
+    let auc = metrics["macro_auc"].as_f64().unwrap();
+    eprintln!("differentially private three-class model: held-out macro AUC {auc:.4}");
+    assert!(auc > 0.75, "{metrics}");
 }
