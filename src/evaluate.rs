@@ -112,26 +112,46 @@ fn plots(
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let positive = positive_class.or(model.positive_class.as_deref());
     let x = table.features(&model.model.features)?;
-    let y = table.target(target, kind, positive, &model.classes)?.to_vec();
+    let y = table
+        .target(target, kind, positive, &model.classes)?
+        .to_vec();
     let p = model.model.predict_raw(x.view())?.to_vec();
     let k = kind.outputs();
     let curves: Vec<(String, Vec<(f64, f64)>)> = match metrics {
         Metrics::Multiclass(m) => (0..k)
             .map(|c| {
                 let scores: Vec<f64> = p.chunks_exact(k).map(|row| row[c]).collect();
-                let labels: Vec<f64> = y.iter().map(|v| f64::from(u8::from(*v as usize == c))).collect();
+                let labels: Vec<f64> = y
+                    .iter()
+                    .map(|v| f64::from(u8::from(*v as usize == c)))
+                    .collect();
                 let name = model.classes.get(c).cloned().unwrap_or_default();
                 let auc = m.per_class.get(c).map_or(f64::NAN, |c| c.roc_auc);
-                (format!("{name} (AUC {auc:.3})"), roc_points(&scores, &labels))
+                (
+                    format!("{name} (AUC {auc:.3})"),
+                    roc_points(&scores, &labels),
+                )
             })
             .collect(),
-        _ => vec![(format!("{} (AUC {:.3})", positive.unwrap_or("positive"), metrics.headline().1), roc_points(&p, &y))],
+        _ => vec![(
+            format!(
+                "{} (AUC {:.3})",
+                positive.unwrap_or("positive"),
+                metrics.headline().1
+            ),
+            roc_points(&p, &y),
+        )],
     };
     let roc = dir.join("roc.svg");
-    let named: Vec<(&str, Vec<(f64, f64)>)> =
-        curves.iter().map(|(n, c)| (n.as_str(), c.clone())).collect();
+    let named: Vec<(&str, Vec<(f64, f64)>)> = curves
+        .iter()
+        .map(|(n, c)| (n.as_str(), c.clone()))
+        .collect();
     let title = match metrics {
-        Metrics::Multiclass(_) => format!("ROC of each class against the rest, {} rows", metrics.rows()),
+        Metrics::Multiclass(_) => format!(
+            "ROC of each class against the rest, {} rows",
+            metrics.rows()
+        ),
         _ => format!("ROC, {} rows", metrics.rows()),
     };
     medfed::plots::roc_curves_titled(&roc, &title, &named)
@@ -180,7 +200,14 @@ pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
     }
     if let Some(dir) = &args.plots {
         let target = args.target.as_str();
-        for path in plots(dir, &model, &table, target, args.positive_class.as_deref(), &metrics)? {
+        for path in plots(
+            dir,
+            &model,
+            &table,
+            target,
+            args.positive_class.as_deref(),
+            &metrics,
+        )? {
             // With --json, stdout is the JSON alone.
             if args.json {
                 eprintln!("wrote {}", path.display());

@@ -156,7 +156,12 @@ pub fn roc_curves_titled(
 
 /// A confusion matrix as a grid of cells shaded by the share of the actual class's rows
 /// (so rare classes read as well as common ones), each with its count and that share.
-pub fn confusion_matrix(path: &Path, title: &str, classes: &[String], matrix: &[Vec<u64>]) -> PlotResult {
+pub fn confusion_matrix(
+    path: &Path,
+    title: &str,
+    classes: &[String],
+    matrix: &[Vec<u64>],
+) -> PlotResult {
     let k = classes.len().max(1);
     let longest = classes.iter().map(|c| c.chars().count()).max().unwrap_or(0) as i32;
     // Wide enough for the longest class name under its column (about 7 px a character).
@@ -167,15 +172,29 @@ pub fn confusion_matrix(path: &Path, title: &str, classes: &[String], matrix: &[
         .into_drawing_area();
     root.fill(&WHITE)?;
     let font = ("sans-serif", 14).into_font();
-    root.draw(&Text::new(title.to_string(), (12, 16), ("sans-serif", 18).into_font()))?;
+    root.draw(&Text::new(
+        title.to_string(),
+        (12, 16),
+        ("sans-serif", 18).into_font(),
+    ))?;
     for (a, row) in matrix.iter().enumerate().take(k) {
         let total: u64 = row.iter().sum();
         for (p, n) in row.iter().enumerate().take(k) {
-            let share = if total == 0 { 0.0 } else { *n as f64 / total as f64 };
+            let share = if total == 0 {
+                0.0
+            } else {
+                *n as f64 / total as f64
+            };
             let (x, y) = (left + cell * p as i32, top + cell * a as i32);
             let shade = OKABE_ITO[0].mix(0.08 + 0.85 * share);
-            root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], shade.filled()))?;
-            root.draw(&Rectangle::new([(x, y), (x + cell, y + cell)], BLACK.mix(0.3)))?;
+            root.draw(&Rectangle::new(
+                [(x, y), (x + cell, y + cell)],
+                shade.filled(),
+            ))?;
+            root.draw(&Rectangle::new(
+                [(x, y), (x + cell, y + cell)],
+                BLACK.mix(0.3),
+            ))?;
             let colour = if share > 0.5 { WHITE } else { BLACK };
             root.draw(&Text::new(
                 format!("{n}"),

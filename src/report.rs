@@ -181,7 +181,12 @@ pub fn metrics_table(rows: &[(&str, &Metrics)]) -> String {
 /// A multinomial model's figures per class (one-vs-rest AUC, recall, precision, rows) and
 /// its confusion matrix, with the classes' names.
 pub fn class_table(classes: &[String], m: &MulticlassMetrics) -> String {
-    let name = |c: usize| classes.get(c).cloned().unwrap_or_else(|| format!("class {c}"));
+    let name = |c: usize| {
+        classes
+            .get(c)
+            .cloned()
+            .unwrap_or_else(|| format!("class {c}"))
+    };
     let width = (0..m.per_class.len())
         .map(|c| name(c).chars().count())
         .chain([5])
@@ -203,7 +208,10 @@ pub fn class_table(classes: &[String], m: &MulticlassMetrics) -> String {
             num(k.precision, 3)
         );
     }
-    out += &format!("\nconfusion (rows: actual class, columns: predicted)\n{:<width$}", "");
+    out += &format!(
+        "\nconfusion (rows: actual class, columns: predicted)\n{:<width$}",
+        ""
+    );
     let cell = (0..m.per_class.len())
         .map(|c| name(c).chars().count())
         .chain(m.confusion.iter().flatten().map(|n| n.to_string().len()))

@@ -439,7 +439,10 @@ impl AggregatorConfig {
             if distinct.len() != s.classes.len() {
                 return Err(invalid(key("classes"), "names a class twice".into()));
             }
-            if s.classes.iter().any(|c| c.trim().is_empty() || c.eq_ignore_ascii_case("na")) {
+            if s.classes
+                .iter()
+                .any(|c| c.trim().is_empty() || c.eq_ignore_ascii_case("na"))
+            {
                 return Err(invalid(
                     key("classes"),
                     "names an empty or NA class (a missing label is not a class)".into(),
@@ -551,5 +554,62 @@ impl AggregatorConfig {
             .validate()
             .map_err(|e| invalid(key("training"), e.to_string()))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_study(keys: &str) -> Result<(), ConfigError> {
+        let text = format!(
+            "listen = \"127.0.0.1:4433\"\n[tls]\nca = \"ca.pem\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n\
+             [sites]\nallow = [\"a\", \"b\", \"c\"]\n[[study]]\nid = \"s\"\ndataset = \"d\"\n\
+             features = [\"x\"]\ntarget = \"y\"\nrounds = 3\n{keys}"
+        );
+        let cfg: AggregatorConfig = toml::from_str(&text).unwrap();
+        cfg.validate(Path::new("aggregator.toml"))
+    }
+
+    fn key_of(r: Result<(), ConfigError>) -> (String, String) {
+        match r {
+            Err(ConfigError::Invalid { key, why, .. }) => (key, why),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_multinomial_study_lists_three_to_thirty_two_distinct_classes() {
+        assert!(with_study("model = \"multinomial\"\nclasses = [\"a\", \"b\", \"c\"]\n").is_ok());
+        let (key, why) = key_of(with_study(
+            "model = \"multinomial\"\nclasses = [\"a\", \"b\"]\n",
+        ));
+        assert_eq!(key, "study[0].classes");
+        assert!(why.contains("use model = \"logistic\""), "{why}");
+        let (key, _) = key_of(with_study("model = \"multinomial\"\n"));
+        assert_eq!(key, "study[0].classes");
+        let (_, why) = key_of(with_study(
+            "model = \"multinomial\"\nclasses = [\"a\", \"b\", \"a\"]\n",
+        ));
+        assert!(why.contains("twice"), "{why}");
+        let (_, why) = key_of(with_study(
+            "model = \"multinomial\"\nclasses = [\"a\", \"b\", \"NA\"]\n",
+        ));
+        assert!(why.contains("missing label"), "{why}");
+        let many: Vec<String> = (0..33).map(|i| format!("\"c{i}\"")).collect();
+        let (_, why) = key_of(with_study(&format!(
+            "model = \"multinomial\"\nclasses = [{}]\n",
+            many.join(", ")
+        )));
+        assert!(why.contains("lists 33 classes"), "{why}");
+        // Each model's own keys only.
+        let (key, _) = key_of(with_study(
+            "model = \"logistic\"\npositive_class = \"a\"\nclasses = [\"a\", \"b\", \"c\"]\n",
+        ));
+        assert_eq!(key, "study[0].classes");
+        let (key, _) = key_of(with_study(
+            "model = \"multinomial\"\npositive_class = \"a\"\nclasses = [\"a\", \"b\", \"c\"]\n",
+        ));
+        assert_eq!(key, "study[0].positive_class");
     }
 }

@@ -394,7 +394,8 @@ fn check_target_spec(table: &Table, study: &StudyAnnouncement) -> Result<(), Dat
         }
         ModelKind::Multinomial { classes } => {
             let distinct: std::collections::BTreeSet<&String> = study.classes.iter().collect();
-            if study.classes.len() != usize::from(classes) || distinct.len() != study.classes.len() {
+            if study.classes.len() != usize::from(classes) || distinct.len() != study.classes.len()
+            {
                 invalid(format!(
                     "the study's multinomial model has {classes} classes but lists {} distinct class names",
                     distinct.len()

@@ -396,6 +396,49 @@ mod tests {
         }
     }
 
+    /// A study approved under protocol 3 keeps its hash, so its approval stands: the hash
+    /// of the pinned protocol-3 announcement (its body as protocol 3's wire vector had it)
+    /// is what this build computes for it. A multinomial study hashes its classes too.
+    #[test]
+    fn approvals_made_before_multinomial_models_still_hold() {
+        use medfed_protocol::dp::{DpSgd, DpTraining};
+        let v3 = "017301640470696d610103676c750474797065000103596573000000000000d03f020001000000000000f03f000000000000004001000000000000c03f0a0000000000003040";
+        let bytes: Vec<u8> = (0..v3.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&v3[i..i + 2], 16).unwrap())
+            .collect();
+        let a = StudyAnnouncement {
+            study_id: "s".into(),
+            description: "d".into(),
+            dataset: "pima".into(),
+            features: vec!["glu".into()],
+            target: "type".into(),
+            model: ModelKind::Logistic,
+            positive_class: Some("Yes".into()),
+            classes: Vec::new(),
+            validation_fraction: 0.25,
+            rounds: 2,
+            secure_aggregation: false,
+            privacy: Some(DpTraining {
+                clip_norm: 1.0,
+                noise_multiplier: 2.0,
+                sgd: Some(DpSgd {
+                    sampling_rate: 0.125,
+                    steps: 10,
+                    lot_size: 16.0,
+                }),
+            }),
+        };
+        assert_eq!(study_hash(&a), medfed_protocol::audit::sha256_hex(&bytes));
+        let mut multi = a.clone();
+        multi.model = ModelKind::Multinomial { classes: 3 };
+        multi.positive_class = None;
+        multi.classes = vec!["a".into(), "b".into(), "c".into()];
+        let mut renamed = multi.clone();
+        renamed.classes[2] = "d".into();
+        assert_ne!(study_hash(&multi), study_hash(&renamed));
+    }
+
     #[test]
     fn nothing_is_served_without_an_approval_or_a_rule() {
         let dir = tempfile::tempdir().unwrap();

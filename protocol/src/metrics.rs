@@ -289,14 +289,24 @@ pub fn multiclass_metrics(p: &[f64], y: &[f64], classes: usize) -> MulticlassMet
         classes: u8::try_from(k).unwrap_or(u8::MAX),
     });
     e.add_rows(p, y);
-    let mut m = match e.metrics() {
-        Metrics::Multiclass(m) => m,
-        _ => unreachable!("a multinomial evaluation yields multiclass metrics"),
+    let Metrics::Multiclass(mut m) = e.metrics() else {
+        // A multinomial evaluation always yields multiclass metrics.
+        return MulticlassMetrics {
+            rows: 0,
+            log_loss: f64::NAN,
+            accuracy: f64::NAN,
+            macro_auc: f64::NAN,
+            per_class: Vec::new(),
+            confusion: Vec::new(),
+        };
     };
     let mut aucs = Vec::with_capacity(k);
     for (c, class) in m.per_class.iter_mut().enumerate() {
         let scores: Vec<f64> = p.chunks_exact(k).map(|row| row[c]).collect();
-        let labels: Vec<f64> = y.iter().map(|v| f64::from(u8::from(*v as usize == c))).collect();
+        let labels: Vec<f64> = y
+            .iter()
+            .map(|v| f64::from(u8::from(*v as usize == c)))
+            .collect();
         class.roc_auc = roc_auc(&scores, &labels);
         aucs.push(class.roc_auc);
     }
@@ -685,7 +695,10 @@ impl Evaluation {
             ) if confusion.len() == c2.len() && class_scores.len() == s2.len() => {
                 *rows = rows.saturating_add(*r2);
                 *log_loss_sum += l2;
-                for (a, b) in confusion.iter_mut().zip(c2).chain(class_scores.iter_mut().zip(s2))
+                for (a, b) in confusion
+                    .iter_mut()
+                    .zip(c2)
+                    .chain(class_scores.iter_mut().zip(s2))
                 {
                     *a = a.saturating_add(*b);
                 }
@@ -764,7 +777,8 @@ impl Evaluation {
                 class_scores,
             } => {
                 let k = self.classes();
-                let matrix: Vec<Vec<u64>> = confusion.chunks(k.max(1)).map(<[u64]>::to_vec).collect();
+                let matrix: Vec<Vec<u64>> =
+                    confusion.chunks(k.max(1)).map(<[u64]>::to_vec).collect();
                 let sum = |v: &mut dyn Iterator<Item = u64>| v.fold(0u64, u64::saturating_add);
                 let per_class: Vec<ClassMetrics> = (0..k)
                     .map(|c| {
@@ -832,7 +846,10 @@ mod tests {
         let y = [0.0, 2.0, 1.0, 2.0, 0.0];
         let m = multiclass_metrics(&p, &y, 3);
         assert_eq!(m.rows, 5);
-        assert_eq!(m.confusion, vec![vec![1, 1, 0], vec![0, 1, 0], vec![0, 0, 2]]);
+        assert_eq!(
+            m.confusion,
+            vec![vec![1, 1, 0], vec![0, 1, 0], vec![0, 0, 2]]
+        );
         assert!((m.accuracy - 0.8).abs() < 1e-12);
         let aucs: Vec<f64> = m.per_class.iter().map(|c| c.roc_auc).collect();
         assert_eq!(aucs, vec![0.75, 0.75, 1.0]);
@@ -895,7 +912,10 @@ mod tests {
         confusion[0] += 1;
         assert_eq!(c.validate(), Err(EvaluationError::Inconsistent));
         let other = Evaluation::empty(ModelKind::Multinomial { classes: 4 });
-        assert_eq!(all.clone().merge(&other), Err(EvaluationError::KindMismatch));
+        assert_eq!(
+            all.clone().merge(&other),
+            Err(EvaluationError::KindMismatch)
+        );
         assert_eq!(
             all.clone().merge(&Evaluation::empty(ModelKind::Logistic)),
             Err(EvaluationError::KindMismatch)

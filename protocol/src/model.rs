@@ -96,7 +96,7 @@ impl ModelKind {
     /// The features behind `width` parameters, if `width` is a whole number of blocks.
     pub fn features_of(self, width: usize) -> Option<usize> {
         let k = self.outputs();
-        (width >= k && width % k == 0).then(|| width / k - 1)
+        (width >= k && width.is_multiple_of(k)).then(|| width / k - 1)
     }
 
     /// Checks the class count of a multinomial model (from a file or the network).
@@ -442,16 +442,15 @@ fn loss_gradient(
 /// Whether every target suits `kind`: a class index below the class count for a
 /// multinomial model (a logistic target is read as `y > 0.5`, a linear one as it is).
 fn check_targets(kind: ModelKind, y: ArrayView1<'_, f64>) -> Result<(), TrainError> {
-    if let ModelKind::Multinomial { classes } = kind {
-        if let Some(bad) = y
+    if let ModelKind::Multinomial { classes } = kind
+        && let Some(bad) = y
             .iter()
             .find(|v| !(v.fract() == 0.0 && **v >= 0.0 && **v < f64::from(classes)))
-        {
-            return Err(TrainError::InvalidParam {
-                name: "target",
-                why: format!("{bad} is not a class index below {classes}"),
-            });
-        }
+    {
+        return Err(TrainError::InvalidParam {
+            name: "target",
+            why: format!("{bad} is not a class index below {classes}"),
+        });
     }
     Ok(())
 }
@@ -495,7 +494,8 @@ pub fn train_local_until(
     let mut w = Array1::from(start.to_vec());
     let start_w = w.clone();
     // 1 on weights, 0 on biases: the penalty leaves the biases alone.
-    let penalised = Array1::from_iter((0..w.len()).map(|i| f64::from(u8::from((i + 1) % (d + 1) != 0))));
+    let penalised =
+        Array1::from_iter((0..w.len()).map(|i| f64::from(u8::from((i + 1) % (d + 1) != 0))));
     let mut order: Vec<usize> = (0..n).collect();
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(params.seed);
     let batch = params.batch_size as usize;
@@ -861,7 +861,11 @@ mod tests {
             let numeric = (mean_loss(kind, &up, x.view(), y.view()).unwrap()
                 - mean_loss(kind, &down, x.view(), y.view()).unwrap())
                 / (2.0 * h);
-            assert!((numeric - g[i]).abs() < 1e-6, "weight {i}: {numeric} vs {}", g[i]);
+            assert!(
+                (numeric - g[i]).abs() < 1e-6,
+                "weight {i}: {numeric} vs {}",
+                g[i]
+            );
         }
         // The probabilities of each row sum to 1.
         let p = predict_proba(kind, &w, x.view()).unwrap();
@@ -876,7 +880,10 @@ mod tests {
         let kind = ModelKind::Multinomial { classes: 3 };
         let start = vec![0.0; kind.width(2)];
         let before = mean_loss(kind, &start, x.view(), y.view()).unwrap();
-        assert!((before - 3f64.ln()).abs() < 1e-12, "uniform at zero: {before}");
+        assert!(
+            (before - 3f64.ln()).abs() < 1e-12,
+            "uniform at zero: {before}"
+        );
         let params = TrainParams {
             local_epochs: 100,
             batch_size: 3,
@@ -912,7 +919,10 @@ mod tests {
         let g2 = loss_gradient(two, &blocks, x.view(), y.view()).unwrap();
         for i in 0..3 {
             assert!((g1[i] - g2[3 + i]).abs() < 1e-12);
-            assert!((g1[i] + g2[i]).abs() < 1e-12, "class 0's block moves the other way");
+            assert!(
+                (g1[i] + g2[i]).abs() < 1e-12,
+                "class 0's block moves the other way"
+            );
         }
     }
 

@@ -67,8 +67,11 @@ fn federate_with(d: &Path, studies: &str, config: impl Fn(&str, u16) -> String) 
     pki(d, &SITES);
     let port = free_udp_port();
     for site in SITES {
-        std::fs::copy(fixtures().join(format!("{site}.csv")), d.join(format!("{site}.csv")))
-            .unwrap();
+        std::fs::copy(
+            fixtures().join(format!("{site}.csv")),
+            d.join(format!("{site}.csv")),
+        )
+        .unwrap();
         std::fs::write(d.join(format!("{site}.toml")), config(site, port)).unwrap();
     }
     std::fs::write(d.join("aggregator.toml"), aggregator_config(port, studies)).unwrap();
@@ -78,9 +81,11 @@ fn federate_with(d: &Path, studies: &str, config: impl Fn(&str, u16) -> String) 
             .map(|s| spawn_node(d, s, &d.join(format!("{s}.toml"))))
             .collect(),
     );
-    procs
-        .0
-        .push(spawn_aggregator(d, "aggregator", &d.join("aggregator.toml")));
+    procs.0.push(spawn_aggregator(
+        d,
+        "aggregator",
+        &d.join("aggregator.toml"),
+    ));
     all_succeed(d, &mut procs, Duration::from_secs(180));
 }
 
@@ -112,8 +117,14 @@ fn a_federated_three_class_model_matches_centralized_ones_on_held_out_rows() {
     let final_model = d.join("out/models/groups/final.json");
     let exported: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&final_model).unwrap()).unwrap();
-    assert_eq!(exported["classes"], serde_json::json!(["Normal", "Chemical_Diabetic", "Overt_Diabetic"]));
-    assert_eq!(exported["model"]["weights"].as_array().unwrap().len(), 3 * 6);
+    assert_eq!(
+        exported["classes"],
+        serde_json::json!(["Normal", "Chemical_Diabetic", "Overt_Diabetic"])
+    );
+    assert_eq!(
+        exported["model"]["weights"].as_array().unwrap().len(),
+        3 * 6
+    );
     // The federation's own validation figures are per class too.
     assert_eq!(exported["validation"]["task"], "multiclass");
 
@@ -124,10 +135,9 @@ fn a_federated_three_class_model_matches_centralized_ones_on_held_out_rows() {
     let fed_auc = federated["macro_auc"].as_f64().unwrap();
 
     // scikit-learn's multinomial logistic regression on the same rows pooled.
-    let reference: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("reference.json")).unwrap(),
-    )
-    .unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("reference.json")).unwrap())
+            .unwrap();
     let sklearn_auc = reference["macro_auc"].as_f64().unwrap();
     assert!(
         (fed_auc - sklearn_auc).abs() <= 0.02,
@@ -143,8 +153,16 @@ fn a_federated_three_class_model_matches_centralized_ones_on_held_out_rows() {
     for site in SITES {
         let table = Table::load(&fixtures().join(format!("{site}.csv"))).unwrap();
         let data = StudyData::prepare(&table, &announcement).unwrap();
-        xs.push(ndarray::concatenate![ndarray::Axis(0), data.x_train, data.x_val]);
-        ys.push(ndarray::concatenate![ndarray::Axis(0), data.y_train, data.y_val]);
+        xs.push(ndarray::concatenate![
+            ndarray::Axis(0),
+            data.x_train,
+            data.x_val
+        ]);
+        ys.push(ndarray::concatenate![
+            ndarray::Axis(0),
+            data.y_train,
+            data.y_val
+        ]);
     }
     let x = ndarray::concatenate(
         ndarray::Axis(0),
@@ -156,7 +174,10 @@ fn a_federated_three_class_model_matches_centralized_ones_on_held_out_rows() {
         &ys.iter().map(|a| a.view()).collect::<Vec<_>>(),
     )
     .unwrap();
-    assert_eq!(x.nrows(), reference["training_rows"].as_u64().unwrap() as usize);
+    assert_eq!(
+        x.nrows(),
+        reference["training_rows"].as_u64().unwrap() as usize
+    );
     let central = medfed::local::centralized_baseline(cfg, x.view(), y.view()).unwrap();
     let held = Table::load(&holdout).unwrap();
     let xh = held.features(&central.features).unwrap();

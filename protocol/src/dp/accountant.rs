@@ -120,12 +120,7 @@ fn log_a_frac(q: f64, sigma: f64, alpha: f64) -> f64 {
     let (mut log_a0, mut log_a1) = (f64::NEG_INFINITY, f64::NEG_INFINITY);
     let z0 = sigma * sigma * (1.0 / q - 1.0).ln() + 0.5;
     let s2 = std::f64::consts::SQRT_2 * sigma;
-    let mut i = 0u32;
-    let mut binom = LogBinom::new(alpha);
-    loop {
-        let Some((lc, positive)) = binom.next() else {
-            break;
-        };
+    for (i, (lc, positive)) in (0u32..).zip(LogBinom::new(alpha)) {
         let i_f = f64::from(i);
         let j = alpha - i_f;
         let log_t0 = lc + i_f * q.ln() + j * (1.0 - q).ln();
@@ -141,8 +136,7 @@ fn log_a_frac(q: f64, sigma: f64, alpha: f64) -> f64 {
             log_a0 = log_sub(log_a0, log_s0);
             log_a1 = log_sub(log_a1, log_s1);
         }
-        i += 1;
-        if log_s0.max(log_s1) < -30.0 || i > 10_000 {
+        if log_s0.max(log_s1) < -30.0 || i >= 10_000 {
             break;
         }
     }
@@ -238,7 +232,11 @@ mod tests {
     fn running_binomials_are_the_direct_ones() {
         for alpha in [1.5, 7.0, 10.9, 63.0, 1024.0] {
             for (i, (lc, positive)) in LogBinom::new(alpha).take(1100).enumerate() {
-                assert_eq!((lc, positive), log_binom(alpha, i as u32), "alpha {alpha}, i {i}");
+                assert_eq!(
+                    (lc, positive),
+                    log_binom(alpha, i as u32),
+                    "alpha {alpha}, i {i}"
+                );
             }
         }
     }

@@ -125,9 +125,10 @@ pub fn train(
             else {
                 continue;
             };
-            let norm = resid.iter().map(|r| r * r).sum::<f64>().sqrt() * (row.dot(&row) + 1.0).sqrt();
+            let norm =
+                resid.iter().map(|r| r * r).sum::<f64>().sqrt() * (row.dot(&row) + 1.0).sqrt();
             // In units of C, clipped to norm 1.
-            for r in resid.iter_mut() {
+            for r in &mut resid {
                 *r = if norm > c { *r / norm } else { *r / c };
             }
             // A record whose gradient is not a finite number (its values overflow with these

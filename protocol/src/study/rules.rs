@@ -228,7 +228,10 @@ mod tests {
         // A class no site names may be rare everywhere: a note, not a failure.
         let missing = named(&[("a", &["Chemical", "Normal"]), ("b", &["Normal"])]);
         let note = check_classes("group", &classes, &missing).unwrap().unwrap();
-        assert!(note.contains(r#"classes "Overt" of target 'group'"#), "{note}");
+        assert!(
+            note.contains(r#"classes "Overt" of target 'group'"#),
+            "{note}"
+        );
         assert!(note.contains("min_cell"), "{note}");
         let one = named(&[("a", &["Normal"]), ("b", &["Normal"])]);
         let err = check_classes("group", &classes, &one).unwrap_err();
