@@ -88,7 +88,7 @@ pub fn evaluate(
             );
         }
     }
-    let x = table.features(&model.model.features)?;
+    let x = table.inputs(&model.model.preprocessing(), false)?;
     let y = table.target(target, kind, positive, &model.classes)?;
     let p = model.model.predict_raw(x.view())?;
     Ok(exact_metrics(kind, &p.to_vec(), &y.to_vec()))
@@ -111,7 +111,7 @@ fn plots(
     }
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let positive = positive_class.or(model.positive_class.as_deref());
-    let x = table.features(&model.model.features)?;
+    let x = table.inputs(&model.model.preprocessing(), false)?;
     let y = table
         .target(target, kind, positive, &model.classes)?
         .to_vec();

@@ -18,6 +18,7 @@ mod demo;
 mod evaluate;
 mod logging;
 mod node_cmd;
+mod predict;
 mod report;
 
 use std::path::PathBuf;
@@ -279,8 +280,12 @@ enum NodeCommand {
 
 #[derive(Subcommand)]
 enum ModelCommand {
-    /// Evaluate an exported global model on a CSV file with the model's feature columns.
+    /// Evaluate an exported global model on a CSV file with the study's raw columns and the
+    /// target.
     Evaluate(evaluate::EvaluateArgs),
+    /// Score every row of a CSV file with the study's raw columns: probabilities (or
+    /// predictions) per row, as CSV.
+    Predict(predict::PredictArgs),
 }
 
 #[derive(Subcommand)]
@@ -345,6 +350,7 @@ fn main() -> ExitCode {
             node_cmd::quarantine(config, json)
         }
         Command::Model(ModelCommand::Evaluate(args)) => evaluate::run(args),
+        Command::Model(ModelCommand::Predict(args)) => predict::run(args),
         Command::Bench(BenchCommand::Transport(args)) => bench::transport(args),
         Command::Bench(BenchCommand::Secagg(args)) => bench_secagg::secagg(args),
         Command::Bench(BenchCommand::Audit(args)) => bench_audit::audit(args),

@@ -257,6 +257,7 @@ impl StatisticsConfig {
             target: String::new(),
             positive_class: None,
             classes: Vec::new(),
+            preprocess: Default::default(),
             validation_fraction: 0.25,
             rounds: 1,
             min_sites: self.min_sites,
@@ -521,6 +522,34 @@ impl AggregatorConfig {
                     key("privacy.feature_ranges"),
                     format!("the range of '{}' needs low < high", s.features[j]),
                 ));
+            }
+        }
+        s.preprocess
+            .validate(&s.features)
+            .map_err(|(k, why)| invalid(key(&k), why))?;
+        if let Some(p) = &s.privacy {
+            if let Some((column, _)) = s
+                .preprocess
+                .impute
+                .iter()
+                .find(|(_, r)| **r == medfed_protocol::preprocess::ImputeRule::Mean)
+            {
+                return Err(invalid(
+                    key(&format!("preprocess.impute.{column}")),
+                    "cannot be \"mean\" under [study.privacy] (no statistics are released \
+                     to take a mean from): give a value, e.g. { value = 72 }"
+                        .into(),
+                ));
+            }
+            for (j, f) in s.features.iter().enumerate() {
+                if s.preprocess.categorical.contains_key(f)
+                    && p.feature_ranges.get(j) != Some(&[0.0, 1.0])
+                {
+                    return Err(invalid(
+                        key("privacy.feature_ranges"),
+                        format!("the range of categorical feature '{f}' must be [0, 1]"),
+                    ));
+                }
             }
         }
         let sa = &s.secure_aggregation;

@@ -324,6 +324,7 @@ impl Fed {
                     count: rows,
                     sum: vec![rows as f64; a.features.len()],
                     sum_sq: vec![2.0 * rows as f64; a.features.len()],
+                    present: Vec::new(),
                 }),
                 target_classes: vec!["No".into(), "Yes".into()],
             })),
@@ -358,6 +359,7 @@ impl Fed {
                     count: rows,
                     sum: vec![rows as f64; d],
                     sum_sq: vec![2.0 * rows as f64; d],
+                    present: Vec::new(),
                 };
                 let vector = update_vector::encode_statistics(&stats, so.secure.scale);
                 self.join(site, 0, so.secure, &vector)
@@ -465,6 +467,7 @@ impl Fed {
                             count: 1,
                             sum: vec![1.0],
                             sum_sq: vec![],
+                            present: Vec::new(),
                         });
                     }
                 }

@@ -56,6 +56,7 @@ pub fn model(features: &[&str], w: f64) -> GlobalModel {
             std: vec![1.0; d],
         },
         weights: vec![w; d + 1],
+        recipe: Default::default(),
     }
 }
 
@@ -70,6 +71,7 @@ pub fn pima_announcement(study_id: &str, features: &[&str], secure: bool) -> Stu
         model: ModelKind::Logistic,
         positive_class: Some("Yes".into()),
         classes: Vec::new(),
+        preprocess: Default::default(),
         validation_fraction: 0.25,
         rounds: 2,
         secure_aggregation: secure,
@@ -216,6 +218,7 @@ pub fn samples() -> Vec<(&'static str, Message)> {
                     count: 150,
                     sum: vec![18000.0, 4800.0],
                     sum_sq: vec![2.3e6, 1.6e5],
+                    present: Vec::new(),
                 }),
                 target_classes: vec!["No".into(), "Yes".into()],
             }),

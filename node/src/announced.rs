@@ -249,6 +249,7 @@ mod tests {
             model: ModelKind::Logistic,
             positive_class: Some("Yes".into()),
             classes: Vec::new(),
+            preprocess: Default::default(),
             validation_fraction: 0.25,
             rounds: 5,
             secure_aggregation: true,

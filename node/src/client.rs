@@ -1121,7 +1121,7 @@ impl Node {
         let until = Some(std::time::Instant::now() + Duration::from_millis(deadline_ms));
         // Training is CPU work: keep it off the threads that drive the connection.
         tokio::task::spawn_blocking(move || {
-            let (x_train, x_val) = standardized(&data, &model);
+            let (x_train, x_val) = standardized(&data, &model)?;
             let evaluation = evaluate(&data, &model, &x_val)?;
             let stop = || until.is_some_and(|t| std::time::Instant::now() >= t);
             let trained = match data.privacy {
@@ -1256,7 +1256,7 @@ impl Node {
                 "the study is differentially private: this site releases no evaluation".into(),
             ));
         }
-        let (_, x_val) = standardized(&data, &r.model);
+        let (_, x_val) = standardized(&data, &r.model)?;
         let evaluation = evaluate(&data, &r.model, &x_val)?;
         Ok(Message::EvaluationReport(EvaluationReport {
             study_id: r.study_id,
@@ -1266,11 +1266,38 @@ impl Node {
     }
 }
 
-fn standardized(data: &StudyData, model: &GlobalModel) -> (Array2<f64>, Array2<f64>) {
+/// The study's rows as the model reads them: missing values imputed with the model's
+/// values (the federation's means, or the study's declared ones), then standardized. A
+/// missing value the model imputes nothing for is an error (the study was prepared so that
+/// only declared imputations leave gaps).
+fn standardized(
+    data: &StudyData,
+    model: &GlobalModel,
+) -> Result<(Array2<f64>, Array2<f64>), (ErrorCode, String)> {
     let (mut x_train, mut x_val) = (data.x_train.clone(), data.x_val.clone());
-    model.standardization.apply(&mut x_train);
-    model.standardization.apply(&mut x_val);
-    (x_train, x_val)
+    let imputed = model.recipe.imputed();
+    for x in [&mut x_train, &mut x_val] {
+        for mut row in x.rows_mut() {
+            for (j, v) in row.iter_mut().enumerate() {
+                if v.is_nan() {
+                    match imputed.get(j) {
+                        Some(fill) if fill.is_finite() => *v = *fill,
+                        _ => {
+                            return Err((
+                                ErrorCode::InvalidContent,
+                                format!(
+                                    "the global model imputes no value for '{}', which this site's rows miss",
+                                    data.features.get(j).map_or("?", String::as_str)
+                                ),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        model.standardization.apply(x);
+    }
+    Ok((x_train, x_val))
 }
 
 fn evaluate(

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use medfed_protocol::messages::StudyAnnouncement;
 use medfed_protocol::model::ModelKind;
+use medfed_protocol::preprocess::{Input, Recipe, RecipeError};
 use medfed_protocol::stats::FeatureStats;
 use ndarray::{Array1, Array2};
 use rand::SeedableRng;
@@ -282,6 +283,137 @@ impl Table {
         }
     }
 
+    /// Where each of a recipe's raw columns is read: a column of the table, or for a
+    /// categorical column the table lacks, the 0/1 columns `{column}_{category}` of every
+    /// category (an ingest pipeline's `[[ingest.one_hot]]` of the same categories made them).
+    fn recipe_sources(&self, recipe: &Recipe) -> Result<Vec<RawSource>, DataError> {
+        recipe
+            .inputs
+            .iter()
+            .map(|input| match input {
+                Input::Numeric { column, .. } => self.column(column).map(RawSource::Column),
+                Input::Categorical { column, categories } => match self.column(column) {
+                    Ok(c) => Ok(RawSource::Column(c)),
+                    Err(missing) => categories
+                        .iter()
+                        .map(|cat| self.column(&format!("{column}_{cat}")).ok())
+                        .collect::<Option<Vec<usize>>>()
+                        .map(RawSource::OneHot)
+                        .ok_or(missing),
+                },
+            })
+            .collect()
+    }
+
+    /// The raw values of row `i` for a recipe's columns, from [`Table::recipe_sources`].
+    fn recipe_values<'a>(
+        &'a self,
+        i: usize,
+        recipe: &'a Recipe,
+        sources: &[RawSource],
+    ) -> Vec<Option<&'a str>> {
+        sources
+            .iter()
+            .zip(&recipe.inputs)
+            .map(|(source, input)| match (source, input) {
+                (RawSource::Column(c), _) => Some(self.cell(i, *c)),
+                (RawSource::OneHot(cols), Input::Categorical { categories, .. }) => Some(
+                    cols.iter()
+                        .position(|c| self.cell(i, *c).trim().parse::<f64>() == Ok(1.0))
+                        .and_then(|k| categories.get(k))
+                        .map_or("", String::as_str),
+                ),
+                (RawSource::OneHot(_), Input::Numeric { .. }) => None,
+            })
+            .collect()
+    }
+
+    /// The model's input matrix (rows × the recipe's inputs) of every row: numbers parsed,
+    /// categories expanded, missing values imputed (NaN where the value is still to come,
+    /// when `keep_missing`). A value the recipe cannot use is an error naming its line and
+    /// column.
+    pub fn inputs(&self, recipe: &Recipe, keep_missing: bool) -> Result<Array2<f64>, DataError> {
+        let sources = self.recipe_sources(recipe)?;
+        let width = recipe.features().len();
+        let mut x = Array2::zeros((self.rows.len(), width));
+        for i in 0..self.rows.len() {
+            let raw = self.recipe_values(i, recipe, &sources);
+            let row = recipe
+                .apply_values(&raw, keep_missing)
+                .map_err(|e| self.recipe_error(i, e, &raw, recipe))?;
+            x.row_mut(i).assign(&ndarray::ArrayView1::from(&row));
+        }
+        Ok(x)
+    }
+
+    /// The inputs of row `i` alone (nothing left missing): for scoring rows one by one, so
+    /// that one bad row does not stop the others.
+    pub fn row_inputs(&self, i: usize, recipe: &Recipe) -> Result<Vec<f64>, DataError> {
+        let sources = self.recipe_sources(recipe)?;
+        let raw = self.recipe_values(i, recipe, &sources);
+        recipe
+            .apply_values(&raw, false)
+            .map_err(|e| self.recipe_error(i, e, &raw, recipe))
+    }
+
+    /// The line of row `i` in its file (the header is line 1).
+    pub fn line_of(&self, i: usize) -> u64 {
+        self.line(i)
+    }
+
+    /// The rows a recipe can use (others left out), and their inputs.
+    fn usable_inputs(
+        &self,
+        recipe: &Recipe,
+        keep_missing: bool,
+    ) -> Result<(Vec<usize>, Vec<Vec<f64>>), DataError> {
+        let sources = self.recipe_sources(recipe)?;
+        let mut kept = (Vec::new(), Vec::new());
+        for i in 0..self.rows.len() {
+            let raw = self.recipe_values(i, recipe, &sources);
+            if let Ok(row) = recipe.apply_values(&raw, keep_missing) {
+                kept.0.push(i);
+                kept.1.push(row);
+            }
+        }
+        Ok(kept)
+    }
+
+    fn recipe_error(
+        &self,
+        i: usize,
+        e: RecipeError,
+        raw: &[Option<&str>],
+        recipe: &Recipe,
+    ) -> DataError {
+        let value_of = |column: &str| {
+            recipe
+                .columns()
+                .iter()
+                .position(|c| *c == column)
+                .and_then(|k| raw.get(k).copied().flatten())
+                .unwrap_or("")
+                .to_string()
+        };
+        match e {
+            RecipeError::MissingColumn { column } => DataError::MissingColumn {
+                path: self.path.clone(),
+                column,
+                available: self.columns.join(", "),
+            },
+            RecipeError::Missing { column } => {
+                let v = value_of(&column);
+                self.bad(i, &column, &v, "missing, and no value is imputed for it")
+            }
+            RecipeError::NotANumber { column, value } => {
+                self.bad(i, &column, &value, "not a number")
+            }
+            RecipeError::UnknownCategory { column, value, .. } => {
+                self.bad(i, &column, &value, "not one of the study's categories")
+            }
+        }
+    }
+
     /// The numeric matrix of `features` (rows × features).
     pub fn features(&self, features: &[String]) -> Result<Array2<f64>, DataError> {
         let idx = features
@@ -408,6 +540,14 @@ fn check_target_spec(table: &Table, study: &StudyAnnouncement) -> Result<(), Dat
     }
 }
 
+/// Where a recipe's raw column is read in a table.
+enum RawSource {
+    /// A column.
+    Column(usize),
+    /// The 0/1 columns of a categorical column's categories, in order.
+    OneHot(Vec<usize>),
+}
+
 /// Splits `n` rows into training and validation rows, deterministically for a study (every
 /// run and every party that knows the study id gets the same split). At least one row goes
 /// each way when `n >= 2`.
@@ -462,7 +602,8 @@ impl StudyData {
             });
         }
         check_target_spec(table, study)?;
-        let x = table.features(&study.features)?;
+        let recipe = study.preprocess.recipe(&study.features);
+        let x = table.inputs(&recipe, true)?;
         let y = table.target(
             &study.target,
             study.model,
@@ -478,7 +619,7 @@ impl StudyData {
         let axis = ndarray::Axis(0);
         Ok(StudyData {
             kind: study.model,
-            features: study.features.clone(),
+            features: recipe.features(),
             x_train: x.select(axis, &train),
             y_train: y.select(axis, &train),
             x_val: x.select(axis, &val),
@@ -499,11 +640,11 @@ impl StudyData {
         patient_key: Option<&str>,
     ) -> Result<(StudyData, usize), DataError> {
         check_target_spec(table, study)?;
-        let features = study
-            .features
-            .iter()
-            .map(|f| table.column(f))
-            .collect::<Result<Vec<_>, _>>()?;
+        // Under differential privacy only declared values are imputed (a mean would need
+        // statistics nobody releases): a row missing any other value is left out.
+        let recipe = study.preprocess.recipe(&study.features);
+        let (usable, _) = table.usable_inputs(&recipe, false)?;
+        let usable: std::collections::HashSet<usize> = usable.into_iter().collect();
         let target = table.column(&study.target)?;
         let number = |raw: &str| raw.parse::<f64>().is_ok_and(f64::is_finite);
         // With a patient key, each patient trains once (their first usable row): DP-SGD's
@@ -512,7 +653,7 @@ impl StudyData {
         let mut seen = std::collections::HashSet::new();
         let keep: Vec<usize> = (0..table.len())
             .filter(|&i| {
-                features.iter().all(|&c| number(table.cell(i, c)))
+                usable.contains(&i)
                     && match study.model {
                         ModelKind::Logistic => {
                             let raw = table.cell(i, target);
@@ -540,7 +681,7 @@ impl StudyData {
                 .as_ref()
                 .map(|ids| keep.iter().map(|&i| ids[i]).collect()),
         };
-        let x = kept.features(&study.features)?;
+        let x = kept.inputs(&recipe, false)?;
         let y = kept.target(
             &study.target,
             study.model,
@@ -557,7 +698,7 @@ impl StudyData {
         Ok((
             StudyData {
                 kind: study.model,
-                features: study.features.clone(),
+                features: recipe.features(),
                 x_train: x.select(axis, &train),
                 y_train: y.select(axis, &train),
                 x_val: x.select(axis, &val),
@@ -608,6 +749,7 @@ mod tests {
             model: ModelKind::Logistic,
             positive_class: Some("Yes".into()),
             classes: Vec::new(),
+            preprocess: Default::default(),
             validation_fraction: 0.25,
             rounds: 1,
             secure_aggregation: true,

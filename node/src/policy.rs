@@ -170,9 +170,9 @@ pub fn approve(policy: &Policy, hash: &str) -> std::io::Result<bool> {
 /// A study's identity for approvals: SHA-256 (hex) of its announcement's canonical bytes.
 /// Any change to the study (features, rounds, model, ...) changes it.
 pub fn study_hash(a: &StudyAnnouncement) -> String {
-    let bytes = if a.classes.is_empty() {
-        // Protocol 3's layout (no classes): a study approved before multinomial models
-        // existed keeps its hash, so its approval stands.
+    let bytes = if a.classes.is_empty() && a.preprocess.is_empty() {
+        // Protocol 3's layout (no classes, no preprocessing): a study approved before
+        // either existed keeps its hash, so its approval stands.
         postcard::to_allocvec(&AnnouncementV3 {
             study_id: &a.study_id,
             description: &a.description,
@@ -389,6 +389,7 @@ mod tests {
             model: ModelKind::Logistic,
             positive_class: Some("Yes".into()),
             classes: Vec::new(),
+            preprocess: Default::default(),
             validation_fraction: 0.25,
             rounds: 10,
             secure_aggregation: true,
@@ -416,6 +417,7 @@ mod tests {
             model: ModelKind::Logistic,
             positive_class: Some("Yes".into()),
             classes: Vec::new(),
+            preprocess: Default::default(),
             validation_fraction: 0.25,
             rounds: 2,
             secure_aggregation: false,

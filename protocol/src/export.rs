@@ -1,13 +1,21 @@
 //! The exported global model: the file the aggregator writes after each round and that
-//! `medfed model evaluate` reads. JSON; `format` names the version of this layout.
+//! `medfed model evaluate` and `medfed model predict` read. JSON; `format` names the version
+//! of this layout (docs/model-format.md).
+//!
+//! Format 2 adds the model's preprocessing (`model.recipe`: categories, imputed values) and
+//! a multinomial model's `classes`; a format 1 file (no recipe: every feature a raw numeric
+//! column, nothing imputed) is still read.
 
 use serde::{Deserialize, Serialize};
 
 use crate::metrics::Metrics;
 use crate::model::GlobalModel;
 
-/// The value of [`ExportedModel::format`] this build writes and reads.
-pub const MODEL_FORMAT: &str = "medfed-model/1";
+/// The value of [`ExportedModel::format`] this build writes.
+pub const MODEL_FORMAT: &str = "medfed-model/2";
+
+/// The formats this build reads: [`MODEL_FORMAT`], and format 1 (before preprocessing).
+pub const MODEL_FORMATS_READ: [&str; 2] = ["medfed-model/1", MODEL_FORMAT];
 
 /// A global model as exported after a round: the model with its provenance (study, round,
 /// sites, rows), its federated validation metrics, and what is missing from it.
@@ -69,11 +77,15 @@ impl ExportedModel {
     /// Checks that a model read from a file is one this build understands and is
     /// self-consistent.
     pub fn validate(&self) -> Result<(), String> {
-        if self.format != MODEL_FORMAT {
+        if !MODEL_FORMATS_READ.contains(&self.format.as_str()) {
             return Err(format!(
-                "model format {:?} is not supported (this build reads {MODEL_FORMAT:?})",
-                self.format
+                "model format {:?} is not supported (this build reads {})",
+                self.format,
+                MODEL_FORMATS_READ.join(", ")
             ));
+        }
+        if self.format == MODEL_FORMATS_READ[0] && !self.model.recipe.inputs.is_empty() {
+            return Err("a format 1 model has no preprocessing (model.recipe)".into());
         }
         self.model.validate()?;
         let k = match self.model.kind {
@@ -91,5 +103,69 @@ impl ExportedModel {
             return Err("a class is named twice".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A model file as format 1 wrote it (no recipe, no classes).
+    const V1: &str = r#"{
+        "format": "medfed-model/1", "study_id": "pima", "round": 3, "target": "type",
+        "positive_class": "Yes",
+        "model": {"kind": "logistic", "features": ["glu", "bmi"],
+                  "standardization": {"mean": [120.0, 32.0], "std": [30.0, 6.0]},
+                  "weights": [1.0, 0.5, -0.2]},
+        "sites": ["a", "b"], "training_rows": 150, "train_loss": 0.5, "validation": null,
+        "created_unix": 0
+    }"#;
+
+    #[test]
+    fn format_1_files_are_still_read_as_raw_numeric_columns() {
+        let m: ExportedModel = serde_json::from_str(V1).unwrap();
+        m.validate().unwrap();
+        let recipe = m.model.preprocessing();
+        assert_eq!(recipe.features(), ["glu", "bmi"]);
+        let row = |c: &str| match c {
+            "glu" => Some("150"),
+            "bmi" => Some("NA"),
+            _ => None,
+        };
+        // Nothing is imputed in a format 1 model: a gap is an error, never a guess.
+        assert!(recipe.apply(&row, false).is_err());
+        // A recipe in a file that says format 1 is refused, as is an unknown format.
+        let mut with_recipe = m.clone();
+        with_recipe.model.recipe = crate::preprocess::Recipe::identity(&m.model.features);
+        assert!(with_recipe.validate().unwrap_err().contains("format 1"));
+        let mut future = m.clone();
+        future.format = "medfed-model/3".into();
+        assert!(
+            future
+                .validate()
+                .unwrap_err()
+                .contains("medfed-model/1, medfed-model/2")
+        );
+    }
+
+    #[test]
+    fn a_recipe_must_make_the_models_features() {
+        let mut m: ExportedModel = serde_json::from_str(V1).unwrap();
+        m.format = MODEL_FORMAT.into();
+        let pre = crate::preprocess::Preprocess {
+            categorical: [("sex".to_string(), vec!["f".to_string(), "m".to_string()])].into(),
+            impute: Default::default(),
+        };
+        m.model.recipe = pre.recipe(&["glu".to_string(), "sex".to_string()]);
+        let err = m.validate().unwrap_err();
+        assert!(err.contains("sex_f"), "{err}");
+        m.model.features = m.model.recipe.features();
+        m.model.standardization.mean.push(0.5);
+        m.model.standardization.std.push(0.5);
+        m.model.weights.insert(2, 0.1);
+        m.validate().unwrap();
+        let json = serde_json::to_string(&m).unwrap();
+        let back: ExportedModel = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, m);
     }
 }

@@ -17,7 +17,8 @@
 //! - [`audit`]: the compliance log format, RFC 6962 Merkle tree, verification.
 //! - [`codec`]: length-prefixed framing with a size limit checked before allocation.
 //! - [`hex`]: the one hexadecimal encoder and decoder.
-//! - [`model`]: logistic and linear regression, local mini-batch training, FedAvg.
+//! - [`model`]: logistic, multinomial and linear regression, local mini-batch training, FedAvg.
+//! - [`preprocess`]: a study's feature pipeline (categories, imputation), carried by its model.
 //! - [`stats`]: combinable feature statistics for standardization.
 //! - [`quant`]: fixed-point encoding into Z_2^32 / Z_2^64 with overflow checks.
 //! - [`schedule`]: latency-aware choice of participants and deadlines for a round.
@@ -35,6 +36,7 @@ pub mod hex;
 pub mod messages;
 pub mod metrics;
 pub mod model;
+pub mod preprocess;
 pub mod quant;
 pub mod schedule;
 pub mod secagg;

@@ -157,6 +157,9 @@ pub struct StudyAnnouncement {
     /// For a multinomial model: the target's values, in the order of the model's class
     /// blocks (as many as the model's classes); empty otherwise.
     pub classes: Vec<String>,
+    /// Which features are categorical and how missing values are imputed: every site
+    /// makes the model's inputs from its raw columns the same way.
+    pub preprocess: crate::preprocess::Preprocess,
     /// Share of the node's rows it keeps aside for validation, in (0, 1).
     pub validation_fraction: f64,
     /// The number of training rounds.

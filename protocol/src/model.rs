@@ -239,6 +239,10 @@ pub struct GlobalModel {
     /// `[w_1, ..., w_d, bias]`; for a multinomial model one such block per class, in the
     /// study's class order.
     pub weights: Vec<f64>,
+    /// How a record's raw columns become `features` (categories, imputed values); empty
+    /// for a model whose features are the raw columns themselves, none imputed.
+    #[serde(default)]
+    pub recipe: crate::preprocess::Recipe,
 }
 
 impl GlobalModel {
@@ -254,6 +258,7 @@ impl GlobalModel {
             features,
             standardization,
             weights: vec![0.0; width],
+            recipe: crate::preprocess::Recipe::default(),
         }
     }
 
@@ -274,6 +279,9 @@ impl GlobalModel {
         if self.weights.iter().any(|w| !w.is_finite()) {
             return Err("non-finite weight".into());
         }
+        if !self.recipe.inputs.is_empty() {
+            self.recipe.validate(&self.features)?;
+        }
         if self
             .standardization
             .std
@@ -284,6 +292,16 @@ impl GlobalModel {
             return Err("standardization has a non-positive or non-finite value".into());
         }
         Ok(())
+    }
+
+    /// The recipe that makes this model's inputs from raw columns: its own, or for a model
+    /// without one, each feature read as a number, nothing imputed.
+    pub fn preprocessing(&self) -> crate::preprocess::Recipe {
+        if self.recipe.inputs.is_empty() {
+            crate::preprocess::Recipe::identity(&self.features)
+        } else {
+            self.recipe.clone()
+        }
     }
 
     /// Predictions on raw (unstandardized) rows, as [`predict`]: probabilities for logistic,

@@ -14,6 +14,10 @@ pub struct FeatureStats {
     pub sum: Vec<f64>,
     /// Per feature: the sum of its values' squares.
     pub sum_sq: Vec<f64>,
+    /// Per feature: the rows where it is present (not missing, before imputation); empty
+    /// when every row has every feature.
+    #[serde(default)]
+    pub present: Vec<u64>,
 }
 
 /// Why feature statistics cannot be merged or standardized.
@@ -43,16 +47,22 @@ impl FeatureStats {
             count: 0,
             sum: vec![0.0; features],
             sum_sq: vec![0.0; features],
+            present: vec![0; features],
         }
     }
 
-    /// Statistics of the rows of `x` (rows × features).
+    /// Statistics of the rows of `x` (rows × features); a NaN is a missing value, left out
+    /// of its feature's sums and present count.
     pub fn from_rows(x: ndarray::ArrayView2<'_, f64>) -> Self {
         let mut s = FeatureStats::empty(x.ncols());
         for row in x.rows() {
             for (j, v) in row.iter().enumerate() {
+                if v.is_nan() {
+                    continue;
+                }
                 s.sum[j] += v;
                 s.sum_sq[j] += v * v;
+                s.present[j] += 1;
             }
         }
         s.count = x.nrows() as u64;
@@ -70,12 +80,30 @@ impl FeatureStats {
         if self.sum.iter().chain(&self.sum_sq).any(|v| !v.is_finite()) {
             return Err(StatsError::NotFinite);
         }
+        if !self.present.is_empty()
+            && (self.present.len() != features || self.present.iter().any(|p| *p > self.count))
+        {
+            return Err(StatsError::WrongWidth {
+                got: self.present.len(),
+                expected: features,
+            });
+        }
         Ok(())
+    }
+
+    /// Rows where feature `j` is present.
+    pub fn present(&self, j: usize) -> u64 {
+        self.present.get(j).copied().unwrap_or(self.count)
     }
 
     /// Adds a peer's statistics to these, after [`FeatureStats::validate`].
     pub fn merge(&mut self, other: &FeatureStats) -> Result<(), StatsError> {
         other.validate(self.sum.len())?;
+        if !(self.present.is_empty() && other.present.is_empty()) {
+            self.present = (0..self.sum.len())
+                .map(|j| self.present(j).saturating_add(other.present(j)))
+                .collect();
+        }
         self.count = self.count.saturating_add(other.count);
         for j in 0..self.sum.len() {
             self.sum[j] += other.sum[j];
@@ -84,20 +112,22 @@ impl FeatureStats {
         Ok(())
     }
 
-    /// Mean and (population) standard deviation per feature. A constant feature gets a
-    /// standard deviation of 1 so that standardizing it is the identity shift.
+    /// Mean and (population) standard deviation per feature, over the rows where it is
+    /// present. A constant feature (or one present nowhere: mean 0) gets a standard
+    /// deviation of 1 so that standardizing it is the identity shift.
     pub fn standardization(&self) -> Result<Standardization, StatsError> {
         if self.count == 0 {
             return Err(StatsError::Empty);
         }
-        let n = self.count as f64;
-        let mean: Vec<f64> = self.sum.iter().map(|s| s / n).collect();
+        let n = |j: usize| (self.present(j) as f64).max(1.0);
+        let mean: Vec<f64> = self.sum.iter().enumerate().map(|(j, s)| s / n(j)).collect();
         let std = self
             .sum_sq
             .iter()
             .zip(&mean)
-            .map(|(sq, m)| {
-                let var = (sq / n - m * m).max(0.0);
+            .enumerate()
+            .map(|(j, (sq, m))| {
+                let var = (sq / n(j) - m * m).max(0.0);
                 let sd = var.sqrt();
                 if sd > 1e-12 { sd } else { 1.0 }
             })

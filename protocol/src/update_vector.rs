@@ -164,13 +164,14 @@ pub fn decode(sum: &[f64], kind: ModelKind, width: usize, scale: f64) -> Result<
 
 /// Length of a statistics vector over `features` features.
 pub fn statistics_dimension(features: usize) -> usize {
-    1 + 2 * features
+    1 + 3 * features
 }
 
 /// A node's contribution to the secure sum of feature statistics:
-/// `[s·count | s·sum_j | s·sum_sq_j]`, `s = 1 / S` as for training rounds.
+/// `[s·count | s·present_j | s·sum_j | s·sum_sq_j]`, `s = 1 / S` as for training rounds.
 pub fn encode_statistics(stats: &crate::stats::FeatureStats, scale: f64) -> Vec<f64> {
     let mut v = vec![stats.count as f64 * scale];
+    v.extend((0..stats.sum.len()).map(|j| stats.present(j) as f64 * scale));
     v.extend(stats.sum.iter().map(|x| x * scale));
     v.extend(stats.sum_sq.iter().map(|x| x * scale));
     v
@@ -195,8 +196,15 @@ pub fn decode_statistics(
     }
     Ok(crate::stats::FeatureStats {
         count: count as u64,
-        sum: sum[1..=features].iter().map(|x| x / scale).collect(),
-        sum_sq: sum[1 + features..].iter().map(|x| x / scale).collect(),
+        present: sum[1..=features]
+            .iter()
+            .map(|x| (x / scale).round().clamp(0.0, count) as u64)
+            .collect(),
+        sum: sum[1 + features..=2 * features]
+            .iter()
+            .map(|x| x / scale)
+            .collect(),
+        sum_sq: sum[1 + 2 * features..].iter().map(|x| x / scale).collect(),
     })
 }
 
@@ -262,15 +270,18 @@ mod tests {
     #[test]
     fn summed_statistics_decode_to_the_pooled_ones() {
         use crate::stats::FeatureStats;
+        // The second feature is missing in one of a's rows.
         let a = FeatureStats {
             count: 3,
             sum: vec![6.0, 300.0],
             sum_sq: vec![14.0, 30_500.0],
+            present: vec![3, 2],
         };
         let b = FeatureStats {
             count: 5,
             sum: vec![1.0, 500.0],
             sum_sq: vec![3.0, 50_100.0],
+            present: Vec::new(),
         };
         let scale = 1.0 / 8.0;
         let sum: Vec<f64> = encode_statistics(&a, scale)
@@ -280,7 +291,11 @@ mod tests {
             .collect();
         let mut pooled = a.clone();
         pooled.merge(&b).unwrap();
+        assert_eq!(pooled.present, vec![8, 7]);
         assert_eq!(decode_statistics(&sum, 2, scale).unwrap(), pooled);
+        // Means are over the rows where a feature is present.
+        let s = pooled.standardization().unwrap();
+        assert_eq!(s.mean, vec![7.0 / 8.0, 800.0 / 7.0]);
         assert!(decode_statistics(&sum[1..], 2, scale).is_err());
     }
 

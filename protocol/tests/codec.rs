@@ -9,6 +9,7 @@ use medfed_protocol::fedstats::{CmpOp, Condition, StatColumn, StatsQuery};
 use medfed_protocol::messages::*;
 use medfed_protocol::metrics::{Evaluation, SCORE_BINS};
 use medfed_protocol::model::{GlobalModel, ModelKind, TrainParams};
+use medfed_protocol::preprocess::{ImputeRule, Input, Preprocess, Recipe};
 use medfed_protocol::quant::QuantParams;
 use medfed_protocol::secagg::{
     AdvertisedKeys, ClientMessage, RevealedShare, SealedShare, ServerMessage, Setup,
@@ -84,6 +85,7 @@ fn model() -> impl Strategy<Value = GlobalModel> {
                 features,
                 standardization: Standardization { mean, std },
                 weights,
+                recipe: Default::default(),
             })
     })
 }
@@ -362,6 +364,7 @@ fn message() -> impl Strategy<Value = Message> {
                 model: m.kind,
                 positive_class: None,
                 classes: class_names(m.kind),
+                preprocess: Default::default(),
                 validation_fraction: 0.2,
                 rounds: 3,
                 secure_aggregation,
@@ -420,6 +423,7 @@ fn message() -> impl Strategy<Value = Message> {
                 model: m.kind,
                 positive_class: Some("Yes".into()),
                 classes: class_names(m.kind),
+                preprocess: Default::default(),
                 validation_fraction: 0.25,
                 rounds,
                 secure_aggregation: true,
@@ -435,6 +439,7 @@ fn message() -> impl Strategy<Value = Message> {
                     count: n,
                     sum: v.clone(),
                     sum_sq: v,
+                    present: Vec::new(),
                 }),
                 target_classes: vec!["No".into(), "Yes".into()],
             })
@@ -683,6 +688,12 @@ fn pinned_examples() -> Vec<(&'static str, Message)> {
             std: vec![30.25],
         },
         weights: vec![0.5, -1.0],
+        recipe: Recipe {
+            inputs: vec![Input::Numeric {
+                column: "glu".into(),
+                impute: Some(120.5),
+            }],
+        },
     };
     let secure = SecureRound {
         setup: Setup {
@@ -780,6 +791,7 @@ fn pinned_examples() -> Vec<(&'static str, Message)> {
                 model: ModelKind::Logistic,
                 positive_class: Some("Yes".into()),
                 classes: Vec::new(),
+                preprocess: Default::default(),
                 validation_fraction: 0.25,
                 rounds: 2,
                 secure_aggregation: false,
@@ -805,6 +817,15 @@ fn pinned_examples() -> Vec<(&'static str, Message)> {
                 model: ModelKind::Multinomial { classes: 3 },
                 positive_class: None,
                 classes: vec!["Normal".into(), "Chemical".into(), "Overt".into()],
+                preprocess: Preprocess {
+                    categorical: [("sex".to_string(), vec!["f".to_string(), "m".to_string()])]
+                        .into(),
+                    impute: [
+                        ("glufast".to_string(), ImputeRule::Mean),
+                        ("bmi".to_string(), ImputeRule::Value(25.0)),
+                    ]
+                    .into(),
+                },
                 validation_fraction: 0.25,
                 rounds: 2,
                 secure_aggregation: true,
@@ -821,6 +842,7 @@ fn pinned_examples() -> Vec<(&'static str, Message)> {
                     count: 300,
                     sum: vec![36000.0],
                     sum_sq: vec![4.5e6],
+                    present: Vec::new(),
                 }),
                 target_classes: vec!["No".into(), "Yes".into()],
             }),
@@ -981,20 +1003,20 @@ const PINNED: &[(&str, &str)] = &[
     ("welcome", "0000000b00040103616767036d2031"),
     (
         "study announcement",
-        "0000004a000402017301640470696d610103676c75047479706500010359657300000000000000d03f020001000000000000f03f000000000000004001000000000000c03f0a0000000000003040",
+        "0000004c000402017301640470696d610103676c750474797065000103596573000000000000000000d03f020001000000000000f03f000000000000004001000000000000c03f0a0000000000003040",
     ),
     (
         "multinomial study announcement",
-        "00000044000402017301640864696162657465730107676c75666173740567726f757002030003064e6f726d616c084368656d6963616c054f76657274000000000000d03f020100",
+        "00000065000402017301640864696162657465730107676c75666173740567726f757002030003064e6f726d616c084368656d6963616c054f766572740103736578020166016d0203626d6901000000000000394007676c756661737400000000000000d03f020100",
     ),
     (
         "study decision accept",
-        "00000026000403000173ac026401ac0201000000000094e1400100000000882a514102024e6f03596573",
+        "00000027000403000173ac026401ac0201000000000094e1400100000000882a51410002024e6f03596573",
     ),
     ("study decision refuse", "00000009000403010173026e6f"),
     (
         "round open",
-        "0000009f000404017301000103676c75010000000000205e40010000000000403e4002000000000000e03f000000000000f0bf05109a9999999999b93f7b14ae47e17a843f000000000000000000e0d4030105732f312f3102016101620201888e98a8c0e08081010300000000000020401020070707070707070707070707070707070707070707070707070707070707070702023000023001000000000000e03f00",
+        "000000ae000404017301000103676c75010000000000205e40010000000000403e4002000000000000e03f000000000000f0bf010003676c75010000000000205e4005109a9999999999b93f7b14ae47e17a843f000000000000000000e0d4030105732f312f3102016101620201888e98a8c0e08081010300000000000020401020070707070707070707070707070707070707070707070707070707070707070702023000023001000000000000e03f00",
     ),
     (
         "model update",
@@ -1002,7 +1024,7 @@ const PINNED: &[(&str, &str)] = &[
     ),
     (
         "evaluate request",
-        "0000002f000406017302000103676c75010000000000205e40010000000000403e4002000000000000e03f000000000000f0bf",
+        "0000003e000406017302000103676c75010000000000205e40010000000000403e4002000000000000e03f000000000000f0bf010003676c75010000000000205e40",
     ),
     (
         "evaluation report",

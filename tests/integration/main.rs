@@ -26,6 +26,7 @@ mod multiclass;
 mod node_check;
 mod node_run_ingest;
 mod ops;
+mod preprocessing;
 mod privacy;
 mod quickstart;
 mod revocation;

@@ -34,6 +34,13 @@ pub struct StudyConfig {
     /// ([`crate::model::MIN_CLASSES`] to [`crate::model::MAX_CLASSES`] of them).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub classes: Vec<String>,
+    /// Categorical features and imputed missing values (`[study.preprocess]`); the model
+    /// carries them, so it applies to raw records.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::preprocess::Preprocess::is_empty"
+    )]
+    pub preprocess: crate::preprocess::Preprocess,
     /// Share of each site's rows kept aside for validation, in (0, 1) (default 0.25).
     #[serde(default = "default_validation_fraction")]
     pub validation_fraction: f64,
@@ -197,6 +204,28 @@ impl PrivacyConfig {
         }
     }
 
+    /// The standardization the declared ranges give over a recipe's inputs: each
+    /// categorical feature's range (which must be `[0, 1]`) covers each of its categories.
+    pub fn standardization_for(
+        &self,
+        recipe: &crate::preprocess::Recipe,
+    ) -> crate::stats::Standardization {
+        let mut ranges = Vec::new();
+        for (input, range) in recipe.inputs.iter().zip(&self.feature_ranges) {
+            match input {
+                crate::preprocess::Input::Numeric { .. } => ranges.push(*range),
+                crate::preprocess::Input::Categorical { categories, .. } => {
+                    ranges.extend(std::iter::repeat_n(*range, categories.len()));
+                }
+            }
+        }
+        PrivacyConfig {
+            feature_ranges: ranges,
+            ..self.clone()
+        }
+        .standardization()
+    }
+
     /// The standardization the declared ranges give: centre and half-width.
     pub fn standardization(&self) -> crate::stats::Standardization {
         crate::stats::Standardization {
@@ -339,6 +368,12 @@ impl StudyConfig {
         }
     }
 
+    /// The model's inputs: the features, each categorical one expanded into
+    /// `{column}_{category}` per category.
+    pub fn inputs(&self) -> Vec<String> {
+        self.preprocess.recipe(&self.features).features()
+    }
+
     /// What the nodes are told of the study; its hash is what a site approves.
     pub fn announcement(&self) -> crate::messages::StudyAnnouncement {
         crate::messages::StudyAnnouncement {
@@ -350,6 +385,7 @@ impl StudyConfig {
             model: self.kind(),
             positive_class: self.positive_class.clone(),
             classes: self.classes.clone(),
+            preprocess: self.preprocess.clone(),
             validation_fraction: self.validation_fraction,
             rounds: self.rounds,
             secure_aggregation: self.secure_aggregation.enabled,

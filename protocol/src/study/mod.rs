@@ -495,7 +495,7 @@ impl Coordinator {
         resume: Option<StudyCheckpoint>,
         final_model: PathBuf,
     ) -> Coordinator {
-        let d = cfg.features.len();
+        let d = cfg.inputs().len();
         let allow: BTreeSet<String> = allow.into_iter().collect();
         let absent = allow
             .iter()
@@ -888,7 +888,7 @@ impl Coordinator {
                             ));
                             return;
                         }
-                        if let Err(e) = FeatureStats::empty(self.cfg.features.len()).merge(&fs) {
+                        if let Err(e) = FeatureStats::empty(self.cfg.inputs().len()).merge(&fs) {
                             self.out.note(format!(
                                 "{site}'s feature statistics refused: {e}; left out"
                             ));
@@ -1040,7 +1040,7 @@ impl Coordinator {
     // ---- feature statistics -----------------------------------------------------------
 
     fn start_feature_statistics(&mut self, now: u64, attempt: u32) {
-        let d = self.cfg.features.len();
+        let d = self.cfg.inputs().len();
         let study = self.cfg.id.clone();
         let parties = self.parties_for(
             STATISTICS_ROUND,
@@ -1094,7 +1094,7 @@ impl Coordinator {
                 .insert(STATISTICS_ROUND, s.iter().cloned().collect());
         }
         let (attempt, scale) = (*attempt, sum.scale);
-        let d = self.cfg.features.len();
+        let d = self.cfg.inputs().len();
         let result = outcome.and_then(|s| {
             if s.sites.len() < self.cfg.min_sites {
                 return Err(format!(
@@ -1152,7 +1152,7 @@ impl Coordinator {
         if self.site_stats.is_empty() {
             return Ok(self.stats.clone());
         }
-        let mut total = FeatureStats::empty(self.cfg.features.len());
+        let mut total = FeatureStats::empty(self.cfg.inputs().len());
         for fs in self.site_stats.values() {
             total.merge(fs)?;
         }
@@ -1192,20 +1192,27 @@ impl Coordinator {
                 self.round = cp.round + 1;
             }
             None => {
+                let mut recipe = self.cfg.preprocess.recipe(&self.cfg.features);
                 let standardization = match &self.cfg.privacy {
                     // Under differential privacy nothing about the data is released but the
-                    // noisy model: standardize from the declared feature ranges.
-                    Some(p) => p.standardization(),
+                    // noisy model: standardize from the declared feature ranges (and impute
+                    // only declared values).
+                    Some(p) => p.standardization_for(&recipe),
                     None => match self.summed_stats().and_then(|s| s.standardization()) {
-                        Ok(s) => s,
+                        // A "mean" imputation is the federation's mean of the present values.
+                        Ok(s) => {
+                            recipe.resolve_means(&s.mean);
+                            s
+                        }
                         Err(e) => return self.fail(StudyFailure::Failed(e.to_string())),
                     },
                 };
-                self.model = Some(GlobalModel::zeros(
-                    self.cfg.kind(),
-                    self.cfg.features.clone(),
-                    standardization,
-                ));
+                let mut model =
+                    GlobalModel::zeros(self.cfg.kind(), recipe.features(), standardization);
+                if !self.cfg.preprocess.is_empty() {
+                    model.recipe = recipe;
+                }
+                self.model = Some(model);
                 self.round = 1;
             }
         }

@@ -235,6 +235,7 @@ impl Fed {
                             count: s.rows,
                             sum: vec![s.rows as f64; a.features.len()],
                             sum_sq: vec![2.0 * s.rows as f64; a.features.len()],
+                            present: Vec::new(),
                         }
                     }),
                     target_classes: s.classes.clone(),
@@ -280,6 +281,7 @@ impl Fed {
                     count: s.rows,
                     sum: vec![s.rows as f64; d],
                     sum_sq: vec![2.0 * s.rows as f64; d],
+                    present: Vec::new(),
                 };
                 let vector = update_vector::encode_statistics(&stats, so.secure.scale);
                 self.join(site, 0, so.secure, &vector)

@@ -1,0 +1,133 @@
+//! `medfed model predict`: an exported model's scores for every row of a CSV file with the
+//! study's raw columns (the model applies its own preprocessing: categories, imputed
+//! values, standardization).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use medfed_node::data::Table;
+use medfed_protocol::metrics::argmax;
+use medfed_protocol::model::ModelKind;
+
+#[derive(clap::Args)]
+pub struct PredictArgs {
+    /// An exported model (JSON), e.g. models/STUDY/final.json in the aggregator's out_dir.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A CSV file with a header row holding the study's raw feature columns (any order;
+    /// other columns are ignored).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// A column copied into the output beside each row's scores, to tell the rows apart
+    /// (e.g. a record number; default: the row's line in the input).
+    #[arg(long)]
+    pub id_column: Option<String>,
+    /// Where to write the scores (CSV); default: standard output.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+}
+
+/// The output's columns after the row's id: a logistic model's probability of its positive
+/// class, a multinomial model's probability of each class and the most probable one, a
+/// linear model's prediction; then `error`, why a row has no score.
+fn header(model: &medfed_protocol::export::ExportedModel) -> Vec<String> {
+    let mut h = match model.model.kind {
+        ModelKind::Logistic => vec![format!(
+            "p_{}",
+            model.positive_class.as_deref().unwrap_or("positive")
+        )],
+        ModelKind::Multinomial { .. } => {
+            let mut h: Vec<String> = model.classes.iter().map(|c| format!("p_{c}")).collect();
+            h.push("predicted".into());
+            h
+        }
+        ModelKind::Linear => vec!["predicted".into()],
+    };
+    h.push("error".into());
+    h
+}
+
+pub fn run(args: PredictArgs) -> anyhow::Result<()> {
+    let model = crate::evaluate::load_model(&args.model)?;
+    let table = Table::load(&args.data)?;
+    let recipe = model.model.preprocessing();
+    let id = args
+        .id_column
+        .as_deref()
+        .map(|c| table.column(c))
+        .transpose()?;
+    let mut out: Box<dyn Write> = match &args.out {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
+    };
+    let mut csv = csv::Writer::from_writer(&mut out);
+    let mut head = vec![args.id_column.clone().unwrap_or_else(|| "line".into())];
+    head.extend(header(&model));
+    csv.write_record(&head)?;
+    let k = model.model.kind.outputs();
+    let cells = head.len() - 2;
+    let (mut scored, mut failed) = (0u64, 0u64);
+    // Row by row: a row that cannot be scored gets its reason, the others their scores.
+    for i in 0..table.len() {
+        let mut record = vec![match id {
+            Some(c) => table.cell(i, c).to_string(),
+            None => table.line_of(i).to_string(),
+        }];
+        let row = table
+            .row_inputs(i, &recipe)
+            .map_err(|e| e.to_string())
+            .and_then(|x| {
+                let x =
+                    ndarray::Array2::from_shape_vec((1, x.len()), x).map_err(|e| e.to_string())?;
+                model
+                    .model
+                    .predict_raw(x.view())
+                    .map(|p| p.to_vec())
+                    .map_err(|e| e.to_string())
+            });
+        match row {
+            Ok(p) => {
+                scored += 1;
+                match model.model.kind {
+                    ModelKind::Multinomial { .. } => {
+                        record.extend(p.iter().take(k).map(|v| format!("{v:.6}")));
+                        let best = argmax(&p);
+                        record.push(model.classes.get(best).cloned().unwrap_or_default());
+                    }
+                    ModelKind::Logistic => record.extend(p.iter().map(|v| format!("{v:.6}"))),
+                    ModelKind::Linear => record.extend(p.iter().map(|v| v.to_string())),
+                }
+                record.push(String::new());
+            }
+            Err(why) => {
+                failed += 1;
+                record.extend(std::iter::repeat_n(String::new(), cells));
+                record.push(why);
+            }
+        }
+        csv.write_record(&record)?;
+    }
+    csv.flush()?;
+    drop(csv);
+    out.flush()?;
+    let to = args
+        .out
+        .as_ref()
+        .map_or("standard output".to_string(), |p| p.display().to_string());
+    eprintln!(
+        "scored {scored} of {} rows of {} with model {} (study '{}', round {}) into {to}",
+        table.len(),
+        args.data.display(),
+        args.model.display(),
+        model.study_id,
+        model.round
+    );
+    if failed > 0 {
+        eprintln!("{failed} rows could not be scored: their `error` column says why");
+    }
+    Ok(())
+}
