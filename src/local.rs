@@ -9,8 +9,9 @@ use anyhow::Context;
 use medfed_aggregator::config::AggregatorConfig;
 use medfed_aggregator::{AggregatorEvent, StudyOutcome};
 use medfed_infra::pki;
+use medfed_node::columns::ColumnClasses;
 use medfed_node::config::NodeConfig;
-use medfed_node::data::{StudyData, Table, split_rows};
+use medfed_node::data::{StudyData, Table, split_table};
 use medfed_protocol::export::ExportedModel;
 use medfed_protocol::metrics::{Metrics, exact_metrics};
 use medfed_protocol::model::{GlobalModel, ModelKind, TrainParams, train_local};
@@ -318,12 +319,15 @@ pub fn compare_study(
     let mut validation_rows = Vec::new();
     for site in sites {
         let table = Table::load(&dir.join("data").join(format!("{site}.csv")))?;
-        let data = StudyData::prepare(&table, &announcement)?;
+        // The node's split: by patient where a column is a patient key by its name.
+        let classes = ColumnClasses::for_table(&table, &Default::default());
+        let key = classes.patient_key();
+        let data = StudyData::prepare_keyed(&table, &announcement, key)?;
         xt.push(data.x_train);
         yt.push(data.y_train);
         xv.push(data.x_val);
         yv.push(data.y_val);
-        validation_rows.push(split_rows(table.len(), study.validation_fraction, &study.id).1);
+        validation_rows.push(split_table(&table, study.validation_fraction, &study.id, key).1);
     }
     let cat2 =
         |v: &[Array2<f64>]| concatenate(Axis(0), &v.iter().map(|a| a.view()).collect::<Vec<_>>());

@@ -895,7 +895,7 @@ impl Node {
                 d
             })
         } else {
-            StudyData::prepare(&table, a)
+            StudyData::prepare_keyed(&table, a, classes.patient_key())
         };
         let data = match prepared {
             Ok(d) => d,

@@ -567,6 +567,46 @@ pub fn split_rows(n: usize, validation_fraction: f64, study_id: &str) -> (Vec<us
     (train, val)
 }
 
+/// Splits a table's rows into training and validation rows as [`split_rows`] does, but by
+/// patient when `patient_key` names one of its columns: the patients (in order of their
+/// first row; a row without a key is a patient of its own) are split with the study's
+/// seed, and every row goes where its patient went. No patient has rows on both sides (two
+/// eyes, or many visits, of one patient would otherwise let validation see training's
+/// patients), and the validation fraction is of patients.
+pub fn split_table(
+    table: &Table,
+    validation_fraction: f64,
+    study_id: &str,
+    patient_key: Option<&str>,
+) -> (Vec<usize>, Vec<usize>) {
+    let Some(k) = patient_key.and_then(|k| table.column(k).ok()) else {
+        return split_rows(table.len(), validation_fraction, study_id);
+    };
+    let mut patients: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut next = 0usize;
+    let patient_of: Vec<usize> = (0..table.len())
+        .map(|i| {
+            let key = table.cell(i, k).trim();
+            let fresh = next;
+            let p = if key.is_empty() {
+                fresh
+            } else {
+                *patients.entry(key).or_insert(fresh)
+            };
+            if p == fresh {
+                next += 1;
+            }
+            p
+        })
+        .collect();
+    let (_, val_patients) = split_rows(next, validation_fraction, study_id);
+    let mut validation = vec![false; next];
+    for p in val_patients {
+        validation[p] = true;
+    }
+    (0..table.len()).partition(|&i| !validation[patient_of[i]])
+}
+
 /// A study's rows at this node, raw (unstandardized).
 #[derive(Debug, Clone)]
 pub struct StudyData {
@@ -595,6 +635,17 @@ impl StudyData {
     /// split into training and validation rows by the study's validation fraction, the same way
     /// every time for a study id.
     pub fn prepare(table: &Table, study: &StudyAnnouncement) -> Result<StudyData, DataError> {
+        StudyData::prepare_keyed(table, study, None)
+    }
+
+    /// [`StudyData::prepare`] for a table whose rows belong to patients (`patient_key`, a
+    /// column classed `patient-id`): training and validation rows are split by patient
+    /// ([`split_table`]).
+    pub fn prepare_keyed(
+        table: &Table,
+        study: &StudyAnnouncement,
+        patient_key: Option<&str>,
+    ) -> Result<StudyData, DataError> {
         if table.len() < 2 {
             return Err(DataError::TooFewRows {
                 path: table.path.clone(),
@@ -615,7 +666,12 @@ impl StudyData {
         } else {
             Default::default()
         };
-        let (train, val) = split_rows(table.len(), study.validation_fraction, &study.study_id);
+        let (train, val) = split_table(
+            table,
+            study.validation_fraction,
+            &study.study_id,
+            patient_key,
+        );
         let axis = ndarray::Axis(0);
         Ok(StudyData {
             kind: study.model,
@@ -693,7 +749,12 @@ impl StudyData {
         } else {
             Default::default()
         };
-        let (train, val) = split_rows(kept.len(), study.validation_fraction, &study.study_id);
+        let (train, val) = split_table(
+            &kept,
+            study.validation_fraction,
+            &study.study_id,
+            patient_key,
+        );
         let axis = ndarray::Axis(0);
         Ok((
             StudyData {
@@ -755,6 +816,56 @@ mod tests {
             secure_aggregation: true,
             privacy: None,
         }
+    }
+
+    /// Two eyes per patient, and one patient of 40 visits: whatever the study, no patient
+    /// has rows in both training and validation, every row is used once, and without a
+    /// key the split is by row as before.
+    #[test]
+    fn a_keyed_table_is_split_by_patient() {
+        let mut csv = String::from("patient,eye,x,y\n");
+        for p in 0..30 {
+            for eye in ["l", "r"] {
+                csv.push_str(&format!("p{p},{eye},{p},{}\n", p % 2));
+            }
+        }
+        for v in 0..40 {
+            csv.push_str(&format!("many,l,{v},1\n"));
+        }
+        csv.push_str(",l,1,0\n,r,2,1\n");
+        let t = Table::from_reader(Path::new("eyes.csv"), csv.as_bytes()).unwrap();
+        let key_of = |i: usize| {
+            let k = t.cell(i, 0);
+            if k.is_empty() {
+                format!("row{i}")
+            } else {
+                k.to_string()
+            }
+        };
+        for study in ["a", "b", "c", "pima", "eyes-2"] {
+            let (train, val) = split_table(&t, 0.25, study, Some("patient"));
+            let mut all: Vec<usize> = train.iter().chain(&val).copied().collect();
+            all.sort_unstable();
+            assert_eq!(all, (0..t.len()).collect::<Vec<_>>());
+            let train_patients: std::collections::BTreeSet<String> =
+                train.iter().map(|&i| key_of(i)).collect();
+            let val_patients: std::collections::BTreeSet<String> =
+                val.iter().map(|&i| key_of(i)).collect();
+            assert!(train_patients.is_disjoint(&val_patients), "{study}");
+            // A quarter of the 33 patients (30 with two eyes, the one of 40 visits, two
+            // rows without a key), not of the 102 rows.
+            assert_eq!(val_patients.len(), 8, "{study}");
+            assert_eq!(split_table(&t, 0.25, study, Some("patient")), (train, val));
+        }
+        assert_eq!(
+            split_table(&t, 0.25, "a", None),
+            split_rows(t.len(), 0.25, "a")
+        );
+        // A key column the table lacks splits by row, as a table without one.
+        assert_eq!(
+            split_table(&t, 0.25, "a", Some("mrn")),
+            split_rows(t.len(), 0.25, "a")
+        );
     }
 
     #[test]

@@ -41,7 +41,9 @@ pub struct StudyConfig {
         skip_serializing_if = "crate::preprocess::Preprocess::is_empty"
     )]
     pub preprocess: crate::preprocess::Preprocess,
-    /// Share of each site's rows kept aside for validation, in (0, 1) (default 0.25).
+    /// Share of each site's rows kept aside for validation, in (0, 1) (default 0.25): of
+    /// its patients, where the site's dataset has a patient key (a patient's rows all go
+    /// one way).
     #[serde(default = "default_validation_fraction")]
     pub validation_fraction: f64,
     /// Training rounds.
