@@ -1060,7 +1060,8 @@ impl Node {
                 let Some(table) = self.table(name)? else {
                     return Ok(None);
                 };
-                let classes = ColumnClasses::for_pipeline(&table, &pipeline.fields, &declared);
+                let classes = ColumnClasses::for_pipeline(&table, &pipeline.fields, &declared)
+                    .with_local_only(pipeline.scores.iter().map(|s| s.output.as_str()));
                 Ok(Some((table, classes)))
             }
         }

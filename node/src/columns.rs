@@ -41,6 +41,9 @@ pub struct ColumnClasses {
     /// Columns whose missing values a pipeline fills from other patients' values
     /// (`missing = "mean"` or `"median"`): one patient's value then moves many records.
     imputed: BTreeMap<String, &'static str>,
+    /// Columns that stay in the hospital whatever the policy: a pipeline's model scores
+    /// (`[[ingest.score]]`).
+    local: std::collections::BTreeSet<String>,
 }
 
 /// Whether a column of this class may be used by a study or a query.
@@ -78,6 +81,7 @@ impl ColumnClasses {
         ColumnClasses {
             classes,
             imputed: BTreeMap::new(),
+            local: Default::default(),
         }
     }
 
@@ -110,6 +114,13 @@ impl ColumnClasses {
             out.imputed.insert(f.name.clone(), how);
         }
         out
+    }
+
+    /// Marks `columns` (a pipeline's score outputs) as never to be read by a study or a
+    /// query.
+    pub fn with_local_only<'a>(mut self, columns: impl IntoIterator<Item = &'a str>) -> Self {
+        self.local.extend(columns.into_iter().map(str::to_string));
+        self
     }
 
     /// Refuses the first of `columns` a differentially private release cannot read: one
@@ -164,6 +175,12 @@ impl ColumnClasses {
         columns: impl IntoIterator<Item = &'a str>,
     ) -> Result<(), String> {
         for c in columns {
+            if self.local.contains(c) {
+                return Err(format!(
+                    "column '{c}' of dataset '{dataset}' is a model's score ([[ingest.score]]): \
+                     scores stay in the hospital, no study or query reads them"
+                ));
+            }
             if let Some((class, source)) = self.classes.get(c)
                 && !usable(*class)
             {
@@ -461,6 +478,24 @@ mod tests {
     use std::path::Path;
 
     use super::*;
+
+    /// A pipeline's model scores stay in the hospital: no study or query may read them,
+    /// whatever the policy lists.
+    #[test]
+    fn a_score_column_is_never_read() {
+        let t = Table::from_reader(
+            std::path::Path::new("kept"),
+            "glu,risk\n120,0.4\n".as_bytes(),
+        )
+        .unwrap();
+        let classes = ColumnClasses::for_table(&t, &BTreeMap::new()).with_local_only(["risk"]);
+        assert!(classes.check("pima", ["glu"]).is_ok());
+        let err = classes.check("pima", ["glu", "risk"]).unwrap_err();
+        assert!(
+            err.contains("model's score") && err.contains("'risk'"),
+            "{err}"
+        );
+    }
 
     fn table(text: &str) -> Table {
         Table::from_reader(Path::new("t.csv"), text.as_bytes()).unwrap()

@@ -6,7 +6,9 @@
 //! them through the de-identification pipeline and train a model with the aggregator over
 //! several rounds. Then every byte each node sent (captured before encryption), every log
 //! line of every process, every compliance log and every file the aggregator wrote is
-//! searched for each identifier, in several encodings: there must be no hit.
+//! searched for each identifier, in several encodings: there must be no hit. Each
+//! pipeline also scores every record with a deployed model (`[[ingest.score]]`): no score
+//! may be found either, as a double or as text.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -109,6 +111,7 @@ fn no_identifier_leaves_a_hospital() {
     pki(d, &SITES);
     let (data, canaries) = extracts(d);
     assert_eq!(canaries.len(), 7 * 200);
+    let (model, sha256) = crate::scoring::pima_model(d);
     let port = free_udp_port();
     std::fs::write(
         d.join("aggregator.toml"),
@@ -210,6 +213,11 @@ categories = ["Yes", "No"]
 [[ingest.alert]]
 column = "glu"
 above = 180
+[[ingest.score]]
+model = {model:?}
+sha256 = "{sha256}"
+output = "risk"
+alert_above = 0.8
 "#
             ),
         )
@@ -287,10 +295,23 @@ above = 180
         assert!(sent > 1000, "{site} captured only {sent} bytes");
         sent_bytes += sent;
     }
-    let needles: Vec<(String, Vec<u8>)> = canaries
+    let mut needles: Vec<(String, Vec<u8>)> = canaries
         .iter()
         .flat_map(|c| encodings(c).into_iter().map(move |e| (c.clone(), e)))
         .collect();
+    // Every score the pipelines kept, as the double it is and as text.
+    let mut scores = 0;
+    for cfg in &nodes {
+        let cfg = medfed_node::config::NodeConfig::load(cfg).unwrap();
+        let store = medfed_node::ingest::open_store(&cfg.state).unwrap();
+        for r in medfed_node::ingest::kept_records(&cfg.ingests[0], &*store).unwrap() {
+            let p = r.number("risk").expect("every kept record is scored");
+            scores += 1;
+            needles.push((format!("score {p}"), p.to_le_bytes().to_vec()));
+            needles.push((format!("score {p}"), p.to_string().into_bytes()));
+        }
+    }
+    assert_eq!(scores, 200);
     let searcher = aho_corasick::AhoCorasick::new(needles.iter().map(|(_, n)| n)).unwrap();
     let mut hits = Vec::new();
     let mut scanned_bytes = 0;
@@ -319,7 +340,7 @@ above = 180
         }
     }
     assert_eq!(
-        found.len(),
+        found.iter().filter(|f| !f.starts_with("score ")).count(),
         canaries
             .iter()
             .collect::<std::collections::BTreeSet<_>>()

@@ -31,6 +31,7 @@ mod privacy;
 mod quickstart;
 mod revocation;
 mod runtime_crash;
+mod scoring;
 mod silent_wrong;
 mod statistics;
 mod store_crash;

@@ -16,6 +16,7 @@ mod pipeline_tests;
 pub mod pseudonym;
 pub mod report;
 pub mod safe_harbor;
+mod score;
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +28,7 @@ pub use features::{
     ALERTS_STREAM, AlertRule, Alerts, DeriveSpec, FEATURES_STREAM, Features, Formula, OneHotSpec,
     Standardization, WindowSpec,
 };
+pub use score::{Score, ScoreSpec};
 
 /// The field a [`Deidentify`] task puts a patient's pseudonym in.
 pub const PATIENT: &str = "patient";

@@ -159,6 +159,11 @@ pub struct IngestConfig {
     /// Alert rules (`[[ingest.alert]]`), to the `alerts` stream; alerts stay in the hospital.
     #[serde(default, rename = "alert")]
     pub alerts: Vec<AlertRule>,
+    /// Approved models scoring every record (`[[ingest.score]]`), after the features: the
+    /// score is kept with the record, above a threshold it is an alert too; scores never
+    /// leave the hospital.
+    #[serde(default, rename = "score", skip_serializing_if = "Vec::is_empty")]
+    pub scores: Vec<crate::deid::ScoreSpec>,
     /// Seconds between window emissions while following an unbounded input.
     #[serde(default = "default_window_secs")]
     pub window_secs: u64,
@@ -238,6 +243,9 @@ impl IngestConfig {
         {
             *p = medfed_infra::config::resolve(config_path, p);
         }
+        for s in &mut self.scores {
+            s.resolve(config_path);
+        }
     }
 
     /// Checks the declaration; the message names the stream.
@@ -296,12 +304,34 @@ impl IngestConfig {
             && self.one_hot.is_empty()
             && self.standardize.is_empty()
             && self.windows.is_empty()
-            && self.alerts.is_empty())
+            && self.alerts.is_empty()
+            && self.scores.is_empty())
         {
             return Err(
-                "derive, one_hot, standardize, window and alert need the input's fields declared ([[ingest.field]])"
+                "derive, one_hot, standardize, window, alert and score need the input's fields declared ([[ingest.field]])"
                     .into(),
             );
+        }
+        let mut outputs = std::collections::BTreeSet::new();
+        for s in &self.scores {
+            if s.output.is_empty() || !outputs.insert(s.output.as_str()) {
+                return Err(format!(
+                    "score output {:?} is empty or used twice",
+                    s.output
+                ));
+            }
+            if self.fields.iter().any(|f| f.name == s.output) {
+                return Err(format!(
+                    "score output '{}' is also an input field: name the score anew",
+                    s.output
+                ));
+            }
+            if s.alert_above.is_some_and(|a| !a.is_finite()) {
+                return Err(format!(
+                    "score '{}': alert_above must be a number",
+                    s.output
+                ));
+            }
         }
         if self.commit_every > MAX_COMMIT_EVERY {
             return Err(format!(
@@ -675,6 +705,9 @@ pub fn build_task(
             cfg.windows.clone(),
         )?));
     }
+    if !cfg.scores.is_empty() {
+        tasks.push(Box::new(crate::deid::Score::new(&cfg.scores)?));
+    }
     tasks.push(Box::new(ColumnStats::over_records(&columns)));
     tasks.push(Box::new(KeepRecords));
     Ok(Box::new(Chain::new(tasks)))
@@ -719,6 +752,29 @@ pub fn kept_records_with_ids(
                 .enumerate()
                 .map(|(i, r)| (p * RECORDS_PER_PARTITION + i as u32, r)),
         );
+    }
+    Ok(out)
+}
+
+/// The alerts a pipeline raised (`[[ingest.alert]]`, `[[ingest.score]]`), partition by
+/// partition in input order: each a record with the patient's pseudonym and the reason.
+pub fn alerts(
+    cfg: &IngestConfig,
+    store: &dyn Store,
+) -> Result<Vec<crate::deid::Record>, IngestError> {
+    let fail = |detail: String| IngestError {
+        stream: cfg.stream.clone(),
+        detail,
+    };
+    let mut out = Vec::new();
+    for (p, _) in parts(cfg).map_err(fail)? {
+        let ns = format!("output/{}/{}/{p}", crate::deid::ALERTS_STREAM, cfg.stream);
+        for (_, v) in store.scan(&ns).map_err(|e| fail(e.to_string()))? {
+            out.push(
+                crate::deid::Record::decode(&v)
+                    .map_err(|e| fail(format!("partition {p}'s alerts: {e}")))?,
+            );
+        }
     }
     Ok(out)
 }
