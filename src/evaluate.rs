@@ -173,7 +173,14 @@ fn plots(
 
 pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
     let model = load_model(&args.model)?;
-    let table = Table::load(&args.data)?;
+    let (table, unlabelled) = Table::load(&args.data)?.with_value_in(&args.target)?;
+    if unlabelled > 0 {
+        eprintln!(
+            "note: {unlabelled} rows of {} have no value of '{}' and are left out",
+            args.data.display(),
+            args.target
+        );
+    }
     let metrics = evaluate(&model, &table, &args.target, args.positive_class.as_deref())?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&metrics)?);

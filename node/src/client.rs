@@ -895,7 +895,16 @@ impl Node {
                 d
             })
         } else {
-            StudyData::prepare_keyed(&table, a, classes.patient_key())
+            // A row without a target value cannot be learnt from: left out, and counted in
+            // the site's log (an exact study releases its row counts anyway).
+            table
+                .with_value_in(&a.target)
+                .and_then(|(labelled, unlabelled)| {
+                    if unlabelled > 0 {
+                        warn!(study = %a.study_id, unlabelled, "rows without a value of the study's target are left out");
+                    }
+                    StudyData::prepare_keyed(&labelled, a, classes.patient_key())
+                })
         };
         let data = match prepared {
             Ok(d) => d,

@@ -356,6 +356,25 @@ impl Table {
             .map_err(|e| self.recipe_error(i, e, &raw, recipe))
     }
 
+    /// The rows whose `column` has a value (not empty, not `NA`), and how many did not:
+    /// what a model can be evaluated on.
+    pub fn with_value_in(&self, column: &str) -> Result<(Table, usize), DataError> {
+        let c = self.column(column)?;
+        let keep: Vec<usize> = (0..self.len())
+            .filter(|&i| !medfed_protocol::preprocess::missing(self.cell(i, c)))
+            .collect();
+        let kept = Table {
+            path: self.path.clone(),
+            columns: self.columns.clone(),
+            rows: keep.iter().map(|&i| self.rows[i].clone()).collect(),
+            ids: self
+                .ids
+                .as_ref()
+                .map(|ids| keep.iter().map(|&i| ids[i]).collect()),
+        };
+        Ok((kept, self.len() - keep.len()))
+    }
+
     /// The line of row `i` in its file (the header is line 1).
     pub fn line_of(&self, i: usize) -> u64 {
         self.line(i)
