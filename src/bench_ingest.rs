@@ -616,6 +616,7 @@ fn score_model(dir: &Path) -> anyhow::Result<medfed_node::deid::ScoreSpec> {
         missing_sites: Vec::new(),
         stopped: None,
         created_unix: 0,
+        provenance: None,
     };
     exported.validate().map_err(anyhow::Error::msg)?;
     let bytes = serde_json::to_vec(&exported)?;

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use medfed_protocol::messages::StudyAnnouncement;
-use medfed_protocol::model::{ModelFamily, ModelKind};
+use medfed_protocol::model::ModelFamily;
 use serde::{Deserialize, Serialize};
 
 /// `[policy]` in `node.toml`.
@@ -170,42 +170,7 @@ pub fn approve(policy: &Policy, hash: &str) -> std::io::Result<bool> {
 /// A study's identity for approvals: SHA-256 (hex) of its announcement's canonical bytes.
 /// Any change to the study (features, rounds, model, ...) changes it.
 pub fn study_hash(a: &StudyAnnouncement) -> String {
-    let bytes = if a.classes.is_empty() && a.preprocess.is_empty() {
-        // Protocol 3's layout (no classes, no preprocessing): a study approved before
-        // either existed keeps its hash, so its approval stands.
-        postcard::to_allocvec(&AnnouncementV3 {
-            study_id: &a.study_id,
-            description: &a.description,
-            dataset: &a.dataset,
-            features: &a.features,
-            target: &a.target,
-            model: a.model,
-            positive_class: &a.positive_class,
-            validation_fraction: a.validation_fraction,
-            rounds: a.rounds,
-            secure_aggregation: a.secure_aggregation,
-            privacy: &a.privacy,
-        })
-    } else {
-        postcard::to_allocvec(a)
-    };
-    medfed_protocol::audit::sha256_hex(&bytes.unwrap_or_default())
-}
-
-/// [`StudyAnnouncement`] as protocol 3 had it, for [`study_hash`].
-#[derive(serde::Serialize)]
-struct AnnouncementV3<'a> {
-    study_id: &'a str,
-    description: &'a str,
-    dataset: &'a str,
-    features: &'a [String],
-    target: &'a str,
-    model: ModelKind,
-    positive_class: &'a Option<String>,
-    validation_fraction: f64,
-    rounds: u32,
-    secure_aggregation: bool,
-    privacy: &'a Option<medfed_protocol::dp::DpTraining>,
+    a.approval_hash()
 }
 
 /// The hash a statistics query is approved by.
@@ -378,6 +343,7 @@ impl Rules {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use medfed_protocol::model::ModelKind;
 
     fn study() -> StudyAnnouncement {
         StudyAnnouncement {

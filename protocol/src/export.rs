@@ -61,6 +61,56 @@ pub struct ExportedModel {
     pub stopped: Option<String>,
     /// Seconds since the Unix epoch when the model was written.
     pub created_unix: u64,
+    /// What the sites approved and how the model was protected, for the auditor (absent in
+    /// files written before format 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<Provenance>,
+}
+
+/// Where a model came from: the study its sites approved, and the protections its rounds
+/// ran under.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provenance {
+    /// The study's approval hash, as each site's `medfed node approve` and compliance log
+    /// name it ([`crate::messages::StudyAnnouncement::approval_hash`]).
+    pub study_sha256: String,
+    /// Secure aggregation: the threshold of the last secure round (the fewest sites whose
+    /// shares reveal a dropped site's mask) and the study's tolerated colluders; absent
+    /// when the study ran without it.
+    pub secure_aggregation: Option<SecureAggregationUsed>,
+    /// Differential privacy: the mechanism and what the rounds behind this model cost each
+    /// site's patients; absent for an exact model.
+    pub privacy: Option<PrivacyCost>,
+}
+
+/// How a model's rounds were securely aggregated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureAggregationUsed {
+    /// The last secure round's threshold (`None` if no secure round ran yet).
+    pub threshold: Option<u32>,
+    /// The study's `secure_aggregation.tolerated_colluders`.
+    pub tolerated_colluders: u32,
+}
+
+/// What a differentially private model cost each site's patients.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrivacyCost {
+    /// `"dp-sgd"` (record level, inside each site) or `"dp-fedavg"` (site level).
+    pub mechanism: String,
+    /// The clip norm `C`.
+    pub clip_norm: f64,
+    /// The noise multiplier `z`.
+    pub noise_multiplier: f64,
+    /// The rounds released up to this model.
+    pub rounds: u32,
+    /// ε of those rounds at `delta` (RDP accounting; each site's own δ may differ, and
+    /// its ledger holds its own figure).
+    pub epsilon: f64,
+    /// The δ of `epsilon`.
+    pub delta: f64,
 }
 
 /// A site missing from a study's model, and why.

@@ -172,6 +172,49 @@ pub struct StudyAnnouncement {
     pub privacy: Option<crate::dp::DpTraining>,
 }
 
+impl StudyAnnouncement {
+    /// The hash a site approves the study by (`medfed node approve`), the SHA-256 of its
+    /// encoding. A study without classes or preprocessing is hashed in protocol 3's
+    /// layout, so that a study approved before either existed keeps its hash and its
+    /// approval stands.
+    pub fn approval_hash(&self) -> String {
+        let bytes = if self.classes.is_empty() && self.preprocess.is_empty() {
+            postcard::to_allocvec(&AnnouncementV3 {
+                study_id: &self.study_id,
+                description: &self.description,
+                dataset: &self.dataset,
+                features: &self.features,
+                target: &self.target,
+                model: self.model,
+                positive_class: &self.positive_class,
+                validation_fraction: self.validation_fraction,
+                rounds: self.rounds,
+                secure_aggregation: self.secure_aggregation,
+                privacy: &self.privacy,
+            })
+        } else {
+            postcard::to_allocvec(self)
+        };
+        crate::audit::sha256_hex(&bytes.unwrap_or_default())
+    }
+}
+
+/// [`StudyAnnouncement`] as protocol 3 had it, for [`StudyAnnouncement::approval_hash`].
+#[derive(Serialize)]
+struct AnnouncementV3<'a> {
+    study_id: &'a str,
+    description: &'a str,
+    dataset: &'a str,
+    features: &'a [String],
+    target: &'a str,
+    model: crate::model::ModelKind,
+    positive_class: &'a Option<String>,
+    validation_fraction: f64,
+    rounds: u32,
+    secure_aggregation: bool,
+    privacy: &'a Option<crate::dp::DpTraining>,
+}
+
 /// The node's answer to a study announcement.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum StudyDecision {

@@ -127,6 +127,15 @@ fn a_federated_three_class_model_matches_centralized_ones_on_held_out_rows() {
     );
     // The federation's own validation figures are per class too.
     assert_eq!(exported["validation"]["task"], "multiclass");
+    // Its provenance: the hash the sites approved, and the secure aggregation of 3 sites.
+    let config =
+        medfed_aggregator::config::AggregatorConfig::load(&d.join("aggregator.toml")).unwrap();
+    assert_eq!(
+        exported["provenance"]["study_sha256"],
+        medfed_node::policy::study_hash(&config.studies[0].announcement())
+    );
+    assert_eq!(exported["provenance"]["secure_aggregation"]["threshold"], 3);
+    assert!(exported["provenance"]["privacy"].is_null());
 
     let holdout = fixtures().join("holdout.csv");
     let federated = evaluate_json(&final_model, &holdout);
@@ -145,8 +154,6 @@ fn a_federated_three_class_model_matches_centralized_ones_on_held_out_rows() {
     );
 
     // medfed's trainer on the pooled rows: the same objective, in one place.
-    let config =
-        medfed_aggregator::config::AggregatorConfig::load(&d.join("aggregator.toml")).unwrap();
     let cfg = &config.studies[0];
     let announcement = cfg.announcement();
     let (mut xs, mut ys) = (Vec::new(), Vec::new());
@@ -286,6 +293,8 @@ fn a_three_class_model_trains_under_differential_privacy() {
         serde_json::from_str(&std::fs::read_to_string(&final_model).unwrap()).unwrap();
     assert_eq!(exported["classes"].as_array().unwrap().len(), 3);
     assert!(exported["validation"].is_null(), "{exported}");
+    assert_eq!(exported["provenance"]["privacy"]["mechanism"], "dp-sgd");
+    assert_eq!(exported["provenance"]["privacy"]["rounds"], rounds);
     for site in SITES {
         let cfg = d.join(format!("{site}.toml"));
         let status: serde_json::Value = serde_json::from_str(&ok(&[
@@ -300,8 +309,14 @@ fn a_three_class_model_trains_under_differential_privacy() {
             .as_array()
             .and_then(|s| s.iter().find(|s| s["study"] == "groups-dp").cloned())
             .unwrap_or_default();
-        // DP-SGD charges each noisy local step.
+        // DP-SGD charges each noisy local step; the model's provenance states the same ε
+        // (the sites' default δ).
         assert_eq!(spent["dp_sgd_steps"], rounds * 10, "{site}: {status}");
+        let stated = exported["provenance"]["privacy"]["epsilon"]
+            .as_f64()
+            .unwrap();
+        let charged = spent["epsilon"].as_f64().unwrap();
+        assert!((stated - charged).abs() < 1e-9, "{stated} vs {charged}");
     }
     let metrics = evaluate_json(&final_model, &fixtures().join("holdout.csv"));
     let auc = metrics["macro_auc"].as_f64().unwrap();

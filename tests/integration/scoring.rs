@@ -69,6 +69,7 @@ pub fn pima_model(dir: &Path) -> (PathBuf, String) {
         missing_sites: Vec::new(),
         stopped: None,
         created_unix: 0,
+        provenance: None,
     };
     exported.validate().unwrap();
     let path = dir.join("model.json");

@@ -473,6 +473,8 @@ pub struct Coordinator {
     site_stats: BTreeMap<String, FeatureStats>,
     /// Rounds each site's input is in.
     contributed: BTreeMap<String, u32>,
+    /// The threshold of the last secure round started, for the models' provenance.
+    last_threshold: Option<u32>,
     scheduler: BTreeMap<String, SiteStats>,
     resume: Option<StudyCheckpoint>,
     model: Option<GlobalModel>,
@@ -528,6 +530,7 @@ impl Coordinator {
             stats: FeatureStats::empty(d),
             site_stats: BTreeMap::new(),
             contributed: BTreeMap::new(),
+            last_threshold: None,
             scheduler: BTreeMap::new(),
             model: None,
             server_state: ServerState::default(),
@@ -1409,6 +1412,7 @@ impl Coordinator {
             quant,
             binding,
         )?;
+        self.last_threshold = Some(setup.threshold);
         self.out.note_round(
             round,
             false,
@@ -2030,6 +2034,48 @@ impl Coordinator {
         }
     }
 
+    /// The released model's provenance after `round`: the approval hash, the secure
+    /// aggregation it ran under, and what its rounds cost under differential privacy (ε at
+    /// δ = 10⁻⁶, the sites' default).
+    fn provenance(&self, round: u32) -> crate::export::Provenance {
+        let privacy = self.cfg.privacy.as_ref().map(|p| {
+            let dp = p.training();
+            let mut acc = crate::dp::accountant::RdpAccountant::default();
+            match dp.sgd {
+                Some(s) => acc.compose_gaussian(
+                    s.sampling_rate,
+                    dp.noise_multiplier,
+                    u64::from(round) * u64::from(s.steps),
+                ),
+                None => acc.compose_gaussian(1.0, dp.noise_multiplier, u64::from(round)),
+            }
+            let delta = 1e-6;
+            crate::export::PrivacyCost {
+                mechanism: if dp.sgd.is_some() {
+                    "dp-sgd"
+                } else {
+                    "dp-fedavg"
+                }
+                .into(),
+                clip_norm: dp.clip_norm,
+                noise_multiplier: dp.noise_multiplier,
+                rounds: round,
+                epsilon: acc.epsilon(delta).0,
+                delta,
+            }
+        });
+        crate::export::Provenance {
+            study_sha256: self.cfg.announcement().approval_hash(),
+            secure_aggregation: self.cfg.secure_aggregation.enabled.then_some(
+                crate::export::SecureAggregationUsed {
+                    threshold: self.last_threshold,
+                    tolerated_colluders: self.cfg.secure_aggregation.tolerated_colluders,
+                },
+            ),
+            privacy,
+        }
+    }
+
     fn release(
         &mut self,
         p: Pending,
@@ -2053,6 +2099,7 @@ impl Coordinator {
             missing_sites,
             stopped,
             created_unix: 0,
+            provenance: Some(self.provenance(p.round)),
         };
         self.out.push(Command::Release {
             model: Box::new(model),
