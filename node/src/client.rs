@@ -1139,11 +1139,12 @@ impl Node {
                     // Record-level DP inside this site: sampling and noise from a secret
                     // generator.
                     let mut rng = Node::secret_rng()?;
-                    medfed_protocol::dp::sgd::train(
+                    medfed_protocol::dp::sgd::train_patients(
                         data.kind,
                         &model.weights,
                         x_train.view(),
                         data.y_train.view(),
+                        (!data.train_patients.is_empty()).then_some(&data.train_patients[..]),
                         &params,
                         &dp,
                         &mut rng,

@@ -598,32 +598,41 @@ pub fn split_table(
     study_id: &str,
     patient_key: Option<&str>,
 ) -> (Vec<usize>, Vec<usize>) {
-    let Some(k) = patient_key.and_then(|k| table.column(k).ok()) else {
+    let Some(patient_of) = patients_of(table, patient_key) else {
         return split_rows(table.len(), validation_fraction, study_id);
     };
-    let mut patients: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    let mut next = 0usize;
-    let patient_of: Vec<usize> = (0..table.len())
-        .map(|i| {
-            let key = table.cell(i, k).trim();
-            let fresh = next;
-            let p = if key.is_empty() {
-                fresh
-            } else {
-                *patients.entry(key).or_insert(fresh)
-            };
-            if p == fresh {
-                next += 1;
-            }
-            p
-        })
-        .collect();
+    let next = patient_of.iter().max().map_or(0, |m| m + 1);
     let (_, val_patients) = split_rows(next, validation_fraction, study_id);
     let mut validation = vec![false; next];
     for p in val_patients {
         validation[p] = true;
     }
     (0..table.len()).partition(|&i| !validation[patient_of[i]])
+}
+
+/// Each row's patient, numbered 0, 1, ... in order of their first row (a row without a key
+/// is a patient of its own), when `patient_key` names a column of the table.
+pub fn patients_of(table: &Table, patient_key: Option<&str>) -> Option<Vec<usize>> {
+    let k = patient_key.and_then(|k| table.column(k).ok())?;
+    let mut patients: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let mut next = 0usize;
+    Some(
+        (0..table.len())
+            .map(|i| {
+                let key = table.cell(i, k).trim();
+                let fresh = next;
+                let p = if key.is_empty() {
+                    fresh
+                } else {
+                    *patients.entry(key).or_insert(fresh)
+                };
+                if p == fresh {
+                    next += 1;
+                }
+                p
+            })
+            .collect(),
+    )
 }
 
 /// A study's rows at this node, raw (unstandardized).
@@ -643,6 +652,9 @@ pub struct StudyData {
     pub y_val: Array1<f64>,
     /// The study's DP-FedAvg parameters, if it is differentially private.
     pub privacy: Option<medfed_protocol::dp::DpTraining>,
+    /// Each training row's patient (empty: each row its own), the unit DP-SGD samples and
+    /// clips: a patient's rows together.
+    pub train_patients: Vec<usize>,
     /// A classification study's target values and how many of the study's rows have each
     /// (kept at the site: only the names of the common ones leave, see
     /// [`StudyData::common_classes`]).
@@ -700,6 +712,7 @@ impl StudyData {
             x_val: x.select(axis, &val),
             y_val: y.select(axis, &val),
             privacy: study.privacy,
+            train_patients: Vec::new(),
             classes,
         })
     }
@@ -722,10 +735,6 @@ impl StudyData {
         let usable: std::collections::HashSet<usize> = usable.into_iter().collect();
         let target = table.column(&study.target)?;
         let number = |raw: &str| raw.parse::<f64>().is_ok_and(f64::is_finite);
-        // With a patient key, each patient trains once (their first usable row): DP-SGD's
-        // noise is for one patient's one record.
-        let key = patient_key.and_then(|k| table.column(k).ok());
-        let mut seen = std::collections::HashSet::new();
         let keep: Vec<usize> = (0..table.len())
             .filter(|&i| {
                 usable.contains(&i)
@@ -741,10 +750,6 @@ impl StudyData {
                         }
                         ModelKind::Linear => number(table.cell(i, target)),
                     }
-                    && key.is_none_or(|k| {
-                        let patient = table.cell(i, k).trim();
-                        patient.is_empty() || seen.insert(patient.to_string())
-                    })
             })
             .collect();
         let kept = Table {
@@ -784,6 +789,9 @@ impl StudyData {
                 x_val: x.select(axis, &val),
                 y_val: y.select(axis, &val),
                 privacy: study.privacy,
+                train_patients: patients_of(&kept, patient_key)
+                    .map(|p| train.iter().map(|&i| p[i]).collect())
+                    .unwrap_or_default(),
                 classes,
             },
             table.len() - kept.len(),
@@ -971,9 +979,17 @@ mod tests {
             StudyData::prepare_private(&t, &study(), None),
             Err(DataError::MissingColumn { .. })
         ));
-        // With a patient key, a patient of many rows trains once: the noise is per patient.
+        // With a patient key, a patient of many rows is one unit: all their rows train, as
+        // one patient (DP-SGD clips their gradients' sum), on one side of the split.
         let t = table("patient,a,b,y\np1,1,2,Yes\np1,3,4,No\np1,5,6,No\np2,7,8,No\n");
         let (d, _) = StudyData::prepare_private(&t, &study(), Some("patient")).unwrap();
-        assert_eq!(d.x_train.nrows() + d.x_val.nrows(), 2);
+        assert_eq!(d.x_train.nrows() + d.x_val.nrows(), 4);
+        assert_eq!(d.train_patients.len(), d.x_train.nrows());
+        let p1_in_training = d.train_patients.iter().filter(|p| **p == 0).count();
+        assert!(
+            p1_in_training == 0 || p1_in_training == 3,
+            "{:?}",
+            d.train_patients
+        );
     }
 }

@@ -58,14 +58,34 @@ fn residual(
 /// The grid of the noisy gradient sum, `C·2^-GRID_BITS`.
 const GRID_BITS: u8 = 20;
 
-/// `T` steps of DP-SGD from `start` on the rows `x`, `y`: the new weights (features, then
-/// the intercept), or why not. `stop` is asked before each step.
+/// `T` steps of DP-SGD from `start` on the rows `x`, `y`, each row its own unit: the new
+/// weights (features, then the intercept), or why not. `stop` is asked before each step.
 #[allow(clippy::too_many_arguments)]
 pub fn train(
     kind: ModelKind,
     start: &[f64],
     x: ArrayView2<'_, f64>,
     y: ArrayView1<'_, f64>,
+    params: &TrainParams,
+    dp: &super::DpTraining,
+    rng: &mut impl Rng,
+    stop: &dyn Fn() -> bool,
+) -> Result<Vec<f64>, TrainError> {
+    train_patients(kind, start, x, y, None, params, dp, rng, stop)
+}
+
+/// [`train`] where the unit of privacy is the patient: `patients[i]` names row `i`'s
+/// patient, and each step samples patients (with probability `q`), sums each sampled
+/// patient's row gradients, and clips that sum to `C`. Removing a patient, however many
+/// rows they have, changes a step's sum by at most `C`: the accounting is that of one
+/// record, with `q` the patients' sampling rate. `None`: each row is its own patient.
+#[allow(clippy::too_many_arguments)]
+pub fn train_patients(
+    kind: ModelKind,
+    start: &[f64],
+    x: ArrayView2<'_, f64>,
+    y: ArrayView1<'_, f64>,
+    patients: Option<&[usize]>,
     params: &TrainParams,
     dp: &super::DpTraining,
     rng: &mut impl Rng,
@@ -106,6 +126,29 @@ pub fn train(
     let start_w = w.clone();
     let mut grad_sum = vec![0.0; width];
     let mut resid = vec![0.0; k];
+    if patients.is_some_and(|p| p.len() != n) {
+        return Err(TrainError::LengthMismatch {
+            rows: n,
+            targets: patients.map_or(0, <[usize]>::len),
+        });
+    }
+    // The units sampled: each patient's rows (in order of their first row), or each row.
+    let units: Vec<Vec<usize>> = match patients {
+        None => (0..n).map(|i| vec![i]).collect(),
+        Some(p) => {
+            let mut index = std::collections::HashMap::new();
+            let mut units: Vec<Vec<usize>> = Vec::new();
+            for (i, patient) in p.iter().enumerate() {
+                let u = *index.entry(*patient).or_insert_with(|| {
+                    units.push(Vec::new());
+                    units.len() - 1
+                });
+                units[u].push(i);
+            }
+            units
+        }
+    };
+    let mut unit_grad = vec![0.0; width];
     for step in 0..sgd.steps {
         if stop() {
             return Err(TrainError::StoppedAtStep {
@@ -114,10 +157,39 @@ pub fn train(
             });
         }
         grad_sum.iter_mut().for_each(|g| *g = 0.0);
-        for i in 0..n {
+        for unit in &units {
             if rng.next_u64() > threshold {
                 continue;
             }
+            if unit.len() > 1 {
+                // A patient of several rows: the sum of their gradients, clipped as one.
+                unit_grad.iter_mut().for_each(|g| *g = 0.0);
+                for &i in unit {
+                    let row = x.row(i);
+                    let Some(()) =
+                        residual(kind, w.as_slice().unwrap_or(&[]), row, y[i], &mut resid)
+                    else {
+                        continue;
+                    };
+                    for (block, r) in unit_grad.chunks_exact_mut(d + 1).zip(&resid) {
+                        for (g, v) in block.iter_mut().zip(row.iter()) {
+                            *g += r * v;
+                        }
+                        block[d] += r;
+                    }
+                }
+                let norm = unit_grad.iter().map(|g| g * g).sum::<f64>().sqrt();
+                // Not a finite number: contributes nothing (as a record below).
+                if !norm.is_finite() {
+                    continue;
+                }
+                let scale = if norm > c { 1.0 / norm } else { 1.0 / c };
+                for (g, u) in grad_sum.iter_mut().zip(&unit_grad) {
+                    *g += u * scale;
+                }
+                continue;
+            }
+            let i = unit[0];
             let row = x.row(i);
             // Every loss here has gradient r ⊗ [x, 1], r = prediction − target (one-hot for
             // a multinomial model), of norm ‖r‖·√(‖x‖² + 1).
@@ -343,6 +415,84 @@ mod tests {
         y[5] = 7.0;
         let c = run(&x, &y);
         assert!(c.iter().all(|w| w.is_finite()));
+    }
+
+    /// A patient of many rows is one unit: changing all of their rows moves a step by at
+    /// most their clipped share, as one record's would; rows of other patients stay units
+    /// of their own.
+    #[test]
+    fn a_patient_of_many_rows_moves_a_step_by_at_most_one_share() {
+        let mut x = Array2::from_shape_fn((12, 2), |(i, j)| (i + j) as f64 * 0.1);
+        let y = Array1::from_shape_fn(12, |i| f64::from(i as u32 % 2));
+        // Rows 0..6 are one patient; rows 6..12 one each.
+        let patients: Vec<usize> = (0..12).map(|i| if i < 6 { 0 } else { i }).collect();
+        let tiny = DpTraining {
+            clip_norm: 1.0,
+            noise_multiplier: 0.3,
+            sgd: Some(DpSgd {
+                sampling_rate: 1.0,
+                steps: 1,
+                lot_size: 7.0,
+            }),
+        };
+        let run = |x: &Array2<f64>| {
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(9);
+            train_patients(
+                ModelKind::Linear,
+                &[0.0, 0.0, 0.0],
+                x.view(),
+                y.view(),
+                Some(&patients),
+                &params(),
+                &tiny,
+                &mut rng,
+                &|| false,
+            )
+            .unwrap()
+        };
+        let a = run(&x);
+        for i in 0..6 {
+            x[[i, 0]] = 1e6 * (i as f64 + 1.0);
+            x[[i, 1]] = -1e6;
+        }
+        let b = run(&x);
+        let moved = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        // lr · 2C / L: the patient's clipped sum before and after, at most C each.
+        assert!(moved <= 0.5 * 2.0 / 7.0 + 1e-6, "{moved}");
+        assert!(moved > 0.0);
+        // Each row its own patient is `train` itself.
+        let mut r1 = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        let mut r2 = rand_chacha::ChaCha20Rng::seed_from_u64(3);
+        let own: Vec<usize> = (0..12).collect();
+        let one = train(
+            ModelKind::Linear,
+            &[0.0; 3],
+            x.view(),
+            y.view(),
+            &params(),
+            &tiny,
+            &mut r1,
+            &|| false,
+        )
+        .unwrap();
+        let two = train_patients(
+            ModelKind::Linear,
+            &[0.0; 3],
+            x.view(),
+            y.view(),
+            Some(&own),
+            &params(),
+            &tiny,
+            &mut r2,
+            &|| false,
+        )
+        .unwrap();
+        assert_eq!(one, two);
     }
 
     /// Three separable classes: with little noise DP-SGD learns them.
