@@ -17,11 +17,20 @@ pub struct PredictArgs {
     pub model: PathBuf,
     /// A CSV file with a header row holding the study's raw feature columns (any order;
     /// other columns are ignored).
-    #[arg(long)]
-    pub data: PathBuf,
+    #[arg(long, required_unless_present = "fhir", conflicts_with = "fhir")]
+    pub data: Option<PathBuf>,
+    /// Or a FHIR R4 Bulk Data export directory (Patient.ndjson, Observation.ndjson): one
+    /// row per patient, its columns made by `--fhir-mapping`.
+    #[arg(long, requires = "fhir_mapping")]
+    pub fhir: Option<PathBuf>,
+    /// The FHIR export's mapping, a TOML file as an `[ingest.fhir_mapping]` table: which
+    /// Observation codes become which columns (`features = [{ column, system, code }, ...]`).
+    #[arg(long, value_name = "TOML")]
+    pub fhir_mapping: Option<PathBuf>,
     /// A column copied into the output beside each row's scores, to tell the rows apart
-    /// (e.g. a record number; default: the row's line in the input).
-    #[arg(long)]
+    /// (e.g. a record number; default: the row's line in the input, or with `--fhir` the
+    /// Patient's id).
+    #[arg(long, conflicts_with = "fhir")]
     pub id_column: Option<String>,
     /// Where to write the scores (CSV); default: standard output.
     #[arg(long)]
@@ -50,7 +59,20 @@ fn header(model: &medfed_protocol::export::ExportedModel) -> Vec<String> {
 
 pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     let model = crate::evaluate::load_model(&args.model)?;
-    let table = Table::load(&args.data)?;
+    let (table, source, patient_ids) = match (&args.data, &args.fhir, &args.fhir_mapping) {
+        (Some(data), _, _) => (Table::load(data)?, data.display().to_string(), None),
+        (None, Some(dir), Some(mapping)) => {
+            let mapping: medfed_node::runtime::fhir_source::FhirMapping =
+                medfed_infra::config::load_toml(mapping)?;
+            let (csv, ids) = medfed_node::runtime::fhir_source::table(dir, &mapping)?;
+            (
+                Table::from_reader(dir, csv.as_bytes())?,
+                format!("the FHIR export {}", dir.display()),
+                Some(ids),
+            )
+        }
+        _ => anyhow::bail!("give --data CSV, or --fhir DIR with --fhir-mapping TOML"),
+    };
     let recipe = model.model.preprocessing();
     let id = args
         .id_column
@@ -65,7 +87,11 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
     let mut csv = csv::Writer::from_writer(&mut out);
-    let mut head = vec![args.id_column.clone().unwrap_or_else(|| "line".into())];
+    let mut head = vec![match (&args.id_column, &patient_ids) {
+        (Some(c), _) => c.clone(),
+        (None, Some(_)) => "patient".into(),
+        (None, None) => "line".into(),
+    }];
     head.extend(header(&model));
     csv.write_record(&head)?;
     let k = model.model.kind.outputs();
@@ -73,9 +99,10 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     let (mut scored, mut failed) = (0u64, 0u64);
     // Row by row: a row that cannot be scored gets its reason, the others their scores.
     for i in 0..table.len() {
-        let mut record = vec![match id {
-            Some(c) => table.cell(i, c).to_string(),
-            None => table.line_of(i).to_string(),
+        let mut record = vec![match (id, &patient_ids) {
+            (Some(c), _) => table.cell(i, c).to_string(),
+            (None, Some(ids)) => ids.get(i).cloned().unwrap_or_default(),
+            (None, None) => table.line_of(i).to_string(),
         }];
         let row = table
             .row_inputs(i, &recipe)
@@ -119,9 +146,8 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         .as_ref()
         .map_or("standard output".to_string(), |p| p.display().to_string());
     eprintln!(
-        "scored {scored} of {} rows of {} with model {} (study '{}', round {}) into {to}",
+        "scored {scored} of {} rows of {source} with model {} (study '{}', round {}) into {to}",
         table.len(),
-        args.data.display(),
         args.model.display(),
         model.study_id,
         model.round

@@ -219,3 +219,64 @@ fn a_model_file_changed_since_its_approval_is_refused() {
     std::fs::write(&model, text).unwrap();
     ok(&["node", "ingest", "--config", cfg.to_str().unwrap()]);
 }
+
+/// `medfed model predict` on a FHIR export scores each patient as on the same rows in a
+/// CSV file: the Pima FHIR export holds `pima_tr.csv`'s 200 rows.
+#[test]
+fn a_fhir_export_is_scored_as_its_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (model, _) = pima_model(d);
+    let mapping = d.join("mapping.toml");
+    std::fs::write(
+        &mapping,
+        r#"features = [
+  { column = "npreg", system = "http://loinc.org", code = "11996-6" },
+  { column = "glu", system = "http://loinc.org", code = "2345-7" },
+  { column = "bp", system = "http://loinc.org", code = "8462-4" },
+  { column = "skin", system = "urn:medfed:example", code = "triceps-skinfold" },
+  { column = "bmi", system = "http://loinc.org", code = "39156-5" },
+  { column = "ped", system = "urn:medfed:example", code = "diabetes-pedigree" },
+  { column = "age", system = "http://loinc.org", code = "30525-0" },
+]
+"#,
+    )
+    .unwrap();
+    let fhir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_fhir");
+    let (m, f) = (model.to_str().unwrap(), fhir.to_str().unwrap());
+    let from_fhir = ok(&[
+        "model",
+        "predict",
+        "--model",
+        m,
+        "--fhir",
+        f,
+        "--fhir-mapping",
+        mapping.to_str().unwrap(),
+    ]);
+    let csv = pima_csv();
+    let from_csv = ok(&[
+        "model",
+        "predict",
+        "--model",
+        m,
+        "--data",
+        csv.to_str().unwrap(),
+    ]);
+    let scores = |text: &str| -> Vec<String> {
+        text.lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap().to_string())
+            .collect()
+    };
+    assert!(
+        from_fhir.starts_with("patient,p_Yes,error\npima-0001,"),
+        "{from_fhir}"
+    );
+    assert_eq!(scores(&from_fhir).len(), 200);
+    assert_eq!(scores(&from_fhir), scores(&from_csv));
+    // The options say what is missing.
+    let out = crate::common::medfed(&["model", "predict", "--model", m, "--fhir", f]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--fhir-mapping"));
+}

@@ -259,6 +259,44 @@ pub fn records(
         .collect())
 }
 
+/// The export in `dir` as a table: a header (the mapping's columns, then its target's) and
+/// one row per line of `Patient.ndjson` ([`records`]), with each row's Patient id (empty
+/// for a line that is not a Patient), for scoring the export with a model.
+pub fn table(dir: &Path, mapping: &FhirMapping) -> Result<(String, Vec<String>), FhirError> {
+    let conditions = match &mapping.target {
+        Some(_) => open(&dir.join(CONDITIONS))?,
+        None => None,
+    };
+    let rows = records(
+        dir,
+        mapping,
+        open(&dir.join(PATIENTS))?,
+        open(&dir.join(OBSERVATIONS))?,
+        conditions,
+    )?;
+    let ids: Vec<String> = lines(&dir.join(PATIENTS), open(&dir.join(PATIENTS))?)?
+        .into_iter()
+        .map(|(_, r)| {
+            if r.resource_type == "Patient" {
+                r.id.unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .collect();
+    let mut text: Vec<String> = mapping.features.iter().map(|c| c.column.clone()).collect();
+    if let Some(t) = &mapping.target {
+        text.push(t.column.clone());
+    }
+    let mut csv = text.join(",");
+    csv.push('\n');
+    for row in rows {
+        csv.push_str(&String::from_utf8_lossy(&row));
+        csv.push('\n');
+    }
+    Ok((csv, ids))
+}
+
 /// Joins the export in `dir` into records ([`records`]) and streams those from patient
 /// `from` on.
 pub fn read(
