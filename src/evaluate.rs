@@ -173,7 +173,7 @@ fn plots(
 
 pub fn run(args: EvaluateArgs) -> anyhow::Result<()> {
     let model = load_model(&args.model)?;
-    let (table, unlabelled) = Table::load(&args.data)?.with_value_in(&args.target)?;
+    let (table, unlabelled) = Table::load(&args.data)?.with_value_in(&args.target, None)?;
     if unlabelled > 0 {
         eprintln!(
             "note: {unlabelled} rows of {} have no value of '{}' and are left out",

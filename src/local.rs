@@ -286,7 +286,11 @@ pub fn centralized_baseline(
     y_train: ArrayView1<'_, f64>,
 ) -> anyhow::Result<GlobalModel> {
     let standardization = FeatureStats::from_rows(x_train).standardization()?;
+    // The study's recipe, its "mean"s the pooled rows' (as the federation's would be).
+    let mut recipe = study.preprocess.recipe(&study.features);
+    recipe.resolve_means(&standardization.mean);
     let mut z = x_train.to_owned();
+    fill_missing(&mut z, &recipe.imputed());
     standardization.apply(&mut z);
     let params = TrainParams {
         local_epochs: study.rounds.saturating_mul(study.training.local_epochs),
@@ -294,9 +298,23 @@ pub fn centralized_baseline(
         ..study.training.params()
     };
     let kind = study.kind();
-    let mut model = GlobalModel::zeros(kind, study.features.clone(), standardization);
+    let mut model = GlobalModel::zeros(kind, study.inputs(), standardization);
     model.weights = train_local(kind, &model.weights, z.view(), y_train, &params)?;
+    if !study.preprocess.is_empty() {
+        model.recipe = recipe;
+    }
     Ok(model)
+}
+
+/// Replaces each missing value (NaN) of column j by `imputed[j]`, where it is a number.
+fn fill_missing(x: &mut Array2<f64>, imputed: &[f64]) {
+    for mut row in x.rows_mut() {
+        for (v, fill) in row.iter_mut().zip(imputed) {
+            if v.is_nan() && fill.is_finite() {
+                *v = *fill;
+            }
+        }
+    }
 }
 
 /// Study `study_id` of the aggregator config `dir/aggregator.toml`: its federated model
@@ -318,8 +336,13 @@ pub fn compare_study(
     let (mut xt, mut yt, mut xv, mut yv) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut validation_rows = Vec::new();
     for site in sites {
-        let table = Table::load(&dir.join("data").join(format!("{site}.csv")))?;
-        // The node's split: by patient where a column is a patient key by its name.
+        // As the node reads it: rows without a target value (or of a class the study does
+        // not list) left out, split by patient where a column is a patient key by its name.
+        let (table, _) = Table::load(&dir.join("data").join(format!("{site}.csv")))?
+            .with_value_in(
+                &study.target,
+                (!study.classes.is_empty()).then_some(&study.classes[..]),
+            )?;
         let classes = ColumnClasses::for_table(&table, &Default::default());
         let key = classes.patient_key();
         let data = StudyData::prepare_keyed(&table, &announcement, key)?;
@@ -335,12 +358,16 @@ pub fn compare_study(
         |v: &[Array1<f64>]| concatenate(Axis(0), &v.iter().map(|a| a.view()).collect::<Vec<_>>());
     let (x_train, y_train, x_val, y_val) = (cat2(&xt)?, cat1(&yt)?, cat2(&xv)?, cat1(&yv)?);
     let baseline = centralized_baseline(study, x_train.view(), y_train.view())?;
-    let p_central = baseline.predict_raw(x_val.view())?.to_vec();
+    let mut central_x = x_val.clone();
+    fill_missing(&mut central_x, &baseline.recipe.imputed());
+    let p_central = baseline.predict_raw(central_x.view())?.to_vec();
     let text = std::fs::read_to_string(final_model)
         .with_context(|| format!("cannot read {}", final_model.display()))?;
     let model: ExportedModel = serde_json::from_str(&text)
         .with_context(|| format!("{} is not a medfed model file", final_model.display()))?;
-    let p_fed = model.model.predict_raw(x_val.view())?.to_vec();
+    let mut fed_x = x_val.clone();
+    fill_missing(&mut fed_x, &model.model.recipe.imputed());
+    let p_fed = model.model.predict_raw(fed_x.view())?.to_vec();
     let labels = y_val.to_vec();
     let metrics = |p: &[f64]| exact_metrics(study.kind(), p, &labels);
     Ok(Comparison {

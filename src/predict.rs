@@ -65,8 +65,17 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
             let mapping: medfed_node::runtime::fhir_source::FhirMapping =
                 medfed_infra::config::load_toml(mapping)?;
             let (csv, ids) = medfed_node::runtime::fhir_source::table(dir, &mapping)?;
+            let table = Table::from_reader(dir, csv.as_bytes())?;
+            // Each row must be scored under its own patient's id.
+            anyhow::ensure!(
+                table.len() == ids.len(),
+                "{}: {} rows made from {} patients",
+                dir.display(),
+                table.len(),
+                ids.len()
+            );
             (
-                Table::from_reader(dir, csv.as_bytes())?,
+                table,
                 format!("the FHIR export {}", dir.display()),
                 Some(ids),
             )

@@ -873,11 +873,8 @@ impl Node {
                 return refuse(format!("this site cannot read dataset '{}' now", a.dataset));
             }
         };
-        let used = a
-            .features
-            .iter()
-            .chain(std::iter::once(&a.target))
-            .map(String::as_str);
+        let read = columns_read(a);
+        let used = read.iter().map(String::as_str);
         if let Err(why) = classes.check(&a.dataset, used.clone()) {
             return refuse(why);
         }
@@ -897,11 +894,13 @@ impl Node {
         } else {
             // A row without a target value cannot be learnt from: left out, and counted in
             // the site's log (an exact study releases its row counts anyway).
+            // So is a row of a class a multinomial study does not list: refusing would tell
+            // the aggregator that such a class exists here, however few patients have it.
             table
-                .with_value_in(&a.target)
+                .with_value_in(&a.target, (!a.classes.is_empty()).then_some(&a.classes[..]))
                 .and_then(|(labelled, unlabelled)| {
                     if unlabelled > 0 {
-                        warn!(study = %a.study_id, unlabelled, "rows without a value of the study's target are left out");
+                        warn!(study = %a.study_id, unlabelled, "rows without a value of the study's target (or of a class it does not list) are left out");
                     }
                     StudyData::prepare_keyed(&labelled, a, classes.patient_key())
                 })
@@ -1277,6 +1276,22 @@ impl Node {
     }
 }
 
+/// Every column a study may read: its features and target, and for a categorical feature
+/// the one-hot columns `{column}_{category}` read in its place where a pipeline made them
+/// (each checked against the column classes like the features).
+pub(crate) fn columns_read(a: &StudyAnnouncement) -> Vec<String> {
+    let mut cols: Vec<String> = a
+        .features
+        .iter()
+        .chain(std::iter::once(&a.target))
+        .cloned()
+        .collect();
+    for (c, cats) in &a.preprocess.categorical {
+        cols.extend(cats.iter().map(|k| format!("{c}_{k}")));
+    }
+    cols
+}
+
 /// The study's rows as the model reads them: missing values imputed with the model's
 /// values (the federation's means, or the study's declared ones), then standardized. A
 /// missing value the model imputes nothing for is an error (the study was prepared so that
@@ -1378,6 +1393,33 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, NodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A categorical feature's one-hot columns are read (and so checked) like its column:
+    /// a study cannot reach `name_first` by declaring a categorical `name` with category
+    /// `first` on a table without a `name` column.
+    #[test]
+    fn a_categorical_features_one_hot_columns_are_columns_read() {
+        let mut a = StudyAnnouncement {
+            study_id: "s".into(),
+            description: String::new(),
+            dataset: "d".into(),
+            features: vec!["glu".into(), "name".into()],
+            target: "type".into(),
+            model: medfed_protocol::model::ModelKind::Logistic,
+            positive_class: Some("Yes".into()),
+            classes: Vec::new(),
+            preprocess: Default::default(),
+            validation_fraction: 0.25,
+            rounds: 1,
+            secure_aggregation: true,
+            privacy: None,
+        };
+        a.preprocess
+            .categorical
+            .insert("name".into(), vec!["first".into()]);
+        let read = columns_read(&a);
+        assert!(read.contains(&"name".to_string()) && read.contains(&"name_first".to_string()));
+    }
 
     #[test]
     fn no_round_holds_the_sites_cpu_longer_than_the_cap() {

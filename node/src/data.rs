@@ -356,12 +356,20 @@ impl Table {
             .map_err(|e| self.recipe_error(i, e, &raw, recipe))
     }
 
-    /// The rows whose `column` has a value (not empty, not `NA`), and how many did not:
-    /// what a model can be evaluated on.
-    pub fn with_value_in(&self, column: &str) -> Result<(Table, usize), DataError> {
+    /// The rows whose `column` has a value (not empty, not `NA`; one of `allowed` if
+    /// given), and how many did not: what a model can be trained or evaluated on.
+    pub fn with_value_in(
+        &self,
+        column: &str,
+        allowed: Option<&[String]>,
+    ) -> Result<(Table, usize), DataError> {
         let c = self.column(column)?;
         let keep: Vec<usize> = (0..self.len())
-            .filter(|&i| !medfed_protocol::preprocess::missing(self.cell(i, c)))
+            .filter(|&i| {
+                let v = self.cell(i, c);
+                !medfed_protocol::preprocess::missing(v)
+                    && allowed.is_none_or(|a| a.iter().any(|k| k == v))
+            })
             .collect();
         let kept = Table {
             path: self.path.clone(),
@@ -538,6 +546,9 @@ fn check_target_spec(table: &Table, study: &StudyAnnouncement) -> Result<(), Dat
     };
     if let Err(why) = study.model.validate() {
         return invalid(why);
+    }
+    if let Err((key, why)) = study.preprocess.validate(&study.features) {
+        return invalid(format!("the study's {key} {why}"));
     }
     match study.model {
         ModelKind::Logistic if study.positive_class.is_none() => {
@@ -843,6 +854,18 @@ mod tests {
             secure_aggregation: true,
             privacy: None,
         }
+    }
+
+    /// Rows without a target value, or of a class not listed, are left out and counted.
+    #[test]
+    fn rows_without_a_usable_target_are_counted_out() {
+        let t = table("a,b,y\n1,2,Yes\n3,4,NA\n5,6,\n7,8,Maybe\n9,10,No\n");
+        let (kept, out) = t.with_value_in("y", None).unwrap();
+        assert_eq!((kept.len(), out), (3, 2));
+        let listed = ["Yes".to_string(), "No".to_string()];
+        let (kept, out) = t.with_value_in("y", Some(&listed)).unwrap();
+        assert_eq!((kept.len(), out), (2, 3));
+        assert!(t.with_value_in("z", None).is_err());
     }
 
     /// Two eyes per patient, and one patient of 40 visits: whatever the study, no patient

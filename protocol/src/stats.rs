@@ -38,6 +38,9 @@ pub enum StatsError {
     /// No row was counted.
     #[error("no rows: cannot standardize")]
     Empty,
+    /// A feature is present in more rows than were counted.
+    #[error("feature statistics count a feature in more rows than they hold")]
+    Inconsistent,
 }
 
 impl FeatureStats {
@@ -80,13 +83,14 @@ impl FeatureStats {
         if self.sum.iter().chain(&self.sum_sq).any(|v| !v.is_finite()) {
             return Err(StatsError::NotFinite);
         }
-        if !self.present.is_empty()
-            && (self.present.len() != features || self.present.iter().any(|p| *p > self.count))
-        {
+        if !self.present.is_empty() && self.present.len() != features {
             return Err(StatsError::WrongWidth {
                 got: self.present.len(),
                 expected: features,
             });
+        }
+        if self.present.iter().any(|p| *p > self.count) {
+            return Err(StatsError::Inconsistent);
         }
         Ok(())
     }

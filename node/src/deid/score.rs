@@ -227,9 +227,13 @@ impl Score {
                                 .position(|c| *c == Some(*v))?,
                         ),
                         Some(_) => None,
-                        // The pipeline one-hot encoded this column.
+                        // The pipeline one-hot encoded this column; a record with neither
+                        // the column nor its one-hot fields cannot be read.
                         None => {
                             let fields = s.one_hot[k].as_ref()?;
+                            if fields.iter().all(|f| record.get(f.as_str()).is_none()) {
+                                return None;
+                            }
                             fields
                                 .iter()
                                 .position(|f| record.number(f.as_str()) == Some(1.0))

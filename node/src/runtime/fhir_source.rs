@@ -291,7 +291,13 @@ pub fn table(dir: &Path, mapping: &FhirMapping) -> Result<(String, Vec<String>),
     let mut csv = text.join(",");
     csv.push('\n');
     for row in rows {
-        csv.push_str(&String::from_utf8_lossy(&row));
+        if row.is_empty() {
+            // One empty field: a blank line would be skipped, and the rows after it moved
+            // onto the wrong patients.
+            csv.push_str("\"\"");
+        } else {
+            csv.push_str(&String::from_utf8_lossy(&row));
+        }
         csv.push('\n');
     }
     Ok((csv, ids))
