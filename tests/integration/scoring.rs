@@ -129,9 +129,7 @@ fn scores_and_alerts_are_kept_exactly_once_across_kills() {
     for c in 0..copies {
         for (i, r) in rows.iter().enumerate() {
             if c == 0 && i == 0 {
-                let mut f: Vec<&str> = r.split(',').collect();
-                f[3] = "NA";
-                csv.push_str(&f.join(","));
+                csv.push_str(&medfed::csv_text::with_field(r, 3, "NA"));
             } else {
                 csv.push_str(r);
             }
@@ -266,7 +264,7 @@ fn a_fhir_export_is_scored_as_its_csv() {
     let scores = |text: &str| -> Vec<String> {
         text.lines()
             .skip(1)
-            .map(|l| l.split(',').nth(1).unwrap().to_string())
+            .map(|l| medfed::csv_text::fields(l)[1].clone())
             .collect()
     };
     assert!(

@@ -284,12 +284,23 @@ pub fn table(dir: &Path, mapping: &FhirMapping) -> Result<(String, Vec<String>),
             }
         })
         .collect();
-    let mut text: Vec<String> = mapping.features.iter().map(|c| c.column.clone()).collect();
-    if let Some(t) = &mapping.target {
-        text.push(t.column.clone());
-    }
-    let mut csv = text.join(",");
-    csv.push('\n');
+    // The header through the csv crate (a column name may need quoting); the rows are
+    // numbers and Yes/No, as `records` makes them.
+    let mut header = csv::Writer::from_writer(Vec::new());
+    header
+        .write_record(
+            mapping
+                .features
+                .iter()
+                .chain(mapping.target.as_ref())
+                .map(|c| c.column.as_str()),
+        )
+        .and_then(|()| header.flush().map_err(csv::Error::from))
+        .map_err(|e| FhirError::Io {
+            path: dir.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+    let mut csv = String::from_utf8_lossy(header.get_ref()).into_owned();
     for row in rows {
         if row.is_empty() {
             // One empty field: a blank line would be skipped, and the rows after it moved
