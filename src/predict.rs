@@ -107,24 +107,20 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     let cells = head.len() - 2;
     let (mut scored, mut failed) = (0u64, 0u64);
     // Row by row: a row that cannot be scored gets its reason, the others their scores.
-    for i in 0..table.len() {
+    for (i, inputs) in table.rows_inputs(&recipe, false)?.into_iter().enumerate() {
         let mut record = vec![match (id, &patient_ids) {
             (Some(c), _) => table.cell(i, c).to_string(),
             (None, Some(ids)) => ids.get(i).cloned().unwrap_or_default(),
             (None, None) => table.line_of(i).to_string(),
         }];
-        let row = table
-            .row_inputs(i, &recipe)
-            .map_err(|e| e.to_string())
-            .and_then(|x| {
-                let x =
-                    ndarray::Array2::from_shape_vec((1, x.len()), x).map_err(|e| e.to_string())?;
-                model
-                    .model
-                    .predict_raw(x.view())
-                    .map(|p| p.to_vec())
-                    .map_err(|e| e.to_string())
-            });
+        let row = inputs.map_err(|e| e.to_string()).and_then(|x| {
+            let x = ndarray::Array2::from_shape_vec((1, x.len()), x).map_err(|e| e.to_string())?;
+            model
+                .model
+                .predict_raw(x.view())
+                .map(|p| p.to_vec())
+                .map_err(|e| e.to_string())
+        });
         match row {
             Ok(p) => {
                 scored += 1;

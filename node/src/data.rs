@@ -328,32 +328,52 @@ impl Table {
             .collect()
     }
 
-    /// The model's input matrix (rows × the recipe's inputs) of every row: numbers parsed,
-    /// categories expanded, missing values imputed (NaN where the value is still to come,
-    /// when `keep_missing`). A value the recipe cannot use is an error naming its line and
-    /// column.
-    pub fn inputs(&self, recipe: &Recipe, keep_missing: bool) -> Result<Array2<f64>, DataError> {
+    /// Each row's inputs, or why the recipe cannot use that row (its line and column):
+    /// numbers parsed, categories expanded, missing values imputed (NaN where the value is
+    /// still to come, when `keep_missing`). A column the recipe reads and the table lacks is
+    /// an error for the whole table.
+    pub fn rows_inputs(
+        &self,
+        recipe: &Recipe,
+        keep_missing: bool,
+    ) -> Result<Vec<Result<Vec<f64>, DataError>>, DataError> {
         let sources = self.recipe_sources(recipe)?;
+        Ok((0..self.rows.len())
+            .map(|i| {
+                let raw = self.recipe_values(i, recipe, &sources);
+                recipe
+                    .apply_values(&raw, keep_missing)
+                    .map_err(|e| self.recipe_error(i, e, &raw, recipe))
+            })
+            .collect())
+    }
+
+    /// The model's input matrix (rows × the recipe's inputs) of every row, as
+    /// [`Table::rows_inputs`]; the first row the recipe cannot use is the error.
+    pub fn inputs(&self, recipe: &Recipe, keep_missing: bool) -> Result<Array2<f64>, DataError> {
         let width = recipe.features().len();
         let mut x = Array2::zeros((self.rows.len(), width));
-        for i in 0..self.rows.len() {
-            let raw = self.recipe_values(i, recipe, &sources);
-            let row = recipe
-                .apply_values(&raw, keep_missing)
-                .map_err(|e| self.recipe_error(i, e, &raw, recipe))?;
-            x.row_mut(i).assign(&ndarray::ArrayView1::from(&row));
+        for (i, row) in self
+            .rows_inputs(recipe, keep_missing)?
+            .into_iter()
+            .enumerate()
+        {
+            x.row_mut(i).assign(&ndarray::ArrayView1::from(&row?));
         }
         Ok(x)
     }
 
-    /// The inputs of row `i` alone (nothing left missing): for scoring rows one by one, so
-    /// that one bad row does not stop the others.
-    pub fn row_inputs(&self, i: usize, recipe: &Recipe) -> Result<Vec<f64>, DataError> {
-        let sources = self.recipe_sources(recipe)?;
-        let raw = self.recipe_values(i, recipe, &sources);
-        recipe
-            .apply_values(&raw, false)
-            .map_err(|e| self.recipe_error(i, e, &raw, recipe))
+    /// The table of rows `keep` (in that order), with their ids.
+    fn select(&self, keep: &[usize]) -> Table {
+        Table {
+            path: self.path.clone(),
+            columns: self.columns.clone(),
+            rows: keep.iter().map(|&i| self.rows[i].clone()).collect(),
+            ids: self
+                .ids
+                .as_ref()
+                .map(|ids| keep.iter().map(|&i| ids[i]).collect()),
+        }
     }
 
     /// The rows whose `column` has a value (not empty, not `NA`; one of `allowed` if
@@ -371,39 +391,12 @@ impl Table {
                     && allowed.is_none_or(|a| a.iter().any(|k| k == v))
             })
             .collect();
-        let kept = Table {
-            path: self.path.clone(),
-            columns: self.columns.clone(),
-            rows: keep.iter().map(|&i| self.rows[i].clone()).collect(),
-            ids: self
-                .ids
-                .as_ref()
-                .map(|ids| keep.iter().map(|&i| ids[i]).collect()),
-        };
-        Ok((kept, self.len() - keep.len()))
+        Ok((self.select(&keep), self.len() - keep.len()))
     }
 
     /// The line of row `i` in its file (the header is line 1).
     pub fn line_of(&self, i: usize) -> u64 {
         self.line(i)
-    }
-
-    /// The rows a recipe can use (others left out), and their inputs.
-    fn usable_inputs(
-        &self,
-        recipe: &Recipe,
-        keep_missing: bool,
-    ) -> Result<(Vec<usize>, Vec<Vec<f64>>), DataError> {
-        let sources = self.recipe_sources(recipe)?;
-        let mut kept = (Vec::new(), Vec::new());
-        for i in 0..self.rows.len() {
-            let raw = self.recipe_values(i, recipe, &sources);
-            if let Ok(row) = recipe.apply_values(&raw, keep_missing) {
-                kept.0.push(i);
-                kept.1.push(row);
-            }
-        }
-        Ok(kept)
     }
 
     fn recipe_error(
@@ -742,13 +735,16 @@ impl StudyData {
         // Under differential privacy only declared values are imputed (a mean would need
         // statistics nobody releases): a row missing any other value is left out.
         let recipe = study.preprocess.recipe(&study.features);
-        let (usable, _) = table.usable_inputs(&recipe, false)?;
-        let usable: std::collections::HashSet<usize> = usable.into_iter().collect();
+        let usable: Vec<bool> = table
+            .rows_inputs(&recipe, false)?
+            .iter()
+            .map(Result::is_ok)
+            .collect();
         let target = table.column(&study.target)?;
         let number = |raw: &str| raw.parse::<f64>().is_ok_and(f64::is_finite);
         let keep: Vec<usize> = (0..table.len())
             .filter(|&i| {
-                usable.contains(&i)
+                usable[i]
                     && match study.model {
                         ModelKind::Logistic => {
                             let raw = table.cell(i, target);
@@ -763,15 +759,7 @@ impl StudyData {
                     }
             })
             .collect();
-        let kept = Table {
-            path: table.path.clone(),
-            columns: table.columns.clone(),
-            rows: keep.iter().map(|&i| table.rows[i].clone()).collect(),
-            ids: table
-                .ids
-                .as_ref()
-                .map(|ids| keep.iter().map(|&i| ids[i]).collect()),
-        };
+        let kept = table.select(&keep);
         let x = kept.inputs(&recipe, false)?;
         let y = kept.target(
             &study.target,

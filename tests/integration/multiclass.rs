@@ -296,22 +296,10 @@ fn a_three_class_model_trains_under_differential_privacy() {
     assert_eq!(exported["provenance"]["privacy"]["mechanism"], "dp-sgd");
     assert_eq!(exported["provenance"]["privacy"]["rounds"], rounds);
     for site in SITES {
-        let cfg = d.join(format!("{site}.toml"));
-        let status: serde_json::Value = serde_json::from_str(&ok(&[
-            "node",
-            "status",
-            "--config",
-            cfg.to_str().unwrap(),
-            "--json",
-        ]))
-        .unwrap();
-        let spent = status["privacy"]["studies"]
-            .as_array()
-            .and_then(|s| s.iter().find(|s| s["study"] == "groups-dp").cloned())
-            .unwrap_or_default();
+        let spent = crate::common::spent(d, site, "groups-dp");
         // DP-SGD charges each noisy local step; the model's provenance states the same ε
         // (the sites' default δ).
-        assert_eq!(spent["dp_sgd_steps"], rounds * 10, "{site}: {status}");
+        assert_eq!(spent["dp_sgd_steps"], rounds * 10, "{site}: {spent}");
         let stated = exported["provenance"]["privacy"]["epsilon"]
             .as_f64()
             .unwrap();

@@ -15,7 +15,7 @@ use medfed_protocol::dp::ledger::Ledger;
 
 use crate::common::{
     Federation, Processes, RECONNECT_FAST, SERVE_PIMA, all_succeed, model_export, ok, pima_study,
-    until, wait,
+    spent, until, wait,
 };
 
 const SITES: [&str; 4] = ["site-a", "site-b", "site-c", "site-d"];
@@ -36,23 +36,6 @@ fn start(
         .aggregator(studies)
         .write()
         .start()
-}
-
-/// `medfed node status --json` of `site`: its ledger entry for `study` (null if none).
-fn spent(d: &Path, site: &str, study: &str) -> serde_json::Value {
-    let cfg = d.join(format!("{site}.toml"));
-    let status: serde_json::Value = serde_json::from_str(&ok(&[
-        "node",
-        "status",
-        "--config",
-        cfg.to_str().unwrap(),
-        "--json",
-    ]))
-    .unwrap();
-    status["privacy"]["studies"]
-        .as_array()
-        .and_then(|s| s.iter().find(|s| s["study"] == study).cloned())
-        .unwrap_or(serde_json::Value::Null)
 }
 
 #[test]

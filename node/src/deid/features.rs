@@ -415,6 +415,17 @@ impl Alerts {
     }
 }
 
+/// Sends an alert about `record` to the alerts stream: the patient's pseudonym (if the
+/// record has one) and `why`.
+pub(super) fn send_alert(record: &Record, why: &str, out: &mut MessageCollector) {
+    let mut alert = Record::default();
+    if let Some(p) = record.get(PATIENT) {
+        alert.set(PATIENT, p.clone());
+    }
+    alert.set("alert", Value::Text(why.into()));
+    out.send(ALERTS_STREAM, alert.encode());
+}
+
 impl StreamTask for Alerts {
     fn process(
         &mut self,
@@ -441,12 +452,7 @@ impl StreamTask for Alerts {
         _coord: &mut TaskCoordinator,
     ) -> Result<(), TaskError> {
         for why in self.fired(&record) {
-            let mut alert = Record::default();
-            if let Some(p) = record.get(PATIENT) {
-                alert.set(PATIENT, p.clone());
-            }
-            alert.set("alert", Value::Text(why.into()));
-            out.send(ALERTS_STREAM, alert.encode());
+            send_alert(&record, &why, out);
         }
         out.send_record(NEXT, record);
         Ok(())

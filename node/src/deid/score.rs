@@ -11,7 +11,7 @@ use medfed_protocol::model::ModelKind;
 use medfed_protocol::preprocess::{Input, Recipe};
 use serde::{Deserialize, Serialize};
 
-use super::{ALERTS_STREAM, PATIENT, Record, Value};
+use super::{Record, Value};
 use crate::runtime::record::FieldName;
 use crate::runtime::{
     Envelope, KvState, MessageCollector, NEXT, StreamTask, TaskCoordinator, TaskError,
@@ -292,22 +292,12 @@ impl StreamTask for Score {
             if let (Some(p), Some(limit)) = (score, s.alert_above)
                 && p > limit
             {
-                let mut alert = Record::default();
-                if let Some(patient) = record.get(PATIENT) {
-                    alert.set(PATIENT, patient.clone());
-                }
-                alert.set(
-                    "alert",
-                    Value::Text(
-                        format!(
-                            "{} = {p:.3} is above {limit} ({})",
-                            s.output.as_str(),
-                            s.label
-                        )
-                        .into(),
-                    ),
+                let why = format!(
+                    "{} = {p:.3} is above {limit} ({})",
+                    s.output.as_str(),
+                    s.label
                 );
-                out.send(ALERTS_STREAM, alert.encode());
+                super::features::send_alert(&record, &why, out);
             }
         }
         out.send_record(NEXT, record);

@@ -259,21 +259,26 @@ pub fn records(
         .collect())
 }
 
-/// The export in `dir` as a table: a header (the mapping's columns, then its target's) and
-/// one row per line of `Patient.ndjson` ([`records`]), with each row's Patient id (empty
-/// for a line that is not a Patient), for scoring the export with a model.
-pub fn table(dir: &Path, mapping: &FhirMapping) -> Result<(String, Vec<String>), FhirError> {
+/// [`records`] of the export's files in `dir` (Conditions read only for a target).
+fn export_rows(dir: &Path, mapping: &FhirMapping) -> Result<Vec<Vec<u8>>, FhirError> {
     let conditions = match &mapping.target {
         Some(_) => open(&dir.join(CONDITIONS))?,
         None => None,
     };
-    let rows = records(
+    records(
         dir,
         mapping,
         open(&dir.join(PATIENTS))?,
         open(&dir.join(OBSERVATIONS))?,
         conditions,
-    )?;
+    )
+}
+
+/// The export in `dir` as a table: a header (the mapping's columns, then its target's) and
+/// one row per line of `Patient.ndjson` ([`records`]), with each row's Patient id (empty
+/// for a line that is not a Patient), for scoring the export with a model.
+pub fn table(dir: &Path, mapping: &FhirMapping) -> Result<(String, Vec<String>), FhirError> {
+    let rows = export_rows(dir, mapping)?;
     let ids: Vec<String> = lines(&dir.join(PATIENTS), open(&dir.join(PATIENTS))?)?
         .into_iter()
         .map(|(_, r)| {
@@ -323,17 +328,7 @@ pub fn read(
     partition: u32,
     from: u64,
 ) -> Result<(Vec<String>, Receiver<Vec<Envelope>>), FhirError> {
-    let conditions = match &mapping.target {
-        Some(_) => open(&dir.join(CONDITIONS))?,
-        None => None,
-    };
-    let rows = records(
-        dir,
-        mapping,
-        open(&dir.join(PATIENTS))?,
-        open(&dir.join(OBSERVATIONS))?,
-        conditions,
-    )?;
+    let rows = export_rows(dir, mapping)?;
     let (tx, rx) = sync_channel(16);
     let stream: Arc<str> = stream.into();
     std::thread::spawn(move || {

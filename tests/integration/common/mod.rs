@@ -418,3 +418,20 @@ pub fn worker(test: &str, var: &str, value: &str) -> Command {
         .stderr(Stdio::null());
     c
 }
+
+/// `medfed node status --json` of `site`: its ledger entry for `study` (null if none).
+pub fn spent(d: &Path, site: &str, study: &str) -> serde_json::Value {
+    let cfg = d.join(format!("{site}.toml"));
+    let status: serde_json::Value = serde_json::from_str(&ok(&[
+        "node",
+        "status",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--json",
+    ]))
+    .unwrap();
+    status["privacy"]["studies"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["study"] == study).cloned())
+        .unwrap_or(serde_json::Value::Null)
+}
