@@ -6,3 +6,4 @@
 pub mod csv_text;
 pub mod local;
 pub mod plots;
+pub mod statistics_cmd;

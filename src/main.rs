@@ -172,6 +172,13 @@ enum AggregatorModelCommand {
 }
 
 #[derive(Subcommand)]
+enum StatisticsCommand {
+    /// Print a released statistics file (`out/statistics/<id>.json`) as tables; `--plot`
+    /// draws its survival curves.
+    Show(medfed::statistics_cmd::ShowArgs),
+}
+
+#[derive(Subcommand)]
 enum AggregatorCommand {
     /// Run with a TOML config file.
     Run {
@@ -185,6 +192,9 @@ enum AggregatorCommand {
     /// Add, list, show and stop studies.
     #[command(subcommand)]
     Study(aggregator_cmd::StudyCommand),
+    /// Released statistics: tables, and survival curves as a plot.
+    #[command(subcommand)]
+    Statistics(StatisticsCommand),
     /// Show a running aggregator's studies, rounds, sites and traffic, from its operations
     /// endpoint (`[ops] listen`).
     Status {
@@ -320,6 +330,9 @@ fn main() -> ExitCode {
             aggregator_cmd::model_export(args)
         }
         Command::Aggregator(AggregatorCommand::Study(cmd)) => aggregator_cmd::study(cmd),
+        Command::Aggregator(AggregatorCommand::Statistics(StatisticsCommand::Show(args))) => {
+            medfed::statistics_cmd::show(args)
+        }
         Command::Aggregator(AggregatorCommand::Status { address, json }) => {
             aggregator_cmd::aggregator_status(&address, json)
         }

@@ -325,3 +325,153 @@ pub fn privacy_cost(
     root.present()?;
     Ok(())
 }
+
+/// One stratum of a survival plot: its legend, its short name for the at-risk table, and
+/// its released curve.
+pub type SurvivalCurve<'a> = (String, String, &'a medfed_protocol::survival::StratumCurve);
+
+/// Kaplan–Meier curves: one step curve per stratum with its band (shaded: the 95%
+/// confidence interval, widened for noisy counts to the noise's stated error), and the
+/// numbers at risk under the plot at six times. Curves stop where the release stops them
+/// (too few at risk); `note` is printed under the at-risk table.
+pub fn survival_curves(
+    path: &Path,
+    title: &str,
+    time_label: &str,
+    curves: &[SurvivalCurve<'_>],
+    note: &str,
+) -> PlotResult {
+    let rows = curves.len() as i32;
+    let root = SVGBackend::new(path, (820, (520 + 22 * rows + 24) as u32)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, bottom) = root.split_vertically(480);
+    // The time axis ends a little after the last released point.
+    let released_end = curves
+        .iter()
+        .flat_map(|(_, _, c)| {
+            c.points
+                .iter()
+                .filter(|p| p.survival.value.is_some())
+                .map(|p| p.end)
+        })
+        .fold(0.0f64, f64::max);
+    let t_max = if released_end > 0.0 {
+        released_end * 1.05
+    } else {
+        1.0
+    };
+    let mut chart = ChartBuilder::on(&top)
+        .caption(title, ("sans-serif", 18))
+        .margin(14)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..t_max, 0f64..1.0)?;
+    chart
+        .configure_mesh()
+        .light_line_style(WHITE)
+        .bold_line_style(BLACK.mix(0.12))
+        .x_desc(time_label)
+        .y_desc("survival probability")
+        .draw()?;
+    for (i, (name, _, curve)) in curves.iter().enumerate() {
+        let colour = OKABE_ITO[i % OKABE_ITO.len()];
+        let first = curve.points.first().map_or(0.0, |p| p.start.min(0.0));
+        // The step function: flat until each bin's start, then down to its value.
+        let mut line = vec![(first, 1.0)];
+        let mut lower = vec![(first, 1.0)];
+        let mut upper = vec![(first, 1.0)];
+        let mut prev = (1.0, (1.0, 1.0));
+        let mut end = first;
+        for p in &curve.points {
+            let Some(s) = p.survival.value else { break };
+            let s = s.clamp(0.0, 1.0);
+            let (lo, hi) = p.ci.unwrap_or((s, s));
+            let band = (
+                lo.min(s - p.survival.error).max(0.0),
+                hi.max(s + p.survival.error).min(1.0),
+            );
+            line.push((p.start, prev.0));
+            line.push((p.start, s));
+            lower.push((p.start, prev.1.0));
+            lower.push((p.start, band.0));
+            upper.push((p.start, prev.1.1));
+            upper.push((p.start, band.1));
+            prev = (s, band);
+            end = p.end;
+        }
+        line.push((end, prev.0));
+        lower.push((end, prev.1.0));
+        upper.push((end, prev.1.1));
+        let band: Vec<(f64, f64)> = upper.iter().chain(lower.iter().rev()).copied().collect();
+        chart.draw_series(std::iter::once(Polygon::new(
+            band,
+            colour.mix(0.18).filled(),
+        )))?;
+        chart
+            .draw_series(LineSeries::new(line, colour.stroke_width(2)))?
+            .label(name.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(2))
+            });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
+    // Numbers at risk at six round times, each column headed by its time.
+    let font = ("sans-serif", 14).into_font();
+    let plot_left = 14 + 60;
+    let plot_width = 820 - plot_left - 14;
+    let step = nice_step(t_max / 5.0);
+    let times: Vec<f64> = (0..6)
+        .map(|k| step * f64::from(k))
+        .filter(|t| *t <= t_max)
+        .collect();
+    let x_of = |t: f64| plot_left + (f64::from(plot_width) * t / t_max) as i32 - 8;
+    bottom.draw(&Text::new("at risk at", (8, 4), font.clone()))?;
+    for t in &times {
+        bottom.draw(&Text::new(format!("{t}"), (x_of(*t), 4), font.clone()))?;
+    }
+    for (i, (_, short, curve)) in curves.iter().enumerate() {
+        let y = 4 + 22 * (i as i32 + 1);
+        let colour = OKABE_ITO[i % OKABE_ITO.len()];
+        let label: String = short.chars().take(9).collect();
+        bottom.draw(&Text::new(label, (8, y), font.clone().color(&colour)))?;
+        for t in &times {
+            // The first bin starting at or after t: nobody leaves between them (bins
+            // without an event or a censoring are not listed).
+            let at = curve
+                .points
+                .iter()
+                .find(|p| p.start >= *t)
+                .map_or(Some(0.0), |p| p.at_risk.value);
+            let text = match at {
+                Some(n) => format!("{:.0}", n.max(0.0)),
+                None => "–".into(),
+            };
+            bottom.draw(&Text::new(text, (x_of(*t), y), font.clone()))?;
+        }
+    }
+    bottom.draw(&Text::new(
+        note.to_string(),
+        (8, 4 + 22 * (rows + 1)),
+        ("sans-serif", 12).into_font().color(&BLACK.mix(0.7)),
+    ))?;
+    root.present()?;
+    Ok(())
+}
+
+/// The round number (1, 2 or 5 × 10ⁿ) nearest above `x`.
+fn nice_step(x: f64) -> f64 {
+    if !(x.is_finite() && x > 0.0) {
+        return 1.0;
+    }
+    let p = 10f64.powf(x.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .iter()
+        .map(|m| m * p)
+        .find(|s| *s >= x)
+        .unwrap_or(10.0 * p)
+}

@@ -182,9 +182,13 @@ pub struct StatisticsConfig {
     /// `{ column = "type", op = "==", text = "Yes" }`.
     #[serde(default)]
     pub cohort: Vec<medfed_protocol::fedstats::Condition>,
-    /// The columns, with bounds and histogram edges (`[[statistics.column]]`).
-    #[serde(rename = "column")]
+    /// The columns, with bounds and histogram edges (`[[statistics.column]]`); none for a
+    /// query that asks only for survival curves.
+    #[serde(default, rename = "column")]
     pub columns: Vec<medfed_protocol::fedstats::StatColumn>,
+    /// Kaplan–Meier curves of the cohort (`[statistics.survival]`).
+    #[serde(default)]
+    pub survival: Option<SurvivalConfig>,
     /// Also the Pearson correlation of every pair of columns.
     #[serde(default)]
     pub correlations: bool,
@@ -221,6 +225,93 @@ fn default_suppress_below() -> u64 {
     11
 }
 
+/// `[statistics.survival]`: Kaplan–Meier curves of the cohort on a time grid, per stratum,
+/// with the log-rank test between strata.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SurvivalConfig {
+    /// The column of follow-up times (in the grid's unit, e.g. days).
+    pub time: String,
+    /// The column saying whether follow-up ended with the event.
+    pub event: String,
+    /// The event column's values meaning the event happened.
+    #[serde(default = "default_event_codes")]
+    pub event_codes: Vec<String>,
+    /// The event column's values meaning the patient was censored.
+    #[serde(default = "default_censored_codes")]
+    pub censored_codes: Vec<String>,
+    /// The grid's first edge (with `end` and `step`; or give `edges`).
+    #[serde(default)]
+    pub start: Option<f64>,
+    /// The grid's last edge: later times are censored at it.
+    #[serde(default)]
+    pub end: Option<f64>,
+    /// The width of the grid's bins. Times in whole days with `step = 1` give the exact
+    /// Kaplan–Meier curve; a wider step groups times (fewer, larger counts under noise).
+    #[serde(default)]
+    pub step: Option<f64>,
+    /// The grid's edges, strictly rising (instead of start, end and step).
+    #[serde(default)]
+    pub edges: Option<Vec<f64>>,
+    /// One curve per level of a column, e.g. `{ column = "rx", levels = ["Obs", "Lev"] }`.
+    #[serde(default)]
+    pub strata: Option<medfed_protocol::survival::Strata>,
+}
+
+fn default_event_codes() -> Vec<String> {
+    vec!["1".into()]
+}
+
+fn default_censored_codes() -> Vec<String> {
+    vec!["0".into()]
+}
+
+impl SurvivalConfig {
+    /// The grid's edges: `edges`, or `start` to `end` by `step` (the last bin ends at `end`).
+    pub fn grid(&self) -> Result<Vec<f64>, String> {
+        match (&self.edges, self.start, self.end, self.step) {
+            (Some(e), None, None, None) => Ok(e.clone()),
+            (None, Some(start), Some(end), Some(step)) => {
+                if !(start.is_finite()
+                    && end.is_finite()
+                    && step.is_finite()
+                    && step > 0.0
+                    && end > start)
+                {
+                    return Err(format!(
+                        "the grid needs start < end and step > 0 (got start {start}, end {end}, step {step})"
+                    ));
+                }
+                let bins = ((end - start) / step).ceil();
+                if bins > medfed_protocol::survival::MAX_BINS as f64 {
+                    return Err(format!(
+                        "the grid from {start} to {end} by {step} has {bins} bins; at most {} (use a wider step)",
+                        medfed_protocol::survival::MAX_BINS
+                    ));
+                }
+                let mut edges: Vec<f64> = (0..bins as usize)
+                    .map(|i| start + i as f64 * step)
+                    .collect();
+                edges.push(end);
+                Ok(edges)
+            }
+            _ => Err("give the grid as start, end and step, or as edges = [...] (not both)".into()),
+        }
+    }
+
+    /// The survival part of the query.
+    pub fn survival(&self) -> Result<medfed_protocol::survival::Survival, String> {
+        Ok(medfed_protocol::survival::Survival {
+            time: self.time.clone(),
+            event: self.event.clone(),
+            event_codes: self.event_codes.clone(),
+            censored_codes: self.censored_codes.clone(),
+            grid: self.grid()?,
+            strata: self.strata.clone(),
+        })
+    }
+}
+
 /// One release at z = 1.5 costs each site ε ≈ 3.4 at δ = 10⁻⁶, within a node's default
 /// per-study limit of 5.
 fn default_statistics_noise() -> f64 {
@@ -232,9 +323,11 @@ fn default_statistics_delta() -> f64 {
 }
 
 impl StatisticsConfig {
-    /// The query sent to the sites (no noise multiplier when `exact`).
+    /// The query sent to the sites (no noise multiplier when `exact`). A survival part whose
+    /// grid is malformed is left out here and refused by [`AggregatorConfig::validate`].
     pub fn query(&self) -> medfed_protocol::fedstats::StatsQuery {
         medfed_protocol::fedstats::StatsQuery {
+            survival: self.survival.as_ref().and_then(|s| s.survival().ok()),
             query_id: self.id.clone(),
             dataset: self.dataset.clone(),
             cohort: self.cohort.clone(),
@@ -339,6 +432,11 @@ impl AggregatorConfig {
                     key("id"),
                     format!("{:?} is empty or used twice", s.id),
                 ));
+            }
+            if let Some(sv) = &s.survival {
+                sv.survival()
+                    .and_then(|sv| sv.validate())
+                    .map_err(|why| invalid(key("survival"), why))?;
             }
             s.query()
                 .validate()

@@ -147,6 +147,7 @@ pub fn pima_query(query_id: &str) -> StatsQuery {
         correlations: true,
         noise_multiplier: Some(1.0),
         suppress_below: 11,
+        survival: None,
     }
 }
 

@@ -175,7 +175,7 @@ pub fn study_hash(a: &StudyAnnouncement) -> String {
 
 /// The hash a statistics query is approved by.
 pub fn query_hash(q: &medfed_protocol::fedstats::StatsQuery) -> String {
-    medfed_protocol::audit::sha256_hex(&postcard::to_allocvec(q).unwrap_or_default())
+    q.approval_hash()
 }
 
 /// The operator's decision on a study, with the reason for the logs.
@@ -263,6 +263,11 @@ impl Policy {
             q.columns
                 .iter()
                 .map(|c| &c.name)
+                .chain(q.survival.iter().flat_map(|s| {
+                    [&s.time, &s.event]
+                        .into_iter()
+                        .chain(s.strata.iter().map(|st| &st.column))
+                }))
                 .chain(q.cohort.iter().map(|c| &c.column)),
         ) {
             Some(why)

@@ -119,6 +119,8 @@ pub struct Cohort {
     pub ids: Vec<u32>,
     /// Each row's values of the query's columns, in the query's order.
     pub rows: Vec<Vec<f64>>,
+    /// Each row's survival part (empty for a query without one).
+    pub survival: Vec<medfed_protocol::survival::SurvivalRow>,
     /// The rows left out for a missing value, in all and per column.
     pub left_out: LeftOut,
 }
@@ -154,6 +156,13 @@ pub fn cohort(table: &Table, q: &StatsQuery, patient_key: Option<&str>) -> Resul
         .iter()
         .map(|c| col(&c.name))
         .collect::<Result<Vec<_>, String>>()?;
+    // The survival part's columns: time, event, and the strata column if any.
+    let survival_cols = q
+        .survival
+        .iter()
+        .flat_map(|s| s.columns())
+        .map(col)
+        .collect::<Result<Vec<_>, String>>()?;
     let missing_names = q.missing_columns();
     let slot = |name: &str| missing_names.iter().position(|n| n == name);
     let key = patient_key.and_then(|k| table.column(k).ok());
@@ -161,6 +170,7 @@ pub fn cohort(table: &Table, q: &StatsQuery, patient_key: Option<&str>) -> Resul
     let mut out = Cohort {
         ids: Vec::new(),
         rows: Vec::new(),
+        survival: Vec::new(),
         left_out: LeftOut::none(q),
     };
     let mut lacks = vec![false; missing_names.len()];
@@ -183,6 +193,20 @@ pub fn cohort(table: &Table, q: &StatsQuery, patient_key: Option<&str>) -> Resul
                 _ => lacks[m] = true,
             }
         }
+        let mut survival_row = None;
+        if let Some(s) = &q.survival {
+            let cell = |k: usize| survival_cols.get(k).map(|&j| table.cell(i, j));
+            match s.row(cell(0).unwrap_or(""), cell(1).unwrap_or(""), cell(2)) {
+                Ok(r) => survival_row = Some(r),
+                Err(why) => {
+                    for (name, lacking) in s.columns().iter().zip(why) {
+                        if lacking && let Some(m) = slot(name) {
+                            lacks[m] = true;
+                        }
+                    }
+                }
+            }
+        }
         if let Some(k) = key {
             let patient = table.cell(i, k).trim();
             if !patient.is_empty() && !seen.insert(patient.to_string()) {
@@ -198,6 +222,7 @@ pub fn cohort(table: &Table, q: &StatsQuery, patient_key: Option<&str>) -> Resul
         }
         out.ids.push(table.row_id(i));
         out.rows.push(values);
+        out.survival.extend(survival_row);
     }
     Ok(out)
 }
@@ -332,6 +357,7 @@ impl Node {
             .columns
             .iter()
             .map(|c| c.name.as_str())
+            .chain(q.survival.iter().flat_map(|s| s.columns()))
             .chain(q.cohort.iter().map(|c| c.column.as_str()));
         if let Err(why) = classes.check(&q.dataset, used.clone()) {
             return refuse(ErrorCode::CannotServe, why);
@@ -342,6 +368,7 @@ impl Node {
         let Cohort {
             ids,
             rows,
+            survival,
             left_out,
         } = match cohort(&table, q, classes.patient_key()) {
             Ok(c) => c,
@@ -361,7 +388,7 @@ impl Node {
         }
         let mut noise_sigma = 0.0;
         let mut noise_charge = None;
-        let mut vector = q.encode_with(&rows, &left_out);
+        let mut vector = q.encode_all(&rows, &survival, &left_out);
         match q.noise_multiplier {
             None => {
                 let min_cell = self.config.policy.min_cell.max(q.suppress_below);
@@ -534,6 +561,7 @@ mod tests {
             correlations: false,
             noise_multiplier: None,
             suppress_below: 1,
+            survival: None,
         };
         let c = cohort(&table, &q, None).unwrap();
         assert_eq!(c.ids, vec![2, 3], "row 1 has no glucose value");

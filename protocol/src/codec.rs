@@ -17,7 +17,7 @@
 use crate::messages::{ErrorCode, Message};
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Default upper bound on a frame's length (version + body), 64 MiB.
 pub const DEFAULT_MAX_FRAME_BYTES: u32 = 64 * 1024 * 1024;

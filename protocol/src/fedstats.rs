@@ -135,15 +135,52 @@ pub struct StatsQuery {
     pub noise_multiplier: Option<f64>,
     /// Cells (counts) below this are not released (CMS: 11).
     pub suppress_below: u64,
+    /// Kaplan–Meier curves of the cohort (and a log-rank test across strata).
+    pub survival: Option<crate::survival::Survival>,
+}
+
+/// [`StatsQuery`] as protocol 4 had it, for [`StatsQuery::approval_hash`].
+#[derive(Serialize)]
+struct StatsQueryV4<'a> {
+    query_id: &'a str,
+    dataset: &'a str,
+    cohort: &'a [Condition],
+    columns: &'a [StatColumn],
+    correlations: bool,
+    noise_multiplier: Option<f64>,
+    suppress_below: u64,
 }
 
 impl StatsQuery {
+    /// The SHA-256 (hex) that a site's operator approves an exact query by, over its wire
+    /// encoding. A query without a survival part is hashed in protocol 4's layout, so that
+    /// a query approved before survival queries existed keeps its hash.
+    pub fn approval_hash(&self) -> String {
+        let bytes = if self.survival.is_none() {
+            postcard::to_allocvec(&StatsQueryV4 {
+                query_id: &self.query_id,
+                dataset: &self.dataset,
+                cohort: &self.cohort,
+                columns: &self.columns,
+                correlations: self.correlations,
+                noise_multiplier: self.noise_multiplier,
+                suppress_below: self.suppress_below,
+            })
+        } else {
+            postcard::to_allocvec(self)
+        };
+        crate::audit::sha256_hex(&bytes.unwrap_or_default())
+    }
+
     /// Checks the query before it is sent or answered: at least one column, `low < high` and
     /// rising edges from `low` to `high` for each, conditions with a number or a text (text with
     /// `==`/`!=` only), a noise multiplier of at least 0.3 if any, and `suppress_below` ≥ 1.
     pub fn validate(&self) -> Result<(), String> {
-        if self.columns.is_empty() {
-            return Err("names no column".into());
+        if self.columns.is_empty() && self.survival.is_none() {
+            return Err("names no column (and asks for no survival curve)".into());
+        }
+        if let Some(s) = &self.survival {
+            s.validate()?;
         }
         for c in &self.columns {
             if !(c.low.is_finite() && c.high.is_finite() && c.low < c.high) {
@@ -200,6 +237,11 @@ impl StatsQuery {
     /// described columns, then the cohort filter's other columns.
     pub fn missing_columns(&self) -> Vec<String> {
         let mut names: Vec<String> = self.columns.iter().map(|c| c.name.clone()).collect();
+        for c in self.survival.iter().flat_map(|s| s.columns()) {
+            if !names.iter().any(|n| n == c) {
+                names.push(c.to_string());
+            }
+        }
         for c in &self.cohort {
             if !names.contains(&c.column) {
                 names.push(c.column.clone());
@@ -212,8 +254,18 @@ impl StatsQuery {
     pub fn dimension(&self) -> usize {
         1 + self.columns.iter().map(|c| 2 + c.bins()).sum::<usize>()
             + self.pairs()
+            + self.survival_dimension()
             + 1
             + self.missing_columns().len()
+    }
+
+    fn survival_dimension(&self) -> usize {
+        self.survival.as_ref().map_or(0, |s| s.dimension())
+    }
+
+    /// Where the survival section starts in a site's vector.
+    fn survival_at(&self) -> usize {
+        1 + self.columns.iter().map(|c| 2 + c.bins()).sum::<usize>() + self.pairs()
     }
 
     /// Each entry's unit: the most one patient changes it.
@@ -231,6 +283,7 @@ impl StatsQuery {
                 }
             }
         }
+        u.extend(std::iter::repeat_n(1.0, self.survival_dimension()));
         u.extend(std::iter::repeat_n(1.0, 1 + self.missing_columns().len()));
         u
     }
@@ -239,7 +292,8 @@ impl StatsQuery {
     /// cohort, or one left out for missing values (never both).
     pub fn sensitivity(&self) -> f64 {
         let p = self.columns.len();
-        let kept = 1 + 3 * p + self.pairs();
+        // A survival part: one bin's count.
+        let kept = 1 + 3 * p + self.pairs() + usize::from(self.survival.is_some());
         let left_out = 1 + self.missing_columns().len();
         (kept.max(left_out) as f64).sqrt()
     }
@@ -275,6 +329,17 @@ impl StatsQuery {
     /// A site's vector, in units, over its cohort's rows (each row: the columns' values in
     /// order, clipped here to their bounds) and the rows it left out for missing values.
     pub fn encode_with(&self, rows: &[Vec<f64>], left_out: &LeftOut) -> Vec<f64> {
+        self.encode_all(rows, &[], left_out)
+    }
+
+    /// [`StatsQuery::encode_with`] with each row's survival part (`survival[i]` is
+    /// `rows[i]`'s; empty without a survival part).
+    pub fn encode_all(
+        &self,
+        rows: &[Vec<f64>],
+        survival: &[crate::survival::SurvivalRow],
+        left_out: &LeftOut,
+    ) -> Vec<f64> {
         let p = self.columns.len();
         let mut v = vec![0.0; self.dimension()];
         v[0] = rows.len() as f64;
@@ -299,6 +364,10 @@ impl StatsQuery {
                     }
                 }
             }
+        }
+        if let Some(s) = &self.survival {
+            let at = self.survival_at();
+            s.encode_into(&mut v[at..at + s.dimension()], survival);
         }
         let at = self.dimension() - 1 - self.missing_columns().len();
         v[at] = left_out.rows as f64;
@@ -444,9 +513,17 @@ impl StatsQuery {
                 })
                 .collect(),
         };
+        let survival = match &self.survival {
+            Some(s) => {
+                let at = self.survival_at();
+                Some(s.release(&v[at..at + s.dimension()], sigma, rounding, threshold)?)
+            }
+            None => None,
+        };
         Ok(StatsRelease {
             query_id: self.query_id.clone(),
             count,
+            survival,
             columns,
             correlations,
             left_out: Some(left_out),
@@ -674,7 +751,7 @@ pub struct Released {
 }
 
 impl Released {
-    fn new(value: f64, error: f64, released: bool) -> Released {
+    pub(crate) fn new(value: f64, error: f64, released: bool) -> Released {
         Released {
             value: released.then_some(value),
             error,
@@ -750,6 +827,9 @@ pub struct StatsRelease {
     /// What the release costs each site's patients (None: exact).
     #[serde(default)]
     pub privacy: Option<ReleasePrivacy>,
+    /// The Kaplan–Meier curves and log-rank test, for a query with a survival part.
+    #[serde(default)]
+    pub survival: Option<crate::survival::SurvivalRelease>,
 }
 
 #[cfg(test)]
@@ -780,7 +860,35 @@ mod tests {
             correlations: true,
             noise_multiplier: None,
             suppress_below: 11,
+            survival: None,
         }
+    }
+
+    #[test]
+    fn a_query_without_survival_keeps_its_protocol_4_approval_hash() {
+        // Protocol 4's encoding is protocol 5's without the trailing `None` (one 0 byte).
+        let q = query();
+        let bytes = postcard::to_allocvec(&q).unwrap();
+        assert_eq!(bytes.last(), Some(&0));
+        assert_eq!(
+            q.approval_hash(),
+            crate::audit::sha256_hex(&bytes[..bytes.len() - 1])
+        );
+        let with = StatsQuery {
+            survival: Some(crate::survival::Survival {
+                time: "t".into(),
+                event: "e".into(),
+                event_codes: vec!["1".into()],
+                censored_codes: vec!["0".into()],
+                grid: vec![0.0, 1.0],
+                strata: None,
+            }),
+            ..query()
+        };
+        assert_eq!(
+            with.approval_hash(),
+            crate::audit::sha256_hex(&postcard::to_allocvec(&with).unwrap())
+        );
     }
 
     #[test]

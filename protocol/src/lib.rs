@@ -33,6 +33,7 @@ pub mod dp;
 pub mod export;
 pub mod fedstats;
 pub mod hex;
+pub mod linalg;
 pub mod messages;
 pub mod metrics;
 pub mod model;
@@ -42,6 +43,7 @@ pub mod schedule;
 pub mod secagg;
 pub mod stats;
 pub mod study;
+pub mod survival;
 pub mod time;
 pub mod update_vector;
 

@@ -177,6 +177,7 @@ fn query(id: &str, cohort: Vec<Condition>) -> StatsQuery {
         // The aggregator's default.
         noise_multiplier: Some(1.5),
         suppress_below: 11,
+        survival: None,
     }
 }
 

@@ -12,6 +12,7 @@ const COMMANDS: &[&[&str]] = &[
     &["pki", "revoke"],
     &["aggregator", "run"],
     &["aggregator", "status"],
+    &["aggregator", "statistics", "show"],
     &["aggregator", "model", "export"],
     &["aggregator", "study", "create"],
     &["aggregator", "study", "list"],

@@ -37,6 +37,7 @@ mod statistics;
 mod store_crash;
 mod straggler;
 mod studies;
+mod survival;
 mod transport_security;
 
 /// Records the largest single allocation of the threads that ask it to
