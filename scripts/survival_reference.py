@@ -12,7 +12,10 @@ writes, under tests/fixtures/lung/:
 - reference.json: lifelines' Kaplan-Meier estimate of all 228 patients per `sex`
   (1 male, 2 female): at each time of the timeline, the number at risk, the survival and
   its 95% exponential-Greenwood interval; the median; and the log-rank test of male
-  against female.
+  against female. And lifelines' CoxPHFitter of `age`, `sex` and `ph.ecog` (Efron's ties,
+  lifelines' only method) on all patients with those values, stratified by site
+  (`strata=["site"]`): coefficients, standard errors, the partial log-likelihood and the
+  concordance index (within strata).
 """
 
 import json
@@ -20,7 +23,7 @@ import pathlib
 
 import lifelines
 import pandas as pd
-from lifelines import KaplanMeierFitter
+from lifelines import CoxPHFitter, KaplanMeierFitter
 from lifelines.statistics import logrank_test
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -63,10 +66,23 @@ def main():
         }
     male, female = df[df["sex"] == 1], df[df["sex"] == 2]
     lr = logrank_test(male["time"], female["time"], male["status"], female["status"])
+    covariates = ["age", "sex", "ph.ecog"]
+    cox_data = df.assign(site=df["inst"].map(site_of))[["time", "status", "site"] + covariates].dropna()
+    cph = CoxPHFitter().fit(cox_data, "time", "status", strata=["site"])
     reference = {
         "lifelines": lifelines.__version__,
         "strata": strata,
         "log_rank": {"chi2": float(lr.test_statistic), "p_value": float(lr.p_value)},
+        "cox": {
+            "covariates": covariates,
+            "ties": "efron",
+            "patients": int(len(cox_data)),
+            "coef": [float(cph.params_[c]) for c in covariates],
+            "se": [float(cph.standard_errors_[c]) for c in covariates],
+            "p_value": [float(cph.summary.loc[c, "p"]) for c in covariates],
+            "log_likelihood": float(cph.log_likelihood_),
+            "concordance": float(cph.concordance_index_),
+        },
     }
     (OUT / "reference.json").write_text(json.dumps(reference, indent=1) + "\n")
     print(f"log-rank chi2 {lr.test_statistic:.6f} p {lr.p_value:.6g}; "

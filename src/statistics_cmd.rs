@@ -101,6 +101,41 @@ pub fn show(args: ShowArgs) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(fit) = &r.cox {
+        println!(
+            "\nCox proportional hazards, each site its own stratum ({} ties): {} patients, {} events, {} iterations",
+            match fit.ties {
+                medfed_protocol::cox::Ties::Efron => "Efron",
+                medfed_protocol::cox::Ties::Breslow => "Breslow",
+            },
+            fit.patients,
+            fit.events,
+            fit.iterations
+        );
+        println!(
+            "{:<16} {:>10} {:>12} {:>10} {:>8} {:>10} {:>22}",
+            "covariate", "coef", "exp(coef)", "se", "z", "p", "exp(coef) 95% CI"
+        );
+        for c in &fit.coefficients {
+            println!(
+                "{:<16} {:>10.5} {:>12.5} {:>10.5} {:>8.3} {:>10.4} {:>22}",
+                c.covariate,
+                c.coef,
+                c.hazard_ratio,
+                c.se,
+                c.z,
+                c.p_value,
+                format!("{:.4} – {:.4}", c.hazard_ratio_ci.0, c.hazard_ratio_ci.1)
+            );
+        }
+        println!(
+            "partial log-likelihood {:.4}; concordance {}",
+            fit.log_likelihood,
+            fit.concordance.map_or("-".to_string(), |c| format!(
+                "{c:.4} (pairs within a site and stratum)"
+            ))
+        );
+    }
     if let Some(s) = &r.survival {
         println!(
             "\nsurvival ('{}'; Kaplan–Meier, {:.0}% Greenwood intervals on the log(−log) scale)",

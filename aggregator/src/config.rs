@@ -189,6 +189,10 @@ pub struct StatisticsConfig {
     /// Kaplan–Meier curves of the cohort (`[statistics.survival]`).
     #[serde(default)]
     pub survival: Option<SurvivalConfig>,
+    /// A Cox model of the survival part's time and event (`[statistics.cox]`), each site a
+    /// stratum of its own; exact, under secure aggregation.
+    #[serde(default)]
+    pub cox: Option<CoxConfig>,
     /// Also the Pearson correlation of every pair of columns.
     #[serde(default)]
     pub correlations: bool,
@@ -256,6 +260,25 @@ pub struct SurvivalConfig {
     /// One curve per level of a column, e.g. `{ column = "rx", levels = ["Obs", "Lev"] }`.
     #[serde(default)]
     pub strata: Option<medfed_protocol::survival::Strata>,
+}
+
+/// `[statistics.cox]`: a Cox proportional-hazards model, fitted by Newton–Raphson over
+/// secure sums of the sites' partial-likelihood terms.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoxConfig {
+    /// The covariates (numeric columns), in the coefficients' order.
+    pub covariates: Vec<String>,
+    /// Tied event times: "efron" (default, as lifelines and R) or "breslow".
+    #[serde(default)]
+    pub ties: medfed_protocol::cox::Ties,
+    /// The most iterations (each one exact release of every site's sums).
+    #[serde(default = "default_cox_iterations")]
+    pub max_iterations: u32,
+}
+
+fn default_cox_iterations() -> u32 {
+    30
 }
 
 fn default_event_codes() -> Vec<String> {
@@ -328,6 +351,11 @@ impl StatisticsConfig {
     pub fn query(&self) -> medfed_protocol::fedstats::StatsQuery {
         medfed_protocol::fedstats::StatsQuery {
             survival: self.survival.as_ref().and_then(|s| s.survival().ok()),
+            cox: self.cox.as_ref().map(|c| medfed_protocol::cox::Cox {
+                covariates: c.covariates.clone(),
+                ties: c.ties,
+                max_iterations: c.max_iterations,
+            }),
             query_id: self.id.clone(),
             dataset: self.dataset.clone(),
             cohort: self.cohort.clone(),
@@ -437,6 +465,23 @@ impl AggregatorConfig {
                 sv.survival()
                     .and_then(|sv| sv.validate())
                     .map_err(|why| invalid(key("survival"), why))?;
+            }
+            if s.cox.is_some() {
+                if s.survival.is_none() {
+                    return Err(invalid(
+                        key("cox"),
+                        "a Cox model needs [statistics.survival] (time, event, grid, strata)"
+                            .into(),
+                    ));
+                }
+                if !s.exact || !s.secure_aggregation.enabled {
+                    return Err(invalid(
+                        key("cox"),
+                        "a Cox model is fitted from exact sums under secure aggregation only \
+                         (differential privacy for Cox models is not built): set exact = true"
+                            .into(),
+                    ));
+                }
             }
             s.query()
                 .validate()

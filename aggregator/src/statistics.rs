@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use medfed_protocol::Message;
 use medfed_protocol::fedstats::{ReleasePrivacy, StatsQuery, StatsRelease};
-use medfed_protocol::messages::{StatisticsQuery, query_binding};
+use medfed_protocol::messages::{StatisticsQuery, cox_binding, query_binding};
 use medfed_protocol::quant::QuantParams;
 use serde::Serialize;
 use tracing::{info, warn};
@@ -21,6 +21,13 @@ const MAX_SITE_ENTRY: f64 = 1e9;
 /// The grid, `2^-bits` units, on which each site puts its noise without secure aggregation
 /// (the node's `PLAIN_GRID_BITS`).
 const PLAIN_GRID_BITS: u8 = 24;
+
+/// The finest fixed point (bits below a unit, at most 24) that cannot overflow 64 bits for
+/// the sum of `n` sites' entries.
+fn bits_for(n: usize) -> u8 {
+    let room = (2f64.powi(62) / (n as f64 * MAX_SITE_ENTRY)).log2().floor();
+    room.clamp(0.0, 24.0) as u8
+}
 
 /// What `out/statistics/<id>.json` holds.
 #[derive(Debug, Serialize)]
@@ -49,15 +56,148 @@ impl StudyRunner {
             .into_iter()
             .map(|site| (site, Participant::for_query()))
             .collect();
-        let bits_for = |n: usize| {
-            let room = (2f64.powi(62) / (n as f64 * MAX_SITE_ENTRY)).log2().floor();
-            room.clamp(0.0, 24.0) as u8
+        let secure_aggregation = cfg.secure_aggregation.enabled;
+        let (release, sites) = if let Some(cox) = &query.cox {
+            self.run_cox(query, cox, &participants).await?
+        } else {
+            self.sum_statistics(query, &participants, delta).await?
         };
+        let file = StatisticsFile {
+            format: "medfed-statistics/2",
+            query,
+            sites: sites.clone(),
+            secure_aggregation,
+            release: &release,
+        };
+        let json = serde_json::to_vec_pretty(&file)
+            .map_err(|e| self.failed(format!("the release cannot be encoded: {e}")))?;
+        let path = self
+            .out_dir
+            .join("statistics")
+            .join(format!("{}.json", cfg.id));
+        // Logged, then remembered as released (so a restart never releases it a second
+        // time), then written: nothing is released the compliance log does not show.
+        let event = medfed_protocol::audit::Event::Released {
+            study: cfg.id.clone(),
+            round: 0,
+            sites: sites.clone(),
+            sha256: medfed_protocol::audit::sha256_hex(&json),
+        };
+        let remember = || {
+            crate::checkpoint::save_statistics(&*self.store, &cfg.id, &path)
+                .map_err(|e| format!("cannot record the release in the store ({e})"))
+        };
+        crate::release::release(&self.audit, event, remember, &path, &json).map_err(
+            |e| match e {
+                crate::release::ReleaseError::Write { path, source } => StudyError::Export {
+                    study: cfg.id.clone(),
+                    path,
+                    source,
+                },
+                e @ crate::release::ReleaseError::Unlogged(_) => self.unlogged(e),
+                e => self.failed(e.to_string()),
+            },
+        )?;
+        info!(study = %cfg.id, sites = sites.len(), path = %path.display(), "statistics released (read it with `medfed aggregator statistics show {}`)", path.display());
+        if let Some(said) = release.left_out.as_ref().and_then(left_out_summary) {
+            warn!(study = %cfg.id, "{said}");
+        }
+        Ok((release, path))
+    }
+
+    /// A Cox query: Newton–Raphson iterations, each a secure sum of the sites' terms at the
+    /// fitter's coefficients, all from the same sites.
+    async fn run_cox(
+        &self,
+        query: &StatsQuery,
+        cox: &medfed_protocol::cox::Cox,
+        participants: &BTreeMap<String, Participant>,
+    ) -> Result<(StatsRelease, Vec<String>), StudyError> {
+        use medfed_protocol::cox::{CoxFitter, CoxNext};
+        if !self.cfg.secure_aggregation.enabled {
+            return Err(
+                self.failed("a Cox model is fitted under secure aggregation only".to_string())
+            );
+        }
+        let mut fitter = CoxFitter::new(cox);
+        let mut step = fitter.first();
+        let mut first: Option<(Vec<f64>, Vec<String>)> = None;
+        let fit = loop {
+            let (q, s) = (query.clone(), step.clone());
+            let secure = self
+                .secure_sum(
+                    step.iteration,
+                    1,
+                    participants,
+                    query.dimension(),
+                    |n, scale| {
+                        let quant = QuantParams::for_parties(n, MAX_SITE_ENTRY, bits_for(n))
+                            .map_err(|e| e.to_string())?;
+                        Ok((quant, cox_binding(&q, scale, &s)))
+                    },
+                    |secure| {
+                        Message::StatisticsQuery(StatisticsQuery {
+                            query: query.clone(),
+                            secure: Some(secure),
+                            cox_step: Some(step.clone()),
+                        })
+                    },
+                )
+                .await
+                .map_err(|e| self.failed(format!("Cox iteration {}: {e}", step.iteration)))?;
+            match &first {
+                None => first = Some((secure.sum.clone(), secure.sites.clone())),
+                Some((_, sites)) if *sites != secure.sites => {
+                    return Err(self.failed(format!(
+                        "Cox iteration {} summed sites {} but iteration 0 summed {}: a fit needs \
+                         the same sites at every iteration",
+                        step.iteration,
+                        secure.sites.join(", "),
+                        sites.join(", ")
+                    )));
+                }
+                Some(_) => {}
+            }
+            info!(study = %self.cfg.id, iteration = step.iteration, "Cox iteration summed");
+            match fitter.observe(&secure.sum[..cox.dimension()]) {
+                CoxNext::Evaluate(next) => step = next,
+                CoxNext::Done(fit) => break fit,
+                CoxNext::Failed(why) => return Err(self.failed(format!("the Cox model: {why}"))),
+            }
+        };
+        let Some((first, sites)) = first else {
+            return Err(self.failed("no Cox iteration was summed".to_string()));
+        };
+        if sites.len() < self.cfg.min_sites {
+            return Err(StudyError::NoQuorum {
+                study: self.cfg.id.clone(),
+                got: sites.len(),
+                need: self.cfg.min_sites,
+                detail: "too few sites answered the Cox query".into(),
+            });
+        }
+        let rounding =
+            participants.len() as f64 * 2f64.powi(-i32::from(bits_for(participants.len())));
+        let release = query
+            .release_cox(&first, fit, rounding)
+            .map_err(|e| self.failed(e))?;
+        Ok((release, sites))
+    }
+
+    /// A one-shot statistics query: one sum (secure, or of the sites' noisy vectors), with
+    /// the noise the sites added, released.
+    async fn sum_statistics(
+        &self,
+        query: &StatsQuery,
+        participants: &BTreeMap<String, Participant>,
+        delta: f64,
+    ) -> Result<(StatsRelease, Vec<String>), StudyError> {
+        let cfg = &self.cfg;
+        let participants = participants.clone();
         // The noise is the sites': each adds its share (a discrete Gaussian on its grid), so
         // that the honest ones' shares carry at least σ together, and charges its budget.
         // Nobody here adds or sees any noise alone.
-        let secure_aggregation = cfg.secure_aggregation.enabled;
-        let (sum, sites, noise_sd, rounding) = if secure_aggregation {
+        let (sum, sites, noise_sd, rounding) = if cfg.secure_aggregation.enabled {
             let q = query.clone();
             let secure = self
                 .secure_sum(
@@ -75,6 +215,7 @@ impl StudyRunner {
                         Message::StatisticsQuery(StatisticsQuery {
                             query: query.clone(),
                             secure: Some(secure),
+                            cox_step: None,
                         })
                     },
                 )
@@ -114,47 +255,7 @@ impl StudyRunner {
             .release(&sum, noise_sd, rounding)
             .map_err(|e| self.failed(e))?;
         release.privacy = query.noise_multiplier.map(|z| ReleasePrivacy::of(z, delta));
-        let file = StatisticsFile {
-            format: "medfed-statistics/2",
-            query,
-            sites: sites.clone(),
-            secure_aggregation,
-            release: &release,
-        };
-        let json = serde_json::to_vec_pretty(&file)
-            .map_err(|e| self.failed(format!("the release cannot be encoded: {e}")))?;
-        let path = self
-            .out_dir
-            .join("statistics")
-            .join(format!("{}.json", cfg.id));
-        // Logged, then remembered as released (so a restart never releases it a second
-        // time), then written: nothing is released the compliance log does not show.
-        let event = medfed_protocol::audit::Event::Released {
-            study: cfg.id.clone(),
-            round: 0,
-            sites: sites.clone(),
-            sha256: medfed_protocol::audit::sha256_hex(&json),
-        };
-        let remember = || {
-            crate::checkpoint::save_statistics(&*self.store, &cfg.id, &path)
-                .map_err(|e| format!("cannot record the release in the store ({e})"))
-        };
-        crate::release::release(&self.audit, event, remember, &path, &json).map_err(
-            |e| match e {
-                crate::release::ReleaseError::Write { path, source } => StudyError::Export {
-                    study: cfg.id.clone(),
-                    path,
-                    source,
-                },
-                e @ crate::release::ReleaseError::Unlogged(_) => self.unlogged(e),
-                e => self.failed(e.to_string()),
-            },
-        )?;
-        info!(study = %cfg.id, sites = sites.len(), path = %path.display(), "statistics released");
-        if let Some(said) = release.left_out.as_ref().and_then(left_out_summary) {
-            warn!(study = %cfg.id, "{said}");
-        }
-        Ok((release, path))
+        Ok((release, sites))
     }
 
     /// Without secure aggregation: each site's vector, summed here.
@@ -166,6 +267,7 @@ impl StudyRunner {
         let msg = Arc::new(Message::StatisticsQuery(StatisticsQuery {
             query: query.clone(),
             secure: None,
+            cox_step: None,
         }));
         let timeout = Duration::from_secs(self.cfg.round_timeout_secs);
         let mut tasks = self.ask_all(msg, participants.keys(), timeout);

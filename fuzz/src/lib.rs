@@ -148,6 +148,7 @@ pub fn pima_query(query_id: &str) -> StatsQuery {
         noise_multiplier: Some(1.0),
         suppress_below: 11,
         survival: None,
+        cox: None,
     }
 }
 
@@ -376,6 +377,7 @@ pub fn samples() -> Vec<(&'static str, Message)> {
             Message::StatisticsQuery(StatisticsQuery {
                 query: pima_query("q1"),
                 secure: None,
+                cox_step: None,
             }),
         ),
         (
@@ -387,6 +389,7 @@ pub fn samples() -> Vec<(&'static str, Message)> {
                     &["a", "b", "st-marys"],
                     pima_query("q2").dimension() as u32,
                 )),
+                cox_step: None,
             }),
         ),
         (

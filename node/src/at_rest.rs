@@ -32,6 +32,10 @@ pub fn private_paths(cfg: &NodeConfig) -> Vec<PrivatePath> {
             crate::statistics::CohortMemory::path(state),
         ),
         PrivatePath::new(
+            "the answered Cox iterations",
+            crate::statistics::CoxSteps::path(state),
+        ),
+        PrivatePath::new(
             "the studies announced to this site",
             crate::announced::path(state),
         ),

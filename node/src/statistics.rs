@@ -111,6 +111,72 @@ impl CohortMemory {
     }
 }
 
+/// The Cox iterations this site answered, per query: the aggregator chooses each step's
+/// coefficients, and sums at many chosen coefficients could be solved for the patients', so
+/// a query gets at most its approved `max_iterations` answers, one per iteration number.
+pub struct CoxSteps(
+    JsonFile<std::collections::BTreeMap<String, Vec<medfed_protocol::cox::CoxStep>>>,
+);
+
+const COX_STEPS: Contents = Contents {
+    label: "",
+    a: "a map of answered Cox iterations",
+    the: "the answered Cox iterations",
+    pretty: false,
+};
+
+impl CoxSteps {
+    /// Where they are kept in the state directory `state_dir`.
+    pub fn path(state_dir: &Path) -> PathBuf {
+        state_dir.join("answered-cox-steps.json")
+    }
+
+    /// Opens the record kept at `path` (none yet is an empty one).
+    pub fn open(path: PathBuf) -> Result<CoxSteps, String> {
+        JsonFile::open(path, COX_STEPS)
+            .map(CoxSteps)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Records `step` of query `query_id`, unless that iteration was answered at other
+    /// coefficients, or `max` iterations were answered already. Answering an iteration again
+    /// at the same coefficients (a retried round) is allowed.
+    pub fn admit(
+        &self,
+        query_id: &str,
+        step: &medfed_protocol::cox::CoxStep,
+        max: u32,
+    ) -> Result<(), String> {
+        let mut all = self.0.lock();
+        let answered = all.entry(query_id.to_string()).or_default();
+        if let Some(before) = answered.iter().find(|s| s.iteration == step.iteration) {
+            if before.beta == step.beta {
+                return Ok(());
+            }
+            return Err(format!(
+                "iteration {} was answered at other coefficients: a second answer would let \
+                 the aggregator compare sums at coefficients of its choosing",
+                step.iteration
+            ));
+        }
+        if answered.len() >= max as usize {
+            return Err(format!(
+                "{} iterations were answered already, the query's max_iterations",
+                answered.len()
+            ));
+        }
+        answered.push(step.clone());
+        let snapshot = all.clone();
+        self.0.save(&snapshot).map_err(|e| {
+            // Not on disk: not answered, and not remembered either.
+            if let Some(v) = all.get_mut(query_id) {
+                v.pop();
+            }
+            e.to_string()
+        })
+    }
+}
+
 /// A query's cohort at a site: the rows' ids and values, and the rows left out for a
 /// missing value.
 #[derive(Debug, Clone, PartialEq)]
@@ -151,10 +217,20 @@ pub fn cohort(table: &Table, q: &StatsQuery, patient_key: Option<&str>) -> Resul
         .iter()
         .map(|c| Ok((col(&c.column)?, c)))
         .collect::<Result<Vec<_>, String>>()?;
-    let cols = q
+    // The described columns, then a Cox query's covariates: numbers each row must have.
+    let numeric: Vec<&str> = q
         .columns
         .iter()
-        .map(|c| col(&c.name))
+        .map(|c| c.name.as_str())
+        .chain(
+            q.cox
+                .iter()
+                .flat_map(|c| c.covariates.iter().map(String::as_str)),
+        )
+        .collect();
+    let cols = numeric
+        .iter()
+        .map(|name| col(name))
         .collect::<Result<Vec<_>, String>>()?;
     // The survival part's columns: time, event, and the strata column if any.
     let survival_cols = q
@@ -187,10 +263,14 @@ pub fn cohort(table: &Table, q: &StatsQuery, patient_key: Option<&str>) -> Resul
             }
         }
         let mut values = Vec::with_capacity(cols.len());
-        for (m, &j) in cols.iter().enumerate() {
+        for (name, &j) in numeric.iter().zip(&cols) {
             match table.cell(i, j).trim().parse::<f64>() {
                 Ok(x) if x.is_finite() => values.push(x),
-                _ => lacks[m] = true,
+                _ => {
+                    if let Some(m) = slot(name) {
+                        lacks[m] = true;
+                    }
+                }
             }
         }
         let mut survival_row = None;
@@ -266,6 +346,33 @@ impl Node {
                 format!("query '{}': {why}", q.query_id),
             );
         }
+        // A Cox query is answered one iteration at a time, each its own round.
+        match (&q.cox, &sq.cox_step) {
+            (None, None) => {}
+            (Some(cox), Some(step)) => {
+                if let Err(why) = cox.check_step(step) {
+                    return refuse(
+                        ErrorCode::InvalidContent,
+                        format!("query '{}': {why}", q.query_id),
+                    );
+                }
+            }
+            _ => {
+                return refuse(
+                    ErrorCode::InvalidContent,
+                    format!(
+                        "query '{}': a Cox query comes with its iteration's coefficients, and \
+                         no other query does",
+                        q.query_id
+                    ),
+                );
+            }
+        }
+        let round = sq.cox_step.as_ref().map_or(0, |s| s.iteration);
+        let binding_of = |scale: f64| match &sq.cox_step {
+            Some(step) => medfed_protocol::messages::cox_binding(q, scale, step),
+            None => query_binding(q, scale),
+        };
         match self.config.policy.decide_query(q, sq.secure.is_some()) {
             Verdict::Approved(_) => {}
             Verdict::Refused(why) => return refuse(ErrorCode::CannotServe, why),
@@ -320,7 +427,7 @@ impl Node {
         }
         if let Some(sr) = &sq.secure {
             // Checked before anything is remembered or charged.
-            let binding = query_binding(q, sr.scale);
+            let binding = binding_of(sr.scale);
             if sr.setup.binding != binding || sr.setup.dimension as usize != q.dimension() {
                 return refuse(
                     ErrorCode::InvalidContent,
@@ -333,7 +440,9 @@ impl Node {
             if let Err(why) = self.noise_colluders(sr) {
                 return refuse(ErrorCode::CannotServe, why);
             }
-            if let Err((code, why)) = self.check_join(&q.query_id, 0, sr, &binding, q.dimension()) {
+            if let Err((code, why)) =
+                self.check_join(&q.query_id, round, sr, &binding, q.dimension())
+            {
                 return refuse(code, why);
             }
         }
@@ -358,6 +467,11 @@ impl Node {
             .iter()
             .map(|c| c.name.as_str())
             .chain(q.survival.iter().flat_map(|s| s.columns()))
+            .chain(
+                q.cox
+                    .iter()
+                    .flat_map(|c| c.covariates.iter().map(String::as_str)),
+            )
             .chain(q.cohort.iter().map(|c| c.column.as_str()));
         if let Err(why) = classes.check(&q.dataset, used.clone()) {
             return refuse(ErrorCode::CannotServe, why);
@@ -388,7 +502,23 @@ impl Node {
         }
         let mut noise_sigma = 0.0;
         let mut noise_charge = None;
-        let mut vector = q.encode_all(&rows, &survival, &left_out);
+        let mut vector = match &sq.cox_step {
+            Some(step) => {
+                let described = q.columns.len();
+                let cox_rows: Vec<medfed_protocol::cox::CoxRow> = rows
+                    .iter()
+                    .zip(&survival)
+                    .map(|(values, s)| medfed_protocol::cox::CoxRow {
+                        time: s.time,
+                        event: s.event,
+                        stratum: s.stratum,
+                        x: values[described..].to_vec(),
+                    })
+                    .collect();
+                q.encode_cox(&cox_rows, &step.beta, &left_out)
+            }
+            None => q.encode_all(&rows, &survival, &left_out),
+        };
         match q.noise_multiplier {
             None => {
                 let min_cell = self.config.policy.min_cell.max(q.suppress_below);
@@ -412,6 +542,14 @@ impl Node {
                 };
                 if let Err(why) = self.cohorts.admit(answered, min_cell) {
                     return decline(format!("differencing protection: {why}"));
+                }
+                if let (Some(cox), Some(step)) = (&q.cox, &sq.cox_step)
+                    && let Err(why) = self.cox_steps.admit(&q.query_id, step, cox.max_iterations)
+                {
+                    return refuse(
+                        ErrorCode::CannotServe,
+                        format!("query '{}': {why}", q.query_id),
+                    );
                 }
                 self.record_exact_release(&q.query_id, &q.dataset)?;
             }
@@ -457,10 +595,10 @@ impl Node {
         )?;
         match sq.secure {
             Some(sr) => {
-                let binding = query_binding(q, sr.scale);
+                let binding = binding_of(sr.scale);
                 self.join_secure(
                     q.query_id.clone(),
-                    0,
+                    round,
                     sr,
                     vector,
                     binding,
@@ -484,6 +622,31 @@ mod tests {
     use medfed_protocol::fedstats::{CmpOp, Condition, StatColumn};
 
     use super::*;
+
+    #[test]
+    fn a_cox_query_gets_at_most_its_iterations_one_answer_each() {
+        use medfed_protocol::cox::CoxStep;
+        let dir = tempfile::tempdir().unwrap();
+        let path = CoxSteps::path(dir.path());
+        let steps = CoxSteps::open(path.clone()).unwrap();
+        let step = |iteration, b| CoxStep {
+            iteration,
+            beta: vec![b],
+        };
+        steps.admit("q", &step(0, 0.0), 2).unwrap();
+        // A retried round at the same coefficients is the same answer.
+        steps.admit("q", &step(0, 0.0), 2).unwrap();
+        let e = steps.admit("q", &step(0, 0.5), 2).unwrap_err();
+        assert!(e.contains("other coefficients"), "{e}");
+        steps.admit("q", &step(1, 0.5), 2).unwrap();
+        let e = steps.admit("q", &step(2, 0.7), 2).unwrap_err();
+        assert!(e.contains("max_iterations"), "{e}");
+        // Another query has its own count, and the record survives a restart.
+        steps.admit("other", &step(0, 0.1), 2).unwrap();
+        drop(steps);
+        let steps = CoxSteps::open(path).unwrap();
+        assert!(steps.admit("q", &step(5, 0.0), 2).is_err());
+    }
 
     fn cohort_of(rows: &[u32]) -> AnsweredCohort {
         AnsweredCohort {
@@ -562,6 +725,7 @@ mod tests {
             noise_multiplier: None,
             suppress_below: 1,
             survival: None,
+            cox: None,
         };
         let c = cohort(&table, &q, None).unwrap();
         assert_eq!(c.ids, vec![2, 3], "row 1 has no glucose value");

@@ -135,8 +135,12 @@ pub struct StatsQuery {
     pub noise_multiplier: Option<f64>,
     /// Cells (counts) below this are not released (CMS: 11).
     pub suppress_below: u64,
-    /// Kaplan–Meier curves of the cohort (and a log-rank test across strata).
+    /// Kaplan–Meier curves of the cohort (and a log-rank test across strata); with `cox`,
+    /// the time, event and strata of the Cox model instead.
     pub survival: Option<crate::survival::Survival>,
+    /// A Cox model of the survival part's time and event, fitted over several iterations
+    /// (each a [`crate::messages::StatisticsQuery`] with its step), exact only.
+    pub cox: Option<crate::cox::Cox>,
 }
 
 /// [`StatsQuery`] as protocol 4 had it, for [`StatsQuery::approval_hash`].
@@ -156,7 +160,7 @@ impl StatsQuery {
     /// encoding. A query without a survival part is hashed in protocol 4's layout, so that
     /// a query approved before survival queries existed keeps its hash.
     pub fn approval_hash(&self) -> String {
-        let bytes = if self.survival.is_none() {
+        let bytes = if self.survival.is_none() && self.cox.is_none() {
             postcard::to_allocvec(&StatsQueryV4 {
                 query_id: &self.query_id,
                 dataset: &self.dataset,
@@ -181,6 +185,24 @@ impl StatsQuery {
         }
         if let Some(s) = &self.survival {
             s.validate()?;
+        }
+        if let Some(c) = &self.cox {
+            c.validate()?;
+            if self.survival.is_none() {
+                return Err("a Cox model needs a survival part (time, event, grid)".into());
+            }
+            if self.noise_multiplier.is_some() {
+                return Err(
+                    "a Cox model is fitted from exact sums only (differential privacy for Cox \
+                     models is not built): make the query exact"
+                        .into(),
+                );
+            }
+            if !self.columns.is_empty() || self.correlations {
+                return Err(
+                    "a Cox query describes no columns: make those a query of their own".into(),
+                );
+            }
         }
         for c in &self.columns {
             if !(c.low.is_finite() && c.high.is_finite() && c.low < c.high) {
@@ -237,7 +259,16 @@ impl StatsQuery {
     /// described columns, then the cohort filter's other columns.
     pub fn missing_columns(&self) -> Vec<String> {
         let mut names: Vec<String> = self.columns.iter().map(|c| c.name.clone()).collect();
-        for c in self.survival.iter().flat_map(|s| s.columns()) {
+        let covariates = self
+            .cox
+            .iter()
+            .flat_map(|c| c.covariates.iter().map(String::as_str));
+        for c in self
+            .survival
+            .iter()
+            .flat_map(|s| s.columns())
+            .chain(covariates)
+        {
             if !names.iter().any(|n| n == c) {
                 names.push(c.to_string());
             }
@@ -250,8 +281,11 @@ impl StatsQuery {
         names
     }
 
-    /// Length of a site's vector.
+    /// Length of a site's vector: for a Cox query, its Cox section and the rows left out.
     pub fn dimension(&self) -> usize {
+        if let Some(c) = &self.cox {
+            return c.dimension() + 1 + self.missing_columns().len();
+        }
         1 + self.columns.iter().map(|c| 2 + c.bins()).sum::<usize>()
             + self.pairs()
             + self.survival_dimension()
@@ -266,6 +300,92 @@ impl StatsQuery {
     /// Where the survival section starts in a site's vector.
     fn survival_at(&self) -> usize {
         1 + self.columns.iter().map(|c| 2 + c.bins()).sum::<usize>() + self.pairs()
+    }
+
+    /// A site's vector for one iteration of a Cox query: its Cox section at `beta` over
+    /// `rows`, then the rows it left out (counts).
+    pub fn encode_cox(
+        &self,
+        rows: &[crate::cox::CoxRow],
+        beta: &[f64],
+        left_out: &LeftOut,
+    ) -> Vec<f64> {
+        let Some(cox) = &self.cox else {
+            return Vec::new();
+        };
+        let mut v = cox.encode(rows, beta);
+        v.push(left_out.rows as f64);
+        v.extend(left_out.per_column.iter().map(|n| *n as f64));
+        v
+    }
+
+    /// The released fit of a Cox query: its count, the rows left out (from the first
+    /// iteration's sum, `first`, rounded where `rounding < 0.5`), and `fit`.
+    pub fn release_cox(
+        &self,
+        first: &[f64],
+        fit: crate::cox::CoxFit,
+        rounding: f64,
+    ) -> Result<StatsRelease, String> {
+        let Some(cox) = &self.cox else {
+            return Err("not a Cox query".into());
+        };
+        if first.len() != self.dimension() {
+            return Err(format!(
+                "the sum has {} entries, the query {}",
+                first.len(),
+                self.dimension()
+            ));
+        }
+        let threshold = self.suppress_below as f64;
+        let whole = |x: f64| if rounding < 0.5 { x.round() } else { x };
+        let n = whole(first[0]);
+        if n < threshold || fit.events < threshold {
+            return Err(format!(
+                "the fit rests on fewer than {} patients or events, so it is not released",
+                self.suppress_below
+            ));
+        }
+        let cells: Vec<f64> = first[cox.dimension()..].iter().map(|x| whole(*x)).collect();
+        let err = if rounding < 0.5 { 0.0 } else { rounding };
+        Ok(StatsRelease {
+            query_id: self.query_id.clone(),
+            count: Released::new(n, err, true),
+            columns: Vec::new(),
+            correlations: None,
+            left_out: Some(self.left_out_release(&cells, None, err)),
+            noise_sd_units: None,
+            privacy: None,
+            survival: None,
+            cox: Some(fit),
+        })
+    }
+
+    /// The released counts of rows left out (`cells`: in all, then per missing column):
+    /// noisy ones below the threshold hidden; exact small ones hidden, and the total with
+    /// them (it would bound the hidden ones).
+    fn left_out_release(&self, cells: &[f64], sigma: Option<f64>, radius: f64) -> LeftOutRelease {
+        let threshold = self.suppress_below as f64;
+        let shown: Vec<bool> = match sigma {
+            Some(_) => cells.iter().map(|c| *c >= threshold).collect(),
+            None => {
+                let mut shown: Vec<bool> =
+                    cells.iter().map(|c| *c == 0.0 || *c >= threshold).collect();
+                if shown.iter().any(|s| !s) {
+                    shown[0] = false;
+                }
+                shown
+            }
+        };
+        LeftOutRelease {
+            rows: Released::new(cells[0], radius, shown[0]),
+            columns: self
+                .missing_columns()
+                .into_iter()
+                .enumerate()
+                .map(|(j, name)| (name, Released::new(cells[1 + j], radius, shown[1 + j])))
+                .collect(),
+        }
     }
 
     /// Each entry's unit: the most one patient changes it.
@@ -485,34 +605,7 @@ impl StatsQuery {
             m
         });
         let at = self.dimension() - 1 - self.missing_columns().len();
-        let cells: Vec<f64> = v[at..].to_vec();
-        // Noisy counts: the small ones hidden (post-processing). Exact ones: a small cell is
-        // hidden, and the total with it (it would bound the hidden one).
-        let shown: Vec<bool> = match sigma {
-            Some(_) => cells.iter().map(|c| *c >= threshold).collect(),
-            None => {
-                let mut shown: Vec<bool> =
-                    cells.iter().map(|c| *c == 0.0 || *c >= threshold).collect();
-                if shown.iter().any(|s| !s) {
-                    shown[0] = false;
-                }
-                shown
-            }
-        };
-        let left_out = LeftOutRelease {
-            rows: Released::new(cells[0], radius(at), shown[0]),
-            columns: self
-                .missing_columns()
-                .into_iter()
-                .enumerate()
-                .map(|(j, name)| {
-                    (
-                        name,
-                        Released::new(cells[1 + j], radius(at + 1 + j), shown[1 + j]),
-                    )
-                })
-                .collect(),
-        };
+        let left_out = self.left_out_release(&v[at..], sigma, radius(at));
         let survival = match &self.survival {
             Some(s) => {
                 let at = self.survival_at();
@@ -524,6 +617,7 @@ impl StatsQuery {
             query_id: self.query_id.clone(),
             count,
             survival,
+            cox: None,
             columns,
             correlations,
             left_out: Some(left_out),
@@ -830,6 +924,9 @@ pub struct StatsRelease {
     /// The Kaplan–Meier curves and log-rank test, for a query with a survival part.
     #[serde(default)]
     pub survival: Option<crate::survival::SurvivalRelease>,
+    /// The fitted Cox model, for a Cox query.
+    #[serde(default)]
+    pub cox: Option<crate::cox::CoxFit>,
 }
 
 #[cfg(test)]
@@ -861,18 +958,20 @@ mod tests {
             noise_multiplier: None,
             suppress_below: 11,
             survival: None,
+            cox: None,
         }
     }
 
     #[test]
     fn a_query_without_survival_keeps_its_protocol_4_approval_hash() {
-        // Protocol 4's encoding is protocol 5's without the trailing `None` (one 0 byte).
+        // Protocol 4's encoding is protocol 5's without the trailing `None`s of survival and
+        // cox (a 0 byte each).
         let q = query();
         let bytes = postcard::to_allocvec(&q).unwrap();
-        assert_eq!(bytes.last(), Some(&0));
+        assert_eq!(bytes[bytes.len() - 2..], [0, 0]);
         assert_eq!(
             q.approval_hash(),
-            crate::audit::sha256_hex(&bytes[..bytes.len() - 1])
+            crate::audit::sha256_hex(&bytes[..bytes.len() - 2])
         );
         let with = StatsQuery {
             survival: Some(crate::survival::Survival {

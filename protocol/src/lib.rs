@@ -29,6 +29,7 @@
 
 pub mod audit;
 pub mod codec;
+pub mod cox;
 pub mod dp;
 pub mod export;
 pub mod fedstats;

@@ -324,6 +324,8 @@ pub struct StatisticsQuery {
     pub query: crate::fedstats::StatsQuery,
     /// With secure aggregation: its setup; `None` for a report in the clear.
     pub secure: Option<SecureRound>,
+    /// For a Cox query: the iteration and the coefficients to evaluate at.
+    pub cox_step: Option<crate::cox::CoxStep>,
 }
 
 /// A node's statistics vector (see [`crate::fedstats`]), sent in the clear (only for
@@ -339,6 +341,16 @@ pub struct StatisticsReport {
 /// The [`crate::secagg::Setup::binding`] of a statistics query.
 pub fn query_binding(query: &crate::fedstats::StatsQuery, scale: f64) -> [u8; 32] {
     crate::secagg::input_binding(&("query", query, scale))
+}
+
+/// The binding of one iteration of a Cox query: the query, the scale and the step, so that
+/// a masked input answers that iteration's coefficients only.
+pub fn cox_binding(
+    query: &crate::fedstats::StatsQuery,
+    scale: f64,
+    step: &crate::cox::CoxStep,
+) -> [u8; 32] {
+    crate::secagg::input_binding(&("cox", query, scale, step))
 }
 
 /// A secure-aggregation message from the aggregator to a node.

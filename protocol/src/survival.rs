@@ -70,6 +70,8 @@ pub struct Strata {
 /// stratum.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SurvivalRow {
+    /// Its follow-up time (a time past the grid's end is that end, censored).
+    pub time: f64,
     /// The bin its follow-up ends in.
     pub bin: usize,
     /// Whether follow-up ended with the event (else censored).
@@ -202,13 +204,14 @@ impl Survival {
             (Some(t), Some(ended), Some(stratum)) if !lacks[0] => {
                 let last = self.grid[self.grid.len() - 1];
                 // Past the grid: alive (event-free) at its end, so censored there.
-                let (bin, event) = if t > last {
-                    (self.bins() - 1, false)
+                let (time, bin, event) = if t > last {
+                    (last, self.bins() - 1, false)
                 } else {
                     let i = self.grid.partition_point(|e| *e <= t);
-                    (i.clamp(1, self.bins()) - 1, ended)
+                    (t, i.clamp(1, self.bins()) - 1, ended)
                 };
                 Ok(SurvivalRow {
+                    time,
                     bin,
                     event,
                     stratum,
@@ -548,6 +551,7 @@ mod tests {
         assert_eq!(
             s.row("3", "2", Some("1")),
             Ok(SurvivalRow {
+                time: 3.0,
                 bin: 3,
                 event: true,
                 stratum: 0

@@ -248,6 +248,7 @@ fn stats_query() -> impl Strategy<Value = StatsQuery> {
                     noise_multiplier,
                     suppress_below,
                     survival: None,
+                    cox: None,
                 }
             },
         )
@@ -390,7 +391,11 @@ fn message() -> impl Strategy<Value = Message> {
             Message::StatisticsOpen(StatisticsOpen { study_id, secure })
         }),
         (stats_query(), prop::option::of(secure_round())).prop_map(|(query, secure)| {
-            Message::StatisticsQuery(StatisticsQuery { query, secure })
+            Message::StatisticsQuery(StatisticsQuery {
+                query,
+                secure,
+                cox_step: None,
+            })
         }),
         (name(), prop::collection::vec(finite(), 0..32)).prop_map(|(query_id, vector)| {
             Message::StatisticsReport(StatisticsReport { query_id, vector })
@@ -744,6 +749,7 @@ fn pinned_examples() -> Vec<(&'static str, Message)> {
                 levels: vec!["1".into(), "2".into()],
             }),
         }),
+        cox: None,
     };
     let keys = AdvertisedKeys {
         party: 1,
@@ -992,8 +998,29 @@ fn pinned_examples() -> Vec<(&'static str, Message)> {
         (
             "statistics query",
             Message::StatisticsQuery(StatisticsQuery {
-                query,
+                query: query.clone(),
                 secure: Some(secure),
+                cox_step: None,
+            }),
+        ),
+        (
+            "cox iteration",
+            Message::StatisticsQuery(StatisticsQuery {
+                query: StatsQuery {
+                    noise_multiplier: None,
+                    columns: Vec::new(),
+                    cox: Some(medfed_protocol::cox::Cox {
+                        covariates: vec!["age".into(), "sex".into()],
+                        ties: medfed_protocol::cox::Ties::Efron,
+                        max_iterations: 30,
+                    }),
+                    ..query
+                },
+                secure: None,
+                cox_step: Some(medfed_protocol::cox::CoxStep {
+                    iteration: 2,
+                    beta: vec![0.5, -0.25],
+                }),
             }),
         ),
         (
@@ -1068,7 +1095,11 @@ const PINNED: &[(&str, &str)] = &[
     ),
     (
         "statistics query",
-        "000000db00050d01710470696d61010361676503010000000000004440000103676c7500000000000000000000000000006940030000000000000000000000000000594000000000000069400001000000000000f83f0b010464617973067374617475730101320101310300000000000000000000000000003e400000000000004e40010373657802013101320105732f312f3102016101620201888e98a8c0e08081010300000000000020401020070707070707070707070707070707070707070707070707070707070707070702023000023001000000000000e03f00",
+        "000000dd00050d01710470696d61010361676503010000000000004440000103676c7500000000000000000000000000006940030000000000000000000000000000594000000000000069400001000000000000f83f0b010464617973067374617475730101320101310300000000000000000000000000003e400000000000004e4001037365780201310132000105732f312f3102016101620201888e98a8c0e08081010300000000000020401020070707070707070707070707070707070707070707070707070707070707070702023000023001000000000000e03f0000",
+    ),
+    (
+        "cox iteration",
+        "0000007400050d01710470696d61010361676503010000000000004440000000000b010464617973067374617475730101320101310300000000000000000000000000003e400000000000004e400103736578020131013201020361676503736578011e00010202000000000000e03f000000000000d0bf",
     ),
     (
         "statistics report",

@@ -178,6 +178,7 @@ fn query(id: &str, cohort: Vec<Condition>) -> StatsQuery {
         noise_multiplier: Some(1.5),
         suppress_below: 11,
         survival: None,
+        cox: None,
     }
 }
 

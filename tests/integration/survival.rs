@@ -4,7 +4,9 @@
 //! the pooled curve of lifelines at every event time (and its confidence interval, and the
 //! log-rank test); with differential privacy on a 30-day grid every released point lies
 //! within its stated error of the exact one. Both releases are in the aggregator's compliance
-//! log, and `medfed aggregator statistics show` prints and plots them.
+//! log, and `medfed aggregator statistics show` prints and plots them. A Cox model of age,
+//! sex and ECOG score, each site its own stratum, fitted by Newton–Raphson over secure sums,
+//! equals lifelines' `CoxPHFitter(strata=["site"])` on the pooled patients.
 
 use std::path::Path;
 use std::time::Duration;
@@ -257,4 +259,110 @@ fn federated_kaplan_meier_equals_the_pooled_curve() {
     ]);
     assert!(shown.contains("not computed from noisy counts"), "{shown}");
     assert!(shown.contains("differential-privacy noise"), "{shown}");
+}
+
+#[test]
+fn a_federated_cox_model_equals_the_pooled_site_stratified_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pki(d, &SITES);
+    let port = free_udp_port();
+    for site in SITES {
+        std::fs::copy(
+            fixture(&format!("{site}.csv")),
+            d.join(format!("{site}.csv")),
+        )
+        .unwrap();
+        let config = node_config(site, port).replace("\"age\"]", "\"age\", \"ph.ecog\"]");
+        std::fs::write(d.join(format!("{site}.toml")), config).unwrap();
+    }
+    let study = "[[statistics]]\nid = \"lung-cox\"\ndataset = \"lung\"\nexact = true\nmin_sites = 3\n\
+        wait_for_sites_secs = 60\n\
+        [statistics.survival]\ntime = \"time\"\nevent = \"status\"\nstart = 0\nend = 1100\nstep = 1\n\
+        [statistics.cox]\ncovariates = [\"age\", \"sex\", \"ph.ecog\"]\n";
+    let agg = d.join("aggregator.toml");
+    std::fs::write(
+        &agg,
+        crate::common::aggregator_config(port, Some("out"), &SITES, study),
+    )
+    .unwrap();
+    let nodes: Vec<_> = SITES.iter().map(|s| d.join(format!("{s}.toml"))).collect();
+    crate::common::approve_exact_queries(&agg, &nodes);
+    let mut procs = Processes(vec![spawn_aggregator(d, "aggregator", &agg)]);
+    for site in SITES {
+        procs
+            .0
+            .push(spawn_node(d, site, &d.join(format!("{site}.toml"))));
+    }
+    all_succeed(d, &mut procs, Duration::from_secs(180));
+
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("reference.json")).unwrap()).unwrap();
+    let want = &reference["cox"];
+    let got = released(d, "lung-cox");
+    let fit = &got["release"]["cox"];
+    assert_eq!(fit["patients"].as_f64(), want["patients"].as_f64(), "{fit}");
+    // The one patient without an ECOG score is left out, and counted.
+    assert_eq!(got["release"]["count"]["value"].as_f64(), Some(227.0));
+    for (k, c) in fit["coefficients"].as_array().unwrap().iter().enumerate() {
+        let (coef, se) = (c["coef"].as_f64().unwrap(), c["se"].as_f64().unwrap());
+        let (want_coef, want_se) = (
+            want["coef"][k].as_f64().unwrap(),
+            want["se"][k].as_f64().unwrap(),
+        );
+        assert!(
+            (coef - want_coef).abs() < 1e-4,
+            "{}: {coef} vs lifelines {want_coef}",
+            c["covariate"]
+        );
+        assert!(
+            (se - want_se).abs() < 1e-4,
+            "{}: se {se} vs lifelines {want_se}",
+            c["covariate"]
+        );
+        let p = want["p_value"][k].as_f64().unwrap();
+        assert!(
+            (c["p_value"].as_f64().unwrap() - p).abs() < 1e-4 * p.max(1e-3),
+            "{c}"
+        );
+    }
+    let ll = fit["log_likelihood"].as_f64().unwrap();
+    assert!(
+        (ll - want["log_likelihood"].as_f64().unwrap()).abs() < 1e-6,
+        "{ll}"
+    );
+    let c = fit["concordance"].as_f64().unwrap();
+    assert!(
+        (c - want["concordance"].as_f64().unwrap()).abs() < 1e-9,
+        "concordance {c}"
+    );
+    // Each iteration was a secure round; the release is in the compliance log.
+    let iterations = fit["iterations"].as_u64().unwrap();
+    assert!((3..=10).contains(&iterations), "{iterations}");
+    let (alog, akey) = (
+        d.join("audit/compliance.log"),
+        d.join("audit/signing.key.pub"),
+    );
+    let report = ok(&[
+        "audit",
+        "report",
+        "--log",
+        alog.to_str().unwrap(),
+        "--key",
+        akey.to_str().unwrap(),
+        "--format",
+        "json",
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert_eq!(report["studies"]["lung-cox"]["released"], 1, "{report}");
+    let shown = ok(&[
+        "aggregator",
+        "statistics",
+        "show",
+        d.join("out/statistics/lung-cox.json").to_str().unwrap(),
+    ]);
+    assert!(
+        shown.contains("ph.ecog") && shown.contains("concordance 0.6361"),
+        "{shown}"
+    );
 }
