@@ -46,6 +46,7 @@ pub mod stats;
 pub mod study;
 pub mod survival;
 pub mod time;
+pub mod trees;
 pub mod update_vector;
 
 pub use codec::{DEFAULT_MAX_FRAME_BYTES, FrameError, PROTOCOL_VERSION};
