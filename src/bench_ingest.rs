@@ -617,6 +617,7 @@ fn score_model(dir: &Path) -> anyhow::Result<medfed_node::deid::ScoreSpec> {
         stopped: None,
         created_unix: 0,
         provenance: None,
+        trees: None,
     };
     exported.validate().map_err(anyhow::Error::msg)?;
     let bytes = serde_json::to_vec(&exported)?;

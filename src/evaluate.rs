@@ -90,7 +90,7 @@ pub fn evaluate(
     }
     let x = table.inputs(&model.model.preprocessing(), false)?;
     let y = table.target(target, kind, positive, &model.classes)?;
-    let p = model.model.predict_raw(x.view())?;
+    let p = model.predict_raw(x.view())?;
     Ok(exact_metrics(kind, &p.to_vec(), &y.to_vec()))
 }
 
@@ -115,7 +115,7 @@ fn plots(
     let y = table
         .target(target, kind, positive, &model.classes)?
         .to_vec();
-    let p = model.model.predict_raw(x.view())?.to_vec();
+    let p = model.predict_raw(x.view())?.to_vec();
     let k = kind.outputs();
     let curves: Vec<(String, Vec<(f64, f64)>)> = match metrics {
         Metrics::Multiclass(m) => (0..k)

@@ -116,7 +116,6 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         let row = inputs.map_err(|e| e.to_string()).and_then(|x| {
             let x = ndarray::Array2::from_shape_vec((1, x.len()), x).map_err(|e| e.to_string())?;
             model
-                .model
                 .predict_raw(x.view())
                 .map(|p| p.to_vec())
                 .map_err(|e| e.to_string())

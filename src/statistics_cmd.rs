@@ -101,6 +101,26 @@ pub fn show(args: ShowArgs) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(t) = &r.trees {
+        println!(
+            "\nboosted trees: {} trees in {} steps (secure sums); each site sent {} numbers in all",
+            t.trees, t.steps, t.entries_per_site
+        );
+        let shown: Vec<String> = t
+            .train_loss
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                i % (t.train_loss.len() / 10).max(1) == 0 || *i + 1 == t.train_loss.len()
+            })
+            .map(|(i, l)| format!("tree {}: {l:.4}", i + 1))
+            .collect();
+        println!("mean training loss before each tree: {}", shown.join(", "));
+        println!(
+            "the model: {} (evaluate it with `medfed model evaluate --model {} --data FILE --target COLUMN`)",
+            t.model, t.model
+        );
+    }
     if let Some(fit) = &r.cox {
         println!(
             "\nCox proportional hazards, each site its own stratum ({} ties): {} patients, {} events, {} iterations",

@@ -193,6 +193,11 @@ pub struct StatisticsConfig {
     /// stratum of its own; exact, under secure aggregation.
     #[serde(default)]
     pub cox: Option<CoxConfig>,
+    /// Gradient-boosted trees (`[statistics.boosted_trees]`), grown from secure sums of the
+    /// sites' gradient histograms; exact, under secure aggregation. The model is written to
+    /// `out_dir/models/<id>/final.json`.
+    #[serde(default)]
+    pub boosted_trees: Option<TreesConfig>,
     /// Also the Pearson correlation of every pair of columns.
     #[serde(default)]
     pub correlations: bool,
@@ -281,6 +286,83 @@ fn default_cox_iterations() -> u32 {
     30
 }
 
+/// `[statistics.boosted_trees]`: a histogram gradient-boosted trees model.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TreesConfig {
+    /// The column predicted.
+    pub target: String,
+    /// For a classifier: the target value that is the positive class (logistic loss);
+    /// absent: a numeric target and the squared loss.
+    #[serde(default)]
+    pub positive_class: Option<String>,
+    /// The features, with bounds for the bins: `{ name = "glu", low = 40, high = 200 }`.
+    pub features: Vec<medfed_protocol::trees::FeatureRange>,
+    /// How many trees (each is `depth` rounds of secure sums).
+    #[serde(default = "default_trees")]
+    pub trees: u32,
+    /// Levels of splits per tree.
+    #[serde(default = "default_tree_depth")]
+    pub depth: u8,
+    /// The shrinkage of each tree.
+    #[serde(default = "default_tree_learning_rate")]
+    pub learning_rate: f64,
+    /// The most bins per feature, at the federation's quantiles.
+    #[serde(default = "default_tree_bins")]
+    pub max_bins: u16,
+    /// The L2 penalty on leaf values.
+    #[serde(default)]
+    pub l2: f64,
+    /// The least Hessian a child may have.
+    #[serde(default = "default_min_child_weight")]
+    pub min_child_weight: f64,
+    /// The fewest rows a child may have.
+    #[serde(default = "default_min_child_samples")]
+    pub min_child_samples: u32,
+}
+
+fn default_trees() -> u32 {
+    100
+}
+fn default_tree_depth() -> u8 {
+    3
+}
+fn default_tree_learning_rate() -> f64 {
+    0.1
+}
+fn default_tree_bins() -> u16 {
+    32
+}
+fn default_min_child_weight() -> f64 {
+    1e-3
+}
+fn default_min_child_samples() -> u32 {
+    20
+}
+
+impl TreesConfig {
+    /// The model the query asks for.
+    pub fn boosting(&self) -> medfed_protocol::trees::Boosting {
+        medfed_protocol::trees::Boosting {
+            target: self.target.clone(),
+            positive_class: self.positive_class.clone(),
+            loss: if self.positive_class.is_some() {
+                medfed_protocol::trees::Loss::Logistic
+            } else {
+                medfed_protocol::trees::Loss::Squared
+            },
+            features: self.features.clone(),
+            trees: self.trees,
+            depth: self.depth,
+            learning_rate: self.learning_rate,
+            max_bins: self.max_bins,
+            l2: self.l2,
+            min_child_weight: self.min_child_weight,
+            min_child_samples: self.min_child_samples,
+        }
+    }
+}
+
 fn default_event_codes() -> Vec<String> {
     vec!["1".into()]
 }
@@ -350,12 +432,17 @@ impl StatisticsConfig {
     /// grid is malformed is left out here and refused by [`AggregatorConfig::validate`].
     pub fn query(&self) -> medfed_protocol::fedstats::StatsQuery {
         medfed_protocol::fedstats::StatsQuery {
-            survival: self.survival.as_ref().and_then(|s| s.survival().ok()),
+            survival: self
+                .survival
+                .as_ref()
+                .and_then(|s| s.survival().ok())
+                .map(Box::new),
             cox: self.cox.as_ref().map(|c| medfed_protocol::cox::Cox {
                 covariates: c.covariates.clone(),
                 ties: c.ties,
                 max_iterations: c.max_iterations,
             }),
+            trees: self.boosted_trees.as_ref().map(|t| Box::new(t.boosting())),
             query_id: self.id.clone(),
             dataset: self.dataset.clone(),
             cohort: self.cohort.clone(),
@@ -465,6 +552,14 @@ impl AggregatorConfig {
                 sv.survival()
                     .and_then(|sv| sv.validate())
                     .map_err(|why| invalid(key("survival"), why))?;
+            }
+            if s.boosted_trees.is_some() && (!s.exact || !s.secure_aggregation.enabled) {
+                return Err(invalid(
+                    key("boosted_trees"),
+                    "boosted trees are grown from exact sums under secure aggregation only \
+                     (differential privacy for trees is not built): set exact = true"
+                        .into(),
+                ));
             }
             if s.cox.is_some() {
                 if s.survival.is_none() {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use medfed_protocol::Message;
 use medfed_protocol::fedstats::{ReleasePrivacy, StatsQuery, StatsRelease};
-use medfed_protocol::messages::{StatisticsQuery, cox_binding, query_binding};
+use medfed_protocol::messages::{QueryStep, StatisticsQuery, query_binding, step_binding};
 use medfed_protocol::quant::QuantParams;
 use serde::Serialize;
 use tracing::{info, warn};
@@ -59,6 +59,8 @@ impl StudyRunner {
         let secure_aggregation = cfg.secure_aggregation.enabled;
         let (release, sites) = if let Some(cox) = &query.cox {
             self.run_cox(query, cox, &participants).await?
+        } else if let Some(trees) = &query.trees {
+            self.run_trees(query, trees, &participants).await?
         } else {
             self.sum_statistics(query, &participants, delta).await?
         };
@@ -133,13 +135,13 @@ impl StudyRunner {
                     |n, scale| {
                         let quant = QuantParams::for_parties(n, MAX_SITE_ENTRY, bits_for(n))
                             .map_err(|e| e.to_string())?;
-                        Ok((quant, cox_binding(&q, scale, &s)))
+                        Ok((quant, step_binding(&q, scale, &QueryStep::Cox(s))))
                     },
                     |secure| {
                         Message::StatisticsQuery(StatisticsQuery {
                             query: query.clone(),
                             secure: Some(secure),
-                            cox_step: Some(step.clone()),
+                            step: Some(QueryStep::Cox(step.clone())),
                         })
                     },
                 )
@@ -184,6 +186,181 @@ impl StudyRunner {
         Ok((release, sites))
     }
 
+    /// A boosted-trees query: the bins, then each level of each tree, every step a secure
+    /// sum of the sites' histograms, all from the same sites; the model is released to
+    /// `models/<id>/final.json` (logged first, like every release).
+    async fn run_trees(
+        &self,
+        query: &StatsQuery,
+        spec: &medfed_protocol::trees::Boosting,
+        participants: &BTreeMap<String, Participant>,
+    ) -> Result<(StatsRelease, Vec<String>), StudyError> {
+        use medfed_protocol::trees::{BoostNext, Booster};
+        if !self.cfg.secure_aggregation.enabled {
+            return Err(
+                self.failed("boosted trees are grown under secure aggregation only".to_string())
+            );
+        }
+        let mut booster = Booster::new(spec);
+        let mut step = booster.current();
+        let mut first: Option<(Vec<f64>, Vec<String>)> = None;
+        let mut entries: u64 = 0;
+        let mut threshold = None;
+        let (ensemble, losses) = loop {
+            let qs = QueryStep::Trees(Box::new(step.clone()));
+            let dimension = query.step_dimension(Some(&qs));
+            let (q, binding_step) = (query.clone(), qs.clone());
+            let secure = self
+                .secure_sum(
+                    step.step,
+                    1,
+                    participants,
+                    dimension,
+                    |n, scale| {
+                        let quant = QuantParams::for_parties(n, MAX_SITE_ENTRY, bits_for(n))
+                            .map_err(|e| e.to_string())?;
+                        Ok((quant, step_binding(&q, scale, &binding_step)))
+                    },
+                    |secure| {
+                        Message::StatisticsQuery(StatisticsQuery {
+                            query: query.clone(),
+                            secure: Some(secure),
+                            step: Some(qs.clone()),
+                        })
+                    },
+                )
+                .await
+                .map_err(|e| self.failed(format!("boosted trees, step {}: {e}", step.step)))?;
+            entries += dimension as u64;
+            // The provenance states the lowest threshold any step ran with.
+            threshold = Some(threshold.map_or(secure.threshold, |t: u32| t.min(secure.threshold)));
+            match &first {
+                None => first = Some((secure.sum.clone(), secure.sites.clone())),
+                Some((_, sites)) if *sites != secure.sites => {
+                    return Err(self.failed(format!(
+                        "boosted trees: step {} summed sites {} but step 0 summed {}: a model \
+                         needs the same sites at every step",
+                        step.step,
+                        secure.sites.join(", "),
+                        sites.join(", ")
+                    )));
+                }
+                Some(_) => {}
+            }
+            if let Some((tree, 0)) = step.level {
+                info!(study = %self.cfg.id, tree, "boosted trees: growing tree {} of {}", tree + 1, spec.trees);
+            }
+            match booster.observe(&secure.sum[..spec.dimension(&step)]) {
+                BoostNext::Evaluate(next) => step = next,
+                BoostNext::Done(model, losses) => break (model, losses),
+                BoostNext::Failed(why) => {
+                    return Err(self.failed(format!("boosted trees: {why}")));
+                }
+            }
+        };
+        let Some((first, sites)) = first else {
+            return Err(self.failed("no step of the boosted trees was summed".to_string()));
+        };
+        if sites.len() < self.cfg.min_sites {
+            return Err(StudyError::NoQuorum {
+                study: self.cfg.id.clone(),
+                got: sites.len(),
+                need: self.cfg.min_sites,
+                detail: "too few sites answered the boosted-trees query".into(),
+            });
+        }
+        let rows = first[0].round();
+        if rows < query.suppress_below as f64 {
+            return Err(self.failed(format!(
+                "the model rests on fewer than {} rows, so it is not released",
+                query.suppress_below
+            )));
+        }
+        let steps = step.step + 1;
+        let kind = match spec.loss {
+            medfed_protocol::trees::Loss::Logistic => medfed_protocol::model::ModelKind::Logistic,
+            medfed_protocol::trees::Loss::Squared => medfed_protocol::model::ModelKind::Linear,
+        };
+        let features: Vec<String> = spec.features.iter().map(|f| f.name.clone()).collect();
+        let missing_sites = participants
+            .keys()
+            .filter(|s| !sites.contains(s))
+            .map(|s| medfed_protocol::export::MissingSite {
+                site: s.clone(),
+                reason: "connected, but not in the secure sums".into(),
+            })
+            .collect();
+        let exported = medfed_protocol::export::ExportedModel {
+            format: medfed_protocol::export::TREES_MODEL_FORMAT.into(),
+            study_id: self.cfg.id.clone(),
+            round: steps,
+            target: spec.target.clone(),
+            positive_class: spec.positive_class.clone(),
+            classes: Vec::new(),
+            model: medfed_protocol::model::GlobalModel::zeros(
+                kind,
+                features.clone(),
+                medfed_protocol::stats::Standardization::identity(features.len()),
+            ),
+            sites: sites.clone(),
+            training_rows: rows as u64,
+            train_loss: losses.last().copied().unwrap_or(f64::NAN),
+            validation: None,
+            missing_sites,
+            stopped: None,
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            provenance: Some(medfed_protocol::export::Provenance {
+                study_sha256: query.approval_hash(),
+                secure_aggregation: Some(medfed_protocol::export::SecureAggregationUsed {
+                    threshold,
+                    tolerated_colluders: self.cfg.secure_aggregation.tolerated_colluders,
+                }),
+                privacy: None,
+            }),
+            trees: Some(ensemble),
+        };
+        let json = serde_json::to_vec_pretty(&exported)
+            .map_err(|e| self.failed(format!("the model cannot be encoded: {e}")))?;
+        let path = self
+            .out_dir
+            .join("models")
+            .join(&self.cfg.id)
+            .join("final.json");
+        let event = medfed_protocol::audit::Event::Released {
+            study: self.cfg.id.clone(),
+            round: steps,
+            sites: sites.clone(),
+            sha256: medfed_protocol::audit::sha256_hex(&json),
+        };
+        crate::release::release(&self.audit, event, || Ok(()), &path, &json).map_err(
+            |e| match e {
+                crate::release::ReleaseError::Write { path, source } => StudyError::Export {
+                    study: self.cfg.id.clone(),
+                    path,
+                    source,
+                },
+                e @ crate::release::ReleaseError::Unlogged(_) => self.unlogged(e),
+                e => self.failed(e.to_string()),
+            },
+        )?;
+        info!(study = %self.cfg.id, path = %path.display(), "boosted-trees model released");
+        let release = query
+            .release_trees(
+                &first,
+                medfed_protocol::trees::TreesSummary {
+                    trees: spec.trees,
+                    steps,
+                    train_loss: losses,
+                    entries_per_site: entries,
+                    model: path.display().to_string(),
+                },
+            )
+            .map_err(|e| self.failed(e))?;
+        Ok((release, sites))
+    }
+
     /// A one-shot statistics query: one sum (secure, or of the sites' noisy vectors), with
     /// the noise the sites added, released.
     async fn sum_statistics(
@@ -215,7 +392,7 @@ impl StudyRunner {
                         Message::StatisticsQuery(StatisticsQuery {
                             query: query.clone(),
                             secure: Some(secure),
-                            cox_step: None,
+                            step: None,
                         })
                     },
                 )
@@ -267,7 +444,7 @@ impl StudyRunner {
         let msg = Arc::new(Message::StatisticsQuery(StatisticsQuery {
             query: query.clone(),
             secure: None,
-            cox_step: None,
+            step: None,
         }));
         let timeout = Duration::from_secs(self.cfg.round_timeout_secs);
         let mut tasks = self.ask_all(msg, participants.keys(), timeout);

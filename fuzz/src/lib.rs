@@ -149,6 +149,7 @@ pub fn pima_query(query_id: &str) -> StatsQuery {
         suppress_below: 11,
         survival: None,
         cox: None,
+        trees: None,
     }
 }
 
@@ -377,7 +378,7 @@ pub fn samples() -> Vec<(&'static str, Message)> {
             Message::StatisticsQuery(StatisticsQuery {
                 query: pima_query("q1"),
                 secure: None,
-                cox_step: None,
+                step: None,
             }),
         ),
         (
@@ -389,7 +390,7 @@ pub fn samples() -> Vec<(&'static str, Message)> {
                     &["a", "b", "st-marys"],
                     pima_query("q2").dimension() as u32,
                 )),
-                cox_step: None,
+                step: None,
             }),
         ),
         (

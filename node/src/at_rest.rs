@@ -32,8 +32,8 @@ pub fn private_paths(cfg: &NodeConfig) -> Vec<PrivatePath> {
             crate::statistics::CohortMemory::path(state),
         ),
         PrivatePath::new(
-            "the answered Cox iterations",
-            crate::statistics::CoxSteps::path(state),
+            "the answered steps of iterative queries",
+            crate::statistics::AnsweredSteps::path(state),
         ),
         PrivatePath::new(
             "the studies announced to this site",

@@ -132,8 +132,8 @@ pub struct Node {
     pub(crate) ledger: crate::privacy::LedgerFile,
     /// The cohorts of the statistics queries answered (differencing protection).
     pub(crate) cohorts: crate::statistics::CohortMemory,
-    /// The Cox iterations answered, per query (at most each query's max_iterations).
-    pub(crate) cox_steps: crate::statistics::CoxSteps,
+    /// The steps of iterative queries answered, per query (at most each query's steps).
+    pub(crate) answered_steps: crate::statistics::AnsweredSteps,
     /// What was announced to this site (`medfed node studies`).
     pub(crate) announced: crate::announced::AnnouncedStudies,
     /// The last differentially private update sent in the clear, per study, with the
@@ -279,9 +279,10 @@ impl Node {
             &config.state.dir,
         ))
         .map_err(NodeError::Privacy)?;
-        let cox_steps =
-            crate::statistics::CoxSteps::open(crate::statistics::CoxSteps::path(&config.state.dir))
-                .map_err(NodeError::Privacy)?;
+        let answered_steps = crate::statistics::AnsweredSteps::open(
+            crate::statistics::AnsweredSteps::path(&config.state.dir),
+        )
+        .map_err(NodeError::Privacy)?;
         let announced =
             crate::announced::AnnouncedStudies::open(crate::announced::path(&config.state.dir))
                 .map_err(NodeError::Privacy)?;
@@ -300,7 +301,7 @@ impl Node {
             audit,
             ledger,
             cohorts,
-            cox_steps,
+            answered_steps,
             announced,
         })
     }

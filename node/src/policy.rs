@@ -268,6 +268,13 @@ impl Policy {
                         .into_iter()
                         .chain(s.strata.iter().map(|st| &st.column))
                 }))
+                .chain(q.cox.iter().flat_map(|c| c.covariates.iter()))
+                .chain(q.trees.iter().flat_map(|t| {
+                    t.features
+                        .iter()
+                        .map(|f| &f.name)
+                        .chain(std::iter::once(&t.target))
+                }))
                 .chain(q.cohort.iter().map(|c| &c.column)),
         ) {
             Some(why)

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use medfed_infra::json_state::{Contents, JsonFile};
 use medfed_protocol::fedstats::{LeftOut, StatsQuery};
-use medfed_protocol::messages::{StatisticsQuery, StatisticsReport, query_binding};
+use medfed_protocol::messages::{QueryStep, StatisticsQuery, StatisticsReport, query_binding};
 use medfed_protocol::{ErrorCode, Message};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -111,61 +111,61 @@ impl CohortMemory {
     }
 }
 
-/// The Cox iterations this site answered, per query: the aggregator chooses each step's
-/// coefficients, and sums at many chosen coefficients could be solved for the patients', so
-/// a query gets at most its approved `max_iterations` answers, one per iteration number.
-pub struct CoxSteps(
-    JsonFile<std::collections::BTreeMap<String, Vec<medfed_protocol::cox::CoxStep>>>,
-);
+/// The steps of iterative queries (a Cox model's iterations, boosted trees' levels) this
+/// site answered, per query: the aggregator chooses each step's contents (coefficients, an
+/// ensemble), and sums at many chosen points could be solved for the patients' values, so a
+/// query gets at most its approved number of steps, one answer per step number.
+pub struct AnsweredSteps(JsonFile<std::collections::BTreeMap<String, Vec<(u32, String)>>>);
 
-const COX_STEPS: Contents = Contents {
+const ANSWERED_STEPS: Contents = Contents {
     label: "",
-    a: "a map of answered Cox iterations",
-    the: "the answered Cox iterations",
+    a: "a map of answered query steps",
+    the: "the answered query steps",
     pretty: false,
 };
 
-impl CoxSteps {
+impl AnsweredSteps {
     /// Where they are kept in the state directory `state_dir`.
     pub fn path(state_dir: &Path) -> PathBuf {
-        state_dir.join("answered-cox-steps.json")
+        state_dir.join("answered-steps.json")
     }
 
     /// Opens the record kept at `path` (none yet is an empty one).
-    pub fn open(path: PathBuf) -> Result<CoxSteps, String> {
-        JsonFile::open(path, COX_STEPS)
-            .map(CoxSteps)
+    pub fn open(path: PathBuf) -> Result<AnsweredSteps, String> {
+        JsonFile::open(path, ANSWERED_STEPS)
+            .map(AnsweredSteps)
             .map_err(|e| e.to_string())
     }
 
-    /// Records `step` of query `query_id`, unless that iteration was answered at other
-    /// coefficients, or `max` iterations were answered already. Answering an iteration again
-    /// at the same coefficients (a retried round) is allowed.
+    /// Records `step` of query `query_id`, unless that step number was answered with other
+    /// contents, or `max` steps were answered already. Answering a step again with the same
+    /// contents (a retried round) is allowed.
     pub fn admit(
         &self,
         query_id: &str,
-        step: &medfed_protocol::cox::CoxStep,
+        step: &medfed_protocol::messages::QueryStep,
         max: u32,
     ) -> Result<(), String> {
+        let digest =
+            medfed_protocol::audit::sha256_hex(&postcard::to_allocvec(step).unwrap_or_default());
         let mut all = self.0.lock();
         let answered = all.entry(query_id.to_string()).or_default();
-        if let Some(before) = answered.iter().find(|s| s.iteration == step.iteration) {
-            if before.beta == step.beta {
+        if let Some((n, before)) = answered.iter().find(|(n, _)| *n == step.round()) {
+            if *before == digest {
                 return Ok(());
             }
             return Err(format!(
-                "iteration {} was answered at other coefficients: a second answer would let \
-                 the aggregator compare sums at coefficients of its choosing",
-                step.iteration
+                "step {n} was answered with other contents: a second answer would let the \
+                 aggregator compare sums at points of its choosing"
             ));
         }
         if answered.len() >= max as usize {
             return Err(format!(
-                "{} iterations were answered already, the query's max_iterations",
+                "{} steps were answered already, all the query may take",
                 answered.len()
             ));
         }
-        answered.push(step.clone());
+        answered.push((step.round(), digest));
         let snapshot = all.clone();
         self.0.save(&snapshot).map_err(|e| {
             // Not on disk: not answered, and not remembered either.
@@ -187,6 +187,9 @@ pub struct Cohort {
     pub rows: Vec<Vec<f64>>,
     /// Each row's survival part (empty for a query without one).
     pub survival: Vec<medfed_protocol::survival::SurvivalRow>,
+    /// Each row's target, for boosted trees (1 or 0 for the logistic loss; empty for other
+    /// queries).
+    pub targets: Vec<f64>,
     /// The rows left out for a missing value, in all and per column.
     pub left_out: LeftOut,
 }
@@ -227,7 +230,17 @@ pub fn cohort(table: &Table, q: &StatsQuery, patient_key: Option<&str>) -> Resul
                 .iter()
                 .flat_map(|c| c.covariates.iter().map(String::as_str)),
         )
+        .chain(
+            q.trees
+                .iter()
+                .flat_map(|t| t.features.iter().map(|f| f.name.as_str())),
+        )
         .collect();
+    let target = q
+        .trees
+        .as_ref()
+        .map(|t| col(&t.target).map(|j| (j, t)))
+        .transpose()?;
     let cols = numeric
         .iter()
         .map(|name| col(name))
@@ -247,6 +260,7 @@ pub fn cohort(table: &Table, q: &StatsQuery, patient_key: Option<&str>) -> Resul
         ids: Vec::new(),
         rows: Vec::new(),
         survival: Vec::new(),
+        targets: Vec::new(),
         left_out: LeftOut::none(q),
     };
     let mut lacks = vec![false; missing_names.len()];
@@ -271,6 +285,20 @@ pub fn cohort(table: &Table, q: &StatsQuery, patient_key: Option<&str>) -> Resul
                         lacks[m] = true;
                     }
                 }
+            }
+        }
+        let mut y = None;
+        if let Some((j, t)) = target {
+            let cell = table.cell(i, j).trim();
+            y = match &t.positive_class {
+                _ if cell.is_empty() || cell.eq_ignore_ascii_case("na") => None,
+                Some(positive) => Some(f64::from(u8::from(cell == positive.trim()))),
+                None => cell.parse::<f64>().ok().filter(|x| x.is_finite()),
+            };
+            if y.is_none()
+                && let Some(m) = slot(&t.target)
+            {
+                lacks[m] = true;
             }
         }
         let mut survival_row = None;
@@ -303,6 +331,7 @@ pub fn cohort(table: &Table, q: &StatsQuery, patient_key: Option<&str>) -> Resul
         out.ids.push(table.row_id(i));
         out.rows.push(values);
         out.survival.extend(survival_row);
+        out.targets.extend(y);
     }
     Ok(out)
 }
@@ -346,31 +375,17 @@ impl Node {
                 format!("query '{}': {why}", q.query_id),
             );
         }
-        // A Cox query is answered one iteration at a time, each its own round.
-        match (&q.cox, &sq.cox_step) {
-            (None, None) => {}
-            (Some(cox), Some(step)) => {
-                if let Err(why) = cox.check_step(step) {
-                    return refuse(
-                        ErrorCode::InvalidContent,
-                        format!("query '{}': {why}", q.query_id),
-                    );
-                }
-            }
-            _ => {
-                return refuse(
-                    ErrorCode::InvalidContent,
-                    format!(
-                        "query '{}': a Cox query comes with its iteration's coefficients, and \
-                         no other query does",
-                        q.query_id
-                    ),
-                );
-            }
+        // An iterative query (Cox, trees) is answered one step at a time, each its own round.
+        if let Err(why) = q.check_step(sq.step.as_ref()) {
+            return refuse(
+                ErrorCode::InvalidContent,
+                format!("query '{}': {why}", q.query_id),
+            );
         }
-        let round = sq.cox_step.as_ref().map_or(0, |s| s.iteration);
-        let binding_of = |scale: f64| match &sq.cox_step {
-            Some(step) => medfed_protocol::messages::cox_binding(q, scale, step),
+        let round = sq.step.as_ref().map_or(0, |s| s.round());
+        let dimension = q.step_dimension(sq.step.as_ref());
+        let binding_of = |scale: f64| match &sq.step {
+            Some(step) => medfed_protocol::messages::step_binding(q, scale, step),
             None => query_binding(q, scale),
         };
         match self.config.policy.decide_query(q, sq.secure.is_some()) {
@@ -428,7 +443,7 @@ impl Node {
         if let Some(sr) = &sq.secure {
             // Checked before anything is remembered or charged.
             let binding = binding_of(sr.scale);
-            if sr.setup.binding != binding || sr.setup.dimension as usize != q.dimension() {
+            if sr.setup.binding != binding || sr.setup.dimension as usize != dimension {
                 return refuse(
                     ErrorCode::InvalidContent,
                     "the secure-aggregation setup does not match the query".into(),
@@ -440,9 +455,7 @@ impl Node {
             if let Err(why) = self.noise_colluders(sr) {
                 return refuse(ErrorCode::CannotServe, why);
             }
-            if let Err((code, why)) =
-                self.check_join(&q.query_id, round, sr, &binding, q.dimension())
-            {
+            if let Err((code, why)) = self.check_join(&q.query_id, round, sr, &binding, dimension) {
                 return refuse(code, why);
             }
         }
@@ -472,6 +485,12 @@ impl Node {
                     .iter()
                     .flat_map(|c| c.covariates.iter().map(String::as_str)),
             )
+            .chain(q.trees.iter().flat_map(|t| {
+                t.features
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .chain(std::iter::once(t.target.as_str()))
+            }))
             .chain(q.cohort.iter().map(|c| c.column.as_str()));
         if let Err(why) = classes.check(&q.dataset, used.clone()) {
             return refuse(ErrorCode::CannotServe, why);
@@ -483,6 +502,7 @@ impl Node {
             ids,
             rows,
             survival,
+            targets,
             left_out,
         } = match cohort(&table, q, classes.patient_key()) {
             Ok(c) => c,
@@ -502,8 +522,20 @@ impl Node {
         }
         let mut noise_sigma = 0.0;
         let mut noise_charge = None;
-        let mut vector = match &sq.cox_step {
-            Some(step) => {
+        let mut vector = match &sq.step {
+            Some(QueryStep::Trees(step)) => {
+                let described = q.columns.len();
+                let tree_rows: Vec<medfed_protocol::trees::TreeRow> = rows
+                    .iter()
+                    .zip(&targets)
+                    .map(|(values, y)| medfed_protocol::trees::TreeRow {
+                        x: values[described..].to_vec(),
+                        y: *y,
+                    })
+                    .collect();
+                q.encode_trees(step, &tree_rows, &left_out)
+            }
+            Some(QueryStep::Cox(step)) => {
                 let described = q.columns.len();
                 let cox_rows: Vec<medfed_protocol::cox::CoxRow> = rows
                     .iter()
@@ -543,8 +575,8 @@ impl Node {
                 if let Err(why) = self.cohorts.admit(answered, min_cell) {
                     return decline(format!("differencing protection: {why}"));
                 }
-                if let (Some(cox), Some(step)) = (&q.cox, &sq.cox_step)
-                    && let Err(why) = self.cox_steps.admit(&q.query_id, step, cox.max_iterations)
+                if let Some(step) = &sq.step
+                    && let Err(why) = self.answered_steps.admit(&q.query_id, step, q.max_steps())
                 {
                     return refuse(
                         ErrorCode::CannotServe,
@@ -624,27 +656,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_cox_query_gets_at_most_its_iterations_one_answer_each() {
+    fn an_iterative_query_gets_at_most_its_steps_one_answer_each() {
         use medfed_protocol::cox::CoxStep;
+        use medfed_protocol::messages::QueryStep;
         let dir = tempfile::tempdir().unwrap();
-        let path = CoxSteps::path(dir.path());
-        let steps = CoxSteps::open(path.clone()).unwrap();
-        let step = |iteration, b| CoxStep {
-            iteration,
-            beta: vec![b],
+        let path = AnsweredSteps::path(dir.path());
+        let steps = AnsweredSteps::open(path.clone()).unwrap();
+        let step = |iteration, b| {
+            QueryStep::Cox(CoxStep {
+                iteration,
+                beta: vec![b],
+            })
         };
         steps.admit("q", &step(0, 0.0), 2).unwrap();
-        // A retried round at the same coefficients is the same answer.
+        // A retried round with the same contents is the same answer.
         steps.admit("q", &step(0, 0.0), 2).unwrap();
         let e = steps.admit("q", &step(0, 0.5), 2).unwrap_err();
-        assert!(e.contains("other coefficients"), "{e}");
+        assert!(e.contains("other contents"), "{e}");
         steps.admit("q", &step(1, 0.5), 2).unwrap();
         let e = steps.admit("q", &step(2, 0.7), 2).unwrap_err();
-        assert!(e.contains("max_iterations"), "{e}");
+        assert!(e.contains("all the query may take"), "{e}");
         // Another query has its own count, and the record survives a restart.
         steps.admit("other", &step(0, 0.1), 2).unwrap();
         drop(steps);
-        let steps = CoxSteps::open(path).unwrap();
+        let steps = AnsweredSteps::open(path).unwrap();
         assert!(steps.admit("q", &step(5, 0.0), 2).is_err());
     }
 
@@ -726,6 +761,7 @@ mod tests {
             suppress_below: 1,
             survival: None,
             cox: None,
+            trees: None,
         };
         let c = cohort(&table, &q, None).unwrap();
         assert_eq!(c.ids, vec![2, 3], "row 1 has no glucose value");

@@ -4,7 +4,9 @@
 //!
 //! Format 2 adds the model's preprocessing (`model.recipe`: categories, imputed values) and
 //! a multinomial model's `classes`; a format 1 file (no recipe: every feature a raw numeric
-//! column, nothing imputed) is still read.
+//! column, nothing imputed) is still read. Format 3 is a boosted-trees model: `trees` holds
+//! the ensemble, and `model` only its kind (logistic or linear) and features; builds that
+//! read only formats 1 and 2 refuse it rather than mispredict.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,8 +16,12 @@ use crate::model::GlobalModel;
 /// The value of [`ExportedModel::format`] this build writes.
 pub const MODEL_FORMAT: &str = "medfed-model/2";
 
-/// The formats this build reads: [`MODEL_FORMAT`], and format 1 (before preprocessing).
-pub const MODEL_FORMATS_READ: [&str; 2] = ["medfed-model/1", MODEL_FORMAT];
+/// The value of [`ExportedModel::format`] for a boosted-trees model.
+pub const TREES_MODEL_FORMAT: &str = "medfed-model/3";
+
+/// The formats this build reads: format 1 (before preprocessing), [`MODEL_FORMAT`], and
+/// [`TREES_MODEL_FORMAT`].
+pub const MODEL_FORMATS_READ: [&str; 3] = ["medfed-model/1", MODEL_FORMAT, TREES_MODEL_FORMAT];
 
 /// A global model as exported after a round: the model with its provenance (study, round,
 /// sites, rows), its federated validation metrics, and what is missing from it.
@@ -65,6 +71,10 @@ pub struct ExportedModel {
     /// files written before format 2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provenance: Option<Provenance>,
+    /// A boosted-trees model's ensemble (format 3 only): its predictions replace `model`'s
+    /// weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trees: Option<crate::trees::Ensemble>,
 }
 
 /// Where a model came from: the study its sites approved, and the protections its rounds
@@ -124,6 +134,28 @@ pub struct MissingSite {
 }
 
 impl ExportedModel {
+    /// The model's predictions for raw-feature rows (the columns of `model.features`, after
+    /// the recipe): probabilities of the positive class, predicted values, or for a
+    /// multinomial model each row's class probabilities in turn.
+    pub fn predict_raw(
+        &self,
+        x: ndarray::ArrayView2<'_, f64>,
+    ) -> Result<ndarray::Array1<f64>, crate::model::TrainError> {
+        let Some(trees) = &self.trees else {
+            return self.model.predict_raw(x);
+        };
+        if x.ncols() != trees.features.len() {
+            return Err(crate::model::TrainError::WidthMismatch {
+                model: trees.features.len(),
+                data: x.ncols(),
+            });
+        }
+        Ok(x.rows()
+            .into_iter()
+            .map(|row| trees.predict(&row.to_vec()).unwrap_or(f64::NAN))
+            .collect())
+    }
+
     /// Checks that a model read from a file is one this build understands and is
     /// self-consistent.
     pub fn validate(&self) -> Result<(), String> {
@@ -138,6 +170,24 @@ impl ExportedModel {
             return Err("a format 1 model has no preprocessing (model.recipe)".into());
         }
         self.model.validate()?;
+        match (&self.trees, self.format == TREES_MODEL_FORMAT) {
+            (Some(t), true) => {
+                t.validate()?;
+                if t.features != self.model.features {
+                    return Err("the trees' features are not the model's".into());
+                }
+                let kind = match t.loss {
+                    crate::trees::Loss::Logistic => crate::model::ModelKind::Logistic,
+                    crate::trees::Loss::Squared => crate::model::ModelKind::Linear,
+                };
+                if kind != self.model.kind {
+                    return Err("the trees' loss is not the model's kind".into());
+                }
+            }
+            (None, false) => {}
+            (Some(_), false) => return Err("only a format 3 model has trees".into()),
+            (None, true) => return Err("a format 3 model has trees".into()),
+        }
         let k = match self.model.kind {
             crate::model::ModelKind::Multinomial { classes } => usize::from(classes),
             _ => 0,
@@ -189,13 +239,17 @@ mod tests {
         with_recipe.model.recipe = crate::preprocess::Recipe::identity(&m.model.features);
         assert!(with_recipe.validate().unwrap_err().contains("format 1"));
         let mut future = m.clone();
-        future.format = "medfed-model/3".into();
+        future.format = "medfed-model/4".into();
         assert!(
             future
                 .validate()
                 .unwrap_err()
-                .contains("medfed-model/1, medfed-model/2")
+                .contains("medfed-model/1, medfed-model/2, medfed-model/3")
         );
+        // Format 3 is a trees model: one without trees is refused.
+        let mut trees = m.clone();
+        trees.format = TREES_MODEL_FORMAT.into();
+        assert!(trees.validate().unwrap_err().contains("has trees"));
     }
 
     #[test]

@@ -137,10 +137,13 @@ pub struct StatsQuery {
     pub suppress_below: u64,
     /// Kaplan–Meier curves of the cohort (and a log-rank test across strata); with `cox`,
     /// the time, event and strata of the Cox model instead.
-    pub survival: Option<crate::survival::Survival>,
+    pub survival: Option<Box<crate::survival::Survival>>,
     /// A Cox model of the survival part's time and event, fitted over several iterations
     /// (each a [`crate::messages::StatisticsQuery`] with its step), exact only.
     pub cox: Option<crate::cox::Cox>,
+    /// Gradient-boosted trees predicting a target from features, grown over many steps
+    /// (each a [`crate::messages::StatisticsQuery`] with its step), exact only.
+    pub trees: Option<Box<crate::trees::Boosting>>,
 }
 
 /// [`StatsQuery`] as protocol 4 had it, for [`StatsQuery::approval_hash`].
@@ -160,7 +163,7 @@ impl StatsQuery {
     /// encoding. A query without a survival part is hashed in protocol 4's layout, so that
     /// a query approved before survival queries existed keeps its hash.
     pub fn approval_hash(&self) -> String {
-        let bytes = if self.survival.is_none() && self.cox.is_none() {
+        let bytes = if self.survival.is_none() && self.cox.is_none() && self.trees.is_none() {
             postcard::to_allocvec(&StatsQueryV4 {
                 query_id: &self.query_id,
                 dataset: &self.dataset,
@@ -180,11 +183,31 @@ impl StatsQuery {
     /// rising edges from `low` to `high` for each, conditions with a number or a text (text with
     /// `==`/`!=` only), a noise multiplier of at least 0.3 if any, and `suppress_below` ≥ 1.
     pub fn validate(&self) -> Result<(), String> {
-        if self.columns.is_empty() && self.survival.is_none() {
-            return Err("names no column (and asks for no survival curve)".into());
+        if self.columns.is_empty() && self.survival.is_none() && self.trees.is_none() {
+            return Err("names no column (and asks for no survival curve or model)".into());
         }
         if let Some(s) = &self.survival {
             s.validate()?;
+        }
+        if let Some(t) = &self.trees {
+            t.validate()?;
+            if self.noise_multiplier.is_some() {
+                return Err(
+                    "boosted trees are grown from exact sums only (differential privacy for \
+                     trees is not built): make the query exact"
+                        .into(),
+                );
+            }
+            if self.survival.is_some()
+                || self.cox.is_some()
+                || !self.columns.is_empty()
+                || self.correlations
+            {
+                return Err(
+                    "a boosted-trees query asks for nothing else: make those a query of their own"
+                        .into(),
+                );
+            }
         }
         if let Some(c) = &self.cox {
             c.validate()?;
@@ -262,7 +285,13 @@ impl StatsQuery {
         let covariates = self
             .cox
             .iter()
-            .flat_map(|c| c.covariates.iter().map(String::as_str));
+            .flat_map(|c| c.covariates.iter().map(String::as_str))
+            .chain(self.trees.iter().flat_map(|t| {
+                t.features
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .chain(std::iter::once(t.target.as_str()))
+            }));
         for c in self
             .survival
             .iter()
@@ -286,6 +315,9 @@ impl StatsQuery {
         if let Some(c) = &self.cox {
             return c.dimension() + 1 + self.missing_columns().len();
         }
+        if self.trees.is_some() {
+            return 1 + self.missing_columns().len();
+        }
         1 + self.columns.iter().map(|c| 2 + c.bins()).sum::<usize>()
             + self.pairs()
             + self.survival_dimension()
@@ -300,6 +332,58 @@ impl StatsQuery {
     /// Where the survival section starts in a site's vector.
     fn survival_at(&self) -> usize {
         1 + self.columns.iter().map(|c| 2 + c.bins()).sum::<usize>() + self.pairs()
+    }
+
+    /// The most steps the query takes (1 for a one-shot query).
+    pub fn max_steps(&self) -> u32 {
+        match (&self.cox, &self.trees) {
+            (Some(c), _) => c.max_iterations,
+            (_, Some(t)) => t.max_steps(),
+            _ => 1,
+        }
+    }
+
+    /// Whether `step` is one this query takes: none for a one-shot query, a Cox step for a
+    /// Cox query, a trees step for boosted trees, each within its model's limits.
+    pub fn check_step(&self, step: Option<&crate::messages::QueryStep>) -> Result<(), String> {
+        use crate::messages::QueryStep;
+        match (&self.cox, &self.trees, step) {
+            (None, None, None) => Ok(()),
+            (Some(c), _, Some(QueryStep::Cox(s))) => c.check_step(s),
+            (_, Some(t), Some(QueryStep::Trees(s))) => t.check_step(s),
+            _ => Err(
+                "the step does not fit the query (a Cox query comes with its iteration, \
+                      boosted trees with their tree and level, and no other query with either)"
+                    .into(),
+            ),
+        }
+    }
+
+    /// Length of a site's vector for `step` (see [`StatsQuery::dimension`]).
+    pub fn step_dimension(&self, step: Option<&crate::messages::QueryStep>) -> usize {
+        match (&self.trees, step) {
+            (Some(t), Some(crate::messages::QueryStep::Trees(s))) => {
+                t.dimension(s) + 1 + self.missing_columns().len()
+            }
+            _ => self.dimension(),
+        }
+    }
+
+    /// A site's vector for one step of a boosted-trees query: the step's sums over `rows`,
+    /// then the rows it left out (counts).
+    pub fn encode_trees(
+        &self,
+        step: &crate::trees::TreeStep,
+        rows: &[crate::trees::TreeRow],
+        left_out: &LeftOut,
+    ) -> Vec<f64> {
+        let Some(t) = &self.trees else {
+            return Vec::new();
+        };
+        let mut v = t.encode(step, rows);
+        v.push(left_out.rows as f64);
+        v.extend(left_out.per_column.iter().map(|n| *n as f64));
+        v
     }
 
     /// A site's vector for one iteration of a Cox query: its Cox section at `beta` over
@@ -358,6 +442,36 @@ impl StatsQuery {
             privacy: None,
             survival: None,
             cox: Some(fit),
+            trees: None,
+        })
+    }
+
+    /// The release of a boosted-trees query: its count and rows left out (from step 0's
+    /// sum, `first`) and `summary` (the model is its own file).
+    pub fn release_trees(
+        &self,
+        first: &[f64],
+        summary: crate::trees::TreesSummary,
+    ) -> Result<StatsRelease, String> {
+        let Some(t) = &self.trees else {
+            return Err("not a boosted-trees query".into());
+        };
+        let step0 = t.dimension(&crate::trees::Booster::new(t).current());
+        if first.len() != step0 + 1 + self.missing_columns().len() {
+            return Err(format!("step 0's sum has {} entries", first.len()));
+        }
+        let cells: Vec<f64> = first[step0..].iter().map(|x| x.round()).collect();
+        Ok(StatsRelease {
+            query_id: self.query_id.clone(),
+            count: Released::new(first[0].round(), 0.0, true),
+            columns: Vec::new(),
+            correlations: None,
+            left_out: Some(self.left_out_release(&cells, None, 0.0)),
+            noise_sd_units: None,
+            privacy: None,
+            survival: None,
+            cox: None,
+            trees: Some(summary),
         })
     }
 
@@ -618,6 +732,7 @@ impl StatsQuery {
             count,
             survival,
             cox: None,
+            trees: None,
             columns,
             correlations,
             left_out: Some(left_out),
@@ -927,6 +1042,9 @@ pub struct StatsRelease {
     /// The fitted Cox model, for a Cox query.
     #[serde(default)]
     pub cox: Option<crate::cox::CoxFit>,
+    /// What a boosted-trees query grew (the model itself is its own file).
+    #[serde(default)]
+    pub trees: Option<crate::trees::TreesSummary>,
 }
 
 #[cfg(test)]
@@ -959,29 +1077,30 @@ mod tests {
             suppress_below: 11,
             survival: None,
             cox: None,
+            trees: None,
         }
     }
 
     #[test]
     fn a_query_without_survival_keeps_its_protocol_4_approval_hash() {
-        // Protocol 4's encoding is protocol 5's without the trailing `None`s of survival and
-        // cox (a 0 byte each).
+        // Protocol 4's encoding is protocol 5's without the trailing `None`s of survival,
+        // cox and trees (a 0 byte each).
         let q = query();
         let bytes = postcard::to_allocvec(&q).unwrap();
-        assert_eq!(bytes[bytes.len() - 2..], [0, 0]);
+        assert_eq!(bytes[bytes.len() - 3..], [0, 0, 0]);
         assert_eq!(
             q.approval_hash(),
-            crate::audit::sha256_hex(&bytes[..bytes.len() - 2])
+            crate::audit::sha256_hex(&bytes[..bytes.len() - 3])
         );
         let with = StatsQuery {
-            survival: Some(crate::survival::Survival {
+            survival: Some(Box::new(crate::survival::Survival {
                 time: "t".into(),
                 event: "e".into(),
                 event_codes: vec!["1".into()],
                 censored_codes: vec!["0".into()],
                 grid: vec![0.0, 1.0],
                 strata: None,
-            }),
+            })),
             ..query()
         };
         assert_eq!(

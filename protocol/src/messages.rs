@@ -324,8 +324,27 @@ pub struct StatisticsQuery {
     pub query: crate::fedstats::StatsQuery,
     /// With secure aggregation: its setup; `None` for a report in the clear.
     pub secure: Option<SecureRound>,
-    /// For a Cox query: the iteration and the coefficients to evaluate at.
-    pub cox_step: Option<crate::cox::CoxStep>,
+    /// For an iterative query (a Cox model, boosted trees): the step to answer.
+    pub step: Option<QueryStep>,
+}
+
+/// One step of an iterative statistics query.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum QueryStep {
+    /// A Cox model's iteration: the coefficients to evaluate at.
+    Cox(crate::cox::CoxStep),
+    /// Boosted trees: the tree, level and ensemble so far (boxed: it is the largest).
+    Trees(Box<crate::trees::TreeStep>),
+}
+
+impl QueryStep {
+    /// The step's number, from 0: its secure-aggregation round.
+    pub fn round(&self) -> u32 {
+        match self {
+            QueryStep::Cox(s) => s.iteration,
+            QueryStep::Trees(s) => s.step,
+        }
+    }
 }
 
 /// A node's statistics vector (see [`crate::fedstats`]), sent in the clear (only for
@@ -343,14 +362,10 @@ pub fn query_binding(query: &crate::fedstats::StatsQuery, scale: f64) -> [u8; 32
     crate::secagg::input_binding(&("query", query, scale))
 }
 
-/// The binding of one iteration of a Cox query: the query, the scale and the step, so that
-/// a masked input answers that iteration's coefficients only.
-pub fn cox_binding(
-    query: &crate::fedstats::StatsQuery,
-    scale: f64,
-    step: &crate::cox::CoxStep,
-) -> [u8; 32] {
-    crate::secagg::input_binding(&("cox", query, scale, step))
+/// The binding of one step of an iterative query: the query, the scale and the step, so
+/// that a masked input answers that step only.
+pub fn step_binding(query: &crate::fedstats::StatsQuery, scale: f64, step: &QueryStep) -> [u8; 32] {
+    crate::secagg::input_binding(&("step", query, scale, step))
 }
 
 /// A secure-aggregation message from the aggregator to a node.

@@ -207,10 +207,11 @@ impl Ensemble {
         for (k, t) in self.trees.iter().enumerate() {
             for n in &t.nodes {
                 match n {
-                    Node::Split { feature, threshold } => {
-                        if usize::from(*feature) >= self.features.len() || !threshold.is_finite() {
-                            return Err(format!("tree {k} splits on a feature it does not have"));
-                        }
+                    Node::Split { feature, threshold }
+                        if usize::from(*feature) >= self.features.len()
+                            || !threshold.is_finite() =>
+                    {
+                        return Err(format!("tree {k} splits on a feature it does not have"));
                     }
                     Node::Leaf { value } if !value.is_finite() => {
                         return Err(format!("tree {k} has a non-finite leaf"));
@@ -306,9 +307,8 @@ impl Boosting {
         if self.max_bins < 2 || self.max_bins > MAX_BINS {
             return Err(format!("boosted trees: max_bins must be 2 to {MAX_BINS}"));
         }
-        if !(self.l2.is_finite() && self.l2 >= 0.0)
-            || !(self.min_child_weight.is_finite() && self.min_child_weight >= 0.0)
-        {
+        let non_negative = |x: f64| x.is_finite() && x >= 0.0;
+        if !non_negative(self.l2) || !non_negative(self.min_child_weight) {
             return Err("boosted trees: l2 and min_child_weight must be at least 0".into());
         }
         Ok(())
@@ -409,7 +409,7 @@ impl Boosting {
             let Err(node) = growing.route(&r.x) else {
                 continue;
             };
-            if node < first || node >= 2 * first + 1 {
+            if node < first || node > 2 * first {
                 continue;
             }
             let base = 2 + (node - first) * per_node * 3;
@@ -446,6 +446,22 @@ impl Ensemble {
         };
         finished.validate()
     }
+}
+
+/// What a boosted-trees query releases beside its model file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TreesSummary {
+    /// Trees grown.
+    pub trees: u32,
+    /// Steps the sites answered (secure sums).
+    pub steps: u32,
+    /// The mean training loss over the sites' rows before each tree.
+    pub train_loss: Vec<f64>,
+    /// The entries each site sent at every step, in all (each a 64-bit fixed-point number
+    /// under secure aggregation).
+    pub entries_per_site: u64,
+    /// Where the model was written.
+    pub model: String,
 }
 
 /// The aggregator's side of a fit.
@@ -597,7 +613,7 @@ impl Booster {
                 h += bins[b * 3 + 1];
                 n += bins[b * 3 + 2];
             }
-            let mut best: Option<(f64, u16, f64, (f64, f64), (f64, f64))> = None;
+            let mut best: Option<Candidate> = None;
             let mut offset = 0;
             for (f, c) in cuts.iter().enumerate() {
                 let (mut gl, mut hl, mut nl) = (0.0, 0.0, 0.0);
@@ -638,6 +654,10 @@ impl Booster {
         any_open
     }
 }
+
+/// A split considered: its gain, feature, threshold, and the left and right children's
+/// gradient and Hessian sums.
+type Candidate = (f64, u16, f64, (f64, f64), (f64, f64));
 
 /// Up to `max_bins − 1` boundaries at the quantiles of a feature's fine histogram: each the
 /// upper edge of the fine bin where the cumulative count first reaches `k/max_bins` of the
@@ -703,7 +723,9 @@ mod tests {
             .map(|i| {
                 let a = f64::from((i * 37 + seed * 11) % 100) / 10.0;
                 let b = f64::from((i * 53 + seed * 7) % 100) / 10.0 - 5.0;
-                let y = f64::from(u8::from((a > 5.0) != (b > 1.0) || (i + seed) % 17 == 0));
+                let y = f64::from(u8::from(
+                    (a > 5.0) != (b > 1.0) || (i + seed).is_multiple_of(17),
+                ));
                 TreeRow { x: vec![a, b], y }
             })
             .collect()
@@ -739,7 +761,7 @@ mod tests {
         let sites = [rows(1, 120), rows(2, 90), rows(3, 150)];
         let (federated, losses, steps) = fit(&s, &sites);
         let pooled: Vec<TreeRow> = sites.iter().flatten().cloned().collect();
-        let (one, _, _) = fit(&s, &[pooled.clone()]);
+        let (one, _, _) = fit(&s, std::slice::from_ref(&pooled));
         federated.validate().unwrap();
         assert_eq!(federated.trees.len(), 8);
         assert!(steps <= s.max_steps());
@@ -747,7 +769,7 @@ mod tests {
             for (x, y) in a.nodes.iter().zip(&b.nodes) {
                 match (x, y) {
                     (Node::Leaf { value: u }, Node::Leaf { value: v }) => {
-                        assert!((u - v).abs() < 1e-9)
+                        assert!((u - v).abs() < 1e-9);
                     }
                     _ => assert_eq!(x, y),
                 }
@@ -767,6 +789,37 @@ mod tests {
             "{right} of {}",
             pooled.len()
         );
+    }
+
+    #[test]
+    fn the_squared_loss_fits_a_numeric_target() {
+        let s = Boosting {
+            target: "y".into(),
+            positive_class: None,
+            loss: Loss::Squared,
+            trees: 30,
+            ..spec()
+        };
+        s.validate().unwrap();
+        // y = a step in a plus a slope in b: trees of depth 3 follow it closely.
+        let rows: Vec<TreeRow> = rows(4, 300)
+            .into_iter()
+            .map(|r| TreeRow {
+                y: 10.0 * f64::from(u8::from(r.x[0] > 4.0)) + r.x[1],
+                x: r.x,
+            })
+            .collect();
+        let (model, losses, _) = fit(&s, std::slice::from_ref(&rows));
+        let mean = rows.iter().map(|r| r.y).sum::<f64>() / rows.len() as f64;
+        assert!((model.base_score - mean).abs() < 1e-9);
+        let mse = rows
+            .iter()
+            .map(|r| (model.predict(&r.x).unwrap() - r.y).powi(2))
+            .sum::<f64>()
+            / rows.len() as f64;
+        let var = rows.iter().map(|r| (r.y - mean).powi(2)).sum::<f64>() / rows.len() as f64;
+        assert!(mse < 0.05 * var, "mse {mse}, variance {var}");
+        assert!(losses.windows(2).all(|w| w[1] <= w[0] + 1e-12));
     }
 
     #[test]

@@ -249,6 +249,7 @@ fn stats_query() -> impl Strategy<Value = StatsQuery> {
                     suppress_below,
                     survival: None,
                     cox: None,
+                    trees: None,
                 }
             },
         )
@@ -394,7 +395,7 @@ fn message() -> impl Strategy<Value = Message> {
             Message::StatisticsQuery(StatisticsQuery {
                 query,
                 secure,
-                cox_step: None,
+                step: None,
             })
         }),
         (name(), prop::collection::vec(finite(), 0..32)).prop_map(|(query_id, vector)| {
@@ -738,7 +739,7 @@ fn pinned_examples() -> Vec<(&'static str, Message)> {
         correlations: false,
         noise_multiplier: Some(1.5),
         suppress_below: 11,
-        survival: Some(medfed_protocol::survival::Survival {
+        survival: Some(Box::new(medfed_protocol::survival::Survival {
             time: "days".into(),
             event: "status".into(),
             event_codes: vec!["2".into()],
@@ -748,8 +749,9 @@ fn pinned_examples() -> Vec<(&'static str, Message)> {
                 column: "sex".into(),
                 levels: vec!["1".into(), "2".into()],
             }),
-        }),
+        })),
         cox: None,
+        trees: None,
     };
     let keys = AdvertisedKeys {
         party: 1,
@@ -1000,7 +1002,7 @@ fn pinned_examples() -> Vec<(&'static str, Message)> {
             Message::StatisticsQuery(StatisticsQuery {
                 query: query.clone(),
                 secure: Some(secure),
-                cox_step: None,
+                step: None,
             }),
         ),
         (
@@ -1017,10 +1019,12 @@ fn pinned_examples() -> Vec<(&'static str, Message)> {
                     ..query
                 },
                 secure: None,
-                cox_step: Some(medfed_protocol::cox::CoxStep {
-                    iteration: 2,
-                    beta: vec![0.5, -0.25],
-                }),
+                step: Some(medfed_protocol::messages::QueryStep::Cox(
+                    medfed_protocol::cox::CoxStep {
+                        iteration: 2,
+                        beta: vec![0.5, -0.25],
+                    },
+                )),
             }),
         ),
         (
@@ -1095,11 +1099,11 @@ const PINNED: &[(&str, &str)] = &[
     ),
     (
         "statistics query",
-        "000000dd00050d01710470696d61010361676503010000000000004440000103676c7500000000000000000000000000006940030000000000000000000000000000594000000000000069400001000000000000f83f0b010464617973067374617475730101320101310300000000000000000000000000003e400000000000004e4001037365780201310132000105732f312f3102016101620201888e98a8c0e08081010300000000000020401020070707070707070707070707070707070707070707070707070707070707070702023000023001000000000000e03f0000",
+        "000000de00050d01710470696d61010361676503010000000000004440000103676c7500000000000000000000000000006940030000000000000000000000000000594000000000000069400001000000000000f83f0b010464617973067374617475730101320101310300000000000000000000000000003e400000000000004e400103736578020131013200000105732f312f3102016101620201888e98a8c0e08081010300000000000020401020070707070707070707070707070707070707070707070707070707070707070702023000023001000000000000e03f0000",
     ),
     (
         "cox iteration",
-        "0000007400050d01710470696d61010361676503010000000000004440000000000b010464617973067374617475730101320101310300000000000000000000000000003e400000000000004e400103736578020131013201020361676503736578011e00010202000000000000e03f000000000000d0bf",
+        "0000007600050d01710470696d61010361676503010000000000004440000000000b010464617973067374617475730101320101310300000000000000000000000000003e400000000000004e400103736578020131013201020361676503736578011e000001000202000000000000e03f000000000000d0bf",
     ),
     (
         "statistics report",

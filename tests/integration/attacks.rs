@@ -179,6 +179,7 @@ fn query(id: &str, cohort: Vec<Condition>) -> StatsQuery {
         suppress_below: 11,
         survival: None,
         cox: None,
+        trees: None,
     }
 }
 

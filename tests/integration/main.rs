@@ -39,6 +39,7 @@ mod straggler;
 mod studies;
 mod survival;
 mod transport_security;
+mod trees;
 
 /// Records the largest single allocation of the threads that ask it to
 /// ([`medfed_alloc_meter::watch_this_thread`]): `frame_limit` checks that a frame over the

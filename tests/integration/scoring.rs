@@ -70,6 +70,7 @@ pub fn pima_model(dir: &Path) -> (PathBuf, String) {
         stopped: None,
         created_unix: 0,
         provenance: None,
+        trees: None,
     };
     exported.validate().unwrap();
     let path = dir.join("model.json");

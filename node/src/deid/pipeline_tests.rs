@@ -416,6 +416,7 @@ fn a_column_imputed_from_other_patients_is_not_released_with_noise_that_cannot_c
         suppress_below: 11,
         survival: None,
         cox: None,
+        trees: None,
     };
     let (va, vb) = (q.encode(&glu(&a)), q.encode(&glu(&b)));
     let dist = va

@@ -113,6 +113,14 @@ impl Score {
         let mut scorers = Vec::new();
         for spec in specs {
             let model = load_model(spec)?;
+            if model.trees.is_some() {
+                return Err(err(format!(
+                    "score '{}': {} is a boosted-trees model, which cannot score records in a \
+                     pipeline yet (score its extract with `medfed model predict`)",
+                    spec.output,
+                    spec.model.display()
+                )));
+            }
             let output_index = match (model.model.kind, &spec.class) {
                 (ModelKind::Multinomial { .. }, Some(class)) => model
                     .classes

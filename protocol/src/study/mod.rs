@@ -2100,6 +2100,7 @@ impl Coordinator {
             stopped,
             created_unix: 0,
             provenance: Some(self.provenance(p.round)),
+            trees: None,
         };
         self.out.push(Command::Release {
             model: Box::new(model),
