@@ -417,3 +417,61 @@ pub fn out_dir(example: &str) -> anyhow::Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
 }
+
+/// A federation of `sites` on loopback in `dir`, each serving its rows (`parts[i]`) as
+/// dataset `dataset` with exact statistics allowed (`exact_releases = ["statistics"]`),
+/// every column in `columns` allowed by rule; the aggregator runs `statistics` (its
+/// `[[statistics]]` tables); and each site's operator has approved each of its exact
+/// queries, as `medfed node approve` would. The aggregator's and the nodes' configs.
+pub fn exact_statistics_federation(
+    dir: &Path,
+    sites: &[&str],
+    dataset: &str,
+    parts: &[String],
+    columns: &[String],
+    statistics: &str,
+) -> anyhow::Result<(PathBuf, Vec<PathBuf>)> {
+    let pki_dir = dir.join("pki");
+    pki::init_ca(&pki_dir, "medfed example consortium", 2)?;
+    pki::issue(&pki_dir, &pki::Role::Aggregator("localhost".into()), 2)?;
+    for s in sites {
+        pki::issue(&pki_dir, &pki::Role::Site((*s).into()), 2)?;
+    }
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let agg = dir.join("aggregator.toml");
+    std::fs::write(
+        &agg,
+        format!(
+            "listen = \"127.0.0.1:{port}\"\nout_dir = \"out\"\n[tls]\nca = \"pki/aggregator/localhost/ca.pem\"\n\
+             cert = \"pki/aggregator/localhost/cert.pem\"\nkey = \"pki/aggregator/localhost/key.pem\"\n\
+             [sites]\nallow = {sites:?}\n{statistics}"
+        ),
+    )?;
+    let mut nodes = Vec::new();
+    for (s, part) in sites.iter().zip(parts) {
+        std::fs::write(dir.join(format!("{s}.csv")), part)?;
+        let cfg = dir.join(format!("{s}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "site = \"{s}\"\n[aggregator]\naddress = \"127.0.0.1:{port}\"\nserver_name = \"localhost\"\n\
+                 [tls]\nca = \"pki/sites/{s}/ca.pem\"\ncert = \"pki/sites/{s}/cert.pem\"\nkey = \"pki/sites/{s}/key.pem\"\n\
+                 [audit]\nlog = \"{s}-audit.log\"\nkey = \"{s}-audit.key\"\n[state]\ndir = \"{s}-state\"\n\
+                 [policy.rules]\ndatasets = [\"{dataset}\"]\ncolumns = {columns:?}\n\
+                 [[dataset]]\nname = \"{dataset}\"\npath = \"{s}.csv\"\nexact_releases = [\"statistics\"]\n"
+            ),
+        )?;
+        nodes.push(cfg);
+    }
+    // Each exact query is approved at each site, one by one.
+    let config = AggregatorConfig::load(&agg)?;
+    for node in &nodes {
+        let policy = NodeConfig::load(node)?.policy;
+        for s in config.statistics.iter().filter(|s| s.exact) {
+            medfed_node::policy::approve(&policy, &medfed_node::policy::query_hash(&s.query()))?;
+        }
+    }
+    Ok((agg, nodes))
+}

@@ -421,9 +421,10 @@ impl CoxFitter {
         if sums.events < 1.0 {
             return CoxNext::Failed("no events: a Cox model cannot be fitted".into());
         }
-        // A step that lowered the likelihood is halved, back towards the last good point.
+        // A step that lowered the likelihood is halved, back towards the last good point
+        // (a fall within the sums' fixed-point rounding is not one).
         if let Some((prev_beta, prev)) = &self.accepted
-            && sums.loglik < prev.loglik - 1e-12 * prev.loglik.abs().max(1.0)
+            && sums.loglik < prev.loglik - 1e-8 * prev.loglik.abs().max(1.0)
         {
             let halved: Vec<f64> = prev_beta
                 .iter()

@@ -526,8 +526,8 @@ impl StatsQuery {
     /// cohort, or one left out for missing values (never both).
     pub fn sensitivity(&self) -> f64 {
         let p = self.columns.len();
-        // A survival part: one bin's count.
-        let kept = 1 + 3 * p + self.pairs() + usize::from(self.survival.is_some());
+        // A survival part: the stratum's size and one bin's count.
+        let kept = 1 + 3 * p + self.pairs() + 2 * usize::from(self.survival.is_some());
         let left_out = 1 + self.missing_columns().len();
         (kept.max(left_out) as f64).sqrt()
     }

@@ -1,18 +1,20 @@
 //! Kaplan–Meier survival curves of a statistics query's cohort, summed across sites.
 //!
-//! A query with a [`Survival`] part asks each site, per stratum `s` and per bin `b` of a
-//! shared time grid, for the patients whose follow-up ends in the bin with the event
-//! (`d`) and without it (censored, `c`):
+//! A query with a [`Survival`] part asks each site, per stratum `s`, for its patients `n`
+//! and, per bin `b` of a shared time grid, those whose follow-up ends in the bin with the
+//! event (`d`) and without it (censored, `c`):
 //!
 //! ```text
-//! per stratum: [ d₀ c₀ | d₁ c₁ | … ]
+//! per stratum: [ n | d₀ c₀ | d₁ c₁ | … ]
 //! ```
 //!
 //! Every entry is a count, so the section sums across sites, under secure aggregation or
-//! with noise, and one patient changes it by 1 in one entry. The number at risk at the
-//! start of bin `b` is the sum from `b` on, `Σ_{b'≥b}(d + c)` (so under noise its error
-//! shrinks with the number at risk, towards the curve's tail), and the curve is the
-//! product-limit estimate over the bins. With a grid that gives every
+//! with noise, and one patient changes it by 1 in two entries (`n` and one bin). The number
+//! at risk at the start of bin `b` is both `n − Σ_{b'<b}(d + c)` and `Σ_{b'≥b}(d + c)`:
+//! exact counts give the same, and noisy ones are combined by the inverse of their
+//! variances (`1 + 2b` and `2(B − b)` entries' noise), so that no number at risk carries
+//! more noise than about `B/2` entries' (instead of `2B` at the start by one sum alone). The
+//! curve is the product-limit estimate over the bins. With a grid that gives every
 //! distinct follow-up time its own bin (whole days, say, for times in days) the curve is
 //! the pooled data's Kaplan–Meier curve exactly; a coarser grid groups the times (a life
 //! table), and each drop is drawn at its bin's start.
@@ -167,7 +169,7 @@ impl Survival {
 
     /// The section's length in a site's vector.
     pub fn dimension(&self) -> usize {
-        self.strata_count() * 2 * self.bins()
+        self.strata_count() * (1 + 2 * self.bins())
     }
 
     /// A row's part from its cells (`stratum` is `None` without strata), or which of them
@@ -223,9 +225,10 @@ impl Survival {
 
     /// Adds `rows` to the section `v` (in counts).
     pub fn encode_into(&self, v: &mut [f64], rows: &[SurvivalRow]) {
-        let per = 2 * self.bins();
+        let per = 1 + 2 * self.bins();
         for r in rows {
-            v[r.stratum * per + 2 * r.bin + usize::from(!r.event)] += 1.0;
+            v[r.stratum * per] += 1.0;
+            v[r.stratum * per + 1 + 2 * r.bin + usize::from(!r.event)] += 1.0;
         }
     }
 
@@ -261,9 +264,9 @@ impl Survival {
             sd: sigma.unwrap_or(0.0),
             rounding: if whole { 0.0 } else { rounding },
         };
-        let per = 2 * self.bins();
+        let per = 1 + 2 * self.bins();
         let tables: Vec<Table> = (0..self.strata_count())
-            .map(|s| Table::new(&counts[s * per..(s + 1) * per]))
+            .map(|s| Table::new(&counts[s * per..(s + 1) * per], whole))
             .collect();
         let strata = tables
             .iter()
@@ -317,7 +320,7 @@ impl Survival {
             }
             // The range the exact curve lies in while each count and each number at risk
             // (a sum of 2(B − b) counts) is within its radius.
-            let r_err = noise.radius(2 * (bins - b));
+            let r_err = noise.combined_radius(b, bins);
             let low_f = if r - r_err > 0.0 {
                 (1.0 - (d + radius) / (r - r_err)).clamp(0.0, 1.0)
             } else {
@@ -349,7 +352,7 @@ impl Survival {
         let events: f64 = t.events.iter().sum();
         StratumCurve {
             level,
-            patients: Released::new(t.n, noise.radius(2 * bins), t.n >= threshold),
+            patients: Released::new(t.n, noise.radius(1), t.n >= threshold),
             events: Released::new(
                 events,
                 noise.radius(bins),
@@ -376,6 +379,21 @@ impl Noise {
     fn radius(self, k: usize) -> f64 {
         crate::fedstats::Z * self.sd * (k as f64).sqrt() + self.rounding * k as f64
     }
+
+    /// How far the number at risk at bin `b` of `bins` (see [`Table::new`]) may lie from
+    /// its exact value: Z standard deviations of the combination's noise, plus its rounding.
+    fn combined_radius(self, b: usize, bins: usize) -> f64 {
+        let (w_pre, w_suf) = weights(b, bins);
+        let var = 1.0 / (w_pre + w_suf);
+        crate::fedstats::Z * self.sd * var.sqrt() + self.rounding * 2.0 * var
+    }
+}
+
+/// The weights of the two estimates of the number at risk at bin `b` of `bins`: from the
+/// stratum's size less the earlier bins (`1 + 2b` entries), and from the later bins
+/// (`2(bins − b)` entries), each the inverse of its noise's variance in entries.
+fn weights(b: usize, bins: usize) -> (f64, f64) {
+    (1.0 / (1 + 2 * b) as f64, 1.0 / (2 * (bins - b)) as f64)
 }
 
 /// One stratum's counts per bin, with the number at risk at each bin's start.
@@ -387,18 +405,34 @@ struct Table {
 }
 
 impl Table {
-    fn new(section: &[f64]) -> Table {
-        let events: Vec<f64> = section.iter().step_by(2).copied().collect();
-        let censored: Vec<f64> = section.iter().skip(1).step_by(2).copied().collect();
-        // At risk at a bin's start: everyone whose follow-up ends in it or later.
-        let mut at_risk = vec![0.0; events.len()];
+    /// From a stratum's `[n | d₀ c₀ | …]`. At risk at a bin's start: everyone whose
+    /// follow-up ends in it or later; from exact counts the sum of the later bins, from
+    /// noisy ones the combination of both estimates.
+    fn new(section: &[f64], exact: bool) -> Table {
+        let n = section[0];
+        let events: Vec<f64> = section[1..].iter().step_by(2).copied().collect();
+        let censored: Vec<f64> = section[1..].iter().skip(1).step_by(2).copied().collect();
+        let bins = events.len();
+        let mut later = vec![0.0; bins];
         let mut r = 0.0;
-        for b in (0..events.len()).rev() {
+        for b in (0..bins).rev() {
             r += events[b] + censored[b];
-            at_risk[b] = r;
+            later[b] = r;
         }
+        let mut left = n;
+        let at_risk = (0..bins)
+            .map(|b| {
+                if exact {
+                    return later[b];
+                }
+                let (w_pre, w_suf) = weights(b, bins);
+                let combined = (w_pre * left + w_suf * later[b]) / (w_pre + w_suf);
+                left -= events[b] + censored[b];
+                combined
+            })
+            .collect();
         Table {
-            n: at_risk.first().copied().unwrap_or(0.0),
+            n,
             at_risk,
             events,
             censored,

@@ -58,3 +58,28 @@ fn the_custom_streamtask_example_runs() {
     let out = run("custom_streamtask", &[]);
     assert!(!out.is_empty());
 }
+
+#[test]
+fn the_survival_and_boosted_trees_examples_match_their_references_and_plot() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = run("survival", &["--out", dir.path().to_str().unwrap()]);
+    assert!(
+        out.contains("log-rank") && out.contains("lifelines"),
+        "{out}"
+    );
+    svg(
+        &dir.path().join("km-exact.svg"),
+        &["at risk at", "male", "female"],
+    );
+    svg(
+        &dir.path().join("km-dp.svg"),
+        &["differential privacy", "at risk at"],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let out = run("boosted_trees", &["--out", dir.path().to_str().unwrap()]);
+    assert!(
+        out.contains("held-out ROC AUC") && out.contains("scikit-learn"),
+        "{out}"
+    );
+    svg(&dir.path().join("roc.svg"), &["federated", "centralized"]);
+}
