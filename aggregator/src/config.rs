@@ -394,8 +394,11 @@ impl SurvivalConfig {
                         medfed_protocol::survival::MAX_BINS
                     ));
                 }
+                // Edges below `end` only (floating point can put `start + k·step` on or past
+                // it), then `end` itself.
                 let mut edges: Vec<f64> = (0..bins as usize)
                     .map(|i| start + i as f64 * step)
+                    .filter(|e| *e < end)
                     .collect();
                 edges.push(end);
                 Ok(edges)

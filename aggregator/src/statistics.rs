@@ -261,6 +261,9 @@ impl StudyRunner {
         let Some((first, sites)) = first else {
             return Err(self.failed("no step of the boosted trees was summed".to_string()));
         };
+        ensemble
+            .validate()
+            .map_err(|e| self.failed(format!("the boosted trees cannot be released: {e}")))?;
         if sites.len() < self.cfg.min_sites {
             return Err(StudyError::NoQuorum {
                 study: self.cfg.id.clone(),

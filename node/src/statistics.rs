@@ -102,6 +102,10 @@ impl CohortMemory {
                 ));
             }
         }
+        // The same answer again (each step of an iterative query): remembered once.
+        if answered.contains(&cohort) {
+            return Ok(());
+        }
         answered.push(cohort);
         self.0.save(&answered).map_err(|e| {
             // Not on disk: not answered, and not remembered either.
@@ -115,7 +119,16 @@ impl CohortMemory {
 /// site answered, per query: the aggregator chooses each step's contents (coefficients, an
 /// ensemble), and sums at many chosen points could be solved for the patients' values, so a
 /// query gets at most its approved number of steps, one answer per step number.
-pub struct AnsweredSteps(JsonFile<std::collections::BTreeMap<String, Vec<(u32, String)>>>);
+pub struct AnsweredSteps(JsonFile<std::collections::BTreeMap<String, QuerySteps>>);
+
+/// The steps answered of one query.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct QuerySteps {
+    /// Each answered step's number and the SHA-256 of its contents.
+    pub steps: Vec<(u32, String)>,
+    /// For boosted trees: the last step answered, which the next must follow.
+    pub last_trees: Option<medfed_protocol::trees::TreeStep>,
+}
 
 const ANSWERED_STEPS: Contents = Contents {
     label: "",
@@ -137,20 +150,22 @@ impl AnsweredSteps {
             .map_err(|e| e.to_string())
     }
 
-    /// Records `step` of query `query_id`, unless that step number was answered with other
-    /// contents, or `max` steps were answered already. Answering a step again with the same
-    /// contents (a retried round) is allowed.
+    /// Records `step` of query `q`, unless that step number was answered with other
+    /// contents, `q`'s steps are all answered, or (boosted trees) the step does not follow
+    /// the last one answered. Answering a step again with the same contents (a retried
+    /// round) is allowed. Queries are told apart by their approval hash.
     pub fn admit(
         &self,
-        query_id: &str,
+        q: &medfed_protocol::fedstats::StatsQuery,
         step: &medfed_protocol::messages::QueryStep,
-        max: u32,
     ) -> Result<(), String> {
+        use medfed_protocol::messages::QueryStep;
         let digest =
             medfed_protocol::audit::sha256_hex(&postcard::to_allocvec(step).unwrap_or_default());
+        let key = q.approval_hash();
         let mut all = self.0.lock();
-        let answered = all.entry(query_id.to_string()).or_default();
-        if let Some((n, before)) = answered.iter().find(|(n, _)| *n == step.round()) {
+        let answered = all.entry(key.clone()).or_default();
+        if let Some((n, before)) = answered.steps.iter().find(|(n, _)| *n == step.round()) {
             if *before == digest {
                 return Ok(());
             }
@@ -159,19 +174,28 @@ impl AnsweredSteps {
                  aggregator compare sums at points of its choosing"
             ));
         }
-        if answered.len() >= max as usize {
+        if answered.steps.len() >= q.max_steps() as usize {
             return Err(format!(
                 "{} steps were answered already, all the query may take",
-                answered.len()
+                answered.steps.len()
             ));
         }
-        answered.push((step.round(), digest));
+        if let (Some(spec), QueryStep::Trees(next)) = (&q.trees, step) {
+            match &answered.last_trees {
+                Some(prev) => spec.check_follows(prev, next)?,
+                None if next.step == 0 => {}
+                None => return Err(format!("step {} comes before step 0", next.step)),
+            }
+        }
+        let before = answered.clone();
+        answered.steps.push((step.round(), digest));
+        if let QueryStep::Trees(next) = step {
+            answered.last_trees = Some((**next).clone());
+        }
         let snapshot = all.clone();
         self.0.save(&snapshot).map_err(|e| {
             // Not on disk: not answered, and not remembered either.
-            if let Some(v) = all.get_mut(query_id) {
-                v.pop();
-            }
+            all.insert(key, before);
             e.to_string()
         })
     }
@@ -553,6 +577,21 @@ impl Node {
         };
         match q.noise_multiplier {
             None => {
+                // An entry the secure sum's fixed point cannot carry would be clipped (or a
+                // non-finite one zeroed): the sum would be silently wrong. Declined, in the
+                // words that do not depend on the data.
+                if let Some(sr) = &sq.secure
+                    && let Some(x) = vector
+                        .iter()
+                        .find(|x| !x.is_finite() || x.abs() > sr.setup.quant.clip)
+                {
+                    return decline(format!(
+                        "an entry of this site's answer ({x:e}) is outside what secure \
+                         aggregation carries (±{:e}): the sum would be wrong; rescale the \
+                         columns (e.g. a covariate in other units)",
+                        sr.setup.quant.clip
+                    ));
+                }
                 let min_cell = self.config.policy.min_cell.max(q.suppress_below);
                 if (rows.len() as u64) < min_cell {
                     // Even summed with others, a cohort this small here would be a small
@@ -576,7 +615,7 @@ impl Node {
                     return decline(format!("differencing protection: {why}"));
                 }
                 if let Some(step) = &sq.step
-                    && let Err(why) = self.answered_steps.admit(&q.query_id, step, q.max_steps())
+                    && let Err(why) = self.answered_steps.admit(q, step)
                 {
                     return refuse(
                         ErrorCode::CannotServe,
@@ -657,30 +696,47 @@ mod tests {
 
     #[test]
     fn an_iterative_query_gets_at_most_its_steps_one_answer_each() {
-        use medfed_protocol::cox::CoxStep;
+        use medfed_protocol::cox::{Cox, CoxStep, Ties};
         use medfed_protocol::messages::QueryStep;
         let dir = tempfile::tempdir().unwrap();
         let path = AnsweredSteps::path(dir.path());
         let steps = AnsweredSteps::open(path.clone()).unwrap();
+        let cox = |id: &str| StatsQuery {
+            query_id: id.into(),
+            dataset: "lung".into(),
+            cohort: vec![],
+            columns: vec![],
+            correlations: false,
+            noise_multiplier: None,
+            suppress_below: 11,
+            survival: None,
+            cox: Some(Cox {
+                covariates: vec!["age".into()],
+                ties: Ties::Efron,
+                max_iterations: 2,
+            }),
+            trees: None,
+        };
+        let (q, other) = (cox("q"), cox("other"));
         let step = |iteration, b| {
             QueryStep::Cox(CoxStep {
                 iteration,
                 beta: vec![b],
             })
         };
-        steps.admit("q", &step(0, 0.0), 2).unwrap();
+        steps.admit(&q, &step(0, 0.0)).unwrap();
         // A retried round with the same contents is the same answer.
-        steps.admit("q", &step(0, 0.0), 2).unwrap();
-        let e = steps.admit("q", &step(0, 0.5), 2).unwrap_err();
+        steps.admit(&q, &step(0, 0.0)).unwrap();
+        let e = steps.admit(&q, &step(0, 0.5)).unwrap_err();
         assert!(e.contains("other contents"), "{e}");
-        steps.admit("q", &step(1, 0.5), 2).unwrap();
-        let e = steps.admit("q", &step(2, 0.7), 2).unwrap_err();
+        steps.admit(&q, &step(1, 0.5)).unwrap();
+        let e = steps.admit(&q, &step(2, 0.7)).unwrap_err();
         assert!(e.contains("all the query may take"), "{e}");
         // Another query has its own count, and the record survives a restart.
-        steps.admit("other", &step(0, 0.1), 2).unwrap();
+        steps.admit(&other, &step(0, 0.1)).unwrap();
         drop(steps);
         let steps = AnsweredSteps::open(path).unwrap();
-        assert!(steps.admit("q", &step(5, 0.0), 2).is_err());
+        assert!(steps.admit(&q, &step(5, 0.0)).is_err());
     }
 
     fn cohort_of(rows: &[u32]) -> AnsweredCohort {

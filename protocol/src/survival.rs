@@ -273,9 +273,11 @@ impl Survival {
             .enumerate()
             .map(|(s, t)| self.curve(s, t, noise, exact, threshold))
             .collect();
-        let log_rank = (exact && self.strata_count() > 1)
-            .then(|| log_rank(&tables))
-            .flatten();
+        // From exact counts only, and only where every stratum is released.
+        let log_rank =
+            (exact && self.strata_count() > 1 && tables.iter().all(|t| t.n >= threshold))
+                .then(|| log_rank(&tables))
+                .flatten();
         Ok(SurvivalRelease {
             time: self.time.clone(),
             confidence: 0.95,
@@ -300,10 +302,18 @@ impl Survival {
         let (mut surv, mut greenwood) = (1.0f64, 0.0f64);
         let (mut surv_low, mut surv_high) = (1.0f64, 1.0f64);
         let mut shown = t.n >= threshold;
+        let mut cut = false;
         let mut median = None;
         for b in 0..self.bins() {
             let (r, d, c) = (t.at_risk[b], t.events[b], t.censored[b]);
-            shown = shown && r >= threshold;
+            // Exact counts: a point is shown only while at least `threshold` stay at risk
+            // after it too (else the last point's at-risk less its events and censorings
+            // would be a small count); past it nothing is listed, not even the times.
+            shown = shown && r >= threshold && (!exact || r - d - c >= threshold);
+            if exact && !shown {
+                cut = true;
+                break;
+            }
             if exact && d == 0.0 && c == 0.0 {
                 // Nothing happens in the bin: the curve holds (exact counts only; every
                 // noisy bin is listed).
@@ -350,14 +360,14 @@ impl Survival {
             });
         }
         let events: f64 = t.events.iter().sum();
+        // Exact: the total is hidden where the curve was cut (the total less the events
+        // shown would count the tail's), and where it is small.
+        let events_shown =
+            t.n >= threshold && (!exact || (!cut && (events == 0.0 || events >= threshold)));
         StratumCurve {
             level,
             patients: Released::new(t.n, noise.radius(1), t.n >= threshold),
-            events: Released::new(
-                events,
-                noise.radius(bins),
-                t.n >= threshold && (!exact || events == 0.0 || events >= threshold),
-            ),
+            events: Released::new(events, noise.radius(bins), events_shown),
             median,
             points,
         }
@@ -663,14 +673,23 @@ mod tests {
         assert!((lo - s3.powf((Z95 * se).exp())).abs() < 1e-12);
         assert!((hi - s3.powf((-Z95 * se).exp())).abs() < 1e-12);
         assert!(lo < s3 && s3 < hi);
-        // A threshold of 3 at risk: the curve stops where fewer are at risk.
+        // A threshold of 3: the curve stops before fewer than 3 are left at risk after a
+        // point, and lists nothing past it (not even when the others ended); the total of
+        // events is hidden with the tail.
         let r = s.release(&v, None, 1e-7, 3.0).unwrap();
-        let shown: Vec<bool> = r.strata[0]
-            .points
-            .iter()
-            .map(|p| p.survival.value.is_some())
-            .collect();
-        assert_eq!(shown, [true, true, true, false, false]);
+        let starts: Vec<f64> = r.strata[0].points.iter().map(|p| p.start).collect();
+        assert_eq!(starts, [1.0, 2.0]);
+        assert!(
+            r.strata[0]
+                .points
+                .iter()
+                .all(|p| p.survival.value.is_some())
+        );
+        assert_eq!(r.strata[0].events.value, None);
+        assert_eq!(r.strata[0].patients.value, Some(6.0));
+        // A stratum smaller than the threshold: nothing but that it is small.
+        let r = s.release(&v, None, 1e-7, 7.0).unwrap();
+        assert!(r.strata[0].points.is_empty() && r.strata[0].patients.value.is_none());
     }
 
     #[test]

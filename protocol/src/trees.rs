@@ -34,6 +34,16 @@ pub const MAX_DEPTH: u8 = 8;
 pub const MAX_TREES: u32 = 1000;
 /// The most bins per feature.
 pub const MAX_BINS: u16 = 255;
+/// The most numbers one step may ask of a site.
+pub const MAX_STEP_ENTRIES: u64 = 4_000_000;
+
+/// The index `k` (1 to [`FINE_BINS`] − 1) of the fine grid's edge `c` of `range`, computed
+/// as step 0's quantiles compute it; `None` when `c` is not one.
+fn fine_edge(range: &FeatureRange, c: f64) -> Option<usize> {
+    let width = (range.high - range.low) / FINE_BINS as f64;
+    let k = ((c - range.low) / width).round();
+    (k >= 1.0 && k < FINE_BINS as f64 && range.low + width * k == c).then_some(k as usize)
+}
 
 /// The loss the trees are fitted to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -307,6 +317,14 @@ impl Boosting {
         if self.max_bins < 2 || self.max_bins > MAX_BINS {
             return Err(format!("boosted trees: max_bins must be 2 to {MAX_BINS}"));
         }
+        // The deepest level's histograms: 2^(depth−1) nodes × features × bins × 3 numbers.
+        let largest = (1u64 << (self.depth - 1)) * f as u64 * u64::from(self.max_bins) * 3;
+        if largest > MAX_STEP_ENTRIES {
+            return Err(format!(
+                "boosted trees: the deepest level would send {largest} numbers from each site \
+                 (at most {MAX_STEP_ENTRIES}): fewer features, bins or levels"
+            ));
+        }
         let non_negative = |x: f64| x.is_finite() && x >= 0.0;
         if !non_negative(self.l2) || !non_negative(self.min_child_weight) {
             return Err("boosted trees: l2 and min_child_weight must be at least 0".into());
@@ -356,8 +374,94 @@ impl Boosting {
                 {
                     return Err("the step's tree, level or bins do not fit the model".into());
                 }
+                if m.learning_rate != self.learning_rate || !m.base_score.is_finite() {
+                    return Err("the step's learning rate is not the model's".into());
+                }
+                // Bins only at the fine grid's edges, splits only at bins: the aggregator
+                // cannot ask about a value at a precision of its choosing.
+                for (cuts, range) in m.cuts.iter().zip(&self.features) {
+                    if cuts.iter().any(|c| fine_edge(range, *c).is_none()) {
+                        return Err(format!(
+                            "the bins of feature '{}' are not on its fine grid",
+                            range.name
+                        ));
+                    }
+                }
+                for t in &m.trees {
+                    for n in &t.nodes {
+                        if let Node::Split { feature, threshold } = n
+                            && !m
+                                .cuts
+                                .get(usize::from(*feature))
+                                .is_some_and(|c| c.contains(threshold))
+                        {
+                            return Err("a split is not at one of its feature's bins".into());
+                        }
+                    }
+                }
                 m.validate_growing()
             }
+        }
+    }
+
+    /// Whether `next` follows `prev`, the step this site answered before: the next step
+    /// number, the same bins, base score and learning rate, the finished trees unchanged,
+    /// and the growing tree grown by one level (or finished, and a new one begun). An
+    /// aggregator cannot go back and ask about the same rows with other splits.
+    pub fn check_follows(&self, prev: &TreeStep, next: &TreeStep) -> Result<(), String> {
+        let refuse = |why: &str| {
+            Err(format!(
+                "step {} does not follow step {}: {why}",
+                next.step, prev.step
+            ))
+        };
+        if next.step != prev.step + 1 {
+            return refuse("steps come one after the other");
+        }
+        let (p, n) = (&prev.model, &next.model);
+        let Some((pt, pl)) = prev.level else {
+            // After the bins: the first level of the first tree, nothing grown.
+            return if next.level == Some((0, 0)) && n.trees == [Tree::open(self.depth)] {
+                Ok(())
+            } else {
+                refuse("the first tree starts at its root")
+            };
+        };
+        if n.cuts != p.cuts || n.base_score != p.base_score || n.learning_rate != p.learning_rate {
+            return refuse("the bins, base score and learning rate stay as they were");
+        }
+        let Some((nt, nl)) = next.level else {
+            return refuse("a level is named");
+        };
+        let (pt, nt) = (pt as usize, nt as usize);
+        if n.trees.len() < pt + 1 || p.trees.len() != pt + 1 || n.trees[..pt] != p.trees[..pt] {
+            return refuse("the finished trees stay as they were");
+        }
+        let level_of = |i: usize| (usize::BITS - 1 - (i + 1).leading_zeros()) as u8;
+        // The tree grown at `prev`: what was decided stays; only the next level is new
+        // (and, where the tree is finished, the leaves below its last splits).
+        let deepest = if nt == pt { pl } else { pl + 1 };
+        let kept = p.trees[pt]
+            .nodes
+            .iter()
+            .zip(&n.trees[pt].nodes)
+            .enumerate()
+            .all(|(i, (a, b))| {
+                (matches!(a, Node::Open) || a == b)
+                    && (level_of(i) <= deepest || matches!(b, Node::Open))
+            });
+        if !kept {
+            return refuse("the growing tree keeps its splits and grows one level");
+        }
+        let same_tree = nt == pt && nl == pl + 1 && n.trees.len() == pt + 1;
+        let next_tree = nt == pt + 1
+            && nl == 0
+            && n.trees.len() == pt + 2
+            && n.trees[nt] == Tree::open(self.depth);
+        if same_tree || next_tree {
+            Ok(())
+        } else {
+            refuse("the same tree's next level, or the next tree's root")
         }
     }
 
@@ -480,7 +584,7 @@ pub struct Booster {
 pub enum BoostNext {
     /// The sites' sums at this step.
     Evaluate(TreeStep),
-    /// The fitted ensemble, and the mean training loss before each tree and after the last.
+    /// The fitted ensemble, and the mean training loss before each tree.
     Done(Ensemble, Vec<f64>),
     /// No fit: why.
     Failed(String),
@@ -675,7 +779,8 @@ fn quantile_cuts(fine: &[f64], range: &FeatureRange, max_bins: u16) -> Vec<f64> 
     for (b, c) in fine.iter().enumerate() {
         cum += c.max(0.0);
         while k < max_bins && cum >= total * f64::from(k) / f64::from(max_bins) {
-            let edge = range.low + width * (b + 1) as f64;
+            // As `fine_edge` recognises it.
+            let edge = range.low + width * ((b + 1) as f64);
             // A boundary with nothing above it separates nothing.
             if edge < range.high && cum < total && cuts.last().is_none_or(|l| *l < edge) {
                 cuts.push(edge);
@@ -745,6 +850,7 @@ mod tests {
             }
             match booster.observe(&sum) {
                 BoostNext::Evaluate(s) => {
+                    spec.check_follows(&step, &s).unwrap();
                     step = s;
                     steps += 1;
                 }
@@ -837,6 +943,52 @@ mod tests {
         let uniform = vec![1.0; FINE_BINS];
         let cuts = quantile_cuts(&uniform, &range, 4);
         assert_eq!(cuts, vec![64.0, 128.0, 192.0]);
+    }
+
+    /// A hostile aggregator cannot split where it likes, move the bins, or go back to ask
+    /// about the same rows with other splits.
+    #[test]
+    fn a_step_must_follow_the_last_one_within_the_models_bins() {
+        let s = spec();
+        let mut booster = Booster::new(&s);
+        let step0 = booster.current();
+        let sum: Vec<f64> = s.encode(&step0, &rows(1, 300));
+        let BoostNext::Evaluate(step1) = booster.observe(&sum) else {
+            panic!("no step 1")
+        };
+        s.check_step(&step1).unwrap();
+        s.check_follows(&step0, &step1).unwrap();
+        let BoostNext::Evaluate(step2) = booster.observe(&s.encode(&step1, &rows(1, 300))) else {
+            panic!("no step 2")
+        };
+        s.check_follows(&step1, &step2).unwrap();
+        // A split at a threshold of the aggregator's choosing.
+        let mut bad = step2.clone();
+        bad.model.trees[0].nodes[0] = Node::Split {
+            feature: 0,
+            threshold: 4.321,
+        };
+        assert!(s.check_step(&bad).unwrap_err().contains("bins"));
+        // Bins off the fine grid.
+        let mut bad = step2.clone();
+        bad.model.cuts[0][0] += 1e-3;
+        assert!(s.check_step(&bad).is_err());
+        // The same level asked again with another split at the root.
+        let mut again = step2.clone();
+        again.step = step2.step + 1;
+        let other = s.features.len() as u16 - 1;
+        again.model.trees[0].nodes[0] = Node::Split {
+            feature: other,
+            threshold: step2.model.cuts[usize::from(other)][0],
+        };
+        assert!(s.check_follows(&step2, &again).is_err());
+        // Skipping a step, or a changed learning rate.
+        let mut skip = step2.clone();
+        skip.step += 5;
+        assert!(s.check_follows(&step1, &skip).is_err());
+        let mut lr = step2.clone();
+        lr.model.learning_rate = 0.9;
+        assert!(s.check_step(&lr).is_err());
     }
 
     #[test]

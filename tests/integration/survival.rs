@@ -46,22 +46,6 @@ fn released(d: &Path, id: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
 }
 
-/// The released survival after `t`: the last released point starting at or before it.
-fn survival_at(curve: &serde_json::Value, t: f64) -> Option<(f64, serde_json::Value)> {
-    curve["points"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .take_while(|p| p["start"].as_f64().unwrap() <= t)
-        .last()
-        .map(|p| {
-            (
-                p["survival"]["value"].as_f64().unwrap_or(f64::NAN),
-                p.clone(),
-            )
-        })
-}
-
 #[test]
 fn federated_kaplan_meier_equals_the_pooled_curve() {
     let dir = tempfile::tempdir().unwrap();
@@ -117,24 +101,31 @@ fn federated_kaplan_meier_equals_the_pooled_curve() {
             want["median"].as_f64(),
             "median, sex {sex}"
         );
-        let times = want["times"].as_array().unwrap();
-        for (i, t) in times.iter().enumerate() {
-            let t = t.as_f64().unwrap();
-            let at_risk = want["at_risk"][i].as_f64().unwrap();
-            // Released only while at least 11 (the smallest cell) are at risk.
-            if t == 0.0 || at_risk < 11.0 {
-                continue;
-            }
-            let (got, point) = survival_at(curve, t).unwrap();
+        let times: Vec<f64> = want["times"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t.as_f64().unwrap())
+            .collect();
+        let points = curve["points"].as_array().unwrap();
+        let last = points.last().unwrap();
+        for p in points {
+            // Each released point is lifelines' estimate at that time: the same time on
+            // lifelines' timeline (every point here has an event or a censoring).
+            let t = p["start"].as_f64().unwrap();
+            let i = times
+                .iter()
+                .position(|x| *x == t)
+                .unwrap_or_else(|| panic!("t {t}"));
+            let got = p["survival"]["value"].as_f64().unwrap();
             let expect = want["survival"][i].as_f64().unwrap();
             assert!(
                 (got - expect).abs() < 1e-9,
                 "sex {sex}, t {t}: {got} vs lifelines {expect}"
             );
-            if point["start"].as_f64() == Some(t) {
-                assert_eq!(point["at_risk"]["value"].as_f64(), Some(at_risk), "t {t}");
-            }
-            if let Some(ci) = point["ci"].as_array() {
+            let at_risk = want["at_risk"][i].as_f64().unwrap();
+            assert_eq!(p["at_risk"]["value"].as_f64(), Some(at_risk), "t {t}");
+            if let Some(ci) = p["ci"].as_array() {
                 let (lo, hi) = (
                     want["ci_lower"][i].as_f64().unwrap(),
                     want["ci_upper"][i].as_f64().unwrap(),
@@ -150,16 +141,30 @@ fn federated_kaplan_meier_equals_the_pooled_curve() {
             }
             compared += 1;
         }
-        // Where fewer than 11 are at risk, nothing is released.
-        let last_shown = curve["points"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|p| p["survival"]["value"].is_null())
-            .all(|p| p["at_risk"]["value"].is_null());
-        assert!(last_shown);
+        // The curve stops while at least 11 stay at risk after its last point, and lists
+        // nothing past it: the last point is the last lifelines time before fewer than 11
+        // would be left.
+        let left_after = |t: f64| {
+            let i = times.iter().position(|x| *x == t).unwrap();
+            let next = times.get(i + 1).copied();
+            next.map_or(0.0, |n| {
+                want["at_risk"][times.iter().position(|x| *x == n).unwrap()]
+                    .as_f64()
+                    .unwrap()
+            })
+        };
+        let t_last = last["start"].as_f64().unwrap();
+        assert!(left_after(t_last) >= 11.0, "sex {sex}: after {t_last}");
+        let i_last = times.iter().position(|x| *x == t_last).unwrap();
+        assert!(
+            left_after(times[i_last + 1]) < 11.0,
+            "sex {sex}: the curve stops early at {t_last}"
+        );
+        assert!(points.iter().all(|p| !p["survival"]["value"].is_null()));
+        // The stratum's total of events would count the tail's: hidden.
+        assert!(curve["events"]["value"].is_null());
     }
-    assert!(compared > 150, "compared {compared} times");
+    assert!(compared > 140, "compared {compared} times");
     let lr = &survival["log_rank"];
     let want = &reference["log_rank"];
     assert!(
