@@ -739,6 +739,77 @@ mod tests {
         assert!(steps.admit(&q, &step(5, 0.0)).is_err());
     }
 
+    /// A boosted-trees step is answered only where it follows the last one this site
+    /// answered.
+    #[test]
+    fn a_trees_step_must_follow_the_last_one_answered() {
+        use medfed_protocol::messages::QueryStep;
+        use medfed_protocol::trees::{Booster, Boosting, FeatureRange, Loss};
+        let spec = Boosting {
+            target: "type".into(),
+            positive_class: Some("Yes".into()),
+            loss: Loss::Logistic,
+            features: vec![FeatureRange {
+                name: "glu".into(),
+                low: 40.0,
+                high: 200.0,
+            }],
+            trees: 2,
+            depth: 2,
+            learning_rate: 0.1,
+            max_bins: 8,
+            l2: 0.0,
+            min_child_weight: 1e-3,
+            min_child_samples: 5,
+        };
+        let q = StatsQuery {
+            query_id: "t".into(),
+            dataset: "pima".into(),
+            cohort: vec![],
+            columns: vec![],
+            correlations: false,
+            noise_multiplier: None,
+            suppress_below: 11,
+            survival: None,
+            cox: None,
+            trees: Some(Box::new(spec.clone())),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let steps = AnsweredSteps::open(AnsweredSteps::path(dir.path())).unwrap();
+        let mut booster = Booster::new(&spec);
+        let step0 = booster.current();
+        // Step 1 before step 0: refused.
+        let rows: Vec<medfed_protocol::trees::TreeRow> = (0..100)
+            .map(|i| medfed_protocol::trees::TreeRow {
+                x: vec![40.0 + f64::from(i) * 1.6],
+                y: f64::from(u8::from(i > 60)),
+            })
+            .collect();
+        let medfed_protocol::trees::BoostNext::Evaluate(step1) =
+            booster.observe(&spec.encode(&step0, &rows))
+        else {
+            panic!("no step 1")
+        };
+        let e = steps
+            .admit(&q, &QueryStep::Trees(Box::new(step1.clone())))
+            .unwrap_err();
+        assert!(e.contains("before step 0"), "{e}");
+        steps.admit(&q, &QueryStep::Trees(Box::new(step0))).unwrap();
+        // Step 1 with its bins moved: refused; as the booster made it: answered.
+        let mut moved = step1.clone();
+        moved.model.base_score += 1.0;
+        steps.admit(&q, &QueryStep::Trees(Box::new(step1))).unwrap();
+        let e = steps
+            .admit(&q, &QueryStep::Trees(Box::new(moved.clone())))
+            .unwrap_err();
+        assert!(e.contains("other contents"), "{e}");
+        moved.step = 2;
+        let e = steps
+            .admit(&q, &QueryStep::Trees(Box::new(moved)))
+            .unwrap_err();
+        assert!(e.contains("does not follow"), "{e}");
+    }
+
     fn cohort_of(rows: &[u32]) -> AnsweredCohort {
         AnsweredCohort {
             query_id: format!("q{}", rows.len()),
