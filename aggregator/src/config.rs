@@ -194,8 +194,8 @@ pub struct StatisticsConfig {
     #[serde(default)]
     pub cox: Option<CoxConfig>,
     /// Gradient-boosted trees (`[statistics.boosted_trees]`), grown from secure sums of the
-    /// sites' gradient histograms; exact, under secure aggregation. The model is written to
-    /// `out_dir/models/<id>/final.json`.
+    /// sites' gradient histograms, with differential privacy (the logistic loss) or exact.
+    /// The model is written to `out_dir/models/<id>/final.json`.
     #[serde(default)]
     pub boosted_trees: Option<TreesConfig>,
     /// Also the Pearson correlation of every pair of columns.
@@ -556,12 +556,10 @@ impl AggregatorConfig {
                     .and_then(|sv| sv.validate())
                     .map_err(|why| invalid(key("survival"), why))?;
             }
-            if s.boosted_trees.is_some() && (!s.exact || !s.secure_aggregation.enabled) {
+            if s.boosted_trees.is_some() && !s.secure_aggregation.enabled {
                 return Err(invalid(
                     key("boosted_trees"),
-                    "boosted trees are grown from exact sums under secure aggregation only \
-                     (differential privacy for trees is not built): set exact = true"
-                        .into(),
+                    "boosted trees are grown under secure aggregation only".into(),
                 ));
             }
             if s.cox.is_some() {

@@ -60,7 +60,7 @@ impl StudyRunner {
         let (release, sites) = if let Some(cox) = &query.cox {
             self.run_cox(query, cox, &participants).await?
         } else if let Some(trees) = &query.trees {
-            self.run_trees(query, trees, &participants).await?
+            self.run_trees(query, trees, &participants, delta).await?
         } else {
             self.sum_statistics(query, &participants, delta).await?
         };
@@ -194,6 +194,7 @@ impl StudyRunner {
         query: &StatsQuery,
         spec: &medfed_protocol::trees::Boosting,
         participants: &BTreeMap<String, Participant>,
+        delta: f64,
     ) -> Result<(StatsRelease, Vec<String>), StudyError> {
         use medfed_protocol::trees::{BoostNext, Booster};
         if !self.cfg.secure_aggregation.enabled {
@@ -201,7 +202,9 @@ impl StudyRunner {
                 self.failed("boosted trees are grown under secure aggregation only".to_string())
             );
         }
-        let mut booster = Booster::new(spec);
+        let mut booster = Booster::with_noise(spec, query.noise_multiplier.is_some());
+        // The noise on step 0's sum (for its released counts): every site's share.
+        let mut step0_noise = None;
         let mut step = booster.current();
         let mut first: Option<(Vec<f64>, Vec<String>)> = None;
         let mut entries: u64 = 0;
@@ -232,6 +235,18 @@ impl StudyRunner {
                 .await
                 .map_err(|e| self.failed(format!("boosted trees, step {}: {e}", step.step)))?;
             entries += dimension as u64;
+            if step.step == 0 {
+                // m shares of σ²/(t − c) each.
+                let m = secure.sites.len() as f64;
+                step0_noise = query
+                    .step_share_sigma(
+                        Some(&qs),
+                        bits_for(participants.len()),
+                        secure.threshold,
+                        self.cfg.secure_aggregation.tolerated_colluders,
+                    )
+                    .map(|share| share * m.sqrt());
+            }
             // The provenance states the lowest threshold any step ran with.
             threshold = Some(threshold.map_or(secure.threshold, |t: u32| t.min(secure.threshold)));
             match &first {
@@ -320,7 +335,18 @@ impl StudyRunner {
                     threshold,
                     tolerated_colluders: self.cfg.secure_aggregation.tolerated_colluders,
                 }),
-                privacy: None,
+                privacy: query.noise_multiplier.map(|z| {
+                    let mut acc = medfed_protocol::dp::accountant::RdpAccountant::default();
+                    acc.compose_gaussian(1.0, z, u64::from(steps));
+                    medfed_protocol::export::PrivacyCost {
+                        mechanism: "gaussian-histograms".into(),
+                        clip_norm: spec.sensitivity(&booster.current()),
+                        noise_multiplier: z,
+                        rounds: steps,
+                        epsilon: acc.epsilon(delta).0,
+                        delta,
+                    }
+                }),
             }),
             trees: Some(ensemble),
         };
@@ -349,9 +375,10 @@ impl StudyRunner {
             },
         )?;
         info!(study = %self.cfg.id, path = %path.display(), "boosted-trees model released");
-        let release = query
+        let mut release = query
             .release_trees(
                 &first,
+                step0_noise,
                 medfed_protocol::trees::TreesSummary {
                     trees: spec.trees,
                     steps,
@@ -361,6 +388,16 @@ impl StudyRunner {
                 },
             )
             .map_err(|e| self.failed(e))?;
+        // Every step is one Gaussian release at z, for each site's patients.
+        release.privacy = query.noise_multiplier.map(|z| {
+            let mut acc = medfed_protocol::dp::accountant::RdpAccountant::default();
+            acc.compose_gaussian(1.0, z, u64::from(steps));
+            ReleasePrivacy {
+                noise_multiplier: z,
+                epsilon: acc.epsilon(delta).0,
+                delta,
+            }
+        });
         Ok((release, sites))
     }
 

@@ -406,6 +406,16 @@ impl Node {
                 format!("query '{}': {why}", q.query_id),
             );
         }
+        if sq.step.is_some() && sq.secure.is_none() {
+            return refuse(
+                ErrorCode::CannotServe,
+                format!(
+                    "query '{}': the steps of a Cox model or boosted trees are answered under \
+                     secure aggregation only",
+                    q.query_id
+                ),
+            );
+        }
         let round = sq.step.as_ref().map_or(0, |s| s.round());
         let dimension = q.step_dimension(sq.step.as_ref());
         let binding_of = |scale: f64| match &sq.step {
@@ -636,7 +646,8 @@ impl Node {
                 match &sq.secure {
                     Some(sr) => {
                         noise_sigma = q
-                            .site_share_sigma(
+                            .step_share_sigma(
+                                sq.step.as_ref(),
                                 sr.setup.quant.scale_bits,
                                 sr.setup.threshold,
                                 sr.colluders,

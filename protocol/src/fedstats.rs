@@ -191,10 +191,10 @@ impl StatsQuery {
         }
         if let Some(t) = &self.trees {
             t.validate()?;
-            if self.noise_multiplier.is_some() {
+            if self.noise_multiplier.is_some() && t.loss != crate::trees::Loss::Logistic {
                 return Err(
-                    "boosted trees are grown from exact sums only (differential privacy for \
-                     trees is not built): make the query exact"
+                    "differential privacy for boosted trees needs the logistic loss (the \
+                     squared loss's gradients are not bounded): make the query exact"
                         .into(),
                 );
             }
@@ -380,7 +380,7 @@ impl StatsQuery {
         let Some(t) = &self.trees else {
             return Vec::new();
         };
-        let mut v = t.encode(step, rows);
+        let mut v = t.encode_with(step, rows, self.noise_multiplier.is_some());
         v.push(left_out.rows as f64);
         v.extend(left_out.per_column.iter().map(|n| *n as f64));
         v
@@ -451,6 +451,7 @@ impl StatsQuery {
     pub fn release_trees(
         &self,
         first: &[f64],
+        noise_sd: Option<f64>,
         summary: crate::trees::TreesSummary,
     ) -> Result<StatsRelease, String> {
         let Some(t) = &self.trees else {
@@ -461,13 +462,14 @@ impl StatsQuery {
             return Err(format!("step 0's sum has {} entries", first.len()));
         }
         let cells: Vec<f64> = first[step0..].iter().map(|x| x.round()).collect();
+        let radius = noise_sd.map_or(0.0, |s| Z * s);
         Ok(StatsRelease {
             query_id: self.query_id.clone(),
-            count: Released::new(first[0].round(), 0.0, true),
+            count: Released::new(first[0].round(), radius, true),
             columns: Vec::new(),
             correlations: None,
-            left_out: Some(self.left_out_release(&cells, None, 0.0)),
-            noise_sd_units: None,
+            left_out: Some(self.left_out_release(&cells, noise_sd, radius)),
+            noise_sd_units: noise_sd,
             privacy: None,
             survival: None,
             cox: None,
@@ -542,6 +544,38 @@ impl StatsQuery {
     pub fn sigma_on_grid(&self, bits: u8, stochastic: bool) -> Option<f64> {
         self.noise_multiplier.map(|z| {
             crate::dp::grid_sigma(z, self.sensitivity(), bits, self.dimension(), stochastic)
+        })
+    }
+
+    /// [`StatsQuery::sensitivity`] of a site's vector at `step` (a boosted-trees step's
+    /// own; the query's otherwise).
+    pub fn step_sensitivity(&self, step: Option<&crate::messages::QueryStep>) -> f64 {
+        match (&self.trees, step) {
+            (Some(t), Some(crate::messages::QueryStep::Trees(s))) => {
+                let left_out = (1 + self.missing_columns().len()) as f64;
+                t.sensitivity(s).max(left_out.sqrt())
+            }
+            _ => self.sensitivity(),
+        }
+    }
+
+    /// [`StatsQuery::site_share_sigma`] for the vector at `step`.
+    pub fn step_share_sigma(
+        &self,
+        step: Option<&crate::messages::QueryStep>,
+        bits: u8,
+        threshold: u32,
+        colluders: u32,
+    ) -> Option<f64> {
+        let honest = threshold.saturating_sub(colluders).max(1);
+        self.noise_multiplier.map(|z| {
+            crate::dp::grid_sigma(
+                z,
+                self.step_sensitivity(step),
+                bits,
+                self.step_dimension(step),
+                true,
+            ) / f64::from(honest).sqrt()
         })
     }
 

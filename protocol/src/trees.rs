@@ -476,8 +476,28 @@ impl Boosting {
         }
     }
 
+    /// The L2 norm by which one row can change a site's vector at `step`, in the units of
+    /// [`Boosting::encode_with`]'s private vector: at step 0 the row count, the target (a
+    /// 0 or a 1) and one fine bin per feature; at a level, per feature one bin's gradient
+    /// (within ±1), Hessian (within 0 and ¼, counted in quarters) and count. The logistic
+    /// loss only: the squared loss's gradients are not bounded.
+    pub fn sensitivity(&self, step: &TreeStep) -> f64 {
+        let f = self.features.len() as f64;
+        match step.level {
+            None => (2.0 + f).sqrt(),
+            Some(_) => (3.0 * f).sqrt(),
+        }
+    }
+
     /// A site's vector at `step` over `rows`.
     pub fn encode(&self, step: &TreeStep, rows: &[TreeRow]) -> Vec<f64> {
+        self.encode_with(step, rows, false)
+    }
+
+    /// [`Boosting::encode`]; `private`: the vector differential privacy's noise is added to,
+    /// in units of at most one per row and entry: at a level, no row count or loss (their
+    /// entries 0) and Hessians in quarters (×4).
+    pub fn encode_with(&self, step: &TreeStep, rows: &[TreeRow], private: bool) -> Vec<f64> {
         let mut v = vec![0.0; self.dimension(step)];
         v[0] = rows.len() as f64;
         let Some((tree, level)) = step.level else {
@@ -504,12 +524,22 @@ impl Boosting {
         let per_node: usize = m.cuts.iter().map(|c| c.len() + 1).sum();
         let first = (1usize << level) - 1;
         let growing = &m.trees[tree as usize];
+        if private {
+            v[0] = 0.0;
+        }
         for r in rows {
             let Some(f) = m.margin(&r.x, tree as usize) else {
                 continue;
             };
             let (loss, g, h) = self.loss_terms(f, r.y);
-            v[1] += loss;
+            let (g, h) = if private {
+                (g.clamp(-1.0, 1.0), (4.0 * h).clamp(0.0, 1.0))
+            } else {
+                (g, h)
+            };
+            if !private {
+                v[1] += loss;
+            }
             let Err(node) = growing.route(&r.x) else {
                 continue;
             };
@@ -572,6 +602,8 @@ pub struct TreesSummary {
 #[derive(Debug, Clone)]
 pub struct Booster {
     spec: Boosting,
+    /// The sums carry differential privacy's noise (see [`Boosting::encode_with`]).
+    private: bool,
     step: u32,
     level: Option<(u32, u8)>,
     model: Ensemble,
@@ -593,7 +625,14 @@ pub enum BoostNext {
 impl Booster {
     /// A fit of `spec`.
     pub fn new(spec: &Boosting) -> Booster {
+        Booster::with_noise(spec, false)
+    }
+
+    /// A fit of `spec` from noisy sums when `private`: Hessians are read back from
+    /// quarters, negative Hessians and counts taken as 0, and no loss is reported.
+    pub fn with_noise(spec: &Boosting, private: bool) -> Booster {
         Booster {
+            private,
             spec: spec.clone(),
             step: 0,
             level: None,
@@ -628,7 +667,7 @@ impl Booster {
             ));
         }
         let n = sum[0];
-        if n < 1.0 {
+        if n < 1.0 && !(self.private && self.level.is_some()) {
             return BoostNext::Failed("no rows to fit".into());
         }
         match self.level {
@@ -657,10 +696,18 @@ impl Booster {
                 self.level = Some((0, 0));
             }
             Some((tree, level)) => {
-                if level == 0 {
+                if level == 0 && !self.private {
                     self.losses.push(sum[1] / n);
                 }
-                let open_left = self.grow(tree as usize, level, &sum[2..]);
+                let hist: Vec<f64> = if self.private {
+                    sum[2..]
+                        .chunks(3)
+                        .flat_map(|e| [e[0], (e[1] / 4.0).max(0.0), e[2].max(0.0)])
+                        .collect()
+                } else {
+                    sum[2..].to_vec()
+                };
+                let open_left = self.grow(tree as usize, level, &hist);
                 let last_level = level + 1 == self.spec.depth;
                 if last_level || !open_left {
                     if tree + 1 == self.spec.trees {
@@ -926,6 +973,85 @@ mod tests {
         let var = rows.iter().map(|r| (r.y - mean).powi(2)).sum::<f64>() / rows.len() as f64;
         assert!(mse < 0.05 * var, "mse {mse}, variance {var}");
         assert!(losses.windows(2).all(|w| w[1] <= w[0] + 1e-12));
+    }
+
+    /// One row more or less moves a site's private vector by at most the stated
+    /// sensitivity, at step 0 and at every level (the noise is calibrated to it).
+    #[test]
+    fn one_row_moves_the_private_vector_by_at_most_the_sensitivity() {
+        let s = spec();
+        let all = rows(5, 200);
+        let mut booster = Booster::new(&s);
+        let mut step = booster.current();
+        for _ in 0..6 {
+            let with = s.encode_with(&step, &all, true);
+            for i in (0..all.len()).step_by(17) {
+                let mut fewer = all.clone();
+                fewer.remove(i);
+                let without = s.encode_with(&step, &fewer, true);
+                let d: f64 = with
+                    .iter()
+                    .zip(&without)
+                    .map(|(a, b)| (a - b).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
+                assert!(d <= s.sensitivity(&step) + 1e-9, "step {}: {d}", step.step);
+            }
+            match booster.observe(&s.encode(&step, &all)) {
+                BoostNext::Evaluate(next) => step = next,
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// With noise of the sensitivity's scale on every sum, a large enough federation still
+    /// grows a model that separates the classes.
+    #[test]
+    fn noisy_histograms_still_grow_a_model_on_many_rows() {
+        use rand::{RngExt, SeedableRng};
+        let s = Boosting {
+            trees: 5,
+            depth: 2,
+            ..spec()
+        };
+        let sites = [rows(1, 6000), rows(2, 6000), rows(3, 6000)];
+        let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(11);
+        let mut gauss = || {
+            let (u1, u2): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+            (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        };
+        let z = 2.0;
+        let mut booster = Booster::with_noise(&s, true);
+        let mut step = booster.current();
+        let model = loop {
+            let sigma = z * s.sensitivity(&step);
+            let mut sum = vec![0.0; s.dimension(&step)];
+            for rows in &sites {
+                for (t, v) in sum.iter_mut().zip(s.encode_with(&step, rows, true)) {
+                    *t += v;
+                }
+            }
+            sum.iter_mut().for_each(|x| *x += sigma * gauss());
+            match booster.observe(&sum) {
+                BoostNext::Evaluate(next) => step = next,
+                BoostNext::Done(model, losses) => {
+                    assert!(losses.is_empty(), "no loss is reported from noisy sums");
+                    break model;
+                }
+                BoostNext::Failed(why) => panic!("{why}"),
+            }
+        };
+        model.validate().unwrap();
+        let pooled: Vec<TreeRow> = sites.iter().flatten().cloned().collect();
+        let right = pooled
+            .iter()
+            .filter(|r| (model.predict(&r.x).unwrap() > 0.5) == (r.y == 1.0))
+            .count();
+        assert!(
+            right as f64 > 0.8 * pooled.len() as f64,
+            "{right} of {}",
+            pooled.len()
+        );
     }
 
     #[test]

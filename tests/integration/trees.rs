@@ -184,3 +184,114 @@ fn federated_boosted_trees_match_a_centralized_histogram_gbdt() {
         &text[..text.len().min(300)]
     );
 }
+
+/// Differential privacy on the histograms, for hospitals that release nothing exact (the
+/// default policy): every step is charged to each hospital's budget before it leaves, the
+/// model states what it cost, and that equals each hospital's own ledger.
+#[test]
+fn boosted_trees_with_differential_privacy_charge_every_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("reference.json")).unwrap()).unwrap();
+    let chosen = [
+        "worst_radius",
+        "worst_concave_points",
+        "mean_texture",
+        "worst_smoothness",
+    ];
+    let features: Vec<&serde_json::Value> = reference["features"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| chosen.contains(&f["name"].as_str().unwrap()))
+        .collect();
+    let mut columns: Vec<String> = chosen.iter().map(|c| c.to_string()).collect();
+    columns.push("diagnosis".into());
+    pki(d, &SITES);
+    let port = free_udp_port();
+    for site in SITES {
+        std::fs::copy(
+            fixture(&format!("{site}.csv")),
+            d.join(format!("{site}.csv")),
+        )
+        .unwrap();
+        // The default policy: no exact releases.
+        let config =
+            node_config(site, port, &columns).replace("exact_releases = [\"statistics\"]\n", "");
+        std::fs::write(d.join(format!("{site}.toml")), config).unwrap();
+    }
+    let bounds: Vec<String> = features
+        .iter()
+        .map(|f| {
+            format!(
+                "{{ name = {:?}, low = {}, high = {} }}",
+                f["name"].as_str().unwrap(),
+                f["low"],
+                f["high"]
+            )
+        })
+        .collect();
+    // 1 + 3 trees × 2 levels = 7 Gaussian releases at z = 4: ε ≈ 3.7 at δ = 10⁻⁶, within a
+    // hospital's default 5 per study.
+    let study = format!(
+        "[[statistics]]\nid = \"wdbc-dp-trees\"\ndataset = \"wdbc\"\nnoise_multiplier = 4\nmin_sites = 3\n\
+         wait_for_sites_secs = 60\n[statistics.boosted_trees]\ntarget = \"diagnosis\"\npositive_class = \"malignant\"\n\
+         trees = 3\ndepth = 2\nlearning_rate = 0.3\nmax_bins = 8\nfeatures = [{}]\n",
+        bounds.join(", ")
+    );
+    let agg = d.join("aggregator.toml");
+    std::fs::write(
+        &agg,
+        crate::common::aggregator_config(port, Some("out"), &SITES, &study),
+    )
+    .unwrap();
+    let mut procs = Processes(vec![spawn_aggregator(d, "aggregator", &agg)]);
+    for site in SITES {
+        procs
+            .0
+            .push(spawn_node(d, site, &d.join(format!("{site}.toml"))));
+    }
+    all_succeed(d, &mut procs, Duration::from_secs(300));
+
+    let model: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("out/models/wdbc-dp-trees/final.json")).unwrap(),
+    )
+    .unwrap();
+    let privacy = &model["provenance"]["privacy"];
+    assert_eq!(privacy["mechanism"], "gaussian-histograms", "{model}");
+    assert_eq!(privacy["rounds"], 7);
+    let epsilon = privacy["epsilon"].as_f64().unwrap();
+    assert!(epsilon > 1.0 && epsilon < 5.0, "{epsilon}");
+    // No training loss leaves under differential privacy.
+    assert!(model["train_loss"].is_null(), "{model}");
+    for site in SITES {
+        let spent = crate::common::spent(d, site, "wdbc-dp-trees");
+        let charged = spent["epsilon"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{site}: {spent}"));
+        assert!(
+            (charged - epsilon).abs() < 1e-6,
+            "{site}: ledger {charged}, model {epsilon}"
+        );
+    }
+    // The model reads the raw held-out file like any other.
+    let holdout = fixture("holdout.csv");
+    let out = ok(&[
+        "model",
+        "evaluate",
+        "--model",
+        d.join("out/models/wdbc-dp-trees/final.json")
+            .to_str()
+            .unwrap(),
+        "--data",
+        holdout.to_str().unwrap(),
+        "--target",
+        "diagnosis",
+        "--json",
+    ]);
+    let metrics: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let auc = metrics["roc_auc"].as_f64().unwrap();
+    eprintln!("held-out AUC of the DP boosted trees (ε = {epsilon:.2}): {auc:.4}");
+    assert!(auc.is_finite());
+}
