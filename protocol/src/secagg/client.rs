@@ -176,7 +176,7 @@ impl Client {
             signature: Vec::new(),
         };
         advert.signature = signer.sign(&key_signing_message(&context, &name, &advert));
-        let graph = setup.graph();
+        let graph = setup.local_graph(me);
         let client = Client {
             setup,
             context,

@@ -11,9 +11,57 @@ use super::PartyId;
 
 /// Who masks with whom: each party's neighbours, symmetric (u neighbours v iff v neighbours
 /// u). The complete graph for `k = n - 1`, else a Harary graph over a seeded permutation.
+/// The aggregator holds every party's list ([`Graph::new`]); a party holds only its own
+/// and its neighbours' ([`Graph::local`]), all it ever asks about, so that a party's memory
+/// grows with `k²`, not with `n·k`.
 #[derive(Debug, Clone)]
 pub struct Graph {
-    neighbours: Vec<Vec<PartyId>>,
+    lists: Lists,
+}
+
+#[derive(Debug, Clone)]
+enum Lists {
+    /// Every party's neighbours, by party.
+    All(Vec<Vec<PartyId>>),
+    /// Some parties' neighbours (others have none here).
+    Some(std::collections::BTreeMap<PartyId, Vec<PartyId>>),
+}
+
+/// The parties in the seeded order the Harary graph is laid over, and each party's place
+/// in it; `None` for the complete graph.
+fn placement(n: usize, k: usize, seed: u64) -> Option<(Vec<PartyId>, Vec<usize>)> {
+    if k + 1 >= n {
+        return None;
+    }
+    let mut order: Vec<PartyId> = (0..n as PartyId).collect();
+    order.shuffle(&mut ChaCha20Rng::seed_from_u64(seed));
+    let mut place = vec![0; n];
+    for (pos, &u) in order.iter().enumerate() {
+        place[u as usize] = pos;
+    }
+    Some((order, place))
+}
+
+/// `u`'s neighbours, sorted: everyone else in the complete graph, else the `k/2` parties on
+/// each side of `u` in `order`.
+fn list_of(
+    u: PartyId,
+    n: usize,
+    k: usize,
+    placed: Option<&(Vec<PartyId>, Vec<usize>)>,
+) -> Vec<PartyId> {
+    let mut list: Vec<PartyId> = match placed {
+        None => (0..n as PartyId).filter(|&v| v != u).collect(),
+        Some((order, place)) => {
+            let pos = place[u as usize];
+            (1..=k / 2)
+                .flat_map(|j| [order[(pos + j) % n], order[(pos + n - j) % n]])
+                .collect()
+        }
+    };
+    list.sort_unstable();
+    list.dedup();
+    list
 }
 
 impl Graph {
@@ -21,31 +69,38 @@ impl Graph {
     /// The caller has validated `k` (see `Setup::validate`).
     pub fn new(n: usize, k: usize, seed: u64) -> Graph {
         let k = k.min(n.saturating_sub(1));
-        if k + 1 >= n {
-            let neighbours = (0..n as PartyId)
-                .map(|u| (0..n as PartyId).filter(|&v| v != u).collect())
-                .collect();
-            return Graph { neighbours };
+        let placed = placement(n, k, seed);
+        Graph {
+            lists: Lists::All(
+                (0..n as PartyId)
+                    .map(|u| list_of(u, n, k, placed.as_ref()))
+                    .collect(),
+            ),
         }
-        let mut order: Vec<PartyId> = (0..n as PartyId).collect();
-        order.shuffle(&mut ChaCha20Rng::seed_from_u64(seed));
-        let mut neighbours = vec![Vec::with_capacity(k); n];
-        for (pos, &u) in order.iter().enumerate() {
-            for j in 1..=k / 2 {
-                neighbours[u as usize].push(order[(pos + j) % n]);
-                neighbours[u as usize].push(order[(pos + n - j) % n]);
-            }
+    }
+
+    /// The same graph as [`Graph::new`], as party `me` needs it: its own neighbours and
+    /// theirs.
+    pub fn local(n: usize, k: usize, seed: u64, me: PartyId) -> Graph {
+        let k = k.min(n.saturating_sub(1));
+        let placed = placement(n, k, seed);
+        let mine = list_of(me, n, k, placed.as_ref());
+        let mut lists = std::collections::BTreeMap::new();
+        for &v in &mine {
+            lists.insert(v, list_of(v, n, k, placed.as_ref()));
         }
-        for list in &mut neighbours {
-            list.sort_unstable();
-            list.dedup();
+        lists.insert(me, mine);
+        Graph {
+            lists: Lists::Some(lists),
         }
-        Graph { neighbours }
     }
 
     /// `u`'s neighbours, in increasing order.
     pub fn neighbours(&self, u: PartyId) -> &[PartyId] {
-        self.neighbours.get(u as usize).map_or(&[], Vec::as_slice)
+        match &self.lists {
+            Lists::All(all) => all.get(u as usize).map_or(&[], Vec::as_slice),
+            Lists::Some(some) => some.get(&u).map_or(&[], Vec::as_slice),
+        }
     }
 
     /// Whether `u` and `v` mask with each other.
@@ -145,6 +200,23 @@ pub fn choose_neighbours(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partys_local_graph_is_its_part_of_the_whole() {
+        for (n, k) in [(10, 9), (101, 10), (1000, 30)] {
+            let g = Graph::new(n, k, 7);
+            for me in [0, 1, (n / 2) as PartyId, (n - 1) as PartyId] {
+                let local = Graph::local(n, k, 7, me);
+                assert_eq!(local.neighbours(me), g.neighbours(me));
+                for &v in g.neighbours(me) {
+                    assert_eq!(local.neighbours(v), g.neighbours(v));
+                    assert_eq!(local.share_index(v, me), g.share_index(v, me));
+                    assert_eq!(local.share_index(me, v), g.share_index(me, v));
+                }
+                assert_eq!(local.holders(me), g.holders(me));
+            }
+        }
+    }
 
     #[test]
     fn harary_graph_is_symmetric_and_regular() {

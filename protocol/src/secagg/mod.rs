@@ -178,6 +178,16 @@ impl Setup {
             self.graph_seed,
         )
     }
+
+    /// [`Setup::graph`] as party `me` needs it: its neighbours and theirs.
+    pub fn local_graph(&self, me: PartyId) -> Graph {
+        Graph::local(
+            self.parties.len(),
+            self.neighbours as usize,
+            self.graph_seed,
+            me,
+        )
+    }
 }
 
 /// Signs a party's advertised keys with its long-term identity (a site's certificate key).
