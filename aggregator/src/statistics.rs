@@ -340,7 +340,14 @@ impl StudyRunner {
                     acc.compose_gaussian(1.0, z, u64::from(steps));
                     medfed_protocol::export::PrivacyCost {
                         mechanism: "gaussian-histograms".into(),
-                        clip_norm: spec.sensitivity(&booster.current()),
+                        // The largest of the steps' sensitivities (step 0's, a level's).
+                        clip_norm: query
+                            .step_sensitivity(Some(&QueryStep::Trees(Box::new(
+                                Booster::new(spec).current(),
+                            ))))
+                            .max(query.step_sensitivity(Some(&QueryStep::Trees(Box::new(
+                                booster.current(),
+                            ))))),
                         noise_multiplier: z,
                         rounds: steps,
                         epsilon: acc.epsilon(delta).0,

@@ -635,6 +635,16 @@ impl Node {
                 self.record_exact_release(&q.query_id, &q.dataset)?;
             }
             Some(z) => {
+                // Each step is charged anyway; the order is checked as for exact steps, so
+                // that the aggregator cannot go back to ask about the same rows again.
+                if let Some(step) = &sq.step
+                    && let Err(why) = self.answered_steps.admit(q, step)
+                {
+                    return refuse(
+                        ErrorCode::CannotServe,
+                        format!("query '{}': {why}", q.query_id),
+                    );
+                }
                 let charge = medfed_protocol::dp::Charge::Gaussian { z };
                 if sq.secure.is_some() {
                     // Charged when the masked input leaves (see `secure_step`).

@@ -380,9 +380,16 @@ impl StatsQuery {
         let Some(t) = &self.trees else {
             return Vec::new();
         };
-        let mut v = t.encode_with(step, rows, self.noise_multiplier.is_some());
-        v.push(left_out.rows as f64);
-        v.extend(left_out.per_column.iter().map(|n| *n as f64));
+        let private = self.noise_multiplier.is_some();
+        let mut v = t.encode_with(step, rows, private);
+        if private && step.level.is_some() {
+            // Under noise the rows left out are counted once, at step 0: zeros here cost
+            // nothing and leave the level's sensitivity to its histograms.
+            v.extend(std::iter::repeat_n(0.0, 1 + left_out.per_column.len()));
+        } else {
+            v.push(left_out.rows as f64);
+            v.extend(left_out.per_column.iter().map(|n| *n as f64));
+        }
         v
     }
 
@@ -552,7 +559,13 @@ impl StatsQuery {
     pub fn step_sensitivity(&self, step: Option<&crate::messages::QueryStep>) -> f64 {
         match (&self.trees, step) {
             (Some(t), Some(crate::messages::QueryStep::Trees(s))) => {
-                let left_out = (1 + self.missing_columns().len()) as f64;
+                // The rows left out are counted at step 0 only under noise (see
+                // `encode_trees`); exact steps carry them every time.
+                let left_out = if s.level.is_none() || self.noise_multiplier.is_none() {
+                    (1 + self.missing_columns().len()) as f64
+                } else {
+                    0.0
+                };
                 t.sensitivity(s).max(left_out.sqrt())
             }
             _ => self.sensitivity(),

@@ -34,6 +34,9 @@ pub const MAX_DEPTH: u8 = 8;
 pub const MAX_TREES: u32 = 1000;
 /// The most bins per feature.
 pub const MAX_BINS: u16 = 255;
+/// The largest leaf value grown from noisy sums (in log-odds, before the learning rate).
+pub const MAX_NOISY_LEAF: f64 = 5.0;
+
 /// The most numbers one step may ask of a site.
 pub const MAX_STEP_ENTRIES: u64 = 4_000_000;
 
@@ -699,10 +702,12 @@ impl Booster {
                 if level == 0 && !self.private {
                     self.losses.push(sum[1] / n);
                 }
+                // Hessians back from quarters; negative noisy values are handled where bins
+                // are added up, not bin by bin (which would bias the sums upwards).
                 let hist: Vec<f64> = if self.private {
                     sum[2..]
                         .chunks(3)
-                        .flat_map(|e| [e[0], (e[1] / 4.0).max(0.0), e[2].max(0.0)])
+                        .flat_map(|e| [e[0], e[1] / 4.0, e[2]])
                         .collect()
                 } else {
                     sum[2..].to_vec()
@@ -736,14 +741,24 @@ impl Booster {
             self.spec.min_child_weight,
             f64::from(self.spec.min_child_samples),
         );
+        // Noisy sums: a Hessian below 0 is taken as 0, and a leaf is kept within
+        // ±MAX_NOISY_LEAF (a tiny noisy Hessian would otherwise make it huge).
+        let private = self.private;
         let leaf = |g: f64, h: f64| {
-            if h + lambda > 0.0 {
+            let h = h.max(0.0);
+            let w = if h + lambda > 0.0 {
                 -g / (h + lambda)
             } else {
                 0.0
+            };
+            if private {
+                w.clamp(-MAX_NOISY_LEAF, MAX_NOISY_LEAF)
+            } else {
+                w
             }
         };
         let score = |g: f64, h: f64| {
+            let h = h.max(0.0);
             if h + lambda > 0.0 {
                 g * g / (h + lambda)
             } else {
@@ -757,16 +772,35 @@ impl Booster {
                 continue;
             }
             let bins = &hist[slot * per_node * 3..(slot + 1) * per_node * 3];
-            // The node's totals, from the first feature's bins.
-            let (mut g, mut h, mut n) = (0.0, 0.0, 0.0);
-            for b in 0..=cuts[0].len() {
-                g += bins[b * 3];
-                h += bins[b * 3 + 1];
-                n += bins[b * 3 + 2];
+            // Each feature's bins add up to the node's totals: exact sums give the same
+            // totals for every feature; noisy ones give independent estimates, whose mean is
+            // the node's (and each feature's split uses its own, so that left and right
+            // add up).
+            let mut totals = Vec::with_capacity(cuts.len());
+            let mut offset = 0;
+            for c in &cuts {
+                let (mut g, mut h, mut n) = (0.0, 0.0, 0.0);
+                for b in 0..=c.len() {
+                    let at = (offset + b) * 3;
+                    g += bins[at];
+                    h += bins[at + 1];
+                    n += bins[at + 2];
+                }
+                totals.push((g, h, n));
+                offset += c.len() + 1;
             }
+            let count = totals.len().max(1) as f64;
+            let (g, h, n) = if private {
+                totals.iter().fold((0.0, 0.0, 0.0), |a, t| {
+                    (a.0 + t.0 / count, a.1 + t.1 / count, a.2 + t.2 / count)
+                })
+            } else {
+                totals.first().copied().unwrap_or((0.0, 0.0, 0.0))
+            };
             let mut best: Option<Candidate> = None;
             let mut offset = 0;
             for (f, c) in cuts.iter().enumerate() {
+                let (g, h, n) = totals[f];
                 let (mut gl, mut hl, mut nl) = (0.0, 0.0, 0.0);
                 for (b, threshold) in c.iter().enumerate() {
                     let at = (offset + b) * 3;

@@ -80,8 +80,14 @@ impl Graph {
     }
 
     /// The same graph as [`Graph::new`], as party `me` needs it: its own neighbours and
-    /// theirs.
+    /// theirs. Asked about any other party, it says it has no neighbours.
     pub fn local(n: usize, k: usize, seed: u64, me: PartyId) -> Graph {
+        if me as usize >= n {
+            // Not a party: no neighbours (callers validate `me` first).
+            return Graph {
+                lists: Lists::Some(std::collections::BTreeMap::new()),
+            };
+        }
         let k = k.min(n.saturating_sub(1));
         let placed = placement(n, k, seed);
         let mine = list_of(me, n, k, placed.as_ref());
