@@ -208,6 +208,28 @@ fn summarise(v: &Verified) -> Report {
     r
 }
 
+/// The decisions as a table shows them: each distinct one once, in the order it first
+/// came, with how many times it came when more than once (an iterative query's hundreds
+/// of identical steps read as one line with their count).
+fn compact(decisions: &[String]) -> Vec<String> {
+    let mut seen: Vec<(&String, usize)> = Vec::new();
+    for d in decisions {
+        match seen.iter_mut().find(|(s, _)| *s == d) {
+            Some((_, n)) => *n += 1,
+            None => seen.push((d, 1)),
+        }
+    }
+    seen.into_iter()
+        .map(|(d, n)| {
+            if n > 1 {
+                format!("{d} (×{n})")
+            } else {
+                d.clone()
+            }
+        })
+        .collect()
+}
+
 fn iso_time(ms: u64) -> String {
     let secs = ms / 1000;
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
@@ -332,7 +354,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<()> {
                     s.messages_received,
                     s.bytes_received,
                     s.released,
-                    s.decisions.join("; ")
+                    compact(&s.decisions).join("; ")
                 );
             }
             for e in &r.errors {
@@ -352,5 +374,25 @@ mod tests {
         assert_eq!(iso_time(0), "1970-01-01T00:00:00.000Z");
         assert_eq!(iso_time(1_795_495_418_558), "2026-11-24T04:43:38.558Z");
         assert_eq!(iso_time(951_782_400_000), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn repeated_decisions_read_as_one_line_with_their_count() {
+        let d: Vec<String> = ["announced (hash ab)", "EXACT release", "accepted: x"]
+            .iter()
+            .cycle()
+            .take(9)
+            .map(|s| s.to_string())
+            .chain(["stopped".to_string()])
+            .collect();
+        assert_eq!(
+            compact(&d),
+            [
+                "announced (hash ab) (×3)",
+                "EXACT release (×3)",
+                "accepted: x (×3)",
+                "stopped"
+            ]
+        );
     }
 }
