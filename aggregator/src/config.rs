@@ -579,9 +579,19 @@ impl AggregatorConfig {
                     ));
                 }
             }
+            // The part of the query a problem is most likely in.
+            let part = if s.boosted_trees.is_some() {
+                "boosted_trees"
+            } else if s.cox.is_some() {
+                "cox"
+            } else if s.columns.is_empty() && s.survival.is_some() {
+                "survival"
+            } else {
+                "column"
+            };
             s.query()
                 .validate()
-                .map_err(|why| invalid(key("column"), why))?;
+                .map_err(|why| invalid(key(part), why))?;
             if s.min_sites == 0 || s.min_sites > self.sites.allow.len() {
                 return Err(invalid(
                     key("min_sites"),

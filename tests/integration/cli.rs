@@ -128,6 +128,68 @@ fn config_errors_name_the_file_and_the_key() {
 }
 
 #[test]
+fn survival_cox_and_trees_config_errors_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(&dir.path().join("pki"));
+    let cfg = dir.path().join("aggregator.toml");
+    let cfg_s = cfg.to_str().unwrap();
+    let stats = "[[statistics]]\nid = \"q\"\ndataset = \"lung\"\nmin_sites = 1\n";
+    let survival = "[statistics.survival]\ntime = \"time\"\nevent = \"status\"\n";
+    let trees = "[statistics.boosted_trees]\ntarget = \"y\"\nfeatures = [{ name = \"a\", low = 0, high = 1 }]\n";
+    for (rest, expected) in [
+        (
+            format!("{stats}{survival}start = 0\nend = 10\nstep = -1\n"),
+            vec!["`statistics[0].survival`", "step > 0"],
+        ),
+        (
+            format!("{stats}{survival}start = 0\nend = 10\nstep = 1\nedges = [0, 5, 10]\n"),
+            vec!["`statistics[0].survival`", "not both"],
+        ),
+        (
+            format!("{stats}{survival}edges = [0, 5, 5]\n"),
+            vec!["`statistics[0].survival`", "strictly rising"],
+        ),
+        (
+            format!("{stats}{survival}edges = [0, 10]\n[statistics.cox]\ncovariates = [\"age\"]\n"),
+            vec!["`statistics[0].cox`", "set exact = true"],
+        ),
+        (
+            format!("{stats}exact = true\n[statistics.cox]\ncovariates = [\"age\"]\n"),
+            vec!["`statistics[0].cox`", "needs [statistics.survival]"],
+        ),
+        (
+            // A numeric target (squared loss) under the default noise.
+            format!("{stats}{trees}"),
+            vec!["`statistics[0].boosted_trees`", "logistic loss"],
+        ),
+        (
+            format!("{stats}exact = true\n{trees}depth = 0\n"),
+            vec!["`statistics[0].boosted_trees`", "depth must be 1 to 8"],
+        ),
+    ] {
+        std::fs::write(&cfg, format!("{AGG}{rest}")).unwrap();
+        let mut want = vec![cfg_s];
+        want.extend(expected);
+        fails_with(&["aggregator", "run", "--config", cfg_s], &want);
+    }
+}
+
+#[test]
+fn statistics_show_names_a_file_it_cannot_read() {
+    let dir = tempfile::tempdir().unwrap();
+    fails_with(
+        &["aggregator", "statistics", "show", "/nonexistent/q.json"],
+        &["cannot read the statistics file /nonexistent/q.json"],
+    );
+    let other = dir.path().join("model.json");
+    std::fs::write(&other, "{\"format\": \"medfed-model/2\"}").unwrap();
+    fails_with(
+        &["aggregator", "statistics", "show", other.to_str().unwrap()],
+        &["model.json is not a statistics release"],
+    );
+}
+
+#[test]
 fn pki_errors_say_what_to_do() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_str().unwrap();
