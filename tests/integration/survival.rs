@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::common::{Processes, all_succeed, free_udp_port, ok, pki, spawn_aggregator, spawn_node};
+use crate::common::{all_succeed, audit_report, fixture_federation, ok};
 
 const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
 
@@ -50,35 +50,12 @@ fn released(d: &Path, id: &str) -> serde_json::Value {
 fn federated_kaplan_meier_equals_the_pooled_curve() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    pki(d, &SITES);
-    let port = free_udp_port();
-    for site in SITES {
-        std::fs::copy(
-            fixture(&format!("{site}.csv")),
-            d.join(format!("{site}.csv")),
-        )
-        .unwrap();
-        std::fs::write(d.join(format!("{site}.toml")), node_config(site, port)).unwrap();
-    }
     let studies = format!(
         "{}{}",
         km("lung-exact", 1, "exact = true\n"),
         km("lung-dp", 30, "noise_multiplier = 1.5\n")
     );
-    let agg = d.join("aggregator.toml");
-    std::fs::write(
-        &agg,
-        crate::common::aggregator_config(port, Some("out"), &SITES, &studies),
-    )
-    .unwrap();
-    let nodes: Vec<_> = SITES.iter().map(|s| d.join(format!("{s}.toml"))).collect();
-    crate::common::approve_exact_queries(&agg, &nodes);
-    let mut procs = Processes(vec![spawn_aggregator(d, "aggregator", &agg)]);
-    for site in SITES {
-        procs
-            .0
-            .push(spawn_node(d, site, &d.join(format!("{site}.toml"))));
-    }
+    let mut procs = fixture_federation(d, &SITES, "lung", node_config, &studies);
     all_succeed(d, &mut procs, Duration::from_secs(180));
 
     let reference: serde_json::Value =
@@ -212,21 +189,10 @@ fn federated_kaplan_meier_equals_the_pooled_curve() {
     }
 
     // Both releases are in the aggregator's compliance log.
-    let (alog, akey) = (
-        d.join("audit/compliance.log"),
-        d.join("audit/signing.key.pub"),
+    let report = audit_report(
+        &d.join("audit/compliance.log"),
+        &d.join("audit/signing.key.pub"),
     );
-    let report = ok(&[
-        "audit",
-        "report",
-        "--log",
-        alog.to_str().unwrap(),
-        "--key",
-        akey.to_str().unwrap(),
-        "--format",
-        "json",
-    ]);
-    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     for id in ["lung-exact", "lung-dp"] {
         assert_eq!(report["studies"][id]["released"], 1, "{report}");
     }
@@ -270,35 +236,13 @@ fn federated_kaplan_meier_equals_the_pooled_curve() {
 fn a_federated_cox_model_equals_the_pooled_site_stratified_fit() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    pki(d, &SITES);
-    let port = free_udp_port();
-    for site in SITES {
-        std::fs::copy(
-            fixture(&format!("{site}.csv")),
-            d.join(format!("{site}.csv")),
-        )
-        .unwrap();
-        let config = node_config(site, port).replace("\"age\"]", "\"age\", \"ph.ecog\"]");
-        std::fs::write(d.join(format!("{site}.toml")), config).unwrap();
-    }
     let study = "[[statistics]]\nid = \"lung-cox\"\ndataset = \"lung\"\nexact = true\nmin_sites = 3\n\
         wait_for_sites_secs = 60\n\
         [statistics.survival]\ntime = \"time\"\nevent = \"status\"\nstart = 0\nend = 1100\nstep = 1\n\
         [statistics.cox]\ncovariates = [\"age\", \"sex\", \"ph.ecog\"]\n";
-    let agg = d.join("aggregator.toml");
-    std::fs::write(
-        &agg,
-        crate::common::aggregator_config(port, Some("out"), &SITES, study),
-    )
-    .unwrap();
-    let nodes: Vec<_> = SITES.iter().map(|s| d.join(format!("{s}.toml"))).collect();
-    crate::common::approve_exact_queries(&agg, &nodes);
-    let mut procs = Processes(vec![spawn_aggregator(d, "aggregator", &agg)]);
-    for site in SITES {
-        procs
-            .0
-            .push(spawn_node(d, site, &d.join(format!("{site}.toml"))));
-    }
+    let with_ecog =
+        |site: &str, port| node_config(site, port).replace("\"age\"]", "\"age\", \"ph.ecog\"]");
+    let mut procs = fixture_federation(d, &SITES, "lung", with_ecog, study);
     all_succeed(d, &mut procs, Duration::from_secs(180));
 
     let reference: serde_json::Value =
@@ -344,21 +288,10 @@ fn a_federated_cox_model_equals_the_pooled_site_stratified_fit() {
     // Each iteration was a secure round; the release is in the compliance log.
     let iterations = fit["iterations"].as_u64().unwrap();
     assert!((3..=10).contains(&iterations), "{iterations}");
-    let (alog, akey) = (
-        d.join("audit/compliance.log"),
-        d.join("audit/signing.key.pub"),
+    let report = audit_report(
+        &d.join("audit/compliance.log"),
+        &d.join("audit/signing.key.pub"),
     );
-    let report = ok(&[
-        "audit",
-        "report",
-        "--log",
-        alog.to_str().unwrap(),
-        "--key",
-        akey.to_str().unwrap(),
-        "--format",
-        "json",
-    ]);
-    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(report["studies"]["lung-cox"]["released"], 1, "{report}");
     let shown = ok(&[
         "aggregator",
@@ -370,4 +303,46 @@ fn a_federated_cox_model_equals_the_pooled_site_stratified_fit() {
         shown.contains("ph.ecog") && shown.contains("concordance 0.6361"),
         "{shown}"
     );
+}
+
+/// An attacker's pair of exact survival queries: every patient, then every patient but the
+/// one aged 82. The difference of the two curves would be that patient's follow-up time and
+/// outcome; the site holding them declines the second, in words that do not depend on its
+/// data, so nothing of it is released.
+#[test]
+fn two_exact_curves_one_patient_apart_are_not_both_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let studies = format!(
+        "{}{}",
+        km("everyone", 30, "exact = true\n"),
+        km(
+            "everyone-but-one",
+            30,
+            "exact = true\ntimeout_secs = 10\ncohort = [{ column = \"age\", op = \"!=\", value = 82 }]\n"
+        )
+    );
+    let mut procs = fixture_federation(d, &SITES, "lung", node_config, &studies);
+    let status = crate::common::wait(&mut procs.0[0].1, Duration::from_secs(120));
+    let agg_log = crate::common::log(d, "aggregator");
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the second query must fail:\n{agg_log}"
+    );
+    assert!(d.join("out/statistics/everyone.json").exists());
+    assert!(!d.join("out/statistics/everyone-but-one.json").exists());
+    assert!(
+        agg_log.contains("this site's policy does not serve this query"),
+        "{agg_log}"
+    );
+    assert!(!agg_log.contains("differencing"), "{agg_log}");
+    let declined = SITES
+        .iter()
+        .filter(|s| {
+            crate::common::log(d, s).contains(
+                "differencing protection: its cohort differs from that of query 'everyone' by 1 patient(s)",
+            )
+        })
+        .count();
+    assert_eq!(declined, 1, "exactly the site holding the patient declines");
 }

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::common::{Processes, all_succeed, free_udp_port, ok, pki, spawn_aggregator, spawn_node};
+use crate::common::{all_succeed, audit_report, fixture_federation, ok};
 
 const SITES: [&str; 3] = ["site-a", "site-b", "site-c"];
 
@@ -29,34 +29,9 @@ fn node_config(site: &str, port: u16, columns: &[String]) -> String {
     )
 }
 
-#[test]
-fn federated_boosted_trees_match_a_centralized_histogram_gbdt() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let reference: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture("reference.json")).unwrap()).unwrap();
-    let features = reference["features"].as_array().unwrap();
-    let mut columns: Vec<String> = features
-        .iter()
-        .map(|f| f["name"].as_str().unwrap().to_string())
-        .collect();
-    columns.push("diagnosis".into());
-    pki(d, &SITES);
-    let port = free_udp_port();
-    for site in SITES {
-        std::fs::copy(
-            fixture(&format!("{site}.csv")),
-            d.join(format!("{site}.csv")),
-        )
-        .unwrap();
-        std::fs::write(
-            d.join(format!("{site}.toml")),
-            node_config(site, port, &columns),
-        )
-        .unwrap();
-    }
-    let s = &reference["settings"];
-    let bounds: Vec<String> = features
+/// The features' `{ name, low, high }` as a TOML array's items.
+fn bounds(features: &[&serde_json::Value]) -> String {
+    let items: Vec<String> = features
         .iter()
         .map(|f| {
             format!(
@@ -67,6 +42,24 @@ fn federated_boosted_trees_match_a_centralized_histogram_gbdt() {
             )
         })
         .collect();
+    items.join(", ")
+}
+
+#[test]
+fn federated_boosted_trees_match_a_centralized_histogram_gbdt() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("reference.json")).unwrap()).unwrap();
+    let features: Vec<&serde_json::Value> =
+        reference["features"].as_array().unwrap().iter().collect();
+    let mut columns: Vec<String> = features
+        .iter()
+        .map(|f| f["name"].as_str().unwrap().to_string())
+        .collect();
+    columns.push("diagnosis".into());
+    let s = &reference["settings"];
+    let bounds = bounds(&features);
     let study = format!(
         "[[statistics]]\nid = \"wdbc-trees\"\ndataset = \"wdbc\"\nexact = true\nmin_sites = 3\nwait_for_sites_secs = 60\n\
          [statistics.boosted_trees]\ntarget = \"diagnosis\"\npositive_class = \"malignant\"\n\
@@ -78,22 +71,15 @@ fn federated_boosted_trees_match_a_centralized_histogram_gbdt() {
         s["max_bins"],
         s["l2"],
         s["min_child_samples"],
-        bounds.join(", ")
+        bounds
     );
-    let agg = d.join("aggregator.toml");
-    std::fs::write(
-        &agg,
-        crate::common::aggregator_config(port, Some("out"), &SITES, &study),
-    )
-    .unwrap();
-    let nodes: Vec<_> = SITES.iter().map(|s| d.join(format!("{s}.toml"))).collect();
-    crate::common::approve_exact_queries(&agg, &nodes);
-    let mut procs = Processes(vec![spawn_aggregator(d, "aggregator", &agg)]);
-    for site in SITES {
-        procs
-            .0
-            .push(spawn_node(d, site, &d.join(format!("{site}.toml"))));
-    }
+    let mut procs = fixture_federation(
+        d,
+        &SITES,
+        "breast_cancer",
+        |site, port| node_config(site, port, &columns),
+        &study,
+    );
     all_succeed(d, &mut procs, Duration::from_secs(300));
 
     let model = d.join("out/models/wdbc-trees/final.json");
@@ -133,36 +119,14 @@ fn federated_boosted_trees_match_a_centralized_histogram_gbdt() {
         trees["steps"],
         per_site * 8 / s["trees"].as_u64().unwrap()
     );
-    let (alog, akey) = (
-        d.join("audit/compliance.log"),
-        d.join("audit/signing.key.pub"),
+    let report = audit_report(
+        &d.join("audit/compliance.log"),
+        &d.join("audit/signing.key.pub"),
     );
-    let report = ok(&[
-        "audit",
-        "report",
-        "--log",
-        alog.to_str().unwrap(),
-        "--key",
-        akey.to_str().unwrap(),
-        "--format",
-        "json",
-    ]);
-    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
     assert_eq!(report["studies"]["wdbc-trees"]["released"], 2, "{report}");
     // Each site logged every step as an exact release.
-    let site_log = d.join("site-a-audit.log");
-    let site_key = d.join("site-a-audit.key.pub");
-    let site = ok(&[
-        "audit",
-        "report",
-        "--log",
-        site_log.to_str().unwrap(),
-        "--key",
-        site_key.to_str().unwrap(),
-        "--format",
-        "json",
-    ]);
-    assert!(site.contains("wdbc-trees"), "{site}");
+    let site = audit_report(&d.join("site-a-audit.log"), &d.join("site-a-audit.key.pub"));
+    assert!(site["studies"]["wdbc-trees"].is_object(), "{site}");
 
     // And it scores the raw file, row by row.
     let scores = d.join("scores.csv");
@@ -208,50 +172,19 @@ fn boosted_trees_with_differential_privacy_charge_every_level() {
         .collect();
     let mut columns: Vec<String> = chosen.iter().map(|c| c.to_string()).collect();
     columns.push("diagnosis".into());
-    pki(d, &SITES);
-    let port = free_udp_port();
-    for site in SITES {
-        std::fs::copy(
-            fixture(&format!("{site}.csv")),
-            d.join(format!("{site}.csv")),
-        )
-        .unwrap();
-        // The default policy: no exact releases.
-        let config =
-            node_config(site, port, &columns).replace("exact_releases = [\"statistics\"]\n", "");
-        std::fs::write(d.join(format!("{site}.toml")), config).unwrap();
-    }
-    let bounds: Vec<String> = features
-        .iter()
-        .map(|f| {
-            format!(
-                "{{ name = {:?}, low = {}, high = {} }}",
-                f["name"].as_str().unwrap(),
-                f["low"],
-                f["high"]
-            )
-        })
-        .collect();
+    let bounds = bounds(&features);
     // 1 + 3 trees × 2 levels = 7 Gaussian releases at z = 4: ε ≈ 3.7 at δ = 10⁻⁶, within a
     // hospital's default 5 per study.
     let study = format!(
         "[[statistics]]\nid = \"wdbc-dp-trees\"\ndataset = \"wdbc\"\nnoise_multiplier = 4\nmin_sites = 3\n\
          wait_for_sites_secs = 60\n[statistics.boosted_trees]\ntarget = \"diagnosis\"\npositive_class = \"malignant\"\n\
-         trees = 3\ndepth = 2\nlearning_rate = 0.3\nmax_bins = 8\nfeatures = [{}]\n",
-        bounds.join(", ")
+         trees = 3\ndepth = 2\nlearning_rate = 0.3\nmax_bins = 8\nfeatures = [{bounds}]\n"
     );
-    let agg = d.join("aggregator.toml");
-    std::fs::write(
-        &agg,
-        crate::common::aggregator_config(port, Some("out"), &SITES, &study),
-    )
-    .unwrap();
-    let mut procs = Processes(vec![spawn_aggregator(d, "aggregator", &agg)]);
-    for site in SITES {
-        procs
-            .0
-            .push(spawn_node(d, site, &d.join(format!("{site}.toml"))));
-    }
+    // The default policy: no exact releases.
+    let default_policy = |site: &str, port| {
+        node_config(site, port, &columns).replace("exact_releases = [\"statistics\"]\n", "")
+    };
+    let mut procs = fixture_federation(d, &SITES, "breast_cancer", default_policy, &study);
     all_succeed(d, &mut procs, Duration::from_secs(300));
 
     let model: serde_json::Value = serde_json::from_str(

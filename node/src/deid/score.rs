@@ -277,13 +277,7 @@ impl StreamTask for Score {
         out: &mut MessageCollector,
         coord: &mut TaskCoordinator,
     ) -> Result<(), TaskError> {
-        match Record::decode(&env.payload) {
-            Ok(record) => self.process_record(env, record, state, out, coord),
-            Err(_) => {
-                out.send(NEXT, env.payload.clone());
-                Ok(())
-            }
-        }
+        crate::runtime::process_or_pass_on(self, env, state, out, coord)
     }
 
     fn process_record(

@@ -402,6 +402,25 @@ impl StreamTask for Chain {
     }
 }
 
+/// `process` for a task that reads records and leaves others alone (it is not their
+/// reader): a record is handed to `process_record`, any other payload passed on to
+/// [`NEXT`] unchanged.
+pub fn process_or_pass_on<T: StreamTask + ?Sized>(
+    task: &mut T,
+    env: &Envelope,
+    state: &mut KvState,
+    out: &mut MessageCollector,
+    coord: &mut TaskCoordinator,
+) -> Result<(), TaskError> {
+    match Record::decode(&env.payload) {
+        Ok(record) => task.process_record(env, record, state, out, coord),
+        Err(_) => {
+            out.send(NEXT, env.payload.clone());
+            Ok(())
+        }
+    }
+}
+
 /// `process` for a task that reads records: the envelope's payload read as a record
 /// ([`Record::encode`]'s form) and handed to `process_record`; a payload that is not one
 /// goes to the dead letters with the reason.

@@ -435,3 +435,56 @@ pub fn spent(d: &Path, site: &str, study: &str) -> serde_json::Value {
         .and_then(|s| s.iter().find(|s| s["study"] == study).cloned())
         .unwrap_or(serde_json::Value::Null)
 }
+
+/// A federation of `sites` set up in `d` from `tests/fixtures/<fixtures>/`, started (the
+/// aggregator first): each site's rows (`<site>.csv`, copied beside its config) and node
+/// config `node(site, port)`, dialling a free port; the aggregator runs `rest` (after its
+/// listen address, TLS and allow-list, writing to `out/`); each site's operator has
+/// approved its exact `[[statistics]]` queries one by one.
+pub fn fixture_federation(
+    d: &Path,
+    sites: &[&str],
+    fixtures: &str,
+    node: impl Fn(&str, u16) -> String,
+    rest: &str,
+) -> Processes {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(fixtures);
+    pki(d, sites);
+    let port = free_udp_port();
+    let mut nodes = Vec::new();
+    for site in sites {
+        std::fs::copy(
+            from.join(format!("{site}.csv")),
+            d.join(format!("{site}.csv")),
+        )
+        .unwrap();
+        let config = d.join(format!("{site}.toml"));
+        std::fs::write(&config, node(site, port)).unwrap();
+        nodes.push(config);
+    }
+    let agg = d.join("aggregator.toml");
+    std::fs::write(&agg, aggregator_config(port, Some("out"), sites, rest)).unwrap();
+    approve_exact_queries(&agg, &nodes);
+    let mut procs = Processes(vec![spawn_aggregator(d, "aggregator", &agg)]);
+    for (site, config) in sites.iter().zip(&nodes) {
+        procs.0.push(spawn_node(d, site, config));
+    }
+    procs
+}
+
+/// `medfed audit report --format json` of the compliance log `log`, verified with `key`.
+pub fn audit_report(log: &Path, key: &Path) -> serde_json::Value {
+    serde_json::from_str(&ok(&[
+        "audit",
+        "report",
+        "--log",
+        log.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--format",
+        "json",
+    ]))
+    .unwrap()
+}
