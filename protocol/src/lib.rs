@@ -26,6 +26,7 @@
 //! - [`update_vector`]: what a node feeds into secure aggregation in a training round.
 //! - [`metrics`]: exact metrics and the combinable per-site evaluation summary.
 //! - [`export`]: the JSON layout of an exported global model.
+//! - [`lease`]: the leadership lease of highly available aggregators.
 
 pub mod audit;
 pub mod codec;
@@ -34,6 +35,7 @@ pub mod dp;
 pub mod export;
 pub mod fedstats;
 pub mod hex;
+pub mod lease;
 pub mod linalg;
 pub mod messages;
 pub mod metrics;
