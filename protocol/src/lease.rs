@@ -436,7 +436,7 @@ mod tests {
                             *l = Lease::new(TIMING);
                             None
                         }
-                        Role::Standby | Role::Active => None,
+                        Role::Active => None,
                     };
                     if let Some(kind) = kind {
                         in_flight.push(Write {
