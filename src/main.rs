@@ -536,14 +536,22 @@ fn run_aggregator(config: PathBuf) -> anyhow::Result<()> {
     };
     let cfg = medfed_aggregator::config::AggregatorConfig::load(&config)?;
     rt.block_on(async move {
-        let aggregator = medfed_aggregator::Aggregator::bind(cfg)?;
-        tracing::info!(addr = %aggregator.local_addr()?, "aggregator listening");
-        let handle = aggregator.handle();
-        tokio::spawn(async move {
-            stop.await;
-            tracing::info!("stop signal received; shutting down");
-            handle.shutdown("the aggregator is shutting down");
-        });
+        // The stop signal reaches whichever run is current ([ha]: an instance that lost its
+        // lease starts again as a standby).
+        let current: std::sync::Arc<std::sync::Mutex<Option<medfed_aggregator::AggregatorHandle>>> =
+            std::sync::Arc::default();
+        let stopped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        {
+            let (current, stopped) = (current.clone(), stopped.clone());
+            tokio::spawn(async move {
+                stop.await;
+                tracing::info!("stop signal received; shutting down");
+                stopped.store(true, std::sync::atomic::Ordering::SeqCst);
+                if let Some(h) = &*current.lock().unwrap_or_else(|p| p.into_inner()) {
+                    h.shutdown("the aggregator is shutting down");
+                }
+            });
+        }
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let printer = tokio::spawn(async move {
             let mut table = report::RoundTable::new();
@@ -553,7 +561,25 @@ fn run_aggregator(config: PathBuf) -> anyhow::Result<()> {
                 }
             }
         });
-        let outcomes = aggregator.run(Some(tx)).await?;
+        let outcomes = loop {
+            let aggregator = medfed_aggregator::Aggregator::bind(cfg.clone())?;
+            tracing::info!(addr = %aggregator.local_addr()?, "aggregator listening");
+            *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(aggregator.handle());
+            if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                aggregator
+                    .handle()
+                    .shutdown("the aggregator is shutting down");
+            }
+            match aggregator.run(Some(tx.clone())).await {
+                Err(medfed_aggregator::AggregatorError::SteppedDown(reason))
+                    if !stopped.load(std::sync::atomic::Ordering::SeqCst) =>
+                {
+                    tracing::warn!("{reason}; starting again as a standby");
+                }
+                other => break other?,
+            }
+        };
+        drop(tx);
         let _ = printer.await;
         let mut partial = Vec::new();
         for o in outcomes {

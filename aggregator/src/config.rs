@@ -56,9 +56,115 @@ pub struct AggregatorConfig {
     /// Statistics studies (`[[statistics]]`): descriptive statistics of a cohort.
     #[serde(default, rename = "statistics")]
     pub statistics: Vec<StatisticsConfig>,
+    /// High availability (`[ha]`): this is one of several instances sharing their state in
+    /// a NATS JetStream bucket, active while it holds the lease. Absent: a single
+    /// aggregator with its local store (`[state]`), no NATS needed.
+    #[serde(default)]
+    pub ha: Option<HaConfig>,
     /// SHA-256 of the file this was loaded from (for the compliance log).
     #[serde(skip)]
     pub config_sha256: String,
+}
+
+/// `[ha]`: one instance of a highly available aggregator (docs/high-availability.md).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaConfig {
+    /// The NATS servers of the JetStream cluster (`nats://host:4222`, several for a cluster).
+    pub nats: Vec<String>,
+    /// The key-value bucket the instances share (created with `replicas` if missing).
+    #[serde(default = "default_bucket")]
+    pub bucket: String,
+    /// This instance's name, different on each instance (in the lease and the logs).
+    pub instance: String,
+    /// The `host:port` nodes dial to reach this instance (a standby tells nodes the
+    /// active one's).
+    pub advertise: String,
+    /// How long the lease holds without renewal, in milliseconds: a failover takes about
+    /// this long. At least 1,000.
+    #[serde(default = "default_lease_ms")]
+    pub lease_ms: u64,
+    /// Replicas of the bucket (3 for a 3-server cluster, which then survives losing one).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// A NATS credentials file (`.creds`), if the servers require one (relative to this file).
+    #[serde(default)]
+    pub credentials: Option<PathBuf>,
+}
+
+fn default_bucket() -> String {
+    "medfed".into()
+}
+fn default_lease_ms() -> u64 {
+    10_000
+}
+fn default_replicas() -> usize {
+    3
+}
+
+impl HaConfig {
+    /// Checks the section; the problem, named by its key.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let token = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if self.nats.is_empty() {
+            return Err((
+                "ha.nats".into(),
+                "lists no NATS server (e.g. [\"nats://10.0.0.5:4222\"])".into(),
+            ));
+        }
+        for url in &self.nats {
+            if let Err(e) = url.parse::<async_nats::ServerAddr>() {
+                return Err((
+                    "ha.nats".into(),
+                    format!("{url:?} is not a NATS server URL ({e}), as in nats://10.0.0.5:4222"),
+                ));
+            }
+        }
+        if !token(&self.bucket) {
+            return Err((
+                "ha.bucket".into(),
+                format!(
+                    "{:?} may hold only letters, digits, '-' and '_'",
+                    self.bucket
+                ),
+            ));
+        }
+        if !token(&self.instance) {
+            return Err((
+                "ha.instance".into(),
+                format!(
+                    "{:?} may hold only letters, digits, '-' and '_'",
+                    self.instance
+                ),
+            ));
+        }
+        if !self.advertise.contains(':') {
+            return Err((
+                "ha.advertise".into(),
+                format!(
+                    "{:?} needs a port, as in host:4433 (the address nodes dial)",
+                    self.advertise
+                ),
+            ));
+        }
+        if !(1_000..=600_000).contains(&self.lease_ms) {
+            return Err((
+                "ha.lease_ms".into(),
+                format!("{} is outside 1000..=600000 (milliseconds)", self.lease_ms),
+            ));
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return Err((
+                "ha.replicas".into(),
+                format!("{} is outside 1..=5 (JetStream's limit)", self.replicas),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `[state]`: the aggregator's durable state.
@@ -513,6 +619,11 @@ impl AggregatorConfig {
         cfg.out_dir = resolve(path, &cfg.out_dir);
         cfg.state.dir = resolve(path, &cfg.state.dir);
         cfg.studies_dir.dir = resolve(path, &cfg.studies_dir.dir);
+        if let Some(ha) = &mut cfg.ha
+            && let Some(creds) = &ha.credentials
+        {
+            ha.credentials = Some(resolve(path, creds));
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -541,6 +652,9 @@ impl AggregatorConfig {
         for site in &self.sites.allow {
             medfed_infra::pki::validate_site_name(site)
                 .map_err(|e| invalid("sites.allow".into(), e.to_string()))?;
+        }
+        if let Some(ha) = &self.ha {
+            ha.validate().map_err(|(key, why)| invalid(key, why))?;
         }
         let mut ids = BTreeSet::new();
         for (i, s) in self.statistics.iter().enumerate() {

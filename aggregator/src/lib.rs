@@ -20,6 +20,7 @@
 pub mod at_rest;
 mod checkpoint;
 pub mod config;
+pub mod ha;
 pub mod ops;
 mod release;
 mod secure_round;
@@ -159,6 +160,14 @@ pub enum AggregatorError {
     /// A file or directory of the aggregator's state is open to other users.
     #[error("{0} (the aggregator does not start until then)")]
     Private(#[from] medfed_infra::files::NotPrivate),
+    /// `[ha]`: NATS or the bucket could not be reached.
+    #[error(transparent)]
+    Ha(#[from] ha::HaError),
+    /// `[ha]`: this instance held the lease and lost it (a pause longer than the lease, NATS
+    /// unreachable, or another instance took over); it stopped acting. Start it again to
+    /// make it a standby.
+    #[error("{0}")]
+    SteppedDown(String),
 }
 
 /// A bound aggregator, ready to [`run`](Aggregator::run).
@@ -172,6 +181,8 @@ pub struct Aggregator {
     endpoint: quinn::Endpoint,
     registry: Arc<Registry>,
     stop: Arc<watch::Sender<Option<String>>>,
+    /// `[ha]`: the lease, and the bucket the store is kept in.
+    ha: Option<ha::Ha>,
 }
 
 /// How one study's run ended.
@@ -233,25 +244,32 @@ impl Aggregator {
             }
             None => None,
         };
-        medfed_infra::files::create_private_dir(&config.state.dir).map_err(|e| {
-            std::io::Error::new(
-                e.kind(),
-                format!(
-                    "cannot create the state directory {}: {e}",
-                    config.state.dir.display()
-                ),
-            )
-        })?;
-        let store: Arc<dyn medfed_infra::store::Store> = Arc::from(
-            medfed_infra::store::open(
-                config.state.backend,
-                &config
-                    .state
-                    .dir
-                    .join(format!("{}.db", config.state.backend.name())),
-            )
-            .map_err(|e| std::io::Error::other(e.to_string()))?,
-        );
+        // With [ha] the state is in the NATS bucket, shared by the instances.
+        let ha = config.ha.as_ref().map(ha::Ha::start).transpose()?;
+        let store: Arc<dyn medfed_infra::store::Store> = match &ha {
+            Some(ha) => ha.store(),
+            None => {
+                medfed_infra::files::create_private_dir(&config.state.dir).map_err(|e| {
+                    std::io::Error::new(
+                        e.kind(),
+                        format!(
+                            "cannot create the state directory {}: {e}",
+                            config.state.dir.display()
+                        ),
+                    )
+                })?;
+                Arc::from(
+                    medfed_infra::store::open(
+                        config.state.backend,
+                        &config
+                            .state
+                            .dir
+                            .join(format!("{}.db", config.state.backend.name())),
+                    )
+                    .map_err(|e| std::io::Error::other(e.to_string()))?,
+                )
+            }
+        };
         Ok(Aggregator {
             config,
             store,
@@ -260,6 +278,7 @@ impl Aggregator {
             endpoint,
             registry: Arc::default(),
             stop: Arc::new(watch::channel(None).0),
+            ha,
         })
     }
 
@@ -298,6 +317,7 @@ impl Aggregator {
             store: self.store.clone(),
             stop_file: self.config.studies_dir.stop_file(&cfg.id),
             allow: Arc::new(self.config.sites.allow.iter().cloned().collect()),
+            ha: self.ha.clone(),
         }
     }
 
@@ -423,6 +443,7 @@ impl Aggregator {
             events: events.clone(),
             audit: self.audit.clone(),
             pending: std::sync::Mutex::default(),
+            ha: self.ha.clone(),
         });
         let accept = tokio::spawn(server.accept_loop());
         let mut stop = self.stop.subscribe();
@@ -430,6 +451,37 @@ impl Aggregator {
         let mut outcomes = Vec::new();
         let mut result = Ok(());
         let mut interrupted = false;
+        // [ha]: a standby answers nodes "not active" until the lease is its; once active,
+        // losing the lease stops everything at once.
+        let mut stepped_down: Option<watch::Receiver<ha::HaStatus>> = None;
+        if let Some(ha) = &self.ha {
+            let mut status = ha.status();
+            tracing::info!(
+                "[ha] standby: waiting for the lease (nodes are told to use the active instance)"
+            );
+            tokio::select! {
+                _ = status.wait_for(|s| !matches!(s, ha::HaStatus::Standby { .. })) => {}
+                _ = stop.wait_for(Option::is_some) => interrupted = true,
+            }
+            if !interrupted {
+                let stop = self.stop.clone();
+                let mut watch = status.clone();
+                tokio::spawn(async move {
+                    if let Ok(s) = watch
+                        .wait_for(|s| matches!(s, ha::HaStatus::SteppedDown { .. }))
+                        .await
+                        && let ha::HaStatus::SteppedDown { reason } = &*s
+                    {
+                        stop.send_replace(Some(reason.clone()));
+                    }
+                });
+                if let ha::HaStatus::SteppedDown { reason } = &*status.borrow() {
+                    self.stop.send_replace(Some(reason.clone()));
+                    interrupted = true;
+                }
+                stepped_down = Some(status);
+            }
+        }
         let mut finished = 0usize;
         let keep_serving = self.config.studies_dir.keep_serving;
         // Studies that failed for too few sites, to announce again (keep_serving only).
@@ -442,6 +494,9 @@ impl Aggregator {
             )
         };
         for cfg in &self.config.studies {
+            if interrupted {
+                break;
+            }
             match self
                 .run_study(cfg, events.as_ref(), &roots, allow.len(), &mut stop)
                 .await
@@ -627,7 +682,13 @@ impl Aggregator {
                 StudyEnd::Interrupted => interrupted = true,
             }
         }
-        let (code, reason) = if result.is_ok() && !interrupted && finished + released > 0 {
+        let lost = stepped_down.as_ref().and_then(|s| match &*s.borrow() {
+            ha::HaStatus::SteppedDown { reason } => Some(reason.clone()),
+            _ => None,
+        });
+        let (code, reason) = if let Some(reason) = &lost {
+            (ErrorCode::NotActive, reason.clone())
+        } else if result.is_ok() && !interrupted && finished + released > 0 {
             (
                 ErrorCode::StudiesComplete,
                 "all studies complete".to_string(),
@@ -655,6 +716,9 @@ impl Aggregator {
         drop(events);
         let _ = forward.await;
         self.audit.close(&reason).map_err(AggregatorError::Io)?;
+        if let Some(reason) = lost {
+            return Err(AggregatorError::SteppedDown(reason));
+        }
         result?;
         Ok(outcomes)
     }

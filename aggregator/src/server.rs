@@ -89,6 +89,8 @@ pub(crate) struct Server {
     pub audit: Arc<medfed_infra::auditlog::AuditLog>,
     /// Connections per site still waiting for their hello.
     pub pending: Mutex<HashMap<String, usize>>,
+    /// `[ha]`: sites are let in only while this instance holds the lease.
+    pub ha: Option<crate::ha::Ha>,
 }
 
 /// One pending connection of a site, counted while it lives.
@@ -281,6 +283,18 @@ impl Server {
         }
         let msg = msg.map(|r| r.map(|(m, _)| m));
         let (code, reason) = match msg {
+            Ok(Ok(Message::Hello(_))) if self.ha.as_ref().is_some_and(|ha| !ha.is_active()) => {
+                let reason = self
+                    .ha
+                    .as_ref()
+                    .map(crate::ha::Ha::refusal)
+                    .unwrap_or_default();
+                // Not an error: nodes try every instance until they find the active one.
+                tracing::debug!(%site, "{reason}");
+                reply_error(&mut send, ErrorCode::NotActive, &reason, self.max_frame).await;
+                transport::close(conn, ErrorCode::NotActive, &reason);
+                return None;
+            }
             Ok(Ok(Message::Hello(hello))) if hello.site == site => {
                 let welcome = Message::Welcome(Welcome {
                     aggregator: self.name.clone(),

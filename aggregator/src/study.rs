@@ -176,6 +176,8 @@ pub(crate) struct StudyRunner {
     pub stop_file: PathBuf,
     /// The sites the study is for (the aggregator's allow list).
     pub allow: Arc<std::collections::BTreeSet<String>>,
+    /// `[ha]`: nothing is sent, written or released unless this instance holds the lease.
+    pub ha: Option<crate::ha::Ha>,
 }
 
 /// A site asked a statistics query (no training rows are declared: each counts 1 in the
@@ -417,6 +419,19 @@ impl StudyRunner {
         tasks: &mut JoinSet<Answered>,
     ) -> Result<(), StudyError> {
         let study = &self.cfg.id;
+        let acts = matches!(
+            command,
+            Command::Request { .. }
+                | Command::Notify { .. }
+                | Command::Checkpoint(_)
+                | Command::Release { .. }
+        );
+        if acts && self.ha.as_ref().is_some_and(|ha| !ha.is_active()) {
+            // The run loop stops the study (the lease's loss stops the aggregator); the
+            // instance now active repeats the round from its checkpoint.
+            warn!(study = %study, "[ha] not carried out: this instance no longer holds the lease");
+            return Ok(());
+        }
         match command {
             Command::Request {
                 id,

@@ -363,9 +363,13 @@ impl Node {
     }
 
     async fn resolve(&self) -> Result<SocketAddr, NodeError> {
-        let address = &self.config.aggregator.address;
+        self.resolve_address(&self.config.aggregator.address).await
+    }
+
+    /// The socket address of the aggregator instance at `address` (`host:port`).
+    async fn resolve_address(&self, address: &str) -> Result<SocketAddr, NodeError> {
         let resolve_err = |detail: String| NodeError::Resolve {
-            address: address.clone(),
+            address: address.to_string(),
             detail,
         };
         // An IPv4 address where the name has one: `localhost` often lists ::1 first, while
@@ -478,8 +482,22 @@ impl Node {
         let mut backoff = Duration::from_millis(reconnect.initial_backoff_ms);
         let max_backoff = Duration::from_millis(reconnect.max_backoff_ms);
         let mut addr = addr;
+        // [aggregator] others: the instances of a highly available aggregator, tried in turn.
+        let addresses: Vec<String> = node
+            .config
+            .aggregator
+            .all()
+            .into_iter()
+            .map(str::to_string)
+            .collect();
+        let mut current = 0usize;
         let result = loop {
-            let session = node.clone().session(&endpoint, addr);
+            let server_name = node
+                .config
+                .aggregator
+                .server_name_for(&addresses[current])
+                .to_string();
+            let session = node.clone().session(&endpoint, addr, &server_name);
             let outcome = tokio::select! {
                 r = session => r,
                 () = &mut stop => break Ok(NodeExit::Stopped),
@@ -497,6 +515,36 @@ impl Node {
                 && code.is_permanent()
             {
                 break Err(err);
+            }
+            // A standby of a highly available aggregator names the active instance: go
+            // there (if it is one of ours), else to the next address, without backing off.
+            let standby = match &err {
+                NodeError::Refused {
+                    code: ErrorCode::NotActive,
+                    reason,
+                } => Some(reason.clone()),
+                _ => None,
+            };
+            if addresses.len() > 1 {
+                let hinted = standby
+                    .as_deref()
+                    .and_then(ErrorCode::not_active_hint)
+                    .and_then(|h| addresses.iter().position(|a| a == h))
+                    .filter(|&i| i != current);
+                current = hinted.unwrap_or((current + 1) % addresses.len());
+            }
+            if let Some(reason) = standby {
+                info!(site = %node.config.site, "{reason}; dialling {}", addresses[current]);
+                backoff = Duration::from_millis(reconnect.initial_backoff_ms);
+                match node.resolve_address(&addresses[current]).await {
+                    Ok(a) => addr = a,
+                    Err(e) => warn!(site = %node.config.site, "{e}"),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = &mut stop => break Ok(NodeExit::Stopped),
+                }
+                continue;
             }
             // Jitter (up to a quarter of the wait) keeps many nodes from reconnecting in step.
             let jitter = backoff.mul_f64(rand::random::<f64>() * 0.25);
@@ -518,7 +566,7 @@ impl Node {
             }
             backoff = (backoff * 2).min(max_backoff);
             // The aggregator may have moved (a new address behind its name).
-            match node.resolve().await {
+            match node.resolve_address(&addresses[current]).await {
                 Ok(a) if a != addr => {
                     info!(site = %node.config.site, "the aggregator's address is now {a}");
                     addr = a;
@@ -548,12 +596,13 @@ impl Node {
         self: Arc<Self>,
         endpoint: &quinn::Endpoint,
         addr: SocketAddr,
+        server_name: &str,
     ) -> Result<NodeExit, SessionEnd> {
         let fail = |welcomed: bool| move |e: NodeError| SessionEnd { welcomed, error: e };
         let max = self.config.max_frame_bytes;
         let conn = async {
             let connecting = endpoint
-                .connect(addr, self.config.aggregator.server_name())
+                .connect(addr, server_name)
                 .map_err(TransportError::from)?;
             Ok::<_, NodeError>(connecting.await.map_err(TransportError::from)?)
         }

@@ -53,9 +53,16 @@ pub struct NodeConfig {
 pub struct AggregatorAddress {
     /// `host:port` of the aggregator's QUIC endpoint (the node dials out; it opens no port).
     pub address: String,
-    /// The name on the aggregator's certificate (defaults to the host part of `address`).
+    /// The name on the aggregator's certificate (defaults to the host part of the address
+    /// dialled).
     #[serde(default)]
     pub server_name: Option<String>,
+    /// The other instances of a highly available aggregator (`host:port` each; the
+    /// aggregators' `[ha]`). Only one instance is active at a time: a standby answers with
+    /// the active one's address, and the node moves there (or to the next address) on its
+    /// own.
+    #[serde(default)]
+    pub others: Vec<String>,
 }
 
 /// `[[dataset]]`: a local dataset studies may use, from a CSV file or an ingest pipeline.
@@ -175,12 +182,24 @@ impl AggregatorAddress {
     /// The name the aggregator's certificate must hold: `server_name`, or the host part of
     /// `address` (without brackets for IPv6).
     pub fn server_name(&self) -> &str {
+        self.server_name_for(&self.address)
+    }
+
+    /// As [`AggregatorAddress::server_name`], for the instance at `address`.
+    pub fn server_name_for<'a>(&'a self, address: &'a str) -> &'a str {
         self.server_name
             .as_deref()
-            .unwrap_or_else(|| match self.address.rsplit_once(':') {
+            .unwrap_or_else(|| match address.rsplit_once(':') {
                 Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
-                None => &self.address,
+                None => address,
             })
+    }
+
+    /// Every configured address: `address`, then `others`.
+    pub fn all(&self) -> Vec<&str> {
+        std::iter::once(self.address.as_str())
+            .chain(self.others.iter().map(String::as_str))
+            .collect()
     }
 }
 
@@ -216,6 +235,14 @@ impl NodeConfig {
                 "aggregator.address".into(),
                 format!("{:?} needs a port, as in host:4433", cfg.aggregator.address),
             ));
+        }
+        for (i, other) in cfg.aggregator.others.iter().enumerate() {
+            if !other.contains(':') {
+                return Err(invalid(
+                    format!("aggregator.others[{i}]"),
+                    format!("{other:?} needs a port, as in host:4433"),
+                ));
+            }
         }
         if cfg.datasets.is_empty() {
             return Err(invalid(

@@ -418,8 +418,7 @@ mod tests {
                     let lands_at = t + rng.random_range(0..50);
                     let l = &mut leases[i];
                     let kind = match l.role() {
-                        Role::Standby => match l.observe(now, bucket.lease.clone())
-                        {
+                        Role::Standby => match l.observe(now, bucket.lease.clone()) {
                             Decision::Create => Some(Kind::Take(None)),
                             Decision::TakeOver { revision } => Some(Kind::Take(Some(revision))),
                             Decision::Wait { .. } => None,

@@ -484,6 +484,9 @@ pub enum ErrorCode {
     /// A newer connection from the same site took this one's place (the node reconnected,
     /// or the site runs twice).
     Replaced,
+    /// This aggregator instance is a standby (or stepped down): the reason names the active
+    /// instance's address when one is known, as `...; try host:port`.
+    NotActive,
 }
 
 impl ErrorCode {
@@ -501,6 +504,7 @@ impl ErrorCode {
             ErrorCode::Internal => 8,
             ErrorCode::ShuttingDown => 9,
             ErrorCode::Replaced => 10,
+            ErrorCode::NotActive => 11,
         }
     }
 
@@ -517,6 +521,7 @@ impl ErrorCode {
             7 => ErrorCode::CannotServe,
             9 => ErrorCode::ShuttingDown,
             10 => ErrorCode::Replaced,
+            11 => ErrorCode::NotActive,
             _ => ErrorCode::Internal,
         }
     }
@@ -528,6 +533,16 @@ impl ErrorCode {
             self,
             ErrorCode::StudiesComplete | ErrorCode::UnsupportedVersion | ErrorCode::SiteNotAllowed
         )
+    }
+}
+
+impl ErrorCode {
+    /// The address a [`ErrorCode::NotActive`] reason points to (`...; try host:port`).
+    pub fn not_active_hint(reason: &str) -> Option<&str> {
+        let (_, addr) = reason.rsplit_once("; try ")?;
+        let addr = addr.trim();
+        (!addr.is_empty() && addr.contains(':') && !addr.contains(char::is_whitespace))
+            .then_some(addr)
     }
 }
 
@@ -545,6 +560,7 @@ impl std::fmt::Display for ErrorCode {
             ErrorCode::Internal => "internal error",
             ErrorCode::ShuttingDown => "shutting down",
             ErrorCode::Replaced => "replaced by a newer connection from the same site",
+            ErrorCode::NotActive => "not the active aggregator",
         };
         f.write_str(s)
     }

@@ -605,7 +605,7 @@ proptest! {
         ErrorCode::UnsupportedVersion, ErrorCode::Malformed, ErrorCode::FrameTooLarge,
         ErrorCode::SiteNotAllowed, ErrorCode::UnexpectedMessage, ErrorCode::InvalidContent,
         ErrorCode::CannotServe, ErrorCode::StudiesComplete, ErrorCode::Internal, ErrorCode::ShuttingDown,
-        ErrorCode::Replaced,
+        ErrorCode::Replaced, ErrorCode::NotActive,
     ])) {
         prop_assert_eq!(ErrorCode::from_close_code(code.to_close_code().into()), code);
     }
@@ -1158,4 +1158,19 @@ fn pinned_wire_vectors_of_every_kind() {
         );
         assert_eq!(usize::from(frame[HEADER_BYTES + 2]), kind(msg));
     }
+}
+
+#[test]
+fn a_standby_s_hint_names_the_active_address_or_nothing() {
+    let hint = ErrorCode::not_active_hint;
+    assert_eq!(
+        hint("instance 'b' is a standby; the active instance is 'a'; try 10.0.0.1:4433"),
+        Some("10.0.0.1:4433")
+    );
+    assert_eq!(
+        hint("instance 'b' is a standby; no instance is active yet"),
+        None
+    );
+    assert_eq!(hint("standby; try "), None);
+    assert_eq!(hint("standby; try not an address"), None);
 }

@@ -19,6 +19,7 @@ mod e2e;
 mod examples;
 mod frame_limit;
 mod help;
+mod high_availability;
 mod hostile_site;
 mod ingest;
 mod jetstream;

@@ -164,6 +164,12 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+
+    /// The writes in order, for a [`Store`] kept elsewhere: each as (namespace, a NUL byte,
+    /// key) and the value, or `None` for a removal.
+    pub fn into_ops(self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        self.ops
+    }
 }
 
 /// A party's durable state.

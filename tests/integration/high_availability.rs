@@ -1,0 +1,601 @@
+//! Highly available aggregators (`[ha]`) on a real 3-server `nats-server -js` cluster on
+//! loopback, started and stopped by the test: two aggregator instances share their state in
+//! a bucket with 3 replicas, the nodes list both addresses.
+//!
+//! - The active instance is killed with SIGKILL at random moments 20 times during a 20-round
+//!   study with secure aggregation: the standby takes over each time (the killed one comes
+//!   back as a standby), the study completes, and its final model equals an uninterrupted
+//!   single aggregator's (no `[ha]`) within the fixed-point rounding.
+//! - The active instance is paused (SIGSTOP) for longer than its lease; the standby takes
+//!   over and aggregates rounds; the paused one, continued, sends, writes and releases
+//!   nothing and steps down. One NATS server of the three is killed meanwhile: the study
+//!   goes on.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{RngExt, SeedableRng};
+
+use crate::common::{
+    Federation, Processes, SERVE_PIMA, free_udp_port, log, pima_study, spawn_aggregator, wait,
+};
+
+/// The lease: a failover takes about this long.
+const LEASE_MS: u64 = 2_000;
+
+/// A 3-server JetStream cluster on loopback; the servers are killed when it is dropped.
+struct NatsCluster {
+    servers: Vec<Option<Child>>,
+    urls: Vec<String>,
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for s in self.servers.iter_mut().flatten() {
+            let _ = s.kill();
+            let _ = s.wait();
+        }
+    }
+}
+
+impl NatsCluster {
+    fn start(dir: &Path) -> NatsCluster {
+        let ports: Vec<(u16, u16)> = (0..3)
+            .map(|_| {
+                (
+                    crate::common::free_tcp_port(),
+                    crate::common::free_tcp_port(),
+                )
+            })
+            .collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, c)| format!("nats://127.0.0.1:{c}"))
+            .collect();
+        let mut servers = Vec::new();
+        for (i, (port, cluster)) in ports.iter().enumerate() {
+            let store = dir.join(format!("nats-{i}"));
+            std::fs::create_dir_all(&store).unwrap();
+            let logf = std::fs::File::create(dir.join(format!("nats-{i}.log"))).unwrap();
+            let child = Command::new("nats-server")
+                .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+                .args(["-sd", store.to_str().unwrap(), "-n", &format!("n{i}")])
+                .args(["--cluster_name", "medfed", "--cluster"])
+                .arg(format!("nats://127.0.0.1:{cluster}"))
+                .args(["--routes", &routes.join(",")])
+                .stdout(Stdio::from(logf.try_clone().unwrap()))
+                .stderr(Stdio::from(logf))
+                .spawn()
+                .expect("nats-server is not installed: run scripts/test, which installs it (apt-get install nats-server)");
+            servers.push(Some(child));
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for (port, _) in &ports {
+            while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                assert!(Instant::now() < deadline, "nats-server did not start");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        NatsCluster {
+            servers,
+            urls: ports
+                .iter()
+                .map(|(p, _)| format!("nats://127.0.0.1:{p}"))
+                .collect(),
+        }
+    }
+
+    fn kill(&mut self, i: usize) {
+        if let Some(mut s) = self.servers[i].take() {
+            s.kill().unwrap();
+            s.wait().unwrap();
+        }
+    }
+}
+
+/// The study: 20 rounds over all three sites, secure aggregation, seeded training.
+fn study() -> String {
+    pima_study(
+        "pima",
+        "rounds = 20\nmin_sites = 3\nwait_for_sites_secs = 120\nround_timeout_secs = 30\n\
+         [study.training]\nlocal_epochs = 20\nbatch_size = 8\nseed = 11\n",
+    )
+}
+
+/// A federation in `d`, its nodes started, dialling the aggregator's port first and then
+/// `others`; returns the aggregator config's text and its port.
+fn federation(d: &Path, others: &[u16]) -> (String, u16, Processes) {
+    let fed = Federation::new(d)
+        .sites(&["site-a", "site-b", "site-c"])
+        .copies(|_| 40)
+        .node_extra(|_| {
+            format!(
+                "{SERVE_PIMA}[reconnect]\ninitial_backoff_ms = 50\nmax_backoff_ms = 300\n\
+                 keep_alive_ms = 100\nidle_timeout_ms = 600\n"
+            )
+        })
+        .out_dir(None)
+        .aggregator(&study())
+        .write();
+    for node in fed.nodes() {
+        let text = std::fs::read_to_string(&node).unwrap();
+        let list: Vec<String> = others.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let text = text.replacen(
+            &format!("address = \"127.0.0.1:{}\"\n", fed.port),
+            &format!("address = \"127.0.0.1:{}\"\nothers = {list:?}\n", fed.port),
+            1,
+        );
+        assert!(text.contains("others ="), "{text}");
+        std::fs::write(&node, text).unwrap();
+    }
+    let cfg = std::fs::read_to_string(&fed.aggregator).unwrap();
+    (cfg, fed.port, Processes(fed.spawn_nodes()))
+}
+
+/// The config of HA instance `name` on `port`, its own out directory and compliance log.
+fn instance(
+    d: &Path,
+    base: &str,
+    base_port: u16,
+    name: &str,
+    port: u16,
+    nats: &[String],
+) -> PathBuf {
+    let cfg = base.replacen(
+        &format!("listen = \"127.0.0.1:{base_port}\"\n"),
+        &format!("listen = \"127.0.0.1:{port}\"\nout_dir = \"out-{name}\"\n"),
+        1,
+    );
+    let cfg = format!(
+        "{cfg}[audit]\nlog = \"audit-{name}/compliance.log\"\nkey = \"audit-{name}/signing.key\"\n\
+         [ha]\nnats = {nats:?}\ninstance = \"{name}\"\nadvertise = \"127.0.0.1:{port}\"\n\
+         lease_ms = {LEASE_MS}\nreplicas = 3\n"
+    );
+    let path = d.join(format!("{name}.toml"));
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+fn weights(path: &Path) -> Vec<f64> {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["model"]["weights"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_f64().unwrap())
+        .collect()
+}
+
+/// The uninterrupted run: one aggregator, no `[ha]`, no NATS.
+fn clean_run() -> (Vec<f64>, Duration) {
+    let clean = tempfile::tempdir().unwrap();
+    let (_, _, _nodes) = federation(clean.path(), &[]);
+    let started = Instant::now();
+    let (_, mut agg) = spawn_aggregator(
+        clean.path(),
+        "aggregator",
+        &clean.path().join("aggregator.toml"),
+    );
+    let status = wait(&mut agg, Duration::from_secs(300));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the uninterrupted run failed:\n{}",
+        log(clean.path(), "aggregator")
+    );
+    (
+        weights(&clean.path().join("aggregator-out/models/pima/final.json")),
+        started.elapsed(),
+    )
+}
+
+const TOOK: &str = "this instance took the lease";
+
+fn assert_close(got: &[f64], want: &[f64]) {
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (g - w).abs() <= 1e-6 * (1.0 + w.abs()),
+            "the final model differs from the uninterrupted run's beyond the fixed-point rounding: {got:?} vs {want:?}"
+        );
+    }
+}
+
+/// The instances' lives: (instance, life, process).
+struct Lives {
+    dir: PathBuf,
+    configs: [PathBuf; 2],
+    live: Vec<(usize, usize, Child)>,
+    next_life: usize,
+}
+
+impl Lives {
+    fn name(instance: usize, life: usize) -> String {
+        format!("agg-{}-{life}", ["a", "b"][instance])
+    }
+
+    fn spawn(&mut self, instance: usize) {
+        self.next_life += 1;
+        let name = Lives::name(instance, self.next_life);
+        let (_, child) = spawn_aggregator(&self.dir, &name, &self.configs[instance]);
+        self.live.push((instance, self.next_life, child));
+    }
+
+    /// The live instance whose log says it took the lease, waiting up to `within`.
+    fn active(&mut self, within: Duration) -> Option<usize> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(i) = self.live.iter().position(|(inst, life, _)| {
+                log(&self.dir, &Lives::name(*inst, *life)).contains(TOOK)
+            }) {
+                return Some(i);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        None
+    }
+
+    fn logs(&self) -> String {
+        (1..=self.next_life)
+            .flat_map(|l| [0, 1].map(|i| (i, l)))
+            .map(|(i, l)| {
+                let name = Lives::name(i, l);
+                let text = log(&self.dir, &name);
+                if text.is_empty() {
+                    String::new()
+                } else {
+                    format!("== {name}\n{text}")
+                }
+            })
+            .collect()
+    }
+}
+
+impl Drop for Lives {
+    fn drop(&mut self) {
+        for (_, _, c) in &mut self.live {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[test]
+fn the_standby_takes_over_after_each_of_twenty_kills_and_the_model_is_the_same() {
+    let (want, whole) = clean_run();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let nats = NatsCluster::start(d);
+    let other = free_udp_port();
+    let (base, port, _nodes) = federation(d, &[other]);
+    let configs = [
+        instance(d, &base, port, "a", port, &nats.urls),
+        instance(d, &base, port, "b", other, &nats.urls),
+    ];
+    let mut lives = Lives {
+        dir: d.to_path_buf(),
+        configs,
+        live: Vec::new(),
+        next_life: 0,
+    };
+    lives.spawn(0);
+    lives.spawn(1);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(19);
+    // Random moments: while sites reconnect, mid-round, between rounds.
+    let span = (whole.as_millis() as u64 / 12).clamp(300, 3_000);
+    let (mut failovers, mut resumed) = (Vec::new(), Vec::new());
+    let mut kills = 0;
+    let mut last_kill: Option<Instant> = None;
+    while kills < 20 {
+        let i = lives
+            .active(Duration::from_secs(60))
+            .unwrap_or_else(|| panic!("no instance took the lease within 60 s:\n{}", lives.logs()));
+        let (ii, il, _) = &lives.live[i];
+        let name = Lives::name(*ii, *il);
+        // Every other life is killed at a random moment (while the sites find it, while it
+        // announces, mid-round); the others once they aggregated a round (which also times
+        // the failover to the next round), a random moment later: the kills spread over
+        // the whole study.
+        if kills % 2 == 1 {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !log(d, &name).contains("round aggregated") {
+                assert!(
+                    Instant::now() < deadline,
+                    "{name} aggregated no round in 60 s:\n{}",
+                    lives.logs()
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if let Some(at) = last_kill {
+                resumed.push(at.elapsed().as_secs_f64());
+            }
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..span / 2)));
+        } else {
+            std::thread::sleep(Duration::from_millis(rng.random_range(50..span)));
+        }
+        let (inst, _, child) = &mut lives.live[i];
+        let inst = *inst;
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the study ended after only {kills} kills (the kills are too far apart for this machine):\n{}",
+            lives.logs()
+        );
+        child.kill().unwrap(); // SIGKILL
+        let killed_at = Instant::now();
+        child.wait().unwrap();
+        lives.live.remove(i);
+        kills += 1;
+        // The killed instance comes back, as a standby.
+        lives.spawn(inst);
+        lives.active(Duration::from_secs(60)).unwrap_or_else(|| {
+            panic!(
+                "no standby took over within 60 s of kill {kills}:\n{}",
+                lives.logs()
+            )
+        });
+        failovers.push(killed_at.elapsed().as_secs_f64());
+        last_kill = Some(killed_at);
+    }
+    // No more kills: the study completes.
+    let i = lives
+        .active(Duration::from_secs(60))
+        .expect("an active instance");
+    let status = wait(&mut lives.live[i].2, Duration::from_secs(300));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the last active instance failed:\n{}",
+        lives.logs()
+    );
+    let logs = lives.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("resuming from the checkpoint after round")
+                && !l.contains("after round 0")),
+        "no life resumed after a completed round:\n{logs}"
+    );
+    let finals: Vec<PathBuf> = ["a", "b"]
+        .iter()
+        .map(|n| d.join(format!("out-{n}/models/pima/final.json")))
+        .filter(|p| p.is_file())
+        .collect();
+    assert!(!finals.is_empty(), "no final model:\n{logs}");
+    for f in &finals {
+        assert_close(&weights(f), &want);
+    }
+    for round in 1..=20 {
+        assert!(
+            ["a", "b"].iter().any(|n| d
+                .join(format!("out-{n}/models/pima/round-{round:04}.json"))
+                .is_file()),
+            "round {round} was released by no instance"
+        );
+    }
+    let max = failovers.iter().copied().fold(0.0, f64::max);
+    let med = median(&mut failovers.clone());
+    let rmed = if resumed.is_empty() {
+        f64::NAN
+    } else {
+        median(&mut resumed)
+    };
+    eprintln!(
+        "{kills} SIGKILLs of the active instance (lease {LEASE_MS} ms): a standby took the lease after {med:.2} s (median), {max:.2} s (max); \
+         the next round was aggregated {rmed:.2} s after the kill (median of {} failovers); the final model equals the uninterrupted run's",
+        resumed.len()
+    );
+}
+
+/// Counts the compliance-log records of these kinds in `text`.
+fn records(text: &str, kinds: &[&str]) -> usize {
+    text.lines()
+        .filter(|l| {
+            kinds
+                .iter()
+                .any(|k| l.contains(&format!("\"kind\":\"{k}\"")))
+        })
+        .count()
+}
+
+#[test]
+fn a_paused_active_instance_is_fenced_and_steps_down_and_losing_a_nats_server_is_survived() {
+    let (want, _) = clean_run();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut nats = NatsCluster::start(d);
+    let other = free_udp_port();
+    let (base, port, _nodes) = federation(d, &[other]);
+    let configs = [
+        instance(d, &base, port, "a", port, &nats.urls),
+        instance(d, &base, port, "b", other, &nats.urls),
+    ];
+    let mut lives = Lives {
+        dir: d.to_path_buf(),
+        configs,
+        live: Vec::new(),
+        next_life: 0,
+    };
+    lives.spawn(0);
+    let first = lives
+        .active(Duration::from_secs(60))
+        .expect("instance a takes the lease");
+    lives.spawn(1);
+    let a_log = Lives::name(0, 1);
+    crate::common::until(
+        "a round aggregated by instance a",
+        Duration::from_secs(120),
+        || log(d, &a_log).contains("round aggregated"),
+    );
+    let pid = lives.live[first].2.id().to_string();
+    let signal = |sig: &str| {
+        assert!(
+            Command::new("kill")
+                .args([sig, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    // The standby takes over and makes progress while a is paused.
+    let b_log = Lives::name(1, 2);
+    crate::common::until(
+        "instance b to take the lease",
+        Duration::from_secs(60),
+        || log(d, &b_log).contains(TOOK),
+    );
+    crate::common::until(
+        "instance b to aggregate a round",
+        Duration::from_secs(120),
+        || log(d, &b_log).contains("round aggregated"),
+    );
+    // One NATS server of three goes, mid-study.
+    assert!(
+        log(d, &b_log).matches("round aggregated").count() < 15,
+        "the study is nearly over before the NATS server is killed: the test proves nothing"
+    );
+    nats.kill(0);
+    let audit_a = d.join("audit-a/compliance.log");
+    let audit_before = std::fs::read_to_string(&audit_a).unwrap();
+    let out_a = d.join("out-a/models/pima");
+    let files_before: Vec<_> = std::fs::read_dir(&out_a)
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    let log_before = log(d, &a_log).len();
+    signal("-CONT");
+    crate::common::until("instance a to step down", Duration::from_secs(30), || {
+        log(d, &a_log)[log_before..].contains("steps down")
+    });
+    // The study completes on b, despite the lost NATS server.
+    let b = lives.live.iter().position(|(i, _, _)| *i == 1).unwrap();
+    let status = wait(&mut lives.live[b].2, Duration::from_secs(300));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "instance b failed:\n{}",
+        lives.logs()
+    );
+    let after = log(d, &a_log)[log_before..].to_string();
+    // a sent, released and wrote nothing after it was continued.
+    let audit_after = std::fs::read_to_string(&audit_a).unwrap();
+    let new_records = &audit_after[audit_before.len().min(audit_after.len())..];
+    assert_eq!(
+        records(new_records, &["sent", "released"]),
+        0,
+        "instance a acted after its pause:\n{new_records}\n{after}"
+    );
+    let files_after: Vec<_> = std::fs::read_dir(&out_a)
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        files_before, files_after,
+        "instance a released a model after its pause:\n{after}"
+    );
+    assert!(!after.contains("round aggregated"), "{after}");
+    assert_close(&weights(&d.join("out-b/models/pima/final.json")), &want);
+    // Stepped down, a is a standby again (or has stopped with the others): never active.
+    assert_eq!(log(d, &a_log).matches(TOOK).count(), 1, "{after}");
+    eprintln!(
+        "instance a, paused past its lease, stepped down on SIGCONT:\n{}",
+        after
+            .lines()
+            .filter(|l| l.contains("[ha]") || l.contains("steps down"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// The fence itself, on the real cluster: once another instance has written the lease, the
+/// bucket refuses every write of the former holder (even one whose own clock says its lease
+/// still holds), and the former holder steps down; a standby's store reads nothing.
+#[test]
+fn the_bucket_refuses_the_writes_of_an_instance_whose_lease_was_taken() {
+    use medfed_aggregator::config::HaConfig;
+    use medfed_aggregator::ha::{Ha, HaStatus};
+    use medfed_infra::store::Batch;
+
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(dir.path());
+    let cfg = |instance: &str| HaConfig {
+        nats: nats.urls.clone(),
+        bucket: "fence".into(),
+        instance: instance.into(),
+        advertise: format!("{instance}.example:4433"),
+        // Long: only the fence can stop a.
+        lease_ms: 60_000,
+        replicas: 3,
+        credentials: None,
+    };
+    let a = Ha::start(&cfg("a")).unwrap();
+    let mut status = a.status();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !matches!(*status.borrow_and_update(), HaStatus::Active { .. }) {
+        assert!(Instant::now() < deadline, "a never became active");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let store = a.store();
+    let put = |value: &[u8]| {
+        let mut b = Batch::default();
+        b.put("studies", b"pima", value).unwrap();
+        b
+    };
+    store.commit(put(b"round 1")).unwrap();
+    assert_eq!(
+        store.get("studies", b"pima").unwrap().as_deref(),
+        Some(&b"round 1"[..])
+    );
+
+    // A standby reads nothing, and tells nodes where the active one is.
+    let b = Ha::start(&cfg("b")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b.refusal().contains("try a.example:4433") {
+        assert!(Instant::now() < deadline, "{}", b.refusal());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = b.store().get("studies", b"pima").unwrap_err().to_string();
+    assert!(err.contains("not the active one"), "{err}");
+    drop(b);
+
+    // Another instance writes the lease (as a takeover does).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let kv = rt.block_on(async {
+        let client = async_nats::connect(nats.urls[1].as_str()).await.unwrap();
+        let kv = async_nats::jetstream::new(client)
+            .get_key_value("fence")
+            .await
+            .unwrap();
+        let rival =
+            serde_json::json!({"holder": "c", "advertise": "c.example:4433", "duration_ms": 60000});
+        kv.put("lease", serde_json::to_vec(&rival).unwrap().into())
+            .await
+            .unwrap();
+        kv
+    });
+    assert!(a.is_active(), "by its own clock, a still holds the lease");
+    let err = store
+        .commit(put(b"round 2 from a stale leader"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("another aggregator instance took the lease over"),
+        "{err}"
+    );
+    assert!(!a.is_active());
+    assert!(
+        matches!(&*a.status().borrow(), HaStatus::SteppedDown { reason } if reason.contains("steps down"))
+    );
+    let stored = rt.block_on(async { kv.get("s.studies.70696d61").await.unwrap() });
+    assert_eq!(
+        stored.as_deref(),
+        Some(&b"round 1"[..]),
+        "the stale leader's write landed"
+    );
+    let err = store.commit(put(b"round 3")).unwrap_err().to_string();
+    assert!(err.contains("not the active one"), "{err}");
+}
