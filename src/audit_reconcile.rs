@@ -18,19 +18,21 @@ pub struct ReconcileArgs {
     /// The node's public key.
     #[arg(long)]
     node_key: String,
-    /// The aggregator's compliance log.
-    #[arg(long)]
-    aggregator_log: PathBuf,
-    /// The aggregator's public key.
-    #[arg(long)]
-    aggregator_key: String,
+    /// The aggregator's compliance log. With highly available aggregators (`[ha]`), give
+    /// each instance's log, each followed by its --aggregator-key: the node talked to
+    /// whichever was active, and its messages are matched against all of them.
+    #[arg(long, required = true)]
+    aggregator_log: Vec<PathBuf>,
+    /// The aggregator's public key (one per --aggregator-log, in the same order).
+    #[arg(long, required = true)]
+    aggregator_key: Vec<String>,
 }
 
-/// A message as one side recorded it: (line, kind, study, round, sha256).
-type Seen = (usize, String, Option<String>, Option<u32>, String);
+/// A message as one side recorded it: (log, line, kind, study, round, sha256).
+type Seen = (String, usize, String, Option<String>, Option<u32>, String);
 
 /// The messages one side logged as sent (`outgoing`) or received, to or from any of `peers`.
-fn messages(v: &Verified, outgoing: bool, peers: &[&str]) -> Vec<Seen> {
+fn messages(log: &Path, v: &Verified, outgoing: bool, peers: &[&str]) -> Vec<Seen> {
     v.records
         .iter()
         .enumerate()
@@ -39,6 +41,7 @@ fn messages(v: &Verified, outgoing: bool, peers: &[&str]) -> Vec<Seen> {
                 if peers.contains(&m.peer.as_str()) =>
             {
                 Some((
+                    log.display().to_string(),
                     i + 1,
                     m.message.clone(),
                     m.study.clone(),
@@ -55,11 +58,11 @@ fn messages(v: &Verified, outgoing: bool, peers: &[&str]) -> Vec<Seen> {
 fn unmatched(a: &[Seen], b: &[Seen]) -> (Vec<Seen>, Vec<Seen>) {
     let mut pool: BTreeMap<&str, Vec<&Seen>> = BTreeMap::new();
     for s in b {
-        pool.entry(s.4.as_str()).or_default().push(s);
+        pool.entry(s.5.as_str()).or_default().push(s);
     }
     let mut left = Vec::new();
     for s in a {
-        match pool.get_mut(s.4.as_str()).and_then(|v| v.pop()) {
+        match pool.get_mut(s.5.as_str()).and_then(|v| v.pop()) {
             Some(_) => {}
             None => left.push(s.clone()),
         }
@@ -70,16 +73,22 @@ fn unmatched(a: &[Seen], b: &[Seen]) -> (Vec<Seen>, Vec<Seen>) {
 
 fn describe(s: &Seen) -> String {
     let study =
-        s.2.as_deref()
+        s.3.as_deref()
             .map(|x| format!(" study '{x}'"))
             .unwrap_or_default();
-    let round = s.3.map(|r| format!(" round {r}")).unwrap_or_default();
+    let round = s.4.map(|r| format!(" round {r}")).unwrap_or_default();
     format!(
-        "line {}: {}{study}{round} (sha256 {})",
+        "{} line {}: {}{study}{round} (sha256 {})",
         s.0,
         s.1,
-        &s.4[..16]
+        s.2,
+        &s.5[..16]
     )
+}
+
+/// Whether two records are of the same message kind, study and round.
+fn same_kind(a: &Seen, b: &Seen) -> bool {
+    a.2 == b.2 && a.3 == b.3 && a.4 == b.4
 }
 
 const RECONCILE_USAGE: &str = "medfed audit reconcile --node-log NODE.log --node-key NODE.key.pub \
@@ -112,10 +121,11 @@ fn role(v: &Verified) -> Option<&str> {
 /// (given as `--aggregator-log`), naming which log is which.
 fn check_roles(
     args: &ReconcileArgs,
+    aggregator_log: &Path,
     node: Option<(String, String)>,
     agg: Option<(String, String)>,
 ) -> anyhow::Result<()> {
-    let (n, a) = (args.node_log.display(), args.aggregator_log.display());
+    let (n, a) = (args.node_log.display(), aggregator_log.display());
     let (Some((node_party, node_role)), Some((agg_party, agg_role))) = (node, agg) else {
         return Ok(());
     };
@@ -172,27 +182,50 @@ fn sites_named(agg: &Verified) -> std::collections::BTreeSet<&str> {
 /// same hash. Refuses logs that are not a node's and an aggregator's that name each other,
 /// and never reports agreement over no messages.
 pub fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
-    check_roles(
-        &args,
-        claimed_role(&args.node_log),
-        claimed_role(&args.aggregator_log),
-    )?;
+    if args.aggregator_log.len() != args.aggregator_key.len() {
+        bail!(
+            "{} --aggregator-log but {} --aggregator-key: give each aggregator instance's log \
+             followed by its own public key\nusage: {RECONCILE_USAGE}",
+            args.aggregator_log.len(),
+            args.aggregator_key.len()
+        );
+    }
+    for log in &args.aggregator_log {
+        check_roles(&args, log, claimed_role(&args.node_log), claimed_role(log))?;
+    }
     let node = load(&args.node_log, &args.node_key)?;
-    let agg = load(&args.aggregator_log, &args.aggregator_key)?;
     let name = |v: &Verified| Some((v.party.clone(), role(v).unwrap_or("").to_string()));
-    check_roles(&args, name(&node), name(&agg))?;
+    let mut aggs = Vec::new();
+    for (log, key) in args.aggregator_log.iter().zip(&args.aggregator_key) {
+        let agg = load(log, key)?;
+        check_roles(&args, log, name(&node), name(&agg))?;
+        aggs.push((log.as_path(), agg));
+    }
     let site = node.party.clone();
+    let agg_party = aggs
+        .iter()
+        .map(|(_, a)| a.party.as_str())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect::<Vec<_>>()
+        .join("', '");
     // A node names its peer "aggregator" in its log; the aggregator names each site.
-    let aggregator_names = ["aggregator", agg.party.as_str()];
-    let named = sites_named(&agg);
+    let mut aggregator_names = vec!["aggregator"];
+    aggregator_names.extend(aggs.iter().map(|(_, a)| a.party.as_str()));
+    let named: std::collections::BTreeSet<&str> =
+        aggs.iter().flat_map(|(_, a)| sites_named(a)).collect();
     if !named.contains(site.as_str()) {
         let others: Vec<&str> = named.into_iter().collect();
+        let logs: Vec<String> = args
+            .aggregator_log
+            .iter()
+            .map(|l| l.display().to_string())
+            .collect();
         bail!(
-            "the aggregator's log {} (of '{}') has no message to or from site '{site}', whose log is \
+            "the aggregator's log {} (of '{agg_party}') has no message to or from site '{site}', whose log is \
              --node-log {}: these logs are not of a node and the aggregator it talked to{}. Give \
              --aggregator-log the log of the aggregator this node connected to.",
-            args.aggregator_log.display(),
-            agg.party,
+            logs.join(", "),
             args.node_log.display(),
             if others.is_empty() {
                 " (the aggregator's log has no messages at all)".to_string()
@@ -204,22 +237,23 @@ pub fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
             }
         );
     }
+    let from_aggregators = |outgoing: bool| -> Vec<Seen> {
+        aggs.iter()
+            .flat_map(|(log, a)| messages(log, a, outgoing, &[site.as_str()]))
+            .collect()
+    };
     let mut problems = Vec::new();
     let mut compared = 0;
-    for (dir, from, to, sent, received) in [
+    for (dir, sent, received) in [
         (
             "node to aggregator",
-            &args.node_log,
-            &args.aggregator_log,
-            messages(&node, true, &aggregator_names),
-            messages(&agg, false, &[site.as_str()]),
+            messages(&args.node_log, &node, true, &aggregator_names),
+            from_aggregators(false),
         ),
         (
             "aggregator to node",
-            &args.aggregator_log,
-            &args.node_log,
-            messages(&agg, true, &[site.as_str()]),
-            messages(&node, false, &aggregator_names),
+            from_aggregators(true),
+            messages(&args.node_log, &node, false, &aggregator_names),
         ),
     ] {
         let (only_sent, only_received) = unmatched(&sent, &received);
@@ -231,47 +265,32 @@ pub fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
             sent.len() - only_sent.len()
         );
         for s in &only_sent {
-            let twin = only_received
-                .iter()
-                .find(|r| r.1 == s.1 && r.2 == s.2 && r.3 == s.3);
-            match twin {
+            match only_received.iter().find(|r| same_kind(r, s)) {
                 Some(r) => problems.push(format!(
-                    "{dir}: hash mismatch: {} {} vs {} {}",
-                    from.display(),
+                    "{dir}: hash mismatch: {} vs {}",
                     describe(s),
-                    to.display(),
                     describe(r)
                 )),
-                None => problems.push(format!(
-                    "{dir}: sent but never received: {} {}",
-                    from.display(),
-                    describe(s)
-                )),
+                None => problems.push(format!("{dir}: sent but never received: {}", describe(s))),
             }
         }
         for r in &only_received {
-            if !only_sent
-                .iter()
-                .any(|s| r.1 == s.1 && r.2 == s.2 && r.3 == s.3)
-            {
-                problems.push(format!(
-                    "{dir}: received but never sent: {} {}",
-                    to.display(),
-                    describe(r)
-                ));
+            if !only_sent.iter().any(|s| same_kind(r, s)) {
+                problems.push(format!("{dir}: received but never sent: {}", describe(r)));
             }
         }
     }
     if compared == 0 {
-        bail!(
-            "no message between '{site}' and '{}' in either log: nothing to compare",
-            agg.party
-        );
+        bail!("no message between '{site}' and '{agg_party}' in either log: nothing to compare");
     }
+    let instances = if aggs.len() > 1 {
+        format!(" ({} aggregator logs)", aggs.len())
+    } else {
+        String::new()
+    };
     if problems.is_empty() {
         println!(
-            "OK: the logs of '{site}' and '{}' agree on all {compared} messages between them",
-            agg.party
+            "OK: the logs of '{site}' and '{agg_party}'{instances} agree on all {compared} messages between them"
         );
         Ok(())
     } else {
@@ -279,9 +298,8 @@ pub fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
             println!("{p}");
         }
         anyhow::bail!(
-            "{} discrepancies between the logs of '{site}' and '{}' ({compared} messages compared)",
-            problems.len(),
-            agg.party
+            "{} discrepancies between the logs of '{site}' and '{agg_party}'{instances} ({compared} messages compared)",
+            problems.len()
         )
     }
 }
