@@ -56,6 +56,17 @@ pub enum HaStatus {
     },
 }
 
+/// An instance's standing, as `/status` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct HaView {
+    /// This instance's name (`[ha] instance`).
+    pub instance: String,
+    /// `active`, `standby` or `stepped down`.
+    pub role: &'static str,
+    /// The instance holding the lease, if known.
+    pub active_instance: Option<String>,
+}
+
 /// Why the HA driver could not start, or a write failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -211,6 +222,20 @@ impl Ha {
                 format!("aggregator instance '{me}' stepped down; another instance is active")
             }
             _ => format!("aggregator instance '{me}' is a standby; no instance is active yet"),
+        }
+    }
+
+    /// This instance's standing, for `/status` and `/metrics`.
+    pub fn view(&self) -> HaView {
+        let (role, active) = match &*self.shared.status.borrow() {
+            HaStatus::Active { .. } => ("active", Some(self.shared.instance.clone())),
+            HaStatus::Standby { holder } => ("standby", holder.as_ref().map(|h| h.holder.clone())),
+            HaStatus::SteppedDown { .. } => ("stepped down", None),
+        };
+        HaView {
+            instance: self.shared.instance.clone(),
+            role,
+            active_instance: active,
         }
     }
 

@@ -426,6 +426,7 @@ impl Aggregator {
                     board: board.clone(),
                     registry: self.registry.clone(),
                     audit: self.audit.clone(),
+                    ha: self.ha.clone(),
                 });
                 Some(tokio::spawn(ops.serve(listener)))
             }

@@ -93,6 +93,9 @@ struct StatusReply<'a> {
     messages_received: u64,
     bytes_received: u64,
     studies: &'a BTreeMap<String, StudyStatus>,
+    /// `[ha]`: this instance's role and the active instance.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ha: Option<crate::ha::HaView>,
 }
 
 impl StatusBoard {
@@ -201,7 +204,12 @@ impl StatusBoard {
         }
     }
 
-    fn status_json(&self, registry: &Registry, audit: &medfed_infra::auditlog::AuditLog) -> String {
+    fn status_json(
+        &self,
+        registry: &Registry,
+        audit: &medfed_infra::auditlog::AuditLog,
+        ha: Option<&crate::ha::Ha>,
+    ) -> String {
         let b = self.lock();
         let t = audit.traffic();
         let reply = StatusReply {
@@ -215,12 +223,18 @@ impl StatusBoard {
             messages_received: t.messages_received.load(Relaxed),
             bytes_received: t.bytes_received.load(Relaxed),
             studies: &b.studies,
+            ha: ha.map(crate::ha::Ha::view),
         };
         serde_json::to_string_pretty(&reply).expect("status serializes")
     }
 
     /// The Prometheus text exposition of the board.
-    pub fn metrics(&self, registry: &Registry, audit: &medfed_infra::auditlog::AuditLog) -> String {
+    pub fn metrics(
+        &self,
+        registry: &Registry,
+        audit: &medfed_infra::auditlog::AuditLog,
+        ha: Option<&crate::ha::Ha>,
+    ) -> String {
         let b = self.lock();
         let t = audit.traffic();
         let mut m = String::new();
@@ -243,6 +257,18 @@ impl StatusBoard {
             "Seconds since the aggregator started.",
             vec![(String::new(), self.started.elapsed().as_secs_f64())],
         );
+        if let Some(ha) = ha {
+            let v = ha.view();
+            family(
+                "medfed_ha_active",
+                "gauge",
+                "1 while this aggregator instance holds the lease ([ha]), else 0.",
+                vec![(
+                    format!("{{instance=\"{}\"}}", escape(&v.instance)),
+                    f64::from(u8::from(v.role == "active")),
+                )],
+            );
+        }
         family(
             "medfed_sites_connected",
             "gauge",
@@ -352,6 +378,8 @@ pub struct Ops {
     pub registry: Arc<Registry>,
     /// The compliance log, for its traffic counters.
     pub audit: Arc<medfed_infra::auditlog::AuditLog>,
+    /// `[ha]`: the lease, for the instance's role.
+    pub ha: Option<crate::ha::Ha>,
 }
 
 const MAX_REQUEST: usize = 8 * 1024;
@@ -415,12 +443,14 @@ impl Ops {
             "/status" => (
                 "200 OK",
                 "application/json",
-                self.board.status_json(&self.registry, &self.audit),
+                self.board
+                    .status_json(&self.registry, &self.audit, self.ha.as_ref()),
             ),
             "/metrics" => (
                 "200 OK",
                 "text/plain; version=0.0.4; charset=utf-8",
-                self.board.metrics(&self.registry, &self.audit),
+                self.board
+                    .metrics(&self.registry, &self.audit, self.ha.as_ref()),
             ),
             _ => (
                 "404 Not Found",

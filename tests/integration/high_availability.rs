@@ -142,6 +142,19 @@ fn instance(
     port: u16,
     nats: &[String],
 ) -> PathBuf {
+    instance_with(d, base, base_port, name, port, nats, "")
+}
+
+/// As [`instance`], with `extra` tables.
+fn instance_with(
+    d: &Path,
+    base: &str,
+    base_port: u16,
+    name: &str,
+    port: u16,
+    nats: &[String],
+    extra: &str,
+) -> PathBuf {
     let cfg = base.replacen(
         &format!("listen = \"127.0.0.1:{base_port}\"\n"),
         &format!("listen = \"127.0.0.1:{port}\"\nout_dir = \"out-{name}\"\n"),
@@ -150,7 +163,7 @@ fn instance(
     let cfg = format!(
         "{cfg}[audit]\nlog = \"audit-{name}/compliance.log\"\nkey = \"audit-{name}/signing.key\"\n\
          [ha]\nnats = {nats:?}\ninstance = \"{name}\"\nadvertise = \"127.0.0.1:{port}\"\n\
-         lease_ms = {LEASE_MS}\nreplicas = 3\n"
+         lease_ms = {LEASE_MS}\nreplicas = 3\n{extra}"
     );
     let path = d.join(format!("{name}.toml"));
     std::fs::write(&path, cfg).unwrap();
@@ -409,10 +422,19 @@ fn a_paused_active_instance_is_fenced_and_steps_down_and_losing_a_nats_server_is
     let mut nats = NatsCluster::start(d);
     let other = free_udp_port();
     let (base, port, _nodes) = federation(d, &[other]);
-    let configs = [
-        instance(d, &base, port, "a", port, &nats.urls),
-        instance(d, &base, port, "b", other, &nats.urls),
+    let ops = [
+        crate::common::free_tcp_addr(),
+        crate::common::free_tcp_addr(),
     ];
+    let ops_of = |i: usize| format!("[ops]\nlisten = \"{}\"\n", ops[i]);
+    let configs = [
+        instance_with(d, &base, port, "a", port, &nats.urls, &ops_of(0)),
+        instance_with(d, &base, port, "b", other, &nats.urls, &ops_of(1)),
+    ];
+    let status = |i: usize| -> serde_json::Value {
+        let reply = crate::ops::get(&ops[i], "/status").unwrap_or_default();
+        serde_json::from_str(crate::ops::body(&reply)).unwrap_or_default()
+    };
     let mut lives = Lives {
         dir: d.to_path_buf(),
         configs,
@@ -470,6 +492,16 @@ fn a_paused_active_instance_is_fenced_and_steps_down_and_losing_a_nats_server_is
     crate::common::until("instance a to step down", Duration::from_secs(30), || {
         log(d, &a_log)[log_before..].contains("steps down")
     });
+    // Each instance's /status says which is active.
+    assert_eq!(status(1)["ha"]["role"], "active", "{}", status(1));
+    crate::common::until(
+        "instance a's /status to say standby",
+        Duration::from_secs(30),
+        || {
+            status(0)["ha"]
+                == serde_json::json!({"instance": "a", "role": "standby", "active_instance": "b"})
+        },
+    );
     // The study completes on b, despite the lost NATS server.
     let b = lives.live.iter().position(|(i, _, _)| *i == 1).unwrap();
     let status = wait(&mut lives.live[b].2, Duration::from_secs(300));

@@ -8,7 +8,7 @@ use crate::common::{Federation, Processes, SERVE_PIMA, ok, pima_study};
 
 const SITES: [&str; 2] = ["site-a", "site-b"];
 
-fn get(addr: &str, path: &str) -> Option<String> {
+pub(crate) fn get(addr: &str, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
@@ -17,7 +17,7 @@ fn get(addr: &str, path: &str) -> Option<String> {
     Some(r)
 }
 
-fn body(reply: &str) -> &str {
+pub(crate) fn body(reply: &str) -> &str {
     reply.split_once("\r\n\r\n").map_or("", |(_, b)| b)
 }
 
