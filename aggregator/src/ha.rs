@@ -84,8 +84,8 @@ pub enum HaError {
         "another aggregator instance took the lease over; this one steps down and wrote nothing"
     )]
     Fenced,
-    /// NATS did not store the write before the lease ran out.
-    #[error("the write to the NATS bucket did not complete before the lease ran out: {0}")]
+    /// NATS refused the write, or did not store it before the lease ran out.
+    #[error("the NATS bucket did not store the write: {0}")]
     Unavailable(String),
 }
 
@@ -100,6 +100,9 @@ struct Shared {
     writes: std::sync::atomic::AtomicU64,
     instance: String,
     record: LeaseRecord,
+    /// One fenced write at a time (renewals and the store's): each expects the sequence
+    /// the previous one produced.
+    write_lock: tokio::sync::Mutex<()>,
 }
 
 impl Shared {
@@ -411,6 +414,7 @@ impl Ha {
     /// this instance's last write. A write that times out is sent again with the same
     /// message id (NATS stores it once) until the lease runs out.
     async fn fenced(&self, key: &str, value: Option<Vec<u8>>) -> Result<u64, HaError> {
+        let _one_at_a_time = self.shared.write_lock.lock().await;
         let Some(expect) = self.shared.lease().expected_seq() else {
             return Err(HaError::NotActive);
         };
@@ -444,10 +448,22 @@ impl Ha {
                     self.shared.step_down("another instance took the lease over (the bucket refused this instance's write)");
                     return Err(HaError::Fenced);
                 }
-                Err(e) => {
+                // No answer (a NATS server lost, a stream leader being elected): the same
+                // message again; stored once, thanks to its id.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        PublishErrorKind::TimedOut
+                            | PublishErrorKind::BrokenPipe
+                            | PublishErrorKind::StreamNotFound
+                    ) =>
+                {
                     warn!(%key, "[ha] write not confirmed ({e}); sending it again");
                     tokio::time::sleep(TICK).await;
                 }
+                // Refused for what it is (too large for the servers' max_payload, say):
+                // sending it again cannot help.
+                Err(e) => return Err(HaError::Unavailable(e.to_string())),
             }
         }
     }
@@ -553,6 +569,7 @@ async fn connect(cfg: &HaConfig, runtime: tokio::runtime::Handle) -> Result<Ha, 
                 advertise: cfg.advertise.clone(),
                 duration_ms: cfg.lease_ms,
             },
+            write_lock: tokio::sync::Mutex::new(()),
         }),
         runtime,
         js,
