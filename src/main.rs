@@ -561,8 +561,20 @@ fn run_aggregator(config: PathBuf) -> anyhow::Result<()> {
                 }
             }
         });
+        let mut restarts = 0u32;
         let outcomes = loop {
-            let aggregator = medfed_aggregator::Aggregator::bind(cfg.clone())?;
+            let aggregator = match medfed_aggregator::Aggregator::bind(cfg.clone()) {
+                Ok(a) => a,
+                // A stepped-down instance waits for NATS to come back rather than exit.
+                Err(medfed_aggregator::AggregatorError::Ha(e))
+                    if restarts > 0 && !stopped.load(std::sync::atomic::Ordering::SeqCst) =>
+                {
+                    tracing::warn!("{e}; trying again in 5 s");
+                    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             tracing::info!(addr = %aggregator.local_addr()?, "aggregator listening");
             *current.lock().unwrap_or_else(|p| p.into_inner()) = Some(aggregator.handle());
             if stopped.load(std::sync::atomic::Ordering::SeqCst) {
@@ -575,6 +587,7 @@ fn run_aggregator(config: PathBuf) -> anyhow::Result<()> {
                     if !stopped.load(std::sync::atomic::Ordering::SeqCst) =>
                 {
                     tracing::warn!("{reason}; starting again as a standby");
+                    restarts += 1;
                 }
                 other => break other?,
             }

@@ -8,8 +8,12 @@
 //! - Every write of the active instance, renewals included, expects the bucket's last
 //!   sequence to be its own previous write's: once a standby has taken the lease over,
 //!   no write of the former active can land (it is fenced), however long it was paused.
-//! - The NATS client lives on a thread of its own with its own runtime: [`HaStore`] (a
-//!   [`Store`], whose methods are synchronous) hands it the writes and waits for them.
+//! - A takeover expects the bucket's last sequence as the standby read it (and the lease
+//!   key at the revision it saw unchanged for a whole lease), and is confirmed by a fenced
+//!   renewal before the instance loads the state and says it is active.
+//! - The NATS client lives on a thread of its own with its own runtime: the store kept in
+//!   the bucket (a [`Store`], whose methods are synchronous) hands it the writes and waits
+//!   for them.
 //!
 //! A standby answers nodes with [`ErrorCode::NotActive`](medfed_protocol::ErrorCode) and
 //! the active instance's address; an active instance whose lease ran out (a pause, a lost
@@ -91,7 +95,9 @@ pub enum HaError {
 
 struct Shared {
     lease: Mutex<Lease>,
-    clock: Instant,
+    timing: LeaseTiming,
+    /// [`boottime`] when the driver started.
+    clock: Duration,
     /// The store's keys and values, loaded when the lease is taken, kept by every write.
     state: Mutex<BTreeMap<String, Vec<u8>>>,
     status: watch::Sender<HaStatus>,
@@ -106,8 +112,11 @@ struct Shared {
 }
 
 impl Shared {
+    /// Milliseconds since the driver started, on a clock that also counts time the machine
+    /// spent suspended (CLOCK_BOOTTIME on Linux): a VM frozen or suspended past its lease
+    /// finds the lease expired when it wakes.
     fn now(&self) -> u64 {
-        u64::try_from(self.clock.elapsed().as_millis()).unwrap_or(u64::MAX)
+        u64::try_from(boottime().saturating_sub(self.clock).as_millis()).unwrap_or(u64::MAX)
     }
 
     fn lease(&self) -> MutexGuard<'_, Lease> {
@@ -207,9 +216,10 @@ impl Ha {
         self.shared.status.subscribe()
     }
 
-    /// Whether this instance may act now (holds an unexpired lease).
+    /// Whether this instance may act now: it took the lease, loaded the state, and its
+    /// lease has not run out.
     pub fn is_active(&self) -> bool {
-        self.shared.is_active()
+        matches!(*self.shared.status.borrow(), HaStatus::Active { .. }) && self.shared.is_active()
     }
 
     /// What a standby tells a node, with the active instance's address when one holds the
@@ -260,95 +270,11 @@ impl Ha {
             let role = self.shared.lease().role();
             match role {
                 Role::Standby => {
-                    let stream = match self.js.get_stream_no_info(&stream_name).await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            warn!("[ha] cannot open the bucket's stream: {e}");
-                            continue;
-                        }
-                    };
-                    let current = match stream
-                        .get_last_raw_message_by_subject(&self.subject(LEASE_KEY))
-                        .await
-                    {
-                        Ok(m) => match serde_json::from_slice::<LeaseRecord>(&m.payload) {
-                            Ok(r) => Some((m.sequence, r)),
-                            Err(e) => {
-                                warn!("[ha] the lease in the bucket is unreadable ({e}); it is taken over once it stays unchanged for a whole lease");
-                                Some((
-                                    m.sequence,
-                                    LeaseRecord {
-                                        holder: "?".into(),
-                                        advertise: String::new(),
-                                        duration_ms: 0,
-                                    },
-                                ))
-                            }
-                        },
-                        Err(e)
-                            if e.kind()
-                                == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
-                        {
-                            None
-                        }
-                        Err(e) => {
-                            warn!("[ha] cannot read the lease: {e}");
-                            continue;
-                        }
-                    };
-                    let now = self.shared.now();
-                    let decision = self.shared.lease().observe(now, current);
-                    let kv = match self.js.get_key_value(&self.bucket).await {
-                        Ok(kv) => kv,
-                        Err(e) => {
-                            warn!("[ha] cannot open the bucket: {e}");
-                            continue;
-                        }
-                    };
-                    let value = match serde_json::to_vec(&self.shared.record) {
-                        Ok(v) => bytes::Bytes::from(v),
-                        Err(_) => continue,
-                    };
-                    let taken = match decision {
-                        Decision::Wait { holder } => {
-                            self.shared.status.send_if_modified(|s| {
-                                let new = HaStatus::Standby { holder };
-                                (*s != new).then(|| *s = new).is_some()
-                            });
-                            continue;
-                        }
-                        Decision::Create => {
-                            kv.create(LEASE_KEY, value).await.map_err(|e| e.to_string())
-                        }
-                        Decision::TakeOver { revision } => kv
-                            .update(LEASE_KEY, value, revision)
-                            .await
-                            .map_err(|e| e.to_string()),
-                    };
-                    match taken {
-                        Ok(seq) => {
-                            self.shared.lease().acquired(now, seq);
-                            info!(
-                                epoch = seq,
-                                "[ha] this instance took the lease: it is the active aggregator"
-                            );
-                            match self.load().await {
-                                Ok(n) => {
-                                    info!(entries = n, "[ha] state loaded from the bucket");
-                                    self.shared
-                                        .status
-                                        .send_replace(HaStatus::Active { epoch: seq });
-                                }
-                                Err(e) => {
-                                    self.shared.step_down(&format!(
-                                        "cannot load the state from the bucket: {e}"
-                                    ));
-                                    return;
-                                }
-                            }
-                        }
-                        // Another standby was faster, or the holder renewed: read again.
-                        Err(e) => info!("[ha] did not take the lease: {e}"),
+                    if let Err(e) = self.standby_tick(&stream_name).await {
+                        warn!("[ha] {e}");
+                    }
+                    if self.shared.lease().role() == Role::SteppedDown {
+                        return;
                     }
                 }
                 Role::Active => {
@@ -371,6 +297,141 @@ impl Ha {
                 Role::SteppedDown => return,
             }
         }
+    }
+
+    /// One look at the lease as a standby: wait, or take it over (then confirm it with a
+    /// fenced renewal, load the state, and only then say Active).
+    async fn standby_tick(&self, stream_name: &str) -> Result<(), String> {
+        let mut stream = self
+            .js
+            .get_stream(stream_name)
+            .await
+            .map_err(|e| format!("cannot open the bucket's stream: {e}"))?;
+        let current = match stream
+            .get_last_raw_message_by_subject(&self.subject(LEASE_KEY))
+            .await
+        {
+            Ok(m) => Some((
+                m.sequence,
+                serde_json::from_slice::<LeaseRecord>(&m.payload).unwrap_or_else(|e| {
+                    warn!("[ha] the lease in the bucket is unreadable ({e}); it is taken over once it stays unchanged for a whole lease");
+                    LeaseRecord {
+                        holder: "?".into(),
+                        advertise: String::new(),
+                        duration_ms: 0,
+                    }
+                }),
+            )),
+            Err(e)
+                if e.kind()
+                    == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+            {
+                None
+            }
+            Err(e) => return Err(format!("cannot read the lease: {e}")),
+        };
+        let now = self.shared.now();
+        let decision = self.shared.lease().observe(now, current);
+        let revision = match decision {
+            Decision::Wait { holder } => {
+                self.shared.status.send_if_modified(|s| {
+                    let new = HaStatus::Standby { holder };
+                    (*s != new).then(|| *s = new).is_some()
+                });
+                return Ok(());
+            }
+            Decision::Create => 0,
+            Decision::TakeOver { revision } => revision,
+        };
+        // The takeover expects the whole bucket unchanged since this read (the stream's last
+        // sequence, which the servers check against writes still being replicated, too), and
+        // the lease key at the revision seen. Any write since, a renewal or another
+        // standby's takeover, makes it fail.
+        let last = stream
+            .info()
+            .await
+            .map_err(|e| format!("cannot read the bucket's state: {e}"))?
+            .state
+            .last_sequence;
+        let value = serde_json::to_vec(&self.shared.record).map_err(|e| e.to_string())?;
+        let mut msg = jetstream::message::PublishMessage::build()
+            .payload(value.into())
+            .message_id(format!("{}-take-{revision}-{last}", self.shared.instance))
+            .expected_last_subject_sequence(revision);
+        if last > 0 {
+            msg = msg.expected_last_sequence(last);
+        }
+        let mut taken = None;
+        for _ in 0..3 {
+            let sent = match self
+                .js
+                .send_publish(self.subject(LEASE_KEY), msg.clone())
+                .await
+            {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok(ack) if ack.sequence > 0 => {
+                    taken = Some(ack.sequence);
+                    break;
+                }
+                Ok(_) => tokio::time::sleep(TICK).await,
+                Err(e) if retryable(&e) => tokio::time::sleep(TICK).await,
+                // Someone wrote first: read again.
+                Err(e) => {
+                    info!("[ha] did not take the lease: {e}");
+                    return Ok(());
+                }
+            }
+        }
+        let Some(seq) = taken else {
+            return Err("the takeover was not confirmed; reading the lease again".into());
+        };
+        self.shared.lease().acquired(now, seq);
+        // A second, fenced write: of two standbys that both believed they took the lease,
+        // only the later one's expectation holds.
+        let confirm_at = self.shared.now();
+        match self
+            .fenced(
+                LEASE_KEY,
+                Some(serde_json::to_vec(&self.shared.record).map_err(|e| e.to_string())?),
+            )
+            .await
+        {
+            Ok(seq) => self.shared.lease().renewed(confirm_at, seq),
+            Err(e) => {
+                *self.shared.lease() = Lease::new(self.shared.timing);
+                return Err(format!(
+                    "the lease was not confirmed ({e}); this instance stays a standby"
+                ));
+            }
+        }
+        info!(
+            epoch = seq,
+            "[ha] this instance took the lease: it is the active aggregator"
+        );
+        match self.load().await {
+            Ok(n) => info!(entries = n, "[ha] state loaded from the bucket"),
+            Err(e) => {
+                self.shared
+                    .step_down(&format!("cannot load the state from the bucket: {e}"));
+                return Ok(());
+            }
+        }
+        if !self.shared.is_active() {
+            return Ok(());
+        }
+        // Never over a step-down that happened meanwhile.
+        self.shared.status.send_if_modified(|s| {
+            if matches!(s, HaStatus::SteppedDown { .. }) {
+                false
+            } else {
+                *s = HaStatus::Active { epoch: seq };
+                true
+            }
+        });
+        Ok(())
     }
 
     /// Reads every store key of the bucket into memory (from the stream's leader, not a
@@ -440,6 +501,9 @@ impl Ha {
                 Err(e) => Err(e),
             };
             match sent {
+                // A duplicate acknowledged before the original was stored says sequence 0:
+                // not a confirmation (and 0 would switch the fence off), so ask again.
+                Ok(ack) if ack.sequence == 0 => tokio::time::sleep(TICK).await,
                 Ok(ack) => {
                     self.shared.lease().wrote(ack.sequence);
                     return Ok(ack.sequence);
@@ -450,14 +514,7 @@ impl Ha {
                 }
                 // No answer (a NATS server lost, a stream leader being elected): the same
                 // message again; stored once, thanks to its id.
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        PublishErrorKind::TimedOut
-                            | PublishErrorKind::BrokenPipe
-                            | PublishErrorKind::StreamNotFound
-                    ) =>
-                {
+                Err(e) if retryable(&e) => {
                     warn!(%key, "[ha] write not confirmed ({e}); sending it again");
                     tokio::time::sleep(TICK).await;
                 }
@@ -512,7 +569,9 @@ async fn connect(cfg: &HaConfig, runtime: tokio::runtime::Handle) -> Result<Ha, 
             ))
         })?
         .map_err(|e| HaError::Setup(format!("cannot connect to nats = [{urls}]: {e}")))?;
-    let js = jetstream::new(client);
+    let mut js = jetstream::new(client);
+    // A write unanswered for a third of the lease is sent again well before the lease ends.
+    js.set_timeout(Duration::from_millis((cfg.lease_ms / 3).max(300)));
     // A cluster that has just started may have no JetStream leader yet: try for a minute.
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -559,7 +618,8 @@ async fn connect(cfg: &HaConfig, runtime: tokio::runtime::Handle) -> Result<Ha, 
     Ok(Ha {
         shared: Arc::new(Shared {
             lease: Mutex::new(Lease::new(timing)),
-            clock: Instant::now(),
+            timing,
+            clock: boottime(),
             state: Mutex::default(),
             status,
             writes: std::sync::atomic::AtomicU64::new(0),
@@ -576,6 +636,39 @@ async fn connect(cfg: &HaConfig, runtime: tokio::runtime::Handle) -> Result<Ha, 
         bucket: cfg.bucket.clone(),
         _stop: Arc::new(tokio::sync::oneshot::channel().0),
     })
+}
+
+/// The time since boot, suspended time included (Linux: CLOCK_BOOTTIME); elsewhere the
+/// process's monotonic clock.
+fn boottime() -> Duration {
+    #[cfg(target_os = "linux")]
+    {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+        Duration::new(
+            u64::try_from(t.tv_sec).unwrap_or(0),
+            u32::try_from(t.tv_nsec).unwrap_or(0),
+        )
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        START.get_or_init(Instant::now).elapsed()
+    }
+}
+
+/// Whether a write that failed this way may have gone unanswered (a lost server, an
+/// election), rather than been refused for what it is.
+fn retryable(e: &jetstream::context::PublishError) -> bool {
+    match e.kind() {
+        PublishErrorKind::TimedOut
+        | PublishErrorKind::BrokenPipe
+        | PublishErrorKind::StreamNotFound => true,
+        PublishErrorKind::Other => {
+            let text = e.to_string().to_lowercase();
+            text.contains("unavailable") || text.contains("leader")
+        }
+        _ => false,
+    }
 }
 
 /// The bucket key of `ns`/`key`.
@@ -670,8 +763,14 @@ impl Store for HaStore {
         let bkey = bucket_key(&ns, key);
         let ha = self.ha.clone();
         let (k, v) = (bkey.clone(), value.clone());
-        self.ha
-            .block_on(async move { ha.fenced(&k, v).await })
+        let write = || self.ha.block_on(async move { ha.fenced(&k, v).await });
+        // On a multi-threaded runtime the wait moves off the worker; elsewhere it blocks
+        // this thread only (the write runs on the HA thread's runtime).
+        let written = match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(write),
+            _ => write(),
+        };
+        written
             .and_then(|r| r)
             .map_err(|e| self.error(e.to_string()))?;
         let mut state = self

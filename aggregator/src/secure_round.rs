@@ -118,6 +118,14 @@ impl StudyRunner {
         let mut refusals: Vec<String> = Vec::new();
         loop {
             while let Some((v, message)) = server.poll_transmit() {
+                // [ha]: an instance that lost its lease sends nothing more (the unmasking
+                // requests above all); the active instance repeats the query.
+                if !self.may_act() {
+                    return Err(
+                        "this aggregator instance lost its lease mid-round; nothing more was sent"
+                            .into(),
+                    );
+                }
                 let msg = Message::SecAggToNode(SecAggToNode {
                     study_id: cfg.id.clone(),
                     round,

@@ -284,8 +284,10 @@ impl StudyRunner {
     ) -> JoinSet<(String, Result<Message, TransportError>, f64)> {
         let started = Instant::now();
         let mut tasks = JoinSet::new();
+        // [ha]: an instance that lost its lease sends nothing (its answers are "not connected").
+        let acting = self.may_act();
         for site in sites {
-            let Some(s) = self.registry.get(site) else {
+            let Some(s) = self.registry.get(site).filter(|_| acting) else {
                 continue;
             };
             let (msg, site, max, audit) = (
@@ -426,7 +428,7 @@ impl StudyRunner {
                 | Command::Checkpoint(_)
                 | Command::Release { .. }
         );
-        if acts && self.ha.as_ref().is_some_and(|ha| !ha.is_active()) {
+        if acts && !self.may_act() {
             // The run loop stops the study (the lease's loss stops the aggregator); the
             // instance now active repeats the round from its checkpoint.
             warn!(study = %study, "[ha] not carried out: this instance no longer holds the lease");
@@ -520,6 +522,12 @@ impl StudyRunner {
             },
         }
         Ok(())
+    }
+
+    /// Whether this instance may send, write or release: always without `[ha]`, and while it
+    /// holds the lease with it.
+    pub(crate) fn may_act(&self) -> bool {
+        self.ha.as_ref().is_none_or(crate::ha::Ha::is_active)
     }
 
     /// A one-way message to `site` (a round's result): logged, then sent.

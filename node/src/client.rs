@@ -525,20 +525,26 @@ impl Node {
                 } => Some(reason.clone()),
                 _ => None,
             };
+            let hinted = standby
+                .as_deref()
+                .and_then(ErrorCode::not_active_hint)
+                .and_then(|h| addresses.iter().position(|a| a == h))
+                .filter(|&i| i != current);
+            let previous = current;
             if addresses.len() > 1 {
-                let hinted = standby
-                    .as_deref()
-                    .and_then(ErrorCode::not_active_hint)
-                    .and_then(|h| addresses.iter().position(|a| a == h))
-                    .filter(|&i| i != current);
                 current = hinted.unwrap_or((current + 1) % addresses.len());
             }
-            if let Some(reason) = standby {
+            // Named by a standby: go there at once. (A standby that names no active
+            // instance is waited for with the usual backoff: none may be active for a while.)
+            if let (Some(reason), Some(_)) = (&standby, hinted) {
                 info!(site = %node.config.site, "{reason}; dialling {}", addresses[current]);
                 backoff = Duration::from_millis(reconnect.initial_backoff_ms);
                 match node.resolve_address(&addresses[current]).await {
                     Ok(a) => addr = a,
-                    Err(e) => warn!(site = %node.config.site, "{e}"),
+                    Err(e) => {
+                        warn!(site = %node.config.site, "{e}");
+                        current = previous;
+                    }
                 }
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}
@@ -572,7 +578,10 @@ impl Node {
                     addr = a;
                 }
                 Ok(_) => {}
-                Err(e) => warn!(site = %node.config.site, "{e}; trying the last known address"),
+                Err(e) => {
+                    warn!(site = %node.config.site, "{e}; trying the last known address");
+                    current = previous;
+                }
             }
         };
         endpoint.close(

@@ -157,7 +157,7 @@ impl Lease {
     /// The create or compare-and-set sent at `sent_at` succeeded as bucket sequence `seq`:
     /// this instance is active.
     pub fn acquired(&mut self, sent_at: u64, seq: u64) {
-        if self.role != Role::Standby {
+        if self.role != Role::Standby || seq == 0 {
             return;
         }
         self.role = Role::Active;
@@ -183,9 +183,10 @@ impl Lease {
         (self.role == Role::Active).then_some(self.last_seq)
     }
 
-    /// A renewal sent at `sent_at` was stored as sequence `seq`.
+    /// A renewal sent at `sent_at` was stored as sequence `seq`. A sequence of 0 (no
+    /// confirmation) changes nothing: expecting 0 would switch the fence off.
     pub fn renewed(&mut self, sent_at: u64, seq: u64) {
-        if self.role == Role::Active {
+        if self.role == Role::Active && seq > 0 {
             self.last_seq = seq;
             self.extend(sent_at);
         }
@@ -193,7 +194,7 @@ impl Lease {
 
     /// A state write was stored as sequence `seq` (the lease's validity is unchanged).
     pub fn wrote(&mut self, seq: u64) {
-        if self.role == Role::Active {
+        if self.role == Role::Active && seq > 0 {
             self.last_seq = seq;
         }
     }
@@ -307,6 +308,22 @@ mod tests {
         l.fenced();
         assert!(!l.is_active(1));
         assert_eq!(l.expected_seq(), None);
+    }
+
+    #[test]
+    fn a_sequence_of_zero_is_no_confirmation() {
+        let mut l = Lease::new(TIMING);
+        l.acquired(0, 0);
+        assert_eq!(l.role(), Role::Standby);
+        l.acquired(0, 4);
+        l.wrote(0);
+        l.renewed(2000, 0);
+        assert_eq!(
+            l.expected_seq(),
+            Some(4),
+            "expecting 0 would switch the fence off"
+        );
+        assert_eq!(l.valid_until(), Some(2700));
     }
 
     /// The bucket, as the driver sees it: a total order of writes, with the two

@@ -631,3 +631,54 @@ fn the_bucket_refuses_the_writes_of_an_instance_whose_lease_was_taken() {
     let err = store.commit(put(b"round 3")).unwrap_err().to_string();
     assert!(err.contains("not the active one"), "{err}");
 }
+
+/// Three standbys start at once against a bucket whose lease ran out (its holder is gone):
+/// exactly one becomes active, and at no moment are two active.
+#[test]
+fn three_standbys_racing_for_an_expired_lease_make_one_active() {
+    use medfed_aggregator::config::HaConfig;
+    use medfed_aggregator::ha::Ha;
+
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsCluster::start(dir.path());
+    let cfg = |instance: &str| HaConfig {
+        nats: nats.urls.clone(),
+        bucket: "race".into(),
+        instance: instance.into(),
+        advertise: format!("{instance}.example:4433"),
+        lease_ms: 1_000,
+        replicas: 3,
+        credentials: None,
+    };
+    // A holder that is gone: its lease is never renewed.
+    let gone = Ha::start(&cfg("gone")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !gone.is_active() {
+        assert!(
+            Instant::now() < deadline,
+            "the first instance never became active"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(gone);
+    let racers: Vec<Ha> = std::thread::scope(|s| {
+        let handles: Vec<_> = ["r1", "r2", "r3"]
+            .into_iter()
+            .map(|n| s.spawn(move || Ha::start(&cfg(n)).unwrap()))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let mut ever = std::collections::BTreeSet::new();
+    while Instant::now() < deadline {
+        let active: Vec<usize> = (0..3).filter(|&i| racers[i].is_active()).collect();
+        assert!(active.len() <= 1, "instances {active:?} are active at once");
+        ever.extend(active);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        ever.len(),
+        1,
+        "one instance, and only one, became active: {ever:?}"
+    );
+}
