@@ -4,8 +4,13 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
-/// GETs `path` from the operations endpoint at `address`.
-pub fn ops_get(address: &str, path: &str) -> anyhow::Result<String> {
+/// GETs `path` from the operations endpoint at `address`, with the token of `token_file`
+/// if given.
+pub fn ops_get(
+    address: &str,
+    path: &str,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     use std::net::ToSocketAddrs;
     let addr = address
@@ -20,23 +25,46 @@ pub fn ops_get(address: &str, path: &str) -> anyhow::Result<String> {
         )
     })?;
     s.set_read_timeout(Some(timeout))?;
+    let auth = match token_file {
+        Some(f) => {
+            let token = std::fs::read_to_string(f)
+                .with_context(|| format!("--token-file {}", f.display()))?;
+            format!("Authorization: Bearer {}\r\n", token.trim())
+        }
+        None => String::new(),
+    };
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\n{auth}Connection: close\r\n\r\n"
     )?;
     let mut reply = String::new();
     s.take(64 << 20).read_to_string(&mut reply)?;
     let (head, body) = reply
         .split_once("\r\n\r\n")
         .with_context(|| format!("{address}: not an HTTP answer"))?;
+    if head.starts_with("HTTP/1.1 401") {
+        anyhow::bail!(
+            "{address}{path} needs the operations endpoint's token: pass --token-file with the \
+             aggregator's [ops] token_file{}",
+            if token_file.is_some() {
+                " (the one given was refused)"
+            } else {
+                ""
+            }
+        );
+    }
     if !head.starts_with("HTTP/1.1 200") {
         anyhow::bail!("{address}{path}: {}", head.lines().next().unwrap_or(""));
     }
     Ok(body.to_string())
 }
 
-pub fn aggregator_status(address: &str, json: bool) -> anyhow::Result<()> {
-    let body = ops_get(address, "/status")?;
+pub fn aggregator_status(
+    address: &str,
+    json: bool,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    let body = ops_get(address, "/status", token_file)?;
     if json {
         println!("{body}");
         return Ok(());
@@ -238,8 +266,13 @@ fn all_studies(cfg: &medfed_aggregator::config::AggregatorConfig) -> anyhow::Res
 
 /// Study states from the running aggregator's `/status`, when it answers.
 fn live_states(cfg: &medfed_aggregator::config::AggregatorConfig) -> Option<serde_json::Value> {
-    let addr = cfg.ops.as_ref()?.listen.to_string();
-    let body = ops_get(&addr, "/status").ok()?;
+    let ops = cfg.ops.as_ref()?;
+    let body = ops_get(
+        &ops.listen.to_string(),
+        "/status",
+        ops.token_file.as_deref(),
+    )
+    .ok()?;
     serde_json::from_str::<serde_json::Value>(&body).ok()
 }
 

@@ -204,6 +204,9 @@ enum AggregatorCommand {
         /// Print the endpoint's JSON instead of tables.
         #[arg(long)]
         json: bool,
+        /// The endpoint's token file ([ops] token_file), when it is not on loopback.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
     },
 }
 
@@ -333,9 +336,11 @@ fn main() -> ExitCode {
         Command::Aggregator(AggregatorCommand::Statistics(StatisticsCommand::Show(args))) => {
             medfed::statistics_cmd::show(args)
         }
-        Command::Aggregator(AggregatorCommand::Status { address, json }) => {
-            aggregator_cmd::aggregator_status(&address, json)
-        }
+        Command::Aggregator(AggregatorCommand::Status {
+            address,
+            json,
+            token_file,
+        }) => aggregator_cmd::aggregator_status(&address, json, token_file.as_deref()),
         Command::Aggregator(AggregatorCommand::Run { config }) => {
             logging::init_stderr(&cli.log_format, &cli.log_level);
             run_aggregator(config)

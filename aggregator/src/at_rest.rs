@@ -25,6 +25,9 @@ pub fn private_paths(cfg: &AggregatorConfig) -> Vec<PrivatePath> {
         PrivatePath::new("the compliance log", &cfg.audit.log),
         PrivatePath::new("the compliance log's signing key", &cfg.audit.key),
     ];
+    if let Some(token) = cfg.ops.as_ref().and_then(|o| o.token_file.as_ref()) {
+        paths.push(PrivatePath::new("the operations endpoint's token", token));
+    }
     if let Some(capture) = &cfg.audit.capture_sent {
         paths.push(PrivatePath::new("the capture of sent frames", capture));
     }

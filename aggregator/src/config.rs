@@ -270,6 +270,33 @@ pub struct OpsConfig {
     /// loopback, or behind your monitoring network's controls).
     #[serde(default = "default_ops_listen")]
     pub listen: SocketAddr,
+    /// A file holding a secret token (one line, mode 0600; relative to this file). Required
+    /// when `listen` is not a loopback address: every request but `/healthz` must then carry
+    /// it (`Authorization: Bearer <token>`, or HTTP Basic with it as the password).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl OpsConfig {
+    /// The token, read from `token_file`; `None` without one.
+    pub fn token(&self) -> Result<Option<String>, String> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("[ops] token_file = {}: {e}", path.display()))?;
+        let token = text.trim().to_string();
+        if token.len() < 16 {
+            return Err(format!(
+                "[ops] token_file = {} holds a token of {} characters: use at least 16 random ones \
+                 (e.g. `openssl rand -hex 24 > {}`)",
+                path.display(),
+                token.len(),
+                path.display()
+            ));
+        }
+        Ok(Some(token))
+    }
 }
 
 fn default_ops_listen() -> SocketAddr {
@@ -624,6 +651,11 @@ impl AggregatorConfig {
         {
             ha.credentials = Some(resolve(path, creds));
         }
+        if let Some(ops) = &mut cfg.ops
+            && let Some(token) = &ops.token_file
+        {
+            ops.token_file = Some(resolve(path, token));
+        }
         cfg.validate(path)?;
         Ok(cfg)
     }
@@ -655,6 +687,20 @@ impl AggregatorConfig {
         }
         if let Some(ha) = &self.ha {
             ha.validate().map_err(|(key, why)| invalid(key, why))?;
+        }
+        if let Some(ops) = &self.ops
+            && !ops.listen.ip().is_loopback()
+            && ops.token_file.is_none()
+        {
+            return Err(invalid(
+                "ops.listen".into(),
+                format!(
+                    "{} is not a loopback address: the console, /status and /metrics would be open \
+                     to anyone who can reach it. Set [ops] token_file (a file holding a secret token) \
+                     or listen on 127.0.0.1",
+                    ops.listen
+                ),
+            ));
         }
         let mut ids = BTreeSet::new();
         for (i, s) in self.statistics.iter().enumerate() {

@@ -20,6 +20,7 @@
 pub mod at_rest;
 mod checkpoint;
 pub mod config;
+pub mod console;
 pub mod ha;
 pub mod ops;
 mod release;
@@ -183,6 +184,8 @@ pub struct Aggregator {
     stop: Arc<watch::Sender<Option<String>>>,
     /// `[ha]`: the lease, and the bucket the store is kept in.
     ha: Option<ha::Ha>,
+    /// `[ops] token_file`'s token.
+    ops_token: Option<String>,
 }
 
 /// How one study's run ended.
@@ -231,6 +234,10 @@ impl Aggregator {
         }
         let audit = Arc::new(audit);
         let endpoint = transport::server_endpoint(config.listen, &config.tls.trust()?, identity)?;
+        let ops_token = match &config.ops {
+            Some(ops) => ops.token().map_err(std::io::Error::other)?,
+            None => None,
+        };
         let ops_listener = match &config.ops {
             Some(ops) => {
                 let l = std::net::TcpListener::bind(ops.listen).map_err(|e| {
@@ -279,6 +286,7 @@ impl Aggregator {
             registry: Arc::default(),
             stop: Arc::new(watch::channel(None).0),
             ha,
+            ops_token,
         })
     }
 
@@ -426,7 +434,10 @@ impl Aggregator {
                     board: board.clone(),
                     registry: self.registry.clone(),
                     audit: self.audit.clone(),
+                    log: self.config.audit.log.display().to_string(),
+                    allowed: self.config.sites.allow.clone(),
                     ha: self.ha.clone(),
+                    token: self.ops_token.clone(),
                 });
                 Some(tokio::spawn(ops.serve(listener)))
             }

@@ -1,19 +1,29 @@
-//! The operations sidecar: `/healthz`, `/status` (JSON) and `/metrics` (Prometheus text
-//! exposition format) over plain HTTP on a loopback address by default (`[ops] listen`).
+//! The operations endpoint (`[ops] listen`, loopback by default), served with axum:
+//! `/healthz`, `/status` (JSON), `/metrics` (OpenMetrics text from `prometheus-client`), and the
+//! read-only web console ([`crate::console`]: `/` and `/studies/<id>`), all answered from a
+//! status board the aggregator's events keep up to date.
 //!
-//! It serves GET requests only, reads at most 8 KiB of a request for at most 5 seconds, and
-//! answers from a status board the aggregator's events keep up to date.
+//! Bound to anything but loopback it requires `[ops] token_file`'s token on every request but
+//! `/healthz` (`Authorization: Bearer <token>`, or HTTP Basic with the token as password, which
+//! browsers ask for).
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry as Metrics, Unit};
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tracing::{debug, info};
+use tracing::{info, warn};
 
 use crate::AggregatorEvent;
 use crate::server::Registry;
@@ -39,12 +49,17 @@ pub struct StudyStatus {
     pub round_failures: u64,
     /// Sites that refused the study, and why.
     pub refusals: Vec<(String, String)>,
+    /// Each completed round's duration, in seconds.
     #[serde(skip)]
-    round_seconds_sum: f64,
-    #[serde(skip)]
-    round_seconds_count: u64,
+    round_seconds: Vec<f64>,
     #[serde(skip)]
     round_started: Option<Instant>,
+    /// The rounds, for the console's curves.
+    #[serde(skip)]
+    history: Vec<crate::console::RoundPoint>,
+    /// The last release (a round's model, or the statistics file).
+    #[serde(skip)]
+    released: Option<std::path::PathBuf>,
 }
 
 impl StudyStatus {
@@ -59,9 +74,10 @@ impl StudyStatus {
             dropouts: 0,
             round_failures: 0,
             refusals: Vec::new(),
-            round_seconds_sum: 0.0,
-            round_seconds_count: 0,
+            round_seconds: Vec::new(),
             round_started: None,
+            history: Vec::new(),
+            released: None,
         }
     }
 }
@@ -162,9 +178,20 @@ impl StatusBoard {
                 s.round = r.round;
                 s.dropouts += s.participants.len().saturating_sub(r.sites.len()) as u64;
                 if let Some(t) = s.round_started {
-                    s.round_seconds_sum += t.elapsed().as_secs_f64();
-                    s.round_seconds_count += 1;
+                    s.round_seconds.push(t.elapsed().as_secs_f64());
                 }
+                s.history.retain(|p| p.round != r.round);
+                s.history.push(crate::console::RoundPoint {
+                    round: r.round,
+                    sites: r.sites.clone(),
+                    training_rows: r.training_rows,
+                    train_loss: r.train_loss,
+                    metric: r
+                        .validation
+                        .as_ref()
+                        .map(medfed_protocol::metrics::Metrics::headline),
+                });
+                s.released = Some(r.model_path.clone());
                 s.round_started = Some(Instant::now());
                 s.phase = if r.round >= s.rounds_planned {
                     "evaluating the final model".into()
@@ -184,10 +211,11 @@ impl StatusBoard {
                 s.phase = "done".into();
                 b.studies.insert(o.study_id.clone(), s);
             }
-            AggregatorEvent::StatisticsReleased { study_id, .. } => {
+            AggregatorEvent::StatisticsReleased { study_id, path } => {
                 let mut s = study(&mut b, study_id);
                 s.state = "complete".into();
                 s.phase = "released".into();
+                s.released = Some(path.clone());
                 b.studies.insert(study_id.clone(), s);
             }
             AggregatorEvent::StudyFailed { study_id, reason } => {
@@ -228,316 +256,412 @@ impl StatusBoard {
         serde_json::to_string_pretty(&reply).expect("status serializes")
     }
 
-    /// The Prometheus text exposition of the board.
+    /// The metrics, in the OpenMetrics text format (names, types and units by the
+    /// Prometheus conventions; `docs/aggregator-operator.md` lists them).
     pub fn metrics(
         &self,
         registry: &Registry,
         audit: &medfed_infra::auditlog::AuditLog,
+        allowed: &[String],
         ha: Option<&crate::ha::Ha>,
     ) -> String {
         let b = self.lock();
         let t = audit.traffic();
-        let mut m = String::new();
-        let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, f64)>| {
-            let _ = writeln!(m, "# HELP {name} {help}");
-            let _ = writeln!(m, "# TYPE {name} {kind}");
-            for (labels, v) in samples {
-                let _ = writeln!(m, "{name}{labels} {v}");
-            }
-        };
-        let per_study = |f: &dyn Fn(&StudyStatus) -> f64| -> Vec<(String, f64)> {
-            b.studies
-                .iter()
-                .map(|(id, s)| (format!("{{study=\"{}\"}}", escape(id)), f(s)))
-                .collect()
-        };
-        family(
-            "medfed_uptime_seconds",
-            "gauge",
-            "Seconds since the aggregator started.",
-            vec![(String::new(), self.started.elapsed().as_secs_f64())],
+        let mut m = Metrics::with_prefix("medfed");
+        m.register_with_unit(
+            "uptime",
+            "Time since the aggregator started",
+            Unit::Seconds,
+            ConstGauge::new(self.started.elapsed().as_secs_f64()),
         );
+        let connected = registry.names();
+        m.register(
+            "sites_connected",
+            "Hospital nodes connected now",
+            ConstGauge::new(connected.len() as i64),
+        );
+        let site_up = Family::<SiteLabel, Gauge>::default();
+        for site in allowed {
+            site_up
+                .get_or_create(&SiteLabel { site: site.clone() })
+                .set(i64::from(connected.contains(site)));
+        }
+        m.register(
+            "site_connected",
+            "1 while the site is connected, else 0 (every allowed site)",
+            site_up,
+        );
+        m.register(
+            "connections_refused",
+            "Connections refused (not on the allow-list, bad hello)",
+            ConstCounter::new(b.connections_refused),
+        );
+        m.register(
+            "disconnects",
+            "Sites that disconnected",
+            ConstCounter::new(b.disconnects),
+        );
+        let per_peer = t.per_peer();
+        let traffic = |field: fn(&medfed_infra::auditlog::PeerTraffic) -> u64| {
+            let f = Family::<SiteLabel, prometheus_client::metrics::counter::Counter>::default();
+            for (peer, tr) in &per_peer {
+                f.get_or_create(&SiteLabel { site: peer.clone() })
+                    .inc_by(field(tr));
+            }
+            f
+        };
+        m.register(
+            "sent_messages",
+            "Protocol messages sent, per site",
+            traffic(|t| t.messages_sent),
+        );
+        m.register_with_unit(
+            "sent",
+            "Bytes of protocol messages sent, per site",
+            Unit::Bytes,
+            traffic(|t| t.bytes_sent),
+        );
+        m.register(
+            "received_messages",
+            "Protocol messages received, per site",
+            traffic(|t| t.messages_received),
+        );
+        m.register_with_unit(
+            "received",
+            "Bytes of protocol messages received, per site",
+            Unit::Bytes,
+            traffic(|t| t.bytes_received),
+        );
+        let gauge = |f: &dyn Fn(&StudyStatus) -> i64| {
+            let fam = Family::<StudyLabel, Gauge>::default();
+            for (id, s) in &b.studies {
+                fam.get_or_create(&StudyLabel { study: id.clone() })
+                    .set(f(s));
+            }
+            fam
+        };
+        let counter = |f: &dyn Fn(&StudyStatus) -> u64| {
+            let fam = Family::<StudyLabel, prometheus_client::metrics::counter::Counter>::default();
+            for (id, s) in &b.studies {
+                fam.get_or_create(&StudyLabel { study: id.clone() })
+                    .inc_by(f(s));
+            }
+            fam
+        };
+        m.register(
+            "study_round",
+            "The study's last completed round",
+            gauge(&|s| i64::from(s.round)),
+        );
+        m.register(
+            "study_rounds_planned",
+            "Rounds the study asks for (1 for statistics)",
+            gauge(&|s| i64::from(s.rounds_planned)),
+        );
+        m.register(
+            "study_running",
+            "1 while the study runs",
+            gauge(&|s| i64::from(s.state == "running")),
+        );
+        m.register(
+            "study_round_failures",
+            "Round attempts that failed, per study",
+            counter(&|s| s.round_failures),
+        );
+        m.register(
+            "study_dropouts",
+            "Participants left out of completed rounds, per study",
+            counter(&|s| s.dropouts),
+        );
+        m.register(
+            "study_refusals",
+            "Sites that refused the study",
+            counter(&|s| s.refusals.len() as u64),
+        );
+        let durations = Family::<StudyLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0,
+            ])
+        });
+        for (id, s) in &b.studies {
+            let h = durations.get_or_create(&StudyLabel { study: id.clone() });
+            for d in &s.round_seconds {
+                h.observe(*d);
+            }
+        }
+        m.register_with_unit(
+            "study_round_duration",
+            "Time from one round's end (or the study's start) to the next round's end",
+            Unit::Seconds,
+            durations,
+        );
+        if let Some((size, _, at)) = t.last_tree_head() {
+            m.register(
+                "audit_tree_head_records",
+                "Records covered by the compliance log's last signed tree head",
+                ConstGauge::new(i64::try_from(size).unwrap_or(i64::MAX)),
+            );
+            m.register_with_unit(
+                "audit_tree_head_timestamp",
+                "When the compliance log's last tree head was signed (Unix time)",
+                Unit::Seconds,
+                ConstGauge::new(at as f64 / 1000.0),
+            );
+        }
         if let Some(ha) = ha {
             let v = ha.view();
-            family(
-                "medfed_ha_active",
-                "gauge",
-                "1 while this aggregator instance holds the lease ([ha]), else 0.",
-                vec![(
-                    format!("{{instance=\"{}\"}}", escape(&v.instance)),
-                    f64::from(u8::from(v.role == "active")),
-                )],
+            let fam = Family::<InstanceLabel, Gauge>::default();
+            fam.get_or_create(&InstanceLabel {
+                instance: v.instance.clone(),
+            })
+            .set(i64::from(v.role == "active"));
+            m.register(
+                "ha_active",
+                "1 while this aggregator instance holds the lease ([ha]), else 0",
+                fam,
             );
         }
-        family(
-            "medfed_sites_connected",
-            "gauge",
-            "Hospital nodes connected now.",
-            vec![(String::new(), registry.names().len() as f64)],
-        );
-        family(
-            "medfed_connections_refused_total",
-            "counter",
-            "Connections refused (not on the allow-list, bad hello).",
-            vec![(String::new(), b.connections_refused as f64)],
-        );
-        family(
-            "medfed_disconnects_total",
-            "counter",
-            "Sites that disconnected.",
-            vec![(String::new(), b.disconnects as f64)],
-        );
-        family(
-            "medfed_messages_sent_total",
-            "counter",
-            "Protocol messages sent.",
-            vec![(String::new(), t.messages_sent.load(Relaxed) as f64)],
-        );
-        family(
-            "medfed_bytes_sent_total",
-            "counter",
-            "Bytes of protocol messages sent.",
-            vec![(String::new(), t.bytes_sent.load(Relaxed) as f64)],
-        );
-        family(
-            "medfed_messages_received_total",
-            "counter",
-            "Protocol messages received.",
-            vec![(String::new(), t.messages_received.load(Relaxed) as f64)],
-        );
-        family(
-            "medfed_bytes_received_total",
-            "counter",
-            "Bytes of protocol messages received.",
-            vec![(String::new(), t.bytes_received.load(Relaxed) as f64)],
-        );
-        family(
-            "medfed_study_rounds_completed_total",
-            "counter",
-            "Rounds completed, per study.",
-            per_study(&|s| f64::from(s.round)),
-        );
-        family(
-            "medfed_study_round_failures_total",
-            "counter",
-            "Round attempts that failed, per study.",
-            per_study(&|s| s.round_failures as f64),
-        );
-        family(
-            "medfed_study_dropouts_total",
-            "counter",
-            "Participants left out of completed rounds, per study.",
-            per_study(&|s| s.dropouts as f64),
-        );
-        family(
-            "medfed_study_refusals_total",
-            "counter",
-            "Sites that refused the study.",
-            per_study(&|s| s.refusals.len() as f64),
-        );
-        family(
-            "medfed_study_running",
-            "gauge",
-            "1 while the study runs.",
-            per_study(&|s| f64::from(u8::from(s.state == "running"))),
-        );
-        let _ = writeln!(
-            m,
-            "# HELP medfed_study_round_duration_seconds Time from one round's end (or the study's start) to the next round's end."
-        );
-        let _ = writeln!(m, "# TYPE medfed_study_round_duration_seconds summary");
-        for (id, s) in &b.studies {
-            let id = escape(id);
-            let _ = writeln!(
-                m,
-                "medfed_study_round_duration_seconds_sum{{study=\"{id}\"}} {}",
-                s.round_seconds_sum
-            );
-            let _ = writeln!(
-                m,
-                "medfed_study_round_duration_seconds_count{{study=\"{id}\"}} {}",
-                s.round_seconds_count
-            );
+        drop(b);
+        let mut out = String::new();
+        match prometheus_client::encoding::text::encode(&mut out, &m) {
+            Ok(()) => out,
+            Err(e) => {
+                warn!("cannot encode the metrics: {e}");
+                String::new()
+            }
         }
-        m
+    }
+
+    /// The console's overview.
+    fn overview(&self, ops: &Ops) -> crate::console::Overview {
+        let b = self.lock();
+        let connected = ops.registry.names();
+        let traffic = ops.audit.traffic();
+        let per_peer = traffic.per_peer();
+        crate::console::Overview {
+            aggregator: self.name.clone(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            ha: ops.ha.as_ref().map(crate::ha::Ha::view),
+            tree_head: traffic.last_tree_head(),
+            log: ops.log.clone(),
+            sites: ops
+                .allowed
+                .iter()
+                .map(|site| crate::console::SiteRow {
+                    site: site.clone(),
+                    connected: connected.contains(site),
+                    traffic: per_peer.get(site).copied().unwrap_or_default(),
+                })
+                .collect(),
+            studies: b.studies.iter().map(|(id, s)| row(id, s)).collect(),
+        }
+    }
+
+    /// A study's console page, if the study exists.
+    fn study_page(&self, id: &str) -> Option<crate::console::StudyPage> {
+        let b = self.lock();
+        let s = b.studies.get(id)?;
+        // The provenance the release itself carries (the aggregator's own file).
+        let provenance = s.released.as_ref().and_then(|p| {
+            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
+            v.get("provenance").cloned()
+        });
+        Some(crate::console::StudyPage {
+            row: row(id, s),
+            rounds: s.history.clone(),
+            provenance,
+            released: s.released.as_ref().map(|p| p.display().to_string()),
+        })
     }
 }
 
-/// A label value in the exposition format.
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+fn row(id: &str, s: &StudyStatus) -> crate::console::StudyRow {
+    crate::console::StudyRow {
+        id: id.to_string(),
+        kind: s.kind.to_string(),
+        state: s.state.clone(),
+        round: s.round,
+        rounds_planned: s.rounds_planned,
+        phase: s.phase.clone(),
+        participants: s.participants.clone(),
+        dropouts: s.dropouts,
+        round_failures: s.round_failures,
+        refusals: s.refusals.clone(),
+    }
 }
 
-/// What the sidecar needs.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StudyLabel {
+    study: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SiteLabel {
+    site: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InstanceLabel {
+    instance: String,
+}
+
+/// What the endpoint needs.
 pub struct Ops {
     /// The studies' standing, updated from the aggregator's events.
     pub board: Arc<StatusBoard>,
     /// The connected sites.
     pub registry: Arc<Registry>,
-    /// The compliance log, for its traffic counters.
+    /// The compliance log, for its traffic counters and tree head.
     pub audit: Arc<medfed_infra::auditlog::AuditLog>,
+    /// The compliance log's path, as the console names it.
+    pub log: String,
+    /// The sites on the allow-list.
+    pub allowed: Vec<String>,
     /// `[ha]`: the lease, for the instance's role.
     pub ha: Option<crate::ha::Ha>,
+    /// `[ops] token_file`'s token, required on every request but `/healthz` when set.
+    pub token: Option<String>,
 }
-
-const MAX_REQUEST: usize = 8 * 1024;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Ops {
     /// Serves until the task is dropped.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         if let Ok(addr) = listener.local_addr() {
-            info!(%addr, "operations endpoint listening (/healthz, /status, /metrics)");
+            info!(%addr, "operations endpoint and console listening (/, /healthz, /status, /metrics)");
         }
-        accept_loop(
-            || listener.accept(),
-            |(stream, peer)| {
-                let ops = self.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, ops.answer(stream)).await
-                    {
-                        debug!(%peer, "operations request timed out: {e}");
-                    }
-                });
-            },
-        )
-        .await;
+        let app = axum::Router::new()
+            .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+            .route("/status", axum::routing::get(status))
+            .route("/metrics", axum::routing::get(metrics))
+            .route("/", axum::routing::get(console_overview))
+            .route("/studies/{id}", axum::routing::get(console_study))
+            .fallback(not_found)
+            .layer(axum::middleware::from_fn_with_state(
+                self.clone(),
+                authorize,
+            ))
+            .with_state(self);
+        if let Err(e) = axum::serve(listener, app).await {
+            warn!("the operations endpoint stopped: {e}");
+        }
     }
+}
 
-    async fn answer(&self, mut stream: tokio::net::TcpStream) {
-        let mut buf = Vec::with_capacity(1024);
-        let mut chunk = [0u8; 1024];
-        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            if buf.len() > MAX_REQUEST {
-                let _ = respond(
-                    &mut stream,
-                    "431 Request Header Fields Too Large",
-                    "text/plain",
-                    "request too large\n",
-                )
-                .await;
-                return;
-            }
-        }
-        let head = String::from_utf8_lossy(&buf);
-        let mut parts = head.lines().next().unwrap_or("").split_whitespace();
-        let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-        if method != "GET" {
-            let _ = respond(
-                &mut stream,
-                "405 Method Not Allowed",
-                "text/plain",
-                "only GET\n",
-            )
-            .await;
-            return;
-        }
-        let (status, kind, body) = match path.split('?').next().unwrap_or("") {
-            "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
-            "/status" => (
-                "200 OK",
-                "application/json",
-                self.board
-                    .status_json(&self.registry, &self.audit, self.ha.as_ref()),
-            ),
-            "/metrics" => (
-                "200 OK",
-                "text/plain; version=0.0.4; charset=utf-8",
-                self.board
-                    .metrics(&self.registry, &self.audit, self.ha.as_ref()),
-            ),
-            _ => (
-                "404 Not Found",
-                "text/plain",
-                "not found: try /healthz, /status or /metrics\n".to_string(),
-            ),
+/// With a token configured, every request but `/healthz` must carry it.
+async fn authorize(
+    State(ops): State<Arc<Ops>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(token) = &ops.token else {
+        return next.run(request).await;
+    };
+    if request.uri().path() == "/healthz" || authorized(request.headers(), token) {
+        return next.run(request).await;
+    }
+    (
+        StatusCode::UNAUTHORIZED,
+        [(header::WWW_AUTHENTICATE, "Basic realm=\"medfed console\", charset=\"UTF-8\"")],
+        "this endpoint needs the token of [ops] token_file: Authorization: Bearer <token>, or any user name with the token as password\n",
+    )
+        .into_response()
+}
+
+/// Whether the request carries `token` (Bearer, or Basic with it as the password), compared
+/// in constant time.
+fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let given = if let Some(t) = value.strip_prefix("Bearer ") {
+        t.trim().as_bytes().to_vec()
+    } else if let Some(b) = value.strip_prefix("Basic ") {
+        use base64::Engine as _;
+        let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(b.trim()) else {
+            return false;
         };
-        let _ = respond(&mut stream, status, kind, &body).await;
-    }
-}
-
-async fn respond(
-    stream: &mut tokio::net::TcpStream,
-    status: &str,
-    kind: &str,
-    body: &str,
-) -> std::io::Result<()> {
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body.as_bytes()).await?;
-    stream.shutdown().await
-}
-
-/// Accepts connections for ever, handing each to `handle`. An accept error (out of file
-/// descriptors, say) is logged, at most once per streak, and waited out with a backoff from
-/// 50 ms to 2 s, so a persistent error cannot spin a core.
-async fn accept_loop<C, F, Fut>(mut accept: F, mut handle: impl FnMut(C))
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = std::io::Result<C>>,
-{
-    let mut backoff = std::time::Duration::from_millis(50);
-    let mut streak = 0u64;
-    loop {
-        match accept().await {
-            Ok(c) => {
-                if streak > 0 {
-                    info!("operations endpoint accepting again after {streak} error(s)");
-                }
-                streak = 0;
-                backoff = std::time::Duration::from_millis(50);
-                handle(c);
-            }
-            Err(e) => {
-                if streak == 0 {
-                    tracing::warn!(
-                        "operations endpoint cannot accept a connection: {e}; retrying with backoff"
-                    );
-                }
-                streak += 1;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
-            }
+        match decoded.iter().position(|&c| c == b':') {
+            Some(i) => decoded[i + 1..].to_vec(),
+            None => return false,
         }
+    } else {
+        return false;
+    };
+    // Constant time in the token's content (its length is no secret).
+    given.len() == token.len()
+        && given
+            .iter()
+            .zip(token.as_bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+async fn status(State(ops): State<Arc<Ops>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        ops.board
+            .status_json(&ops.registry, &ops.audit, ops.ha.as_ref()),
+    )
+        .into_response()
+}
+
+async fn metrics(State(ops): State<Arc<Ops>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        ops.board
+            .metrics(&ops.registry, &ops.audit, &ops.allowed, ops.ha.as_ref()),
+    )
+        .into_response()
+}
+
+async fn console_overview(State(ops): State<Arc<Ops>>) -> Html<String> {
+    Html(crate::console::overview(&ops.board.overview(&ops)))
+}
+
+async fn console_study(State(ops): State<Arc<Ops>>, UrlPath(id): UrlPath<String>) -> Response {
+    match ops.board.study_page(&id) {
+        Some(p) => Html(crate::console::study(&p)).into_response(),
+        None => (
+            StatusCode::NOT_FOUND,
+            Html(format!(
+                "<!doctype html><html lang=\"en\"><title>not found</title><p>No study '{}' on this aggregator. <a href=\"/\">Overview</a></p></html>",
+                crate::console::esc(&id)
+            )),
+        )
+            .into_response(),
     }
+}
+
+async fn not_found() -> (StatusCode, &'static str) {
+    (
+        StatusCode::NOT_FOUND,
+        "not found: try /, /healthz, /status or /metrics\n",
+    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// A listener that keeps failing (e.g. out of file descriptors) is retried with a
-    /// backoff, not in a loop that spins a core.
-    #[tokio::test(start_paused = true)]
-    async fn accept_errors_are_waited_out() {
-        let calls = std::cell::Cell::new(0u32);
-        let looped = accept_loop(
-            || {
-                calls.set(calls.get() + 1);
-                std::future::ready(Err::<(), _>(std::io::Error::other("too many open files")))
-            },
-            |()| {},
-        );
-        // One virtual second: 50 + 100 + 200 + 400 ms of backoff, then one more try.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), looped).await;
-        assert!(
-            (4..=6).contains(&calls.get()),
-            "{} accepts in 1 s",
-            calls.get()
-        );
-    }
-
     #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    fn bearer_and_basic_tokens_are_accepted_and_nothing_else() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            h
+        };
+        assert!(authorized(&with("Bearer s3cret"), "s3cret"));
+        // "auditor:s3cret"
+        assert!(authorized(&with("Basic YXVkaXRvcjpzM2NyZXQ="), "s3cret"));
+        assert!(!authorized(&with("Bearer s3cre"), "s3cret"));
+        assert!(!authorized(&with("Basic YXVkaXRvcjpub3Bl"), "s3cret"));
+        assert!(!authorized(&with("Basic !!!"), "s3cret"));
+        assert!(!authorized(&HeaderMap::new(), "s3cret"));
     }
 }

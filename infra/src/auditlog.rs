@@ -82,6 +82,54 @@ pub struct Traffic {
     pub messages_received: std::sync::atomic::AtomicU64,
     /// Bytes of the frames received.
     pub bytes_received: std::sync::atomic::AtomicU64,
+    /// The same, per peer (a site's name at the aggregator, `aggregator` at a node).
+    per_peer: Mutex<std::collections::BTreeMap<String, PeerTraffic>>,
+    /// The last signed tree head: (records covered, root hash, signed at ms since the epoch).
+    last_head: Mutex<Option<(u64, String, u64)>>,
+}
+
+/// Messages and bytes exchanged with one peer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PeerTraffic {
+    /// Protocol messages sent to the peer.
+    pub messages_sent: u64,
+    /// Bytes of the frames sent to the peer.
+    pub bytes_sent: u64,
+    /// Protocol messages received from the peer.
+    pub messages_received: u64,
+    /// Bytes of the frames received from the peer.
+    pub bytes_received: u64,
+}
+
+impl Traffic {
+    /// Traffic per peer so far.
+    pub fn per_peer(&self) -> std::collections::BTreeMap<String, PeerTraffic> {
+        self.per_peer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The last signed tree head: (records covered, root hash in hex, signed at ms since
+    /// the epoch), if one was signed since the log was opened.
+    pub fn last_tree_head(&self) -> Option<(u64, String, u64)> {
+        self.last_head
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn count(&self, peer: &str, sent: bool, bytes: u64) {
+        let mut map = self.per_peer.lock().unwrap_or_else(|p| p.into_inner());
+        let t = map.entry(peer.to_string()).or_default();
+        if sent {
+            t.messages_sent += 1;
+            t.bytes_sent += bytes;
+        } else {
+            t.messages_received += 1;
+            t.bytes_received += bytes;
+        }
+    }
 }
 
 fn now_ms() -> u64 {
@@ -266,7 +314,13 @@ impl AuditLog {
         inner.prev = audit::sha256_hex(line.as_bytes());
         inner.seq += 1;
         inner.since_head = 0;
-        inner.file.sync_data()
+        inner.file.sync_data()?;
+        *self
+            .traffic
+            .last_head
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some((size, hex::encode(&root), time_ms));
+        Ok(())
     }
 
     /// Appends one record; signs a tree head every [`BATCH`] records.
@@ -390,6 +444,7 @@ impl crate::transport::Egress for AuditLog {
             })?;
         self.traffic.messages_sent.fetch_add(1, Relaxed);
         self.traffic.bytes_sent.fetch_add(frame.bytes, Relaxed);
+        self.traffic.count(peer, true, frame.bytes);
         Ok(())
     }
     fn received(
@@ -401,6 +456,7 @@ impl crate::transport::Egress for AuditLog {
         use std::sync::atomic::Ordering::Relaxed;
         self.traffic.messages_received.fetch_add(1, Relaxed);
         self.traffic.bytes_received.fetch_add(frame.bytes, Relaxed);
+        self.traffic.count(peer, false, frame.bytes);
         self.record(Event::Received(entry(peer, msg, frame)))
             .map_err(|e| {
                 tracing::error!(log = %self.path.display(), "cannot write the compliance log: {e}; the message is not used");

@@ -11,7 +11,11 @@ const SITES: [&str; 2] = ["site-a", "site-b"];
 pub(crate) fn get(addr: &str, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut r = String::new();
     s.read_to_string(&mut r).ok()?;
     Some(r)
@@ -34,6 +38,106 @@ fn metric(text: &str, name: &str) -> Option<f64> {
             | prometheus_parse::Value::Untyped(v) => v,
             _ => f64::NAN,
         })
+}
+
+/// Every metric family of a running aggregator, with its type and unit: the names follow the
+/// Prometheus conventions (a `medfed_` prefix, snake case, base units named as a suffix,
+/// `_total` on counters only), and nothing else appears.
+fn conventions(text: &str) {
+    const FAMILIES: &[(&str, &str, &str)] = &[
+        ("medfed_uptime_seconds", "gauge", "seconds"),
+        ("medfed_sites_connected", "gauge", ""),
+        ("medfed_site_connected", "gauge", ""),
+        ("medfed_connections_refused", "counter", ""),
+        ("medfed_disconnects", "counter", ""),
+        ("medfed_sent_messages", "counter", ""),
+        ("medfed_sent_bytes", "counter", "bytes"),
+        ("medfed_received_messages", "counter", ""),
+        ("medfed_received_bytes", "counter", "bytes"),
+        ("medfed_study_round", "gauge", ""),
+        ("medfed_study_rounds_planned", "gauge", ""),
+        ("medfed_study_running", "gauge", ""),
+        ("medfed_study_round_failures", "counter", ""),
+        ("medfed_study_dropouts", "counter", ""),
+        ("medfed_study_refusals", "counter", ""),
+        (
+            "medfed_study_round_duration_seconds",
+            "histogram",
+            "seconds",
+        ),
+        ("medfed_audit_tree_head_records", "gauge", ""),
+        (
+            "medfed_audit_tree_head_timestamp_seconds",
+            "gauge",
+            "seconds",
+        ),
+    ];
+    let mut types = std::collections::BTreeMap::new();
+    let mut units = std::collections::BTreeMap::new();
+    for line in text.lines() {
+        let mut w = line.split_whitespace();
+        match (w.next(), w.next(), w.next(), w.next()) {
+            (Some("#"), Some("TYPE"), Some(name), Some(kind)) => {
+                types.insert(name.to_string(), kind.to_string());
+            }
+            (Some("#"), Some("UNIT"), Some(name), Some(unit)) => {
+                units.insert(name.to_string(), unit.to_string());
+            }
+            _ => {}
+        }
+    }
+    let want: std::collections::BTreeMap<String, String> = FAMILIES
+        .iter()
+        .map(|(n, t, _)| (n.to_string(), t.to_string()))
+        .collect();
+    assert_eq!(types, want, "the metric families and their types:\n{text}");
+    for (name, kind, unit) in FAMILIES {
+        assert!(
+            name.starts_with("medfed_")
+                && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'),
+            "{name}"
+        );
+        assert_eq!(
+            units.get(*name).map_or("", String::as_str),
+            *unit,
+            "the unit of {name}"
+        );
+        if !unit.is_empty() {
+            assert!(
+                name.ends_with(&format!("_{unit}")),
+                "{name} does not end in its unit"
+            );
+        }
+        assert!(
+            !name.ends_with("_total"),
+            "{name}: _total belongs to the counter's samples"
+        );
+        for sample in text.lines().filter(|l| !l.starts_with('#')) {
+            let sample_name = sample.split(['{', ' ']).next().unwrap_or("");
+            if sample_name.strip_suffix("_total") == Some(*name) {
+                assert_eq!(
+                    *kind, "counter",
+                    "{sample_name}: only counters end in _total"
+                );
+            }
+        }
+    }
+    // Per-site and per-study labels, and a parser's view of the whole exposition.
+    assert!(
+        text.contains("medfed_sent_bytes_total{site=\"site-a\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("medfed_study_round{study=\"pima\"}"),
+        "{text}"
+    );
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "OpenMetrics ends with # EOF"
+    );
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("parses as Prometheus text");
+    assert!(scrape.samples.len() > 20);
 }
 
 #[test]
@@ -71,7 +175,9 @@ fn the_operations_endpoint_reports_a_running_study() {
     assert_eq!(status["sites_connected"].as_array().unwrap().len(), 0);
     let metrics = get(&ops, "/metrics").unwrap();
     assert!(
-        metrics.contains("Content-Type: text/plain; version=0.0.4"),
+        metrics
+            .to_ascii_lowercase()
+            .contains("content-type: application/openmetrics-text; version=1.0.0"),
         "{metrics}"
     );
     assert_eq!(metric(body(&metrics), "medfed_sites_connected"), Some(0.0));
@@ -84,9 +190,10 @@ fn the_operations_endpoint_reports_a_running_study() {
     // Until the aggregator finishes and exits.
     while let Some(reply) = get(&ops, "/metrics") {
         let m = body(&reply);
-        let rounds = metric(m, "medfed_study_rounds_completed_total").unwrap_or(0.0);
+        let rounds = metric(m, "medfed_study_round").unwrap_or(0.0);
         if rounds >= 1.0 {
-            assert!(metric(m, "medfed_bytes_sent_total").unwrap() > 0.0);
+            assert!(metric(m, "medfed_sent_bytes_total").unwrap() > 0.0);
+            conventions(m);
             assert_eq!(metric(m, "medfed_sites_connected"), Some(2.0));
             let table = ok(&["aggregator", "status", "--address", &ops]);
             assert!(
@@ -100,5 +207,9 @@ fn the_operations_endpoint_reports_a_running_study() {
         assert!(Instant::now() < deadline, "no round completed:\n{m}");
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert!(seen_running, "the study ended before a scrape saw it run");
+    assert!(
+        seen_running,
+        "the study ended before a scrape saw it run:\n{}",
+        fed.log("aggregator")
+    );
 }
