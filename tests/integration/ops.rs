@@ -213,3 +213,100 @@ fn the_operations_endpoint_reports_a_running_study() {
         fed.log("aggregator")
     );
 }
+
+/// Off loopback the endpoint needs a token: without `[ops] token_file` the aggregator does
+/// not start; with it, every request but `/healthz` needs the token (Bearer, or Basic as
+/// browsers send it), and `aggregator status` says how to give it.
+#[test]
+fn an_endpoint_off_loopback_requires_its_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let port = crate::common::free_tcp_port();
+    let study = pima_study(
+        "pima",
+        "rounds = 1\nmin_sites = 2\nwait_for_sites_secs = 60\n",
+    );
+    let fed = Federation::new(d)
+        .sites(&SITES)
+        .node_extra(|_| SERVE_PIMA.to_string())
+        .out_dir(None)
+        .aggregator(&format!("{study}[ops]\nlisten = \"0.0.0.0:{port}\"\n"))
+        .write();
+    let (ok, out) = crate::common::run(&[
+        "aggregator",
+        "run",
+        "--config",
+        fed.aggregator.to_str().unwrap(),
+    ]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("ops.listen")
+            && out.contains("is not a loopback address")
+            && out.contains("token_file"),
+        "{out}"
+    );
+
+    let token = "3f9c1d2e8a7b6c5d4e3f2a1b";
+    std::fs::write(d.join("ops.token"), format!("{token}\n")).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d.join("ops.token"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+    }
+    fed.write_aggregator(&format!(
+        "{study}[ops]\nlisten = \"0.0.0.0:{port}\"\ntoken_file = \"ops.token\"\n"
+    ));
+    let _procs = Processes(vec![fed.spawn_aggregator()]);
+    let ops = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while get(&ops, "/healthz").is_none_or(|r| !r.starts_with("HTTP/1.1 200")) {
+        assert!(
+            Instant::now() < deadline,
+            "no /healthz:\n{}",
+            fed.log("aggregator")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let with = |auth: &str, path: &str| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&ops).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        r
+    };
+    for path in ["/status", "/metrics", "/", "/studies/pima"] {
+        let r = with("", path);
+        assert!(
+            r.starts_with("HTTP/1.1 401") && r.to_lowercase().contains("www-authenticate: basic"),
+            "{path}: {r}"
+        );
+        assert!(
+            with("Authorization: Bearer wrong-token-0000000\r\n", path).starts_with("HTTP/1.1 401")
+        );
+        assert!(
+            with(&format!("Authorization: Bearer {token}\r\n"), path).starts_with("HTTP/1.1 200"),
+            "{path}"
+        );
+    }
+    // "auditor:<token>", as a browser sends it after asking.
+    let basic = "YXVkaXRvcjozZjljMWQyZThhN2I2YzVkNGUzZjJhMWI=";
+    assert!(with(&format!("Authorization: Basic {basic}\r\n"), "/").starts_with("HTTP/1.1 200"));
+    let (ok, out) = crate::common::run(&["aggregator", "status", "--address", &ops]);
+    assert!(!ok && out.contains("pass --token-file"), "{out}");
+    let tf = d.join("ops.token");
+    let table = crate::common::ok(&[
+        "aggregator",
+        "status",
+        "--address",
+        &ops,
+        "--token-file",
+        tf.to_str().unwrap(),
+    ]);
+    assert!(table.contains("pima"), "{table}");
+}
