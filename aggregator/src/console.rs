@@ -323,7 +323,7 @@ pub fn study(p: &StudyPage) -> String {
         } else {
             b.push_str(&chart(
                 "Training loss per round",
-                "training loss (sample-weighted mean over sites)",
+                "training loss",
                 &[("training loss", &loss)],
                 None,
             ));
@@ -336,7 +336,7 @@ pub fn study(p: &StudyPage) -> String {
             };
             b.push_str(&chart(
                 &format!("Validation {name} per round"),
-                &format!("validation {name} (all sites' held-out rows)"),
+                &format!("validation {name}"),
                 &[(name, &metric)],
                 range,
             ));
@@ -395,13 +395,18 @@ fn provenance(p: Option<&serde_json::Value>) -> String {
                 &mut b,
                 "Secure aggregation",
                 format!(
-                    "on; threshold {} (shares needed to unmask), tolerates {} colluding sites",
+                    "on; threshold {} (shares needed to unmask), tolerates {}",
                     sa.get("threshold")
                         .and_then(serde_json::Value::as_u64)
                         .map_or("n/a".to_string(), |t| t.to_string()),
-                    sa.get("tolerated_colluders")
+                    match sa
+                        .get("tolerated_colluders")
                         .and_then(serde_json::Value::as_u64)
                         .unwrap_or(0)
+                    {
+                        1 => "1 colluding site".to_string(),
+                        n => format!("{n} colluding sites"),
+                    }
                 ),
             );
         }
@@ -554,7 +559,7 @@ pub fn chart(
             top + 12.0 + 16.0 * i as f64,
             esc(name),
             s.last()
-                .map(|(_, y)| format!(" (last {y:.3})"))
+                .map(|(_, y)| format!(" (last {y:.4})"))
                 .unwrap_or_default()
         );
     }

@@ -15,6 +15,7 @@ mod attacks;
 mod audit;
 mod canary;
 mod cli;
+mod console;
 mod e2e;
 mod examples;
 mod frame_limit;
