@@ -293,7 +293,7 @@ fn the_console_shows_sites_studies_and_curves_in_a_real_browser() {
     let last_auc = text
         .lines()
         .filter_map(|l| l.split("AUC ").nth(1))
-        .last()
+        .next_back()
         .map(|v| v.trim().to_string())
         .unwrap_or_default();
     assert!(
