@@ -40,38 +40,43 @@ fn metric(text: &str, name: &str) -> Option<f64> {
         })
 }
 
+/// Every metric family of the aggregator: (name, type, unit).
+const FAMILIES: &[(&str, &str, &str)] = &[
+    ("medfed_uptime_seconds", "gauge", "seconds"),
+    ("medfed_sites_connected", "gauge", ""),
+    ("medfed_site_connected", "gauge", ""),
+    ("medfed_connections_refused", "counter", ""),
+    ("medfed_disconnects", "counter", ""),
+    ("medfed_sent_messages", "counter", ""),
+    ("medfed_sent_bytes", "counter", "bytes"),
+    ("medfed_received_messages", "counter", ""),
+    ("medfed_received_bytes", "counter", "bytes"),
+    ("medfed_study_round", "gauge", ""),
+    ("medfed_study_rounds_planned", "gauge", ""),
+    ("medfed_study_running", "gauge", ""),
+    ("medfed_study_round_failures", "counter", ""),
+    ("medfed_study_dropouts", "counter", ""),
+    ("medfed_study_refusals", "counter", ""),
+    (
+        "medfed_study_round_duration_seconds",
+        "histogram",
+        "seconds",
+    ),
+    ("medfed_audit_tree_head_records", "gauge", ""),
+    (
+        "medfed_audit_tree_head_timestamp_seconds",
+        "gauge",
+        "seconds",
+    ),
+];
+
+/// The family an instance with `[ha]` adds.
+const HA_FAMILY: (&str, &str, &str) = ("medfed_ha_active", "gauge", "");
+
 /// Every metric family of a running aggregator, with its type and unit: the names follow the
 /// Prometheus conventions (a `medfed_` prefix, snake case, base units named as a suffix,
 /// `_total` on counters only), and nothing else appears.
 fn conventions(text: &str) {
-    const FAMILIES: &[(&str, &str, &str)] = &[
-        ("medfed_uptime_seconds", "gauge", "seconds"),
-        ("medfed_sites_connected", "gauge", ""),
-        ("medfed_site_connected", "gauge", ""),
-        ("medfed_connections_refused", "counter", ""),
-        ("medfed_disconnects", "counter", ""),
-        ("medfed_sent_messages", "counter", ""),
-        ("medfed_sent_bytes", "counter", "bytes"),
-        ("medfed_received_messages", "counter", ""),
-        ("medfed_received_bytes", "counter", "bytes"),
-        ("medfed_study_round", "gauge", ""),
-        ("medfed_study_rounds_planned", "gauge", ""),
-        ("medfed_study_running", "gauge", ""),
-        ("medfed_study_round_failures", "counter", ""),
-        ("medfed_study_dropouts", "counter", ""),
-        ("medfed_study_refusals", "counter", ""),
-        (
-            "medfed_study_round_duration_seconds",
-            "histogram",
-            "seconds",
-        ),
-        ("medfed_audit_tree_head_records", "gauge", ""),
-        (
-            "medfed_audit_tree_head_timestamp_seconds",
-            "gauge",
-            "seconds",
-        ),
-    ];
     let mut types = std::collections::BTreeMap::new();
     let mut units = std::collections::BTreeMap::new();
     for line in text.lines() {
@@ -309,4 +314,38 @@ fn an_endpoint_off_loopback_requires_its_token() {
         tf.to_str().unwrap(),
     ]);
     assert!(table.contains("pima"), "{table}");
+}
+
+/// The Grafana dashboard in docs/ queries only metrics the aggregator has.
+#[test]
+fn the_grafana_dashboard_queries_only_metrics_that_exist() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("docs/grafana/medfed-aggregator.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut queried = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if !word.starts_with("medfed_") {
+                    continue;
+                }
+                let family = ["_total", "_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| word.strip_suffix(s))
+                    .unwrap_or(word);
+                assert!(
+                    FAMILIES
+                        .iter()
+                        .chain([&HA_FAMILY])
+                        .any(|(n, ..)| *n == family || *n == word),
+                    "panel {:?} queries {word}, which the aggregator does not export",
+                    panel["title"]
+                );
+                queried += 1;
+            }
+        }
+    }
+    assert!(queried >= 10, "{queried}");
 }
