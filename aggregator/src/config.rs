@@ -66,6 +66,21 @@ pub struct AggregatorConfig {
     pub config_sha256: String,
 }
 
+/// Why `id` cannot name a study, if it cannot: ids name files (`out/models/<id>/`), URL
+/// paths and metric labels, so they are 1 to 64 letters, digits, `-` and `_`.
+pub fn study_id_problem(id: &str) -> Option<String> {
+    let ok = (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    (!ok).then(|| {
+        format!(
+            "{id:?} is not a study id: use 1 to 64 letters, digits, '-' and '_' (it names the \
+             study's directory of models and its metrics)"
+        )
+    })
+}
+
 /// `[ha]`: one instance of a highly available aggregator (docs/high-availability.md).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -705,11 +720,11 @@ impl AggregatorConfig {
         let mut ids = BTreeSet::new();
         for (i, s) in self.statistics.iter().enumerate() {
             let key = |k: &str| format!("statistics[{i}].{k}");
-            if s.id.is_empty() || !ids.insert(s.id.as_str()) {
-                return Err(invalid(
-                    key("id"),
-                    format!("{:?} is empty or used twice", s.id),
-                ));
+            if let Some(why) = study_id_problem(&s.id) {
+                return Err(invalid(key("id"), why));
+            }
+            if !ids.insert(s.id.as_str()) {
+                return Err(invalid(key("id"), format!("{:?} is used twice", s.id)));
             }
             if let Some(sv) = &s.survival {
                 sv.survival()
@@ -809,8 +824,8 @@ impl AggregatorConfig {
             why,
         };
         let key = |k: &str| format!("{at}.{k}");
-        if s.id.is_empty() {
-            return Err(invalid(key("id"), "is empty".into()));
+        if let Some(why) = study_id_problem(&s.id) {
+            return Err(invalid(key("id"), why));
         }
         if s.features.is_empty() {
             return Err(invalid(key("features"), "lists no feature".into()));
@@ -1049,5 +1064,22 @@ mod tests {
             "model = \"multinomial\"\npositive_class = \"a\"\nclasses = [\"a\", \"b\", \"c\"]\n",
         ));
         assert_eq!(key, "study[0].positive_class");
+    }
+}
+
+#[cfg(test)]
+mod study_id_tests {
+    use super::study_id_problem;
+
+    /// Ids name directories, URL paths and metric labels: nothing that could leave the out
+    /// directory or break a scrape passes.
+    #[test]
+    fn study_ids_are_plain_names() {
+        for ok in ["pima", "pima-diabetes", "lung_cox_2", &"a".repeat(64)] {
+            assert_eq!(study_id_problem(ok), None, "{ok}");
+        }
+        for bad in ["", "../x", "/etc", "a b", "a\"b", "a\nb", "é", &"a".repeat(65), "."] {
+            assert!(study_id_problem(bad).is_some(), "{bad:?}");
+        }
     }
 }

@@ -438,6 +438,7 @@ impl Aggregator {
                     allowed: self.config.sites.allow.clone(),
                     ha: self.ha.clone(),
                     token: self.ops_token.clone(),
+                    listen: listener.local_addr().ok(),
                 });
                 Some(tokio::spawn(ops.serve(listener)))
             }

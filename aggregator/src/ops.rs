@@ -60,6 +60,23 @@ pub struct StudyStatus {
     /// The last release (a round's model, or the statistics file).
     #[serde(skip)]
     released: Option<std::path::PathBuf>,
+    /// What that release's `provenance` says (read once, when it was released).
+    #[serde(skip)]
+    provenance: Option<serde_json::Value>,
+}
+
+/// At most 300 characters of a text a site sent (a refusal's reason).
+fn clip(text: &str) -> String {
+    match text.char_indices().nth(300) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text.to_string(),
+    }
+}
+
+/// The `provenance` of a released file (the aggregator's own), if it has one.
+fn provenance(path: &std::path::Path) -> Option<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    v.get("provenance").cloned()
 }
 
 impl StudyStatus {
@@ -78,6 +95,7 @@ impl StudyStatus {
             round_started: None,
             history: Vec::new(),
             released: None,
+            provenance: None,
         }
     }
 }
@@ -142,6 +160,8 @@ impl StatusBoard {
     /// Folds one event into the board.
     pub fn apply(&self, e: &AggregatorEvent) {
         let mut b = self.lock();
+        // A copy of the study's standing, updated and put back (small: the history and
+        // the refusals are bounded).
         let study = |b: &mut Board, id: &str| {
             b.studies
                 .entry(id.to_string())
@@ -170,7 +190,13 @@ impl StatusBoard {
                 reason,
             } => {
                 let mut s = study(&mut b, study_id);
-                s.refusals.push((site.clone(), reason.clone()));
+                // A site's latest refusal, its reason cut short: a site cannot grow the
+                // board (or the console's page) by refusing again and again at length.
+                let reason = clip(reason);
+                match s.refusals.iter_mut().find(|(x, _)| x == site) {
+                    Some(r) => r.1 = reason,
+                    None => s.refusals.push((site.clone(), reason)),
+                }
                 b.studies.insert(study_id.clone(), s);
             }
             AggregatorEvent::RoundCompleted(r) => {
@@ -192,6 +218,7 @@ impl StatusBoard {
                         .map(medfed_protocol::metrics::Metrics::headline),
                 });
                 s.released = Some(r.model_path.clone());
+                s.provenance = provenance(&r.model_path);
                 s.round_started = Some(Instant::now());
                 s.phase = if r.round >= s.rounds_planned {
                     "evaluating the final model".into()
@@ -216,6 +243,7 @@ impl StatusBoard {
                 s.state = "complete".into();
                 s.phase = "released".into();
                 s.released = Some(path.clone());
+                s.provenance = provenance(path);
                 b.studies.insert(study_id.clone(), s);
             }
             AggregatorEvent::StudyFailed { study_id, reason } => {
@@ -225,7 +253,7 @@ impl StatusBoard {
                 } else {
                     "failed".into()
                 };
-                s.phase = reason.clone();
+                s.phase = clip(reason);
                 b.studies.insert(study_id.clone(), s);
             }
             AggregatorEvent::SiteConnected { .. } => {}
@@ -461,15 +489,10 @@ impl StatusBoard {
     fn study_page(&self, id: &str) -> Option<crate::console::StudyPage> {
         let b = self.lock();
         let s = b.studies.get(id)?;
-        // The provenance the release itself carries (the aggregator's own file).
-        let provenance = s.released.as_ref().and_then(|p| {
-            let v: serde_json::Value = serde_json::from_slice(&std::fs::read(p).ok()?).ok()?;
-            v.get("provenance").cloned()
-        });
         Some(crate::console::StudyPage {
             row: row(id, s),
             rounds: s.history.clone(),
-            provenance,
+            provenance: s.provenance.clone(),
             released: s.released.as_ref().map(|p| p.display().to_string()),
         })
     }
@@ -521,10 +544,23 @@ pub struct Ops {
     pub ha: Option<crate::ha::Ha>,
     /// `[ops] token_file`'s token, required on every request but `/healthz` when set.
     pub token: Option<String>,
+    /// The address listened on (a request's `Host` may name it).
+    pub listen: Option<std::net::SocketAddr>,
 }
 
+/// Connections served at once; more are closed at once (a scraper and a few browsers need
+/// far fewer).
+const MAX_CONNECTIONS: usize = 64;
+/// A request's headers must arrive within this.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// A connection lives at most this long (keep-alive included).
+const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl Ops {
-    /// Serves until the task is dropped.
+    /// Serves until the task is dropped. Each connection must send its headers within
+    /// [`HEADER_TIMEOUT`] and lives at most [`CONNECTION_LIFETIME`]; at most
+    /// [`MAX_CONNECTIONS`] are served at once, so slow or idle clients cannot take the
+    /// process's file descriptors.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "operations endpoint and console listening (/, /healthz, /status, /metrics)");
@@ -541,10 +577,54 @@ impl Ops {
                 authorize,
             ))
             .with_state(self);
-        if let Err(e) = axum::serve(listener, app).await {
-            warn!("the operations endpoint stopped: {e}");
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut backoff = std::time::Duration::from_millis(50);
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => {
+                    backoff = std::time::Duration::from_millis(50);
+                    stream
+                }
+                Err(e) => {
+                    // Out of file descriptors, say: wait it out rather than spin.
+                    warn!("operations endpoint cannot accept a connection: {e}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                continue;
+            };
+            let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            tokio::spawn(async move {
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+                drop(slot);
+            });
         }
     }
+}
+
+/// Whether a request's `Host` names this machine's loopback (or the address listened on):
+/// without a token, a page of another site that a browser was tricked into sending here
+/// (DNS rebinding) is refused.
+fn local_host(headers: &HeaderMap, listen: Option<std::net::SocketAddr>) -> bool {
+    let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback() || listen.is_some_and(|l| l.ip() == ip))
 }
 
 /// With a token configured, every request but `/healthz` must carry it.
@@ -554,7 +634,14 @@ async fn authorize(
     next: axum::middleware::Next,
 ) -> Response {
     let Some(token) = &ops.token else {
-        return next.run(request).await;
+        if local_host(request.headers(), ops.listen) {
+            return next.run(request).await;
+        }
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            "this endpoint answers requests for localhost or its own address only\n",
+        )
+            .into_response();
     };
     if request.uri().path() == "/healthz" || authorized(request.headers(), token) {
         return next.run(request).await;
@@ -648,6 +735,34 @@ async fn not_found() -> (StatusCode, &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_local_host_names_are_served_without_a_token() {
+        let host = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, v.parse().unwrap());
+            h
+        };
+        let listen = Some("10.1.2.3:9464".parse().unwrap());
+        for ok in [
+            "localhost:9464",
+            "127.0.0.1:9464",
+            "[::1]:9464",
+            "LOCALHOST",
+            "10.1.2.3:9464",
+        ] {
+            assert!(local_host(&host(ok), listen), "{ok}");
+        }
+        for bad in [
+            "evil.example:9464",
+            "evil.example",
+            "127.0.0.1.evil.example",
+            "[::2]:1",
+        ] {
+            assert!(!local_host(&host(bad), listen), "{bad}");
+        }
+        assert!(!local_host(&HeaderMap::new(), listen));
+    }
 
     #[test]
     fn bearer_and_basic_tokens_are_accepted_and_nothing_else() {

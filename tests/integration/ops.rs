@@ -13,7 +13,7 @@ pub(crate) fn get(addr: &str, path: &str) -> Option<String> {
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     write!(
         s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
     )
     .ok()?;
     let mut r = String::new();
@@ -187,6 +187,19 @@ fn the_operations_endpoint_reports_a_running_study() {
     );
     assert_eq!(metric(body(&metrics), "medfed_sites_connected"), Some(0.0));
     assert!(get(&ops, "/nope").unwrap().starts_with("HTTP/1.1 404"));
+    // A page of another site, rebound to this address by DNS, gets nothing.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&ops).unwrap();
+        write!(
+            s,
+            "GET /status HTTP/1.1\r\nHost: attacker.example\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut r = String::new();
+        s.read_to_string(&mut r).unwrap();
+        assert!(r.starts_with("HTTP/1.1 421") && !r.contains("pima"), "{r}");
+    }
 
     procs.0.extend(fed.spawn_nodes());
     // While the study runs: rounds are counted, traffic grows, the status table renders.
