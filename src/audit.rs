@@ -98,32 +98,33 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<()> {
 }
 
 #[derive(Default, Serialize)]
-struct StudySummary {
-    messages_sent: u64,
-    bytes_sent: u64,
-    messages_received: u64,
-    bytes_received: u64,
-    rounds: std::collections::BTreeSet<u32>,
-    decisions: Vec<String>,
-    released: u64,
+pub(crate) struct StudySummary {
+    pub(crate) messages_sent: u64,
+    pub(crate) bytes_sent: u64,
+    pub(crate) messages_received: u64,
+    pub(crate) bytes_received: u64,
+    pub(crate) rounds: std::collections::BTreeSet<u32>,
+    pub(crate) decisions: Vec<String>,
+    pub(crate) released: u64,
     /// Releases made without differential privacy (a dataset's `exact_releases`).
-    exact_releases: u64,
+    pub(crate) exact_releases: u64,
 }
 
+/// What `audit report` shows of a verified log (the auditor's console shows the same).
 #[derive(Serialize)]
-struct Report {
-    party: String,
-    records: usize,
-    unsigned_tail: usize,
-    starts: u64,
-    recoveries: u64,
-    errors: Vec<String>,
+pub(crate) struct Report {
+    pub(crate) party: String,
+    pub(crate) records: usize,
+    pub(crate) unsigned_tail: usize,
+    pub(crate) starts: u64,
+    pub(crate) recoveries: u64,
+    pub(crate) errors: Vec<String>,
     /// Datasets this party may release without differential privacy, and what.
-    exact_allowed: BTreeMap<String, Vec<String>>,
-    studies: BTreeMap<String, StudySummary>,
+    pub(crate) exact_allowed: BTreeMap<String, Vec<String>>,
+    pub(crate) studies: BTreeMap<String, StudySummary>,
 }
 
-fn summarise(v: &Verified) -> Report {
+pub(crate) fn summarise(v: &Verified) -> Report {
     let mut r = Report {
         party: v.party.clone(),
         records: v.records.len(),
@@ -211,7 +212,7 @@ fn summarise(v: &Verified) -> Report {
 /// The decisions as a table shows them: each distinct one once, in the order it first
 /// came, with how many times it came when more than once (an iterative query's hundreds
 /// of identical steps read as one line with their count).
-fn compact(decisions: &[String]) -> Vec<String> {
+pub(crate) fn compact(decisions: &[String]) -> Vec<String> {
     let mut seen: Vec<(&String, usize)> = Vec::new();
     for d in decisions {
         match seen.iter_mut().find(|(s, _)| *s == d) {

@@ -8,6 +8,7 @@
 
 mod aggregator_cmd;
 mod audit;
+mod audit_console;
 mod audit_reconcile;
 mod bench;
 mod bench_audit;
@@ -93,6 +94,9 @@ enum AuditCommand {
     Report(audit::ReportArgs),
     /// Check that a node's and the aggregator's logs agree on every message between them.
     Reconcile(audit_reconcile::ReconcileArgs),
+    /// Browse a party's verified log in a browser: per study and per round, what left it,
+    /// what it received, released and spent (read-only, on loopback).
+    Console(audit_console::ConsoleArgs),
 }
 
 #[derive(Subcommand)]
@@ -378,6 +382,7 @@ fn main() -> ExitCode {
         Command::Audit(AuditCommand::Verify(args)) => audit::verify(args),
         Command::Audit(AuditCommand::Report(args)) => audit::report(args),
         Command::Audit(AuditCommand::Reconcile(args)) => audit_reconcile::reconcile(args),
+        Command::Audit(AuditCommand::Console(args)) => audit_console::console(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1078,7 +1078,17 @@ mod study_id_tests {
         for ok in ["pima", "pima-diabetes", "lung_cox_2", &"a".repeat(64)] {
             assert_eq!(study_id_problem(ok), None, "{ok}");
         }
-        for bad in ["", "../x", "/etc", "a b", "a\"b", "a\nb", "é", &"a".repeat(65), "."] {
+        for bad in [
+            "",
+            "../x",
+            "/etc",
+            "a b",
+            "a\"b",
+            "a\nb",
+            "é",
+            &"a".repeat(65),
+            ".",
+        ] {
             assert!(study_id_problem(bad).is_some(), "{bad:?}");
         }
     }

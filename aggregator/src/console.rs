@@ -126,20 +126,35 @@ th{background:#eef1f5}td.n{text-align:right;font-variant-numeric:tabular-nums}\
 .ok{color:#005a32;font-weight:600}.bad{color:#a50f15;font-weight:600}.muted{color:#444}\
 figure{margin:0 0 1rem}figcaption{font-size:.9rem;color:#333}code{font-size:.95em}";
 
-fn page(title: &str, body: &str) -> String {
+/// A whole page of the operator's console: `title` as heading, `body` inside `<main>`.
+pub fn page(title: &str, body: &str) -> String {
+    page_with_nav(
+        title,
+        "<a href=\"/\">Overview</a> · <a href=\"/status\">/status (JSON)</a> · \
+         <a href=\"/metrics\">/metrics</a>",
+        body,
+    )
+}
+
+/// A whole page with its own navigation links (`nav`, HTML), the console's style.
+pub fn page_with_nav(title: &str, nav: &str, body: &str) -> String {
     format!(
         "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
          <meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">\
          <title>{t} · medfed console</title><style>{STYLE}</style></head><body>\
          <a class=\"skip\" href=\"#main\">Skip to content</a>\
-         <header><h1>{t}</h1><nav aria-label=\"console\"><a href=\"/\">Overview</a> · \
-         <a href=\"/status\">/status (JSON)</a> · <a href=\"/metrics\">/metrics</a></nav></header>\
+         <header><h1>{t}</h1><nav aria-label=\"console\">{nav}</nav></header>\
          <main id=\"main\">{body}</main></body></html>",
         t = esc(title)
     )
 }
 
-fn when(ms: u64) -> String {
+/// A date and time, in UTC, from milliseconds since the epoch.
+pub fn when(ms: u64) -> String {
+    when_inner(ms)
+}
+
+fn when_inner(ms: u64) -> String {
     let secs = ms / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).

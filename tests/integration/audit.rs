@@ -505,3 +505,125 @@ fn a_log_cut_after_a_known_tree_head_is_caught() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("records were cut after line"), "{err}");
 }
+
+/// The auditor's console shows a verified log's facts (those of `audit report`), per study
+/// and per round; a log tampered with after it started shows only that it fails; it serves
+/// loopback only.
+#[test]
+fn the_auditor_console_shows_a_verified_log_and_nothing_of_a_tampered_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    demo(d);
+    let (log, key) = log_and_key(d, "st-marys");
+    let report: serde_json::Value = serde_json::from_str(&stdout(&[
+        "audit", "report", "--log", &log, "--key", &key, "--format", "json",
+    ]))
+    .unwrap();
+    let (study, facts) = report["studies"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .find(|(s, _)| !s.starts_with('('))
+        .map(|(s, f)| (s.clone(), f.clone()))
+        .expect("a study in the demo's log");
+
+    let (refused, out) = crate::common::run(&[
+        "audit",
+        "console",
+        "--log",
+        &log,
+        "--key",
+        &key,
+        "--listen",
+        "0.0.0.0:0",
+    ]);
+    assert!(!refused && out.contains("not a loopback address"), "{out}");
+
+    // A copy the test can tamper with.
+    let copy = d.join("copy.log");
+    std::fs::copy(&log, &copy).unwrap();
+    let port = crate::common::free_tcp_port();
+    let addr = format!("127.0.0.1:{port}");
+    let _console = crate::common::Processes(vec![crate::common::spawn(
+        d,
+        "console",
+        &[
+            "audit",
+            "console",
+            "--log",
+            copy.to_str().unwrap(),
+            "--key",
+            &key,
+            "--listen",
+            &addr,
+        ],
+    )]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let page = |path: &str| crate::ops::get(&addr, path);
+    while page("/").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the console did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let summary = page("/").unwrap();
+    assert!(summary.starts_with("HTTP/1.1 200"), "{summary}");
+    for seen in [
+        "Verified".to_string(),
+        "Compliance log of st-marys".into(),
+        format!(">{study}</a>"),
+        format!("<td class=\"n\">{}</td>", facts["messages_sent"]),
+        format!("<td class=\"n\">{}</td>", facts["released"]),
+    ] {
+        assert!(
+            summary.contains(&seen),
+            "the summary lacks {seen:?}:\n{summary}"
+        );
+    }
+    let per_round = page(&format!("/studies/{study}")).unwrap();
+    assert!(per_round.starts_with("HTTP/1.1 200"), "{per_round}");
+    let rows = per_round.matches("<tr><th scope=\"row\">").count();
+    assert!(
+        rows >= 3,
+        "one row per round of the 3-round demo:\n{per_round}"
+    );
+    assert!(
+        per_round.contains("aggregator"),
+        "the peer is named:\n{per_round}"
+    );
+
+    // Tamper with one record in the middle: the console shows nothing but the failure.
+    let text = std::fs::read_to_string(&copy).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let mid = (lines.len() / 2..lines.len())
+        .find(|&i| lines[i].contains("\"bytes\":"))
+        .expect("a message record in the second half");
+    let tampered: Vec<String> = lines
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            if i == mid {
+                l.replacen("\"bytes\":", "\"bytes\":1", 1)
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    assert_ne!(
+        tampered[mid], lines[mid],
+        "the middle record has no field to alter"
+    );
+    std::fs::write(&copy, tampered.join("\n") + "\n").unwrap();
+    for path in ["/".to_string(), format!("/studies/{study}")] {
+        let r = page(&path).unwrap();
+        assert!(
+            r.starts_with("HTTP/1.1 500") && r.contains("Verification FAILED"),
+            "{path}: {r}"
+        );
+        assert!(
+            !r.contains(&format!(">{study}</a>")),
+            "a tampered log's studies are not shown"
+        );
+    }
+}
