@@ -105,11 +105,20 @@ pub fn classification_plots(
     crate::plots::training_curve(&curve, &run.rounds, centralized_auc)
         .map_err(|e| anyhow::anyhow!("{}: {e}", curve.display()))?;
     let (pf, pz, y) = &c.scores;
+    // The legends carry each model's AUC as the comparison's table gives it, and the rows.
+    let label = |name: &str, m: &medfed_protocol::metrics::Metrics| {
+        let (metric, value) = m.headline();
+        format!("{name} ({metric} {value:.4}, {} rows)", m.rows())
+    };
+    let (federated, centralized) = (
+        label("federated", &c.federated),
+        label("centralized", &c.centralized),
+    );
     crate::plots::roc_curves(
         &roc,
         &[
-            ("federated", roc_points(pf, y)),
-            ("centralized", roc_points(pz, y)),
+            (federated.as_str(), roc_points(pf, y)),
+            (centralized.as_str(), roc_points(pz, y)),
         ],
     )
     .map_err(|e| anyhow::anyhow!("{}: {e}", roc.display()))?;

@@ -30,13 +30,10 @@ pub fn training_curve_of(
         .map(|r| (r.0, r.1))
         .filter(|p| finite(&p.1))
         .collect();
-    let (lo, hi) = loss
-        .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
-            (a.min(p.1), b.max(p.1))
-        });
-    let (lo, hi) = if lo.is_finite() {
-        (lo * 0.98, hi * 1.02)
+    let hi = loss.iter().map(|p| p.1).fold(f64::NEG_INFINITY, f64::max);
+    // From zero: a small change of loss does not read as a large one.
+    let (lo, hi) = if hi.is_finite() && hi > 0.0 {
+        (0.0, hi * 1.08)
     } else {
         (0.0, 1.0)
     };
@@ -54,10 +51,16 @@ pub fn training_curve_of(
         .x_desc("round")
         .y_desc(loss_name)
         .draw()?;
+    let [blue, vermillion, ..] = OKABE_ITO;
+    let last_loss = loss.last().map(|p| p.1);
     chart
-        .draw_series(LineSeries::new(loss, &BLUE))?
-        .label("federated (train)")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+        .draw_series(LineSeries::new(loss.clone(), blue.stroke_width(2)))?
+        .label(match last_loss {
+            Some(l) => format!("federated, training rows (last {l:.4})"),
+            None => "federated, training rows".into(),
+        })
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2)));
+    chart.draw_series(loss.iter().map(|p| Circle::new(*p, 3, blue.filled())))?;
     chart
         .configure_series_labels()
         .border_style(BLACK)
@@ -69,8 +72,14 @@ pub fn training_curve_of(
         .map(|r| (r.0, r.2))
         .filter(|p| finite(&p.1))
         .collect();
-    let lo = auc.iter().map(|p| p.1).fold(centralized_auc, f64::min) - 0.02;
-    let hi = (auc.iter().map(|p| p.1).fold(centralized_auc, f64::max) + 0.02).min(1.0);
+    // AUC from chance (0.5) to perfect (1); another metric (R²) from the lower of 0 and its
+    // lowest value to 1: the axis does not zoom in on small differences.
+    let lowest = auc.iter().map(|p| p.1).fold(centralized_auc, f64::min);
+    let (lo, hi) = if metric_name.contains("AUC") {
+        (lowest.min(0.5), 1.0)
+    } else {
+        (lowest.min(0.0), 1.0)
+    };
     let mut chart = ChartBuilder::on(&bottom)
         .caption(
             format!("Validation {metric_name} per round"),
@@ -85,17 +94,33 @@ pub fn training_curve_of(
         .x_desc("round")
         .y_desc(metric_name)
         .draw()?;
+    let last_auc = auc.last().map(|p| p.1);
     chart
-        .draw_series(LineSeries::new(auc, &BLUE))?
-        .label("federated (validation rows of all hospitals)")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+        .draw_series(LineSeries::new(auc.clone(), blue.stroke_width(2)))?
+        .label(match last_auc {
+            Some(a) => {
+                format!(
+                    "federated, all hospitals' validation rows, from binned summaries (last {a:.4})"
+                )
+            }
+            None => "federated, all hospitals' validation rows, from binned summaries".into(),
+        })
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], blue.stroke_width(2)));
+    chart.draw_series(auc.iter().map(|p| Circle::new(*p, 3, blue.filled())))?;
+    // Dashed, in another colour: where the two meet, both stay visible.
     chart
-        .draw_series(LineSeries::new(
+        .draw_series(DashedLineSeries::new(
             vec![(1, centralized_auc), (last, centralized_auc)],
-            RED.stroke_width(1),
+            8,
+            5,
+            vermillion.stroke_width(2),
         ))?
-        .label("centralized model")
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+        .label(format!(
+            "centralized model ({metric_name} {centralized_auc:.4})"
+        ))
+        .legend(move |(x, y)| {
+            PathElement::new(vec![(x, y), (x + 20, y)], vermillion.stroke_width(2))
+        });
     chart
         .configure_series_labels()
         .position(SeriesLabelPosition::LowerRight)
@@ -139,10 +164,16 @@ pub fn roc_curves_titled(
             Some(c) => c.to_rgba(),
             None => Palette99::pick(i).to_rgba(),
         };
-        chart
-            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
-            .label(*name)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color));
+        // The first solid, the others dashed: curves that overlap stay visible.
+        let style = color.stroke_width(2);
+        let series = if i == 0 {
+            chart.draw_series(LineSeries::new(points.clone(), style))?
+        } else {
+            chart.draw_series(DashedLineSeries::new(points.clone(), 7, 4, style))?
+        };
+        series.label(*name).legend(move |(x, y)| {
+            PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+        });
     }
     chart
         .configure_series_labels()

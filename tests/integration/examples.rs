@@ -45,7 +45,23 @@ fn the_federation_examples_train_and_plot() {
         if metric == "AUC" {
             svg(
                 &plots.join("roc.svg"),
-                &["false positive rate", "centralized"],
+                &["false positive rate", "centralized", "rows)"],
+            );
+            // The plotted AUC is the table's (the table rounds to 3 decimals, the legend to 4).
+            let table: f64 = out
+                .lines()
+                .find(|l| l.starts_with("federated"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+                .unwrap_or_else(|| panic!("no federated row:\n{out}"));
+            let roc = std::fs::read_to_string(plots.join("roc.svg")).unwrap();
+            let plotted: f64 = roc
+                .split("federated (AUC ")
+                .nth(1)
+                .and_then(|r| r.split(',').next()?.parse().ok())
+                .expect("the ROC legend gives the federated AUC");
+            assert!(
+                (table - plotted).abs() <= 0.0005 + 1e-9,
+                "{name}: table {table}, plot {plotted}"
             );
         } else {
             svg(&plots.join("training.svg"), &["R²", "mean squared error"]);
