@@ -558,9 +558,8 @@ const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(
 
 impl Ops {
     /// Serves until the task is dropped. Each connection must send its headers within
-    /// [`HEADER_TIMEOUT`] and lives at most [`CONNECTION_LIFETIME`]; at most
-    /// [`MAX_CONNECTIONS`] are served at once, so slow or idle clients cannot take the
-    /// process's file descriptors.
+    /// 10 s and lives at most 60 s; at most 64 are served at once, so slow or idle clients
+    /// cannot take the process's file descriptors.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "operations endpoint and console listening (/, /healthz, /status, /metrics)");
