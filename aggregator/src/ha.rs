@@ -119,6 +119,11 @@ impl Shared {
         u64::try_from(boottime().saturating_sub(self.clock).as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// This instance's lease record, as written to the bucket.
+    fn record_bytes(&self) -> Result<Vec<u8>, String> {
+        serde_json::to_vec(&self.record).map_err(|e| format!("the lease record: {e}"))
+    }
+
     fn lease(&self) -> MutexGuard<'_, Lease> {
         self.lease.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -285,7 +290,7 @@ impl Ha {
                     if !self.shared.lease().renewal_due(now) {
                         continue;
                     }
-                    let Ok(value) = serde_json::to_vec(&self.shared.record) else {
+                    let Ok(value) = self.shared.record_bytes() else {
                         continue;
                     };
                     match self.fenced(LEASE_KEY, Some(value)).await {
@@ -353,7 +358,7 @@ impl Ha {
             .map_err(|e| format!("cannot read the bucket's state: {e}"))?
             .state
             .last_sequence;
-        let value = serde_json::to_vec(&self.shared.record).map_err(|e| e.to_string())?;
+        let value = self.shared.record_bytes()?;
         let mut msg = jetstream::message::PublishMessage::build()
             .payload(value.into())
             .message_id(format!("{}-take-{revision}-{last}", self.shared.instance))
@@ -393,10 +398,7 @@ impl Ha {
         // only the later one's expectation holds.
         let confirm_at = self.shared.now();
         match self
-            .fenced(
-                LEASE_KEY,
-                Some(serde_json::to_vec(&self.shared.record).map_err(|e| e.to_string())?),
-            )
+            .fenced(LEASE_KEY, Some(self.shared.record_bytes()?))
             .await
         {
             Ok(seq) => self.shared.lease().renewed(confirm_at, seq),

@@ -540,27 +540,36 @@ fn a_paused_active_instance_is_fenced_and_steps_down_and_losing_a_nats_server_is
     );
 }
 
+/// `[ha]` of instance `instance` on `nats`'s cluster, bucket `bucket` with 3 replicas.
+fn ha_config(
+    nats: &NatsCluster,
+    bucket: &str,
+    instance: &str,
+    lease_ms: u64,
+) -> medfed_aggregator::config::HaConfig {
+    medfed_aggregator::config::HaConfig {
+        nats: nats.urls.clone(),
+        bucket: bucket.into(),
+        instance: instance.into(),
+        advertise: format!("{instance}.example:4433"),
+        lease_ms,
+        replicas: 3,
+        credentials: None,
+    }
+}
+
 /// The fence itself, on the real cluster: once another instance has written the lease, the
 /// bucket refuses every write of the former holder (even one whose own clock says its lease
 /// still holds), and the former holder steps down; a standby's store reads nothing.
 #[test]
 fn the_bucket_refuses_the_writes_of_an_instance_whose_lease_was_taken() {
-    use medfed_aggregator::config::HaConfig;
     use medfed_aggregator::ha::{Ha, HaStatus};
     use medfed_infra::store::Batch;
 
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(dir.path());
-    let cfg = |instance: &str| HaConfig {
-        nats: nats.urls.clone(),
-        bucket: "fence".into(),
-        instance: instance.into(),
-        advertise: format!("{instance}.example:4433"),
-        // Long: only the fence can stop a.
-        lease_ms: 60_000,
-        replicas: 3,
-        credentials: None,
-    };
+    // A long lease: only the fence can stop a.
+    let cfg = |instance: &str| ha_config(&nats, "fence", instance, 60_000);
     let a = Ha::start(&cfg("a")).unwrap();
     let mut status = a.status();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -636,20 +645,11 @@ fn the_bucket_refuses_the_writes_of_an_instance_whose_lease_was_taken() {
 /// exactly one becomes active, and at no moment are two active.
 #[test]
 fn three_standbys_racing_for_an_expired_lease_make_one_active() {
-    use medfed_aggregator::config::HaConfig;
     use medfed_aggregator::ha::Ha;
 
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsCluster::start(dir.path());
-    let cfg = |instance: &str| HaConfig {
-        nats: nats.urls.clone(),
-        bucket: "race".into(),
-        instance: instance.into(),
-        advertise: format!("{instance}.example:4433"),
-        lease_ms: 1_000,
-        replicas: 3,
-        credentials: None,
-    };
+    let cfg = |instance: &str| ha_config(&nats, "race", instance, 1_000);
     // A holder that is gone: its lease is never renewed.
     let gone = Ha::start(&cfg("gone")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
