@@ -36,6 +36,10 @@ pub struct SiteRow {
     pub connected: bool,
     /// Messages and bytes exchanged with it.
     pub traffic: medfed_infra::auditlog::PeerTraffic,
+    /// Seconds since it last answered a request of a study.
+    pub last_answer_secs: Option<u64>,
+    /// The median time its recent answers took, in seconds (local work and network).
+    pub median_answer_secs: Option<f64>,
 }
 
 /// What the overview shows of one study.
@@ -224,13 +228,14 @@ pub fn overview(o: &Overview) -> String {
          <th scope=\"col\">Site</th><th scope=\"col\">Connection</th>\
          <th scope=\"col\">Messages sent</th><th scope=\"col\">Bytes sent</th>\
          <th scope=\"col\">Messages received</th><th scope=\"col\">Bytes received</th>\
+         <th scope=\"col\">Last answer</th><th scope=\"col\">Median answer time</th>\
          </tr></thead><tbody>",
     );
     for s in &o.sites {
         let _ = write!(
             b,
             "<tr><th scope=\"row\">{}</th><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
-             <td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+             <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
             esc(&s.site),
             if s.connected {
                 "<span class=\"ok\">connected</span>"
@@ -240,7 +245,15 @@ pub fn overview(o: &Overview) -> String {
             s.traffic.messages_sent,
             bytes(s.traffic.bytes_sent),
             s.traffic.messages_received,
-            bytes(s.traffic.bytes_received)
+            bytes(s.traffic.bytes_received),
+            s.last_answer_secs
+                .map_or("never".to_string(), |t| format!("{t} s ago")),
+            s.median_answer_secs
+                .map_or("—".to_string(), |t| if t < 1.0 {
+                    format!("{:.1} ms", t * 1000.0)
+                } else {
+                    format!("{t:.2} s")
+                }),
         );
     }
     b.push_str("</tbody></table>");

@@ -72,6 +72,15 @@ pub struct RoundSummary {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum AggregatorEvent {
+    /// A site answered a request of a training study's round (its model update, its
+    /// evaluation, a secure-aggregation step), this many seconds after it was sent: the
+    /// site's local work and the network together.
+    SiteAnswered {
+        /// The site's name.
+        site: String,
+        /// Seconds from the request to its answer.
+        seconds: f64,
+    },
     /// A site connected and was let in (its hello accepted).
     SiteConnected {
         /// The site's name.

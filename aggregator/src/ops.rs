@@ -100,8 +100,20 @@ impl StudyStatus {
     }
 }
 
+/// How a site has been answering: when last, and how long its recent answers took.
+#[derive(Debug, Default)]
+struct SiteHealth {
+    last_answer: Option<Instant>,
+    /// The latest answer times, in seconds (at most [`RECENT_ANSWERS`]).
+    recent: std::collections::VecDeque<f64>,
+}
+
+/// Answer times kept per site, for the console's median.
+const RECENT_ANSWERS: usize = 50;
+
 #[derive(Debug, Default)]
 struct Board {
+    sites: BTreeMap<String, SiteHealth>,
     studies: BTreeMap<String, StudyStatus>,
     connections_refused: u64,
     disconnects: u64,
@@ -255,6 +267,14 @@ impl StatusBoard {
                 };
                 s.phase = clip(reason);
                 b.studies.insert(study_id.clone(), s);
+            }
+            AggregatorEvent::SiteAnswered { site, seconds } => {
+                let h = b.sites.entry(site.clone()).or_default();
+                h.last_answer = Some(Instant::now());
+                if h.recent.len() == RECENT_ANSWERS {
+                    h.recent.pop_front();
+                }
+                h.recent.push_back(*seconds);
             }
             AggregatorEvent::SiteConnected { .. } => {}
         }
@@ -475,10 +495,17 @@ impl StatusBoard {
             sites: ops
                 .allowed
                 .iter()
-                .map(|site| crate::console::SiteRow {
-                    site: site.clone(),
-                    connected: connected.contains(site),
-                    traffic: per_peer.get(site).copied().unwrap_or_default(),
+                .map(|site| {
+                    let health = b.sites.get(site);
+                    crate::console::SiteRow {
+                        site: site.clone(),
+                        connected: connected.contains(site),
+                        traffic: per_peer.get(site).copied().unwrap_or_default(),
+                        last_answer_secs: health
+                            .and_then(|h| h.last_answer)
+                            .map(|t| t.elapsed().as_secs()),
+                        median_answer_secs: health.and_then(|h| median(&h.recent)),
+                    }
                 })
                 .collect(),
             studies: b.studies.iter().map(|(id, s)| row(id, s)).collect(),
@@ -495,6 +522,18 @@ impl StatusBoard {
             provenance: s.provenance.clone(),
             released: s.released.as_ref().map(|p| p.display().to_string()),
         })
+    }
+}
+
+/// The median of `v`, if it has values.
+fn median(v: &std::collections::VecDeque<f64>) -> Option<f64> {
+    let mut sorted: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    match n {
+        0 => None,
+        n if n % 2 == 1 => Some(sorted[n / 2]),
+        n => Some((sorted[n / 2 - 1] + sorted[n / 2]) / 2.0),
     }
 }
 
@@ -734,6 +773,23 @@ async fn not_found() -> (StatusCode, &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_site_s_answer_times_keep_the_latest_fifty_and_give_their_median() {
+        let board = StatusBoard::new("agg", []);
+        for i in 0..120 {
+            board.apply(&AggregatorEvent::SiteAnswered {
+                site: "riverside".into(),
+                seconds: f64::from(i),
+            });
+        }
+        let b = board.lock();
+        let h = &b.sites["riverside"];
+        assert_eq!(h.recent.len(), RECENT_ANSWERS);
+        // The latest fifty: 70..=119, median 94.5.
+        assert_eq!(median(&h.recent), Some(94.5));
+        assert_eq!(median(&std::collections::VecDeque::new()), None);
+    }
 
     #[test]
     fn only_local_host_names_are_served_without_a_token() {

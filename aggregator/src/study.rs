@@ -234,7 +234,8 @@ impl Clock for MonotonicClock {
 }
 
 /// A request on its way: its id, the site, and its answer.
-type Answered = (RequestId, String, Result<Message, Failure>);
+/// A request's answer: its id, the site, the answer, and the seconds it took.
+type Answered = (RequestId, String, Result<Message, Failure>, f64);
 
 impl StudyRunner {
     fn emit(&self, e: AggregatorEvent) {
@@ -377,9 +378,11 @@ impl StudyRunner {
                 tokio::time::sleep_until(clock.instant_at(deadline.unwrap_or(u64::MAX / 4)).into());
             tokio::select! {
                 Some(joined) = tasks.join_next() => {
-                    let Ok((id, site, answer)) = joined else { continue };
-                    if let Err(Failure::Transport(e)) = &answer {
-                        tracing::debug!(%site, "no answer: {e}");
+                    let Ok((id, site, answer, seconds)) = joined else { continue };
+                    match &answer {
+                        Err(Failure::Transport(e)) => tracing::debug!(%site, "no answer: {e}"),
+                        Ok(_) => self.emit(AggregatorEvent::SiteAnswered { site: site.clone(), seconds }),
+                        Err(_) => {}
                     }
                     coord.handle_answer(now(), id, answer);
                 }
@@ -444,6 +447,7 @@ impl StudyRunner {
                 let (max, audit) = (self.max_frame, self.audit.clone());
                 let conn = self.registry.get(&site).map(|c| c.conn);
                 tasks.spawn(async move {
+                    let started = Instant::now();
                     let answer = match conn {
                         Some(conn) => transport::request_logged(
                             &conn,
@@ -461,7 +465,7 @@ impl StudyRunner {
                         }),
                         None => Err(Failure::Transport("not connected".into())),
                     };
-                    (id, site, answer)
+                    (id, site, answer, started.elapsed().as_secs_f64())
                 });
             }
             Command::Notify { site, message } => self.notify(&site, &message),

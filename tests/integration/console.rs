@@ -257,6 +257,8 @@ fn the_console_shows_sites_studies_and_curves_in_a_real_browser() {
         "pima-diabetes",
         "complete",
         "12 of 12",
+        "Median answer time",
+        "s ago",
     ] {
         assert!(
             text.contains(seen),
