@@ -291,7 +291,14 @@ impl Server {
                     .unwrap_or_default();
                 // Not an error: nodes try every instance until they find the active one.
                 tracing::debug!(%site, "{reason}");
-                reply_error(&mut send, ErrorCode::NotActive, &reason, self.max_frame).await;
+                reply_error(
+                    &mut send,
+                    ErrorCode::NotActive,
+                    &reason,
+                    self.max_frame,
+                    Some((&*self.audit, site)),
+                )
+                .await;
                 transport::close(conn, ErrorCode::NotActive, &reason);
                 return None;
             }
@@ -334,18 +341,36 @@ impl Server {
                 "no complete hello within 10 s".into(),
             ),
         };
-        reply_error(&mut send, code, &reason, self.max_frame).await;
+        reply_error(
+            &mut send,
+            code,
+            &reason,
+            self.max_frame,
+            Some((&*self.audit, site)),
+        )
+        .await;
         self.refuse(conn, Some(site), code, reason);
         None
     }
 }
 
-async fn reply_error(send: &mut quinn::SendStream, code: ErrorCode, reason: &str, max: u32) {
+/// Answers a stream with an error, recorded in the compliance log first when `log` names it
+/// (what leaves the aggregator is logged; a refusal to a site is no exception).
+async fn reply_error(
+    send: &mut quinn::SendStream,
+    code: ErrorCode,
+    reason: &str,
+    max: u32,
+    log: Option<(&dyn transport::Egress, &str)>,
+) {
     let msg = Message::Error(ErrorMessage {
         code,
         reason: reason.to_string(),
     });
-    if transport::write_message(send, &msg, max).await.is_ok() {
+    if transport::write_message_logged(send, &msg, max, log)
+        .await
+        .is_ok()
+    {
         // Give the error a moment to reach the peer before the connection is closed.
         let _ = tokio::time::timeout(Duration::from_millis(500), send.stopped()).await;
     }
@@ -370,7 +395,7 @@ async fn answer_unexpected_stream(
         Err(TransportError::Frame(e)) => (e.code(), e.to_string()),
         Err(e) => (ErrorCode::Malformed, e.to_string()),
     };
-    reply_error(&mut send, code, &reason, max).await;
+    reply_error(&mut send, code, &reason, max, None).await;
     if code != ErrorCode::UnexpectedMessage {
         // A broken frame leaves the peer in an unknown state: end the connection.
         transport::close(conn, code, &reason);
