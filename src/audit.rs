@@ -183,16 +183,21 @@ pub(crate) fn summarise(v: &Verified) -> Report {
                 total_epsilon,
                 delta,
                 refused,
-            } => r.studies.entry(study.clone()).or_default().decisions.push(if *refused {
-                format!("round {round}: refused for the privacy budget (would reach ε = {epsilon:.3}, all studies {total_epsilon:.3}, δ = {delta:e})")
-            } else {
-                format!("round {round}: DP release, ε spent {epsilon:.3} (all studies {total_epsilon:.3}, δ = {delta:e})")
-            }),
+            } => r
+                .studies
+                .entry(study.clone())
+                .or_default()
+                .decisions
+                .push(format!(
+                    "round {round}: {}",
+                    privacy_spent(*epsilon, *total_epsilon, *delta, *refused)
+                )),
             Event::ExactRelease { study, dataset } => {
                 let s = r.studies.entry(study.clone()).or_default();
                 s.exact_releases += 1;
-                s.decisions
-                    .push(format!("EXACT release of dataset '{dataset}' (no differential privacy)"));
+                s.decisions.push(format!(
+                    "EXACT release of dataset '{dataset}' (no differential privacy)"
+                ));
             }
             Event::ExactAllowed { dataset, releases } => {
                 r.exact_allowed.insert(dataset.clone(), releases.clone());
@@ -207,6 +212,17 @@ pub(crate) fn summarise(v: &Verified) -> Report {
         }
     }
     r
+}
+
+/// A `PrivacySpent` record in words (the report's and the auditor's console's).
+pub(crate) fn privacy_spent(epsilon: f64, total_epsilon: f64, delta: f64, refused: bool) -> String {
+    if refused {
+        format!(
+            "refused for the privacy budget (would reach ε = {epsilon:.3}, all studies {total_epsilon:.3}, δ = {delta:e})"
+        )
+    } else {
+        format!("DP release, ε spent {epsilon:.3} (all studies {total_epsilon:.3}, δ = {delta:e})")
+    }
 }
 
 /// The decisions as a table shows them: each distinct one once, in the order it first

@@ -244,11 +244,16 @@ async fn study(State(a): State<Arc<Auditor>>, UrlPath(id): UrlPath<String>) -> R
                 delta,
                 refused,
             } if *study == id => {
-                rounds.entry(*round).or_default().privacy.push(if *refused {
-                    format!("refused: would reach ε = {epsilon:.3} (all studies {total_epsilon:.3}), δ = {delta:e}")
-                } else {
-                    format!("ε = {epsilon:.3} (all studies {total_epsilon:.3}), δ = {delta:e}")
-                });
+                rounds
+                    .entry(*round)
+                    .or_default()
+                    .privacy
+                    .push(crate::audit::privacy_spent(
+                        *epsilon,
+                        *total_epsilon,
+                        *delta,
+                        *refused,
+                    ));
                 *round
             }
             _ => continue,

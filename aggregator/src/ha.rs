@@ -119,6 +119,11 @@ impl Shared {
         u64::try_from(boottime().saturating_sub(self.clock).as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// The store's keys and values, as this instance holds them.
+    fn state(&self) -> MutexGuard<'_, BTreeMap<String, Vec<u8>>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// This instance's lease record, as written to the bucket.
     fn record_bytes(&self) -> Result<Vec<u8>, String> {
         serde_json::to_vec(&self.record).map_err(|e| format!("the lease record: {e}"))
@@ -469,7 +474,7 @@ impl Ha {
             }
         }
         let n = state.len();
-        *self.shared.state.lock().unwrap_or_else(|p| p.into_inner()) = state;
+        *self.shared.state() = state;
         Ok(n)
     }
 
@@ -715,24 +720,14 @@ impl Store for HaStore {
 
     fn get(&self, ns: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.check_active()?;
-        let state = self
-            .ha
-            .shared
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let state = self.ha.shared.state();
         Ok(state.get(&bucket_key(ns, key)).cloned())
     }
 
     fn scan(&self, ns: &str) -> Result<Vec<Entry>, StoreError> {
         self.check_active()?;
         let prefix = bucket_key(ns, b"");
-        let state = self
-            .ha
-            .shared
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let state = self.ha.shared.state();
         state
             .range(prefix.clone()..)
             .take_while(|(k, _)| k.starts_with(&prefix))
@@ -775,12 +770,7 @@ impl Store for HaStore {
         written
             .and_then(|r| r)
             .map_err(|e| self.error(e.to_string()))?;
-        let mut state = self
-            .ha
-            .shared
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut state = self.ha.shared.state();
         match value {
             Some(v) => state.insert(bkey, v),
             None => state.remove(&bkey),
