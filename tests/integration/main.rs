@@ -27,6 +27,7 @@ mod jetstream;
 mod multiclass;
 mod node_check;
 mod node_run_ingest;
+mod omop;
 mod ops;
 mod preprocessing;
 mod privacy;

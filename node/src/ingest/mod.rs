@@ -22,6 +22,7 @@ use crate::runtime::csv_source::{self, CsvOptions, Partitioning};
 use crate::runtime::fhir_source::{self, FhirMapping};
 #[cfg(feature = "jetstream")]
 use crate::runtime::jetstream_source::{self, JetStreamPartition};
+use crate::runtime::omop_source::{self, OmopConfig};
 use crate::runtime::progress::Progress;
 use crate::runtime::{
     Chain, ColumnStats, Envelope, KvState, MessageCollector, RunOptions, StreamTask,
@@ -133,6 +134,9 @@ pub struct IngestConfig {
     /// A NATS JetStream source.
     #[serde(default)]
     pub jetstream: Option<JetStreamConfig>,
+    /// An OMOP CDM v5.4 database on PostgreSQL (`[ingest.omop]`): one record per person.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub omop: Option<OmopConfig>,
     /// The built-in task: count, sum and sum of squares of these numeric columns (of the
     /// de-identified records, when fields are declared).
     pub columns: Vec<String>,
@@ -239,6 +243,11 @@ impl IngestConfig {
             &mut self.raw_rejects,
         ]
         .into_iter()
+        .chain(
+            self.omop
+                .iter_mut()
+                .flat_map(|o| [&mut o.password_file, &mut o.ca]),
+        )
         .flatten()
         {
             *p = medfed_infra::config::resolve(config_path, p);
@@ -254,15 +263,19 @@ impl IngestConfig {
             self.csv.is_some(),
             self.fhir.is_some(),
             self.jetstream.is_some(),
+            self.omop.is_some(),
         ]
         .iter()
         .filter(|s| **s)
         .count();
         if sources != 1 {
-            return Err("needs exactly one source: csv, fhir or jetstream".into());
+            return Err("needs exactly one source: csv, fhir, jetstream or omop".into());
         }
         if self.fhir.is_some() && self.fhir_mapping.is_none() {
             return Err("a fhir source needs a fhir_mapping".into());
+        }
+        if let Some(omop) = &self.omop {
+            omop.validate()?;
         }
         if (self.columns.is_empty() && self.fields.is_empty())
             || self.commit_every == 0
@@ -369,6 +382,7 @@ pub(crate) enum Part {
         opts: CsvOptions,
     },
     Fhir(PathBuf, FhirMapping),
+    Omop(Box<OmopConfig>),
     #[cfg(feature = "jetstream")]
     Jet(JetStreamPartition),
 }
@@ -418,6 +432,9 @@ pub(crate) fn parts(cfg: &IngestConfig) -> Result<Vec<(u32, Part)>, String> {
     }
     if let (Some(dir), Some(mapping)) = (&cfg.fhir, &cfg.fhir_mapping) {
         return Ok(vec![(0, Part::Fhir(dir.clone(), mapping.clone()))]);
+    }
+    if let Some(omop) = &cfg.omop {
+        return Ok(vec![(0, Part::Omop(Box::new(omop.clone())))]);
     }
     jetstream_parts(cfg)
 }
@@ -566,9 +583,11 @@ async fn run_inner(
         }
     }
     for ((p, part), caught_up) in parts.into_iter().zip(flags) {
-        let (offset, ..) = restore(&*store, &cfg.stream, p).map_err(|e| fail(e.to_string()))?;
+        let (offset, _, processed, _) =
+            restore(&*store, &cfg.stream, p).map_err(|e| fail(e.to_string()))?;
         // Where a source reports each durable checkpoint's offset (JetStream acknowledges the
         // messages it covers); files need no acknowledgement.
+        let mut failure = None;
         let (header, rx, acks): (_, _, Option<tokio::sync::mpsc::UnboundedSender<u64>>) = match part
         {
             Part::Csv { path, opts } => {
@@ -582,6 +601,15 @@ async fn run_inner(
             Part::Fhir(dir, mapping) => {
                 let (h, rx) = fhir_source::read(&dir, &mapping, &cfg.stream, p, offset)
                     .map_err(|e| fail(e.to_string()))?;
+                (h, rx, None)
+            }
+            Part::Omop(omop) => {
+                // A database failure after the start ends the partition with what it has
+                // checkpointed, and then fails the pipeline (not "input ended").
+                let (h, rx, f) = omop_source::read(&omop, &cfg.stream, p, offset, processed)
+                    .await
+                    .map_err(|e| fail(e.to_string()))?;
+                failure = Some(f);
                 (h, rx, None)
             }
             #[cfg(feature = "jetstream")]
@@ -625,16 +653,24 @@ async fn run_inner(
                 }
             });
             let ack_ref: Option<&dyn Fn(u64)> = ack.as_ref().map(|a| a as &dyn Fn(u64));
-            run_partition_for(task, store, &stream, p, rx, &opts, ack_ref).map(|r| (p, r))
+            let report = run_partition_for(task, store, &stream, p, rx, &opts, ack_ref)
+                .map_err(|e| e.to_string())?;
+            let failed = failure.and_then(|f| match f.lock() {
+                Ok(mut f) => f.take(),
+                Err(poisoned) => poisoned.into_inner().take(),
+            });
+            match failed {
+                Some(e) => Err(format!(
+                    "{e} (partition {p} stopped at offset {}, which its checkpoint holds; a new run resumes there)",
+                    report.offset
+                )),
+                None => Ok((p, report)),
+            }
         }));
     }
     let mut reports = Vec::new();
     for r in runs {
-        reports.push(
-            r.await
-                .map_err(|e| fail(e.to_string()))?
-                .map_err(|e| fail(e.to_string()))?,
-        );
+        reports.push(r.await.map_err(|e| fail(e.to_string()))?.map_err(fail)?);
     }
     Ok(reports)
 }

@@ -17,6 +17,7 @@ pub mod csv_source;
 pub mod fhir_source;
 #[cfg(feature = "jetstream")]
 pub mod jetstream_source;
+pub mod omop_source;
 pub mod progress;
 pub mod record;
 mod rejection;

@@ -6,6 +6,7 @@
 
 mod federation;
 pub mod inproc;
+pub mod postgres;
 
 pub use federation::{Federation, Rows, WrittenFederation};
 

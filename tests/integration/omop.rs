@@ -1,0 +1,385 @@
+//! The OMOP CDM source (`[ingest.omop]`) on a real PostgreSQL server that each test starts
+//! in a temporary directory, loaded with `examples/data/pima_omop.sql` (the 200 Pima rows
+//! as an OMOP CDM v5.4 database, with the distractors a real one has).
+
+use medfed_node::config::NodeConfig;
+use medfed_node::deid::{Record, Value};
+use std::path::{Path, PathBuf};
+
+use crate::common::postgres::Postgres;
+use crate::common::{medfed, ok, pki};
+
+/// The Pima columns, declared as the de-identification pipeline's fields.
+const PIMA_FIELDS: &str = r#"[[ingest.field]]
+name = "npreg"
+min = 0
+max = 30
+[[ingest.field]]
+name = "glu"
+[[ingest.field]]
+name = "bp"
+[[ingest.field]]
+name = "skin"
+[[ingest.field]]
+name = "bmi"
+[[ingest.field]]
+name = "ped"
+[[ingest.field]]
+name = "age"
+class = "age"
+[[ingest.field]]
+name = "type"
+categories = ["Yes", "No"]
+"#;
+
+/// The OMOP columns giving the Pima rows: the concepts by vocabulary and code, glucose by
+/// its Athena concept id.
+const PIMA_OMOP_COLUMNS: &str = r#"[[ingest.omop.column]]
+name = "npreg"
+table = "observation"
+vocabulary = "LOINC"
+code = "11996-6"
+[[ingest.omop.column]]
+name = "glu"
+table = "measurement"
+concept_id = 3004501
+[[ingest.omop.column]]
+name = "bp"
+table = "measurement"
+vocabulary = "LOINC"
+code = "8462-4"
+[[ingest.omop.column]]
+name = "skin"
+table = "measurement"
+vocabulary = "medfed_example"
+code = "triceps-skinfold"
+[[ingest.omop.column]]
+name = "bmi"
+table = "measurement"
+vocabulary = "LOINC"
+code = "39156-5"
+[[ingest.omop.column]]
+name = "ped"
+table = "observation"
+vocabulary = "medfed_example"
+code = "diabetes-pedigree"
+[[ingest.omop.column]]
+name = "age"
+table = "observation"
+vocabulary = "LOINC"
+code = "30525-0"
+[[ingest.omop.column]]
+name = "type"
+table = "condition_occurrence"
+vocabulary = "SNOMED"
+code = "44054006"
+"#;
+
+fn omop_data() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/pima_omop.sql")
+}
+
+/// A node's config head (site, aggregator, TLS, keystore) in `d`.
+fn node_head(d: &Path) -> String {
+    format!(
+        "site = \"alpha\"\n[aggregator]\naddress = \"127.0.0.1:4433\"\n\
+         [tls]\nca = \"pki/sites/alpha/ca.pem\"\ncert = \"pki/sites/alpha/cert.pem\"\nkey = \"pki/sites/alpha/key.pem\"\n\
+         [[dataset]]\nname = \"pima\"\ningest = \"omop\"\n\
+         [state]\ndir = \"state\"\nkeystore = {:?}\n",
+        d.join("init/keystore/pseudonym-keys.toml")
+    )
+}
+
+/// A node directory with its PKI and a pseudonym keystore.
+fn node_dir(d: &Path) {
+    pki(d, &["alpha"]);
+    ok(&[
+        "node",
+        "init",
+        "--dir",
+        d.join("init").to_str().unwrap(),
+        "--site",
+        "alpha",
+    ]);
+}
+
+/// Each stream's kept (de-identified) records.
+fn kept(cfg: &Path) -> Vec<(String, Vec<Record>)> {
+    let cfg = NodeConfig::load(cfg).unwrap();
+    let store = medfed_node::ingest::open_store(&cfg.state).unwrap();
+    cfg.ingests
+        .iter()
+        .map(|i| {
+            (
+                i.stream.clone(),
+                medfed_node::ingest::kept_records(i, &*store).unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn text(r: &Record, field: &str) -> String {
+    match r.get(field) {
+        Some(Value::Text(t)) => t.to_string(),
+        Some(Value::Number(n)) => n.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+#[test]
+fn the_omop_source_gives_the_same_records_as_the_csv_and_fhir_sources() {
+    let pg = Postgres::start();
+    pg.load("omop", &omop_data());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    node_dir(d);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data");
+    let cfg = d.join("node.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"{head}
+[[ingest]]
+stream = "csv"
+csv = {csv:?}
+columns = ["glu", "bmi"]
+{PIMA_FIELDS}
+[[ingest]]
+stream = "fhir"
+fhir = {fhir:?}
+columns = ["glu", "bmi"]
+{PIMA_FIELDS}
+[ingest.fhir_mapping]
+features = [
+  {{ column = "npreg", system = "http://loinc.org", code = "11996-6" }},
+  {{ column = "glu", system = "http://loinc.org", code = "2345-7" }},
+  {{ column = "bp", system = "http://loinc.org", code = "8462-4" }},
+  {{ column = "skin", system = "urn:medfed:example", code = "triceps-skinfold" }},
+  {{ column = "bmi", system = "http://loinc.org", code = "39156-5" }},
+  {{ column = "ped", system = "urn:medfed:example", code = "diabetes-pedigree" }},
+  {{ column = "age", system = "http://loinc.org", code = "30525-0" }},
+]
+target = {{ column = "type", system = "http://snomed.info/sct", code = "44054006" }}
+[[ingest]]
+stream = "omop"
+columns = ["glu", "bmi"]
+{PIMA_FIELDS}
+[ingest.omop]
+connect = "{connect}"
+schema = "cdm"
+page = 64
+{PIMA_OMOP_COLUMNS}
+[[ingest]]
+stream = "omop-more"
+columns = ["glu"]
+[[ingest.field]]
+name = "mrn"
+class = "patient-id"
+required = true
+[[ingest.field]]
+name = "glu"
+[[ingest.field]]
+name = "since"
+class = "date"
+[[ingest.field]]
+name = "metformin"
+categories = ["Yes", "No"]
+[[ingest.field]]
+name = "tablets"
+categories = ["Yes", "No"]
+[ingest.omop]
+connect = "host={socket} port={port} user=postgres dbname=omop"
+schema = "cdm"
+[[ingest.omop.column]]
+name = "mrn"
+table = "person"
+field = "person_source_value"
+[[ingest.omop.column]]
+name = "glu"
+table = "measurement"
+vocabulary = "LOINC"
+code = "2345-7"
+[[ingest.omop.column]]
+name = "since"
+table = "observation_period"
+field = "observation_period_start_date"
+[[ingest.omop.column]]
+name = "metformin"
+table = "drug_exposure"
+vocabulary = "RxNorm"
+code = "6809"
+descendants = true
+[[ingest.omop.column]]
+name = "tablets"
+table = "drug_exposure"
+vocabulary = "RxNorm"
+code = "6809"
+"#,
+            head = node_head(d),
+            csv = root.join("pima_tr.csv"),
+            fhir = root.join("pima_fhir"),
+            connect = pg.connect("omop"),
+            socket = pg.socket_dir.display(),
+            port = pg.port,
+        ),
+    )
+    .unwrap();
+    let out = ok(&["node", "ingest", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        out.contains("omop partition 0: offset 1601, processed 200, quarantined 0"),
+        "{out}"
+    );
+    let streams = kept(&cfg);
+    let (csv, fhir, omop, more) = (&streams[0].1, &streams[1].1, &streams[2].1, &streams[3].1);
+    assert_eq!(csv.len(), 200);
+    assert_eq!(omop, csv, "the OMOP records differ from the CSV's");
+    assert_eq!(omop, fhir, "the OMOP records differ from the FHIR export's");
+
+    // Person fields are pseudonymized, dates generalized, drugs found through the
+    // ingredient's descendants (and not without them).
+    assert_eq!(more.len(), 200);
+    let on_metformin = pg.query(
+        "omop",
+        "SELECT count(DISTINCT person_id) FROM cdm.drug_exposure",
+    )[0][0]
+        .clone()
+        .unwrap();
+    let yes = |f: &str| more.iter().filter(|r| text(r, f) == "Yes").count();
+    assert_eq!(yes("metformin").to_string(), on_metformin);
+    assert!(yes("metformin") > 10, "{}", yes("metformin"));
+    assert_eq!(yes("tablets"), 0, "the ingredient itself has no exposures");
+    assert!(
+        more.iter().all(|r| text(r, "since") == "1990"),
+        "{:?}",
+        more[0]
+    );
+    assert!(more.iter().all(|r| r.get("mrn").is_none()));
+    let pseudonyms: std::collections::BTreeSet<String> =
+        more.iter().map(|r| text(r, "patient")).collect();
+    assert_eq!(pseudonyms.len(), 200);
+    assert!(
+        !pseudonyms.iter().any(|p| p.contains("pima")),
+        "{pseudonyms:?}"
+    );
+
+    // A second run reads nothing new; a person added later is read by the next run.
+    let again = ok(&["node", "ingest", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        again.contains("omop partition 0: offset 1601, processed 200, quarantined 0"),
+        "{again}"
+    );
+    pg.execute(
+        "omop",
+        "INSERT INTO cdm.person (person_id, gender_concept_id, year_of_birth, race_concept_id, ethnicity_concept_id, person_source_value) VALUES (5000, 8532, 1960, 0, 0, 'late-1');
+         INSERT INTO cdm.measurement (measurement_id, person_id, measurement_concept_id, measurement_date, measurement_type_concept_id, value_as_number) VALUES (99001, 5000, 3004501, '1991-07-01', 32817, 101);
+         INSERT INTO cdm.observation (observation_id, person_id, observation_concept_id, observation_date, observation_type_concept_id, value_as_number) VALUES (99001, 5000, 2000000001, '1991-07-01', 32817, 2), (99002, 5000, 2000000002, '1991-07-01', 32817, 31), (99003, 5000, 2000000004, '1991-07-01', 32817, 0.5);
+         INSERT INTO cdm.measurement (measurement_id, person_id, measurement_concept_id, measurement_date, measurement_type_concept_id, value_as_number) VALUES (99002, 5000, 3012888, '1991-07-01', 32817, 70), (99003, 5000, 2000000003, '1991-07-01', 32817, 20), (99004, 5000, 3038553, '1991-07-01', 32817, 25.5);",
+    );
+    let third = ok(&["node", "ingest", "--config", cfg.to_str().unwrap()]);
+    assert!(
+        third.contains("omop partition 0: offset 5001, processed 201, quarantined 0"),
+        "{third}"
+    );
+    let streams = kept(&cfg);
+    assert_eq!(streams[2].1.len(), 201);
+    assert_eq!(text(&streams[2].1[200], "glu"), "101");
+    assert_eq!(text(&streams[2].1[200], "type"), "No");
+}
+
+/// `medfed node ingest` with the config in `d/bad.toml`: its error output.
+fn ingest_error(d: &Path, omop: &str) -> String {
+    let cfg = d.join("bad.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}\n[[ingest]]\nstream = \"omop\"\ncolumns = [\"glu\"]\n[[ingest.field]]\nname = \"glu\"\n{omop}",
+            node_head(d)
+        ),
+    )
+    .unwrap();
+    let out = medfed(&["node", "ingest", "--config", cfg.to_str().unwrap()]);
+    assert!(!out.status.success());
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_wrong_omop_mapping_or_database_is_an_error_naming_it() {
+    let pg = Postgres::start();
+    pg.load("omop", &omop_data());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    node_dir(d);
+    let connect = pg.connect("omop");
+    let glu = "[[ingest.omop.column]]\nname = \"glu\"\ntable = \"measurement\"";
+    // A code the vocabulary does not hold.
+    let err = ingest_error(
+        d,
+        &format!(
+            "[ingest.omop]\nconnect = \"{connect}\"\nschema = \"cdm\"\n{glu}\nvocabulary = \"LOINC\"\ncode = \"9999-9\"\n"
+        ),
+    );
+    assert!(
+        err.contains("ingest 'omop'")
+            && err.contains("column 'glu'")
+            && err.contains("LOINC code 9999-9 is not in \"cdm\".concept"),
+        "{err}"
+    );
+    // A schema without the CDM tables.
+    let err = ingest_error(
+        d,
+        &format!(
+            "[ingest.omop]\nconnect = \"{connect}\"\nschema = \"public\"\n{glu}\nconcept_id = 3004501\n"
+        ),
+    );
+    assert!(
+        err.contains("\"public\".person") && err.contains("does not exist"),
+        "{err}"
+    );
+    // No server there.
+    let port = crate::common::free_tcp_port();
+    let err = ingest_error(
+        d,
+        &format!(
+            "[ingest.omop]\nconnect = \"host=127.0.0.1 port={port} user=postgres dbname=omop\"\n{glu}\nconcept_id = 3004501\n"
+        ),
+    );
+    assert!(
+        err.contains(&format!("OMOP source (127.0.0.1:{port}/omop): connect")),
+        "{err}"
+    );
+    // A remote database without TLS is refused before connecting.
+    let err = ingest_error(
+        d,
+        &format!(
+            "[ingest.omop]\nconnect = \"host=db.hospital.example dbname=cdm\"\n{glu}\nconcept_id = 3004501\n"
+        ),
+    );
+    assert!(
+        err.contains("db.hospital.example over the network without TLS"),
+        "{err}"
+    );
+    // A database failure mid-read fails the ingestion, with the records before it kept.
+    // (Persons 1003 to 1300 read; the third page of 50 fails.)
+    pg.execute(
+        "omop",
+        "CREATE FUNCTION cdm.boom(bigint) RETURNS float8 AS $$ BEGIN IF $1 > 1300 THEN RAISE EXCEPTION 'the disk is on fire'; END IF; RETURN 1; END $$ LANGUAGE plpgsql;
+         ALTER TABLE cdm.measurement RENAME TO measurement_real;
+         CREATE VIEW cdm.measurement AS SELECT m.measurement_id, m.person_id, m.measurement_concept_id, m.measurement_date, m.value_as_number * cdm.boom(m.person_id) AS value_as_number FROM cdm.measurement_real m;",
+    );
+    let err = ingest_error(
+        d,
+        &format!(
+            "[ingest.omop]\nconnect = \"{connect}\"\nschema = \"cdm\"\npage = 50\n{glu}\nconcept_id = 3004501\n"
+        ),
+    );
+    assert!(
+        err.contains("the disk is on fire") && err.contains("a new run resumes there"),
+        "{err}"
+    );
+    let state = kept(&d.join("bad.toml"));
+    assert_eq!(
+        state[0].1.len(),
+        100,
+        "the pages before the failure are kept"
+    );
+}
