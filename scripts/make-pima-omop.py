@@ -231,6 +231,15 @@ for i, r in enumerate(rows, start=1):
         cid += 1
         cond.append(f"  ({cid}, {pid}, 320128, '1990-05-01', NULL, NULL, NULL, 32817, NULL, NULL, NULL, NULL, NULL, '59621000', NULL, NULL)")
 
+print("""
+-- The person_id indexes of OMOP CDM v5.4's index script, which medfed's queries use.
+CREATE INDEX idx_observation_period_id_1 ON cdm.observation_period (person_id);
+CREATE INDEX idx_measurement_person_id_1 ON cdm.measurement (person_id);
+CREATE INDEX idx_observation_person_id_1 ON cdm.observation (person_id);
+CREATE INDEX idx_condition_person_id_1 ON cdm.condition_occurrence (person_id);
+CREATE INDEX idx_drug_person_id_1 ON cdm.drug_exposure (person_id);
+CREATE INDEX idx_concept_code ON cdm.concept (concept_code);
+""")
 for table, values in [("person", persons), ("observation_period", periods), ("measurement", meas),
                       ("observation", obs), ("condition_occurrence", cond), ("drug_exposure", drug)]:
     print(f"INSERT INTO cdm.{table} VALUES")

@@ -177,6 +177,15 @@ INSERT INTO cdm.concept VALUES
 INSERT INTO cdm.concept_ancestor VALUES
   (1503297, 1503297, 0, 0),
   (1503297, 2000000010, 1, 1);
+
+-- The person_id indexes of OMOP CDM v5.4's index script, which medfed's queries use.
+CREATE INDEX idx_observation_period_id_1 ON cdm.observation_period (person_id);
+CREATE INDEX idx_measurement_person_id_1 ON cdm.measurement (person_id);
+CREATE INDEX idx_observation_person_id_1 ON cdm.observation (person_id);
+CREATE INDEX idx_condition_person_id_1 ON cdm.condition_occurrence (person_id);
+CREATE INDEX idx_drug_person_id_1 ON cdm.drug_exposure (person_id);
+CREATE INDEX idx_concept_code ON cdm.concept (concept_code);
+
 INSERT INTO cdm.person VALUES
   (1003, 8532, 1967, NULL, NULL, NULL, 8657, 38003564, NULL, NULL, NULL, 'pima-0001', 'F', NULL, NULL, NULL, NULL, NULL),
   (1006, 8532, 1936, NULL, NULL, NULL, 8657, 38003564, NULL, NULL, NULL, 'pima-0002', 'F', NULL, NULL, NULL, NULL, NULL),

@@ -383,3 +383,152 @@ fn a_wrong_omop_mapping_or_database_is_an_error_naming_it() {
         "the pages before the failure are kept"
     );
 }
+
+/// Makes `copies` more copies of every patient (keys and ids shifted by 100,000 each).
+fn scale(pg: &Postgres, copies: u32) {
+    let mut sql = format!("CREATE TEMP TABLE ks AS SELECT generate_series(1, {copies}) AS k;\n");
+    for (table, key) in [
+        ("observation_period", "observation_period_id"),
+        ("measurement", "measurement_id"),
+        ("observation", "observation_id"),
+        ("condition_occurrence", "condition_occurrence_id"),
+        ("drug_exposure", "drug_exposure_id"),
+    ] {
+        sql.push_str(&format!(
+            "INSERT INTO cdm.{table} SELECT (jsonb_populate_record(NULL::cdm.{table}, to_jsonb(t) || jsonb_build_object('{key}', t.{key} + k * 100000, 'person_id', t.person_id + k * 100000))).* FROM cdm.{table} t, ks;\n"
+        ));
+    }
+    sql.push_str(
+        "INSERT INTO cdm.person SELECT (jsonb_populate_record(NULL::cdm.person, to_jsonb(t) || jsonb_build_object('person_id', t.person_id + k * 100000, 'person_source_value', t.person_source_value || '-' || k))).* FROM cdm.person t, ks;\n",
+    );
+    pg.execute("omop", &sql);
+}
+
+#[test]
+fn every_person_is_kept_exactly_once_across_kills() {
+    let pg = Postgres::start();
+    pg.load("omop", &omop_data());
+    scale(&pg, 149);
+    let keys: Vec<u64> = pg
+        .query(
+            "omop",
+            "SELECT person_id FROM cdm.person ORDER BY person_id",
+        )
+        .into_iter()
+        .map(|r| r[0].as_deref().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(keys.len(), 30_000);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    node_dir(d);
+    // The full de-identification of the Pima columns, with the person's pseudonym.
+    let config = |state: &str| {
+        format!(
+            "{head}\n[[ingest]]\nstream = \"omop\"\ncolumns = [\"glu\", \"bmi\"]\ncommit_every = 300\n\
+             [[ingest.field]]\nname = \"mrn\"\nclass = \"patient-id\"\nrequired = true\n{PIMA_FIELDS}\
+             [ingest.omop]\nconnect = \"{connect}\"\nschema = \"cdm\"\npage = 100\n\
+             [[ingest.omop.column]]\nname = \"mrn\"\ntable = \"person\"\nfield = \"person_source_value\"\n{PIMA_OMOP_COLUMNS}",
+            head = node_head(d).replace("dir = \"state\"", &format!("dir = \"{state}\"")),
+            connect = pg.connect("omop"),
+        )
+    };
+    let reference = d.join("reference.toml");
+    std::fs::write(&reference, config("reference-state")).unwrap();
+    let started = std::time::Instant::now();
+    ok(&["node", "ingest", "--config", reference.to_str().unwrap()]);
+    eprintln!(
+        "an uninterrupted run read {} persons in {:.2} s",
+        keys.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let want = kept(&reference).remove(0).1;
+    assert_eq!(want.len(), keys.len());
+
+    let cfg = d.join("node.toml");
+    std::fs::write(&cfg, config("state")).unwrap();
+    let ingest = || {
+        let mut c = std::process::Command::new(crate::common::MEDFED);
+        c.args(["node", "ingest", "--config", cfg.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        c
+    };
+    // After each kill: the kept records are exactly the first ones of the uninterrupted
+    // run, as many as the persons below the checkpoint's key, each once.
+    let check = || {
+        let node = NodeConfig::load(&cfg).unwrap();
+        let store = medfed_node::ingest::open_store(&node.state).unwrap();
+        let (offset, _, processed, _) = medfed_node::runtime::restore(&*store, "omop", 0).unwrap();
+        let got = medfed_node::ingest::kept_records(&node.ingests[0], &*store).unwrap();
+        let below = keys.iter().filter(|k| **k < offset).count();
+        assert_eq!(
+            (got.len(), processed as usize),
+            (below, below),
+            "checkpoint at key {offset}"
+        );
+        assert!(
+            got[..] == want[..got.len()],
+            "the kept records are not the first {} of the uninterrupted run's",
+            got.len()
+        );
+        got.len() as u64
+    };
+    let counts = crate::common::kill_50_times(ingest, 13, 20..160, check);
+    eprintln!("records kept at each of the 50 kills: {counts:?}");
+    assert!(counts.windows(2).all(|w| w[0] <= w[1]), "{counts:?}");
+    let mid = counts
+        .iter()
+        .filter(|c| **c > 0 && **c < keys.len() as u64)
+        .count();
+    assert!(mid >= 10, "too few kills landed mid-read: {counts:?}");
+    assert!(ingest().status().unwrap().success());
+    assert_eq!(kept(&cfg).remove(0).1, want);
+}
+
+#[test]
+fn a_database_over_tls_is_read_only_when_its_certificate_chains_to_the_configured_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    node_dir(d);
+    // The server's certificate for localhost, from the test PKI's CA; another CA beside it.
+    let server = d.join("pki/aggregator/localhost");
+    let pg = Postgres::start_with(
+        "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n",
+        &[
+            (
+                "server.crt",
+                &std::fs::read(server.join("cert.pem")).unwrap(),
+            ),
+            (
+                "server.key",
+                &std::fs::read(server.join("key.pem")).unwrap(),
+            ),
+        ],
+    );
+    pg.load("omop", &omop_data());
+    ok(&["pki", "init", "--dir", d.join("other").to_str().unwrap()]);
+    let omop = |ca: &Path| {
+        format!(
+            "[ingest.omop]\nconnect = \"host=localhost port={} user=postgres dbname=omop\"\nschema = \"cdm\"\nca = {ca:?}\n\
+             [[ingest.omop.column]]\nname = \"glu\"\ntable = \"measurement\"\nconcept_id = 3004501\n",
+            pg.port
+        )
+    };
+    let err = ingest_error(d, &omop(&d.join("other/ca/ca.pem")));
+    assert!(
+        err.contains("connect (TLS)") && err.contains("certificate"),
+        "{err}"
+    );
+    eprintln!("{err}");
+    assert!(kept(&d.join("bad.toml"))[0].1.is_empty());
+    // The right CA: read over TLS (the source requires it when a CA is set).
+    let cfg = d.join("bad.toml");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(
+        &format!("{:?}", d.join("other/ca/ca.pem")),
+        &format!("{:?}", d.join("pki/ca/ca.pem")),
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let out = ok(&["node", "ingest", "--config", cfg.to_str().unwrap()]);
+    assert!(out.contains("processed 200"), "{out}");
+    assert_eq!(kept(&cfg)[0].1.len(), 200);
+}

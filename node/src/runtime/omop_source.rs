@@ -627,6 +627,9 @@ impl Source {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
+        // Every person with a key from the page's first to its last is in the page (the
+        // same snapshot, in key order): the other tables are read by that key range.
+        let (first, last) = (keys[0], keys[keys.len() - 1]);
         let index: HashMap<i64, usize> = keys.iter().enumerate().map(|(i, k)| (*k, i)).collect();
         // Observation periods.
         let period: Vec<(usize, &str)> = self
@@ -642,9 +645,9 @@ impl Source {
             let rows = tx
                 .query(
                     &format!(
-                        "SELECT person_id::int8, min(observation_period_start_date)::text, max(observation_period_end_date)::text FROM {table} WHERE person_id = ANY($1::int8[]) GROUP BY person_id"
+                        "SELECT person_id::int8, min(observation_period_start_date)::text, max(observation_period_end_date)::text FROM {table} WHERE person_id BETWEEN $1::int8 AND $2::int8 GROUP BY person_id"
                     ),
-                    &[&keys],
+                    &[&first, &last],
                 )
                 .await
                 .map_err(|e| fail(format!("read {table}"), e))?;
@@ -689,9 +692,9 @@ impl Source {
                 let rows = tx
                     .query(
                         &format!(
-                            "SELECT DISTINCT person_id::int8, {concept_col}::int8 FROM {name} WHERE person_id = ANY($1::int8[]) AND {concept_col} = ANY($2::int8[])"
+                            "SELECT DISTINCT person_id::int8, {concept_col}::int8 FROM {name} WHERE person_id BETWEEN $1::int8 AND $2::int8 AND {concept_col} = ANY($3::int8[])"
                         ),
-                        &[&keys, &concepts],
+                        &[&first, &last, &concepts],
                     )
                     .await
                     .map_err(|e| fail(format!("read {name}"), e))?;
@@ -712,9 +715,9 @@ impl Source {
                 let rows = tx
                     .query(
                         &format!(
-                            "SELECT person_id::int8, {concept_col}::int8, value_as_number::float8 FROM {name} WHERE person_id = ANY($1::int8[]) AND {concept_col} = ANY($2::int8[]) AND value_as_number IS NOT NULL ORDER BY person_id, {date_col}, {key_col}"
+                            "SELECT person_id::int8, {concept_col}::int8, value_as_number::float8 FROM {name} WHERE person_id BETWEEN $1::int8 AND $2::int8 AND {concept_col} = ANY($3::int8[]) AND value_as_number IS NOT NULL ORDER BY person_id, {date_col}, {key_col}"
                         ),
-                        &[&keys, &concepts],
+                        &[&first, &last, &concepts],
                     )
                     .await
                     .map_err(|e| fail(format!("read {name}"), e))?;
