@@ -532,3 +532,34 @@ fn a_database_over_tls_is_read_only_when_its_certificate_chains_to_the_configure
     assert!(out.contains("processed 200"), "{out}");
     assert_eq!(kept(&cfg)[0].1.len(), 200);
 }
+
+/// The example of docs/omop.md is a valid pipeline.
+#[test]
+fn the_documented_omop_pipeline_parses() {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/omop.md"))
+        .unwrap();
+    let block = doc
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pki(d, &["alpha"]);
+    let cfg = d.join("node.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}{block}",
+            node_head(d).replace("ingest = \"omop\"", "ingest = \"cdm\"")
+        ),
+    )
+    .unwrap();
+    let node = NodeConfig::load(&cfg).unwrap();
+    let omop = node.ingests[0].omop.as_ref().unwrap();
+    assert_eq!(omop.columns.len(), 4);
+    assert_eq!(
+        omop.ca.as_deref(),
+        Some(d.join("pki/hospital-db-ca.pem").as_path())
+    );
+}
