@@ -224,6 +224,12 @@ code = "6809"
         ),
     )
     .unwrap();
+    // `node check` reaches the database and finds every concept.
+    let (_, checked) = crate::common::node_check(&cfg, 2);
+    assert!(
+        checked.contains("pipeline 'omop': OMOP database reached, every mapped concept found, 200 persons in cdm.person"),
+        "{checked}"
+    );
     let out = ok(&["node", "ingest", "--config", cfg.to_str().unwrap()]);
     assert!(
         out.contains("omop partition 0: offset 1601, processed 200, quarantined 0"),
@@ -323,6 +329,11 @@ fn a_wrong_omop_mapping_or_database_is_an_error_naming_it() {
             && err.contains("column 'glu'")
             && err.contains("LOINC code 9999-9 is not in \"cdm\".concept"),
         "{err}"
+    );
+    let (passed, checked) = crate::common::node_check(&d.join("bad.toml"), 2);
+    assert!(
+        !passed && checked.contains("LOINC code 9999-9 is not in"),
+        "{checked}"
     );
     // A schema without the CDM tables.
     let err = ingest_error(
@@ -562,4 +573,51 @@ fn the_documented_omop_pipeline_parses() {
         omop.ca.as_deref(),
         Some(d.join("pki/hospital-db-ca.pem").as_path())
     );
+}
+
+/// With `follow_secs`, the source keeps reading persons added later, and goes on after the
+/// database restarts.
+#[test]
+fn a_following_source_reads_new_persons_and_survives_a_database_restart() {
+    use medfed_node::runtime::omop_source::{self, OmopConfig};
+    let pg = Postgres::start();
+    pg.load("omop", &omop_data());
+    let cfg: OmopConfig = toml::from_str(&format!(
+        "connect = \"{}\"\nschema = \"cdm\"\npage = 64\nfollow_secs = 1\n{}",
+        pg.connect("omop"),
+        PIMA_OMOP_COLUMNS.replace("[[ingest.omop.column]]", "[[column]]")
+    ))
+    .unwrap();
+    cfg.validate().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (header, rx, failure) = rt
+        .block_on(omop_source::read(&cfg, "omop", 0, 0, 0))
+        .unwrap();
+    assert_eq!(header[0], "npreg");
+    let next_records = |n: usize| {
+        let mut got = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while got.len() < n {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let batch = rx.recv_timeout(left).expect("records in time");
+            got.extend(batch);
+        }
+        got
+    };
+    let first = next_records(200);
+    assert_eq!(first.len(), 200);
+    assert_eq!(first[199].offset, 1600);
+    pg.restart();
+    pg.execute(
+        "omop",
+        "INSERT INTO cdm.person (person_id, gender_concept_id, year_of_birth, race_concept_id, ethnicity_concept_id) VALUES (7000, 8532, 1960, 0, 0), (7003, 8507, 1970, 0, 0);",
+    );
+    let later = next_records(2);
+    assert_eq!(
+        later.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        [7000, 7003]
+    );
+    assert_eq!(String::from_utf8_lossy(&later[0].payload), ",,,,,,,No");
+    assert!(failure.lock().unwrap().is_none());
+    drop(rx);
 }

@@ -63,6 +63,22 @@ pub(super) fn check_pipeline(cfg: &IngestConfig) -> Vec<Finding> {
             ),
         }];
     }
+    if let Some(omop) = &cfg.omop {
+        return vec![match crate::runtime::omop_source::probe(omop) {
+            Ok(persons) => Finding::ok(
+                "ingest",
+                format!(
+                    "pipeline '{stream}': OMOP database reached, every mapped concept found, {persons} persons in {}.person",
+                    omop.schema
+                ),
+            ),
+            Err(e) => Finding::fail(
+                "ingest",
+                format!("pipeline '{stream}': {e}"),
+                "check [ingest.omop]: connect (host, port, dbname, user), password_file, ca, schema, the account's SELECT grants and the mapping's concepts (docs/omop.md)",
+            ),
+        }];
+    }
     let Some(csv) = &cfg.csv else {
         return vec![Finding::ok(
             "ingest",

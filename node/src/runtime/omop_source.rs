@@ -864,6 +864,39 @@ pub async fn read(
     }
 }
 
+/// Connects as the pipeline would, resolves every mapped concept and counts the persons,
+/// on a thread of its own (callable from inside or outside a runtime): what `medfed node
+/// check` reports.
+pub fn probe(cfg: &OmopConfig) -> Result<u64, OmopError> {
+    let cfg = cfg.clone();
+    let target = cfg.target();
+    let failed = |detail: String| OmopError {
+        target: target.clone(),
+        step: "check".into(),
+        detail,
+    };
+    std::thread::Builder::new()
+        .name("omop-check".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| OmopError {
+                    target: cfg.target(),
+                    step: "start its runtime".into(),
+                    detail: e.to_string(),
+                })?;
+            rt.block_on(async move {
+                let source = Source::connect(cfg).await?;
+                let n = source.persons_below(i64::MAX).await?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            })
+        })
+        .map_err(|e| failed(e.to_string()))?
+        .join()
+        .map_err(|_| failed("the check's thread panicked".into()))?
+}
+
 /// Pages queued for the runner.
 const IN_FLIGHT: usize = 4;
 

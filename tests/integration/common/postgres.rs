@@ -203,8 +203,9 @@ impl Postgres {
     }
 }
 
-impl Drop for Postgres {
-    fn drop(&mut self) {
+impl Postgres {
+    /// `pg_ctl` on this cluster, as its owner.
+    fn pg_ctl(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
         let pg_ctl = self.bin.join("pg_ctl");
         let mut c = if self.as_postgres {
             let mut c = Command::new("runuser");
@@ -213,16 +214,36 @@ impl Drop for Postgres {
         } else {
             Command::new(&pg_ctl)
         };
-        let _ = c
-            .args([
-                "-D",
-                self.data.to_str().unwrap(),
+        c.args(["-D", self.data.to_str().unwrap()])
+            .args(args)
+            .output()
+    }
+
+    /// Stops the server at once (as a crash would), then starts it again.
+    pub fn restart(&self) {
+        // With its log file: the server must not hold this process's output pipe open.
+        let log = self.data.parent().unwrap().join("server.log");
+        let out = self
+            .pg_ctl(&[
                 "-m",
                 "immediate",
                 "-w",
-                "stop",
+                "-l",
+                log.to_str().unwrap(),
+                "restart",
             ])
-            .output();
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl restart: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let _ = self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
     }
 }
 
