@@ -254,7 +254,15 @@ impl OmopConfig {
                     Host::Tcp(h) => Some(h.as_str()),
                     Host::Unix(_) => None,
                 })
-                .find(|h| !is_loopback(h));
+                .find(|h| !is_loopback(h))
+                .map(str::to_string)
+                // `hostaddr` is where the client connects, whatever `host` says.
+                .or_else(|| {
+                    pg.get_hostaddrs()
+                        .iter()
+                        .find(|a| !a.is_loopback())
+                        .map(|a| a.to_string())
+                });
             if let Some(h) = remote {
                 return Err(format!(
                     "omop connects to {h} over the network without TLS: set ca to the CA certificate (PEM) of the database server, or connect through a Unix socket or loopback"
@@ -1036,6 +1044,20 @@ mod tests {
             .unwrap();
         let err = |c: OmopConfig| c.validate().unwrap_err();
         assert!(err(config("host=db.example dbname=cdm", vec![glu()])).contains("without TLS"));
+        assert!(
+            err(config(
+                "host=localhost hostaddr=10.1.2.3 dbname=cdm",
+                vec![glu()]
+            ))
+            .contains("10.1.2.3 over the network without TLS")
+        );
+        assert!(
+            err(config(
+                "host=/run/postgresql,db.example dbname=cdm",
+                vec![glu()]
+            ))
+            .contains("db.example over the network")
+        );
         assert!(
             err(config("postgresql://u:secret@localhost/cdm", vec![glu()]))
                 .contains("password_file")
