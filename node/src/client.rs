@@ -931,9 +931,16 @@ impl Node {
             Err(e) => {
                 warn!(study = %a.study_id, "{e}");
                 // Not ready yet, or its pipeline failed: said as such (the state of a
-                // pipeline, not of the data).
-                if e.contains(" is not ready: ") || e.contains(" is not served: ") {
+                // pipeline, not of the data). A failure's own words stay here: they can
+                // name internal hosts, files and values (a database's error quoting one).
+                if e.contains(" is not ready: ") {
                     return refuse(e);
+                }
+                if e.contains(" is not served: ") {
+                    return refuse(format!(
+                        "dataset '{}' is not served: its ingestion pipeline failed (the reason is in this site's log)",
+                        a.dataset
+                    ));
                 }
                 return refuse(format!("this site cannot read dataset '{}' now", a.dataset));
             }

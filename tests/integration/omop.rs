@@ -230,6 +230,12 @@ code = "6809"
         checked.contains("pipeline 'omop': OMOP database reached, every mapped concept found, 200 persons in cdm.person"),
         "{checked}"
     );
+    // ... and warns of a column no row holds: the ingredient itself is never prescribed
+    // (its clinical drugs are, which `descendants` finds).
+    assert!(
+        checked.contains("pipeline 'omop-more': OMOP database reached, 200 persons in cdm.person, but no row holds the concepts of the columns 'tablets' (drug_exposure)"),
+        "{checked}"
+    );
     let out = ok(&["node", "ingest", "--config", cfg.to_str().unwrap()]);
     assert!(
         out.contains("omop partition 0: offset 1601, processed 200, quarantined 0"),
@@ -335,6 +341,69 @@ fn a_wrong_omop_mapping_or_database_is_an_error_naming_it() {
         !passed && checked.contains("LOINC code 9999-9 is not in"),
         "{checked}"
     );
+    // A concept that is not standard, of another domain than its table's, or unknown:
+    // each would leave the column silently empty.
+    pg.execute(
+        "omop",
+        "INSERT INTO cdm.concept VALUES (2000000020, 'Type 2 diabetes mellitus', 'Condition', 'ICD10CM', 'ICD10 code', NULL, 'E11', '1970-01-01', '2099-12-31', NULL)",
+    );
+    let err = ingest_error(
+        d,
+        &format!(
+            "[ingest.omop]\nconnect = \"{connect}\"\nschema = \"cdm\"\n[[ingest.omop.column]]\nname = \"glu\"\ntable = \"condition_occurrence\"\nvocabulary = \"ICD10CM\"\ncode = \"E11\"\n"
+        ),
+    );
+    assert!(
+        err.contains("ICD10CM code E11 is concept 2000000020 (Type 2 diabetes mellitus), which is not a standard concept"),
+        "{err}"
+    );
+    let err = ingest_error(
+        d,
+        &format!(
+            "[ingest.omop]\nconnect = \"{connect}\"\nschema = \"cdm\"\n[[ingest.omop.column]]\nname = \"glu\"\ntable = \"observation\"\nconcept_id = 3004501\n"
+        ),
+    );
+    assert!(
+        err.contains("of the domain 'Measurement', not 'Observation'")
+            && err.contains("set table = \"measurement\""),
+        "{err}"
+    );
+    let err = ingest_error(
+        d,
+        &format!(
+            "[ingest.omop]\nconnect = \"{connect}\"\nschema = \"cdm\"\n{glu}\nconcept_id = 42\n"
+        ),
+    );
+    assert!(
+        err.contains("concept_id 42 is not in \"cdm\".concept"),
+        "{err}"
+    );
+    // A legacy SQL_ASCII database holding bytes that are not text: an error naming where,
+    // with the persons before it kept.
+    pg.execute(
+        "postgres",
+        "CREATE DATABASE legacy ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'",
+    );
+    pg.execute("legacy", &std::fs::read_to_string(omop_data()).unwrap());
+    pg.execute(
+        "legacy",
+        "UPDATE cdm.person SET person_source_value = E'M\\xfcller' WHERE person_id = 1009",
+    );
+    let err = ingest_error(
+        d,
+        &format!(
+            "[ingest.omop]\nconnect = \"{}\"\nschema = \"cdm\"\npage = 1\n{glu}\nconcept_id = 3004501\n[[ingest.omop.column]]\nname = \"who\"\ntable = \"person\"\nfield = \"person_source_value\"\n",
+            pg.connect("legacy")
+        ),
+    );
+    assert!(
+        err.contains("read persons from \"cdm\".person (person_id 1007 on)")
+            && err.contains("invalid byte sequence")
+            && err.contains("stopped at offset 1007"),
+        "{err}"
+    );
+    assert_eq!(kept(&d.join("bad.toml"))[0].1.len(), 2);
+    std::fs::remove_dir_all(d.join("state")).unwrap();
     // A schema without the CDM tables.
     let err = ingest_error(
         d,
@@ -343,7 +412,7 @@ fn a_wrong_omop_mapping_or_database_is_an_error_naming_it() {
         ),
     );
     assert!(
-        err.contains("\"public\".person") && err.contains("does not exist"),
+        err.contains("\"public\".concept") && err.contains("does not exist"),
         "{err}"
     );
     // No server there.
@@ -393,6 +462,51 @@ fn a_wrong_omop_mapping_or_database_is_an_error_naming_it() {
         100,
         "the pages before the failure are kept"
     );
+
+    // A password file others can read.
+    let password = d.join("cdm-password");
+    std::fs::write(&password, "secret\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&password, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let err = ingest_error(
+        d,
+        &format!(
+            "[ingest.omop]\nconnect = \"{connect}\"\nschema = \"cdm\"\npassword_file = {password:?}\n{glu}\nconcept_id = 3004501\n"
+        ),
+    );
+    assert!(
+        err.contains("password file")
+            && err.contains("readable by this user only")
+            && !err.contains("secret"),
+        "{err}"
+    );
+
+    // A person_id twice (a CDM loaded without its primary keys), and a negative one.
+    std::fs::remove_dir_all(d.join("state")).unwrap();
+    let legacy = format!(
+        "[ingest.omop]\nconnect = \"{}\"\nschema = \"cdm\"\n{glu}\nconcept_id = 3004501\n",
+        pg.connect("legacy")
+    );
+    pg.execute(
+        "legacy",
+        "ALTER TABLE cdm.person DROP CONSTRAINT person_pkey;
+         UPDATE cdm.person SET person_source_value = 'x';
+         INSERT INTO cdm.person (person_id, gender_concept_id, year_of_birth, race_concept_id, ethnicity_concept_id) VALUES (1300, 8532, 1960, 0, 0);",
+    );
+    let err = ingest_error(d, &legacy);
+    assert!(
+        err.contains("person_id 1300 is there twice") && err.contains("primary key"),
+        "{err}"
+    );
+    pg.execute(
+        "legacy",
+        "DELETE FROM cdm.person WHERE person_id = 1300 AND person_source_value IS NULL;
+         INSERT INTO cdm.person (person_id, gender_concept_id, year_of_birth, race_concept_id, ethnicity_concept_id) VALUES (-5, 8532, 1960, 0, 0);",
+    );
+    let err = ingest_error(d, &legacy);
+    assert!(err.contains("person_id -5 is negative"), "{err}");
 }
 
 /// Makes `copies` more copies of every patient (keys and ids shifted by 100,000 each).
@@ -590,8 +704,9 @@ fn a_following_source_reads_new_persons_and_survives_a_database_restart() {
     .unwrap();
     cfg.validate().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (header, rx, failure) = rt
-        .block_on(omop_source::read(&cfg, "omop", 0, 0, 0))
+    let failure = medfed_node::runtime::SourceFailure::default();
+    let (header, rx) = rt
+        .block_on(omop_source::read(&cfg, "omop", 0, 0, 0, failure.clone()))
         .unwrap();
     assert_eq!(header[0], "npreg");
     let next_records = |n: usize| {
@@ -618,6 +733,26 @@ fn a_following_source_reads_new_persons_and_survives_a_database_restart() {
         [7000, 7003]
     );
     assert_eq!(String::from_utf8_lossy(&later[0].payload), ",,,,,,,No");
-    assert!(failure.lock().unwrap().is_none());
-    drop(rx);
+    assert_eq!(failure.failed(), None);
+    // An error that waiting does not cure (the table is gone) stops the source, recorded
+    // before its channel closes, rather than being retried forever as if caught up.
+    pg.execute(
+        "omop",
+        "ALTER TABLE cdm.measurement RENAME TO measurement_gone;
+         INSERT INTO cdm.person (person_id, gender_concept_id, year_of_birth, race_concept_id, ethnicity_concept_id) VALUES (7009, 8532, 1960, 0, 0);",
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(batch) => assert!(batch.is_empty(), "records read without their measurements"),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(e) => panic!("the source did not stop: {e}"),
+        }
+    }
+    let why = failure.failed().expect("the failure is recorded");
+    assert!(
+        why.contains("\"cdm\".measurement") && why.contains("does not exist"),
+        "{why}"
+    );
 }

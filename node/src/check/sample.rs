@@ -65,12 +65,23 @@ pub(super) fn check_pipeline(cfg: &IngestConfig) -> Vec<Finding> {
     }
     if let Some(omop) = &cfg.omop {
         return vec![match crate::runtime::omop_source::probe(omop) {
-            Ok(persons) => Finding::ok(
+            Ok((persons, empty)) if empty.is_empty() => Finding::ok(
                 "ingest",
                 format!(
                     "pipeline '{stream}': OMOP database reached, every mapped concept found, {persons} persons in {}.person",
                     omop.schema
                 ),
+            ),
+            // Possible (a drug this hospital never gives), but worth a look: every record
+            // will say "absent" or miss the value.
+            Ok((persons, empty)) => Finding::warn(
+                "ingest",
+                format!(
+                    "pipeline '{stream}': OMOP database reached, {persons} persons in {}.person, but no row holds the concepts of the columns {}",
+                    omop.schema,
+                    empty.join(", ")
+                ),
+                "check those columns' concepts against what your ETL loads (a code of another vocabulary, or the wrong table); if this site really has none, it is fine",
             ),
             Err(e) => Finding::fail(
                 "ingest",

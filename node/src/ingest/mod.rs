@@ -587,7 +587,6 @@ async fn run_inner(
             restore(&*store, &cfg.stream, p).map_err(|e| fail(e.to_string()))?;
         // Where a source reports each durable checkpoint's offset (JetStream acknowledges the
         // messages it covers); files need no acknowledgement.
-        let mut failure = None;
         let (header, rx, acks): (_, _, Option<tokio::sync::mpsc::UnboundedSender<u64>>) = match part
         {
             Part::Csv { path, opts } => {
@@ -605,11 +604,17 @@ async fn run_inner(
             }
             Part::Omop(omop) => {
                 // A database failure after the start ends the partition with what it has
-                // checkpointed, and then fails the pipeline (not "input ended").
-                let (h, rx, f) = omop_source::read(&omop, &cfg.stream, p, offset, processed)
-                    .await
-                    .map_err(|e| fail(e.to_string()))?;
-                failure = Some(f);
+                // checkpointed, and fails the pipeline (not "input ended").
+                let (h, rx) = omop_source::read(
+                    &omop,
+                    &cfg.stream,
+                    p,
+                    offset,
+                    processed,
+                    signals.source_failure(),
+                )
+                .await
+                .map_err(|e| fail(e.to_string()))?;
                 (h, rx, None)
             }
             #[cfg(feature = "jetstream")]
@@ -653,19 +658,9 @@ async fn run_inner(
                 }
             });
             let ack_ref: Option<&dyn Fn(u64)> = ack.as_ref().map(|a| a as &dyn Fn(u64));
-            let report = run_partition_for(task, store, &stream, p, rx, &opts, ack_ref)
-                .map_err(|e| e.to_string())?;
-            let failed = failure.and_then(|f| match f.lock() {
-                Ok(mut f) => f.take(),
-                Err(poisoned) => poisoned.into_inner().take(),
-            });
-            match failed {
-                Some(e) => Err(format!(
-                    "{e} (partition {p} stopped at offset {}, which its checkpoint holds; a new run resumes there)",
-                    report.offset
-                )),
-                None => Ok((p, report)),
-            }
+            run_partition_for(task, store, &stream, p, rx, &opts, ack_ref)
+                .map(|r| (p, r))
+                .map_err(|e| format!("partition {p}: {e}"))
         }));
     }
     let mut reports = Vec::new();

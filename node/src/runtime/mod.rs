@@ -52,6 +52,27 @@ pub struct Envelope {
     pub payload: Vec<u8>,
 }
 
+/// Where a source that can fail after its start (a database connection) leaves the
+/// failure, before it closes its channel; shared with the pipeline's partitions through
+/// [`PipelineSignals::source_failure`].
+#[derive(Debug, Clone, Default)]
+pub struct SourceFailure(Arc<std::sync::Mutex<Option<String>>>);
+
+impl SourceFailure {
+    /// Records a failure (the first one stays).
+    pub fn fail(&self, detail: String) {
+        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(detail);
+        }
+    }
+
+    /// The failure, if the source failed.
+    pub fn failed(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// The dead-letter stream's name.
 pub const DEAD_LETTER: &str = "dead-letter";
 

@@ -26,8 +26,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -207,6 +207,9 @@ pub struct OmopError {
     pub step: String,
     /// What went wrong.
     pub detail: String,
+    /// The connection failed, not the query: trying again later may work. A following
+    /// source reconnects; anything else (a missing table or grant, a bad value) stops it.
+    pub transient: bool,
 }
 
 fn identifier(what: &str, s: &str) -> Result<(), String> {
@@ -245,6 +248,15 @@ impl OmopConfig {
         }
         if pg.get_hosts().is_empty() {
             return Err("omop connect names no host (host=... or a URL's host)".into());
+        }
+        if self.ca.is_some()
+            && pg.get_hostaddrs().is_empty()
+            && pg.get_hosts().iter().any(|h| matches!(h, Host::Unix(_)))
+        {
+            return Err(
+                "omop sets ca but connects through a Unix socket, where PostgreSQL has no TLS: remove ca (a local socket does not cross the network), or connect to the server's host name"
+                    .into(),
+            );
         }
         if self.ca.is_none() {
             let remote = pg
@@ -361,6 +373,12 @@ impl OmopConfig {
                         Host::Unix(p) => p.display().to_string(),
                     })
                     .collect();
+                let hosts: Vec<String> = if pg.get_hostaddrs().is_empty() {
+                    hosts
+                } else {
+                    // Where the client connects.
+                    pg.get_hostaddrs().iter().map(|a| a.to_string()).collect()
+                };
                 let port = pg.get_ports().first().copied().unwrap_or(5432);
                 format!(
                     "{}:{port}/{}",
@@ -373,11 +391,8 @@ impl OmopConfig {
     }
 }
 
-/// A failure the source met after it started, for the pipeline to report once the records
-/// before it are checkpointed (the channel alone would end as if the input had).
-pub type SourceFailure = Arc<Mutex<Option<String>>>;
-
 /// The concept ids each concept column stands for, resolved at start.
+#[derive(Debug, PartialEq)]
 struct Resolved {
     /// Per column, in column order: the concept ids (empty for person and period columns).
     concepts: Vec<Vec<i64>>,
@@ -388,11 +403,6 @@ struct Source {
     cfg: OmopConfig,
     client: tokio_postgres::Client,
     resolved: Resolved,
-}
-
-/// A CDM table's name, in its (checked) schema.
-fn table_name(cfg: &OmopConfig, t: OmopTable) -> String {
-    format!("\"{}\".{}", cfg.schema, t.name())
 }
 
 fn pg_detail(e: &tokio_postgres::Error) -> String {
@@ -409,12 +419,59 @@ fn pg_detail(e: &tokio_postgres::Error) -> String {
     s
 }
 
+/// Whether an error is the connection's (closed, refused, reset, the server shutting down
+/// or out of resources), which a following source waits out, rather than the query's.
+fn is_transient(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    if let Some(code) = e.code() {
+        let c = code.code();
+        return c.starts_with("08")
+            || c.starts_with("53")
+            || c.starts_with("57P")
+            || c.starts_with("58")
+            || c == "40001"
+            || c == "40P01";
+    }
+    std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+}
+
+/// The OMOP domain whose rows a concept table holds.
+fn domain(t: OmopTable) -> Option<&'static str> {
+    match t {
+        OmopTable::Measurement => Some("Measurement"),
+        OmopTable::Observation => Some("Observation"),
+        OmopTable::ConditionOccurrence => Some("Condition"),
+        OmopTable::DrugExposure => Some("Drug"),
+        OmopTable::Person | OmopTable::ObservationPeriod => None,
+    }
+}
+
+/// A row's value, or an error naming the table, the column and the person.
+fn value<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a tokio_postgres::Row,
+    i: usize,
+    what: impl FnOnce() -> String,
+) -> Result<T, String> {
+    row.try_get(i)
+        .map_err(|e| format!("{}: {}", what(), pg_detail(&e)))
+}
+
 impl Source {
     fn fail(&self, step: impl Into<String>, detail: String) -> OmopError {
         OmopError {
             target: self.cfg.target(),
             step: step.into(),
             detail,
+            transient: false,
+        }
+    }
+
+    fn pg_fail(&self, step: impl Into<String>, e: &tokio_postgres::Error) -> OmopError {
+        OmopError {
+            transient: is_transient(e),
+            ..self.fail(step, pg_detail(e))
         }
     }
 
@@ -436,16 +493,26 @@ impl Source {
             target: cfg.target(),
             step: step.into(),
             detail,
+            transient: false,
         };
         let mut pg = tokio_postgres::Config::from_str(&cfg.connect)
             .map_err(|e| fail("read the connection string", e.to_string()))?;
         pg.application_name("medfed-node")
             .connect_timeout(Duration::from_secs(10));
         if let Some(path) = &cfg.password_file {
+            medfed_infra::files::check_private(&[medfed_infra::files::PrivatePath::new(
+                "the OMOP database's password file",
+                path,
+            )])
+            .map_err(|e| fail("read the password file", e.to_string()))?;
             let password = std::fs::read_to_string(path)
                 .map_err(|e| fail("read the password file", format!("{}: {e}", path.display())))?;
             pg.password(password.trim_end_matches(['\n', '\r']));
         }
+        let connected = |step: &str, e: tokio_postgres::Error| OmopError {
+            transient: is_transient(&e),
+            ..fail(step, pg_detail(&e))
+        };
         let client = match &cfg.ca {
             Some(ca) => {
                 let certs = medfed_infra::transport::load_certs(ca)
@@ -470,7 +537,7 @@ impl Source {
                 let (client, conn) = pg
                     .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
                     .await
-                    .map_err(|e| fail("connect (TLS)", pg_detail(&e)))?;
+                    .map_err(|e| connected("connect (TLS)", e))?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!("OMOP database connection ended: {}", pg_detail(&e));
@@ -482,7 +549,7 @@ impl Source {
                 let (client, conn) = pg
                     .connect(tokio_postgres::NoTls)
                     .await
-                    .map_err(|e| fail("connect", pg_detail(&e)))?;
+                    .map_err(|e| connected("connect", e))?;
                 tokio::spawn(async move {
                     if let Err(e) = conn.await {
                         tracing::debug!("OMOP database connection ended: {}", pg_detail(&e));
@@ -491,6 +558,13 @@ impl Source {
                 client
             }
         };
+        // Read-only, and dates as the pipeline reads them whatever the server's defaults.
+        client
+            .batch_execute(
+                "SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY; SET DateStyle = ISO; SET TimeZone = 'UTC'",
+            )
+            .await
+            .map_err(|e| connected("set up the session", e))?;
         let mut source = Source {
             cfg,
             client,
@@ -503,34 +577,101 @@ impl Source {
     }
 
     /// Each concept column's concept ids: by id or by vocabulary and code, with the
-    /// descendants where asked. A code the vocabulary does not hold is an error naming it.
+    /// descendants where asked. A concept the vocabulary does not hold, one that is not
+    /// standard (the CDM's tables hold standard concepts), or one of another domain than
+    /// its table's (its rows are in another table) is an error naming it: any of these
+    /// would leave the column silently empty.
     async fn resolve(&self) -> Result<Resolved, OmopError> {
+        let concept = self.vocabulary("concept");
         let mut concepts = Vec::new();
         for c in &self.cfg.columns {
-            let mut ids = Vec::new();
-            if let Some(id) = c.concept_id {
-                ids.push(id);
-            } else if let (Some(v), Some(code)) = (&c.vocabulary, &c.code) {
-                let concept = self.vocabulary("concept");
-                let rows = self
+            let Some(want_domain) = domain(c.table) else {
+                concepts.push(Vec::new());
+                continue;
+            };
+            let step = format!("column '{}'", c.name);
+            let named = match (&c.concept_id, &c.vocabulary, &c.code) {
+                (Some(id), _, _) => format!("concept_id {id}"),
+                (None, Some(v), Some(code)) => format!("{v} code {code}"),
+                _ => return Err(self.fail(step, "names no concept".into())),
+            };
+            let rows = match (&c.concept_id, &c.vocabulary, &c.code) {
+                (Some(id), _, _) => self
                     .client
                     .query(
                         &format!(
-                            "SELECT concept_id::int8 FROM {concept} WHERE vocabulary_id = $1 AND concept_code = $2"
+                            "SELECT concept_id::int8, concept_name::text, domain_id::text, standard_concept::text FROM {concept} WHERE concept_id = $1::int8"
+                        ),
+                        &[id],
+                    )
+                    .await,
+                (None, Some(v), Some(code)) => self
+                    .client
+                    .query(
+                        &format!(
+                            "SELECT concept_id::int8, concept_name::text, domain_id::text, standard_concept::text FROM {concept} WHERE vocabulary_id = $1 AND concept_code = $2"
                         ),
                         &[v, code],
                     )
-                    .await
-                    .map_err(|e| self.fail(format!("look up {v} {code} in {concept}"), pg_detail(&e)))?;
-                ids.extend(rows.iter().map(|r| r.get::<_, i64>(0)));
-                if ids.is_empty() {
+                    .await,
+                _ => return Err(self.fail(step, "names no concept".into())),
+            }
+            .map_err(|e| self.pg_fail(format!("look up {named} in {concept}"), &e))?;
+            if rows.is_empty() {
+                return Err(self.fail(step, format!("{named} is not in {concept}")));
+            }
+            let mut ids = Vec::new();
+            for r in &rows {
+                let read = |e: String| self.fail(format!("read {concept}"), e);
+                let id: i64 = value(r, 0, || "concept_id".into()).map_err(read)?;
+                let name: Option<String> = value(r, 1, || "concept_name".into()).map_err(read)?;
+                let dom: Option<String> = value(r, 2, || "domain_id".into()).map_err(read)?;
+                let standard: Option<String> =
+                    value(r, 3, || "standard_concept".into()).map_err(read)?;
+                let name = name.unwrap_or_default();
+                let standard = standard.unwrap_or_default();
+                // A classification concept ('C') groups standard ones: with descendants.
+                if !(standard == "S" || (standard == "C" && c.descendants)) {
                     return Err(self.fail(
-                        format!("column '{}'", c.name),
-                        format!("{v} code {code} is not in {concept}"),
+                        step,
+                        format!(
+                            "{named} is concept {id} ({name}), which is not a standard concept: the CDM's tables hold standard concepts; name the standard concept it maps to (concept_relationship 'Maps to'){}",
+                            if standard == "C" {
+                                ", or set descendants = true to take the concepts it classifies"
+                            } else {
+                                ""
+                            }
+                        ),
                     ));
                 }
+                let dom = dom.unwrap_or_default();
+                if dom != want_domain {
+                    let right = [
+                        OmopTable::Measurement,
+                        OmopTable::Observation,
+                        OmopTable::ConditionOccurrence,
+                        OmopTable::DrugExposure,
+                    ]
+                    .into_iter()
+                    .find(|t| domain(*t) == Some(dom.as_str()))
+                    .map_or(String::new(), |t| {
+                        format!(
+                            ": its rows are in {}; set table = \"{}\"",
+                            t.name(),
+                            t.name()
+                        )
+                    });
+                    return Err(self.fail(
+                        step,
+                        format!(
+                            "{named} is concept {id} ({name}) of the domain '{dom}', not '{want_domain}' as the {} table holds{right}",
+                            c.table.name()
+                        ),
+                    ));
+                }
+                ids.push(id);
             }
-            if c.descendants && !ids.is_empty() {
+            if c.descendants {
                 let ancestor = self.vocabulary("concept_ancestor");
                 let rows = self
                     .client
@@ -542,12 +683,17 @@ impl Source {
                     )
                     .await
                     .map_err(|e| {
-                        self.fail(
+                        self.pg_fail(
                             format!("read the descendants of column '{}' in {ancestor}", c.name),
-                            pg_detail(&e),
+                            &e,
                         )
                     })?;
-                ids.extend(rows.iter().map(|r| r.get::<_, i64>(0)));
+                for r in &rows {
+                    ids.push(
+                        value(r, 0, || "descendant_concept_id".into())
+                            .map_err(|e| self.fail(format!("read {ancestor}"), e))?,
+                    );
+                }
                 ids.sort_unstable();
                 ids.dedup();
             }
@@ -556,53 +702,119 @@ impl Source {
         Ok(Resolved { concepts })
     }
 
-    /// How many persons have a key below `from`: more than the checkpoint processed means
-    /// some were added below it, and will not be read.
-    async fn persons_below(&self, from: i64) -> Result<i64, OmopError> {
+    /// The persons below key `from`, and the lowest key: a negative key cannot be a
+    /// checkpoint's offset.
+    async fn count_below(&self, from: i64) -> Result<(i64, Option<i64>), OmopError> {
         let person = self.table(OmopTable::Person);
         let row = self
             .client
             .query_one(
-                &format!("SELECT count(*)::int8 FROM {person} WHERE person_id < $1::int8"),
+                &format!(
+                    "SELECT count(*) FILTER (WHERE person_id < $1::int8)::int8, min(person_id)::int8 FROM {person}"
+                ),
                 &[&from],
             )
             .await
-            .map_err(|e| self.fail(format!("count the persons in {person}"), pg_detail(&e)))?;
-        Ok(row.get(0))
+            .map_err(|e| self.pg_fail(format!("count the persons in {person}"), &e))?;
+        let read = |e: String| self.fail(format!("count the persons in {person}"), e);
+        let below: i64 = value(&row, 0, || "count".into()).map_err(read)?;
+        let min: Option<i64> = value(&row, 1, || "min(person_id)".into()).map_err(read)?;
+        if let Some(k) = min.filter(|k| *k < 0) {
+            return Err(self.fail(
+                format!("read persons from {person}"),
+                format!(
+                    "person_id {k} is negative: medfed checkpoints by person_id and needs keys of 0 or more"
+                ),
+            ));
+        }
+        Ok((below, min))
     }
 
-    /// The records of the persons from key `from` on, at most a page: each person's key and
-    /// CSV row. Read in one read-only snapshot.
-    async fn page(&mut self, from: i64) -> Result<Vec<(i64, Vec<u8>)>, OmopError> {
+    /// Warns when more persons are below `from` than the checkpoint holds: persons were
+    /// added with keys below it, and are not read. Returns the count, to warn again only
+    /// when it grows.
+    async fn check_below(
+        &self,
+        stream: &str,
+        from: i64,
+        processed: i64,
+        warned: i64,
+    ) -> Result<i64, OmopError> {
+        let (below, _) = self.count_below(from).await?;
+        if below > processed && below > warned {
+            tracing::warn!(
+                stream,
+                "OMOP: {below} persons have a person_id below this stream's checkpoint ({from}), but it holds {processed}: {} persons were added with keys below it and are not read (the source reads persons in person_id order, once; docs/omop.md)",
+                below - processed
+            );
+        }
+        Ok(below.max(warned))
+    }
+
+    /// The mapped columns whose concepts have no row at all in their table.
+    async fn empty_columns(&self) -> Result<Vec<String>, OmopError> {
+        let mut out = Vec::new();
+        for (c, ids) in self.cfg.columns.iter().zip(&self.resolved.concepts) {
+            let Some((concept_col, ..)) = c.table.concept_columns() else {
+                continue;
+            };
+            let table = self.table(c.table);
+            let row = self
+                .client
+                .query_one(
+                    &format!(
+                        "SELECT EXISTS (SELECT 1 FROM {table} WHERE {concept_col} = ANY($1::int8[]))"
+                    ),
+                    &[ids],
+                )
+                .await
+                .map_err(|e| self.pg_fail(format!("read {table}"), &e))?;
+            let any: bool = value(&row, 0, || "exists".into()).map_err(|e| self.fail("read", e))?;
+            if !any {
+                out.push(format!("'{}' ({})", c.name, c.table.name()));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The records of the persons from key `from` on, at most `limit`: each person's key
+    /// and CSV row. Read in one read-only snapshot.
+    async fn page(&mut self, from: i64, limit: i64) -> Result<Vec<(i64, Vec<u8>)>, OmopError> {
         let width = self.cfg.columns.len();
         let person = self.table(OmopTable::Person);
-        let person_fields: Vec<(usize, String)> = self
+        let person_fields: Vec<(usize, &str, String)> = self
             .cfg
             .columns
             .iter()
             .enumerate()
             .filter(|(_, c)| c.table == OmopTable::Person)
             .filter_map(|(i, c)| {
-                c.field.as_ref().map(|f| {
+                c.field.as_deref().map(|f| {
                     let expr = if f == "birth_datetime" {
-                        "birth_datetime::date::text".to_string()
+                        "to_char(birth_datetime, 'YYYY-MM-DD')".to_string()
                     } else {
                         format!("{f}::text")
                     };
-                    (i, expr)
+                    (i, f, expr)
                 })
             })
             .collect();
         let select: String = person_fields
             .iter()
-            .map(|(_, e)| format!(", {e}"))
+            .map(|(_, _, e)| format!(", {e}"))
             .collect();
-        let page = i64::from(self.cfg.page);
         let target = self.cfg.target();
         let fail = |step: String, e: tokio_postgres::Error| OmopError {
             target: target.clone(),
             step,
             detail: pg_detail(&e),
+            transient: is_transient(&e),
+        };
+        let bad = |step: String, detail: String| OmopError {
+            target: target.clone(),
+            step,
+            detail,
+            transient: false,
         };
         let tx = self
             .client
@@ -612,22 +824,32 @@ impl Source {
             .start()
             .await
             .map_err(|e| fail("start a read-only transaction".into(), e))?;
+        let step = format!("read persons from {person} (person_id {from} on)");
         let rows = tx
             .query(
                 &format!(
                     "SELECT person_id::int8{select} FROM {person} WHERE person_id >= $1::int8 ORDER BY person_id LIMIT $2::int8"
                 ),
-                &[&from, &page],
+                &[&from, &limit],
             )
             .await
-            .map_err(|e| fail(format!("read persons from {person}"), e))?;
+            .map_err(|e| fail(step.clone(), e))?;
         let mut keys = Vec::with_capacity(rows.len());
         let mut values: Vec<Vec<Option<String>>> = Vec::with_capacity(rows.len());
         for r in &rows {
-            let key: i64 = r.get(0);
+            let key: i64 = value(r, 0, || "person_id".into()).map_err(|e| bad(step.clone(), e))?;
+            if keys.last() == Some(&key) {
+                return Err(bad(
+                    step,
+                    format!(
+                        "person_id {key} is there twice: medfed reads one record per person; add the CDM's primary key on person_id"
+                    ),
+                ));
+            }
             let mut v = vec![None; width];
-            for (k, (i, _)) in person_fields.iter().enumerate() {
-                v[*i] = r.get::<_, Option<String>>(k + 1);
+            for (k, (i, field, _)) in person_fields.iter().enumerate() {
+                v[*i] = value(r, k + 1, || format!("person_id {key}, {field}"))
+                    .map_err(|e| bad(step.clone(), e))?;
             }
             keys.push(key);
             values.push(v);
@@ -650,17 +872,20 @@ impl Source {
             .collect();
         if !period.is_empty() {
             let table = table_name(&self.cfg, OmopTable::ObservationPeriod);
+            let step = format!("read {table} (person_id {first} to {last})");
             let rows = tx
                 .query(
                     &format!(
-                        "SELECT person_id::int8, min(observation_period_start_date)::text, max(observation_period_end_date)::text FROM {table} WHERE person_id BETWEEN $1::int8 AND $2::int8 GROUP BY person_id"
+                        "SELECT person_id::int8, to_char(min(observation_period_start_date), 'YYYY-MM-DD'), to_char(max(observation_period_end_date), 'YYYY-MM-DD') FROM {table} WHERE person_id BETWEEN $1::int8 AND $2::int8 GROUP BY person_id"
                     ),
                     &[&first, &last],
                 )
                 .await
-                .map_err(|e| fail(format!("read {table}"), e))?;
+                .map_err(|e| fail(step.clone(), e))?;
             for r in rows {
-                let Some(&p) = index.get(&r.get::<_, i64>(0)) else {
+                let key: i64 =
+                    value(&r, 0, || "person_id".into()).map_err(|e| bad(step.clone(), e))?;
+                let Some(&p) = index.get(&key) else {
                     continue;
                 };
                 for (i, f) in &period {
@@ -669,7 +894,8 @@ impl Source {
                     } else {
                         2
                     };
-                    values[p][*i] = r.get::<_, Option<String>>(k);
+                    values[p][*i] = value(&r, k, || format!("person_id {key}, {f}"))
+                        .map_err(|e| bad(step.clone(), e))?;
                 }
             }
         }
@@ -696,6 +922,7 @@ impl Source {
             }
             let concepts: Vec<i64> = by_concept.keys().copied().collect();
             let name = table_name(&self.cfg, table);
+            let step = format!("read {name} (person_id {first} to {last})");
             if table.is_presence() {
                 let rows = tx
                     .query(
@@ -705,12 +932,13 @@ impl Source {
                         &[&first, &last, &concepts],
                     )
                     .await
-                    .map_err(|e| fail(format!("read {name}"), e))?;
+                    .map_err(|e| fail(step.clone(), e))?;
                 for r in rows {
-                    let (Some(&p), Some(cols)) = (
-                        index.get(&r.get::<_, i64>(0)),
-                        by_concept.get(&r.get::<_, i64>(1)),
-                    ) else {
+                    let key: i64 =
+                        value(&r, 0, || "person_id".into()).map_err(|e| bad(step.clone(), e))?;
+                    let concept: i64 =
+                        value(&r, 1, || concept_col.into()).map_err(|e| bad(step.clone(), e))?;
+                    let (Some(&p), Some(cols)) = (index.get(&key), by_concept.get(&concept)) else {
                         continue;
                     };
                     for &i in cols {
@@ -728,15 +956,21 @@ impl Source {
                         &[&first, &last, &concepts],
                     )
                     .await
-                    .map_err(|e| fail(format!("read {name}"), e))?;
+                    .map_err(|e| fail(step.clone(), e))?;
                 for r in rows {
-                    let (Some(&p), Some(cols)) = (
-                        index.get(&r.get::<_, i64>(0)),
-                        by_concept.get(&r.get::<_, i64>(1)),
-                    ) else {
+                    let key: i64 =
+                        value(&r, 0, || "person_id".into()).map_err(|e| bad(step.clone(), e))?;
+                    let concept: i64 =
+                        value(&r, 1, || concept_col.into()).map_err(|e| bad(step.clone(), e))?;
+                    let (Some(&p), Some(cols)) = (index.get(&key), by_concept.get(&concept)) else {
                         continue;
                     };
-                    let v: f64 = r.get(2);
+                    let v: f64 = value(&r, 2, || format!("person_id {key}, value_as_number"))
+                        .map_err(|e| bad(step.clone(), e))?;
+                    // NaN or infinity is no value: an earlier finite one stays.
+                    if !v.is_finite() {
+                        continue;
+                    }
                     for &i in cols {
                         values[p][i] = Some(v.to_string());
                     }
@@ -784,163 +1018,214 @@ fn csv_row(values: &[Option<String>]) -> Result<Vec<u8>, String> {
     Ok(row)
 }
 
-/// Connects, resolves the concepts and starts reading persons from key `from` on (a
-/// checkpoint's offset), on a thread of its own. Returns the header, the records (each
-/// person's offset is its key) and the slot where a failure after the start is left.
-/// `processed` is how many persons the checkpoint holds, to warn of persons added below it.
+/// Runs `f` on a thread of its own with a current-thread runtime (the source's work is
+/// independent of the caller's runtime, if any).
+fn on_own_runtime<T: Send + 'static>(
+    name: String,
+    target: String,
+    f: impl FnOnce() -> std::pin::Pin<Box<dyn std::future::Future<Output = T>>> + Send + 'static,
+) -> Result<std::thread::JoinHandle<Option<T>>, OmopError> {
+    let fail = |e: std::io::Error| OmopError {
+        target: target.clone(),
+        step: "start its thread".into(),
+        detail: e.to_string(),
+        transient: false,
+    };
+    std::thread::Builder::new()
+        .name(name)
+        .spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => Some(rt.block_on(f())),
+                Err(e) => {
+                    tracing::error!("the OMOP source cannot start its runtime: {e}");
+                    None
+                }
+            }
+        })
+        .map_err(fail)
+}
+
+/// Connects, resolves and checks the concepts and starts reading persons from key `from`
+/// on (a checkpoint's offset), on a thread of its own. Returns the header and the records
+/// (each person's offset is its key). `processed` is how many persons the checkpoint holds,
+/// to warn of persons added below it. A failure after the start is left in `failure`
+/// before the records' channel closes (a panic too): the partition then stops with an
+/// error rather than as at the end of its input.
 pub async fn read(
     cfg: &OmopConfig,
     stream: &str,
     partition: u32,
     from: u64,
     processed: u64,
-) -> Result<(Vec<String>, Receiver<Vec<Envelope>>, SourceFailure), OmopError> {
+    failure: super::SourceFailure,
+) -> Result<(Vec<String>, Receiver<Vec<Envelope>>), OmopError> {
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Result<(), OmopError>>();
     let (tx, rx) = sync_channel(IN_FLIGHT);
-    let failure: SourceFailure = Arc::default();
-    let (cfg, stream_name, slot) = (cfg.clone(), Arc::<str>::from(stream), failure.clone());
     let target = cfg.target();
     let header = cfg.header();
-    std::thread::Builder::new()
-        .name(format!("omop-{stream}"))
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
+    let (cfg, stream_name) = (cfg.clone(), Arc::<str>::from(stream));
+    // Set unless the source ends as it should (every person read, or the runner gone).
+    let guard = EndGuard {
+        failure,
+        clean: false,
+    };
+    on_own_runtime(format!("omop-{stream}"), target.clone(), move || {
+        Box::pin(async move {
+            let mut guard = guard;
+            let from = i64::try_from(from).unwrap_or(i64::MAX);
+            let processed = i64::try_from(processed).unwrap_or(i64::MAX);
+            let started = async {
+                let source = Source::connect(cfg).await?;
+                let warned = source.check_below(&stream_name, from, processed, 0).await?;
+                Ok::<_, OmopError>((source, warned))
+            };
+            match started.await {
+                Ok((source, warned)) => {
+                    if ready_tx.send(Ok(())).is_err() {
+                        guard.clean = true;
+                        return;
+                    }
+                    let end = pump(
+                        source,
+                        Position {
+                            from,
+                            processed,
+                            warned,
+                        },
+                        &stream_name,
+                        partition,
+                        &tx,
+                    )
+                    .await;
+                    match end {
+                        Ok(()) => guard.clean = true,
+                        Err(e) => {
+                            tracing::error!(
+                                "{e}; the records before it are checkpointed, and a new run resumes there"
+                            );
+                            guard.failure.fail(e.to_string());
+                        }
+                    }
+                    drop(tx);
+                }
                 Err(e) => {
-                    if ready_tx
-                        .send(Err(OmopError {
-                            target: cfg.target(),
-                            step: "start its runtime".into(),
-                            detail: e.to_string(),
-                        }))
-                        .is_err()
-                    {
+                    guard.clean = true;
+                    if ready_tx.send(Err(e)).is_err() {
                         tracing::debug!("the OMOP source's caller is gone");
                     }
-                    return;
                 }
-            };
-            rt.block_on(async move {
-                let from = i64::try_from(from).unwrap_or(i64::MAX);
-                let source = match Source::connect(cfg.clone()).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        if ready_tx.send(Err(e)).is_err() {
-                            tracing::debug!("the OMOP source's caller is gone");
-                        }
-                        return;
-                    }
-                };
-                match source.persons_below(from).await {
-                    Ok(n) if n > i64::try_from(processed).unwrap_or(i64::MAX) => {
-                        tracing::warn!(
-                            stream = %stream_name,
-                            "OMOP: {} persons have a person_id below this stream's checkpoint ({from}) but the checkpoint holds {processed}: persons were added with keys below it, and are not read (the source reads persons in person_id order, once)",
-                            n
-                        );
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        if ready_tx.send(Err(e)).is_err() {
-                            tracing::debug!("the OMOP source's caller is gone");
-                        }
-                        return;
-                    }
-                }
-                if ready_tx.send(Ok(())).is_err() {
-                    return;
-                }
-                pump(source, from, stream_name, partition, tx, slot).await;
-            });
+            }
         })
-        .map_err(|e| OmopError {
-            target: target.clone(),
-            step: "start its thread".into(),
-            detail: e.to_string(),
-        })?;
+    })?;
     match ready_rx.await {
-        Ok(Ok(())) => Ok((header, rx, failure)),
+        Ok(Ok(())) => Ok((header, rx)),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(OmopError {
             target,
             step: "start".into(),
-            detail: "the source's thread ended before connecting".into(),
+            detail: "the source's thread ended before connecting (see the log)".into(),
+            transient: false,
         }),
     }
 }
 
-/// Connects as the pipeline would, resolves every mapped concept and counts the persons,
-/// on a thread of its own (callable from inside or outside a runtime): what `medfed node
-/// check` reports.
-pub fn probe(cfg: &OmopConfig) -> Result<u64, OmopError> {
+/// Records a failure when the source's thread ends any other way than cleanly (a panic
+/// unwinding through it included), before the records' channel closes.
+struct EndGuard {
+    failure: super::SourceFailure,
+    clean: bool,
+}
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        if !self.clean {
+            self.failure.fail(
+                "the OMOP source stopped unexpectedly (see the log); the records before it are checkpointed, and a new run resumes there"
+                    .into(),
+            );
+        }
+    }
+}
+
+/// Connects as the pipeline would, resolves and checks every mapped concept, reads one
+/// person with every mapped table, and counts the persons, on a thread of its own
+/// (callable from inside or outside a runtime): what `medfed node check` reports. Returns
+/// the persons and the columns whose concepts have no rows.
+pub fn probe(cfg: &OmopConfig) -> Result<(u64, Vec<String>), OmopError> {
     let cfg = cfg.clone();
     let target = cfg.target();
-    let failed = |detail: String| OmopError {
+    let failed = |detail: &str| OmopError {
         target: target.clone(),
         step: "check".into(),
-        detail,
+        detail: detail.into(),
+        transient: false,
     };
-    std::thread::Builder::new()
-        .name("omop-check".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| OmopError {
-                    target: cfg.target(),
-                    step: "start its runtime".into(),
-                    detail: e.to_string(),
-                })?;
-            rt.block_on(async move {
-                let source = Source::connect(cfg).await?;
-                let n = source.persons_below(i64::MAX).await?;
-                Ok(u64::try_from(n).unwrap_or(0))
-            })
+    on_own_runtime("omop-check".into(), target.clone(), move || {
+        Box::pin(async move {
+            let mut source = Source::connect(cfg).await?;
+            let (n, _) = source.count_below(i64::MAX).await?;
+            source.page(0, 1).await?;
+            let empty = source.empty_columns().await?;
+            Ok((u64::try_from(n).unwrap_or(0), empty))
         })
-        .map_err(|e| failed(e.to_string()))?
-        .join()
-        .map_err(|_| failed("the check's thread panicked".into()))?
+    })?
+    .join()
+    .map_err(|_| failed("the check's thread panicked"))?
+    .ok_or_else(|| failed("the check's runtime did not start"))?
 }
 
 /// Pages queued for the runner.
 const IN_FLIGHT: usize = 4;
 
+/// Where a read is: the next key, what the checkpoint held at start, and the count of
+/// persons below the key already warned of.
+struct Position {
+    from: i64,
+    processed: i64,
+    warned: i64,
+}
+
 /// Reads pages from `from` on and hands them to the runner, until every person is read
-/// (or, following, forever). A failure ends a bounded read into `failure`; a following one
-/// reconnects and goes on from the last key handed over.
+/// (or, following, forever). A query's failure ends it with an error; a following source
+/// waits out a lost connection, reconnects and goes on from the last key handed over.
 async fn pump(
     mut source: Source,
-    mut from: i64,
-    stream: Arc<str>,
+    mut at: Position,
+    stream: &Arc<str>,
     partition: u32,
-    tx: SyncSender<Vec<Envelope>>,
-    failure: SourceFailure,
-) {
+    tx: &SyncSender<Vec<Envelope>>,
+) -> Result<(), OmopError> {
     let follow = source.cfg.follow_secs.map(Duration::from_secs);
     let mut backoff = Duration::from_secs(1);
+    let page = i64::from(source.cfg.page);
+    let mut handed = 0i64;
     loop {
-        match source.page(from).await {
+        let result = match source.page(at.from, page).await {
+            Ok(rows) => Ok(rows),
+            Err(e) if e.transient && follow.is_some() => Err(e),
+            Err(e) => return Err(e),
+        };
+        match result {
             Ok(rows) => {
                 backoff = Duration::from_secs(1);
-                let full = rows.len() == source.cfg.page as usize;
+                let full = rows.len() as i64 == page;
                 if let Some((last, _)) = rows.last() {
-                    from = last.saturating_add(1);
+                    at.from = last.saturating_add(1);
                 }
+                handed += rows.len() as i64;
                 let mut batch = Vec::with_capacity(rows.len());
                 for (key, payload) in rows {
-                    let Ok(offset) = u64::try_from(key) else {
-                        let e = source.fail(
+                    let offset = u64::try_from(key).map_err(|_| {
+                        source.fail(
                             "read persons",
                             format!(
-                                "person_id {key} is negative: medfed needs non-negative keys to checkpoint by"
+                                "person_id {key} is negative: medfed checkpoints by person_id and needs keys of 0 or more"
                             ),
-                        );
-                        fail_with(&failure, e);
-                        return;
-                    };
+                        )
+                    })?;
                     batch.push(Envelope {
                         stream: stream.clone(),
                         partition,
@@ -950,51 +1235,64 @@ async fn pump(
                     });
                 }
                 if !batch.is_empty() && tx.send(batch).is_err() {
-                    return; // the runner is gone
+                    return Ok(()); // the runner is gone
                 }
                 if full {
                     continue;
                 }
                 let Some(wait) = follow else {
-                    return; // every person is read
+                    return Ok(()); // every person is read
                 };
                 // Caught up: an empty batch tells the runner so (skipped if it is busy).
                 if let Err(TrySendError::Disconnected(_)) = tx.try_send(Vec::new()) {
-                    return;
+                    return Ok(());
                 }
                 tokio::time::sleep(wait).await;
+                match source
+                    .check_below(
+                        stream,
+                        at.from,
+                        at.processed.saturating_add(handed),
+                        at.warned,
+                    )
+                    .await
+                {
+                    Ok(w) => at.warned = w,
+                    Err(e) if e.transient => {
+                        tracing::warn!(stream = %stream, "{e}");
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             Err(e) => {
-                let Some(_) = follow else {
-                    fail_with(&failure, e);
-                    return;
-                };
+                // A lost connection while following: no "caught up" is sent (the runner
+                // has not been handed everything), and the source reconnects.
                 tracing::warn!(stream = %stream, "{e}; trying again in {} s", backoff.as_secs());
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(60));
                 if source.client.is_closed() {
                     match Source::connect(source.cfg.clone()).await {
-                        Ok(s) => source = s,
-                        Err(e) => tracing::warn!(stream = %stream, "{e}"),
+                        Ok(s) => {
+                            if s.resolved != source.resolved {
+                                tracing::warn!(
+                                    stream = %stream,
+                                    "OMOP: the mapped concepts resolve to other concept ids since the reconnection (the vocabulary was updated); records from here on use the new ones"
+                                );
+                            }
+                            source = s;
+                        }
+                        Err(e) if e.transient => tracing::warn!(stream = %stream, "{e}"),
+                        Err(e) => return Err(e),
                     }
-                }
-                if tx
-                    .try_send(Vec::new())
-                    .is_err_and(|e| matches!(e, TrySendError::Disconnected(_)))
-                {
-                    return;
                 }
             }
         }
     }
 }
 
-fn fail_with(slot: &SourceFailure, e: OmopError) {
-    tracing::error!("{e}; the records before it are checkpointed, and a new run resumes there");
-    match slot.lock() {
-        Ok(mut s) => *s = Some(e.to_string()),
-        Err(poisoned) => *poisoned.into_inner() = Some(e.to_string()),
-    }
+/// A CDM table's name, in its (checked) schema.
+fn table_name(cfg: &OmopConfig, t: OmopTable) -> String {
+    format!("\"{}\".{}", cfg.schema, t.name())
 }
 
 #[cfg(test)]
@@ -1084,6 +1382,9 @@ mod tests {
         };
         assert!(err(config("host=localhost", vec![yes])).contains("present and absent"));
         assert!(err(config("host=localhost", vec![glu(), glu()])).contains("declared twice"));
+        let mut on_socket = ok.clone();
+        on_socket.ca = Some("ca.pem".into());
+        assert!(err(on_socket).contains("Unix socket, where PostgreSQL has no TLS"));
         let mut with_ca = config("host=db.example dbname=cdm", vec![glu()]);
         with_ca.ca = Some("ca.pem".into());
         with_ca.validate().unwrap();

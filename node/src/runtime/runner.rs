@@ -21,6 +21,17 @@ pub enum RuntimeError {
     /// A task failed (not a bad record: those are quarantined).
     #[error(transparent)]
     Task(#[from] TaskError),
+    /// The source failed after it started: what was processed before is checkpointed,
+    /// and the end of the input was not reached.
+    #[error(
+        "{detail} (stopped at offset {offset}, which the checkpoint holds; a new run resumes there)"
+    )]
+    Source {
+        /// The source's own words.
+        detail: String,
+        /// The checkpointed offset.
+        offset: u64,
+    },
 }
 
 /// How a partition's run ended.
@@ -75,6 +86,7 @@ pub struct PipelineSignals {
     shutdown: AtomicBool,
     commits: AtomicU64,
     progress: Option<Arc<super::progress::Progress>>,
+    source_failure: super::SourceFailure,
 }
 
 impl PipelineSignals {
@@ -84,6 +96,13 @@ impl PipelineSignals {
             progress: Some(progress),
             ..PipelineSignals::default()
         }
+    }
+
+    /// Where a source that can fail after its start (a database) leaves its failure before
+    /// it closes its channel: a partition whose input closes with a failure there stops
+    /// with an error (its work checkpointed), not as at the end of its input.
+    pub fn source_failure(&self) -> super::SourceFailure {
+        self.source_failure.clone()
     }
 }
 
@@ -704,7 +723,13 @@ fn run_partition_inner(
             t.records += processed - before;
         });
     }
-    if !report.shut_down {
+    // A closed input is its end unless the source failed: then what was processed is
+    // checkpointed, without the tasks' end-of-input work and without "caught up".
+    let failed = opts
+        .signals
+        .as_ref()
+        .and_then(|s| s.source_failure.failed());
+    if !report.shut_down && failed.is_none() {
         out.clear();
         task.on_end_of_stream(&mut state, &mut out)?;
         keep(&mut record_outputs, &mut out.records, offset);
@@ -728,6 +753,10 @@ fn run_partition_inner(
     )?;
     commit(Some((b, offset)), true)?;
     report.checkpoints += 1;
+    if let Some(detail) = failed {
+        task.close();
+        return Err(RuntimeError::Source { detail, offset });
+    }
     if let Some(flag) = &opts.caught_up {
         flag.store(true, Ordering::Relaxed);
     }

@@ -560,4 +560,58 @@ mod tests {
             "{err}"
         );
     }
+
+    #[test]
+    fn a_source_that_fails_stops_its_partition_with_an_error_not_as_at_its_end() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn store::Store> =
+            Arc::from(store::open(Backend::DEFAULT, &dir.path().join("state")).unwrap());
+        let signals = Arc::new(super::super::PipelineSignals::default());
+        let caught_up = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::sync_channel(4);
+        let stream: Arc<str> = "db".into();
+        let batch: Vec<super::super::Envelope> = (0..30u64)
+            .map(|i| super::super::Envelope {
+                stream: stream.clone(),
+                partition: 0,
+                offset: 10 + i,
+                key: None,
+                payload: format!("{}", 100 + i).into_bytes(),
+            })
+            .collect();
+        tx.send(batch).unwrap();
+        // The source records its failure, then its channel closes.
+        signals
+            .source_failure()
+            .fail("the database went away".into());
+        drop(tx);
+        let task = ColumnStats::new(&["glu".to_string()], &["glu"]).unwrap();
+        let err = run_partition(
+            Box::new(task),
+            store.clone(),
+            "db",
+            0,
+            rx,
+            &RunOptions {
+                commit_every: 1000,
+                window: None,
+                signals: Some(signals),
+                checkpoint_when_idle: false,
+                caught_up: Some(caught_up.clone()),
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the database went away (stopped at offset 40, which the checkpoint holds; a new run resumes there)"
+        );
+        assert!(
+            !caught_up.load(Ordering::Relaxed),
+            "a failed source is not caught up"
+        );
+        // What was processed before the failure is checkpointed.
+        let (offset, _, processed, _) = restore(&*store, "db", 0).unwrap();
+        assert_eq!((offset, processed), (40, 30));
+    }
 }
