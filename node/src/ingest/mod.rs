@@ -576,8 +576,14 @@ async fn run_inner(
                 restore(&*store, &cfg.stream, *p).map_err(|e| fail(e.to_string()))?;
             from.push((*p, offset));
         }
-        let (header, rxs) = csv_source::read_partitions(path, &cfg.stream, &from, opts)
-            .map_err(|e| fail(format!("{}: {e}", path.display())))?;
+        let (header, rxs) = csv_source::read_partitions_reporting(
+            path,
+            &cfg.stream,
+            &from,
+            opts,
+            Some(signals.source_failure()),
+        )
+        .map_err(|e| fail(format!("{}: {e}", path.display())))?;
         for ((p, _), rx) in from.into_iter().zip(rxs) {
             shared.insert(p, (header.clone(), rx));
         }
@@ -592,8 +598,15 @@ async fn run_inner(
             Part::Csv { path, opts } => {
                 let (h, rx) = match shared.remove(&p) {
                     Some(reader) => reader,
-                    None => csv_source::read_with(&path, &cfg.stream, p, offset, &opts)
-                        .map_err(|e| fail(format!("{}: {e}", path.display())))?,
+                    None => csv_source::read_with_reporting(
+                        &path,
+                        &cfg.stream,
+                        p,
+                        offset,
+                        &opts,
+                        Some(signals.source_failure()),
+                    )
+                    .map_err(|e| fail(format!("{}: {e}", path.display())))?,
                 };
                 (h, rx, None)
             }

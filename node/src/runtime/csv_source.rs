@@ -90,7 +90,21 @@ pub fn read_with(
     from: u64,
     opts: &CsvOptions,
 ) -> std::io::Result<(Vec<String>, Receiver<Vec<Envelope>>)> {
-    let (header, mut rxs) = read_partitions(path, stream, &[(partition, from)], opts)?;
+    read_with_reporting(path, stream, partition, from, opts, None)
+}
+
+/// As [`read_with`], leaving a read error after the start in `failure`
+/// ([`read_partitions_reporting`]).
+pub fn read_with_reporting(
+    path: &Path,
+    stream: &str,
+    partition: u32,
+    from: u64,
+    opts: &CsvOptions,
+    failure: Option<super::SourceFailure>,
+) -> std::io::Result<(Vec<String>, Receiver<Vec<Envelope>>)> {
+    let (header, mut rxs) =
+        read_partitions_reporting(path, stream, &[(partition, from)], opts, failure)?;
     let rx = rxs
         .pop()
         .ok_or_else(|| std::io::Error::other("no partition"))?;
@@ -107,8 +121,33 @@ pub fn read_partitions(
     partitions: &[(u32, u64)],
     opts: &CsvOptions,
 ) -> std::io::Result<(Vec<String>, Vec<Batches>)> {
+    read_partitions_reporting(path, stream, partitions, opts, None)
+}
+
+/// As [`read_partitions`], leaving a read error after the start in `failure` (the
+/// pipeline's, [`super::PipelineSignals::source_failure`]) before the partitions' channels
+/// close: their runs then stop with an error, not as at the end of the file.
+pub fn read_partitions_reporting(
+    path: &Path,
+    stream: &str,
+    partitions: &[(u32, u64)],
+    opts: &CsvOptions,
+    failure: Option<super::SourceFailure>,
+) -> std::io::Result<(Vec<String>, Vec<Batches>)> {
     let file = std::fs::File::open(path)?;
-    let mut reader = std::io::BufReader::with_capacity(1 << 20, file);
+    let reader = std::io::BufReader::with_capacity(1 << 20, file);
+    read_partitions_from(reader, path, stream, partitions, opts, failure)
+}
+
+/// [`read_partitions_reporting`] of any reader (`path` names it in errors).
+fn read_partitions_from<R: BufRead + Send + 'static>(
+    mut reader: R,
+    path: &Path,
+    stream: &str,
+    partitions: &[(u32, u64)],
+    opts: &CsvOptions,
+    failure: Option<super::SourceFailure>,
+) -> std::io::Result<(Vec<String>, Vec<Batches>)> {
     let mut first = Vec::new();
     reader.read_until(b'\n', &mut first)?;
     let header = super::csv_row::header(&first);
@@ -154,13 +193,15 @@ pub fn read_partitions(
                     Ok(0) => break,
                     Ok(_) => {}
                     Err(e) => {
-                        // Never a silent end: the tasks stop with what they have, and the
-                        // operator is told (a resumed run starts from the checkpoint).
-                        tracing::error!(
-                            "{}: reading row {} failed: {e}; the partitions stop here",
-                            path.display(),
-                            offset + 1
-                        );
+                        // Never a silent end: the tasks stop with what they have and
+                        // fail, and the operator is told (a new run starts from the
+                        // checkpoint).
+                        let why =
+                            format!("{}: reading row {} failed: {e}", path.display(), offset + 1);
+                        tracing::error!("{why}; the partitions stop here");
+                        if let Some(f) = &failure {
+                            f.fail(why);
+                        }
                         return;
                     }
                 }
@@ -282,6 +323,43 @@ impl Out {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    /// A reader that fails once what it holds is read (a disk error mid-file).
+    struct FailsAfter(std::io::Cursor<Vec<u8>>);
+
+    impl std::io::Read for FailsAfter {
+        fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+            match self.0.read(buf)? {
+                0 => Err(std::io::Error::other("Input/output error")),
+                n => Ok(n),
+            }
+        }
+    }
+
+    #[test]
+    fn a_read_error_mid_file_fails_the_partitions_not_ends_them() {
+        let failure = super::super::SourceFailure::default();
+        let reader =
+            std::io::BufReader::new(FailsAfter(std::io::Cursor::new(b"glu\n1\n2\n3\n".to_vec())));
+        let (header, mut rxs) = read_partitions_from(
+            reader,
+            Path::new("extract.csv"),
+            "s",
+            &[(0, 0)],
+            &CsvOptions::default(),
+            Some(failure.clone()),
+        )
+        .unwrap();
+        assert_eq!(header, ["glu"]);
+        let rx = rxs.pop().unwrap();
+        // The channel closes only once the failure is recorded.
+        let rows: usize = rx.iter().map(|b| b.len()).sum();
+        assert!(rows <= 3);
+        assert_eq!(
+            failure.failed().as_deref(),
+            Some("extract.csv: reading row 4 failed: Input/output error")
+        );
+    }
 
     #[test]
     fn partitions_by_key_cover_every_row_once_and_keep_a_key_together() {
