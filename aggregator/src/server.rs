@@ -230,9 +230,9 @@ impl Server {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
                     let max = MAX_UNEXPECTED_BYTES.min(self.max_frame);
-                    let conn = conn.clone();
+                    let (conn, audit, site) = (conn.clone(), self.audit.clone(), site.clone());
                     tokio::spawn(async move {
-                        answer_unexpected_stream(&conn, send, recv, max).await;
+                        answer_unexpected_stream(&conn, send, recv, max, &audit, &site).await;
                     });
                 }
                 Err(e) => break e.to_string(),
@@ -376,17 +376,35 @@ async fn reply_error(
     }
 }
 
+/// Answers a stream a site opened after its hello with an error; what the site sent and
+/// the error are recorded in the compliance log as every other message is (a message the
+/// log cannot record gets no answer, and the connection ends).
 async fn answer_unexpected_stream(
     conn: &quinn::Connection,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
     max: u32,
+    audit: &medfed_infra::auditlog::AuditLog,
+    site: &str,
 ) {
-    let read = tokio::time::timeout(HELLO_TIMEOUT, transport::read_message(&mut recv, max)).await;
+    let read =
+        tokio::time::timeout(HELLO_TIMEOUT, transport::read_message_info(&mut recv, max)).await;
     let read = read.unwrap_or(Err(TransportError::Timeout {
         what: "a complete message",
         after: HELLO_TIMEOUT,
     }));
+    if let Ok((m, info)) = &read
+        && let Err(e) = transport::Egress::received(audit, site, m, info)
+    {
+        warn!(%site, "cannot write the compliance log: {e}");
+        transport::close(
+            conn,
+            ErrorCode::Internal,
+            "the aggregator cannot write its compliance log",
+        );
+        return;
+    }
+    let read = read.map(|(m, _)| m);
     let (code, reason) = match read {
         Ok(msg) => (
             ErrorCode::UnexpectedMessage,
@@ -395,7 +413,7 @@ async fn answer_unexpected_stream(
         Err(TransportError::Frame(e)) => (e.code(), e.to_string()),
         Err(e) => (ErrorCode::Malformed, e.to_string()),
     };
-    reply_error(&mut send, code, &reason, max, None).await;
+    reply_error(&mut send, code, &reason, max, Some((audit, site))).await;
     if code != ErrorCode::UnexpectedMessage {
         // A broken frame leaves the peer in an unknown state: end the connection.
         transport::close(conn, code, &reason);

@@ -185,6 +185,27 @@ async fn hostile_peers_are_refused_and_others_keep_being_served() {
         .await
         .expect("aggregator stops")
         .unwrap();
+    // What the site sent on streams after its hello (the second hellos of `still_served`)
+    // and the errors answering them are in the aggregator's compliance log (they were not).
+    let log = std::fs::read_to_string(dir.path().join("aggregator-audit.log")).unwrap();
+    let alpha: Vec<(String, String)> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r["event"]["peer"] == "alpha")
+        .map(|r| {
+            (
+                r["event"]["kind"].as_str().unwrap().to_string(),
+                r["event"]["message"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let answered = |kind: &str| {
+        alpha.windows(2).any(|w| {
+            w[0] == ("received".to_string(), kind.to_string())
+                && w[1] == ("sent".to_string(), "error".to_string())
+        })
+    };
+    assert!(answered("hello"), "a second hello and its error: {alpha:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
