@@ -5,26 +5,35 @@ use std::path::PathBuf;
 use anyhow::Context;
 
 /// GETs `path` from the operations endpoint at `address`, with the token of `token_file`
-/// if given.
+/// if given, over HTTPS verified against `ca` if given (the endpoint's `[ops] tls_cert`
+/// must then name `address`'s host).
 pub fn ops_get(
     address: &str,
     path: &str,
     token_file: Option<&std::path::Path>,
+    ca: Option<&std::path::Path>,
 ) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     use std::net::ToSocketAddrs;
-    let addr = address
+    let addrs: Vec<std::net::SocketAddr> = address
         .to_socket_addrs()
         .with_context(|| format!("cannot resolve {address}"))?
-        .next()
-        .with_context(|| format!("no address for {address}"))?;
+        .collect();
     let timeout = std::time::Duration::from_secs(5);
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).with_context(|| {
-        format!(
-            "no aggregator operations endpoint at {address}: is the aggregator running, with [ops] listen = \"{address}\"?"
-        )
-    })?;
-    s.set_read_timeout(Some(timeout))?;
+    // Each address of the name in turn (localhost may be ::1 first, the endpoint on IPv4).
+    let tcp = addrs
+        .iter()
+        .find_map(|a| std::net::TcpStream::connect_timeout(a, timeout).ok())
+        .with_context(|| {
+            format!(
+                "no aggregator operations endpoint at {address}: is the aggregator running, with [ops] listen = \"{address}\"?"
+            )
+        })?;
+    tcp.set_read_timeout(Some(timeout))?;
+    let mut s: Box<dyn ReadWrite> = match ca {
+        Some(ca) => Box::new(tls_stream(tcp, address, ca)?),
+        None => Box::new(tcp),
+    };
     let auth = match token_file {
         Some(f) => {
             let token = std::fs::read_to_string(f)
@@ -33,15 +42,36 @@ pub fn ops_get(
         }
         None => String::new(),
     };
-    write!(
+    let mut reply = String::new();
+    // With TLS the handshake happens at the first write: its failure is told as a read's.
+    let read = write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: {address}\r\n{auth}Connection: close\r\n\r\n"
-    )?;
-    let mut reply = String::new();
-    s.take(64 << 20).read_to_string(&mut reply)?;
-    let (head, body) = reply
-        .split_once("\r\n\r\n")
-        .with_context(|| format!("{address}: not an HTTP answer"))?;
+    )
+    .and_then(|()| s.take(64 << 20).read_to_string(&mut reply).map(|_| ()));
+    if let Err(e) = read {
+        if ca.is_some() {
+            anyhow::bail!(
+                "{address}: {e}: is --ca the CA that issued the endpoint's [ops] tls_cert, and does the certificate name the host of --address?"
+            );
+        }
+        if reply.is_empty() {
+            anyhow::bail!(
+                "{address} closed the connection: if its [ops] has tls_cert, pass --ca with the CA that issued it ({e})"
+            );
+        }
+        return Err(e.into());
+    }
+    let Some((head, body)) = reply.split_once("\r\n\r\n") else {
+        anyhow::bail!(
+            "{address}: not an HTTP answer{}",
+            if ca.is_none() {
+                " (if its [ops] has tls_cert, pass --ca with the CA that issued it)"
+            } else {
+                ""
+            }
+        );
+    };
     if head.starts_with("HTTP/1.1 401") {
         anyhow::bail!(
             "{address}{path} needs the operations endpoint's token: pass --token-file with the \
@@ -59,12 +89,49 @@ pub fn ops_get(
     Ok(body.to_string())
 }
 
+/// A stream to read and write an HTTP exchange on, plain or TLS.
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
+
+/// A TLS client stream over `tcp`, verifying the server against the CA certificates in
+/// `ca` and the host of `address`.
+fn tls_stream(
+    tcp: std::net::TcpStream,
+    address: &str,
+    ca: &std::path::Path,
+) -> anyhow::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in
+        medfed_infra::transport::load_certs(ca).with_context(|| format!("--ca {}", ca.display()))?
+    {
+        roots
+            .add(c)
+            .with_context(|| format!("--ca {}", ca.display()))?;
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let host = address
+        .rsplit_once(':')
+        .map_or(address, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let name = rustls::pki_types::ServerName::try_from(host.to_string())
+        .with_context(|| format!("{host} is not a host name or IP address"))?;
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)?;
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
+
 pub fn aggregator_status(
     address: &str,
     json: bool,
     token_file: Option<&std::path::Path>,
+    ca: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
-    let body = ops_get(address, "/status", token_file)?;
+    let body = ops_get(address, "/status", token_file, ca)?;
     if json {
         println!("{body}");
         return Ok(());
@@ -267,12 +334,16 @@ fn all_studies(cfg: &medfed_aggregator::config::AggregatorConfig) -> anyhow::Res
 /// Study states from the running aggregator's `/status`, when it answers.
 fn live_states(cfg: &medfed_aggregator::config::AggregatorConfig) -> Option<serde_json::Value> {
     let ops = cfg.ops.as_ref()?;
-    let body = ops_get(
-        &ops.listen.to_string(),
-        "/status",
-        ops.token_file.as_deref(),
-    )
-    .ok()?;
+    // Over HTTPS, best effort: the consortium CA, and localhost (the endpoint's
+    // certificate may name another host, and then there are no live states).
+    let (address, ca) = match &ops.tls_cert {
+        Some(_) => (
+            format!("localhost:{}", ops.listen.port()),
+            Some(cfg.tls.ca.as_path()),
+        ),
+        None => (ops.listen.to_string(), None),
+    };
+    let body = ops_get(&address, "/status", ops.token_file.as_deref(), ca).ok()?;
     serde_json::from_str::<serde_json::Value>(&body).ok()
 }
 

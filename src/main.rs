@@ -211,6 +211,10 @@ enum AggregatorCommand {
         /// The endpoint's token file ([ops] token_file), when it is not on loopback.
         #[arg(long)]
         token_file: Option<PathBuf>,
+        /// Connect with HTTPS, verifying the endpoint's certificate ([ops] tls_cert)
+        /// against this CA (PEM); its host must be the host of --address.
+        #[arg(long)]
+        ca: Option<PathBuf>,
     },
 }
 
@@ -344,7 +348,10 @@ fn main() -> ExitCode {
             address,
             json,
             token_file,
-        }) => aggregator_cmd::aggregator_status(&address, json, token_file.as_deref()),
+            ca,
+        }) => {
+            aggregator_cmd::aggregator_status(&address, json, token_file.as_deref(), ca.as_deref())
+        }
         Command::Aggregator(AggregatorCommand::Run { config }) => {
             logging::init_stderr(&cli.log_format, &cli.log_level);
             run_aggregator(config)

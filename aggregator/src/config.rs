@@ -281,8 +281,8 @@ impl StudiesDir {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OpsConfig {
-    /// TCP address of `/healthz`, `/status` and `/metrics` (plain HTTP: keep it on
-    /// loopback, or behind your monitoring network's controls).
+    /// TCP address of the console, `/healthz`, `/status` and `/metrics` (loopback by
+    /// default; anywhere else it needs `token_file`, `tls_cert` and `tls_key`).
     #[serde(default = "default_ops_listen")]
     pub listen: SocketAddr,
     /// A file holding a secret token (one line, mode 0600; relative to this file). Required
@@ -290,9 +290,44 @@ pub struct OpsConfig {
     /// it (`Authorization: Bearer <token>`, or HTTP Basic with it as the password).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// The endpoint's certificate (PEM, then its chain; relative to this file): HTTPS.
+    /// Required when `listen` is not a loopback address, so that the token and the pages
+    /// do not cross the network in clear. The aggregator's certificate from the
+    /// consortium PKI serves (`pki/aggregator/<host>/cert.pem`).
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM, mode 0600).
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl OpsConfig {
+    /// The HTTPS server configuration of `tls_cert` and `tls_key`; `None` without them.
+    /// A key others can read, or one that is not the certificate's, is refused, naming the
+    /// file.
+    pub fn tls(&self) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        medfed_infra::files::check_private(&[medfed_infra::files::PrivatePath::new(
+            "[ops] tls_key",
+            key,
+        )])
+        .map_err(|e| e.to_string())?;
+        let identity = medfed_infra::transport::Identity::load(cert, key)
+            .map_err(|e| format!("[ops] tls_cert / tls_key: {e}"))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("[ops] TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(identity.cert_chain, identity.key)
+        .map_err(|e| format!("[ops] tls_cert / tls_key: {e}"))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Some(std::sync::Arc::new(config)))
+    }
+
     /// The token, read from `token_file`; `None` without one.
     pub fn token(&self) -> Result<Option<String>, String> {
         let Some(path) = &self.token_file else {
@@ -666,10 +701,13 @@ impl AggregatorConfig {
         {
             ha.credentials = Some(resolve(path, creds));
         }
-        if let Some(ops) = &mut cfg.ops
-            && let Some(token) = &ops.token_file
-        {
-            ops.token_file = Some(resolve(path, token));
+        if let Some(ops) = &mut cfg.ops {
+            for p in [&mut ops.token_file, &mut ops.tls_cert, &mut ops.tls_key]
+                .into_iter()
+                .flatten()
+            {
+                *p = resolve(path, p);
+            }
         }
         cfg.validate(path)?;
         Ok(cfg)
@@ -712,10 +750,30 @@ impl AggregatorConfig {
                 format!(
                     "{} is not a loopback address: the console, /status and /metrics would be open \
                      to anyone who can reach it. Set [ops] token_file (a file holding a secret token) \
-                     or listen on 127.0.0.1",
+                     and tls_cert / tls_key, or listen on 127.0.0.1",
                     ops.listen
                 ),
             ));
+        }
+        if let Some(ops) = &self.ops {
+            if ops.tls_cert.is_some() != ops.tls_key.is_some() {
+                return Err(invalid(
+                    "ops.tls_cert".into(),
+                    "set both tls_cert and tls_key, or neither".into(),
+                ));
+            }
+            if !ops.listen.ip().is_loopback() && ops.tls_cert.is_none() {
+                return Err(invalid(
+                    "ops.listen".into(),
+                    format!(
+                        "{} is not a loopback address: the token and the pages would cross the \
+                         network in clear. Set [ops] tls_cert and tls_key (the aggregator's \
+                         certificate from the consortium PKI serves: pki/aggregator/<host>/cert.pem \
+                         and key.pem), or listen on 127.0.0.1",
+                        ops.listen
+                    ),
+                ));
+            }
         }
         let mut ids = BTreeSet::new();
         for (i, s) in self.statistics.iter().enumerate() {

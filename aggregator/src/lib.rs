@@ -195,6 +195,8 @@ pub struct Aggregator {
     ha: Option<ha::Ha>,
     /// `[ops] token_file`'s token.
     ops_token: Option<String>,
+    /// `[ops] tls_cert` / `tls_key`: the endpoint serves HTTPS.
+    ops_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// How one study's run ended.
@@ -247,6 +249,10 @@ impl Aggregator {
             Some(ops) => ops.token().map_err(std::io::Error::other)?,
             None => None,
         };
+        let ops_tls = match &config.ops {
+            Some(ops) => ops.tls().map_err(std::io::Error::other)?,
+            None => None,
+        };
         let ops_listener = match &config.ops {
             Some(ops) => {
                 let l = std::net::TcpListener::bind(ops.listen).map_err(|e| {
@@ -296,6 +302,7 @@ impl Aggregator {
             stop: Arc::new(watch::channel(None).0),
             ha,
             ops_token,
+            ops_tls,
         })
     }
 
@@ -447,6 +454,7 @@ impl Aggregator {
                     allowed: self.config.sites.allow.clone(),
                     ha: self.ha.clone(),
                     token: self.ops_token.clone(),
+                    tls: self.ops_tls.clone().map(tokio_rustls::TlsAcceptor::from),
                     listen: listener.local_addr().ok(),
                 });
                 Some(tokio::spawn(ops.serve(listener)))

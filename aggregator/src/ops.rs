@@ -3,9 +3,9 @@
 //! read-only web console ([`crate::console`]: `/` and `/studies/<id>`), all answered from a
 //! status board the aggregator's events keep up to date.
 //!
-//! Bound to anything but loopback it requires `[ops] token_file`'s token on every request but
-//! `/healthz` (`Authorization: Bearer <token>`, or HTTP Basic with the token as password, which
-//! browsers ask for).
+//! Bound to anything but loopback it serves only HTTPS (`[ops] tls_cert`, `tls_key`) and
+//! requires `[ops] token_file`'s token on every request but `/healthz` (`Authorization:
+//! Bearer <token>`, or HTTP Basic with the token as password, which browsers ask for).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering::Relaxed;
@@ -585,6 +585,8 @@ pub struct Ops {
     pub token: Option<String>,
     /// The address listened on (a request's `Host` may name it).
     pub listen: Option<std::net::SocketAddr>,
+    /// `[ops] tls_cert` / `tls_key`: every connection is HTTPS.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Connections served at once; more are closed at once (a scraper and a few browsers need
@@ -603,6 +605,7 @@ impl Ops {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "operations endpoint and console listening (/, /healthz, /status, /metrics)");
         }
+        let self_tls = self.tls.clone();
         let app = axum::Router::new()
             .route("/healthz", axum::routing::get(|| async { "ok\n" }))
             .route("/status", axum::routing::get(status))
@@ -635,15 +638,44 @@ impl Ops {
                 continue;
             };
             let service = hyper_util::service::TowerToHyperService::new(app.clone());
+            let tls = self_tls.clone();
             tokio::spawn(async move {
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(hyper_util::rt::TokioTimer::new())
-                    .header_read_timeout(HEADER_TIMEOUT)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-                let _ = tokio::time::timeout(CONNECTION_LIFETIME, conn).await;
+                let served = async {
+                    match tls {
+                        // The handshake within the headers' time: a client that opens
+                        // a connection and stays silent holds it no longer.
+                        Some(acceptor) => {
+                            match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream))
+                                .await
+                            {
+                                Ok(Ok(tls)) => serve_io(tls, service).await,
+                                Ok(Err(e)) => {
+                                    tracing::debug!("ops TLS handshake failed: {e}");
+                                }
+                                Err(_) => tracing::debug!("ops TLS handshake timed out"),
+                            }
+                        }
+                        None => serve_io(stream, service).await,
+                    }
+                };
+                let _ = tokio::time::timeout(CONNECTION_LIFETIME, served).await;
                 drop(slot);
             });
         }
+    }
+}
+
+/// Serves HTTP/1.1 on one connection (plain or TLS) with the headers' time limit.
+async fn serve_io<I>(io: I, service: hyper_util::service::TowerToHyperService<axum::Router>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    if let Err(e) = conn.await {
+        tracing::debug!("ops connection ended: {e}");
     }
 }
 

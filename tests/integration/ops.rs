@@ -232,9 +232,10 @@ fn the_operations_endpoint_reports_a_running_study() {
     );
 }
 
-/// Off loopback the endpoint needs a token: without `[ops] token_file` the aggregator does
-/// not start; with it, every request but `/healthz` needs the token (Bearer, or Basic as
-/// browsers send it), and `aggregator status` says how to give it.
+/// Off loopback the endpoint needs a token and HTTPS: without `[ops] token_file`, or
+/// without `tls_cert` / `tls_key`, the aggregator does not start; with them, every
+/// connection is TLS, every request but `/healthz` needs the token (Bearer, or Basic as
+/// browsers send it), and `aggregator status` says how to give both.
 #[test]
 fn an_endpoint_off_loopback_requires_its_token() {
     let dir = tempfile::tempdir().unwrap();
@@ -272,32 +273,73 @@ fn an_endpoint_off_loopback_requires_its_token() {
         std::fs::set_permissions(d.join("ops.token"), std::fs::Permissions::from_mode(0o600))
             .unwrap();
     }
+    // A token without TLS: it would cross the network in clear.
     fed.write_aggregator(&format!(
         "{study}[ops]\nlisten = \"0.0.0.0:{port}\"\ntoken_file = \"ops.token\"\n"
     ));
+    let (ok, out) = crate::common::run(&[
+        "aggregator",
+        "run",
+        "--config",
+        fed.aggregator.to_str().unwrap(),
+    ]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("ops.listen") && out.contains("in clear") && out.contains("tls_cert"),
+        "{out}"
+    );
+    // The aggregator's certificate from the consortium PKI (for localhost) serves HTTPS.
+    let ca = d.join("pki/ca/ca.pem");
+    fed.write_aggregator(&format!(
+        "{study}[ops]\nlisten = \"0.0.0.0:{port}\"\ntoken_file = \"ops.token\"\n\
+         tls_cert = \"pki/aggregator/localhost/cert.pem\"\ntls_key = \"pki/aggregator/localhost/key.pem\"\n"
+    ));
     let _procs = Processes(vec![fed.spawn_aggregator()]);
     let ops = format!("127.0.0.1:{port}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while get(&ops, "/healthz").is_none_or(|r| !r.starts_with("HTTP/1.1 200")) {
-        assert!(
-            Instant::now() < deadline,
-            "no /healthz:\n{}",
-            fed.log("aggregator")
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let with = |auth: &str, path: &str| {
+    let with = |auth: &str, path: &str| -> Option<String> {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(&ops).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        for c in medfed_infra::transport::load_certs(&ca).unwrap() {
+            roots.add(c).unwrap();
+        }
+        let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let tcp = std::net::TcpStream::connect(&ops).ok()?;
+        let conn = rustls::ClientConnection::new(
+            std::sync::Arc::new(config),
+            "localhost".try_into().unwrap(),
+        )
+        .unwrap();
+        let mut s = rustls::StreamOwned::new(conn, tcp);
         write!(
             s,
             "GET {path} HTTP/1.1\r\nHost: x\r\n{auth}Connection: close\r\n\r\n"
         )
-        .unwrap();
+        .ok()?;
         let mut r = String::new();
-        s.read_to_string(&mut r).unwrap();
-        r
+        s.read_to_string(&mut r).ok()?;
+        Some(r)
     };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while with("", "/healthz").is_none_or(|r| !r.starts_with("HTTP/1.1 200")) {
+        assert!(
+            Instant::now() < deadline,
+            "no /healthz over HTTPS:\n{}",
+            fed.log("aggregator")
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Plain HTTP gets nothing.
+    assert!(
+        get(&ops, "/healthz").is_none_or(|r| !r.contains("HTTP/1.1 200")),
+        "plain HTTP was answered"
+    );
+    let with = |auth: &str, path: &str| with(auth, path).unwrap();
     for path in ["/status", "/metrics", "/", "/studies/pima"] {
         let r = with("", path);
         assert!(
@@ -316,17 +358,37 @@ fn an_endpoint_off_loopback_requires_its_token() {
     let basic = "YXVkaXRvcjozZjljMWQyZThhN2I2YzVkNGUzZjJhMWI=";
     assert!(with(&format!("Authorization: Basic {basic}\r\n"), "/").starts_with("HTTP/1.1 200"));
     let (ok, out) = crate::common::run(&["aggregator", "status", "--address", &ops]);
+    assert!(!ok && out.contains("pass --ca"), "{out}");
+    let https = format!("localhost:{port}");
+    let ca_s = ca.to_str().unwrap();
+    let (ok, out) =
+        crate::common::run(&["aggregator", "status", "--address", &https, "--ca", ca_s]);
     assert!(!ok && out.contains("pass --token-file"), "{out}");
     let tf = d.join("ops.token");
     let table = crate::common::ok(&[
         "aggregator",
         "status",
         "--address",
-        &ops,
+        &https,
+        "--ca",
+        ca_s,
         "--token-file",
         tf.to_str().unwrap(),
     ]);
     assert!(table.contains("pima"), "{table}");
+    // Another CA's certificate is not trusted.
+    crate::common::ok(&["pki", "init", "--dir", d.join("other").to_str().unwrap()]);
+    let (ok, out) = crate::common::run(&[
+        "aggregator",
+        "status",
+        "--address",
+        &https,
+        "--ca",
+        d.join("other/ca/ca.pem").to_str().unwrap(),
+        "--token-file",
+        tf.to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("is --ca the CA"), "{out}");
 }
 
 /// The Grafana dashboard in docs/ queries only metrics the aggregator has.
