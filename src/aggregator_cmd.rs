@@ -4,21 +4,40 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 
+/// How to reach the operations endpoint over HTTPS: the CA its certificate chains to, and
+/// the name to verify it against (default: the host of the address).
+#[derive(Clone, Copy)]
+pub struct OpsTls<'a> {
+    /// The CA certificate (PEM).
+    pub ca: &'a std::path::Path,
+    /// The name the endpoint's certificate must hold.
+    pub name: Option<&'a str>,
+}
+
 /// GETs `path` from the operations endpoint at `address`, with the token of `token_file`
-/// if given, over HTTPS verified against `ca` if given (the endpoint's `[ops] tls_cert`
-/// must then name `address`'s host).
+/// if given, over HTTPS if `tls` is given. The token never goes out in clear but to a
+/// loopback address.
 pub fn ops_get(
     address: &str,
     path: &str,
     token_file: Option<&std::path::Path>,
-    ca: Option<&std::path::Path>,
+    tls: Option<OpsTls<'_>>,
 ) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     use std::net::ToSocketAddrs;
+    let ca = tls.map(|t| t.ca);
     let addrs: Vec<std::net::SocketAddr> = address
         .to_socket_addrs()
-        .with_context(|| format!("cannot resolve {address}"))?
+        .with_context(|| {
+            format!("cannot resolve {address} (expected host:port, e.g. agg.example.org:9464)")
+        })?
         .collect();
+    if token_file.is_some() && tls.is_none() && !addrs.iter().all(|a| a.ip().is_loopback()) {
+        anyhow::bail!(
+            "{address} is not a loopback address: the token would cross the network in clear. \
+             Pass --ca with the CA that issued the endpoint's [ops] tls_cert"
+        );
+    }
     let timeout = std::time::Duration::from_secs(5);
     // Each address of the name in turn (localhost may be ::1 first, the endpoint on IPv4).
     let tcp = addrs
@@ -30,8 +49,8 @@ pub fn ops_get(
             )
         })?;
     tcp.set_read_timeout(Some(timeout))?;
-    let mut s: Box<dyn ReadWrite> = match ca {
-        Some(ca) => Box::new(tls_stream(tcp, address, ca)?),
+    let mut s: Box<dyn ReadWrite> = match tls {
+        Some(t) => Box::new(tls_stream(tcp, t.name.unwrap_or(&host_of(address)), t.ca)?),
         None => Box::new(tcp),
     };
     let auth = match token_file {
@@ -93,11 +112,21 @@ pub fn ops_get(
 trait ReadWrite: std::io::Read + std::io::Write {}
 impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
 
+/// The host of `host:port` (an IPv6 literal without its brackets).
+fn host_of(address: &str) -> String {
+    address
+        .rsplit_once(':')
+        .map_or(address, |(h, _)| h)
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string()
+}
+
 /// A TLS client stream over `tcp`, verifying the server against the CA certificates in
-/// `ca` and the host of `address`.
+/// `ca` and the name `host`.
 fn tls_stream(
     tcp: std::net::TcpStream,
-    address: &str,
+    host: &str,
     ca: &std::path::Path,
 ) -> anyhow::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
     let mut roots = rustls::RootCertStore::empty();
@@ -114,11 +143,6 @@ fn tls_stream(
     .with_safe_default_protocol_versions()?
     .with_root_certificates(roots)
     .with_no_client_auth();
-    let host = address
-        .rsplit_once(':')
-        .map_or(address, |(h, _)| h)
-        .trim_start_matches('[')
-        .trim_end_matches(']');
     let name = rustls::pki_types::ServerName::try_from(host.to_string())
         .with_context(|| format!("{host} is not a host name or IP address"))?;
     let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)?;
@@ -131,7 +155,8 @@ pub fn aggregator_status(
     token_file: Option<&std::path::Path>,
     ca: Option<&std::path::Path>,
 ) -> anyhow::Result<()> {
-    let body = ops_get(address, "/status", token_file, ca)?;
+    let tls = ca.map(|ca| OpsTls { ca, name: None });
+    let body = ops_get(address, "/status", token_file, tls)?;
     if json {
         println!("{body}");
         return Ok(());
@@ -334,16 +359,27 @@ fn all_studies(cfg: &medfed_aggregator::config::AggregatorConfig) -> anyhow::Res
 /// Study states from the running aggregator's `/status`, when it answers.
 fn live_states(cfg: &medfed_aggregator::config::AggregatorConfig) -> Option<serde_json::Value> {
     let ops = cfg.ops.as_ref()?;
-    // Over HTTPS, best effort: the consortium CA, and localhost (the endpoint's
-    // certificate may name another host, and then there are no live states).
-    let (address, ca) = match &ops.tls_cert {
-        Some(_) => (
-            format!("localhost:{}", ops.listen.port()),
-            Some(cfg.tls.ca.as_path()),
-        ),
-        None => (ops.listen.to_string(), None),
+    // This machine's endpoint: its listen address (loopback when it listens on all), over
+    // HTTPS verified against the consortium CA and the name its own certificate holds.
+    let mut at = ops.listen;
+    if at.ip().is_unspecified() {
+        at.set_ip(match at {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let name = match &ops.tls_cert {
+        Some(cert) => medfed_infra::transport::certificate_names(cert)
+            .ok()?
+            .into_iter()
+            .next(),
+        None => None,
     };
-    let body = ops_get(&address, "/status", ops.token_file.as_deref(), ca).ok()?;
+    let tls = ops.tls_cert.as_ref().map(|_| OpsTls {
+        ca: cfg.tls.ca.as_path(),
+        name: name.as_deref(),
+    });
+    let body = ops_get(&at.to_string(), "/status", ops.token_file.as_deref(), tls).ok()?;
     serde_json::from_str::<serde_json::Value>(&body).ok()
 }
 
@@ -441,5 +477,31 @@ pub fn study(cmd: StudyCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_never_goes_to_a_remote_endpoint_in_clear() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("ops.token");
+        std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+        // 192.0.2.1 is TEST-NET-1: refused before any connection is tried.
+        let err = ops_get("192.0.2.1:9464", "/status", Some(&token), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("would cross the network in clear") && err.contains("--ca"),
+            "{err}"
+        );
+        let err = ops_get("agg.example.org", "/status", None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("expected host:port"), "{err}");
+        assert_eq!(host_of("[::1]:9464"), "::1");
+        assert_eq!(host_of("agg.example.org:9464"), "agg.example.org");
     }
 }

@@ -254,6 +254,19 @@ impl Aggregator {
             None => None,
         };
         let ops_listener = match &config.ops {
+            // Checked by the config's loading too; here for configs built otherwise.
+            Some(ops)
+                if !ops.listen.ip().is_loopback() && (ops_tls.is_none() || ops_token.is_none()) =>
+            {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "[ops] listen = {} is not a loopback address: it needs token_file, tls_cert and tls_key",
+                        ops.listen
+                    ),
+                )
+                .into());
+            }
             Some(ops) => {
                 let l = std::net::TcpListener::bind(ops.listen).map_err(|e| {
                     std::io::Error::new(

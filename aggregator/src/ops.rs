@@ -596,11 +596,54 @@ const MAX_CONNECTIONS: usize = 64;
 const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// A connection lives at most this long (keep-alive included).
 const CONNECTION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(60);
+/// A TLS handshake must finish within this (before the headers' time starts).
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+/// Connections one client address may hold at once: one client cannot take every slot
+/// (and with them `/healthz`, which needs no token) from the others.
+const MAX_PER_PEER: usize = 8;
+
+/// A client address's share of the connections, given back when its connection ends.
+struct PeerSlot {
+    peers: Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+    ip: std::net::IpAddr,
+}
+
+impl PeerSlot {
+    /// A slot for `ip`, unless it holds its share already.
+    fn take(
+        peers: &Arc<Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+        ip: std::net::IpAddr,
+    ) -> Option<PeerSlot> {
+        let mut map = peers.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(PeerSlot {
+            peers: peers.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for PeerSlot {
+    fn drop(&mut self) {
+        let mut map = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
 
 impl Ops {
-    /// Serves until the task is dropped. Each connection must send its headers within
-    /// 10 s and lives at most 60 s; at most 64 are served at once, so slow or idle clients
-    /// cannot take the process's file descriptors.
+    /// Serves until the task is dropped. Each connection must finish its TLS handshake (if
+    /// any) within 3 s and send its headers within 10 s more, and lives at most 60 s; at
+    /// most 64 are served at once, at most 8 from one client address, so slow or idle
+    /// clients cannot take the process's file descriptors or lock the others out.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "operations endpoint and console listening (/, /healthz, /status, /metrics)");
@@ -619,12 +662,13 @@ impl Ops {
             ))
             .with_state(self);
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let peers = Arc::new(Mutex::new(std::collections::HashMap::new()));
         let mut backoff = std::time::Duration::from_millis(50);
         loop {
-            let stream = match listener.accept().await {
-                Ok((stream, _)) => {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => {
                     backoff = std::time::Duration::from_millis(50);
-                    stream
+                    accepted
                 }
                 Err(e) => {
                     // Out of file descriptors, say: wait it out rather than spin.
@@ -633,6 +677,9 @@ impl Ops {
                     backoff = (backoff * 2).min(std::time::Duration::from_secs(2));
                     continue;
                 }
+            };
+            let Some(peer_slot) = PeerSlot::take(&peers, peer.ip()) else {
+                continue;
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 continue;
@@ -645,8 +692,11 @@ impl Ops {
                         // The handshake within the headers' time: a client that opens
                         // a connection and stays silent holds it no longer.
                         Some(acceptor) => {
-                            match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(stream))
-                                .await
+                            match tokio::time::timeout(
+                                TLS_HANDSHAKE_TIMEOUT,
+                                acceptor.accept(stream),
+                            )
+                            .await
                             {
                                 Ok(Ok(tls)) => serve_io(tls, service).await,
                                 Ok(Err(e)) => {
@@ -658,8 +708,14 @@ impl Ops {
                         None => serve_io(stream, service).await,
                     }
                 };
-                let _ = tokio::time::timeout(CONNECTION_LIFETIME, served).await;
+                if tokio::time::timeout(CONNECTION_LIFETIME, served)
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!("an ops connection reached its 60 s lifetime");
+                }
                 drop(slot);
+                drop(peer_slot);
             });
         }
     }

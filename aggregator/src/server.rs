@@ -22,6 +22,10 @@ pub const MAX_HELLO_BYTES: u32 = 16 * 1024;
 /// The largest message read on a stream a node should not have opened (it is answered
 /// with an error, whatever it holds).
 const MAX_UNEXPECTED_BYTES: u32 = 4 * 1024;
+/// Streams a site may open after its hello (each answered with an error, and recorded in
+/// the compliance log) before its connection is closed: nodes open none, and a loop of
+/// them would grow the log without end.
+const MAX_UNEXPECTED_STREAMS: u32 = 16;
 /// Connections of one site that may wait for their hello at once.
 pub const MAX_PENDING_PER_SITE: usize = 4;
 
@@ -226,9 +230,19 @@ impl Server {
         self.emit(AggregatorEvent::SiteConnected { site: site.clone() });
 
         // Nodes only answer requests; a stream a node opens after its hello gets an error.
+        let mut unexpected = 0u32;
         let reason = loop {
             match conn.accept_bi().await {
+                Ok(_) if unexpected >= MAX_UNEXPECTED_STREAMS => {
+                    let reason = format!(
+                        "site '{site}' opened {MAX_UNEXPECTED_STREAMS} streams after its hello; nodes open none: the connection is closed"
+                    );
+                    warn!(%site, "{reason}");
+                    transport::close(&conn, ErrorCode::UnexpectedMessage, &reason);
+                    break reason;
+                }
                 Ok((send, recv)) => {
+                    unexpected += 1;
                     let max = MAX_UNEXPECTED_BYTES.min(self.max_frame);
                     let (conn, audit, site) = (conn.clone(), self.audit.clone(), site.clone());
                     tokio::spawn(async move {
@@ -413,7 +427,29 @@ async fn answer_unexpected_stream(
         Err(TransportError::Frame(e)) => (e.code(), e.to_string()),
         Err(e) => (ErrorCode::Malformed, e.to_string()),
     };
-    reply_error(&mut send, code, &reason, max, Some((audit, site))).await;
+    let msg = Message::Error(ErrorMessage {
+        code,
+        reason: reason.clone(),
+    });
+    if let Err(e) = transport::write_message_logged(&mut send, &msg, max, Some((audit, site))).await
+    {
+        // Unanswered (the log could not record the answer, or the stream broke): the
+        // connection ends rather than leave the site with an empty stream.
+        warn!(%site, "cannot answer a stream opened after the hello: {e}");
+        transport::close(
+            conn,
+            ErrorCode::Internal,
+            "the aggregator could not answer a stream",
+        );
+        return;
+    }
+    // Give the error a moment to reach the site.
+    if tokio::time::timeout(Duration::from_millis(500), send.stopped())
+        .await
+        .is_err()
+    {
+        tracing::debug!(%site, "the site did not take the error within 500 ms");
+    }
     if code != ErrorCode::UnexpectedMessage {
         // A broken frame leaves the peer in an unknown state: end the connection.
         transport::close(conn, code, &reason);

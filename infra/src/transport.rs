@@ -441,6 +441,34 @@ pub fn peer_site(conn: &quinn::Connection) -> Result<String, TransportError> {
     Ok(cn.to_string())
 }
 
+/// The names (DNS names and IP addresses of the subject alternative names) of the first
+/// certificate in the PEM file `path`: what a client may verify it against.
+pub fn certificate_names(path: &Path) -> Result<Vec<String>, TransportError> {
+    let certs = load_certs(path)?;
+    let leaf = certs
+        .first()
+        .ok_or_else(|| pem_err(path, "no certificate".to_string()))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(leaf).map_err(|e| pem_err(path, e.to_string()))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            match n {
+                x509_parser::extensions::GeneralName::DNSName(d) => names.push(d.to_string()),
+                x509_parser::extensions::GeneralName::IPAddress(b) => {
+                    if let Ok(a) = <[u8; 4]>::try_from(*b) {
+                        names.push(std::net::IpAddr::from(a).to_string());
+                    } else if let Ok(a) = <[u8; 16]>::try_from(*b) {
+                        names.push(std::net::IpAddr::from(a).to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(names)
+}
+
 /// Closes `conn` with `code` and a human-readable reason that the peer will see.
 pub fn close(conn: &quinn::Connection, code: ErrorCode, reason: &str) {
     // QUIC close reasons must fit in one packet; keep them short.

@@ -179,6 +179,26 @@ async fn hostile_peers_are_refused_and_others_keep_being_served() {
         agg.handle.connected_sites().contains("beta")
     })
     .await;
+    // A site that keeps opening streams after its hello (each answered with an error and
+    // recorded in the compliance log) is cut off after 16: it cannot grow the log forever.
+    for _ in 0..20 {
+        let answer = transport::request(
+            &_beta_conn,
+            &hello("beta"),
+            DEFAULT_MAX_FRAME_BYTES,
+            Duration::from_secs(5),
+        )
+        .await;
+        if answer.is_err() && _beta_conn.close_reason().is_some() {
+            break;
+        }
+    }
+    eventually("beta cut off", || {
+        !agg.handle.connected_sites().contains("beta")
+    })
+    .await;
+    assert!(_beta_conn.close_reason().is_some());
+    still_served(&good, &agg).await;
 
     agg.handle.shutdown("test over");
     tokio::time::timeout(Duration::from_secs(10), agg.task)

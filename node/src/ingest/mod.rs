@@ -581,7 +581,7 @@ async fn run_inner(
             &cfg.stream,
             &from,
             opts,
-            Some(signals.source_failure()),
+            Some(signals.source_failure(&parts.iter().map(|(p, _)| *p).collect::<Vec<_>>())),
         )
         .map_err(|e| fail(format!("{}: {e}", path.display())))?;
         for ((p, _), rx) in from.into_iter().zip(rxs) {
@@ -604,7 +604,7 @@ async fn run_inner(
                         p,
                         offset,
                         &opts,
-                        Some(signals.source_failure()),
+                        Some(signals.source_failure(&[p])),
                     )
                     .map_err(|e| fail(format!("{}: {e}", path.display())))?,
                 };
@@ -624,7 +624,7 @@ async fn run_inner(
                     p,
                     offset,
                     processed,
-                    signals.source_failure(),
+                    signals.source_failure(&[p]),
                 )
                 .await
                 .map_err(|e| fail(e.to_string()))?;

@@ -53,11 +53,14 @@ impl Default for CsvOptions {
 /// (one partition each).
 pub fn files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     if path.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(path)?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| p.extension().is_some_and(|e| e == "csv"))
-            .collect();
+        // An entry that cannot be read is an error, not a file left out of the run.
+        let mut files = Vec::new();
+        for entry in std::fs::read_dir(path)? {
+            let p = entry?.path();
+            if p.extension().is_some_and(|e| e == "csv") {
+                files.push(p);
+            }
+        }
         files.sort();
         Ok(files)
     } else {
@@ -182,6 +185,10 @@ fn read_partitions_from<R: BufRead + Send + 'static>(
     let stream: Arc<str> = stream.into();
     let path = path.to_path_buf();
     std::thread::spawn(move || {
+        let mut outs = outs;
+        // Declared after `outs`, so dropped before it: a panic is recorded before the
+        // partitions' channels close (else it would look like the end of the file).
+        let _guard = PanicGuard(failure.clone());
         let mut splitter = super::csv_row::Splitter::new();
         let mut offset = 0u64;
         let mut line: Vec<u8> = Vec::new();
@@ -196,11 +203,18 @@ fn read_partitions_from<R: BufRead + Send + 'static>(
                         // Never a silent end: the tasks stop with what they have and
                         // fail, and the operator is told (a new run starts from the
                         // checkpoint).
-                        let why =
-                            format!("{}: reading row {} failed: {e}", path.display(), offset + 1);
+                        let why = format!(
+                            "{}: reading data row {} (offset {offset}) failed: {e}",
+                            path.display(),
+                            offset + 1
+                        );
                         tracing::error!("{why}; the partitions stop here");
                         if let Some(f) = &failure {
                             f.fail(why);
+                        }
+                        // The rows read before it go on, to be checkpointed.
+                        for o in &mut outs {
+                            o.flush();
                         }
                         return;
                     }
@@ -283,6 +297,19 @@ fn read_partitions_from<R: BufRead + Send + 'static>(
     Ok((header, rxs))
 }
 
+/// Records a failure when the reader's thread unwinds from a panic.
+struct PanicGuard(Option<super::SourceFailure>);
+
+impl Drop for PanicGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(f) = &self.0
+        {
+            f.fail("the CSV reader stopped unexpectedly (a bug: see the log)".into());
+        }
+    }
+}
+
 /// The batches of envelopes of one partition.
 pub type Batches = Receiver<Vec<Envelope>>;
 
@@ -352,12 +379,13 @@ mod tests {
         .unwrap();
         assert_eq!(header, ["glu"]);
         let rx = rxs.pop().unwrap();
-        // The channel closes only once the failure is recorded.
+        // The rows before the error are handed over; the channel closes only once the
+        // failure is recorded.
         let rows: usize = rx.iter().map(|b| b.len()).sum();
-        assert!(rows <= 3);
+        assert_eq!(rows, 3);
         assert_eq!(
             failure.failed().as_deref(),
-            Some("extract.csv: reading row 4 failed: Input/output error")
+            Some("extract.csv: reading data row 4 (offset 3) failed: Input/output error")
         );
     }
 

@@ -52,24 +52,33 @@ pub struct Envelope {
     pub payload: Vec<u8>,
 }
 
-/// Where a source that can fail after its start (a database connection) leaves the
-/// failure, before it closes its channel; shared with the pipeline's partitions through
-/// [`PipelineSignals::source_failure`].
+/// Where a source that can fail after its start (a database connection, a file on a
+/// failing disk) leaves the failure, before it closes its channel. Made for the partitions
+/// the source feeds by [`PipelineSignals::source_failure`]: a failure also asks the
+/// pipeline's other partitions to checkpoint and stop, so the pipeline's error reaches the
+/// operator at once (not after a following partition's input, which never ends).
 #[derive(Debug, Clone, Default)]
-pub struct SourceFailure(Arc<std::sync::Mutex<Option<String>>>);
+pub struct SourceFailure {
+    detail: Arc<std::sync::Mutex<Option<String>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
 
 impl SourceFailure {
-    /// Records a failure (the first one stays).
+    /// Records a failure (the first one stays) and stops the pipeline.
     pub fn fail(&self, detail: String) {
-        let mut slot = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self.detail.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() {
             *slot = Some(detail);
         }
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The failure, if the source failed.
     pub fn failed(&self) -> Option<String> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.detail
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

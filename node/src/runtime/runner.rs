@@ -1,8 +1,9 @@
 //! Running one task instance over one input partition, with transactional checkpoints.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use medfed_infra::store::{Batch, Store, StoreError};
@@ -83,10 +84,11 @@ impl Default for RunOptions {
 /// What a task asks of all the tasks of its pipeline (Samza's `AllTasks` scope).
 #[derive(Debug, Default)]
 pub struct PipelineSignals {
-    shutdown: AtomicBool,
+    shutdown: Arc<AtomicBool>,
     commits: AtomicU64,
     progress: Option<Arc<super::progress::Progress>>,
-    source_failure: super::SourceFailure,
+    /// Each partition's source's failure slot.
+    failures: Mutex<BTreeMap<u32, super::SourceFailure>>,
 }
 
 impl PipelineSignals {
@@ -98,11 +100,33 @@ impl PipelineSignals {
         }
     }
 
-    /// Where a source that can fail after its start (a database) leaves its failure before
-    /// it closes its channel: a partition whose input closes with a failure there stops
-    /// with an error (its work checkpointed), not as at the end of its input.
-    pub fn source_failure(&self) -> super::SourceFailure {
-        self.source_failure.clone()
+    /// Where the source of `partitions` (one reader may feed several) leaves a failure
+    /// after its start, before it closes its channels: each of those partitions then stops
+    /// with an error (its work checkpointed), not as at the end of its input, and the
+    /// pipeline's other partitions checkpoint and stop.
+    pub fn source_failure(&self, partitions: &[u32]) -> super::SourceFailure {
+        let failure = super::SourceFailure {
+            stop: self.shutdown.clone(),
+            ..Default::default()
+        };
+        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        for p in partitions {
+            map.insert(*p, failure.clone());
+        }
+        failure
+    }
+
+    /// Whether `partition` is to checkpoint and stop: the pipeline stops, and not because
+    /// this partition's own source failed (that partition takes what its source handed
+    /// over, until the source closes its channel).
+    fn stopping(&self, partition: u32) -> bool {
+        self.shutdown.load(Ordering::Relaxed) && self.failure_of(partition).is_none()
+    }
+
+    /// The failure of `partition`'s source, if it failed.
+    fn failure_of(&self, partition: u32) -> Option<String> {
+        let map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&partition).and_then(super::SourceFailure::failed)
     }
 }
 
@@ -596,12 +620,7 @@ fn run_partition_inner(
             });
         }
         // A task elsewhere in the pipeline asked every task to stop.
-        if batch.is_none()
-            && opts
-                .signals
-                .as_ref()
-                .is_some_and(|s| s.shutdown.load(Ordering::Relaxed))
-        {
+        if batch.is_none() && opts.signals.as_ref().is_some_and(|s| s.stopping(partition)) {
             report.shut_down = true;
             break;
         }
@@ -650,7 +669,7 @@ fn run_partition_inner(
             // Another task of the pipeline asked all tasks to commit or stop.
             if let Some(sig) = &opts.signals {
                 let commits = sig.commits.load(Ordering::Relaxed);
-                if commits != commits_seen || sig.shutdown.load(Ordering::Relaxed) {
+                if commits != commits_seen || sig.stopping(partition) {
                     commits_seen = commits;
                     task.flush(&mut state);
                     let b = checkpoint(
@@ -665,7 +684,7 @@ fn run_partition_inner(
                     commit(Some((b, offset)), true)?;
                     report.checkpoints += 1;
                     since = 0;
-                    if sig.shutdown.load(Ordering::Relaxed) {
+                    if sig.stopping(partition) {
                         report.shut_down = true;
                         break 'outer;
                     }
@@ -725,10 +744,7 @@ fn run_partition_inner(
     }
     // A closed input is its end unless the source failed: then what was processed is
     // checkpointed, without the tasks' end-of-input work and without "caught up".
-    let failed = opts
-        .signals
-        .as_ref()
-        .and_then(|s| s.source_failure.failed());
+    let failed = opts.signals.as_ref().and_then(|s| s.failure_of(partition));
     if !report.shut_down && failed.is_none() {
         out.clear();
         task.on_end_of_stream(&mut state, &mut out)?;

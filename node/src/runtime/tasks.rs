@@ -581,9 +581,29 @@ mod tests {
             })
             .collect();
         tx.send(batch).unwrap();
-        // The source records its failure, then its channel closes.
+        // Partition 1 has its own source, which does not end (a followed file).
+        let (_tx1, rx1) = std::sync::mpsc::sync_channel::<Vec<super::super::Envelope>>(4);
+        signals.source_failure(&[1]);
+        let other = {
+            let (store, signals) = (store.clone(), signals.clone());
+            std::thread::spawn(move || {
+                let task = ColumnStats::new(&["glu".to_string()], &["glu"]).unwrap();
+                run_partition(
+                    Box::new(task),
+                    store,
+                    "db",
+                    1,
+                    rx1,
+                    &RunOptions {
+                        signals: Some(signals),
+                        ..RunOptions::default()
+                    },
+                )
+            })
+        };
+        // Partition 0's source records its failure, then its channel closes.
         signals
-            .source_failure()
+            .source_failure(&[0])
             .fail("the database went away".into());
         drop(tx);
         let task = ColumnStats::new(&["glu".to_string()], &["glu"]).unwrap();
@@ -613,5 +633,9 @@ mod tests {
         // What was processed before the failure is checkpointed.
         let (offset, _, processed, _) = restore(&*store, "db", 0).unwrap();
         assert_eq!((offset, processed), (40, 30));
+        // The other partition stops (its input never ends), without an error of its own:
+        // the pipeline's error reaches the operator at once.
+        let report = other.join().unwrap().unwrap();
+        assert!(report.shut_down);
     }
 }
