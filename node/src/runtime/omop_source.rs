@@ -923,6 +923,18 @@ impl Source {
             let concepts: Vec<i64> = by_concept.keys().copied().collect();
             let name = table_name(&self.cfg, table);
             let step = format!("read {name} (person_id {first} to {last})");
+            // A row's person (its place in the page) and the columns its concept fills;
+            // `None` for a person outside the page or a concept no column maps.
+            let locate = |r: &tokio_postgres::Row| -> Result<Option<Placed<'_>>, OmopError> {
+                let key: i64 =
+                    value(r, 0, || "person_id".into()).map_err(|e| bad(step.clone(), e))?;
+                let concept: i64 =
+                    value(r, 1, || concept_col.into()).map_err(|e| bad(step.clone(), e))?;
+                Ok(match (index.get(&key), by_concept.get(&concept)) {
+                    (Some(&p), Some(cols)) => Some((key, p, cols)),
+                    _ => None,
+                })
+            };
             if table.is_presence() {
                 let rows = tx
                     .query(
@@ -934,11 +946,7 @@ impl Source {
                     .await
                     .map_err(|e| fail(step.clone(), e))?;
                 for r in rows {
-                    let key: i64 =
-                        value(&r, 0, || "person_id".into()).map_err(|e| bad(step.clone(), e))?;
-                    let concept: i64 =
-                        value(&r, 1, || concept_col.into()).map_err(|e| bad(step.clone(), e))?;
-                    let (Some(&p), Some(cols)) = (index.get(&key), by_concept.get(&concept)) else {
+                    let Some((_, p, cols)) = locate(&r)? else {
                         continue;
                     };
                     for &i in cols {
@@ -958,11 +966,7 @@ impl Source {
                     .await
                     .map_err(|e| fail(step.clone(), e))?;
                 for r in rows {
-                    let key: i64 =
-                        value(&r, 0, || "person_id".into()).map_err(|e| bad(step.clone(), e))?;
-                    let concept: i64 =
-                        value(&r, 1, || concept_col.into()).map_err(|e| bad(step.clone(), e))?;
-                    let (Some(&p), Some(cols)) = (index.get(&key), by_concept.get(&concept)) else {
+                    let Some((key, p, cols)) = locate(&r)? else {
                         continue;
                     };
                     let v: f64 = value(&r, 2, || format!("person_id {key}, value_as_number"))
@@ -1289,6 +1293,10 @@ async fn pump(
         }
     }
 }
+
+/// A fact row's person key, the person's place in its page, and the columns its concept
+/// fills.
+type Placed<'a> = (i64, usize, &'a Vec<usize>);
 
 /// A CDM table's name, in its (checked) schema.
 fn table_name(cfg: &OmopConfig, t: OmopTable) -> String {

@@ -164,22 +164,11 @@ impl Postgres {
 
     /// Runs `sql` (one or more statements) in database `db`.
     pub fn execute(&self, db: &str, sql: &str) {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let (client, conn) = tokio_postgres::connect(&self.connect(db), tokio_postgres::NoTls)
-                .await
-                .unwrap();
-            let conn = tokio::spawn(conn);
-            client.batch_execute(sql).await.unwrap();
-            drop(client);
-            let _ = conn.await;
-        });
+        self.query(db, sql);
     }
 
-    /// The rows of a query in `db`, each as its columns' text.
+    /// The rows of a query (or the last of several statements) in `db`, each as its
+    /// columns' text.
     pub fn query(&self, db: &str, sql: &str) -> Vec<Vec<Option<String>>> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
