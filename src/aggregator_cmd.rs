@@ -129,20 +129,8 @@ fn tls_stream(
     host: &str,
     ca: &std::path::Path,
 ) -> anyhow::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in
-        medfed_infra::transport::load_certs(ca).with_context(|| format!("--ca {}", ca.display()))?
-    {
-        roots
-            .add(c)
-            .with_context(|| format!("--ca {}", ca.display()))?;
-    }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    let config = medfed_infra::transport::tls_client_config(ca)
+        .with_context(|| format!("--ca {}", ca.display()))?;
     let name = rustls::pki_types::ServerName::try_from(host.to_string())
         .with_context(|| format!("{host} is not a host name or IP address"))?;
     let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)?;

@@ -73,7 +73,12 @@ pub fn console(args: ConsoleArgs) -> anyhow::Result<()> {
             .with_state(state);
         axum::serve(listener, app)
             .with_graceful_shutdown(async {
-                let _ = tokio::signal::ctrl_c().await;
+                // Without a Ctrl-C handler the console serves until killed, rather than
+                // stop at once.
+                if let Err(e) = tokio::signal::ctrl_c().await {
+                    eprintln!("cannot listen for Ctrl-C ({e}); stop the console with kill");
+                    std::future::pending::<()>().await;
+                }
             })
             .await?;
         Ok(())

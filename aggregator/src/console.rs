@@ -10,7 +10,13 @@
 //! exported, its own counters. Plots use the Okabe–Ito palette (safe for colour-blind
 //! readers) with markers, and axes that start at zero (the metric's axis spans its range).
 
-use std::fmt::Write as _;
+/// Appends formatted text to a page being built. The page is a `String`, to which writing
+/// cannot fail: no result to handle or drop.
+macro_rules! put {
+    ($b:expr, $($arg:tt)*) => {
+        $b.push_str(&format!($($arg)*))
+    };
+}
 
 /// One round as the console plots it.
 #[derive(Debug, Clone)]
@@ -211,7 +217,7 @@ pub fn overview(o: &Overview) -> String {
         ),
         None => "<span class=\"muted\">no tree head signed since start</span>".into(),
     };
-    let _ = write!(
+    put!(
         b,
         "<h2>Aggregator</h2><table><caption>The aggregator</caption><tbody>\
          <tr><th scope=\"row\">Name</th><td>{}</td></tr>\
@@ -232,7 +238,7 @@ pub fn overview(o: &Overview) -> String {
          </tr></thead><tbody>",
     );
     for s in &o.sites {
-        let _ = write!(
+        put!(
             b,
             "<tr><th scope=\"row\">{}</th><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td>\
              <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
@@ -265,7 +271,7 @@ pub fn overview(o: &Overview) -> String {
          <th scope=\"col\">Refusals</th></tr></thead><tbody>",
     );
     for s in &o.studies {
-        let _ = write!(
+        put!(
             b,
             "<tr><th scope=\"row\"><a href=\"/studies/{id}\">{id_text}</a></th><td>{}</td><td>{}</td>\
              <td class=\"n\">{} of {}</td><td>{}</td><td>{}</td><td class=\"n\">{}</td>\
@@ -321,7 +327,7 @@ pub fn percent(id: &str) -> String {
 pub fn study(p: &StudyPage) -> String {
     let s = &p.row;
     let mut b = String::new();
-    let _ = write!(
+    put!(
         b,
         "<p>{} study, {}: round {} of {}, {}. Sites: {}.</p>",
         esc(&s.kind),
@@ -375,7 +381,7 @@ pub fn study(p: &StudyPage) -> String {
              <th scope=\"col\">Training loss</th><th scope=\"col\">Validation</th></tr></thead><tbody>",
         );
         for r in &p.rounds {
-            let _ = write!(
+            put!(
                 b,
                 "<tr><th scope=\"row\">{}</th><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td></tr>",
                 r.round,
@@ -396,7 +402,7 @@ pub fn study(p: &StudyPage) -> String {
     b.push_str("<h2>Release, secure aggregation and privacy</h2>");
     match (&p.released, &p.provenance) {
         (Some(path), prov) => {
-            let _ = write!(b, "<p>Last release: <code>{}</code>.</p>", esc(path));
+            put!(b, "<p>Last release: <code>{}</code>.</p>", esc(path));
             b.push_str(&provenance(prov.as_ref()));
         }
         (None, _) => b.push_str("<p class=\"muted\">Nothing released yet.</p>"),
@@ -410,7 +416,7 @@ fn provenance(p: Option<&serde_json::Value>) -> String {
     };
     let mut b = String::from("<table><caption>From the release's provenance</caption><tbody>");
     let row = |b: &mut String, k: &str, v: String| {
-        let _ = write!(
+        put!(
             b,
             "<tr><th scope=\"row\">{}</th><td>{}</td></tr>",
             esc(k),
@@ -498,7 +504,7 @@ pub fn chart(
     let sy = |y: f64| top + (1.0 - (y - y_min) / (y_max - y_min)) * (h - top - bottom);
     let mut desc = String::new();
     for (name, s) in series {
-        let _ = write!(
+        put!(
             desc,
             "{name}: {}. ",
             s.iter()
@@ -515,7 +521,7 @@ pub fn chart(
         d = esc(&desc)
     );
     // Axes and ticks.
-    let _ = write!(
+    put!(
         svg,
         "<g stroke=\"#333\" stroke-width=\"1\"><line x1=\"{left}\" y1=\"{}\" x2=\"{}\" y2=\"{}\"/>\
          <line x1=\"{left}\" y1=\"{top}\" x2=\"{left}\" y2=\"{}\"/></g>",
@@ -526,7 +532,7 @@ pub fn chart(
     );
     for i in 0..=4 {
         let y = y_min + (y_max - y_min) * f64::from(i) / 4.0;
-        let _ = write!(
+        put!(
             svg,
             "<line x1=\"{}\" y1=\"{py}\" x2=\"{}\" y2=\"{py}\" stroke=\"#ddd\"/>\
              <text x=\"{}\" y=\"{}\" font-size=\"12\" text-anchor=\"end\" fill=\"#222\">{y:.3}</text>",
@@ -540,7 +546,7 @@ pub fn chart(
     let step = (x_max / 10.0).ceil().max(1.0);
     let mut x = 1.0;
     while x <= x_max {
-        let _ = write!(
+        put!(
             svg,
             "<text x=\"{}\" y=\"{}\" font-size=\"12\" text-anchor=\"middle\" fill=\"#222\">{x}</text>",
             sx(x),
@@ -548,7 +554,7 @@ pub fn chart(
         );
         x += step;
     }
-    let _ = write!(
+    put!(
         svg,
         "<text x=\"{}\" y=\"{}\" font-size=\"12\" text-anchor=\"middle\" fill=\"#222\">round</text>\
          <text x=\"14\" y=\"{}\" font-size=\"12\" text-anchor=\"middle\" fill=\"#222\" transform=\"rotate(-90 14 {})\">{}</text>",
@@ -564,20 +570,20 @@ pub fn chart(
             .iter()
             .map(|(x, y)| format!("{:.1},{:.1}", sx(*x), sy(*y)))
             .collect();
-        let _ = write!(
+        put!(
             svg,
             "<polyline fill=\"none\" stroke=\"{colour}\" stroke-width=\"2\" points=\"{}\"/>",
             path.join(" ")
         );
         for (x, y) in *s {
-            let _ = write!(
+            put!(
                 svg,
                 "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{colour}\"/>",
                 sx(*x),
                 sy(*y)
             );
         }
-        let _ = write!(
+        put!(
             svg,
             "<rect x=\"{}\" y=\"{}\" width=\"12\" height=\"3\" fill=\"{colour}\"/>\
              <text x=\"{}\" y=\"{}\" font-size=\"12\" fill=\"#222\">{}{}</text>",
@@ -591,7 +597,7 @@ pub fn chart(
                 .unwrap_or_default()
         );
     }
-    let _ = write!(
+    put!(
         svg,
         "</svg><figcaption>{}</figcaption></figure>",
         esc(title)

@@ -301,6 +301,18 @@ pub fn load_roots(ca: &Path) -> Result<Arc<rustls::RootCertStore>, TransportErro
     Ok(Arc::new(roots))
 }
 
+/// A TLS client configuration (TCP services: the operations endpoint, a database) that
+/// trusts the CA certificates in `ca` (PEM) and verifies the server's name; ring, TLS 1.2
+/// and 1.3.
+pub fn tls_client_config(ca: &Path) -> Result<rustls::ClientConfig, TransportError> {
+    let roots = load_roots(ca)?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| pem_err(ca, e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }

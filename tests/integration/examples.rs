@@ -57,7 +57,11 @@ fn the_federation_examples_train_and_plot() {
             let plotted: f64 = roc
                 .split("federated (AUC ")
                 .nth(1)
-                .and_then(|r| r.split(',').next()?.parse().ok())
+                // The legend reads "federated (AUC 0.8998, 50 rows)": the number's characters.
+                .and_then(|r| {
+                    let end = r.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+                    r[..end].parse().ok()
+                })
                 .expect("the ROC legend gives the federated AUC");
             assert!(
                 (table - plotted).abs() <= 0.0005 + 1e-9,

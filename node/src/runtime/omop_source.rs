@@ -419,6 +419,17 @@ fn pg_detail(e: &tokio_postgres::Error) -> String {
     s
 }
 
+/// Runs a connection's I/O on the runtime until it ends (its client sees the end).
+fn drive(
+    conn: impl std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("OMOP database connection ended: {}", pg_detail(&e));
+        }
+    });
+}
+
 /// Whether an error is the connection's (closed, refused, reset, the server shutting down
 /// or out of resources), which a following source waits out, rather than the query's.
 fn is_transient(e: &tokio_postgres::Error) -> bool {
@@ -515,34 +526,14 @@ impl Source {
         };
         let client = match &cfg.ca {
             Some(ca) => {
-                let certs = medfed_infra::transport::load_certs(ca)
+                let tls = medfed_infra::transport::tls_client_config(ca)
                     .map_err(|e| fail("read the database's CA certificate", e.to_string()))?;
-                let mut roots = rustls::RootCertStore::empty();
-                for c in certs {
-                    roots.add(c).map_err(|e| {
-                        fail(
-                            "read the database's CA certificate",
-                            format!("{}: {e}", ca.display()),
-                        )
-                    })?;
-                }
-                let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-                    rustls::crypto::ring::default_provider(),
-                ))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| fail("set up TLS", e.to_string()))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
                 pg.ssl_mode(tokio_postgres::config::SslMode::Require);
                 let (client, conn) = pg
                     .connect(tokio_postgres_rustls::MakeRustlsConnect::new(tls))
                     .await
                     .map_err(|e| connected("connect (TLS)", e))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!("OMOP database connection ended: {}", pg_detail(&e));
-                    }
-                });
+                drive(conn);
                 client
             }
             None => {
@@ -550,11 +541,7 @@ impl Source {
                     .connect(tokio_postgres::NoTls)
                     .await
                     .map_err(|e| connected("connect", e))?;
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!("OMOP database connection ended: {}", pg_detail(&e));
-                    }
-                });
+                drive(conn);
                 client
             }
         };
