@@ -207,11 +207,14 @@ impl ValidateClean {
             });
         }
         // Every kept record has the same fields: a template places them once.
+        // Identifier columns are checked but never put into a record: de-identification
+        // would remove them at once, and what is never copied cannot leak or cost.
         let names: Vec<FieldName> = columns
             .iter()
             .flat_map(|c| {
                 let indicator = (c.spec.missing == MissingPolicy::Indicator).then_some(c.indicator);
-                std::iter::once(c.name).chain(indicator)
+                let value = (c.spec.class != FieldClass::Identifier).then_some(c.name);
+                value.into_iter().chain(indicator)
             })
             .collect();
         let template = Record::template(&names);
@@ -335,7 +338,9 @@ impl ValidateClean {
                         Value::Number(0.0)
                     }
                 };
-                put(&mut record, &col.name, col.slot, filled);
+                if spec.class != FieldClass::Identifier {
+                    put(&mut record, &col.name, col.slot, filled);
+                }
                 continue;
             }
             let value = match spec.kind() {
@@ -386,6 +391,9 @@ impl ValidateClean {
                     Value::Number(x)
                 }
             };
+            if spec.class == FieldClass::Identifier {
+                continue;
+            }
             if spec.missing == MissingPolicy::Indicator {
                 put(
                     &mut record,

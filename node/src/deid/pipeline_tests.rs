@@ -196,6 +196,40 @@ categories = ["F", "M"]
 }
 
 #[test]
+fn identifier_columns_are_checked_but_never_put_into_a_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("ids.csv");
+    std::fs::write(
+        &csv,
+        "mrn,name,phone,glu\nMRN-1,Ada Lovelace,5550100,140\nMRN-2,,5550101,99\nMRN-3,Alan Turing,,120\n",
+    )
+    .unwrap();
+    let fields = r#"
+[[field]]
+name = "mrn"
+class = "patient-id"
+[[field]]
+name = "name"
+class = "identifier"
+required = true
+[[field]]
+name = "phone"
+class = "identifier"
+[[field]]
+name = "glu"
+"#;
+    let (kept, dead) = pipeline(csv.to_str().unwrap(), fields);
+    // A required identifier is still required; its value is never quoted.
+    assert_eq!(
+        dead.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        ["field 'name': missing (required)"]
+    );
+    // A missing identifier that is not required is no problem.
+    let names: Vec<Vec<&str>> = kept.iter().map(|r| r.names().collect()).collect();
+    assert_eq!(names, [["glu", PATIENT], ["glu", PATIENT]]);
+}
+
+#[test]
 fn identifiers_are_removed_and_quasi_identifiers_generalised() {
     let dir = tempfile::tempdir().unwrap();
     let csv = dir.path().join("ids.csv");

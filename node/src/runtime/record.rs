@@ -373,9 +373,18 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
 
 const POW10: [f64; 7] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6];
 
-/// The fewest decimal places (up to [`MAX_DECIMALS`]) that give `x` back exactly.
-fn decimals(x: f64) -> Option<u32> {
-    (0..=MAX_DECIMALS).find(|&s| exact_at(x, s))
+/// The decimal places (up to [`MAX_DECIMALS`]) at which every number of a column comes
+/// back exactly, if there are such: the places of its most precise value, checked for
+/// every value. A value already exact at the places found so far costs one try.
+fn column_decimals(numbers: &[f64]) -> Option<u32> {
+    let mut places = 0;
+    for &x in numbers {
+        if !exact_at(x, places) {
+            places = (places + 1..=MAX_DECIMALS).find(|&s| exact_at(x, s))?;
+        }
+    }
+    // A value exact at fewer places may not be at more (a large one overflows).
+    (places == 0 || numbers.iter().all(|&x| exact_at(x, places))).then_some(places)
 }
 
 /// Whether `x` comes back exactly from an integer of `s` decimal places (one a double
@@ -561,11 +570,7 @@ impl SegmentBuilder {
             if !numbers.is_empty() {
                 // The column's places are its most precise value's; every value must still
                 // come back exactly at them (a large value beside a precise one may not).
-                match numbers
-                    .iter()
-                    .try_fold(0u32, |m, x| decimals(*x).map(|d| m.max(d)))
-                    .filter(|s| numbers.iter().all(|x| exact_at(*x, *s)))
-                {
+                match column_decimals(numbers) {
                     Some(s) => {
                         out.push(NUM_DECIMAL);
                         out.push(s as u8);
