@@ -204,7 +204,8 @@ pub struct JetStreamConfig {
     /// Seconds the server waits for an acknowledgement before redelivering (default 30).
     #[serde(default = "default_ack_wait")]
     pub ack_wait_secs: u64,
-    /// Stop after this many idle seconds (bounded ingestion); forever if absent.
+    /// Stop after this many seconds without a new message, once the server holds none still
+    /// to deliver (bounded ingestion); forever if absent.
     #[serde(default)]
     pub idle_exit_secs: Option<u64>,
 }

@@ -64,7 +64,8 @@ pub struct JetStreamPartition {
     pub durable: String,
     /// How long the server waits for an acknowledgement before redelivering.
     pub ack_wait: Duration,
-    /// Stop when no message arrived for this long (bounded ingestion); `None` runs forever.
+    /// Stop when no new message arrived for this long and the server holds none still to
+    /// deliver (bounded ingestion); `None` runs forever.
     pub idle_exit: Option<Duration>,
 }
 
@@ -224,7 +225,22 @@ pub async fn subscribe(
             }
             if envs.is_empty() {
                 if idle_exit.is_some_and(|d| last_new.elapsed() >= d) {
-                    break;
+                    // Idle only if the server holds nothing undelivered for this consumer:
+                    // fetches filled with redeliveries (a runner slower than `ack_wait`
+                    // under load) are not the end of the stream, and ending there would
+                    // report a bounded ingestion done with messages left unread.
+                    match consumer.get_info().await {
+                        Ok(info) if info.num_pending > 0 => {
+                            tracing::debug!(stream = %name, partition, undelivered = info.num_pending, "JetStream: idle time passed with messages still to fetch; going on");
+                            last_new = Instant::now();
+                            continue;
+                        }
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(stream = %name, partition, "JetStream: ending this bounded ingestion after its idle time without knowing whether the stream holds more for it (consumer info failed: {e}); a new run goes on from its checkpoint");
+                            break;
+                        }
+                    }
                 }
                 // Nothing new: the runner has all the stream holds for now (an empty batch
                 // tells it so; skipped if it is busy with earlier ones).
