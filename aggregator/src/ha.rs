@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishErrorKind};
 use futures_util::StreamExt;
-use medfed_infra::store::{Backend, Batch, Entry, Store, StoreError};
+use medfed_infra::store::{Backend, Batch, Store, StoreError};
 use medfed_protocol::hex;
 use medfed_protocol::lease::{Decision, Lease, LeaseRecord, LeaseTiming, Role};
 use tokio::sync::watch;
@@ -724,21 +724,26 @@ impl Store for HaStore {
         Ok(state.get(&bucket_key(ns, key)).cloned())
     }
 
-    fn scan(&self, ns: &str) -> Result<Vec<Entry>, StoreError> {
+    fn scan_each(
+        &self,
+        ns: &str,
+        each: &mut dyn FnMut(&[u8], &[u8]) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), StoreError> {
         self.check_active()?;
         let prefix = bucket_key(ns, b"");
         let state = self.ha.shared.state();
-        state
+        for (k, v) in state
             .range(prefix.clone()..)
             .take_while(|(k, _)| k.starts_with(&prefix))
-            .map(|(k, v)| {
-                hex::decode(&k[prefix.len()..])
-                    .map(|key| (key, v.clone()))
-                    .ok_or_else(|| {
-                        self.error(format!("key {k} is not hexadecimal after its namespace"))
-                    })
-            })
-            .collect()
+        {
+            let key = hex::decode(&k[prefix.len()..]).ok_or_else(|| {
+                self.error(format!("key {k} is not hexadecimal after its namespace"))
+            })?;
+            if each(&key, v).is_break() {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// One key per commit (the aggregator's commits are single writes): a batch of several

@@ -282,23 +282,20 @@ fn check_ingested(
             "fix [state] dir",
         );
     };
-    match crate::ingest::kept_records_with_ids(pipeline, &**open) {
-        Ok(records) if records.is_empty() => Finding::fail(
+    match crate::ingest::kept_table(pipeline, &**open, Path::new(stream)) {
+        Ok(table) if table.is_empty() => Finding::fail(
             "data",
             format!("dataset '{name}': pipeline '{stream}' has kept no records yet"),
             "run `medfed node ingest --config <this file>` (`medfed node run` ingests too), then see `medfed node status` for what was quarantined",
         ),
-        Ok(records) => {
-            let table = Table::from_records(Path::new(stream), &records);
-            Finding::ok(
-                "data",
-                format!(
-                    "dataset '{name}': {} de-identified records, {} columns (pipeline '{stream}')",
-                    table.len(),
-                    table.columns.len()
-                ),
-            )
-        }
+        Ok(table) => Finding::ok(
+            "data",
+            format!(
+                "dataset '{name}': {} de-identified records, {} columns (pipeline '{stream}')",
+                table.len(),
+                table.columns.len()
+            ),
+        ),
         Err(e) => Finding::fail(
             "data",
             format!("dataset '{name}': {e}"),

@@ -216,9 +216,8 @@ impl Node {
                             d.name
                         ))
                     })?;
-                    let rows = crate::ingest::kept_records_with_ids(&pipeline, &**store)
-                        .map_err(|e| NodeError::Store(e.to_string()))?
-                        .len();
+                    let rows = crate::ingest::kept_count(&pipeline, &**store)
+                        .map_err(|e| NodeError::Store(e.to_string()))?;
                     info!(dataset = %d.name, rows, pipeline = %stream, "dataset: the pipeline's de-identified records (read again for each study)");
                     Dataset::Ingested(Box::new(pipeline))
                 }
@@ -1116,10 +1115,10 @@ impl Node {
                     .store
                     .as_ref()
                     .ok_or_else(|| format!("dataset '{name}': the node's store is not open"))?;
-                let records = crate::ingest::kept_records_with_ids(pipeline, &**store)
-                    .map_err(|e| format!("dataset '{name}': {e}"))?;
                 let source = PathBuf::from(format!("ingest pipeline '{}'", pipeline.stream));
-                Ok(Some(Arc::new(Table::from_records(&source, &records))))
+                let table = crate::ingest::kept_table(pipeline, &**store, &source)
+                    .map_err(|e| format!("dataset '{name}': {e}"))?;
+                Ok(Some(Arc::new(table)))
             }
         }
     }

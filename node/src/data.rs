@@ -194,32 +194,11 @@ impl Table {
     /// stable ids): one column per field any record has, in name order; numbers as text,
     /// missing values empty. `source` names it in errors.
     pub fn from_records(source: &Path, records: &[(u32, crate::deid::Record)]) -> Table {
-        let columns: Vec<String> = records
-            .iter()
-            .flat_map(|(_, r)| r.names())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .map(str::to_string)
-            .collect();
-        let rows = records
-            .iter()
-            .map(|(_, r)| {
-                columns
-                    .iter()
-                    .map(|c| match r.get(c) {
-                        Some(crate::deid::Value::Number(x)) => x.to_string(),
-                        Some(crate::deid::Value::Text(t)) => t.to_string(),
-                        Some(crate::deid::Value::Missing) | None => String::new(),
-                    })
-                    .collect::<csv::StringRecord>()
-            })
-            .collect();
-        Table {
-            path: source.to_path_buf(),
-            columns,
-            rows,
-            ids: Some(records.iter().map(|(id, _)| *id).collect()),
+        let mut table = TableBuilder::new(source);
+        for (id, r) in records {
+            table.push(*id, r);
         }
+        table.finish()
     }
 
     /// What kind of source the rows come from, for comparing row ids: "a CSV file" (ids
@@ -815,6 +794,123 @@ impl StudyData {
     /// Count, sums and sums of squares of the training rows' features.
     pub fn feature_stats(&self) -> FeatureStats {
         FeatureStats::from_rows(self.x_train.view())
+    }
+}
+
+/// Builds a [`Table`] of de-identified records one record at a time, so that a dataset
+/// read from the store never holds its records and its table at once ([`Table::from_records`]
+/// for records already in memory).
+#[derive(Debug)]
+pub struct TableBuilder {
+    source: PathBuf,
+    /// Column names in the order first seen, and where each is.
+    columns: Vec<String>,
+    index: std::collections::HashMap<String, usize>,
+    rows: Vec<csv::StringRecord>,
+    ids: Vec<u32>,
+    /// A row's values by column (reused).
+    values: Vec<Option<crate::deid::Value>>,
+    /// A number's text (reused).
+    number: String,
+}
+
+impl TableBuilder {
+    /// An empty table; `source` names it in errors.
+    pub fn new(source: &Path) -> TableBuilder {
+        TableBuilder {
+            source: source.to_path_buf(),
+            columns: Vec::new(),
+            index: std::collections::HashMap::new(),
+            rows: Vec::new(),
+            ids: Vec::new(),
+            values: Vec::new(),
+            number: String::new(),
+        }
+    }
+
+    /// Rows so far.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether no row was added.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Adds `record` as a row with id `id` (a field no earlier record had is a new column,
+    /// empty in the earlier rows).
+    pub fn push(&mut self, id: u32, record: &crate::deid::Record) {
+        use crate::deid::Value;
+        use std::fmt::Write as _;
+        self.values.clear();
+        self.values.resize(self.columns.len(), None);
+        for (name, value) in record.iter() {
+            let at = match self.index.get(name) {
+                Some(&at) => at,
+                None => {
+                    self.index.insert(name.to_string(), self.columns.len());
+                    self.columns.push(name.to_string());
+                    self.values.push(None);
+                    self.columns.len() - 1
+                }
+            };
+            self.values[at] = Some(value.clone());
+        }
+        let bytes: usize = self
+            .values
+            .iter()
+            .map(|v| match v {
+                Some(Value::Text(t)) => t.len(),
+                Some(Value::Number(_)) => 24,
+                _ => 0,
+            })
+            .sum();
+        let mut row = csv::StringRecord::with_capacity(bytes, self.values.len());
+        for v in &self.values {
+            match v {
+                Some(Value::Number(x)) => {
+                    self.number.clear();
+                    // Writing to a String cannot fail.
+                    write!(self.number, "{x}").unwrap_or_default();
+                    row.push_field(&self.number);
+                }
+                Some(Value::Text(t)) => row.push_field(t),
+                Some(Value::Missing) | None => row.push_field(""),
+            }
+        }
+        self.rows.push(row);
+        self.ids.push(id);
+    }
+
+    /// The table: its columns in name order, every row as wide as the header.
+    pub fn finish(self) -> Table {
+        let TableBuilder {
+            source,
+            columns,
+            mut rows,
+            ids,
+            ..
+        } = self;
+        let mut order: Vec<usize> = (0..columns.len()).collect();
+        order.sort_by(|&a, &b| columns[a].cmp(&columns[b]));
+        let in_order = order.iter().enumerate().all(|(i, &c)| i == c);
+        if !in_order || rows.iter().any(|r| r.len() < columns.len()) {
+            for row in &mut rows {
+                let mut sorted =
+                    csv::StringRecord::with_capacity(row.as_slice().len(), order.len());
+                for &c in &order {
+                    sorted.push_field(row.get(c).unwrap_or(""));
+                }
+                *row = sorted;
+            }
+        }
+        Table {
+            path: source,
+            columns: order.iter().map(|&c| columns[c].clone()).collect(),
+            rows,
+            ids: Some(ids),
+        }
     }
 }
 

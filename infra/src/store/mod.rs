@@ -179,7 +179,22 @@ pub trait Store: Send + Sync {
     /// The value of `key` in namespace `ns`.
     fn get(&self, ns: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every (key, value) of namespace `ns`, in key order.
-    fn scan(&self, ns: &str) -> Result<Vec<Entry>, StoreError>;
+    fn scan(&self, ns: &str) -> Result<Vec<Entry>, StoreError> {
+        let mut entries = Vec::new();
+        self.scan_each(ns, &mut |k, v| {
+            entries.push((k.to_vec(), v.to_vec()));
+            std::ops::ControlFlow::Continue(())
+        })?;
+        Ok(entries)
+    }
+    /// Hands every (key, value) of namespace `ns` to `each`, in key order, one at a time
+    /// (nothing is collected: a namespace larger than memory can be read), until `each`
+    /// breaks. The redb backend reads one snapshot.
+    fn scan_each(
+        &self,
+        ns: &str,
+        each: &mut dyn FnMut(&[u8], &[u8]) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), StoreError>;
     /// Applies `batch` atomically and durably (fsynced before returning).
     fn commit(&self, batch: Batch) -> Result<(), StoreError>;
 }
@@ -195,8 +210,8 @@ pub fn open(backend: Backend, path: &Path) -> Result<Box<dyn Store>, StoreError>
     }
 }
 
-fn strip_ns(ns: &str, full: &[u8]) -> Vec<u8> {
-    full[ns.len() + 1..].to_vec()
+fn strip_ns<'a>(ns: &str, full: &'a [u8]) -> &'a [u8] {
+    full.get(ns.len() + 1..).unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{ReadableDatabase, TableDefinition};
 
-use super::{Backend, Batch, Entry, Store, StoreError, full_key, strip_ns};
+use super::{Backend, Batch, Store, StoreError, full_key, strip_ns};
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 
@@ -86,7 +86,11 @@ impl Store for RedbStore {
             .map(|v| v.value().to_vec()))
     }
 
-    fn scan(&self, ns: &str) -> Result<Vec<Entry>, StoreError> {
+    fn scan_each(
+        &self,
+        ns: &str,
+        each: &mut dyn FnMut(&[u8], &[u8]) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), StoreError> {
         let start = full_key(ns, b"")?;
         // The namespace's keys are those between "ns\0" and "ns\x01".
         let mut end = ns.as_bytes().to_vec();
@@ -96,12 +100,13 @@ impl Store for RedbStore {
         let range = table
             .range(start.as_slice()..end.as_slice())
             .map_err(|e| err(&self.path, e))?;
-        range
-            .map(|r| {
-                r.map(|(k, v)| (strip_ns(ns, k.value()), v.value().to_vec()))
-                    .map_err(|e| err(&self.path, e))
-            })
-            .collect()
+        for entry in range {
+            let (k, v) = entry.map_err(|e| err(&self.path, e))?;
+            if each(strip_ns(ns, k.value()), v.value()).is_break() {
+                break;
+            }
+        }
+        Ok(())
     }
 
     fn commit(&self, batch: Batch) -> Result<(), StoreError> {

@@ -497,3 +497,85 @@ fn a_column_imputed_from_other_patients_is_not_released_with_noise_that_cannot_c
 struct FieldList {
     field: Vec<crate::deid::FieldSpec>,
 }
+
+#[test]
+fn a_dataset_read_a_segment_at_a_time_is_the_table_of_all_its_records() {
+    use crate::data::Table;
+    use crate::ingest::{RECORDS_STREAM, kept_count, kept_records_with_ids, kept_table};
+    use crate::runtime::record::{chunk_value, encode_segment, segment_chunks};
+    let dir = tempfile::tempdir().unwrap();
+    let store = store::open(Backend::DEFAULT, &dir.path().join("state")).unwrap();
+    let cfg: IngestConfig = toml::from_str(
+        "stream = \"adm\"\ncsv = \"adm.csv\"\ncolumns = []\npartition_by = \"mrn\"\npartitions = 2\n",
+    )
+    .unwrap();
+    let record = |i: usize, extra: bool| {
+        let mut r = Record::default();
+        r.set("glu", Value::Number(90.0 + i as f64 / 8.0));
+        r.set(PATIENT, Value::Text(format!("p-{i:032x}").into()));
+        if i % 7 == 0 {
+            r.set("bmi", Value::Missing);
+        }
+        // A field the later records have and the earlier ones lack (a pipeline whose
+        // configuration grew): a new column, empty in the earlier rows.
+        if extra {
+            r.set("aaa", Value::Text("new".into()));
+        }
+        r
+    };
+    // Partition 0: a small segment, then one large enough to be stored in chunks; partition
+    // 1: a segment whose records have one more field.
+    let segments: [(u32, Vec<Record>); 3] = [
+        (0, (0..10).map(|i| record(i, false)).collect()),
+        (0, (10..4000).map(|i| record(i, false)).collect()),
+        (1, (0..25).map(|i| record(i, true)).collect()),
+    ];
+    let mut batch = store::Batch::default();
+    for (k, (p, records)) in segments.iter().enumerate() {
+        let ns = format!("output/{RECORDS_STREAM}/adm/{p}");
+        let bytes = encode_segment(records);
+        let chunks = segment_chunks(&bytes);
+        for (c, chunk) in chunks.iter().enumerate() {
+            let mut key = (k as u64).to_be_bytes().to_vec();
+            if c > 0 {
+                key.extend_from_slice(&(c as u32).to_be_bytes());
+            }
+            batch.put(&ns, &key, &chunk_value(c, chunk)).unwrap();
+        }
+        if k == 1 {
+            assert!(chunks.len() > 1, "the large segment is chunked");
+        }
+    }
+    store.commit(batch).unwrap();
+
+    let all = kept_records_with_ids(&cfg, &*store).unwrap();
+    assert_eq!(all.len(), 4025);
+    assert_eq!(kept_count(&cfg, &*store).unwrap(), 4025);
+    assert_eq!(all[3999].0, 3999);
+    assert_eq!(all[4000].0, 1 << 24, "partition 1's first record");
+    let source = std::path::Path::new("adm");
+    let streamed = kept_table(&cfg, &*store, source).unwrap();
+    let whole = Table::from_records(source, &all);
+    assert_eq!(streamed.columns, ["aaa", "bmi", "glu", PATIENT]);
+    assert_eq!(streamed.columns, whole.columns);
+    assert_eq!(streamed.len(), whole.len());
+    for row in 0..streamed.len() {
+        assert_eq!(streamed.row_id(row), whole.row_id(row));
+        for c in 0..streamed.columns.len() {
+            assert_eq!(streamed.cell(row, c), whole.cell(row, c), "row {row}, column {c}");
+        }
+    }
+    assert_eq!(streamed.cell(0, 0), "", "an earlier row lacks the later column");
+    assert_eq!(streamed.cell(4000, 0), "new");
+    assert_eq!(streamed.cell(1, 2), "90.125");
+
+    // A lost chunk is an error that names the partition, not a shorter table.
+    let ns = format!("output/{RECORDS_STREAM}/adm/0");
+    let mut lose = store::Batch::default();
+    let mut key = 1u64.to_be_bytes().to_vec();
+    key.extend_from_slice(&1u32.to_be_bytes());
+    lose.delete(&ns, &key).unwrap();
+    store.commit(lose).unwrap();
+    let e = kept_table(&cfg, &*store, source).unwrap_err().to_string();
+    assert!(e.contains("partition 0's kept records"), "{e}");
+}

@@ -763,10 +763,12 @@ pub fn kept_records(
     cfg: &IngestConfig,
     store: &dyn Store,
 ) -> Result<Vec<crate::deid::Record>, IngestError> {
-    Ok(kept_by_partition(cfg, store)?
-        .into_iter()
-        .flat_map(|(_, records)| records)
-        .collect())
+    let mut out = Vec::new();
+    for_each_kept(cfg, store, &mut |_, records| {
+        out.extend(records);
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// Records per partition a stable id can tell apart (2^24).
@@ -780,25 +782,82 @@ pub fn kept_records_with_ids(
     store: &dyn Store,
 ) -> Result<Vec<(u32, crate::deid::Record)>, IngestError> {
     let mut out = Vec::new();
-    for (p, records) in kept_by_partition(cfg, store)? {
-        if p > 255 || records.len() > RECORDS_PER_PARTITION as usize {
+    for_each_kept_with_ids(cfg, store, &mut |id, record| out.push((id, record)))?;
+    Ok(out)
+}
+
+/// The kept records as a dataset's table ([`Table::from_records`] of
+/// [`kept_records_with_ids`]), read a segment at a time: the records are never all in
+/// memory beside the table. `source` names the table in errors.
+pub fn kept_table(
+    cfg: &IngestConfig,
+    store: &dyn Store,
+    source: &std::path::Path,
+) -> Result<crate::data::Table, IngestError> {
+    let mut table = crate::data::TableBuilder::new(source);
+    for_each_kept_with_ids(cfg, store, &mut |id, record| table.push(id, &record))?;
+    Ok(table.finish())
+}
+
+/// How many records a pipeline has kept, counted from the stored segments' headers
+/// without decoding them.
+pub fn kept_count(cfg: &IngestConfig, store: &dyn Store) -> Result<usize, IngestError> {
+    let fail = |detail: String| IngestError {
+        stream: cfg.stream.clone(),
+        detail,
+    };
+    let mut n = 0;
+    for (p, _) in parts(cfg).map_err(fail)? {
+        let ns = format!("output/{RECORDS_STREAM}/{}/{p}", cfg.stream);
+        store
+            .scan_each(&ns, &mut |_, v| {
+                n += crate::runtime::record::records_begun(v);
+                std::ops::ControlFlow::Continue(())
+            })
+            .map_err(|e| fail(e.to_string()))?;
+    }
+    Ok(n)
+}
+
+/// Hands each kept record, with its stable id ([`kept_records_with_ids`]), to `each`.
+fn for_each_kept_with_ids(
+    cfg: &IngestConfig,
+    store: &dyn Store,
+    each: &mut dyn FnMut(u32, crate::deid::Record),
+) -> Result<(), IngestError> {
+    let mut place: Option<(u32, u32)> = None;
+    for_each_kept(cfg, store, &mut |p, records| {
+        let at = match place {
+            Some((q, at)) if q == p => at,
+            _ => 0,
+        };
+        let after = u32::try_from(records.len())
+            .ok()
+            .and_then(|n| at.checked_add(n))
+            .filter(|&n| n <= RECORDS_PER_PARTITION);
+        let too_many = match after {
+            _ if p > 255 => Some(format!("it has a partition {p}")),
+            None => Some(format!(
+                "partition {p} holds at least {} records",
+                u64::from(at) + records.len() as u64
+            )),
+            Some(_) => None,
+        };
+        if let Some(why) = too_many {
             return Err(IngestError {
                 stream: cfg.stream.clone(),
                 detail: format!(
-                    "partition {p} holds {} records: a dataset reads at most 256 partitions of \
-                     {RECORDS_PER_PARTITION} records",
-                    records.len()
+                    "{why}: a dataset reads at most 256 partitions of {RECORDS_PER_PARTITION} records"
                 ),
             });
         }
-        out.extend(
-            records
-                .into_iter()
-                .enumerate()
-                .map(|(i, r)| (p * RECORDS_PER_PARTITION + i as u32, r)),
-        );
-    }
-    Ok(out)
+        let after = after.unwrap_or(at);
+        for (i, r) in records.into_iter().enumerate() {
+            each(p * RECORDS_PER_PARTITION + at + i as u32, r);
+        }
+        place = Some((p, after));
+        Ok(())
+    })
 }
 
 /// The alerts a pipeline raised (`[[ingest.alert]]`, `[[ingest.score]]`), partition by
@@ -824,27 +883,45 @@ pub fn alerts(
     Ok(out)
 }
 
-/// Each partition's kept records, in input order.
-fn kept_by_partition(
+/// Hands each partition's kept records to `each`, partition by partition in input order,
+/// a stored segment at a time: never all of them at once (a dataset of tens of millions
+/// of records would not fit in memory).
+fn for_each_kept(
     cfg: &IngestConfig,
     store: &dyn Store,
-) -> Result<Vec<(u32, Vec<crate::deid::Record>)>, IngestError> {
+    each: &mut dyn FnMut(u32, Vec<crate::deid::Record>) -> Result<(), IngestError>,
+) -> Result<(), IngestError> {
     let fail = |detail: String| IngestError {
         stream: cfg.stream.clone(),
         detail,
     };
-    parts(cfg)
-        .map_err(fail)?
-        .into_iter()
-        .map(|(p, _)| {
-            let ns = format!("output/{RECORDS_STREAM}/{}/{p}", cfg.stream);
-            let values = store.scan(&ns).map_err(|e| fail(e.to_string()))?;
-            let records =
-                crate::runtime::record::decode_chunked(values.iter().map(|(_, v)| v.as_slice()))
-                    .map_err(|e| fail(format!("partition {p}'s kept records: {e}")))?;
-            Ok((p, records))
-        })
-        .collect()
+    for (p, _) in parts(cfg).map_err(fail)? {
+        let ns = format!("output/{RECORDS_STREAM}/{}/{p}", cfg.stream);
+        let mut decoder = crate::runtime::record::ChunkedDecoder::default();
+        let mut failed = None;
+        let mut take = |records: Result<Vec<crate::deid::Record>, String>| {
+            records
+                .map_err(|e| fail(format!("partition {p}'s kept records: {e}")))
+                .and_then(|records| match records.is_empty() {
+                    true => Ok(()),
+                    false => each(p, records),
+                })
+        };
+        store
+            .scan_each(&ns, &mut |_, v| match take(decoder.push(v)) {
+                Ok(()) => std::ops::ControlFlow::Continue(()),
+                Err(e) => {
+                    failed = Some(e);
+                    std::ops::ControlFlow::Break(())
+                }
+            })
+            .map_err(|e| fail(e.to_string()))?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        take(decoder.finish())?;
+    }
+    Ok(())
 }
 
 /// Opens the node's store, creating the state directory (mode 0700) if needed.

@@ -910,29 +910,71 @@ pub fn chunk_value(i: usize, chunk: &[u8]) -> Vec<u8> {
 pub fn decode_chunked<'a>(
     values: impl IntoIterator<Item = &'a [u8]>,
 ) -> Result<Vec<Record>, String> {
+    let mut decoder = ChunkedDecoder::default();
     let mut records = Vec::new();
-    let mut pending: Option<Vec<u8>> = None;
-    for (i, v) in values.into_iter().enumerate() {
-        if let Some(rest) = v.strip_prefix(CHUNK_MAGIC) {
-            pending
+    for v in values {
+        records.extend(decoder.push(v)?);
+    }
+    records.extend(decoder.finish()?);
+    Ok(records)
+}
+
+/// [`decode_chunked`] one stored value at a time, for reading an output stream without
+/// holding it whole: each value gives the records it completes (those of the segment
+/// before it, once a new one begins), [`ChunkedDecoder::finish`] the last segment's.
+#[derive(Debug, Default)]
+pub struct ChunkedDecoder {
+    /// The segment being put back together from its chunks.
+    pending: Option<Vec<u8>>,
+    /// Values seen, to name one in errors.
+    values: usize,
+}
+
+impl ChunkedDecoder {
+    /// Takes the next value in key order.
+    pub fn push(&mut self, value: &[u8]) -> Result<Vec<Record>, String> {
+        let i = self.values;
+        self.values += 1;
+        if let Some(rest) = value.strip_prefix(CHUNK_MAGIC) {
+            self.pending
                 .as_mut()
                 .ok_or_else(|| format!("value {i}: a chunk of a segment with no beginning"))?
                 .extend_from_slice(rest);
-            continue;
+            return Ok(Vec::new());
         }
-        if let Some(segment) = pending.take() {
-            records.extend(decode_segment(&segment)?);
-        }
-        if is_segment(v) {
-            pending = Some(v.to_vec());
+        let mut records = self.finish()?;
+        if is_segment(value) {
+            self.pending = Some(value.to_vec());
         } else {
-            records.extend(decode_stored(v).map_err(|e| format!("value {i}: {e}"))?);
+            records.extend(decode_stored(value).map_err(|e| format!("value {i}: {e}"))?);
+        }
+        Ok(records)
+    }
+
+    /// The records of the segment still being put together, if any.
+    pub fn finish(&mut self) -> Result<Vec<Record>, String> {
+        match self.pending.take() {
+            Some(segment) => decode_segment(&segment),
+            None => Ok(Vec::new()),
         }
     }
-    if let Some(segment) = pending {
-        records.extend(decode_segment(&segment)?);
+}
+
+/// How many records a stored value begins, read from its header without decoding it: a
+/// segment's count, 1 for a single record, 0 for a later chunk of a segment. (What
+/// decoding would find wrong with the value is left to decoding.)
+pub fn records_begun(value: &[u8]) -> usize {
+    if value.starts_with(CHUNK_MAGIC) {
+        return 0;
     }
-    Ok(records)
+    if !is_segment(value) {
+        return 1;
+    }
+    let mut r = Reader {
+        bytes: value,
+        at: SEGMENT_MAGIC.len(),
+    };
+    r.count(MAX_SEGMENT_RECORDS).unwrap_or(0)
 }
 
 #[cfg(test)]
