@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use medfed_node::deid::pseudonym::{Keystore, Pseudonymizer};
-use medfed_node::deid::report::k_anonymity;
+use medfed_node::deid::report::ClassCounter;
 
 #[derive(clap::Args)]
 pub struct InitArgs {
@@ -194,11 +194,9 @@ pub fn privacy_report(args: PrivacyReportArgs) -> anyhow::Result<()> {
             .filter(|f| f.quasi_identifier)
             .map(|f| f.name.clone())
             .collect();
-        let records = medfed_node::ingest::kept_records(ing, &*store)?;
-        reports.push((
-            ing.stream.clone(),
-            k_anonymity(records, &quasi, args.threshold),
-        ));
+        let mut classes = ClassCounter::new(&quasi);
+        medfed_node::ingest::for_each_kept_record(ing, &*store, &mut |r| classes.add(&r))?;
+        reports.push((ing.stream.clone(), classes.report(args.threshold)));
     }
     if reports.is_empty() {
         anyhow::bail!(

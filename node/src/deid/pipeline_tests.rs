@@ -562,10 +562,18 @@ fn a_dataset_read_a_segment_at_a_time_is_the_table_of_all_its_records() {
     for row in 0..streamed.len() {
         assert_eq!(streamed.row_id(row), whole.row_id(row));
         for c in 0..streamed.columns.len() {
-            assert_eq!(streamed.cell(row, c), whole.cell(row, c), "row {row}, column {c}");
+            assert_eq!(
+                streamed.cell(row, c),
+                whole.cell(row, c),
+                "row {row}, column {c}"
+            );
         }
     }
-    assert_eq!(streamed.cell(0, 0), "", "an earlier row lacks the later column");
+    assert_eq!(
+        streamed.cell(0, 0),
+        "",
+        "an earlier row lacks the later column"
+    );
     assert_eq!(streamed.cell(4000, 0), "new");
     assert_eq!(streamed.cell(1, 2), "90.125");
 

@@ -38,26 +38,56 @@ pub fn k_anonymity(
     quasi: &[String],
     threshold: u64,
 ) -> PrivacyReport {
-    let mut classes: BTreeMap<Vec<String>, u64> = BTreeMap::new();
-    let mut n = 0u64;
+    let mut counter = ClassCounter::new(quasi);
     for r in records {
-        n += 1;
-        let key = quasi.iter().map(|q| key_part(r.get(q))).collect();
-        *classes.entry(key).or_default() += 1;
+        counter.add(&r);
     }
-    let below: Vec<u64> = classes
-        .values()
-        .copied()
-        .filter(|c| *c < threshold)
-        .collect();
-    PrivacyReport {
-        quasi_identifiers: quasi.to_vec(),
-        records: n,
-        classes: classes.len() as u64,
-        k: classes.values().copied().min().unwrap_or(0),
-        threshold,
-        classes_below: below.len() as u64,
-        records_below: below.iter().sum(),
+    counter.report(threshold)
+}
+
+/// [`k_anonymity`] one record at a time, for records read from the store a segment at a
+/// time: only the equivalence classes are held.
+#[derive(Debug)]
+pub struct ClassCounter {
+    quasi: Vec<String>,
+    classes: BTreeMap<Vec<String>, u64>,
+    records: u64,
+}
+
+impl ClassCounter {
+    /// Counts the classes of the quasi-identifiers `quasi`.
+    pub fn new(quasi: &[String]) -> ClassCounter {
+        ClassCounter {
+            quasi: quasi.to_vec(),
+            classes: BTreeMap::new(),
+            records: 0,
+        }
+    }
+
+    /// Counts `record` in its class.
+    pub fn add(&mut self, record: &Record) {
+        self.records += 1;
+        let key = self.quasi.iter().map(|q| key_part(record.get(q))).collect();
+        *self.classes.entry(key).or_default() += 1;
+    }
+
+    /// The report, classes under `threshold` records counted as below it.
+    pub fn report(self, threshold: u64) -> PrivacyReport {
+        let below: Vec<u64> = self
+            .classes
+            .values()
+            .copied()
+            .filter(|c| *c < threshold)
+            .collect();
+        PrivacyReport {
+            classes: self.classes.len() as u64,
+            k: self.classes.values().copied().min().unwrap_or(0),
+            quasi_identifiers: self.quasi,
+            records: self.records,
+            threshold,
+            classes_below: below.len() as u64,
+            records_below: below.iter().sum(),
+        }
     }
 }
 

@@ -771,6 +771,19 @@ pub fn kept_records(
     Ok(out)
 }
 
+/// Hands the de-identified records a pipeline has kept to `each`, in input order, read
+/// from the store a segment at a time ([`kept_records`] without holding them all).
+pub fn for_each_kept_record(
+    cfg: &IngestConfig,
+    store: &dyn Store,
+    each: &mut dyn FnMut(crate::deid::Record),
+) -> Result<(), IngestError> {
+    for_each_kept(cfg, store, &mut |_, records| {
+        records.into_iter().for_each(&mut *each);
+        Ok(())
+    })
+}
+
 /// Records per partition a stable id can tell apart (2^24).
 const RECORDS_PER_PARTITION: u32 = 1 << 24;
 
