@@ -281,7 +281,7 @@ pub fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
         let partitions: Vec<_> = rows
             .iter()
             .map(|r| {
-                serde_json::json!({"stream": r.stream, "partition": r.partition, "offset": r.offset, "lag": r.lag,
+                serde_json::json!({"stream": r.stream, "partition": r.partition, "offset": r.offset, "lag": r.lag, "lag_unknown": r.lag_unknown,
                     "processed": r.processed, "quarantined": r.quarantined, "last_checkpoint_ms": r.last_checkpoint_ms,
                     "last_run": r.timing.map(|t| serde_json::json!({"records": t.records,
                         "waiting_for_input_us": t.wait_us, "in_tasks_us": t.work_us, "committing_us": t.commit_us}))})
@@ -329,6 +329,13 @@ pub fn status(config: PathBuf, json: bool) -> anyhow::Result<()> {
         println!(
             "{:<16} {:>9} {:>10} {:>8} {:>11} {:>12}  {last}",
             r.stream, r.partition, r.offset, lag, r.processed, r.quarantined
+        );
+    }
+    for r in rows.iter().filter(|r| r.lag_unknown.is_some()) {
+        let why = r.lag_unknown.as_deref().unwrap_or_default();
+        eprintln!(
+            "warning: {} partition {}: the lag is unknown: {why}",
+            r.stream, r.partition
         );
     }
     print_timings(&rows);

@@ -341,6 +341,31 @@ fn a_wrong_omop_mapping_or_database_is_an_error_naming_it() {
         !passed && checked.contains("LOINC code 9999-9 is not in"),
         "{checked}"
     );
+    // `node status` still reports the pipeline; its lag is unknown, and it says why.
+    let out = medfed(&[
+        "node",
+        "status",
+        "--config",
+        d.join("bad.toml").to_str().unwrap(),
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("omop"))
+        .unwrap_or_default();
+    assert_eq!(
+        line.split_whitespace().nth(3),
+        Some("-"),
+        "the lag column: {stdout}"
+    );
+    assert!(
+        stderr.contains("the lag is unknown") && stderr.contains("LOINC code 9999-9 is not in"),
+        "{stderr}"
+    );
     // A concept that is not standard, of another domain than its table's, or unknown:
     // each would leave the column silently empty.
     pg.execute(
@@ -590,6 +615,13 @@ fn every_person_is_kept_exactly_once_across_kills() {
             (got.len(), processed as usize),
             (below, below),
             "checkpoint at key {offset}"
+        );
+        // `node status` counts the persons still to read in the database.
+        let status = medfed_node::ingest::status(&node.ingests, &*store).unwrap();
+        assert_eq!(
+            status[0].lag,
+            Some((keys.len() - below) as u64),
+            "lag at key {offset}"
         );
         assert!(
             got[..] == want[..got.len()],

@@ -20,8 +20,12 @@ pub struct PartitionStatus {
     pub processed: u64,
     /// Records quarantined.
     pub quarantined: u64,
-    /// Rows not yet processed, when the source can tell (CSV files).
+    /// Records not yet processed, when the source can tell: rows of an unpartitioned CSV
+    /// file, persons of an OMOP database (counted in it by `medfed node status`).
     pub lag: Option<u64>,
+    /// Why the lag is unknown, where the source could have told it (its database could
+    /// not be asked).
+    pub lag_unknown: Option<String>,
     /// When it last checkpointed (ms since the UNIX epoch), if ever.
     pub last_checkpoint_ms: Option<u64>,
     /// Where its last run's time went, as of its last checkpoint.
@@ -48,12 +52,20 @@ pub fn status(
                 .map_err(|e| fail(e.to_string()))?
                 .and_then(|v| v.try_into().ok())
                 .map(u64::from_be_bytes);
+            let mut lag_unknown = None;
             let lag = match &part {
                 Part::Csv { path, opts } if opts.partitioning == Partitioning::Whole => {
                     count_lines(path)
                         .ok()
                         .map(|n| n.saturating_sub(1).saturating_sub(offset))
                 }
+                Part::Omop(omop) => match crate::runtime::omop_source::remaining(omop, offset) {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        lag_unknown = Some(e.to_string());
+                        None
+                    }
+                },
                 _ => None,
             };
             out.push(PartitionStatus {
@@ -63,6 +75,7 @@ pub fn status(
                 processed,
                 quarantined,
                 lag,
+                lag_unknown,
                 last_checkpoint_ms: last,
                 timing: Timing::load(store, &cfg.stream, p).map_err(|e| fail(e.to_string()))?,
             });

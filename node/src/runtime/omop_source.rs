@@ -1146,26 +1146,67 @@ impl Drop for EndGuard {
 /// (callable from inside or outside a runtime): what `medfed node check` reports. Returns
 /// the persons and the columns whose concepts have no rows.
 pub fn probe(cfg: &OmopConfig) -> Result<(u64, Vec<String>), OmopError> {
-    let cfg = cfg.clone();
-    let target = cfg.target();
-    let failed = |detail: &str| OmopError {
-        target: target.clone(),
-        step: "check".into(),
-        detail: detail.into(),
-        transient: false,
-    };
-    on_own_runtime("omop-check".into(), target.clone(), move || {
+    on_own_connection("omop-check", "check", cfg, |mut source| {
         Box::pin(async move {
-            let mut source = Source::connect(cfg).await?;
             let (n, _) = source.count_below(i64::MAX).await?;
             source.page(0, 1).await?;
             let empty = source.empty_columns().await?;
             Ok((u64::try_from(n).unwrap_or(0), empty))
         })
+    })
+}
+
+/// How many persons have a key of `from` or more: what a pipeline whose checkpoint is at
+/// `from` has still to read (`medfed node status`'s lag). Connects as [`probe`] does.
+pub fn remaining(cfg: &OmopConfig, from: u64) -> Result<u64, OmopError> {
+    on_own_connection(
+        "omop-status",
+        "count the persons still to read",
+        cfg,
+        move |source| {
+            Box::pin(async move {
+                let person = source.table(OmopTable::Person);
+                let from = i64::try_from(from).unwrap_or(i64::MAX);
+                let row = source
+                    .client
+                    .query_one(
+                        &format!("SELECT count(*)::int8 FROM {person} WHERE person_id >= $1::int8"),
+                        &[&from],
+                    )
+                    .await
+                    .map_err(|e| source.pg_fail(format!("count the persons in {person}"), &e))?;
+                let n: i64 = value(&row, 0, || "count".into())
+                    .map_err(|e| source.fail(format!("count the persons in {person}"), e))?;
+                Ok(u64::try_from(n).unwrap_or(0))
+            })
+        },
+    )
+}
+
+/// Connects as the pipeline would and runs `f` on the connection, on a thread of its own
+/// with its own runtime, waiting for it; `step` names what failed if the thread does.
+fn on_own_connection<T: Send + 'static>(
+    thread: &str,
+    step: &str,
+    cfg: &OmopConfig,
+    f: impl FnOnce(Source) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<T, OmopError>>>>
+    + Send
+    + 'static,
+) -> Result<T, OmopError> {
+    let cfg = cfg.clone();
+    let target = cfg.target();
+    let failed = |detail: &str| OmopError {
+        target: target.clone(),
+        step: step.into(),
+        detail: detail.into(),
+        transient: false,
+    };
+    on_own_runtime(thread.into(), target.clone(), move || {
+        Box::pin(async move { f(Source::connect(cfg).await?).await })
     })?
     .join()
-    .map_err(|_| failed("the check's thread panicked"))?
-    .ok_or_else(|| failed("the check's runtime did not start"))?
+    .map_err(|_| failed("its thread panicked"))?
+    .ok_or_else(|| failed("its runtime did not start"))?
 }
 
 /// Pages queued for the runner.
