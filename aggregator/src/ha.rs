@@ -731,15 +731,21 @@ impl Store for HaStore {
     ) -> Result<(), StoreError> {
         self.check_active()?;
         let prefix = bucket_key(ns, b"");
-        let state = self.ha.shared.state();
-        for (k, v) in state
+        // Copied out first: `each` runs without the shared state's lock (the bucket is
+        // small, the aggregator's own state).
+        let entries: Vec<(String, Vec<u8>)> = self
+            .ha
+            .shared
+            .state()
             .range(prefix.clone()..)
             .take_while(|(k, _)| k.starts_with(&prefix))
-        {
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for (k, v) in entries {
             let key = hex::decode(&k[prefix.len()..]).ok_or_else(|| {
                 self.error(format!("key {k} is not hexadecimal after its namespace"))
             })?;
-            if each(&key, v).is_break() {
+            if each(&key, &v).is_break() {
                 break;
             }
         }

@@ -189,7 +189,8 @@ pub trait Store: Send + Sync {
     }
     /// Hands every (key, value) of namespace `ns` to `each`, in key order, one at a time
     /// (nothing is collected: a namespace larger than memory can be read), until `each`
-    /// breaks. The redb backend reads one snapshot.
+    /// breaks. The redb backend reads one snapshot, held open for the whole visit (pages
+    /// freed by commits meanwhile are reused only after it).
     fn scan_each(
         &self,
         ns: &str,

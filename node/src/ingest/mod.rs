@@ -813,7 +813,8 @@ pub fn kept_table(
 }
 
 /// How many records a pipeline has kept, counted from the stored segments' headers
-/// without decoding them.
+/// without decoding them (a header that cannot be read is an error; the rest of a
+/// segment is checked when a study reads the dataset).
 pub fn kept_count(cfg: &IngestConfig, store: &dyn Store) -> Result<usize, IngestError> {
     let fail = |detail: String| IngestError {
         stream: cfg.stream.clone(),
@@ -822,12 +823,25 @@ pub fn kept_count(cfg: &IngestConfig, store: &dyn Store) -> Result<usize, Ingest
     let mut n = 0;
     for (p, _) in parts(cfg).map_err(fail)? {
         let ns = format!("output/{RECORDS_STREAM}/{}/{p}", cfg.stream);
+        let mut failed = None;
         store
-            .scan_each(&ns, &mut |_, v| {
-                n += crate::runtime::record::records_begun(v);
-                std::ops::ControlFlow::Continue(())
-            })
+            .scan_each(
+                &ns,
+                &mut |_, v| match crate::runtime::record::records_begun(v) {
+                    Ok(k) => {
+                        n += k;
+                        std::ops::ControlFlow::Continue(())
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        std::ops::ControlFlow::Break(())
+                    }
+                },
+            )
             .map_err(|e| fail(e.to_string()))?;
+        if let Some(e) = failed {
+            return Err(fail(format!("partition {p}'s kept records: {e}")));
+        }
     }
     Ok(n)
 }

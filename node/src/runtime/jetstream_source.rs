@@ -167,6 +167,10 @@ pub async fn subscribe(
         let mut max_seen = resume_from.saturating_sub(1);
         let mut last_new = Instant::now();
         let mut last_warned: Option<Instant> = None;
+        // What the server had still to deliver, its deliveries (redeliveries included) and
+        // the durable offset, at the last idle time that passed with messages left (reset
+        // by a new message).
+        let mut stalled: Option<(u64, u64, u64)> = None;
         while !runner_gone.load(Ordering::Relaxed) {
             let batch = match consumer
                 .fetch()
@@ -212,6 +216,7 @@ pub async fn subscribe(
                         });
                         max_seen = seq;
                         last_new = Instant::now();
+                        stalled = None;
                     }
                     // Kept (or refreshed, for a redelivery) until a checkpoint covers it.
                     a.pending.insert(seq, m);
@@ -229,9 +234,27 @@ pub async fn subscribe(
                     // fetches filled with redeliveries (a runner slower than `ack_wait`
                     // under load) are not the end of the stream, and ending there would
                     // report a bounded ingestion done with messages left unread.
+                    // Unless nothing at all moved since the last such check (no delivery,
+                    // not even a redelivery, and no checkpoint): then it ends, saying what
+                    // is left.
+                    let durable = acks.lock().map_or(0, |a| a.durable);
                     match consumer.get_info().await {
+                        Ok(info)
+                            if info.num_pending > 0
+                                && stalled
+                                    == Some((
+                                        info.num_pending,
+                                        info.delivered.consumer_sequence,
+                                        durable,
+                                    )) =>
+                        {
+                            tracing::warn!(stream = %name, partition, undelivered = info.num_pending, "JetStream: ending this bounded ingestion with messages the server has not delivered: no delivery, redelivery or checkpoint for an idle time; a new run goes on from the checkpoint");
+                            break;
+                        }
                         Ok(info) if info.num_pending > 0 => {
                             tracing::debug!(stream = %name, partition, undelivered = info.num_pending, "JetStream: idle time passed with messages still to fetch; going on");
+                            stalled =
+                                Some((info.num_pending, info.delivered.consumer_sequence, durable));
                             last_new = Instant::now();
                             continue;
                         }

@@ -960,21 +960,22 @@ impl ChunkedDecoder {
     }
 }
 
-/// How many records a stored value begins, read from its header without decoding it: a
-/// segment's count, 1 for a single record, 0 for a later chunk of a segment. (What
-/// decoding would find wrong with the value is left to decoding.)
-pub fn records_begun(value: &[u8]) -> usize {
+/// How many records a stored value begins, read from its header without decoding the
+/// rest: a segment's count, 1 for a single record, 0 for a later chunk of a segment. A
+/// segment whose count cannot be read is an error; what else decoding would find wrong
+/// with the value is left to decoding.
+pub fn records_begun(value: &[u8]) -> Result<usize, String> {
     if value.starts_with(CHUNK_MAGIC) {
-        return 0;
+        return Ok(0);
     }
     if !is_segment(value) {
-        return 1;
+        return Ok(1);
     }
     let mut r = Reader {
         bytes: value,
         at: SEGMENT_MAGIC.len(),
     };
-    r.count(MAX_SEGMENT_RECORDS).unwrap_or(0)
+    r.count(MAX_SEGMENT_RECORDS)
 }
 
 #[cfg(test)]
