@@ -207,6 +207,30 @@ fn two_workers_share_a_stream_and_every_record_counts_once_despite_a_kill() {
         let s = store::open(Backend::DEFAULT, &a_state).unwrap();
         (0..2).map(|p| restore(&*s, "test", p).unwrap().2).sum()
     };
+    // `node status`'s lag, asked of the server: the messages of each partition's subject
+    // at or after its checkpoint (message i is sequence i + 1, on partition i % 4).
+    let lags_are_right = |state: &std::path::Path| {
+        let cfg: medfed_node::ingest::IngestConfig = toml::from_str(&format!(
+            "stream = \"test\"\ncolumns = []\n[jetstream]\nurl = \"{url}\"\nstream = \"medfed\"\n\
+             subject_prefix = \"medfed.test\"\npartitions = {PARTITIONS}\n"
+        ))
+        .unwrap();
+        let s = store::open(Backend::DEFAULT, state).unwrap();
+        for row in medfed_node::ingest::status(std::slice::from_ref(&cfg), &*s).unwrap() {
+            let want = (0..RECORDS)
+                .filter(|i| i % u64::from(PARTITIONS) == u64::from(row.partition))
+                .filter(|i| i + 1 >= row.offset)
+                .count() as u64;
+            assert_eq!(
+                (row.lag, row.lag_unknown.as_deref()),
+                (Some(want), None),
+                "partition {} at offset {}",
+                row.partition,
+                row.offset
+            );
+        }
+    };
+    lags_are_right(&a_state);
     let mut a = worker(&a_state, "0,1");
     for (name, child) in [("a", &mut a), ("b", &mut b)] {
         let deadline = Instant::now() + Duration::from_secs(120);
@@ -238,4 +262,21 @@ fn two_workers_share_a_stream_and_every_record_counts_once_despite_a_kill() {
     );
     assert_eq!(count, RECORDS, "records counted");
     assert_eq!(sum, (0..RECORDS).sum::<u64>(), "sum of the records");
+    lags_are_right(&a_state);
+    lags_are_right(&b_state);
+    // A server that cannot be asked leaves the lag unknown, and says why.
+    let gone = crate::common::free_tcp_port();
+    let cfg: medfed_node::ingest::IngestConfig = toml::from_str(&format!(
+        "stream = \"test\"\ncolumns = []\n[jetstream]\nurl = \"nats://127.0.0.1:{gone}\"\n\
+         stream = \"medfed\"\nsubject_prefix = \"medfed.test\"\npartitions = 1\n"
+    ))
+    .unwrap();
+    let s = store::open(Backend::DEFAULT, &a_state).unwrap();
+    let rows = medfed_node::ingest::status(std::slice::from_ref(&cfg), &*s).unwrap();
+    assert_eq!(rows[0].lag, None);
+    let why = rows[0].lag_unknown.as_deref().unwrap_or_default();
+    assert!(
+        why.contains("JetStream connect") && why.contains(&gone.to_string()),
+        "{why}"
+    );
 }

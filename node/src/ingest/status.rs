@@ -21,7 +21,8 @@ pub struct PartitionStatus {
     /// Records quarantined.
     pub quarantined: u64,
     /// Records not yet processed, when the source can tell: rows of an unpartitioned CSV
-    /// file, persons of an OMOP database (counted in it by `medfed node status`).
+    /// file, persons of an OMOP database, messages of a JetStream partition (counted by
+    /// the database or the server when `medfed node status` asks).
     pub lag: Option<u64>,
     /// Why the lag is unknown, where the source could have told it (its database could
     /// not be asked).
@@ -60,6 +61,14 @@ pub fn status(
                         .map(|n| n.saturating_sub(1).saturating_sub(offset))
                 }
                 Part::Omop(omop) => match crate::runtime::omop_source::remaining(omop, offset) {
+                    Ok(n) => Some(n),
+                    Err(e) => {
+                        lag_unknown = Some(e.to_string());
+                        None
+                    }
+                },
+                #[cfg(feature = "jetstream")]
+                Part::Jet(jet) => match crate::runtime::jetstream_source::remaining(jet, offset) {
                     Ok(n) => Some(n),
                     Err(e) => {
                         lag_unknown = Some(e.to_string());

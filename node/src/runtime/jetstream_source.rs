@@ -81,6 +81,68 @@ pub struct JetStreamError {
     pub detail: String,
 }
 
+/// How many messages of the partition's subject have a stream sequence of `from` or more:
+/// what a pipeline whose checkpoint is at `from` has still to read (`medfed node status`'s
+/// lag). Asks the server through a consumer made for the question, which delivers nothing
+/// and is deleted after it; on a thread of its own, callable from inside or outside a
+/// runtime.
+pub fn remaining(p: &JetStreamPartition, from: u64) -> Result<u64, JetStreamError> {
+    let p = p.clone();
+    let fail = |what: &'static str, url: &str, detail: String| JetStreamError {
+        url: url.to_string(),
+        what,
+        detail,
+    };
+    let url = p.url.clone();
+    std::thread::Builder::new()
+        .name("jetstream-status".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| fail("runtime", &p.url, e.to_string()))?;
+            rt.block_on(async {
+                let client = async_nats::connect(&p.url)
+                    .await
+                    .map_err(|e| fail("connect", &p.url, e.to_string()))?;
+                let js = jetstream::new(client);
+                let stream = js
+                    .get_stream(&p.stream)
+                    .await
+                    .map_err(|e| fail("stream", &p.url, e.to_string()))?;
+                let deliver_policy = match from {
+                    0 | 1 => jetstream::consumer::DeliverPolicy::All,
+                    from => jetstream::consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: from,
+                    },
+                };
+                let mut consumer: jetstream::consumer::Consumer<pull::Config> = stream
+                    .create_consumer(pull::Config {
+                        filter_subject: p.subject.clone(),
+                        deliver_policy,
+                        ack_policy: AckPolicy::None,
+                        inactive_threshold: Duration::from_secs(30),
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| fail("consumer", &p.url, e.to_string()))?;
+                let info = consumer
+                    .info()
+                    .await
+                    .map_err(|e| fail("consumer info", &p.url, e.to_string()))?;
+                let (pending, name) = (info.num_pending, info.name.clone());
+                // Left to the server's inactivity threshold if this fails.
+                if let Err(e) = stream.delete_consumer(&name).await {
+                    tracing::debug!("JetStream: the status consumer {name} is left to expire: {e}");
+                }
+                Ok(pending)
+            })
+        })
+        .map_err(|e| fail("thread", &url, e.to_string()))?
+        .join()
+        .map_err(|_| fail("status", &url, "its thread panicked".into()))?
+}
+
 /// Connects, binds the durable consumer and starts fetching. Returns the envelopes and the
 /// sender on which the runner reports each durable checkpoint's offset (so the source can
 /// acknowledge the messages it covers).
