@@ -76,7 +76,7 @@ pub fn save_statistics(store: &dyn Store, id: &str, path: &std::path::Path) -> R
 
 #[cfg(test)]
 mod tests {
-    use medfed_infra::store::{Backend, Batch, StoreError};
+    use medfed_infra::store::{Backend, Batch, StoreError, Visitor};
 
     use super::*;
 
@@ -94,11 +94,7 @@ mod tests {
                 detail: "read error".into(),
             })
         }
-        fn scan_each(
-            &self,
-            _: &str,
-            _: &mut dyn FnMut(&[u8], &[u8]) -> std::ops::ControlFlow<()>,
-        ) -> Result<(), StoreError> {
+        fn scan_each(&self, _: &str, _: &mut Visitor<'_>) -> Result<(), StoreError> {
             Err(StoreError::Backend {
                 path: "state".into(),
                 backend: "test",

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishErrorKind};
 use futures_util::StreamExt;
-use medfed_infra::store::{Backend, Batch, Store, StoreError};
+use medfed_infra::store::{Backend, Batch, Store, StoreError, Visitor};
 use medfed_protocol::hex;
 use medfed_protocol::lease::{Decision, Lease, LeaseRecord, LeaseTiming, Role};
 use tokio::sync::watch;
@@ -724,11 +724,7 @@ impl Store for HaStore {
         Ok(state.get(&bucket_key(ns, key)).cloned())
     }
 
-    fn scan_each(
-        &self,
-        ns: &str,
-        each: &mut dyn FnMut(&[u8], &[u8]) -> std::ops::ControlFlow<()>,
-    ) -> Result<(), StoreError> {
+    fn scan_each(&self, ns: &str, each: &mut Visitor<'_>) -> Result<(), StoreError> {
         self.check_active()?;
         let prefix = bucket_key(ns, b"");
         // Copied out first: `each` runs without the shared state's lock (the bucket is

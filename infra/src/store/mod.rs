@@ -172,6 +172,9 @@ impl Batch {
     }
 }
 
+/// What [`Store::scan_each`] hands each (key, value) to; breaking stops the scan.
+pub type Visitor<'a> = dyn FnMut(&[u8], &[u8]) -> std::ops::ControlFlow<()> + 'a;
+
 /// A party's durable state.
 pub trait Store: Send + Sync {
     /// Which backend this is.
@@ -191,11 +194,7 @@ pub trait Store: Send + Sync {
     /// (nothing is collected: a namespace larger than memory can be read), until `each`
     /// breaks. The redb backend reads one snapshot, held open for the whole visit (pages
     /// freed by commits meanwhile are reused only after it).
-    fn scan_each(
-        &self,
-        ns: &str,
-        each: &mut dyn FnMut(&[u8], &[u8]) -> std::ops::ControlFlow<()>,
-    ) -> Result<(), StoreError>;
+    fn scan_each(&self, ns: &str, each: &mut Visitor<'_>) -> Result<(), StoreError>;
     /// Applies `batch` atomically and durably (fsynced before returning).
     fn commit(&self, batch: Batch) -> Result<(), StoreError>;
 }

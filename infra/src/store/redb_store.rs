@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use redb::{ReadableDatabase, TableDefinition};
 
-use super::{Backend, Batch, Store, StoreError, full_key, strip_ns};
+use super::{Backend, Batch, Store, StoreError, Visitor, full_key, strip_ns};
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 
@@ -86,11 +86,7 @@ impl Store for RedbStore {
             .map(|v| v.value().to_vec()))
     }
 
-    fn scan_each(
-        &self,
-        ns: &str,
-        each: &mut dyn FnMut(&[u8], &[u8]) -> std::ops::ControlFlow<()>,
-    ) -> Result<(), StoreError> {
+    fn scan_each(&self, ns: &str, each: &mut Visitor<'_>) -> Result<(), StoreError> {
         let start = full_key(ns, b"")?;
         // The namespace's keys are those between "ns\0" and "ns\x01".
         let mut end = ns.as_bytes().to_vec();

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{Backend, Batch, Store, StoreError, full_key, strip_ns};
+use super::{Backend, Batch, Store, StoreError, Visitor, full_key, strip_ns};
 
 pub struct SledStore {
     path: PathBuf,
@@ -46,11 +46,7 @@ impl Store for SledStore {
             .map(|v| v.to_vec()))
     }
 
-    fn scan_each(
-        &self,
-        ns: &str,
-        each: &mut dyn FnMut(&[u8], &[u8]) -> std::ops::ControlFlow<()>,
-    ) -> Result<(), StoreError> {
+    fn scan_each(&self, ns: &str, each: &mut Visitor<'_>) -> Result<(), StoreError> {
         for entry in self.db.scan_prefix(full_key(ns, b"")?) {
             let (k, v) = entry.map_err(|e| err(&self.path, e))?;
             if each(strip_ns(ns, &k), &v).is_break() {

@@ -479,7 +479,7 @@ fn a_dataset_read_a_segment_at_a_time_is_the_table_of_all_its_records() {
         let mut r = Record::default();
         r.set("glu", Value::Number(90.0 + i as f64 / 8.0));
         r.set(PATIENT, Value::Text(format!("p-{i:032x}").into()));
-        if i % 7 == 0 {
+        if i.is_multiple_of(7) {
             r.set("bmi", Value::Missing);
         }
         // A field the later records have and the earlier ones lack (a pipeline whose
