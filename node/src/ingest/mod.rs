@@ -799,7 +799,7 @@ pub fn kept_records_with_ids(
     Ok(out)
 }
 
-/// The kept records as a dataset's table ([`Table::from_records`] of
+/// The kept records as a dataset's table ([`crate::data::Table::from_records`] of
 /// [`kept_records_with_ids`]), read a segment at a time: the records are never all in
 /// memory beside the table. `source` names the table in errors.
 pub fn kept_table(
