@@ -220,7 +220,7 @@ fn node_check_names_each_problem_and_its_fix() {
     let (good, text) = check(&ingested);
     assert!(good, "{text}");
     assert!(
-        text.contains("dataset 'pima': 200 de-identified records")
+        text.contains("dataset 'pima': 200 de-identified records, 2 columns")
             && text.contains("(pipeline 'extract')"),
         "{text}"
     );
