@@ -131,74 +131,6 @@ impl<R: std::io::Read> std::io::Read for Newlines<R> {
     }
 }
 
-/// Every row's cells as text in one buffer, with the end of each cell: a few bytes of
-/// bookkeeping a cell (a `csv::StringRecord` a row took about 300 bytes more, twice the
-/// text of a de-identified record).
-#[derive(Debug, Clone)]
-struct Rows {
-    text: String,
-    /// Each cell's end in `text`, row after row.
-    ends: Vec<usize>,
-    /// Where each row's cells begin in `ends`, and one more: row `r` is cells
-    /// `cells[r]..cells[r + 1]`.
-    cells: Vec<usize>,
-    /// Each row's line in its file (CSV files), for errors; empty otherwise.
-    lines: Vec<u64>,
-}
-
-impl Rows {
-    fn new() -> Rows {
-        Rows {
-            text: String::new(),
-            ends: Vec::new(),
-            cells: vec![0],
-            lines: Vec::new(),
-        }
-    }
-
-    /// Adds a row of `cells`.
-    fn push<'a>(&mut self, cells: impl IntoIterator<Item = &'a str>) {
-        for cell in cells {
-            self.text.push_str(cell);
-            self.ends.push(self.text.len());
-        }
-        self.cells.push(self.ends.len());
-    }
-
-    fn len(&self) -> usize {
-        self.cells.len() - 1
-    }
-
-    /// Cell `column` of row `row`, if the row has it.
-    fn get(&self, row: usize, column: usize) -> Option<&str> {
-        let first = *self.cells.get(row)?;
-        let next = *self.cells.get(row + 1)?;
-        let at = first + column;
-        if at >= next {
-            return None;
-        }
-        let start = match at {
-            0 => 0,
-            _ => self.ends[at - 1],
-        };
-        self.text.get(start..self.ends[at])
-    }
-
-    /// The cells of row `row` (none past the last row).
-    fn row(&self, row: usize) -> impl Iterator<Item = &str> {
-        let width = match (self.cells.get(row), self.cells.get(row + 1)) {
-            (Some(a), Some(b)) => b - a,
-            _ => 0,
-        };
-        (0..width).filter_map(move |c| self.get(row, c))
-    }
-
-    /// Row `row`'s line in its file, if known.
-    fn line(&self, row: usize) -> Option<u64> {
-        self.lines.get(row).copied()
-    }
-}
-
 /// A CSV table held in memory: header and raw string records.
 #[derive(Debug, Clone)]
 pub struct Table {
@@ -206,7 +138,7 @@ pub struct Table {
     pub path: PathBuf,
     /// The header's column names, in file order.
     pub columns: Vec<String>,
-    rows: Rows,
+    rows: Vec<csv::StringRecord>,
     /// Stable row ids where the source has them (ingested records); else the row's index.
     ids: Option<Vec<u32>>,
 }
@@ -236,19 +168,19 @@ impl Table {
             .iter()
             .map(str::to_string)
             .collect();
-        let mut rows = Rows::new();
-        let mut record = csv::StringRecord::new();
-        while r.read_record(&mut record).map_err(csv_err)? {
-            // The csv crate counts a record after a "\r\n" as starting on the line before
-            // (its position is that of the '\n'): number the lines from where each '\n' is
-            // instead, so that an error names the right line of a file with Windows line
-            // endings. (The reader has read past the record's start.)
-            let line = record.position().map_or(rows.len() as u64 + 2, |p| {
-                let newlines = &r.get_ref().at;
-                1 + newlines.partition_point(|&o| o <= p.byte()) as u64
-            });
-            rows.push(record.iter());
-            rows.lines.push(line);
+        let mut rows = r
+            .records()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(csv_err)?;
+        // The csv crate counts a record after a "\r\n" as starting on the line before (its
+        // position is that of the '\n'): number the lines from where each '\n' is instead,
+        // so that an error names the right line of a file with Windows line endings.
+        let newlines = r.into_inner().at;
+        for rec in &mut rows {
+            if let Some(mut p) = rec.position().cloned() {
+                p.set_line(1 + newlines.partition_point(|&o| o <= p.byte()) as u64);
+                rec.set_position(Some(p));
+            }
         }
         Ok(Table {
             path: path.to_path_buf(),
@@ -294,12 +226,12 @@ impl Table {
 
     /// Whether the table has no data row.
     pub fn is_empty(&self) -> bool {
-        self.rows.len() == 0
+        self.rows.is_empty()
     }
 
-    /// The text of one cell ("" beyond the row's end, or past the last row).
+    /// The text of one cell ("" beyond the row's end).
     pub fn cell(&self, row: usize, column: usize) -> &str {
-        self.rows.get(row, column).unwrap_or("")
+        self.rows[row].get(column).unwrap_or("")
     }
 
     /// The index of column `name`; [`DataError::MissingColumn`] if there is none.
@@ -315,7 +247,9 @@ impl Table {
     }
 
     fn line(&self, row: usize) -> u64 {
-        self.rows.line(row).unwrap_or(row as u64 + 2)
+        self.rows[row]
+            .position()
+            .map_or(row as u64 + 2, |p| p.line())
     }
 
     fn bad(&self, row: usize, column: &str, value: &str, why: &'static str) -> DataError {
@@ -413,16 +347,7 @@ impl Table {
         Table {
             path: self.path.clone(),
             columns: self.columns.clone(),
-            rows: {
-                let mut rows = Rows::new();
-                for &i in keep {
-                    rows.push(self.rows.row(i));
-                    if let Some(line) = self.rows.line(i) {
-                        rows.lines.push(line);
-                    }
-                }
-                rows
-            },
+            rows: keep.iter().map(|&i| self.rows[i].clone()).collect(),
             ids: self
                 .ids
                 .as_ref()
@@ -495,9 +420,9 @@ impl Table {
             .map(|f| self.column(f))
             .collect::<Result<Vec<_>, _>>()?;
         let mut x = Array2::zeros((self.rows.len(), features.len()));
-        for i in 0..self.rows.len() {
+        for (i, rec) in self.rows.iter().enumerate() {
             for (j, (&c, name)) in idx.iter().zip(features).enumerate() {
-                let raw = self.cell(i, c);
+                let raw = rec.get(c).unwrap_or("");
                 let v: f64 = raw
                     .parse()
                     .map_err(|_| self.bad(i, name, raw, "not a number"))?;
@@ -518,8 +443,8 @@ impl Table {
     ) -> Result<std::collections::BTreeMap<String, u64>, DataError> {
         let c = self.column(column)?;
         let mut counts = std::collections::BTreeMap::new();
-        for i in 0..self.rows.len() {
-            let raw = self.cell(i, c);
+        for rec in &self.rows {
+            let raw = rec.get(c).unwrap_or("");
             if !raw.is_empty() && !raw.eq_ignore_ascii_case("na") {
                 *counts.entry(raw.to_string()).or_insert(0) += 1;
             }
@@ -537,9 +462,11 @@ impl Table {
         classes: &[String],
     ) -> Result<Array1<f64>, DataError> {
         let c = self.column(column)?;
-        (0..self.rows.len())
-            .map(|i| {
-                let raw = self.cell(i, c);
+        self.rows
+            .iter()
+            .enumerate()
+            .map(|(i, rec)| {
+                let raw = rec.get(c).unwrap_or("");
                 match kind {
                     ModelKind::Multinomial { .. } => {
                         if raw.is_empty() || raw.eq_ignore_ascii_case("na") {
@@ -879,7 +806,7 @@ pub struct TableBuilder {
     /// Column names in the order first seen, and where each is.
     columns: Vec<String>,
     index: std::collections::HashMap<String, usize>,
-    rows: Rows,
+    rows: Vec<csv::StringRecord>,
     ids: Vec<u32>,
     /// A row's values by column (reused).
     values: Vec<Option<crate::deid::Value>>,
@@ -894,7 +821,7 @@ impl TableBuilder {
             source: source.to_path_buf(),
             columns: Vec::new(),
             index: std::collections::HashMap::new(),
-            rows: Rows::new(),
+            rows: Vec::new(),
             ids: Vec::new(),
             values: Vec::new(),
             number: String::new(),
@@ -908,7 +835,7 @@ impl TableBuilder {
 
     /// Whether no row was added.
     pub fn is_empty(&self) -> bool {
-        self.rows.len() == 0
+        self.rows.is_empty()
     }
 
     /// Adds `record` as a row with id `id` (a field no earlier record had is a new column,
@@ -930,21 +857,29 @@ impl TableBuilder {
             };
             self.values[at] = Some(value.clone());
         }
+        let bytes: usize = self
+            .values
+            .iter()
+            .map(|v| match v {
+                Some(Value::Text(t)) => t.len(),
+                Some(Value::Number(_)) => 24,
+                _ => 0,
+            })
+            .sum();
+        let mut row = csv::StringRecord::with_capacity(bytes, self.values.len());
         for v in &self.values {
-            let text = match v {
+            match v {
                 Some(Value::Number(x)) => {
                     self.number.clear();
                     // Writing to a String cannot fail.
                     write!(self.number, "{x}").unwrap_or_default();
-                    self.number.as_str()
+                    row.push_field(&self.number);
                 }
-                Some(Value::Text(t)) => t.as_str(),
-                Some(Value::Missing) | None => "",
-            };
-            self.rows.text.push_str(text);
-            self.rows.ends.push(self.rows.text.len());
+                Some(Value::Text(t)) => row.push_field(t),
+                Some(Value::Missing) | None => row.push_field(""),
+            }
         }
-        self.rows.cells.push(self.rows.ends.len());
+        self.rows.push(row);
         self.ids.push(id);
     }
 
@@ -960,13 +895,15 @@ impl TableBuilder {
         let mut order: Vec<usize> = (0..columns.len()).collect();
         order.sort_by(|&a, &b| columns[a].cmp(&columns[b]));
         let in_order = order.iter().enumerate().all(|(i, &c)| i == c);
-        let full = (0..rows.len()).all(|r| rows.cells[r + 1] - rows.cells[r] == columns.len());
-        if !(in_order && full) {
-            let mut sorted = Rows::new();
-            for r in 0..rows.len() {
-                sorted.push(order.iter().map(|&c| rows.get(r, c).unwrap_or("")));
+        if !in_order || rows.iter().any(|r| r.len() < columns.len()) {
+            for row in &mut rows {
+                let mut sorted =
+                    csv::StringRecord::with_capacity(row.as_slice().len(), order.len());
+                for &c in &order {
+                    sorted.push_field(row.get(c).unwrap_or(""));
+                }
+                *row = sorted;
             }
-            rows = sorted;
         }
         Table {
             path: source,
