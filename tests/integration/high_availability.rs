@@ -326,6 +326,13 @@ fn the_standby_takes_over_after_each_of_twenty_kills_and_the_model_is_the_same()
         if kills % 2 == 1 {
             let deadline = Instant::now() + Duration::from_secs(60);
             while !log(d, &name).contains("round aggregated") {
+                // Told apart from a stuck one: a life that ended (the study complete).
+                let ended = lives.live[i].2.try_wait().unwrap();
+                assert!(
+                    ended.is_none(),
+                    "{name} ended ({ended:?}) after {kills} kills without aggregating a round:\n{}",
+                    lives.logs()
+                );
                 assert!(
                     Instant::now() < deadline,
                     "{name} aggregated no round in 60 s:\n{}",
