@@ -510,7 +510,7 @@ mod tests {
             field: Vec<FieldSpec>,
         }
         let fields: Fields = toml::from_str(fields).unwrap();
-        let header: Vec<String> = header.split(',').map(str::to_string).collect();
+        let header = crate::runtime::csv_row::header(header.as_bytes());
         let mut task = ValidateClean::new(&header, &fields.field).unwrap();
         let (mut state, mut out) = (KvState::default(), MessageCollector::default());
         for (i, row) in rows.iter().enumerate() {

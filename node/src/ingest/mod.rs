@@ -858,27 +858,25 @@ fn for_each_kept_with_ids(
             Some((q, at)) if q == p => at,
             _ => 0,
         };
+        let too_many = |why: String| IngestError {
+            stream: cfg.stream.clone(),
+            detail: format!(
+                "{why}: a dataset reads at most 256 partitions of {RECORDS_PER_PARTITION} records"
+            ),
+        };
+        if p > 255 {
+            return Err(too_many(format!("it has a partition {p}")));
+        }
         let after = u32::try_from(records.len())
             .ok()
             .and_then(|n| at.checked_add(n))
-            .filter(|&n| n <= RECORDS_PER_PARTITION);
-        let too_many = match after {
-            _ if p > 255 => Some(format!("it has a partition {p}")),
-            None => Some(format!(
-                "partition {p} holds at least {} records",
-                u64::from(at) + records.len() as u64
-            )),
-            Some(_) => None,
-        };
-        if let Some(why) = too_many {
-            return Err(IngestError {
-                stream: cfg.stream.clone(),
-                detail: format!(
-                    "{why}: a dataset reads at most 256 partitions of {RECORDS_PER_PARTITION} records"
-                ),
-            });
-        }
-        let after = after.unwrap_or(at);
+            .filter(|&n| n <= RECORDS_PER_PARTITION)
+            .ok_or_else(|| {
+                too_many(format!(
+                    "partition {p} holds at least {} records",
+                    u64::from(at) + records.len() as u64
+                ))
+            })?;
         for (i, r) in records.into_iter().enumerate() {
             each(p * RECORDS_PER_PARTITION + at + i as u32, r);
         }

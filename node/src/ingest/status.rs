@@ -53,29 +53,25 @@ pub fn status(
                 .map_err(|e| fail(e.to_string()))?
                 .and_then(|v| v.try_into().ok())
                 .map(u64::from_be_bytes);
-            let mut lag_unknown = None;
-            let lag = match &part {
+            // The lag where the source can tell it, or why asking it failed.
+            let lag: Result<Option<u64>, String> = match &part {
                 Part::Csv { path, opts } if opts.partitioning == Partitioning::Whole => {
-                    count_lines(path)
+                    Ok(count_lines(path)
                         .ok()
-                        .map(|n| n.saturating_sub(1).saturating_sub(offset))
+                        .map(|n| n.saturating_sub(1).saturating_sub(offset)))
                 }
-                Part::Omop(omop) => match crate::runtime::omop_source::remaining(omop, offset) {
-                    Ok(n) => Some(n),
-                    Err(e) => {
-                        lag_unknown = Some(e.to_string());
-                        None
-                    }
-                },
+                Part::Omop(omop) => crate::runtime::omop_source::remaining(omop, offset)
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
                 #[cfg(feature = "jetstream")]
-                Part::Jet(jet) => match crate::runtime::jetstream_source::remaining(jet, offset) {
-                    Ok(n) => Some(n),
-                    Err(e) => {
-                        lag_unknown = Some(e.to_string());
-                        None
-                    }
-                },
-                _ => None,
+                Part::Jet(jet) => crate::runtime::jetstream_source::remaining(jet, offset)
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
+                _ => Ok(None),
+            };
+            let (lag, lag_unknown) = match lag {
+                Ok(lag) => (lag, None),
+                Err(why) => (None, Some(why)),
             };
             out.push(PartitionStatus {
                 stream: cfg.stream.clone(),
