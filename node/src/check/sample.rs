@@ -30,14 +30,18 @@ fn first_rows(path: &Path, stream: &str) -> std::io::Result<(Vec<String>, Vec<Ve
     let (header, batches) = csv_source::read(path, stream, 0, 0)?;
     let mut rows = Vec::new();
     // Dropping the receiver stops the reader thread at its next batch.
-    for batch in &batches {
+    for batch in batches.iter() {
         rows.extend(batch.into_iter().map(|e| e.payload));
         if rows.len() >= SAMPLE_ROWS {
             rows.truncate(SAMPLE_ROWS);
-            break;
+            return Ok((header, rows));
         }
     }
-    Ok((header, rows))
+    // A file that could not be read to its end is not a short file.
+    match batches.failed() {
+        Some(why) => Err(std::io::Error::other(why)),
+        None => Ok((header, rows)),
+    }
 }
 
 /// Each `[[ingest]]` pipeline: its source, and a sample of each of its CSV files.

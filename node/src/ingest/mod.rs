@@ -566,7 +566,7 @@ async fn run_inner(
         });
     }
     // The partitions of one CSV file split by key share one reader: each row is read once.
-    let mut shared: BTreeMap<u32, (Vec<String>, std::sync::mpsc::Receiver<Vec<Envelope>>)> =
+    let mut shared: BTreeMap<u32, (Vec<String>, crate::runtime::Input)> =
         BTreeMap::new();
     if let Some((_, Part::Csv { path, opts })) = parts.first()
         && matches!(opts.partitioning, Partitioning::ByKey { .. })
@@ -614,7 +614,7 @@ async fn run_inner(
             Part::Fhir(dir, mapping) => {
                 let (h, rx) = fhir_source::read(&dir, &mapping, &cfg.stream, p, offset)
                     .map_err(|e| fail(e.to_string()))?;
-                (h, rx, None)
+                (h, rx.into(), None)
             }
             Part::Omop(omop) => {
                 // A database failure after the start ends the partition with what it has
@@ -629,7 +629,7 @@ async fn run_inner(
                 )
                 .await
                 .map_err(|e| fail(e.to_string()))?;
-                (h, rx, None)
+                (h, rx.into(), None)
             }
             #[cfg(feature = "jetstream")]
             Part::Jet(js) => {
@@ -637,7 +637,7 @@ async fn run_inner(
                     .await
                     .map_err(|e| fail(e.to_string()))?;
                 // JetStream payloads are CSV rows in the configured column order.
-                (cfg.columns.clone(), rx, Some(acks))
+                (cfg.columns.clone(), rx.into(), Some(acks))
             }
         };
         let mut task =

@@ -7,10 +7,10 @@
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{SyncSender, sync_channel};
 use std::time::Duration;
 
-use super::Envelope;
+use super::{Envelope, Input};
 
 /// Envelopes per batch, and batches in flight.
 const BATCH: usize = 1024;
@@ -80,7 +80,7 @@ pub fn read(
     stream: &str,
     partition: u32,
     from: u64,
-) -> std::io::Result<(Vec<String>, Receiver<Vec<Envelope>>)> {
+) -> std::io::Result<(Vec<String>, Input)> {
     read_with(path, stream, partition, from, &CsvOptions::default())
 }
 
@@ -92,7 +92,7 @@ pub fn read_with(
     partition: u32,
     from: u64,
     opts: &CsvOptions,
-) -> std::io::Result<(Vec<String>, Receiver<Vec<Envelope>>)> {
+) -> std::io::Result<(Vec<String>, Input)> {
     read_with_reporting(path, stream, partition, from, opts, None)
 }
 
@@ -105,7 +105,7 @@ pub fn read_with_reporting(
     from: u64,
     opts: &CsvOptions,
     failure: Option<super::SourceFailure>,
-) -> std::io::Result<(Vec<String>, Receiver<Vec<Envelope>>)> {
+) -> std::io::Result<(Vec<String>, Input)> {
     let (header, mut rxs) =
         read_partitions_reporting(path, stream, &[(partition, from)], opts, failure)?;
     let rx = rxs
@@ -169,6 +169,8 @@ fn read_partitions_from<R: BufRead + Send + 'static>(
             Some((i, u64::from((*partitions).max(1))))
         }
     };
+    // Without the pipeline's slot, a failure is left where the partitions' runs find it.
+    let failure = failure.unwrap_or_default();
     let mut outs = Vec::new();
     let mut rxs = Vec::new();
     for &(partition, from) in partitions {
@@ -179,7 +181,7 @@ fn read_partitions_from<R: BufRead + Send + 'static>(
             tx: Some(tx),
             batch: Vec::with_capacity(BATCH),
         });
-        rxs.push(rx);
+        rxs.push(Input::new(rx, Some(failure.clone())));
     }
     let follow = opts.follow;
     let stream: Arc<str> = stream.into();
@@ -209,9 +211,7 @@ fn read_partitions_from<R: BufRead + Send + 'static>(
                             offset + 1
                         );
                         tracing::error!("{why}; the partitions stop here");
-                        if let Some(f) = &failure {
-                            f.fail(why);
-                        }
+                        failure.fail(why);
                         // The rows read before it go on, to be checkpointed.
                         for o in &mut outs {
                             o.flush();
@@ -298,20 +298,19 @@ fn read_partitions_from<R: BufRead + Send + 'static>(
 }
 
 /// Records a failure when the reader's thread unwinds from a panic.
-struct PanicGuard(Option<super::SourceFailure>);
+struct PanicGuard(super::SourceFailure);
 
 impl Drop for PanicGuard {
     fn drop(&mut self) {
-        if std::thread::panicking()
-            && let Some(f) = &self.0
-        {
-            f.fail("the CSV reader stopped unexpectedly (a bug: see the log)".into());
+        if std::thread::panicking() {
+            self.0
+                .fail("the CSV reader stopped unexpectedly (a bug: see the log)".into());
         }
     }
 }
 
 /// The batches of envelopes of one partition.
-pub type Batches = Receiver<Vec<Envelope>>;
+pub type Batches = Input;
 
 /// One partition's side of a shared reader.
 struct Out {
@@ -387,6 +386,49 @@ mod tests {
             failure.failed().as_deref(),
             Some("extract.csv: reading data row 4 (offset 3) failed: Input/output error")
         );
+    }
+
+    #[test]
+    fn without_the_pipelines_slot_a_read_error_still_fails_the_run() {
+        // The public readers (`read`, `read_with`, `read_partitions`) leave the failure
+        // with the input itself: the run stops with an error and checkpoints the rows it
+        // had, instead of taking the error for the end of the file.
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn medfed_infra::store::Store> = Arc::from(
+            medfed_infra::store::open(
+                medfed_infra::store::Backend::DEFAULT,
+                &dir.path().join("state"),
+            )
+            .unwrap(),
+        );
+        let reader =
+            std::io::BufReader::new(FailsAfter(std::io::Cursor::new(b"glu\n1\n2\n3\n".to_vec())));
+        let (header, mut inputs) = read_partitions_from(
+            reader,
+            Path::new("extract.csv"),
+            "s",
+            &[(0, 0)],
+            &CsvOptions::default(),
+            None,
+        )
+        .unwrap();
+        let task = super::super::ColumnStats::new(&header, &["glu"]).unwrap();
+        let err = super::super::run_partition(
+            Box::new(task),
+            store.clone(),
+            "s",
+            0,
+            inputs.pop().unwrap(),
+            &super::super::RunOptions::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "extract.csv: reading data row 4 (offset 3) failed: Input/output error \
+             (stopped at offset 3, which the checkpoint holds; a new run resumes there)"
+        );
+        let (offset, _, processed, _) = super::super::restore(&*store, "s", 0).unwrap();
+        assert_eq!((offset, processed), (3, 3));
     }
 
     #[test]

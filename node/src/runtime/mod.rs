@@ -82,6 +82,72 @@ impl SourceFailure {
     }
 }
 
+/// One partition's input from a source: batches of envelopes in offset order, and where
+/// the source leaves a failure before it closes the batches' channel. A closed channel is
+/// the end of the input only if the source did not fail: a read that failed half-way is
+/// never taken for the end of the file ([`run_partition`] stops with
+/// [`RuntimeError::Source`] instead).
+#[derive(Debug)]
+pub struct Input {
+    batches: std::sync::mpsc::Receiver<Vec<Envelope>>,
+    failure: Option<SourceFailure>,
+}
+
+impl Input {
+    /// The input of `batches`, whose source leaves a failure in `failure`.
+    pub fn new(
+        batches: std::sync::mpsc::Receiver<Vec<Envelope>>,
+        failure: Option<SourceFailure>,
+    ) -> Input {
+        Input { batches, failure }
+    }
+
+    /// The next batch, waiting for it; `None` once the source closed its channel (then
+    /// see [`Input::failed`]).
+    pub fn recv(&self) -> Option<Vec<Envelope>> {
+        self.batches.recv().ok()
+    }
+
+    /// The next batch, waiting at most `wait`.
+    pub fn recv_timeout(
+        &self,
+        wait: std::time::Duration,
+    ) -> Result<Vec<Envelope>, std::sync::mpsc::RecvTimeoutError> {
+        self.batches.recv_timeout(wait)
+    }
+
+    /// The batches until the source closes its channel (then see [`Input::failed`]).
+    pub fn iter(&self) -> impl Iterator<Item = Vec<Envelope>> + '_ {
+        self.batches.iter()
+    }
+
+    /// Why the source stopped before the end of its input, if it did.
+    pub fn failed(&self) -> Option<String> {
+        self.failure.as_ref().and_then(SourceFailure::failed)
+    }
+
+    /// Every envelope to the end of the input, in order: an error if the source failed
+    /// before the end.
+    pub fn envelopes(self) -> Result<Vec<Envelope>, String> {
+        let mut all = Vec::new();
+        while let Some(batch) = self.recv() {
+            all.extend(batch);
+        }
+        match self.failed() {
+            Some(why) => Err(why),
+            None => Ok(all),
+        }
+    }
+}
+
+/// A source whose failures cannot reach the reader of its channel (it fails before or
+/// never).
+impl From<std::sync::mpsc::Receiver<Vec<Envelope>>> for Input {
+    fn from(batches: std::sync::mpsc::Receiver<Vec<Envelope>>) -> Input {
+        Input::new(batches, None)
+    }
+}
+
 /// The dead-letter stream's name.
 pub const DEAD_LETTER: &str = "dead-letter";
 

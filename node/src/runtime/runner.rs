@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use medfed_infra::store::{Batch, Store, StoreError};
 
 use super::record::{Record, SegmentBuilder, chunk_value, segment_chunks};
-use super::{Envelope, KvState, MessageCollector, Scope, StreamTask, TaskCoordinator, TaskError};
+use super::{KvState, MessageCollector, Scope, StreamTask, TaskCoordinator, TaskError};
 use std::borrow::Cow;
 
 /// Why a partition's run stopped.
@@ -374,10 +374,10 @@ pub fn run_partition(
     store: Arc<dyn Store>,
     stream: &str,
     partition: u32,
-    input: Receiver<Vec<Envelope>>,
+    input: impl Into<super::Input>,
     opts: &RunOptions,
 ) -> Result<PartitionReport, RuntimeError> {
-    run_partition_inner(task, store, stream, partition, input, opts, &|_| {}, true)
+    run_partition_inner(task, store, stream, partition, input.into(), opts, &|_| {}, true)
 }
 
 /// As [`run_partition`]; with `acks`, as [`run_partition_with`] (a source that acknowledges
@@ -387,7 +387,7 @@ pub fn run_partition_for(
     store: Arc<dyn Store>,
     stream: &str,
     partition: u32,
-    input: Receiver<Vec<Envelope>>,
+    input: impl Into<super::Input>,
     opts: &RunOptions,
     acks: Option<&dyn Fn(u64)>,
 ) -> Result<PartitionReport, RuntimeError> {
@@ -409,7 +409,7 @@ pub fn run_partition_with(
     store: Arc<dyn Store>,
     stream: &str,
     partition: u32,
-    input: Receiver<Vec<Envelope>>,
+    input: impl Into<super::Input>,
     opts: &RunOptions,
     on_checkpoint: &dyn Fn(u64),
 ) -> Result<PartitionReport, RuntimeError> {
@@ -418,7 +418,7 @@ pub fn run_partition_with(
         store,
         stream,
         partition,
-        input,
+        input.into(),
         opts,
         on_checkpoint,
         false,
@@ -432,7 +432,7 @@ fn run_partition_inner(
     store: Arc<dyn Store>,
     stream: &str,
     partition: u32,
-    input: Receiver<Vec<Envelope>>,
+    input: super::Input,
     opts: &RunOptions,
     on_checkpoint: &dyn Fn(u64),
     overlap: bool,
@@ -744,7 +744,11 @@ fn run_partition_inner(
     }
     // A closed input is its end unless the source failed: then what was processed is
     // checkpointed, without the tasks' end-of-input work and without "caught up".
-    let failed = opts.signals.as_ref().and_then(|s| s.failure_of(partition));
+    let failed = opts
+        .signals
+        .as_ref()
+        .and_then(|s| s.failure_of(partition))
+        .or_else(|| input.failed());
     if !report.shut_down && failed.is_none() {
         out.clear();
         task.on_end_of_stream(&mut state, &mut out)?;
