@@ -566,8 +566,7 @@ async fn run_inner(
         });
     }
     // The partitions of one CSV file split by key share one reader: each row is read once.
-    let mut shared: BTreeMap<u32, (Vec<String>, crate::runtime::Input)> =
-        BTreeMap::new();
+    let mut shared: BTreeMap<u32, (Vec<String>, crate::runtime::Input)> = BTreeMap::new();
     if let Some((_, Part::Csv { path, opts })) = parts.first()
         && matches!(opts.partitioning, Partitioning::ByKey { .. })
     {

@@ -175,13 +175,18 @@ fn read_partitions_from<R: BufRead + Send + 'static>(
     let mut rxs = Vec::new();
     for &(partition, from) in partitions {
         let (tx, rx) = sync_channel(IN_FLIGHT);
+        // Batches the partition is done with come back, their envelopes' buffers reused:
+        // the partition's thread then frees nothing the reader allocated.
+        let (back_tx, back_rx) = sync_channel(IN_FLIGHT);
         outs.push(Out {
             partition,
             from,
             tx: Some(tx),
             batch: Vec::with_capacity(BATCH),
+            returned: back_rx,
+            spare: Vec::new(),
         });
-        rxs.push(Input::new(rx, Some(failure.clone())));
+        rxs.push(Input::new(rx, Some(failure.clone())).with_recycling(back_tx));
     }
     let follow = opts.follow;
     let stream: Arc<str> = stream.into();
@@ -236,43 +241,19 @@ fn read_partitions_from<R: BufRead + Send + 'static>(
                 }
                 // A row whose key cannot be read goes to the partition of the empty key,
                 // where its task quarantines it.
-                let key = key_col.map(|(i, _)| {
-                    splitter
-                        .leading_field(&line, i)
-                        .map(<[u8]>::to_vec)
-                        .unwrap_or_default()
-                });
-                let target = match (key_col, &key) {
+                let key: Option<&[u8]> =
+                    key_col.map(|(i, _)| splitter.leading_field(&line, i).unwrap_or_default());
+                let target = match (key_col, key) {
                     (Some((_, n)), Some(k)) => Some((key_hash(k) % n) as u32),
                     _ => None,
                 };
-                let mut wanted = outs
-                    .iter()
-                    .filter(|o| target.is_none_or(|t| t == o.partition) && row >= o.from);
-                let (Some(_), more) = (wanted.next(), wanted.next().is_some()) else {
-                    line.clear();
-                    continue;
-                };
-                // The row's bytes move into the (usually only) envelope; the line buffer
-                // starts again at the capacity a row needs.
-                let mut payload = Some(std::mem::replace(&mut line, Vec::with_capacity(256)));
-                let mut key = key;
                 for o in outs
                     .iter_mut()
                     .filter(|o| target.is_none_or(|t| t == o.partition) && row >= o.from)
                 {
-                    let (payload, key) = match more {
-                        true => (payload.clone().unwrap_or_default(), key.clone()),
-                        false => (payload.take().unwrap_or_default(), key.take()),
-                    };
-                    o.push(Envelope {
-                        stream: stream.clone(),
-                        partition: o.partition,
-                        offset: row,
-                        key,
-                        payload,
-                    });
+                    o.push(&stream, row, key, &line);
                 }
+                line.clear();
                 if outs.iter().all(|o| o.tx.is_none()) {
                     return; // every task stopped
                 }
@@ -319,13 +300,49 @@ struct Out {
     /// Gone once its task stopped.
     tx: Option<SyncSender<Vec<Envelope>>>,
     batch: Vec<Envelope>,
+    /// Batches the partition handed back ([`Input::give_back`]).
+    returned: std::sync::mpsc::Receiver<Vec<Envelope>>,
+    /// Envelopes of a handed-back batch, to fill again.
+    spare: Vec<Envelope>,
 }
 
 impl Out {
-    fn push(&mut self, env: Envelope) {
+    /// Adds the row at `offset` to the batch: into a handed-back envelope where there is
+    /// one (its buffers keep their capacity), else a new one.
+    fn push(&mut self, stream: &Arc<str>, offset: u64, key: Option<&[u8]>, row: &[u8]) {
         if self.tx.is_none() {
             return;
         }
+        if self.spare.is_empty()
+            && let Ok(back) = self.returned.try_recv()
+        {
+            self.spare = back;
+        }
+        let env = match self.spare.pop() {
+            Some(mut env) => {
+                if !Arc::ptr_eq(&env.stream, stream) {
+                    env.stream = stream.clone();
+                }
+                env.offset = offset;
+                match (&mut env.key, key) {
+                    (Some(k), Some(key)) => {
+                        k.clear();
+                        k.extend_from_slice(key);
+                    }
+                    (k, key) => *k = key.map(<[u8]>::to_vec),
+                }
+                env.payload.clear();
+                env.payload.extend_from_slice(row);
+                env
+            }
+            None => Envelope {
+                stream: stream.clone(),
+                partition: self.partition,
+                offset,
+                key: key.map(<[u8]>::to_vec),
+                payload: row.to_vec(),
+            },
+        };
         self.batch.push(env);
         if self.batch.len() == BATCH {
             self.flush();
@@ -336,7 +353,15 @@ impl Out {
         if self.batch.is_empty() {
             return;
         }
-        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(BATCH));
+        // The next batch fills the emptied vector of a handed-back one where there is one.
+        let next = match self.spare.is_empty() {
+            true => std::mem::take(&mut self.spare),
+            false => Vec::with_capacity(BATCH),
+        };
+        let batch = std::mem::replace(&mut self.batch, next);
+        if self.batch.capacity() < BATCH {
+            self.batch.reserve(BATCH);
+        }
         if let Some(tx) = &self.tx
             && tx.send(batch).is_err()
         {

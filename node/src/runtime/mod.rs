@@ -91,6 +91,8 @@ impl SourceFailure {
 pub struct Input {
     batches: std::sync::mpsc::Receiver<Vec<Envelope>>,
     failure: Option<SourceFailure>,
+    /// Where batches go back to the source once processed, for their buffers' reuse.
+    recycle: Option<std::sync::mpsc::SyncSender<Vec<Envelope>>>,
 }
 
 impl Input {
@@ -99,7 +101,29 @@ impl Input {
         batches: std::sync::mpsc::Receiver<Vec<Envelope>>,
         failure: Option<SourceFailure>,
     ) -> Input {
-        Input { batches, failure }
+        Input {
+            batches,
+            failure,
+            recycle: None,
+        }
+    }
+
+    /// The input, handing each processed batch back to its source through `recycle`
+    /// (the source reuses the envelopes' buffers).
+    pub fn with_recycling(self, recycle: std::sync::mpsc::SyncSender<Vec<Envelope>>) -> Input {
+        Input {
+            recycle: Some(recycle),
+            ..self
+        }
+    }
+
+    /// Hands a processed batch back to the source, if it takes them back and has room;
+    /// else the batch is freed here.
+    pub fn give_back(&self, batch: Vec<Envelope>) {
+        if let Some(recycle) = &self.recycle {
+            // Full (the source has enough spare batches) or gone: freed here.
+            recycle.try_send(batch).ok();
+        }
     }
 
     /// The next batch, waiting for it; `None` once the source closed its channel (then

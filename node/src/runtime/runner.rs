@@ -377,7 +377,16 @@ pub fn run_partition(
     input: impl Into<super::Input>,
     opts: &RunOptions,
 ) -> Result<PartitionReport, RuntimeError> {
-    run_partition_inner(task, store, stream, partition, input.into(), opts, &|_| {}, true)
+    run_partition_inner(
+        task,
+        store,
+        stream,
+        partition,
+        input.into(),
+        opts,
+        &|_| {},
+        true,
+    )
 }
 
 /// As [`run_partition`]; with `acks`, as [`run_partition_with`] (a source that acknowledges
@@ -661,7 +670,7 @@ fn run_partition_inner(
             None => 0,
         };
         let (working, committed_before) = (Instant::now(), timing.get().commit_us);
-        for env in batch {
+        for env in &batch {
             if env.offset < offset {
                 continue; // already in the state (the source re-sent it)
             }
@@ -692,7 +701,7 @@ fn run_partition_inner(
             }
             let mut coord = TaskCoordinator::default();
             out.clear();
-            task.process(&env, &mut state, &mut out, &mut coord)?;
+            task.process(env, &mut state, &mut out, &mut coord)?;
             if let Some(sig) = &opts.signals {
                 if coord.commit == Some(Scope::AllTasks) {
                     sig.commits.fetch_add(1, Ordering::Relaxed);
@@ -733,6 +742,7 @@ fn run_partition_inner(
                 break 'outer;
             }
         }
+        input.give_back(batch);
         if let Some(p) = progress {
             p.add(processed - before, quarantined - quarantined_before, bytes);
         }
