@@ -151,8 +151,9 @@ impl Date {
         // Most dates are exactly YYYY-MM-DD: read at once (the same numbers as below).
         let b = s.as_bytes();
         let digits = |r: std::ops::Range<usize>| {
-            b[r].iter()
-                .try_fold(0u32, |n, c| c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0')))
+            b[r].iter().try_fold(0u32, |n, c| {
+                c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+            })
         };
         let fixed = (b.len() == 10 && b[4] == b'-' && b[7] == b'-')
             .then(|| Some((digits(0..4)?, digits(5..7)?, digits(8..10)?)))
@@ -254,13 +255,18 @@ mod tests {
         // A trailing space takes the general path (trim, split): the same date or error.
         let mut state = 7u64;
         for _ in 0..50_000 {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1);
             let pick = |shift: u32, of: &[u8]| of[(state >> shift) as usize % of.len()];
             let digit = b"0123456789";
             let text: Vec<u8> = (0..10)
                 .map(|i| match i {
                     4 | 7 => pick(60, b"--------/"),
-                    _ => pick(4 * i as u32 + 8, if i == 9 { b"0123456789x" } else { digit }),
+                    _ => pick(
+                        4 * i as u32 + 8,
+                        if i == 9 { b"0123456789x" } else { digit },
+                    ),
                 })
                 .collect();
             let text = String::from_utf8(text).unwrap();
@@ -275,7 +281,11 @@ mod tests {
     #[test]
     fn zip_codes_keep_three_digits_and_restricted_areas_become_000() {
         let list = RestrictedZip3::shipped();
-        assert_eq!(list.0.iter().filter(|r| **r).count(), 17, "the 17 areas of 67 FR 53233");
+        assert_eq!(
+            list.0.iter().filter(|r| **r).count(),
+            17,
+            "the 17 areas of 67 FR 53233"
+        );
         assert_eq!(list.generalise("02139").unwrap(), "021");
         assert_eq!(list.generalise("02139-4307").unwrap(), "021");
         assert_eq!(

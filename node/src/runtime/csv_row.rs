@@ -76,18 +76,15 @@ impl Splitter {
         let mut rest = row;
         loop {
             let (field, after) = if let Some(quoted) = rest.strip_prefix(b"\"") {
-                let close = quoted.iter().position(|b| *b == b'"')?;
+                let close = memchr::memchr(b'"', quoted)?;
                 let after = &quoted[close + 1..];
                 if !(after.is_empty() || after[0] == b',') {
                     return None;
                 }
                 (&quoted[..close], after)
             } else {
-                let end = rest
-                    .iter()
-                    .position(|b| *b == b',' || *b == b'"')
-                    .unwrap_or(rest.len());
-                if rest.get(end) == Some(&b'"') {
+                let end = memchr::memchr3(b',', b'"', b'\n', rest).unwrap_or(rest.len());
+                if rest.get(end).is_some_and(|b| *b != b',') {
                     return None;
                 }
                 (&rest[..end], &rest[end..])
@@ -117,11 +114,13 @@ impl Splitter {
         }
         // Most rows quote nothing: split them at their commas directly (what the CSV
         // parser would do, without its byte-at-a-time state machine).
-        if !line.contains(&b'"') {
+        if memchr::memchr(b'"', line).is_none() {
             self.out.clear();
             let mut n = 0;
-            for field in row.split(|b| *b == b',') {
-                self.out.extend_from_slice(field);
+            let mut start = 0;
+            for end in memchr::memchr_iter(b',', row).chain([row.len()]) {
+                self.out.extend_from_slice(&row[start..end]);
+                start = end + 1;
                 if n == self.ends.len() {
                     self.ends.resize(self.ends.len() * 2, 0);
                 }
@@ -136,8 +135,7 @@ impl Splitter {
         }
         // Rows whose quoted fields are simple (an address in quotes) likewise; the state
         // machine takes the rest.
-        if !row.contains(&b'\n')
-            && !row.contains(&b'\r')
+        if memchr::memchr(b'\r', row).is_none()
             && let Some(n) = self.split_simple_quotes(row)
         {
             self.fields = n;
@@ -361,6 +359,7 @@ mod tests {
                 };
                 let n = s.parse(&line);
                 let m = reference.parse_with_state_machine(&line);
+                assert_eq!(n, m, "{:?}", String::from_utf8_lossy(&line));
                 assert_eq!(
                     fields(&s, n),
                     fields(&reference, m),
@@ -368,6 +367,25 @@ mod tests {
                     String::from_utf8_lossy(&line)
                 );
             }
+        }
+        // Line ends inside quotes are the field's; outside, the state machine's.
+        for line in [
+            &b"\"a\nb\",c"[..],
+            b"\"a\r\nb\",c",
+            b"a\n\"b\"",
+            b"\"a\",b\nc",
+        ] {
+            let n = s.parse(line);
+            let m = reference.parse_with_state_machine(line);
+            assert_eq!(
+                (0..n)
+                    .map(|i| s.bytes(i).map(<[u8]>::to_vec))
+                    .collect::<Vec<_>>(),
+                (0..m)
+                    .map(|i| reference.bytes(i).map(<[u8]>::to_vec))
+                    .collect::<Vec<_>>(),
+                "{line:?}"
+            );
         }
         // A row wider than the buffers it starts with.
         let wide = vec!["x".repeat(300); 40].join(",");
