@@ -4,7 +4,7 @@
 use super::pseudonym::Pseudonymizer;
 use super::safe_harbor::{Date, RestrictedZip3, generalise_age, generalise_birth_date};
 use super::{DatePolicy, DeidentifyConfig, FieldClass, FieldSpec, PATIENT, Record, Value};
-use crate::runtime::record::FieldName;
+use crate::runtime::record::FieldSlot;
 use crate::runtime::{
     Envelope, KvState, MessageCollector, NEXT, Rejection, StreamTask, TaskCoordinator, TaskError,
 };
@@ -24,14 +24,14 @@ pub(crate) fn identifier_text(value: &Value) -> Option<String> {
 /// dates to the year or shifted per patient, ZIP codes to three digits.
 pub struct Deidentify {
     /// The declared fields, each with its shared name.
-    fields: Vec<(FieldSpec, FieldName)>,
-    patient_id: Option<(String, FieldName)>,
+    fields: Vec<(FieldSpec, FieldSlot)>,
+    patient_id: Option<(String, FieldSlot)>,
     pseudonymizer: Option<Pseudonymizer>,
     restricted: RestrictedZip3,
     dates: DatePolicy,
     reference: Date,
     /// [`PATIENT`], shared by every record.
-    patient_name: FieldName,
+    patient_name: FieldSlot,
 }
 
 impl Deidentify {
@@ -85,16 +85,16 @@ impl Deidentify {
         Ok(Deidentify {
             fields: fields
                 .iter()
-                .map(|f| (f.clone(), FieldName::new(&f.name)))
+                .map(|f| (f.clone(), FieldSlot::new(&f.name)))
                 .collect(),
             patient_id: ids
                 .first()
-                .map(|f| (f.name.clone(), FieldName::new(&f.name))),
+                .map(|f| (f.name.clone(), FieldSlot::new(&f.name))),
             pseudonymizer,
             restricted,
             dates: config.dates,
             reference,
-            patient_name: FieldName::new(PATIENT),
+            patient_name: FieldSlot::new(PATIENT),
         })
     }
 
@@ -105,7 +105,7 @@ impl Deidentify {
         if let (Some((id_field, id_name)), Some(pseudonymizer)) =
             (&self.patient_id, &self.pseudonymizer)
         {
-            let pseudonym = match record.remove_named(id_name) {
+            let pseudonym = match record.remove_slot(id_name) {
                 Some(Value::Text(s)) if !s.trim().is_empty() => {
                     if self.dates == DatePolicy::Shift {
                         shift = Some(pseudonymizer.date_shift_days(&s));
@@ -121,7 +121,7 @@ impl Deidentify {
                 }
                 _ => return Err(Rejection::in_field(id_field, "no patient identifier")),
             };
-            record.set_named(&self.patient_name, Value::Text(pseudonym.into()));
+            record.set_slot(&self.patient_name, Value::Text(pseudonym.into()));
         }
         match self.generalise(&mut record, shift) {
             Ok(()) => Ok(record),
@@ -146,12 +146,12 @@ impl Deidentify {
             match f.class {
                 FieldClass::Value => continue,
                 FieldClass::PatientId | FieldClass::Identifier => {
-                    record.remove_named(field);
+                    record.remove_slot(field);
                     continue;
                 }
                 FieldClass::Age | FieldClass::BirthDate | FieldClass::Date | FieldClass::Zip => {}
             }
-            let Some(value) = record.get_named_mut(field) else {
+            let Some(value) = record.get_slot_mut(field) else {
                 continue;
             };
             if f.class == FieldClass::Age {

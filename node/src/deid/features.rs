@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::safe_harbor::Date;
 use super::{PATIENT, Record, Value};
-use crate::runtime::record::FieldName;
+use crate::runtime::record::FieldSlot;
 use crate::runtime::{
     Envelope, KvState, MessageCollector, NEXT, Rejection, StreamTask, TaskCoordinator, TaskError,
 };
@@ -116,9 +116,12 @@ pub struct Features {
     changed: BTreeSet<(usize, String)>,
     /// The names per-record features are set under, made once: each derivation's, each
     /// one-hot category's, each standardized column's.
-    derived_names: Vec<FieldName>,
-    one_hot_names: Vec<Vec<FieldName>>,
-    standardized_names: Vec<FieldName>,
+    derived_names: Vec<FieldSlot>,
+    one_hot_names: Vec<Vec<FieldSlot>>,
+    standardized_names: Vec<FieldSlot>,
+    /// Each derivation's two inputs; each one-hot column.
+    derived_inputs: Vec<[FieldSlot; 2]>,
+    one_hot_columns: Vec<FieldSlot>,
 }
 
 impl Features {
@@ -158,17 +161,22 @@ impl Features {
                 return Err(err(format!("window '{}': days must be at least 1", w.name)));
             }
         }
-        let derived_names = derive.iter().map(|d| FieldName::new(&d.name)).collect();
+        let derived_names = derive.iter().map(|d| FieldSlot::new(&d.name)).collect();
+        let derived_inputs = derive
+            .iter()
+            .map(|d| [FieldSlot::new(&d.inputs[0]), FieldSlot::new(&d.inputs[1])])
+            .collect();
+        let one_hot_columns = one_hot.iter().map(|h| FieldSlot::new(&h.column)).collect();
         let one_hot_names = one_hot
             .iter()
             .map(|h| {
                 h.categories
                     .iter()
-                    .map(|c| FieldName::new(&format!("{}_{c}", h.column)))
+                    .map(|c| FieldSlot::new(&format!("{}_{c}", h.column)))
                     .collect()
             })
             .collect();
-        let standardized_names = standardize.keys().map(|c| FieldName::new(c)).collect();
+        let standardized_names = standardize.keys().map(|c| FieldSlot::new(c)).collect();
         Ok(Features {
             derive,
             one_hot,
@@ -179,6 +187,8 @@ impl Features {
             derived_names,
             one_hot_names,
             standardized_names,
+            derived_inputs,
+            one_hot_columns,
         })
     }
 
@@ -231,9 +241,13 @@ impl Features {
     }
 
     fn per_record(&self, r: &mut Record) -> Result<(), Rejection> {
-        for (d, name) in self.derive.iter().zip(&self.derived_names) {
-            let a = r.number(&d.inputs[0]);
-            let b = r.number(&d.inputs[1]);
+        for ((d, name), [a, b]) in self
+            .derive
+            .iter()
+            .zip(&self.derived_names)
+            .zip(&self.derived_inputs)
+        {
+            let (a, b) = (r.number_slot(a), r.number_slot(b));
             let v = match (a, b) {
                 (Some(a), Some(b)) => {
                     let v = match d.formula {
@@ -258,22 +272,27 @@ impl Features {
                 }
                 _ => Value::Missing,
             };
-            r.set_named(name, v);
+            r.set_slot(name, v);
         }
-        for (h, names) in self.one_hot.iter().zip(&self.one_hot_names) {
-            let v = r.remove(&h.column);
+        for ((h, names), column) in self
+            .one_hot
+            .iter()
+            .zip(&self.one_hot_names)
+            .zip(&self.one_hot_columns)
+        {
+            let v = r.remove_slot(column);
             let v = v.as_ref().and_then(Value::as_str);
             for (c, name) in h.categories.iter().zip(names) {
                 let hot = match v {
                     Some(v) => Value::Number(f64::from(u8::from(v == c))),
                     None => Value::Missing,
                 };
-                r.set_named(name, hot);
+                r.set_slot(name, hot);
             }
         }
-        for ((col, s), name) in self.standardize.iter().zip(&self.standardized_names) {
-            if let Some(x) = r.number(col) {
-                r.set_named(name, Value::Number((x - s.mean) / s.sd));
+        for (s, name) in self.standardize.values().zip(&self.standardized_names) {
+            if let Some(x) = r.number_slot(name) {
+                r.set_slot(name, Value::Number((x - s.mean) / s.sd));
             }
         }
         Ok(())
@@ -377,6 +396,8 @@ impl StreamTask for Features {
 /// on unchanged.
 pub struct Alerts {
     rules: Vec<AlertRule>,
+    /// Each rule's column.
+    columns: Vec<FieldSlot>,
 }
 
 impl Alerts {
@@ -390,14 +411,15 @@ impl Alerts {
                 });
             }
         }
-        Ok(Alerts { rules })
+        let columns = rules.iter().map(|r| FieldSlot::new(&r.column)).collect();
+        Ok(Alerts { rules, columns })
     }
 
     /// The rules `record` breaks, described.
     pub fn fired(&self, record: &Record) -> Vec<String> {
         let mut fired = Vec::new();
-        for r in &self.rules {
-            let Some(x) = record.number(&r.column) else {
+        for (r, column) in self.rules.iter().zip(&self.columns) {
+            let Some(x) = record.number_slot(column) else {
                 continue;
             };
             if let Some(hi) = r.above

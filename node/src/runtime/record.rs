@@ -103,6 +103,54 @@ impl FieldName {
     }
 }
 
+/// A field's name and the place in a record it was last found at. The records of one
+/// pipeline have the same fields in the same places, so a task looking a field up through
+/// its slot compares one name, not searches ([`Record::get_slot`] and the like); a record
+/// laid out otherwise is searched, and the place remembered.
+#[derive(Debug, Clone)]
+pub struct FieldSlot {
+    name: FieldName,
+    at: std::cell::Cell<usize>,
+}
+
+impl FieldSlot {
+    /// The slot of field `name`.
+    pub fn new(name: &str) -> FieldSlot {
+        FieldSlot::of(FieldName::new(name))
+    }
+
+    /// The slot of `name`.
+    pub fn of(name: FieldName) -> FieldSlot {
+        FieldSlot {
+            name,
+            at: std::cell::Cell::new(0),
+        }
+    }
+
+    /// The field's name.
+    pub fn name(&self) -> &FieldName {
+        &self.name
+    }
+
+    /// Where the field is in `record`.
+    #[inline]
+    fn find(&self, record: &Record) -> Result<usize, usize> {
+        let at = self.at.get();
+        if record
+            .fields
+            .get(at)
+            .is_some_and(|(name, _)| name.same(&self.name))
+        {
+            return Ok(at);
+        }
+        let found = record.find_named(&self.name);
+        if let Ok(i) = found {
+            self.at.set(i);
+        }
+        found
+    }
+}
+
 impl std::fmt::Debug for FieldName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         self.text.fmt(f)
@@ -182,6 +230,42 @@ impl Record {
             return None;
         }
         Some(Record { fields })
+    }
+
+    /// The value of the field of `slot`, if the record has it.
+    #[inline]
+    pub fn get_slot(&self, slot: &FieldSlot) -> Option<&Value> {
+        slot.find(self).ok().map(|i| &self.fields[i].1)
+    }
+
+    /// The value of the field of `slot` if it is a number.
+    #[inline]
+    pub fn number_slot(&self, slot: &FieldSlot) -> Option<f64> {
+        self.get_slot(slot).and_then(Value::as_f64)
+    }
+
+    /// The value of the field of `slot`, to change in place.
+    #[inline]
+    pub fn get_slot_mut(&mut self, slot: &FieldSlot) -> Option<&mut Value> {
+        slot.find(self).ok().map(|i| &mut self.fields[i].1)
+    }
+
+    /// Sets the field of `slot` to `value`, replacing any earlier value.
+    #[inline]
+    pub fn set_slot(&mut self, slot: &FieldSlot, value: Value) {
+        match slot.find(self) {
+            Ok(i) => self.fields[i].1 = value,
+            Err(i) => {
+                self.fields.insert(i, (slot.name, value));
+                slot.at.set(i);
+            }
+        }
+    }
+
+    /// Removes the field of `slot`, returning its value.
+    #[inline]
+    pub fn remove_slot(&mut self, slot: &FieldSlot) -> Option<Value> {
+        slot.find(self).ok().map(|i| self.fields.remove(i).1)
     }
 
     /// Where field `name` is in this record, for [`Record::set_at`].
@@ -981,6 +1065,36 @@ pub fn records_begun(value: &[u8]) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_field_slot_finds_its_field_in_records_laid_out_otherwise() {
+        let glu = FieldSlot::new("glu");
+        let mut a = Record::default();
+        a.set("age", Value::Number(40.0));
+        a.set("glu", Value::Number(120.0));
+        let mut b = Record::default();
+        b.set("glu", Value::Number(99.0));
+        // The slot remembers place 1 from `a`; in `b` the field is at 0, and in `c` absent.
+        assert_eq!(a.number_slot(&glu), Some(120.0));
+        assert_eq!(b.number_slot(&glu), Some(99.0));
+        assert_eq!(a.number_slot(&glu), Some(120.0));
+        let mut c = Record::default();
+        c.set("bmi", Value::Number(30.0));
+        c.set("zzz", Value::Number(1.0));
+        assert_eq!(c.get_slot(&glu), None);
+        // Another field at the remembered place is not taken for it.
+        assert_eq!(c.remove_slot(&glu), None);
+        c.set_slot(&glu, Value::Number(5.0));
+        assert_eq!(c.names().collect::<Vec<_>>(), ["bmi", "glu", "zzz"]);
+        assert_eq!(c.remove_slot(&glu), Some(Value::Number(5.0)));
+        assert_eq!(c.names().collect::<Vec<_>>(), ["bmi", "zzz"]);
+        if let Some(v) = b.get_slot_mut(&glu) {
+            *v = Value::Missing;
+        }
+        assert_eq!(b.get("glu"), Some(&Value::Missing));
+        a.set_slot(&glu, Value::Number(1.0));
+        assert_eq!(a.number("glu"), Some(1.0));
+    }
 
     fn rec(fields: &[(&str, Value)]) -> Record {
         let mut r = Record::default();

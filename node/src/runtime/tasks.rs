@@ -20,6 +20,8 @@ pub struct ColumnStats {
     values: Vec<f64>,
     /// Reading de-identified records (`crate::deid::Record`) rather than CSV rows.
     records: bool,
+    /// The chosen fields of records.
+    slots: Vec<super::record::FieldSlot>,
     /// Records left out for want of a number in a chosen field.
     skipped: u64,
 }
@@ -51,6 +53,7 @@ impl ColumnStats {
             sum_sq: vec![0.0; n],
             values: vec![0.0; n],
             records: false,
+            slots: Vec::new(),
             skipped: 0,
         })
     }
@@ -73,6 +76,10 @@ impl ColumnStats {
             sum_sq: vec![0.0; n],
             values: vec![0.0; n],
             records: true,
+            slots: chosen
+                .iter()
+                .map(|c| super::record::FieldSlot::new(c))
+                .collect(),
             skipped: 0,
         }
     }
@@ -160,8 +167,8 @@ impl StreamTask for ColumnStats {
             return Ok(());
         }
         let mut all = true;
-        for (slot, (_, name)) in self.columns.iter().enumerate() {
-            match record.number(name) {
+        for (slot, field) in self.slots.iter().enumerate() {
+            match record.number_slot(field) {
                 Some(v) if v.is_finite() => self.values[slot] = v,
                 _ => {
                     all = false;
