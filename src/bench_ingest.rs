@@ -345,6 +345,14 @@ fn hmac_only(n: u64) -> (u64, f64) {
     (n, t.elapsed().as_secs_f64())
 }
 
+/// "1 partition", "2 partitions".
+fn partitions(n: u32) -> String {
+    match n {
+        1 => "1 partition".into(),
+        n => format!("{n} partitions"),
+    }
+}
+
 pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.records > 0, "--records must be at least 1");
     let tmp = tempfile::tempdir()?;
@@ -382,9 +390,9 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
     println!(
-        "pipeline: docs/samples/node.toml's '{PIPELINE}' ({} fields, every class; {} partitions by {})",
+        "pipeline: docs/samples/node.toml's '{PIPELINE}' ({} fields, every class; {} by {})",
         cfg.fields.len(),
-        cfg.partitions,
+        partitions(cfg.partitions),
         cfg.partition_by.as_deref().unwrap_or("file")
     );
     let keystore = dir.join("keystore/pseudonym-keys.toml");
@@ -476,14 +484,14 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         hmacs as f64 / hmac_secs
     );
     row(
-        &format!("de-identification pipeline ({} partitions)", cfg.partitions),
+        &format!("de-identification pipeline ({})", partitions(cfg.partitions)),
         processed as f64 / secs,
         mb(processed, secs),
     );
     row(
         &format!(
-            "the same, scoring each record ({} partitions)",
-            cfg.partitions
+            "the same, scoring each record ({})",
+            partitions(cfg.partitions)
         ),
         processed as f64 / scored_secs,
         mb(processed, scored_secs),
@@ -499,9 +507,9 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     );
     println!(
         "scoring ([[ingest.score]], a logistic model of 9 inputs with its recipe): {:.2} µs more \
-         per record of wall time over {} partitions ({:.2} s in all)",
+         per record of wall time over {} ({:.2} s in all)",
         (scored_secs - secs) / processed as f64 * 1e6,
-        cfg.partitions,
+        partitions(cfg.partitions),
         scored_secs
     );
     println!(
