@@ -484,7 +484,10 @@ pub fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         hmacs as f64 / hmac_secs
     );
     row(
-        &format!("de-identification pipeline ({})", partitions(cfg.partitions)),
+        &format!(
+            "de-identification pipeline ({})",
+            partitions(cfg.partitions)
+        ),
         processed as f64 / secs,
         mb(processed, secs),
     );
