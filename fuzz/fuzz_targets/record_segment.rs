@@ -8,7 +8,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use medfed_node::runtime::record::{
     Record, Value, chunk_value, decode_chunked, decode_segment, decode_stored, encode_segment,
-    segment_chunks,
+    segment_chunks, stored_field_names,
 };
 
 /// A value the fuzzer chooses.
@@ -25,6 +25,7 @@ fuzz_target!(|data: &[u8]| {
     if data.first().is_some_and(|b| *b < 0x80) {
         let _ = decode_segment(&data[1..]);
         let _ = decode_stored(&data[1..]);
+        let _ = stored_field_names(&data[1..]);
         // As stored values in key order: cut wherever a 0xff byte is.
         let _ = decode_chunked(data[1..].split(|b| *b == 0xff));
         return;
@@ -57,6 +58,14 @@ fuzz_target!(|data: &[u8]| {
     let bytes = encode_segment(&records);
     let back = decode_segment(&bytes).expect("a segment the node wrote reads back");
     assert_eq!(back, records);
+    // The field names read without decoding are the records' own.
+    let mut names: Vec<String> = records
+        .iter()
+        .flat_map(|r| r.names().map(str::to_string).collect::<Vec<_>>())
+        .collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(stored_field_names(&bytes).expect("names read back"), names);
     // Stored in chunks, read back whole.
     let values: Vec<Vec<u8>> = segment_chunks(&bytes)
         .into_iter()

@@ -334,9 +334,8 @@ impl Node {
             .map(|name| DatasetInfo {
                 name: name.clone(),
                 // Only the columns a study may use: the others' names are nobody's business.
-                columns: match self.table_with_classes(name) {
-                    Ok(Some((t, classes))) => t
-                        .columns
+                columns: match self.columns_with_classes(name) {
+                    Ok(Some((columns, classes))) => columns
                         .iter()
                         .filter(|c| {
                             classes
@@ -1087,34 +1086,66 @@ impl Node {
         self.studies.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The store holding an ingested dataset's records, once its pipeline has caught up.
+    fn ingested_store(
+        &self,
+        name: &str,
+        pipeline: &crate::ingest::IngestConfig,
+    ) -> Result<&Arc<dyn medfed_infra::store::Store>, String> {
+        if let Some(r) = &self.readiness {
+            use crate::ingest::ready::Stage;
+            match r.stage(&pipeline.stream) {
+                Some(Stage::CaughtUp) => {}
+                Some(Stage::Failed(why)) => {
+                    return Err(format!(
+                        "dataset '{name}' is not served: its ingestion pipeline '{}' failed ({why})",
+                        pipeline.stream
+                    ));
+                }
+                None | Some(Stage::CatchingUp { .. }) => {
+                    return Err(format!(
+                        "dataset '{name}' is not ready: its ingestion pipeline '{}' is still reading its input",
+                        pipeline.stream
+                    ));
+                }
+            }
+        }
+        self.store
+            .as_ref()
+            .ok_or_else(|| format!("dataset '{name}': the node's store is not open"))
+    }
+
+    /// A configured dataset's columns and their classes, without reading its rows (an
+    /// ingested dataset's from its stored segments' column names).
+    pub(crate) fn columns_with_classes(
+        &self,
+        name: &str,
+    ) -> Result<Option<(Vec<String>, ColumnClasses)>, String> {
+        let declared = self
+            .dataset_config(name)
+            .map(|d| d.classes.clone())
+            .unwrap_or_default();
+        match self.datasets.get(name) {
+            None => Ok(None),
+            Some(Dataset::File(t, classes)) => Ok(Some((t.columns.clone(), classes.clone()))),
+            Some(Dataset::Ingested(pipeline)) => {
+                let store = self.ingested_store(name, pipeline)?;
+                let columns = crate::ingest::kept_columns(pipeline, &**store)
+                    .map_err(|e| format!("dataset '{name}': {e}"))?;
+                let classes = ColumnClasses::for_pipeline(&columns, &pipeline.fields, &declared)
+                    .with_local_only(pipeline.scores.iter().map(|s| s.output.as_str()));
+                Ok(Some((columns, classes)))
+            }
+        }
+    }
+
     /// A configured dataset, by name.
     pub(crate) fn table(&self, name: &str) -> Result<Option<Arc<Table>>, String> {
         match self.datasets.get(name) {
             None => Ok(None),
             Some(Dataset::File(t, _)) => Ok(Some(t.clone())),
             Some(Dataset::Ingested(pipeline)) => {
-                if let Some(r) = &self.readiness {
-                    use crate::ingest::ready::Stage;
-                    match r.stage(&pipeline.stream) {
-                        Some(Stage::CaughtUp) => {}
-                        Some(Stage::Failed(why)) => {
-                            return Err(format!(
-                                "dataset '{name}' is not served: its ingestion pipeline '{}' failed ({why})",
-                                pipeline.stream
-                            ));
-                        }
-                        None | Some(Stage::CatchingUp { .. }) => {
-                            return Err(format!(
-                                "dataset '{name}' is not ready: its ingestion pipeline '{}' is still reading its input",
-                                pipeline.stream
-                            ));
-                        }
-                    }
-                }
-                let store = self
-                    .store
-                    .as_ref()
-                    .ok_or_else(|| format!("dataset '{name}': the node's store is not open"))?;
+                let store = self.ingested_store(name, pipeline)?;
                 let source = PathBuf::from(format!("ingest pipeline '{}'", pipeline.stream));
                 let table = crate::ingest::kept_table(pipeline, &**store, &source)
                     .map_err(|e| format!("dataset '{name}': {e}"))?;
@@ -1139,8 +1170,9 @@ impl Node {
                 let Some(table) = self.table(name)? else {
                     return Ok(None);
                 };
-                let classes = ColumnClasses::for_pipeline(&table, &pipeline.fields, &declared)
-                    .with_local_only(pipeline.scores.iter().map(|s| s.output.as_str()));
+                let classes =
+                    ColumnClasses::for_pipeline(&table.columns, &pipeline.fields, &declared)
+                        .with_local_only(pipeline.scores.iter().map(|s| s.output.as_str()));
                 Ok(Some((table, classes)))
             }
         }

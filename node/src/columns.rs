@@ -70,8 +70,16 @@ impl ColumnClasses {
     /// list and refusals. What the values look like is told to the operator instead
     /// ([`value_warnings`]).
     pub fn for_table(table: &Table, declared: &BTreeMap<String, FieldClass>) -> ColumnClasses {
+        ColumnClasses::for_columns(&table.columns, declared)
+    }
+
+    /// [`ColumnClasses::for_table`] of a table with `columns`.
+    pub fn for_columns(
+        columns: &[String],
+        declared: &BTreeMap<String, FieldClass>,
+    ) -> ColumnClasses {
         let mut classes = BTreeMap::new();
-        for name in &table.columns {
+        for name in columns {
             if let Some(class) = declared.get(name) {
                 classes.insert(name.clone(), (*class, Source::Declared));
             } else if let Some(class) = by_name(name) {
@@ -88,11 +96,11 @@ impl ColumnClasses {
     /// The classes of a pipeline's kept records: the pipeline's own for its fields, the
     /// pseudonym field, then as for a table (declared first, then names and values).
     pub fn for_pipeline(
-        table: &Table,
+        columns: &[String],
         fields: &[crate::deid::FieldSpec],
         declared: &BTreeMap<String, FieldClass>,
     ) -> ColumnClasses {
-        let mut out = ColumnClasses::for_table(table, declared);
+        let mut out = ColumnClasses::for_columns(columns, declared);
         for f in fields {
             // A pipeline's identifier classes cannot be relaxed by a declaration: the
             // stricter one holds.
@@ -610,7 +618,7 @@ mod tests {
         .unwrap()
         .field;
         let declared = BTreeMap::from([("birth_year".to_string(), FieldClass::Value)]);
-        let classes = ColumnClasses::for_pipeline(&t, &fields, &declared);
+        let classes = ColumnClasses::for_pipeline(&t.columns, &fields, &declared);
         let err = classes.check("d", ["glu", "patient"]).unwrap_err();
         assert!(
             err.contains("column 'patient'") && err.contains("a patient identifier"),

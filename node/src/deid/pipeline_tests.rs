@@ -443,7 +443,8 @@ fn a_column_imputed_from_other_patients_is_not_released_with_noise_that_cannot_c
             .map(|(i, r)| (i as u32, r.clone()))
             .collect::<Vec<_>>(),
     );
-    let classes = crate::columns::ColumnClasses::for_pipeline(&table, &specs, &Default::default());
+    let classes =
+        crate::columns::ColumnClasses::for_pipeline(&table.columns, &specs, &Default::default());
     let err = classes.check_private("d", ["glu"]).unwrap_err();
     assert!(
         err.contains("missing = \"mean\"") && err.contains("indicator"),
@@ -454,8 +455,11 @@ fn a_column_imputed_from_other_patients_is_not_released_with_noise_that_cannot_c
         toml::from_str::<FieldList>("[[field]]\nname = \"glu\"\nmissing = \"indicator\"\n")
             .unwrap()
             .field;
-    let classes =
-        crate::columns::ColumnClasses::for_pipeline(&table, &indicator, &Default::default());
+    let classes = crate::columns::ColumnClasses::for_pipeline(
+        &table.columns,
+        &indicator,
+        &Default::default(),
+    );
     assert!(classes.check_private("d", ["glu"]).is_ok());
 }
 
@@ -467,7 +471,9 @@ struct FieldList {
 #[test]
 fn a_dataset_read_a_segment_at_a_time_is_the_table_of_all_its_records() {
     use crate::data::Table;
-    use crate::ingest::{RECORDS_STREAM, kept_count, kept_records_with_ids, kept_table};
+    use crate::ingest::{
+        RECORDS_STREAM, kept_columns, kept_count, kept_records_with_ids, kept_table,
+    };
     use crate::runtime::record::{chunk_value, encode_segment, segment_chunks};
     let dir = tempfile::tempdir().unwrap();
     let store = store::open(Backend::DEFAULT, &dir.path().join("state")).unwrap();
@@ -537,6 +543,8 @@ fn a_dataset_read_a_segment_at_a_time_is_the_table_of_all_its_records() {
     };
     assert_eq!(columns, ["aaa", "bmi", "glu", PATIENT]);
     assert_eq!(streamed.columns, columns);
+    // What the node tells the aggregator it can serve, read without building the table.
+    assert_eq!(kept_columns(&cfg, &*store).unwrap(), columns);
     assert_eq!(streamed.len(), all.len());
     for (row, (id, r)) in all.iter().enumerate() {
         assert_eq!(streamed.row_id(row), *id);
@@ -565,6 +573,8 @@ fn a_dataset_read_a_segment_at_a_time_is_the_table_of_all_its_records() {
     lose.delete(&ns, &key).unwrap();
     store.commit(lose).unwrap();
     let e = kept_table(&cfg, &*store, source).unwrap_err().to_string();
+    assert!(e.contains("partition 0's kept records"), "{e}");
+    let e = kept_columns(&cfg, &*store).unwrap_err().to_string();
     assert!(e.contains("partition 0's kept records"), "{e}");
     // A segment whose record count cannot be read cannot be counted either.
     let mut broken = store::Batch::default();

@@ -907,6 +907,40 @@ pub fn alerts(
     Ok(out)
 }
 
+/// The field names of a pipeline's kept records, in name order (the columns of its
+/// dataset's table, [`kept_table`]), read from the stored segments without decoding their
+/// values: what a node tells the aggregator it can serve, without building the table.
+pub fn kept_columns(cfg: &IngestConfig, store: &dyn Store) -> Result<Vec<String>, IngestError> {
+    let fail = |detail: String| IngestError {
+        stream: cfg.stream.clone(),
+        detail,
+    };
+    let mut names = std::collections::BTreeSet::new();
+    for (p, _) in parts(cfg).map_err(fail)? {
+        let ns = format!("output/{RECORDS_STREAM}/{}/{p}", cfg.stream);
+        let mut decoder = crate::runtime::record::ChunkedDecoder::default();
+        let mut collect = |whole: &[u8]| {
+            names.extend(crate::runtime::record::stored_field_names(whole)?);
+            Ok(())
+        };
+        let mut failed = None;
+        store
+            .scan_each(&ns, &mut |_, v| match decoder.push_with(v, &mut collect) {
+                Ok(()) => std::ops::ControlFlow::Continue(()),
+                Err(e) => {
+                    failed = Some(e);
+                    std::ops::ControlFlow::Break(())
+                }
+            })
+            .map_err(|e| fail(e.to_string()))?;
+        failed
+            .map_or(Ok(()), Err)
+            .and_then(|()| decoder.finish_with(&mut collect))
+            .map_err(|e| fail(format!("partition {p}'s kept records: {e}")))?;
+    }
+    Ok(names.into_iter().collect())
+}
+
 /// Hands each partition's kept records to `each`, partition by partition in input order,
 /// a stored segment at a time: never all of them at once (a dataset of tens of millions
 /// of records would not fit in memory).

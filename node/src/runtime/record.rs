@@ -1014,9 +1014,34 @@ pub struct ChunkedDecoder {
     values: usize,
 }
 
+/// What is done with each whole stored value (a segment put back together, or a single
+/// record) of [`ChunkedDecoder::push_with`].
+pub type Whole<'a> = dyn FnMut(&[u8]) -> Result<(), String> + 'a;
+
 impl ChunkedDecoder {
     /// Takes the next value in key order.
     pub fn push(&mut self, value: &[u8]) -> Result<Vec<Record>, String> {
+        let mut records = Vec::new();
+        self.push_with(value, &mut |whole| {
+            records.extend(decode_stored(whole)?);
+            Ok(())
+        })?;
+        Ok(records)
+    }
+
+    /// The records of the segment still being put together, if any.
+    pub fn finish(&mut self) -> Result<Vec<Record>, String> {
+        let mut records = Vec::new();
+        self.finish_with(&mut |whole| {
+            records.extend(decode_segment(whole)?);
+            Ok(())
+        })?;
+        Ok(records)
+    }
+
+    /// As [`ChunkedDecoder::push`], handing each whole stored value to `whole` instead of
+    /// decoding it ([`stored_field_names`], say).
+    pub fn push_with(&mut self, value: &[u8], whole: &mut Whole<'_>) -> Result<(), String> {
         let i = self.values;
         self.values += 1;
         if let Some(rest) = value.strip_prefix(CHUNK_MAGIC) {
@@ -1024,24 +1049,105 @@ impl ChunkedDecoder {
                 .as_mut()
                 .ok_or_else(|| format!("value {i}: a chunk of a segment with no beginning"))?
                 .extend_from_slice(rest);
-            return Ok(Vec::new());
+            return Ok(());
         }
-        let mut records = self.finish()?;
+        self.finish_with(whole)?;
         if is_segment(value) {
             self.pending = Some(value.to_vec());
+            Ok(())
         } else {
-            records.extend(decode_stored(value).map_err(|e| format!("value {i}: {e}"))?);
+            whole(value).map_err(|e| format!("value {i}: {e}"))
         }
-        Ok(records)
     }
 
-    /// The records of the segment still being put together, if any.
-    pub fn finish(&mut self) -> Result<Vec<Record>, String> {
+    /// As [`ChunkedDecoder::finish`], handing the last segment to `whole`.
+    pub fn finish_with(&mut self, whole: &mut Whole<'_>) -> Result<(), String> {
         match self.pending.take() {
-            Some(segment) => decode_segment(&segment),
-            None => Ok(Vec::new()),
+            Some(segment) => whole(&segment),
+            None => Ok(()),
         }
     }
+}
+
+/// The field names of the records in a stored value (a segment or a single record), read
+/// without decoding the values: a segment's column names, walking past each column's
+/// values. What else decoding would find wrong with the values is left to decoding.
+pub fn stored_field_names(bytes: &[u8]) -> Result<Vec<String>, String> {
+    if !is_segment(bytes) {
+        return Record::decode(bytes).map(|r| r.names().map(str::to_string).collect());
+    }
+    let mut r = Reader { bytes, at: 0 };
+    r.take(4)?;
+    let n = r.count(MAX_SEGMENT_RECORDS)?;
+    let columns = r.count(bytes.len())?;
+    if n.saturating_mul(columns) > MAX_SEGMENT_VALUES {
+        return Err(r.fail("more values than a segment holds"));
+    }
+    let mut names = Vec::with_capacity(columns);
+    for _ in 0..columns {
+        names.push(r.text()?.to_string());
+        // How many numbers and texts the column holds, from its kinds.
+        let (numbers, texts) = match r.byte()? {
+            k @ 0..=3 => (
+                if k == NUMBER { n } else { 0 },
+                if k == TEXT { n } else { 0 },
+            ),
+            4 => {
+                let packed = r.take(n.div_ceil(4))?;
+                let kind = |i: usize| (packed[i / 4] >> (2 * (i % 4))) & 3;
+                (
+                    (0..n).filter(|i| kind(*i) == NUMBER).count(),
+                    (0..n).filter(|i| kind(*i) == TEXT).count(),
+                )
+            }
+            _ => return Err(r.fail("an unknown kind")),
+        };
+        if numbers > 0 {
+            match r.byte()? {
+                NUM_DECIMAL => {
+                    r.byte()?;
+                    for _ in 0..numbers {
+                        r.varint()?;
+                    }
+                }
+                NUM_F64 => {
+                    r.take(numbers.saturating_mul(8))?;
+                }
+                _ => return Err(r.fail("an unknown number encoding")),
+            }
+        }
+        if texts > 0 {
+            match r.byte()? {
+                TEXT_RAW => {
+                    for _ in 0..texts {
+                        r.text()?;
+                    }
+                }
+                TEXT_DICT => {
+                    let k = r.count(MAX_DICT)?;
+                    for _ in 0..k {
+                        r.text()?;
+                    }
+                    for _ in 0..texts {
+                        r.count(k.saturating_sub(1))?;
+                    }
+                }
+                TEXT_HEX => {
+                    r.text()?;
+                    let digits = r.count(bytes.len().saturating_mul(2))?;
+                    if digits % 2 == 1 {
+                        return Err(r.fail("an odd number of hex digits"));
+                    }
+                    r.take((digits / 2).saturating_mul(texts))?;
+                }
+                _ => return Err(r.fail("an unknown text encoding")),
+            }
+        }
+    }
+    if r.at != bytes.len() {
+        return Err(r.fail("bytes after the last column"));
+    }
+    Ok(names)
 }
 
 /// How many records a stored value begins, read from its header without decoding the
@@ -1065,6 +1171,61 @@ pub fn records_begun(value: &[u8]) -> Result<usize, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn field_names_are_read_without_decoding_and_match_the_decoded_records() {
+        let mut records = Vec::new();
+        for i in 0..3000u32 {
+            let mut r = Record::default();
+            r.set("glu", Value::Number(f64::from(i % 200) + 0.5));
+            r.set("x", Value::Number(f64::from(i).sqrt()));
+            r.set(
+                "sex",
+                Value::Text(if i % 2 == 0 { "F" } else { "M" }.into()),
+            );
+            r.set(
+                "patient",
+                Value::Text(format!("v1:{:032x}", i * 7919).into()),
+            );
+            r.set("note", Value::Text(format!("n{i}").into()));
+            if i % 3 == 0 {
+                r.set("bp", Value::Missing);
+            }
+            if i == 2999 {
+                r.set("zz_late", Value::Number(1.0));
+            }
+            records.push(r);
+        }
+        let bytes = encode_segment(&records);
+        let mut want: Vec<String> = decode_segment(&bytes)
+            .unwrap()
+            .iter()
+            .flat_map(|r| r.names().map(str::to_string).collect::<Vec<_>>())
+            .collect();
+        want.sort();
+        want.dedup();
+        assert_eq!(stored_field_names(&bytes).unwrap(), want);
+        // Through the chunks a store keeps, put back together.
+        let mut names = Vec::new();
+        let mut decoder = ChunkedDecoder::default();
+        let mut collect = |whole: &[u8]| {
+            names.extend(stored_field_names(whole)?);
+            Ok(())
+        };
+        let chunks = segment_chunks(&bytes);
+        assert!(chunks.len() > 1);
+        for (i, c) in chunks.iter().enumerate() {
+            decoder.push_with(&chunk_value(i, c), &mut collect).unwrap();
+        }
+        decoder.finish_with(&mut collect).unwrap();
+        assert_eq!(names, want);
+        // A single record, and broken bytes: errors, not panics.
+        let one = records[0].encode();
+        assert_eq!(stored_field_names(&one).unwrap().len(), records[0].len());
+        for cut in [5, bytes.len() / 2, bytes.len() - 1] {
+            assert!(stored_field_names(&bytes[..cut]).is_err(), "{cut}");
+        }
+    }
 
     #[test]
     fn a_field_slot_finds_its_field_in_records_laid_out_otherwise() {
