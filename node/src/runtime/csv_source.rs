@@ -324,6 +324,7 @@ impl Out {
                     env.stream = stream.clone();
                 }
                 env.offset = offset;
+                env.partition = self.partition;
                 match (&mut env.key, key) {
                     (Some(k), Some(key)) => {
                         k.clear();

@@ -1083,7 +1083,8 @@ pub fn stored_field_names(bytes: &[u8]) -> Result<Vec<String>, String> {
     if n.saturating_mul(columns) > MAX_SEGMENT_VALUES {
         return Err(r.fail("more values than a segment holds"));
     }
-    let mut names = Vec::with_capacity(columns);
+    // Each column takes at least two bytes: a count of hostile bytes allocates no more.
+    let mut names = Vec::with_capacity(columns.min(bytes.len() / 2));
     for _ in 0..columns {
         names.push(r.text()?.to_string());
         // How many numbers and texts the column holds, from its kinds.
