@@ -4,7 +4,6 @@ use medfed_infra::store::Store;
 
 use super::{IngestConfig, IngestError, Part, parts};
 use crate::runtime::Timing;
-use crate::runtime::csv_source::Partitioning;
 use crate::runtime::restore_counts;
 
 /// One line of `medfed node status`.
@@ -44,9 +43,14 @@ pub fn status(
             stream: cfg.stream.clone(),
             detail,
         };
-        for (p, part) in parts(cfg).map_err(fail)? {
-            let (offset, processed, quarantined) =
-                restore_counts(store, &cfg.stream, p).map_err(|e| fail(e.to_string()))?;
+        let parts = parts(cfg).map_err(fail)?;
+        let mut counts = Vec::new();
+        for (p, _) in &parts {
+            counts.push(restore_counts(store, &cfg.stream, *p).map_err(|e| fail(e.to_string()))?);
+        }
+        // A CSV file's partitions share one pass over it.
+        let csv_lags = csv_lags(&parts, &counts);
+        for ((p, part), (offset, processed, quarantined)) in parts.into_iter().zip(counts) {
             let key = format!("{}/{p}", cfg.stream);
             let last = store
                 .get("metrics/checkpoint_ms", key.as_bytes())
@@ -55,11 +59,7 @@ pub fn status(
                 .map(u64::from_be_bytes);
             // The lag where the source can tell it, or why asking it failed.
             let lag: Result<Option<u64>, String> = match &part {
-                Part::Csv { path, opts } if opts.partitioning == Partitioning::Whole => {
-                    Ok(count_lines(path)
-                        .ok()
-                        .map(|n| n.saturating_sub(1).saturating_sub(offset)))
-                }
+                Part::Csv { .. } => csv_lags.get(&p).cloned().transpose(),
                 Part::Omop(omop) => crate::runtime::omop_source::remaining(omop, offset)
                     .map(Some)
                     .map_err(|e| e.to_string()),
@@ -89,22 +89,34 @@ pub fn status(
     Ok(out)
 }
 
-/// The newlines in a file, read in blocks (an extract can be larger than memory).
-fn count_lines(path: &std::path::Path) -> std::io::Result<u64> {
-    use std::io::Read;
-    let mut file = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut lines = 0u64;
-    loop {
-        let n = match file.read(&mut buf) {
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            r => r?,
-        };
-        if n == 0 {
-            return Ok(lines);
+/// The rows each CSV partition still has to read (`csv_source::remaining`), or why they
+/// could not be counted: one pass over each file, for all the partitions reading it.
+fn csv_lags(
+    parts: &[(u32, Part)],
+    counts: &[(u64, u64, u64)],
+) -> std::collections::BTreeMap<u32, Result<u64, String>> {
+    let mut by_file: std::collections::BTreeMap<&std::path::Path, (_, Vec<(u32, u64)>)> =
+        Default::default();
+    for ((p, part), (offset, ..)) in parts.iter().zip(counts) {
+        if let Part::Csv { path, opts } = part {
+            by_file
+                .entry(path.as_path())
+                .or_insert_with(|| (opts, Vec::new()))
+                .1
+                .push((*p, *offset));
         }
-        lines += buf[..n].iter().filter(|c| **c == b'\n').count() as u64;
     }
+    let mut lags = std::collections::BTreeMap::new();
+    for (path, (opts, from)) in by_file {
+        match crate::runtime::csv_source::remaining(path, opts, &from) {
+            Ok(left) => lags.extend(from.iter().map(|(p, _)| *p).zip(left.into_iter().map(Ok))),
+            Err(e) => {
+                let why = format!("{}: {e}", path.display());
+                lags.extend(from.iter().map(|(p, _)| (*p, Err(why.clone()))));
+            }
+        }
+    }
+    lags
 }
 
 /// Each partition's timing of its last run, for one pipeline (none for a partition that

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::mpsc::{SyncSender, sync_channel};
 use std::time::Duration;
 
+use super::csv_row::Splitter;
 use super::{Envelope, Input};
 
 /// Envelopes per batch, and batches in flight.
@@ -72,6 +73,79 @@ fn key_hash(key: &[u8]) -> u64 {
     key.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
     })
+}
+
+/// The column rows are partitioned by (its index) and the number of partitions, if any.
+type KeyColumn = Option<(usize, u64)>;
+
+/// Where the key of `opts`' partitioning is in `header`.
+fn key_column(header: &[String], path: &Path, opts: &CsvOptions) -> std::io::Result<KeyColumn> {
+    match &opts.partitioning {
+        Partitioning::Whole => Ok(None),
+        Partitioning::ByKey { column, partitions } => {
+            let i = header.iter().position(|h| h == column).ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "{}: no column named '{column}' to partition by",
+                        path.display()
+                    ),
+                )
+            })?;
+            Ok(Some((i, u64::from((*partitions).max(1)))))
+        }
+    }
+}
+
+/// A row's key. A row whose key cannot be read has the empty key: its partition's task
+/// quarantines it.
+fn key_of<'a>(splitter: &'a mut Splitter, row: &[u8], key_col: KeyColumn) -> Option<&'a [u8]> {
+    key_col.map(|(i, _)| splitter.leading_field(row, i).unwrap_or_default())
+}
+
+/// The partition a row with `key` goes to (`None`: every partition).
+fn target_of(key: Option<&[u8]>, key_col: KeyColumn) -> Option<u32> {
+    match (key_col, key) {
+        (Some((_, n)), Some(k)) => Some((key_hash(k) % n) as u32),
+        _ => None,
+    }
+}
+
+/// How many rows each of `partitions` (`(partition, from)`, as for [`read_partitions`])
+/// still has to read in `path`: the rows at or after its `from` that go to it. One pass
+/// over the file, reading and partitioning rows as the reader does; for `medfed node
+/// status`.
+pub fn remaining(
+    path: &Path,
+    opts: &CsvOptions,
+    partitions: &[(u32, u64)],
+) -> std::io::Result<Vec<u64>> {
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+    let mut line = Vec::new();
+    reader.read_until(b'\n', &mut line)?;
+    let key_col = key_column(&super::csv_row::header(&line), path, opts)?;
+    let mut splitter = Splitter::new();
+    let mut left = vec![0u64; partitions.len()];
+    let mut row = 0u64;
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(left);
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        let target = target_of(key_of(&mut splitter, &line, key_col), key_col);
+        for (n, (p, from)) in left.iter_mut().zip(partitions) {
+            if row >= *from && target.is_none_or(|t| t == *p) {
+                *n += 1;
+            }
+        }
+        row += 1;
+    }
 }
 
 /// Starts reading `path` (one partition) from data row `from`.
@@ -154,21 +228,7 @@ fn read_partitions_from<R: BufRead + Send + 'static>(
     let mut first = Vec::new();
     reader.read_until(b'\n', &mut first)?;
     let header = super::csv_row::header(&first);
-    let key_col = match &opts.partitioning {
-        Partitioning::Whole => None,
-        Partitioning::ByKey { column, partitions } => {
-            let i = header.iter().position(|h| h == column).ok_or_else(|| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidInput,
-                    format!(
-                        "{}: no column named '{column}' to partition by",
-                        path.display()
-                    ),
-                )
-            })?;
-            Some((i, u64::from((*partitions).max(1))))
-        }
-    };
+    let key_col = key_column(&header, path, opts)?;
     // Without the pipeline's slot, a failure is left where the partitions' runs find it.
     let failure = failure.unwrap_or_default();
     let mut outs = Vec::new();
@@ -196,7 +256,7 @@ fn read_partitions_from<R: BufRead + Send + 'static>(
         // Declared after `outs`, so dropped before it: a panic is recorded before the
         // partitions' channels close (else it would look like the end of the file).
         let _guard = PanicGuard(failure.clone());
-        let mut splitter = super::csv_row::Splitter::new();
+        let mut splitter = Splitter::new();
         let mut offset = 0u64;
         let mut line: Vec<u8> = Vec::new();
         // The lowest row any partition still needs.
@@ -239,14 +299,8 @@ fn read_partitions_from<R: BufRead + Send + 'static>(
                     line.clear();
                     continue;
                 }
-                // A row whose key cannot be read goes to the partition of the empty key,
-                // where its task quarantines it.
-                let key: Option<&[u8]> =
-                    key_col.map(|(i, _)| splitter.leading_field(&line, i).unwrap_or_default());
-                let target = match (key_col, key) {
-                    (Some((_, n)), Some(k)) => Some((key_hash(k) % n) as u32),
-                    _ => None,
-                };
+                let key = key_of(&mut splitter, &line, key_col);
+                let target = target_of(key, key_col);
                 for o in outs
                     .iter_mut()
                     .filter(|o| target.is_none_or(|t| t == o.partition) && row >= o.from)
@@ -489,6 +543,25 @@ mod tests {
         }
         seen.sort_unstable();
         assert_eq!(seen, (0..1000).collect::<Vec<_>>());
+        // What `node status` tells as each partition's lag: the rows its reader would
+        // still hand it from where it stands.
+        let opts = CsvOptions {
+            partitioning: Partitioning::ByKey {
+                column: "patient".into(),
+                partitions: 4,
+            },
+            follow: false,
+        };
+        let from = [(0, 0), (1, 500), (2, 999), (3, 1000)];
+        let want: Vec<u64> = from
+            .iter()
+            .map(|&(part, offset)| {
+                let (_, rx) = read_with(&p, "obs", part, offset, &opts).unwrap();
+                rx.iter().map(|b| b.len() as u64).sum()
+            })
+            .collect();
+        assert_eq!(remaining(&p, &opts, &from).unwrap(), want);
+        assert!(want[0] > 0 && want[1] > 0 && want[3] == 0, "{want:?}");
         let bad = CsvOptions {
             partitioning: Partitioning::ByKey {
                 column: "mrn".into(),
