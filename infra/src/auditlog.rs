@@ -179,6 +179,17 @@ pub fn public_key_path(key: &Path) -> PathBuf {
     key.with_file_name(name)
 }
 
+/// Runs `f`, which blocks on the disk (an fsync): on a multi-threaded tokio runtime's
+/// worker, the worker's other tasks move to other threads meanwhile; elsewhere it simply
+/// blocks this thread. The log is written from async tasks (each message a party sends or
+/// receives), and a tree head's fsync can take milliseconds.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 impl AuditLog {
     /// Opens (or creates) the log at `path` and records the start. `role` is "node" or
     /// "aggregator"; `config_sha256` identifies the configuration the party runs with.
@@ -314,7 +325,8 @@ impl AuditLog {
         inner.prev = audit::sha256_hex(line.as_bytes());
         inner.seq += 1;
         inner.since_head = 0;
-        inner.file.sync_data()?;
+        let file = &inner.file;
+        blocking(|| file.sync_data())?;
         *self
             .traffic
             .last_head
