@@ -1121,10 +1121,6 @@ impl Node {
         &self,
         name: &str,
     ) -> Result<Option<(Vec<String>, ColumnClasses)>, String> {
-        let declared = self
-            .dataset_config(name)
-            .map(|d| d.classes.clone())
-            .unwrap_or_default();
         match self.datasets.get(name) {
             None => Ok(None),
             Some(Dataset::File(t, classes)) => Ok(Some((t.columns.clone(), classes.clone()))),
@@ -1132,11 +1128,26 @@ impl Node {
                 let store = self.ingested_store(name, pipeline)?;
                 let columns = crate::ingest::kept_columns(pipeline, &**store)
                     .map_err(|e| format!("dataset '{name}': {e}"))?;
-                let classes = ColumnClasses::for_pipeline(&columns, &pipeline.fields, &declared)
-                    .with_local_only(pipeline.scores.iter().map(|s| s.output.as_str()));
+                let classes = self.pipeline_classes(name, pipeline, &columns);
                 Ok(Some((columns, classes)))
             }
         }
+    }
+
+    /// The classes of an ingested dataset's `columns`: its pipeline's, then as declared
+    /// for the dataset; its score outputs never read.
+    fn pipeline_classes(
+        &self,
+        name: &str,
+        pipeline: &crate::ingest::IngestConfig,
+        columns: &[String],
+    ) -> ColumnClasses {
+        let declared = self
+            .dataset_config(name)
+            .map(|d| d.classes.clone())
+            .unwrap_or_default();
+        ColumnClasses::for_pipeline(columns, &pipeline.fields, &declared)
+            .with_local_only(pipeline.scores.iter().map(|s| s.output.as_str()))
     }
 
     /// A configured dataset, by name.
@@ -1159,10 +1170,6 @@ impl Node {
         &self,
         name: &str,
     ) -> Result<Option<(Arc<Table>, ColumnClasses)>, String> {
-        let declared = self
-            .dataset_config(name)
-            .map(|d| d.classes.clone())
-            .unwrap_or_default();
         match self.datasets.get(name) {
             None => Ok(None),
             Some(Dataset::File(t, classes)) => Ok(Some((t.clone(), classes.clone()))),
@@ -1170,9 +1177,7 @@ impl Node {
                 let Some(table) = self.table(name)? else {
                     return Ok(None);
                 };
-                let classes =
-                    ColumnClasses::for_pipeline(&table.columns, &pipeline.fields, &declared)
-                        .with_local_only(pipeline.scores.iter().map(|s| s.output.as_str()));
+                let classes = self.pipeline_classes(name, pipeline, &table.columns);
                 Ok(Some((table, classes)))
             }
         }
