@@ -1,5 +1,6 @@
 //! `medfed node ingest` and `medfed node status` on declared pipelines: a directory of CSV
-//! extracts (one partition per file, with a bad row) and the Pima FHIR export.
+//! extracts (one partition per file, with a bad row), the Pima FHIR export, and one
+//! extract partitioned by its patient column.
 
 use std::path::Path;
 use std::process::Command;
@@ -259,5 +260,89 @@ name = "glu"
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+    }
+}
+
+#[test]
+fn a_csv_partitioned_by_key_reports_each_partitions_lag_and_reads_every_row_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(&[
+        "node",
+        "init",
+        "--dir",
+        d.to_str().unwrap(),
+        "--site",
+        "alpha",
+    ]);
+    pki(d, &["alpha"]);
+    // 1,000 rows of 37 patients, an address in quotes, and an Excel "CSV UTF-8" byte order
+    // mark before the header.
+    let mut text = String::from("\u{feff}mrn,address,glu\n");
+    for i in 0..1000 {
+        text.push_str(&format!(
+            "MRN-{},\"{} Main St, Unit {}\",{}\n",
+            i % 37,
+            i,
+            i % 9,
+            80 + i % 90
+        ));
+    }
+    std::fs::write(d.join("extract.csv"), text).unwrap();
+    std::fs::write(
+        d.join("node.toml"),
+        r#"site = "alpha"
+[aggregator]
+address = "127.0.0.1:4433"
+[tls]
+ca = "pki/sites/alpha/ca.pem"
+cert = "pki/sites/alpha/cert.pem"
+key = "pki/sites/alpha/key.pem"
+[[dataset]]
+name = "labs"
+ingest = "labs"
+[[ingest]]
+stream = "labs"
+csv = "extract.csv"
+columns = ["glu"]
+partition_by = "mrn"
+partitions = 3
+commit_every = 100
+[[ingest.field]]
+name = "mrn"
+class = "patient-id"
+required = true
+[[ingest.field]]
+name = "address"
+class = "identifier"
+[[ingest.field]]
+name = "glu"
+min = 0
+max = 1000
+"#,
+    )
+    .unwrap();
+    let cfg = d.join("node.toml");
+    let cfg = cfg.to_str().unwrap();
+    let status = |cfg: &str| -> Vec<serde_json::Value> {
+        let json: serde_json::Value =
+            serde_json::from_str(&ok(&["node", "status", "--config", cfg, "--json"])).unwrap();
+        json["partitions"].as_array().unwrap().clone()
+    };
+    // Before: every row is some partition's lag, and each partition has some.
+    let before = status(cfg);
+    assert_eq!(before.len(), 3);
+    let lags: Vec<u64> = before.iter().map(|r| r["lag"].as_u64().unwrap()).collect();
+    assert_eq!(lags.iter().sum::<u64>(), 1000, "{before:?}");
+    assert!(lags.iter().all(|l| *l > 0), "{lags:?}");
+    let out = ok(&["node", "ingest", "--config", cfg]);
+    // After: each partition processed what its lag said, nothing quarantined, no lag.
+    let after = status(cfg);
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(a["processed"], b["lag"], "{out}");
+        assert_eq!(
+            (&a["lag"], &a["quarantined"]),
+            (&serde_json::json!(0), &serde_json::json!(0))
+        );
     }
 }
