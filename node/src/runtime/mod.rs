@@ -126,12 +126,6 @@ impl Input {
         }
     }
 
-    /// The next batch, waiting for it; `None` once the source closed its channel (then
-    /// see [`Input::failed`]).
-    pub fn recv(&self) -> Option<Vec<Envelope>> {
-        self.batches.recv().ok()
-    }
-
     /// The next batch, waiting at most `wait`.
     pub fn recv_timeout(
         &self,
@@ -148,19 +142,6 @@ impl Input {
     /// Why the source stopped before the end of its input, if it did.
     pub fn failed(&self) -> Option<String> {
         self.failure.as_ref().and_then(SourceFailure::failed)
-    }
-
-    /// Every envelope to the end of the input, in order: an error if the source failed
-    /// before the end.
-    pub fn envelopes(self) -> Result<Vec<Envelope>, String> {
-        let mut all = Vec::new();
-        while let Some(batch) = self.recv() {
-            all.extend(batch);
-        }
-        match self.failed() {
-            Some(why) => Err(why),
-            None => Ok(all),
-        }
     }
 }
 

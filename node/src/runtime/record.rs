@@ -116,20 +116,10 @@ pub struct FieldSlot {
 impl FieldSlot {
     /// The slot of field `name`.
     pub fn new(name: &str) -> FieldSlot {
-        FieldSlot::of(FieldName::new(name))
-    }
-
-    /// The slot of `name`.
-    pub fn of(name: FieldName) -> FieldSlot {
         FieldSlot {
-            name,
+            name: FieldName::new(name),
             at: std::cell::Cell::new(0),
         }
-    }
-
-    /// The field's name.
-    pub fn name(&self) -> &FieldName {
-        &self.name
     }
 
     /// Where the field is in `record`.
