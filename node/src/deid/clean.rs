@@ -201,6 +201,9 @@ pub struct ValidateClean {
 
 const TASK: &str = "validate-clean";
 
+/// Fields a kept record has room for beyond its cleaned ones when it is made.
+const ROOM: usize = 8;
+
 fn config_error(detail: String) -> TaskError {
     TaskError {
         task: TASK.into(),
@@ -334,7 +337,8 @@ impl ValidateClean {
         observed: &mut Vec<(usize, f64)>,
     ) -> Result<Record, Rejection> {
         let mut record = match template {
-            Some(t) => t.clone(),
+            // Room for what the tasks after this one add (the pseudonym, derived features).
+            Some(t) => t.clone_with_room(ROOM),
             None => Record::with_capacity(columns.len() + 4),
         };
         let put = |record: &mut Record, name: &FieldName, slot: usize, value: Value| match template

@@ -4,7 +4,7 @@
 use super::pseudonym::Pseudonymizer;
 use super::safe_harbor::{Date, RestrictedZip3, generalise_age, generalise_birth_date};
 use super::{DatePolicy, DeidentifyConfig, FieldClass, FieldSpec, PATIENT, Record, Value};
-use crate::runtime::record::FieldSlot;
+use crate::runtime::record::{CompactString, FieldSlot};
 use crate::runtime::{
     Envelope, KvState, MessageCollector, NEXT, Rejection, StreamTask, TaskCoordinator, TaskError,
 };
@@ -186,12 +186,14 @@ impl Deidentify {
                         None => Value::Number(f64::from(date.year)),
                     }
                 }
-                FieldClass::Zip => Value::Text(
-                    self.restricted
-                        .generalise(text)
-                        .map_err(|e| (name, e))?
-                        .into(),
-                ),
+                FieldClass::Zip => {
+                    let digits = self
+                        .restricted
+                        .generalise_digits(text)
+                        .map_err(|e| (name, e.to_string()))?;
+                    // Three ASCII digits: always UTF-8.
+                    Value::Text(CompactString::from_utf8_lossy(&digits))
+                }
                 FieldClass::Age
                 | FieldClass::Value
                 | FieldClass::PatientId

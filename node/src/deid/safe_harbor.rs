@@ -69,11 +69,18 @@ impl RestrictedZip3 {
     /// A US ZIP code ("02139", "02139-4307", "021394307") generalised to its first three
     /// digits, or "000" for a restricted area.
     pub fn generalise(&self, zip: &str) -> Result<String, String> {
+        self.generalise_digits(zip)
+            .map(|d| d.iter().map(|b| char::from(*b)).collect())
+            .map_err(str::to_string)
+    }
+
+    /// [`RestrictedZip3::generalise`]'s three digits, as ASCII bytes (no allocation).
+    pub fn generalise_digits(&self, zip: &str) -> Result<[u8; 3], &'static str> {
         // The digits once the dashes are left out: 5 or 9 of them, and nothing else.
         let (mut count, mut first) = (0usize, [0u8; 3]);
         for b in zip.trim().bytes().filter(|b| *b != b'-') {
             if !b.is_ascii_digit() {
-                return Err(NOT_A_ZIP.into());
+                return Err(NOT_A_ZIP);
             }
             if let Some(slot) = first.get_mut(count) {
                 *slot = b;
@@ -81,12 +88,12 @@ impl RestrictedZip3 {
             count += 1;
         }
         if !(count == 5 || count == 9) {
-            return Err(NOT_A_ZIP.into());
+            return Err(NOT_A_ZIP);
         }
         Ok(if self.0[zip3_index(&first)] {
-            "000".into()
+            *b"000"
         } else {
-            first.iter().map(|b| char::from(*b)).collect()
+            first
         })
     }
 }

@@ -122,7 +122,9 @@ impl FieldSlot {
         }
     }
 
-    /// Where the field is in `record`.
+    /// Where the field is in `record` (`Err`: where it would go). The remembered place is
+    /// tried first: the field is there, or it is absent and belongs there (its neighbours
+    /// bracket its name: a field a task adds to every record, or one the records lack).
     #[inline]
     fn find(&self, record: &Record) -> Result<usize, usize> {
         let at = self.at.get();
@@ -133,10 +135,24 @@ impl FieldSlot {
         {
             return Ok(at);
         }
-        let found = record.find_named(&self.name);
-        if let Ok(i) = found {
-            self.at.set(i);
+        self.find_elsewhere(record, at)
+    }
+
+    /// [`FieldSlot::find`] when the field is not at its remembered place `at`.
+    #[inline(never)]
+    fn find_elsewhere(&self, record: &Record, at: usize) -> Result<usize, usize> {
+        let fields = &record.fields;
+        let (key, text) = (self.name.key, self.name.text);
+        if at <= fields.len()
+            && (at == 0 || fields[at - 1].0.cmp_to(key, text).is_lt())
+            && fields
+                .get(at)
+                .is_none_or(|(n, _)| n.cmp_to(key, text).is_gt())
+        {
+            return Err(at);
         }
+        let found = record.find_named(&self.name);
+        self.at.set(found.unwrap_or_else(|i| i));
         found
     }
 }
@@ -338,6 +354,14 @@ impl Record {
         self.fields.is_empty()
     }
 
+    /// A copy of this record with room for `extra` more fields (a task down the chain adds
+    /// them without moving the record).
+    pub fn clone_with_room(&self, extra: usize) -> Record {
+        let mut fields = Vec::with_capacity(self.fields.len() + extra);
+        fields.extend_from_slice(&self.fields);
+        Record { fields }
+    }
+
     /// A record with room for `n` fields.
     pub fn with_capacity(n: usize) -> Record {
         Record {
@@ -476,37 +500,41 @@ fn unzigzag(v: u64) -> i64 {
     ((v >> 1) as i64) ^ -((v & 1) as i64)
 }
 
-/// The lowercase-hex suffix length shared by every text after `prefix`, if all are
-/// `prefix` + the same even number of lowercase hex digits.
-fn hex_suffix(texts: &[&str]) -> Option<(String, usize)> {
+/// The prefix and the length of the lowercase-hex suffix of the first text (an even
+/// number of digits, at least 8), if it has one: the shape every text of a column of
+/// pseudonyms has ([`encode_texts_plain`] checks the others).
+fn hex_shape<'a>(texts: &[&'a str]) -> Option<(&'a str, usize)> {
     let first = texts.first()?;
     let digits = first
         .bytes()
         .rev()
-        .take_while(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
+        .take_while(|b| HEX[usize::from(*b)] < 16)
         .count();
     let digits = digits - digits % 2;
-    if digits < 8 {
-        return None;
-    }
-    let prefix = &first[..first.len() - digits];
-    texts
-        .iter()
-        .all(|t| {
-            t.len() == first.len()
-                && t.starts_with(prefix)
-                && t.as_bytes()[prefix.len()..]
-                    .iter()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b))
-        })
-        .then(|| (prefix.to_string(), digits))
+    (digits >= 8).then(|| (&first[..first.len() - digits], digits))
 }
 
-fn hex_val(b: u8) -> u8 {
-    match b {
-        b'0'..=b'9' => b - b'0',
-        _ => b - b'a' + 10,
+/// Each byte's value as a lowercase hex digit, or 0xff.
+const HEX: [u8; 256] = {
+    let mut t = [0xff; 256];
+    let mut i = 0;
+    while i < 16 {
+        t[b"0123456789abcdef"[i] as usize] = i as u8;
+        i += 1;
     }
+    t
+};
+
+/// Appends the bytes `hex` (lowercase hex digits, an even number) spells; `false`, with
+/// some appended, if it is not that.
+fn push_hex(out: &mut Vec<u8>, hex: &[u8]) -> bool {
+    let (pairs, rest) = hex.as_chunks::<2>();
+    rest.is_empty()
+        && pairs.iter().all(|[h, l]| {
+            let (h, l) = (HEX[usize::from(*h)], HEX[usize::from(*l)]);
+            out.push(h << 4 | l);
+            (h | l) < 16
+        })
 }
 
 /// The records, column by column, in one segment: what a checkpoint writes for an output
@@ -722,15 +750,24 @@ fn mostly_distinct(texts: &[&str]) -> bool {
 
 /// A text column as hex bytes after a common prefix, or as raw texts.
 fn encode_texts_plain(out: &mut Vec<u8>, texts: &[&str]) {
-    if let Some((prefix, digits)) = hex_suffix(texts) {
+    if let Some((prefix, digits)) = hex_shape(texts) {
+        // Decoded as checked, in one pass; a text that breaks the pattern undoes it.
+        let start = out.len();
         out.push(TEXT_HEX);
         put_bytes(out, prefix.as_bytes());
         put_varint(out, digits as u64);
-        for t in texts {
-            let hex = &t.as_bytes()[prefix.len()..];
-            out.extend(hex.chunks(2).map(|p| hex_val(p[0]) << 4 | hex_val(p[1])));
+        out.reserve(texts.len() * digits / 2);
+        let width = prefix.len() + digits;
+        if texts.iter().all(|t| {
+            t.len() == width
+                && t.starts_with(prefix)
+                && push_hex(out, &t.as_bytes()[prefix.len()..])
+        }) {
+            return;
         }
-    } else {
+        out.truncate(start);
+    }
+    {
         out.push(TEXT_RAW);
         for t in texts {
             put_bytes(out, t.as_bytes());
@@ -1303,6 +1340,71 @@ mod tests {
         let per_record = bytes.len() as f64 / records.len() as f64;
         assert!(per_record < 45.0, "{per_record} bytes a record");
         assert_eq!(decode_segment(&encode_segment(&[])).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn a_column_that_only_starts_like_pseudonyms_is_kept_as_text() {
+        // The first text sets the shape; a later one breaks it at its last digit, its
+        // length, its prefix or its case: the column falls back to plain texts, unchanged.
+        let first = "p1-00112233445566778899aabbccddeeff";
+        for other in [
+            "p1-00112233445566778899aabbccddeefg",
+            "p1-00112233445566778899aabbccddeef",
+            "p2-00112233445566778899aabbccddeeff",
+            "p1-00112233445566778899AABBCCDDEEFF",
+            "p1-0011223344556677",
+        ] {
+            let records = vec![
+                rec(&[("p", Value::Text(first.into()))]),
+                rec(&[("p", Value::Text(other.into()))]),
+            ];
+            let bytes = encode_segment(&records);
+            assert_eq!(decode_segment(&bytes).unwrap(), records, "{other}");
+        }
+        let same = vec![rec(&[("p", Value::Text(first.into()))]); 3];
+        let bytes = encode_segment(&same);
+        assert_eq!(decode_segment(&bytes).unwrap(), same);
+        assert!(
+            bytes.len() < 3 * first.len(),
+            "pseudonyms are stored as bytes"
+        );
+    }
+
+    #[test]
+    fn a_slot_finds_its_field_wherever_records_put_it() {
+        let slot = FieldSlot::new("m");
+        let shapes = [
+            vec!["a", "m", "z"],
+            vec!["m"],
+            vec!["a", "b"],
+            vec!["x", "y"],
+            vec![],
+            vec!["a", "b", "c", "m"],
+            vec!["n", "o", "p"],
+            vec!["a", "m"],
+        ];
+        // Each shape twice, so the place remembered from one record is tried on the next
+        // (found, absent here, absent elsewhere).
+        for names in shapes.iter().flat_map(|s| [s, s]) {
+            let mut r = Record::default();
+            for n in names {
+                r.set(n, Value::Number(1.0));
+            }
+            let has = names.contains(&"m");
+            assert_eq!(r.get_slot(&slot).is_some(), has, "{names:?}");
+            let mut with = r.clone();
+            with.set_slot(&slot, Value::Number(2.0));
+            assert_eq!(with.number("m"), Some(2.0));
+            assert_eq!(with.len(), names.len() + usize::from(!has));
+            assert!(
+                with.names().is_sorted(),
+                "{:?}",
+                with.names().collect::<Vec<_>>()
+            );
+            let mut without = r.clone();
+            assert_eq!(without.remove_slot(&slot).is_some(), has);
+            assert_eq!(without.get("m"), None);
+        }
     }
 
     #[test]
