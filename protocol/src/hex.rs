@@ -12,9 +12,14 @@ pub fn encode(bytes: &[u8]) -> String {
 
 /// Appends `bytes` as lower-case hex to `out` (no allocation beyond `out`'s growth).
 pub fn encode_into(out: &mut String, bytes: &[u8]) {
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 15)]));
+    let mut buf = [0u8; 64];
+    for chunk in bytes.chunks(32) {
+        for (pair, b) in buf.chunks_exact_mut(2).zip(chunk) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 15)];
+        }
+        // Hex digits are ASCII: always UTF-8.
+        out.push_str(std::str::from_utf8(&buf[..2 * chunk.len()]).unwrap_or_default());
     }
 }
 
@@ -74,5 +79,11 @@ mod tests {
         let mut s = String::from("p1-");
         encode_into(&mut s, &[0xab]);
         assert_eq!(s, "p1-ab");
+        // Every length across the 32-byte chunks, against formatting byte by byte.
+        for n in 0..=100 {
+            let bytes: Vec<u8> = (0..n).map(|i| (i * 37 + 11) as u8).collect();
+            let want: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            assert_eq!(encode(&bytes), want, "{n} bytes");
+        }
     }
 }

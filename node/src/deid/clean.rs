@@ -338,7 +338,7 @@ impl ValidateClean {
     ) -> Result<Record, Rejection> {
         let mut record = match template {
             // Room for what the tasks after this one add (the pseudonym, derived features).
-            Some(t) => t.clone_with_room(ROOM),
+            Some(t) => t.blank_with_room(ROOM),
             None => Record::with_capacity(columns.len() + 4),
         };
         let put = |record: &mut Record, name: &FieldName, slot: usize, value: Value| match template

@@ -191,8 +191,11 @@ impl Deidentify {
                         .restricted
                         .generalise_digits(text)
                         .map_err(|e| (name, e.to_string()))?;
-                    // Three ASCII digits: always UTF-8.
-                    Value::Text(CompactString::from_utf8_lossy(&digits))
+                    match std::str::from_utf8(&digits) {
+                        Ok(zip3) => Value::Text(CompactString::from(zip3)),
+                        // Three ASCII digits are always UTF-8.
+                        Err(_) => return Err((name, "not a ZIP code".into())),
+                    }
                 }
                 FieldClass::Age
                 | FieldClass::Value

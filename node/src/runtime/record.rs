@@ -354,11 +354,12 @@ impl Record {
         self.fields.is_empty()
     }
 
-    /// A copy of this record with room for `extra` more fields (a task down the chain adds
-    /// them without moving the record).
-    pub fn clone_with_room(&self, extra: usize) -> Record {
+    /// A record with this one's fields, each [`Value::Missing`], and room for `extra` more
+    /// (tasks down the chain add them without moving the record): a [`Record::template`]'s
+    /// copy to fill.
+    pub fn blank_with_room(&self, extra: usize) -> Record {
         let mut fields = Vec::with_capacity(self.fields.len() + extra);
-        fields.extend_from_slice(&self.fields);
+        fields.extend(self.fields.iter().map(|(name, _)| (*name, Value::Missing)));
         Record { fields }
     }
 
