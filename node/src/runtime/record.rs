@@ -472,9 +472,9 @@ fn put_bytes(out: &mut Vec<u8>, b: &[u8]) {
 
 const POW10: [f64; 7] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6];
 
-/// The decimal places (up to [`MAX_DECIMALS`]) at which every number of a column comes
-/// back exactly, if there are such: the places of its most precise value, checked for
-/// every value. A value already exact at the places found so far costs one try.
+/// The decimal places (up to [`MAX_DECIMALS`]) of a column's most precise number, if every
+/// number is exact at some: the places [`encode_numbers`] tries. A value already exact at
+/// the places found so far costs one try.
 fn column_decimals(numbers: &[f64]) -> Option<u32> {
     let mut places = 0;
     for &x in numbers {
@@ -482,8 +482,34 @@ fn column_decimals(numbers: &[f64]) -> Option<u32> {
             places = (places + 1..=MAX_DECIMALS).find(|&s| exact_at(x, s))?;
         }
     }
-    // A value exact at fewer places may not be at more (a large one overflows).
-    (places == 0 || numbers.iter().all(|&x| exact_at(x, places))).then_some(places)
+    Some(places)
+}
+
+/// A column's numbers: as integers of the column's decimal places where every one comes
+/// back exactly at those places (checked as each is written: a value exact at fewer places
+/// may not be at more, a large one overflows), else as doubles.
+fn encode_numbers(out: &mut Vec<u8>, numbers: &[f64]) {
+    if let Some(s) = column_decimals(numbers) {
+        let start = out.len();
+        out.push(NUM_DECIMAL);
+        out.push(s as u8);
+        let scale = POW10[s as usize];
+        if numbers.iter().all(|&x| {
+            let scaled = (x * scale).round();
+            let exact = scaled.abs() < 9.0e15 && scaled as i64 as f64 / scale == x;
+            if exact {
+                put_varint(out, zigzag(scaled as i64));
+            }
+            exact
+        }) {
+            return;
+        }
+        out.truncate(start);
+    }
+    out.push(NUM_F64);
+    for x in numbers {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
 }
 
 /// Whether `x` comes back exactly from an integer of `s` decimal places (one a double
@@ -557,6 +583,24 @@ struct Column {
     texts: Vec<CompactString>,
 }
 
+impl Column {
+    /// Adds a record's value.
+    #[inline(always)]
+    fn push(&mut self, value: Value) {
+        self.kinds.push(match value {
+            Value::Missing => MISSING,
+            Value::Number(x) => {
+                self.numbers.push(x);
+                NUMBER
+            }
+            Value::Text(t) => {
+                self.texts.push(t);
+                TEXT
+            }
+        });
+    }
+}
+
 /// Builds a segment record by record: each record's values go into their columns as it
 /// arrives (the record itself is dropped), so a checkpoint's records take about the bytes
 /// they will take in the store, and are read once, in order.
@@ -587,6 +631,20 @@ impl SegmentBuilder {
 
     /// Adds a record.
     pub fn push(&mut self, record: Record) {
+        // The common case: the record has exactly the columns so far, in their order.
+        if record.fields.len() == self.columns.len()
+            && record
+                .fields
+                .iter()
+                .zip(&self.columns)
+                .all(|((name, _), col)| col.name.is_some_and(|n| n.same(name)))
+        {
+            for ((_, value), col) in record.fields.into_iter().zip(&mut self.columns) {
+                col.push(value);
+            }
+            self.records += 1;
+            return;
+        }
         let mut c = 0;
         for (name, value) in record.fields {
             // Columns before this field's that the record lacks.
@@ -614,18 +672,7 @@ impl SegmentBuilder {
                     },
                 );
             }
-            let col = &mut self.columns[c];
-            col.kinds.push(match value {
-                Value::Missing => MISSING,
-                Value::Number(x) => {
-                    col.numbers.push(x);
-                    NUMBER
-                }
-                Value::Text(t) => {
-                    col.texts.push(t);
-                    TEXT
-                }
-            });
+            self.columns[c].push(value);
             c += 1;
         }
         for col in &mut self.columns[c..] {
@@ -669,25 +716,8 @@ impl SegmentBuilder {
                     );
                 }
             }
-            let numbers = &col.numbers;
-            if !numbers.is_empty() {
-                // The column's places are its most precise value's; every value must still
-                // come back exactly at them (a large value beside a precise one may not).
-                match column_decimals(numbers) {
-                    Some(s) => {
-                        out.push(NUM_DECIMAL);
-                        out.push(s as u8);
-                        for x in numbers {
-                            put_varint(&mut out, zigzag((x * POW10[s as usize]).round() as i64));
-                        }
-                    }
-                    None => {
-                        out.push(NUM_F64);
-                        for x in numbers {
-                            out.extend_from_slice(&x.to_le_bytes());
-                        }
-                    }
-                }
+            if !col.numbers.is_empty() {
+                encode_numbers(&mut out, &col.numbers);
             }
             if !col.texts.is_empty() {
                 let texts: Vec<&str> = col.texts.iter().map(CompactString::as_str).collect();
