@@ -399,6 +399,10 @@ impl ValidateClean {
                             format!("not one of the categories {}", cats.join(", ")),
                         ));
                     }
+                    if spec.class == FieldClass::Identifier {
+                        // Checked, never copied (an address may take an allocation).
+                        continue;
+                    }
                     Value::Text(raw.into())
                 }
                 FieldType::Number => {
