@@ -238,7 +238,11 @@ impl Splitter {
     /// too short. (For a partition key: the rest of the row is its task's to read.)
     pub fn leading_field(&mut self, line: &[u8], index: usize) -> Option<&[u8]> {
         // Up to the field's end, no quote and no line end: the commas split it, as they
-        // split it for the state machine (most keys: an MRN in the first column).
+        // split it for the state machine (most keys: an MRN in the first column). A
+        // leading byte order mark is the state machine's to drop.
+        if line.starts_with(BOM) {
+            return self.leading_field_with_state_machine(line, index);
+        }
         let mut start = 0;
         for _ in 0..index {
             match memchr::memchr(b',', &line[start..]) {
@@ -402,12 +406,13 @@ mod tests {
             }
         }
         // A row's leading fields (a partition key) as the state machine reads them, for
-        // every row of up to 6 characters of `a , " CR LF`.
-        let alphabet = [b'a', b',', b'"', b'\r', b'\n'];
+        // every row of up to 6 characters of `a , " CR LF BOM`.
+        let alphabet: [&[u8]; 6] = [b"a", b",", b"\"", b"\r", b"\n", BOM];
         for len in 0..=6u32 {
-            for code in 0..5usize.pow(len) {
+            for code in 0..6usize.pow(len) {
                 let line: Vec<u8> = (0..len)
-                    .map(|i| alphabet[code / 5usize.pow(i) % 5])
+                    .flat_map(|i| alphabet[code / 6usize.pow(i) % 6])
+                    .copied()
                     .collect();
                 for index in 0..4 {
                     let want = reference

@@ -1392,11 +1392,18 @@ mod tests {
             let bytes = encode_segment(&records);
             assert_eq!(decode_segment(&bytes).unwrap(), records, "{other}");
         }
-        let same = vec![rec(&[("p", Value::Text(first.into()))]); 3];
-        let bytes = encode_segment(&same);
-        assert_eq!(decode_segment(&bytes).unwrap(), same);
+        // Distinct pseudonyms (repeated ones would make a dictionary): 16 bytes each.
+        let distinct: Vec<Record> = ["00", "01", "02"]
+            .iter()
+            .map(|end| {
+                let p = format!("{}{end}", &first[..first.len() - 2]);
+                rec(&[("p", Value::Text(p.into()))])
+            })
+            .collect();
+        let bytes = encode_segment(&distinct);
+        assert_eq!(decode_segment(&bytes).unwrap(), distinct);
         assert!(
-            bytes.len() < 3 * first.len(),
+            bytes.len() < 2 * first.len(),
             "pseudonyms are stored as bytes"
         );
     }
