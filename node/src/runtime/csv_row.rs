@@ -310,6 +310,19 @@ pub fn header(line: &[u8]) -> Vec<String> {
 mod tests {
     use super::*;
 
+    /// Every row of up to `longest` symbols of `alphabet`.
+    fn every_row<'a>(alphabet: &'a [&'a [u8]], longest: u32) -> impl Iterator<Item = Vec<u8>> + 'a {
+        let k = alphabet.len();
+        (0..=longest).flat_map(move |len| {
+            (0..k.pow(len)).map(move |code| {
+                (0..len)
+                    .flat_map(|i| alphabet[code / k.pow(i) % k])
+                    .copied()
+                    .collect()
+            })
+        })
+    }
+
     #[test]
     fn quoted_commas_stay_in_their_field_and_unquoted_ones_are_refused() {
         assert_eq!(
@@ -381,51 +394,37 @@ mod tests {
         }
         // Every row of up to 7 characters of `a , " space BOM` splits as the state machine
         // splits it (the direct paths are only taken where they agree with it).
-        let alphabet: [&[u8]; 5] = [b"a", b",", b"\"", b" ", BOM];
         let mut reference = Splitter::new();
-        for len in 0..=7u32 {
-            for code in 0..5usize.pow(len) {
-                let line: Vec<u8> = (0..len)
-                    .flat_map(|i| alphabet[code / 5usize.pow(i) % 5])
-                    .copied()
-                    .collect();
-                let fields = |s: &Splitter, n: usize| -> Vec<Vec<u8>> {
-                    (0..n)
-                        .map(|i| s.bytes(i).unwrap_or_default().to_vec())
-                        .collect()
-                };
-                let n = s.parse(&line);
-                let m = reference.parse_with_state_machine(&line);
-                assert_eq!(n, m, "{:?}", String::from_utf8_lossy(&line));
-                assert_eq!(
-                    fields(&s, n),
-                    fields(&reference, m),
-                    "{:?}",
-                    String::from_utf8_lossy(&line)
-                );
-            }
+        for line in every_row(&[b"a", b",", b"\"", b" ", BOM], 7) {
+            let fields = |s: &Splitter, n: usize| -> Vec<Vec<u8>> {
+                (0..n)
+                    .map(|i| s.bytes(i).unwrap_or_default().to_vec())
+                    .collect()
+            };
+            let n = s.parse(&line);
+            let m = reference.parse_with_state_machine(&line);
+            assert_eq!(n, m, "{:?}", String::from_utf8_lossy(&line));
+            assert_eq!(
+                fields(&s, n),
+                fields(&reference, m),
+                "{:?}",
+                String::from_utf8_lossy(&line)
+            );
         }
         // A row's leading fields (a partition key) as the state machine reads them, for
         // every row of up to 6 characters of `a , " CR LF BOM`.
-        let alphabet: [&[u8]; 6] = [b"a", b",", b"\"", b"\r", b"\n", BOM];
-        for len in 0..=6u32 {
-            for code in 0..6usize.pow(len) {
-                let line: Vec<u8> = (0..len)
-                    .flat_map(|i| alphabet[code / 6usize.pow(i) % 6])
-                    .copied()
-                    .collect();
-                for index in 0..4 {
-                    let want = reference
-                        .leading_field_with_state_machine(&line, index)
-                        .map(<[u8]>::to_vec);
-                    let got = s.leading_field(&line, index).map(<[u8]>::to_vec);
-                    assert_eq!(
-                        got,
-                        want,
-                        "{:?} field {index}",
-                        String::from_utf8_lossy(&line)
-                    );
-                }
+        for line in every_row(&[b"a", b",", b"\"", b"\r", b"\n", BOM], 6) {
+            for index in 0..4 {
+                let want = reference
+                    .leading_field_with_state_machine(&line, index)
+                    .map(<[u8]>::to_vec);
+                let got = s.leading_field(&line, index).map(<[u8]>::to_vec);
+                assert_eq!(
+                    got,
+                    want,
+                    "{:?} field {index}",
+                    String::from_utf8_lossy(&line)
+                );
             }
         }
         // Line ends inside quotes are the field's; outside, the state machine's.
