@@ -78,12 +78,17 @@ fn start_nats(dir: &std::path::Path) -> (Server, String) {
         .stderr(Stdio::null())
         .spawn()
         .expect("nats-server is not installed: run scripts/test, which installs it (apt-get install nats-server)");
-    let server = Server(child);
+    let mut server = Server(child);
     let deadline = Instant::now() + Duration::from_secs(10);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(Instant::now() < deadline, "nats-server did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // What answers is this server, not another that holds the port.
+    assert!(
+        matches!(server.0.try_wait(), Ok(None)),
+        "nats-server exited at start (port {port} taken?)"
+    );
     (server, format!("nats://127.0.0.1:{port}"))
 }
 

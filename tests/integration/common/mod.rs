@@ -180,13 +180,23 @@ pub fn until_logged(dir: &Path, name: &str, needle: &str, within: Duration) {
 /// A free UDP port on loopback, for an aggregator; never the same one twice in this
 /// process (its tests run at once, and a port is free only until its aggregator binds it).
 pub fn free_udp_port() -> u16 {
+    free_port(|p| std::net::UdpSocket::bind(("127.0.0.1", p)).is_ok())
+}
+
+/// A free TCP port on loopback (a NATS server's, an operations endpoint's), on the same
+/// terms as [`free_udp_port`]: two tests running at once once drew the same port from the
+/// kernel, and one test's NATS client reached the other test's server.
+pub fn free_tcp_port() -> u16 {
+    free_port(|p| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok())
+}
+
+/// A port `bindable` can bind, never handed out before in this process.
+fn free_port(bindable: impl Fn(u16) -> bool) -> u16 {
     static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
-    let free = |port: u16| {
-        !given.contains(&port) && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
-    };
+    let free = |port: u16| !given.contains(&port) && bindable(port);
     // Below the kernel's ephemeral range, so that no process's own port-0 socket (a node's
-    // QUIC endpoint, started before the aggregator) can take it in the meantime.
+    // QUIC endpoint, a client's connection) can take it in the meantime.
     let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
         .ok()
         .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
@@ -205,28 +215,13 @@ pub fn free_udp_port() -> u16 {
         }
     }
     let port = port.unwrap_or_else(|| {
-        loop {
-            let p = std::net::UdpSocket::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port();
-            if !given.contains(&p) {
-                break p;
-            }
-        }
+        (1024..=u16::MAX)
+            .rev()
+            .find(|p| free(*p))
+            .expect("a free port on loopback")
     });
     given.push(port);
     port
-}
-
-/// A free TCP port on loopback.
-pub fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A free TCP address on loopback (an operations endpoint's).
