@@ -460,6 +460,7 @@ fn jetstream_parts(cfg: &IngestConfig) -> Result<Vec<(u32, Part)>, String> {
                     durable: format!("medfed-{}-p{p}", cfg.stream),
                     ack_wait: Duration::from_secs(js.ack_wait_secs),
                     idle_exit: js.idle_exit_secs.map(Duration::from_secs),
+                    fetch: Default::default(),
                 }),
             )
         })

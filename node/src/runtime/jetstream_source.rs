@@ -23,8 +23,30 @@ use futures_util::StreamExt;
 
 use super::Envelope;
 
-/// Messages per fetch.
-const FETCH_BATCH: usize = 500;
+/// How each fetch (one pull request) is made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fetch {
+    /// Messages asked for.
+    pub max_messages: usize,
+    /// How long the server holds the request open for messages.
+    pub expires: Duration,
+    /// How long after it was sent the request is still read from. A request the server
+    /// expires in the middle of its delivery (a client slow to read, under load) is not
+    /// always closed by the server, and the client library would wait 5 s past its expiry;
+    /// cutting it here may leave deliveries unread, which the consumer sequence check
+    /// catches (they are fetched again).
+    pub cut_after: Duration,
+}
+
+impl Default for Fetch {
+    fn default() -> Self {
+        Fetch {
+            max_messages: 500,
+            expires: Duration::from_millis(300),
+            cut_after: Duration::from_secs(1),
+        }
+    }
+}
 /// Fetched batches queued for the runner.
 const IN_FLIGHT_BATCHES: usize = 16;
 /// No server-side limit on delivered, unacknowledged messages (-1): the runner's bounded
@@ -67,6 +89,8 @@ pub struct JetStreamPartition {
     /// Stop when no new message arrived for this long and the server holds none still to
     /// deliver (bounded ingestion); `None` runs forever.
     pub idle_exit: Option<Duration>,
+    /// How messages are fetched.
+    pub fetch: Fetch,
 }
 
 /// Why a JetStream source could not connect or fetch.
@@ -143,6 +167,61 @@ pub fn remaining(p: &JetStreamPartition, from: u64) -> Result<u64, JetStreamErro
         .map_err(|_| fail("status", &url, "its thread panicked".into()))?
 }
 
+/// (Re)creates the partition's durable consumer to deliver its subject, in order, from
+/// stream sequence `from`.
+///
+/// Our checkpoint, not the server's acknowledgement state, says where to resume: the
+/// consumer is recreated at each start to deliver from the first sequence the checkpoint
+/// does not hold. (Resuming from redeliveries instead would bring messages out of order,
+/// and acknowledging "all up to" a later one could drop earlier ones.)
+async fn bind(
+    stream: &jetstream::stream::Stream,
+    p: &JetStreamPartition,
+    from: u64,
+) -> Result<jetstream::consumer::Consumer<pull::Config>, jetstream::stream::ConsumerError> {
+    // Absent at a first start; any other failure shows in the creation that follows.
+    let _ = stream.delete_consumer(&p.durable).await;
+    let deliver_policy = if from <= 1 {
+        jetstream::consumer::DeliverPolicy::All
+    } else {
+        jetstream::consumer::DeliverPolicy::ByStartSequence {
+            start_sequence: from,
+        }
+    };
+    stream
+        .create_consumer(pull::Config {
+            durable_name: Some(p.durable.clone()),
+            filter_subject: p.subject.clone(),
+            ack_policy: AckPolicy::All,
+            ack_wait: p.ack_wait,
+            max_ack_pending: MAX_ACK_PENDING,
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+}
+
+/// How many of a fetch's deliveries, given by their consumer sequences in arrival order,
+/// follow on from `next` (the consumer sequence expected next) without a gap; `next` is
+/// moved past them.
+///
+/// The server numbers every delivery of a consumer, redeliveries included, one after the
+/// other. A gap means deliveries were lost on the way (a fetch cut short with messages
+/// still unread): messages after it must not reach the runner, because a checkpoint past
+/// them would acknowledge "all up to" them, the lost ones included, and the lost ones,
+/// redelivered later, would be behind what the runner already has.
+fn without_gap(next: &mut u64, deliveries: impl IntoIterator<Item = u64>) -> usize {
+    let mut n = 0;
+    for d in deliveries {
+        if d != *next {
+            break;
+        }
+        *next += 1;
+        n += 1;
+    }
+    n
+}
+
 /// Connects, binds the durable consumer and starts fetching. Returns the envelopes and the
 /// sender on which the runner reports each durable checkpoint's offset (so the source can
 /// acknowledge the messages it covers).
@@ -174,30 +253,10 @@ pub async fn subscribe(
         .get_stream(&p.stream)
         .await
         .map_err(|e| fail("stream")(&e))?;
-    // Our checkpoint, not the server's acknowledgement state, says where to resume: the
-    // consumer is recreated at each start to deliver, in order, from the first sequence the
-    // checkpoint does not hold. (Resuming from redeliveries instead would bring messages out
-    // of order, and acknowledging "all up to" a later one could drop earlier ones.)
-    let _ = stream.delete_consumer(&p.durable).await;
-    let deliver_policy = if resume_from <= 1 {
-        jetstream::consumer::DeliverPolicy::All
-    } else {
-        jetstream::consumer::DeliverPolicy::ByStartSequence {
-            start_sequence: resume_from,
-        }
-    };
-    let consumer: jetstream::consumer::Consumer<pull::Config> = stream
-        .create_consumer(pull::Config {
-            durable_name: Some(p.durable.clone()),
-            filter_subject: p.subject.clone(),
-            ack_policy: AckPolicy::All,
-            ack_wait: p.ack_wait,
-            max_ack_pending: MAX_ACK_PENDING,
-            deliver_policy,
-            ..Default::default()
-        })
+    let mut consumer = bind(&stream, p, resume_from)
         .await
         .map_err(|e| fail("consumer")(&e))?;
+    let p = p.clone();
     let (tx, rx) = sync_channel::<Vec<Envelope>>(IN_FLIGHT_BATCHES);
     let (ack_tx, mut ack_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let name: Arc<str> = stream_name.into();
@@ -233,11 +292,41 @@ pub async fn subscribe(
         // the durable offset, at the last idle time that passed with messages left (reset
         // by a new message).
         let mut stalled: Option<(u64, u64, u64)> = None;
+        // The consumer sequence of the next delivery (numbered from 1 by each consumer).
+        let mut next_delivery = 1u64;
+        // Deliveries were lost: the consumer is to be recreated.
+        let mut lost = false;
         while !runner_gone.load(Ordering::Relaxed) {
-            let batch = match consumer
+            if lost {
+                // From the checkpoint, not from what the runner has: a new consumer counts
+                // what it starts after as acknowledged, and the runner's records past the
+                // checkpoint are not yet durable. Those delivered again are not handed over
+                // twice (they are at or below `max_seen`).
+                let from = acks.lock().map_or(resume_from, |a| a.durable);
+                match bind(&stream, &p, from).await {
+                    Ok(c) => {
+                        tracing::debug!(stream = %name, partition, from, "JetStream: deliveries were lost on the way; the consumer is recreated from the checkpoint");
+                        (consumer, next_delivery, lost) = (c, 1, false);
+                    }
+                    Err(e) => {
+                        if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                            tracing::warn!(stream = %name, partition, "JetStream: could not recreate the consumer after lost deliveries: {e}");
+                            last_warned = Some(Instant::now());
+                        }
+                        if idle_exit.is_some_and(|d| last_new.elapsed() >= d) {
+                            tracing::warn!(stream = %name, partition, "JetStream: ending this bounded ingestion after its idle time; the consumer could not be recreated: {e}");
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                }
+            }
+            let cut_at = tokio::time::Instant::now() + p.fetch.cut_after;
+            let mut batch = match consumer
                 .fetch()
-                .max_messages(FETCH_BATCH)
-                .expires(Duration::from_millis(300))
+                .max_messages(p.fetch.max_messages)
+                .expires(p.fetch.expires)
                 .messages()
                 .await
             {
@@ -259,15 +348,44 @@ pub async fn subscribe(
                     continue;
                 }
             };
-            let msgs: Vec<jetstream::Message> =
-                batch.filter_map(|m| async move { m.ok() }).collect().await;
-            let mut envs = Vec::with_capacity(msgs.len());
+            let mut msgs = Vec::new();
+            loop {
+                match tokio::time::timeout_at(cut_at, batch.next()).await {
+                    Ok(Some(Ok(m))) => msgs.push(m),
+                    // A status the fetch ends on (the library ends the batch after it).
+                    Ok(Some(Err(e))) => {
+                        tracing::debug!(stream = %name, partition, "JetStream: the fetch ended: {e}");
+                    }
+                    Ok(None) => break,
+                    Err(_) => {
+                        tracing::debug!(stream = %name, partition, received = msgs.len(), "JetStream: a fetch still open after its expiry is cut short");
+                        break;
+                    }
+                }
+            }
+            drop(batch);
+            let received = msgs.len();
+            // Each delivery's stream and consumer sequences; a message whose reply subject
+            // does not parse cannot be placed, and counts as lost.
+            let placed: Vec<(jetstream::Message, u64, u64)> = msgs
+                .into_iter()
+                .map_while(|m| {
+                    let (seq, delivery) = m
+                        .info()
+                        .map(|i| (i.stream_sequence, i.consumer_sequence))
+                        .ok()?;
+                    Some((m, seq, delivery))
+                })
+                .collect();
+            let kept = without_gap(&mut next_delivery, placed.iter().map(|(_, _, d)| *d));
+            if kept < received {
+                tracing::debug!(stream = %name, partition, received, in_order = kept, next_delivery, "JetStream: a gap in the consumer's deliveries");
+                lost = true;
+            }
+            let mut envs = Vec::with_capacity(kept);
             let mut covered = None;
             if let Ok(mut a) = acks.lock() {
-                for m in msgs {
-                    let Ok(seq) = m.info().map(|i| i.stream_sequence) else {
-                        continue;
-                    };
+                for (m, seq, _) in placed.into_iter().take(kept) {
                     if seq > max_seen {
                         envs.push(Envelope {
                             stream: name.clone(),
@@ -290,6 +408,7 @@ pub async fn subscribe(
             if let Some(m) = covered {
                 let _ = m.ack().await;
             }
+            tracing::trace!(stream = %name, partition, new = envs.len(), max_seen, "JetStream: fetched");
             if envs.is_empty() {
                 if idle_exit.is_some_and(|d| last_new.elapsed() >= d) {
                     // Idle only if the server holds nothing undelivered for this consumer:
@@ -320,6 +439,14 @@ pub async fn subscribe(
                             last_new = Instant::now();
                             continue;
                         }
+                        // The server delivered more than arrived: the lost deliveries are
+                        // fetched again rather than reported done without them.
+                        Ok(info) if info.delivered.consumer_sequence >= next_delivery => {
+                            tracing::debug!(stream = %name, partition, delivered = info.delivered.consumer_sequence, next_delivery, "JetStream: deliveries at the end of the stream were lost on the way");
+                            lost = true;
+                            last_new = Instant::now();
+                            continue;
+                        }
                         Ok(_) => break,
                         Err(e) => {
                             tracing::warn!(stream = %name, partition, "JetStream: ending this bounded ingestion after its idle time without knowing whether the stream holds more for it (consumer info failed: {e}); a new run goes on from its checkpoint");
@@ -347,4 +474,31 @@ pub async fn subscribe(
         let _ = acker.await;
     });
     Ok((rx, ack_tx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_gap;
+
+    #[test]
+    fn deliveries_are_taken_up_to_the_first_gap() {
+        // In order, from a new consumer.
+        let mut next = 1;
+        assert_eq!(without_gap(&mut next, [1, 2, 3]), 3);
+        assert_eq!(next, 4);
+        // The next fetch goes on from there.
+        assert_eq!(without_gap(&mut next, [4, 5]), 2);
+        assert_eq!(next, 6);
+        // Delivery 8 is missing: 9 and 10 are not taken, and the next expected stays 8.
+        assert_eq!(without_gap(&mut next, [6, 7, 9, 10]), 2);
+        assert_eq!(next, 8);
+        // A fetch whose first delivery is past the expected one takes nothing.
+        assert_eq!(without_gap(&mut next, [9]), 0);
+        assert_eq!(next, 8);
+        // Nor does a repeated or earlier one.
+        assert_eq!(without_gap(&mut next, [7, 8]), 0);
+        // An empty fetch takes nothing and moves nothing.
+        assert_eq!(without_gap(&mut next, []), 0);
+        assert_eq!(next, 8);
+    }
 }
