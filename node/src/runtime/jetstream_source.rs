@@ -293,7 +293,12 @@ pub async fn subscribe(
         // by a new message).
         let mut stalled: Option<(u64, u64, u64)> = None;
         // The consumer sequence of the next delivery (numbered from 1 by each consumer).
-        let mut next_delivery = 1u64;
+        // From the consumer's own count: a create that found the consumer still there (its
+        // delete failed) goes on numbering where it was.
+        let mut next_delivery = consumer.cached_info().delivered.consumer_sequence + 1;
+        // Re-reading up to what the runner has after a recreation: the runner is not caught
+        // up with the stream until a new message or a fetch with no delivery at all.
+        let mut behind = false;
         // Deliveries were lost: the consumer is to be recreated.
         let mut lost = false;
         while !runner_gone.load(Ordering::Relaxed) {
@@ -302,11 +307,18 @@ pub async fn subscribe(
                 // what it starts after as acknowledged, and the runner's records past the
                 // checkpoint are not yet durable. Those delivered again are not handed over
                 // twice (they are at or below `max_seen`).
-                let from = acks.lock().map_or(resume_from, |a| a.durable);
+                // The deleted consumer's messages are forgotten: an acknowledgement through one
+                // of them would reach the new consumer (same name) with the old delivery
+                // number, and make it ignore its own. Those the runner has are delivered again.
+                let from = acks.lock().map_or(resume_from, |mut a| {
+                    a.pending.clear();
+                    a.durable
+                });
                 match bind(&stream, &p, from).await {
                     Ok(c) => {
                         tracing::debug!(stream = %name, partition, from, "JetStream: deliveries were lost on the way; the consumer is recreated from the checkpoint");
-                        (consumer, next_delivery, lost) = (c, 1, false);
+                        next_delivery = c.cached_info().delivered.consumer_sequence + 1;
+                        (consumer, lost, behind, stalled) = (c, false, true, None);
                     }
                     Err(e) => {
                         if last_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
@@ -314,7 +326,7 @@ pub async fn subscribe(
                             last_warned = Some(Instant::now());
                         }
                         if idle_exit.is_some_and(|d| last_new.elapsed() >= d) {
-                            tracing::warn!(stream = %name, partition, "JetStream: ending this bounded ingestion after its idle time; the consumer could not be recreated: {e}");
+                            tracing::warn!(stream = %name, partition, from = max_seen + 1, "JetStream: ending this bounded ingestion after its idle time: deliveries were lost and the consumer could not be recreated ({e}), so messages from this offset on may be unread; a new run goes on from the checkpoint");
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -322,7 +334,6 @@ pub async fn subscribe(
                     }
                 }
             }
-            let cut_at = tokio::time::Instant::now() + p.fetch.cut_after;
             let mut batch = match consumer
                 .fetch()
                 .max_messages(p.fetch.max_messages)
@@ -348,6 +359,8 @@ pub async fn subscribe(
                     continue;
                 }
             };
+            // Counted from the request sent, not from before (slow under load).
+            let cut_at = tokio::time::Instant::now() + p.fetch.cut_after;
             let mut msgs = Vec::new();
             loop {
                 match tokio::time::timeout_at(cut_at, batch.next()).await {
@@ -381,6 +394,9 @@ pub async fn subscribe(
             if kept < received {
                 tracing::debug!(stream = %name, partition, received, in_order = kept, next_delivery, "JetStream: a gap in the consumer's deliveries");
                 lost = true;
+                // The consumer is recreated for a full idle time before a bounded ingestion
+                // gives up.
+                last_new = Instant::now();
             }
             let mut envs = Vec::with_capacity(kept);
             let mut covered = None;
@@ -395,6 +411,7 @@ pub async fn subscribe(
                             payload: m.payload.to_vec(),
                         });
                         max_seen = seq;
+                        behind = false;
                         last_new = Instant::now();
                         stalled = None;
                     }
@@ -409,6 +426,10 @@ pub async fn subscribe(
                 let _ = m.ack().await;
             }
             tracing::trace!(stream = %name, partition, new = envs.len(), max_seen, "JetStream: fetched");
+            if received == 0 && !lost {
+                // The consumer had nothing more to deliver: the runner has it all.
+                behind = false;
+            }
             if envs.is_empty() {
                 if idle_exit.is_some_and(|d| last_new.elapsed() >= d) {
                     // Idle only if the server holds nothing undelivered for this consumer:
@@ -456,6 +477,11 @@ pub async fn subscribe(
                 }
                 // Nothing new: the runner has all the stream holds for now (an empty batch
                 // tells it so; skipped if it is busy with earlier ones).
+                // Not while deliveries were lost or re-read after a recreation: the runner is
+                // then behind the stream, not caught up with it.
+                if lost || behind {
+                    continue;
+                }
                 if let Err(std::sync::mpsc::TrySendError::Disconnected(_)) = tx.try_send(Vec::new())
                 {
                     break;
